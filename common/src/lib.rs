@@ -1,0 +1,4 @@
+pub mod blob_id;
+pub mod volume_layout;
+
+pub use blob_id::BlobId;

@@ -1,0 +1,498 @@
+//! The on-disk layout of a volume, shared by the datanode (which writes into volumes) and the disk
+//! agent (which creates them). Every file carries a format version.
+//!
+//! ```text
+//! <volume dir>/
+//!   volume.json            marker: format, volume id, partition, geometry (written atomically)
+//!   index.redb             index, replication journal, segment table, log tail (datanode)
+//!   segments/
+//!     00000001.seg         64-byte segment header, then records; preallocated with fallocate
+//!     00000002.seg
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::FallocateFlags;
+use serde::{Deserialize, Serialize};
+
+pub const MARKER_FILE: &str = "volume.json";
+pub const INDEX_FILE: &str = "index.redb";
+pub const SEGMENTS_DIR: &str = "segments";
+const SEGMENT_SUFFIX: &str = ".seg";
+
+/// Version of the marker file and of the directory layout it describes.
+pub const VOLUME_FORMAT: u32 = 1;
+/// Version of the segment header.
+pub const SEGMENT_FORMAT: u32 = 1;
+pub const SEGMENT_MAGIC: [u8; 8] = *b"CAIRNSEG";
+pub const SEGMENT_HEADER_LEN: u64 = 64;
+/// The first segment of a fresh volume.
+pub const FIRST_SEGMENT: u32 = 1;
+
+/// Smallest segment we accept: large enough for a header and a handful of small records.
+pub const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a Cairn volume marker: {reason}")]
+    BadMarker { path: PathBuf, reason: String },
+    #[error(
+        "{path}: volume format {found} is not supported (this build reads format {VOLUME_FORMAT})"
+    )]
+    UnsupportedFormat { path: PathBuf, found: u32 },
+    #[error("{path}: bad segment header: {reason}")]
+    BadSegmentHeader { path: PathBuf, reason: String },
+    #[error("invalid volume geometry: {0}")]
+    Geometry(String),
+    #[error("{path}: the filesystem does not support fallocate (enable the zero-fill fallback to use it anyway)")]
+    FallocateUnsupported { path: PathBuf },
+    #[error("{path}: no space left to preallocate {bytes} bytes")]
+    NoSpace { path: PathBuf, bytes: u64 },
+}
+
+impl LayoutError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Contents of `volume.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMarker {
+    pub format: u32,
+    /// Random 128-bit id as 32 hex digits; also written into every segment header.
+    pub volume_id: String,
+    pub partition: u32,
+    pub segment_size: u64,
+    /// Most bytes the volume's segments may occupy together.
+    pub capacity_bytes: u64,
+}
+
+impl VolumeMarker {
+    pub fn new(
+        partition: u32,
+        segment_size: u64,
+        capacity_bytes: u64,
+    ) -> Result<Self, LayoutError> {
+        let marker = Self {
+            format: VOLUME_FORMAT,
+            volume_id: format!("{:032x}", rand::random::<u128>()),
+            partition,
+            segment_size,
+            capacity_bytes,
+        };
+        marker.validate_geometry()?;
+        Ok(marker)
+    }
+
+    pub fn validate_geometry(&self) -> Result<(), LayoutError> {
+        if self.segment_size < MIN_SEGMENT_SIZE {
+            return Err(LayoutError::Geometry(format!(
+                "segment size {} is below the minimum {MIN_SEGMENT_SIZE}",
+                self.segment_size
+            )));
+        }
+        if self.capacity_bytes < self.segment_size {
+            return Err(LayoutError::Geometry(format!(
+                "capacity {} is smaller than one segment ({})",
+                self.capacity_bytes, self.segment_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many segment files the volume may hold at once.
+    pub fn max_segments(&self) -> u32 {
+        u32::try_from(self.capacity_bytes / self.segment_size).unwrap_or(u32::MAX)
+    }
+
+    pub fn volume_id_u128(&self) -> u128 {
+        u128::from_str_radix(&self.volume_id, 16).unwrap_or(0)
+    }
+
+    pub fn read(dir: &Path) -> Result<Self, LayoutError> {
+        let path = dir.join(MARKER_FILE);
+        let text = fs::read(&path).map_err(|e| LayoutError::io(&path, e))?;
+        // Check the format before the rest, so that a newer marker gets the right message.
+        #[derive(Deserialize)]
+        struct Probe {
+            format: u32,
+        }
+        let probe: Probe = serde_json::from_slice(&text).map_err(|e| LayoutError::BadMarker {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if probe.format != VOLUME_FORMAT {
+            return Err(LayoutError::UnsupportedFormat {
+                path,
+                found: probe.format,
+            });
+        }
+        let marker: Self = serde_json::from_slice(&text).map_err(|e| LayoutError::BadMarker {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if u128::from_str_radix(&marker.volume_id, 16).is_err() || marker.volume_id.len() != 32 {
+            return Err(LayoutError::BadMarker {
+                path,
+                reason: "volume_id is not 32 hex digits".into(),
+            });
+        }
+        marker.validate_geometry()?;
+        Ok(marker)
+    }
+
+    /// Writes the marker atomically: temp file, fsync, rename, fsync of the directory.
+    pub fn write(&self, dir: &Path) -> Result<(), LayoutError> {
+        let path = dir.join(MARKER_FILE);
+        let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
+        let mut body = serde_json::to_vec_pretty(self).expect("marker serializes");
+        body.push(b'\n');
+        let mut file = File::create(&tmp).map_err(|e| LayoutError::io(&tmp, e))?;
+        file.write_all(&body)
+            .map_err(|e| LayoutError::io(&tmp, e))?;
+        file.sync_all().map_err(|e| LayoutError::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| LayoutError::io(&path, e))?;
+        sync_dir(dir)
+    }
+}
+
+/// The fixed header at the start of every segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub volume_id: u128,
+    pub segment: u32,
+    pub segment_size: u64,
+}
+
+impl SegmentHeader {
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN as usize] {
+        let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+        b[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        b[8..12].copy_from_slice(&SEGMENT_FORMAT.to_le_bytes());
+        b[12..16].copy_from_slice(&self.segment.to_le_bytes());
+        b[16..32].copy_from_slice(&self.volume_id.to_le_bytes());
+        b[32..40].copy_from_slice(&self.segment_size.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; SEGMENT_HEADER_LEN as usize]) -> Result<Self, String> {
+        if b[0..8] != SEGMENT_MAGIC {
+            return Err("wrong magic".into());
+        }
+        let crc = u32::from_le_bytes(b[60..64].try_into().expect("4 bytes"));
+        if crc != crc32c::crc32c(&b[..60]) {
+            return Err("checksum mismatch".into());
+        }
+        let format = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+        if format != SEGMENT_FORMAT {
+            return Err(format!("segment format {format} is not supported"));
+        }
+        Ok(Self {
+            segment: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
+            volume_id: u128::from_le_bytes(b[16..32].try_into().expect("16 bytes")),
+            segment_size: u64::from_le_bytes(b[32..40].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+/// How to reserve space for a segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// fallocate(2); a filesystem without it is an error.
+    #[default]
+    Fallocate,
+    /// fallocate(2), or writing zeros where the filesystem lacks it (slow; opt-in).
+    FallocateOrZeroFill,
+}
+
+pub fn segments_dir(volume_dir: &Path) -> PathBuf {
+    volume_dir.join(SEGMENTS_DIR)
+}
+
+pub fn segment_path(volume_dir: &Path, segment: u32) -> PathBuf {
+    segments_dir(volume_dir).join(format!("{segment:08}{SEGMENT_SUFFIX}"))
+}
+
+/// Parses a segment file name back into its number; `None` for anything else.
+pub fn parse_segment_file_name(name: &str) -> Option<u32> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Reserves `len` bytes for `file` without changing what reads return (zeros).
+pub fn preallocate(
+    file: &File,
+    path: &Path,
+    len: u64,
+    mode: Preallocation,
+) -> Result<(), LayoutError> {
+    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOSPC) => Err(LayoutError::NoSpace {
+            path: path.to_owned(),
+            bytes: len,
+        }),
+        Err(rustix::io::Errno::OPNOTSUPP) if mode == Preallocation::FallocateOrZeroFill => {
+            zero_fill(file, path, 0, len)
+        }
+        Err(rustix::io::Errno::OPNOTSUPP) => Err(LayoutError::FallocateUnsupported {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(LayoutError::io(path, e.into())),
+    }
+}
+
+/// Makes `[offset, offset+len)` read as zeros again while keeping it allocated: used to erase a
+/// torn tail. Tries ZERO_RANGE, then PUNCH_HOLE followed by a fresh fallocate (tmpfs), then
+/// plain writes.
+pub fn zero_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<(), LayoutError> {
+    if len == 0 {
+        return Ok(());
+    }
+    if rustix::fs::fallocate(
+        file,
+        FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .is_ok()
+    {
+        return Ok(());
+    }
+    if rustix::fs::fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .is_ok()
+    {
+        return match rustix::fs::fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+            Err(rustix::io::Errno::NOSPC) => Err(LayoutError::NoSpace {
+                path: path.to_owned(),
+                bytes: len,
+            }),
+            Err(e) => Err(LayoutError::io(path, e.into())),
+        };
+    }
+    zero_fill(file, path, offset, len)
+}
+
+fn zero_fill(file: &File, path: &Path, offset: u64, len: u64) -> Result<(), LayoutError> {
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    while done < len {
+        let n = CHUNK.min((len - done) as usize);
+        file.write_all_at(&zeros[..n], offset + done)
+            .map_err(|e| match e.raw_os_error() {
+                Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => {
+                    LayoutError::NoSpace {
+                        path: path.to_owned(),
+                        bytes: len,
+                    }
+                }
+                _ => LayoutError::io(path, e),
+            })?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Creates segment file `segment`: preallocated to the full segment size, header written and
+/// synced, directory entry synced. Leaves nothing behind on failure.
+pub fn create_segment(
+    volume_dir: &Path,
+    marker: &VolumeMarker,
+    segment: u32,
+    mode: Preallocation,
+) -> Result<File, LayoutError> {
+    let path = segment_path(volume_dir, segment);
+    let result = (|| {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| LayoutError::io(&path, e))?;
+        preallocate(&file, &path, marker.segment_size, mode)?;
+        let header = SegmentHeader {
+            volume_id: marker.volume_id_u128(),
+            segment,
+            segment_size: marker.segment_size,
+        };
+        file.write_all_at(&header.encode(), 0)
+            .map_err(|e| LayoutError::io(&path, e))?;
+        file.sync_all().map_err(|e| LayoutError::io(&path, e))?;
+        sync_dir(&segments_dir(volume_dir))?;
+        Ok(file)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&path);
+    }
+    result
+}
+
+/// Opens an existing segment file and checks that its header belongs to this volume.
+pub fn open_segment(
+    volume_dir: &Path,
+    marker: &VolumeMarker,
+    segment: u32,
+) -> Result<File, LayoutError> {
+    let path = segment_path(volume_dir, segment);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| LayoutError::io(&path, e))?;
+    let mut buf = [0u8; SEGMENT_HEADER_LEN as usize];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(|e| LayoutError::io(&path, e))?;
+    let header = SegmentHeader::decode(&buf).map_err(|reason| LayoutError::BadSegmentHeader {
+        path: path.clone(),
+        reason,
+    })?;
+    let expected = (marker.volume_id_u128(), segment, marker.segment_size);
+    if (header.volume_id, header.segment, header.segment_size) != expected {
+        return Err(LayoutError::BadSegmentHeader {
+            path,
+            reason: format!(
+                "header says volume {:032x} segment {} size {}, expected volume {} segment {segment} size {}",
+                header.volume_id, header.segment, header.segment_size, marker.volume_id, marker.segment_size
+            ),
+        });
+    }
+    Ok(file)
+}
+
+/// Creates a volume directory: marker and first segment. Idempotent for an identical marker, so
+/// a retried create never allocates twice; refuses a directory that holds a different volume.
+pub fn create_volume(
+    volume_dir: &Path,
+    marker: &VolumeMarker,
+    mode: Preallocation,
+) -> Result<(), LayoutError> {
+    marker.validate_geometry()?;
+    if volume_dir.join(MARKER_FILE).exists() {
+        let existing = VolumeMarker::read(volume_dir)?;
+        if existing != *marker {
+            return Err(LayoutError::BadMarker {
+                path: volume_dir.join(MARKER_FILE),
+                reason: format!("directory already holds volume {}", existing.volume_id),
+            });
+        }
+    } else {
+        fs::create_dir_all(segments_dir(volume_dir)).map_err(|e| LayoutError::io(volume_dir, e))?;
+        if segment_path(volume_dir, FIRST_SEGMENT).exists() {
+            // Left by a create that failed before writing the marker: nothing references it.
+            fs::remove_file(segment_path(volume_dir, FIRST_SEGMENT))
+                .map_err(|e| LayoutError::io(volume_dir, e))?;
+        }
+        create_segment(volume_dir, marker, FIRST_SEGMENT, mode)?;
+        // The marker goes last: a directory with a marker is a complete volume.
+        marker.write(volume_dir)?;
+    }
+    Ok(())
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LayoutError::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn segment_header_round_trip_and_corruption() {
+        let h = SegmentHeader {
+            volume_id: 0xdead_beef,
+            segment: 9,
+            segment_size: 1 << 20,
+        };
+        let mut b = h.encode();
+        assert_eq!(SegmentHeader::decode(&b).unwrap(), h);
+        b[13] ^= 1;
+        assert!(SegmentHeader::decode(&b).unwrap_err().contains("checksum"));
+    }
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(parse_segment_file_name("00000012.seg"), Some(12));
+        assert_eq!(parse_segment_file_name("12.seg"), None);
+        assert_eq!(parse_segment_file_name("0000001x.seg"), None);
+        assert_eq!(parse_segment_file_name("00000012.seg.tmp"), None);
+    }
+
+    #[test]
+    fn create_volume_preallocates_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = dir.path().join("v");
+        let marker = VolumeMarker::new(3, 1 << 20, 8 << 20).unwrap();
+        create_volume(&vol, &marker, Preallocation::Fallocate).unwrap();
+        create_volume(&vol, &marker, Preallocation::Fallocate).unwrap();
+        assert_eq!(VolumeMarker::read(&vol).unwrap(), marker);
+        let meta = fs::metadata(segment_path(&vol, FIRST_SEGMENT)).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        assert!(meta.blocks() * 512 >= 1 << 20, "segment is preallocated");
+        open_segment(&vol, &marker, FIRST_SEGMENT).unwrap();
+
+        let other = VolumeMarker::new(3, 1 << 20, 8 << 20).unwrap();
+        assert!(create_volume(&vol, &other, Preallocation::Fallocate).is_err());
+        assert!(
+            open_segment(&vol, &other, FIRST_SEGMENT).is_err(),
+            "header names another volume"
+        );
+    }
+
+    #[test]
+    fn marker_rejects_future_format_and_bad_geometry() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(MARKER_FILE), r#"{"format": 2}"#).unwrap();
+        assert!(matches!(
+            VolumeMarker::read(dir.path()),
+            Err(LayoutError::UnsupportedFormat { found: 2, .. })
+        ));
+        assert!(VolumeMarker::new(0, 1024, 1 << 20).is_err());
+        assert!(VolumeMarker::new(0, 1 << 20, 1 << 19).is_err());
+    }
+
+    #[test]
+    fn zero_range_erases_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        preallocate(&file, &path, 1 << 16, Preallocation::Fallocate).unwrap();
+        file.write_all_at(&[7u8; 8192], 0).unwrap();
+        zero_range(&file, &path, 4096, 8192).unwrap();
+        let mut buf = vec![0u8; 8192];
+        file.read_exact_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 7));
+        assert!(buf[4096..].iter().all(|&b| b == 0));
+        assert_eq!(file.metadata().unwrap().len(), 1 << 16);
+    }
+}

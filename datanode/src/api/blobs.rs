@@ -1,0 +1,364 @@
+//! `/v1/blobs` handlers.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use cairn_common::BlobId;
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
+use super::limits::{self, parse_put_headers, parse_range};
+use super::AppState;
+use crate::engine::record::CHUNK_LEN;
+use crate::engine::{now_ms, BlobReader, PutRequest, VolumeError};
+use crate::metrics::DirectionLabels;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PutResponse {
+    /// The new blob's id (also in the Location header).
+    pub id: String,
+    pub size: u64,
+    pub partition: u32,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BlobInfo {
+    pub id: String,
+    pub size: u64,
+    pub content_type: String,
+    pub partition: u32,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    /// `X-Cairn-Meta-*` pairs given at upload, keys lower-cased.
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TtlUpdate {
+    /// New time to live from now, in seconds; `null` makes the blob permanent.
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct GetParams {
+    /// Serve only this datanode's own replica (404 if it has none).
+    #[serde(default)]
+    pub local: bool,
+}
+
+fn parse_id(raw: &str) -> Result<BlobId, ApiError> {
+    raw.parse()
+        .map_err(|e| ApiError::InvalidBlobId(format!("{raw:?}: {e}")))
+}
+
+fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>, ApiError> {
+    // A standalone node holds every replica it knows; an unknown partition has no blob here.
+    state
+        .store
+        .volume(id.partition())
+        .cloned()
+        .ok_or(ApiError::BlobNotFound)
+}
+
+/// Store a new blob.
+#[utoipa::path(post, path = "/v1/blobs", tag = "blobs",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "Blob bytes"),
+    params(
+        ("X-Cairn-TTL" = Option<u64>, Header, description = "Time to live in seconds"),
+        ("X-Cairn-Meta-*" = Option<String>, Header, description = "User metadata, 4 KiB in total"),
+    ),
+    responses(
+        (status = 201, description = "Stored durably", body = PutResponse, headers(("Location" = String))),
+        (status = 400, description = "Invalid header or metadata", body = ErrorBody),
+        (status = 413, description = "Blob too large", body = ErrorBody),
+        (status = 503, description = "Volume failed", body = ErrorBody),
+        (status = 507, description = "No room", body = ErrorBody),
+    ))]
+pub async fn put_blob(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let max = state.max_blob_bytes;
+    let too_large = |size: String| {
+        ApiError::PayloadTooLarge(format!(
+            "blob of {size} bytes exceeds the limit of {max} bytes"
+        ))
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        if len > max {
+            return Err(too_large(len.to_string()));
+        }
+    }
+    let (meta, ttl) = parse_put_headers(&headers)?;
+    let payload = http_body_util::Limited::new(body, max as usize)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large(format!("more than {max}"))
+            } else {
+                ApiError::InvalidBody(format!("reading the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    let volume = state.store.pick_for_put()?;
+    let created_ms = now_ms();
+    let expiry_ms = ttl.map(|t| created_ms + t * 1000);
+    let blob_id = BlobId::generate(volume.partition());
+    let size = payload.len() as u64;
+    volume
+        .put(PutRequest {
+            blob_id,
+            meta,
+            payload,
+            created_ms,
+            expiry_ms,
+        })
+        .await?;
+    state
+        .metrics
+        .bytes
+        .get_or_create(&DirectionLabels { direction: "in" })
+        .inc_by(size);
+    let body = PutResponse {
+        id: blob_id.to_string(),
+        size,
+        partition: blob_id.partition(),
+        created_ms,
+        expires_ms: expiry_ms,
+    };
+    let location =
+        HeaderValue::from_str(&format!("/v1/blobs/{blob_id}")).expect("ids are URL-safe");
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(body),
+    )
+        .into_response())
+}
+
+async fn open(state: &AppState, id: BlobId) -> Result<BlobReader, ApiError> {
+    let volume = volume_for(state, id)?;
+    // Opening reads the record head from disk.
+    tokio::task::spawn_blocking(move || volume.open_blob(id))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+fn blob_headers(reader: &BlobReader) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let set = |h: &mut HeaderMap, name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    set(&mut h, "content-type", reader.meta.content_type.clone());
+    set(&mut h, "etag", format!("\"{:08x}\"", reader.entry.crc));
+    set(&mut h, "accept-ranges", "bytes".into());
+    set(
+        &mut h,
+        "x-cairn-created-ms",
+        reader.entry.created_ms.to_string(),
+    );
+    if let Some(expiry) = reader.entry.expiry_ms {
+        set(&mut h, "x-cairn-expires-ms", expiry.to_string());
+    }
+    for (k, v) in &reader.meta.user {
+        if let Ok(name) =
+            header::HeaderName::from_bytes(format!("{}{k}", limits::META_PREFIX).as_bytes())
+        {
+            if let Ok(value) = HeaderValue::from_str(v) {
+                h.insert(name, value);
+            }
+        }
+    }
+    h
+}
+
+/// Read a blob, or one byte range of it.
+#[utoipa::path(get, path = "/v1/blobs/{id}", tag = "blobs",
+    params(("id" = String, Path, description = "Blob id"), GetParams,
+        ("Range" = Option<String>, Header, description = "One byte range, e.g. bytes=0-1023")),
+    responses(
+        (status = 200, description = "The blob", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range", body = Vec<u8>),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "No such blob", body = ErrorBody),
+        (status = 410, description = "Deleted or expired", body = ErrorBody),
+        (status = 416, description = "Range not satisfiable", body = ErrorBody),
+        (status = 500, description = "Stored bytes failed their checksum", body = ErrorBody),
+    ))]
+pub async fn get_blob(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    Query(_params): Query<GetParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    let reader = open(&state, id).await?;
+    let len = reader.len();
+    let range = parse_range(
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
+        len,
+    )?;
+    let (start, end) = range.unwrap_or((0, len));
+    let mut response_headers = blob_headers(&reader);
+    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    let status = if range.is_some() {
+        let value = format!("bytes {start}-{}/{len}", end.saturating_sub(1));
+        response_headers.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&value).expect("ascii"),
+        );
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    state
+        .metrics
+        .bytes
+        .get_or_create(&DirectionLabels { direction: "out" })
+        .inc_by(end - start);
+    let body = stream_payload(reader, start, end).await?;
+    Ok((status, response_headers, body).into_response())
+}
+
+/// The payload bytes `[start, end)` as a body. The first chunk is read (and verified) before
+/// the response starts, so that a checksum error there is a proper 500; later chunks are read
+/// one ahead of the socket, and a checksum error aborts the connection: never wrong bytes.
+async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> Result<Body, ApiError> {
+    if start >= end {
+        return Ok(Body::empty());
+    }
+    let first_chunk = start / CHUNK_LEN;
+    let last_chunk = (end - 1) / CHUNK_LEN;
+    let slice = move |index: u64, data: Bytes| -> Bytes {
+        let base = index * CHUNK_LEN;
+        let from = start.saturating_sub(base) as usize;
+        let to = ((end - base) as usize).min(data.len());
+        data.slice(from..to)
+    };
+    let reader = Arc::new(reader);
+    let first = {
+        let reader = reader.clone();
+        tokio::task::spawn_blocking(move || reader.read_chunk(first_chunk))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??
+    };
+    let first = slice(first_chunk, first);
+    if first_chunk == last_chunk {
+        return Ok(Body::from(first));
+    }
+    // Read-ahead of two chunks: the disk works while the socket drains.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, VolumeError>>(2);
+    tokio::task::spawn_blocking(move || {
+        for index in first_chunk + 1..=last_chunk {
+            let item = reader.read_chunk(index).map(|data| slice(index, data));
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let stream = futures::StreamExt::chain(
+        futures::stream::once(async move { Ok::<_, VolumeError>(first) }),
+        rest,
+    );
+    Ok(Body::from_stream(stream))
+}
+
+/// Blob headers without the body.
+#[utoipa::path(head, path = "/v1/blobs/{id}", tag = "blobs",
+    params(("id" = String, Path, description = "Blob id")),
+    responses((status = 200, description = "Headers of the blob"), (status = 400), (status = 404), (status = 410)))]
+pub async fn head_blob(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    let reader = open(&state, id).await?;
+    let mut headers = blob_headers(&reader);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reader.len()));
+    Ok((StatusCode::OK, headers).into_response())
+}
+
+/// Delete a blob; later reads answer 410. Deleting twice is fine.
+#[utoipa::path(delete, path = "/v1/blobs/{id}", tag = "blobs",
+    params(("id" = String, Path, description = "Blob id")),
+    responses(
+        (status = 204, description = "Deleted (durably)"),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "No such blob", body = ErrorBody),
+        (status = 507, description = "No room even for the tombstone", body = ErrorBody),
+    ))]
+pub async fn delete_blob(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&raw)?;
+    volume_for(&state, id)?.delete(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Size, content type, times and metadata of a blob.
+#[utoipa::path(get, path = "/v1/blobs/{id}/info", tag = "blobs",
+    params(("id" = String, Path, description = "Blob id")),
+    responses((status = 200, body = BlobInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub async fn blob_info(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<BlobInfo>, ApiError> {
+    let id = parse_id(&raw)?;
+    let reader = open(&state, id).await?;
+    Ok(Json(BlobInfo {
+        id: id.to_string(),
+        size: reader.len(),
+        content_type: reader.meta.content_type.clone(),
+        partition: id.partition(),
+        created_ms: reader.entry.created_ms,
+        expires_ms: reader.entry.expiry_ms,
+        metadata: reader.meta.user.iter().cloned().collect(),
+    }))
+}
+
+/// Change a blob's time to live.
+#[utoipa::path(put, path = "/v1/blobs/{id}/ttl", tag = "blobs",
+    params(("id" = String, Path, description = "Blob id")),
+    request_body = TtlUpdate,
+    responses((status = 204, description = "Updated durably"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub async fn update_ttl(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&raw)?;
+    let update: TtlUpdate = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::InvalidBody(format!("expected {{\"ttl_seconds\": N or null}}: {e}"))
+    })?;
+    let expiry_ms = match update.ttl_seconds {
+        None => None,
+        Some(t) => Some(now_ms() + limits::parse_ttl_seconds(&t.to_string())? * 1000),
+    };
+    volume_for(&state, id)?.update_ttl(id, expiry_ms).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,144 @@
+//! API errors: one enum, one place mapping each to a stable code and an HTTP status.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::engine::VolumeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid blob id: {0}")]
+    InvalidBlobId(String),
+    #[error("{0}")]
+    InvalidHeader(String),
+    #[error("{0}")]
+    InvalidBody(String),
+    #[error("{0}")]
+    MetadataTooLarge(String),
+    #[error("blob not found")]
+    BlobNotFound,
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("a different blob with this id already exists")]
+    Conflict,
+    #[error("blob was deleted")]
+    BlobDeleted,
+    #[error("blob has expired")]
+    BlobExpired,
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{message}")]
+    RangeNotSatisfiable { message: String, blob_len: u64 },
+    #[error("{0}")]
+    InsufficientStorage(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Integrity(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code, e.g. `blob_not_found`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidBlobId(_) => "invalid_blob_id",
+            ApiError::InvalidHeader(_) => "invalid_header",
+            ApiError::InvalidBody(_) => "invalid_body",
+            ApiError::MetadataTooLarge(_) => "metadata_too_large",
+            ApiError::BlobNotFound => "blob_not_found",
+            ApiError::RouteNotFound(_) => "route_not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Conflict => "blob_conflict",
+            ApiError::BlobDeleted => "blob_deleted",
+            ApiError::BlobExpired => "blob_expired",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Integrity(_) => "integrity_error",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidBlobId(_)
+            | ApiError::InvalidHeader(_)
+            | ApiError::InvalidBody(_)
+            | ApiError::MetadataTooLarge(_) => StatusCode::BAD_REQUEST,
+            ApiError::BlobNotFound | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict => StatusCode::CONFLICT,
+            ApiError::BlobDeleted | ApiError::BlobExpired => StatusCode::GONE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Integrity(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<VolumeError> for ApiError {
+    fn from(e: VolumeError) -> Self {
+        match e {
+            VolumeError::NotFound => ApiError::BlobNotFound,
+            VolumeError::Deleted => ApiError::BlobDeleted,
+            VolumeError::Expired => ApiError::BlobExpired,
+            VolumeError::Conflict => ApiError::Conflict,
+            VolumeError::Full => {
+                ApiError::InsufficientStorage("no volume has room for this blob".into())
+            }
+            VolumeError::TooLarge { size, max } => ApiError::PayloadTooLarge(format!(
+                "blob of {size} bytes exceeds the limit of {max} bytes"
+            )),
+            VolumeError::Failed(reason) => {
+                ApiError::Unavailable(format!("volume failed: {reason}"))
+            }
+            VolumeError::Closed => ApiError::Unavailable("volume is shutting down".into()),
+            VolumeError::Integrity(msg) => ApiError::Integrity(msg),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), error = %self, "request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if let ApiError::RangeNotSatisfiable { blob_len, .. } = self {
+            let value = HeaderValue::from_str(&format!("bytes */{blob_len}")).expect("ascii");
+            response
+                .headers_mut()
+                .insert(axum::http::header::CONTENT_RANGE, value);
+        }
+        response
+    }
+}

@@ -1,0 +1,176 @@
+//! The datanode's HTTP API.
+
+pub mod blobs;
+pub mod error;
+pub mod limits;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::OpenApi;
+
+use crate::engine::VolumeHealth;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::store::Store;
+use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub max_blob_bytes: u64,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Cairn datanode API",
+        description = "Immutable blob storage. Errors are JSON: {\"error\": {\"code\", \"message\"}}."
+    ),
+    paths(
+        blobs::put_blob,
+        blobs::get_blob,
+        blobs::head_blob,
+        blobs::delete_blob,
+        blobs::blob_info,
+        blobs::update_ttl,
+        healthz,
+        readyz,
+        metrics,
+        openapi_json
+    ),
+    components(schemas(
+        blobs::PutResponse,
+        blobs::BlobInfo,
+        blobs::TtlUpdate,
+        error::ErrorBody,
+        error::ErrorDetail,
+        Readiness,
+        VolumeReadiness
+    ))
+)]
+pub struct ApiDoc;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/blobs", post(blobs::put_blob))
+        .route(
+            "/v1/blobs/{id}",
+            get(blobs::get_blob)
+                .head(blobs::head_blob)
+                .delete(blobs::delete_blob),
+        )
+        .route("/v1/blobs/{id}/info", get(blobs::blob_info))
+        .route("/v1/blobs/{id}/ttl", put(blobs::update_ttl))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(|req: Request| async move {
+            ApiError::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Counts and times every request by method, matched route and status.
+async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(request).await;
+    let labels = RequestLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    state.metrics.requests.get_or_create(&labels).inc();
+    state
+        .metrics
+        .request_seconds
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct Readiness {
+    ready: bool,
+    volumes: Vec<VolumeReadiness>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct VolumeReadiness {
+    partition: u32,
+    /// writable, full (reads only) or failed (reads only, needs attention)
+    state: String,
+    reason: Option<String>,
+}
+
+/// Ready when every volume is open and none has failed (a full volume still serves reads).
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, description = "A volume failed", body = Readiness)))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    let volumes: Vec<VolumeReadiness> = state
+        .store
+        .volumes()
+        .map(|v| {
+            let (state, reason) = match v.health() {
+                VolumeHealth::Writable => ("writable", None),
+                VolumeHealth::Full => ("full", None),
+                VolumeHealth::Failed(reason) => ("failed", Some(reason)),
+            };
+            VolumeReadiness {
+                partition: v.partition(),
+                state: state.into(),
+                reason,
+            }
+        })
+        .collect();
+    let ready = !volumes.is_empty() && volumes.iter().all(|v| v.state != "failed");
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Readiness { ready, volumes })).into_response()
+}
+
+/// Prometheus metrics, text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", body = String)))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    state.store.update_gauges();
+    let body = state.metrics.encode();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3.1 document")))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

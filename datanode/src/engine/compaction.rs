@@ -1,0 +1,450 @@
+//! Compaction: copies the records the index still needs out of a sealed segment into a fresh
+//! one, switches the index in one durable transaction, then deletes the old segment.
+//!
+//! Phases and what a crash in each leaves (recovery in [`resolve_interrupted`]):
+//! 1. `begin`: durable `Copying{source, target}`, then the target file is created.
+//!    Crash → the target is deleted; the index never pointed into it (rolled back).
+//! 2. `copy`: verified records are copied verbatim, then the target is fdatasync'ed.
+//!    Crash → as in 1.
+//! 3. `switch`: one durable transaction repoints every entry that still points at its old
+//!    record, and records `Switched{source, target}`. Crash → the source is deleted (finished).
+//! 4. `finish`: the source is unlinked and the state cleared. Crash → as in 3.
+
+use std::fs::File;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cairn_common::blob_id::BlobId;
+use cairn_common::volume_layout::{self as layout, SEGMENT_HEADER_LEN};
+use redb::{ReadableDatabase, ReadableTable};
+
+use super::index::{
+    self, BlobState, CompactionState, IndexEntry, JournalEntry, Location, SegmentInfo, BLOBS,
+    COMPACTION, JOURNAL, META, SEGMENTS,
+};
+use super::segments::{read_at, write_all_vectored_at};
+use super::volume::{begin_write, read_verified_record, Shared, VolumeHealth};
+use super::{now_ms, VolumeError};
+
+#[derive(Debug, Clone)]
+pub struct CompactionConfig {
+    pub enabled: bool,
+    /// How often the background compactor looks for work.
+    pub interval: Duration,
+    /// A sealed segment is compacted when at most this share of it is still needed.
+    pub max_live_ratio: f64,
+    /// Copy rate limit, bytes per second.
+    pub bytes_per_sec: u64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(60),
+            max_live_ratio: 0.5,
+            bytes_per_sec: 64 << 20,
+        }
+    }
+}
+
+/// The records of one sealed segment that compaction has to keep or drop.
+#[derive(Debug, Clone)]
+pub struct CompactionPlan {
+    pub source: u32,
+    /// Records the index still needs (puts of live blobs, tombstones), in log order.
+    pub keep: Vec<(BlobId, Location)>,
+    /// Puts of blobs whose time is up: dropped, their entries marked expired.
+    pub expired: Vec<(BlobId, Location)>,
+}
+
+/// An in-flight compaction between `begin` and `switch`.
+pub struct CompactionJob {
+    pub plan: CompactionPlan,
+    pub target: u32,
+    file: File,
+    offset: u64,
+    next: usize,
+    copied: Vec<(BlobId, Location, Location)>,
+}
+
+/// Picks the sealed segment with the smallest share of needed bytes, if any is low enough.
+pub(crate) fn plan(shared: &Shared) -> Result<Option<CompactionPlan>, VolumeError> {
+    let txn = shared.db.begin_read()?;
+    let segments = txn.open_table(SEGMENTS)?;
+    let mut sealed = std::collections::HashMap::new();
+    for item in segments.iter()? {
+        let (k, v) = item?;
+        let info: SegmentInfo = index::decode(v.value())?;
+        if info.sealed {
+            sealed.insert(k.value(), (info, Vec::new(), Vec::new()));
+        }
+    }
+    if sealed.is_empty() {
+        return Ok(None);
+    }
+    let now = now_ms();
+    let blobs = txn.open_table(BLOBS)?;
+    for item in blobs.iter()? {
+        let (k, v) = item?;
+        let entry: IndexEntry = index::decode(v.value())?;
+        let Some(location) = entry.location else {
+            continue;
+        };
+        if let Some((_, keep, expired)) = sealed.get_mut(&location.segment) {
+            let id =
+                BlobId::from_bytes(&k.value()).map_err(|e| VolumeError::Corrupt(e.to_string()))?;
+            if entry.state == BlobState::Live && entry.is_expired(now) {
+                expired.push((id, location));
+            } else {
+                keep.push((id, location));
+            }
+        }
+    }
+    let best = sealed
+        .into_iter()
+        .map(|(segment, (info, keep, expired))| {
+            let used = info.end.saturating_sub(SEGMENT_HEADER_LEN).max(1);
+            let needed: u64 = keep.iter().map(|(_, l)| l.len).sum();
+            (needed as f64 / used as f64, segment, keep, expired)
+        })
+        .filter(|(ratio, ..)| *ratio <= shared.config.compaction.max_live_ratio)
+        .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    Ok(best.map(|(_, source, mut keep, expired)| {
+        keep.sort_by_key(|(_, l)| l.offset);
+        CompactionPlan {
+            source,
+            keep,
+            expired,
+        }
+    }))
+}
+
+/// Phase 1: records the intent durably, then creates the target segment.
+pub(crate) fn begin(shared: &Shared, plan: CompactionPlan) -> Result<CompactionJob, VolumeError> {
+    let target = shared.next_segment.fetch_add(1, Ordering::SeqCst);
+    set_state(
+        shared,
+        Some(CompactionState::Copying {
+            source: plan.source,
+            target,
+        }),
+    )?;
+    let file = match layout::create_segment(
+        &shared.dir,
+        &shared.marker,
+        target,
+        shared.config.preallocation,
+    ) {
+        Ok(file) => file,
+        Err(e) => {
+            set_state(shared, None)?;
+            return Err(e.into());
+        }
+    };
+    Ok(CompactionJob {
+        plan,
+        target,
+        file,
+        offset: SEGMENT_HEADER_LEN,
+        next: 0,
+        copied: Vec::new(),
+    })
+}
+
+impl CompactionJob {
+    /// Phase 2: copies up to `max_records` more records; true when all are copied and synced.
+    pub(crate) fn copy(
+        &mut self,
+        shared: &Shared,
+        max_records: usize,
+    ) -> Result<bool, VolumeError> {
+        let source = shared.segments.get(self.plan.source).ok_or_else(|| {
+            VolumeError::Corrupt(format!("segment {} is not open", self.plan.source))
+        })?;
+        let started = Instant::now();
+        let mut bytes = 0u64;
+        let end = (self.next + max_records).min(self.plan.keep.len());
+        while self.next < end {
+            let (id, old) = self.plan.keep[self.next];
+            // Verify before copying: compaction must never spread a corrupt record.
+            let (header, _, _) =
+                read_verified_record(&source, old.offset, shared.marker.segment_size)?;
+            if header.blob_id != id || header.record_len() != old.len {
+                return Err(VolumeError::Integrity(format!(
+                    "record of {id} does not match the index"
+                )));
+            }
+            let data = read_at(&source, old.offset, old.len as usize)?;
+            write_all_vectored_at(&self.file, self.offset, &[&data])?;
+            self.copied.push((
+                id,
+                old,
+                Location {
+                    segment: self.target,
+                    offset: self.offset,
+                    len: old.len,
+                },
+            ));
+            self.offset += old.len;
+            self.next += 1;
+            bytes += old.len;
+            throttle(shared.config.compaction.bytes_per_sec, bytes, started);
+        }
+        if self.next < self.plan.keep.len() {
+            return Ok(false);
+        }
+        self.file.sync_data()?;
+        Ok(true)
+    }
+
+    /// Phase 3: repoints the index in one durable transaction.
+    pub(crate) fn switch(self, shared: &Shared) -> Result<u32, VolumeError> {
+        let (source, target) = (self.plan.source, self.target);
+        // Readers must find the target file before they can see index entries pointing at it.
+        shared.segments.insert(target, self.file);
+        let txn = begin_write(&shared.db, true)?;
+        {
+            let mut blobs = txn.open_table(BLOBS)?;
+            let mut journal = txn.open_table(JOURNAL)?;
+            let mut segments = txn.open_table(SEGMENTS)?;
+            let mut live = 0u64;
+            for (id, old, new) in &self.copied {
+                let key = id.to_bytes();
+                let Some(mut entry) = index::get::<_, IndexEntry>(&blobs, key)? else {
+                    continue;
+                };
+                // Deleted or changed since the plan: the copy is garbage in the target.
+                if entry.location != Some(*old) {
+                    continue;
+                }
+                entry.location = Some(*new);
+                blobs.insert(key, index::encode(&entry).as_slice())?;
+                if let Some(mut j) = index::get::<_, JournalEntry>(&journal, entry.seq)? {
+                    if j.location == *old {
+                        j.location = *new;
+                        journal.insert(entry.seq, index::encode(&j).as_slice())?;
+                    }
+                }
+                live += new.len;
+            }
+            let now = now_ms();
+            for (id, old) in &self.plan.expired {
+                let key = id.to_bytes();
+                let Some(mut entry) = index::get::<_, IndexEntry>(&blobs, key)? else {
+                    continue;
+                };
+                if entry.location == Some(*old)
+                    && entry.state == BlobState::Live
+                    && entry.is_expired(now)
+                {
+                    entry.state = BlobState::Expired;
+                    entry.location = None;
+                    blobs.insert(key, index::encode(&entry).as_slice())?;
+                }
+            }
+            segments.remove(source)?;
+            let info = SegmentInfo {
+                live_bytes: live,
+                end: self.offset,
+                sealed: true,
+            };
+            segments.insert(target, index::encode(&info).as_slice())?;
+            let state = CompactionState::Switched { source, target };
+            txn.open_table(META)?
+                .insert(COMPACTION, index::encode(&state).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(source)
+    }
+}
+
+/// Phase 4: deletes the source segment and clears the state.
+pub(crate) fn finish(shared: &Shared, source: u32) -> Result<(), VolumeError> {
+    shared.segments.remove(source);
+    remove_segment_file(shared, source)?;
+    set_state(shared, None)?;
+    if shared.segments.count() < shared.marker.max_segments() {
+        let mut health = shared.health.lock().expect("health lock");
+        if *health == VolumeHealth::Full {
+            *health = VolumeHealth::Writable;
+        }
+    }
+    Ok(())
+}
+
+/// Rolls back an unfinished job (stop requested or an error while copying).
+pub(crate) fn abort(shared: &Shared, job: CompactionJob) -> Result<(), VolumeError> {
+    drop(job.file);
+    remove_segment_file(shared, job.target)?;
+    set_state(shared, None)
+}
+
+/// All four phases.
+pub(crate) fn run_once(shared: &Shared) -> Result<bool, VolumeError> {
+    let Some(plan) = plan(shared)? else {
+        return Ok(false);
+    };
+    let source = plan.source;
+    let mut job = begin(shared, plan)?;
+    loop {
+        match job.copy(shared, 256) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                abort(shared, job)?;
+                return Err(e);
+            }
+        }
+    }
+    let target = job.target;
+    let source_done = job.switch(shared)?;
+    finish(shared, source_done)?;
+    tracing::info!(volume = %shared.dir.display(), source, target, "compacted segment");
+    Ok(true)
+}
+
+/// Finishes or rolls back a compaction that a crash interrupted (called when opening).
+pub(crate) fn resolve_interrupted(shared: &Shared) -> Result<(), VolumeError> {
+    let state: Option<CompactionState> = {
+        let txn = shared.db.begin_read()?;
+        match txn.open_table(META) {
+            Ok(meta) => index::get(&meta, COMPACTION)?,
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    match state {
+        None => return Ok(()),
+        Some(CompactionState::Copying { source, target }) => {
+            tracing::warn!(source, target, "rolling back an interrupted compaction");
+            remove_segment_file(shared, target)?;
+        }
+        Some(CompactionState::Switched { source, target }) => {
+            tracing::warn!(source, target, "finishing an interrupted compaction");
+            remove_segment_file(shared, source)?;
+        }
+    }
+    set_state(shared, None)
+}
+
+fn remove_segment_file(shared: &Shared, segment: u32) -> Result<(), VolumeError> {
+    match std::fs::remove_file(layout::segment_path(&shared.dir, segment)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    layout::sync_dir(&layout::segments_dir(&shared.dir))?;
+    Ok(())
+}
+
+fn set_state(shared: &Shared, state: Option<CompactionState>) -> Result<(), VolumeError> {
+    let txn = begin_write(&shared.db, true)?;
+    {
+        let mut meta = txn.open_table(META)?;
+        match state {
+            Some(s) => {
+                meta.insert(COMPACTION, index::encode(&s).as_slice())?;
+            }
+            None => {
+                meta.remove(COMPACTION)?;
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn throttle(bytes_per_sec: u64, bytes: u64, started: Instant) {
+    if bytes_per_sec == 0 {
+        return;
+    }
+    let due = Duration::from_secs_f64(bytes as f64 / bytes_per_sec as f64);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        std::thread::sleep(wait);
+    }
+}
+
+/// The phases of one volume's compaction, for callers that stop between them (crash tests).
+pub struct CompactionSteps<'v> {
+    pub(crate) shared: &'v Shared,
+}
+
+impl CompactionSteps<'_> {
+    pub fn plan(&self) -> Result<Option<CompactionPlan>, VolumeError> {
+        plan(self.shared)
+    }
+
+    pub fn begin(&self, plan: CompactionPlan) -> Result<CompactionJob, VolumeError> {
+        begin(self.shared, plan)
+    }
+
+    pub fn copy(&self, job: &mut CompactionJob, max_records: usize) -> Result<bool, VolumeError> {
+        job.copy(self.shared, max_records)
+    }
+
+    /// Returns the source segment, for [`Self::finish`].
+    pub fn switch(&self, job: CompactionJob) -> Result<u32, VolumeError> {
+        job.switch(self.shared)
+    }
+
+    pub fn finish(&self, source: u32) -> Result<(), VolumeError> {
+        finish(self.shared, source)
+    }
+
+    /// All phases; false when no segment needs compaction.
+    pub fn run_once(&self) -> Result<bool, VolumeError> {
+        run_once(self.shared)
+    }
+}
+
+/// The background compactor of one volume.
+pub struct Compactor {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Compactor {
+    pub(crate) fn start(shared: Arc<Shared>) -> Self {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        if !shared.config.compaction.enabled {
+            return Self { stop, handle: None };
+        }
+        let signal = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("cairn-compactor-{}", shared.marker.partition))
+            .spawn(move || loop {
+                let (lock, cvar) = &*signal;
+                let guard = lock.lock().expect("stop lock");
+                let (guard, _) = cvar
+                    .wait_timeout_while(guard, shared.config.compaction.interval, |stopped| !*stopped)
+                    .expect("stop lock");
+                if *guard {
+                    return;
+                }
+                drop(guard);
+                if matches!(shared.health(), VolumeHealth::Failed(_)) {
+                    continue;
+                }
+                if let Err(e) = run_once(&shared) {
+                    tracing::error!(volume = %shared.dir.display(), error = %e, "compaction failed");
+                }
+            })
+            .expect("spawn compactor");
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn stop(mut self) {
+        let (lock, cvar) = &*self.stop;
+        *lock.lock().expect("stop lock") = true;
+        cvar.notify_all();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}

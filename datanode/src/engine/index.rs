@@ -1,0 +1,165 @@
+//! The per-volume redb database: typed tables and their versioned values.
+//!
+//! One database holds the index, the replication journal, the segment table and the log tail, so
+//! that one transaction moves them together. Every value starts with a format byte.
+
+use cairn_common::blob_id::{BlobId, BLOB_ID_BYTES};
+use redb::{ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::record::RecordKind;
+use super::VolumeError;
+
+/// blob id → [`IndexEntry`]
+pub const BLOBS: TableDefinition<[u8; BLOB_ID_BYTES], &[u8]> = TableDefinition::new("blobs");
+/// journal sequence number → [`JournalEntry`]
+pub const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+/// segment number → [`SegmentInfo`] for every segment that holds records
+pub const SEGMENTS: TableDefinition<u32, &[u8]> = TableDefinition::new("segments");
+/// singletons: [`LOG_TAIL`], [`COMPACTION`]
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Key of the [`LogTail`] in [`META`]: the durable mark recovery replays from.
+pub const LOG_TAIL: &str = "log_tail";
+/// Key of the in-flight [`CompactionState`] in [`META`].
+pub const COMPACTION: &str = "compaction";
+
+const VALUE_FORMAT: u8 = 1;
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![VALUE_FORMAT];
+    out.extend(postcard::to_stdvec(value).expect("index values serialize"));
+    out
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, VolumeError> {
+    match bytes.split_first() {
+        Some((&VALUE_FORMAT, rest)) => postcard::from_bytes(rest)
+            .map_err(|e| VolumeError::Corrupt(format!("index value: {e}"))),
+        Some((v, _)) => Err(VolumeError::Corrupt(format!(
+            "index value format {v} is not supported"
+        ))),
+        None => Err(VolumeError::Corrupt("empty index value".into())),
+    }
+}
+
+/// Where a record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    pub segment: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobState {
+    /// `location` is the put record.
+    Live,
+    /// `location` is the tombstone (kept so replication never resurrects the blob).
+    Deleted,
+    /// Expired and reclaimed by compaction; no record remains.
+    Expired,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub state: BlobState,
+    pub location: Option<Location>,
+    pub payload_len: u64,
+    pub meta_len: u32,
+    pub created_ms: u64,
+    pub expiry_ms: Option<u64>,
+    pub deleted_ms: Option<u64>,
+    /// Trailer CRC of the put record: identifies the exact bytes (idempotent replays).
+    pub crc: u32,
+    /// Journal sequence of the record `location` points at.
+    pub seq: u64,
+}
+
+impl IndexEntry {
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.state == BlobState::Expired || self.expiry_ms.is_some_and(|e| e <= now_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub blob_id: [u8; BLOB_ID_BYTES],
+    pub kind: RecordKind,
+    /// Where the record was written; compaction updates it when it moves a still-current record.
+    pub location: Location,
+}
+
+impl JournalEntry {
+    pub fn blob_id(&self) -> BlobId {
+        BlobId::from_bytes(&self.blob_id).expect("journal holds valid ids")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    /// Bytes of records the index still points at.
+    pub live_bytes: u64,
+    /// End of the last record (the write position for the active segment).
+    pub end: u64,
+    pub sealed: bool,
+}
+
+/// The durable mark: everything before it is reflected in the tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogTail {
+    pub segment: u32,
+    pub offset: u64,
+    pub next_seq: u64,
+    pub next_segment: u32,
+}
+
+/// Compaction progress that must survive a crash (see docs/design.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompactionState {
+    /// Live records are being copied from `source` into `target`; on restart: delete `target`.
+    Copying { source: u32, target: u32 },
+    /// The index points into `target`; on restart: delete `source`.
+    Switched { source: u32, target: u32 },
+}
+
+pub fn get<K, T>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    key: K::SelfType<'_>,
+) -> Result<Option<T>, VolumeError>
+where
+    K: redb::Key + 'static,
+    T: DeserializeOwned,
+{
+    // Decode copies the value out of the transaction's page before the guard is dropped.
+    match table.get(key)? {
+        Some(guard) => Ok(Some(decode(guard.value())?)),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_versioned() {
+        let tail = LogTail {
+            segment: 3,
+            offset: 99,
+            next_seq: 7,
+            next_segment: 4,
+        };
+        let bytes = encode(&tail);
+        assert_eq!(bytes[0], VALUE_FORMAT);
+        assert_eq!(decode::<LogTail>(&bytes).unwrap(), tail);
+        let mut future = bytes.clone();
+        future[0] = 2;
+        assert!(matches!(
+            decode::<LogTail>(&future),
+            Err(VolumeError::Corrupt(_))
+        ));
+        assert!(decode::<LogTail>(&[]).is_err());
+    }
+}

@@ -1,0 +1,113 @@
+//! The storage engine: one [`Volume`] per partition replica.
+//!
+//! - [`record`]: the log record format.
+//! - [`index`]: the redb tables (index, journal, segments, log tail).
+//! - [`segments`]: open segment files and positioned I/O.
+//! - [`volume`]: open/recovery, the group-commit writer, reads.
+//! - [`compaction`]: reclaiming deleted and expired records, crash-safe in phases.
+//!
+//! docs/design.md explains the commit protocol and recovery.
+
+pub mod compaction;
+pub mod index;
+pub mod record;
+pub mod segments;
+pub mod volume;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_common::volume_layout::{LayoutError, Preallocation};
+
+pub use compaction::CompactionConfig;
+pub use index::{BlobState, IndexEntry, JournalEntry, Location};
+pub use record::BlobMeta;
+pub use volume::{BlobReader, PutRequest, Volume, VolumeHealth, VolumeStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("blob not found")]
+    NotFound,
+    #[error("blob was deleted")]
+    Deleted,
+    #[error("blob has expired")]
+    Expired,
+    #[error("a different blob with this id already exists")]
+    Conflict,
+    #[error("volume is full")]
+    Full,
+    #[error("record of {size} bytes does not fit in a segment (at most {max})")]
+    TooLarge { size: u64, max: u64 },
+    #[error("volume has failed and is read-only: {0}")]
+    Failed(String),
+    #[error("integrity error: {0}")]
+    Integrity(String),
+    #[error("volume index is corrupt: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("index database error: {0}")]
+    Db(String),
+    #[error("volume is shut down")]
+    Closed,
+}
+
+macro_rules! db_error_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for VolumeError {
+            fn from(e: $t) -> Self {
+                VolumeError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+db_error_from!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Tunables of a volume; geometry (segment size, capacity) lives in the volume's marker.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub preallocation: Preallocation,
+    /// Largest payload accepted, bytes.
+    pub max_blob_bytes: u64,
+    /// Durable index checkpoint at least this often while writes flow...
+    pub checkpoint_interval: Duration,
+    /// ...and after this many log bytes: bounds the tail replayed after a crash.
+    pub checkpoint_bytes: u64,
+    /// Upper bounds of one group commit.
+    pub max_batch_records: usize,
+    pub max_batch_bytes: u64,
+    /// Space kept back from puts so that deletes still fit in a full volume.
+    pub delete_reserve_bytes: u64,
+    pub compaction: CompactionConfig,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        Self {
+            preallocation: Preallocation::Fallocate,
+            max_blob_bytes: 64 << 20,
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_bytes: 128 << 20,
+            max_batch_records: 4096,
+            max_batch_bytes: 64 << 20,
+            delete_reserve_bytes: 64 << 10,
+            compaction: CompactionConfig::default(),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,1260 @@
+//! A volume: one partition replica on one disk.
+//!
+//! Writes go through one writer thread that group-commits: it drains every queued request,
+//! appends their records to the active segment with one pwritev, makes them durable with one
+//! fdatasync, applies them to the index in one redb transaction, and only then answers. See
+//! docs/design.md for why the redb transaction may be non-durable and how recovery replays the
+//! tail past the last durable checkpoint.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use cairn_common::blob_id::BlobId;
+use cairn_common::volume_layout::{
+    self as layout, LayoutError, VolumeMarker, FIRST_SEGMENT, SEGMENT_HEADER_LEN,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::compaction::{self, Compactor};
+use super::index::{
+    self, BlobState, IndexEntry, JournalEntry, Location, LogTail, SegmentInfo, BLOBS, JOURNAL,
+    LOG_TAIL, META, SEGMENTS,
+};
+use super::record::{
+    self, BlobMeta, EncodedRecord, RecordError, RecordHeader, RecordKind, CHUNK_LEN, HEADER_LEN,
+    SEAL_LEN,
+};
+use super::segments::{read_at, write_all_vectored_at, SegmentFiles};
+use super::{now_ms, VolumeConfig, VolumeError};
+use crate::metrics::EngineMetrics;
+
+/// Whether a volume takes writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "reason", rename_all = "snake_case")]
+pub enum VolumeHealth {
+    Writable,
+    /// No room for new blobs; reads, deletes and TTL updates go on.
+    Full,
+    /// An I/O error made the volume read-only until it is reopened.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeStats {
+    pub partition: u32,
+    pub volume_id: String,
+    pub health: VolumeHealth,
+    pub capacity_bytes: u64,
+    /// Bytes of segment files (each preallocated to the segment size).
+    pub allocated_bytes: u64,
+    /// Bytes of records the index points at.
+    pub live_bytes: u64,
+    pub segments: u32,
+}
+
+/// A new blob for [`Volume::put`].
+#[derive(Debug, Clone)]
+pub struct PutRequest {
+    pub blob_id: BlobId,
+    pub meta: BlobMeta,
+    pub payload: Bytes,
+    pub created_ms: u64,
+    pub expiry_ms: Option<u64>,
+}
+
+enum WriteOp {
+    Put(EncodedRecord),
+    Delete {
+        blob_id: BlobId,
+        at_ms: u64,
+    },
+    TtlUpdate {
+        blob_id: BlobId,
+        expiry_ms: Option<u64>,
+        at_ms: u64,
+    },
+}
+
+enum WriterMsg {
+    Write(WriteOp, oneshot::Sender<Result<(), VolumeError>>),
+    /// Commit durably now (used by tests and before compaction).
+    Checkpoint(oneshot::Sender<Result<(), VolumeError>>),
+    /// Stop without a final checkpoint, as a crash would (tests only).
+    Abandon,
+}
+
+/// State shared by the writer, readers and compaction.
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    pub marker: VolumeMarker,
+    pub config: VolumeConfig,
+    pub db: Database,
+    pub segments: SegmentFiles,
+    pub health: Mutex<VolumeHealth>,
+    /// Allocator of segment numbers, for the writer and compaction alike.
+    pub next_segment: AtomicU32,
+    pub metrics: Arc<EngineMetrics>,
+}
+
+impl Shared {
+    pub fn health(&self) -> VolumeHealth {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    pub fn set_health(&self, new: VolumeHealth) {
+        let mut health = self.health.lock().expect("health lock");
+        // Failed is final until the volume is reopened.
+        if !matches!(*health, VolumeHealth::Failed(_)) {
+            if let VolumeHealth::Failed(reason) = &new {
+                tracing::error!(volume = %self.dir.display(), %reason, "volume failed; it is read-only now");
+            }
+            *health = new;
+        }
+    }
+
+    pub fn fail(&self, what: &str, err: impl std::fmt::Display) -> VolumeError {
+        let reason = format!("{what}: {err}");
+        self.set_health(VolumeHealth::Failed(reason.clone()));
+        VolumeError::Failed(reason)
+    }
+}
+
+pub struct Volume {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<(mpsc::Sender<WriterMsg>, JoinHandle<()>)>>,
+    compactor: Mutex<Option<Compactor>>,
+}
+
+impl Volume {
+    /// Creates the volume directory if needed (layout shared with the disk agent) and opens it.
+    pub fn create_or_open(
+        dir: &Path,
+        marker: &VolumeMarker,
+        config: VolumeConfig,
+        metrics: Arc<EngineMetrics>,
+    ) -> Result<Self, VolumeError> {
+        if !dir.join(layout::MARKER_FILE).exists() {
+            check_geometry(marker, &config)?;
+            layout::create_volume(dir, marker, config.preallocation)?;
+        }
+        Self::open(dir, config, metrics)
+    }
+
+    /// Opens an existing volume: resolves an interrupted compaction, replays the log tail past
+    /// the durable mark, erases a torn tail, then starts the writer and the compactor.
+    pub fn open(
+        dir: &Path,
+        config: VolumeConfig,
+        metrics: Arc<EngineMetrics>,
+    ) -> Result<Self, VolumeError> {
+        let marker = VolumeMarker::read(dir)?;
+        check_geometry(&marker, &config)?;
+        let db = Database::builder().create(dir.join(layout::INDEX_FILE))?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_owned(),
+            marker,
+            config,
+            db,
+            segments: SegmentFiles::default(),
+            health: Mutex::new(VolumeHealth::Writable),
+            next_segment: AtomicU32::new(FIRST_SEGMENT + 1),
+            metrics,
+        });
+        let log = recover(&shared)?;
+        let (tx, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("cairn-writer-{}", shared.marker.partition))
+            .spawn(move || Writer::new(writer_shared, log).run(rx))?;
+        let compactor = Compactor::start(shared.clone());
+        Ok(Self {
+            shared,
+            writer: Mutex::new(Some((tx, handle))),
+            compactor: Mutex::new(Some(compactor)),
+        })
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.shared.marker.partition
+    }
+
+    pub fn marker(&self) -> &VolumeMarker {
+        &self.shared.marker
+    }
+
+    pub fn health(&self) -> VolumeHealth {
+        self.shared.health()
+    }
+
+    pub fn max_blob_bytes(&self) -> u64 {
+        self.shared.config.max_blob_bytes
+    }
+
+    fn submit(
+        &self,
+        msg_for: impl FnOnce(oneshot::Sender<Result<(), VolumeError>>) -> WriterMsg,
+    ) -> oneshot::Receiver<Result<(), VolumeError>> {
+        let (tx, rx) = oneshot::channel();
+        let guard = self.writer.lock().expect("writer lock");
+        if let Some((sender, _)) = guard.as_ref() {
+            // A send error drops `tx`, and the receiver reports Closed.
+            let _ = sender.send(msg_for(tx));
+        }
+        rx
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<(), VolumeError> {
+        self.submit(|reply| WriterMsg::Write(op, reply))
+            .await
+            .unwrap_or(Err(VolumeError::Closed))
+    }
+
+    fn check_writable_for_put(&self, payload_len: u64) -> Result<(), VolumeError> {
+        let max = self.shared.config.max_blob_bytes;
+        if payload_len > max {
+            return Err(VolumeError::TooLarge {
+                size: payload_len,
+                max,
+            });
+        }
+        match self.shared.health() {
+            VolumeHealth::Writable => Ok(()),
+            VolumeHealth::Full => Err(VolumeError::Full),
+            VolumeHealth::Failed(reason) => Err(VolumeError::Failed(reason)),
+        }
+    }
+
+    /// Stores a new blob; returns once its record and index entry are durable.
+    pub async fn put(&self, req: PutRequest) -> Result<(), VolumeError> {
+        self.check_writable_for_put(req.payload.len() as u64)?;
+        let record = encode_put(&req);
+        self.write(WriteOp::Put(record)).await
+    }
+
+    /// Deletes a blob (idempotent); returns once the tombstone is durable.
+    pub async fn delete(&self, blob_id: BlobId) -> Result<(), VolumeError> {
+        self.write(WriteOp::Delete {
+            blob_id,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Sets a new expiry (`None`: never expires).
+    pub async fn update_ttl(
+        &self,
+        blob_id: BlobId,
+        expiry_ms: Option<u64>,
+    ) -> Result<(), VolumeError> {
+        self.write(WriteOp::TtlUpdate {
+            blob_id,
+            expiry_ms,
+            at_ms: now_ms(),
+        })
+        .await
+    }
+
+    /// Makes everything written so far durable in the index (normally done periodically).
+    pub async fn checkpoint(&self) -> Result<(), VolumeError> {
+        self.submit(WriterMsg::Checkpoint)
+            .await
+            .unwrap_or(Err(VolumeError::Closed))
+    }
+
+    /// The index entry of `blob_id`, whatever its state.
+    pub fn entry(&self, blob_id: BlobId) -> Result<IndexEntry, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let blobs = txn.open_table(BLOBS)?;
+        index::get(&blobs, blob_id.to_bytes())?.ok_or(VolumeError::NotFound)
+    }
+
+    /// Opens a live blob for reading, with its metadata verified.
+    pub fn open_blob(&self, blob_id: BlobId) -> Result<BlobReader, VolumeError> {
+        // Compaction may move the record between the index lookup and the file lookup; the
+        // second lookup then sees the new location.
+        for _ in 0..3 {
+            let entry = self.entry(blob_id)?;
+            let now = now_ms();
+            match entry.state {
+                BlobState::Deleted => return Err(VolumeError::Deleted),
+                BlobState::Expired => return Err(VolumeError::Expired),
+                BlobState::Live if entry.is_expired(now) => return Err(VolumeError::Expired),
+                BlobState::Live => {}
+            }
+            let location = entry
+                .location
+                .ok_or_else(|| VolumeError::Corrupt("live blob without location".into()))?;
+            let Some(file) = self.shared.segments.get(location.segment) else {
+                continue;
+            };
+            return BlobReader::open(&self.shared, blob_id, entry, location, file);
+        }
+        Err(VolumeError::Corrupt(format!(
+            "segment of blob {blob_id} vanished"
+        )))
+    }
+
+    /// Journal entries from `from_seq` on, at most `limit` (replication reads these).
+    pub fn journal(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, JournalEntry)>, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let journal = txn.open_table(JOURNAL)?;
+        let mut out = Vec::new();
+        for item in journal.range(from_seq..)?.take(limit) {
+            let (seq, value) = item?;
+            out.push((seq.value(), index::decode(value.value())?));
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> Result<VolumeStats, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let segments = txn.open_table(SEGMENTS)?;
+        let mut live_bytes = 0;
+        for item in segments.iter()? {
+            let (_, value) = item?;
+            live_bytes += index::decode::<SegmentInfo>(value.value())?.live_bytes;
+        }
+        let count = self.shared.segments.count();
+        Ok(VolumeStats {
+            partition: self.shared.marker.partition,
+            volume_id: self.shared.marker.volume_id.clone(),
+            health: self.shared.health(),
+            capacity_bytes: self.shared.marker.capacity_bytes,
+            allocated_bytes: u64::from(count) * self.shared.marker.segment_size,
+            live_bytes,
+            segments: count,
+        })
+    }
+
+    /// Compaction of this volume, phase by phase (normally the background compactor runs it).
+    pub fn compaction(&self) -> compaction::CompactionSteps<'_> {
+        compaction::CompactionSteps {
+            shared: &self.shared,
+        }
+    }
+
+    /// Stops the compactor and the writer; the writer commits a final durable checkpoint.
+    pub fn close(&self) {
+        if let Some(compactor) = self.compactor.lock().expect("compactor lock").take() {
+            compactor.stop();
+        }
+        if let Some((sender, handle)) = self.writer.lock().expect("writer lock").take() {
+            drop(sender);
+            let _ = handle.join();
+        }
+    }
+
+    /// Stops as a crash would: no final checkpoint (tests of recovery).
+    pub fn abandon(&self) {
+        if let Some(compactor) = self.compactor.lock().expect("compactor lock").take() {
+            compactor.stop();
+        }
+        if let Some((sender, handle)) = self.writer.lock().expect("writer lock").take() {
+            let _ = sender.send(WriterMsg::Abandon);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Refuses a maximum blob size whose records would not fit in one segment.
+fn check_geometry(marker: &VolumeMarker, config: &VolumeConfig) -> Result<(), VolumeError> {
+    let max_record = marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
+    let needed = max_record_len(config.max_blob_bytes);
+    if needed > max_record {
+        return Err(VolumeError::Layout(LayoutError::Geometry(format!(
+            "a {}-byte blob needs {needed}-byte records but segments of {} bytes hold at most {max_record}; \
+             use larger segments or a smaller maximum blob size",
+            config.max_blob_bytes, marker.segment_size
+        ))));
+    }
+    Ok(())
+}
+
+/// Largest record a blob of `payload` bytes can need (metadata at its limit).
+pub fn max_record_len(payload: u64) -> u64 {
+    HEADER_LEN
+        + crate::api::limits::MAX_META_RECORD_BYTES
+        + payload
+        + 4 * payload.div_ceil(CHUNK_LEN)
+        + 4
+}
+
+fn encode_put(req: &PutRequest) -> EncodedRecord {
+    let meta = req.meta.encode();
+    let header = RecordHeader {
+        kind: RecordKind::Put,
+        blob_id: req.blob_id,
+        created_ms: req.created_ms,
+        expiry_ms: req.expiry_ms,
+        meta_len: meta.len() as u32,
+        payload_len: req.payload.len() as u64,
+    };
+    EncodedRecord::new(
+        header,
+        &meta,
+        req.payload.clone(),
+        &record::chunk_crcs(&req.payload),
+    )
+}
+
+/// The writer's position in the log.
+pub(crate) struct LogPosition {
+    segment: u32,
+    file: Arc<File>,
+    offset: u64,
+    next_seq: u64,
+}
+
+/// Segment stats touched by one transaction, written back once at its end.
+struct SegmentStats<'t, 'a> {
+    table: &'a mut Table<'t, u32, &'static [u8]>,
+    cache: HashMap<u32, SegmentInfo>,
+}
+
+impl<'t, 'a> SegmentStats<'t, 'a> {
+    fn new(table: &'a mut Table<'t, u32, &'static [u8]>) -> Self {
+        Self {
+            table,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, segment: u32) -> Result<&mut SegmentInfo, VolumeError> {
+        if !self.cache.contains_key(&segment) {
+            let info = index::get(&*self.table, segment)?.unwrap_or(SegmentInfo {
+                live_bytes: 0,
+                end: SEGMENT_HEADER_LEN,
+                sealed: false,
+            });
+            self.cache.insert(segment, info);
+        }
+        Ok(self.cache.get_mut(&segment).expect("just inserted"))
+    }
+
+    fn flush(self) -> Result<(), VolumeError> {
+        for (segment, info) in self.cache {
+            self.table
+                .insert(segment, index::encode(&info).as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+/// The tables one write transaction updates.
+struct Tables<'t, 'a> {
+    blobs: Table<'t, [u8; 21], &'static [u8]>,
+    journal: Table<'t, u64, &'static [u8]>,
+    segments: SegmentStats<'t, 'a>,
+}
+
+/// Applies one record to the index, journal and segment stats. The writer and recovery both
+/// use this, so replaying a record gives exactly the state the writer produced.
+fn apply_record(
+    tables: &mut Tables<'_, '_>,
+    header: &RecordHeader,
+    location: Location,
+    crc: u32,
+    next_seq: &mut u64,
+) -> Result<(), VolumeError> {
+    let key = header.blob_id.to_bytes();
+    let existing: Option<IndexEntry> = index::get(&tables.blobs, key)?;
+    let seq = *next_seq;
+    let entry = match (header.kind, existing) {
+        (RecordKind::Put, None) => IndexEntry {
+            state: BlobState::Live,
+            location: Some(location),
+            payload_len: header.payload_len,
+            meta_len: header.meta_len,
+            created_ms: header.created_ms,
+            expiry_ms: header.expiry_ms,
+            deleted_ms: None,
+            crc,
+            seq,
+        },
+        (RecordKind::Delete, Some(mut entry)) if entry.state != BlobState::Deleted => {
+            if let (BlobState::Live, Some(old)) = (entry.state, entry.location) {
+                let info = tables.segments.get(old.segment)?;
+                info.live_bytes = info.live_bytes.saturating_sub(old.len);
+            }
+            entry.state = BlobState::Deleted;
+            entry.location = Some(location);
+            entry.deleted_ms = Some(header.created_ms);
+            entry.seq = seq;
+            entry
+        }
+        (RecordKind::TtlUpdate, Some(mut entry)) if entry.state == BlobState::Live => {
+            // The entry keeps pointing at the put record; this record is garbage once applied.
+            entry.expiry_ms = header.expiry_ms;
+            tables.journal.insert(
+                seq,
+                index::encode(&journal_entry(header, location)).as_slice(),
+            )?;
+            *next_seq += 1;
+            tables.blobs.insert(key, index::encode(&entry).as_slice())?;
+            return Ok(());
+        }
+        // Nothing to do: a seal, or a record the current state already supersedes.
+        _ => return Ok(()),
+    };
+    tables.segments.get(location.segment)?.live_bytes += location.len;
+    tables.journal.insert(
+        seq,
+        index::encode(&journal_entry(header, location)).as_slice(),
+    )?;
+    tables.blobs.insert(key, index::encode(&entry).as_slice())?;
+    *next_seq += 1;
+    Ok(())
+}
+
+fn journal_entry(header: &RecordHeader, location: Location) -> JournalEntry {
+    JournalEntry {
+        blob_id: header.blob_id.to_bytes(),
+        kind: header.kind,
+        location,
+    }
+}
+
+/// What a write operation turns into once checked against the index.
+enum Planned {
+    Record(EncodedRecord),
+    /// Already in the requested state (idempotent retry).
+    Nothing,
+}
+
+fn plan_op(
+    blobs: &Table<'_, [u8; 21], &'static [u8]>,
+    op: WriteOp,
+) -> Result<Planned, VolumeError> {
+    let now = now_ms();
+    let (blob_id, kind, at_ms, expiry_ms) = match op {
+        WriteOp::Put(record) => {
+            return match index::get::<_, IndexEntry>(blobs, record.header.blob_id.to_bytes())? {
+                None => Ok(Planned::Record(record)),
+                Some(e) if e.state == BlobState::Live && e.crc == record.trailer_crc() => {
+                    Ok(Planned::Nothing)
+                }
+                // A put never resurrects a deleted blob.
+                Some(e) if e.state != BlobState::Live => Ok(Planned::Nothing),
+                Some(_) => Err(VolumeError::Conflict),
+            };
+        }
+        WriteOp::Delete { blob_id, at_ms } => {
+            match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
+                None => return Err(VolumeError::NotFound),
+                Some(e) if e.state != BlobState::Live => return Ok(Planned::Nothing),
+                Some(_) => (blob_id, RecordKind::Delete, at_ms, None),
+            }
+        }
+        WriteOp::TtlUpdate {
+            blob_id,
+            expiry_ms,
+            at_ms,
+        } => match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
+            None => return Err(VolumeError::NotFound),
+            Some(e) if e.state == BlobState::Deleted => return Err(VolumeError::Deleted),
+            Some(e) if e.is_expired(now) => return Err(VolumeError::Expired),
+            Some(_) => (blob_id, RecordKind::TtlUpdate, at_ms, expiry_ms),
+        },
+    };
+    let header = RecordHeader {
+        kind,
+        blob_id,
+        created_ms: at_ms,
+        expiry_ms,
+        meta_len: 0,
+        payload_len: 0,
+    };
+    Ok(Planned::Record(EncodedRecord::new(
+        header,
+        &[],
+        Bytes::new(),
+        &[],
+    )))
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    log: LogPosition,
+    last_checkpoint: Instant,
+    bytes_since_checkpoint: u64,
+    dirty: bool,
+}
+
+/// Bytes of one pending segment write.
+struct PendingWrite {
+    file: Arc<File>,
+    offset: u64,
+    parts: Vec<Bytes>,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, log: LogPosition) -> Self {
+        Self {
+            shared,
+            log,
+            last_checkpoint: Instant::now(),
+            bytes_since_checkpoint: 0,
+            dirty: false,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
+        let interval = self.shared.config.checkpoint_interval;
+        loop {
+            let first = match rx.recv_timeout(interval) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.dirty {
+                        let _ = self.commit_batch(Vec::new(), true);
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = Vec::new();
+            let mut checkpoints = Vec::new();
+            let mut bytes = 0u64;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    WriterMsg::Write(op, reply) => {
+                        bytes += match &op {
+                            WriteOp::Put(r) => r.len(),
+                            _ => HEADER_LEN,
+                        };
+                        batch.push((op, reply));
+                    }
+                    WriterMsg::Checkpoint(reply) => checkpoints.push(reply),
+                    WriterMsg::Abandon => return,
+                }
+                if batch.len() < self.shared.config.max_batch_records
+                    && bytes < self.shared.config.max_batch_bytes
+                {
+                    next = rx.try_recv().ok();
+                }
+            }
+            let durable = !checkpoints.is_empty()
+                || self.last_checkpoint.elapsed() >= interval
+                || self.bytes_since_checkpoint + bytes >= self.shared.config.checkpoint_bytes;
+            let result = self.commit_batch(batch, durable);
+            for reply in checkpoints {
+                let _ = reply.send(result.as_ref().map(|_| ()).map_err(clone_failure));
+            }
+        }
+        if self.dirty {
+            let _ = self.commit_batch(Vec::new(), true);
+        }
+    }
+
+    /// One group commit. Per-request errors (not found, full, ...) go to that request alone; an
+    /// I/O error fails the volume and every request of the batch.
+    fn commit_batch(
+        &mut self,
+        batch: Vec<(WriteOp, oneshot::Sender<Result<(), VolumeError>>)>,
+        durable: bool,
+    ) -> Result<(), VolumeError> {
+        if let VolumeHealth::Failed(reason) = self.shared.health() {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(VolumeError::Failed(reason.clone())));
+            }
+            return Err(VolumeError::Failed(reason));
+        }
+        let started = Instant::now();
+        let records_in_batch = batch.len();
+        let outcome = self.stage_and_commit(batch, durable);
+        match outcome {
+            Ok((replies, bytes)) => {
+                self.dirty = !durable;
+                if durable {
+                    self.last_checkpoint = Instant::now();
+                    self.bytes_since_checkpoint = 0;
+                } else {
+                    self.bytes_since_checkpoint += bytes;
+                }
+                if records_in_batch > 0 {
+                    self.shared
+                        .metrics
+                        .batch_records
+                        .observe(records_in_batch as f64);
+                    self.shared
+                        .metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+                Ok(())
+            }
+            Err((replies, err)) => {
+                let reason = match &err {
+                    VolumeError::Failed(r) => r.clone(),
+                    other => other.to_string(),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(VolumeError::Failed(reason.clone())));
+                }
+                Err(err)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn stage_and_commit(
+        &mut self,
+        batch: Vec<(WriteOp, oneshot::Sender<Result<(), VolumeError>>)>,
+        durable: bool,
+    ) -> Result<
+        (
+            Vec<(
+                oneshot::Sender<Result<(), VolumeError>>,
+                Result<(), VolumeError>,
+            )>,
+            u64,
+        ),
+        (Vec<oneshot::Sender<Result<(), VolumeError>>>, VolumeError),
+    > {
+        let shared = self.shared.clone();
+        let mut replies = Vec::with_capacity(batch.len());
+        let txn = match begin_write(&shared.db, durable) {
+            Ok(txn) => txn,
+            Err(e) => {
+                return Err((
+                    batch.into_iter().map(|(_, r)| r).collect(),
+                    shared.fail("index transaction", e),
+                ))
+            }
+        };
+        let mut writes: Vec<PendingWrite> = Vec::new();
+        let mut written = 0u64;
+        let staged: Result<(), VolumeError> = (|| {
+            let mut segments_table = txn.open_table(SEGMENTS)?;
+            let mut tables = Tables {
+                blobs: txn.open_table(BLOBS)?,
+                journal: txn.open_table(JOURNAL)?,
+                segments: SegmentStats::new(&mut segments_table),
+            };
+            for (op, reply) in batch {
+                let is_put = matches!(op, WriteOp::Put(_));
+                let planned = match plan_op(&tables.blobs, op) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        replies.push((reply, Err(e)));
+                        continue;
+                    }
+                };
+                let Planned::Record(record) = planned else {
+                    replies.push((reply, Ok(())));
+                    continue;
+                };
+                match self.place(&mut tables, &mut writes, record.len(), is_put) {
+                    Ok(location) => {
+                        apply_record(
+                            &mut tables,
+                            &record.header,
+                            location,
+                            record.trailer_crc(),
+                            &mut self.log.next_seq,
+                        )?;
+                        push_write(&mut writes, &self.log.file, location.offset, &record);
+                        written += location.len;
+                        replies.push((reply, Ok(())));
+                    }
+                    Err(VolumeError::Full) => {
+                        if is_put {
+                            shared.set_health(VolumeHealth::Full);
+                        }
+                        replies.push((reply, Err(VolumeError::Full)));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            tables.segments.get(self.log.segment)?.end = self.log.offset;
+            tables.segments.flush()?;
+            let tail = LogTail {
+                segment: self.log.segment,
+                offset: self.log.offset,
+                next_seq: self.log.next_seq,
+                next_segment: shared.next_segment.load(Ordering::SeqCst),
+            };
+            txn.open_table(META)?
+                .insert(LOG_TAIL, index::encode(&tail).as_slice())?;
+            Ok(())
+        })();
+        let fail_all = |replies: Vec<(oneshot::Sender<_>, _)>, err| {
+            Err((replies.into_iter().map(|(r, _)| r).collect(), err))
+        };
+        if let Err(e) = staged {
+            return fail_all(replies, shared.fail("staging batch", e));
+        }
+        // Durability order: records (fdatasync) before the index that points at them.
+        let sync_started = Instant::now();
+        for w in &writes {
+            let slices: Vec<&[u8]> = w.parts.iter().map(|p| p.as_ref()).collect();
+            if let Err(e) = write_all_vectored_at(&w.file, w.offset, &slices) {
+                return fail_all(replies, shared.fail("segment write", e));
+            }
+        }
+        let mut synced: Vec<*const File> = Vec::new();
+        for w in &writes {
+            let ptr = Arc::as_ptr(&w.file);
+            if synced.contains(&ptr) {
+                continue;
+            }
+            synced.push(ptr);
+            // An fsync error is never retried: the page cache state is unknown afterwards.
+            if let Err(e) = w.file.sync_data() {
+                return fail_all(replies, shared.fail("fdatasync", e));
+            }
+        }
+        if !writes.is_empty() {
+            shared
+                .metrics
+                .fsync_seconds
+                .observe(sync_started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = txn.commit() {
+            return fail_all(replies, shared.fail("index commit", e));
+        }
+        Ok((replies, written))
+    }
+
+    /// Finds room for a record of `len` bytes, rolling to a new segment when the active one
+    /// is full. Puts leave `delete_reserve_bytes` free in the last segment the volume may have.
+    fn place(
+        &mut self,
+        tables: &mut Tables<'_, '_>,
+        writes: &mut Vec<PendingWrite>,
+        len: u64,
+        is_put: bool,
+    ) -> Result<Location, VolumeError> {
+        let shared = self.shared.clone();
+        let segment_size = shared.marker.segment_size;
+        let can_roll = shared.segments.count() < shared.marker.max_segments();
+        let reserve = if is_put && !can_roll {
+            shared.config.delete_reserve_bytes
+        } else {
+            0
+        };
+        if self.log.offset + len + SEAL_LEN + reserve > segment_size {
+            if !can_roll || len + SEAL_LEN + SEGMENT_HEADER_LEN > segment_size {
+                return Err(VolumeError::Full);
+            }
+            let next = shared.next_segment.fetch_add(1, Ordering::SeqCst);
+            let file = match layout::create_segment(
+                &shared.dir,
+                &shared.marker,
+                next,
+                shared.config.preallocation,
+            ) {
+                Ok(file) => shared.segments.insert(next, file),
+                Err(LayoutError::NoSpace { .. }) => return Err(VolumeError::Full),
+                Err(e) => return Err(shared.fail("creating segment", e)),
+            };
+            let seal = EncodedRecord::seal(next, now_ms());
+            push_write(writes, &self.log.file, self.log.offset, &seal);
+            let old = tables.segments.get(self.log.segment)?;
+            old.sealed = true;
+            old.end = self.log.offset + SEAL_LEN;
+            self.log = LogPosition {
+                segment: next,
+                file,
+                offset: SEGMENT_HEADER_LEN,
+                next_seq: self.log.next_seq,
+            };
+            tables.segments.get(next)?;
+        }
+        let location = Location {
+            segment: self.log.segment,
+            offset: self.log.offset,
+            len,
+        };
+        self.log.offset += len;
+        Ok(location)
+    }
+}
+
+fn push_write(
+    writes: &mut Vec<PendingWrite>,
+    file: &Arc<File>,
+    offset: u64,
+    record: &EncodedRecord,
+) {
+    let parts = [
+        Bytes::copy_from_slice(&record.head),
+        record.payload.clone(),
+        Bytes::copy_from_slice(&record.trailer),
+    ];
+    if let Some(last) = writes.last_mut() {
+        let end = last.offset + last.parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        if Arc::ptr_eq(&last.file, file) && end == offset {
+            last.parts.extend(parts);
+            return;
+        }
+    }
+    writes.push(PendingWrite {
+        file: file.clone(),
+        offset,
+        parts: parts.to_vec(),
+    });
+}
+
+fn clone_failure(e: &VolumeError) -> VolumeError {
+    VolumeError::Failed(e.to_string())
+}
+
+pub(crate) fn begin_write(db: &Database, durable: bool) -> Result<WriteTransaction, VolumeError> {
+    let mut txn = db.begin_write()?;
+    if durable {
+        // Saves allocator state so that opening after a crash needs no full repair.
+        txn.set_quick_repair(true);
+    } else {
+        txn.set_durability(Durability::None)?;
+    }
+    Ok(txn)
+}
+
+/// Brings the index up to date with the log and returns the writer's position.
+fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
+    compaction::resolve_interrupted(shared)?;
+    let dir = &shared.dir;
+    let marker = &shared.marker;
+    let txn = begin_write(&shared.db, true)?;
+    let position = {
+        let mut meta = txn.open_table(META)?;
+        let mut segments_table = txn.open_table(SEGMENTS)?;
+        let tail: LogTail = index::get(&meta, LOG_TAIL)?.unwrap_or(LogTail {
+            segment: FIRST_SEGMENT,
+            offset: SEGMENT_HEADER_LEN,
+            next_seq: 0,
+            next_segment: FIRST_SEGMENT + 1,
+        });
+        let known: Vec<u32> = segments_table
+            .iter()?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+
+        // Open the segments the index knows, plus the one the tail is in.
+        for &segment in known.iter().chain(std::iter::once(&tail.segment)) {
+            if shared.segments.get(segment).is_none() {
+                shared
+                    .segments
+                    .insert(segment, layout::open_segment(dir, marker, segment)?);
+            }
+        }
+        let on_disk = list_segment_files(dir)?;
+        let mut tables = Tables {
+            blobs: txn.open_table(BLOBS)?,
+            journal: txn.open_table(JOURNAL)?,
+            segments: SegmentStats::new(&mut segments_table),
+        };
+        let mut segment = tail.segment;
+        let mut offset = tail.offset;
+        let mut next_seq = tail.next_seq;
+        let mut replayed = 0u64;
+        loop {
+            let file = shared.segments.get(segment).expect("opened above");
+            match read_verified_record(&file, offset, marker.segment_size) {
+                Err(VolumeError::Integrity(_)) => break,
+                Err(e) => return Err(e),
+                Ok((header, meta_bytes, crc)) => {
+                    let location = Location {
+                        segment,
+                        offset,
+                        len: header.record_len(),
+                    };
+                    if header.kind == RecordKind::Seal {
+                        let next = u32::from_le_bytes(
+                            meta_bytes
+                                .as_slice()
+                                .try_into()
+                                .map_err(|_| VolumeError::Corrupt("bad seal".into()))?,
+                        );
+                        let info = tables.segments.get(segment)?;
+                        info.sealed = true;
+                        info.end = offset + SEAL_LEN;
+                        if shared.segments.get(next).is_none() {
+                            shared
+                                .segments
+                                .insert(next, layout::open_segment(dir, marker, next)?);
+                        }
+                        tables.segments.get(next)?;
+                        segment = next;
+                        offset = SEGMENT_HEADER_LEN;
+                        continue;
+                    }
+                    apply_record(&mut tables, &header, location, crc, &mut next_seq)?;
+                    offset += location.len;
+                    replayed += 1;
+                }
+            }
+        }
+        // Whatever follows the last valid record was never acknowledged: erase it, so that a
+        // later record can never be followed by stale bytes that parse.
+        let file = shared.segments.get(segment).expect("opened above");
+        let path = layout::segment_path(dir, segment);
+        layout::zero_range(&file, &path, offset, marker.segment_size - offset)?;
+        file.sync_data()?;
+        tables.segments.get(segment)?.end = offset;
+        let Tables {
+            blobs,
+            journal,
+            segments: stats,
+        } = tables;
+        stats.flush()?;
+        drop((blobs, journal));
+
+        // Segment files nothing refers to were created by a roll that never committed.
+        let referenced: Vec<u32> = segments_table
+            .iter()?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for number in &on_disk {
+            if !referenced.contains(number) {
+                tracing::warn!(segment = number, volume = %dir.display(), "removing unreferenced segment file");
+                shared.segments.remove(*number);
+                fs::remove_file(layout::segment_path(dir, *number))?;
+            }
+        }
+        let max_seen = on_disk
+            .iter()
+            .chain(referenced.iter())
+            .copied()
+            .max()
+            .unwrap_or(FIRST_SEGMENT);
+        let next_segment = tail.next_segment.max(max_seen + 1);
+        shared.next_segment.store(next_segment, Ordering::SeqCst);
+        meta.insert(
+            LOG_TAIL,
+            index::encode(&LogTail {
+                segment,
+                offset,
+                next_seq,
+                next_segment,
+            })
+            .as_slice(),
+        )?;
+        if replayed > 0 {
+            tracing::info!(replayed, volume = %dir.display(), "replayed log tail past the durable mark");
+        }
+        LogPosition {
+            segment,
+            file,
+            offset,
+            next_seq,
+        }
+    };
+    txn.commit()?;
+    layout::sync_dir(&layout::segments_dir(dir))?;
+    if shared.segments.count() >= marker.max_segments()
+        && position.offset + SEAL_LEN + shared.config.delete_reserve_bytes >= marker.segment_size
+    {
+        shared.set_health(VolumeHealth::Full);
+    }
+    Ok(position)
+}
+
+fn list_segment_files(dir: &Path) -> Result<Vec<u32>, VolumeError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(layout::segments_dir(dir))? {
+        let name = entry?.file_name();
+        if let Some(n) = name.to_str().and_then(layout::parse_segment_file_name) {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Reads and fully verifies the record at `offset`; returns its header, metadata and trailer CRC.
+pub(crate) fn read_verified_record(
+    file: &File,
+    offset: u64,
+    segment_size: u64,
+) -> Result<(RecordHeader, Vec<u8>, u32), VolumeError> {
+    if offset + HEADER_LEN > segment_size {
+        return Err(VolumeError::Integrity("no room for a record".into()));
+    }
+    let head = read_at(file, offset, HEADER_LEN as usize)?;
+    let header = RecordHeader::decode(head.as_slice().try_into().expect("header length"))
+        .map_err(integrity)?;
+    if offset + header.record_len() > segment_size {
+        return Err(VolumeError::Integrity(
+            "record runs past the segment end".into(),
+        ));
+    }
+    let meta = read_at(file, offset + HEADER_LEN, header.meta_len as usize)?;
+    let trailer_len = 4 * header.chunk_count() + 4;
+    let trailer = read_at(
+        file,
+        offset + header.chunk_table_offset(),
+        trailer_len as usize,
+    )?;
+    let crcs = record::verify_trailer(&meta, &trailer).map_err(integrity)?;
+    let mut chunk_offset = offset + header.payload_offset();
+    for (i, expected) in crcs.iter().enumerate() {
+        let len = CHUNK_LEN.min(header.payload_len - i as u64 * CHUNK_LEN);
+        let chunk = read_at(file, chunk_offset, len as usize)?;
+        record::verify_chunk(i as u64, &chunk, *expected).map_err(integrity)?;
+        chunk_offset += len;
+    }
+    let crc = u32::from_le_bytes(trailer[trailer.len() - 4..].try_into().expect("4 bytes"));
+    Ok((header, meta, crc))
+}
+
+fn integrity(e: RecordError) -> VolumeError {
+    VolumeError::Integrity(e.to_string())
+}
+
+/// A live blob opened for reading: metadata verified, payload read one verified chunk at a time.
+pub struct BlobReader {
+    pub blob_id: BlobId,
+    pub entry: IndexEntry,
+    pub meta: BlobMeta,
+    file: Arc<File>,
+    payload_offset: u64,
+    chunk_crcs: Vec<u32>,
+    /// The whole payload, for blobs small enough to read in one go.
+    small_payload: Option<Bytes>,
+    metrics: Arc<EngineMetrics>,
+}
+
+/// Records up to this size are read with one pread when opened.
+const SMALL_RECORD: u64 = CHUNK_LEN + 64 * 1024;
+
+impl BlobReader {
+    fn open(
+        shared: &Shared,
+        blob_id: BlobId,
+        entry: IndexEntry,
+        location: Location,
+        file: Arc<File>,
+    ) -> Result<Self, VolumeError> {
+        let describe = |e: VolumeError| {
+            shared.metrics.integrity_errors.inc();
+            VolumeError::Integrity(format!(
+                "blob {blob_id} at segment {} offset {}: {e}",
+                location.segment, location.offset
+            ))
+        };
+        let small = location.len <= SMALL_RECORD;
+        let head_len = if small {
+            location.len
+        } else {
+            HEADER_LEN + u64::from(entry.meta_len)
+        };
+        let head = read_at(&file, location.offset, head_len as usize)?;
+        let header = RecordHeader::decode(
+            head[..HEADER_LEN as usize]
+                .try_into()
+                .expect("header length"),
+        )
+        .map_err(|e| describe(integrity(e)))?;
+        if header.blob_id != blob_id
+            || header.kind != RecordKind::Put
+            || header.record_len() != location.len
+        {
+            return Err(describe(VolumeError::Integrity(
+                "record does not match the index".into(),
+            )));
+        }
+        let meta_bytes = &head[HEADER_LEN as usize..header.payload_offset() as usize];
+        let trailer = if small {
+            head[header.chunk_table_offset() as usize..].to_vec()
+        } else {
+            let len = 4 * header.chunk_count() + 4;
+            read_at(
+                &file,
+                location.offset + header.chunk_table_offset(),
+                len as usize,
+            )?
+        };
+        let chunk_crcs =
+            record::verify_trailer(meta_bytes, &trailer).map_err(|e| describe(integrity(e)))?;
+        let meta = BlobMeta::decode(meta_bytes).map_err(|e| describe(integrity(e)))?;
+        let small_payload = if small {
+            let payload = Bytes::copy_from_slice(
+                &head[header.payload_offset() as usize..header.chunk_table_offset() as usize],
+            );
+            if let Some(&expected) = chunk_crcs.first() {
+                record::verify_chunk(0, &payload, expected).map_err(|e| describe(integrity(e)))?;
+            }
+            Some(payload)
+        } else {
+            None
+        };
+        Ok(Self {
+            blob_id,
+            entry,
+            meta,
+            file,
+            payload_offset: location.offset + header.payload_offset(),
+            chunk_crcs,
+            small_payload,
+            metrics: shared.metrics.clone(),
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.entry.payload_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entry.payload_len == 0
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.chunk_crcs.len() as u64
+    }
+
+    /// Payload chunk `index` (of [`CHUNK_LEN`] bytes, the last one shorter), verified.
+    pub fn read_chunk(&self, index: u64) -> Result<Bytes, VolumeError> {
+        if let Some(payload) = &self.small_payload {
+            return Ok(payload.clone());
+        }
+        let start = index * CHUNK_LEN;
+        let len = CHUNK_LEN.min(self.len() - start);
+        let data = read_at(&self.file, self.payload_offset + start, len as usize)?;
+        let expected = self.chunk_crcs[index as usize];
+        record::verify_chunk(index, &data, expected).map_err(|e| {
+            self.metrics.integrity_errors.inc();
+            VolumeError::Integrity(format!("blob {}: {e}", self.blob_id))
+        })?;
+        Ok(Bytes::from(data))
+    }
+
+    /// Payload bytes `[start, end)`, verified chunk by chunk (used for small reads and tests).
+    pub fn read_range(&self, start: u64, end: u64) -> Result<Vec<u8>, VolumeError> {
+        let mut out = Vec::with_capacity((end - start) as usize);
+        if start >= end {
+            return Ok(out);
+        }
+        for chunk in start / CHUNK_LEN..end.div_ceil(CHUNK_LEN) {
+            let data = self.read_chunk(chunk)?;
+            let base = chunk * CHUNK_LEN;
+            let from = start.saturating_sub(base) as usize;
+            let to = ((end - base) as usize).min(data.len());
+            out.extend_from_slice(&data[from..to]);
+        }
+        Ok(out)
+    }
+}

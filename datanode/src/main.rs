@@ -1,0 +1,88 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use bytesize::ByteSize;
+use cairn_common::volume_layout::Preallocation;
+use cairn_datanode::engine::VolumeConfig;
+use cairn_datanode::server::{run_standalone, StandaloneOptions};
+use cairn_datanode::store::StandaloneLayout;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Cairn datanode. With --data-dir and --listen alone it runs one standalone node.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Directory holding this node's volumes.
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address of the blob API.
+    #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7480")]
+    listen: SocketAddr,
+    /// Partitions (one volume each) of a standalone node; fixed once created.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Capacity of each new volume.
+    #[arg(long, default_value = "16GiB")]
+    volume_size: ByteSize,
+    /// Size of each preallocated log segment of a new volume.
+    #[arg(long, default_value = "1GiB")]
+    segment_size: ByteSize,
+    /// Largest blob accepted.
+    #[arg(long, default_value = "64MiB")]
+    max_blob_size: ByteSize,
+    /// Write zeros where the filesystem has no fallocate (slow).
+    #[arg(long)]
+    zero_fill_fallback: bool,
+    /// Compaction copy rate limit, per volume.
+    #[arg(long, default_value = "64MiB")]
+    compaction_rate: ByteSize,
+    /// Seconds between compaction passes.
+    #[arg(long, default_value_t = 60)]
+    compaction_interval_secs: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mut volume = VolumeConfig {
+        max_blob_bytes: args.max_blob_size.as_u64(),
+        ..VolumeConfig::default()
+    };
+    if args.zero_fill_fallback {
+        volume.preallocation = Preallocation::FallocateOrZeroFill;
+    }
+    volume.compaction.bytes_per_sec = args.compaction_rate.as_u64();
+    volume.compaction.interval = std::time::Duration::from_secs(args.compaction_interval_secs);
+    let options = StandaloneOptions {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        layout: StandaloneLayout {
+            partitions: args.partitions,
+            segment_size: args.segment_size.as_u64(),
+            volume_size: args.volume_size.as_u64(),
+        },
+        volume,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+            signal.cancel();
+        });
+        run_standalone(options, shutdown).await
+    })
+}

@@ -1,0 +1,145 @@
+//! Prometheus metrics: HTTP requests, engine internals, volume fill.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Metrics the storage engine records.
+pub struct EngineMetrics {
+    /// Requests per group commit.
+    pub batch_records: Histogram,
+    /// Time to write and fdatasync one batch.
+    pub fsync_seconds: Histogram,
+    /// Whole group commit: stage, write, fdatasync, index commit.
+    pub commit_seconds: Histogram,
+    /// Checksum mismatches found while reading.
+    pub integrity_errors: Counter,
+}
+
+impl Default for EngineMetrics {
+    fn default() -> Self {
+        Self {
+            batch_records: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            integrity_errors: Counter::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolumeLabels {
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub engine: std::sync::Arc<EngineMetrics>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: HistogramFamily<RequestLabels>,
+    pub bytes: Family<DirectionLabels, Counter>,
+    pub volume_fill: Family<VolumeLabels, Gauge<f64, AtomicU64>>,
+    pub volume_live_bytes: Family<VolumeLabels, Gauge>,
+    pub volume_writable: Family<VolumeLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let engine = std::sync::Arc::new(EngineMetrics::default());
+        let mut registry = Registry::with_prefix("cairn");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds: HistogramFamily<RequestLabels> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 16)));
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        let volume_fill = Family::<VolumeLabels, Gauge<f64, AtomicU64>>::default();
+        let volume_live_bytes = Family::<VolumeLabels, Gauge>::default();
+        let volume_writable = Family::<VolumeLabels, Gauge>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "blob_bytes",
+            "Blob payload bytes received (in) and sent (out)",
+            bytes.clone(),
+        );
+        registry.register(
+            "group_commit_batch_records",
+            "Write requests per group commit",
+            engine.batch_records.clone(),
+        );
+        registry.register(
+            "fsync_duration_seconds",
+            "Segment write + fdatasync per group commit",
+            engine.fsync_seconds.clone(),
+        );
+        registry.register(
+            "group_commit_duration_seconds",
+            "Whole group commit",
+            engine.commit_seconds.clone(),
+        );
+        registry.register(
+            "integrity_errors",
+            "Checksum mismatches found on read",
+            engine.integrity_errors.clone(),
+        );
+        registry.register(
+            "volume_fill_ratio",
+            "Allocated segment bytes / volume capacity",
+            volume_fill.clone(),
+        );
+        registry.register(
+            "volume_live_bytes",
+            "Bytes of records the index points at",
+            volume_live_bytes.clone(),
+        );
+        registry.register(
+            "volume_writable",
+            "1 when the volume accepts new blobs",
+            volume_writable.clone(),
+        );
+        Self {
+            registry,
+            engine,
+            requests,
+            request_seconds,
+            bytes,
+            volume_fill,
+            volume_live_bytes,
+            volume_writable,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}

@@ -1,0 +1,130 @@
+//! The volumes a datanode serves, keyed by partition.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cairn_common::volume_layout::{VolumeMarker, MARKER_FILE};
+use rand::Rng;
+
+use crate::engine::{Volume, VolumeConfig, VolumeError, VolumeHealth};
+use crate::metrics::{Metrics, VolumeLabels};
+
+/// Geometry of the volumes a standalone node creates.
+#[derive(Debug, Clone)]
+pub struct StandaloneLayout {
+    pub partitions: u32,
+    pub segment_size: u64,
+    pub volume_size: u64,
+}
+
+pub struct Store {
+    volumes: BTreeMap<u32, Arc<Volume>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// Opens (creating on first start) one volume per partition under `data_dir/volumes/`.
+    /// Existing volumes keep the geometry in their marker.
+    pub fn open_standalone(
+        data_dir: &Path,
+        layout: &StandaloneLayout,
+        config: &VolumeConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, VolumeError> {
+        let mut volumes = BTreeMap::new();
+        for partition in 0..layout.partitions {
+            let dir = volume_dir(data_dir, partition);
+            let volume = if dir.join(MARKER_FILE).exists() {
+                Volume::open(&dir, config.clone(), metrics.engine.clone())?
+            } else {
+                let marker = VolumeMarker::new(partition, layout.segment_size, layout.volume_size)?;
+                Volume::create_or_open(&dir, &marker, config.clone(), metrics.engine.clone())?
+            };
+            tracing::info!(partition, dir = %dir.display(), "volume open");
+            volumes.insert(partition, Arc::new(volume));
+        }
+        Ok(Self { volumes, metrics })
+    }
+
+    pub fn volume(&self, partition: u32) -> Option<&Arc<Volume>> {
+        self.volumes.get(&partition)
+    }
+
+    pub fn volumes(&self) -> impl Iterator<Item = &Arc<Volume>> {
+        self.volumes.values()
+    }
+
+    /// A writable volume for a new blob, chosen at random weighted by free capacity.
+    pub fn pick_for_put(&self) -> Result<Arc<Volume>, VolumeError> {
+        let mut candidates = Vec::new();
+        let mut failed = None;
+        for volume in self.volumes.values() {
+            match volume.health() {
+                VolumeHealth::Writable => {
+                    let stats = volume.stats()?;
+                    let free = stats.capacity_bytes.saturating_sub(stats.live_bytes).max(1);
+                    candidates.push((volume, free));
+                }
+                VolumeHealth::Full => {}
+                VolumeHealth::Failed(reason) => failed = Some(reason),
+            }
+        }
+        let total: u64 = candidates.iter().map(|(_, free)| free).sum();
+        if total == 0 {
+            return Err(match failed {
+                Some(reason)
+                    if self
+                        .volumes
+                        .values()
+                        .all(|v| v.health() != VolumeHealth::Full) =>
+                {
+                    VolumeError::Failed(reason)
+                }
+                _ => VolumeError::Full,
+            });
+        }
+        let mut pick = rand::rng().random_range(0..total);
+        for (volume, free) in &candidates {
+            if pick < *free {
+                return Ok((*volume).clone());
+            }
+            pick -= free;
+        }
+        unreachable!("pick is below the total")
+    }
+
+    /// Refreshes the per-volume gauges (called when /metrics is scraped).
+    pub fn update_gauges(&self) {
+        for volume in self.volumes.values() {
+            let labels = VolumeLabels {
+                partition: volume.partition().to_string(),
+            };
+            if let Ok(stats) = volume.stats() {
+                self.metrics
+                    .volume_fill
+                    .get_or_create(&labels)
+                    .set(stats.allocated_bytes as f64 / stats.capacity_bytes as f64);
+                self.metrics
+                    .volume_live_bytes
+                    .get_or_create(&labels)
+                    .set(stats.live_bytes as i64);
+                self.metrics
+                    .volume_writable
+                    .get_or_create(&labels)
+                    .set(i64::from(stats.health == VolumeHealth::Writable));
+            }
+        }
+    }
+
+    /// Stops every volume; each commits a final durable checkpoint.
+    pub fn close(&self) {
+        for volume in self.volumes.values() {
+            volume.close();
+        }
+    }
+}
+
+pub fn volume_dir(data_dir: &Path, partition: u32) -> PathBuf {
+    data_dir.join("volumes").join(format!("p{partition:08}"))
+}
