@@ -73,9 +73,7 @@ impl FromStr for BlobId {
             return Err(BlobIdError::Length(s.len()));
         }
         // The engine rejects padding and non-zero trailing bits, so every id has one spelling.
-        let decoded = URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|_| BlobIdError::Alphabet)?;
+        let decoded = URL_SAFE_NO_PAD.decode(s).map_err(|_| BlobIdError::Alphabet)?;
         let bytes: [u8; BLOB_ID_BYTES] = decoded.try_into().map_err(|_| BlobIdError::Alphabet)?;
         Self::from_bytes(&bytes)
     }

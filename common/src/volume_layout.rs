@@ -41,9 +41,7 @@ pub enum LayoutError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: not a Cairn volume marker: {reason}")]
     BadMarker { path: PathBuf, reason: String },
-    #[error(
-        "{path}: volume format {found} is not supported (this build reads format {VOLUME_FORMAT})"
-    )]
+    #[error("{path}: volume format {found} is not supported (this build reads format {VOLUME_FORMAT})")]
     UnsupportedFormat { path: PathBuf, found: u32 },
     #[error("{path}: bad segment header: {reason}")]
     BadSegmentHeader { path: PathBuf, reason: String },
@@ -57,10 +55,7 @@ pub enum LayoutError {
 
 impl LayoutError {
     fn io(path: &Path, source: io::Error) -> Self {
-        Self::Io {
-            path: path.to_owned(),
-            source,
-        }
+        Self::Io { path: path.to_owned(), source }
     }
 }
 
@@ -77,11 +72,7 @@ pub struct VolumeMarker {
 }
 
 impl VolumeMarker {
-    pub fn new(
-        partition: u32,
-        segment_size: u64,
-        capacity_bytes: u64,
-    ) -> Result<Self, LayoutError> {
+    pub fn new(partition: u32, segment_size: u64, capacity_bytes: u64) -> Result<Self, LayoutError> {
         let marker = Self {
             format: VOLUME_FORMAT,
             volume_id: format!("{:032x}", rand::random::<u128>()),
@@ -126,25 +117,15 @@ impl VolumeMarker {
         struct Probe {
             format: u32,
         }
-        let probe: Probe = serde_json::from_slice(&text).map_err(|e| LayoutError::BadMarker {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let probe: Probe = serde_json::from_slice(&text)
+            .map_err(|e| LayoutError::BadMarker { path: path.clone(), reason: e.to_string() })?;
         if probe.format != VOLUME_FORMAT {
-            return Err(LayoutError::UnsupportedFormat {
-                path,
-                found: probe.format,
-            });
+            return Err(LayoutError::UnsupportedFormat { path, found: probe.format });
         }
-        let marker: Self = serde_json::from_slice(&text).map_err(|e| LayoutError::BadMarker {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let marker: Self = serde_json::from_slice(&text)
+            .map_err(|e| LayoutError::BadMarker { path: path.clone(), reason: e.to_string() })?;
         if u128::from_str_radix(&marker.volume_id, 16).is_err() || marker.volume_id.len() != 32 {
-            return Err(LayoutError::BadMarker {
-                path,
-                reason: "volume_id is not 32 hex digits".into(),
-            });
+            return Err(LayoutError::BadMarker { path, reason: "volume_id is not 32 hex digits".into() });
         }
         marker.validate_geometry()?;
         Ok(marker)
@@ -157,8 +138,7 @@ impl VolumeMarker {
         let mut body = serde_json::to_vec_pretty(self).expect("marker serializes");
         body.push(b'\n');
         let mut file = File::create(&tmp).map_err(|e| LayoutError::io(&tmp, e))?;
-        file.write_all(&body)
-            .map_err(|e| LayoutError::io(&tmp, e))?;
+        file.write_all(&body).map_err(|e| LayoutError::io(&tmp, e))?;
         file.sync_all().map_err(|e| LayoutError::io(&tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| LayoutError::io(&path, e))?;
         sync_dir(dir)
@@ -234,24 +214,14 @@ pub fn parse_segment_file_name(name: &str) -> Option<u32> {
 }
 
 /// Reserves `len` bytes for `file` without changing what reads return (zeros).
-pub fn preallocate(
-    file: &File,
-    path: &Path,
-    len: u64,
-    mode: Preallocation,
-) -> Result<(), LayoutError> {
+pub fn preallocate(file: &File, path: &Path, len: u64, mode: Preallocation) -> Result<(), LayoutError> {
     match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, len) {
         Ok(()) => Ok(()),
-        Err(rustix::io::Errno::NOSPC) => Err(LayoutError::NoSpace {
-            path: path.to_owned(),
-            bytes: len,
-        }),
+        Err(rustix::io::Errno::NOSPC) => Err(LayoutError::NoSpace { path: path.to_owned(), bytes: len }),
         Err(rustix::io::Errno::OPNOTSUPP) if mode == Preallocation::FallocateOrZeroFill => {
             zero_fill(file, path, 0, len)
         }
-        Err(rustix::io::Errno::OPNOTSUPP) => Err(LayoutError::FallocateUnsupported {
-            path: path.to_owned(),
-        }),
+        Err(rustix::io::Errno::OPNOTSUPP) => Err(LayoutError::FallocateUnsupported { path: path.to_owned() }),
         Err(e) => Err(LayoutError::io(path, e.into())),
     }
 }
@@ -263,30 +233,13 @@ pub fn zero_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<(),
     if len == 0 {
         return Ok(());
     }
-    if rustix::fs::fallocate(
-        file,
-        FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    )
-    .is_ok()
-    {
+    if rustix::fs::fallocate(file, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset, len).is_ok() {
         return Ok(());
     }
-    if rustix::fs::fallocate(
-        file,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        offset,
-        len,
-    )
-    .is_ok()
-    {
+    if rustix::fs::fallocate(file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len).is_ok() {
         return match rustix::fs::fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
             Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
-            Err(rustix::io::Errno::NOSPC) => Err(LayoutError::NoSpace {
-                path: path.to_owned(),
-                bytes: len,
-            }),
+            Err(rustix::io::Errno::NOSPC) => Err(LayoutError::NoSpace { path: path.to_owned(), bytes: len }),
             Err(e) => Err(LayoutError::io(path, e.into())),
         };
     }
@@ -299,16 +252,12 @@ fn zero_fill(file: &File, path: &Path, offset: u64, len: u64) -> Result<(), Layo
     let mut done = 0u64;
     while done < len {
         let n = CHUNK.min((len - done) as usize);
-        file.write_all_at(&zeros[..n], offset + done)
-            .map_err(|e| match e.raw_os_error() {
-                Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => {
-                    LayoutError::NoSpace {
-                        path: path.to_owned(),
-                        bytes: len,
-                    }
-                }
-                _ => LayoutError::io(path, e),
-            })?;
+        file.write_all_at(&zeros[..n], offset + done).map_err(|e| match e.raw_os_error() {
+            Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error() => {
+                LayoutError::NoSpace { path: path.to_owned(), bytes: len }
+            }
+            _ => LayoutError::io(path, e),
+        })?;
         done += n as u64;
     }
     Ok(())
@@ -331,13 +280,8 @@ pub fn create_segment(
             .open(&path)
             .map_err(|e| LayoutError::io(&path, e))?;
         preallocate(&file, &path, marker.segment_size, mode)?;
-        let header = SegmentHeader {
-            volume_id: marker.volume_id_u128(),
-            segment,
-            segment_size: marker.segment_size,
-        };
-        file.write_all_at(&header.encode(), 0)
-            .map_err(|e| LayoutError::io(&path, e))?;
+        let header = SegmentHeader { volume_id: marker.volume_id_u128(), segment, segment_size: marker.segment_size };
+        file.write_all_at(&header.encode(), 0).map_err(|e| LayoutError::io(&path, e))?;
         file.sync_all().map_err(|e| LayoutError::io(&path, e))?;
         sync_dir(&segments_dir(volume_dir))?;
         Ok(file)
@@ -349,24 +293,13 @@ pub fn create_segment(
 }
 
 /// Opens an existing segment file and checks that its header belongs to this volume.
-pub fn open_segment(
-    volume_dir: &Path,
-    marker: &VolumeMarker,
-    segment: u32,
-) -> Result<File, LayoutError> {
+pub fn open_segment(volume_dir: &Path, marker: &VolumeMarker, segment: u32) -> Result<File, LayoutError> {
     let path = segment_path(volume_dir, segment);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| LayoutError::io(&path, e))?;
+    let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LayoutError::io(&path, e))?;
     let mut buf = [0u8; SEGMENT_HEADER_LEN as usize];
-    file.read_exact_at(&mut buf, 0)
-        .map_err(|e| LayoutError::io(&path, e))?;
-    let header = SegmentHeader::decode(&buf).map_err(|reason| LayoutError::BadSegmentHeader {
-        path: path.clone(),
-        reason,
-    })?;
+    file.read_exact_at(&mut buf, 0).map_err(|e| LayoutError::io(&path, e))?;
+    let header =
+        SegmentHeader::decode(&buf).map_err(|reason| LayoutError::BadSegmentHeader { path: path.clone(), reason })?;
     let expected = (marker.volume_id_u128(), segment, marker.segment_size);
     if (header.volume_id, header.segment, header.segment_size) != expected {
         return Err(LayoutError::BadSegmentHeader {
@@ -382,11 +315,7 @@ pub fn open_segment(
 
 /// Creates a volume directory: marker and first segment. Idempotent for an identical marker, so
 /// a retried create never allocates twice; refuses a directory that holds a different volume.
-pub fn create_volume(
-    volume_dir: &Path,
-    marker: &VolumeMarker,
-    mode: Preallocation,
-) -> Result<(), LayoutError> {
+pub fn create_volume(volume_dir: &Path, marker: &VolumeMarker, mode: Preallocation) -> Result<(), LayoutError> {
     marker.validate_geometry()?;
     if volume_dir.join(MARKER_FILE).exists() {
         let existing = VolumeMarker::read(volume_dir)?;
@@ -400,8 +329,7 @@ pub fn create_volume(
         fs::create_dir_all(segments_dir(volume_dir)).map_err(|e| LayoutError::io(volume_dir, e))?;
         if segment_path(volume_dir, FIRST_SEGMENT).exists() {
             // Left by a create that failed before writing the marker: nothing references it.
-            fs::remove_file(segment_path(volume_dir, FIRST_SEGMENT))
-                .map_err(|e| LayoutError::io(volume_dir, e))?;
+            fs::remove_file(segment_path(volume_dir, FIRST_SEGMENT)).map_err(|e| LayoutError::io(volume_dir, e))?;
         }
         create_segment(volume_dir, marker, FIRST_SEGMENT, mode)?;
         // The marker goes last: a directory with a marker is a complete volume.
@@ -411,9 +339,7 @@ pub fn create_volume(
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| LayoutError::io(dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| LayoutError::io(dir, e))
 }
 
 #[cfg(test)]
@@ -423,11 +349,7 @@ mod tests {
 
     #[test]
     fn segment_header_round_trip_and_corruption() {
-        let h = SegmentHeader {
-            volume_id: 0xdead_beef,
-            segment: 9,
-            segment_size: 1 << 20,
-        };
+        let h = SegmentHeader { volume_id: 0xdead_beef, segment: 9, segment_size: 1 << 20 };
         let mut b = h.encode();
         assert_eq!(SegmentHeader::decode(&b).unwrap(), h);
         b[13] ^= 1;
@@ -457,20 +379,14 @@ mod tests {
 
         let other = VolumeMarker::new(3, 1 << 20, 8 << 20).unwrap();
         assert!(create_volume(&vol, &other, Preallocation::Fallocate).is_err());
-        assert!(
-            open_segment(&vol, &other, FIRST_SEGMENT).is_err(),
-            "header names another volume"
-        );
+        assert!(open_segment(&vol, &other, FIRST_SEGMENT).is_err(), "header names another volume");
     }
 
     #[test]
     fn marker_rejects_future_format_and_bad_geometry() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(MARKER_FILE), r#"{"format": 2}"#).unwrap();
-        assert!(matches!(
-            VolumeMarker::read(dir.path()),
-            Err(LayoutError::UnsupportedFormat { found: 2, .. })
-        ));
+        assert!(matches!(VolumeMarker::read(dir.path()), Err(LayoutError::UnsupportedFormat { found: 2, .. })));
         assert!(VolumeMarker::new(0, 1024, 1 << 20).is_err());
         assert!(VolumeMarker::new(0, 1 << 20, 1 << 19).is_err());
     }
@@ -479,13 +395,7 @@ mod tests {
     fn zero_range_erases_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         preallocate(&file, &path, 1 << 16, Preallocation::Fallocate).unwrap();
         file.write_all_at(&[7u8; 8192], 0).unwrap();
         zero_range(&file, &path, 4096, 8192).unwrap();

@@ -44,15 +44,10 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let mut volume = VolumeConfig {
-        max_blob_bytes: args.max_blob_size.as_u64(),
-        ..VolumeConfig::default()
-    };
+    let mut volume = VolumeConfig { max_blob_bytes: args.max_blob_size.as_u64(), ..VolumeConfig::default() };
     if args.zero_fill_fallback {
         volume.preallocation = Preallocation::FallocateOrZeroFill;
     }
@@ -74,8 +69,7 @@ fn main() -> anyhow::Result<()> {
         let signal = shutdown.clone();
         tokio::spawn(async move {
             let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

@@ -72,21 +72,9 @@ impl Default for Metrics {
         let volume_fill = Family::<VolumeLabels, Gauge<f64, AtomicU64>>::default();
         let volume_live_bytes = Family::<VolumeLabels, Gauge>::default();
         let volume_writable = Family::<VolumeLabels, Gauge>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests by route and status",
-            requests.clone(),
-        );
-        registry.register(
-            "http_request_duration_seconds",
-            "HTTP request latency",
-            request_seconds.clone(),
-        );
-        registry.register(
-            "blob_bytes",
-            "Blob payload bytes received (in) and sent (out)",
-            bytes.clone(),
-        );
+        registry.register("http_requests", "HTTP requests by route and status", requests.clone());
+        registry.register("http_request_duration_seconds", "HTTP request latency", request_seconds.clone());
+        registry.register("blob_bytes", "Blob payload bytes received (in) and sent (out)", bytes.clone());
         registry.register(
             "group_commit_batch_records",
             "Write requests per group commit",
@@ -97,49 +85,19 @@ impl Default for Metrics {
             "Segment write + fdatasync per group commit",
             engine.fsync_seconds.clone(),
         );
-        registry.register(
-            "group_commit_duration_seconds",
-            "Whole group commit",
-            engine.commit_seconds.clone(),
-        );
-        registry.register(
-            "integrity_errors",
-            "Checksum mismatches found on read",
-            engine.integrity_errors.clone(),
-        );
-        registry.register(
-            "volume_fill_ratio",
-            "Allocated segment bytes / volume capacity",
-            volume_fill.clone(),
-        );
-        registry.register(
-            "volume_live_bytes",
-            "Bytes of records the index points at",
-            volume_live_bytes.clone(),
-        );
-        registry.register(
-            "volume_writable",
-            "1 when the volume accepts new blobs",
-            volume_writable.clone(),
-        );
-        Self {
-            registry,
-            engine,
-            requests,
-            request_seconds,
-            bytes,
-            volume_fill,
-            volume_live_bytes,
-            volume_writable,
-        }
+        registry.register("group_commit_duration_seconds", "Whole group commit", engine.commit_seconds.clone());
+        registry.register("integrity_errors", "Checksum mismatches found on read", engine.integrity_errors.clone());
+        registry.register("volume_fill_ratio", "Allocated segment bytes / volume capacity", volume_fill.clone());
+        registry.register("volume_live_bytes", "Bytes of records the index points at", volume_live_bytes.clone());
+        registry.register("volume_writable", "1 when the volume accepts new blobs", volume_writable.clone());
+        Self { registry, engine, requests, request_seconds, bytes, volume_fill, volume_live_bytes, volume_writable }
     }
 }
 
 impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
 }

@@ -73,12 +73,7 @@ impl Store {
         let total: u64 = candidates.iter().map(|(_, free)| free).sum();
         if total == 0 {
             return Err(match failed {
-                Some(reason)
-                    if self
-                        .volumes
-                        .values()
-                        .all(|v| v.health() != VolumeHealth::Full) =>
-                {
+                Some(reason) if self.volumes.values().all(|v| v.health() != VolumeHealth::Full) => {
                     VolumeError::Failed(reason)
                 }
                 _ => VolumeError::Full,
@@ -97,18 +92,13 @@ impl Store {
     /// Refreshes the per-volume gauges (called when /metrics is scraped).
     pub fn update_gauges(&self) {
         for volume in self.volumes.values() {
-            let labels = VolumeLabels {
-                partition: volume.partition().to_string(),
-            };
+            let labels = VolumeLabels { partition: volume.partition().to_string() };
             if let Ok(stats) = volume.stats() {
                 self.metrics
                     .volume_fill
                     .get_or_create(&labels)
                     .set(stats.allocated_bytes as f64 / stats.capacity_bytes as f64);
-                self.metrics
-                    .volume_live_bytes
-                    .get_or_create(&labels)
-                    .set(stats.live_bytes as i64);
+                self.metrics.volume_live_bytes.get_or_create(&labels).set(stats.live_bytes as i64);
                 self.metrics
                     .volume_writable
                     .get_or_create(&labels)

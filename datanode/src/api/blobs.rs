@@ -57,17 +57,12 @@ pub struct GetParams {
 }
 
 fn parse_id(raw: &str) -> Result<BlobId, ApiError> {
-    raw.parse()
-        .map_err(|e| ApiError::InvalidBlobId(format!("{raw:?}: {e}")))
+    raw.parse().map_err(|e| ApiError::InvalidBlobId(format!("{raw:?}: {e}")))
 }
 
 fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>, ApiError> {
     // A standalone node holds every replica it knows; an unknown partition has no blob here.
-    state
-        .store
-        .volume(id.partition())
-        .cloned()
-        .ok_or(ApiError::BlobNotFound)
+    state.store.volume(id.partition()).cloned().ok_or(ApiError::BlobNotFound)
 }
 
 /// Store a new blob.
@@ -84,21 +79,11 @@ fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>
         (status = 503, description = "Volume failed", body = ErrorBody),
         (status = 507, description = "No room", body = ErrorBody),
     ))]
-pub async fn put_blob(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+pub async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let max = state.max_blob_bytes;
-    let too_large = |size: String| {
-        ApiError::PayloadTooLarge(format!(
-            "blob of {size} bytes exceeds the limit of {max} bytes"
-        ))
-    };
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
+    let too_large =
+        |size: String| ApiError::PayloadTooLarge(format!("blob of {size} bytes exceeds the limit of {max} bytes"));
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
         if len > max {
             return Err(too_large(len.to_string()));
         }
@@ -108,9 +93,7 @@ pub async fn put_blob(
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 too_large(format!("more than {max}"))
             } else {
                 ApiError::InvalidBody(format!("reading the request body: {e}"))
@@ -122,20 +105,8 @@ pub async fn put_blob(
     let expiry_ms = ttl.map(|t| created_ms + t * 1000);
     let blob_id = BlobId::generate(volume.partition());
     let size = payload.len() as u64;
-    volume
-        .put(PutRequest {
-            blob_id,
-            meta,
-            payload,
-            created_ms,
-            expiry_ms,
-        })
-        .await?;
-    state
-        .metrics
-        .bytes
-        .get_or_create(&DirectionLabels { direction: "in" })
-        .inc_by(size);
+    volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms }).await?;
+    state.metrics.bytes.get_or_create(&DirectionLabels { direction: "in" }).inc_by(size);
     let body = PutResponse {
         id: blob_id.to_string(),
         size,
@@ -143,14 +114,8 @@ pub async fn put_blob(
         created_ms,
         expires_ms: expiry_ms,
     };
-    let location =
-        HeaderValue::from_str(&format!("/v1/blobs/{blob_id}")).expect("ids are URL-safe");
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        Json(body),
-    )
-        .into_response())
+    let location = HeaderValue::from_str(&format!("/v1/blobs/{blob_id}")).expect("ids are URL-safe");
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(body)).into_response())
 }
 
 async fn open(state: &AppState, id: BlobId) -> Result<BlobReader, ApiError> {
@@ -172,18 +137,12 @@ fn blob_headers(reader: &BlobReader) -> HeaderMap {
     set(&mut h, "content-type", reader.meta.content_type.clone());
     set(&mut h, "etag", format!("\"{:08x}\"", reader.entry.crc));
     set(&mut h, "accept-ranges", "bytes".into());
-    set(
-        &mut h,
-        "x-cairn-created-ms",
-        reader.entry.created_ms.to_string(),
-    );
+    set(&mut h, "x-cairn-created-ms", reader.entry.created_ms.to_string());
     if let Some(expiry) = reader.entry.expiry_ms {
         set(&mut h, "x-cairn-expires-ms", expiry.to_string());
     }
     for (k, v) in &reader.meta.user {
-        if let Ok(name) =
-            header::HeaderName::from_bytes(format!("{}{k}", limits::META_PREFIX).as_bytes())
-        {
+        if let Ok(name) = header::HeaderName::from_bytes(format!("{}{k}", limits::META_PREFIX).as_bytes()) {
             if let Ok(value) = HeaderValue::from_str(v) {
                 h.insert(name, value);
             }
@@ -214,28 +173,18 @@ pub async fn get_blob(
     let id = parse_id(&raw)?;
     let reader = open(&state, id).await?;
     let len = reader.len();
-    let range = parse_range(
-        headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
-        len,
-    )?;
+    let range = parse_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), len)?;
     let (start, end) = range.unwrap_or((0, len));
     let mut response_headers = blob_headers(&reader);
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     let status = if range.is_some() {
         let value = format!("bytes {start}-{}/{len}", end.saturating_sub(1));
-        response_headers.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&value).expect("ascii"),
-        );
+        response_headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("ascii"));
         StatusCode::PARTIAL_CONTENT
     } else {
         StatusCode::OK
     };
-    state
-        .metrics
-        .bytes
-        .get_or_create(&DirectionLabels { direction: "out" })
-        .inc_by(end - start);
+    state.metrics.bytes.get_or_create(&DirectionLabels { direction: "out" }).inc_by(end - start);
     let body = stream_payload(reader, start, end).await?;
     Ok((status, response_headers, body).into_response())
 }
@@ -277,13 +226,8 @@ async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> Result<Body
             }
         }
     });
-    let rest = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let stream = futures::StreamExt::chain(
-        futures::stream::once(async move { Ok::<_, VolumeError>(first) }),
-        rest,
-    );
+    let rest = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let stream = futures::StreamExt::chain(futures::stream::once(async move { Ok::<_, VolumeError>(first) }), rest);
     Ok(Body::from_stream(stream))
 }
 
@@ -291,10 +235,7 @@ async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> Result<Body
 #[utoipa::path(head, path = "/v1/blobs/{id}", tag = "blobs",
     params(("id" = String, Path, description = "Blob id")),
     responses((status = 200, description = "Headers of the blob"), (status = 400), (status = 404), (status = 410)))]
-pub async fn head_blob(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn head_blob(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
     let reader = open(&state, id).await?;
     let mut headers = blob_headers(&reader);
@@ -311,10 +252,7 @@ pub async fn head_blob(
         (status = 404, description = "No such blob", body = ErrorBody),
         (status = 507, description = "No room even for the tombstone", body = ErrorBody),
     ))]
-pub async fn delete_blob(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-) -> Result<StatusCode, ApiError> {
+pub async fn delete_blob(State(state): State<AppState>, Path(raw): Path<String>) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
     volume_for(&state, id)?.delete(id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -324,10 +262,7 @@ pub async fn delete_blob(
 #[utoipa::path(get, path = "/v1/blobs/{id}/info", tag = "blobs",
     params(("id" = String, Path, description = "Blob id")),
     responses((status = 200, body = BlobInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
-pub async fn blob_info(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-) -> Result<Json<BlobInfo>, ApiError> {
+pub async fn blob_info(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<BlobInfo>, ApiError> {
     let id = parse_id(&raw)?;
     let reader = open(&state, id).await?;
     Ok(Json(BlobInfo {
@@ -352,9 +287,8 @@ pub async fn update_ttl(
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
-    let update: TtlUpdate = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::InvalidBody(format!("expected {{\"ttl_seconds\": N or null}}: {e}"))
-    })?;
+    let update: TtlUpdate = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidBody(format!("expected {{\"ttl_seconds\": N or null}}: {e}")))?;
     let expiry_ms = match update.ttl_seconds {
         None => None,
         Some(t) => Some(now_ms() + limits::parse_ttl_seconds(&t.to_string())? * 1000),

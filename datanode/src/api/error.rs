@@ -104,15 +104,11 @@ impl From<VolumeError> for ApiError {
             VolumeError::Deleted => ApiError::BlobDeleted,
             VolumeError::Expired => ApiError::BlobExpired,
             VolumeError::Conflict => ApiError::Conflict,
-            VolumeError::Full => {
-                ApiError::InsufficientStorage("no volume has room for this blob".into())
+            VolumeError::Full => ApiError::InsufficientStorage("no volume has room for this blob".into()),
+            VolumeError::TooLarge { size, max } => {
+                ApiError::PayloadTooLarge(format!("blob of {size} bytes exceeds the limit of {max} bytes"))
             }
-            VolumeError::TooLarge { size, max } => ApiError::PayloadTooLarge(format!(
-                "blob of {size} bytes exceeds the limit of {max} bytes"
-            )),
-            VolumeError::Failed(reason) => {
-                ApiError::Unavailable(format!("volume failed: {reason}"))
-            }
+            VolumeError::Failed(reason) => ApiError::Unavailable(format!("volume failed: {reason}")),
             VolumeError::Closed => ApiError::Unavailable("volume is shutting down".into()),
             VolumeError::Integrity(msg) => ApiError::Integrity(msg),
             other => ApiError::Internal(other.to_string()),
@@ -126,18 +122,11 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(code = self.code(), error = %self, "request failed");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code(),
-                message: self.to_string(),
-            },
-        };
+        let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
         let mut response = (status, axum::Json(body)).into_response();
         if let ApiError::RangeNotSatisfiable { blob_len, .. } = self {
             let value = HeaderValue::from_str(&format!("bytes */{blob_len}")).expect("ascii");
-            response
-                .headers_mut()
-                .insert(axum::http::header::CONTENT_RANGE, value);
+            response.headers_mut().insert(axum::http::header::CONTENT_RANGE, value);
         }
         response
     }

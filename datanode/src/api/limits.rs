@@ -19,9 +19,7 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
 pub fn parse_ttl_seconds(value: &str) -> Result<u64, ApiError> {
     let bad = || {
-        ApiError::InvalidHeader(format!(
-            "X-Cairn-TTL must be whole seconds from 1 to {MAX_TTL_SECONDS}, got {value:?}"
-        ))
+        ApiError::InvalidHeader(format!("X-Cairn-TTL must be whole seconds from 1 to {MAX_TTL_SECONDS}, got {value:?}"))
     };
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -37,9 +35,7 @@ pub fn parse_put_headers(headers: &HeaderMap) -> Result<(BlobMeta, Option<u64>),
     let content_type = match headers.get(axum::http::header::CONTENT_TYPE) {
         None => DEFAULT_CONTENT_TYPE.to_owned(),
         Some(v) => {
-            let s = v.to_str().map_err(|_| {
-                ApiError::InvalidHeader("Content-Type must be visible ASCII".into())
-            })?;
+            let s = v.to_str().map_err(|_| ApiError::InvalidHeader("Content-Type must be visible ASCII".into()))?;
             if s.len() > MAX_CONTENT_TYPE_BYTES {
                 return Err(ApiError::InvalidHeader(format!(
                     "Content-Type is longer than {MAX_CONTENT_TYPE_BYTES} bytes"
@@ -59,13 +55,10 @@ pub fn parse_put_headers(headers: &HeaderMap) -> Result<(BlobMeta, Option<u64>),
             continue;
         };
         if key.is_empty() {
-            return Err(ApiError::InvalidHeader(
-                "X-Cairn-Meta- needs a name after the prefix".into(),
-            ));
+            return Err(ApiError::InvalidHeader("X-Cairn-Meta- needs a name after the prefix".into()));
         }
-        let value = value.to_str().map_err(|_| {
-            ApiError::InvalidHeader(format!("metadata {key:?} must be visible ASCII"))
-        })?;
+        let value =
+            value.to_str().map_err(|_| ApiError::InvalidHeader(format!("metadata {key:?} must be visible ASCII")))?;
         total += key.len() + value.len();
         user.push((key.to_owned(), value.to_owned()));
     }
@@ -76,9 +69,7 @@ pub fn parse_put_headers(headers: &HeaderMap) -> Result<(BlobMeta, Option<u64>),
     }
     user.sort();
     if user.windows(2).any(|w| w[0].0 == w[1].0) {
-        return Err(ApiError::InvalidHeader(
-            "a metadata key appears more than once".into(),
-        ));
+        return Err(ApiError::InvalidHeader("a metadata key appears more than once".into()));
     }
     Ok((BlobMeta { content_type, user }, ttl))
 }
@@ -89,17 +80,12 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>,
     let Some(header) = header else {
         return Ok(None);
     };
-    let unsatisfiable = |message: String| ApiError::RangeNotSatisfiable {
-        message,
-        blob_len: len,
-    };
+    let unsatisfiable = |message: String| ApiError::RangeNotSatisfiable { message, blob_len: len };
     let Some(spec) = header.trim().strip_prefix("bytes=") else {
         return Ok(None);
     };
     if spec.contains(',') {
-        return Err(unsatisfiable(
-            "only a single byte range is supported".into(),
-        ));
+        return Err(unsatisfiable("only a single byte range is supported".into()));
     }
     let malformed = || unsatisfiable(format!("malformed range {header:?}"));
     let (first, last) = spec.trim().split_once('-').ok_or_else(malformed)?;
@@ -113,9 +99,7 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>,
         ("", suffix) => {
             let n = number(suffix)?;
             if n == 0 || len == 0 {
-                return Err(unsatisfiable(format!(
-                    "range {header:?} selects no bytes of a {len}-byte blob"
-                )));
+                return Err(unsatisfiable(format!("range {header:?} selects no bytes of a {len}-byte blob")));
             }
             (len.saturating_sub(n), len)
         }
@@ -129,9 +113,7 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>,
         }
     };
     if start >= len {
-        return Err(unsatisfiable(format!(
-            "range {header:?} starts beyond the {len}-byte blob"
-        )));
+        return Err(unsatisfiable(format!("range {header:?} starts beyond the {len}-byte blob")));
     }
     Ok(Some((start, end)))
 }
@@ -150,16 +132,9 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=-30"), 10).unwrap(), Some((0, 10)));
         assert_eq!(parse_range(Some("bytes=8-100"), 10).unwrap(), Some((8, 10)));
         assert_eq!(parse_range(Some("items=0-1"), 10).unwrap(), None);
-        for bad in [
-            "bytes=10-",
-            "bytes=10-12",
-            "bytes=-0",
-            "bytes=0-1,3-4",
-            "bytes=5-2",
-            "bytes=a-b",
-            "bytes=-",
-            "bytes=1",
-        ] {
+        for bad in
+            ["bytes=10-", "bytes=10-12", "bytes=-0", "bytes=0-1,3-4", "bytes=5-2", "bytes=a-b", "bytes=-", "bytes=1"]
+        {
             let err = parse_range(Some(bad), 10).unwrap_err();
             assert_eq!(err.code(), "range_not_satisfiable", "{bad}");
         }
@@ -169,15 +144,7 @@ mod tests {
     #[test]
     fn ttl() {
         assert_eq!(parse_ttl_seconds("60").unwrap(), 60);
-        for bad in [
-            "0",
-            "-1",
-            "1.5",
-            "",
-            " 5",
-            "99999999999999999999",
-            &(MAX_TTL_SECONDS + 1).to_string(),
-        ] {
+        for bad in ["0", "-1", "1.5", "", " 5", "99999999999999999999", &(MAX_TTL_SECONDS + 1).to_string()] {
             assert!(parse_ttl_seconds(bad).is_err(), "{bad}");
         }
     }
@@ -192,38 +159,22 @@ mod tests {
         let (meta, ttl) = parse_put_headers(&h).unwrap();
         assert_eq!(meta.content_type, "text/plain");
         assert_eq!(ttl, Some(30));
-        assert_eq!(
-            meta.user,
-            vec![("app".into(), "x".into()), ("owner".into(), "alice".into())]
-        );
+        assert_eq!(meta.user, vec![("app".into(), "x".into()), ("owner".into(), "alice".into())]);
 
         let mut big = HeaderMap::new();
-        big.insert(
-            "x-cairn-meta-k",
-            HeaderValue::from_str(&"v".repeat(MAX_USER_META_BYTES)).unwrap(),
-        );
-        assert_eq!(
-            parse_put_headers(&big).unwrap_err().code(),
-            "metadata_too_large"
-        );
+        big.insert("x-cairn-meta-k", HeaderValue::from_str(&"v".repeat(MAX_USER_META_BYTES)).unwrap());
+        assert_eq!(parse_put_headers(&big).unwrap_err().code(), "metadata_too_large");
 
         let (meta, ttl) = parse_put_headers(&HeaderMap::new()).unwrap();
-        assert_eq!(
-            (meta.content_type.as_str(), ttl),
-            (DEFAULT_CONTENT_TYPE, None)
-        );
+        assert_eq!((meta.content_type.as_str(), ttl), (DEFAULT_CONTENT_TYPE, None));
     }
 
     #[test]
     fn metadata_bound_covers_the_worst_case() {
         // Many one-byte keys maximise the per-pair overhead.
-        let user: Vec<(String, String)> = (0..MAX_USER_META_BYTES / 2)
-            .map(|i| (format!("{i}"), String::new()))
-            .collect();
-        let meta = BlobMeta {
-            content_type: "x".repeat(MAX_CONTENT_TYPE_BYTES),
-            user,
-        };
+        let user: Vec<(String, String)> =
+            (0..MAX_USER_META_BYTES / 2).map(|i| (format!("{i}"), String::new())).collect();
+        let meta = BlobMeta { content_type: "x".repeat(MAX_CONTENT_TYPE_BYTES), user };
         assert!((meta.encode().len() as u64) < MAX_META_RECORD_BYTES);
     }
 }

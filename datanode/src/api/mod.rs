@@ -61,21 +61,16 @@ pub struct ApiDoc;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/blobs", post(blobs::put_blob))
-        .route(
-            "/v1/blobs/{id}",
-            get(blobs::get_blob)
-                .head(blobs::head_blob)
-                .delete(blobs::delete_blob),
-        )
+        .route("/v1/blobs/{id}", get(blobs::get_blob).head(blobs::head_blob).delete(blobs::delete_blob))
         .route("/v1/blobs/{id}/info", get(blobs::blob_info))
         .route("/v1/blobs/{id}/ttl", put(blobs::update_ttl))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
-        .fallback(|req: Request| async move {
-            ApiError::RouteNotFound(format!("{} {}", req.method(), req.uri().path()))
-        })
+        .fallback(
+            |req: Request| async move { ApiError::RouteNotFound(format!("{} {}", req.method(), req.uri().path())) },
+        )
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
@@ -85,23 +80,12 @@ pub fn router(state: AppState) -> Router {
 async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().to_string();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route =
+        request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let response = next.run(request).await;
-    let labels = RequestLabels {
-        method,
-        route,
-        status: response.status().as_u16(),
-    };
+    let labels = RequestLabels { method, route, status: response.status().as_u16() };
     state.metrics.requests.get_or_create(&labels).inc();
-    state
-        .metrics
-        .request_seconds
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
+    state.metrics.request_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     response
 }
 
@@ -138,19 +122,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 VolumeHealth::Full => ("full", None),
                 VolumeHealth::Failed(reason) => ("failed", Some(reason)),
             };
-            VolumeReadiness {
-                partition: v.partition(),
-                state: state.into(),
-                reason,
-            }
+            VolumeReadiness { partition: v.partition(), state: state.into(), reason }
         })
         .collect();
     let ready = !volumes.is_empty() && volumes.iter().all(|v| v.state != "failed");
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Readiness { ready, volumes })).into_response()
 }
 
@@ -159,14 +135,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>) -> Response {
     state.store.update_gauges();
     let body = state.metrics.encode();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }
 
 /// This document.

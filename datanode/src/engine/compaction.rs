@@ -1,14 +1,15 @@
-//! Compaction: copies the records the index still needs out of a sealed segment into a fresh
-//! one, switches the index in one durable transaction, then deletes the old segment.
+//! Compaction: copies the records the index still needs out of several sparse sealed segments
+//! into one fresh segment, switches the index in one durable transaction, then deletes the old
+//! segments. Each pass frees at least one segment.
 //!
 //! Phases and what a crash in each leaves (recovery in [`resolve_interrupted`]):
-//! 1. `begin`: durable `Copying{source, target}`, then the target file is created.
+//! 1. `begin`: durable `Copying{sources, target}`, then the target file is created.
 //!    Crash → the target is deleted; the index never pointed into it (rolled back).
 //! 2. `copy`: verified records are copied verbatim, then the target is fdatasync'ed.
 //!    Crash → as in 1.
 //! 3. `switch`: one durable transaction repoints every entry that still points at its old
-//!    record, and records `Switched{source, target}`. Crash → the source is deleted (finished).
-//! 4. `finish`: the source is unlinked and the state cleared. Crash → as in 3.
+//!    record, and records `Switched{sources, target}`. Crash → the sources are deleted (finished).
+//! 4. `finish`: the sources are unlinked and the state cleared. Crash → as in 3.
 
 use std::fs::File;
 use std::sync::atomic::Ordering;
@@ -21,9 +22,10 @@ use cairn_common::volume_layout::{self as layout, SEGMENT_HEADER_LEN};
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::index::{
-    self, BlobState, CompactionState, IndexEntry, JournalEntry, Location, SegmentInfo, BLOBS,
-    COMPACTION, JOURNAL, META, SEGMENTS,
+    self, BlobState, CompactionState, IndexEntry, JournalEntry, Location, SegmentInfo, BLOBS, COMPACTION, JOURNAL,
+    META, SEGMENTS,
 };
+use super::record::SEAL_LEN;
 use super::segments::{read_at, write_all_vectored_at};
 use super::volume::{begin_write, read_verified_record, Shared, VolumeHealth};
 use super::{now_ms, VolumeError};
@@ -41,19 +43,15 @@ pub struct CompactionConfig {
 
 impl Default for CompactionConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            interval: Duration::from_secs(60),
-            max_live_ratio: 0.5,
-            bytes_per_sec: 64 << 20,
-        }
+        Self { enabled: true, interval: Duration::from_secs(60), max_live_ratio: 0.5, bytes_per_sec: 64 << 20 }
     }
 }
 
 /// The records of one sealed segment that compaction has to keep or drop.
 #[derive(Debug, Clone)]
 pub struct CompactionPlan {
-    pub source: u32,
+    /// Sealed segments to empty, in the order their records are copied.
+    pub sources: Vec<u32>,
     /// Records the index still needs (puts of live blobs, tombstones), in log order.
     pub keep: Vec<(BlobId, Location)>,
     /// Puts of blobs whose time is up: dropped, their entries marked expired.
@@ -63,14 +61,16 @@ pub struct CompactionPlan {
 /// An in-flight compaction between `begin` and `switch`.
 pub struct CompactionJob {
     pub plan: CompactionPlan,
-    pub target: u32,
-    file: File,
+    /// None when no record needs keeping.
+    pub target: Option<u32>,
+    file: Option<File>,
     offset: u64,
     next: usize,
     copied: Vec<(BlobId, Location, Location)>,
 }
 
-/// Picks the sealed segment with the smallest share of needed bytes, if any is low enough.
+/// Picks the sparsest sealed segments whose needed records fit together in one segment.
+/// Worth doing only when it frees a segment: two or more sources, or one with nothing to keep.
 pub(crate) fn plan(shared: &Shared) -> Result<Option<CompactionPlan>, VolumeError> {
     let txn = shared.db.begin_read()?;
     let segments = txn.open_table(SEGMENTS)?;
@@ -90,12 +90,9 @@ pub(crate) fn plan(shared: &Shared) -> Result<Option<CompactionPlan>, VolumeErro
     for item in blobs.iter()? {
         let (k, v) = item?;
         let entry: IndexEntry = index::decode(v.value())?;
-        let Some(location) = entry.location else {
-            continue;
-        };
+        let Some(location) = entry.location else { continue };
         if let Some((_, keep, expired)) = sealed.get_mut(&location.segment) {
-            let id =
-                BlobId::from_bytes(&k.value()).map_err(|e| VolumeError::Corrupt(e.to_string()))?;
+            let id = BlobId::from_bytes(&k.value()).map_err(|e| VolumeError::Corrupt(e.to_string()))?;
             if entry.state == BlobState::Live && entry.is_expired(now) {
                 expired.push((id, location));
             } else {
@@ -103,91 +100,70 @@ pub(crate) fn plan(shared: &Shared) -> Result<Option<CompactionPlan>, VolumeErro
             }
         }
     }
-    let best = sealed
+    let mut candidates: Vec<_> = sealed
         .into_iter()
         .map(|(segment, (info, keep, expired))| {
             let used = info.end.saturating_sub(SEGMENT_HEADER_LEN).max(1);
-            let needed: u64 = keep.iter().map(|(_, l)| l.len).sum();
-            (needed as f64 / used as f64, segment, keep, expired)
+            let needed: u64 = keep.iter().map(|(_, l): &(BlobId, Location)| l.len).sum();
+            (needed as f64 / used as f64, segment, needed, keep, expired)
         })
         .filter(|(ratio, ..)| *ratio <= shared.config.compaction.max_live_ratio)
-        .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    Ok(best.map(|(_, source, mut keep, expired)| {
-        keep.sort_by_key(|(_, l)| l.offset);
-        CompactionPlan {
-            source,
-            keep,
-            expired,
+        .collect();
+    candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let room = shared.marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
+    let mut plan = CompactionPlan { sources: Vec::new(), keep: Vec::new(), expired: Vec::new() };
+    let mut total = 0u64;
+    for (_, segment, needed, mut keep, expired) in candidates {
+        if total + needed > room {
+            continue;
         }
-    }))
+        total += needed;
+        keep.sort_by_key(|(_, l)| l.offset);
+        plan.sources.push(segment);
+        plan.keep.extend(keep);
+        plan.expired.extend(expired);
+    }
+    let frees_a_segment = plan.sources.len() >= 2 || (plan.sources.len() == 1 && plan.keep.is_empty());
+    Ok(frees_a_segment.then_some(plan))
 }
 
 /// Phase 1: records the intent durably, then creates the target segment.
 pub(crate) fn begin(shared: &Shared, plan: CompactionPlan) -> Result<CompactionJob, VolumeError> {
-    let target = shared.next_segment.fetch_add(1, Ordering::SeqCst);
-    set_state(
-        shared,
-        Some(CompactionState::Copying {
-            source: plan.source,
-            target,
-        }),
-    )?;
-    let file = match layout::create_segment(
-        &shared.dir,
-        &shared.marker,
-        target,
-        shared.config.preallocation,
-    ) {
-        Ok(file) => file,
-        Err(e) => {
+    let target = (!plan.keep.is_empty()).then(|| shared.next_segment.fetch_add(1, Ordering::SeqCst));
+    set_state(shared, Some(CompactionState::Copying { sources: plan.sources.clone(), target }))?;
+    let file = match target.map(|t| layout::create_segment(&shared.dir, &shared.marker, t, shared.config.preallocation))
+    {
+        None => None,
+        Some(Ok(file)) => Some(file),
+        Some(Err(e)) => {
             set_state(shared, None)?;
             return Err(e.into());
         }
     };
-    Ok(CompactionJob {
-        plan,
-        target,
-        file,
-        offset: SEGMENT_HEADER_LEN,
-        next: 0,
-        copied: Vec::new(),
-    })
+    Ok(CompactionJob { plan, target, file, offset: SEGMENT_HEADER_LEN, next: 0, copied: Vec::new() })
 }
 
 impl CompactionJob {
     /// Phase 2: copies up to `max_records` more records; true when all are copied and synced.
-    pub(crate) fn copy(
-        &mut self,
-        shared: &Shared,
-        max_records: usize,
-    ) -> Result<bool, VolumeError> {
-        let source = shared.segments.get(self.plan.source).ok_or_else(|| {
-            VolumeError::Corrupt(format!("segment {} is not open", self.plan.source))
-        })?;
+    pub(crate) fn copy(&mut self, shared: &Shared, max_records: usize) -> Result<bool, VolumeError> {
         let started = Instant::now();
         let mut bytes = 0u64;
         let end = (self.next + max_records).min(self.plan.keep.len());
         while self.next < end {
             let (id, old) = self.plan.keep[self.next];
+            let (Some(target), Some(file)) = (self.target, &self.file) else { break };
+            let source = shared
+                .segments
+                .get(old.segment)
+                .ok_or_else(|| VolumeError::Corrupt(format!("segment {} is not open", old.segment)))?;
             // Verify before copying: compaction must never spread a corrupt record.
-            let (header, _, _) =
-                read_verified_record(&source, old.offset, shared.marker.segment_size)?;
+            let (header, _, _) = read_verified_record(&source, old.offset, shared.marker.segment_size)?;
             if header.blob_id != id || header.record_len() != old.len {
-                return Err(VolumeError::Integrity(format!(
-                    "record of {id} does not match the index"
-                )));
+                return Err(VolumeError::Integrity(format!("record of {id} does not match the index")));
             }
             let data = read_at(&source, old.offset, old.len as usize)?;
-            write_all_vectored_at(&self.file, self.offset, &[&data])?;
-            self.copied.push((
-                id,
-                old,
-                Location {
-                    segment: self.target,
-                    offset: self.offset,
-                    len: old.len,
-                },
-            ));
+            write_all_vectored_at(file, self.offset, &[&data])?;
+            self.copied.push((id, old, Location { segment: target, offset: self.offset, len: old.len }));
             self.offset += old.len;
             self.next += 1;
             bytes += old.len;
@@ -196,15 +172,19 @@ impl CompactionJob {
         if self.next < self.plan.keep.len() {
             return Ok(false);
         }
-        self.file.sync_data()?;
+        if let Some(file) = &self.file {
+            file.sync_data()?;
+        }
         Ok(true)
     }
 
     /// Phase 3: repoints the index in one durable transaction.
-    pub(crate) fn switch(self, shared: &Shared) -> Result<u32, VolumeError> {
-        let (source, target) = (self.plan.source, self.target);
+    pub(crate) fn switch(self, shared: &Shared) -> Result<Vec<u32>, VolumeError> {
+        let (sources, target) = (self.plan.sources.clone(), self.target);
         // Readers must find the target file before they can see index entries pointing at it.
-        shared.segments.insert(target, self.file);
+        if let (Some(target), Some(file)) = (target, self.file) {
+            shared.segments.insert(target, file);
+        }
         let txn = begin_write(&shared.db, true)?;
         {
             let mut blobs = txn.open_table(BLOBS)?;
@@ -236,35 +216,33 @@ impl CompactionJob {
                 let Some(mut entry) = index::get::<_, IndexEntry>(&blobs, key)? else {
                     continue;
                 };
-                if entry.location == Some(*old)
-                    && entry.state == BlobState::Live
-                    && entry.is_expired(now)
-                {
+                if entry.location == Some(*old) && entry.state == BlobState::Live && entry.is_expired(now) {
                     entry.state = BlobState::Expired;
                     entry.location = None;
                     blobs.insert(key, index::encode(&entry).as_slice())?;
                 }
             }
-            segments.remove(source)?;
-            let info = SegmentInfo {
-                live_bytes: live,
-                end: self.offset,
-                sealed: true,
-            };
-            segments.insert(target, index::encode(&info).as_slice())?;
-            let state = CompactionState::Switched { source, target };
-            txn.open_table(META)?
-                .insert(COMPACTION, index::encode(&state).as_slice())?;
+            for source in &sources {
+                segments.remove(*source)?;
+            }
+            if let Some(target) = target {
+                let info = SegmentInfo { live_bytes: live, end: self.offset + SEAL_LEN, sealed: true };
+                segments.insert(target, index::encode(&info).as_slice())?;
+            }
+            let state = CompactionState::Switched { sources: sources.clone(), target };
+            txn.open_table(META)?.insert(COMPACTION, index::encode(&state).as_slice())?;
         }
         txn.commit()?;
-        Ok(source)
+        Ok(sources)
     }
 }
 
 /// Phase 4: deletes the source segment and clears the state.
-pub(crate) fn finish(shared: &Shared, source: u32) -> Result<(), VolumeError> {
-    shared.segments.remove(source);
-    remove_segment_file(shared, source)?;
+pub(crate) fn finish(shared: &Shared, sources: &[u32]) -> Result<(), VolumeError> {
+    for &source in sources {
+        shared.segments.remove(source);
+        remove_segment_file(shared, source)?;
+    }
     set_state(shared, None)?;
     if shared.segments.count() < shared.marker.max_segments() {
         let mut health = shared.health.lock().expect("health lock");
@@ -278,7 +256,9 @@ pub(crate) fn finish(shared: &Shared, source: u32) -> Result<(), VolumeError> {
 /// Rolls back an unfinished job (stop requested or an error while copying).
 pub(crate) fn abort(shared: &Shared, job: CompactionJob) -> Result<(), VolumeError> {
     drop(job.file);
-    remove_segment_file(shared, job.target)?;
+    if let Some(target) = job.target {
+        remove_segment_file(shared, target)?;
+    }
     set_state(shared, None)
 }
 
@@ -287,7 +267,6 @@ pub(crate) fn run_once(shared: &Shared) -> Result<bool, VolumeError> {
     let Some(plan) = plan(shared)? else {
         return Ok(false);
     };
-    let source = plan.source;
     let mut job = begin(shared, plan)?;
     loop {
         match job.copy(shared, 256) {
@@ -300,9 +279,9 @@ pub(crate) fn run_once(shared: &Shared) -> Result<bool, VolumeError> {
         }
     }
     let target = job.target;
-    let source_done = job.switch(shared)?;
-    finish(shared, source_done)?;
-    tracing::info!(volume = %shared.dir.display(), source, target, "compacted segment");
+    let sources = job.switch(shared)?;
+    finish(shared, &sources)?;
+    tracing::info!(volume = %shared.dir.display(), ?sources, ?target, "compacted segments");
     Ok(true)
 }
 
@@ -318,13 +297,17 @@ pub(crate) fn resolve_interrupted(shared: &Shared) -> Result<(), VolumeError> {
     };
     match state {
         None => return Ok(()),
-        Some(CompactionState::Copying { source, target }) => {
-            tracing::warn!(source, target, "rolling back an interrupted compaction");
-            remove_segment_file(shared, target)?;
+        Some(CompactionState::Copying { sources, target }) => {
+            tracing::warn!(?sources, ?target, "rolling back an interrupted compaction");
+            if let Some(target) = target {
+                remove_segment_file(shared, target)?;
+            }
         }
-        Some(CompactionState::Switched { source, target }) => {
-            tracing::warn!(source, target, "finishing an interrupted compaction");
-            remove_segment_file(shared, source)?;
+        Some(CompactionState::Switched { sources, target }) => {
+            tracing::warn!(?sources, ?target, "finishing an interrupted compaction");
+            for source in sources {
+                remove_segment_file(shared, source)?;
+            }
         }
     }
     set_state(shared, None)
@@ -385,13 +368,13 @@ impl CompactionSteps<'_> {
         job.copy(self.shared, max_records)
     }
 
-    /// Returns the source segment, for [`Self::finish`].
-    pub fn switch(&self, job: CompactionJob) -> Result<u32, VolumeError> {
+    /// Returns the source segments, for [`Self::finish`].
+    pub fn switch(&self, job: CompactionJob) -> Result<Vec<u32>, VolumeError> {
         job.switch(self.shared)
     }
 
-    pub fn finish(&self, source: u32) -> Result<(), VolumeError> {
-        finish(self.shared, source)
+    pub fn finish(&self, sources: &[u32]) -> Result<(), VolumeError> {
+        finish(self.shared, sources)
     }
 
     /// All phases; false when no segment needs compaction.
@@ -433,10 +416,7 @@ impl Compactor {
                 }
             })
             .expect("spawn compactor");
-        Self {
-            stop,
-            handle: Some(handle),
-        }
+        Self { stop, handle: Some(handle) }
     }
 
     pub fn stop(mut self) {

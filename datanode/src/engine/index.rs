@@ -35,11 +35,10 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, VolumeError> {
     match bytes.split_first() {
-        Some((&VALUE_FORMAT, rest)) => postcard::from_bytes(rest)
-            .map_err(|e| VolumeError::Corrupt(format!("index value: {e}"))),
-        Some((v, _)) => Err(VolumeError::Corrupt(format!(
-            "index value format {v} is not supported"
-        ))),
+        Some((&VALUE_FORMAT, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| VolumeError::Corrupt(format!("index value: {e}")))
+        }
+        Some((v, _)) => Err(VolumeError::Corrupt(format!("index value format {v} is not supported"))),
         None => Err(VolumeError::Corrupt("empty index value".into())),
     }
 }
@@ -116,18 +115,15 @@ pub struct LogTail {
 }
 
 /// Compaction progress that must survive a crash (see docs/design.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CompactionState {
-    /// Live records are being copied from `source` into `target`; on restart: delete `target`.
-    Copying { source: u32, target: u32 },
-    /// The index points into `target`; on restart: delete `source`.
-    Switched { source: u32, target: u32 },
+    /// Needed records are being copied from `sources` into `target`; on restart: delete `target`.
+    Copying { sources: Vec<u32>, target: Option<u32> },
+    /// The index points into `target`; on restart: delete the `sources`.
+    Switched { sources: Vec<u32>, target: Option<u32> },
 }
 
-pub fn get<K, T>(
-    table: &impl ReadableTable<K, &'static [u8]>,
-    key: K::SelfType<'_>,
-) -> Result<Option<T>, VolumeError>
+pub fn get<K, T>(table: &impl ReadableTable<K, &'static [u8]>, key: K::SelfType<'_>) -> Result<Option<T>, VolumeError>
 where
     K: redb::Key + 'static,
     T: DeserializeOwned,
@@ -145,21 +141,13 @@ mod tests {
 
     #[test]
     fn values_are_versioned() {
-        let tail = LogTail {
-            segment: 3,
-            offset: 99,
-            next_seq: 7,
-            next_segment: 4,
-        };
+        let tail = LogTail { segment: 3, offset: 99, next_seq: 7, next_segment: 4 };
         let bytes = encode(&tail);
         assert_eq!(bytes[0], VALUE_FORMAT);
         assert_eq!(decode::<LogTail>(&bytes).unwrap(), tail);
         let mut future = bytes.clone();
         future[0] = 2;
-        assert!(matches!(
-            decode::<LogTail>(&future),
-            Err(VolumeError::Corrupt(_))
-        ));
+        assert!(matches!(decode::<LogTail>(&future), Err(VolumeError::Corrupt(_))));
         assert!(decode::<LogTail>(&[]).is_err());
     }
 }

@@ -176,12 +176,8 @@ impl BlobMeta {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         match bytes.split_first() {
-            Some((&META_FORMAT, rest)) => {
-                postcard::from_bytes(rest).map_err(|e| RecordError::Meta(e.to_string()))
-            }
-            Some((v, _)) => Err(RecordError::Meta(format!(
-                "metadata format {v} is not supported"
-            ))),
+            Some((&META_FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| RecordError::Meta(e.to_string())),
+            Some((v, _)) => Err(RecordError::Meta(format!("metadata format {v} is not supported"))),
             None => Err(RecordError::Meta("empty".into())),
         }
     }
@@ -189,10 +185,7 @@ impl BlobMeta {
 
 /// CRC32C of every `CHUNK_LEN` slice of `payload`.
 pub fn chunk_crcs(payload: &[u8]) -> Vec<u32> {
-    payload
-        .chunks(CHUNK_LEN as usize)
-        .map(crc32c::crc32c)
-        .collect()
+    payload.chunks(CHUNK_LEN as usize).map(crc32c::crc32c).collect()
 }
 
 /// Everything that follows the payload: the chunk CRC table and the trailer CRC.
@@ -213,10 +206,7 @@ pub fn verify_trailer(meta: &[u8], trailer: &[u8]) -> Result<Vec<u32>, RecordErr
     if crc32c::crc32c_append(crc32c::crc32c(meta), table) != expected {
         return Err(RecordError::TrailerChecksum);
     }
-    Ok(table
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect())
+    Ok(table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
 }
 
 /// Checks one payload chunk against its CRC.
@@ -238,23 +228,13 @@ pub struct EncodedRecord {
 }
 
 impl EncodedRecord {
-    pub fn new(
-        header: RecordHeader,
-        meta: &[u8],
-        payload: bytes::Bytes,
-        chunk_crcs: &[u32],
-    ) -> Self {
+    pub fn new(header: RecordHeader, meta: &[u8], payload: bytes::Bytes, chunk_crcs: &[u32]) -> Self {
         debug_assert_eq!(header.meta_len as usize, meta.len());
         debug_assert_eq!(header.payload_len as usize, payload.len());
         let mut head = Vec::with_capacity(HEADER_LEN as usize + meta.len());
         head.extend_from_slice(&header.encode());
         head.extend_from_slice(meta);
-        Self {
-            header,
-            head,
-            payload,
-            trailer: encode_trailer(meta, chunk_crcs),
-        }
+        Self { header, head, payload, trailer: encode_trailer(meta, chunk_crcs) }
     }
 
     pub fn len(&self) -> u64 {
@@ -267,11 +247,7 @@ impl EncodedRecord {
 
     /// CRC32C of the trailer: identifies this exact record in the index.
     pub fn trailer_crc(&self) -> u32 {
-        u32::from_le_bytes(
-            self.trailer[self.trailer.len() - 4..]
-                .try_into()
-                .expect("4 bytes"),
-        )
+        u32::from_le_bytes(self.trailer[self.trailer.len() - 4..].try_into().expect("4 bytes"))
     }
 
     /// Seal record pointing to the segment the log continues in.
@@ -320,10 +296,7 @@ mod tests {
             c[i] ^= 0x20;
             assert!(RecordHeader::decode(&c).is_err(), "flip at {i} undetected");
         }
-        assert_eq!(
-            RecordHeader::decode(&[0u8; HEADER_LEN as usize]),
-            Err(RecordError::NoRecord)
-        );
+        assert_eq!(RecordHeader::decode(&[0u8; HEADER_LEN as usize]), Err(RecordError::NoRecord));
     }
 
     #[test]
@@ -336,10 +309,7 @@ mod tests {
 
     #[test]
     fn meta_round_trip_and_versioning() {
-        let m = BlobMeta {
-            content_type: "text/plain".into(),
-            user: vec![("a".into(), "b".into())],
-        };
+        let m = BlobMeta { content_type: "text/plain".into(), user: vec![("a".into(), "b".into())] };
         assert_eq!(BlobMeta::decode(&m.encode()).unwrap(), m);
         let mut bad = m.encode();
         bad[0] = 9;

@@ -15,27 +15,17 @@ pub struct SegmentFiles {
 
 impl SegmentFiles {
     pub fn get(&self, segment: u32) -> Option<Arc<File>> {
-        self.files
-            .read()
-            .expect("segment map lock")
-            .get(&segment)
-            .cloned()
+        self.files.read().expect("segment map lock").get(&segment).cloned()
     }
 
     pub fn insert(&self, segment: u32, file: File) -> Arc<File> {
         let file = Arc::new(file);
-        self.files
-            .write()
-            .expect("segment map lock")
-            .insert(segment, file.clone());
+        self.files.write().expect("segment map lock").insert(segment, file.clone());
         file
     }
 
     pub fn remove(&self, segment: u32) -> Option<Arc<File>> {
-        self.files
-            .write()
-            .expect("segment map lock")
-            .remove(&segment)
+        self.files.write().expect("segment map lock").remove(&segment)
     }
 
     pub fn count(&self) -> u32 {
@@ -43,12 +33,7 @@ impl SegmentFiles {
     }
 
     pub fn numbers(&self) -> Vec<u32> {
-        self.files
-            .read()
-            .expect("segment map lock")
-            .keys()
-            .copied()
-            .collect()
+        self.files.read().expect("segment map lock").keys().copied().collect()
     }
 }
 
@@ -56,19 +41,12 @@ impl SegmentFiles {
 pub fn write_all_vectored_at(file: &File, mut offset: u64, slices: &[&[u8]]) -> io::Result<()> {
     // IOV_MAX is 1024 on Linux.
     for group in slices.chunks(1024) {
-        let mut bufs: Vec<IoSlice<'_>> = group
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(|s| IoSlice::new(s))
-            .collect();
+        let mut bufs: Vec<IoSlice<'_>> = group.iter().filter(|s| !s.is_empty()).map(|s| IoSlice::new(s)).collect();
         let mut rest: &mut [IoSlice<'_>] = &mut bufs;
         while !rest.is_empty() {
             let n = rustix::io::pwritev(file, rest, offset).map_err(io::Error::from)?;
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "pwritev wrote nothing",
-                ));
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
             }
             offset += n as u64;
             IoSlice::advance_slices(&mut rest, n);
@@ -91,9 +69,7 @@ mod tests {
     #[test]
     fn vectored_write_covers_many_slices() {
         let file = tempfile::tempfile().unwrap();
-        let parts: Vec<Vec<u8>> = (0..3000u32)
-            .map(|i| vec![(i % 251) as u8; (i % 7) as usize])
-            .collect();
+        let parts: Vec<Vec<u8>> = (0..3000u32).map(|i| vec![(i % 251) as u8; (i % 7) as usize]).collect();
         let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
         write_all_vectored_at(&file, 10, &slices).unwrap();
         let expected: Vec<u8> = parts.concat();

@@ -17,21 +17,17 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cairn_common::blob_id::BlobId;
-use cairn_common::volume_layout::{
-    self as layout, LayoutError, VolumeMarker, FIRST_SEGMENT, SEGMENT_HEADER_LEN,
-};
+use cairn_common::volume_layout::{self as layout, LayoutError, VolumeMarker, FIRST_SEGMENT, SEGMENT_HEADER_LEN};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::compaction::{self, Compactor};
 use super::index::{
-    self, BlobState, IndexEntry, JournalEntry, Location, LogTail, SegmentInfo, BLOBS, JOURNAL,
-    LOG_TAIL, META, SEGMENTS,
+    self, BlobState, IndexEntry, JournalEntry, Location, LogTail, SegmentInfo, BLOBS, JOURNAL, LOG_TAIL, META, SEGMENTS,
 };
 use super::record::{
-    self, BlobMeta, EncodedRecord, RecordError, RecordHeader, RecordKind, CHUNK_LEN, HEADER_LEN,
-    SEAL_LEN,
+    self, BlobMeta, EncodedRecord, RecordError, RecordHeader, RecordKind, CHUNK_LEN, HEADER_LEN, SEAL_LEN,
 };
 use super::segments::{read_at, write_all_vectored_at, SegmentFiles};
 use super::{now_ms, VolumeConfig, VolumeError};
@@ -73,15 +69,8 @@ pub struct PutRequest {
 
 enum WriteOp {
     Put(EncodedRecord),
-    Delete {
-        blob_id: BlobId,
-        at_ms: u64,
-    },
-    TtlUpdate {
-        blob_id: BlobId,
-        expiry_ms: Option<u64>,
-        at_ms: u64,
-    },
+    Delete { blob_id: BlobId, at_ms: u64 },
+    TtlUpdate { blob_id: BlobId, expiry_ms: Option<u64>, at_ms: u64 },
 }
 
 enum WriterMsg {
@@ -151,11 +140,7 @@ impl Volume {
 
     /// Opens an existing volume: resolves an interrupted compaction, replays the log tail past
     /// the durable mark, erases a torn tail, then starts the writer and the compactor.
-    pub fn open(
-        dir: &Path,
-        config: VolumeConfig,
-        metrics: Arc<EngineMetrics>,
-    ) -> Result<Self, VolumeError> {
+    pub fn open(dir: &Path, config: VolumeConfig, metrics: Arc<EngineMetrics>) -> Result<Self, VolumeError> {
         let marker = VolumeMarker::read(dir)?;
         check_geometry(&marker, &config)?;
         let db = Database::builder().create(dir.join(layout::INDEX_FILE))?;
@@ -176,11 +161,7 @@ impl Volume {
             .name(format!("cairn-writer-{}", shared.marker.partition))
             .spawn(move || Writer::new(writer_shared, log).run(rx))?;
         let compactor = Compactor::start(shared.clone());
-        Ok(Self {
-            shared,
-            writer: Mutex::new(Some((tx, handle))),
-            compactor: Mutex::new(Some(compactor)),
-        })
+        Ok(Self { shared, writer: Mutex::new(Some((tx, handle))), compactor: Mutex::new(Some(compactor)) })
     }
 
     pub fn partition(&self) -> u32 {
@@ -213,18 +194,13 @@ impl Volume {
     }
 
     async fn write(&self, op: WriteOp) -> Result<(), VolumeError> {
-        self.submit(|reply| WriterMsg::Write(op, reply))
-            .await
-            .unwrap_or(Err(VolumeError::Closed))
+        self.submit(|reply| WriterMsg::Write(op, reply)).await.unwrap_or(Err(VolumeError::Closed))
     }
 
     fn check_writable_for_put(&self, payload_len: u64) -> Result<(), VolumeError> {
         let max = self.shared.config.max_blob_bytes;
         if payload_len > max {
-            return Err(VolumeError::TooLarge {
-                size: payload_len,
-                max,
-            });
+            return Err(VolumeError::TooLarge { size: payload_len, max });
         }
         match self.shared.health() {
             VolumeHealth::Writable => Ok(()),
@@ -242,32 +218,17 @@ impl Volume {
 
     /// Deletes a blob (idempotent); returns once the tombstone is durable.
     pub async fn delete(&self, blob_id: BlobId) -> Result<(), VolumeError> {
-        self.write(WriteOp::Delete {
-            blob_id,
-            at_ms: now_ms(),
-        })
-        .await
+        self.write(WriteOp::Delete { blob_id, at_ms: now_ms() }).await
     }
 
     /// Sets a new expiry (`None`: never expires).
-    pub async fn update_ttl(
-        &self,
-        blob_id: BlobId,
-        expiry_ms: Option<u64>,
-    ) -> Result<(), VolumeError> {
-        self.write(WriteOp::TtlUpdate {
-            blob_id,
-            expiry_ms,
-            at_ms: now_ms(),
-        })
-        .await
+    pub async fn update_ttl(&self, blob_id: BlobId, expiry_ms: Option<u64>) -> Result<(), VolumeError> {
+        self.write(WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms: now_ms() }).await
     }
 
     /// Makes everything written so far durable in the index (normally done periodically).
     pub async fn checkpoint(&self) -> Result<(), VolumeError> {
-        self.submit(WriterMsg::Checkpoint)
-            .await
-            .unwrap_or(Err(VolumeError::Closed))
+        self.submit(WriterMsg::Checkpoint).await.unwrap_or(Err(VolumeError::Closed))
     }
 
     /// The index entry of `blob_id`, whatever its state.
@@ -290,25 +251,17 @@ impl Volume {
                 BlobState::Live if entry.is_expired(now) => return Err(VolumeError::Expired),
                 BlobState::Live => {}
             }
-            let location = entry
-                .location
-                .ok_or_else(|| VolumeError::Corrupt("live blob without location".into()))?;
+            let location = entry.location.ok_or_else(|| VolumeError::Corrupt("live blob without location".into()))?;
             let Some(file) = self.shared.segments.get(location.segment) else {
                 continue;
             };
             return BlobReader::open(&self.shared, blob_id, entry, location, file);
         }
-        Err(VolumeError::Corrupt(format!(
-            "segment of blob {blob_id} vanished"
-        )))
+        Err(VolumeError::Corrupt(format!("segment of blob {blob_id} vanished")))
     }
 
     /// Journal entries from `from_seq` on, at most `limit` (replication reads these).
-    pub fn journal(
-        &self,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, JournalEntry)>, VolumeError> {
+    pub fn journal(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, JournalEntry)>, VolumeError> {
         let txn = self.shared.db.begin_read()?;
         let journal = txn.open_table(JOURNAL)?;
         let mut out = Vec::new();
@@ -341,9 +294,7 @@ impl Volume {
 
     /// Compaction of this volume, phase by phase (normally the background compactor runs it).
     pub fn compaction(&self) -> compaction::CompactionSteps<'_> {
-        compaction::CompactionSteps {
-            shared: &self.shared,
-        }
+        compaction::CompactionSteps { shared: &self.shared }
     }
 
     /// Stops the compactor and the writer; the writer commits a final durable checkpoint.
@@ -391,11 +342,7 @@ fn check_geometry(marker: &VolumeMarker, config: &VolumeConfig) -> Result<(), Vo
 
 /// Largest record a blob of `payload` bytes can need (metadata at its limit).
 pub fn max_record_len(payload: u64) -> u64 {
-    HEADER_LEN
-        + crate::api::limits::MAX_META_RECORD_BYTES
-        + payload
-        + 4 * payload.div_ceil(CHUNK_LEN)
-        + 4
+    HEADER_LEN + crate::api::limits::MAX_META_RECORD_BYTES + payload + 4 * payload.div_ceil(CHUNK_LEN) + 4
 }
 
 fn encode_put(req: &PutRequest) -> EncodedRecord {
@@ -408,12 +355,7 @@ fn encode_put(req: &PutRequest) -> EncodedRecord {
         meta_len: meta.len() as u32,
         payload_len: req.payload.len() as u64,
     };
-    EncodedRecord::new(
-        header,
-        &meta,
-        req.payload.clone(),
-        &record::chunk_crcs(&req.payload),
-    )
+    EncodedRecord::new(header, &meta, req.payload.clone(), &record::chunk_crcs(&req.payload))
 }
 
 /// The writer's position in the log.
@@ -432,10 +374,7 @@ struct SegmentStats<'t, 'a> {
 
 impl<'t, 'a> SegmentStats<'t, 'a> {
     fn new(table: &'a mut Table<'t, u32, &'static [u8]>) -> Self {
-        Self {
-            table,
-            cache: HashMap::new(),
-        }
+        Self { table, cache: HashMap::new() }
     }
 
     fn get(&mut self, segment: u32) -> Result<&mut SegmentInfo, VolumeError> {
@@ -452,8 +391,7 @@ impl<'t, 'a> SegmentStats<'t, 'a> {
 
     fn flush(self) -> Result<(), VolumeError> {
         for (segment, info) in self.cache {
-            self.table
-                .insert(segment, index::encode(&info).as_slice())?;
+            self.table.insert(segment, index::encode(&info).as_slice())?;
         }
         Ok(())
     }
@@ -504,10 +442,7 @@ fn apply_record(
         (RecordKind::TtlUpdate, Some(mut entry)) if entry.state == BlobState::Live => {
             // The entry keeps pointing at the put record; this record is garbage once applied.
             entry.expiry_ms = header.expiry_ms;
-            tables.journal.insert(
-                seq,
-                index::encode(&journal_entry(header, location)).as_slice(),
-            )?;
+            tables.journal.insert(seq, index::encode(&journal_entry(header, location)).as_slice())?;
             *next_seq += 1;
             tables.blobs.insert(key, index::encode(&entry).as_slice())?;
             return Ok(());
@@ -516,21 +451,14 @@ fn apply_record(
         _ => return Ok(()),
     };
     tables.segments.get(location.segment)?.live_bytes += location.len;
-    tables.journal.insert(
-        seq,
-        index::encode(&journal_entry(header, location)).as_slice(),
-    )?;
+    tables.journal.insert(seq, index::encode(&journal_entry(header, location)).as_slice())?;
     tables.blobs.insert(key, index::encode(&entry).as_slice())?;
     *next_seq += 1;
     Ok(())
 }
 
 fn journal_entry(header: &RecordHeader, location: Location) -> JournalEntry {
-    JournalEntry {
-        blob_id: header.blob_id.to_bytes(),
-        kind: header.kind,
-        location,
-    }
+    JournalEntry { blob_id: header.blob_id.to_bytes(), kind: header.kind, location }
 }
 
 /// What a write operation turns into once checked against the index.
@@ -540,55 +468,34 @@ enum Planned {
     Nothing,
 }
 
-fn plan_op(
-    blobs: &Table<'_, [u8; 21], &'static [u8]>,
-    op: WriteOp,
-) -> Result<Planned, VolumeError> {
+fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -> Result<Planned, VolumeError> {
     let now = now_ms();
     let (blob_id, kind, at_ms, expiry_ms) = match op {
         WriteOp::Put(record) => {
             return match index::get::<_, IndexEntry>(blobs, record.header.blob_id.to_bytes())? {
                 None => Ok(Planned::Record(record)),
-                Some(e) if e.state == BlobState::Live && e.crc == record.trailer_crc() => {
-                    Ok(Planned::Nothing)
-                }
+                Some(e) if e.state == BlobState::Live && e.crc == record.trailer_crc() => Ok(Planned::Nothing),
                 // A put never resurrects a deleted blob.
                 Some(e) if e.state != BlobState::Live => Ok(Planned::Nothing),
                 Some(_) => Err(VolumeError::Conflict),
             };
         }
-        WriteOp::Delete { blob_id, at_ms } => {
+        WriteOp::Delete { blob_id, at_ms } => match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
+            None => return Err(VolumeError::NotFound),
+            Some(e) if e.state != BlobState::Live => return Ok(Planned::Nothing),
+            Some(_) => (blob_id, RecordKind::Delete, at_ms, None),
+        },
+        WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms } => {
             match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
                 None => return Err(VolumeError::NotFound),
-                Some(e) if e.state != BlobState::Live => return Ok(Planned::Nothing),
-                Some(_) => (blob_id, RecordKind::Delete, at_ms, None),
+                Some(e) if e.state == BlobState::Deleted => return Err(VolumeError::Deleted),
+                Some(e) if e.is_expired(now) => return Err(VolumeError::Expired),
+                Some(_) => (blob_id, RecordKind::TtlUpdate, at_ms, expiry_ms),
             }
         }
-        WriteOp::TtlUpdate {
-            blob_id,
-            expiry_ms,
-            at_ms,
-        } => match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
-            None => return Err(VolumeError::NotFound),
-            Some(e) if e.state == BlobState::Deleted => return Err(VolumeError::Deleted),
-            Some(e) if e.is_expired(now) => return Err(VolumeError::Expired),
-            Some(_) => (blob_id, RecordKind::TtlUpdate, at_ms, expiry_ms),
-        },
     };
-    let header = RecordHeader {
-        kind,
-        blob_id,
-        created_ms: at_ms,
-        expiry_ms,
-        meta_len: 0,
-        payload_len: 0,
-    };
-    Ok(Planned::Record(EncodedRecord::new(
-        header,
-        &[],
-        Bytes::new(),
-        &[],
-    )))
+    let header = RecordHeader { kind, blob_id, created_ms: at_ms, expiry_ms, meta_len: 0, payload_len: 0 };
+    Ok(Planned::Record(EncodedRecord::new(header, &[], Bytes::new(), &[])))
 }
 
 struct Writer {
@@ -608,13 +515,7 @@ struct PendingWrite {
 
 impl Writer {
     fn new(shared: Arc<Shared>, log: LogPosition) -> Self {
-        Self {
-            shared,
-            log,
-            last_checkpoint: Instant::now(),
-            bytes_since_checkpoint: 0,
-            dirty: false,
-        }
+        Self { shared, log, last_checkpoint: Instant::now(), bytes_since_checkpoint: 0, dirty: false }
     }
 
     fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
@@ -646,9 +547,7 @@ impl Writer {
                     WriterMsg::Checkpoint(reply) => checkpoints.push(reply),
                     WriterMsg::Abandon => return,
                 }
-                if batch.len() < self.shared.config.max_batch_records
-                    && bytes < self.shared.config.max_batch_bytes
-                {
+                if batch.len() < self.shared.config.max_batch_records && bytes < self.shared.config.max_batch_bytes {
                     next = rx.try_recv().ok();
                 }
             }
@@ -691,14 +590,8 @@ impl Writer {
                     self.bytes_since_checkpoint += bytes;
                 }
                 if records_in_batch > 0 {
-                    self.shared
-                        .metrics
-                        .batch_records
-                        .observe(records_in_batch as f64);
-                    self.shared
-                        .metrics
-                        .commit_seconds
-                        .observe(started.elapsed().as_secs_f64());
+                    self.shared.metrics.batch_records.observe(records_in_batch as f64);
+                    self.shared.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
                 }
                 for (reply, result) in replies {
                     let _ = reply.send(result);
@@ -724,25 +617,14 @@ impl Writer {
         batch: Vec<(WriteOp, oneshot::Sender<Result<(), VolumeError>>)>,
         durable: bool,
     ) -> Result<
-        (
-            Vec<(
-                oneshot::Sender<Result<(), VolumeError>>,
-                Result<(), VolumeError>,
-            )>,
-            u64,
-        ),
+        (Vec<(oneshot::Sender<Result<(), VolumeError>>, Result<(), VolumeError>)>, u64),
         (Vec<oneshot::Sender<Result<(), VolumeError>>>, VolumeError),
     > {
         let shared = self.shared.clone();
         let mut replies = Vec::with_capacity(batch.len());
         let txn = match begin_write(&shared.db, durable) {
             Ok(txn) => txn,
-            Err(e) => {
-                return Err((
-                    batch.into_iter().map(|(_, r)| r).collect(),
-                    shared.fail("index transaction", e),
-                ))
-            }
+            Err(e) => return Err((batch.into_iter().map(|(_, r)| r).collect(), shared.fail("index transaction", e))),
         };
         let mut writes: Vec<PendingWrite> = Vec::new();
         let mut written = 0u64;
@@ -796,13 +678,11 @@ impl Writer {
                 next_seq: self.log.next_seq,
                 next_segment: shared.next_segment.load(Ordering::SeqCst),
             };
-            txn.open_table(META)?
-                .insert(LOG_TAIL, index::encode(&tail).as_slice())?;
+            txn.open_table(META)?.insert(LOG_TAIL, index::encode(&tail).as_slice())?;
             Ok(())
         })();
-        let fail_all = |replies: Vec<(oneshot::Sender<_>, _)>, err| {
-            Err((replies.into_iter().map(|(r, _)| r).collect(), err))
-        };
+        let fail_all =
+            |replies: Vec<(oneshot::Sender<_>, _)>, err| Err((replies.into_iter().map(|(r, _)| r).collect(), err));
         if let Err(e) = staged {
             return fail_all(replies, shared.fail("staging batch", e));
         }
@@ -827,10 +707,7 @@ impl Writer {
             }
         }
         if !writes.is_empty() {
-            shared
-                .metrics
-                .fsync_seconds
-                .observe(sync_started.elapsed().as_secs_f64());
+            shared.metrics.fsync_seconds.observe(sync_started.elapsed().as_secs_f64());
         }
         if let Err(e) = txn.commit() {
             return fail_all(replies, shared.fail("index commit", e));
@@ -850,22 +727,13 @@ impl Writer {
         let shared = self.shared.clone();
         let segment_size = shared.marker.segment_size;
         let can_roll = shared.segments.count() < shared.marker.max_segments();
-        let reserve = if is_put && !can_roll {
-            shared.config.delete_reserve_bytes
-        } else {
-            0
-        };
+        let reserve = if is_put && !can_roll { shared.config.delete_reserve_bytes } else { 0 };
         if self.log.offset + len + SEAL_LEN + reserve > segment_size {
             if !can_roll || len + SEAL_LEN + SEGMENT_HEADER_LEN > segment_size {
                 return Err(VolumeError::Full);
             }
             let next = shared.next_segment.fetch_add(1, Ordering::SeqCst);
-            let file = match layout::create_segment(
-                &shared.dir,
-                &shared.marker,
-                next,
-                shared.config.preallocation,
-            ) {
+            let file = match layout::create_segment(&shared.dir, &shared.marker, next, shared.config.preallocation) {
                 Ok(file) => shared.segments.insert(next, file),
                 Err(LayoutError::NoSpace { .. }) => return Err(VolumeError::Full),
                 Err(e) => return Err(shared.fail("creating segment", e)),
@@ -875,35 +743,17 @@ impl Writer {
             let old = tables.segments.get(self.log.segment)?;
             old.sealed = true;
             old.end = self.log.offset + SEAL_LEN;
-            self.log = LogPosition {
-                segment: next,
-                file,
-                offset: SEGMENT_HEADER_LEN,
-                next_seq: self.log.next_seq,
-            };
+            self.log = LogPosition { segment: next, file, offset: SEGMENT_HEADER_LEN, next_seq: self.log.next_seq };
             tables.segments.get(next)?;
         }
-        let location = Location {
-            segment: self.log.segment,
-            offset: self.log.offset,
-            len,
-        };
+        let location = Location { segment: self.log.segment, offset: self.log.offset, len };
         self.log.offset += len;
         Ok(location)
     }
 }
 
-fn push_write(
-    writes: &mut Vec<PendingWrite>,
-    file: &Arc<File>,
-    offset: u64,
-    record: &EncodedRecord,
-) {
-    let parts = [
-        Bytes::copy_from_slice(&record.head),
-        record.payload.clone(),
-        Bytes::copy_from_slice(&record.trailer),
-    ];
+fn push_write(writes: &mut Vec<PendingWrite>, file: &Arc<File>, offset: u64, record: &EncodedRecord) {
+    let parts = [Bytes::copy_from_slice(&record.head), record.payload.clone(), Bytes::copy_from_slice(&record.trailer)];
     if let Some(last) = writes.last_mut() {
         let end = last.offset + last.parts.iter().map(|p| p.len() as u64).sum::<u64>();
         if Arc::ptr_eq(&last.file, file) && end == offset {
@@ -911,11 +761,7 @@ fn push_write(
             return;
         }
     }
-    writes.push(PendingWrite {
-        file: file.clone(),
-        offset,
-        parts: parts.to_vec(),
-    });
+    writes.push(PendingWrite { file: file.clone(), offset, parts: parts.to_vec() });
 }
 
 fn clone_failure(e: &VolumeError) -> VolumeError {
@@ -948,17 +794,12 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
             next_seq: 0,
             next_segment: FIRST_SEGMENT + 1,
         });
-        let known: Vec<u32> = segments_table
-            .iter()?
-            .map(|r| r.map(|(k, _)| k.value()))
-            .collect::<Result<_, _>>()?;
+        let known: Vec<u32> = segments_table.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
 
         // Open the segments the index knows, plus the one the tail is in.
         for &segment in known.iter().chain(std::iter::once(&tail.segment)) {
             if shared.segments.get(segment).is_none() {
-                shared
-                    .segments
-                    .insert(segment, layout::open_segment(dir, marker, segment)?);
+                shared.segments.insert(segment, layout::open_segment(dir, marker, segment)?);
             }
         }
         let on_disk = list_segment_files(dir)?;
@@ -977,25 +818,16 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
                 Err(VolumeError::Integrity(_)) => break,
                 Err(e) => return Err(e),
                 Ok((header, meta_bytes, crc)) => {
-                    let location = Location {
-                        segment,
-                        offset,
-                        len: header.record_len(),
-                    };
+                    let location = Location { segment, offset, len: header.record_len() };
                     if header.kind == RecordKind::Seal {
                         let next = u32::from_le_bytes(
-                            meta_bytes
-                                .as_slice()
-                                .try_into()
-                                .map_err(|_| VolumeError::Corrupt("bad seal".into()))?,
+                            meta_bytes.as_slice().try_into().map_err(|_| VolumeError::Corrupt("bad seal".into()))?,
                         );
                         let info = tables.segments.get(segment)?;
                         info.sealed = true;
                         info.end = offset + SEAL_LEN;
                         if shared.segments.get(next).is_none() {
-                            shared
-                                .segments
-                                .insert(next, layout::open_segment(dir, marker, next)?);
+                            shared.segments.insert(next, layout::open_segment(dir, marker, next)?);
                         }
                         tables.segments.get(next)?;
                         segment = next;
@@ -1015,19 +847,13 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
         layout::zero_range(&file, &path, offset, marker.segment_size - offset)?;
         file.sync_data()?;
         tables.segments.get(segment)?.end = offset;
-        let Tables {
-            blobs,
-            journal,
-            segments: stats,
-        } = tables;
+        let Tables { blobs, journal, segments: stats } = tables;
         stats.flush()?;
         drop((blobs, journal));
 
         // Segment files nothing refers to were created by a roll that never committed.
-        let referenced: Vec<u32> = segments_table
-            .iter()?
-            .map(|r| r.map(|(k, _)| k.value()))
-            .collect::<Result<_, _>>()?;
+        let referenced: Vec<u32> =
+            segments_table.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
         for number in &on_disk {
             if !referenced.contains(number) {
                 tracing::warn!(segment = number, volume = %dir.display(), "removing unreferenced segment file");
@@ -1035,33 +861,14 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
                 fs::remove_file(layout::segment_path(dir, *number))?;
             }
         }
-        let max_seen = on_disk
-            .iter()
-            .chain(referenced.iter())
-            .copied()
-            .max()
-            .unwrap_or(FIRST_SEGMENT);
+        let max_seen = on_disk.iter().chain(referenced.iter()).copied().max().unwrap_or(FIRST_SEGMENT);
         let next_segment = tail.next_segment.max(max_seen + 1);
         shared.next_segment.store(next_segment, Ordering::SeqCst);
-        meta.insert(
-            LOG_TAIL,
-            index::encode(&LogTail {
-                segment,
-                offset,
-                next_seq,
-                next_segment,
-            })
-            .as_slice(),
-        )?;
+        meta.insert(LOG_TAIL, index::encode(&LogTail { segment, offset, next_seq, next_segment }).as_slice())?;
         if replayed > 0 {
             tracing::info!(replayed, volume = %dir.display(), "replayed log tail past the durable mark");
         }
-        LogPosition {
-            segment,
-            file,
-            offset,
-            next_seq,
-        }
+        LogPosition { segment, file, offset, next_seq }
     };
     txn.commit()?;
     layout::sync_dir(&layout::segments_dir(dir))?;
@@ -1095,20 +902,13 @@ pub(crate) fn read_verified_record(
         return Err(VolumeError::Integrity("no room for a record".into()));
     }
     let head = read_at(file, offset, HEADER_LEN as usize)?;
-    let header = RecordHeader::decode(head.as_slice().try_into().expect("header length"))
-        .map_err(integrity)?;
+    let header = RecordHeader::decode(head.as_slice().try_into().expect("header length")).map_err(integrity)?;
     if offset + header.record_len() > segment_size {
-        return Err(VolumeError::Integrity(
-            "record runs past the segment end".into(),
-        ));
+        return Err(VolumeError::Integrity("record runs past the segment end".into()));
     }
     let meta = read_at(file, offset + HEADER_LEN, header.meta_len as usize)?;
     let trailer_len = 4 * header.chunk_count() + 4;
-    let trailer = read_at(
-        file,
-        offset + header.chunk_table_offset(),
-        trailer_len as usize,
-    )?;
+    let trailer = read_at(file, offset + header.chunk_table_offset(), trailer_len as usize)?;
     let crcs = record::verify_trailer(&meta, &trailer).map_err(integrity)?;
     let mut chunk_offset = offset + header.payload_offset();
     for (i, expected) in crcs.iter().enumerate() {
@@ -1157,44 +957,25 @@ impl BlobReader {
             ))
         };
         let small = location.len <= SMALL_RECORD;
-        let head_len = if small {
-            location.len
-        } else {
-            HEADER_LEN + u64::from(entry.meta_len)
-        };
+        let head_len = if small { location.len } else { HEADER_LEN + u64::from(entry.meta_len) };
         let head = read_at(&file, location.offset, head_len as usize)?;
-        let header = RecordHeader::decode(
-            head[..HEADER_LEN as usize]
-                .try_into()
-                .expect("header length"),
-        )
-        .map_err(|e| describe(integrity(e)))?;
-        if header.blob_id != blob_id
-            || header.kind != RecordKind::Put
-            || header.record_len() != location.len
-        {
-            return Err(describe(VolumeError::Integrity(
-                "record does not match the index".into(),
-            )));
+        let header = RecordHeader::decode(head[..HEADER_LEN as usize].try_into().expect("header length"))
+            .map_err(|e| describe(integrity(e)))?;
+        if header.blob_id != blob_id || header.kind != RecordKind::Put || header.record_len() != location.len {
+            return Err(describe(VolumeError::Integrity("record does not match the index".into())));
         }
         let meta_bytes = &head[HEADER_LEN as usize..header.payload_offset() as usize];
         let trailer = if small {
             head[header.chunk_table_offset() as usize..].to_vec()
         } else {
             let len = 4 * header.chunk_count() + 4;
-            read_at(
-                &file,
-                location.offset + header.chunk_table_offset(),
-                len as usize,
-            )?
+            read_at(&file, location.offset + header.chunk_table_offset(), len as usize)?
         };
-        let chunk_crcs =
-            record::verify_trailer(meta_bytes, &trailer).map_err(|e| describe(integrity(e)))?;
+        let chunk_crcs = record::verify_trailer(meta_bytes, &trailer).map_err(|e| describe(integrity(e)))?;
         let meta = BlobMeta::decode(meta_bytes).map_err(|e| describe(integrity(e)))?;
         let small_payload = if small {
-            let payload = Bytes::copy_from_slice(
-                &head[header.payload_offset() as usize..header.chunk_table_offset() as usize],
-            );
+            let payload =
+                Bytes::copy_from_slice(&head[header.payload_offset() as usize..header.chunk_table_offset() as usize]);
             if let Some(&expected) = chunk_crcs.first() {
                 record::verify_chunk(0, &payload, expected).map_err(|e| describe(integrity(e)))?;
             }

@@ -1,0 +1,385 @@
+//! Storage engine tests against real files: recovery, integrity, compaction phases, capacity.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_common::volume_layout::{self as layout, VolumeMarker, SEGMENT_HEADER_LEN};
+use cairn_common::BlobId;
+use cairn_datanode::engine::record::{RecordHeader, RecordKind, HEADER_LEN};
+use cairn_datanode::engine::{
+    now_ms, BlobMeta, BlobState, CompactionConfig, PutRequest, Volume, VolumeConfig, VolumeError, VolumeHealth,
+};
+use cairn_datanode::metrics::EngineMetrics;
+
+const SEG: u64 = 128 * 1024;
+
+fn config() -> VolumeConfig {
+    VolumeConfig {
+        max_blob_bytes: 32 * 1024,
+        compaction: CompactionConfig { enabled: false, ..CompactionConfig::default() },
+        ..VolumeConfig::default()
+    }
+}
+
+fn open(dir: &Path, segments: u64) -> Volume {
+    let marker = if dir.join(layout::MARKER_FILE).exists() {
+        VolumeMarker::read(dir).unwrap()
+    } else {
+        VolumeMarker::new(7, SEG, SEG * segments).unwrap()
+    };
+    Volume::create_or_open(dir, &marker, config(), Arc::new(EngineMetrics::default())).unwrap()
+}
+
+fn payload(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    Bytes::from(
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn put(volume: &Volume, seed: u64, len: usize) -> Result<(BlobId, Bytes), VolumeError> {
+    let id = BlobId::generate(volume.partition());
+    let data = payload(seed, len);
+    let meta = BlobMeta { content_type: "application/x-test".into(), user: vec![("seed".into(), seed.to_string())] };
+    volume.put(PutRequest { blob_id: id, meta, payload: data.clone(), created_ms: now_ms(), expiry_ms: None }).await?;
+    Ok((id, data))
+}
+
+fn read_all(volume: &Volume, id: BlobId) -> Result<Vec<u8>, VolumeError> {
+    let reader = volume.open_blob(id)?;
+    reader.read_range(0, reader.len())
+}
+
+fn segment_files(dir: &Path) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir(layout::segments_dir(dir))
+        .unwrap()
+        .filter_map(|e| layout::parse_segment_file_name(e.unwrap().file_name().to_str()?))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_delete_ttl_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 4);
+    let (id, data) = put(&volume, 1, 5000).await.unwrap();
+    assert_eq!(read_all(&volume, id).unwrap(), data);
+    let reader = volume.open_blob(id).unwrap();
+    assert_eq!(reader.meta.content_type, "application/x-test");
+    assert_eq!(reader.read_range(10, 20).unwrap(), data[10..20].to_vec());
+
+    // TTL update, then back to permanent.
+    volume.update_ttl(id, Some(now_ms() + 60_000)).await.unwrap();
+    assert!(volume.entry(id).unwrap().expiry_ms.is_some());
+    volume.update_ttl(id, None).await.unwrap();
+    assert_eq!(volume.entry(id).unwrap().expiry_ms, None);
+
+    volume.delete(id).await.unwrap();
+    volume.delete(id).await.unwrap(); // idempotent
+    assert!(matches!(volume.open_blob(id), Err(VolumeError::Deleted)));
+    assert!(matches!(volume.update_ttl(id, None).await, Err(VolumeError::Deleted)));
+    let unknown = BlobId::generate(7);
+    assert!(matches!(volume.open_blob(unknown), Err(VolumeError::NotFound)));
+    assert!(matches!(volume.delete(unknown).await, Err(VolumeError::NotFound)));
+
+    // The journal holds put, two TTL updates and the delete, in order.
+    let kinds: Vec<RecordKind> = volume.journal(0, 100).unwrap().into_iter().map(|(_, e)| e.kind).collect();
+    assert_eq!(kinds, [RecordKind::Put, RecordKind::TtlUpdate, RecordKind::TtlUpdate, RecordKind::Delete]);
+    assert_eq!(volume.journal(2, 100).unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_all_durable_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = Arc::new(open(dir.path(), 64));
+    let mut tasks = Vec::new();
+    for seed in 0..400u64 {
+        let volume = volume.clone();
+        tasks.push(tokio::spawn(async move { put(&volume, seed, 100 + (seed as usize * 37) % 3000).await.unwrap() }));
+    }
+    let mut written = Vec::new();
+    for t in tasks {
+        written.push(t.await.unwrap());
+    }
+    assert!(segment_files(dir.path()).len() > 1, "writes rolled over segments");
+    volume.close();
+    drop(volume);
+    let volume = open(dir.path(), 64);
+    for (id, data) in &written {
+        assert_eq!(&read_all(&volume, *id).unwrap(), data);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_replays_the_tail_and_erases_torn_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 8);
+    let mut written = Vec::new();
+    for seed in 0..30 {
+        written.push(put(&volume, seed, 2000).await.unwrap());
+    }
+    let tail_segment = *segment_files(dir.path()).last().unwrap();
+    volume.abandon(); // no final checkpoint: the index tail must be replayed from the log
+    drop(volume);
+
+    // A torn write after the last acknowledged record: a valid header whose body never landed.
+    let path = layout::segment_path(dir.path(), tail_segment);
+    let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let end = find_log_end(&file);
+    let torn = RecordHeader {
+        kind: RecordKind::Put,
+        blob_id: BlobId::generate(7),
+        created_ms: now_ms(),
+        expiry_ms: None,
+        meta_len: 0,
+        payload_len: 4000,
+    };
+    file.write_all_at(&torn.encode(), end).unwrap();
+    file.write_all_at(&[0xAB; 1000], end + HEADER_LEN).unwrap();
+    drop(file);
+
+    let volume = open(dir.path(), 8);
+    for (id, data) in &written {
+        assert_eq!(&read_all(&volume, *id).unwrap(), data, "acknowledged blob lost");
+    }
+    let file = OpenOptions::new().read(true).open(&path).unwrap();
+    let mut buf = vec![0u8; 2000];
+    file.read_exact_at(&mut buf, end).unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "torn tail erased");
+
+    // New writes land where the torn record was, and survive another crash.
+    let (id, data) = put(&volume, 99, 100).await.unwrap();
+    volume.abandon();
+    drop(volume);
+    let volume = open(dir.path(), 8);
+    assert_eq!(read_all(&volume, id).unwrap(), data);
+    assert_eq!(volume.journal(0, 1000).unwrap().len(), 31);
+}
+
+/// End of the record chain in a segment, found by walking headers.
+fn find_log_end(file: &std::fs::File) -> u64 {
+    let mut offset = SEGMENT_HEADER_LEN;
+    loop {
+        let mut head = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut head, offset).unwrap();
+        match RecordHeader::decode(&head) {
+            Ok(h) => offset += h.record_len(),
+            Err(_) => return offset,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bytes_give_integrity_errors_never_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 4);
+    let (a, _) = put(&volume, 1, 3000).await.unwrap();
+    let (b, _) = put(&volume, 2, 3000).await.unwrap();
+    let (c, c_data) = put(&volume, 3, 3000).await.unwrap();
+    let loc_a = volume.entry(a).unwrap().location.unwrap();
+    let loc_b = volume.entry(b).unwrap().location.unwrap();
+    let file = OpenOptions::new().read(true).write(true).open(layout::segment_path(dir.path(), loc_a.segment)).unwrap();
+    let flip = |offset: u64| {
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x01], offset).unwrap();
+    };
+    flip(loc_a.offset + loc_a.len / 2); // payload of a
+    flip(loc_b.offset + 20); // header of b
+    for id in [a, b] {
+        match read_all(&volume, id) {
+            Err(VolumeError::Integrity(msg)) => assert!(msg.contains(&id.to_string()), "{msg}"),
+            other => panic!("expected an integrity error, got {other:?}"),
+        }
+    }
+    assert_eq!(read_all(&volume, c).unwrap(), c_data, "neighbours unaffected");
+}
+
+/// Fills several segments, deletes most blobs, and returns (live blobs, deleted ids).
+async fn fill_and_delete(volume: &Volume) -> (Vec<(BlobId, Bytes)>, Vec<BlobId>) {
+    let mut live = Vec::new();
+    let mut deleted = Vec::new();
+    for seed in 0..160u64 {
+        let (id, data) = put(volume, seed, 3000).await.unwrap();
+        if seed % 4 == 0 {
+            live.push((id, data));
+        } else {
+            deleted.push(id);
+        }
+    }
+    for id in &deleted {
+        volume.delete(*id).await.unwrap();
+    }
+    volume.checkpoint().await.unwrap();
+    (live, deleted)
+}
+
+fn check_contents(volume: &Volume, live: &[(BlobId, Bytes)], deleted: &[BlobId]) {
+    for (id, data) in live {
+        assert_eq!(&read_all(volume, *id).unwrap(), data);
+    }
+    for id in deleted {
+        assert!(matches!(volume.open_blob(*id), Err(VolumeError::Deleted)), "deleted blob came back");
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StopAfter {
+    Begin,
+    PartialCopy,
+    Copy,
+    Switch,
+    Finish,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_interrupted_at_each_phase_leaves_a_consistent_volume() {
+    for stop in [StopAfter::Begin, StopAfter::PartialCopy, StopAfter::Copy, StopAfter::Switch, StopAfter::Finish] {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = open(dir.path(), 64);
+        let (live, deleted) = fill_and_delete(&volume).await;
+        let before = segment_files(dir.path());
+        let steps = volume.compaction();
+        let plan = steps.plan().unwrap().expect("sealed segments are mostly garbage");
+        let sources = plan.sources.clone();
+        assert!(sources.len() >= 2, "several sparse segments merge into one");
+        let mut job = steps.begin(plan).unwrap();
+        let target = job.target.expect("live records to keep");
+        let mut rolled_back = true;
+        if !matches!(stop, StopAfter::Begin) {
+            steps.copy(&mut job, 1).unwrap();
+        }
+        if matches!(stop, StopAfter::Copy | StopAfter::Switch | StopAfter::Finish) {
+            while !steps.copy(&mut job, 1000).unwrap() {}
+        }
+        if matches!(stop, StopAfter::Switch | StopAfter::Finish) {
+            let switched = steps.switch(job).unwrap();
+            rolled_back = false;
+            if matches!(stop, StopAfter::Finish) {
+                steps.finish(&switched).unwrap();
+            }
+        } else {
+            drop(job);
+        }
+        volume.abandon(); // crash
+        drop(volume);
+
+        let volume = open(dir.path(), 64);
+        check_contents(&volume, &live, &deleted);
+        let after = segment_files(dir.path());
+        if rolled_back {
+            assert_eq!(after, before, "{stop:?}: target removed, source kept");
+        } else {
+            assert!(sources.iter().all(|s| !after.contains(s)), "{stop:?}: sources removed");
+            assert!(after.contains(&target), "{stop:?}: target kept");
+        }
+        // Compaction still works afterwards, and the volume survives another reopen.
+        while volume.compaction().run_once().unwrap() {}
+        check_contents(&volume, &live, &deleted);
+        assert!(segment_files(dir.path()).len() < before.len(), "{stop:?}: space reclaimed");
+        volume.close();
+        drop(volume);
+        check_contents(&open(dir.path(), 64), &live, &deleted);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_compaction_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 64);
+    let (mut live, mut deleted) = fill_and_delete(&volume).await;
+    let steps = volume.compaction();
+    let mut job = steps.begin(steps.plan().unwrap().unwrap()).unwrap();
+    while !steps.copy(&mut job, 1000).unwrap() {}
+    // A blob copied by the job is deleted before the switch: the switch must not revive it.
+    let victim = job.plan.keep.iter().map(|(id, _)| *id).find(|id| live.iter().any(|(l, _)| l == id)).unwrap();
+    volume.delete(victim).await.unwrap();
+    live.retain(|(id, _)| *id != victim);
+    deleted.push(victim);
+    live.push(put(&volume, 1000, 500).await.unwrap());
+    let sources = steps.switch(job).unwrap();
+    steps.finish(&sources).unwrap();
+    check_contents(&volume, &live, &deleted);
+    volume.close();
+    drop(volume);
+    check_contents(&open(dir.path(), 64), &live, &deleted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_volume_refuses_puts_keeps_reads_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 3);
+    let mut written = Vec::new();
+    let err = loop {
+        match put(&volume, written.len() as u64, 20_000).await {
+            Ok(w) => written.push(w),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, VolumeError::Full), "{err:?}");
+    assert_eq!(volume.health(), VolumeHealth::Full);
+    assert!(matches!(put(&volume, 0, 10).await, Err(VolumeError::Full)), "read-only for new blobs");
+    assert!(segment_files(dir.path()).len() <= 3, "capacity respected");
+    for (id, data) in &written {
+        assert_eq!(&read_all(&volume, *id).unwrap(), data);
+    }
+    // Deletes still fit (space is kept back for tombstones); compaction then frees room.
+    for (id, _) in &written {
+        volume.delete(*id).await.unwrap();
+    }
+    while volume.compaction().run_once().unwrap() {}
+    assert_eq!(volume.health(), VolumeHealth::Writable);
+    put(&volume, 1, 20_000).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_blobs_answer_expired_and_compaction_reclaims_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 64);
+    let mut short = Vec::new();
+    for seed in 0..120u64 {
+        let id = BlobId::generate(7);
+        let expiry = now_ms() + 300;
+        let req = PutRequest {
+            blob_id: id,
+            meta: BlobMeta::default(),
+            payload: payload(seed, 3000),
+            created_ms: now_ms(),
+            expiry_ms: Some(expiry),
+        };
+        volume.put(req).await.unwrap();
+        short.push(id);
+    }
+    let (keep, _) = put(&volume, 7, 100).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(volume.open_blob(short[0]), Err(VolumeError::Expired)));
+    assert!(matches!(volume.update_ttl(short[0], None).await, Err(VolumeError::Expired)));
+    while volume.compaction().run_once().unwrap() {}
+    let reclaimed = short.iter().filter(|id| volume.entry(**id).unwrap().state == BlobState::Expired).count();
+    assert!(reclaimed > 0, "compaction marked reclaimed blobs expired");
+    assert!(matches!(volume.open_blob(short[0]), Err(VolumeError::Expired)));
+    assert!(read_all(&volume, keep).is_ok());
+}
+
+#[test]
+fn geometry_that_cannot_hold_the_largest_blob_is_refused_before_creating_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("v");
+    let marker = VolumeMarker::new(1, SEG, SEG * 4).unwrap();
+    let config = VolumeConfig { max_blob_bytes: SEG, ..config() };
+    let err = Volume::create_or_open(&vol, &marker, config, Arc::new(EngineMetrics::default())).err().unwrap();
+    assert!(err.to_string().contains("segments"), "{err}");
+    assert!(!vol.exists());
+}
