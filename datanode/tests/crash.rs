@@ -1,0 +1,117 @@
+//! Crash and fault tests against real datanode processes: kill -9 under load, a full disk.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use reqwest::blocking::Client;
+use reqwest::StatusCode;
+use serde_json::Value;
+use support::{payload, Datanode, TmpfsMount};
+
+#[test]
+fn kill9_during_concurrent_puts_loses_no_acknowledged_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Datanode::start(
+        &dir.path().join("node"),
+        &["--segment-size", "4MiB", "--volume-size", "1GiB", "--max-blob-size", "1MiB"],
+    );
+    let acked: Mutex<HashMap<String, u64>> = Mutex::new(HashMap::new());
+    let stop = AtomicBool::new(false);
+    let client = Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let put_url = node.url("/v1/blobs");
+    std::thread::scope(|s| {
+        for t in 0..12u64 {
+            let (client, put_url, acked, stop) = (client.clone(), &put_url, &acked, &stop);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let seed = t * 1_000_000 + i;
+                    i += 1;
+                    // Sizes from a few bytes to 300 KiB, so records straddle pages and segments roll.
+                    let len = (seed * 7919 % 300_000) as usize + 1;
+                    match client.post(put_url).body(payload(seed, len)).send() {
+                        Ok(r) if r.status() == StatusCode::CREATED => {
+                            let id = r.json::<Value>().map(|v| v["id"].as_str().unwrap().to_owned());
+                            if let Ok(id) = id {
+                                acked.lock().unwrap().insert(id, seed);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2500));
+        node.kill9();
+        stop.store(true, Ordering::Relaxed);
+    });
+    let acked = acked.into_inner().unwrap();
+    assert!(acked.len() > 100, "only {} puts were acknowledged before the kill", acked.len());
+
+    node.start_again();
+    for (id, seed) in &acked {
+        let len = (seed * 7919 % 300_000) as usize + 1;
+        let r = client.get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "acknowledged blob {id} lost");
+        assert!(r.bytes().unwrap().to_vec() == payload(*seed, len), "blob {id} differs");
+    }
+    // The node keeps working, and a clean restart after the recovery is clean too.
+    let r = client.post(node.url("/v1/blobs")).body("after").send().unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    node.restart();
+    let id = r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    assert_eq!(client.get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap().text().unwrap(), "after");
+}
+
+#[test]
+fn full_disk_answers_507_and_corrupts_nothing() {
+    // 3 MiB of tmpfs under a volume that believes it may grow to 64 MiB: the disk fills first.
+    let mnt = TmpfsMount::new("3m");
+    let mut node = Datanode::start(
+        &mnt.path.join("node"),
+        &["--segment-size", "1MiB", "--volume-size", "64MiB", "--max-blob-size", "256KiB"],
+    );
+    let client = Client::new();
+    let mut stored = Vec::new();
+    let mut refused = 0;
+    for seed in 0..200u64 {
+        let r = client.post(node.url("/v1/blobs")).body(payload(seed, 100_000)).send().unwrap();
+        match r.status() {
+            StatusCode::CREATED => stored.push((r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned(), seed)),
+            StatusCode::INSUFFICIENT_STORAGE => {
+                let v: Value = r.json().unwrap();
+                assert_eq!(v["error"]["code"], "insufficient_storage");
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+            other => panic!("unexpected {other}: {}", r.text().unwrap()),
+        }
+    }
+    assert!(refused == 3 && !stored.is_empty(), "stored {}, refused {refused}", stored.len());
+    let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
+    assert_eq!(ready["ready"], true, "a full volume still serves");
+    assert_eq!(ready["volumes"][0]["state"], "full");
+    let check = |node: &Datanode, stored: &[(String, u64)]| {
+        for (id, seed) in stored {
+            let r = client.get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert!(r.bytes().unwrap().to_vec() == payload(*seed, 100_000));
+        }
+    };
+    check(&node, &stored);
+    // Deletes still work on the full volume.
+    let (gone, _) = stored.remove(0);
+    assert_eq!(client.delete(node.url(&format!("/v1/blobs/{gone}"))).send().unwrap().status(), StatusCode::NO_CONTENT);
+    node.restart();
+    check(&node, &stored);
+    assert_eq!(client.get(node.url(&format!("/v1/blobs/{gone}"))).send().unwrap().status(), StatusCode::GONE);
+    node.kill9();
+    node.start_again();
+    check(&node, &stored);
+}

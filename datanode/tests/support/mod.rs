@@ -1,0 +1,143 @@
+//! Runs real `cairn-datanode` processes for tests.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Datanode {
+    pub addr: String,
+    pub data_dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Datanode {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut node = Self {
+            addr: format!("127.0.0.1:{}", free_port()),
+            data_dir: data_dir.to_owned(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cairn-datanode"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(&self.addr)
+            .args(&self.extra)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::blocking::Client::new();
+        loop {
+            if let Ok(r) = client.get(self.url("/healthz")).send() {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let log = std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
+                panic!("datanode exited with {status}:\n{log}");
+            }
+            assert!(Instant::now() < deadline, "datanode did not become healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait: the clean shutdown path.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
+}
+
+impl Drop for Datanode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A tmpfs mounted for the duration of a test; unmounted on drop, also when the test panics.
+pub struct TmpfsMount {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TmpfsMount {
+    pub fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("mount(8) runs");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Self { path, _dir: dir }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
