@@ -1,0 +1,244 @@
+//! `cairn-bench datanode`: a real datanode process on this machine's disk.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_common::volume_layout::VolumeMarker;
+use cairn_common::BlobId;
+use cairn_datanode::engine::{now_ms, BlobMeta, CompactionConfig, PutRequest, Volume, VolumeConfig};
+use cairn_datanode::metrics::EngineMetrics;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::reference;
+use crate::Scenario;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// One JSON object per scenario instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Directory on the filesystem to measure (default: the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seconds per throughput scenario.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Blobs in the volume-open scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    open_blobs: u64,
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+struct NodeProcess(Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn datanode_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("cairn-datanode");
+    anyhow::ensure!(path.exists(), "{} not found: build it with `cargo build --release -p cairn-datanode`", path.display());
+    Ok(path)
+}
+
+pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
+    let base = options.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = tempfile::tempdir_in(&base)?;
+    let seconds = Duration::from_secs(options.seconds);
+    let mut results = Vec::new();
+
+    let dir = work.path().to_owned();
+    let raw_4k = tokio::task::spawn_blocking(move || reference::fdatasync_4k_rate(&dir, Duration::from_secs(3))).await??;
+    let dir = work.path().to_owned();
+    let raw_seq = tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, 512 << 20, 5 << 20)).await??;
+    let dir = work.path().to_owned();
+    let (raw_get_p50, raw_get_p99) =
+        tokio::task::spawn_blocking(move || reference::sendfile_latency(&dir, 5 << 20, 200)).await??;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = format!("127.0.0.1:{port}");
+    let node_dir = work.path().join("node");
+    let _node = NodeProcess(
+        Command::new(datanode_binary()?)
+            .args(["--data-dir", node_dir.to_str().unwrap(), "--listen", &addr])
+            .args(["--segment-size", "1GiB", "--volume-size", "64GiB", "--partitions", "1"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?,
+    );
+    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
+    wait_healthy(&client, &addr).await?;
+
+    let ops = put_throughput(&client, &addr, 4096, 64, seconds).await?;
+    results.push(Scenario::new("put_4k_c64", ops, "ops/s").against(
+        raw_4k,
+        "ops/s",
+        "raw 4 KiB pwrite+fdatasync, one writer, same filesystem",
+    ));
+
+    let ops = put_throughput(&client, &addr, 5 << 20, 4, seconds).await?;
+    results.push(Scenario::new("put_5m", ops * 5.0 * 1048576.0 / 1e6, "MB/s").against(
+        raw_seq,
+        "MB/s",
+        "raw sequential 5 MiB writes + fdatasync; Cairn with 4 concurrent clients",
+    ));
+
+    let id = put_once(&client, &addr, Bytes::from(vec![0x42u8; 5 << 20])).await?;
+    let get_addr = addr.clone();
+    let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&get_addr, &id, 5 << 20, 200)).await??;
+    let (p50, p99) = reference::percentiles(&mut samples);
+    let mut get = Scenario::new("get_5m_p50", p50, "ms").against(
+        raw_get_p50,
+        "ms",
+        format!("raw sendfile of 5 MiB over loopback TCP (p99 {raw_get_p99:.2} ms)"),
+    );
+    get.p99 = Some(p99);
+    results.push(get);
+    drop(_node);
+
+    let dir = work.path().join("open");
+    let blobs = options.open_blobs;
+    let (open_secs, fill_secs) = open_volume(&dir, blobs).await?;
+    let mut open = Scenario::new("open_1m", open_secs, "s");
+    open.note = Some(format!("{blobs} blobs written in-process in {fill_secs:.1} s; no reference (target < 1 s)"));
+    results.push(open);
+    Ok(results)
+}
+
+async fn wait_healthy(client: &HttpClient, addr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let uri: hyper::Uri = format!("http://{addr}/healthz").parse()?;
+        if let Ok(r) = client.get(uri).await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "datanode did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn put_once(client: &HttpClient, addr: &str, body: Bytes) -> anyhow::Result<String> {
+    let request = hyper::Request::post(format!("http://{addr}/v1/blobs")).body(Full::new(body))?;
+    let response = client.request(request).await?;
+    anyhow::ensure!(response.status() == 201, "PUT answered {}", response.status());
+    let body = response.into_body().collect().await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(v["id"].as_str().unwrap_or_default().to_owned())
+}
+
+/// GETs over one keep-alive connection with the same minimal client as the sendfile reference
+/// (request out, exactly Content-Length bytes in), so that only the servers differ: ms each.
+fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize) -> anyhow::Result<Vec<f64>> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let stream = std::net::TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let request = format!("GET /v1/blobs/{id} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut body = vec![0u8; len];
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        writer.write_all(request.as_bytes())?;
+        let mut content_length = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line)?;
+            if line == "\r\n" {
+                break;
+            }
+            anyhow::ensure!(!line.is_empty(), "connection closed");
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                content_length = Some(v.trim().parse::<usize>()?);
+            }
+        }
+        anyhow::ensure!(content_length == Some(len), "unexpected Content-Length {content_length:?}");
+        reader.read_exact(&mut body)?;
+        samples.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(samples)
+}
+
+/// PUTs of `size` bytes from `clients` concurrent connections for `duration`: ops/s.
+async fn put_throughput(client: &HttpClient, addr: &str, size: usize, clients: usize, duration: Duration) -> anyhow::Result<f64> {
+    let body = Bytes::from(vec![0x17u8; size]);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, addr, body, done) = (client.clone(), addr.to_owned(), body.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while started.elapsed() < duration {
+                put_once(&client, &addr, body.clone()).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Fills a volume with `blobs` small blobs in-process, closes it, and times the reopen.
+async fn open_volume(dir: &Path, blobs: u64) -> anyhow::Result<(f64, f64)> {
+    let marker = VolumeMarker::new(0, 1 << 30, 64 << 30)?;
+    let config = VolumeConfig {
+        compaction: CompactionConfig { enabled: false, ..CompactionConfig::default() },
+        ..VolumeConfig::default()
+    };
+    let volume = Arc::new(Volume::create_or_open(dir, &marker, config.clone(), Arc::new(EngineMetrics::default()))?);
+    let fill_started = Instant::now();
+    let payload = Bytes::from_static(b"0123456789abcdef");
+    let mut written = 0u64;
+    while written < blobs {
+        let batch = (blobs - written).min(4096);
+        let mut tasks = Vec::with_capacity(batch as usize);
+        for _ in 0..batch {
+            let (volume, payload) = (volume.clone(), payload.clone());
+            tasks.push(tokio::spawn(async move {
+                let req = PutRequest {
+                    blob_id: BlobId::generate(0),
+                    meta: BlobMeta::default(),
+                    payload,
+                    created_ms: now_ms(),
+                    expiry_ms: None,
+                };
+                volume.put(req).await
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        written += batch;
+    }
+    let fill_secs = fill_started.elapsed().as_secs_f64();
+    volume.close();
+    drop(volume);
+    let dir = dir.to_owned();
+    let open_secs = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let volume = Volume::open(&dir, config, Arc::new(EngineMetrics::default()))?;
+        let secs = started.elapsed().as_secs_f64();
+        volume.close();
+        Ok(secs)
+    })
+    .await??;
+    Ok((open_secs, fill_secs))
+}

@@ -1,0 +1,92 @@
+//! Physical references: what the disk and the loopback network do without Cairn.
+
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// 4 KiB pwrite + fdatasync by one writer into a preallocated file, ops/s.
+pub fn fdatasync_4k_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
+    let path = dir.join("ref-4k");
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, 1 << 30)?;
+    let buf = vec![0x5au8; 4096];
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < duration {
+        file.write_all_at(&buf, n * 4096)?;
+        file.sync_data()?;
+        n += 1;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    std::fs::remove_file(path)?;
+    Ok(rate)
+}
+
+/// Sequential 5 MiB writes, each followed by fdatasync, into a preallocated file: MB/s.
+pub fn sequential_write_rate(dir: &Path, total: u64, chunk: usize) -> anyhow::Result<f64> {
+    let path = dir.join("ref-seq");
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, total)?;
+    let buf = vec![0xa5u8; chunk];
+    let started = Instant::now();
+    let mut offset = 0u64;
+    while offset + chunk as u64 <= total {
+        file.write_all_at(&buf, offset)?;
+        file.sync_data()?;
+        offset += chunk as u64;
+    }
+    let rate = offset as f64 / 1e6 / started.elapsed().as_secs_f64();
+    std::fs::remove_file(path)?;
+    Ok(rate)
+}
+
+/// sendfile(2) of `len` bytes from a file over a loopback TCP socket, latency of each transfer
+/// until the reader has every byte: (p50 ms, p99 ms).
+pub fn sendfile_latency(dir: &Path, len: usize, rounds: usize) -> anyhow::Result<(f64, f64)> {
+    let path = dir.join("ref-sendfile");
+    std::fs::write(&path, vec![0x33u8; len])?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let server_path = path.clone();
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        let file = std::fs::File::open(server_path)?;
+        let mut request = [0u8; 1];
+        // One byte from the client asks for one transfer, as a GET would.
+        while conn.read_exact(&mut request).is_ok() {
+            let mut offset = 0u64;
+            while (offset as usize) < len {
+                let remaining = len - offset as usize;
+                let n = rustix::fs::sendfile(&conn, &file, Some(&mut offset), remaining)?;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    });
+    let mut client = TcpStream::connect(addr)?;
+    client.set_nodelay(true)?;
+    let mut buf = vec![0u8; len];
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        std::io::Write::write_all(&mut client, b"g")?;
+        client.read_exact(&mut buf)?;
+        samples.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(client);
+    server.join().expect("sendfile server")?;
+    std::fs::remove_file(path)?;
+    Ok(percentiles(&mut samples))
+}
+
+/// (p50, p99) of the samples.
+pub fn percentiles(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
