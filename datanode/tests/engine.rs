@@ -1,5 +1,7 @@
 //! Storage engine tests against real files: recovery, integrity, compaction phases, capacity.
 
+mod support;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -35,17 +37,7 @@ fn open(dir: &Path, segments: u64) -> Volume {
 }
 
 fn payload(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    Bytes::from(
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
+    Bytes::from(support::payload(seed, len))
 }
 
 async fn put(volume: &Volume, seed: u64, len: usize) -> Result<(BlobId, Bytes), VolumeError> {

@@ -48,7 +48,11 @@ impl Drop for NodeProcess {
 fn datanode_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name("cairn-datanode");
-    anyhow::ensure!(path.exists(), "{} not found: build it with `cargo build --release -p cairn-datanode`", path.display());
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build it with `cargo build --release -p cairn-datanode`",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -59,9 +63,11 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let mut results = Vec::new();
 
     let dir = work.path().to_owned();
-    let raw_4k = tokio::task::spawn_blocking(move || reference::fdatasync_4k_rate(&dir, Duration::from_secs(3))).await??;
+    let raw_4k =
+        tokio::task::spawn_blocking(move || reference::fdatasync_4k_rate(&dir, Duration::from_secs(3))).await??;
     let dir = work.path().to_owned();
-    let raw_seq = tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, 512 << 20, 5 << 20)).await??;
+    let raw_seq =
+        tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, 512 << 20, 5 << 20)).await??;
     let dir = work.path().to_owned();
     let (raw_get_p50, raw_get_p99) =
         tokio::task::spawn_blocking(move || reference::sendfile_latency(&dir, 5 << 20, 200)).await??;
@@ -175,7 +181,13 @@ fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize) -> anyhow::R
 }
 
 /// PUTs of `size` bytes from `clients` concurrent connections for `duration`: ops/s.
-async fn put_throughput(client: &HttpClient, addr: &str, size: usize, clients: usize, duration: Duration) -> anyhow::Result<f64> {
+async fn put_throughput(
+    client: &HttpClient,
+    addr: &str,
+    size: usize,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
     let body = Bytes::from(vec![0x17u8; size]);
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
