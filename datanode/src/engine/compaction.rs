@@ -26,7 +26,7 @@ use super::index::{
     META, SEGMENTS,
 };
 use super::record::SEAL_LEN;
-use super::segments::{read_at, write_all_vectored_at};
+use super::segments::write_all_vectored_at;
 use super::volume::{begin_write, read_verified_record, Shared, VolumeHealth};
 use super::{now_ms, VolumeError};
 
@@ -157,11 +157,10 @@ impl CompactionJob {
                 .get(old.segment)
                 .ok_or_else(|| VolumeError::Corrupt(format!("segment {} is not open", old.segment)))?;
             // Verify before copying: compaction must never spread a corrupt record.
-            let (header, _, _) = read_verified_record(&source, old.offset, shared.marker.segment_size)?;
+            let (data, header, _) = read_verified_record(&source, old.offset, shared.marker.segment_size)?;
             if header.blob_id != id || header.record_len() != old.len {
                 return Err(VolumeError::Integrity(format!("record of {id} does not match the index")));
             }
-            let data = read_at(&source, old.offset, old.len as usize)?;
             write_all_vectored_at(file, self.offset, &[&data])?;
             self.copied.push((id, old, Location { segment: target, offset: self.offset, len: old.len }));
             self.offset += old.len;

@@ -81,6 +81,8 @@ pub enum RecordError {
     ChunkChecksum(u64),
     #[error("record trailer checksum mismatch")]
     TrailerChecksum,
+    #[error("record is {found} bytes, its header says {expected}")]
+    Length { expected: u64, found: u64 },
 }
 
 /// The fixed-size head of a record.
@@ -218,6 +220,25 @@ pub fn verify_chunk(index: u64, data: &[u8], expected: u32) -> Result<(), Record
     }
 }
 
+/// Verifies a whole record held in memory (header, trailer and every chunk); returns its header
+/// and trailer CRC.
+pub fn verify_record(bytes: &[u8]) -> Result<(RecordHeader, u32), RecordError> {
+    let head: &[u8; HEADER_LEN as usize] =
+        bytes.get(..HEADER_LEN as usize).and_then(|h| h.try_into().ok()).ok_or(RecordError::NoRecord)?;
+    let header = RecordHeader::decode(head)?;
+    if bytes.len() as u64 != header.record_len() {
+        return Err(RecordError::Length { expected: header.record_len(), found: bytes.len() as u64 });
+    }
+    let meta = &bytes[HEADER_LEN as usize..header.payload_offset() as usize];
+    let payload = &bytes[header.payload_offset() as usize..header.chunk_table_offset() as usize];
+    let crcs = verify_trailer(meta, &bytes[header.chunk_table_offset() as usize..])?;
+    for (i, (chunk, expected)) in payload.chunks(CHUNK_LEN as usize).zip(&crcs).enumerate() {
+        verify_chunk(i as u64, chunk, *expected)?;
+    }
+    let crc = u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes"));
+    Ok((header, crc))
+}
+
 /// A record ready to be appended: header, metadata, payload, trailer.
 #[derive(Debug, Clone)]
 pub struct EncodedRecord {
@@ -237,12 +258,8 @@ impl EncodedRecord {
         Self { header, head, payload, trailer: encode_trailer(meta, chunk_crcs) }
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn record_len(&self) -> u64 {
         self.header.record_len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// CRC32C of the trailer: identifies this exact record in the index.
@@ -302,9 +319,10 @@ mod tests {
     #[test]
     fn seal_has_fixed_length() {
         let seal = EncodedRecord::seal(9, 1);
-        assert_eq!(seal.len(), SEAL_LEN);
-        let total = seal.head.len() + seal.payload.len() + seal.trailer.len();
-        assert_eq!(total as u64, SEAL_LEN);
+        assert_eq!(seal.record_len(), SEAL_LEN);
+        let bytes = [seal.head.as_slice(), &seal.payload, &seal.trailer].concat();
+        assert_eq!(bytes.len() as u64, SEAL_LEN);
+        assert_eq!(verify_record(&bytes).unwrap(), (seal.header, seal.trailer_crc()));
     }
 
     #[test]
@@ -314,6 +332,26 @@ mod tests {
         let mut bad = m.encode();
         bad[0] = 9;
         assert!(BlobMeta::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn verify_record_detects_any_flip_and_wrong_length() {
+        let payload = bytes::Bytes::from((0..(CHUNK_LEN as usize + 300)).map(|i| i as u8).collect::<Vec<u8>>());
+        let meta = BlobMeta { content_type: "x".into(), user: vec![] }.encode();
+        let h = RecordHeader {
+            meta_len: meta.len() as u32,
+            payload_len: payload.len() as u64,
+            ..header(RecordKind::Put, 0, 0)
+        };
+        let rec = EncodedRecord::new(h, &meta, payload.clone(), &chunk_crcs(&payload));
+        let bytes = [rec.head.as_slice(), &rec.payload, &rec.trailer].concat();
+        assert_eq!(verify_record(&bytes).unwrap(), (h, rec.trailer_crc()));
+        for at in [3, HEADER_LEN as usize + 1, 70_000, CHUNK_LEN as usize + 100, bytes.len() - 9, bytes.len() - 1] {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x08;
+            assert!(verify_record(&bad).is_err(), "flip at {at} undetected");
+        }
+        assert!(matches!(verify_record(&bytes[..bytes.len() - 1]), Err(RecordError::Length { .. })));
     }
 
     proptest! {

@@ -539,7 +539,7 @@ impl Writer {
                 match msg {
                     WriterMsg::Write(op, reply) => {
                         bytes += match &op {
-                            WriteOp::Put(r) => r.len(),
+                            WriteOp::Put(r) => r.record_len(),
                             _ => HEADER_LEN,
                         };
                         batch.push((op, reply));
@@ -648,7 +648,7 @@ impl Writer {
                     replies.push((reply, Ok(())));
                     continue;
                 };
-                match self.place(&mut tables, &mut writes, record.len(), is_put) {
+                match self.place(&mut tables, &mut writes, record.record_len(), is_put) {
                     Ok(location) => {
                         apply_record(
                             &mut tables,
@@ -817,12 +817,12 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
             match read_verified_record(&file, offset, marker.segment_size) {
                 Err(VolumeError::Integrity(_)) => break,
                 Err(e) => return Err(e),
-                Ok((header, meta_bytes, crc)) => {
+                Ok((bytes, header, crc)) => {
                     let location = Location { segment, offset, len: header.record_len() };
                     if header.kind == RecordKind::Seal {
-                        let next = u32::from_le_bytes(
-                            meta_bytes.as_slice().try_into().map_err(|_| VolumeError::Corrupt("bad seal".into()))?,
-                        );
+                        let meta = &bytes[HEADER_LEN as usize..header.payload_offset() as usize];
+                        let next =
+                            u32::from_le_bytes(meta.try_into().map_err(|_| VolumeError::Corrupt("bad seal".into()))?);
                         let info = tables.segments.get(segment)?;
                         info.sealed = true;
                         info.end = offset + SEAL_LEN;
@@ -892,12 +892,13 @@ fn list_segment_files(dir: &Path) -> Result<Vec<u32>, VolumeError> {
     Ok(out)
 }
 
-/// Reads and fully verifies the record at `offset`; returns its header, metadata and trailer CRC.
+/// Reads and fully verifies the record at `offset` with one read; returns its bytes, header and
+/// trailer CRC.
 pub(crate) fn read_verified_record(
     file: &File,
     offset: u64,
     segment_size: u64,
-) -> Result<(RecordHeader, Vec<u8>, u32), VolumeError> {
+) -> Result<(Vec<u8>, RecordHeader, u32), VolumeError> {
     if offset + HEADER_LEN > segment_size {
         return Err(VolumeError::Integrity("no room for a record".into()));
     }
@@ -906,19 +907,9 @@ pub(crate) fn read_verified_record(
     if offset + header.record_len() > segment_size {
         return Err(VolumeError::Integrity("record runs past the segment end".into()));
     }
-    let meta = read_at(file, offset + HEADER_LEN, header.meta_len as usize)?;
-    let trailer_len = 4 * header.chunk_count() + 4;
-    let trailer = read_at(file, offset + header.chunk_table_offset(), trailer_len as usize)?;
-    let crcs = record::verify_trailer(&meta, &trailer).map_err(integrity)?;
-    let mut chunk_offset = offset + header.payload_offset();
-    for (i, expected) in crcs.iter().enumerate() {
-        let len = CHUNK_LEN.min(header.payload_len - i as u64 * CHUNK_LEN);
-        let chunk = read_at(file, chunk_offset, len as usize)?;
-        record::verify_chunk(i as u64, &chunk, *expected).map_err(integrity)?;
-        chunk_offset += len;
-    }
-    let crc = u32::from_le_bytes(trailer[trailer.len() - 4..].try_into().expect("4 bytes"));
-    Ok((header, meta, crc))
+    let bytes = read_at(file, offset, header.record_len() as usize)?;
+    let (header, crc) = record::verify_record(&bytes).map_err(integrity)?;
+    Ok((bytes, header, crc))
 }
 
 fn integrity(e: RecordError) -> VolumeError {
