@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use bytesize::ByteSize;
 use cairn_common::volume_layout::Preallocation;
-use cairn_datanode::engine::VolumeConfig;
+use cairn_datanode::engine::{ChunkCache, VolumeConfig};
 use cairn_datanode::server::{run_standalone, StandaloneOptions};
 use cairn_datanode::store::StandaloneLayout;
 use clap::Parser;
@@ -37,6 +37,10 @@ struct Args {
     /// Compaction copy rate limit, per volume.
     #[arg(long, default_value = "64MiB")]
     compaction_rate: ByteSize,
+    /// Memory for verified chunks of large blobs, shared by all volumes (0 turns it off):
+    /// repeated GETs of a hot blob skip the read and checksum.
+    #[arg(long, default_value = "256MiB")]
+    chunk_cache_size: ByteSize,
     /// Seconds between compaction passes.
     #[arg(long, default_value_t = 60)]
     compaction_interval_secs: u64,
@@ -63,6 +67,9 @@ fn run() -> anyhow::Result<()> {
     }
     volume.compaction.bytes_per_sec = args.compaction_rate.as_u64();
     volume.compaction.interval = std::time::Duration::from_secs(args.compaction_interval_secs);
+    if args.chunk_cache_size.as_u64() > 0 {
+        volume.chunk_cache = Some(std::sync::Arc::new(ChunkCache::new(args.chunk_cache_size.as_u64())));
+    }
     let options = StandaloneOptions {
         data_dir: args.data_dir,
         listen: args.listen,

@@ -18,6 +18,9 @@ pub struct EngineMetrics {
     pub commit_seconds: Histogram,
     /// Checksum mismatches found while reading.
     pub integrity_errors: Counter,
+    /// Large-blob chunks served from, or read into, the node's chunk cache.
+    pub chunk_cache_hits: Counter,
+    pub chunk_cache_misses: Counter,
 }
 
 impl Default for EngineMetrics {
@@ -27,6 +30,8 @@ impl Default for EngineMetrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             integrity_errors: Counter::default(),
+            chunk_cache_hits: Counter::default(),
+            chunk_cache_misses: Counter::default(),
         }
     }
 }
@@ -87,6 +92,12 @@ impl Default for Metrics {
         );
         registry.register("group_commit_duration_seconds", "Whole group commit", engine.commit_seconds.clone());
         registry.register("integrity_errors", "Checksum mismatches found on read", engine.integrity_errors.clone());
+        registry.register("chunk_cache_hits", "Verified chunks served from memory", engine.chunk_cache_hits.clone());
+        registry.register(
+            "chunk_cache_misses",
+            "Chunks read and verified from a segment",
+            engine.chunk_cache_misses.clone(),
+        );
         registry.register("volume_fill_ratio", "Allocated segment bytes / volume capacity", volume_fill.clone());
         registry.register("volume_live_bytes", "Bytes of records the index points at", volume_live_bytes.clone());
         registry.register("volume_writable", "1 when the volume accepts new blobs", volume_writable.clone());

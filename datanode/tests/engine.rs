@@ -13,7 +13,8 @@ use cairn_common::volume_layout::{self as layout, VolumeMarker, SEGMENT_HEADER_L
 use cairn_common::BlobId;
 use cairn_datanode::engine::record::{RecordHeader, RecordKind, HEADER_LEN};
 use cairn_datanode::engine::{
-    now_ms, BlobMeta, BlobState, CompactionConfig, PutRequest, Volume, VolumeConfig, VolumeError, VolumeHealth,
+    now_ms, BlobMeta, BlobState, ChunkCache, CompactionConfig, PutRequest, Volume, VolumeConfig, VolumeError,
+    VolumeHealth,
 };
 use cairn_datanode::metrics::EngineMetrics;
 
@@ -374,4 +375,64 @@ fn geometry_that_cannot_hold_the_largest_blob_is_refused_before_creating_anythin
     let err = Volume::create_or_open(&vol, &marker, config, Arc::new(EngineMetrics::default())).err().unwrap();
     assert!(err.to_string().contains("segments"), "{err}");
     assert!(!vol.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_cache_serves_verified_chunks_and_follows_the_index() {
+    const BIG_SEG: u64 = 8 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::new(64 << 20));
+    let metrics = Arc::new(EngineMetrics::default());
+    let config = VolumeConfig { max_blob_bytes: 2 << 20, chunk_cache: Some(cache.clone()), ..config() };
+    let marker = VolumeMarker::new(7, BIG_SEG, BIG_SEG * 32).unwrap();
+    let volume = Volume::create_or_open(dir.path(), &marker, config, metrics.clone()).unwrap();
+    let mut blobs = Vec::new();
+    for seed in 0..20u64 {
+        blobs.push(put(&volume, seed, (3 << 19) + seed as usize).await.unwrap());
+        // 1.5 MiB: 2 chunks
+    }
+    let (first, first_data) = blobs[0].clone();
+    assert_eq!(read_all(&volume, first).unwrap(), first_data);
+    assert_eq!((metrics.chunk_cache_misses.get(), metrics.chunk_cache_hits.get()), (2, 0));
+    assert_eq!(read_all(&volume, first).unwrap(), first_data);
+    assert_eq!((metrics.chunk_cache_misses.get(), metrics.chunk_cache_hits.get()), (2, 2), "second read from memory");
+
+    // A blob never read is still verified from disk with the cache on.
+    let (never_read, _) = blobs[1];
+    let loc = volume.entry(never_read).unwrap().location.unwrap();
+    let file = OpenOptions::new().read(true).write(true).open(layout::segment_path(dir.path(), loc.segment)).unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, loc.offset + loc.len - 4096).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x80], loc.offset + loc.len - 4096).unwrap();
+    assert!(matches!(read_all(&volume, never_read), Err(VolumeError::Integrity(_))));
+    // (Compaction refuses to copy a corrupt record; replication repairs those in a cluster.)
+    volume.delete(never_read).await.unwrap();
+
+    // The index decides, not the cache: a deleted blob is gone although its chunks are cached.
+    volume.delete(first).await.unwrap();
+    assert!(matches!(volume.open_blob(first), Err(VolumeError::Deleted)));
+
+    // Compaction moves the survivors; their cached chunks at the old place are forgotten.
+    let live: Vec<(BlobId, Bytes)> = blobs.iter().skip(2).step_by(4).cloned().collect();
+    for (id, _) in blobs.iter().skip(2) {
+        if !live.iter().any(|(l, _)| l == id) {
+            volume.delete(*id).await.unwrap();
+        }
+    }
+    for (id, data) in &live {
+        assert_eq!(&read_all(&volume, *id).unwrap(), data);
+    }
+    volume.checkpoint().await.unwrap();
+    let cached_before = cache.used_bytes();
+    let misses_before = metrics.chunk_cache_misses.get();
+    assert!(volume.compaction().run_once().unwrap(), "sparse segments compacted");
+    while volume.compaction().run_once().unwrap() {}
+    assert!(cache.used_bytes() < cached_before, "chunks of removed segments forgotten");
+    let moved = live.iter().filter(|(id, _)| volume.entry(*id).unwrap().location.unwrap().segment > 4).count();
+    assert!(moved > 0, "some live blobs moved");
+    for (id, data) in &live {
+        assert_eq!(&read_all(&volume, *id).unwrap(), data);
+    }
+    assert_eq!(metrics.chunk_cache_misses.get(), misses_before + 2 * moved as u64, "moved blobs re-read and verified");
+    volume.close();
 }

@@ -36,13 +36,53 @@ pub struct Options {
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-struct NodeProcess(Child);
+/// A datanode process on a fresh directory, with a client for it; killed when dropped.
+struct NodeProcess {
+    child: Child,
+    client: HttpClient,
+    addr: String,
+}
+
+impl NodeProcess {
+    async fn start(dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(datanode_binary()?)
+            .args(["--data-dir", dir.to_str().expect("utf-8 path"), "--listen", &addr])
+            .args(["--segment-size", "1GiB", "--volume-size", "64GiB", "--partitions", "1"])
+            .args(extra_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
+        let node = Self { child, client, addr };
+        wait_healthy(&node.client, &node.addr).await?;
+        Ok(node)
+    }
+}
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// p50 (and p99) of 200 GETs of one 5 MiB blob, against the sendfile reference.
+async fn get_latency(
+    node: &NodeProcess,
+    name: &'static str,
+    reference_ms: f64,
+    note: &str,
+) -> anyhow::Result<Scenario> {
+    let id = put_once(&node.client, &node.addr, Bytes::from(vec![0x42u8; 5 << 20])).await?;
+    let addr = node.addr.clone();
+    let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 200)).await??;
+    let (p50, p99) = reference::percentiles(&mut samples);
+    let mut scenario = Scenario::new(name, p50, "ms").against(reference_ms, "ms", note);
+    scenario.p99 = Some(p99);
+    Ok(scenario)
 }
 
 fn datanode_binary() -> anyhow::Result<PathBuf> {
@@ -67,52 +107,33 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
         tokio::task::spawn_blocking(move || reference::fdatasync_4k_rate(&dir, Duration::from_secs(3))).await??;
     let dir = work.path().to_owned();
     let raw_seq =
-        tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, 512 << 20, 5 << 20)).await??;
+        tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, seconds, 5 << 20)).await??;
     let dir = work.path().to_owned();
     let (raw_get_p50, raw_get_p99) =
         tokio::task::spawn_blocking(move || reference::sendfile_latency(&dir, 5 << 20, 200)).await??;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("127.0.0.1:{port}");
-    let node_dir = work.path().join("node");
-    let _node = NodeProcess(
-        Command::new(datanode_binary()?)
-            .args(["--data-dir", node_dir.to_str().unwrap(), "--listen", &addr])
-            .args(["--segment-size", "1GiB", "--volume-size", "64GiB", "--partitions", "1"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?,
-    );
-    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
-    wait_healthy(&client, &addr).await?;
-
-    let ops = put_throughput(&client, &addr, 4096, 64, seconds).await?;
+    let node = NodeProcess::start(&work.path().join("node"), &[]).await?;
+    let ops = put_throughput(&node.client, &node.addr, 4096, 64, seconds).await?;
     results.push(Scenario::new("put_4k_c64", ops, "ops/s").against(
         raw_4k,
         "ops/s",
         "raw 4 KiB pwrite+fdatasync, one writer, same filesystem",
     ));
 
-    let ops = put_throughput(&client, &addr, 5 << 20, 4, seconds).await?;
+    let ops = put_throughput(&node.client, &node.addr, 5 << 20, 4, seconds).await?;
     results.push(Scenario::new("put_5m", ops * 5.0 * 1048576.0 / 1e6, "MB/s").against(
         raw_seq,
         "MB/s",
         "raw sequential 5 MiB writes + fdatasync; Cairn with 4 concurrent clients",
     ));
 
-    let id = put_once(&client, &addr, Bytes::from(vec![0x42u8; 5 << 20])).await?;
-    let get_addr = addr.clone();
-    let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&get_addr, &id, 5 << 20, 200)).await??;
-    let (p50, p99) = reference::percentiles(&mut samples);
-    let mut get = Scenario::new("get_5m_p50", p50, "ms").against(
-        raw_get_p50,
-        "ms",
-        format!("raw sendfile of 5 MiB over loopback TCP (p99 {raw_get_p99:.2} ms)"),
-    );
-    get.p99 = Some(p99);
-    results.push(get);
-    drop(_node);
+    let reference = format!("raw sendfile of 5 MiB over loopback TCP (p99 {raw_get_p99:.2} ms)");
+    results.push(get_latency(&node, "get_5m_p50", raw_get_p50, &reference).await?);
+    drop(node);
+    // The same GETs with every chunk read from the segment and verified again.
+    let node = NodeProcess::start(&work.path().join("node-uncached"), &["--chunk-cache-size", "0"]).await?;
+    results.push(get_latency(&node, "get_5m_p50_uncached", raw_get_p50, &reference).await?);
+    drop(node);
 
     let dir = work.path().join("open");
     let blobs = options.open_blobs;

@@ -57,13 +57,13 @@ pub fn report(results: &[Scenario], json: bool) {
         }
         return;
     }
-    println!("{:<14} {:>12} {:<8} {:>12} {:<8} {:>7}  note", "scenario", "value", "unit", "reference", "unit", "ratio");
+    println!("{:<20} {:>12} {:<8} {:>12} {:<8} {:>7}  note", "scenario", "value", "unit", "reference", "unit", "ratio");
     for r in results {
         let opt = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
         println!(
-            "{:<14} {:>12.2} {:<8} {:>12} {:<8} {:>7}  {}{}",
+            "{:<20} {:>12} {:<8} {:>12} {:<8} {:>7}  {}{}",
             r.scenario,
-            r.value,
+            if r.value < 10.0 { format!("{:.3}", r.value) } else { format!("{:.2}", r.value) },
             r.unit,
             opt(r.reference),
             r.reference_unit.unwrap_or("-"),

@@ -25,20 +25,23 @@ pub fn fdatasync_4k_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> 
     Ok(rate)
 }
 
-/// Sequential 5 MiB writes, each followed by fdatasync, into a preallocated file: MB/s.
-pub fn sequential_write_rate(dir: &Path, total: u64, chunk: usize) -> anyhow::Result<f64> {
+/// Sequential `chunk`-sized writes, each followed by fdatasync, into a preallocated file for
+/// `duration` (the same time the Cairn scenario runs, so that both see the disk's sustained rate,
+/// not a burst absorbed by a cache below): MB/s.
+pub fn sequential_write_rate(dir: &Path, duration: Duration, chunk: usize) -> anyhow::Result<f64> {
+    const FILE_LEN: u64 = 8 << 30;
     let path = dir.join("ref-seq");
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
-    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, total)?;
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, FILE_LEN)?;
     let buf = vec![0xa5u8; chunk];
     let started = Instant::now();
-    let mut offset = 0u64;
-    while offset + chunk as u64 <= total {
-        file.write_all_at(&buf, offset)?;
+    let mut written = 0u64;
+    while started.elapsed() < duration && written + chunk as u64 <= FILE_LEN {
+        file.write_all_at(&buf, written)?;
         file.sync_data()?;
-        offset += chunk as u64;
+        written += chunk as u64;
     }
-    let rate = offset as f64 / 1e6 / started.elapsed().as_secs_f64();
+    let rate = written as f64 / 1e6 / started.elapsed().as_secs_f64();
     std::fs::remove_file(path)?;
     Ok(rate)
 }

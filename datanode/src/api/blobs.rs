@@ -204,6 +204,12 @@ async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> Result<Body
         let to = ((end - base) as usize).min(data.len());
         data.slice(from..to)
     };
+    // A hot blob: every chunk is in memory, already verified.
+    let cached: Option<Vec<Bytes>> = (first_chunk..=last_chunk).map(|i| reader.cached_chunk(i)).collect();
+    if let Some(chunks) = cached {
+        let chunks = (first_chunk..).zip(chunks).map(move |(index, data)| Ok::<_, VolumeError>(slice(index, data)));
+        return Ok(Body::from_stream(futures::stream::iter(chunks)));
+    }
     let reader = Arc::new(reader);
     let first = {
         let reader = reader.clone();

@@ -4,10 +4,12 @@
 //! - [`index`]: the redb tables (index, journal, segments, log tail).
 //! - [`segments`]: open segment files and positioned I/O.
 //! - [`volume`]: open/recovery, the group-commit writer, reads.
+//! - [`chunk_cache`]: verified chunks of large blobs kept in memory for repeated reads.
 //! - [`compaction`]: reclaiming deleted and expired records, crash-safe in phases.
 //!
 //! docs/design.md explains the commit protocol and recovery.
 
+pub mod chunk_cache;
 pub mod compaction;
 pub mod index;
 pub mod record;
@@ -18,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_common::volume_layout::{LayoutError, Preallocation};
 
+pub use chunk_cache::ChunkCache;
 pub use compaction::CompactionConfig;
 pub use index::{BlobState, IndexEntry, JournalEntry, Location};
 pub use record::BlobMeta;
@@ -88,6 +91,8 @@ pub struct VolumeConfig {
     /// Space kept back from puts so that deletes still fit in a full volume.
     pub delete_reserve_bytes: u64,
     pub compaction: CompactionConfig,
+    /// The node's cache of verified chunks; `None` reads every chunk from its segment.
+    pub chunk_cache: Option<std::sync::Arc<ChunkCache>>,
 }
 
 impl Default for VolumeConfig {
@@ -101,6 +106,7 @@ impl Default for VolumeConfig {
             max_batch_bytes: 64 << 20,
             delete_reserve_bytes: 64 << 10,
             compaction: CompactionConfig::default(),
+            chunk_cache: None,
         }
     }
 }

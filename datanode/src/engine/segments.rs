@@ -5,14 +5,25 @@ use std::fs::File;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, RwLock};
 
+use super::chunk_cache::VolumeChunks;
+
 /// The segment files of one volume, shared by the writer, readers and compaction. Readers hold
 /// an `Arc<File>`, so a segment that compaction unlinks stays readable until they finish.
-#[derive(Default)]
 pub struct SegmentFiles {
     files: RwLock<BTreeMap<u32, Arc<File>>>,
+    /// Verified chunks read from these files, if the node caches them.
+    chunks: Option<Arc<VolumeChunks>>,
 }
 
 impl SegmentFiles {
+    pub fn new(chunks: Option<VolumeChunks>) -> Self {
+        Self { files: RwLock::default(), chunks: chunks.map(Arc::new) }
+    }
+
+    pub fn chunks(&self) -> Option<Arc<VolumeChunks>> {
+        self.chunks.clone()
+    }
+
     pub fn get(&self, segment: u32) -> Option<Arc<File>> {
         self.files.read().expect("segment map lock").get(&segment).cloned()
     }
@@ -23,8 +34,13 @@ impl SegmentFiles {
         file
     }
 
+    /// Forgets a segment that is about to be deleted, with its cached chunks.
     pub fn remove(&self, segment: u32) -> Option<Arc<File>> {
-        self.files.write().expect("segment map lock").remove(&segment)
+        let file = self.files.write().expect("segment map lock").remove(&segment);
+        if let Some(chunks) = &self.chunks {
+            chunks.forget_segment(segment);
+        }
+        file
     }
 
     pub fn count(&self) -> u32 {

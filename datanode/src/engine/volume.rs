@@ -22,6 +22,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTr
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::chunk_cache::VolumeChunks;
 use super::compaction::{self, Compactor};
 use super::index::{
     self, BlobState, IndexEntry, JournalEntry, Location, LogTail, SegmentInfo, BLOBS, JOURNAL, LOG_TAIL, META, SEGMENTS,
@@ -144,12 +145,13 @@ impl Volume {
         let marker = VolumeMarker::read(dir)?;
         check_geometry(&marker, &config)?;
         let db = Database::builder().create(dir.join(layout::INDEX_FILE))?;
+        let segments = SegmentFiles::new(config.chunk_cache.as_ref().map(|cache| cache.for_volume()));
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             marker,
             config,
             db,
-            segments: SegmentFiles::default(),
+            segments,
             health: Mutex::new(VolumeHealth::Writable),
             next_segment: AtomicU32::new(FIRST_SEGMENT + 1),
             metrics,
@@ -922,10 +924,12 @@ pub struct BlobReader {
     pub entry: IndexEntry,
     pub meta: BlobMeta,
     file: Arc<File>,
+    segment: u32,
     payload_offset: u64,
     chunk_crcs: Vec<u32>,
     /// The whole payload, for blobs small enough to read in one go.
     small_payload: Option<Bytes>,
+    chunks: Option<Arc<VolumeChunks>>,
     metrics: Arc<EngineMetrics>,
 }
 
@@ -979,9 +983,11 @@ impl BlobReader {
             entry,
             meta,
             file,
+            segment: location.segment,
             payload_offset: location.offset + header.payload_offset(),
             chunk_crcs,
             small_payload,
+            chunks: shared.segments.chunks(),
             metrics: shared.metrics.clone(),
         })
     }
@@ -1005,13 +1011,29 @@ impl BlobReader {
         }
         let start = index * CHUNK_LEN;
         let len = CHUNK_LEN.min(self.len() - start);
-        let data = read_at(&self.file, self.payload_offset + start, len as usize)?;
+        let offset = self.payload_offset + start;
+        if let Some(chunk) = self.cached_chunk(index) {
+            return Ok(chunk);
+        }
+        let data = read_at(&self.file, offset, len as usize)?;
         let expected = self.chunk_crcs[index as usize];
         record::verify_chunk(index, &data, expected).map_err(|e| {
             self.metrics.integrity_errors.inc();
             VolumeError::Integrity(format!("blob {}: {e}", self.blob_id))
         })?;
-        Ok(Bytes::from(data))
+        let chunk = Bytes::from(data);
+        if let Some(chunks) = &self.chunks {
+            self.metrics.chunk_cache_misses.inc();
+            chunks.insert(self.segment, offset, chunk.clone());
+        }
+        Ok(chunk)
+    }
+
+    /// Payload chunk `index` if the node's chunk cache holds it (memory only, never blocks).
+    pub fn cached_chunk(&self, index: u64) -> Option<Bytes> {
+        let chunk = self.chunks.as_ref()?.get(self.segment, self.payload_offset + index * CHUNK_LEN)?;
+        self.metrics.chunk_cache_hits.inc();
+        Some(chunk)
     }
 
     /// Payload bytes `[start, end)`, verified chunk by chunk (used for small reads and tests).
