@@ -7,6 +7,11 @@ command -v mount >/dev/null || need+=(mount)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
 command -v cc >/dev/null || need+=(gcc)
+# Disk agent: loop devices, filesystems, UUIDs (tests make real ones).
+command -v losetup >/dev/null || need+=(mount)
+command -v blkid >/dev/null || need+=(util-linux)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

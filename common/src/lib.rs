@@ -1,3 +1,8 @@
+//! Types shared by Cairn's binaries: blob ids, the on-disk volume layout, and the disk agent's
+//! API with its client.
+
+pub mod agent_api;
+pub mod agent_client;
 pub mod blob_id;
 pub mod volume_layout;
 

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub const MARKER_FILE: &str = "volume.json";
 pub const INDEX_FILE: &str = "index.redb";
 pub const SEGMENTS_DIR: &str = "segments";
+pub const SPARES_DIR: &str = "spares";
+const SPARE_SUFFIX: &str = ".spare";
 const SEGMENT_SUFFIX: &str = ".seg";
 
 /// Version of the marker file and of the directory layout it describes.
@@ -69,6 +71,11 @@ pub struct VolumeMarker {
     pub segment_size: u64,
     /// Most bytes the volume's segments may occupy together.
     pub capacity_bytes: u64,
+    /// Every segment was preallocated when the volume was made (by the disk agent): segments
+    /// that compaction frees are kept as spares, so the volume's space stays reserved. Otherwise
+    /// segments are allocated as the log grows and freed ones go back to the filesystem.
+    #[serde(default)]
+    pub preallocated: bool,
 }
 
 impl VolumeMarker {
@@ -79,6 +86,7 @@ impl VolumeMarker {
             partition,
             segment_size,
             capacity_bytes,
+            preallocated: false,
         };
         marker.validate_geometry()?;
         Ok(marker)
@@ -131,17 +139,11 @@ impl VolumeMarker {
         Ok(marker)
     }
 
-    /// Writes the marker atomically: temp file, fsync, rename, fsync of the directory.
+    /// Writes the marker atomically.
     pub fn write(&self, dir: &Path) -> Result<(), LayoutError> {
-        let path = dir.join(MARKER_FILE);
-        let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
         let mut body = serde_json::to_vec_pretty(self).expect("marker serializes");
         body.push(b'\n');
-        let mut file = File::create(&tmp).map_err(|e| LayoutError::io(&tmp, e))?;
-        file.write_all(&body).map_err(|e| LayoutError::io(&tmp, e))?;
-        file.sync_all().map_err(|e| LayoutError::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| LayoutError::io(&path, e))?;
-        sync_dir(dir)
+        write_atomic(&dir.join(MARKER_FILE), &body)
     }
 }
 
@@ -194,6 +196,35 @@ pub enum Preallocation {
     Fallocate,
     /// fallocate(2), or writing zeros where the filesystem lacks it (slow; opt-in).
     FallocateOrZeroFill,
+}
+
+pub fn spares_dir(volume_dir: &Path) -> PathBuf {
+    volume_dir.join(SPARES_DIR)
+}
+
+fn spare_path(volume_dir: &Path, spare: u32) -> PathBuf {
+    spares_dir(volume_dir).join(format!("{spare:08}{SPARE_SUFFIX}"))
+}
+
+/// Numbers of the spare files of a volume, ascending.
+pub fn spare_files(volume_dir: &Path) -> Result<Vec<u32>, LayoutError> {
+    let dir = spares_dir(volume_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(LayoutError::io(&dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| LayoutError::io(&dir, e))?;
+        let name = entry.file_name();
+        let digits = name.to_str().and_then(|n| n.strip_suffix(SPARE_SUFFIX));
+        if let Some(n) = digits.filter(|d| d.len() == 8).and_then(|d| d.parse().ok()) {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
 }
 
 pub fn segments_dir(volume_dir: &Path) -> PathBuf {
@@ -272,6 +303,20 @@ pub fn create_segment(
     mode: Preallocation,
 ) -> Result<File, LayoutError> {
     let path = segment_path(volume_dir, segment);
+    if let Some(&spare) = spare_files(volume_dir)?.first() {
+        // A spare is preallocated and reads as zeros: renaming it is the allocation.
+        if path.exists() {
+            return Err(LayoutError::io(&path, io::Error::from(io::ErrorKind::AlreadyExists)));
+        }
+        fs::rename(spare_path(volume_dir, spare), &path).map_err(|e| LayoutError::io(&path, e))?;
+        sync_dir(&spares_dir(volume_dir))?;
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LayoutError::io(&path, e))?;
+        let header = SegmentHeader { volume_id: marker.volume_id_u128(), segment, segment_size: marker.segment_size };
+        file.write_all_at(&header.encode(), 0).map_err(|e| LayoutError::io(&path, e))?;
+        file.sync_all().map_err(|e| LayoutError::io(&path, e))?;
+        sync_dir(&segments_dir(volume_dir))?;
+        return Ok(file);
+    }
     let result = (|| {
         let file = OpenOptions::new()
             .read(true)
@@ -313,8 +358,33 @@ pub fn open_segment(volume_dir: &Path, marker: &VolumeMarker, segment: u32) -> R
     Ok(file)
 }
 
-/// Creates a volume directory: marker and first segment. Idempotent for an identical marker, so
-/// a retried create never allocates twice; refuses a directory that holds a different volume.
+/// Gives up a segment that nothing refers to any more (compacted away, or created by a roll that
+/// never committed). In a preallocated volume it is erased and kept as a spare, so the space stays
+/// reserved and the next segment costs no allocation; otherwise the file is deleted.
+pub fn retire_segment(volume_dir: &Path, marker: &VolumeMarker, segment: u32) -> Result<(), LayoutError> {
+    let path = segment_path(volume_dir, segment);
+    if !path.exists() {
+        return Ok(());
+    }
+    if marker.preallocated {
+        let file = OpenOptions::new().write(true).open(&path).map_err(|e| LayoutError::io(&path, e))?;
+        // Erased before it is renamed: a spare never holds records that could parse later.
+        zero_range(&file, &path, 0, marker.segment_size)?;
+        file.sync_all().map_err(|e| LayoutError::io(&path, e))?;
+        fs::create_dir_all(spares_dir(volume_dir)).map_err(|e| LayoutError::io(volume_dir, e))?;
+        let spare = (1..).find(|n| !spare_path(volume_dir, *n).exists()).expect("a free spare number");
+        fs::rename(&path, spare_path(volume_dir, spare)).map_err(|e| LayoutError::io(&path, e))?;
+        sync_dir(&spares_dir(volume_dir))?;
+    } else {
+        fs::remove_file(&path).map_err(|e| LayoutError::io(&path, e))?;
+    }
+    sync_dir(&segments_dir(volume_dir))
+}
+
+/// Creates a volume directory: first segment, then (for a preallocated volume) every other
+/// segment the capacity allows as a spare, then the marker. Idempotent for an identical marker,
+/// so a retried create never allocates twice; refuses a directory that holds a different volume.
+/// A create interrupted before the marker leaves files that the retry reuses or replaces.
 pub fn create_volume(volume_dir: &Path, marker: &VolumeMarker, mode: Preallocation) -> Result<(), LayoutError> {
     marker.validate_geometry()?;
     if volume_dir.join(MARKER_FILE).exists() {
@@ -332,10 +402,40 @@ pub fn create_volume(volume_dir: &Path, marker: &VolumeMarker, mode: Preallocati
             fs::remove_file(segment_path(volume_dir, FIRST_SEGMENT)).map_err(|e| LayoutError::io(volume_dir, e))?;
         }
         create_segment(volume_dir, marker, FIRST_SEGMENT, mode)?;
+        if marker.preallocated {
+            // Numbered so that a retry after a crash tops the set up instead of adding to it.
+            fs::create_dir_all(spares_dir(volume_dir)).map_err(|e| LayoutError::io(volume_dir, e))?;
+            for spare in 1..marker.max_segments() {
+                let path = spare_path(volume_dir, spare);
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(|e| LayoutError::io(&path, e))?;
+                preallocate(&file, &path, marker.segment_size, mode)?;
+                file.sync_all().map_err(|e| LayoutError::io(&path, e))?;
+            }
+            sync_dir(&spares_dir(volume_dir))?;
+        }
         // The marker goes last: a directory with a marker is a complete volume.
         marker.write(volume_dir)?;
     }
     Ok(())
+}
+
+/// Replaces `path` with `body` so that a crash leaves the old or the new file, never a mix:
+/// temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, body: &[u8]) -> Result<(), LayoutError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let mut file = File::create(&tmp).map_err(|e| LayoutError::io(&tmp, e))?;
+    file.write_all(body).map_err(|e| LayoutError::io(&tmp, e))?;
+    file.sync_all().map_err(|e| LayoutError::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| LayoutError::io(path, e))?;
+    sync_dir(dir)
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
@@ -380,6 +480,50 @@ mod tests {
         let other = VolumeMarker::new(3, 1 << 20, 8 << 20).unwrap();
         assert!(create_volume(&vol, &other, Preallocation::Fallocate).is_err());
         assert!(open_segment(&vol, &other, FIRST_SEGMENT).is_err(), "header names another volume");
+    }
+
+    #[test]
+    fn preallocated_volume_reserves_its_capacity_and_recycles_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = dir.path().join("v");
+        let marker = VolumeMarker { preallocated: true, ..VolumeMarker::new(0, 1 << 20, 4 << 20).unwrap() };
+        let allocated = |vol: &Path| -> u64 {
+            [segments_dir(vol), spares_dir(vol)]
+                .iter()
+                .filter_map(|d| fs::read_dir(d).ok())
+                .flatten()
+                .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+                .sum()
+        };
+        create_volume(&vol, &marker, Preallocation::Fallocate).unwrap();
+        assert_eq!(spare_files(&vol).unwrap(), vec![1, 2, 3]);
+        assert!(allocated(&vol) >= 4 << 20, "whole capacity allocated");
+        create_volume(&vol, &marker, Preallocation::Fallocate).unwrap();
+        assert_eq!(spare_files(&vol).unwrap().len(), 3, "idempotent");
+
+        // A segment taken from the spares reads as zeros past its header.
+        let file = create_segment(&vol, &marker, 2, Preallocation::Fallocate).unwrap();
+        assert_eq!(spare_files(&vol).unwrap().len(), 2);
+        file.write_all_at(&[9u8; 4096], SEGMENT_HEADER_LEN).unwrap();
+        open_segment(&vol, &marker, 2).unwrap();
+        // Retired: erased and back among the spares; the space stays allocated.
+        retire_segment(&vol, &marker, 2).unwrap();
+        assert!(!segment_path(&vol, 2).exists());
+        assert_eq!(spare_files(&vol).unwrap().len(), 3);
+        assert!(allocated(&vol) >= 4 << 20);
+        let file = create_segment(&vol, &marker, 3, Preallocation::Fallocate).unwrap();
+        let mut buf = vec![1u8; 4096];
+        file.read_exact_at(&mut buf, SEGMENT_HEADER_LEN).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "recycled segment was erased");
+
+        // A volume that grows on demand gives retired segments back to the filesystem.
+        let lazy_dir = dir.path().join("lazy");
+        let lazy = VolumeMarker::new(0, 1 << 20, 4 << 20).unwrap();
+        create_volume(&lazy_dir, &lazy, Preallocation::Fallocate).unwrap();
+        create_segment(&lazy_dir, &lazy, 2, Preallocation::Fallocate).unwrap();
+        retire_segment(&lazy_dir, &lazy, 2).unwrap();
+        assert!(spare_files(&lazy_dir).unwrap().is_empty());
+        assert!(allocated(&lazy_dir) < 2 << 20);
     }
 
     #[test]

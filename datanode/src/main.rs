@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use bytesize::ByteSize;
 use cairn_common::volume_layout::Preallocation;
 use cairn_datanode::engine::{ChunkCache, VolumeConfig};
-use cairn_datanode::server::{run_standalone, StandaloneOptions};
+use cairn_datanode::server::{run_standalone, StandaloneOptions, VolumeSource};
 use cairn_datanode::store::StandaloneLayout;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -13,9 +13,18 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Directory holding this node's volumes.
-    #[arg(long, env = "CAIRN_DATA_DIR")]
-    data_dir: PathBuf,
+    /// Directory holding this node's volumes (made by the node itself).
+    #[arg(long, env = "CAIRN_DATA_DIR", required_unless_present = "disk_agent", conflicts_with = "disk_agent")]
+    data_dir: Option<PathBuf>,
+    /// Get the volumes from the machine's disk agent at this unix socket instead.
+    #[arg(long, env = "CAIRN_DISK_AGENT")]
+    disk_agent: Option<PathBuf>,
+    /// With --disk-agent: the disk to ask for (default: the one with most allocatable space).
+    #[arg(long, requires = "disk_agent")]
+    disk: Option<String>,
+    /// With --disk-agent: volumes are named <prefix>-p<partition>.
+    #[arg(long, default_value = "datanode", requires = "disk_agent")]
+    volume_prefix: String,
     /// Address of the blob API.
     #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7480")]
     listen: SocketAddr,
@@ -71,7 +80,11 @@ fn run() -> anyhow::Result<()> {
         volume.chunk_cache = Some(std::sync::Arc::new(ChunkCache::new(args.chunk_cache_size.as_u64())));
     }
     let options = StandaloneOptions {
-        data_dir: args.data_dir,
+        volumes: match (args.data_dir, args.disk_agent) {
+            (Some(dir), _) => VolumeSource::DataDir(dir),
+            (None, Some(socket)) => VolumeSource::DiskAgent { socket, disk: args.disk, prefix: args.volume_prefix },
+            (None, None) => unreachable!("clap requires one of them"),
+        },
         listen: args.listen,
         layout: StandaloneLayout {
             partitions: args.partitions,

@@ -32,17 +32,29 @@ impl Store {
         config: &VolumeConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, VolumeError> {
-        let mut volumes = BTreeMap::new();
+        let mut dirs = Vec::new();
         for partition in 0..layout.partitions {
             let dir = volume_dir(data_dir, partition);
-            let volume = if dir.join(MARKER_FILE).exists() {
-                Volume::open(&dir, config.clone(), metrics.engine.clone())?
-            } else {
+            if !dir.join(MARKER_FILE).exists() {
                 let marker = VolumeMarker::new(partition, layout.segment_size, layout.volume_size)?;
-                Volume::create_or_open(&dir, &marker, config.clone(), metrics.engine.clone())?
-            };
+                Volume::create(&dir, &marker, config)?;
+            }
+            dirs.push(dir);
+        }
+        Self::open_dirs(&dirs, config, metrics)
+    }
+
+    /// Opens existing volume directories (made by the disk agent or by `open_standalone`); the
+    /// partition of each comes from its marker.
+    pub fn open_dirs(dirs: &[PathBuf], config: &VolumeConfig, metrics: Arc<Metrics>) -> Result<Self, VolumeError> {
+        let mut volumes = BTreeMap::new();
+        for dir in dirs {
+            let volume = Volume::open(dir, config.clone(), metrics.engine.clone())?;
+            let partition = volume.partition();
             tracing::info!(partition, dir = %dir.display(), "volume open");
-            volumes.insert(partition, Arc::new(volume));
+            if volumes.insert(partition, Arc::new(volume)).is_some() {
+                return Err(VolumeError::Corrupt(format!("two volumes of partition {partition}")));
+            }
         }
         Ok(Self { volumes, metrics })
     }

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use cairn_testkit::machine::Machine;
 use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::Value;
-use support::{payload, Datanode, TmpfsMount};
+use support::{payload, Datanode};
 
 #[test]
 fn kill9_during_concurrent_puts_loses_no_acknowledged_blob() {
@@ -70,9 +71,10 @@ fn kill9_during_concurrent_puts_loses_no_acknowledged_blob() {
 #[test]
 fn full_disk_answers_507_and_corrupts_nothing() {
     // 3 MiB of tmpfs under a volume that believes it may grow to 64 MiB: the disk fills first.
-    let mnt = TmpfsMount::new("3m");
+    let mut machine = Machine::new();
+    let mnt = machine.mount("tmpfs", "tmpfs", &["-t", "tmpfs", "-o", "size=3m"]);
     let mut node = Datanode::start(
-        &mnt.path.join("node"),
+        &mnt.join("node"),
         &["--segment-size", "1MiB", "--volume-size", "64MiB", "--max-blob-size", "256KiB"],
     );
     let client = Client::new();

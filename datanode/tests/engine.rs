@@ -436,3 +436,27 @@ async fn chunk_cache_serves_verified_chunks_and_follows_the_index() {
     assert_eq!(metrics.chunk_cache_misses.get(), misses_before + 2 * moved as u64, "moved blobs re-read and verified");
     volume.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preallocated_volume_keeps_its_space_through_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = VolumeMarker { preallocated: true, ..VolumeMarker::new(7, SEG, SEG * 16).unwrap() };
+    let volume = Volume::create_or_open(dir.path(), &marker, config(), Arc::new(EngineMetrics::default())).unwrap();
+    let files = |dir: &Path| segment_files(dir).len() + layout::spare_files(dir).unwrap().len();
+    assert_eq!(files(dir.path()), 16, "every segment allocated up front");
+    let (live, deleted) = fill_and_delete(&volume).await;
+    let spares_before = layout::spare_files(dir.path()).unwrap().len();
+    while volume.compaction().run_once().unwrap() {}
+    assert!(layout::spare_files(dir.path()).unwrap().len() > spares_before, "compacted segments became spares");
+    assert_eq!(files(dir.path()), 16, "the volume's space stays reserved");
+    // New segments come from the spares and hold only new records.
+    let mut more = Vec::new();
+    for seed in 500..560u64 {
+        more.push(put(&volume, seed, 3000).await.unwrap());
+    }
+    assert_eq!(files(dir.path()), 16);
+    volume.abandon();
+    drop(volume);
+    let volume = open(dir.path(), 16);
+    check_contents(&volume, &[live, more].concat(), &deleted);
+}

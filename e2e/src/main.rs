@@ -1,6 +1,7 @@
 //! `cairn-bench`: benchmarks, each figure next to a physical reference measured in the same run.
 
 mod datanode;
+mod disk_agent;
 mod reference;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +18,8 @@ struct Args {
 enum Command {
     /// One standalone datanode: PUT throughput, GET latency, volume open time.
     Datanode(datanode::Options),
+    /// The disk agent: mountinfo scan, CreateVolume against a raw fallocate (needs root).
+    DiskAgent(disk_agent::Options),
 }
 
 /// One result line.
@@ -80,6 +83,10 @@ fn main() -> anyhow::Result<()> {
             let json = options.json;
             let results = tokio::runtime::Runtime::new()?.block_on(datanode::run(options))?;
             report(&results, json);
+        }
+        Command::DiskAgent(options) => {
+            let json = options.json;
+            report(&disk_agent::run(options)?, json);
         }
     }
     Ok(())

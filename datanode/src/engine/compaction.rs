@@ -313,12 +313,7 @@ pub(crate) fn resolve_interrupted(shared: &Shared) -> Result<(), VolumeError> {
 }
 
 fn remove_segment_file(shared: &Shared, segment: u32) -> Result<(), VolumeError> {
-    match std::fs::remove_file(layout::segment_path(&shared.dir, segment)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e.into()),
-    }
-    layout::sync_dir(&layout::segments_dir(&shared.dir))?;
+    layout::retire_segment(&shared.dir, &shared.marker, segment)?;
     Ok(())
 }
 

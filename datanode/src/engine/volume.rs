@@ -132,11 +132,18 @@ impl Volume {
         config: VolumeConfig,
         metrics: Arc<EngineMetrics>,
     ) -> Result<Self, VolumeError> {
+        Self::create(dir, marker, &config)?;
+        Self::open(dir, config, metrics)
+    }
+
+    /// Creates the volume directory unless it exists; refuses a geometry that cannot hold the
+    /// configured largest blob before anything is created.
+    pub fn create(dir: &Path, marker: &VolumeMarker, config: &VolumeConfig) -> Result<(), VolumeError> {
         if !dir.join(layout::MARKER_FILE).exists() {
-            check_geometry(marker, &config)?;
+            check_geometry(marker, config)?;
             layout::create_volume(dir, marker, config.preallocation)?;
         }
-        Self::open(dir, config, metrics)
+        Ok(())
     }
 
     /// Opens an existing volume: resolves an interrupted compaction, replays the log tail past
@@ -860,7 +867,7 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
             if !referenced.contains(number) {
                 tracing::warn!(segment = number, volume = %dir.display(), "removing unreferenced segment file");
                 shared.segments.remove(*number);
-                fs::remove_file(layout::segment_path(dir, *number))?;
+                layout::retire_segment(dir, marker, *number)?;
             }
         }
         let max_seen = on_disk.iter().chain(referenced.iter()).copied().max().unwrap_or(FIRST_SEGMENT);

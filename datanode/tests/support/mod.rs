@@ -102,33 +102,6 @@ impl Drop for Datanode {
     }
 }
 
-/// A tmpfs mounted for the duration of a test; unmounted on drop, also when the test panics.
-pub struct TmpfsMount {
-    pub path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl TmpfsMount {
-    pub fn new(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mnt");
-        std::fs::create_dir(&path).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .status()
-            .expect("mount(8) runs");
-        assert!(status.success(), "mounting a tmpfs needs root");
-        Self { path, _dir: dir }
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
 /// Deterministic pseudo-random bytes.
 pub fn payload(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;

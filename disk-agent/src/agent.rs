@@ -1,0 +1,314 @@
+//! The agent: scans the node, claims disks, creates and deletes volumes. Everything that changes
+//! a disk runs under one lock, so concurrent calls see each other's effects in order.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, RwLock};
+
+use cairn_common::agent_api::{
+    CreateVolumeRequest, CreateVolumeResponse, DeleteVolumeResponse, DiskCapacity, DiskReport, MissingDisk, MountAlias,
+    NodeReport, VolumeInfo,
+};
+use cairn_common::volume_layout::{LayoutError, Preallocation};
+
+use crate::config::{AgentConfig, CompiledSelector};
+use crate::discovery::{discover, Disk};
+use crate::error::AgentError;
+use crate::identity::{self, cairn_dir, DiskIdentity, RecordedDisk, RecordedDisks};
+use crate::metrics::AgentMetrics;
+use crate::probe::SystemProbe;
+use crate::volumes;
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub node_name: String,
+    pub mountinfo: PathBuf,
+    pub config: AgentConfig,
+    /// Where the agent records which disk it found at which mount; `None` records nothing.
+    pub state_dir: Option<PathBuf>,
+}
+
+pub struct Agent {
+    options: AgentOptions,
+    selector: CompiledSelector,
+    probe: SystemProbe,
+    lock: Mutex<()>,
+    last: RwLock<NodeReport>,
+    changed: tokio::sync::Notify,
+    pub metrics: AgentMetrics,
+}
+
+impl Agent {
+    pub fn new(options: AgentOptions) -> anyhow::Result<Self> {
+        let selector = options.config.selector.compile().map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            options,
+            selector,
+            probe: SystemProbe::new(),
+            lock: Mutex::new(()),
+            last: RwLock::default(),
+            changed: tokio::sync::Notify::new(),
+            metrics: AgentMetrics::default(),
+        })
+    }
+
+    /// Notified after a volume was created or deleted, so the report is published at once.
+    pub fn changed(&self) -> &tokio::sync::Notify {
+        &self.changed
+    }
+
+    pub fn options(&self) -> &AgentOptions {
+        &self.options
+    }
+
+    /// One report, changing nothing on any disk (`cairn-disk-agent scan`).
+    pub fn scan(&self) -> anyhow::Result<NodeReport> {
+        let _guard = self.lock.lock().expect("agent lock");
+        self.inventory(false)
+    }
+
+    /// Scans, claims newly selected disks (identity file, record) and clears leftovers of
+    /// interrupted creates and deletes. Returns the report and whether it differs from the last.
+    pub fn refresh(&self) -> anyhow::Result<(NodeReport, bool)> {
+        let _guard = self.lock.lock().expect("agent lock");
+        self.refresh_locked()
+    }
+
+    fn refresh_locked(&self) -> anyhow::Result<(NodeReport, bool)> {
+        let report = self.inventory(true)?;
+        self.metrics.observe(&report);
+        let mut last = self.last.write().expect("report lock");
+        let changed = *last != report;
+        *last = report.clone();
+        Ok((report, changed))
+    }
+
+    /// The report of the last refresh.
+    pub fn report(&self) -> NodeReport {
+        self.last.read().expect("report lock").clone()
+    }
+
+    pub fn capacity(&self) -> Vec<DiskCapacity> {
+        self.report()
+            .disks
+            .iter()
+            .filter(|d| d.usable)
+            .map(|d| DiskCapacity {
+                id: d.id.clone(),
+                total_bytes: d.total_bytes,
+                available_bytes: d.available_bytes,
+                allocated_bytes: d.allocated_bytes,
+                allocatable_bytes: d.allocatable_bytes,
+            })
+            .collect()
+    }
+
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        self.report().disks.into_iter().flat_map(|d| d.volumes).collect()
+    }
+
+    /// CreateVolume: idempotent by name; never promises more than a disk's allocatable bytes.
+    pub fn create_volume(&self, name: &str, request: &CreateVolumeRequest) -> Result<CreateVolumeResponse, AgentError> {
+        cairn_common::agent_api::validate_volume_name(name).map_err(AgentError::InvalidRequest)?;
+        volumes::validate(request).map_err(AgentError::InvalidRequest)?;
+        let _guard = self.lock.lock().expect("agent lock");
+        let (report, _) = self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
+        if let Some(found) = self.find_volume(&report, name) {
+            let existing = volumes::scan(&found.1, &found.0.disk).volumes.into_iter().find(|v| v.info.name == name);
+            return match existing {
+                Some(v) if volumes::matches(&v, request) => Ok(CreateVolumeResponse { created: false, volume: v.info }),
+                _ => Err(AgentError::VolumeExists(format!(
+                    "volume {name} already exists on disk {} with partition {}, capacity {} and segment size {}",
+                    found.0.disk, found.0.partition, found.0.capacity_bytes, found.0.segment_size_bytes
+                ))),
+            };
+        }
+        let disk = report.disks.iter().find(|d| d.id == request.disk).ok_or_else(|| {
+            AgentError::UnknownDisk(format!("no disk {} on node {}", request.disk, self.options.node_name))
+        })?;
+        if let Some(conflict) = &disk.conflict {
+            return Err(AgentError::DiskConflict(format!("disk {}: {conflict}", disk.id)));
+        }
+        if request.capacity_bytes > disk.allocatable_bytes {
+            self.metrics.volume_creates("no_capacity");
+            return Err(AgentError::InsufficientCapacity(format!(
+                "disk {} can promise {} more bytes, asked for {} (available {}, headroom {}, already promised {})",
+                disk.id,
+                disk.allocatable_bytes,
+                request.capacity_bytes,
+                disk.available_bytes,
+                disk.headroom_bytes,
+                disk.allocated_bytes
+            )));
+        }
+        let mode = if self.options.config.zero_fill_fallback {
+            Preallocation::FallocateOrZeroFill
+        } else {
+            Preallocation::Fallocate
+        };
+        let info = volumes::create(&disk.canonical_mount, &disk.id, name, request, mode).map_err(|e| {
+            self.metrics.volume_creates("failed");
+            match e {
+                LayoutError::NoSpace { .. } => AgentError::InsufficientCapacity(format!("disk {}: {e}", disk.id)),
+                LayoutError::FallocateUnsupported { .. } => AgentError::FallocateUnsupported(e.to_string()),
+                LayoutError::Geometry(_) => AgentError::InvalidRequest(e.to_string()),
+                e => AgentError::Internal(e.to_string()),
+            }
+        })?;
+        self.metrics.volume_creates("created");
+        tracing::info!(volume = name, disk = %disk.id, bytes = request.capacity_bytes, "volume created");
+        self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
+        self.changed.notify_one();
+        Ok(CreateVolumeResponse { created: true, volume: info })
+    }
+
+    /// DeleteVolume: idempotent; `deleted` is false when there was no such volume.
+    pub fn delete_volume(&self, name: &str) -> Result<DeleteVolumeResponse, AgentError> {
+        cairn_common::agent_api::validate_volume_name(name).map_err(AgentError::InvalidRequest)?;
+        let _guard = self.lock.lock().expect("agent lock");
+        let (report, _) = self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
+        let Some((info, _)) = self.find_volume(&report, name) else {
+            return Ok(DeleteVolumeResponse { deleted: false });
+        };
+        volumes::delete(std::path::Path::new(&info.path))
+            .map_err(|e| AgentError::Internal(format!("deleting {}: {e}", info.path)))?;
+        tracing::info!(volume = name, disk = %info.disk, "volume deleted");
+        self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
+        self.changed.notify_one();
+        Ok(DeleteVolumeResponse { deleted: true })
+    }
+
+    fn find_volume(&self, report: &NodeReport, name: &str) -> Option<(VolumeInfo, String)> {
+        report
+            .disks
+            .iter()
+            .find_map(|d| d.volumes.iter().find(|v| v.name == name).map(|v| (v.clone(), d.canonical_mount.clone())))
+    }
+
+    /// Builds the report. With `claim`, also writes identity files and the record, and removes
+    /// leftovers; without, it only reads.
+    fn inventory(&self, claim: bool) -> anyhow::Result<NodeReport> {
+        let path = &self.options.mountinfo;
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let discovery = discover(crate::mountinfo::parse(&text), &self.selector, &self.probe);
+        let mut recorded = match &self.options.state_dir {
+            Some(dir) => RecordedDisks::load(dir)?,
+            None => RecordedDisks::default(),
+        };
+        let mut record_changed = false;
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let mut disks = Vec::new();
+        for disk in &discovery.disks {
+            let mount = disk.canonical.mount_point.as_str();
+            let (identity, mut conflict) = match DiskIdentity::read(mount) {
+                Ok(identity) => {
+                    let conflict = identity::conflict(
+                        mount,
+                        disk.fs_uuid.as_deref(),
+                        identity.as_ref(),
+                        recorded.disks.get(mount),
+                    );
+                    (identity, conflict)
+                }
+                Err(e) => (None, Some(format!("unreadable identity file: {e}"))),
+            };
+            let mut id = match (&identity, &disk.fs_uuid) {
+                (Some(identity), _) => identity.disk_id.clone(),
+                (None, Some(uuid)) => uuid.clone(),
+                (None, None) => format!("dev-{}-{}", disk.canonical.major, disk.canonical.minor),
+            };
+            if conflict.is_none() {
+                if let Some(other) = seen.get(&id) {
+                    conflict = Some(format!("disk identity {id} is also on {other}: a cloned disk"));
+                }
+            }
+            seen.entry(id.clone()).or_insert_with(|| mount.to_owned());
+            if claim && conflict.is_none() {
+                if identity.is_none() {
+                    // The volumes directory comes with the claim, so that a refused create
+                    // later leaves nothing behind, not even a directory.
+                    let new = DiskIdentity::new(disk.fs_uuid.clone(), &self.options.node_name);
+                    let claimed = new
+                        .write(mount)
+                        .and_then(|()| std::fs::create_dir_all(volumes::volumes_dir(mount)).map_err(|e| e.to_string()));
+                    match claimed {
+                        Ok(()) => id = new.disk_id,
+                        Err(e) => conflict = Some(format!("cannot claim the disk: {e}")),
+                    }
+                }
+                if conflict.is_none() && !recorded.disks.contains_key(mount) {
+                    recorded
+                        .disks
+                        .insert(mount.to_owned(), RecordedDisk { disk_id: id.clone(), fs_uuid: disk.fs_uuid.clone() });
+                    record_changed = true;
+                }
+            }
+            disks.push(self.disk_report(disk, id, conflict, claim));
+        }
+        if record_changed {
+            if let Some(dir) = &self.options.state_dir {
+                recorded.save(dir)?;
+            }
+        }
+        let missing = recorded
+            .disks
+            .iter()
+            .filter(|(mount, _)| !discovery.disks.iter().any(|d| d.canonical.mount_point == **mount))
+            .map(|(mount, r)| MissingDisk { id: r.disk_id.clone(), mount: mount.clone() })
+            .collect();
+        Ok(NodeReport { disks, excluded: discovery.excluded, missing })
+    }
+
+    fn disk_report(&self, disk: &Disk, id: String, conflict: Option<String>, claim: bool) -> DiskReport {
+        let mount = disk.canonical.mount_point.as_str();
+        let found = volumes::scan(mount, &id);
+        if claim && conflict.is_none() {
+            for leftover in &found.leftovers {
+                if let Err(e) = volumes::remove_leftover(leftover) {
+                    tracing::warn!(path = %leftover.display(), error = %e, "cannot remove leftover");
+                }
+            }
+        }
+        // Fresh figures: claiming the disk just now wrote to it.
+        let stats = crate::probe::statvfs(std::path::Path::new(mount)).unwrap_or(disk.stats);
+        let total = stats.total_bytes();
+        let cairn_bytes = volumes::allocated_bytes(&cairn_dir(mount));
+        let allocated: u64 = found.volumes.iter().map(|v| v.info.capacity_bytes).sum();
+        // Promised but not yet on disk (a volume whose create was interrupted, an old lazy volume).
+        let pending: u64 = found.volumes.iter().map(|v| v.info.capacity_bytes.saturating_sub(v.segment_bytes)).sum();
+        let headroom = self.options.config.headroom.bytes_of(total);
+        let usable = conflict.is_none();
+        let conflict = match (conflict, found.unreadable.is_empty()) {
+            (Some(c), _) => Some(c),
+            (None, false) => Some(format!("unreadable volume markers: {}", found.unreadable.join("; "))),
+            (None, true) => None,
+        };
+        DiskReport {
+            id,
+            device: disk.canonical.source.clone(),
+            dev: disk.canonical.dev(),
+            fs_type: disk.canonical.fs_type.clone(),
+            fs_uuid: disk.fs_uuid.clone(),
+            canonical_mount: mount.to_owned(),
+            aliases: disk
+                .aliases
+                .iter()
+                .map(|a| MountAlias { mount: a.mount_point.clone(), root: a.root.clone(), device: a.source.clone() })
+                .collect(),
+            total_bytes: total,
+            available_bytes: stats.available_bytes(),
+            fs_reserved_bytes: stats.fs_reserved_bytes(),
+            used_by_others_bytes: (total - stats.free_bytes().min(total)).saturating_sub(cairn_bytes),
+            headroom_bytes: headroom,
+            allocated_bytes: allocated,
+            allocatable_bytes: if usable && conflict.is_none() {
+                stats.available_bytes().saturating_sub(headroom).saturating_sub(pending)
+            } else {
+                0
+            },
+            usable: usable && conflict.is_none(),
+            conflict,
+            volumes: found.volumes.into_iter().map(|v| v.info).collect(),
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! `cairn-disk-agent`: `scan` prints one report; `serve` runs the node API (and, on Kubernetes,
+//! keeps this node's StoreNode up to date); `forget` drops a recorded disk.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_common::agent_api::NodeReport;
+use cairn_disk_agent::config::AgentConfig;
+use cairn_disk_agent::identity::RecordedDisks;
+use cairn_disk_agent::k8s::StoreNodePublisher;
+use cairn_disk_agent::{api, Agent, AgentOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "cairn-disk-agent", version, about = "Cairn disk agent: disks, volumes, reserved space")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// mountinfo to read; inside a pod, the host's (/proc/1/mountinfo with hostPID, or a mount of it).
+    #[arg(long, env = "CAIRN_MOUNTINFO", default_value = "/proc/1/mountinfo")]
+    mountinfo: PathBuf,
+    /// Configuration file (YAML): disk selector, headroom.
+    #[arg(long, env = "CAIRN_DISK_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the agent records which disk it found at which mount.
+    #[arg(long, env = "CAIRN_STATE_DIR", default_value = "/var/lib/cairn/disk-agent")]
+    state_dir: PathBuf,
+    /// This node's name (on Kubernetes, the Node's name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print one report and exit; changes nothing.
+    Scan {
+        #[command(flatten)]
+        common: Common,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Serve the node API on a unix socket.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, env = "CAIRN_AGENT_SOCKET", default_value = "/run/cairn/disk-agent.sock")]
+        socket: PathBuf,
+        /// Publish a StoreNode: `auto` does when running in a pod.
+        #[arg(long, value_enum, default_value_t = Kubernetes::Auto)]
+        kubernetes: Kubernetes,
+        /// Seconds between rescans (a change is published at once).
+        #[arg(long, default_value_t = 60)]
+        interval_secs: u64,
+    },
+    /// Forget the disk recorded at a mount, to accept a different disk there.
+    Forget {
+        #[arg(long, env = "CAIRN_STATE_DIR", default_value = "/var/lib/cairn/disk-agent")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        mount: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Json,
+    Table,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Kubernetes {
+    Auto,
+    On,
+    Off,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn-disk-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn agent_options(common: Common, record: bool) -> anyhow::Result<AgentOptions> {
+    let config = match &common.config {
+        Some(path) => AgentConfig::load(path)?,
+        None => AgentConfig::default(),
+    };
+    let node_name = match common.node_name {
+        Some(name) => name,
+        None => rustix::system::uname().nodename().to_string_lossy().into_owned(),
+    };
+    // `scan` reads the record when there is one, to report conflicts, but never writes it.
+    let state_dir = (record || common.state_dir.exists()).then_some(common.state_dir);
+    Ok(AgentOptions { node_name, mountinfo: common.mountinfo, config, state_dir })
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Scan { common, output } => {
+            let agent = Agent::new(agent_options(common, false)?)?;
+            let report = agent.scan()?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print_table(&report),
+            }
+            Ok(())
+        }
+        Command::Serve { common, socket, kubernetes, interval_secs } => {
+            let agent = Arc::new(Agent::new(agent_options(common, true)?)?);
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(serve(agent, socket, kubernetes, Duration::from_secs(interval_secs.max(1))))
+        }
+        Command::Forget { state_dir, mount } => {
+            let mut record = RecordedDisks::load(&state_dir)?;
+            match record.disks.remove(&mount) {
+                Some(disk) => {
+                    record.save(&state_dir)?;
+                    println!("forgot disk {} at {mount}", disk.disk_id);
+                    Ok(())
+                }
+                None => anyhow::bail!("no disk is recorded at {mount}"),
+            }
+        }
+    }
+}
+
+async fn serve(agent: Arc<Agent>, socket: PathBuf, kubernetes: Kubernetes, interval: Duration) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let on_kubernetes = match kubernetes {
+        Kubernetes::On => true,
+        Kubernetes::Off => false,
+        Kubernetes::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+    };
+    let publisher = if on_kubernetes {
+        let client = kube::Client::try_default().await?;
+        Some(StoreNodePublisher::new(client, &agent.options().node_name))
+    } else {
+        None
+    };
+    let first = tokio::task::spawn_blocking({
+        let agent = agent.clone();
+        move || agent.refresh()
+    })
+    .await??;
+    tracing::info!(disks = first.0.disks.len(), excluded = first.0.excluded.len(), "first scan");
+
+    let scanner = tokio::spawn({
+        let (agent, shutdown) = (agent.clone(), shutdown.clone());
+        async move {
+            loop {
+                let report = {
+                    let agent = agent.clone();
+                    tokio::task::spawn_blocking(move || agent.refresh()).await
+                };
+                match report {
+                    Ok(Ok((report, _))) => {
+                        // The publisher compares with the server's copy, so a periodic call
+                        // writes nothing when nothing changed, and repairs a status edited by hand.
+                        if let Some(publisher) = &publisher {
+                            if let Err(e) = publisher.publish(&report).await {
+                                tracing::warn!(error = %e, "publishing the StoreNode failed");
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "scan failed"),
+                    Err(e) => tracing::error!(error = %e, "scan task failed"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = agent.changed().notified() => {}
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        }
+    });
+    let signals = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            shutdown.cancel();
+        }
+    });
+    let served = api::serve(agent, &socket, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = scanner.await;
+    signals.abort();
+    served
+}
+
+fn print_table(report: &NodeReport) {
+    let size = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
+    println!(
+        "{:<36} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:>11}  aliases",
+        "disk", "fs", "mount", "total", "available", "reserved", "allocated", "allocatable"
+    );
+    for d in &report.disks {
+        println!(
+            "{:<36} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:>11}  {}{}",
+            d.id,
+            d.fs_type,
+            d.canonical_mount,
+            size(d.total_bytes),
+            size(d.available_bytes),
+            size(d.fs_reserved_bytes),
+            size(d.allocated_bytes),
+            size(d.allocatable_bytes),
+            d.aliases.iter().map(|a| a.mount.as_str()).collect::<Vec<_>>().join(","),
+            d.conflict.as_ref().map(|c| format!("  CONFLICT: {c}")).unwrap_or_default()
+        );
+    }
+    for e in &report.excluded {
+        println!("excluded {:<40} {}", e.mount, e.reason);
+    }
+    for m in &report.missing {
+        println!("missing  disk {} (last at {})", m.id, m.mount);
+    }
+}

@@ -1,0 +1,293 @@
+//! Test support shared by Cairn's crates.
+//!
+//! - [`machine`]: loop devices, filesystems and mounts that clean up after themselves.
+//!
+//! [`MemoryApi`]: an in-memory Kubernetes API server behind a real `kube::Client`, for tests
+//! of the Kubernetes side (no API server can be installed where Cairn's tests run). It keeps
+//! objects as JSON and implements what Cairn's controllers use: get, list, server-side apply
+//! of objects and of the status subresource, merge patches, delete; resourceVersion,
+//! generation (bumped when anything but status and metadata changes), uid, creationTimestamp,
+//! and namespaced as well as cluster-scoped resources (the scope is the request's). Every
+//! write is counted per object so tests can prove that a converged controller writes nothing.
+
+pub mod machine;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+
+/// `group/version`, namespace (empty for cluster-scoped), plural, name.
+type Key = (String, String, String, String);
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<Key, Value>,
+    writes: BTreeMap<Key, u64>,
+    status_writes: BTreeMap<Key, u64>,
+    next_version: u64,
+    next_uid: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct MemoryApi {
+    state: Arc<Mutex<State>>,
+}
+
+/// A parsed request path.
+struct Target {
+    key: Key,
+    status: bool,
+}
+
+impl MemoryApi {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A client whose requests this API answers.
+    pub fn client(&self) -> kube::Client {
+        let api = self.clone();
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let api = api.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect().await.map_err(tower::BoxError::from)?.to_bytes();
+                Ok::<_, tower::BoxError>(api.handle(parts.method, parts.uri, &parts.headers, &body))
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// Writes (creates, patches, deletes) of an object's main resource, by plural and name.
+    pub fn writes(&self, plural: &str, namespace: &str, name: &str) -> u64 {
+        self.count(|s| &s.writes, plural, namespace, name)
+    }
+
+    /// Writes of an object's status subresource.
+    pub fn status_writes(&self, plural: &str, namespace: &str, name: &str) -> u64 {
+        self.count(|s| &s.status_writes, plural, namespace, name)
+    }
+
+    fn count(&self, table: impl Fn(&State) -> &BTreeMap<Key, u64>, plural: &str, ns: &str, name: &str) -> u64 {
+        let state = self.state.lock().unwrap();
+        table(&state).iter().filter(|(k, _)| k.1 == ns && k.2 == plural && k.3 == name).map(|(_, n)| *n).sum()
+    }
+
+    fn handle(&self, method: Method, uri: http::Uri, headers: &http::HeaderMap, body: &Bytes) -> Response<Full<Bytes>> {
+        let Some((target, collection)) = parse_path(uri.path()) else {
+            return status(StatusCode::NOT_FOUND, "NotFound", &format!("no route {}", uri.path()));
+        };
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let mut state = self.state.lock().unwrap();
+        if collection {
+            return match method {
+                Method::GET => {
+                    let (gv, ns, plural, _) = &target.key;
+                    let items: Vec<Value> = state
+                        .objects
+                        .iter()
+                        .filter(|(k, _)| &k.0 == gv && &k.2 == plural && (ns.is_empty() || &k.1 == ns))
+                        .map(|(_, v)| v.clone())
+                        .collect();
+                    let version = state.next_version.to_string();
+                    ok(
+                        json!({"apiVersion": gv, "kind": "List", "metadata": {"resourceVersion": version}, "items": items}),
+                    )
+                }
+                _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "collection writes are not supported"),
+            };
+        }
+        let parsed: Result<Value, _> = if body.is_empty() { Ok(Value::Null) } else { serde_json::from_slice(body) };
+        let Ok(patch) = parsed else {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+        };
+        let key = target.key.clone();
+        match method {
+            Method::GET => match state.objects.get(&key) {
+                Some(object) => ok(object.clone()),
+                None => not_found(&key),
+            },
+            Method::DELETE => match state.objects.remove(&key) {
+                Some(object) => {
+                    *state.writes.entry(key).or_default() += 1;
+                    ok(object)
+                }
+                None => not_found(&key),
+            },
+            Method::PATCH | Method::PUT => {
+                let apply = content_type.contains("apply-patch");
+                let existing = state.objects.get(&key).cloned();
+                let mut object = match (existing, target.status, apply) {
+                    (Some(object), _, _) => object,
+                    (None, false, _) if method == Method::PUT || apply => {
+                        state.next_uid += 1;
+                        let mut fresh = json!({"metadata": {
+                            "name": key.3,
+                            "uid": format!("00000000-0000-0000-0000-{:012}", state.next_uid),
+                            "creationTimestamp": "2026-01-01T00:00:00Z",
+                            "generation": 0,
+                        }});
+                        if !key.1.is_empty() {
+                            fresh["metadata"]["namespace"] = json!(key.1);
+                        }
+                        fresh
+                    }
+                    _ => return not_found(&key),
+                };
+                let before = object.clone();
+                if target.status {
+                    let new_status = patch.get("status").cloned().unwrap_or(Value::Null);
+                    if apply || method == Method::PUT {
+                        object["status"] = new_status;
+                    } else {
+                        json_patch::merge(&mut object["status"], &new_status);
+                    }
+                } else {
+                    let mut patch = patch.clone();
+                    if let Some(map) = patch.as_object_mut() {
+                        map.remove("status");
+                    }
+                    if method == Method::PUT {
+                        let metadata = object["metadata"].clone();
+                        let status = object.get("status").cloned();
+                        object = patch;
+                        object["metadata"] = metadata;
+                        if let Some(status) = status {
+                            object["status"] = status;
+                        }
+                    } else {
+                        json_patch::merge(&mut object, &patch);
+                    }
+                }
+                if object == before {
+                    return ok(object);
+                }
+                let spec_changed = {
+                    let strip = |v: &Value| {
+                        let mut v = v.clone();
+                        if let Some(m) = v.as_object_mut() {
+                            m.remove("metadata");
+                            m.remove("status");
+                        }
+                        v
+                    };
+                    strip(&object) != strip(&before)
+                };
+                if spec_changed || before.get("metadata").and_then(|m| m.get("resourceVersion")).is_none() {
+                    let generation = object["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+                    object["metadata"]["generation"] = json!(generation);
+                }
+                state.next_version += 1;
+                object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
+                let table = if target.status { &mut state.status_writes } else { &mut state.writes };
+                *table.entry(key.clone()).or_default() += 1;
+                state.objects.insert(key, object.clone());
+                ok(object)
+            }
+            _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "unsupported method"),
+        }
+    }
+}
+
+/// `/api/v1/...` or `/apis/{group}/{version}/...`, then `[namespaces/{ns}/]{plural}[/{name}[/status]]`.
+/// Returns the target and whether it is a collection.
+fn parse_path(path: &str) -> Option<(Target, bool)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (gv, rest) = match *parts.first()? {
+        "api" => (parts.get(1)?.to_string(), &parts[2..]),
+        "apis" => (format!("{}/{}", parts.get(1)?, parts.get(2)?), &parts[3..]),
+        _ => return None,
+    };
+    let (ns, rest) = match rest {
+        // `namespaces/{name}/status` is a Namespace's own status, not a collection in it.
+        ["namespaces", _, "status"] => (String::new(), rest),
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (ns.to_string(), rest),
+        _ => (String::new(), rest),
+    };
+    match rest {
+        [plural] => Some((Target { key: (gv, ns, plural.to_string(), String::new()), status: false }, true)),
+        [plural, name] => Some((Target { key: (gv, ns, plural.to_string(), name.to_string()), status: false }, false)),
+        [plural, name, "status"] => {
+            Some((Target { key: (gv, ns, plural.to_string(), name.to_string()), status: true }, false))
+        }
+        _ => None,
+    }
+}
+
+fn ok(object: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(&object).expect("JSON"))))
+        .expect("response")
+}
+
+fn not_found(key: &Key) -> Response<Full<Bytes>> {
+    status(StatusCode::NOT_FOUND, "NotFound", &format!("{} \"{}\" not found", key.2, key.3))
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
+                      "reason": reason, "code": code.as_u16()});
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("JSON"))))
+        .expect("response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+
+    fn config_map(data: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"k": data}})
+    }
+
+    #[test]
+    fn apply_get_list_delete_with_versions_and_generations() {
+        let rt = tokio_runtime();
+        rt.block_on(async {
+            let api = MemoryApi::new();
+            let maps: Api<ConfigMap> = Api::namespaced(api.client(), "ns1");
+            let apply = PatchParams::apply("test");
+            assert!(maps.get_opt("c").await.unwrap().is_none());
+            let created = maps.patch("c", &apply, &Patch::Apply(config_map("1"))).await.unwrap();
+            assert_eq!(created.metadata.generation, Some(1));
+            assert_eq!(created.metadata.namespace.as_deref(), Some("ns1"));
+            let same = maps.patch("c", &apply, &Patch::Apply(config_map("1"))).await.unwrap();
+            assert_eq!(same.metadata.resource_version, created.metadata.resource_version, "no-op apply");
+            assert_eq!(api.writes("configmaps", "ns1", "c"), 1);
+            let changed = maps.patch("c", &apply, &Patch::Apply(config_map("2"))).await.unwrap();
+            assert_eq!(changed.metadata.generation, Some(2));
+            assert_eq!(maps.get("c").await.unwrap().data.unwrap()["k"], "2");
+            assert_eq!(maps.list(&ListParams::default()).await.unwrap().items.len(), 1);
+            let other: Api<ConfigMap> = Api::namespaced(api.client(), "ns2");
+            assert!(other.list(&ListParams::default()).await.unwrap().items.is_empty());
+            maps.delete("c", &DeleteParams::default()).await.unwrap();
+            assert!(maps.get_opt("c").await.unwrap().is_none());
+            // Cluster-scoped objects live without a namespace.
+            let namespaces: Api<Namespace> = Api::all(api.client());
+            let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}});
+            namespaces.patch("x", &apply, &Patch::Apply(ns)).await.unwrap();
+            assert!(namespaces.get("x").await.unwrap().metadata.namespace.is_none());
+            // Status of a missing object: 404, as a real API server answers.
+            let status = json!({"apiVersion": "v1", "kind": "Namespace", "status": {"phase": "Active"}});
+            assert!(namespaces.patch_status("y", &apply, &Patch::Apply(status.clone())).await.is_err());
+            let with_status = namespaces.patch_status("x", &apply, &Patch::Apply(status)).await.unwrap();
+            assert_eq!(with_status.status.unwrap().phase.as_deref(), Some("Active"));
+            assert_eq!(with_status.metadata.generation, Some(1), "status writes keep the generation");
+            assert_eq!(api.status_writes("namespaces", "", "x"), 1);
+        });
+    }
+
+    fn tokio_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+}
