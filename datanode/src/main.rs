@@ -3,8 +3,9 @@ use std::path::PathBuf;
 
 use bytesize::ByteSize;
 use cairn_common::volume_layout::Preallocation;
+use cairn_datanode::cluster::ClusterOptions;
 use cairn_datanode::engine::{ChunkCache, VolumeConfig};
-use cairn_datanode::server::{run_standalone, StandaloneOptions, VolumeSource};
+use cairn_datanode::server::{run_cluster, run_standalone, StandaloneOptions, VolumeSource};
 use cairn_datanode::store::StandaloneLayout;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,27 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    /// etcd endpoints (comma-separated): join a cluster instead of running standalone.
+    #[arg(long, env = "CAIRN_ETCD", value_delimiter = ',', requires_all = ["cluster", "node_id"])]
+    etcd: Vec<String>,
+    /// The cluster's name.
+    #[arg(long, env = "CAIRN_CLUSTER")]
+    cluster: Option<String>,
+    /// Namespace of the cluster in etcd (the Kubernetes namespace on Kubernetes).
+    #[arg(long, env = "CAIRN_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// This node's id in the topology.
+    #[arg(long, env = "CAIRN_NODE_ID")]
+    node_id: Option<String>,
+    /// This node's zone.
+    #[arg(long, env = "CAIRN_ZONE", default_value = "")]
+    zone: String,
+    /// host:port other nodes reach this one at (default: the listen address).
+    #[arg(long, env = "CAIRN_ADVERTISE")]
+    advertise: Option<String>,
+    /// Timeout of one request to another datanode, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    peer_timeout_ms: u64,
     /// Directory holding this node's volumes (made by the node itself).
     #[arg(long, env = "CAIRN_DATA_DIR", required_unless_present = "disk_agent", conflicts_with = "disk_agent")]
     data_dir: Option<PathBuf>,
@@ -79,12 +101,28 @@ fn run() -> anyhow::Result<()> {
     if args.chunk_cache_size.as_u64() > 0 {
         volume.chunk_cache = Some(std::sync::Arc::new(ChunkCache::new(args.chunk_cache_size.as_u64())));
     }
+    let volume_source = match (args.data_dir, args.disk_agent) {
+        (Some(dir), _) => VolumeSource::DataDir(dir),
+        (None, Some(socket)) => VolumeSource::DiskAgent { socket, disk: args.disk, prefix: args.volume_prefix },
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let cluster = if args.etcd.is_empty() {
+        None
+    } else {
+        Some(ClusterOptions {
+            etcd: args.etcd,
+            namespace: args.namespace,
+            cluster: args.cluster.expect("clap requires --cluster with --etcd"),
+            node_id: args.node_id.expect("clap requires --node-id with --etcd"),
+            zone: args.zone,
+            advertise: args.advertise.unwrap_or_else(|| args.listen.to_string()),
+            volumes: volume_source.clone(),
+            peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),
+            lease_ttl_secs: 5,
+        })
+    };
     let options = StandaloneOptions {
-        volumes: match (args.data_dir, args.disk_agent) {
-            (Some(dir), _) => VolumeSource::DataDir(dir),
-            (None, Some(socket)) => VolumeSource::DiskAgent { socket, disk: args.disk, prefix: args.volume_prefix },
-            (None, None) => unreachable!("clap requires one of them"),
-        },
+        volumes: volume_source,
         listen: args.listen,
         layout: StandaloneLayout {
             partitions: args.partitions,
@@ -107,6 +145,9 @@ fn run() -> anyhow::Result<()> {
             tracing::info!("shutting down");
             signal.cancel();
         });
-        run_standalone(options, shutdown).await
+        match cluster {
+            None => run_standalone(options, shutdown).await,
+            Some(cluster) => run_cluster(cluster, options.listen, options.volume, shutdown).await,
+        }
     })
 }

@@ -64,6 +64,16 @@ pub struct Metrics {
     pub volume_fill: Family<VolumeLabels, Gauge<f64, AtomicU64>>,
     pub volume_live_bytes: Family<VolumeLabels, Gauge>,
     pub volume_writable: Family<VolumeLabels, Gauge>,
+    /// Replication lag of each local replica behind each peer.
+    pub replication_lag_entries: Family<PeerLabels, Gauge>,
+    pub replication_lag_bytes: Family<PeerLabels, Gauge>,
+    pub replication_lag_seconds: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub partition: String,
+    pub peer: String,
 }
 
 impl Default for Metrics {
@@ -77,6 +87,24 @@ impl Default for Metrics {
         let volume_fill = Family::<VolumeLabels, Gauge<f64, AtomicU64>>::default();
         let volume_live_bytes = Family::<VolumeLabels, Gauge>::default();
         let volume_writable = Family::<VolumeLabels, Gauge>::default();
+        let replication_lag_entries = Family::<PeerLabels, Gauge>::default();
+        let replication_lag_bytes = Family::<PeerLabels, Gauge>::default();
+        let replication_lag_seconds = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "replication_lag_entries",
+            "Journal entries a replica has yet to pull from a peer",
+            replication_lag_entries.clone(),
+        );
+        registry.register(
+            "replication_lag_bytes",
+            "Bytes of records a replica has yet to pull from a peer",
+            replication_lag_bytes.clone(),
+        );
+        registry.register(
+            "replication_lag_seconds",
+            "How long a replica has been behind a peer",
+            replication_lag_seconds.clone(),
+        );
         registry.register("http_requests", "HTTP requests by route and status", requests.clone());
         registry.register("http_request_duration_seconds", "HTTP request latency", request_seconds.clone());
         registry.register("blob_bytes", "Blob payload bytes received (in) and sent (out)", bytes.clone());
@@ -101,7 +129,19 @@ impl Default for Metrics {
         registry.register("volume_fill_ratio", "Allocated segment bytes / volume capacity", volume_fill.clone());
         registry.register("volume_live_bytes", "Bytes of records the index points at", volume_live_bytes.clone());
         registry.register("volume_writable", "1 when the volume accepts new blobs", volume_writable.clone());
-        Self { registry, engine, requests, request_seconds, bytes, volume_fill, volume_live_bytes, volume_writable }
+        Self {
+            registry,
+            engine,
+            requests,
+            request_seconds,
+            bytes,
+            volume_fill,
+            volume_live_bytes,
+            volume_writable,
+            replication_lag_entries,
+            replication_lag_bytes,
+            replication_lag_seconds,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::cluster::{Cluster, ClusterOptions};
 use crate::engine::VolumeConfig;
 use crate::metrics::Metrics;
 use crate::store::{StandaloneLayout, Store};
@@ -81,9 +82,39 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         }
     };
     let store = Arc::new(store);
-    let state = AppState { store: store.clone(), metrics, max_blob_bytes: options.volume.max_blob_bytes };
-    let listener = tokio::net::TcpListener::bind(options.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, volumes = ?options.volumes, "cairn-datanode serving");
+    let state =
+        AppState { store: store.clone(), metrics, max_blob_bytes: options.volume.max_blob_bytes, cluster: None };
+    serve(state, options.listen, shutdown).await
+}
+
+/// Serves a node of a cluster: binds first (peers may call as soon as it registers), then joins.
+pub async fn run_cluster(
+    options: ClusterOptions,
+    listen: SocketAddr,
+    volume: VolumeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let store = Arc::new(Store::empty(metrics.clone()));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let cluster = Cluster::start(options, volume.clone(), store.clone(), shutdown.child_token()).await?;
+    let state = AppState { store, metrics, max_blob_bytes: volume.max_blob_bytes, cluster: Some(cluster) };
+    serve_on(listener, state, shutdown).await
+}
+
+async fn serve(state: AppState, listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    serve_on(listener, state, shutdown).await
+}
+
+/// Serves until `shutdown`, then drains requests and checkpoints every volume.
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = state.store.clone();
+    tracing::info!(addr = %listener.local_addr()?, cluster = state.cluster.is_some(), "cairn-datanode serving");
     axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     tokio::task::spawn_blocking(move || store.close()).await?;
     tracing::info!("cairn-datanode stopped");

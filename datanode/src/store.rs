@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use cairn_common::volume_layout::{VolumeMarker, MARKER_FILE};
 use rand::Rng;
@@ -18,8 +18,10 @@ pub struct StandaloneLayout {
     pub volume_size: u64,
 }
 
+/// The volumes a node serves, by partition. A cluster node adds and removes volumes as its
+/// assignments change; a standalone node opens them all at start.
 pub struct Store {
-    volumes: BTreeMap<u32, Arc<Volume>>,
+    volumes: RwLock<BTreeMap<u32, Arc<Volume>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -56,22 +58,42 @@ impl Store {
                 return Err(VolumeError::Corrupt(format!("two volumes of partition {partition}")));
             }
         }
-        Ok(Self { volumes, metrics })
+        Ok(Self { volumes: RwLock::new(volumes), metrics })
     }
 
-    pub fn volume(&self, partition: u32) -> Option<&Arc<Volume>> {
-        self.volumes.get(&partition)
+    /// A store with no volumes yet.
+    pub fn empty(metrics: Arc<Metrics>) -> Self {
+        Self { volumes: RwLock::default(), metrics }
     }
 
-    pub fn volumes(&self) -> impl Iterator<Item = &Arc<Volume>> {
-        self.volumes.values()
+    pub fn volume(&self, partition: u32) -> Option<Arc<Volume>> {
+        self.volumes.read().expect("store lock").get(&partition).cloned()
+    }
+
+    pub fn volumes(&self) -> Vec<Arc<Volume>> {
+        self.volumes.read().expect("store lock").values().cloned().collect()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Starts serving a volume.
+    pub fn insert(&self, volume: Arc<Volume>) {
+        self.volumes.write().expect("store lock").insert(volume.partition(), volume);
+    }
+
+    /// Stops serving a partition's volume (its data stays on disk).
+    pub fn remove(&self, partition: u32) -> Option<Arc<Volume>> {
+        self.volumes.write().expect("store lock").remove(&partition)
     }
 
     /// A writable volume for a new blob, chosen at random weighted by free capacity.
     pub fn pick_for_put(&self) -> Result<Arc<Volume>, VolumeError> {
+        let volumes = self.volumes();
         let mut candidates = Vec::new();
         let mut failed = None;
-        for volume in self.volumes.values() {
+        for volume in &volumes {
             match volume.health() {
                 VolumeHealth::Writable => {
                     let stats = volume.stats()?;
@@ -85,9 +107,7 @@ impl Store {
         let total: u64 = candidates.iter().map(|(_, free)| free).sum();
         if total == 0 {
             return Err(match failed {
-                Some(reason) if self.volumes.values().all(|v| v.health() != VolumeHealth::Full) => {
-                    VolumeError::Failed(reason)
-                }
+                Some(reason) if volumes.iter().all(|v| v.health() != VolumeHealth::Full) => VolumeError::Failed(reason),
                 _ => VolumeError::Full,
             });
         }
@@ -103,7 +123,7 @@ impl Store {
 
     /// Refreshes the per-volume gauges (called when /metrics is scraped).
     pub fn update_gauges(&self) {
-        for volume in self.volumes.values() {
+        for volume in self.volumes() {
             let labels = VolumeLabels { partition: volume.partition().to_string() };
             if let Ok(stats) = volume.stats() {
                 self.metrics
@@ -121,7 +141,7 @@ impl Store {
 
     /// Stops every volume; each commits a final durable checkpoint.
     pub fn close(&self) {
-        for volume in self.volumes.values() {
+        for volume in self.volumes() {
             volume.close();
         }
     }

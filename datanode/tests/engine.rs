@@ -460,3 +460,37 @@ async fn preallocated_volume_keeps_its_space_through_compaction() {
     let volume = open(dir.path(), 16);
     check_contents(&volume, &[live, more].concat(), &deleted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_for_unknown_blobs_and_replication_tokens_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 8);
+    // A replica hears of a delete before the put: the put never lands afterwards.
+    let id = BlobId::generate(volume.partition());
+    assert!(!volume.tombstone(id).await.unwrap(), "did not exist before");
+    let late_put = PutRequest {
+        blob_id: id,
+        meta: BlobMeta::default(),
+        payload: payload(1, 100),
+        created_ms: now_ms(),
+        expiry_ms: None,
+    };
+    volume.put(late_put).await.unwrap();
+    assert!(matches!(volume.open_blob(id), Err(VolumeError::Deleted)));
+    let (known, _) = put(&volume, 99, 500).await.unwrap();
+    assert!(volume.tombstone(known).await.unwrap(), "existed");
+    assert!(matches!(volume.open_blob(known), Err(VolumeError::Deleted)));
+    let tail = volume.journal_tail().unwrap();
+    assert_eq!(tail, 3, "tombstone, tombstone, put of the second blob");
+
+    assert_eq!(volume.replication_token("n2").unwrap(), 0);
+    volume.set_replication_token("n2", 41).unwrap();
+    volume.set_replication_token("n3", 7).unwrap();
+    volume.checkpoint().await.unwrap();
+    volume.abandon();
+    drop(volume);
+    let volume = open(dir.path(), 8);
+    assert_eq!((volume.replication_token("n2").unwrap(), volume.replication_token("n3").unwrap()), (41, 7));
+    assert!(matches!(volume.open_blob(id), Err(VolumeError::Deleted)), "survives recovery");
+    assert_eq!(volume.journal_tail().unwrap(), tail);
+}

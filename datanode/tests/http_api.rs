@@ -314,6 +314,7 @@ fn metrics_openapi_and_probes() {
         ("/v1/blobs/{id}", &["get", "head", "delete"][..]),
         ("/v1/blobs/{id}/info", &["get"][..]),
         ("/v1/blobs/{id}/ttl", &["put"][..]),
+        ("/v1/admin/replicas", &["get"][..]),
         ("/healthz", &["get"][..]),
         ("/readyz", &["get"][..]),
         ("/metrics", &["get"][..]),

@@ -34,22 +34,27 @@ pub struct Options {
     open_blobs: u64,
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 /// A datanode process on a fresh directory, with a client for it; killed when dropped.
-struct NodeProcess {
+pub struct NodeProcess {
     child: Child,
-    client: HttpClient,
-    addr: String,
+    pub client: HttpClient,
+    pub addr: String,
 }
 
 impl NodeProcess {
-    async fn start(dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+    pub async fn start(dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
+        Self::start_at(dir, &format!("127.0.0.1:{port}"), extra_args).await
+    }
+
+    /// Starts a datanode listening on `addr`.
+    pub async fn start_at(dir: &Path, addr: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let addr = addr.to_owned();
         let child = Command::new(datanode_binary()?)
             .args(["--data-dir", dir.to_str().expect("utf-8 path"), "--listen", &addr])
-            .args(["--segment-size", "1GiB", "--volume-size", "64GiB", "--partitions", "1"])
+            .args(["--segment-size", "1GiB", "--volume-size", "64GiB"])
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -113,14 +118,15 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
         tokio::task::spawn_blocking(move || reference::sendfile_latency(&dir, 5 << 20, 200)).await??;
 
     let node = NodeProcess::start(&work.path().join("node"), &[]).await?;
-    let ops = put_throughput(&node.client, &node.addr, 4096, 64, seconds).await?;
+    let addrs = [node.addr.clone()];
+    let (ops, _) = put_throughput(&node.client, &addrs, 4096, 64, seconds).await?;
     results.push(Scenario::new("put_4k_c64", ops, "ops/s").against(
         raw_4k,
         "ops/s",
         "raw 4 KiB pwrite+fdatasync, one writer, same filesystem",
     ));
 
-    let ops = put_throughput(&node.client, &node.addr, 5 << 20, 4, seconds).await?;
+    let (ops, _) = put_throughput(&node.client, &addrs, 5 << 20, 4, seconds).await?;
     results.push(Scenario::new("put_5m", ops * 5.0 * 1048576.0 / 1e6, "MB/s").against(
         raw_seq,
         "MB/s",
@@ -158,11 +164,12 @@ async fn wait_healthy(client: &HttpClient, addr: &str) -> anyhow::Result<()> {
     }
 }
 
-async fn put_once(client: &HttpClient, addr: &str, body: Bytes) -> anyhow::Result<String> {
+pub async fn put_once(client: &HttpClient, addr: &str, body: Bytes) -> anyhow::Result<String> {
     let request = hyper::Request::post(format!("http://{addr}/v1/blobs")).body(Full::new(body))?;
     let response = client.request(request).await?;
-    anyhow::ensure!(response.status() == 201, "PUT answered {}", response.status());
+    let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(status == 201, "PUT answered {status}: {}", String::from_utf8_lossy(&body));
     let v: serde_json::Value = serde_json::from_slice(&body)?;
     Ok(v["id"].as_str().unwrap_or_default().to_owned())
 }
@@ -201,23 +208,61 @@ fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize) -> anyhow::R
     Ok(samples)
 }
 
-/// PUTs of `size` bytes from `clients` concurrent connections for `duration`: ops/s.
-async fn put_throughput(
+/// PUTs of `size` bytes from `clients` concurrent connections for `duration`, spread over
+/// `addrs`: ops/s, and the ids stored.
+pub async fn put_throughput(
     client: &HttpClient,
-    addr: &str,
+    addrs: &[String],
     size: usize,
     clients: usize,
     duration: Duration,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, Vec<String>)> {
     let body = Bytes::from(vec![0x17u8; size]);
-    let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (client, addr, body, done) = (client.clone(), addr.to_owned(), body.clone(), done.clone());
+    for c in 0..clients {
+        let (client, addr, body) = (client.clone(), addrs[c % addrs.len()].clone(), body.clone());
         tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
             while started.elapsed() < duration {
-                put_once(&client, &addr, body.clone()).await?;
+                ids.push(put_once(&client, &addr, body.clone()).await?);
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await??);
+    }
+    Ok((ids.len() as f64 / started.elapsed().as_secs_f64(), ids))
+}
+
+/// GETs of random ids from `clients` concurrent connections for `duration`, spread over
+/// `addrs`: (ops/s, bytes/s).
+pub async fn get_throughput(
+    client: &HttpClient,
+    addrs: &[String],
+    ids: &[String],
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let ids = Arc::new(ids.to_vec());
+    let done = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (client, addr, ids, done, bytes) =
+            (client.clone(), addrs[c % addrs.len()].clone(), ids.clone(), done.clone(), bytes.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = c * 7919;
+            while started.elapsed() < duration {
+                i = (i + 104_729) % ids.len();
+                let uri: hyper::Uri = format!("http://{addr}/v1/blobs/{}", ids[i]).parse()?;
+                let response = client.get(uri).await?;
+                anyhow::ensure!(response.status() == 200, "GET answered {}", response.status());
+                let body = response.into_body().collect().await?.to_bytes();
+                bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                 done.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -226,7 +271,8 @@ async fn put_throughput(
     for t in tasks {
         t.await??;
     }
-    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+    let secs = started.elapsed().as_secs_f64();
+    Ok((done.load(Ordering::Relaxed) as f64 / secs, bytes.load(Ordering::Relaxed) as f64 / secs))
 }
 
 /// Fills a volume with `blobs` small blobs in-process, closes it, and times the reopen.

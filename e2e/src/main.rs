@@ -1,5 +1,6 @@
 //! `cairn-bench`: benchmarks, each figure next to a physical reference measured in the same run.
 
+mod cluster;
 mod datanode;
 mod disk_agent;
 mod reference;
@@ -18,6 +19,8 @@ struct Args {
 enum Command {
     /// One standalone datanode: PUT throughput, GET latency, volume open time.
     Datanode(datanode::Options),
+    /// A local 3-node cluster (real etcd) against one node; catch-up after a node was down.
+    Cluster(cluster::Options),
     /// The disk agent: mountinfo scan, CreateVolume against a raw fallocate (needs root).
     DiskAgent(disk_agent::Options),
 }
@@ -82,6 +85,11 @@ fn main() -> anyhow::Result<()> {
         Command::Datanode(options) => {
             let json = options.json;
             let results = tokio::runtime::Runtime::new()?.block_on(datanode::run(options))?;
+            report(&results, json);
+        }
+        Command::Cluster(options) => {
+            let json = options.json;
+            let results = tokio::runtime::Runtime::new()?.block_on(cluster::run(options))?;
             report(&results, json);
         }
         Command::DiskAgent(options) => {

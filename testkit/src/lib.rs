@@ -1,5 +1,6 @@
 //! Test support shared by Cairn's crates.
 //!
+//! - [`etcd`]: a real etcd server on free loopback ports.
 //! - [`machine`]: loop devices, filesystems and mounts that clean up after themselves.
 //!
 //! [`MemoryApi`]: an in-memory Kubernetes API server behind a real `kube::Client`, for tests
@@ -10,7 +11,21 @@
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). Every
 //! write is counted per object so tests can prove that a converged controller writes nothing.
 
+pub mod etcd;
 pub mod machine;
+
+/// Deterministic pseudo-random bytes (xorshift), the same for a seed everywhere.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

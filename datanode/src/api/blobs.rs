@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -62,7 +62,7 @@ fn parse_id(raw: &str) -> Result<BlobId, ApiError> {
 
 fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>, ApiError> {
     // A standalone node holds every replica it knows; an unknown partition has no blob here.
-    state.store.volume(id.partition()).cloned().ok_or(ApiError::BlobNotFound)
+    state.store.volume(id.partition()).ok_or(ApiError::BlobNotFound)
 }
 
 /// Store a new blob.
@@ -100,12 +100,18 @@ pub async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: B
             }
         })?
         .to_bytes();
-    let volume = state.store.pick_for_put()?;
     let created_ms = now_ms();
     let expiry_ms = ttl.map(|t| created_ms + t * 1000);
-    let blob_id = BlobId::generate(volume.partition());
     let size = payload.len() as u64;
-    volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms }).await?;
+    let blob_id = match &state.cluster {
+        Some(cluster) => cluster.put(meta, payload, created_ms, expiry_ms).await?,
+        None => {
+            let volume = state.store.pick_for_put()?;
+            let blob_id = BlobId::generate(volume.partition());
+            volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms }).await?;
+            blob_id
+        }
+    };
     state.metrics.bytes.get_or_create(&DirectionLabels { direction: "in" }).inc_by(size);
     let body = PutResponse {
         id: blob_id.to_string(),
@@ -167,11 +173,41 @@ fn blob_headers(reader: &BlobReader) -> HeaderMap {
 pub async fn get_blob(
     State(state): State<AppState>,
     Path(raw): Path<String>,
-    Query(_params): Query<GetParams>,
+    Query(params): Query<GetParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    let reader = open(&state, id).await?;
+    routed(&state, id, params.local, Method::GET, "", &headers, serve_get(&state, id, &headers)).await
+}
+
+/// In a cluster (unless `?local=true`): the local replica's answer if it has the blob (or
+/// knows it is gone), else the other replicas'. Standalone: the local answer.
+async fn routed(
+    state: &AppState,
+    id: BlobId,
+    local_only: bool,
+    method: Method,
+    suffix: &str,
+    headers: &HeaderMap,
+    local: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
+    let Some(cluster) = state.cluster.as_ref().filter(|_| !local_only) else {
+        return local.await;
+    };
+    if state.store.volume(id.partition()).is_some() {
+        match local.await {
+            Ok(response) => return Ok(response),
+            Err(e @ (ApiError::BlobDeleted | ApiError::BlobExpired | ApiError::RangeNotSatisfiable { .. })) => {
+                return Err(e)
+            }
+            Err(e) => tracing::debug!(%id, error = %e, "local replica cannot answer; asking the others"),
+        }
+    }
+    cluster.read_from_peers(id, method, suffix, headers).await
+}
+
+async fn serve_get(state: &AppState, id: BlobId, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let reader = open(state, id).await?;
     let len = reader.len();
     let range = parse_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), len)?;
     let (start, end) = range.unwrap_or((0, len));
@@ -241,12 +277,20 @@ async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> Result<Body
 #[utoipa::path(head, path = "/v1/blobs/{id}", tag = "blobs",
     params(("id" = String, Path, description = "Blob id")),
     responses((status = 200, description = "Headers of the blob"), (status = 400), (status = 404), (status = 410)))]
-pub async fn head_blob(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Response, ApiError> {
+pub async fn head_blob(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    Query(params): Query<GetParams>,
+    request_headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    let reader = open(&state, id).await?;
-    let mut headers = blob_headers(&reader);
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reader.len()));
-    Ok((StatusCode::OK, headers).into_response())
+    let local = async {
+        let reader = open(&state, id).await?;
+        let mut headers = blob_headers(&reader);
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reader.len()));
+        Ok((StatusCode::OK, headers).into_response())
+    };
+    routed(&state, id, params.local, Method::HEAD, "", &request_headers, local).await
 }
 
 /// Delete a blob; later reads answer 410. Deleting twice is fine.
@@ -260,7 +304,10 @@ pub async fn head_blob(State(state): State<AppState>, Path(raw): Path<String>) -
     ))]
 pub async fn delete_blob(State(state): State<AppState>, Path(raw): Path<String>) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
-    volume_for(&state, id)?.delete(id).await?;
+    match &state.cluster {
+        Some(cluster) => cluster.delete(id).await?,
+        None => volume_for(&state, id)?.delete(id).await?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -268,10 +315,20 @@ pub async fn delete_blob(State(state): State<AppState>, Path(raw): Path<String>)
 #[utoipa::path(get, path = "/v1/blobs/{id}/info", tag = "blobs",
     params(("id" = String, Path, description = "Blob id")),
     responses((status = 200, body = BlobInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
-pub async fn blob_info(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<BlobInfo>, ApiError> {
+pub async fn blob_info(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    Query(params): Query<GetParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    let reader = open(&state, id).await?;
-    Ok(Json(BlobInfo {
+    let local = async { local_info(&state, id).await.map(|info| Json(info).into_response()) };
+    routed(&state, id, params.local, Method::GET, "/info", &headers, local).await
+}
+
+async fn local_info(state: &AppState, id: BlobId) -> Result<BlobInfo, ApiError> {
+    let reader = open(state, id).await?;
+    Ok(BlobInfo {
         id: id.to_string(),
         size: reader.len(),
         content_type: reader.meta.content_type.clone(),
@@ -279,7 +336,7 @@ pub async fn blob_info(State(state): State<AppState>, Path(raw): Path<String>) -
         created_ms: reader.entry.created_ms,
         expires_ms: reader.entry.expiry_ms,
         metadata: reader.meta.user.iter().cloned().collect(),
-    }))
+    })
 }
 
 /// Change a blob's time to live.
@@ -299,6 +356,9 @@ pub async fn update_ttl(
         None => None,
         Some(t) => Some(now_ms() + limits::parse_ttl_seconds(&t.to_string())? * 1000),
     };
-    volume_for(&state, id)?.update_ttl(id, expiry_ms).await?;
+    match &state.cluster {
+        Some(cluster) => cluster.update_ttl(id, expiry_ms).await?,
+        None => volume_for(&state, id)?.update_ttl(id, expiry_ms).await?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }

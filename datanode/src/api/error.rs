@@ -39,6 +39,12 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Integrity(String),
+    /// A replica call reached a node that holds no replica of the partition.
+    #[error("no replica of partition {0} on this node")]
+    NoReplica(u32),
+    /// Too few replicas answered for a write quorum (or for any read).
+    #[error("{0}")]
+    NoQuorum(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -74,6 +80,8 @@ impl ApiError {
             ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Integrity(_) => "integrity_error",
+            ApiError::NoReplica(_) => "no_replica_here",
+            ApiError::NoQuorum(_) => "no_quorum",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -91,7 +99,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NoQuorum(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoReplica(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Integrity(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

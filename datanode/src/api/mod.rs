@@ -26,6 +26,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub max_blob_bytes: u64,
+    /// Set when the node is part of a cluster: requests are routed across replicas.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 #[derive(OpenApi)]
@@ -41,6 +43,7 @@ pub struct AppState {
         blobs::delete_blob,
         blobs::blob_info,
         blobs::update_ttl,
+        admin_replicas,
         healthz,
         readyz,
         metrics,
@@ -64,10 +67,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/blobs/{id}", get(blobs::get_blob).head(blobs::head_blob).delete(blobs::delete_blob))
         .route("/v1/blobs/{id}/info", get(blobs::blob_info))
         .route("/v1/blobs/{id}/ttl", put(blobs::update_ttl))
+        .route("/v1/admin/replicas", get(admin_replicas))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .merge(crate::cluster::replica_api::routes(state.max_blob_bytes))
         .fallback(
             |req: Request| async move { ApiError::RouteNotFound(format!("{} {}", req.method(), req.uri().path())) },
         )
@@ -87,6 +92,14 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     state.metrics.requests.get_or_create(&labels).inc();
     state.metrics.request_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// Replication progress of each local replica behind each peer (empty on a standalone node).
+#[utoipa::path(get, path = "/v1/admin/replicas", tag = "operations",
+    responses((status = 200, description = "One entry per (partition, peer)", body = Vec<Object>)))]
+async fn admin_replicas(State(state): State<AppState>) -> Response {
+    let list = state.cluster.as_ref().map(|c| c.replication.list()).unwrap_or_default();
+    Json(list).into_response()
 }
 
 /// The process is up.
@@ -116,6 +129,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let volumes: Vec<VolumeReadiness> = state
         .store
         .volumes()
+        .iter()
         .map(|v| {
             let (state, reason) = match v.health() {
                 VolumeHealth::Writable => ("writable", None),

@@ -19,6 +19,8 @@ pub const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal")
 pub const SEGMENTS: TableDefinition<u32, &[u8]> = TableDefinition::new("segments");
 /// singletons: [`LOG_TAIL`], [`COMPACTION`]
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Replication: peer node id → the next journal sequence to pull from that peer's replica.
+pub const REPLICATION: TableDefinition<&str, u64> = TableDefinition::new("replication");
 
 /// Key of the [`LogTail`] in [`META`]: the durable mark recovery replays from.
 pub const LOG_TAIL: &str = "log_tail";

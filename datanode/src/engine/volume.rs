@@ -70,8 +70,18 @@ pub struct PutRequest {
 
 enum WriteOp {
     Put(EncodedRecord),
-    Delete { blob_id: BlobId, at_ms: u64 },
-    TtlUpdate { blob_id: BlobId, expiry_ms: Option<u64>, at_ms: u64 },
+    /// `tombstone_unknown`: also record the deletion of a blob this volume never had (a
+    /// replica learning of a delete before the put), so that the put never lands later.
+    Delete {
+        blob_id: BlobId,
+        at_ms: u64,
+        tombstone_unknown: bool,
+    },
+    TtlUpdate {
+        blob_id: BlobId,
+        expiry_ms: Option<u64>,
+        at_ms: u64,
+    },
 }
 
 enum WriterMsg {
@@ -227,7 +237,48 @@ impl Volume {
 
     /// Deletes a blob (idempotent); returns once the tombstone is durable.
     pub async fn delete(&self, blob_id: BlobId) -> Result<(), VolumeError> {
-        self.write(WriteOp::Delete { blob_id, at_ms: now_ms() }).await
+        self.write(WriteOp::Delete { blob_id, at_ms: now_ms(), tombstone_unknown: false }).await
+    }
+
+    /// Deletes a blob whether or not this replica has it yet; durable on return. Returns whether
+    /// the blob was known here before.
+    pub async fn tombstone(&self, blob_id: BlobId) -> Result<bool, VolumeError> {
+        let existed = match self.entry(blob_id) {
+            Ok(_) => true,
+            Err(VolumeError::NotFound) => false,
+            Err(e) => return Err(e),
+        };
+        self.write(WriteOp::Delete { blob_id, at_ms: now_ms(), tombstone_unknown: true }).await?;
+        Ok(existed)
+    }
+
+    /// Where replication from `peer` goes on: the next journal sequence to pull.
+    pub fn replication_token(&self, peer: &str) -> Result<u64, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let table = match txn.open_table(index::REPLICATION) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get(peer)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Records replication progress. Written lazily (made durable by the next checkpoint): a
+    /// token lost in a crash only makes replication pull entries again, which applies idempotently.
+    pub fn set_replication_token(&self, peer: &str, next_seq: u64) -> Result<(), VolumeError> {
+        let mut txn = self.shared.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
+        txn.open_table(index::REPLICATION)?.insert(peer, next_seq)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The next journal sequence this volume will write (entries below it exist).
+    pub fn journal_tail(&self) -> Result<u64, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let journal = txn.open_table(JOURNAL)?;
+        let tail = journal.last()?.map(|(k, _)| k.value() + 1).unwrap_or(0);
+        Ok(tail)
     }
 
     /// Sets a new expiry (`None`: never expires).
@@ -437,6 +488,17 @@ fn apply_record(
             crc,
             seq,
         },
+        (RecordKind::Delete, None) => IndexEntry {
+            state: BlobState::Deleted,
+            location: Some(location),
+            payload_len: 0,
+            meta_len: 0,
+            created_ms: header.created_ms,
+            expiry_ms: None,
+            deleted_ms: Some(header.created_ms),
+            crc,
+            seq,
+        },
         (RecordKind::Delete, Some(mut entry)) if entry.state != BlobState::Deleted => {
             if let (BlobState::Live, Some(old)) = (entry.state, entry.location) {
                 let info = tables.segments.get(old.segment)?;
@@ -489,11 +551,14 @@ fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -> Result<Pl
                 Some(_) => Err(VolumeError::Conflict),
             };
         }
-        WriteOp::Delete { blob_id, at_ms } => match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
-            None => return Err(VolumeError::NotFound),
-            Some(e) if e.state != BlobState::Live => return Ok(Planned::Nothing),
-            Some(_) => (blob_id, RecordKind::Delete, at_ms, None),
-        },
+        WriteOp::Delete { blob_id, at_ms, tombstone_unknown } => {
+            match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
+                None if tombstone_unknown => (blob_id, RecordKind::Delete, at_ms, None),
+                None => return Err(VolumeError::NotFound),
+                Some(e) if e.state != BlobState::Live => return Ok(Planned::Nothing),
+                Some(_) => (blob_id, RecordKind::Delete, at_ms, None),
+            }
+        }
         WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms } => {
             match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
                 None => return Err(VolumeError::NotFound),

@@ -1,0 +1,344 @@
+//! The cluster in etcd (docs/etcd-layout.md): topology keys written in guarded transactions,
+//! leased live registrations kept alive in a loop, and a watch that keeps a snapshot current.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::planner::{self, PlanError};
+use crate::topology::{ClusterConfig, LiveNode, NodeSpec, PartitionSpec, Topology};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("{key}: {reason}")]
+    BadValue { key: String, reason: String },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("the topology kept changing under this update ({0} attempts)")]
+    Contended(u32),
+}
+
+/// What etcd holds for one cluster at one revision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub topology: Topology,
+    pub live: BTreeMap<String, LiveNode>,
+    pub revision: i64,
+    /// mod_revision of every topology key, for guarded updates.
+    versions: BTreeMap<String, i64>,
+}
+
+#[derive(Clone)]
+pub struct ClusterStore {
+    client: Client,
+    prefix: String,
+}
+
+/// Connection settings: fail fast when etcd is away, notice a dead connection.
+pub fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+        .with_keep_alive_while_idle(true)
+}
+
+impl ClusterStore {
+    /// `namespace` separates clusters of the same name (the Kubernetes namespace, or `default`).
+    pub async fn connect(endpoints: &[String], namespace: &str, cluster: &str) -> Result<Self, StoreError> {
+        let client = Client::connect(endpoints, Some(connect_options())).await?;
+        Ok(Self { client, prefix: format!("/cairn/v1/{namespace}/{cluster}/") })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn config_key(&self) -> String {
+        format!("{}config", self.prefix)
+    }
+    fn node_key(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.prefix)
+    }
+    fn partition_key(&self, id: u32) -> String {
+        format!("{}partitions/{id:08}", self.prefix)
+    }
+    fn live_key(&self, node: &str) -> String {
+        format!("{}live/{node}", self.prefix)
+    }
+
+    /// Everything under the cluster's prefix.
+    pub async fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut client = self.client.clone();
+        let response = client.get(self.prefix.clone(), Some(GetOptions::new().with_prefix())).await?;
+        let mut snapshot =
+            Snapshot { revision: response.header().map(|h| h.revision()).unwrap_or_default(), ..Snapshot::default() };
+        for kv in response.kvs() {
+            let key = kv.key_str()?.to_owned();
+            self.apply(&mut snapshot, &key, Some((kv.value(), kv.mod_revision())))?;
+        }
+        Ok(snapshot)
+    }
+
+    /// Puts one key's value (or its deletion) into a snapshot.
+    fn apply(&self, snapshot: &mut Snapshot, key: &str, value: Option<(&[u8], i64)>) -> Result<(), StoreError> {
+        let Some(rel) = key.strip_prefix(&self.prefix) else { return Ok(()) };
+        fn parse<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+            serde_json::from_slice(bytes).map_err(|e| StoreError::BadValue { key: key.into(), reason: e.to_string() })
+        }
+        let t = &mut snapshot.topology;
+        match (rel.split_once('/'), value) {
+            (None, Some((bytes, _))) if rel == "config" => t.config = Some(parse(key, bytes)?),
+            (None, None) if rel == "config" => t.config = None,
+            (Some(("nodes", id)), Some((bytes, _))) => {
+                t.nodes.insert(id.to_owned(), parse(key, bytes)?);
+            }
+            (Some(("nodes", id)), None) => {
+                t.nodes.remove(id);
+            }
+            (Some(("partitions", id)), v) => {
+                let id: u32 =
+                    id.parse().map_err(|_| StoreError::BadValue { key: key.into(), reason: "bad id".into() })?;
+                match v {
+                    Some((bytes, _)) => t.partitions.insert(id, parse(key, bytes)?),
+                    None => t.partitions.remove(&id),
+                };
+            }
+            (Some(("live", node)), Some((bytes, _))) => {
+                snapshot.live.insert(node.to_owned(), parse(key, bytes)?);
+            }
+            (Some(("live", node)), None) => {
+                snapshot.live.remove(node);
+            }
+            _ => tracing::debug!(key, "ignoring an unknown key"),
+        }
+        if !rel.starts_with("live/") {
+            match value {
+                Some((_, revision)) => snapshot.versions.insert(key.to_owned(), revision),
+                None => snapshot.versions.remove(key),
+            };
+        }
+        Ok(())
+    }
+
+    /// Writes the config and nodes, and a placement planned from them and what etcd holds, in one
+    /// transaction guarded by the mod revision of every topology key it read (retried when another
+    /// writer got there first). Returns the topology written.
+    pub async fn apply_topology(&self, config: &ClusterConfig, nodes: &[NodeSpec]) -> Result<Topology, StoreError> {
+        const ATTEMPTS: u32 = 5;
+        for _ in 0..ATTEMPTS {
+            let snapshot = self.load().await?;
+            let partitions = planner::plan(config, nodes, &snapshot.topology.partitions)?;
+            let desired = Topology {
+                config: Some(config.clone()),
+                nodes: nodes.iter().map(|n| (n.id.clone(), n.clone())).collect(),
+                partitions,
+            };
+            if self.write_topology(&snapshot, &desired).await? {
+                return Ok(desired);
+            }
+        }
+        Err(StoreError::Contended(ATTEMPTS))
+    }
+
+    /// Replaces one partition (its state or replicas), guarded by what `snapshot` saw.
+    pub async fn update_partition(&self, snapshot: &Snapshot, partition: &PartitionSpec) -> Result<bool, StoreError> {
+        let mut desired = snapshot.topology.clone();
+        desired.partitions.insert(partition.id, partition.clone());
+        self.write_topology(snapshot, &desired).await
+    }
+
+    /// One transaction from `snapshot.topology` to `desired`: false if someone changed a key since.
+    async fn write_topology(&self, snapshot: &Snapshot, desired: &Topology) -> Result<bool, StoreError> {
+        let values = self.encode(desired);
+        // Every key read or written must be as it was read: unchanged, or still absent.
+        let keys: std::collections::BTreeSet<&String> = snapshot.versions.keys().chain(values.keys()).collect();
+        let guards: Vec<Compare> = keys
+            .into_iter()
+            .map(|key| match snapshot.versions.get(key) {
+                Some(revision) => Compare::mod_revision(key.clone(), CompareOp::Equal, *revision),
+                None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            })
+            .collect();
+        let mut ops = Vec::new();
+        let current = self.encode(&snapshot.topology);
+        for (key, value) in &values {
+            if current.get(key) != Some(value) {
+                ops.push(TxnOp::put(key.clone(), value.clone(), None));
+            }
+        }
+        for key in snapshot.versions.keys() {
+            if !values.contains_key(key) {
+                ops.push(TxnOp::delete(key.clone(), None));
+            }
+        }
+        if ops.is_empty() {
+            return Ok(true);
+        }
+        let mut client = self.client.clone();
+        let response = client.txn(Txn::new().when(guards).and_then(ops)).await?;
+        Ok(response.succeeded())
+    }
+
+    /// The topology as etcd keys and values.
+    fn encode(&self, t: &Topology) -> BTreeMap<String, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        if let Some(config) = &t.config {
+            out.insert(self.config_key(), serde_json::to_vec(config).expect("JSON"));
+        }
+        for node in t.nodes.values() {
+            out.insert(self.node_key(&node.id), serde_json::to_vec(node).expect("JSON"));
+        }
+        for p in t.partitions.values() {
+            out.insert(self.partition_key(p.id), serde_json::to_vec(p).expect("JSON"));
+        }
+        out
+    }
+
+    /// Keeps `live/<node>` registered under a lease until `cancel`: keep-alive every ttl/3, a new
+    /// lease and registration whenever the old one expired or etcd was away, the value rewritten
+    /// (same lease) when `live` changes, revoke on the way out.
+    pub async fn keep_registered(&self, mut live: watch::Receiver<LiveNode>, ttl_secs: i64, cancel: CancellationToken) {
+        let node = live.borrow().node.clone();
+        let key = self.live_key(&node);
+        let mut client = self.client.clone();
+        let beat = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(100));
+        while !cancel.is_cancelled() {
+            let value = serde_json::to_vec(&*live.borrow_and_update()).expect("JSON");
+            let lease = async {
+                let lease = client.lease_grant(ttl_secs, None).await?.id();
+                client.put(key.clone(), value, Some(PutOptions::new().with_lease(lease))).await?;
+                Ok::<_, etcd_client::Error>(lease)
+            }
+            .await;
+            let lease = match lease {
+                Ok(lease) => lease,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering in etcd failed; retrying");
+                    tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                    continue;
+                }
+            };
+            tracing::info!(node = %node, lease, "registered in etcd");
+            let kept = async {
+                let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+                loop {
+                    keeper.keep_alive().await?;
+                    match responses.message().await? {
+                        Some(r) if r.ttl() > 0 => {}
+                        _ => return Ok::<_, etcd_client::Error>(()), // expired: register again
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(beat) => {}
+                        changed = live.changed() => if changed.is_ok() {
+                            let value = serde_json::to_vec(&*live.borrow_and_update()).expect("JSON");
+                            client.put(key.clone(), value, Some(PutOptions::new().with_lease(lease))).await?;
+                        },
+                    }
+                }
+            }
+            .await;
+            if cancel.is_cancelled() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+                return;
+            }
+            match kept {
+                Ok(()) => tracing::warn!(node = %node, "lease expired; registering again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease keep-alive failed; registering again");
+                    tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+                }
+            }
+        }
+    }
+
+    /// A snapshot kept current by a watch until `cancel`: resumed at revision + 1 when the stream
+    /// breaks, re-listed when etcd compacted past it.
+    pub fn watch(&self, initial: Snapshot, cancel: CancellationToken) -> watch::Receiver<Arc<Snapshot>> {
+        let (tx, rx) = watch::channel(Arc::new(initial.clone()));
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut snapshot = initial;
+            let mut relist = false;
+            while !cancel.is_cancelled() {
+                if relist {
+                    match store.load().await {
+                        Ok(fresh) => {
+                            snapshot = fresh;
+                            tx.send_replace(Arc::new(snapshot.clone()));
+                            relist = false;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "listing etcd failed; retrying");
+                            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                            continue;
+                        }
+                    }
+                }
+                let mut client = store.client.clone();
+                let options = WatchOptions::new().with_prefix().with_start_revision(snapshot.revision + 1);
+                let mut stream = match client.watch(store.prefix.clone(), Some(options)).await {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watching etcd failed; retrying");
+                        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                        continue;
+                    }
+                };
+                loop {
+                    let message = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        m = stream.message() => m,
+                    };
+                    match message {
+                        Ok(Some(response)) => {
+                            if response.compact_revision() > 0 || response.canceled() {
+                                tracing::warn!(
+                                    compacted = response.compact_revision(),
+                                    "watch canceled; listing again"
+                                );
+                                relist = true;
+                                break;
+                            }
+                            let mut changed = false;
+                            for event in response.events() {
+                                let Some(kv) = event.kv() else { continue };
+                                let Ok(key) = kv.key_str() else { continue };
+                                let value = match event.event_type() {
+                                    EventType::Put => Some((kv.value(), kv.mod_revision())),
+                                    EventType::Delete => None,
+                                };
+                                if let Err(e) = store.apply(&mut snapshot, key, value) {
+                                    tracing::warn!(error = %e, "ignoring a bad value");
+                                }
+                                snapshot.revision = snapshot.revision.max(kv.mod_revision());
+                                changed = true;
+                            }
+                            if let Some(header) = response.header() {
+                                snapshot.revision = snapshot.revision.max(header.revision());
+                            }
+                            if changed {
+                                tx.send_replace(Arc::new(snapshot.clone()));
+                            }
+                        }
+                        Ok(None) | Err(_) => {
+                            tracing::warn!(revision = snapshot.revision, "watch stream ended; resuming");
+                            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    }
+}

@@ -1,0 +1,12 @@
+//! Cairn's cluster layer, shared by the datanode, the CLI and the operator.
+//!
+//! - [`topology`]: what a cluster is made of (config, nodes, partitions and their replicas).
+//! - [`planner`]: places partition replicas on nodes' disks (zone-aware, capacity-weighted,
+//!   deterministic, minimal movement).
+//! - [`etcd`]: the topology and live registrations in etcd (docs/etcd-layout.md).
+
+pub mod etcd;
+pub mod planner;
+pub mod topology;
+
+pub use topology::{ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, Topology};

@@ -1,0 +1,103 @@
+//! The cluster store against a real etcd.
+
+use std::time::Duration;
+
+use cairn_cluster::etcd::ClusterStore;
+use cairn_cluster::{ClusterConfig, DiskSpec, LiveNode, NodeSpec};
+use cairn_testkit::etcd::EtcdServer;
+use tokio_util::sync::CancellationToken;
+
+fn config(partitions: u32) -> ClusterConfig {
+    ClusterConfig {
+        replication_factor: 3,
+        write_quorum: 2,
+        partitions,
+        volume_size_bytes: 1 << 30,
+        segment_size_bytes: 1 << 28,
+    }
+}
+
+fn nodes(n: usize) -> Vec<NodeSpec> {
+    (0..n)
+        .map(|i| NodeSpec {
+            id: format!("n{i}"),
+            zone: format!("z{}", i % 3),
+            address: format!("127.0.0.1:{}", 7000 + i),
+            disks: vec![DiskSpec { id: "d0".into(), capacity_bytes: 100 << 30 }],
+        })
+        .collect()
+}
+
+async fn wait_for(
+    rx: &mut tokio::sync::watch::Receiver<std::sync::Arc<cairn_cluster::etcd::Snapshot>>,
+    what: &str,
+    f: impl Fn(&cairn_cluster::etcd::Snapshot) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f(&rx.borrow()) {
+        assert!(tokio::time::timeout_at(deadline, rx.changed()).await.is_ok(), "timed out waiting for {what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_registration_and_watch_survive_an_etcd_restart() {
+    let mut etcd = EtcdServer::start();
+    let store = ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
+    let written = store.apply_topology(&config(6), &nodes(4)).await.unwrap();
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.topology, written);
+    // Applying the same again writes nothing and changes nothing.
+    assert_eq!(store.apply_topology(&config(6), &nodes(4)).await.unwrap(), written);
+    assert_eq!(store.load().await.unwrap().revision, loaded.revision);
+
+    let cancel = CancellationToken::new();
+    let mut rx = store.watch(loaded.clone(), cancel.clone());
+    let live = LiveNode {
+        node: "n0".into(),
+        address: "127.0.0.1:7000".into(),
+        zone: "z0".into(),
+        started_ms: 1,
+        free_bytes: Default::default(),
+    };
+    let (live_tx, live_rx) = tokio::sync::watch::channel(live);
+    let registration = tokio::spawn({
+        let (store, cancel) = (store.clone(), cancel.clone());
+        async move { store.keep_registered(live_rx, 2, cancel).await }
+    });
+    wait_for(&mut rx, "registration", |s| s.live.contains_key("n0")).await;
+    // A changed value (free space) is rewritten under the same lease.
+    live_tx.send_modify(|l| {
+        l.free_bytes.insert(3, 12345);
+    });
+    wait_for(&mut rx, "free space", |s| s.live.get("n0").and_then(|l| l.free_bytes.get(&3)) == Some(&12345)).await;
+
+    // A guarded update from a stale snapshot loses.
+    let mut p = loaded.topology.partitions[&0].clone();
+    p.state = cairn_cluster::PartitionState::ReadOnly;
+    assert!(store.update_partition(&loaded, &p).await.unwrap());
+    assert!(!store.update_partition(&loaded, &p).await.unwrap(), "stale snapshot refused");
+    wait_for(&mut rx, "partition state", |s| {
+        s.topology.partitions[&0].state == cairn_cluster::PartitionState::ReadOnly
+    })
+    .await;
+
+    // etcd goes away for longer than the lease; registration and watch come back by themselves.
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    etcd.restart();
+    let other = ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
+    other.apply_topology(&config(8), &nodes(5)).await.unwrap();
+    wait_for(&mut rx, "topology after restart", |s| s.topology.partitions.len() == 8 && s.topology.nodes.len() == 5)
+        .await;
+    wait_for(&mut rx, "registration after restart", |s| s.live.contains_key("n0")).await;
+    // Growing kept every earlier replica where it was.
+    let now = store.load().await.unwrap();
+    for (id, p) in &written.partitions {
+        assert_eq!(now.topology.partitions[id].replicas, p.replicas);
+    }
+
+    cancel.cancel();
+    registration.await.unwrap();
+    let after = store.load().await.unwrap();
+    assert!(!after.live.contains_key("n0"), "lease revoked on the way out");
+}

@@ -1,0 +1,270 @@
+//! A datanode in a cluster: membership in etcd, the volumes of the replicas assigned to this
+//! node, routing of the public API to replicas with write quorum, the replica API between
+//! datanodes, and pull replication. docs/cluster.md describes the protocols.
+//!
+//! - [`Cluster`] (this file): registration, the topology watch, and the reconciler that opens and
+//!   closes this node's replicas and starts and stops their replication.
+//! - [`router`]: PUT/GET/DELETE/TTL of the public API across replicas.
+//! - [`replica_api`]: what datanodes ask each other (`/replica/v1/...`).
+//! - [`replication`]: each replica pulls its peers' journals.
+
+pub mod replica_api;
+pub mod replication;
+pub mod router;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_cluster::etcd::{ClusterStore, Snapshot};
+use cairn_cluster::{ClusterConfig, LiveNode, PartitionSpec, Topology};
+use cairn_common::agent_api::CreateVolumeRequest;
+use cairn_common::volume_layout::VolumeMarker;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{now_ms, Volume, VolumeConfig};
+use crate::server::VolumeSource;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub etcd: Vec<String>,
+    pub namespace: String,
+    pub cluster: String,
+    pub node_id: String,
+    pub zone: String,
+    /// host:port other datanodes and clients use to reach this node.
+    pub advertise: String,
+    pub volumes: VolumeSource,
+    /// Timeout of one request to another datanode.
+    pub peer_timeout: Duration,
+    /// Lease TTL of the live registration.
+    pub lease_ttl_secs: i64,
+}
+
+pub struct Cluster {
+    pub options: ClusterOptions,
+    pub store: Arc<Store>,
+    pub etcd: ClusterStore,
+    pub view: watch::Receiver<Arc<Snapshot>>,
+    pub http: reqwest::Client,
+    pub replication: replication::Replication,
+    volume_config: VolumeConfig,
+    /// Replicas being replicated: (partition, peer) → its task's token.
+    pullers: Mutex<BTreeMap<(u32, String), CancellationToken>>,
+    cancel: CancellationToken,
+}
+
+impl Cluster {
+    /// Connects to etcd, registers, opens this node's replicas and keeps them in step with the
+    /// topology until `cancel`.
+    pub async fn start(
+        options: ClusterOptions,
+        volume_config: VolumeConfig,
+        store: Arc<Store>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let etcd = ClusterStore::connect(&options.etcd, &options.namespace, &options.cluster).await?;
+        let initial = etcd.load().await?;
+        let view = etcd.watch(initial, cancel.clone());
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .build()?;
+        let cluster = Arc::new(Self {
+            replication: replication::Replication::new(store.metrics().clone()),
+            options,
+            store,
+            etcd,
+            view,
+            http,
+            volume_config,
+            pullers: Mutex::default(),
+            cancel: cancel.clone(),
+        });
+        let live = LiveNode {
+            node: cluster.options.node_id.clone(),
+            address: cluster.options.advertise.clone(),
+            zone: cluster.options.zone.clone(),
+            started_ms: now_ms(),
+            free_bytes: BTreeMap::new(),
+        };
+        let (live_tx, live_rx) = watch::channel(live);
+        tokio::spawn({
+            let (etcd, cancel, ttl) = (cluster.etcd.clone(), cancel.clone(), cluster.options.lease_ttl_secs);
+            async move { etcd.keep_registered(live_rx, ttl, cancel).await }
+        });
+        // Free space of each replica, published with the registration for writers to weigh.
+        tokio::spawn({
+            let cluster = cluster.clone();
+            async move {
+                loop {
+                    let mut free = BTreeMap::new();
+                    for volume in cluster.store.volumes() {
+                        if let Ok(stats) = volume.stats() {
+                            free.insert(volume.partition(), stats.capacity_bytes.saturating_sub(stats.allocated_bytes));
+                        }
+                    }
+                    live_tx.send_if_modified(|l| {
+                        let changed = l.free_bytes != free;
+                        l.free_bytes = free;
+                        changed
+                    });
+                    tokio::select! {
+                        _ = cluster.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+            }
+        });
+        let snapshot = cluster.view.borrow().clone();
+        cluster.reconcile(&snapshot).await;
+        tokio::spawn({
+            let cluster = cluster.clone();
+            async move {
+                let mut view = cluster.view.clone();
+                loop {
+                    tokio::select! {
+                        _ = cluster.cancel.cancelled() => return,
+                        changed = view.changed() => if changed.is_err() { return },
+                    }
+                    let snapshot = view.borrow_and_update().clone();
+                    cluster.reconcile(&snapshot).await;
+                }
+            }
+        });
+        Ok(cluster)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.options.node_id
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.view.borrow().clone()
+    }
+
+    pub fn config(&self) -> Option<ClusterConfig> {
+        self.snapshot().topology.config.clone()
+    }
+
+    /// Where a node answers: its live registration, else the address in the topology.
+    pub fn address_of(snapshot: &Snapshot, node: &str) -> Option<String> {
+        snapshot
+            .live
+            .get(node)
+            .map(|l| l.address.clone())
+            .or_else(|| snapshot.topology.nodes.get(node).map(|n| n.address.clone()))
+    }
+
+    /// Opens the volumes of the replicas assigned here, closes those no longer assigned (their
+    /// data stays), and starts or stops replication from each peer.
+    async fn reconcile(self: &Arc<Self>, snapshot: &Snapshot) {
+        let me = self.node_id().to_owned();
+        let Some(config) = snapshot.topology.config.clone() else { return };
+        let assigned: Vec<PartitionSpec> = snapshot.topology.partitions_of(&me).cloned().collect();
+        for partition in &assigned {
+            if self.store.volume(partition.id).is_some() {
+                continue;
+            }
+            match self.open_replica(&config, partition).await {
+                Ok(volume) => {
+                    tracing::info!(partition = partition.id, "serving replica");
+                    self.store.insert(volume);
+                }
+                Err(e) => tracing::error!(partition = partition.id, error = %format!("{e:#}"), "cannot open replica"),
+            }
+        }
+        for volume in self.store.volumes() {
+            if !assigned.iter().any(|p| p.id == volume.partition()) {
+                tracing::warn!(partition = volume.partition(), "replica no longer assigned here; closing (data kept)");
+                if let Some(volume) = self.store.remove(volume.partition()) {
+                    let _ = tokio::task::spawn_blocking(move || volume.close()).await;
+                }
+            }
+        }
+        let wanted: Vec<(u32, String)> = assigned
+            .iter()
+            .filter(|p| self.store.volume(p.id).is_some())
+            .flat_map(|p| p.replicas.iter().filter(|r| r.node != me).map(move |r| (p.id, r.node.clone())))
+            .collect();
+        let mut pullers = self.pullers.lock().expect("pullers lock");
+        pullers.retain(|key, token| {
+            let keep = wanted.contains(key);
+            if !keep {
+                token.cancel();
+                self.replication.forget(key.0, &key.1);
+            }
+            keep
+        });
+        for key in wanted {
+            if pullers.contains_key(&key) {
+                continue;
+            }
+            let token = self.cancel.child_token();
+            pullers.insert(key.clone(), token.clone());
+            tokio::spawn(replication::pull(self.clone(), key.0, key.1, token));
+        }
+    }
+
+    /// Gets the replica's volume (from the disk agent, or under the data directory) and opens it.
+    async fn open_replica(&self, config: &ClusterConfig, partition: &PartitionSpec) -> anyhow::Result<Arc<Volume>> {
+        let name = Topology::volume_name(&self.options.cluster, partition.id);
+        let me = self.node_id();
+        let disk = partition.replicas.iter().find(|r| r.node == me).map(|r| r.disk.clone()).unwrap_or_default();
+        let dir: PathBuf = match &self.options.volumes {
+            VolumeSource::DiskAgent { socket, .. } => {
+                let agent = cairn_common::agent_client::AgentClient::new(socket);
+                let request = CreateVolumeRequest {
+                    disk,
+                    capacity_bytes: config.volume_size_bytes,
+                    segment_size_bytes: config.segment_size_bytes,
+                    partition: partition.id,
+                };
+                PathBuf::from(agent.create_volume(&name, &request).await?.volume.path)
+            }
+            VolumeSource::DataDir(data) => {
+                let dir = data.join("volumes").join(&name);
+                let marker = VolumeMarker::new(partition.id, config.segment_size_bytes, config.volume_size_bytes)?;
+                let (d, c) = (dir.clone(), self.volume_config.clone());
+                tokio::task::spawn_blocking(move || Volume::create(&d, &marker, &c)).await??;
+                dir
+            }
+        };
+        let (config, metrics) = (self.volume_config.clone(), self.store.metrics().engine.clone());
+        let volume = tokio::task::spawn_blocking(move || Volume::open(&dir, config, metrics)).await??;
+        anyhow::ensure!(
+            volume.partition() == partition.id,
+            "volume {name} holds partition {}, expected {}",
+            volume.partition(),
+            partition.id
+        );
+        Ok(Arc::new(volume))
+    }
+
+    /// Marks a partition read-only in etcd (its volume here is full), guarded by revision.
+    pub async fn mark_read_only(&self, partition: u32) {
+        for _ in 0..3 {
+            let snapshot = self.snapshot();
+            let Some(mut spec) = snapshot.topology.partitions.get(&partition).cloned() else { return };
+            if spec.state != cairn_cluster::PartitionState::Writable {
+                return;
+            }
+            spec.state = cairn_cluster::PartitionState::ReadOnly;
+            match self.etcd.update_partition(&snapshot, &spec).await {
+                Ok(true) => {
+                    tracing::warn!(partition, "partition full: marked read-only");
+                    return;
+                }
+                Ok(false) => match self.etcd.load().await {
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => return tracing::warn!(error = %e, "cannot mark partition read-only"),
+                },
+                Err(e) => return tracing::warn!(error = %e, "cannot mark partition read-only"),
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Pull replication: every replica reads each peer replica's journal from a token persisted in
+//! its own redb, fetches what it lacks (blobs, tombstones, TTL changes) and applies it
+//! idempotently. This also fills a new replica and heals one that was down.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cairn_common::BlobId;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::replica_api::{JournalPage, CREATED_HEADER, EXPIRES_HEADER};
+use super::Cluster;
+use crate::engine::{BlobMeta, PutRequest, Volume, VolumeError};
+use crate::metrics::{Metrics, PeerLabels};
+
+const PAGE: usize = 500;
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+/// Progress of one local replica behind one peer (`GET /v1/admin/replicas`).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct PeerStatus {
+    pub partition: u32,
+    pub peer: String,
+    /// Next journal sequence to pull from the peer.
+    pub token: u64,
+    /// The peer's journal tail when last asked.
+    pub peer_tail: u64,
+    pub lag_entries: u64,
+    /// Bytes of the records in the last page still to apply (a lower bound when further behind).
+    pub lag_bytes: u64,
+    /// How long this replica has been behind the peer.
+    pub lag_seconds: f64,
+    pub applied: u64,
+    pub last_error: Option<String>,
+}
+
+pub struct Replication {
+    metrics: Arc<Metrics>,
+    status: Mutex<BTreeMap<(u32, String), PeerStatus>>,
+}
+
+impl Replication {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics, status: Mutex::default() }
+    }
+
+    pub fn list(&self) -> Vec<PeerStatus> {
+        self.status.lock().expect("status lock").values().cloned().collect()
+    }
+
+    pub fn forget(&self, partition: u32, peer: &str) {
+        self.status.lock().expect("status lock").remove(&(partition, peer.to_owned()));
+        let labels = PeerLabels { partition: partition.to_string(), peer: peer.to_owned() };
+        self.metrics.replication_lag_entries.remove(&labels);
+        self.metrics.replication_lag_bytes.remove(&labels);
+        self.metrics.replication_lag_seconds.remove(&labels);
+    }
+
+    fn update(&self, status: &PeerStatus) {
+        let labels = PeerLabels { partition: status.partition.to_string(), peer: status.peer.clone() };
+        self.metrics.replication_lag_entries.get_or_create(&labels).set(status.lag_entries as i64);
+        self.metrics.replication_lag_bytes.get_or_create(&labels).set(status.lag_bytes as i64);
+        self.metrics.replication_lag_seconds.get_or_create(&labels).set(status.lag_seconds);
+        self.status.lock().expect("status lock").insert((status.partition, status.peer.clone()), status.clone());
+    }
+}
+
+/// Pulls `peer`'s journal of `partition` into the local replica until `cancel`.
+pub async fn pull(cluster: Arc<Cluster>, partition: u32, peer: String, cancel: CancellationToken) {
+    let mut status = PeerStatus { partition, peer: peer.clone(), ..PeerStatus::default() };
+    let mut behind_since: Option<Instant> = None;
+    loop {
+        let wait = match pull_page(&cluster, partition, &peer, &mut status).await {
+            Ok(true) => Duration::ZERO,
+            Ok(false) => IDLE_POLL,
+            Err(e) => {
+                status.last_error = Some(e);
+                Duration::from_secs(1)
+            }
+        };
+        behind_since = if status.lag_entries > 0 { Some(behind_since.unwrap_or_else(Instant::now)) } else { None };
+        status.lag_seconds = behind_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        cluster.replication.update(&status);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One page: true if it applied something (so the next page follows at once).
+async fn pull_page(cluster: &Cluster, partition: u32, peer: &str, status: &mut PeerStatus) -> Result<bool, String> {
+    let volume = cluster.store.volume(partition).ok_or("the local replica is not open")?;
+    let snapshot = cluster.snapshot();
+    if !snapshot.live.contains_key(peer) {
+        return Err(format!("peer {peer} is not live"));
+    }
+    let address = Cluster::address_of(&snapshot, peer).ok_or_else(|| format!("no address for {peer}"))?;
+    let token = {
+        let (volume, peer) = (volume.clone(), peer.to_owned());
+        tokio::task::spawn_blocking(move || volume.replication_token(&peer))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    let url = format!("http://{address}/replica/v1/partitions/{partition}/journal?from={token}&limit={PAGE}");
+    let response = cluster
+        .http
+        .get(url)
+        .timeout(cluster.options.peer_timeout)
+        .send()
+        .await
+        .map_err(|e| format!("journal of {peer}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("journal of {peer}: {}", response.status()));
+    }
+    let page: JournalPage = response.json().await.map_err(|e| format!("journal of {peer}: {e}"))?;
+    status.token = token;
+    status.peer_tail = page.tail;
+    status.lag_entries = page.tail.saturating_sub(token);
+    status.lag_bytes = page.entries.iter().map(|e| e.len).sum();
+    status.last_error = None;
+    if page.entries.is_empty() {
+        return Ok(false);
+    }
+    let mut next = token;
+    for entry in &page.entries {
+        let id: BlobId = entry.id.parse().map_err(|e| format!("bad id in {peer}'s journal: {e}"))?;
+        apply(cluster, &volume, &address, id, &entry.kind).await.map_err(|e| format!("{} {id}: {e}", entry.kind))?;
+        next = entry.seq + 1;
+        status.applied += 1;
+    }
+    let (volume, peer_owned) = (volume.clone(), peer.to_owned());
+    tokio::task::spawn_blocking(move || volume.set_replication_token(&peer_owned, next))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    status.token = next;
+    status.lag_entries = page.tail.saturating_sub(next);
+    Ok(true)
+}
+
+/// Brings one journal entry of the peer into the local replica; applying twice changes nothing.
+async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, kind: &str) -> Result<(), String> {
+    let known = match volume.entry(id) {
+        Ok(_) => true,
+        Err(VolumeError::NotFound) => false,
+        Err(e) => return Err(e.to_string()),
+    };
+    match kind {
+        "put" if known => Ok(()),
+        "put" => {
+            let response = cluster
+                .http
+                .get(format!("http://{address}/v1/blobs/{id}?local=true"))
+                .timeout(cluster.options.peer_timeout * 10)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            match response.status().as_u16() {
+                200 => {
+                    let headers = response.headers().clone();
+                    let payload = response.bytes().await.map_err(|e| e.to_string())?;
+                    let number = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                    let content_type = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(crate::api::limits::DEFAULT_CONTENT_TYPE)
+                        .to_owned();
+                    let user = headers
+                        .iter()
+                        .filter_map(|(k, v)| {
+                            let key = k.as_str().strip_prefix(crate::api::limits::META_PREFIX)?;
+                            Some((key.to_owned(), v.to_str().ok()?.to_owned()))
+                        })
+                        .collect();
+                    let request = PutRequest {
+                        blob_id: id,
+                        meta: BlobMeta { content_type, user },
+                        payload,
+                        created_ms: number(CREATED_HEADER).ok_or("peer sent no creation time")?,
+                        expiry_ms: number(EXPIRES_HEADER),
+                    };
+                    match volume.put(request).await {
+                        Ok(()) | Err(VolumeError::Conflict) => Ok(()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                // Deleted or expired there: keep a tombstone so the put can never land later.
+                410 => volume.tombstone(id).await.map(|_| ()).map_err(|e| e.to_string()),
+                // Gone from the peer entirely (compacted after a delete); its delete entry follows.
+                404 => Ok(()),
+                status => Err(format!("fetching from {address}: {status}")),
+            }
+        }
+        "delete" => volume.tombstone(id).await.map(|_| ()).map_err(|e| e.to_string()),
+        "ttl_update" if !known => Ok(()), // the put, when it comes, carries the current expiry
+        "ttl_update" => {
+            let response = cluster
+                .http
+                .get(format!("http://{address}/v1/blobs/{id}/info?local=true"))
+                .timeout(cluster.options.peer_timeout)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Ok(()); // deleted or expired there: its delete entry follows
+            }
+            let info: crate::api::blobs::BlobInfo = response.json().await.map_err(|e| e.to_string())?;
+            match volume.update_ttl(id, info.expires_ms).await {
+                Ok(()) | Err(VolumeError::Deleted | VolumeError::Expired | VolumeError::NotFound) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,392 @@
+//! The public API across replicas: PUT picks a writable partition and writes every replica in
+//! parallel, answering at write quorum; DELETE and TTL updates need quorum too; reads try the
+//! local replica, then the others, failing over on errors and timeouts.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use bytes::Bytes;
+use cairn_cluster::etcd::Snapshot;
+use cairn_cluster::{ClusterConfig, PartitionSpec, PartitionState};
+use cairn_common::BlobId;
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use super::replica_api::{TombstoneAnswer, TtlBody, CREATED_HEADER, EXPIRES_HEADER};
+use super::Cluster;
+use crate::api::error::ApiError;
+use crate::api::limits::META_PREFIX;
+use crate::engine::{BlobMeta, PutRequest, VolumeError};
+
+/// One write to one replica.
+#[derive(Clone)]
+enum ReplicaOp {
+    Put { id: BlobId, meta: BlobMeta, payload: Bytes, created_ms: u64, expiry_ms: Option<u64> },
+    Delete { id: BlobId },
+    Ttl { id: BlobId, expiry_ms: Option<u64> },
+}
+
+#[derive(Debug)]
+enum Outcome {
+    /// Done; for a delete, whether the replica had the blob.
+    Done {
+        existed: bool,
+    },
+    NotFound,
+    Gone,
+    Full,
+    Failed(String),
+}
+
+impl Cluster {
+    /// Stores a new blob on a writable partition at write quorum; its id.
+    pub async fn put(
+        self: &Arc<Self>,
+        meta: BlobMeta,
+        payload: Bytes,
+        created_ms: u64,
+        expiry_ms: Option<u64>,
+    ) -> Result<BlobId, ApiError> {
+        let snapshot = self.snapshot();
+        let config = snapshot.topology.config.clone().ok_or_else(|| ApiError::NoQuorum("no cluster config".into()))?;
+        let mut excluded = Vec::new();
+        let mut last_error = None;
+        for _ in 0..3 {
+            let Some(partition) = pick_partition(&snapshot, &config, self.node_id(), &excluded) else { break };
+            let id = BlobId::generate(partition.id);
+            let op = ReplicaOp::Put { id, meta: meta.clone(), payload: payload.clone(), created_ms, expiry_ms };
+            match self.write_quorum(&partition, &config, op).await {
+                Ok(_) => return Ok(id),
+                Err(e) => {
+                    excluded.push(partition.id);
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| ApiError::NoQuorum("no writable partition has a quorum of live replicas".into())))
+    }
+
+    /// Deletes at write quorum: a tombstone on every replica that answers.
+    pub async fn delete(self: &Arc<Self>, id: BlobId) -> Result<(), ApiError> {
+        let (partition, config) = self.partition_of(id)?;
+        let outcomes = self.write_quorum(&partition, &config, ReplicaOp::Delete { id }).await?;
+        if outcomes.iter().any(|o| matches!(o, Outcome::Done { existed: true })) {
+            Ok(())
+        } else {
+            Err(ApiError::BlobNotFound)
+        }
+    }
+
+    /// Changes the expiry at write quorum.
+    pub async fn update_ttl(self: &Arc<Self>, id: BlobId, expiry_ms: Option<u64>) -> Result<(), ApiError> {
+        let (partition, config) = self.partition_of(id)?;
+        self.write_quorum(&partition, &config, ReplicaOp::Ttl { id, expiry_ms }).await.map(|_| ())
+    }
+
+    fn partition_of(&self, id: BlobId) -> Result<(PartitionSpec, ClusterConfig), ApiError> {
+        let snapshot = self.snapshot();
+        let config = snapshot.topology.config.clone().ok_or_else(|| ApiError::NoQuorum("no cluster config".into()))?;
+        let partition = snapshot.topology.partitions.get(&id.partition()).cloned().ok_or(ApiError::BlobNotFound)?;
+        Ok((partition, config))
+    }
+
+    /// Sends `op` to every replica at once and answers as soon as a quorum succeeded; the
+    /// other writes go on in the background. The outcomes seen so far.
+    async fn write_quorum(
+        self: &Arc<Self>,
+        partition: &PartitionSpec,
+        config: &ClusterConfig,
+        op: ReplicaOp,
+    ) -> Result<Vec<Outcome>, ApiError> {
+        let quorum = config.write_quorum as usize;
+        let (tx, mut rx) = mpsc::channel(partition.replicas.len().max(1));
+        for replica in &partition.replicas {
+            let (cluster, node, op, tx) = (self.clone(), replica.node.clone(), op.clone(), tx.clone());
+            tokio::spawn(async move {
+                let outcome = cluster.write_one(&node, op).await;
+                let _ = tx.send(outcome).await;
+            });
+        }
+        drop(tx);
+        let mut outcomes = Vec::new();
+        let mut successes = 0;
+        let total = partition.replicas.len();
+        while let Some(outcome) = rx.recv().await {
+            if matches!(outcome, Outcome::Done { .. }) {
+                successes += 1;
+            }
+            if let Outcome::Full = outcome {
+                let (cluster, id) = (self.clone(), partition.id);
+                tokio::spawn(async move { cluster.mark_read_only(id).await });
+            }
+            outcomes.push(outcome);
+            if successes >= quorum {
+                return Ok(outcomes);
+            }
+            if successes + (total - outcomes.len()) < quorum {
+                break;
+            }
+        }
+        // Not enough: say why, in the most useful terms.
+        if outcomes.iter().any(|o| matches!(o, Outcome::Gone)) {
+            return Err(ApiError::BlobDeleted);
+        }
+        if outcomes.iter().filter(|o| matches!(o, Outcome::NotFound)).count() + successes >= quorum {
+            return Err(ApiError::BlobNotFound);
+        }
+        if outcomes.iter().any(|o| matches!(o, Outcome::Full)) {
+            return Err(ApiError::InsufficientStorage(format!("partition {} is full", partition.id)));
+        }
+        let reasons: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Failed(reason) => Some(reason.clone()),
+                _ => None,
+            })
+            .collect();
+        Err(ApiError::NoQuorum(format!(
+            "{successes} of {total} replicas of partition {} acknowledged, {quorum} needed: {}",
+            partition.id,
+            reasons.join("; ")
+        )))
+    }
+
+    async fn write_one(&self, node: &str, op: ReplicaOp) -> Outcome {
+        if node == self.node_id() {
+            return self.write_local(op).await;
+        }
+        let snapshot = self.snapshot();
+        if !snapshot.live.contains_key(node) {
+            return Outcome::Failed(format!("{node} is not live"));
+        }
+        let Some(address) = Cluster::address_of(&snapshot, node) else {
+            return Outcome::Failed(format!("no address for {node}"));
+        };
+        let request = match &op {
+            ReplicaOp::Put { id, meta, payload, created_ms, expiry_ms } => {
+                let mut r = self
+                    .http
+                    .put(format!("http://{address}/replica/v1/blobs/{id}"))
+                    .header("content-type", meta.content_type.as_str())
+                    .header(CREATED_HEADER, created_ms.to_string())
+                    .body(payload.clone());
+                if let Some(e) = expiry_ms {
+                    r = r.header(EXPIRES_HEADER, e.to_string());
+                }
+                for (k, v) in &meta.user {
+                    r = r.header(format!("{META_PREFIX}{k}"), v.as_str());
+                }
+                r
+            }
+            ReplicaOp::Delete { id } => self.http.delete(format!("http://{address}/replica/v1/blobs/{id}")),
+            ReplicaOp::Ttl { id, expiry_ms } => self
+                .http
+                .put(format!("http://{address}/replica/v1/blobs/{id}/ttl"))
+                .json(&TtlBody { expires_ms: *expiry_ms }),
+        };
+        // Big bodies get time to travel: the timeout grows by a second per 16 MiB.
+        let size = match &op {
+            ReplicaOp::Put { payload, .. } => payload.len() as u64,
+            _ => 0,
+        };
+        let timeout = self.options.peer_timeout + std::time::Duration::from_secs(size >> 24);
+        let response = match request.timeout(timeout).send().await {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failed(format!("{node}: {e}")),
+        };
+        match response.status().as_u16() {
+            200..=299 => match op {
+                ReplicaOp::Delete { .. } => match response.json::<TombstoneAnswer>().await {
+                    Ok(answer) => Outcome::Done { existed: answer.existed },
+                    Err(e) => Outcome::Failed(format!("{node}: {e}")),
+                },
+                _ => Outcome::Done { existed: true },
+            },
+            404 => Outcome::NotFound,
+            410 => Outcome::Gone,
+            507 => Outcome::Full,
+            status => Outcome::Failed(format!("{node} answered {status}")),
+        }
+    }
+
+    async fn write_local(&self, op: ReplicaOp) -> Outcome {
+        let id = match &op {
+            ReplicaOp::Put { id, .. } | ReplicaOp::Delete { id } | ReplicaOp::Ttl { id, .. } => *id,
+        };
+        let Some(volume) = self.store.volume(id.partition()) else {
+            return Outcome::Failed(format!("no local replica of partition {}", id.partition()));
+        };
+        let result = match op {
+            ReplicaOp::Put { id, meta, payload, created_ms, expiry_ms } => {
+                volume.put(PutRequest { blob_id: id, meta, payload, created_ms, expiry_ms }).await.map(|_| true)
+            }
+            ReplicaOp::Delete { id } => volume.tombstone(id).await,
+            ReplicaOp::Ttl { id, expiry_ms } => volume.update_ttl(id, expiry_ms).await.map(|_| true),
+        };
+        match result {
+            Ok(existed) => Outcome::Done { existed },
+            Err(VolumeError::NotFound) => Outcome::NotFound,
+            Err(VolumeError::Deleted | VolumeError::Expired) => Outcome::Gone,
+            Err(VolumeError::Full) => Outcome::Full,
+            Err(e) => Outcome::Failed(format!("{}: {e}", self.node_id())),
+        }
+    }
+
+    /// Reads from the other replicas (the local one was tried by the caller): live ones first,
+    /// each within the peer timeout. `suffix` is "" for the blob, "/info" for its description.
+    pub async fn read_from_peers(
+        &self,
+        id: BlobId,
+        method: Method,
+        suffix: &str,
+        headers: &HeaderMap,
+    ) -> Result<Response, ApiError> {
+        let snapshot = self.snapshot();
+        let partition = snapshot.topology.partitions.get(&id.partition()).ok_or(ApiError::BlobNotFound)?;
+        let mut peers: Vec<&str> =
+            partition.replicas.iter().map(|r| r.node.as_str()).filter(|n| *n != self.node_id()).collect();
+        peers.sort_by_key(|n| !snapshot.live.contains_key(*n));
+        let mut not_found = 0;
+        let mut failures = Vec::new();
+        for peer in peers {
+            let Some(address) = Cluster::address_of(&snapshot, peer) else { continue };
+            let mut request =
+                self.http.request(method.clone(), format!("http://{address}/v1/blobs/{id}{suffix}?local=true"));
+            if let Some(range) = headers.get("range") {
+                request = request.header("range", range);
+            }
+            let response = match request.timeout(self.options.peer_timeout).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(format!("{peer}: {e}"));
+                    continue;
+                }
+            };
+            match response.status().as_u16() {
+                200 | 206 | 416 | 410 => return Ok(relay(response)),
+                404 => not_found += 1,
+                status => failures.push(format!("{peer} answered {status}")),
+            }
+        }
+        if not_found > 0 || failures.is_empty() {
+            return Err(ApiError::BlobNotFound);
+        }
+        Err(ApiError::NoQuorum(format!(
+            "no replica of partition {} could answer: {}",
+            id.partition(),
+            failures.join("; ")
+        )))
+    }
+}
+
+/// A peer's answer passed on as it is, the body streamed.
+fn relay(response: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut builder = Response::builder().status(status);
+    for (name, value) in response.headers() {
+        if name != "transfer-encoding" && name != "connection" {
+            builder = builder.header(name, value);
+        }
+    }
+    builder.body(Body::from_stream(response.bytes_stream())).expect("valid response")
+}
+
+/// A writable partition with a quorum of live replicas, chosen at random weighted by the free
+/// space its fullest live replica reports (MiB), doubled when every replica is live and again
+/// when one replica is this node (a local write).
+fn pick_partition(snapshot: &Snapshot, config: &ClusterConfig, me: &str, excluded: &[u32]) -> Option<PartitionSpec> {
+    let candidates: Vec<(&PartitionSpec, u64)> = snapshot
+        .topology
+        .partitions
+        .values()
+        .filter(|p| p.state == PartitionState::Writable && !excluded.contains(&p.id))
+        .filter_map(|p| {
+            let live: Vec<_> = p.replicas.iter().filter_map(|r| snapshot.live.get(&r.node)).collect();
+            let live_count = p.replicas.iter().filter(|r| r.node == me || snapshot.live.contains_key(&r.node)).count();
+            if live_count < config.write_quorum as usize {
+                return None;
+            }
+            // A replica that has not reported yet counts as empty.
+            let free = live
+                .iter()
+                .map(|l| l.free_bytes.get(&p.id).copied().unwrap_or(config.volume_size_bytes))
+                .min()
+                .unwrap_or(config.volume_size_bytes);
+            let mut weight = (free >> 20).max(1);
+            if live_count == p.replicas.len() {
+                weight *= 2;
+            }
+            if p.replicas.iter().any(|r| r.node == me) {
+                weight *= 2;
+            }
+            Some((p, weight))
+        })
+        .collect();
+    let total: u64 = candidates.iter().map(|(_, w)| w).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut pick = rand::rng().random_range(0..total);
+    for (p, w) in candidates {
+        if pick < w {
+            return Some(p.clone());
+        }
+        pick -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_cluster::{LiveNode, ReplicaSpec, Topology};
+
+    fn snapshot(free: &[(u32, u64)], live: &[&str]) -> Snapshot {
+        let partitions = (0..2)
+            .map(|id| {
+                let replicas =
+                    ["a", "b", "c"].iter().map(|n| ReplicaSpec { node: n.to_string(), disk: "d".into() }).collect();
+                (id, PartitionSpec { id, state: PartitionState::Writable, replicas })
+            })
+            .collect();
+        let mut snapshot = Snapshot::default();
+        snapshot.topology = Topology { config: None, nodes: Default::default(), partitions };
+        for n in live {
+            let node = LiveNode {
+                node: n.to_string(),
+                address: String::new(),
+                zone: String::new(),
+                started_ms: 0,
+                free_bytes: free.iter().copied().collect(),
+            };
+            snapshot.live.insert(n.to_string(), node);
+        }
+        snapshot
+    }
+
+    fn config() -> ClusterConfig {
+        ClusterConfig {
+            replication_factor: 3,
+            write_quorum: 2,
+            partitions: 2,
+            volume_size_bytes: 1 << 30,
+            segment_size_bytes: 1 << 26,
+        }
+    }
+
+    #[test]
+    fn writes_prefer_room_and_need_a_quorum_of_live_replicas() {
+        let s = snapshot(&[(0, 1 << 30), (1, 1 << 20)], &["a", "b", "c"]);
+        let picks: Vec<u32> = (0..2000).map(|_| pick_partition(&s, &config(), "x", &[]).unwrap().id).collect();
+        let ones = picks.iter().filter(|p| **p == 1).count();
+        assert!(ones < 20, "the nearly full partition gets ~1/1024 of writes: {ones}");
+        assert_eq!(pick_partition(&s, &config(), "x", &[0]).unwrap().id, 1);
+        assert!(pick_partition(&s, &config(), "x", &[0, 1]).is_none());
+        let lonely = snapshot(&[], &["a"]);
+        assert!(pick_partition(&lonely, &config(), "x", &[]).is_none(), "one live replica of three");
+        assert!(pick_partition(&lonely, &config(), "b", &[]).is_some(), "this node counts as live");
+    }
+}

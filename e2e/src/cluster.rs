@@ -1,0 +1,161 @@
+//! `cairn-bench cluster`: a local 3-node cluster (replication factor 3, write quorum 2, real
+//! etcd) against one standalone node of the same run; and the catch-up rate of a node that
+//! returns after missing writes, against the raw sequential write rate.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cairn_testkit::etcd::EtcdServer;
+
+use crate::datanode::{get_throughput, put_throughput, NodeProcess};
+use crate::reference;
+use crate::Scenario;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// One JSON object per scenario instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Directory on the filesystem to measure (default: the system temp dir).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Seconds per throughput scenario.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// MiB written while a node is down, for the catch-up scenario.
+    #[arg(long, default_value_t = 1024)]
+    catch_up_mib: u64,
+}
+
+struct Figures {
+    put_4k: f64,
+    get_4k: f64,
+    put_5m: f64,
+    get_5m: f64,
+}
+
+async fn measure(nodes: &[&NodeProcess], seconds: Duration) -> anyhow::Result<Figures> {
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let client = &nodes[0].client;
+    let (put_4k, small) = put_throughput(client, &addrs, 4096, 64, seconds).await?;
+    let (get_4k, _) = get_throughput(client, &addrs, &small, 64, seconds).await?;
+    let (put_5m_ops, large) = put_throughput(client, &addrs, 5 << 20, 4, seconds).await?;
+    let (_, get_5m_bytes) = get_throughput(client, &addrs, &large, 4, seconds).await?;
+    Ok(Figures { put_4k, get_4k, put_5m: put_5m_ops * 5.0 * 1048576.0 / 1e6, get_5m: get_5m_bytes / 1e6 })
+}
+
+fn topology_yaml(ports: &[u16]) -> String {
+    let mut yaml = String::from(
+        "replication_factor: 3\nwrite_quorum: 2\npartitions: 6\nvolume_size: 16GiB\nsegment_size: 256MiB\nnodes:\n",
+    );
+    for (i, port) in ports.iter().enumerate() {
+        yaml += &format!(
+            "  - id: n{i}\n    zone: z{i}\n    address: 127.0.0.1:{port}\n    disks: [{{id: d0, capacity: 1TiB}}]\n"
+        );
+    }
+    yaml
+}
+
+pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
+    let base = options.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = tempfile::tempdir_in(&base)?;
+    let seconds = Duration::from_secs(options.seconds);
+    // The disk's sustained rate, measured first while nothing else writes.
+    let dir = work.path().to_owned();
+    let raw = tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, seconds, 5 << 20)).await??;
+
+    let single = {
+        let node = NodeProcess::start(&work.path().join("single"), &["--partitions", "6"]).await?;
+        let figures = measure(&[&node], seconds).await?;
+        drop(node);
+        figures
+    };
+
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start).await?;
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", "bench").await?;
+    let (config, specs) =
+        cairn_cluster::topology::TopologyFile::parse(&topology_yaml(&ports)).map_err(anyhow::Error::msg)?;
+    store.apply_topology(&config, &specs).await?;
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        nodes.push(start_member(work.path(), &etcd, i, *port).await?);
+    }
+    wait_caught_up(&nodes[0], Duration::from_secs(60)).await?;
+    let cluster = measure(&nodes.iter().collect::<Vec<_>>(), seconds).await?;
+
+    let mut results = Vec::new();
+    let note = "3 nodes, replication 3, quorum 2, one machine: every byte is written three times";
+    let pairs = [
+        ("cluster_put_4k", cluster.put_4k, single.put_4k, "ops/s"),
+        ("cluster_get_4k", cluster.get_4k, single.get_4k, "ops/s"),
+        ("cluster_put_5m", cluster.put_5m, single.put_5m, "MB/s"),
+        ("cluster_get_5m", cluster.get_5m, single.get_5m, "MB/s"),
+    ];
+    for (name, value, reference, unit) in pairs {
+        results.push(Scenario::new(name, value, unit).against(
+            reference,
+            unit,
+            format!("single node, same run; {note}"),
+        ));
+    }
+
+    // Catch-up: node n2 misses `catch_up_mib` of 5 MiB blobs, then returns.
+    drop(nodes.pop());
+    let blobs = (options.catch_up_mib / 5).max(1);
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let body = bytes::Bytes::from(vec![0x3cu8; 5 << 20]);
+    for i in 0..blobs {
+        crate::datanode::put_once(&nodes[0].client, &addrs[i as usize % 2], body.clone()).await?;
+    }
+    let started = Instant::now();
+    let returned = start_member(work.path(), &etcd, 2, ports[2]).await?;
+    wait_caught_up(&returned, Duration::from_secs(600)).await?;
+    let secs = started.elapsed().as_secs_f64();
+    results.push(Scenario::new("catch_up", (blobs * 5 * 1048576) as f64 / 1e6 / secs, "MB/s").against(
+        raw,
+        "MB/s",
+        format!(
+            "{} MiB missed by one node, pulled from two peers (includes its restart); raw sequential write + fdatasync",
+            blobs * 5
+        ),
+    ));
+    drop(returned);
+    drop(nodes);
+    drop(etcd);
+    Ok(results)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn start_member(root: &Path, etcd: &EtcdServer, i: usize, port: u16) -> anyhow::Result<NodeProcess> {
+    let (id, endpoint, listen) = (format!("n{i}"), etcd.endpoint(), format!("127.0.0.1:{port}"));
+    NodeProcess::start_at(
+        &root.join(&id),
+        &listen,
+        &["--etcd", &endpoint, "--cluster", "bench", "--node-id", &id, "--max-blob-size", "8MiB"],
+    )
+    .await
+}
+
+/// Until this node's replicas have nothing left to pull from any peer.
+async fn wait_caught_up(node: &NodeProcess, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let uri: hyper::Uri = format!("http://{}/v1/admin/replicas", node.addr).parse()?;
+    loop {
+        let response = node.client.get(uri.clone()).await?;
+        let body = http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+        let settled = !list.is_empty()
+            && list
+                .iter()
+                .all(|p| p["lag_entries"] == 0 && p["last_error"].is_null() && p["peer_tail"].as_u64().is_some());
+        if settled {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "replication did not catch up in {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

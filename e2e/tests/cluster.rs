@@ -1,0 +1,490 @@
+//! A cluster of real datanode processes with a real etcd, on loopback.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_testkit::etcd::EtcdServer;
+use cairn_testkit::payload;
+use reqwest::blocking::Client;
+use serde_json::Value;
+
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(path.exists(), "{} missing: run `cargo build --workspace` first", path.display());
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    id: String,
+    zone: String,
+    port: u16,
+    dir: PathBuf,
+    etcd: String,
+    max_blob: &'static str,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn new(id: &str, zone: &str, root: &Path, etcd: &EtcdServer) -> Self {
+        Self {
+            id: id.into(),
+            zone: zone.into(),
+            port: free_port(),
+            dir: root.join(id),
+            etcd: etcd.endpoint(),
+            max_blob: "4MiB",
+            child: None,
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr())
+    }
+
+    fn start(&mut self) {
+        let dir = self.dir.to_str().unwrap().to_owned();
+        self.start_with(&["--data-dir", &dir]);
+    }
+
+    /// Starts with these volume flags (`--data-dir DIR` or `--disk-agent SOCKET`).
+    fn start_with(&mut self, volumes: &[&str]) {
+        let child = Command::new(binary("cairn-datanode"))
+            .args(["--etcd", &self.etcd, "--cluster", "c1", "--node-id", &self.id, "--zone", &self.zone])
+            .args(["--listen", &self.addr()])
+            .args(volumes)
+            .args(["--max-blob-size", self.max_blob, "--peer-timeout-ms", "1000"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reqwest::blocking::get(self.url("/healthz")).map(|r| r.status().is_success()).unwrap_or(false) {
+            assert!(Instant::now() < deadline, "{} did not start", self.id);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+        }
+        self.kill9();
+    }
+}
+
+/// Writes cluster.yaml for these nodes and applies it with the `cairn` CLI.
+fn apply_topology(etcd: &EtcdServer, root: &Path, nodes: &[&Node], partitions: u32) {
+    let disks: Vec<(&Node, String)> = nodes.iter().map(|n| (*n, "d0".to_string())).collect();
+    apply_topology_with(etcd, root, &disks, partitions, "64MiB", "8MiB");
+}
+
+fn apply_topology_with(
+    etcd: &EtcdServer,
+    root: &Path,
+    nodes: &[(&Node, String)],
+    partitions: u32,
+    volume_size: &str,
+    segment_size: &str,
+) {
+    let mut yaml = format!(
+        "replication_factor: 3\nwrite_quorum: 2\npartitions: {partitions}\nvolume_size: {volume_size}\n\
+         segment_size: {segment_size}\nnodes:\n"
+    );
+    for (n, disk) in nodes {
+        yaml += &format!(
+            "  - id: {}\n    zone: {}\n    address: {}\n    disks: [{{id: \"{disk}\", capacity: 10GiB}}]\n",
+            n.id,
+            n.zone,
+            n.addr()
+        );
+    }
+    let file = root.join("cluster.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = Command::new(binary("cairn"))
+        .args(["topology", "apply", "--etcd", &etcd.endpoint(), "--cluster", "c1", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cairn topology apply: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn show(etcd: &EtcdServer) -> Value {
+    let out = Command::new(binary("cairn"))
+        .args(["topology", "show", "--etcd", &etcd.endpoint(), "--cluster", "c1", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cairn topology show: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every node has opened its replicas and sees every peer live.
+fn wait_replicating(nodes: &[&Node], partitions: usize) {
+    let client = Client::new();
+    for node in nodes {
+        wait_until(&format!("{} replicating", node.id), Duration::from_secs(30), || {
+            let Ok(r) = client.get(node.url("/v1/admin/replicas")).send() else { return false };
+            let Ok(list) = r.json::<Vec<Value>>() else { return false };
+            list.len() == partitions * 2 && list.iter().all(|p| p["last_error"].is_null())
+        });
+    }
+}
+
+fn put(client: &Client, node: &Node, data: &[u8]) -> Result<String, String> {
+    let r = client.post(node.url("/v1/blobs")).body(data.to_vec()).send().map_err(|e| e.to_string())?;
+    if r.status() != 201 {
+        return Err(format!("{}: {}", r.status(), r.text().unwrap_or_default()));
+    }
+    Ok(r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned())
+}
+
+/// Every node holds every blob in its own replica, byte-identical.
+fn assert_converged(nodes: &[&Node], blobs: &BTreeMap<String, Vec<u8>>, limit: Duration) {
+    let client = Client::new();
+    for node in nodes {
+        wait_until(&format!("{} to hold every blob", node.id), limit, || {
+            blobs.iter().all(|(id, data)| {
+                client
+                    .get(node.url(&format!("/v1/blobs/{id}?local=true")))
+                    .send()
+                    .ok()
+                    .filter(|r| r.status() == 200)
+                    .and_then(|r| r.bytes().ok())
+                    .is_some_and(|b| b.as_ref() == data.as_slice())
+            })
+        });
+    }
+}
+
+fn cluster(root: &Path, etcd: &EtcdServer, count: usize) -> Vec<Node> {
+    (0..count).map(|i| Node::new(&format!("n{i}"), &format!("z{}", i % 3), root, etcd)).collect()
+}
+
+#[test]
+fn three_nodes_survive_a_kill_and_converge() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 4);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 4);
+
+    let client = Client::new();
+
+    let mut blobs = BTreeMap::new();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (client, nodes) = (client.clone(), &nodes);
+                s.spawn(move || {
+                    (0..250u64)
+                        .map(|i| {
+                            let seed = t * 1000 + i;
+                            let data = payload(seed, 1000 + (seed as usize * 37) % 7000);
+                            let id = put(&client, &nodes[(seed % 3) as usize], &data).expect("put at quorum");
+                            (id, data)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            blobs.extend(h.join().unwrap());
+        }
+    });
+    assert_eq!(blobs.len(), 1000);
+    // A blob bigger than HTTP servers take by default crosses the replica API too.
+    let big = payload(77, 3 << 20);
+    blobs.insert(put(&client, &nodes[1], &big).expect("3 MiB put"), big);
+
+    nodes[2].kill9();
+    for (id, data) in &blobs {
+        let r = client.get(nodes[0].url(&format!("/v1/blobs/{id}"))).send().unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice());
+    }
+    // Writes go on at quorum while one node is down; deletes too.
+    for seed in 5000..5100u64 {
+        let data = payload(seed, 2048);
+        let id = put(&client, &nodes[(seed % 2) as usize], &data).expect("put with one node down");
+        blobs.insert(id, data);
+    }
+    let victim = blobs.keys().next().unwrap().clone();
+    assert_eq!(client.delete(nodes[1].url(&format!("/v1/blobs/{victim}"))).send().unwrap().status(), 204);
+    blobs.remove(&victim);
+
+    nodes[2].start();
+    assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(90));
+    for n in &nodes {
+        let r = client.get(n.url(&format!("/v1/blobs/{victim}?local=true"))).send().unwrap();
+        assert_eq!(r.status(), 410, "{}: the delete reached every replica", n.id);
+    }
+    // Lag is visible, and zero once caught up.
+    let lag: Vec<Value> = client.get(nodes[2].url("/v1/admin/replicas")).send().unwrap().json().unwrap();
+    assert!(lag.iter().all(|p| p["lag_entries"] == 0), "{lag:?}");
+    let metrics = client.get(nodes[2].url("/metrics")).send().unwrap().text().unwrap();
+    assert!(metrics.contains("cairn_replication_lag_entries{"), "lag in /metrics");
+}
+
+#[test]
+fn writes_fail_cleanly_without_quorum_and_a_frozen_node_is_skipped() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 2);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 2);
+    let client = Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let stored = put(&client, &nodes[0], b"before").unwrap();
+
+    // Frozen: still registered (its lease lives a while), but answers nothing.
+    nodes[1].signal("-STOP");
+    for i in 0..10u64 {
+        let started = Instant::now();
+        let id = put(&client, &nodes[0], &payload(i, 3000)).expect("quorum without the frozen node");
+        let r = client.get(nodes[2].url(&format!("/v1/blobs/{id}"))).send().unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(started.elapsed() < Duration::from_secs(5), "request took {:?}", started.elapsed());
+    }
+    let r = client.get(nodes[0].url(&format!("/v1/blobs/{stored}"))).send().unwrap();
+    assert_eq!(r.bytes().unwrap().as_ref(), b"before");
+    nodes[1].signal("-CONT");
+
+    // Two of three down: no quorum, a clear 503, reads still served.
+    nodes[1].kill9();
+    nodes[2].kill9();
+    let r = client.post(nodes[0].url("/v1/blobs")).body("x").send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["code"], "no_quorum");
+    let r = client.get(nodes[0].url(&format!("/v1/blobs/{stored}"))).send().unwrap();
+    assert_eq!(r.bytes().unwrap().as_ref(), b"before");
+}
+
+#[test]
+fn etcd_restart_during_traffic_loses_no_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 3);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 3);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut blobs = BTreeMap::new();
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let client = Client::new();
+            let mut acked = Vec::new();
+            let mut seed = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let data = payload(seed, 1500);
+                if let Ok(id) = put(&client, &nodes[(seed % 3) as usize], &data) {
+                    acked.push((id, data));
+                }
+                seed += 1;
+            }
+            acked
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        etcd.kill();
+        std::thread::sleep(Duration::from_secs(7)); // longer than the registration lease
+        etcd.restart();
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        blobs.extend(writer.join().unwrap());
+    });
+    assert!(blobs.len() > 50, "traffic flowed: {}", blobs.len());
+    // Registrations and watches recovered: every node is live again and replication resumes.
+    wait_until("all nodes live again", Duration::from_secs(30), || {
+        show(&etcd)["live"].as_object().map(|m| m.len()) == Some(3)
+    });
+    assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(60));
+}
+
+#[test]
+fn a_moved_replica_bootstraps_through_replication_then_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 4);
+    apply_topology(&etcd, root.path(), &nodes[..3].iter().collect::<Vec<_>>(), 2);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes[..3].iter().collect::<Vec<_>>(), 2);
+    let client = Client::new();
+    let mut blobs = BTreeMap::new();
+    for seed in 0..200u64 {
+        let data = payload(seed, 4000);
+        blobs.insert(put(&client, &nodes[(seed % 3) as usize], &data).unwrap(), data);
+    }
+    // n2 leaves the topology, n3 takes its replicas.
+    apply_topology(&etcd, root.path(), &[&nodes[0], &nodes[1], &nodes[3]], 2);
+    let topology = show(&etcd);
+    for p in topology["topology"]["partitions"].as_object().unwrap().values() {
+        let on: Vec<&str> = p["replicas"].as_array().unwrap().iter().map(|r| r["node"].as_str().unwrap()).collect();
+        assert!(on.contains(&"n3") && !on.contains(&"n2"), "{on:?}");
+        assert!(on.contains(&"n0") && on.contains(&"n1"), "the other replicas stayed: {on:?}");
+    }
+    assert_converged(&[&nodes[3]], &blobs, Duration::from_secs(60));
+    // n2 no longer serves its old replicas (their data stays on its disk).
+    let (id, _) = blobs.iter().next().unwrap();
+    wait_until("n2 to let go", Duration::from_secs(10), || {
+        client.get(nodes[2].url(&format!("/v1/blobs/{id}?local=true"))).send().unwrap().status() == 404
+    });
+    assert!(nodes[2].dir.join("volumes/c1-p0").exists());
+}
+
+#[test]
+fn five_nodes_in_three_zones_follow_the_placement_rules() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let zones = ["a", "a", "b", "b", "c"];
+    let nodes: Vec<Node> = (0..5).map(|i| Node::new(&format!("n{i}"), zones[i], root.path(), &etcd)).collect();
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 12);
+    let topology = show(&etcd);
+    let partitions = topology["topology"]["partitions"].as_object().unwrap();
+    assert_eq!(partitions.len(), 12);
+    let zone_of = |n: &str| zones[n[1..].parse::<usize>().unwrap()];
+    for p in partitions.values() {
+        let on: Vec<&str> = p["replicas"].as_array().unwrap().iter().map(|r| r["node"].as_str().unwrap()).collect();
+        let distinct_nodes: std::collections::BTreeSet<_> = on.iter().collect();
+        let distinct_zones: std::collections::BTreeSet<_> = on.iter().map(|n| zone_of(n)).collect();
+        assert_eq!((on.len(), distinct_nodes.len(), distinct_zones.len()), (3, 3, 3), "{on:?}");
+    }
+    // Applying again changes nothing.
+    let revision = topology["revision"].clone();
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 12);
+    assert_eq!(show(&etcd)["revision"], revision);
+}
+
+#[test]
+fn replicas_live_on_disk_agent_volumes_and_a_full_partition_turns_read_only() {
+    use cairn_common::agent_client::AgentClient;
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut machine = cairn_testkit::machine::Machine::new();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut agents = Vec::new();
+    let mut disks = Vec::new();
+    for node in &nodes {
+        // One machine per node: its own disk and disk agent.
+        let dev = machine.loop_fs(&node.id, 64 << 20, "mkfs.ext4", &["-q", "-m", "0"]);
+        machine.mount(&dev, &format!("{}-disk", node.id), &[]);
+        let socket = machine.path(&format!("{}.sock", node.id));
+        let config = machine.path(&format!("{}.yaml", node.id));
+        std::fs::write(
+            &config,
+            format!(
+                "selector:\n  mount_paths: ['{}/{}-disk']\n  min_size: 1MiB\nheadroom: 0%\n",
+                machine.base.display(),
+                node.id
+            ),
+        )
+        .unwrap();
+        let child = Command::new(binary("cairn-disk-agent"))
+            .args(["serve", "--mountinfo", "/proc/self/mountinfo", "--kubernetes", "off", "--node-name", &node.id])
+            .env("RUST_LOG", "warn")
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(machine.path(&format!("{}-state", node.id)))
+            .arg("--socket")
+            .arg(&socket)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        agents.push(KillOnDrop(child));
+        wait_until("disk agent", Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+        let report = rt.block_on(AgentClient::new(&socket).report()).unwrap();
+        disks.push((socket, report.disks[0].id.clone()));
+    }
+    // The topology names each node's real disk, as the operator does from StoreNodes.
+    let placed: Vec<(&Node, String)> = nodes.iter().zip(&disks).map(|(n, (_, d))| (n, d.clone())).collect();
+    apply_topology_with(&etcd, root.path(), &placed, 1, "4MiB", "1MiB");
+    for (node, (socket, _)) in nodes.iter_mut().zip(&disks) {
+        node.max_blob = "256KiB"; // must fit the 1 MiB segments
+        node.start_with(&["--disk-agent", socket.to_str().unwrap()]);
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    for (socket, disk) in &disks {
+        let volumes = rt.block_on(AgentClient::new(socket).list_volumes()).unwrap();
+        assert_eq!(volumes.len(), 1);
+        assert_eq!((volumes[0].name.as_str(), volumes[0].disk.as_str()), ("c1-p0", disk.as_str()));
+    }
+
+    // Fill the only partition: 507, and etcd marks it read-only; reads go on.
+    let client = Client::new();
+    let mut stored = Vec::new();
+    let mut refused = None;
+    for seed in 0..100u64 {
+        let r = client.post(nodes[0].url("/v1/blobs")).body(payload(seed, 200_000)).send().unwrap();
+        match r.status().as_u16() {
+            201 => stored.push((r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned(), seed)),
+            status => {
+                refused = Some((status, r.text().unwrap()));
+                break;
+            }
+        }
+    }
+    let (status, body) = refused.expect("a 4 MiB partition fills up");
+    assert!(status == 507 || status == 503, "{status} {body}");
+    wait_until("partition 0 read-only in etcd", Duration::from_secs(10), || {
+        show(&etcd)["topology"]["partitions"]["0"]["state"] == "read_only"
+    });
+    let r = client.post(nodes[1].url("/v1/blobs")).body("more").send().unwrap();
+    assert_eq!(r.status(), 503, "no writable partition left");
+    for (id, seed) in &stored {
+        let r = client.get(nodes[2].url(&format!("/v1/blobs/{id}"))).send().unwrap();
+        assert_eq!(r.bytes().unwrap().as_ref(), payload(*seed, 200_000).as_slice());
+    }
+    drop(nodes);
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
