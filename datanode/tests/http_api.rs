@@ -324,7 +324,7 @@ fn metrics_openapi_and_probes() {
             assert!(paths[path][m].is_object(), "openapi lacks {m} {path}");
         }
     }
-    assert_eq!(paths.len(), 8, "openapi describes exactly the routes served");
+    assert_eq!(paths.len(), 9, "openapi describes exactly the routes served");
     assert_eq!(client.get(node.url("/healthz")).send().unwrap().status(), StatusCode::OK);
     let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
     assert_eq!(ready["volumes"][0]["state"], "writable");
