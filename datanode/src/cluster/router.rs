@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use cairn_cluster::etcd::Snapshot;
-use cairn_cluster::{ClusterConfig, PartitionSpec, PartitionState};
+use cairn_cluster::{ClusterConfig, LiveNode, PartitionSpec, PartitionState};
 use cairn_common::BlobId;
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -298,6 +298,7 @@ fn relay(response: reqwest::Response) -> Response {
 /// space its fullest live replica reports (MiB), doubled when every replica is live and again
 /// when one replica is this node (a local write).
 fn pick_partition(snapshot: &Snapshot, config: &ClusterConfig, me: &str, excluded: &[u32]) -> Option<PartitionSpec> {
+    let my_zone = snapshot.live.get(me).map(|l| l.zone.as_str()).filter(|z| !z.is_empty());
     let candidates: Vec<(&PartitionSpec, u64)> = snapshot
         .topology
         .partitions
@@ -319,9 +320,14 @@ fn pick_partition(snapshot: &Snapshot, config: &ClusterConfig, me: &str, exclude
             if live_count == p.replicas.len() {
                 weight *= 2;
             }
-            if p.replicas.iter().any(|r| r.node == me) {
-                weight *= 2;
-            }
+            let same_zone = |r: &&LiveNode| my_zone.is_some_and(|z| r.zone == z);
+            weight *= if p.replicas.iter().any(|r| r.node == me) {
+                4
+            } else if live.iter().any(same_zone) {
+                3
+            } else {
+                2
+            };
             Some((p, weight))
         })
         .collect();
@@ -342,7 +348,7 @@ fn pick_partition(snapshot: &Snapshot, config: &ClusterConfig, me: &str, exclude
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_cluster::{LiveNode, ReplicaSpec, Topology};
+    use cairn_cluster::{ReplicaSpec, Topology};
 
     fn snapshot(free: &[(u32, u64)], live: &[&str]) -> Snapshot {
         let partitions = (0..2)
