@@ -26,6 +26,9 @@ pub enum StoreError {
     Contended(u32),
 }
 
+/// Keys changed per transaction (etcd allows 128 operations, and the guards count too).
+pub const TXN_CHUNK: usize = 60;
+
 /// What etcd holds for one cluster at one revision.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
@@ -149,6 +152,13 @@ impl ClusterStore {
         Err(StoreError::Contended(ATTEMPTS))
     }
 
+    /// Removes every key of the cluster (a StoreCluster deleted with deletionPolicy Delete).
+    pub async fn delete_all(&self) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        client.delete(self.prefix.clone(), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
+        Ok(())
+    }
+
     /// Replaces one partition (its state or replicas), guarded by what `snapshot` saw.
     pub async fn update_partition(&self, snapshot: &Snapshot, partition: &PartitionSpec) -> Result<bool, StoreError> {
         let mut desired = snapshot.topology.clone();
@@ -156,36 +166,54 @@ impl ClusterStore {
         self.write_topology(snapshot, &desired).await
     }
 
-    /// One transaction from `snapshot.topology` to `desired`: false if someone changed a key since.
+    /// From `snapshot.topology` to `desired`, writing only the keys that change, each guarded by
+    /// the revision it was read at (or by its absence): false if someone changed one since.
+    ///
+    /// etcd caps a transaction at 128 operations (`--max-txn-ops`), so a large change is written
+    /// in transactions of at most [`TXN_CHUNK`] keys, every one also guarded by the config key;
+    /// a change that fits is one atomic transaction. Only the operator's leader (or one CLI call)
+    /// writes the topology, so chunks are not interleaved with another writer's in practice, and
+    /// a guard that fails stops the rest.
     async fn write_topology(&self, snapshot: &Snapshot, desired: &Topology) -> Result<bool, StoreError> {
         let values = self.encode(desired);
-        // Every key read or written must be as it was read: unchanged, or still absent.
-        let keys: std::collections::BTreeSet<&String> = snapshot.versions.keys().chain(values.keys()).collect();
-        let guards: Vec<Compare> = keys
-            .into_iter()
-            .map(|key| match snapshot.versions.get(key) {
-                Some(revision) => Compare::mod_revision(key.clone(), CompareOp::Equal, *revision),
-                None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-            })
-            .collect();
-        let mut ops = Vec::new();
         let current = self.encode(&snapshot.topology);
+        let guard = |key: &String| match snapshot.versions.get(key) {
+            Some(revision) => Compare::mod_revision(key.clone(), CompareOp::Equal, *revision),
+            None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        };
+        let mut changes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
         for (key, value) in &values {
             if current.get(key) != Some(value) {
-                ops.push(TxnOp::put(key.clone(), value.clone(), None));
+                changes.push((key.clone(), Some(value.clone())));
             }
         }
         for key in snapshot.versions.keys() {
             if !values.contains_key(key) {
-                ops.push(TxnOp::delete(key.clone(), None));
+                changes.push((key.clone(), None));
             }
         }
-        if ops.is_empty() {
+        if changes.is_empty() {
             return Ok(true);
         }
+        let config_key = self.config_key();
         let mut client = self.client.clone();
-        let response = client.txn(Txn::new().when(guards).and_then(ops)).await?;
-        Ok(response.succeeded())
+        for chunk in changes.chunks(TXN_CHUNK) {
+            let mut guards: Vec<Compare> = chunk.iter().map(|(key, _)| guard(key)).collect();
+            if !chunk.iter().any(|(key, _)| *key == config_key) {
+                guards.push(guard(&config_key));
+            }
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(key, value)| match value {
+                    Some(value) => TxnOp::put(key.clone(), value.clone(), None),
+                    None => TxnOp::delete(key.clone(), None),
+                })
+                .collect();
+            if !client.txn(Txn::new().when(guards).and_then(ops)).await?.succeeded() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The topology as etcd keys and values.

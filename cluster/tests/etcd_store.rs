@@ -105,3 +105,17 @@ async fn topology_registration_and_watch_survive_an_etcd_restart() {
     let after = store.load().await.unwrap();
     assert!(!after.live.contains_key("n0"), "lease revoked on the way out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topology_larger_than_one_transaction_is_written_whole() {
+    let etcd = EtcdServer::start();
+    let store = ClusterStore::connect(&[etcd.endpoint()], "default", "big").await.unwrap();
+    // 250 partitions: far beyond etcd's 128 operations per transaction.
+    let written = store.apply_topology(&config(250), &nodes(9)).await.unwrap();
+    let loaded = store.load().await.unwrap();
+    assert_eq!(loaded.topology, written);
+    assert_eq!(loaded.topology.partitions.len(), 250);
+    let revision = loaded.revision;
+    store.apply_topology(&config(250), &nodes(9)).await.unwrap();
+    assert_eq!(store.load().await.unwrap().revision, revision, "converged: nothing written");
+}

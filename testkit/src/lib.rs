@@ -8,6 +8,7 @@
 //! objects as JSON and implements what Cairn's controllers use: get, list, server-side apply
 //! of objects and of the status subresource, merge patches, delete; resourceVersion,
 //! generation (bumped when anything but status and metadata changes), uid, creationTimestamp,
+//! JSON patches, deletion held by finalizers (deletionTimestamp), equality label selectors,
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). Every
 //! write is counted per object so tests can prove that a converged controller writes nothing.
 
@@ -102,10 +103,14 @@ impl MemoryApi {
             return match method {
                 Method::GET => {
                     let (gv, ns, plural, _) = &target.key;
+                    let selector = label_selector(uri.query().unwrap_or_default());
                     let items: Vec<Value> = state
                         .objects
                         .iter()
                         .filter(|(k, _)| &k.0 == gv && &k.2 == plural && (ns.is_empty() || &k.1 == ns))
+                        .filter(|(_, v)| {
+                            selector.iter().all(|(k, want)| v["metadata"]["labels"][k].as_str() == Some(want.as_str()))
+                        })
                         .map(|(_, v)| v.clone())
                         .collect();
                     let version = state.next_version.to_string();
@@ -126,13 +131,19 @@ impl MemoryApi {
                 Some(object) => ok(object.clone()),
                 None => not_found(&key),
             },
-            Method::DELETE => match state.objects.remove(&key) {
-                Some(object) => {
-                    *state.writes.entry(key).or_default() += 1;
-                    ok(object)
+            Method::DELETE => {
+                let Some(mut object) = state.objects.remove(&key) else { return not_found(&key) };
+                *state.writes.entry(key.clone()).or_default() += 1;
+                // With finalizers the object stays, marked for deletion, until they are removed.
+                let has_finalizers = object["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+                if has_finalizers {
+                    object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+                    state.next_version += 1;
+                    object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
+                    state.objects.insert(key, object.clone());
                 }
-                None => not_found(&key),
-            },
+                ok(object)
+            }
             Method::PATCH | Method::PUT => {
                 let apply = content_type.contains("apply-patch");
                 let existing = state.objects.get(&key).cloned();
@@ -166,7 +177,23 @@ impl MemoryApi {
                     if let Some(map) = patch.as_object_mut() {
                         map.remove("status");
                     }
-                    if method == Method::PUT {
+                    if content_type.contains("json-patch") {
+                        // As the API server does: testing a missing field against null passes.
+                        let mut raw_ops = patch.as_array().cloned().unwrap_or_default();
+                        raw_ops.retain(|op| {
+                            !(op["op"] == "test" && op["value"].is_null() && {
+                                let path = op["path"].as_str().unwrap_or_default();
+                                object.pointer(path).is_none()
+                            })
+                        });
+                        let ops: json_patch::Patch = match serde_json::from_value(Value::Array(raw_ops)) {
+                            Ok(ops) => ops,
+                            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+                        };
+                        if let Err(e) = json_patch::patch(&mut object, &ops) {
+                            return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e.to_string());
+                        }
+                    } else if method == Method::PUT {
                         let metadata = object["metadata"].clone();
                         let status = object.get("status").cloned();
                         object = patch;
@@ -179,6 +206,13 @@ impl MemoryApi {
                     }
                 }
                 if object == before {
+                    return ok(object);
+                }
+                // The last finalizer removed from an object marked for deletion: it goes.
+                let finalizers_done = object["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty());
+                if !object["metadata"]["deletionTimestamp"].is_null() && finalizers_done {
+                    state.objects.remove(&key);
+                    *state.writes.entry(key).or_default() += 1;
                     return ok(object);
                 }
                 let spec_changed = {
@@ -206,6 +240,21 @@ impl MemoryApi {
             _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "unsupported method"),
         }
     }
+}
+
+/// `labelSelector=a=b,c=d` from a query string (equality terms only).
+fn label_selector(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("labelSelector="))
+        .flat_map(|v| {
+            let decoded = v.replace("%3D", "=").replace("%2C", ",").replace("%2F", "/");
+            decoded
+                .split(',')
+                .filter_map(|term| term.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// `/api/v1/...` or `/apis/{group}/{version}/...`, then `[namespaces/{ns}/]{plural}[/{name}[/status]]`.

@@ -1,0 +1,178 @@
+//! The platform-agnostic core: from a StoreCluster's spec and the machines' disk inventories,
+//! the desired cluster config and nodes (the planner then places replicas with minimal movement).
+
+use cairn_cluster::{ClusterConfig, DiskSpec, NodeSpec, Topology};
+use cairn_common::agent_api::DiskReport;
+use cairn_resources::store_cluster::{DiskSelectorSpec, StoreClusterSpec};
+
+/// A machine that may run a datanode: its zone and what its disk agent reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machine {
+    pub name: String,
+    pub zone: String,
+    pub disks: Vec<DiskReport>,
+    /// Address its datanode will be reached at.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("no usable disk matches the disk selector on the {machines} selected machine(s)")]
+    NoDisks { machines: usize },
+    #[error("replicationFactor {rf} needs {rf} machines with usable disks, found {found}")]
+    TooFewMachines { rf: u32, found: usize },
+}
+
+/// A Kubernetes quantity or a byte size ("64Gi", "64GiB", "1048576").
+pub fn parse_size(field: &'static str, text: &str) -> Result<u64, SpecError> {
+    let t = text.trim();
+    let quantity = ["Ki", "Mi", "Gi", "Ti", "Pi"].iter().any(|suffix| t.ends_with(suffix));
+    let normalized = if quantity { format!("{t}B") } else { t.to_owned() };
+    normalized
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|_| SpecError::Invalid { field, reason: format!("{text:?} is not a size (e.g. 64Gi)") })
+}
+
+pub struct Desired {
+    pub config: ClusterConfig,
+    pub nodes: Vec<NodeSpec>,
+}
+
+fn glob_set(field: &'static str, globs: &[String]) -> Result<Option<globset::GlobSet>, SpecError> {
+    if globs.is_empty() {
+        return Ok(None);
+    }
+    let mut builder = globset::GlobSetBuilder::new();
+    for g in globs {
+        let glob = globset::GlobBuilder::new(g)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| SpecError::Invalid { field, reason: e.to_string() })?;
+        builder.add(glob);
+    }
+    builder.build().map(Some).map_err(|e| SpecError::Invalid { field, reason: e.to_string() })
+}
+
+/// Cluster config and nodes for the topology. A disk's capacity is what its agent can still
+/// promise plus what this cluster's volumes already hold there, so placement stays stable as
+/// volumes are created. Partitions: `partitionsPerDisk` per usable disk while space allows for
+/// all their replicas, and never fewer than exist.
+pub fn desired(
+    cluster: &str,
+    spec: &StoreClusterSpec,
+    machines: &[Machine],
+    current: &Topology,
+) -> Result<Desired, SpecError> {
+    let volume = parse_size("volumeSize", &spec.volume_size)?;
+    let segment = parse_size("segmentSize", &spec.segment_size)?;
+    let selector = spec.disk_selector.clone().unwrap_or_default();
+    let DiskSelectorSpec { mount_paths, fs_types, devices, min_size } = &selector;
+    let paths = glob_set("diskSelector.mountPaths", mount_paths)?;
+    let device_globs = glob_set("diskSelector.devices", devices)?;
+    let min = min_size.as_deref().map(|m| parse_size("diskSelector.minSize", m)).transpose()?.unwrap_or(0);
+    let prefix = format!("{cluster}-p");
+    let mut nodes = Vec::new();
+    for machine in machines {
+        let disks: Vec<DiskSpec> = machine
+            .disks
+            .iter()
+            .filter(|d| d.usable)
+            .filter(|d| paths.as_ref().is_none_or(|g| g.is_match(&d.canonical_mount)))
+            .filter(|d| device_globs.as_ref().is_none_or(|g| g.is_match(&d.device)))
+            .filter(|d| fs_types.is_empty() || fs_types.contains(&d.fs_type))
+            .filter(|d| d.total_bytes >= min)
+            .map(|d| {
+                let ours: u64 =
+                    d.volumes.iter().filter(|v| v.name.starts_with(&prefix)).map(|v| v.capacity_bytes).sum();
+                DiskSpec { id: d.id.clone(), capacity_bytes: d.allocatable_bytes + ours }
+            })
+            .filter(|d| d.capacity_bytes >= volume)
+            .collect();
+        if !disks.is_empty() {
+            nodes.push(NodeSpec {
+                id: machine.name.clone(),
+                zone: machine.zone.clone(),
+                address: machine.address.clone(),
+                disks,
+            });
+        }
+    }
+    let disk_count: usize = nodes.iter().map(|n| n.disks.len()).sum();
+    if disk_count == 0 {
+        return Err(SpecError::NoDisks { machines: machines.len() });
+    }
+    if nodes.len() < spec.replication_factor as usize {
+        return Err(SpecError::TooFewMachines { rf: spec.replication_factor, found: nodes.len() });
+    }
+    let slots: u64 = nodes.iter().flat_map(|n| &n.disks).map(|d| d.capacity_bytes / volume).sum();
+    let by_space = (slots / u64::from(spec.replication_factor.max(1))) as u32;
+    let wanted = spec.partitions_per_disk.saturating_mul(disk_count as u32).min(by_space);
+    let existing = current.partitions.keys().max().map(|m| m + 1).unwrap_or(0);
+    let config = ClusterConfig {
+        replication_factor: spec.replication_factor,
+        write_quorum: spec.write_quorum,
+        partitions: wanted.max(existing).max(1),
+        volume_size_bytes: volume,
+        segment_size_bytes: segment,
+    };
+    config.validate().map_err(|reason| SpecError::Invalid { field: "spec", reason })?;
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(Desired { config, nodes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_common::agent_api::VolumeInfo;
+    use cairn_resources::store_cluster::EtcdSpec;
+
+    const GIB: u64 = 1 << 30;
+
+    fn spec(rf: u32) -> StoreClusterSpec {
+        serde_json::from_value(serde_json::json!({
+            "image": "cairn:1", "volumeSize": "10Gi", "segmentSize": "1Gi", "replicationFactor": rf,
+            "writeQuorum": 1, "partitionsPerDisk": 4, "etcd": EtcdSpec { endpoints: vec!["x".into()], tls_secret: None }
+        }))
+        .unwrap()
+    }
+
+    fn machine(name: &str, allocatable: u64, ours: u64) -> Machine {
+        let volumes = (ours > 0)
+            .then(|| VolumeInfo { name: "c1-p0".into(), capacity_bytes: ours, ..VolumeInfo::default() })
+            .into_iter()
+            .collect();
+        let disk = DiskReport {
+            id: format!("{name}-d"),
+            usable: true,
+            fs_type: "xfs".into(),
+            canonical_mount: "/mnt/a".into(),
+            total_bytes: 1000 * GIB,
+            allocatable_bytes: allocatable,
+            volumes,
+            ..DiskReport::default()
+        };
+        Machine { name: name.into(), zone: String::new(), disks: vec![disk], address: String::new() }
+    }
+
+    #[test]
+    fn sizes_partitions_and_stable_capacity() {
+        assert_eq!(parse_size("x", "64Gi").unwrap(), 64 * GIB);
+        assert_eq!(parse_size("x", "1GiB").unwrap(), GIB);
+        assert!(parse_size("x", "lots").is_err());
+        let machines = vec![machine("a", 100 * GIB, 0), machine("b", 90 * GIB, 10 * GIB), machine("c", 15 * GIB, 0)];
+        let d = desired("c1", &spec(1), &machines, &Topology::default()).unwrap();
+        // A disk's capacity counts the volumes this cluster already has there.
+        assert_eq!(d.nodes[1].disks[0].capacity_bytes, 100 * GIB);
+        // 4 per disk = 12 wanted; space: 10 + 10 + 1 slots = 21 at rf 1.
+        assert_eq!(d.config.partitions, 12);
+        let tight = desired("c1", &spec(3), &machines, &Topology::default()).unwrap();
+        assert_eq!(tight.config.partitions, 7, "21 slots / 3 replicas");
+        let err = desired("c1", &spec(3), &machines[..2], &Topology::default()).err().unwrap();
+        assert!(matches!(err, SpecError::TooFewMachines { rf: 3, found: 2 }));
+        let none = desired("c1", &spec(1), &[], &Topology::default()).err().unwrap();
+        assert!(matches!(none, SpecError::NoDisks { .. }));
+    }
+}

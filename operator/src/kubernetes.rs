@@ -1,0 +1,211 @@
+//! The Kubernetes platform: machines from Nodes and StoreNodes; one datanode Pod per chosen
+//! machine (pinned to it, named after it), Services, a ConfigMap and a PodDisruptionBudget, all
+//! owned by the StoreCluster and applied with one field manager only when they differ.
+
+use std::collections::BTreeMap;
+
+use cairn_resources::{StoreCluster, StoreNode};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::desired::Machine;
+
+pub const FIELD_MANAGER: &str = "cairn-operator";
+pub const API_PORT: u16 = 7480;
+
+/// Label selecting a cluster's objects.
+pub fn labels(cluster: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "cairn".to_string()),
+        ("app.kubernetes.io/instance".to_string(), cluster.to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), FIELD_MANAGER.to_string()),
+    ])
+}
+
+pub fn selector(cluster: &str) -> String {
+    labels(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Machines whose labels match the node selector, with their StoreNode's disks.
+pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Machine>, kube::Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let store_nodes: Api<StoreNode> = Api::all(client.clone());
+    let namespace = sc.namespace().unwrap_or_default();
+    let cluster = sc.name_any();
+    let mut out = Vec::new();
+    for node in nodes.list(&ListParams::default()).await? {
+        let node_labels = node.labels();
+        if !sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v)) {
+            continue;
+        }
+        let name = node.name_any();
+        let disks = store_nodes.get_opt(&name).await?.and_then(|s| s.status).map(|s| s.disks).unwrap_or_default();
+        out.push(Machine {
+            zone: node_labels.get(&sc.spec.zone_topology_key).cloned().unwrap_or_default(),
+            address: format!("{}.{cluster}-nodes.{namespace}.svc:{API_PORT}", pod_name(&cluster, &name)),
+            name,
+            disks,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+pub fn pod_name(cluster: &str, node: &str) -> String {
+    format!("{cluster}-{node}")
+}
+
+/// Every object the cluster needs, as (resource, name, body).
+pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, String, Value)> {
+    let cluster = sc.name_any();
+    let namespace = sc.namespace().unwrap_or_default();
+    let owner = sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid");
+    let labels = labels(&cluster);
+    let meta = |name: &str, extra: &BTreeMap<String, String>| {
+        let mut l = labels.clone();
+        l.extend(extra.clone());
+        json!({"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]})
+    };
+    let mut out = Vec::new();
+    let config_map = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "ConfigMap"));
+    let config = json!({"etcd": sc.spec.etcd.endpoints, "cluster": cluster, "namespace": namespace});
+    out.push((
+        config_map,
+        format!("{cluster}-config"),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(&format!("{cluster}-config"), &BTreeMap::new()),
+               "data": {"cluster.json": config.to_string()}}),
+    ));
+    let service = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Service"));
+    let port = json!([{"name": "api", "port": API_PORT, "targetPort": API_PORT}]);
+    out.push((
+        service.clone(),
+        cluster.clone(),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(&cluster, &BTreeMap::new()),
+               "spec": {"selector": labels, "ports": port}}),
+    ));
+    out.push((
+        service,
+        format!("{cluster}-nodes"),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(&format!("{cluster}-nodes"), &BTreeMap::new()),
+               "spec": {"clusterIP": "None", "publishNotReadyAddresses": true, "selector": labels, "ports": port}}),
+    ));
+    let pdb = ApiResource::from_gvk(&GroupVersionKind::gvk("policy", "v1", "PodDisruptionBudget"));
+    out.push((
+        pdb,
+        cluster.clone(),
+        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta(&cluster, &BTreeMap::new()),
+               "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}),
+    ));
+    let pod = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Pod"));
+    for machine in machines {
+        let name = pod_name(&cluster, &machine.name);
+        let node_label = BTreeMap::from([("cairn.dev/node".to_string(), machine.name.clone())]);
+        // The disk agent's socket and every disk's Cairn directory, at the same paths as on the host.
+        let mut mounts = vec![json!({"name": "agent", "mountPath": "/run/cairn"})];
+        let mut volumes = vec![json!({"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}})];
+        for (i, disk) in machine.disks.iter().enumerate() {
+            let path = format!("{}/cairn", disk.canonical_mount.trim_end_matches('/'));
+            mounts.push(json!({"name": format!("disk{i}"), "mountPath": path, "mountPropagation": "HostToContainer"}));
+            volumes.push(json!({"name": format!("disk{i}"), "hostPath": {"path": path, "type": "DirectoryOrCreate"}}));
+        }
+        let mut container = json!({
+            "name": "datanode",
+            "image": sc.spec.image,
+            "args": ["--etcd", sc.spec.etcd.endpoints.join(","), "--cluster", cluster, "--namespace", namespace,
+                     "--node-id", machine.name, "--zone", machine.zone, "--disk-agent", "/run/cairn/disk-agent.sock",
+                     "--listen", format!("0.0.0.0:{API_PORT}"), "--advertise", machine.address],
+            "ports": [{"name": "api", "containerPort": API_PORT}],
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": API_PORT}},
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}},
+            "volumeMounts": mounts,
+        });
+        if let Some(resources) = &sc.spec.resources {
+            container["resources"] = serde_json::to_value(resources).expect("JSON");
+        }
+        let mut spec = json!({"nodeName": machine.name, "containers": [container], "volumes": volumes,
+                              "restartPolicy": "Always"});
+        if !sc.spec.tolerations.is_empty() {
+            spec["tolerations"] = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
+        }
+        out.push((
+            pod.clone(),
+            name.clone(),
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(&name, &node_label), "spec": spec}),
+        ));
+    }
+    out
+}
+
+/// Whether every field of `want` has the same value in `have`: objects as subsets (the API
+/// server adds defaults), lists element by element with the same length.
+pub fn contains(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(h), Value::Object(w)) => w.iter().all(|(k, v)| h.get(k).is_some_and(|hv| contains(hv, v))),
+        (Value::Array(h), Value::Array(w)) => h.len() == w.len() && h.iter().zip(w).all(|(hv, wv)| contains(hv, wv)),
+        (h, w) => h == w,
+    }
+}
+
+/// Applies each object that is missing or differs; deletes the cluster's Pods no longer wanted.
+/// Returns the number of write calls made (0 when converged).
+pub async fn apply(
+    client: &kube::Client,
+    namespace: &str,
+    cluster: &str,
+    objects: &[(ApiResource, String, Value)],
+) -> Result<u32, kube::Error> {
+    let mut writes = 0;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for (resource, name, body) in objects {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
+        let existing = api.get_opt(name).await?;
+        let current = existing.as_ref().map(|o| serde_json::to_value(o).expect("JSON"));
+        if current.as_ref().is_some_and(|c| contains(c, body)) {
+            continue;
+        }
+        if resource.kind == "Pod" && existing.is_some() {
+            // A Pod's spec cannot change in place: replace it (the next reconcile creates it).
+            api.delete(name, &DeleteParams::default()).await?;
+        } else {
+            api.patch(name, &params, &Patch::Apply(body)).await?;
+        }
+        writes += 1;
+    }
+    let pods: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Pod")),
+    );
+    for pod in pods.list(&ListParams::default().labels(&selector(cluster))).await? {
+        let name = pod.name_any();
+        if !objects.iter().any(|(r, n, _)| r.kind == "Pod" && *n == name) {
+            pods.delete(&name, &DeleteParams::default()).await?;
+            writes += 1;
+        }
+    }
+    Ok(writes)
+}
+
+/// The API resource of a typed object, for dynamic calls.
+pub fn resource_of<K: Resource<DynamicType = ()>>() -> ApiResource {
+    ApiResource::erase::<K>(&())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_added_by_the_server_are_not_a_difference() {
+        let want = json!({"spec": {"containers": [{"name": "d", "image": "a"}]}});
+        let have = json!({"spec": {"containers": [{"name": "d", "image": "a", "imagePullPolicy": "IfNotPresent"}], "dnsPolicy": "x"}});
+        assert!(contains(&have, &want));
+        let upgraded = json!({"spec": {"containers": [{"name": "d", "image": "b"}]}});
+        assert!(!contains(&have, &upgraded));
+        let more = json!({"spec": {"containers": [{"name": "d", "image": "a"}, {"name": "e"}]}});
+        assert!(!contains(&have, &more));
+    }
+}

@@ -1,0 +1,165 @@
+//! The operator's Kubernetes side against an in-memory API server, with a real etcd.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cairn_common::agent_api::DiskReport;
+use cairn_operator::reconcile::{reconcile, Context, FINALIZER};
+use cairn_resources::{StoreCluster, StoreNode, StoreNodeSpec, StoreNodeStatus};
+use cairn_testkit::etcd::EtcdServer;
+use cairn_testkit::MemoryApi;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+const GIB: u64 = 1 << 30;
+
+async fn machine(kube: &kube::Client, name: &str, zone: &str) {
+    let nodes: Api<Node> = Api::all(kube.clone());
+    let node = json!({"apiVersion": "v1", "kind": "Node",
+                      "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone, "cairn.dev/storage": "true"}}});
+    nodes.patch(name, &PatchParams::apply("test"), &Patch::Apply(node)).await.unwrap();
+    let store_nodes: Api<StoreNode> = Api::all(kube.clone());
+    let sn = StoreNode::new(name, StoreNodeSpec { node_name: name.into() });
+    store_nodes.patch(name, &PatchParams::apply("test"), &Patch::Apply(&sn)).await.unwrap();
+    let disk = DiskReport {
+        id: format!("{name}-disk"),
+        device: "/dev/nvme0n1".into(),
+        fs_type: "xfs".into(),
+        canonical_mount: "/mnt/disk0".into(),
+        total_bytes: 200 * GIB,
+        available_bytes: 190 * GIB,
+        allocatable_bytes: 180 * GIB,
+        usable: true,
+        ..DiskReport::default()
+    };
+    let status = StoreNodeStatus { disks: vec![disk], ..StoreNodeStatus::default() };
+    let patch = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "StoreNode", "status": status});
+    store_nodes.patch_status(name, &PatchParams::apply("test"), &Patch::Apply(patch)).await.unwrap();
+}
+
+fn cluster_yaml(etcd: &str, rf: u32) -> serde_json::Value {
+    json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "StoreCluster",
+           "metadata": {"name": "c1", "namespace": "store"},
+           "spec": {"image": "cairn:1", "volumeSize": "16Gi", "segmentSize": "1Gi", "replicationFactor": rf,
+                    "writeQuorum": 2, "partitionsPerDisk": 2, "nodeSelector": {"cairn.dev/storage": "true"},
+                    "etcd": {"endpoints": [etcd]}}})
+}
+
+async fn reconcile_once(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
+    let sc = api.get("c1").await.unwrap();
+    reconcile(Arc::new(sc), ctx.clone()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_cleans_up() {
+    let etcd = EtcdServer::start();
+    let memory = MemoryApi::new();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
+        machine(&kube, name, zone).await;
+    }
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
+    let ctx = Arc::new(Context { client: kube.clone(), writes: Default::default() });
+
+    reconcile_once(&api, &ctx).await; // adds the finalizer
+    assert_eq!(api.get("c1").await.unwrap().finalizers(), [FINALIZER.to_string()]);
+    reconcile_once(&api, &ctx).await; // creates everything
+
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "store");
+    let sc = api.get("c1").await.unwrap();
+    for node in ["n0", "n1", "n2"] {
+        let pod = pods.get(&format!("c1-{node}")).await.unwrap();
+        assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(node), "pinned to its machine");
+        let owner = &pod.owner_references()[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("StoreCluster", sc.uid().unwrap().as_str()));
+        let args = pod.spec.unwrap().containers[0].args.clone().unwrap();
+        assert!(args.windows(2).any(|w| w[0] == "--node-id" && w[1] == node), "{args:?}");
+    }
+    for (plural, name) in [("services", "c1"), ("services", "c1-nodes"), ("configmaps", "c1-config")] {
+        assert_eq!(memory.writes(plural, "store", name), 1, "{plural}/{name}");
+    }
+    assert_eq!(memory.writes("poddisruptionbudgets", "store", "c1"), 1);
+
+    // etcd holds the topology: 3 nodes, 2 partitions per disk, zones distinct.
+    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "store", "c1").await.unwrap();
+    let snapshot = store.load().await.unwrap();
+    assert_eq!(snapshot.topology.nodes.len(), 3);
+    assert_eq!(snapshot.topology.partitions.len(), 6);
+
+    // Status: conditions for kstatus readers, observedGeneration, counts.
+    let status = api.get("c1").await.unwrap().status.unwrap();
+    assert_eq!(status.observed_generation, sc.metadata.generation);
+    assert_eq!((status.nodes_total, status.partitions.total), (3, 6));
+    let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, ["Ready", "Progressing", "Degraded"]);
+    assert_eq!(status.conditions[0].status, "False", "no datanode is live yet");
+
+    // Converged: a reconcile makes zero write calls, to the API server or to etcd.
+    let writes = ctx.writes.load(Ordering::SeqCst);
+    let status_writes = memory.status_writes("storeclusters", "store", "c1");
+    let revision = store.load().await.unwrap().revision;
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    assert_eq!(ctx.writes.load(Ordering::SeqCst), writes, "no writes when converged");
+    assert_eq!(store.load().await.unwrap().revision, revision);
+    assert_eq!(memory.status_writes("storeclusters", "store", "c1"), status_writes, "status unchanged, not rewritten");
+    for node in ["n0", "n1", "n2"] {
+        assert_eq!(memory.writes("pods", "store", &format!("c1-{node}")), 1);
+    }
+    // The spec is never written by the operator: only the user's apply and the finalizer touched it.
+    assert_eq!(api.get("c1").await.unwrap().spec.image, "cairn:1");
+
+    // Retain: deleting leaves the topology in etcd.
+    api.delete("c1", &DeleteParams::default()).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    assert!(api.get_opt("c1").await.unwrap().is_none(), "finalizer removed, object gone");
+    assert_eq!(store.load().await.unwrap().topology.nodes.len(), 3, "Retain keeps the topology");
+
+    // Re-created over the retained data, then deleted with a confirmed Delete: etcd is emptied.
+    let mut again = cluster_yaml(&etcd.endpoint(), 3);
+    again["spec"]["deletionPolicy"] = json!("Delete");
+    again["spec"]["confirmDelete"] = json!("c1");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(again)).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    assert_eq!(store.load().await.unwrap().topology.partitions.len(), 6, "the same placement found again");
+    api.delete("c1", &DeleteParams::default()).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    assert!(api.get_opt("c1").await.unwrap().is_none());
+    assert!(store.load().await.unwrap().topology.nodes.is_empty(), "Delete removed the topology");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_and_unreachable_etcd_degrade_without_tearing_down() {
+    let etcd = EtcdServer::start();
+    let memory = MemoryApi::new();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b")] {
+        machine(&kube, name, zone).await;
+    }
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    let ctx = Arc::new(Context { client: kube.clone(), writes: Default::default() });
+    // Replication 3 on two machines: impossible.
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    let status = api.get("c1").await.unwrap().status.unwrap();
+    assert_eq!(status.phase, "Degraded");
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
+    assert!(degraded.message.contains("replicationFactor 3 needs 3 machines"), "{}", degraded.message);
+    assert_eq!(memory.writes("pods", "store", "c1-n0"), 0, "nothing created for a bad spec");
+
+    // Unreachable etcd: Degraded with the endpoint in the message; nothing torn down.
+    let mut unreachable = cluster_yaml("http://127.0.0.1:9", 2);
+    unreachable["spec"]["writeQuorum"] = json!(2);
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(unreachable)).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    let status = api.get("c1").await.unwrap().status.unwrap();
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(degraded.reason, "EtcdUnreachable");
+    assert!(degraded.message.contains("127.0.0.1:9"), "{}", degraded.message);
+}

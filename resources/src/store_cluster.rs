@@ -1,0 +1,170 @@
+//! `StoreCluster`: a Cairn cluster as users declare it; the operator reconciles it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A Cairn cluster: which machines run datanodes, which disks they use, and how data is replicated.
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "cairn.dev",
+    version = "v1alpha1",
+    kind = "StoreCluster",
+    plural = "storeclusters",
+    shortname = "sc",
+    namespaced,
+    status = "StoreClusterStatus",
+    derive = "PartialEq",
+    validation = Rule::new("self.spec.deletionPolicy != 'Delete' || (has(self.spec.confirmDelete) && self.spec.confirmDelete == self.metadata.name)")
+        .message("deletionPolicy Delete needs confirmDelete set to the cluster's name"),
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.nodesSummary"}"#,
+    printcolumn = r#"{"name":"Partitions","type":"integer","jsonPath":".status.partitions.total"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    cel,
+    validation = Rule::new("self.writeQuorum <= self.replicationFactor").message("writeQuorum must not exceed replicationFactor")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreClusterSpec {
+    /// Datanode image.
+    pub image: String,
+    /// Labels a machine must carry to run a datanode.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node label that names a machine's zone.
+    #[serde(default = "default_zone_key")]
+    pub zone_topology_key: String,
+    /// Which of a machine's disks (as its StoreNode reports them) hold volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_selector: Option<DiskSelectorSpec>,
+    /// Capacity of each volume (one partition replica), e.g. 64Gi. Fixed once set.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("volumeSize is immutable"))]
+    pub volume_size: String,
+    /// Log segment size inside volumes, e.g. 1Gi; divides volumeSize. Fixed once set.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("segmentSize is immutable"))]
+    pub segment_size: String,
+    #[serde(default = "default_replication")]
+    #[schemars(range(min = 1, max = 7))]
+    pub replication_factor: u32,
+    #[serde(default = "default_quorum")]
+    #[schemars(range(min = 1, max = 7))]
+    pub write_quorum: u32,
+    /// Writable partitions to keep per usable disk, while space allows.
+    #[serde(default = "default_partitions_per_disk")]
+    #[schemars(range(min = 1))]
+    pub partitions_per_disk: u32,
+    /// Space kept free on every disk: a percentage ("5%") or a size ("20Gi").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom: Option<String>,
+    pub etcd: EtcdSpec,
+    /// Resources of each datanode container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// What deleting the StoreCluster does to the data: Retain (default) keeps topology and volumes.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Must equal the cluster's name for deletionPolicy Delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_delete: Option<String>,
+    /// Stop reconciling (nothing is changed while true).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_zone_key() -> String {
+    "topology.kubernetes.io/zone".into()
+}
+fn default_replication() -> u32 {
+    3
+}
+fn default_quorum() -> u32 {
+    2
+}
+fn default_partitions_per_disk() -> u32 {
+    4
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskSelectorSpec {
+    /// Globs on the disk's canonical mount path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs_types: Vec<String>,
+    /// Globs on the device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// Smallest disk to use, e.g. 100Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_size: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdSpec {
+    #[schemars(length(min = 1))]
+    pub endpoints: Vec<String>,
+    /// Secret with `ca.crt`, `tls.crt`, `tls.key` for a TLS etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreClusterStatus {
+    /// Ready, Progressing, Degraded (and Reconciling / Stalled for kstatus readers).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// For humans: Pending, Creating, Ready, Degraded, Paused, Deleting.
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default)]
+    pub nodes_ready: u32,
+    #[serde(default)]
+    pub nodes_total: u32,
+    /// "ready/total", for the printer column.
+    #[serde(default)]
+    pub nodes_summary: String,
+    #[serde(default)]
+    pub capacity: CapacityStatus,
+    #[serde(default)]
+    pub partitions: PartitionCounts,
+    /// etcd revision of the topology last written or seen.
+    #[serde(default)]
+    pub topology_revision: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityStatus {
+    pub total_bytes: u64,
+    pub allocated_bytes: u64,
+    pub allocatable_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionCounts {
+    pub total: u32,
+    pub writable: u32,
+    pub read_only: u32,
+    pub under_replicated: u32,
+}
