@@ -3,7 +3,7 @@
 
 use cairn_common::agent_api::NodeReport;
 use cairn_resources::{StoreNode, StoreNodeSpec, StoreNodeStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource};
 
@@ -53,20 +53,7 @@ pub fn status_for(report: &NodeReport, generation: Option<i64>, previous: &[Cond
     let conflicts: Vec<String> =
         report.disks.iter().filter_map(|d| d.conflict.as_ref().map(|c| format!("{}: {c}", d.id))).collect();
     let condition = |type_: &str, ok: bool, reason: &str, message: String| {
-        let status = if ok { "True" } else { "False" };
-        let since = previous
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: generation,
-            last_transition_time: since,
-        }
+        cairn_resources::condition(previous, type_, ok, reason, message, generation)
     };
     let mut conditions = vec![
         if usable.is_empty() {

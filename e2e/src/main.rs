@@ -3,6 +3,7 @@
 mod cluster;
 mod datanode;
 mod disk_agent;
+mod operator;
 mod reference;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ enum Command {
     Datanode(datanode::Options),
     /// A local 3-node cluster (real etcd) against one node; catch-up after a node was down.
     Cluster(cluster::Options),
+    /// The operator: planning and reconciles for 100 machines and 10,000 partitions.
+    Operator(operator::Options),
     /// The disk agent: mountinfo scan, CreateVolume against a raw fallocate (needs root).
     DiskAgent(disk_agent::Options),
 }
@@ -90,6 +93,11 @@ fn main() -> anyhow::Result<()> {
         Command::Cluster(options) => {
             let json = options.json;
             let results = tokio::runtime::Runtime::new()?.block_on(cluster::run(options))?;
+            report(&results, json);
+        }
+        Command::Operator(options) => {
+            let json = options.json;
+            let results = tokio::runtime::Runtime::new()?.block_on(operator::run(options))?;
             report(&results, json);
         }
         Command::DiskAgent(options) => {

@@ -5,21 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use cairn_testkit::etcd::EtcdServer;
 use cairn_testkit::payload;
 use reqwest::blocking::Client;
 use serde_json::Value;
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(path.exists(), "{} missing: run `cargo build --workspace` first", path.display());
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use support::{binary, free_port, wait_until};
 
 struct Node {
     id: String,
@@ -142,14 +134,6 @@ fn show(etcd: &EtcdServer) -> Value {
         .unwrap();
     assert!(out.status.success(), "cairn topology show: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Every node has opened its replicas and sees every peer live.
@@ -408,33 +392,8 @@ fn replicas_live_on_disk_agent_volumes_and_a_full_partition_turns_read_only() {
     let mut disks = Vec::new();
     for node in &nodes {
         // One machine per node: its own disk and disk agent.
-        let dev = machine.loop_fs(&node.id, 64 << 20, "mkfs.ext4", &["-q", "-m", "0"]);
-        machine.mount(&dev, &format!("{}-disk", node.id), &[]);
-        let socket = machine.path(&format!("{}.sock", node.id));
-        let config = machine.path(&format!("{}.yaml", node.id));
-        std::fs::write(
-            &config,
-            format!(
-                "selector:\n  mount_paths: ['{}/{}-disk']\n  min_size: 1MiB\nheadroom: 0%\n",
-                machine.base.display(),
-                node.id
-            ),
-        )
-        .unwrap();
-        let child = Command::new(binary("cairn-disk-agent"))
-            .args(["serve", "--mountinfo", "/proc/self/mountinfo", "--kubernetes", "off", "--node-name", &node.id])
-            .env("RUST_LOG", "warn")
-            .arg("--config")
-            .arg(&config)
-            .arg("--state-dir")
-            .arg(machine.path(&format!("{}-state", node.id)))
-            .arg("--socket")
-            .arg(&socket)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        agents.push(KillOnDrop(child));
-        wait_until("disk agent", Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+        let (agent, socket) = support::disk_with_agent(&mut machine, &node.id, 64 << 20);
+        agents.push(agent);
         let report = rt.block_on(AgentClient::new(&socket).report()).unwrap();
         disks.push((socket, report.disks[0].id.clone()));
     }
@@ -478,13 +437,4 @@ fn replicas_live_on_disk_agent_volumes_and_a_full_partition_turns_read_only() {
         assert_eq!(r.bytes().unwrap().as_ref(), payload(*seed, 200_000).as_slice());
     }
     drop(nodes);
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

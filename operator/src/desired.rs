@@ -109,7 +109,10 @@ pub fn desired(
     }
     let slots: u64 = nodes.iter().flat_map(|n| &n.disks).map(|d| d.capacity_bytes / volume).sum();
     let by_space = (slots / u64::from(spec.replication_factor.max(1))) as u32;
-    let wanted = spec.partitions_per_disk.saturating_mul(disk_count as u32).min(by_space);
+    // Full partitions turned read-only do not count: new writable ones replace them while space allows.
+    let read_only =
+        current.partitions.values().filter(|p| p.state != cairn_cluster::PartitionState::Writable).count() as u32;
+    let wanted = spec.partitions_per_disk.saturating_mul(disk_count as u32).saturating_add(read_only).min(by_space);
     let existing = current.partitions.keys().max().map(|m| m + 1).unwrap_or(0);
     let config = ClusterConfig {
         replication_factor: spec.replication_factor,
@@ -174,5 +177,14 @@ mod tests {
         assert!(matches!(err, SpecError::TooFewMachines { rf: 3, found: 2 }));
         let none = desired("c1", &spec(1), &[], &Topology::default()).err().unwrap();
         assert!(matches!(none, SpecError::NoDisks { .. }));
+
+        // Two partitions filled up: two more writable ones, space allowing.
+        let mut current = Topology::default();
+        for id in 0..12 {
+            let state =
+                if id < 2 { cairn_cluster::PartitionState::ReadOnly } else { cairn_cluster::PartitionState::Writable };
+            current.partitions.insert(id, cairn_cluster::PartitionSpec { id, state, replicas: vec![] });
+        }
+        assert_eq!(desired("c1", &spec(1), &machines, &current).unwrap().config.partitions, 14);
     }
 }

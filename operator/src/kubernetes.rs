@@ -189,9 +189,91 @@ pub async fn apply(
     Ok(writes)
 }
 
-/// The API resource of a typed object, for dynamic calls.
-pub fn resource_of<K: Resource<DynamicType = ()>>() -> ApiResource {
-    ApiResource::erase::<K>(&())
+/// The Kubernetes platform for one StoreCluster.
+pub struct KubernetesPlatform<'a> {
+    pub client: kube::Client,
+    pub cluster: &'a StoreCluster,
+}
+
+impl crate::platform::Platform for KubernetesPlatform<'_> {
+    async fn machines(&self) -> Result<Vec<Machine>, String> {
+        machines(&self.client, self.cluster).await.map_err(|e| e.to_string())
+    }
+
+    async fn apply(&self, chosen: &[Machine]) -> Result<u32, String> {
+        let namespace = self.cluster.namespace().unwrap_or_default();
+        apply(&self.client, &namespace, &self.cluster.name_any(), &objects(self.cluster, chosen))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn stop(&self) -> Result<(), String> {
+        // With no machine chosen, every datanode Pod of the cluster goes.
+        let namespace = self.cluster.namespace().unwrap_or_default();
+        let pods = pods_api(&self.client, &namespace);
+        for pod in pods
+            .list(&ListParams::default().labels(&selector(&self.cluster.name_any())))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            if pod.labels().get(PURGE_LABEL).is_none() {
+                pods.delete(&pod.name_any(), &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One purge Pod per machine (pinned, the disk agent's socket mounted) runs
+    /// `cairn volumes purge`; done when all have succeeded (they are then removed).
+    async fn delete_volumes(&self) -> Result<bool, String> {
+        let sc = self.cluster;
+        let namespace = sc.namespace().unwrap_or_default();
+        let cluster = sc.name_any();
+        let pods = pods_api(&self.client, &namespace);
+        let machines = machines(&self.client, sc).await.map_err(|e| e.to_string())?;
+        let owner = sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid");
+        let mut done = true;
+        for machine in &machines {
+            let name = format!("{cluster}-purge-{}", machine.name);
+            match pods.get_opt(&name).await.map_err(|e| e.to_string())? {
+                Some(pod) => {
+                    let phase = pod.data["status"]["phase"].as_str().unwrap_or_default().to_owned();
+                    if phase != "Succeeded" {
+                        done = false;
+                    }
+                }
+                None => {
+                    let mut l = labels(&cluster);
+                    l.insert(PURGE_LABEL.into(), machine.name.clone());
+                    let body = json!({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
+                        "spec": {"nodeName": machine.name, "restartPolicy": "OnFailure",
+                            "containers": [{"name": "purge", "image": sc.spec.image,
+                                "command": ["cairn", "volumes", "purge", "--disk-agent", "/run/cairn/disk-agent.sock",
+                                            "--prefix", format!("{cluster}-p")],
+                                "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
+                            "volumes": [{"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}}]}});
+                    pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    done = false;
+                }
+            }
+        }
+        if done {
+            for machine in &machines {
+                let _ = pods.delete(&format!("{cluster}-purge-{}", machine.name), &DeleteParams::default()).await;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Label of the Pods that remove a deleted cluster's volumes.
+pub const PURGE_LABEL: &str = "cairn.dev/purge";
+
+fn pods_api(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), namespace, &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Pod")))
 }
 
 #[cfg(test)]

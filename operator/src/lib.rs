@@ -2,8 +2,14 @@
 //!
 //! - [`desired`]: the platform-agnostic core (config and nodes from spec and inventories).
 //! - [`kubernetes`]: machines from Nodes/StoreNodes; Pods, Services, ConfigMap, PDB.
-//! - [`reconcile`]: the reconcile function, status, finalizer.
+//! - [`platform`]: the platform-agnostic reconcile pass and the interface platforms implement.
+//! - [`local`]: the Local platform: datanode processes on this machine.
+//! - [`leader`]: leader election on a Lease.
+//! - [`reconcile`]: the Kubernetes controller's reconcile function, status, finalizer.
 
 pub mod desired;
 pub mod kubernetes;
+pub mod leader;
+pub mod local;
+pub mod platform;
 pub mod reconcile;

@@ -2,6 +2,9 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use cairn_operator::leader::LeaderElection;
 use cairn_operator::reconcile::{error_policy, reconcile, Context};
 use cairn_resources::StoreCluster;
 use clap::{Parser, Subcommand};
@@ -18,8 +21,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Reconcile StoreClusters in every namespace.
-    Run,
+    /// Reconcile StoreClusters in every namespace, while this replica holds the leader lease.
+    Run {
+        /// Namespace of the leader Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "cairn-system")]
+        lease_namespace: String,
+        /// This replica's identity in the Lease.
+        #[arg(long, env = "POD_NAME", default_value = "cairn-operator")]
+        identity: String,
+        /// /metrics and /healthz.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
+    },
     /// Write every CRD into DIR (default crds/), or print them with `-`.
     Crdgen { dir: Option<String> },
 }
@@ -41,19 +54,58 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run => tokio::runtime::Runtime::new()?.block_on(async {
-            let client = kube::Client::try_default().await?;
-            let context = Arc::new(Context { client: client.clone(), writes: Default::default() });
-            Controller::new(Api::<StoreCluster>::all(client), watcher::Config::default())
-                .shutdown_on_signal()
-                .run(reconcile, error_policy, context)
-                .for_each(|result| async move {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "reconcile error");
-                    }
-                })
-                .await;
-            Ok(())
+        Command::Run { lease_namespace, identity, metrics_addr } => {
+            tokio::runtime::Runtime::new()?.block_on(run(lease_namespace, identity, metrics_addr))
+        }
+    }
+}
+
+async fn run(lease_namespace: String, identity: String, metrics_addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    let context = Arc::new(Context::new(client.clone()));
+    let registry = Arc::new(context.metrics.registry());
+    let listener = tokio::net::TcpListener::bind(metrics_addr).await?;
+    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut text = String::new();
+                let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+                text
+            }
         }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let election =
+        LeaderElection::new(client.clone(), &lease_namespace, "cairn-operator", &identity, Duration::from_secs(15));
+    loop {
+        while !election.try_lead().await.unwrap_or(false) {
+            tokio::time::sleep(election.renew_every()).await;
+        }
+        tracing::info!(%identity, "leading: reconciling StoreClusters");
+        context.metrics.leader.set(1);
+        let controller = Controller::new(Api::<StoreCluster>::all(client.clone()), watcher::Config::default())
+            .run(reconcile, error_policy, context.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "reconcile error");
+                }
+            });
+        let renew = async {
+            loop {
+                tokio::time::sleep(election.renew_every()).await;
+                if !election.try_lead().await.unwrap_or(false) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = controller => return Ok(()),
+            _ = renew => tracing::warn!("lost the leader lease; stopping until it is ours again"),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        context.metrics.leader.set(0);
     }
 }

@@ -62,7 +62,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     }
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
-    let ctx = Arc::new(Context { client: kube.clone(), writes: Default::default() });
+    let ctx = Arc::new(Context::new(kube.clone()));
 
     reconcile_once(&api, &ctx).await; // adds the finalizer
     assert_eq!(api.get("c1").await.unwrap().finalizers(), [FINALIZER.to_string()]);
@@ -127,9 +127,26 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     reconcile_once(&api, &ctx).await;
     assert_eq!(store.load().await.unwrap().topology.partitions.len(), 6, "the same placement found again");
     api.delete("c1", &DeleteParams::default()).await.unwrap();
+    // First: datanodes stop and one purge Pod per machine removes the volumes; the finalizer waits.
+    let sc = api.get("c1").await.unwrap();
+    assert!(reconcile(Arc::new(sc), ctx.clone()).await.is_err(), "in progress");
+    assert!(pods.get_opt("c1-n0").await.unwrap().is_none(), "datanodes stopped");
+    for node in ["n0", "n1", "n2"] {
+        let purge = pods.get(&format!("c1-purge-{node}")).await.unwrap();
+        let command = purge.spec.as_ref().unwrap().containers[0].command.clone().unwrap();
+        assert_eq!(command[..3], ["cairn", "volumes", "purge"]);
+        assert!(command.contains(&"c1-p".to_string()));
+        assert_eq!(purge.spec.unwrap().node_name.as_deref(), Some(node));
+        let done = json!({"apiVersion": "v1", "kind": "Pod", "status": {"phase": "Succeeded"}});
+        pods.patch_status(&format!("c1-purge-{node}"), &PatchParams::apply("kubelet"), &Patch::Apply(done))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.load().await.unwrap().topology.partitions.len(), 6, "etcd waits for the volumes");
     reconcile_once(&api, &ctx).await;
     assert!(api.get_opt("c1").await.unwrap().is_none());
     assert!(store.load().await.unwrap().topology.nodes.is_empty(), "Delete removed the topology");
+    assert!(pods.get_opt("c1-purge-n0").await.unwrap().is_none(), "purge Pods cleaned up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +158,7 @@ async fn bad_specs_and_unreachable_etcd_degrade_without_tearing_down() {
         machine(&kube, name, zone).await;
     }
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
-    let ctx = Arc::new(Context { client: kube.clone(), writes: Default::default() });
+    let ctx = Arc::new(Context::new(kube.clone()));
     // Replication 3 on two machines: impossible.
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
     reconcile_once(&api, &ctx).await;

@@ -118,6 +118,37 @@ impl MemoryApi {
                         json!({"apiVersion": gv, "kind": "List", "metadata": {"resourceVersion": version}, "items": items}),
                     )
                 }
+                Method::POST => {
+                    // Create: the name comes from the body; an existing object is a conflict.
+                    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+                        return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+                    };
+                    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                    let (gv, ns, plural, _) = target.key.clone();
+                    let key = (gv, ns.clone(), plural, name);
+                    if state.objects.contains_key(&key) {
+                        return status(
+                            StatusCode::CONFLICT,
+                            "AlreadyExists",
+                            &format!("{} \"{}\" already exists", key.2, key.3),
+                        );
+                    }
+                    state.next_uid += 1;
+                    state.next_version += 1;
+                    object["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", state.next_uid));
+                    object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
+                    object["metadata"]["generation"] = json!(1);
+                    if !ns.is_empty() {
+                        object["metadata"]["namespace"] = json!(ns);
+                    }
+                    *state.writes.entry(key.clone()).or_default() += 1;
+                    state.objects.insert(key, object.clone());
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(serde_json::to_vec(&object).expect("JSON"))))
+                        .expect("response")
+                }
                 _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "collection writes are not supported"),
             };
         }
@@ -147,6 +178,14 @@ impl MemoryApi {
             Method::PATCH | Method::PUT => {
                 let apply = content_type.contains("apply-patch");
                 let existing = state.objects.get(&key).cloned();
+                // Optimistic concurrency: a replace naming an old resourceVersion conflicts.
+                if method == Method::PUT {
+                    let expected = patch["metadata"]["resourceVersion"].as_str();
+                    let stored = existing.as_ref().and_then(|o| o["metadata"]["resourceVersion"].as_str());
+                    if expected.is_some() && expected != stored {
+                        return status(StatusCode::CONFLICT, "Conflict", "the object has been modified");
+                    }
+                }
                 let mut object = match (existing, target.status, apply) {
                     (Some(object), _, _) => object,
                     (None, false, _) if method == Method::PUT || apply => {

@@ -32,6 +32,22 @@ enum Command {
         #[command(subcommand)]
         command: TopologyCommand,
     },
+    /// Volumes on this machine, through its disk agent.
+    Volumes {
+        #[command(subcommand)]
+        command: VolumesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumesCommand {
+    /// Delete every volume whose name starts with PREFIX (a cluster deleted with deletionPolicy Delete).
+    Purge {
+        #[arg(long, env = "CAIRN_DISK_AGENT", default_value = "/run/cairn/disk-agent.sock")]
+        disk_agent: PathBuf,
+        #[arg(long)]
+        prefix: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +99,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 topology.partitions.len(),
                 config.replication_factor
             );
+            Ok(())
+        }
+        Command::Volumes { command: VolumesCommand::Purge { disk_agent, prefix } } => {
+            anyhow::ensure!(prefix.len() >= 3, "refusing a prefix shorter than 3 characters: {prefix:?}");
+            let agent = cairn_common::agent_client::AgentClient::new(&disk_agent);
+            let mut deleted = 0;
+            for volume in agent.list_volumes().await? {
+                if volume.name.starts_with(&prefix) {
+                    agent.delete_volume(&volume.name).await?;
+                    println!("deleted volume {} on disk {}", volume.name, volume.disk);
+                    deleted += 1;
+                }
+            }
+            println!("{deleted} volume(s) deleted");
             Ok(())
         }
         Command::Topology { command: TopologyCommand::Show { target, output } } => {

@@ -1,0 +1,68 @@
+//! Shared by the end-to-end tests: workspace binaries, processes, disks with their disk agents.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_testkit::machine::Machine;
+
+/// A binary of the workspace, built by `cargo build --workspace` (scripts/test.sh does).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(path.exists(), "{} missing: run `cargo build --workspace` first", path.display());
+    path
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A "machine": an ext4 loop device of `size` bytes mounted under the test's scratch dir, with a
+/// disk agent serving it. Returns the agent process and its socket.
+pub fn disk_with_agent(machine: &mut Machine, name: &str, size: u64) -> (KillOnDrop, PathBuf) {
+    let dev = machine.loop_fs(name, size, "mkfs.ext4", &["-q", "-m", "0"]);
+    machine.mount(&dev, &format!("{name}-disk"), &[]);
+    let socket = machine.path(&format!("{name}.sock"));
+    let config = machine.path(&format!("{name}.yaml"));
+    let text = format!(
+        "selector:\n  mount_paths: ['{}/{name}-disk']\n  min_size: 1MiB\nheadroom: 0%\n",
+        machine.base.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let child = Command::new(binary("cairn-disk-agent"))
+        .args(["serve", "--mountinfo", "/proc/self/mountinfo", "--kubernetes", "off", "--node-name", name])
+        .env("RUST_LOG", "warn")
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(machine.path(&format!("{name}-state")))
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let agent = KillOnDrop(child);
+    wait_until("disk agent", Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    (agent, socket)
+}

@@ -1,0 +1,233 @@
+//! The Local platform: datanode processes on this machine, one per configured "machine" (a disk
+//! agent socket and a port). Used by `cairn local up` and the end-to-end tests.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+use cairn_common::agent_client::AgentClient;
+
+use crate::desired::Machine;
+use crate::platform::Platform;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalMachine {
+    pub name: String,
+    pub zone: String,
+    /// The machine's disk agent.
+    pub agent_socket: PathBuf,
+    /// Port of its datanode on 127.0.0.1.
+    pub port: u16,
+}
+
+struct Running {
+    child: Child,
+    args: Vec<String>,
+    binary: PathBuf,
+}
+
+pub struct LocalPlatform {
+    pub cluster: String,
+    pub namespace: String,
+    pub etcd: Vec<String>,
+    /// Extra datanode flags (e.g. `--max-blob-size`).
+    pub extra_args: Vec<String>,
+    machines: Mutex<Vec<LocalMachine>>,
+    binary: Mutex<PathBuf>,
+    running: Mutex<BTreeMap<String, Running>>,
+}
+
+impl LocalPlatform {
+    pub fn new(
+        cluster: &str,
+        namespace: &str,
+        etcd: Vec<String>,
+        binary: PathBuf,
+        machines: Vec<LocalMachine>,
+    ) -> Self {
+        Self {
+            cluster: cluster.into(),
+            namespace: namespace.into(),
+            etcd,
+            extra_args: Vec::new(),
+            machines: Mutex::new(machines),
+            binary: Mutex::new(binary),
+            running: Mutex::default(),
+        }
+    }
+
+    /// Scale out or in: the machines from now on.
+    pub fn set_machines(&self, machines: Vec<LocalMachine>) {
+        *self.machines.lock().expect("machines lock") = machines;
+    }
+
+    /// Upgrade: the datanode binary from now on (datanodes are restarted one per pass, each only
+    /// once every running datanode has caught up).
+    pub fn set_binary(&self, binary: PathBuf) {
+        *self.binary.lock().expect("binary lock") = binary;
+    }
+
+    fn args(&self, m: &LocalMachine) -> Vec<String> {
+        let mut args = vec![
+            "--etcd".to_string(),
+            self.etcd.join(","),
+            "--cluster".into(),
+            self.cluster.clone(),
+            "--namespace".into(),
+            self.namespace.clone(),
+            "--node-id".into(),
+            m.name.clone(),
+            "--zone".into(),
+            m.zone.clone(),
+            "--disk-agent".into(),
+            m.agent_socket.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", m.port),
+        ];
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    /// The binary each running datanode was started from.
+    pub fn binaries(&self) -> Vec<PathBuf> {
+        self.running.lock().expect("running lock").values().map(|r| r.binary.clone()).collect()
+    }
+
+    /// Stops every datanode (kill, then wait).
+    pub fn stop_all(&self) {
+        for (_, mut running) in std::mem::take(&mut *self.running.lock().expect("running lock")) {
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+        }
+    }
+
+    /// Deletes this cluster's volumes through each machine's disk agent; how many.
+    pub async fn purge_volumes(&self) -> Result<u32, String> {
+        let machines = self.machines.lock().expect("machines lock").clone();
+        let prefix = format!("{}-p", self.cluster);
+        let mut deleted = 0;
+        for m in machines {
+            let agent = AgentClient::new(&m.agent_socket);
+            for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
+                if volume.name.starts_with(&prefix) {
+                    agent.delete_volume(&volume.name).await.map_err(|e| e.to_string())?;
+                    deleted += 1;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Whether every running datanode reports no replication lag.
+    async fn all_caught_up(&self) -> bool {
+        let ports: Vec<u16> = self
+            .machines
+            .lock()
+            .expect("machines lock")
+            .iter()
+            .filter(|m| self.running.lock().expect("running lock").contains_key(&m.name))
+            .map(|m| m.port)
+            .collect();
+        for port in ports {
+            let url = format!("http://127.0.0.1:{port}/v1/admin/replicas");
+            let Ok(response) = reqwest::get(&url).await else { return false };
+            let Ok(list) = response.json::<Vec<serde_json::Value>>().await else { return false };
+            if list.is_empty() || !list.iter().all(|p| p["lag_entries"] == 0 && p["last_error"].is_null()) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Platform for LocalPlatform {
+    async fn machines(&self) -> Result<Vec<Machine>, String> {
+        let machines = self.machines.lock().expect("machines lock").clone();
+        let mut out = Vec::new();
+        for m in machines {
+            let report = AgentClient::new(&m.agent_socket).report().await.map_err(|e| format!("{}: {e}", m.name))?;
+            out.push(Machine {
+                name: m.name.clone(),
+                zone: m.zone.clone(),
+                disks: report.disks,
+                address: format!("127.0.0.1:{}", m.port),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn apply(&self, chosen: &[Machine]) -> Result<u32, String> {
+        let machines = self.machines.lock().expect("machines lock").clone();
+        let binary = self.binary.lock().expect("binary lock").clone();
+        let mut changes = 0;
+        // Stop what is no longer chosen, and restart what died.
+        {
+            let mut running = self.running.lock().expect("running lock");
+            let names: Vec<String> = running.keys().cloned().collect();
+            for name in names {
+                let gone = !chosen.iter().any(|m| m.name == name);
+                let entry = running.get_mut(&name).expect("listed");
+                let exited = entry.child.try_wait().map(|s| s.is_some()).unwrap_or(true);
+                if gone || exited {
+                    let mut r = running.remove(&name).expect("listed");
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
+                    changes += 1;
+                }
+            }
+        }
+        let mut upgraded_one = false;
+        for machine in machines.iter().filter(|m| chosen.iter().any(|c| c.name == m.name)) {
+            let args = self.args(machine);
+            let outdated = {
+                let running = self.running.lock().expect("running lock");
+                match running.get(&machine.name) {
+                    None => None,
+                    Some(r) if r.args == args && r.binary == binary => continue,
+                    Some(r) => Some(r.args == args),
+                }
+            };
+            if outdated.is_some() {
+                // One datanode at a time, and only when everyone has caught up.
+                if upgraded_one || !self.all_caught_up().await {
+                    continue;
+                }
+                upgraded_one = true;
+                if let Some(mut r) = self.running.lock().expect("running lock").remove(&machine.name) {
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
+                }
+            }
+            let child = Command::new(&binary)
+                .args(&args)
+                .env("RUST_LOG", std::env::var("CAIRN_DATANODE_LOG").unwrap_or_else(|_| "warn".into()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+            tracing::info!(node = %machine.name, port = machine.port, "datanode started");
+            self.running
+                .lock()
+                .expect("running lock")
+                .insert(machine.name.clone(), Running { child, args, binary: binary.clone() });
+            changes += 1;
+        }
+        Ok(changes)
+    }
+
+    async fn stop(&self) -> Result<(), String> {
+        self.stop_all();
+        Ok(())
+    }
+
+    async fn delete_volumes(&self) -> Result<bool, String> {
+        self.purge_volumes().await.map(|_| true)
+    }
+}
+
+impl Drop for LocalPlatform {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

@@ -1,0 +1,145 @@
+//! Where datanodes run. The reconcile core ([`converge`]) is the same for every platform: it
+//! asks the platform for its machines, writes the topology to etcd, and asks the platform to run
+//! one datanode per chosen machine.
+
+use std::future::Future;
+
+use cairn_cluster::etcd::{ClusterStore, Snapshot};
+use cairn_cluster::PartitionState;
+use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts, StoreClusterSpec};
+use cairn_resources::StoreClusterStatus;
+
+use crate::desired::{desired, Machine};
+
+pub trait Platform {
+    /// Machines that may run a datanode, with their disk inventories.
+    fn machines(&self) -> impl Future<Output = Result<Vec<Machine>, String>> + Send;
+    /// Runs one datanode on each of `chosen` (and none elsewhere); the number of changes made.
+    fn apply(&self, chosen: &[Machine]) -> impl Future<Output = Result<u32, String>> + Send;
+    /// Stops every datanode of the cluster (it is being deleted).
+    fn stop(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Removes the cluster's volumes from every machine's disks: true once they are all gone
+    /// (false: in progress, ask again).
+    fn delete_volumes(&self) -> impl Future<Output = Result<bool, String>> + Send;
+}
+
+/// Deleting a cluster: datanodes stop; with a confirmed `Delete`, the volumes are removed and
+/// then the topology leaves etcd (true when done, false to come back later). With `Retain`,
+/// volumes and topology stay for a cluster re-created under the same name.
+pub async fn delete_cluster<P: Platform>(
+    name: &str,
+    namespace: &str,
+    spec: &StoreClusterSpec,
+    platform: &P,
+) -> Result<bool, String> {
+    platform.stop().await?;
+    let confirmed =
+        spec.deletion_policy == cairn_resources::DeletionPolicy::Delete && spec.confirm_delete.as_deref() == Some(name);
+    if !confirmed {
+        return Ok(true);
+    }
+    if !platform.delete_volumes().await? {
+        return Ok(false);
+    }
+    let store = store_for(&spec.etcd.endpoints, namespace, name).await?;
+    store.delete_all().await.map_err(|e| e.to_string())?;
+    tracing::info!(cluster = name, "volumes and topology removed (deletionPolicy Delete)");
+    Ok(true)
+}
+
+/// What one pass found and did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Counts for the status (conditions are the caller's).
+    pub status: StoreClusterStatus,
+    /// Everything converged: datanodes live, no partition under-replicated, nothing changed.
+    pub ready: bool,
+    /// Writes made: workload changes plus one per etcd topology change.
+    pub writes: u32,
+    /// Why the cluster cannot converge: (reason, message) for a Degraded condition.
+    pub degraded: Option<(&'static str, String)>,
+}
+
+impl Outcome {
+    fn degraded(reason: &'static str, message: String) -> Self {
+        Self { status: StoreClusterStatus::default(), ready: false, writes: 0, degraded: Some((reason, message)) }
+    }
+}
+
+/// Connects to the cluster's etcd, failing fast when it is away.
+pub async fn store_for(endpoints: &[String], namespace: &str, name: &str) -> Result<ClusterStore, String> {
+    match tokio::time::timeout(std::time::Duration::from_secs(5), ClusterStore::connect(endpoints, namespace, name))
+        .await
+    {
+        Ok(Ok(store)) => Ok(store),
+        Ok(Err(e)) => Err(format!("etcd {endpoints:?} unreachable: {e}")),
+        Err(_) => Err(format!("etcd {endpoints:?} unreachable: timed out")),
+    }
+}
+
+/// One reconcile pass: machines → desired topology (planner, minimal movement) → etcd (only
+/// changed keys) → workloads (only what differs) → observed counts.
+pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClusterSpec, platform: &P) -> Outcome {
+    let machines = match platform.machines().await {
+        Ok(m) => m,
+        Err(message) => return Outcome::degraded("MachinesUnavailable", message),
+    };
+    let store = match store_for(&spec.etcd.endpoints, namespace, name).await {
+        Ok(store) => store,
+        Err(message) => return Outcome::degraded("EtcdUnreachable", message),
+    };
+    let snapshot = match store.load().await {
+        Ok(s) => s,
+        Err(e) => return Outcome::degraded("EtcdUnreachable", e.to_string()),
+    };
+    let plan = match desired(name, spec, &machines, &snapshot.topology) {
+        Ok(plan) => plan,
+        Err(e) => return Outcome::degraded("InvalidSpec", e.to_string()),
+    };
+    if let Err(e) = store.apply_topology(&plan.config, &plan.nodes).await {
+        return Outcome::degraded("PlacementFailed", e.to_string());
+    }
+    let after = store.load().await.unwrap_or_else(|_| snapshot.clone());
+    let mut writes = u32::from(after.revision != snapshot.revision);
+    let chosen: Vec<Machine> = machines.into_iter().filter(|m| plan.nodes.iter().any(|n| n.id == m.name)).collect();
+    match platform.apply(&chosen).await {
+        Ok(n) => writes += n,
+        Err(message) => return Outcome::degraded("WorkloadsFailed", message),
+    }
+    let status = observed(&after, &chosen, plan.config.replication_factor);
+    let ready = status.nodes_ready == status.nodes_total && status.partitions.under_replicated == 0 && writes == 0;
+    Outcome { status, ready, writes, degraded: None }
+}
+
+/// Counts from etcd: live datanodes, partition states, replicas not live.
+fn observed(snapshot: &Snapshot, machines: &[Machine], rf: u32) -> StoreClusterStatus {
+    let t = &snapshot.topology;
+    let total = machines.len() as u32;
+    let ready = machines.iter().filter(|m| snapshot.live.contains_key(&m.name)).count() as u32;
+    let mut partitions = PartitionCounts { total: t.partitions.len() as u32, ..PartitionCounts::default() };
+    for p in t.partitions.values() {
+        match p.state {
+            PartitionState::Writable => partitions.writable += 1,
+            _ => partitions.read_only += 1,
+        }
+        let live = p.replicas.iter().filter(|r| snapshot.live.contains_key(&r.node)).count() as u32;
+        if live < rf {
+            partitions.under_replicated += 1;
+        }
+    }
+    let mut capacity = CapacityStatus::default();
+    for d in machines.iter().flat_map(|m| &m.disks).filter(|d| d.usable) {
+        capacity.total_bytes += d.total_bytes;
+        capacity.allocated_bytes += d.allocated_bytes;
+        capacity.allocatable_bytes += d.allocatable_bytes;
+    }
+    StoreClusterStatus {
+        nodes_ready: ready,
+        nodes_total: total,
+        nodes_summary: format!("{ready}/{total}"),
+        capacity,
+        partitions,
+        topology_revision: snapshot.revision,
+        ..StoreClusterStatus::default()
+    }
+}
