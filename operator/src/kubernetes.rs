@@ -156,9 +156,24 @@ pub async fn apply(
     namespace: &str,
     cluster: &str,
     objects: &[(ApiResource, String, Value)],
+    settled: bool,
 ) -> Result<u32, kube::Error> {
     let mut writes = 0;
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    // A rolling change replaces one datanode Pod per pass, and only while every datanode Pod is
+    // Ready and the cluster is settled (all registered, no partition short of replicas).
+    let pods = pods_api(client, namespace);
+    let current_pods = pods.list(&ListParams::default().labels(&selector(cluster))).await?;
+    let all_ready = current_pods.iter().filter(|p| p.labels().get(PURGE_LABEL).is_none()).all(|p| {
+        p.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    });
+    let all_present = objects
+        .iter()
+        .filter(|(r, _, _)| r.kind == "Pod")
+        .all(|(_, name, _)| current_pods.iter().any(|p| p.name_any() == *name));
+    let mut may_replace = settled && all_ready && all_present;
     for (resource, name, body) in objects {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
         let existing = api.get_opt(name).await?;
@@ -168,20 +183,19 @@ pub async fn apply(
         }
         if resource.kind == "Pod" && existing.is_some() {
             // A Pod's spec cannot change in place: replace it (the next reconcile creates it).
+            if !may_replace {
+                continue;
+            }
+            may_replace = false;
             api.delete(name, &DeleteParams::default()).await?;
         } else {
             api.patch(name, &params, &Patch::Apply(body)).await?;
         }
         writes += 1;
     }
-    let pods: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        namespace,
-        &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Pod")),
-    );
-    for pod in pods.list(&ListParams::default().labels(&selector(cluster))).await? {
+    for pod in current_pods {
         let name = pod.name_any();
-        if !objects.iter().any(|(r, n, _)| r.kind == "Pod" && *n == name) {
+        if pod.labels().get(PURGE_LABEL).is_none() && !objects.iter().any(|(r, n, _)| r.kind == "Pod" && *n == name) {
             pods.delete(&name, &DeleteParams::default()).await?;
             writes += 1;
         }
@@ -200,9 +214,9 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         machines(&self.client, self.cluster).await.map_err(|e| e.to_string())
     }
 
-    async fn apply(&self, chosen: &[Machine]) -> Result<u32, String> {
+    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<u32, String> {
         let namespace = self.cluster.namespace().unwrap_or_default();
-        apply(&self.client, &namespace, &self.cluster.name_any(), &objects(self.cluster, chosen))
+        apply(&self.client, &namespace, &self.cluster.name_any(), &objects(self.cluster, chosen), settled)
             .await
             .map_err(|e| e.to_string())
     }

@@ -157,7 +157,7 @@ impl Platform for LocalPlatform {
         Ok(out)
     }
 
-    async fn apply(&self, chosen: &[Machine]) -> Result<u32, String> {
+    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<u32, String> {
         let machines = self.machines.lock().expect("machines lock").clone();
         let binary = self.binary.lock().expect("binary lock").clone();
         let mut changes = 0;
@@ -190,7 +190,7 @@ impl Platform for LocalPlatform {
             };
             if outdated.is_some() {
                 // One datanode at a time, and only when everyone has caught up.
-                if upgraded_one || !self.all_caught_up().await {
+                if upgraded_one || !settled || !self.all_caught_up().await {
                     continue;
                 }
                 upgraded_one = true;

@@ -15,7 +15,9 @@ pub trait Platform {
     /// Machines that may run a datanode, with their disk inventories.
     fn machines(&self) -> impl Future<Output = Result<Vec<Machine>, String>> + Send;
     /// Runs one datanode on each of `chosen` (and none elsewhere); the number of changes made.
-    fn apply(&self, chosen: &[Machine]) -> impl Future<Output = Result<u32, String>> + Send;
+    /// `settled`: every datanode is registered and no partition is short of live replicas — only
+    /// then may a running datanode be replaced (one per pass) for an upgrade.
+    fn apply(&self, chosen: &[Machine], settled: bool) -> impl Future<Output = Result<u32, String>> + Send;
     /// Stops every datanode of the cluster (it is being deleted).
     fn stop(&self) -> impl Future<Output = Result<(), String>> + Send;
     /// Removes the cluster's volumes from every machine's disks: true once they are all gone
@@ -102,7 +104,9 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     let after = store.load().await.unwrap_or_else(|_| snapshot.clone());
     let mut writes = u32::from(after.revision != snapshot.revision);
     let chosen: Vec<Machine> = machines.into_iter().filter(|m| plan.nodes.iter().any(|n| n.id == m.name)).collect();
-    match platform.apply(&chosen).await {
+    let before = observed(&after, &chosen, plan.config.replication_factor);
+    let settled = before.nodes_ready == before.nodes_total && before.partitions.under_replicated == 0;
+    match platform.apply(&chosen, settled).await {
         Ok(n) => writes += n,
         Err(message) => return Outcome::degraded("WorkloadsFailed", message),
     }

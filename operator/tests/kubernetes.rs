@@ -11,6 +11,7 @@ use cairn_testkit::MemoryApi;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::ResourceExt;
+
 use serde_json::json;
 
 const GIB: u64 = 1 << 30;
@@ -111,6 +112,58 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     }
     // The spec is never written by the operator: only the user's apply and the finalizer touched it.
     assert_eq!(api.get("c1").await.unwrap().spec.image, "cairn:1");
+
+    // Upgrade: a new image replaces one Pod per pass, and only while the others are Ready and
+    // every datanode is registered. With none registered here (no datanode runs), nothing moves.
+    let mut upgraded = cluster_yaml(&etcd.endpoint(), 3);
+    upgraded["spec"]["image"] = json!("cairn:2");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(upgraded)).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    let images = |pods: Vec<Pod>| {
+        pods.iter().filter_map(|p| Some(p.spec.as_ref()?.containers[0].image.clone()?)).collect::<Vec<_>>()
+    };
+    let all = pods.list(&Default::default()).await.unwrap().items;
+    assert_eq!(images(all), ["cairn:1", "cairn:1", "cairn:1"], "unsettled cluster: no replacement");
+    // Datanodes registered and Pods Ready: one Pod per pass.
+    let live_cancel = tokio_util::sync::CancellationToken::new();
+    for node in ["n0", "n1", "n2"] {
+        let live = cairn_cluster::LiveNode {
+            node: node.into(),
+            address: format!("{node}:7480"),
+            zone: String::new(),
+            started_ms: 0,
+            free_bytes: Default::default(),
+        };
+        let (_tx, rx) = tokio::sync::watch::channel(live);
+        let (store, cancel) = (store.clone(), live_cancel.clone());
+        tokio::spawn(async move {
+            store.keep_registered(rx, 10, cancel).await;
+            drop(_tx)
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mark_ready = |name: String| {
+        let pods = pods.clone();
+        async move {
+            let ready = json!({"apiVersion": "v1", "kind": "Pod", "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+            pods.patch_status(&name, &PatchParams::apply("kubelet"), &Patch::Apply(ready)).await.unwrap();
+        }
+    };
+    for node in ["n0", "n1", "n2"] {
+        mark_ready(format!("c1-{node}")).await;
+    }
+    for round in 0..3 {
+        reconcile_once(&api, &ctx).await; // replaces one
+        let remaining = pods.list(&Default::default()).await.unwrap().items.len();
+        assert_eq!(remaining, 2, "round {round}: exactly one Pod replaced at a time");
+        reconcile_once(&api, &ctx).await; // creates it with the new image
+        for pod in pods.list(&Default::default()).await.unwrap().items {
+            mark_ready(pod.name_any()).await;
+        }
+    }
+    let all = pods.list(&Default::default()).await.unwrap().items;
+    assert_eq!(images(all), ["cairn:2", "cairn:2", "cairn:2"]);
+    live_cancel.cancel();
 
     // Retain: deleting leaves the topology in etcd.
     api.delete("c1", &DeleteParams::default()).await.unwrap();
