@@ -174,7 +174,7 @@ impl ClusterStore {
     /// a change that fits is one atomic transaction. Only the operator's leader (or one CLI call)
     /// writes the topology, so chunks are not interleaved with another writer's in practice, and
     /// a guard that fails stops the rest.
-    async fn write_topology(&self, snapshot: &Snapshot, desired: &Topology) -> Result<bool, StoreError> {
+    pub async fn write_topology(&self, snapshot: &Snapshot, desired: &Topology) -> Result<bool, StoreError> {
         let values = self.encode(desired);
         let current = self.encode(&snapshot.topology);
         let guard = |key: &String| match snapshot.versions.get(key) {
@@ -196,6 +196,8 @@ impl ClusterStore {
             return Ok(true);
         }
         let config_key = self.config_key();
+        // The config key goes last: every earlier chunk is guarded by it being as read.
+        changes.sort_by_key(|(key, _)| *key == config_key);
         let mut client = self.client.clone();
         for chunk in changes.chunks(TXN_CHUNK) {
             let mut guards: Vec<Compare> = chunk.iter().map(|(key, _)| guard(key)).collect();

@@ -259,6 +259,22 @@ mod tests {
         }
 
         #[test]
+        fn rebalancing_after_adding_nodes_keeps_the_rules(nodes in nodes_strategy(), rf in 1u32..4, partitions in 1u32..24, extra in 1usize..3) {
+            prop_assume!(nodes.len() as u32 >= rf);
+            let c = config(rf, partitions);
+            let before = plan(&c, &nodes, &BTreeMap::new()).unwrap();
+            let mut more = nodes.clone();
+            for i in 0..extra {
+                more.push(node(&format!("zz{i}"), ["a", "b", "c", "d"][i % 4], &[40]));
+            }
+            let balanced = rebalance(&c, &more, &before, 1000);
+            check_rules(&c, &more, &balanced);
+            // Deterministic, and a fixed point.
+            prop_assert_eq!(&rebalance(&c, &more, &before, 1000), &balanced);
+            prop_assert_eq!(&rebalance(&c, &more, &balanced, 1000), &balanced);
+        }
+
+        #[test]
         fn removing_a_node_moves_only_its_replicas(nodes in nodes_strategy(), rf in 1u32..3, partitions in 1u32..16, victim in 0..8usize) {
             prop_assume!(nodes.len() as u32 > rf);
             let victim = victim % nodes.len();
@@ -275,5 +291,200 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// Moves replicas, at most `max_moves` per call: first to give partitions zones they lack (new
+/// zones appeared), then from the most loaded disks to the least loaded (replicas ÷ slots against
+/// each disk's fair share), never breaking a placement rule.
+/// Used after adding machines so that they take over a share of the existing replicas; the
+/// caller keeps each moved replica in place until its replacement has caught up.
+pub fn rebalance(
+    config: &ClusterConfig,
+    nodes: &[NodeSpec],
+    placement: &BTreeMap<u32, PartitionSpec>,
+    max_moves: usize,
+) -> BTreeMap<u32, PartitionSpec> {
+    let mut placement = placement.clone();
+    let mut slots: BTreeMap<(String, String), (String, u64)> = BTreeMap::new();
+    for node in nodes {
+        for disk in &node.disks {
+            let capacity = disk.capacity_bytes / config.volume_size_bytes.max(1);
+            if capacity > 0 {
+                slots.insert((node.id.clone(), disk.id.clone()), (node.zone.clone(), capacity));
+            }
+        }
+    }
+    let total_slots: u64 = slots.values().map(|(_, c)| c).sum();
+    if total_slots == 0 {
+        return placement;
+    }
+    let zone_count = slots.values().map(|(z, _)| z.as_str()).collect::<BTreeSet<_>>().len();
+    let wanted_zones = (config.replication_factor as usize).min(zone_count);
+    for _ in 0..max_moves {
+        if repair_zones(&mut placement, &slots, wanted_zones) {
+            continue;
+        }
+        let mut used: BTreeMap<(String, String), u64> = slots.keys().map(|k| (k.clone(), 0)).collect();
+        for p in placement.values() {
+            for r in &p.replicas {
+                if let Some(u) = used.get_mut(&(r.node.clone(), r.disk.clone())) {
+                    *u += 1;
+                }
+            }
+        }
+        let replicas: u64 = used.values().sum();
+        // Imbalance in replicas × total_slots units (integers): used·T − replicas·capacity.
+        let excess = |key: &(String, String)| -> i128 {
+            i128::from(used[key]) * i128::from(total_slots) - i128::from(replicas) * i128::from(slots[key].1)
+        };
+        let mut order: Vec<&(String, String)> = slots.keys().collect();
+        order.sort_by_key(|k| (std::cmp::Reverse(excess(k)), (*k).clone()));
+        // Which partitions have a replica on each disk.
+        let mut on_disk: BTreeMap<(String, String), Vec<u32>> = BTreeMap::new();
+        for p in placement.values() {
+            for r in &p.replicas {
+                on_disk.entry((r.node.clone(), r.disk.clone())).or_default().push(p.id);
+            }
+        }
+        let zone_of = |r: &ReplicaSpec| slots.get(&(r.node.clone(), r.disk.clone())).map(|(z, _)| z.clone());
+        let mut chosen: Option<(u32, usize, (String, String))> = None;
+        'search: for from in order.iter().copied() {
+            for to in order.iter().rev().copied() {
+                // Only when the move brings both sides closer to their share by at least one replica.
+                if excess(from) - excess(to) < 2 * i128::from(total_slots) {
+                    break;
+                }
+                if used[to] >= slots[to].1 {
+                    continue;
+                }
+                for id in on_disk.get(from).map(Vec::as_slice).unwrap_or_default() {
+                    let p = &placement[id];
+                    let Some(i) = p.replicas.iter().position(|r| r.node == from.0 && r.disk == from.1) else {
+                        continue;
+                    };
+                    if p.replicas.iter().any(|r| r.node == to.0) {
+                        continue;
+                    }
+                    let other_zones: BTreeSet<String> = p
+                        .replicas
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .filter_map(|(_, r)| zone_of(r))
+                        .collect();
+                    let zones_after = other_zones.len() + usize::from(!other_zones.contains(&slots[to].0));
+                    let zones_before = p.replicas.iter().filter_map(zone_of).collect::<BTreeSet<_>>().len();
+                    // Never fewer zones for the partition than before.
+                    if zones_after < zones_before {
+                        continue;
+                    }
+                    chosen = Some((*id, i, to.clone()));
+                    break 'search;
+                }
+            }
+        }
+        let moved = chosen.is_some();
+        if let Some((id, i, to)) = chosen {
+            placement.get_mut(&id).expect("chosen from placement").replicas[i] = ReplicaSpec { node: to.0, disk: to.1 };
+        }
+        if !moved {
+            break;
+        }
+    }
+    placement
+}
+
+/// One move that gives a partition a zone it lacks (new zones appeared): a replica in a zone the
+/// partition uses twice goes to the least loaded disk with room in an unused zone.
+fn repair_zones(
+    placement: &mut BTreeMap<u32, PartitionSpec>,
+    slots: &BTreeMap<(String, String), (String, u64)>,
+    wanted_zones: usize,
+) -> bool {
+    let mut used: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for p in placement.values() {
+        for r in &p.replicas {
+            *used.entry((r.node.clone(), r.disk.clone())).or_default() += 1;
+        }
+    }
+    let zone_of = |r: &ReplicaSpec| slots.get(&(r.node.clone(), r.disk.clone())).map(|(z, _)| z.clone());
+    for p in placement.values_mut() {
+        let zones: Vec<Option<String>> = p.replicas.iter().map(zone_of).collect();
+        let distinct: BTreeSet<&Option<String>> = zones.iter().collect();
+        if distinct.len() >= wanted_zones {
+            continue;
+        }
+        // A replica sharing its zone with another of the partition.
+        let Some(i) = (0..zones.len()).rev().find(|&i| zones.iter().filter(|z| **z == zones[i]).count() > 1) else {
+            continue;
+        };
+        let target = slots
+            .iter()
+            .filter(|(k, (zone, cap))| {
+                used.get(*k).copied().unwrap_or(0) < *cap
+                    && !zones.contains(&Some(zone.clone()))
+                    && !p.replicas.iter().any(|r| r.node == k.0)
+            })
+            .min_by(|(ka, (_, ca)), (kb, (_, cb))| {
+                let la = u128::from(used.get(*ka).copied().unwrap_or(0) + 1) * u128::from(*cb);
+                let lb = u128::from(used.get(*kb).copied().unwrap_or(0) + 1) * u128::from(*ca);
+                la.cmp(&lb).then_with(|| ka.cmp(kb))
+            });
+        if let Some((key, _)) = target {
+            p.replicas[i] = ReplicaSpec { node: key.0.clone(), disk: key.1.clone() };
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod rebalance_tests {
+    use super::*;
+    use crate::topology::DiskSpec;
+
+    fn node(id: &str, zone: &str, gib: u64) -> NodeSpec {
+        NodeSpec {
+            id: id.into(),
+            zone: zone.into(),
+            address: String::new(),
+            disks: vec![DiskSpec { id: "d".into(), capacity_bytes: gib << 30 }],
+        }
+    }
+
+    #[test]
+    fn a_new_machine_takes_over_its_share_without_breaking_rules() {
+        let config = ClusterConfig {
+            replication_factor: 3,
+            write_quorum: 2,
+            partitions: 12,
+            volume_size_bytes: 1 << 30,
+            segment_size_bytes: 1 << 28,
+        };
+        let three = vec![node("a", "z1", 20), node("b", "z2", 20), node("c", "z3", 20)];
+        let before = plan(&config, &three, &BTreeMap::new()).unwrap();
+        let mut four = three.clone();
+        four.push(node("d", "z1", 20));
+        let kept = plan(&config, &four, &before).unwrap();
+        assert_eq!(kept, before, "placement alone never moves");
+        let balanced = rebalance(&config, &four, &kept, 100);
+        let on = |p: &BTreeMap<u32, PartitionSpec>, n: &str| {
+            p.values().filter(|p| p.replicas.iter().any(|r| r.node == n)).count()
+        };
+        assert_eq!(on(&balanced, "d"), 6, "zone z1 is shared by a and d: half of its replicas each");
+        assert_eq!((on(&balanced, "a"), on(&balanced, "b"), on(&balanced, "c")), (6, 12, 12));
+        for p in balanced.values() {
+            let nodes: BTreeSet<&str> = p.replicas.iter().map(|r| r.node.as_str()).collect();
+            assert_eq!(nodes.len(), 3);
+            let zones: BTreeSet<&str> =
+                p.replicas.iter().map(|r| four.iter().find(|n| n.id == r.node).unwrap().zone.as_str()).collect();
+            assert_eq!(zones.len(), 3, "zone rule kept: {:?}", p.replicas);
+        }
+        // One move per call when asked so; a balanced placement stays as it is.
+        let one = rebalance(&config, &four, &kept, 1);
+        let changed = one.iter().filter(|(id, p)| kept[id] != **p).count();
+        assert_eq!(changed, 1);
+        assert_eq!(rebalance(&config, &four, &balanced, 100), balanced);
     }
 }

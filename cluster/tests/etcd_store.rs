@@ -110,12 +110,16 @@ async fn topology_registration_and_watch_survive_an_etcd_restart() {
 async fn a_topology_larger_than_one_transaction_is_written_whole() {
     let etcd = EtcdServer::start();
     let store = ClusterStore::connect(&[etcd.endpoint()], "default", "big").await.unwrap();
-    // 250 partitions: far beyond etcd's 128 operations per transaction.
+    // 250 partitions: far beyond etcd's 128 operations per transaction, written in one apply.
     let written = store.apply_topology(&config(250), &nodes(9)).await.unwrap();
+    let first_revision = store.load().await.unwrap().revision;
     let loaded = store.load().await.unwrap();
     assert_eq!(loaded.topology, written);
     assert_eq!(loaded.topology.partitions.len(), 250);
     let revision = loaded.revision;
+    assert_eq!(revision, first_revision);
+    let chunks = (250 + 9 + 1usize).div_ceil(cairn_cluster::etcd::TXN_CHUNK) as i64;
+    assert!(revision <= chunks + 1, "one pass of {chunks} transactions, no retries (revision {revision})");
     store.apply_topology(&config(250), &nodes(9)).await.unwrap();
     assert_eq!(store.load().await.unwrap().revision, revision, "converged: nothing written");
 }

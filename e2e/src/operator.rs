@@ -56,6 +56,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
             zone: ["a", "b", "c"][i % 3].into(),
             disks: vec![disk(i)],
             address: format!("node-{i:03}:7480"),
+            selected: true,
         })
         .collect();
 

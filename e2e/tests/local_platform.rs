@@ -78,7 +78,13 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
         let name = format!("m{i}");
         let (agent, socket) = disk_with_agent(&mut disks, &name, 160 << 20);
         agents.push(agent);
-        machines.push(LocalMachine { name, zone: zone.to_string(), agent_socket: socket, port: free_port() });
+        machines.push(LocalMachine {
+            name,
+            selected: true,
+            zone: zone.to_string(),
+            agent_socket: socket,
+            port: free_port(),
+        });
     }
     let spec = spec(&etcd.endpoint());
     let new_platform = |machines: Vec<LocalMachine>| {
@@ -104,6 +110,13 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     platform.set_machines(machines.clone());
     let ready = converge_until_ready(&platform, &spec).await;
     assert_eq!((ready.status.nodes_total, ready.status.partitions.total), (4, 8));
+    // For balance, m3 took over replicas of the first partitions from m0 (its zone's other machine),
+    // each only after catching up.
+    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
+    let topology = store.load().await.unwrap().topology;
+    let taken = (0..6).filter(|id| topology.partitions[id].replicas.iter().any(|r| r.node == "m3")).count();
+    assert!(taken > 0, "{:?}", topology.partitions);
+    assert!(topology.partitions.values().all(|p| p.replicas.len() == 3), "moves finished");
     check_all(&client, machines[3].port, &blobs).await;
     for seed in 100..130u64 {
         let data = payload(seed, 20_000);
@@ -126,12 +139,36 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
+    // Drain m3: its replicas move (each new one caught up before the old goes), writes keep
+    // succeeding at quorum throughout, then its datanode stops.
+    platform.drain("m3");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seed = 1000u64;
+    loop {
+        let outcome = converge("c1", "default", &spec, &platform).await;
+        assert!(outcome.degraded.is_none(), "{:?}", outcome.degraded);
+        let data = payload(seed, 10_000);
+        blobs.insert(put(&client, machines[(seed % 3) as usize].port, data.clone()).await, data);
+        seed += 1;
+        if outcome.ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drain did not finish: {outcome:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let topology = store.load().await.unwrap().topology;
+    assert!(!topology.nodes.contains_key("m3"), "m3 left the topology");
+    assert!(topology.partitions.values().all(|p| p.replicas.len() == 3 && p.replicas.iter().all(|r| r.node != "m3")));
+    assert_eq!(platform.binaries().len(), 3, "m3's datanode stopped");
+    for m in &machines[..3] {
+        check_all(&client, m.port, &blobs).await;
+    }
+
     // Delete with Retain: datanodes stop, etcd and the volumes keep everything; re-created, it serves the same data.
     assert!(delete_cluster("c1", "default", &spec, &platform).await.unwrap());
     drop(platform);
-    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
     assert_eq!(store.load().await.unwrap().topology.partitions.len(), 8);
-    let platform = new_platform(machines.clone());
+    let platform = new_platform(machines[..3].to_vec());
     converge_until_ready(&platform, &spec).await;
     check_all(&client, machines[1].port, &blobs).await;
 
@@ -141,7 +178,7 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     delete.confirm_delete = Some("c1".into());
     let volumes_before: usize = {
         let mut n = 0;
-        for m in &machines {
+        for m in &machines[..3] {
             n += cairn_common::agent_client::AgentClient::new(&m.agent_socket).list_volumes().await.unwrap().len();
         }
         n
@@ -149,8 +186,11 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     assert_eq!(volumes_before, 8 * 3, "every replica's volume");
     assert!(delete_cluster("c1", "default", &delete, &platform).await.unwrap());
     assert!(store.load().await.unwrap().topology.partitions.is_empty());
-    for m in &machines {
+    for m in &machines[..3] {
         let left = cairn_common::agent_client::AgentClient::new(&m.agent_socket).list_volumes().await.unwrap();
         assert!(left.is_empty(), "{}: {left:?}", m.name);
     }
+    // The drained machine kept the data of the replicas that moved away (removed by hand).
+    let kept = cairn_common::agent_client::AgentClient::new(&machines[3].agent_socket).list_volumes().await.unwrap();
+    assert!(!kept.is_empty());
 }

@@ -13,6 +13,9 @@ pub struct Machine {
     pub disks: Vec<DiskReport>,
     /// Address its datanode will be reached at.
     pub address: String,
+    /// Chosen by the spec (node selector, not being drained). An unselected machine that still
+    /// holds replicas keeps its datanode until they have moved.
+    pub selected: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -73,9 +76,23 @@ pub fn desired(
     let paths = glob_set("diskSelector.mountPaths", mount_paths)?;
     let device_globs = glob_set("diskSelector.devices", devices)?;
     let min = min_size.as_deref().map(|m| parse_size("diskSelector.minSize", m)).transpose()?.unwrap_or(0);
+    // The cluster's own reserve on each disk, on top of the disk agent's headroom.
+    let headroom = |total: u64| -> Result<u64, SpecError> {
+        match spec.headroom.as_deref().map(str::trim) {
+            None => Ok(0),
+            Some(h) if h.ends_with('%') => h[..h.len() - 1]
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|p| (0.0..=100.0).contains(p))
+                .map(|p| (total as f64 * p / 100.0).ceil() as u64)
+                .ok_or_else(|| SpecError::Invalid { field: "headroom", reason: format!("{h:?} is not a percentage") }),
+            Some(h) => parse_size("headroom", h),
+        }
+    };
     let prefix = format!("{cluster}-p");
     let mut nodes = Vec::new();
-    for machine in machines {
+    for machine in machines.iter().filter(|m| m.selected) {
         let disks: Vec<DiskSpec> = machine
             .disks
             .iter()
@@ -87,8 +104,11 @@ pub fn desired(
             .map(|d| {
                 let ours: u64 =
                     d.volumes.iter().filter(|v| v.name.starts_with(&prefix)).map(|v| v.capacity_bytes).sum();
-                DiskSpec { id: d.id.clone(), capacity_bytes: d.allocatable_bytes + ours }
+                let reserve = headroom(d.total_bytes)?;
+                Ok(DiskSpec { id: d.id.clone(), capacity_bytes: (d.allocatable_bytes + ours).saturating_sub(reserve) })
             })
+            .collect::<Result<Vec<_>, SpecError>>()?
+            .into_iter()
             .filter(|d| d.capacity_bytes >= volume)
             .collect();
         if !disks.is_empty() {
@@ -102,7 +122,7 @@ pub fn desired(
     }
     let disk_count: usize = nodes.iter().map(|n| n.disks.len()).sum();
     if disk_count == 0 {
-        return Err(SpecError::NoDisks { machines: machines.len() });
+        return Err(SpecError::NoDisks { machines: machines.iter().filter(|m| m.selected).count() });
     }
     if nodes.len() < spec.replication_factor as usize {
         return Err(SpecError::TooFewMachines { rf: spec.replication_factor, found: nodes.len() });
@@ -157,7 +177,7 @@ mod tests {
             volumes,
             ..DiskReport::default()
         };
-        Machine { name: name.into(), zone: String::new(), disks: vec![disk], address: String::new() }
+        Machine { name: name.into(), zone: String::new(), disks: vec![disk], address: String::new(), selected: true }
     }
 
     #[test]
@@ -177,6 +197,16 @@ mod tests {
         assert!(matches!(err, SpecError::TooFewMachines { rf: 3, found: 2 }));
         let none = desired("c1", &spec(1), &[], &Topology::default()).err().unwrap();
         assert!(matches!(none, SpecError::NoDisks { .. }));
+
+        // The cluster's headroom comes off every disk (1000 GiB total: 5% = 50 GiB).
+        let mut reserved = spec(1);
+        reserved.headroom = Some("5%".into());
+        assert_eq!(
+            desired("c1", &reserved, &machines, &Topology::default()).unwrap().nodes[0].disks[0].capacity_bytes,
+            50 * GIB
+        );
+        reserved.headroom = Some("lots".into());
+        assert!(desired("c1", &reserved, &machines, &Topology::default()).is_err());
 
         // Two partitions filled up: two more writable ones, space allowing.
         let mut current = Topology::default();

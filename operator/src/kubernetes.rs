@@ -38,9 +38,9 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
     let mut out = Vec::new();
     for node in nodes.list(&ListParams::default()).await? {
         let node_labels = node.labels();
-        if !sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v)) {
-            continue;
-        }
+        // A machine leaving the selector (label removed, or cordoned for removal) is drained.
+        let selected = sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v))
+            && !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
         let name = node.name_any();
         let disks = store_nodes.get_opt(&name).await?.and_then(|s| s.status).map(|s| s.disks).unwrap_or_default();
         out.push(Machine {
@@ -48,6 +48,7 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
             address: format!("{}.{cluster}-nodes.{namespace}.svc:{API_PORT}", pod_name(&cluster, &name)),
             name,
             disks,
+            selected,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

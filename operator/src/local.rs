@@ -14,6 +14,8 @@ use crate::platform::Platform;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalMachine {
     pub name: String,
+    /// False while the machine is being drained (its replicas move elsewhere first).
+    pub selected: bool,
     pub zone: String,
     /// The machine's disk agent.
     pub agent_socket: PathBuf,
@@ -60,6 +62,16 @@ impl LocalPlatform {
     /// Scale out or in: the machines from now on.
     pub fn set_machines(&self, machines: Vec<LocalMachine>) {
         *self.machines.lock().expect("machines lock") = machines;
+    }
+
+    /// Drain a machine: its replicas move to the others (each new replica caught up before the
+    /// old one goes), then its datanode stops.
+    pub fn drain(&self, name: &str) {
+        for m in self.machines.lock().expect("machines lock").iter_mut() {
+            if m.name == name {
+                m.selected = false;
+            }
+        }
     }
 
     /// Upgrade: the datanode binary from now on (datanodes are restarted one per pass, each only
@@ -152,6 +164,7 @@ impl Platform for LocalPlatform {
                 zone: m.zone.clone(),
                 disks: report.disks,
                 address: format!("127.0.0.1:{}", m.port),
+                selected: m.selected,
             });
         }
         Ok(out)

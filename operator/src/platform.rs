@@ -4,8 +4,10 @@
 
 use std::future::Future;
 
+use std::collections::BTreeMap;
+
 use cairn_cluster::etcd::{ClusterStore, Snapshot};
-use cairn_cluster::PartitionState;
+use cairn_cluster::{planner, ClusterConfig, NodeSpec, PartitionState, ReplicaSpec, Topology};
 use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts, StoreClusterSpec};
 use cairn_resources::StoreClusterStatus;
 
@@ -98,12 +100,13 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Ok(plan) => plan,
         Err(e) => return Outcome::degraded("InvalidSpec", e.to_string()),
     };
-    if let Err(e) = store.apply_topology(&plan.config, &plan.nodes).await {
-        return Outcome::degraded("PlacementFailed", e.to_string());
+    if let Err(e) = move_step(&store, &snapshot, &plan.config, &plan.nodes).await {
+        return Outcome::degraded("PlacementFailed", e);
     }
     let after = store.load().await.unwrap_or_else(|_| snapshot.clone());
     let mut writes = u32::from(after.revision != snapshot.revision);
-    let chosen: Vec<Machine> = machines.into_iter().filter(|m| plan.nodes.iter().any(|n| n.id == m.name)).collect();
+    // Datanodes run on the chosen machines, and on leaving ones until their replicas have moved.
+    let chosen: Vec<Machine> = machines.into_iter().filter(|m| after.topology.nodes.contains_key(&m.name)).collect();
     let before = observed(&after, &chosen, plan.config.replication_factor);
     let settled = before.nodes_ready == before.nodes_total && before.partitions.under_replicated == 0;
     match platform.apply(&chosen, settled).await {
@@ -113,6 +116,70 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     let status = observed(&after, &chosen, plan.config.replication_factor);
     let ready = status.nodes_ready == status.nodes_total && status.partitions.under_replicated == 0 && writes == 0;
     Outcome { status, ready, writes, degraded: None }
+}
+
+/// Replicas moved per pass for balance (each copies a whole volume through replication).
+const MOVES_PER_PASS: usize = 2;
+
+/// Places replicas (minimal movement), then moves a few for balance and off leaving nodes —
+/// never dropping below quorum: a replica that moves stays where it was, beside its replacement,
+/// until the replacement has pulled everything from its peers; then it goes, and a node with no
+/// replica left leaves the topology. Writes only what changed, guarded.
+async fn move_step(
+    store: &ClusterStore,
+    snapshot: &Snapshot,
+    config: &ClusterConfig,
+    nodes: &[NodeSpec],
+) -> Result<(), String> {
+    let placed = planner::plan(config, nodes, &snapshot.topology.partitions).map_err(|e| e.to_string())?;
+    let target = planner::rebalance(config, nodes, &placed, MOVES_PER_PASS);
+    let mut merged = Topology {
+        config: Some(config.clone()),
+        nodes: nodes.iter().map(|n| (n.id.clone(), n.clone())).collect(),
+        partitions: BTreeMap::new(),
+    };
+    for (id, mut partition) in target {
+        if let Some(current) = snapshot.topology.partitions.get(&id) {
+            let removed: Vec<ReplicaSpec> =
+                current.replicas.iter().filter(|r| !partition.replicas.contains(r)).cloned().collect();
+            let added: Vec<String> =
+                partition.replicas.iter().filter(|r| !current.replicas.contains(r)).map(|r| r.node.clone()).collect();
+            if !removed.is_empty() && !caught_up(snapshot, id, &added).await {
+                partition.replicas.extend(removed);
+            }
+        }
+        merged.partitions.insert(id, partition);
+    }
+    for (id, spec) in &snapshot.topology.nodes {
+        let referenced = merged.partitions.values().any(|p| p.replicas.iter().any(|r| &r.node == id));
+        if referenced && !merged.nodes.contains_key(id) {
+            merged.nodes.insert(id.clone(), spec.clone());
+        }
+    }
+    if merged != snapshot.topology && !store.write_topology(snapshot, &merged).await.map_err(|e| e.to_string())? {
+        tracing::info!("the topology changed while planning; planning again on the next pass");
+    }
+    Ok(())
+}
+
+/// Whether the replicas of `partition` on `nodes` have pulled everything from every peer.
+async fn caught_up(snapshot: &Snapshot, partition: u32, nodes: &[String]) -> bool {
+    for node in nodes {
+        let Some(live) = snapshot.live.get(node) else { return false };
+        let url = format!("http://{}/v1/admin/replicas", live.address);
+        let Ok(response) = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await
+        else {
+            return false;
+        };
+        let Ok(list) = response.json::<Vec<serde_json::Value>>().await else { return false };
+        let mine: Vec<_> = list.iter().filter(|p| p["partition"] == partition).collect();
+        let settled = !mine.is_empty()
+            && mine.iter().all(|p| p["lag_entries"] == 0 && p["last_error"].is_null() && p["peer_tail"].is_u64());
+        if !settled {
+            return false;
+        }
+    }
+    true
 }
 
 /// Counts from etcd: live datanodes, partition states, replicas not live.
@@ -134,6 +201,7 @@ fn observed(snapshot: &Snapshot, machines: &[Machine], rf: u32) -> StoreClusterS
     let mut capacity = CapacityStatus::default();
     for d in machines.iter().flat_map(|m| &m.disks).filter(|d| d.usable) {
         capacity.total_bytes += d.total_bytes;
+        capacity.used_bytes += d.total_bytes.saturating_sub(d.available_bytes + d.fs_reserved_bytes);
         capacity.allocated_bytes += d.allocated_bytes;
         capacity.allocatable_bytes += d.allocatable_bytes;
     }

@@ -8,7 +8,7 @@ use cairn_resources::{StoreCluster, StoreClusterStatus};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 
 use crate::kubernetes::{self, FIELD_MANAGER};
 use crate::platform::{converge, delete_cluster};
@@ -25,6 +25,23 @@ pub struct Context {
 impl Context {
     pub fn new(client: kube::Client) -> Self {
         Self { client, writes: Default::default(), metrics: OperatorMetrics::default() }
+    }
+
+    /// Records a Kubernetes Event on the StoreCluster (failures to record are only logged).
+    async fn event(&self, sc: &StoreCluster, warning: bool, reason: &str, action: &str, note: String) {
+        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        let recorder = Recorder::new(self.client.clone(), reporter);
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &sc.object_ref(&())).await {
+            tracing::debug!(error = %e, "recording an event failed");
+        }
     }
 }
 
@@ -115,6 +132,10 @@ async fn apply(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> 
     if let Some((reason, message)) = outcome.degraded {
         return degraded(sc, ctx, reason, message).await;
     }
+    if outcome.writes > 0 {
+        let note = format!("{} change(s) to the topology and datanodes", outcome.writes);
+        ctx.event(sc, false, "Reconciled", "Apply", note).await;
+    }
     let (status, ready) = (outcome.status, outcome.ready);
     let (condition, phase) = if ready {
         (
@@ -159,6 +180,12 @@ async fn apply(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> 
 
 async fn degraded(sc: &StoreCluster, ctx: &Context, reason: &str, message: String) -> Result<Action, kube::Error> {
     tracing::warn!(cluster = %sc.name_any(), reason, %message, "degraded");
+    let was_degraded = sc.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == reason)
+    });
+    if !was_degraded {
+        ctx.event(sc, true, reason, "Reconcile", message.clone()).await;
+    }
     set_status(
         sc,
         ctx,

@@ -119,9 +119,8 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     upgraded["spec"]["image"] = json!("cairn:2");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(upgraded)).await.unwrap();
     reconcile_once(&api, &ctx).await;
-    let images = |pods: Vec<Pod>| {
-        pods.iter().filter_map(|p| Some(p.spec.as_ref()?.containers[0].image.clone()?)).collect::<Vec<_>>()
-    };
+    let images =
+        |pods: Vec<Pod>| pods.iter().filter_map(|p| p.spec.as_ref()?.containers[0].image.clone()).collect::<Vec<_>>();
     let all = pods.list(&Default::default()).await.unwrap().items;
     assert_eq!(images(all), ["cairn:1", "cairn:1", "cairn:1"], "unsettled cluster: no replacement");
     // Datanodes registered and Pods Ready: one Pod per pass.
@@ -220,6 +219,12 @@ async fn bad_specs_and_unreachable_etcd_degrade_without_tearing_down() {
     assert_eq!(status.phase, "Degraded");
     let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
+    // One Warning event, not one per retry.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(kube.clone(), "store");
+    let list = events.list(&Default::default()).await.unwrap().items;
+    let warnings: Vec<_> = list.iter().filter(|e| e.reason.as_deref() == Some("InvalidSpec")).collect();
+    assert_eq!(warnings.len(), 1, "{list:?}");
+    assert_eq!(warnings[0].type_.as_deref(), Some("Warning"));
     assert!(degraded.message.contains("replicationFactor 3 needs 3 machines"), "{}", degraded.message);
     assert_eq!(memory.writes("pods", "store", "c1-n0"), 0, "nothing created for a bad spec");
 

@@ -155,8 +155,13 @@ pub struct StoreClusterStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacityStatus {
+    /// Size of the usable disks.
     pub total_bytes: u64,
+    /// In use on them (by anything: total − free).
+    pub used_bytes: u64,
+    /// Promised to Cairn volumes.
     pub allocated_bytes: u64,
+    /// What the disks can still promise.
     pub allocatable_bytes: u64,
 }
 
