@@ -54,10 +54,55 @@ pub fn connect_options() -> ConnectOptions {
         .with_keep_alive_while_idle(true)
 }
 
+/// TLS to etcd, as PEM: the CA that signed etcd's certificate, and optionally a client
+/// certificate and key (etcd's `--client-cert-auth`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    pub cert: Option<Vec<u8>>,
+    pub key: Option<Vec<u8>>,
+}
+
+impl EtcdTls {
+    /// From files (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub fn from_files(
+        ca: &std::path::Path,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> std::io::Result<Self> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        };
+        Ok(Self { ca: read(ca)?, cert: cert.map(read).transpose()?, key: key.map(read).transpose()? })
+    }
+
+    fn options(&self) -> etcd_client::TlsOptions {
+        let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&self.ca));
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        tls
+    }
+}
+
 impl ClusterStore {
     /// `namespace` separates clusters of the same name (the Kubernetes namespace, or `default`).
     pub async fn connect(endpoints: &[String], namespace: &str, cluster: &str) -> Result<Self, StoreError> {
-        let client = Client::connect(endpoints, Some(connect_options())).await?;
+        Self::connect_tls(endpoints, namespace, cluster, None).await
+    }
+
+    /// As [`ClusterStore::connect`], over TLS when `tls` is given (endpoints then use https://).
+    pub async fn connect_tls(
+        endpoints: &[String],
+        namespace: &str,
+        cluster: &str,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self, StoreError> {
+        let mut options = connect_options();
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.options());
+        }
+        let client = Client::connect(endpoints, Some(options)).await?;
         Ok(Self { client, prefix: format!("/cairn/v1/{namespace}/{cluster}/") })
     }
 

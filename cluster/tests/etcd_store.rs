@@ -123,3 +123,20 @@ async fn a_topology_larger_than_one_transaction_is_written_whole() {
     store.apply_topology(&config(250), &nodes(9)).await.unwrap();
     assert_eq!(store.load().await.unwrap().revision, revision, "converged: nothing written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_etcd_needs_the_ca_and_a_client_certificate() {
+    let etcd = EtcdServer::start_tls();
+    let files = etcd.tls_files();
+    let tls = cairn_cluster::etcd::EtcdTls::from_files(&files.ca, Some(&files.cert), Some(&files.key)).unwrap();
+    let store = ClusterStore::connect_tls(&[etcd.endpoint()], "default", "tls", Some(&tls)).await.unwrap();
+    store.apply_topology(&config(3), &nodes(3)).await.unwrap();
+    assert_eq!(store.load().await.unwrap().topology.partitions.len(), 3);
+    // Without a client certificate etcd refuses.
+    let no_identity = cairn_cluster::etcd::EtcdTls { cert: None, key: None, ..tls.clone() };
+    let refused = async {
+        let store = ClusterStore::connect_tls(&[etcd.endpoint()], "default", "tls", Some(&no_identity)).await?;
+        store.load().await
+    };
+    assert!(refused.await.is_err());
+}

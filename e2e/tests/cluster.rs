@@ -438,3 +438,45 @@ fn replicas_live_on_disk_agent_volumes_and_a_full_partition_turns_read_only() {
     }
     drop(nodes);
 }
+
+#[test]
+fn datanodes_and_the_cli_reach_a_tls_etcd() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start_tls();
+    let files = etcd.tls_files();
+    let tls: Vec<String> = vec![
+        "--etcd-ca".into(),
+        files.ca.display().to_string(),
+        "--etcd-cert".into(),
+        files.cert.display().to_string(),
+        "--etcd-key".into(),
+        files.key.display().to_string(),
+    ];
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    let yaml = root.path().join("cluster.yaml");
+    let mut text = String::from(
+        "replication_factor: 3\nwrite_quorum: 2\npartitions: 2\nvolume_size: 64MiB\nsegment_size: 8MiB\nnodes:\n",
+    );
+    for n in &nodes {
+        text += &format!("  - id: {}\n    address: {}\n    disks: [{{id: d0, capacity: 1GiB}}]\n", n.id, n.addr());
+    }
+    std::fs::write(&yaml, text).unwrap();
+    let out = Command::new(binary("cairn"))
+        .args(["topology", "apply", "--etcd", &etcd.endpoint(), "--cluster", "c1", "-f"])
+        .arg(&yaml)
+        .args(&tls)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for n in nodes.iter_mut() {
+        let dir = n.dir.display().to_string();
+        let mut args: Vec<&str> = vec!["--data-dir", &dir];
+        args.extend(tls.iter().map(String::as_str));
+        n.start_with(&args);
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 2);
+    let client = Client::new();
+    let id = put(&client, &nodes[0], b"over tls").unwrap();
+    let r = client.get(nodes[2].url(&format!("/v1/blobs/{id}"))).send().unwrap();
+    assert_eq!(r.bytes().unwrap().as_ref(), b"over tls");
+}

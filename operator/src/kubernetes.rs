@@ -112,12 +112,36 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             mounts.push(json!({"name": format!("disk{i}"), "mountPath": path, "mountPropagation": "HostToContainer"}));
             volumes.push(json!({"name": format!("disk{i}"), "hostPath": {"path": path, "type": "DirectoryOrCreate"}}));
         }
+        let mut args: Vec<String> = vec![
+            "--etcd".into(),
+            sc.spec.etcd.endpoints.join(","),
+            "--cluster".into(),
+            cluster.clone(),
+            "--namespace".into(),
+            namespace.clone(),
+            "--node-id".into(),
+            machine.name.clone(),
+            "--zone".into(),
+            machine.zone.clone(),
+            "--disk-agent".into(),
+            "/run/cairn/disk-agent.sock".into(),
+            "--listen".into(),
+            format!("0.0.0.0:{API_PORT}"),
+            "--advertise".into(),
+            machine.address.clone(),
+        ];
+        if let Some(secret) = &sc.spec.etcd.tls_secret {
+            mounts.push(json!({"name": "etcd-tls", "mountPath": "/etc/cairn/etcd-tls", "readOnly": true}));
+            volumes.push(json!({"name": "etcd-tls", "secret": {"secretName": secret}}));
+            for (flag, file) in [("--etcd-ca", "ca.crt"), ("--etcd-cert", "tls.crt"), ("--etcd-key", "tls.key")] {
+                args.push(flag.into());
+                args.push(format!("/etc/cairn/etcd-tls/{file}"));
+            }
+        }
         let mut container = json!({
             "name": "datanode",
             "image": sc.spec.image,
-            "args": ["--etcd", sc.spec.etcd.endpoints.join(","), "--cluster", cluster, "--namespace", namespace,
-                     "--node-id", machine.name, "--zone", machine.zone, "--disk-agent", "/run/cairn/disk-agent.sock",
-                     "--listen", format!("0.0.0.0:{API_PORT}"), "--advertise", machine.address],
+            "args": args,
             "ports": [{"name": "api", "containerPort": API_PORT}],
             "readinessProbe": {"httpGet": {"path": "/readyz", "port": API_PORT}},
             "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}},
@@ -236,6 +260,22 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The Secret named by `spec.etcd.tlsSecret`: `ca.crt`, and `tls.crt` + `tls.key` if present.
+    async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {
+        let Some(secret_name) = &self.cluster.spec.etcd.tls_secret else { return Ok(None) };
+        let namespace = self.cluster.namespace().unwrap_or_default();
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(self.client.clone(), &namespace);
+        let secret = secrets
+            .get_opt(secret_name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("etcd TLS secret {namespace}/{secret_name} not found"))?;
+        let data = secret.data.unwrap_or_default();
+        let field = |k: &str| data.get(k).map(|b| b.0.clone());
+        let ca = field("ca.crt").ok_or_else(|| format!("secret {secret_name} has no ca.crt"))?;
+        Ok(Some(cairn_cluster::etcd::EtcdTls { ca, cert: field("tls.crt"), key: field("tls.key") }))
     }
 
     /// One purge Pod per machine (pinned, the disk agent's socket mounted) runs

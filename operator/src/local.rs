@@ -237,6 +237,10 @@ impl Platform for LocalPlatform {
     async fn delete_volumes(&self) -> Result<bool, String> {
         self.purge_volumes().await.map(|_| true)
     }
+
+    async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {
+        Ok(None)
+    }
 }
 
 impl Drop for LocalPlatform {

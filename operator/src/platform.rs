@@ -6,7 +6,7 @@ use std::future::Future;
 
 use std::collections::BTreeMap;
 
-use cairn_cluster::etcd::{ClusterStore, Snapshot};
+use cairn_cluster::etcd::{ClusterStore, EtcdTls, Snapshot};
 use cairn_cluster::{planner, ClusterConfig, NodeSpec, PartitionState, ReplicaSpec, Topology};
 use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts, StoreClusterSpec};
 use cairn_resources::StoreClusterStatus;
@@ -25,6 +25,8 @@ pub trait Platform {
     /// Removes the cluster's volumes from every machine's disks: true once they are all gone
     /// (false: in progress, ask again).
     fn delete_volumes(&self) -> impl Future<Output = Result<bool, String>> + Send;
+    /// TLS material for etcd, when the spec names it.
+    fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, String>> + Send;
 }
 
 /// Deleting a cluster: datanodes stop; with a confirmed `Delete`, the volumes are removed and
@@ -45,7 +47,8 @@ pub async fn delete_cluster<P: Platform>(
     if !platform.delete_volumes().await? {
         return Ok(false);
     }
-    let store = store_for(&spec.etcd.endpoints, namespace, name).await?;
+    let tls = platform.etcd_tls().await?;
+    let store = store_for(&spec.etcd.endpoints, namespace, name, tls.as_ref()).await?;
     store.delete_all().await.map_err(|e| e.to_string())?;
     tracing::info!(cluster = name, "volumes and topology removed (deletionPolicy Delete)");
     Ok(true)
@@ -71,10 +74,14 @@ impl Outcome {
 }
 
 /// Connects to the cluster's etcd, failing fast when it is away.
-pub async fn store_for(endpoints: &[String], namespace: &str, name: &str) -> Result<ClusterStore, String> {
-    match tokio::time::timeout(std::time::Duration::from_secs(5), ClusterStore::connect(endpoints, namespace, name))
-        .await
-    {
+pub async fn store_for(
+    endpoints: &[String],
+    namespace: &str,
+    name: &str,
+    tls: Option<&EtcdTls>,
+) -> Result<ClusterStore, String> {
+    let connect = ClusterStore::connect_tls(endpoints, namespace, name, tls);
+    match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
         Ok(Ok(store)) => Ok(store),
         Ok(Err(e)) => Err(format!("etcd {endpoints:?} unreachable: {e}")),
         Err(_) => Err(format!("etcd {endpoints:?} unreachable: timed out")),
@@ -88,7 +95,11 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Ok(m) => m,
         Err(message) => return Outcome::degraded("MachinesUnavailable", message),
     };
-    let store = match store_for(&spec.etcd.endpoints, namespace, name).await {
+    let tls = match platform.etcd_tls().await {
+        Ok(tls) => tls,
+        Err(message) => return Outcome::degraded("EtcdTlsUnavailable", message),
+    };
+    let store = match store_for(&spec.etcd.endpoints, namespace, name, tls.as_ref()).await {
         Ok(store) => store,
         Err(message) => return Outcome::degraded("EtcdUnreachable", message),
     };

@@ -238,3 +238,45 @@ async fn bad_specs_and_unreachable_etcd_degrade_without_tearing_down() {
     assert_eq!(degraded.reason, "EtcdUnreachable");
     assert!(degraded.message.contains("127.0.0.1:9"), "{}", degraded.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_through_the_named_secret() {
+    let etcd = EtcdServer::start_tls();
+    let memory = MemoryApi::new();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
+        machine(&kube, name, zone).await;
+    }
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    let ctx = Arc::new(Context::new(kube.clone()));
+    let mut sc = cluster_yaml(&etcd.endpoint(), 3);
+    sc["spec"]["etcd"]["tlsSecret"] = json!("etcd-tls");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(sc)).await.unwrap();
+
+    // The Secret is missing: Degraded, nothing created.
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    let status = api.get("c1").await.unwrap().status.unwrap();
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "EtcdTlsUnavailable"));
+
+    let files = etcd.tls_files();
+    let read = |p: &std::path::Path| k8s_openapi::ByteString(std::fs::read(p).unwrap());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(kube.clone(), "store");
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "etcd-tls"},
+        "data": {"ca.crt": read(&files.ca), "tls.crt": read(&files.cert), "tls.key": read(&files.key)}});
+    secrets.patch("etcd-tls", &PatchParams::apply("user"), &Patch::Apply(secret)).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+
+    let tls = cairn_cluster::etcd::EtcdTls::from_files(&files.ca, Some(&files.cert), Some(&files.key)).unwrap();
+    let store =
+        cairn_cluster::etcd::ClusterStore::connect_tls(&[etcd.endpoint()], "store", "c1", Some(&tls)).await.unwrap();
+    assert_eq!(store.load().await.unwrap().topology.nodes.len(), 3, "the operator reached etcd over TLS");
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "store");
+    let pod = pods.get("c1-n0").await.unwrap();
+    let spec = pod.spec.unwrap();
+    let args = spec.containers[0].args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w[0] == "--etcd-ca" && w[1] == "/etc/cairn/etcd-tls/ca.crt"), "{args:?}");
+    let volumes = spec.volumes.unwrap();
+    assert!(volumes.iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("etcd-tls")));
+}

@@ -10,6 +10,15 @@ pub struct EtcdServer {
     pub client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
+    /// With TLS: client certificates required, PEM files under the data directory.
+    tls: bool,
+}
+
+/// PEM files of a TLS etcd: the CA, and a client certificate and key it signed.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -19,13 +28,80 @@ fn free_port() -> u16 {
 impl EtcdServer {
     pub fn start() -> Self {
         let dir = tempfile::Builder::new().prefix("cairn-etcd-").tempdir().unwrap();
-        let mut server = Self { child: None, client_port: free_port(), peer_port: free_port(), dir };
+        let mut server = Self { child: None, client_port: free_port(), peer_port: free_port(), dir, tls: false };
         server.restart();
         server
     }
 
+    /// An etcd that speaks only TLS and wants client certificates (made with openssl here).
+    pub fn start_tls() -> Self {
+        let dir = tempfile::Builder::new().prefix("cairn-etcd-").tempdir().unwrap();
+        let p = |name: &str| dir.path().join(name).display().to_string();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).output().expect("openssl runs");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cairn-test-ca",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.crt"),
+        ]);
+        std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n").unwrap();
+        for name in ["server", "client"] {
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &p(&format!("{name}.key")),
+                "-out",
+                &p(&format!("{name}.csr")),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&format!("{name}.csr")),
+                "-CA",
+                &p("ca.crt"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &p("san.ext"),
+                "-out",
+                &p(&format!("{name}.crt")),
+            ]);
+        }
+        let mut server = Self { child: None, client_port: free_port(), peer_port: free_port(), dir, tls: true };
+        server.restart();
+        server
+    }
+
+    /// The client certificate files of a TLS etcd.
+    pub fn tls_files(&self) -> TlsFiles {
+        let p = |name: &str| self.dir.path().join(name);
+        TlsFiles { ca: p("ca.crt"), cert: p("client.crt"), key: p("client.key") }
+    }
+
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -34,21 +110,42 @@ impl EtcdServer {
 
     /// Starts (again) on the same ports and data; waits until it answers.
     pub fn restart(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--name", "test", "--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--initial-cluster", &format!("test={peer}")]);
+        if self.tls {
+            let p = |name: &str| self.dir.path().join(name);
+            command
+                .arg("--cert-file")
+                .arg(p("server.crt"))
+                .arg("--key-file")
+                .arg(p("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(p("ca.crt"))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("etcd runs (Debian package etcd-server)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !healthy(self.client_port) {
+        // Over TLS, a listening port is the sign (the plain-HTTP health probe cannot speak TLS).
+        let up = |port: u16| {
+            if self.tls {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                healthy(port)
+            }
+        };
+        while !up(self.client_port) {
             assert!(Instant::now() < deadline, "etcd did not start");
             std::thread::sleep(Duration::from_millis(50));
         }

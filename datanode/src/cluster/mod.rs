@@ -42,6 +42,8 @@ pub struct ClusterOptions {
     pub peer_timeout: Duration,
     /// Lease TTL of the live registration.
     pub lease_ttl_secs: i64,
+    /// TLS to etcd.
+    pub etcd_tls: Option<cairn_cluster::etcd::EtcdTls>,
 }
 
 pub struct Cluster {
@@ -66,7 +68,9 @@ impl Cluster {
         store: Arc<Store>,
         cancel: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let etcd = ClusterStore::connect(&options.etcd, &options.namespace, &options.cluster).await?;
+        let etcd =
+            ClusterStore::connect_tls(&options.etcd, &options.namespace, &options.cluster, options.etcd_tls.as_ref())
+                .await?;
         let initial = etcd.load().await?;
         let view = etcd.watch(initial, cancel.clone());
         let http = reqwest::Client::builder()

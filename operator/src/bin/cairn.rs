@@ -23,6 +23,25 @@ struct Target {
     cluster: String,
     #[arg(long, env = "CAIRN_NAMESPACE", default_value = "default")]
     namespace: String,
+    /// CA certificate (PEM) of a TLS etcd; client certificate and key for client-cert auth.
+    #[arg(long, env = "CAIRN_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long, env = "CAIRN_ETCD_CERT", requires = "etcd_ca")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "CAIRN_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl Target {
+    async fn store(&self) -> anyhow::Result<ClusterStore> {
+        let tls = match &self.etcd_ca {
+            Some(ca) => {
+                Some(cairn_cluster::etcd::EtcdTls::from_files(ca, self.etcd_cert.as_deref(), self.etcd_key.as_deref())?)
+            }
+            None => None,
+        };
+        Ok(ClusterStore::connect_tls(&self.etcd, &self.namespace, &self.cluster, tls.as_ref()).await?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -90,7 +109,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topology { command: TopologyCommand::Apply { target, file } } => {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let (config, nodes) = TopologyFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let store = ClusterStore::connect(&target.etcd, &target.namespace, &target.cluster).await?;
+            let store = target.store().await?;
             let topology = store.apply_topology(&config, &nodes).await?;
             println!(
                 "cluster {}: {} nodes, {} partitions × {} replicas placed",
@@ -116,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Topology { command: TopologyCommand::Show { target, output } } => {
-            let store = ClusterStore::connect(&target.etcd, &target.namespace, &target.cluster).await?;
+            let store = target.store().await?;
             let snapshot = store.load().await?;
             let value = serde_json::json!({"topology": snapshot.topology, "live": snapshot.live, "revision": snapshot.revision});
             match output {
