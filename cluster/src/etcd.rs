@@ -85,6 +85,30 @@ impl EtcdTls {
     }
 }
 
+/// The `--etcd-ca/--etcd-cert/--etcd-key` flags, shared by every binary that talks to etcd.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate (PEM) of a TLS etcd (endpoints then use https://).
+    #[arg(long, env = "CAIRN_ETCD_CA")]
+    pub etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long, env = "CAIRN_ETCD_CERT", requires = "etcd_ca")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// Its key (PEM).
+    #[arg(long, env = "CAIRN_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The TLS material, read from the files given; `None` for a plain etcd.
+    pub fn load(&self) -> std::io::Result<Option<EtcdTls>> {
+        self.etcd_ca
+            .as_deref()
+            .map(|ca| EtcdTls::from_files(ca, self.etcd_cert.as_deref(), self.etcd_key.as_deref()))
+            .transpose()
+    }
+}
+
 impl ClusterStore {
     /// `namespace` separates clusters of the same name (the Kubernetes namespace, or `default`).
     pub async fn connect(endpoints: &[String], namespace: &str, cluster: &str) -> Result<Self, StoreError> {

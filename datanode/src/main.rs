@@ -32,14 +32,8 @@ struct Args {
     /// host:port other nodes reach this one at (default: the listen address).
     #[arg(long, env = "CAIRN_ADVERTISE")]
     advertise: Option<String>,
-    /// CA certificate (PEM) of a TLS etcd.
-    #[arg(long, env = "CAIRN_ETCD_CA")]
-    etcd_ca: Option<PathBuf>,
-    /// Client certificate and key (PEM) for etcd's client-certificate authentication.
-    #[arg(long, env = "CAIRN_ETCD_CERT", requires = "etcd_ca")]
-    etcd_cert: Option<PathBuf>,
-    #[arg(long, env = "CAIRN_ETCD_KEY", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    etcd_tls: cairn_cluster::etcd::EtcdTlsArgs,
     /// Timeout of one request to another datanode, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     peer_timeout_ms: u64,
@@ -127,14 +121,7 @@ fn run() -> anyhow::Result<()> {
             volumes: volume_source.clone(),
             peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),
             lease_ttl_secs: 5,
-            etcd_tls: match &args.etcd_ca {
-                Some(ca) => Some(cairn_cluster::etcd::EtcdTls::from_files(
-                    ca,
-                    args.etcd_cert.as_deref(),
-                    args.etcd_key.as_deref(),
-                )?),
-                None => None,
-            },
+            etcd_tls: args.etcd_tls.load()?,
         })
     };
     let options = StandaloneOptions {

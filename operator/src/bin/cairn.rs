@@ -23,23 +23,13 @@ struct Target {
     cluster: String,
     #[arg(long, env = "CAIRN_NAMESPACE", default_value = "default")]
     namespace: String,
-    /// CA certificate (PEM) of a TLS etcd; client certificate and key for client-cert auth.
-    #[arg(long, env = "CAIRN_ETCD_CA")]
-    etcd_ca: Option<PathBuf>,
-    #[arg(long, env = "CAIRN_ETCD_CERT", requires = "etcd_ca")]
-    etcd_cert: Option<PathBuf>,
-    #[arg(long, env = "CAIRN_ETCD_KEY", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: cairn_cluster::etcd::EtcdTlsArgs,
 }
 
 impl Target {
     async fn store(&self) -> anyhow::Result<ClusterStore> {
-        let tls = match &self.etcd_ca {
-            Some(ca) => {
-                Some(cairn_cluster::etcd::EtcdTls::from_files(ca, self.etcd_cert.as_deref(), self.etcd_key.as_deref())?)
-            }
-            None => None,
-        };
+        let tls = self.tls.load()?;
         Ok(ClusterStore::connect_tls(&self.etcd, &self.namespace, &self.cluster, tls.as_ref()).await?)
     }
 }
