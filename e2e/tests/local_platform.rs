@@ -160,6 +160,8 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     assert!(!topology.nodes.contains_key("m3"), "m3 left the topology");
     assert!(topology.partitions.values().all(|p| p.replicas.len() == 3 && p.replicas.iter().all(|r| r.node != "m3")));
     assert_eq!(platform.binaries().len(), 3, "m3's datanode stopped");
+    let left = cairn_common::agent_client::AgentClient::new(&machines[3].agent_socket).list_volumes().await.unwrap();
+    assert!(left.is_empty(), "drained machine purged: {left:?}");
     for m in &machines[..3] {
         check_all(&client, m.port, &blobs).await;
     }
@@ -190,7 +192,7 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
         let left = cairn_common::agent_client::AgentClient::new(&m.agent_socket).list_volumes().await.unwrap();
         assert!(left.is_empty(), "{}: {left:?}", m.name);
     }
-    // The drained machine kept the data of the replicas that moved away (removed by hand).
+    // The drained machine gave back the volumes of the replicas that moved away.
     let kept = cairn_common::agent_client::AgentClient::new(&machines[3].agent_socket).list_volumes().await.unwrap();
-    assert!(!kept.is_empty());
+    assert!(kept.is_empty(), "{kept:?}");
 }

@@ -278,49 +278,45 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         Ok(Some(cairn_cluster::etcd::EtcdTls { ca, cert: field("tls.crt"), key: field("tls.key") }))
     }
 
-    /// One purge Pod per machine (pinned, the disk agent's socket mounted) runs
-    /// `cairn volumes purge`; done when all have succeeded (they are then removed).
+    /// One purge Pod per machine (see [`purge_machine`](Self::purge_machine)); done when all have.
     async fn delete_volumes(&self) -> Result<bool, String> {
+        let mut done = true;
+        for machine in machines(&self.client, self.cluster).await.map_err(|e| e.to_string())? {
+            done &= self.purge_machine(&machine).await?;
+        }
+        Ok(done)
+    }
+
+    /// A purge Pod on the machine (pinned, the disk agent's socket mounted) runs
+    /// `cairn volumes purge --prefix <cluster>-p`; true once it succeeded (it is then removed).
+    async fn purge_machine(&self, machine: &Machine) -> Result<bool, String> {
         let sc = self.cluster;
         let namespace = sc.namespace().unwrap_or_default();
         let cluster = sc.name_any();
         let pods = pods_api(&self.client, &namespace);
-        let machines = machines(&self.client, sc).await.map_err(|e| e.to_string())?;
+        let name = format!("{cluster}-purge-{}", machine.name);
+        if let Some(pod) = pods.get_opt(&name).await.map_err(|e| e.to_string())? {
+            if pod.data["status"]["phase"].as_str() != Some("Succeeded") {
+                return Ok(false);
+            }
+            pods.delete(&name, &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+            return Ok(true);
+        }
         let owner = sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid");
-        let mut done = true;
-        for machine in &machines {
-            let name = format!("{cluster}-purge-{}", machine.name);
-            match pods.get_opt(&name).await.map_err(|e| e.to_string())? {
-                Some(pod) => {
-                    let phase = pod.data["status"]["phase"].as_str().unwrap_or_default().to_owned();
-                    if phase != "Succeeded" {
-                        done = false;
-                    }
-                }
-                None => {
-                    let mut l = labels(&cluster);
-                    l.insert(PURGE_LABEL.into(), machine.name.clone());
-                    let body = json!({"apiVersion": "v1", "kind": "Pod",
-                        "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
-                        "spec": {"nodeName": machine.name, "restartPolicy": "OnFailure",
-                            "containers": [{"name": "purge", "image": sc.spec.image,
-                                "command": ["cairn", "volumes", "purge", "--disk-agent", "/run/cairn/disk-agent.sock",
-                                            "--prefix", format!("{cluster}-p")],
-                                "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
-                            "volumes": [{"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}}]}});
-                    pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    done = false;
-                }
-            }
-        }
-        if done {
-            for machine in &machines {
-                let _ = pods.delete(&format!("{cluster}-purge-{}", machine.name), &DeleteParams::default()).await;
-            }
-        }
-        Ok(done)
+        let mut l = labels(&cluster);
+        l.insert(PURGE_LABEL.into(), machine.name.clone());
+        let body = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
+            "spec": {"nodeName": machine.name, "restartPolicy": "OnFailure",
+                "containers": [{"name": "purge", "image": sc.spec.image,
+                    "command": ["cairn", "volumes", "purge", "--disk-agent", "/run/cairn/disk-agent.sock",
+                                "--prefix", format!("{cluster}-p")],
+                    "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
+                "volumes": [{"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}}]}});
+        pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(false)
     }
 }
 

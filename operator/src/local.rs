@@ -238,6 +238,25 @@ impl Platform for LocalPlatform {
         self.purge_volumes().await.map(|_| true)
     }
 
+    async fn purge_machine(&self, machine: &Machine) -> Result<bool, String> {
+        let socket = self
+            .machines
+            .lock()
+            .expect("machines lock")
+            .iter()
+            .find(|m| m.name == machine.name)
+            .map(|m| m.agent_socket.clone())
+            .ok_or_else(|| format!("no machine {}", machine.name))?;
+        let agent = AgentClient::new(&socket);
+        let prefix = format!("{}-p", self.cluster);
+        for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
+            if volume.name.starts_with(&prefix) {
+                agent.delete_volume(&volume.name).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(true)
+    }
+
     async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {
         Ok(None)
     }

@@ -25,6 +25,9 @@ pub trait Platform {
     /// Removes the cluster's volumes from every machine's disks: true once they are all gone
     /// (false: in progress, ask again).
     fn delete_volumes(&self) -> impl Future<Output = Result<bool, String>> + Send;
+    /// Removes the cluster's volumes from one machine (it was drained and left the topology):
+    /// true once they are gone.
+    fn purge_machine(&self, machine: &Machine) -> impl Future<Output = Result<bool, String>> + Send;
     /// TLS material for etcd, when the spec names it.
     fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, String>> + Send;
 }
@@ -117,12 +120,24 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     let after = store.load().await.unwrap_or_else(|_| snapshot.clone());
     let mut writes = u32::from(after.revision != snapshot.revision);
     // Datanodes run on the chosen machines, and on leaving ones until their replicas have moved.
+    let machines_all = machines.clone();
     let chosen: Vec<Machine> = machines.into_iter().filter(|m| after.topology.nodes.contains_key(&m.name)).collect();
     let before = observed(&after, &chosen, plan.config.replication_factor);
     let settled = before.nodes_ready == before.nodes_total && before.partitions.under_replicated == 0;
     match platform.apply(&chosen, settled).await {
         Ok(n) => writes += n,
         Err(message) => return Outcome::degraded("WorkloadsFailed", message),
+    }
+    // A drained machine that left the topology gives back the volumes of the replicas that moved.
+    let prefix = format!("{name}-p");
+    for machine in machines_all.iter().filter(|m| !m.selected && !after.topology.nodes.contains_key(&m.name)) {
+        let holds = machine.disks.iter().flat_map(|d| &d.volumes).any(|v| v.name.starts_with(&prefix));
+        if holds {
+            match platform.purge_machine(machine).await {
+                Ok(_) => writes += 1,
+                Err(message) => return Outcome::degraded("PurgeFailed", message),
+            }
+        }
     }
     let status = observed(&after, &chosen, plan.config.replication_factor);
     let ready = status.nodes_ready == status.nodes_total && status.partitions.under_replicated == 0 && writes == 0;
