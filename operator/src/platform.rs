@@ -17,8 +17,9 @@ pub trait Platform {
     /// Machines that may run a datanode, with their disk inventories.
     fn machines(&self) -> impl Future<Output = Result<Vec<Machine>, String>> + Send;
     /// Runs one datanode on each of `chosen` (and none elsewhere); the number of changes made.
-    /// `settled`: every datanode is registered and no partition is short of live replicas — only
-    /// then may a running datanode be replaced (one per pass) for an upgrade.
+    /// `settled`: every datanode is registered, no partition is short of live replicas, and every
+    /// replica has caught up with its peers — only then may a running datanode be replaced (one
+    /// per pass) for an upgrade.
     fn apply(&self, chosen: &[Machine], settled: bool) -> impl Future<Output = Result<u32, String>> + Send;
     /// Stops every datanode of the cluster (it is being deleted).
     fn stop(&self) -> impl Future<Output = Result<(), String>> + Send;
@@ -123,7 +124,9 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     let machines_all = machines.clone();
     let chosen: Vec<Machine> = machines.into_iter().filter(|m| after.topology.nodes.contains_key(&m.name)).collect();
     let before = observed(&after, &chosen, plan.config.replication_factor);
-    let settled = before.nodes_ready == before.nodes_total && before.partitions.under_replicated == 0;
+    let settled = before.nodes_ready == before.nodes_total
+        && before.partitions.under_replicated == 0
+        && replication_settled(&after).await;
     match platform.apply(&chosen, settled).await {
         Ok(n) => writes += n,
         Err(message) => return Outcome::degraded("WorkloadsFailed", message),
@@ -188,20 +191,35 @@ async fn move_step(
     Ok(())
 }
 
+/// A datanode's replication progress (`/v1/admin/replicas`), or `None` when it does not answer.
+async fn replicas_of(snapshot: &Snapshot, node: &str) -> Option<Vec<serde_json::Value>> {
+    let live = snapshot.live.get(node)?;
+    let url = format!("http://{}/v1/admin/replicas", live.address);
+    let response = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await.ok()?;
+    response.json::<Vec<serde_json::Value>>().await.ok()
+}
+
+fn settled_entry(p: &serde_json::Value) -> bool {
+    p["lag_entries"] == 0 && p["last_error"].is_null() && p["peer_tail"].is_u64()
+}
+
 /// Whether the replicas of `partition` on `nodes` have pulled everything from every peer.
 async fn caught_up(snapshot: &Snapshot, partition: u32, nodes: &[String]) -> bool {
     for node in nodes {
-        let Some(live) = snapshot.live.get(node) else { return false };
-        let url = format!("http://{}/v1/admin/replicas", live.address);
-        let Ok(response) = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await
-        else {
-            return false;
-        };
-        let Ok(list) = response.json::<Vec<serde_json::Value>>().await else { return false };
+        let Some(list) = replicas_of(snapshot, node).await else { return false };
         let mine: Vec<_> = list.iter().filter(|p| p["partition"] == partition).collect();
-        let settled = !mine.is_empty()
-            && mine.iter().all(|p| p["lag_entries"] == 0 && p["last_error"].is_null() && p["peer_tail"].is_u64());
-        if !settled {
+        if mine.is_empty() || !mine.iter().all(|p| settled_entry(p)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether every live datanode of the topology reports no replication lag behind any peer.
+async fn replication_settled(snapshot: &Snapshot) -> bool {
+    for node in snapshot.topology.nodes.keys() {
+        let Some(list) = replicas_of(snapshot, node).await else { return false };
+        if !list.iter().all(settled_entry) {
             return false;
         }
     }

@@ -123,12 +123,22 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         |pods: Vec<Pod>| pods.iter().filter_map(|p| p.spec.as_ref()?.containers[0].image.clone()).collect::<Vec<_>>();
     let all = pods.list(&Default::default()).await.unwrap().items;
     assert_eq!(images(all), ["cairn:1", "cairn:1", "cairn:1"], "unsettled cluster: no replacement");
-    // Datanodes registered and Pods Ready: one Pod per pass.
+    // Datanodes registered, caught up (a stand-in answers their replication progress) and Pods
+    // Ready: one Pod per pass.
+    let progress = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let progress_addr = progress.local_addr().unwrap().to_string();
+    let app = axum::Router::new().route(
+        "/v1/admin/replicas",
+        axum::routing::get(|| async {
+            axum::Json(json!([{"partition": 0, "peer": "x", "lag_entries": 0, "last_error": null, "peer_tail": 5}]))
+        }),
+    );
+    tokio::spawn(async move { axum::serve(progress, app).await });
     let live_cancel = tokio_util::sync::CancellationToken::new();
     for node in ["n0", "n1", "n2"] {
         let live = cairn_cluster::LiveNode {
             node: node.into(),
-            address: format!("{node}:7480"),
+            address: progress_addr.clone(),
             zone: String::new(),
             started_ms: 0,
             free_bytes: Default::default(),
@@ -228,9 +238,18 @@ async fn bad_specs_and_unreachable_etcd_degrade_without_tearing_down() {
     assert!(degraded.message.contains("replicationFactor 3 needs 3 machines"), "{}", degraded.message);
     assert_eq!(memory.writes("pods", "store", "c1-n0"), 0, "nothing created for a bad spec");
 
+    // Paused: nothing is done while paused.
+    let mut paused = cluster_yaml(&etcd.endpoint(), 2);
+    paused["spec"]["paused"] = json!(true);
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(paused)).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    assert_eq!(api.get("c1").await.unwrap().status.unwrap().phase, "Paused");
+    assert_eq!(memory.writes("pods", "store", "c1-n0"), 0, "paused: nothing created");
+
     // Unreachable etcd: Degraded with the endpoint in the message; nothing torn down.
     let mut unreachable = cluster_yaml("http://127.0.0.1:9", 2);
     unreachable["spec"]["writeQuorum"] = json!(2);
+    unreachable["spec"]["paused"] = json!(false); // (the in-memory apply merges; it does not drop fields)
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(unreachable)).await.unwrap();
     reconcile_once(&api, &ctx).await;
     let status = api.get("c1").await.unwrap().status.unwrap();
