@@ -9,7 +9,8 @@
 //! of objects and of the status subresource, merge patches, delete; resourceVersion,
 //! generation (bumped when anything but status and metadata changes), uid, creationTimestamp,
 //! JSON patches, deletion held by finalizers (deletionTimestamp), equality label selectors,
-//! and namespaced as well as cluster-scoped resources (the scope is the request's). Every
+//! and namespaced as well as cluster-scoped resources (the scope is the request's). Server-side
+//! apply is modelled as a JSON merge: it does not remove fields a manager stopped sending. Every
 //! write is counted per object so tests can prove that a converged controller writes nothing.
 
 pub mod etcd;
