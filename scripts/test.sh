@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
+scripts/test-chart.sh

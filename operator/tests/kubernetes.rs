@@ -299,3 +299,12 @@ async fn etcd_over_tls_through_the_named_secret() {
     let volumes = spec.volumes.unwrap();
     assert!(volumes.iter().any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("etcd-tls")));
 }
+
+#[test]
+fn the_example_storecluster_passes_the_crd_rules() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/storecluster.yaml")).unwrap();
+    let sc: StoreCluster = serde_yaml::from_str(&text).unwrap();
+    let spec = serde_json::to_value(&sc.spec).unwrap();
+    cairn_resources::StoreClusterSpec::validate_cel(&spec, None).unwrap();
+    assert_eq!(sc.spec.replication_factor, 3);
+}
