@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Builds Cairn, starts a standalone datanode on a temporary directory, stores a blob and reads
-# it back, then stops the node. Pass --keep to leave the node running.
+# Builds Cairn and runs a whole cluster on this machine with `cairn local up` (etcd, a disk
+# agent, three datanodes and the operator's reconcile, from examples/local.yaml); stores a blob
+# through one datanode and reads it back through another, then stops everything.
+# Pass --keep to leave the cluster running (stop it with Ctrl-C in its terminal, or kill the pid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release -p cairn-datanode
-data=$(mktemp -d)
-addr=127.0.0.1:${CAIRN_PORT:-7480}
-./target/release/cairn-datanode --data-dir "$data" --listen "$addr" --segment-size 256MiB --volume-size 1GiB \
-  >"$data.log" 2>&1 &
+cargo build --release -p cairn-datanode -p cairn-disk-agent -p cairn-operator
+dir=${CAIRN_LOCAL_DIR:-$(mktemp -d)}
+own_dir=${CAIRN_LOCAL_DIR:+no}
+port=${CAIRN_PORT:-7480}
+./target/release/cairn local up -f examples/local.yaml --dir "$dir" --port "$port" >"$dir/up.log" 2>&1 &
 pid=$!
-trap '[ "${1:-}" = --keep ] || { kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$data" "$data.log"; }' EXIT
-for _ in $(seq 100); do curl -fs "http://$addr/healthz" >/dev/null && break; sleep 0.1; done
-curl -fs "http://$addr/healthz" >/dev/null || { echo "datanode did not start:"; cat "$data.log"; exit 1; }
-echo "datanode on http://$addr (data in $data)"
-echo '$ curl -X POST --data-binary "hello, cairn" http://'$addr'/v1/blobs'
-reply=$(curl -fsS -X POST --data-binary "hello, cairn" -H 'Content-Type: text/plain' "http://$addr/v1/blobs")
+keep=${1:-}
+# Unless --keep: stop the cluster, and remove its data when the directory was ours.
+trap '[ "$keep" = --keep ] || { kill -INT $pid 2>/dev/null; wait $pid 2>/dev/null || true; [ -n "$own_dir" ] || rm -rf "$dir"; }' EXIT
+for _ in $(seq 600); do grep -q ': ready' "$dir/up.log" 2>/dev/null && break; sleep 0.1; done
+grep -q ': ready' "$dir/up.log" || { echo "the local cluster did not become ready:"; cat "$dir/up.log"; exit 1; }
+cat "$dir/up.log"
+echo '$ curl -X POST --data-binary "hello, cairn" http://127.0.0.1:'$port'/v1/blobs'
+reply=$(curl -fsS -X POST --data-binary "hello, cairn" -H 'Content-Type: text/plain' "http://127.0.0.1:$port/v1/blobs")
 echo "$reply"
 id=$(printf '%s' "$reply" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-echo "\$ curl http://$addr/v1/blobs/$id"
-curl -fsS "http://$addr/v1/blobs/$id"; echo
-if [ "${1:-}" = --keep ]; then echo "node left running (pid $pid)"; fi
+other=$((port + 2))
+echo "\$ curl http://127.0.0.1:$other/v1/blobs/$id      # another datanode"
+curl -fsS "http://127.0.0.1:$other/v1/blobs/$id"; echo
+if [ "${1:-}" = --keep ]; then echo "cluster left running (pid $pid, data in $dir)"; fi

@@ -115,9 +115,25 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// The name of the volume that holds `partition` on any node.
-    pub fn volume_name(cluster: &str, partition: u32) -> String {
-        format!("{cluster}-p{partition}")
+    /// The name of the volume that holds `partition` on `node`: `<cluster>-p<partition>-<node>`
+    /// (a DNS label; the node part shortened to a hash when the whole would pass 63 characters).
+    /// The node is part of the name so that machines sharing a disk agent (local mode) never clash.
+    pub fn volume_name(cluster: &str, partition: u32, node: &str) -> String {
+        let base = format!("{cluster}-p{partition}-");
+        let node: String =
+            node.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+        if base.len() + node.len() <= 63 {
+            return format!("{base}{node}");
+        }
+        let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        format!("{base}{:08x}", hash as u32)
+    }
+
+    /// Whether a volume name is one of `cluster`'s (`<cluster>-p<digits>` then nothing or `-…`).
+    pub fn is_volume_of(cluster: &str, name: &str) -> bool {
+        let Some(rest) = name.strip_prefix(cluster).and_then(|r| r.strip_prefix("-p")) else { return false };
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        digits > 0 && (rest.len() == digits || rest[digits..].starts_with('-'))
     }
 
     /// Partitions with a replica on `node`.
@@ -200,5 +216,22 @@ impl TopologyFile {
             })
             .collect::<Result<_, _>>()?;
         Ok((config, nodes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names_are_dns_labels_and_belong_to_their_cluster() {
+        assert_eq!(Topology::volume_name("c1", 7, "node-A.example"), "c1-p7-node-a-example");
+        let long = Topology::volume_name("blobs", 12, &"x".repeat(80));
+        assert!(long.len() <= 63 && long.starts_with("blobs-p12-"), "{long}");
+        assert!(Topology::is_volume_of("c1", "c1-p7-n0"));
+        assert!(Topology::is_volume_of("c1", "c1-p7"));
+        assert!(!Topology::is_volume_of("c1", "c1-px"));
+        assert!(!Topology::is_volume_of("a", "a-pp-p0-n0"), "cluster a-pp's volume is not a's");
+        assert!(!Topology::is_volume_of("c1", "c12-p0-n0"));
     }
 }

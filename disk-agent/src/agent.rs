@@ -256,7 +256,90 @@ impl Agent {
             .filter(|(mount, _)| !discovery.disks.iter().any(|d| d.canonical.mount_point == **mount))
             .map(|(mount, r)| MissingDisk { id: r.disk_id.clone(), mount: mount.clone() })
             .collect();
+        for directory in &self.options.config.directories {
+            disks.push(self.directory_disk(directory, claim, &mut recorded, &mut record_changed));
+        }
+        if record_changed {
+            if let Some(dir) = &self.options.state_dir {
+                recorded.save(dir)?;
+            }
+        }
         Ok(NodeReport { disks, excluded: discovery.excluded, missing })
+    }
+
+    /// A configured directory as a disk: its capacity is the configured quota, never more than
+    /// its filesystem has free (volumes are preallocated, so what one promises leaves the others).
+    fn directory_disk(
+        &self,
+        directory: &crate::config::DirectoryDisk,
+        claim: bool,
+        recorded: &mut RecordedDisks,
+        record_changed: &mut bool,
+    ) -> DiskReport {
+        let path = directory.path.display().to_string();
+        if claim {
+            let _ = std::fs::create_dir_all(&directory.path);
+        }
+        let mut conflict = None;
+        let identity = match DiskIdentity::read(&path) {
+            Ok(identity) => identity,
+            Err(e) => {
+                conflict = Some(format!("unreadable identity file: {e}"));
+                None
+            }
+        };
+        if conflict.is_none() {
+            conflict = identity::conflict(&path, None, identity.as_ref(), recorded.disks.get(&path));
+        }
+        let mut id = identity.as_ref().map(|i| i.disk_id.clone()).unwrap_or_default();
+        if claim && conflict.is_none() && identity.is_none() {
+            let new = DiskIdentity::new(None, &self.options.node_name);
+            match new
+                .write(&path)
+                .and_then(|()| std::fs::create_dir_all(volumes::volumes_dir(&path)).map_err(|e| e.to_string()))
+            {
+                Ok(()) => id = new.disk_id,
+                Err(e) => conflict = Some(format!("cannot claim the directory: {e}")),
+            }
+        }
+        if claim && conflict.is_none() && !recorded.disks.contains_key(&path) {
+            recorded.disks.insert(path.clone(), RecordedDisk { disk_id: id.clone(), fs_uuid: None });
+            *record_changed = true;
+        }
+        if id.is_empty() {
+            id = format!("dir-{}", path.trim_start_matches('/').replace('/', "-"));
+        }
+        let found = volumes::scan(&path, &id);
+        let quota = directory.capacity.as_u64();
+        let fs = crate::probe::statvfs(&directory.path).unwrap_or_default();
+        let allocated: u64 = found.volumes.iter().map(|v| v.info.capacity_bytes).sum();
+        let pending: u64 = found.volumes.iter().map(|v| v.info.capacity_bytes.saturating_sub(v.segment_bytes)).sum();
+        let headroom = self.options.config.headroom.bytes_of(quota);
+        let in_quota = quota.saturating_sub(allocated).saturating_sub(headroom);
+        let on_fs = fs.available_bytes().saturating_sub(pending);
+        if fs.total_bytes() == 0 && conflict.is_none() {
+            conflict = Some(format!("{path} does not exist"));
+        }
+        let usable = conflict.is_none();
+        DiskReport {
+            id,
+            device: "directory".into(),
+            dev: String::new(),
+            fs_type: "directory".into(),
+            fs_uuid: None,
+            canonical_mount: path,
+            aliases: Vec::new(),
+            total_bytes: quota,
+            available_bytes: quota.saturating_sub(allocated).min(fs.available_bytes()),
+            fs_reserved_bytes: 0,
+            used_by_others_bytes: 0,
+            headroom_bytes: headroom,
+            allocated_bytes: allocated,
+            allocatable_bytes: if usable { in_quota.min(on_fs) } else { 0 },
+            usable,
+            conflict,
+            volumes: found.volumes.into_iter().map(|v| v.info).collect(),
+        }
     }
 
     fn disk_report(&self, disk: &Disk, id: String, conflict: Option<String>, claim: bool) -> DiskReport {

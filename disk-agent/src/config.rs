@@ -9,6 +9,8 @@
 //!   allow_tmpfs: false                                # default: false
 //! headroom: 5%                                        # or bytes, e.g. 20GiB; default 5%
 //! zero_fill_fallback: false                           # write zeros where fallocate is missing
+//! directories:                                        # directories as disks, with a quota
+//!   - {path: /var/lib/cairn/local/d0, capacity: 2GiB}
 //! ```
 
 use std::path::Path;
@@ -23,11 +25,26 @@ pub struct AgentConfig {
     pub selector: DiskSelector,
     pub headroom: Headroom,
     pub zero_fill_fallback: bool,
+    /// Directories offered as disks with a fixed capacity, for machines without spare disks
+    /// (`cairn local up`). Each is its own disk; several may share one filesystem.
+    pub directories: Vec<DirectoryDisk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryDisk {
+    pub path: std::path::PathBuf,
+    pub capacity: ByteSize,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
-        Self { selector: DiskSelector::default(), headroom: Headroom::Percent(5.0), zero_fill_fallback: false }
+        Self {
+            selector: DiskSelector::default(),
+            headroom: Headroom::Percent(5.0),
+            zero_fill_fallback: false,
+            directories: Vec::new(),
+        }
     }
 }
 

@@ -324,3 +324,39 @@ fn a_different_disk_at_a_recorded_mount_or_a_cloned_identity_is_refused() {
     let report = scan(&m, &config);
     assert!(disk_at(&report, &a).usable);
 }
+
+#[test]
+fn directories_with_a_quota_are_disks_of_their_own() {
+    let m = Machine::new();
+    let config = m.path("dirs.yaml");
+    let (a, b) = (m.path("dir-a"), m.path("dir-b"));
+    std::fs::write(
+        &config,
+        format!(
+            "selector:\n  fs_types: []\nheadroom: 0%\ndirectories:\n  - {{path: {}, capacity: 64MiB}}\n  - {{path: {}, capacity: 64MiB}}\n",
+            a.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = AgentProcess::start(&m, &config);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(agent.client().report()).unwrap();
+    assert_eq!(report.disks.len(), 2, "only the directories: {report:#?}");
+    let (da, db) = (disk_at(&report, &a).clone(), disk_at(&report, &b).clone());
+    assert_ne!(da.id, db.id, "one filesystem, two disks with their own identity");
+    assert_eq!((da.total_bytes, da.allocatable_bytes), (64 * MIB, 64 * MIB));
+
+    let created = rt.block_on(agent.client().create_volume("v", &request(&da.id, 48 * MIB))).unwrap();
+    assert!(du(std::path::Path::new(&created.volume.path)) >= 48 * MIB);
+    let report = rt.block_on(agent.client().report()).unwrap();
+    assert_eq!(disk_at(&report, &a).allocatable_bytes, 16 * MIB, "the quota, less what is promised");
+    let (status, _) =
+        refused_status(rt.block_on(agent.client().create_volume("w", &request(&da.id, 32 * MIB))).unwrap_err());
+    assert_eq!(status, 507);
+
+    agent.kill9();
+    agent.restart();
+    let again = rt.block_on(agent.client().report()).unwrap();
+    assert_eq!(disk_at(&again, &a).id, da.id, "identity kept across restarts");
+}

@@ -84,6 +84,7 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
             zone: zone.to_string(),
             agent_socket: socket,
             port: free_port(),
+            disk_path: None,
         });
     }
     let spec = spec(&etcd.endpoint());

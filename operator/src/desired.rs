@@ -90,7 +90,6 @@ pub fn desired(
             Some(h) => parse_size("headroom", h),
         }
     };
-    let prefix = format!("{cluster}-p");
     let mut nodes = Vec::new();
     for machine in machines.iter().filter(|m| m.selected) {
         let disks: Vec<DiskSpec> = machine
@@ -102,8 +101,12 @@ pub fn desired(
             .filter(|d| fs_types.is_empty() || fs_types.contains(&d.fs_type))
             .filter(|d| d.total_bytes >= min)
             .map(|d| {
-                let ours: u64 =
-                    d.volumes.iter().filter(|v| v.name.starts_with(&prefix)).map(|v| v.capacity_bytes).sum();
+                let ours: u64 = d
+                    .volumes
+                    .iter()
+                    .filter(|v| Topology::is_volume_of(cluster, &v.name))
+                    .map(|v| v.capacity_bytes)
+                    .sum();
                 let reserve = headroom(d.total_bytes)?;
                 Ok(DiskSpec { id: d.id.clone(), capacity_bytes: (d.allocatable_bytes + ours).saturating_sub(reserve) })
             })

@@ -288,7 +288,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
     }
 
     /// A purge Pod on the machine (pinned, the disk agent's socket mounted) runs
-    /// `cairn volumes purge --prefix <cluster>-p`; true once it succeeded (it is then removed).
+    /// `cairn volumes purge --cluster <cluster>`; true once it succeeded (it is then removed).
     async fn purge_machine(&self, machine: &Machine) -> Result<bool, String> {
         let sc = self.cluster;
         let namespace = sc.namespace().unwrap_or_default();
@@ -310,7 +310,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
             "spec": {"nodeName": machine.name, "restartPolicy": "OnFailure",
                 "containers": [{"name": "purge", "image": sc.spec.image,
                     "command": ["cairn", "volumes", "purge", "--disk-agent", "/run/cairn/disk-agent.sock",
-                                "--prefix", format!("{cluster}-p")],
+                                "--cluster", cluster],
                     "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
                 "volumes": [{"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}}]}});
         pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))

@@ -4,6 +4,7 @@
 //! - [`kubernetes`]: machines from Nodes/StoreNodes; Pods, Services, ConfigMap, PDB.
 //! - [`platform`]: the platform-agnostic reconcile pass and the interface platforms implement.
 //! - [`local`]: the Local platform: datanode processes on this machine.
+//! - [`local_up`]: `cairn local up`, a whole cluster on this machine.
 //! - [`leader`]: leader election on a Lease.
 //! - [`reconcile`]: the Kubernetes controller's reconcile function, status, finalizer.
 
@@ -11,5 +12,6 @@ pub mod desired;
 pub mod kubernetes;
 pub mod leader;
 pub mod local;
+pub mod local_up;
 pub mod platform;
 pub mod reconcile;

@@ -21,6 +21,9 @@ pub struct LocalMachine {
     pub agent_socket: PathBuf,
     /// Port of its datanode on 127.0.0.1.
     pub port: u16,
+    /// Use only the agent's disk at this path (several local machines sharing one disk agent,
+    /// each with its own directory disk); `None` uses every disk the agent reports.
+    pub disk_path: Option<PathBuf>,
 }
 
 struct Running {
@@ -35,6 +38,8 @@ pub struct LocalPlatform {
     pub etcd: Vec<String>,
     /// Extra datanode flags (e.g. `--max-blob-size`).
     pub extra_args: Vec<String>,
+    /// Datanode output goes to `<log_dir>/<machine>.log` (else it is discarded).
+    pub log_dir: Option<PathBuf>,
     machines: Mutex<Vec<LocalMachine>>,
     binary: Mutex<PathBuf>,
     running: Mutex<BTreeMap<String, Running>>,
@@ -53,6 +58,7 @@ impl LocalPlatform {
             namespace: namespace.into(),
             etcd,
             extra_args: Vec::new(),
+            log_dir: None,
             machines: Mutex::new(machines),
             binary: Mutex::new(binary),
             running: Mutex::default(),
@@ -120,18 +126,19 @@ impl LocalPlatform {
             self.machines.lock().expect("machines lock").iter().map(|m| m.agent_socket.clone()).collect();
         let mut deleted = 0;
         for socket in sockets {
-            deleted += self.purge_through(&socket).await?;
+            deleted += self.purge_through(&socket, None).await?;
         }
         Ok(deleted)
     }
 
-    /// Deletes this cluster's volumes through one disk agent; how many.
-    async fn purge_through(&self, socket: &std::path::Path) -> Result<u32, String> {
+    /// Deletes this cluster's volumes through one disk agent (only on `disks`, when given); how many.
+    async fn purge_through(&self, socket: &std::path::Path, disks: Option<&[String]>) -> Result<u32, String> {
         let agent = AgentClient::new(socket);
-        let prefix = format!("{}-p", self.cluster);
         let mut deleted = 0;
         for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
-            if volume.name.starts_with(&prefix) {
+            if cairn_cluster::Topology::is_volume_of(&self.cluster, &volume.name)
+                && disks.is_none_or(|d| d.contains(&volume.disk))
+            {
                 agent.delete_volume(&volume.name).await.map_err(|e| e.to_string())?;
                 deleted += 1;
             }
@@ -146,10 +153,16 @@ impl Platform for LocalPlatform {
         let mut out = Vec::new();
         for m in machines {
             let report = AgentClient::new(&m.agent_socket).report().await.map_err(|e| format!("{}: {e}", m.name))?;
+            let disks = match &m.disk_path {
+                Some(path) => {
+                    report.disks.into_iter().filter(|d| std::path::Path::new(&d.canonical_mount) == path).collect()
+                }
+                None => report.disks,
+            };
             out.push(Machine {
                 name: m.name.clone(),
                 zone: m.zone.clone(),
-                disks: report.disks,
+                disks,
                 address: format!("127.0.0.1:{}", m.port),
                 selected: m.selected,
             });
@@ -199,11 +212,23 @@ impl Platform for LocalPlatform {
                     let _ = r.child.wait();
                 }
             }
+            let output = |dir: &PathBuf| -> Result<Stdio, String> {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(format!("{}.log", machine.name)))
+                    .map(Stdio::from)
+                    .map_err(|e| e.to_string())
+            };
+            let (stdout, stderr) = match &self.log_dir {
+                Some(dir) => (output(dir)?, output(dir)?),
+                None => (Stdio::null(), Stdio::inherit()),
+            };
             let child = Command::new(&binary)
                 .args(&args)
                 .env("RUST_LOG", std::env::var("CAIRN_DATANODE_LOG").unwrap_or_else(|_| "warn".into()))
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
+                .stdout(stdout)
+                .stderr(stderr)
                 .spawn()
                 .map_err(|e| format!("starting {}: {e}", binary.display()))?;
             tracing::info!(node = %machine.name, port = machine.port, "datanode started");
@@ -234,7 +259,8 @@ impl Platform for LocalPlatform {
             .find(|m| m.name == machine.name)
             .map(|m| m.agent_socket.clone())
             .ok_or_else(|| format!("no machine {}", machine.name))?;
-        self.purge_through(&socket).await.map(|_| true)
+        let disks: Vec<String> = machine.disks.iter().map(|d| d.id.clone()).collect();
+        self.purge_through(&socket, Some(&disks)).await.map(|_| true)
     }
 
     async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {

@@ -132,9 +132,8 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Err(message) => return Outcome::degraded("WorkloadsFailed", message),
     }
     // A drained machine that left the topology gives back the volumes of the replicas that moved.
-    let prefix = format!("{name}-p");
     for machine in machines_all.iter().filter(|m| !m.selected && !after.topology.nodes.contains_key(&m.name)) {
-        let holds = machine.disks.iter().flat_map(|d| &d.volumes).any(|v| v.name.starts_with(&prefix));
+        let holds = machine.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(name, &v.name));
         if holds {
             match platform.purge_machine(machine).await {
                 Ok(_) => writes += 1,
@@ -143,7 +142,10 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         }
     }
     let status = observed(&after, &chosen, plan.config.replication_factor);
-    let ready = status.nodes_ready == status.nodes_total && status.partitions.under_replicated == 0 && writes == 0;
+    let ready = status.nodes_ready == status.nodes_total
+        && status.partitions.under_replicated == 0
+        && writes == 0
+        && (settled || replication_settled(&after).await);
     Outcome { status, ready, writes, degraded: None }
 }
 
@@ -215,11 +217,14 @@ async fn caught_up(snapshot: &Snapshot, partition: u32, nodes: &[String]) -> boo
     true
 }
 
-/// Whether every live datanode of the topology reports no replication lag behind any peer.
+/// Whether every datanode of the topology has its replicas open and reports no replication lag
+/// behind any peer.
 async fn replication_settled(snapshot: &Snapshot) -> bool {
     for node in snapshot.topology.nodes.keys() {
+        let with_peers = snapshot.topology.partitions_of(node).filter(|p| p.replicas.len() > 1).count();
         let Some(list) = replicas_of(snapshot, node).await else { return false };
-        if !list.iter().all(settled_entry) {
+        let partitions: std::collections::BTreeSet<u64> = list.iter().filter_map(|p| p["partition"].as_u64()).collect();
+        if partitions.len() < with_peers || !list.iter().all(settled_entry) {
             return false;
         }
     }

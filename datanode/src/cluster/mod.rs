@@ -216,7 +216,7 @@ impl Cluster {
 
     /// Gets the replica's volume (from the disk agent, or under the data directory) and opens it.
     async fn open_replica(&self, config: &ClusterConfig, partition: &PartitionSpec) -> anyhow::Result<Arc<Volume>> {
-        let name = Topology::volume_name(&self.options.cluster, partition.id);
+        let name = Topology::volume_name(&self.options.cluster, partition.id, self.node_id());
         let me = self.node_id();
         let disk = partition.replicas.iter().find(|r| r.node == me).map(|r| r.disk.clone()).unwrap_or_default();
         let dir: PathBuf = match &self.options.volumes {

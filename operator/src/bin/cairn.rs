@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: TopologyCommand,
     },
+    /// A whole cluster on this machine, without Kubernetes.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
     /// Volumes on this machine, through its disk agent.
     Volumes {
         #[command(subcommand)]
@@ -49,13 +54,37 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum LocalCommand {
+    /// Start etcd, a disk agent and the datanodes of the StoreCluster in FILE; Ctrl-C stops them.
+    Up {
+        #[arg(short = 'f', long, default_value = "examples/local.yaml")]
+        file: PathBuf,
+        /// Data, state and logs (a second start reuses them).
+        #[arg(long, default_value = ".cairn-local")]
+        dir: PathBuf,
+        /// Local machines, one datanode each.
+        #[arg(long, default_value_t = 3)]
+        machines: usize,
+        /// Quota of each machine's directory disk.
+        #[arg(long, default_value = "2GiB")]
+        disk_size: String,
+        /// Port of the first datanode's blob API; the others follow.
+        #[arg(long, default_value_t = 7480)]
+        port: u16,
+        /// etcd's client port (the peer port is the next one).
+        #[arg(long, default_value_t = 23790)]
+        etcd_port: u16,
+    },
+}
+
+#[derive(Subcommand)]
 enum VolumesCommand {
-    /// Delete every volume whose name starts with PREFIX (a cluster deleted with deletionPolicy Delete).
+    /// Delete every volume of CLUSTER on this machine (a cluster deleted with deletionPolicy Delete).
     Purge {
         #[arg(long, env = "CAIRN_DISK_AGENT", default_value = "/run/cairn/disk-agent.sock")]
         disk_agent: PathBuf,
         #[arg(long)]
-        prefix: String,
+        cluster: String,
     },
 }
 
@@ -110,12 +139,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Volumes { command: VolumesCommand::Purge { disk_agent, prefix } } => {
-            anyhow::ensure!(prefix.len() >= 3, "refusing a prefix shorter than 3 characters: {prefix:?}");
+        Command::Local { command: LocalCommand::Up { file, dir, machines, disk_size, port, etcd_port } } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let cluster: cairn_resources::StoreCluster = serde_yaml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not a StoreCluster: {e}", file.display()))?;
+            anyhow::ensure!(
+                machines >= cluster.spec.replication_factor as usize,
+                "replicationFactor {} needs at least that many --machines",
+                cluster.spec.replication_factor
+            );
+            let dir = std::path::absolute(&dir)?;
+            let options = cairn_operator::local_up::LocalOptions { dir, machines, disk_size, port, etcd_port };
+            cairn_operator::local_up::up(cluster, options).await
+        }
+        Command::Volumes { command: VolumesCommand::Purge { disk_agent, cluster } } => {
             let agent = cairn_common::agent_client::AgentClient::new(&disk_agent);
             let mut deleted = 0;
             for volume in agent.list_volumes().await? {
-                if volume.name.starts_with(&prefix) {
+                if cairn_cluster::Topology::is_volume_of(&cluster, &volume.name) {
                     agent.delete_volume(&volume.name).await?;
                     println!("deleted volume {} on disk {}", volume.name, volume.disk);
                     deleted += 1;
