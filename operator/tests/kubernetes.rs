@@ -130,7 +130,10 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     let app = axum::Router::new().route(
         "/v1/admin/replicas",
         axum::routing::get(|| async {
-            axum::Json(json!([{"partition": 0, "peer": "x", "lag_entries": 0, "last_error": null, "peer_tail": 5}]))
+            let caught_up: Vec<serde_json::Value> = (0..6)
+                .map(|p| json!({"partition": p, "peer": "x", "lag_entries": 0, "last_error": null, "peer_tail": 5}))
+                .collect();
+            axum::Json(caught_up)
         }),
     );
     tokio::spawn(async move { axum::serve(progress, app).await });
@@ -150,7 +153,12 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
             drop(_tx)
         });
     }
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Wait until etcd holds all three registrations (no fixed sleep: CI machines are slower).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.load().await.unwrap().live.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "registrations did not appear");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let mark_ready = |name: String| {
         let pods = pods.clone();
         async move {
