@@ -121,18 +121,18 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     let after = store.load().await.unwrap_or_else(|_| snapshot.clone());
     let mut writes = u32::from(after.revision != snapshot.revision);
     // Datanodes run on the chosen machines, and on leaving ones until their replicas have moved.
-    let machines_all = machines.clone();
-    let chosen: Vec<Machine> = machines.into_iter().filter(|m| after.topology.nodes.contains_key(&m.name)).collect();
-    let before = observed(&after, &chosen, plan.config.replication_factor);
-    let settled = before.nodes_ready == before.nodes_total
-        && before.partitions.under_replicated == 0
+    let (chosen, others): (Vec<Machine>, Vec<Machine>) =
+        machines.into_iter().partition(|m| after.topology.nodes.contains_key(&m.name));
+    let status = observed(&after, &chosen, plan.config.replication_factor);
+    let settled = status.nodes_ready == status.nodes_total
+        && status.partitions.under_replicated == 0
         && replication_settled(&after).await;
     match platform.apply(&chosen, settled).await {
         Ok(n) => writes += n,
         Err(message) => return Outcome::degraded("WorkloadsFailed", message),
     }
     // A drained machine that left the topology gives back the volumes of the replicas that moved.
-    for machine in machines_all.iter().filter(|m| !m.selected && !after.topology.nodes.contains_key(&m.name)) {
+    for machine in others.iter().filter(|m| !m.selected) {
         let holds = machine.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(name, &v.name));
         if holds {
             match platform.purge_machine(machine).await {
@@ -141,11 +141,8 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
             }
         }
     }
-    let status = observed(&after, &chosen, plan.config.replication_factor);
-    let ready = status.nodes_ready == status.nodes_total
-        && status.partitions.under_replicated == 0
-        && writes == 0
-        && (settled || replication_settled(&after).await);
+    // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
+    let ready = settled && writes == 0;
     Outcome { status, ready, writes, degraded: None }
 }
 
