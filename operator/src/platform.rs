@@ -115,11 +115,13 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Ok(plan) => plan,
         Err(e) => return Outcome::degraded("InvalidSpec", e.to_string()),
     };
-    if let Err(e) = move_step(&store, &snapshot, &plan.config, &plan.nodes).await {
-        return Outcome::degraded("PlacementFailed", e);
-    }
-    let after = store.load().await.unwrap_or_else(|_| snapshot.clone());
-    let mut writes = u32::from(after.revision != snapshot.revision);
+    // Counted from what this pass wrote, not from etcd's revision: datanodes re-register their
+    // free space as blobs arrive, which moves the revision without changing the topology.
+    let mut writes = match move_step(&store, &snapshot, &plan.config, &plan.nodes).await {
+        Ok(wrote) => u32::from(wrote),
+        Err(e) => return Outcome::degraded("PlacementFailed", e),
+    };
+    let after = if writes > 0 { store.load().await.unwrap_or_else(|_| snapshot.clone()) } else { snapshot };
     // Datanodes run on the chosen machines, and on leaving ones until their replicas have moved.
     let (chosen, others): (Vec<Machine>, Vec<Machine>) =
         machines.into_iter().partition(|m| after.topology.nodes.contains_key(&m.name));
@@ -152,13 +154,13 @@ const MOVES_PER_PASS: usize = 2;
 /// Places replicas (minimal movement), then moves a few for balance and off leaving nodes —
 /// never dropping below quorum: a replica that moves stays where it was, beside its replacement,
 /// until the replacement has pulled everything from its peers; then it goes, and a node with no
-/// replica left leaves the topology. Writes only what changed, guarded.
+/// replica left leaves the topology. Writes only what changed, guarded; true when it wrote.
 async fn move_step(
     store: &ClusterStore,
     snapshot: &Snapshot,
     config: &ClusterConfig,
     nodes: &[NodeSpec],
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let placed = planner::plan(config, nodes, &snapshot.topology.partitions).map_err(|e| e.to_string())?;
     let target = planner::rebalance(config, nodes, &placed, MOVES_PER_PASS);
     let mut merged = Topology {
@@ -184,10 +186,14 @@ async fn move_step(
             merged.nodes.insert(id.clone(), spec.clone());
         }
     }
-    if merged != snapshot.topology && !store.write_topology(snapshot, &merged).await.map_err(|e| e.to_string())? {
+    if merged == snapshot.topology {
+        return Ok(false);
+    }
+    if !store.write_topology(snapshot, &merged).await.map_err(|e| e.to_string())? {
+        // Someone else wrote in between: not converged, so this pass still counts as a change.
         tracing::info!("the topology changed while planning; planning again on the next pass");
     }
-    Ok(())
+    Ok(true)
 }
 
 /// A datanode's replication progress (`/v1/admin/replicas`), or `None` when it does not answer.
