@@ -75,6 +75,17 @@ pub enum PartitionState {
     Draining,
 }
 
+impl PartitionState {
+    /// As etcd and the API spell it: `writable`, `read_only`, `draining`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionState::Writable => "writable",
+            PartitionState::ReadOnly => "read_only",
+            PartitionState::Draining => "draining",
+        }
+    }
+}
+
 /// `partitions/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +232,15 @@ impl TopologyFile {
 
 #[cfg(test)]
 mod tests {
+    use super::PartitionState;
+
+    #[test]
+    fn partition_state_names_are_its_serde_names() {
+        for state in [PartitionState::Writable, PartitionState::ReadOnly, PartitionState::Draining] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
+    }
+
     use super::*;
 
     #[test]

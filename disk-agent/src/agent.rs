@@ -250,12 +250,6 @@ impl Agent {
                 recorded.save(dir)?;
             }
         }
-        let missing = recorded
-            .disks
-            .iter()
-            .filter(|(mount, _)| !discovery.disks.iter().any(|d| d.canonical.mount_point == **mount))
-            .map(|(mount, r)| MissingDisk { id: r.disk_id.clone(), mount: mount.clone() })
-            .collect();
         for directory in &self.options.config.directories {
             disks.push(self.directory_disk(directory, claim, &mut recorded, &mut record_changed));
         }
@@ -264,6 +258,13 @@ impl Agent {
                 recorded.save(dir)?;
             }
         }
+        // Recorded disks found neither among the mounts nor among the configured directories.
+        let missing = recorded
+            .disks
+            .iter()
+            .filter(|(mount, _)| !disks.iter().any(|d| d.canonical_mount == **mount))
+            .map(|(mount, r)| MissingDisk { id: r.disk_id.clone(), mount: mount.clone() })
+            .collect();
         Ok(NodeReport { disks, excluded: discovery.excluded, missing })
     }
 

@@ -359,4 +359,5 @@ fn directories_with_a_quota_are_disks_of_their_own() {
     agent.restart();
     let again = rt.block_on(agent.client().report()).unwrap();
     assert_eq!(disk_at(&again, &a).id, da.id, "identity kept across restarts");
+    assert!(again.missing.is_empty(), "recorded directories are present, not missing: {:?}", again.missing);
 }

@@ -129,16 +129,21 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     std::fs::copy(binary("cairn-datanode"), &upgraded).unwrap();
     platform.set_binary(upgraded.clone());
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut progress = Vec::new();
     loop {
         let outcome = converge("c1", "default", &spec, &platform).await;
+        progress.extend(outcome.progress.clone());
         let ports: Vec<u16> = machines.iter().map(|m| m.port).collect();
         check_through_any(&client, &ports, &blobs).await;
         if outcome.ready && platform.binaries().iter().all(|b| *b == upgraded) {
+            assert!(outcome.progress.is_empty(), "{:?}", outcome.progress);
             break;
         }
         assert!(Instant::now() < deadline, "upgrade did not finish: {outcome:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+
+    assert!(progress.iter().any(|p| p.starts_with("rolling update: ")), "upgrade progress reported: {progress:?}");
 
     // Drain m3: its replicas move (each new one caught up before the old goes), writes keep
     // succeeding at quorum throughout, then its datanode stops.
@@ -148,6 +153,7 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     loop {
         let outcome = converge("c1", "default", &spec, &platform).await;
         assert!(outcome.degraded.is_none(), "{:?}", outcome.degraded);
+        progress.extend(outcome.progress.clone());
         let data = payload(seed, 10_000);
         blobs.insert(put(&client, machines[(seed % 3) as usize].port, data.clone()).await, data);
         seed += 1;
@@ -157,6 +163,7 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
         assert!(Instant::now() < deadline, "drain did not finish: {outcome:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    assert!(progress.iter().any(|p| p.starts_with("draining m3: ")), "drain progress reported: {progress:?}");
     let topology = store.load().await.unwrap().topology;
     assert!(!topology.nodes.contains_key("m3"), "m3 left the topology");
     assert!(topology.partitions.values().all(|p| p.replicas.len() == 3 && p.replicas.iter().all(|r| r.node != "m3")));

@@ -59,14 +59,26 @@ impl LocalUp {
     }
 }
 
+/// `cairn ARGS` (or `kubectl-cairn ARGS` through a symlink): exit code and stdout.
+fn cairn(program: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(program).args(args).stderr(Stdio::inherit()).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8(out.stdout).unwrap())
+}
+
 #[test]
 fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let (port, etcd_port) = (free_port(), free_port());
     let up = LocalUp::start(dir.path(), port, etcd_port);
-    let output = up.wait_for(": ready");
+    let first = up.wait_for("cluster local:");
+    assert!(first[0].contains("creating"), "{first:?}");
+    // Progress of the creation, a line per change, until Ready.
+    let local = dir.path().to_str().unwrap();
+    let (code, progress) = cairn(&binary("cairn"), &["status", "--local", local, "--watch", "--timeout", "90"]);
+    assert_eq!(code, 0, "{progress}");
+    assert!(progress.lines().last().unwrap().contains(" Ready: 3 datanodes, 6 partitions"), "{progress}");
+    up.wait_for(": ready");
     up.wait_for("Blob API");
-    assert!(output.iter().any(|l| l.contains("starting")), "{output:?}");
 
     let client = reqwest::blocking::Client::new();
     let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body("kept across restarts").send().unwrap();
@@ -74,7 +86,38 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     let id = r.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();
     let read = |p: u16| client.get(format!("http://127.0.0.1:{p}/v1/blobs/{id}")).send().unwrap().text().unwrap();
     assert_eq!(read(port + 2), "kept across restarts", "every datanode serves every blob");
+
+    // The plugin reads the local cluster: status, disks, topology; installed as kubectl-cairn.
+    let plugin = dir.path().join("kubectl-cairn");
+    std::os::unix::fs::symlink(binary("cairn"), &plugin).unwrap();
+    let (code, out) = cairn(&plugin, &["status", "--local", local]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("StoreCluster local/local (local)  phase Ready"), "{out}");
+    assert!(out.contains("Replication: every replica live and caught up"), "{out}");
+    for m in ["m0", "m1", "m2"] {
+        assert!(out.lines().any(|l| l.starts_with(m) && l.contains(" ready ")), "{m}: {out}");
+    }
+    let (_, json) = cairn(&plugin, &["status", "--local", local, "-o", "json"]);
+    let view: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!((view["phase"].as_str(), view["partitions"]["total"].as_u64()), (Some("Ready"), Some(6)));
+    assert!(view["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["replicas"] == 6 && m["reservedBytes"].as_u64() > Some(0)));
+    let (code, out) = cairn(&plugin, &["disks", "--local", local]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("Node local: 3 disk(s)"), "{out}");
+    assert!(!out.contains("missing"), "the directory disks are there: {out}");
+    let (code, out) = cairn(&plugin, &["topology", "--local", local, "-o", "json"]);
+    assert_eq!(code, 0);
+    let topology: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(topology["topology"]["partitions"].as_object().unwrap().len(), 6);
+    assert_eq!(topology["live"].as_object().unwrap().len(), 3);
     up.interrupt();
+    let stopped = Command::new(binary("cairn")).args(["status", "--local", local]).output().unwrap();
+    assert_eq!(stopped.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("is not running"), "{stopped:?}");
     for p in [port, port + 1, port + 2, etcd_port] {
         assert!(std::net::TcpStream::connect(("127.0.0.1", p)).is_err(), "port {p} still open after Ctrl-C");
     }
@@ -82,5 +125,16 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     let up = LocalUp::start(dir.path(), port, etcd_port);
     up.wait_for(": ready");
     assert_eq!(read(port + 1), "kept across restarts");
+
+    // etcd dies: the cluster is Degraded, and `cairn status` says so with its exit status.
+    let etcd_data = dir.path().join("etcd");
+    let killed =
+        Command::new("pkill").args(["-KILL", "-f", "--", &format!("--data-dir {}", etcd_data.display())]).status();
+    assert!(killed.unwrap().success());
+    up.wait_for("degraded: etcd");
+    let (code, out) = cairn(&binary("cairn"), &["status", "--local", local]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("! Degraded (EtcdUnreachable)"), "{out}");
+    assert!(out.contains("live state unknown"), "{out}");
     up.interrupt();
 }

@@ -12,6 +12,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::desired::Machine;
+use crate::platform::Applied;
 
 pub const FIELD_MANAGER: &str = "cairn-operator";
 pub const API_PORT: u16 = 7480;
@@ -182,8 +183,9 @@ pub async fn apply(
     cluster: &str,
     objects: &[(ApiResource, String, Value)],
     settled: bool,
-) -> Result<u32, kube::Error> {
+) -> Result<Applied, kube::Error> {
     let mut writes = 0;
+    let mut outdated = 0;
     let params = PatchParams::apply(FIELD_MANAGER).force();
     // A rolling change replaces one datanode Pod per pass, and only while every datanode Pod is
     // Ready and the cluster is settled (all registered, no partition short of replicas).
@@ -208,6 +210,7 @@ pub async fn apply(
         }
         if resource.kind == "Pod" && existing.is_some() {
             // A Pod's spec cannot change in place: replace it (the next reconcile creates it).
+            outdated += 1;
             if !may_replace {
                 continue;
             }
@@ -225,7 +228,7 @@ pub async fn apply(
             writes += 1;
         }
     }
-    Ok(writes)
+    Ok(Applied { changes: writes, outdated })
 }
 
 /// The Kubernetes platform for one StoreCluster.
@@ -239,7 +242,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         machines(&self.client, self.cluster).await.map_err(|e| e.to_string())
     }
 
-    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<u32, String> {
+    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, String> {
         let namespace = self.cluster.namespace().unwrap_or_default();
         apply(&self.client, &namespace, &self.cluster.name_any(), &objects(self.cluster, chosen), settled)
             .await

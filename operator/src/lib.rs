@@ -6,12 +6,16 @@
 //! - [`local`]: the Local platform: datanode processes on this machine.
 //! - [`local_up`]: `cairn local up`, a whole cluster on this machine.
 //! - [`leader`]: leader election on a Lease.
+//! - [`inspect`]: what `cairn status`, `cairn disks` and `cairn topology` read and print.
 //! - [`reconcile`]: the Kubernetes controller's reconcile function, status, finalizer.
+//! - [`status`]: a StoreCluster's status and Events from one pass (both platforms).
 
 pub mod desired;
+pub mod inspect;
 pub mod kubernetes;
 pub mod leader;
 pub mod local;
 pub mod local_up;
 pub mod platform;
 pub mod reconcile;
+pub mod status;

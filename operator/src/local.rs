@@ -9,9 +9,9 @@ use std::sync::Mutex;
 use cairn_common::agent_client::AgentClient;
 
 use crate::desired::Machine;
-use crate::platform::Platform;
+use crate::platform::{Applied, Platform};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LocalMachine {
     pub name: String,
     /// False while the machine is being drained (its replicas move elsewhere first).
@@ -68,6 +68,11 @@ impl LocalPlatform {
     /// Scale out or in: the machines from now on.
     pub fn set_machines(&self, machines: Vec<LocalMachine>) {
         *self.machines.lock().expect("machines lock") = machines;
+    }
+
+    /// The machines, as configured.
+    pub fn local_machines(&self) -> Vec<LocalMachine> {
+        self.machines.lock().expect("machines lock").clone()
     }
 
     /// Drain a machine: its replicas move to the others (each new replica caught up before the
@@ -170,7 +175,7 @@ impl Platform for LocalPlatform {
         Ok(out)
     }
 
-    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<u32, String> {
+    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, String> {
         let machines = self.machines.lock().expect("machines lock").clone();
         let binary = self.binary.lock().expect("binary lock").clone();
         let mut changes = 0;
@@ -191,6 +196,7 @@ impl Platform for LocalPlatform {
             }
         }
         let mut upgraded_one = false;
+        let mut outdated_left = 0;
         for machine in machines.iter().filter(|m| chosen.iter().any(|c| c.name == m.name)) {
             let args = self.args(machine);
             let outdated = {
@@ -204,6 +210,7 @@ impl Platform for LocalPlatform {
             if outdated.is_some() {
                 // One datanode at a time, and only when everyone has caught up.
                 if upgraded_one || !settled {
+                    outdated_left += 1;
                     continue;
                 }
                 upgraded_one = true;
@@ -238,7 +245,7 @@ impl Platform for LocalPlatform {
                 .insert(machine.name.clone(), Running { child, args, binary: binary.clone() });
             changes += 1;
         }
-        Ok(changes)
+        Ok(Applied { changes, outdated: outdated_left })
     }
 
     async fn stop(&self) -> Result<(), String> {

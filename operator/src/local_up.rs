@@ -10,6 +10,109 @@ use cairn_resources::StoreCluster;
 
 use crate::local::{LocalMachine, LocalPlatform};
 use crate::platform::converge;
+use crate::status::{Note, Observation};
+
+/// The etcd namespace of a local cluster's keys.
+pub const NAMESPACE: &str = "local";
+/// What `cairn local up` keeps in its directory for `cairn status --local`.
+pub const STATE_FILE: &str = "cluster.json";
+/// Events kept in the state file.
+const EVENTS_KEPT: usize = 20;
+
+/// A local cluster as `cairn local up` runs it: the StoreCluster (its status kept the way the
+/// operator keeps it on Kubernetes), the machines and their disk agent, and recent events.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LocalState {
+    /// The `cairn local up` process.
+    pub pid: u32,
+    pub cluster: StoreCluster,
+    pub machines: Vec<LocalMachine>,
+    pub events: Vec<LocalEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LocalEvent {
+    /// RFC 3339.
+    pub time: String,
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl LocalState {
+    /// The state for this run: a first start creates the StoreCluster (creation time, generation
+    /// 1); a restart keeps its creation time, status and events.
+    fn start(dir: &Path, name: &str, spec: &cairn_resources::StoreClusterSpec, machines: Vec<LocalMachine>) -> Self {
+        let previous: Option<LocalState> =
+            std::fs::read(dir.join(STATE_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let mut cluster = StoreCluster::new(name, spec.clone());
+        cluster.metadata.namespace = Some(NAMESPACE.into());
+        cluster.metadata.generation = Some(1);
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+        cluster.metadata.creation_timestamp = Some(now);
+        let mut events = Vec::new();
+        if let Some(previous) = previous {
+            cluster.metadata.creation_timestamp = previous.cluster.metadata.creation_timestamp;
+            if previous.cluster.spec == *spec {
+                cluster.metadata.generation = previous.cluster.metadata.generation;
+            } else {
+                cluster.metadata.generation = previous.cluster.metadata.generation.map(|g| g + 1);
+            }
+            cluster.status = previous.cluster.status;
+            events = previous.events;
+        }
+        let mut state = Self { pid: std::process::id(), cluster, machines, events };
+        state.record(vec![Note {
+            warning: false,
+            reason: "Started".into(),
+            action: "Start",
+            message: format!("cairn local up (pid {})", std::process::id()),
+        }]);
+        state
+    }
+
+    fn record(&mut self, notes: Vec<Note>) {
+        let time = k8s_openapi::jiff::Timestamp::now().to_string();
+        for n in notes {
+            self.events.push(LocalEvent {
+                time: time.clone(),
+                warning: n.warning,
+                reason: n.reason,
+                message: n.message,
+            });
+        }
+        let excess = self.events.len().saturating_sub(EVENTS_KEPT);
+        self.events.drain(..excess);
+    }
+
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let body = serde_json::to_vec_pretty(self)?;
+        cairn_common::volume_layout::write_atomic(&dir.join(STATE_FILE), &body)?;
+        Ok(())
+    }
+
+    /// The state of the local cluster in `dir`, which must be running.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("no local cluster in {} (start one with `cairn local up`)", dir.display())
+            }
+            _ => anyhow::anyhow!("{}: {e}", path.display()),
+        })?;
+        let state: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: not a local cluster state: {e}", path.display()))?;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", state.pid)).unwrap_or_default();
+        let running = String::from_utf8_lossy(&cmdline).split('\0').any(|arg| arg == "up");
+        anyhow::ensure!(
+            running,
+            "the local cluster in {} is not running (its `cairn local up`, pid {}, has exited; start it again)",
+            dir.display(),
+            state.pid
+        );
+        Ok(state)
+    }
+}
 
 pub struct LocalOptions {
     /// Everything lives here: etcd's data, the disk agent's state, the machines' disks.
@@ -64,6 +167,12 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
 
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
     Ok(Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log")))?))
+}
+
+/// A line on stdout; a closed stdout (`| head`) must not stop the cluster.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// Runs until Ctrl-C (or SIGTERM), then stops everything.
@@ -126,49 +235,54 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
         .collect();
     let mut spec = cluster.spec.clone();
     spec.etcd.endpoints = vec![etcd_url.clone()];
-    let mut platform = LocalPlatform::new(&name, "local", vec![etcd_url.clone()], sibling("cairn-datanode"), machines);
+    let mut platform =
+        LocalPlatform::new(&name, NAMESPACE, vec![etcd_url.clone()], sibling("cairn-datanode"), machines);
     platform.log_dir = Some(logs.clone());
     // The largest blob must fit in a segment (with its record's overhead).
     let segment = crate::desired::parse_size("segmentSize", &spec.segment_size).map_err(anyhow::Error::msg)?;
     platform.extra_args = vec!["--max-blob-size".into(), format!("{}", (segment / 2).min(64 << 20))];
 
+    let mut state = LocalState::start(dir, &name, &spec, platform.local_machines());
+    state.save(dir)?;
     let mut announced = false;
-    let mut last_phase = String::new();
+    let mut last_line = String::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let outcome = converge(&name, "local", &spec, &platform).await;
-        let phase = match (&outcome.degraded, outcome.ready) {
-            (Some((reason, message)), _) => format!("degraded ({reason}): {message}"),
-            (None, true) => "ready".into(),
-            (None, false) => format!(
-                "starting: {}/{} datanodes, {} partitions under-replicated",
-                outcome.status.nodes_ready, outcome.status.nodes_total, outcome.status.partitions.under_replicated
-            ),
-        };
-        if phase != last_phase {
-            println!("cluster {name}: {phase}");
-            last_phase = phase;
+        let outcome = converge(&name, NAMESPACE, &spec, &platform).await;
+        let old = state.cluster.status.clone().unwrap_or_default();
+        let notes = crate::status::notes(&old, &outcome);
+        let status = crate::status::next_status(&old, state.cluster.metadata.generation, Observation::Pass(&outcome));
+        let message = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.message.as_str());
+        let line = format!("{}: {}", status.phase.to_lowercase(), message.unwrap_or_default());
+        // Saved before it is said, so that `cairn status` agrees with what was printed.
+        if status != old || !notes.is_empty() {
+            state.cluster.status = Some(status);
+            state.record(notes);
+            state.save(dir)?;
+        }
+        if line != last_line {
+            say(&format!("cluster {name}: {line}"));
+            last_line = line;
         }
         if outcome.ready && !announced {
             announced = true;
-            println!(
-                "\nBlob API: http://127.0.0.1:{} (every datanode serves it: ports {}–{})",
-                options.port,
-                options.port,
-                options.port + options.machines as u16 - 1
-            );
-            println!("  curl -s -X POST --data-binary @file http://127.0.0.1:{}/v1/blobs", options.port);
-            println!("  curl -s http://127.0.0.1:{}/v1/blobs/<id>", options.port);
-            println!("  cairn topology show --etcd {etcd_url} --cluster {name} --namespace local");
-            println!("Data and logs: {}. Ctrl-C stops everything; starting again reuses the data.\n", dir.display());
+            let (first, last) = (options.port, options.port + options.machines as u16 - 1);
+            say(&format!(
+                "\nBlob API: http://127.0.0.1:{first} (every datanode serves it: ports {first}–{last})\n  \
+                 curl -s -X POST --data-binary @file http://127.0.0.1:{first}/v1/blobs\n  \
+                 curl -s http://127.0.0.1:{first}/v1/blobs/<id>\n  \
+                 cairn status --local {dir}     (also: cairn disks --local, cairn topology --local)\n\
+                 Data and logs: {dir}. Ctrl-C stops everything; starting again reuses the data.\n",
+                dir = dir.display()
+            ));
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = tokio::time::sleep(Duration::from_secs(if outcome.ready { 5 } else { 1 })) => {}
         }
     }
-    println!("stopping");
+    say("stopping");
     platform.stop_all();
     drop(agent);
     drop(etcd);

@@ -16,11 +16,10 @@ use crate::desired::{desired, Machine};
 pub trait Platform {
     /// Machines that may run a datanode, with their disk inventories.
     fn machines(&self) -> impl Future<Output = Result<Vec<Machine>, String>> + Send;
-    /// Runs one datanode on each of `chosen` (and none elsewhere); the number of changes made.
-    /// `settled`: every datanode is registered, no partition is short of live replicas, and every
-    /// replica has caught up with its peers — only then may a running datanode be replaced (one
-    /// per pass) for an upgrade.
-    fn apply(&self, chosen: &[Machine], settled: bool) -> impl Future<Output = Result<u32, String>> + Send;
+    /// Runs one datanode on each of `chosen` (and none elsewhere). `settled`: every datanode is
+    /// registered, no partition is short of live replicas, and every replica has caught up with
+    /// its peers — only then may a running datanode be replaced (one per pass) for an upgrade.
+    fn apply(&self, chosen: &[Machine], settled: bool) -> impl Future<Output = Result<Applied, String>> + Send;
     /// Stops every datanode of the cluster (it is being deleted).
     fn stop(&self) -> impl Future<Output = Result<(), String>> + Send;
     /// Removes the cluster's volumes from every machine's disks: true once they are all gone
@@ -31,6 +30,16 @@ pub trait Platform {
     fn purge_machine(&self, machine: &Machine) -> impl Future<Output = Result<bool, String>> + Send;
     /// TLS material for etcd, when the spec names it.
     fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, String>> + Send;
+}
+
+/// What [`Platform::apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes made (datanodes started, replaced or stopped; objects written).
+    pub changes: u32,
+    /// Datanodes still running an older version (image, binary or flags) after this pass: a
+    /// rolling update in progress.
+    pub outdated: u32,
 }
 
 /// Deleting a cluster: datanodes stop; with a confirmed `Delete`, the volumes are removed and
@@ -69,11 +78,19 @@ pub struct Outcome {
     pub writes: u32,
     /// Why the cluster cannot converge: (reason, message) for a Degraded condition.
     pub degraded: Option<(&'static str, String)>,
+    /// Long operations under way, one line each (drains, moves, rolling updates).
+    pub progress: Vec<String>,
 }
 
 impl Outcome {
     fn degraded(reason: &'static str, message: String) -> Self {
-        Self { status: StoreClusterStatus::default(), ready: false, writes: 0, degraded: Some((reason, message)) }
+        Self {
+            status: StoreClusterStatus::default(),
+            ready: false,
+            writes: 0,
+            degraded: Some((reason, message)),
+            progress: Vec::new(),
+        }
     }
 }
 
@@ -125,13 +142,19 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     // Datanodes run on the chosen machines, and on leaving ones until their replicas have moved.
     let (chosen, others): (Vec<Machine>, Vec<Machine>) =
         machines.into_iter().partition(|m| after.topology.nodes.contains_key(&m.name));
-    let status = observed(&after, &chosen, plan.config.replication_factor);
+    let rf = plan.config.replication_factor;
+    let status = observed(&after, &chosen, rf);
     let settled = status.nodes_ready == status.nodes_total
         && status.partitions.under_replicated == 0
         && replication_settled(&after).await;
-    match platform.apply(&chosen, settled).await {
-        Ok(n) => writes += n,
+    let applied = match platform.apply(&chosen, settled).await {
+        Ok(applied) => applied,
         Err(message) => return Outcome::degraded("WorkloadsFailed", message),
+    };
+    writes += applied.changes;
+    let mut progress = moves_in_progress(&after.topology, &chosen, rf);
+    if applied.outdated > 0 {
+        progress.push(format!("rolling update: {} of {} datanodes still to replace", applied.outdated, chosen.len()));
     }
     // A drained machine that left the topology gives back the volumes of the replicas that moved.
     for machine in others.iter().filter(|m| !m.selected) {
@@ -145,7 +168,22 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     }
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
     let ready = settled && writes == 0;
-    Outcome { status, ready, writes, degraded: None }
+    Outcome { status, ready, writes, degraded: None, progress }
+}
+
+/// Drains and replica moves under way, as the topology shows them: a machine no longer
+/// selected that still holds replicas, and partitions with a replica beside its replacement.
+fn moves_in_progress(topology: &Topology, chosen: &[Machine], rf: u32) -> Vec<String> {
+    let mut lines = Vec::new();
+    for machine in chosen.iter().filter(|m| !m.selected) {
+        let left = topology.partitions_of(&machine.name).count();
+        lines.push(format!("draining {}: {left} replica(s) still to move", machine.name));
+    }
+    let moving = topology.partitions.values().filter(|p| p.replicas.len() > rf as usize).count();
+    if moving > 0 {
+        lines.push(format!("{moving} partition(s) moving a replica (the new one catching up)"));
+    }
+    lines
 }
 
 /// Replicas moved per pass for balance (each copies a whole volume through replication).
@@ -196,24 +234,43 @@ async fn move_step(
     Ok(true)
 }
 
-/// A datanode's replication progress (`/v1/admin/replicas`), or `None` when it does not answer.
-async fn replicas_of(snapshot: &Snapshot, node: &str) -> Option<Vec<serde_json::Value>> {
-    let live = snapshot.live.get(node)?;
-    let url = format!("http://{}/v1/admin/replicas", live.address);
-    let response = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await.ok()?;
-    response.json::<Vec<serde_json::Value>>().await.ok()
+/// One replica's progress behind one peer, as a datanode reports it (`GET /v1/admin/replicas`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaProgress {
+    pub partition: u32,
+    pub peer: String,
+    pub peer_tail: u64,
+    pub lag_entries: u64,
+    #[serde(default)]
+    pub lag_seconds: f64,
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
-fn settled_entry(p: &serde_json::Value) -> bool {
-    p["lag_entries"] == 0 && p["last_error"].is_null() && p["peer_tail"].is_u64()
+impl ReplicaProgress {
+    /// Pulled everything the peer had when last asked.
+    pub fn caught_up(&self) -> bool {
+        self.lag_entries == 0 && self.last_error.is_none()
+    }
+}
+
+/// A datanode's replication progress, or `None` when it does not answer within 2 s.
+pub async fn replica_progress(address: &str) -> Option<Vec<ReplicaProgress>> {
+    let url = format!("http://{address}/v1/admin/replicas");
+    let response = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await.ok()?;
+    response.error_for_status().ok()?.json::<Vec<ReplicaProgress>>().await.ok()
+}
+
+async fn replicas_of(snapshot: &Snapshot, node: &str) -> Option<Vec<ReplicaProgress>> {
+    replica_progress(&snapshot.live.get(node)?.address).await
 }
 
 /// Whether the replicas of `partition` on `nodes` have pulled everything from every peer.
 async fn caught_up(snapshot: &Snapshot, partition: u32, nodes: &[String]) -> bool {
     for node in nodes {
         let Some(list) = replicas_of(snapshot, node).await else { return false };
-        let mine: Vec<_> = list.iter().filter(|p| p["partition"] == partition).collect();
-        if mine.is_empty() || !mine.iter().all(|p| settled_entry(p)) {
+        let mine: Vec<_> = list.iter().filter(|p| p.partition == partition).collect();
+        if mine.is_empty() || !mine.iter().all(|p| p.caught_up()) {
             return false;
         }
     }
@@ -226,8 +283,8 @@ async fn replication_settled(snapshot: &Snapshot) -> bool {
     for node in snapshot.topology.nodes.keys() {
         let with_peers = snapshot.topology.partitions_of(node).filter(|p| p.replicas.len() > 1).count();
         let Some(list) = replicas_of(snapshot, node).await else { return false };
-        let partitions: std::collections::BTreeSet<u64> = list.iter().filter_map(|p| p["partition"].as_u64()).collect();
-        if partitions.len() < with_peers || !list.iter().all(settled_entry) {
+        let partitions: std::collections::BTreeSet<u32> = list.iter().map(|p| p.partition).collect();
+        if partitions.len() < with_peers || !list.iter().all(ReplicaProgress::caught_up) {
             return false;
         }
     }

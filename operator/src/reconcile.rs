@@ -12,6 +12,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::kubernetes::{self, FIELD_MANAGER};
 use crate::platform::{converge, delete_cluster};
+use crate::status::{next_status, notes, Observation};
 
 pub const FINALIZER: &str = "cairn.dev/cleanup";
 
@@ -113,124 +114,37 @@ pub fn error_policy(_sc: Arc<StoreCluster>, error: &Error, _ctx: Arc<Context>) -
 
 async fn apply(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> {
     let namespace = sc.namespace().unwrap_or_default();
+    let old = sc.status.clone().unwrap_or_default();
     if sc.spec.paused {
-        set_status(
-            sc,
-            ctx,
-            |s| {
-                s.phase = "Paused".into();
-            },
-            ("Progressing", false, "Paused", "reconciling is paused".into()),
-            None,
-        )
-        .await?;
+        write_status(sc, ctx, &old, next_status(&old, sc.metadata.generation, Observation::Paused)).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
     let platform = kubernetes::KubernetesPlatform { client: ctx.client.clone(), cluster: sc };
     let outcome = converge(&sc.name_any(), &namespace, &sc.spec, &platform).await;
     ctx.writes.fetch_add(u64::from(outcome.writes), std::sync::atomic::Ordering::Relaxed);
-    if let Some((reason, message)) = outcome.degraded {
-        return degraded(sc, ctx, reason, message).await;
+    if let Some((reason, message)) = &outcome.degraded {
+        tracing::warn!(cluster = %sc.name_any(), reason, %message, "degraded");
     }
-    if outcome.writes > 0 {
-        let note = format!("{} change(s) to the topology and datanodes", outcome.writes);
-        ctx.event(sc, false, "Reconciled", "Apply", note).await;
+    for note in notes(&old, &outcome) {
+        ctx.event(sc, note.warning, &note.reason, note.action, note.message).await;
     }
-    let (status, ready) = (outcome.status, outcome.ready);
-    let (condition, phase) = if ready {
-        (
-            (
-                "Ready",
-                true,
-                "Converged",
-                format!("{} datanodes, {} partitions", status.nodes_total, status.partitions.total),
-            ),
-            "Ready",
-        )
-    } else {
-        (
-            (
-                "Ready",
-                false,
-                "Progressing",
-                format!(
-                    "{}/{} datanodes live, {} partitions under-replicated",
-                    status.nodes_ready, status.nodes_total, status.partitions.under_replicated
-                ),
-            ),
-            "Creating",
-        )
+    write_status(sc, ctx, &old, next_status(&old, sc.metadata.generation, Observation::Pass(&outcome))).await?;
+    let requeue = match (&outcome.degraded, outcome.ready) {
+        (Some(_), _) => 30,
+        (None, true) => 60,
+        (None, false) => 5,
     };
-    set_status(
-        sc,
-        ctx,
-        |s| {
-            *s = StoreClusterStatus {
-                phase: phase.into(),
-                conditions: std::mem::take(&mut s.conditions),
-                ..status.clone()
-            };
-        },
-        condition,
-        None,
-    )
-    .await?;
-    Ok(Action::requeue(Duration::from_secs(if ready { 60 } else { 5 })))
+    Ok(Action::requeue(Duration::from_secs(requeue)))
 }
 
-async fn degraded(sc: &StoreCluster, ctx: &Context, reason: &str, message: String) -> Result<Action, kube::Error> {
-    tracing::warn!(cluster = %sc.name_any(), reason, %message, "degraded");
-    let was_degraded = sc.status.as_ref().is_some_and(|s| {
-        s.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == reason)
-    });
-    if !was_degraded {
-        ctx.event(sc, true, reason, "Reconcile", message.clone()).await;
-    }
-    set_status(
-        sc,
-        ctx,
-        |s| s.phase = "Degraded".into(),
-        ("Ready", false, reason, message.clone()),
-        Some((reason, message)),
-    )
-    .await?;
-    Ok(Action::requeue(Duration::from_secs(30)))
-}
-
-/// Writes the status only when it differs; conditions keep their transition time while their
-/// status is unchanged. Ready/Progressing/Degraded are always all present (kstatus readers).
-async fn set_status(
+/// Writes the status (server-side apply of the status subresource) only when it differs.
+async fn write_status(
     sc: &StoreCluster,
     ctx: &Context,
-    update: impl FnOnce(&mut StoreClusterStatus),
-    ready: (&str, bool, &str, String),
-    degraded: Option<(&str, String)>,
+    old: &StoreClusterStatus,
+    new: StoreClusterStatus,
 ) -> Result<(), kube::Error> {
-    let old = sc.status.clone().unwrap_or_default();
-    let mut new = old.clone();
-    update(&mut new);
-    new.observed_generation = sc.metadata.generation;
-    let previous = old.conditions.clone();
-    let generation = sc.metadata.generation;
-    let condition = |type_: &str, on: bool, reason: &str, message: String| {
-        cairn_resources::condition(&previous, type_, on, reason, message, generation)
-    };
-    let (ready_type, ready_on, ready_reason, ready_message) = ready;
-    let progressing = !ready_on && degraded.is_none();
-    new.conditions = vec![
-        condition(ready_type, ready_on, ready_reason, ready_message.clone()),
-        condition(
-            "Progressing",
-            progressing,
-            if progressing { "Reconciling" } else { "Idle" },
-            if progressing { ready_message } else { String::new() },
-        ),
-        match &degraded {
-            Some((reason, message)) => condition("Degraded", true, reason, message.clone()),
-            None => condition("Degraded", false, "Healthy", String::new()),
-        },
-    ];
-    if new == old {
+    if new == *old {
         return Ok(());
     }
     let api: Api<StoreCluster> = Api::namespaced(ctx.client.clone(), &sc.namespace().unwrap_or_default());

@@ -316,3 +316,125 @@ fn the_example_storecluster_passes_the_crd_rules() {
     cairn_resources::StoreClusterSpec::validate_cel(&spec, None).unwrap();
     assert_eq!(sc.spec.replication_factor, 3);
 }
+
+/// Runs `cairn ARGS` (with KUBECONFIG unset unless given) and returns (exit code, stdout, stderr).
+async fn cairn(args: &[&str], kubeconfig_env: Option<&std::path::Path>) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command.args(args).env_remove("KUBECONFIG").env("HOME", "/nonexistent");
+    if let Some(path) = kubeconfig_env {
+        command.env("KUBECONFIG", path);
+    }
+    let out = command.output().await.unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig() {
+    let etcd = EtcdServer::start();
+    let memory = MemoryApi::new();
+    let kube = memory.client();
+    let server = memory.serve_http().await;
+    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
+        machine(&kube, name, zone).await;
+    }
+    let ctx = Arc::new(Context::new(kube.clone()));
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    // A second namespace with a cluster that cannot converge (replication 5 on 3 machines).
+    let other: Api<StoreCluster> = Api::namespaced(kube.clone(), "other");
+    let mut bad = cluster_yaml(&etcd.endpoint(), 5);
+    bad["metadata"] = json!({"name": "bad", "namespace": "other"});
+    bad["spec"]["writeQuorum"] = json!(3);
+    other.patch("bad", &PatchParams::apply("user"), &Patch::Apply(bad)).await.unwrap();
+    for _ in 0..2 {
+        reconcile(Arc::new(other.get("bad").await.unwrap()), ctx.clone()).await.unwrap();
+    }
+
+    // Two contexts: the current one points at nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: down\n\
+             clusters:\n- name: mem\n  cluster: {{server: \"{server}\"}}\n- name: down\n  cluster: {{server: \"http://127.0.0.1:9\"}}\n\
+             users:\n- name: me\n  user: {{}}\n\
+             contexts:\n- name: mem\n  context: {{cluster: mem, user: me, namespace: store}}\n\
+             - name: down\n  context: {{cluster: down, user: me}}\n"
+        ),
+    )
+    .unwrap();
+    let file = kubeconfig.to_str().unwrap();
+
+    // The current context: the API server cannot be reached, said plainly.
+    let (code, _, err) = cairn(&["status", "--kubeconfig", file], None).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach the Kubernetes API at http://127.0.0.1:9"), "{err}");
+
+    // --context, with the context's namespace; the only StoreCluster there is chosen.
+    let (code, out, err) = cairn(&["status", "--kubeconfig", file, "--context", "mem"], None).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("StoreCluster store/c1 (kubernetes)  phase Creating  image cairn:1"), "{out}");
+    for node in ["n0", "n1", "n2"] {
+        assert!(out.contains(&format!("\n{node} ")), "machine row {node}: {out}");
+    }
+    assert!(out.contains("datanode n0 is not registered in etcd"), "{out}");
+    assert!(out.contains("Partitions: 6 (6 writable, 0 read-only, 6 under-replicated)"), "{out}");
+    assert!(out.contains("Reconciled"), "events: {out}");
+
+    // KUBECONFIG is honoured like kubectl does; -o json for scripts.
+    let (code, out, _) = cairn(&["status", "c1", "--context", "mem", "-o", "json"], Some(&kubeconfig)).await;
+    assert_eq!(code, 0);
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["source"], "kubernetes");
+    assert_eq!(view["machines"].as_array().unwrap().len(), 3);
+    assert_eq!(view["partitions"]["total"], 6);
+    let issues = view["partitionIssues"].as_array().unwrap();
+    assert_eq!(issues.len(), 6, "every partition short of live replicas");
+    assert_eq!(issues[0]["kind"], "underReplicated");
+    let (code, out, _) = cairn(&["status", "--context", "mem", "-o", "yaml"], Some(&kubeconfig)).await;
+    assert_eq!(code, 0);
+    let yaml: serde_json::Value = serde_yaml::from_str(&out).unwrap();
+    assert_eq!(yaml["name"], "c1");
+
+    // -n: the degraded cluster; the exit status says so.
+    let (code, out, _) = cairn(&["status", "--kubeconfig", file, "--context", "mem", "-n", "other"], None).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("phase Degraded"), "{out}");
+    assert!(out.contains("! Degraded (InvalidSpec): replicationFactor 5 needs 5 machines"), "{out}");
+    assert!(out.contains("Warning  InvalidSpec"), "the Warning event: {out}");
+
+    // Missing resources and unreachable etcd: clear errors, or warnings beside what is known.
+    let (code, _, err) = cairn(&["status", "nope", "--kubeconfig", file, "--context", "mem"], None).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no StoreCluster \"nope\" in namespace \"store\" (there: c1)"), "{err}");
+    let (code, _, err) = cairn(&["status", "--kubeconfig", file, "--context", "mem", "-n", "empty"], None).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no StoreCluster in namespace \"empty\""), "{err}");
+    let (code, out, _) =
+        cairn(&["status", "--kubeconfig", file, "--context", "mem", "--etcd", "http://127.0.0.1:9"], None).await;
+    assert_eq!(code, 0, "the operator's status is still shown");
+    assert!(out.contains("! etcd [\"http://127.0.0.1:9\"] unreachable"), "{out}");
+    let (code, _, err) =
+        cairn(&["topology", "--kubeconfig", file, "--context", "mem", "--etcd", "http://127.0.0.1:9"], None).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("unreachable"), "{err}");
+    let (code, _, err) = cairn(&["status", "--kubeconfig", "/nonexistent/config"], None).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("kubeconfig /nonexistent/config"), "{err}");
+
+    // disks: every StoreNode, each disk once; topology: what etcd holds.
+    let (code, out, _) = cairn(&["disks", "--kubeconfig", file, "--context", "mem"], None).await;
+    assert_eq!(code, 0);
+    for node in ["n0", "n1", "n2"] {
+        assert!(out.contains(&format!("Node {node}: 1 disk(s)")), "{out}");
+        assert!(out.contains(&format!("{node}-disk")), "{out}");
+    }
+    let (code, out, _) = cairn(&["topology", "--kubeconfig", file, "--context", "mem"], None).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("cluster c1 (revision "), "{out}");
+    assert!(out.contains("replication 3 quorum 2, 6 partitions"), "{out}");
+}

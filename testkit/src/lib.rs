@@ -79,6 +79,26 @@ impl MemoryApi {
         kube::Client::new(service, "default")
     }
 
+    /// Serves this API over HTTP on 127.0.0.1 (for a process that reads a kubeconfig, such as
+    /// `cairn status`); returns `http://127.0.0.1:PORT`. Runs on the current tokio runtime.
+    pub async fn serve_http(&self) -> String {
+        let api = self.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let api = api.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                match axum::body::to_bytes(body, usize::MAX).await {
+                    Ok(body) => api.handle(parts.method, parts.uri, &parts.headers, &body),
+                    Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
     /// Writes (creates, patches, deletes) of an object's main resource, by plural and name.
     pub fn writes(&self, plural: &str, namespace: &str, name: &str) -> u64 {
         self.count(|s| &s.writes, plural, namespace, name)

@@ -1,17 +1,59 @@
-//! `cairn`: the command-line tool. `cairn topology apply|show` manage a cluster's topology in
-//! etcd directly (useful without Kubernetes).
+//! `cairn`: the command-line tool, also installed as the kubectl plugin `kubectl-cairn`.
+//! `status`, `disks` and `topology` read a cluster (on Kubernetes, or `--local`); `local up`
+//! runs one on this machine; `topology apply` and `volumes purge` act without Kubernetes.
+//!
+//! Exit status: 0, 1 on an error, 2 when the cluster is Degraded (`status`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use cairn_cluster::etcd::ClusterStore;
 use cairn_cluster::topology::TopologyFile;
-use clap::{Parser, Subcommand, ValueEnum};
+use cairn_operator::inspect::{self, render, Selection, Source};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "cairn", version, about = "Cairn distributed blob store")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which cluster, and how to reach it.
+#[derive(clap::Args)]
+struct Select {
+    /// Kubernetes namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// kubeconfig context.
+    #[arg(long)]
+    context: Option<String>,
+    /// kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// A `cairn local up` cluster instead of Kubernetes (its directory, default .cairn-local).
+    #[arg(long, num_args = 0..=1, default_missing_value = ".cairn-local", value_name = "DIR")]
+    local: Option<PathBuf>,
+    /// etcd endpoints instead of the StoreCluster's, e.g. through `kubectl port-forward`.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    #[command(flatten)]
+    tls: cairn_cluster::etcd::EtcdTlsArgs,
+}
+
+impl Select {
+    fn selection(&self, name: Option<String>) -> anyhow::Result<Selection> {
+        Ok(Selection {
+            name,
+            namespace: self.namespace.clone(),
+            context: self.context.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            local: self.local.clone(),
+            etcd: self.etcd.clone(),
+            etcd_tls: self.tls.load()?,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -36,10 +78,41 @@ impl Target {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The topology in etcd.
+    /// A cluster on one screen: phase, conditions, capacity, machines, replication, warnings,
+    /// events. Exits 2 when the cluster is Degraded.
+    Status {
+        /// The StoreCluster (default: the only one in the namespace).
+        name: Option<String>,
+        #[command(flatten)]
+        select: Select,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Follow a long operation (drain, upgrade, scale-out): a line whenever its progress
+        /// changes, until the cluster is Ready.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// With --watch: give up (exit 1) after this many seconds.
+        #[arg(long, requires = "watch")]
+        timeout: Option<u64>,
+    },
+    /// Disk inventories: each disk once with its aliases, excluded mounts with the reason.
+    Disks {
+        #[command(flatten)]
+        select: Select,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// The topology in etcd, as the datanodes see it; `topology apply` writes one.
+    #[command(args_conflicts_with_subcommands = true)]
     Topology {
         #[command(subcommand)]
-        command: TopologyCommand,
+        command: Option<TopologyCommand>,
+        /// The StoreCluster (default: the only one in the namespace).
+        name: Option<String>,
+        #[command(flatten)]
+        select: Select,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// A whole cluster on this machine, without Kubernetes.
     Local {
@@ -97,13 +170,6 @@ enum TopologyCommand {
         #[arg(short = 'f', long)]
         file: PathBuf,
     },
-    /// Print what etcd holds.
-    Show {
-        #[command(flatten)]
-        target: Target,
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -113,19 +179,90 @@ enum Output {
     Yaml,
 }
 
-fn main() -> std::process::ExitCode {
-    match tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run(Cli::parse()))) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+fn main() -> ExitCode {
+    // Run as `kubectl cairn …`, help and errors say so.
+    let invoked_as = std::env::args_os().next().map(PathBuf::from);
+    let plugin = invoked_as.as_ref().and_then(|p| p.file_name()).is_some_and(|n| n == "kubectl-cairn");
+    let command = if plugin { Cli::command().bin_name("kubectl cairn") } else { Cli::command() };
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run(cli))) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("cairn: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Prints a result; a closed stdout (`| head`) is not an error.
+fn print(output: Output, value: &impl serde::Serialize, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+    let text = match output {
+        Output::Json => serde_json::to_string_pretty(value)? + "\n",
+        Output::Yaml => serde_yaml::to_string(value)?,
+        Output::Table => table(),
+    };
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+    Ok(())
+}
+
+/// `cairn status --watch`: a line whenever the progress changes, until Ready.
+async fn watch(selection: &Selection, timeout: Option<u64>) -> anyhow::Result<ExitCode> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs(t));
+    let mut last = String::new();
+    loop {
+        let source = Source::open(selection).await?;
+        let sc = source.cluster(selection.name.as_deref()).await?;
+        let view = inspect::status(&source, &sc, selection).await;
+        let line = render::progress_line(&view);
+        if line != last {
+            let now = k8s_openapi::jiff::Timestamp::now().strftime("%H:%M:%S");
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), format!("{now} {line}\n").as_bytes());
+            last = line;
+        }
+        let current = view.observed_generation.is_some() && view.observed_generation >= view.generation;
+        if view.ready() && current {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            anyhow::bail!("{}/{} not Ready after {} s", view.namespace, view.name, timeout.unwrap_or_default());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::FAILURE),
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Topology { command: TopologyCommand::Apply { target, file } } => {
+        Command::Status { name, select, watch: true, timeout, .. } => watch(&select.selection(name)?, timeout).await,
+        Command::Status { name, select, output, watch: false, .. } => {
+            let selection = select.selection(name)?;
+            let source = Source::open(&selection).await?;
+            let sc = source.cluster(selection.name.as_deref()).await?;
+            let view = inspect::status(&source, &sc, &selection).await;
+            print(output, &view, || render::status(&view, k8s_openapi::jiff::Timestamp::now()))?;
+            Ok(if view.degraded() { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        }
+        Command::Disks { select, output } => {
+            let source = Source::open(&select.selection(None)?).await?;
+            let nodes = source.disks().await?;
+            print(output, &nodes, || render::disks(&nodes))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topology { command: None, name, select, output } => {
+            let selection = select.selection(name)?;
+            let source = Source::open(&selection).await?;
+            let sc = source.cluster(selection.name.as_deref()).await?;
+            let snapshot = inspect::snapshot(&source, &sc, &selection).await?;
+            let value = serde_json::json!({"topology": snapshot.topology, "live": snapshot.live, "revision": snapshot.revision});
+            print(output, &value, || render::topology(&kube::ResourceExt::name_any(&sc), &snapshot))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topology { command: Some(TopologyCommand::Apply { target, file }), .. } => {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let (config, nodes) = TopologyFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let store = target.store().await?;
@@ -137,7 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 topology.partitions.len(),
                 config.replication_factor
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Local { command: LocalCommand::Up { file, dir, machines, disk_size, port, etcd_port } } => {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -150,7 +287,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let dir = std::path::absolute(&dir)?;
             let options = cairn_operator::local_up::LocalOptions { dir, machines, disk_size, port, etcd_port };
-            cairn_operator::local_up::up(cluster, options).await
+            cairn_operator::local_up::up(cluster, options).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Volumes { command: VolumesCommand::Purge { disk_agent, cluster } } => {
             let agent = cairn_common::agent_client::AgentClient::new(&disk_agent);
@@ -163,46 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             println!("{deleted} volume(s) deleted");
-            Ok(())
-        }
-        Command::Topology { command: TopologyCommand::Show { target, output } } => {
-            let store = target.store().await?;
-            let snapshot = store.load().await?;
-            let value = serde_json::json!({"topology": snapshot.topology, "live": snapshot.live, "revision": snapshot.revision});
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
-                Output::Yaml => print!("{}", serde_yaml::to_string(&value)?),
-                Output::Table => {
-                    let t = &snapshot.topology;
-                    match &t.config {
-                        Some(c) => println!(
-                            "cluster {} (revision {}): rf {} quorum {} partitions {} volume {} B segment {} B",
-                            target.cluster,
-                            snapshot.revision,
-                            c.replication_factor,
-                            c.write_quorum,
-                            c.partitions,
-                            c.volume_size_bytes,
-                            c.segment_size_bytes
-                        ),
-                        None => println!("cluster {}: no topology in etcd", target.cluster),
-                    }
-                    println!("{:<16} {:<8} {:<24} {:<6} disks", "node", "zone", "address", "live");
-                    for n in t.nodes.values() {
-                        let disks: Vec<String> =
-                            n.disks.iter().map(|d| format!("{}={}", d.id, d.capacity_bytes)).collect();
-                        let live = if snapshot.live.contains_key(&n.id) { "yes" } else { "no" };
-                        println!("{:<16} {:<8} {:<24} {:<6} {}", n.id, n.zone, n.address, live, disks.join(","));
-                    }
-                    println!("{:<10} {:<10} replicas", "partition", "state");
-                    for p in t.partitions.values() {
-                        let replicas: Vec<String> =
-                            p.replicas.iter().map(|r| format!("{}/{}", r.node, r.disk)).collect();
-                        println!("{:<10} {:<10} {}", p.id, format!("{:?}", p.state).to_lowercase(), replicas.join(" "));
-                    }
-                }
-            }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

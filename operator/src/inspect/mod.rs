@@ -1,0 +1,482 @@
+//! Reading a cluster for `cairn status`, `cairn disks` and `cairn topology` (also run as
+//! `kubectl cairn …`): the StoreCluster and machines from Kubernetes or from a `cairn local up`
+//! directory ([`Source`]), the topology and live registrations from etcd, replication progress
+//! from the datanodes. Nothing here writes anything.
+
+pub mod render;
+pub mod view;
+
+use std::path::{Path, PathBuf};
+
+use cairn_cluster::etcd::{EtcdTls, Snapshot};
+use cairn_resources::{StoreCluster, StoreNode};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::ResourceExt;
+
+use crate::desired::Machine;
+use crate::kubernetes::KubernetesPlatform;
+use crate::local::LocalPlatform;
+use crate::local_up::LocalState;
+use crate::platform::{replica_progress, store_for, Platform};
+use view::{ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
+
+/// Events shown by `cairn status`.
+const EVENTS_SHOWN: usize = 5;
+
+/// Which cluster, and how to reach it (the command-line flags).
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// The StoreCluster; optional when the namespace holds exactly one.
+    pub name: Option<String>,
+    /// Kubernetes namespace (default: the context's, else `default`).
+    pub namespace: Option<String>,
+    pub context: Option<String>,
+    /// Kubeconfig file (default: `KUBECONFIG`, then `~/.kube/config`, then in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// A `cairn local up` directory instead of Kubernetes.
+    pub local: Option<PathBuf>,
+    /// etcd endpoints to use instead of the spec's (e.g. through `kubectl port-forward`).
+    pub etcd: Vec<String>,
+    /// TLS for those endpoints (default: the spec's `etcd.tlsSecret`).
+    pub etcd_tls: Option<EtcdTls>,
+}
+
+/// Where StoreClusters and machines are read from.
+pub enum Source {
+    Kubernetes { client: kube::Client, namespace: String, server: String },
+    Local { dir: PathBuf, state: Box<LocalState> },
+}
+
+type Result<T> = anyhow::Result<T>;
+
+impl Source {
+    pub async fn open(selection: &Selection) -> Result<Self> {
+        if let Some(dir) = &selection.local {
+            let state = LocalState::load(dir)?;
+            return Ok(Source::Local { dir: dir.clone(), state: Box::new(state) });
+        }
+        let options = KubeConfigOptions { context: selection.context.clone(), ..Default::default() };
+        let config = match (&selection.kubeconfig, &selection.context) {
+            (Some(path), _) => {
+                let file =
+                    Kubeconfig::read_from(path).map_err(|e| anyhow::anyhow!("kubeconfig {}: {e}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(file, &options).await.map_err(|e| anyhow::anyhow!("{e}"))?
+            }
+            (None, Some(_)) => kube::Config::from_kubeconfig(&options).await.map_err(|e| anyhow::anyhow!("{e}"))?,
+            (None, None) => kube::Config::infer().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "no Kubernetes configuration ({e}); set KUBECONFIG or --kubeconfig, \
+                     or use --local for a `cairn local up` cluster"
+                )
+            })?,
+        };
+        let namespace = selection.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+        let server = config.cluster_url.to_string();
+        let client = kube::Client::try_from(config).map_err(|e| anyhow::anyhow!("Kubernetes client: {e}"))?;
+        Ok(Source::Kubernetes { client, namespace, server })
+    }
+
+    /// The StoreCluster `name`, or the only one there is.
+    pub async fn cluster(&self, name: Option<&str>) -> Result<StoreCluster> {
+        match self {
+            Source::Local { dir, state } => match name {
+                Some(n) if Some(n) != state.cluster.metadata.name.as_deref() => {
+                    anyhow::bail!("the local cluster in {} is {:?}, not {n:?}", dir.display(), state.cluster.name_any())
+                }
+                _ => Ok(state.cluster.clone()),
+            },
+            Source::Kubernetes { client, namespace, server } => {
+                let api: Api<StoreCluster> = Api::namespaced(client.clone(), namespace);
+                if let Some(name) = name {
+                    if let Some(found) = api.get_opt(name).await.map_err(|e| kube_error(server, e))? {
+                        return Ok(found);
+                    }
+                }
+                let list = api.list(&ListParams::default()).await.map_err(|e| kube_error(server, e))?;
+                let names: Vec<String> = list.items.iter().map(|c| c.name_any()).collect();
+                match (name, list.items.len()) {
+                    (Some(name), _) => anyhow::bail!(
+                        "no StoreCluster {name:?} in namespace {namespace:?} (there: {})",
+                        listing(&names)
+                    ),
+                    (None, 1) => Ok(list.items.into_iter().next().expect("one")),
+                    (None, 0) => anyhow::bail!("no StoreCluster in namespace {namespace:?} (-n selects another)"),
+                    (None, _) => anyhow::bail!(
+                        "namespace {namespace:?} has several StoreClusters ({}); name one",
+                        names.join(", ")
+                    ),
+                }
+            }
+        }
+    }
+
+    pub async fn machines(&self, sc: &StoreCluster) -> std::result::Result<Vec<Machine>, String> {
+        match self {
+            Source::Kubernetes { client, .. } => {
+                KubernetesPlatform { client: client.clone(), cluster: sc }.machines().await
+            }
+            Source::Local { state, .. } => local_platform(state).machines().await,
+        }
+    }
+
+    async fn etcd_tls(&self, sc: &StoreCluster) -> std::result::Result<Option<EtcdTls>, String> {
+        match self {
+            Source::Kubernetes { client, .. } => {
+                KubernetesPlatform { client: client.clone(), cluster: sc }.etcd_tls().await
+            }
+            Source::Local { .. } => Ok(None),
+        }
+    }
+
+    /// The cluster's recent events, oldest first.
+    async fn events(&self, sc: &StoreCluster) -> std::result::Result<Vec<EventView>, String> {
+        let mut events: Vec<EventView> = match self {
+            Source::Local { state, .. } => state
+                .events
+                .iter()
+                .map(|e| EventView {
+                    time: e.time.clone(),
+                    warning: e.warning,
+                    reason: e.reason.clone(),
+                    message: e.message.clone(),
+                    count: 1,
+                })
+                .collect(),
+            Source::Kubernetes { client, namespace, .. } => {
+                let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+                let list = api.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+                list.items
+                    .into_iter()
+                    .filter(|e| {
+                        e.regarding.as_ref().is_some_and(|r| {
+                            r.kind.as_deref() == Some("StoreCluster")
+                                && r.name.as_deref() == sc.metadata.name.as_deref()
+                        })
+                    })
+                    .map(|e| {
+                        let series = e.series.as_ref();
+                        let time = series
+                            .map(|s| s.last_observed_time.0.to_string())
+                            .or_else(|| e.event_time.as_ref().map(|t| t.0.to_string()))
+                            .or_else(|| e.deprecated_last_timestamp.as_ref().map(|t| t.0.to_string()))
+                            .or_else(|| e.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()))
+                            .unwrap_or_default();
+                        EventView {
+                            time,
+                            warning: e.type_.as_deref() == Some("Warning"),
+                            reason: e.reason.unwrap_or_default(),
+                            message: e.note.unwrap_or_default(),
+                            count: series.map(|s| s.count.max(1) as u32).unwrap_or(1),
+                        }
+                    })
+                    .collect()
+            }
+        };
+        events.sort_by(|a, b| a.time.cmp(&b.time));
+        let excess = events.len().saturating_sub(EVENTS_SHOWN);
+        events.drain(..excess);
+        Ok(events)
+    }
+
+    /// Every disk agent's inventory: StoreNodes on Kubernetes, the disk agent locally.
+    pub async fn disks(&self) -> Result<Vec<NodeDisks>> {
+        match self {
+            Source::Local { state, .. } => {
+                let socket = state.machines.first().map(|m| m.agent_socket.clone()).unwrap_or_default();
+                let report = cairn_common::agent_client::AgentClient::new(&socket)
+                    .report()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("disk agent at {}: {e}", socket.display()))?;
+                Ok(vec![NodeDisks {
+                    node: "local".into(),
+                    ready: None,
+                    disks: report.disks,
+                    excluded: report.excluded,
+                    missing: report.missing,
+                }])
+            }
+            Source::Kubernetes { client, server, .. } => {
+                let api: Api<StoreNode> = Api::all(client.clone());
+                let list = api.list(&ListParams::default()).await.map_err(|e| kube_error(server, e))?;
+                Ok(list
+                    .items
+                    .into_iter()
+                    .map(|n| {
+                        let status = n.status.clone().unwrap_or_default();
+                        let ready = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.status == "True");
+                        NodeDisks {
+                            node: n.name_any(),
+                            ready,
+                            disks: status.disks,
+                            excluded: status.excluded,
+                            missing: Vec::new(),
+                        }
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Source::Kubernetes { .. } => "kubernetes",
+            Source::Local { .. } => "local",
+        }
+    }
+}
+
+fn local_platform(state: &LocalState) -> LocalPlatform {
+    let sc = &state.cluster;
+    LocalPlatform::new(
+        &sc.name_any(),
+        &sc.namespace().unwrap_or_default(),
+        sc.spec.etcd.endpoints.clone(),
+        PathBuf::new(),
+        state.machines.clone(),
+    )
+}
+
+fn listing(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// A Kubernetes API error, said plainly: unreachable server, missing CRD, refused access.
+fn kube_error(server: &str, error: kube::Error) -> anyhow::Error {
+    match &error {
+        kube::Error::Api(status) if status.code == 404 => anyhow::anyhow!(
+            "the Kubernetes API at {server} has no StoreCluster/StoreNode resources: \
+             is Cairn installed? (helm install cairn charts/cairn)"
+        ),
+        kube::Error::Api(status) if status.code == 401 || status.code == 403 => {
+            anyhow::anyhow!("the Kubernetes API at {server} refused access: {}", status.message)
+        }
+        kube::Error::Api(status) => anyhow::anyhow!("the Kubernetes API at {server}: {}", status.message),
+        _ => anyhow::anyhow!("cannot reach the Kubernetes API at {server}: {error}"),
+    }
+}
+
+/// What etcd holds for the cluster, through the selection's endpoints or the spec's.
+pub async fn snapshot(source: &Source, sc: &StoreCluster, selection: &Selection) -> Result<Snapshot> {
+    let (endpoints, tls) = if selection.etcd.is_empty() {
+        (sc.spec.etcd.endpoints.clone(), source.etcd_tls(sc).await.map_err(anyhow::Error::msg)?)
+    } else {
+        (selection.etcd.clone(), selection.etcd_tls.clone())
+    };
+    let namespace = sc.namespace().unwrap_or_default();
+    let hint = match source {
+        Source::Kubernetes { .. } if selection.etcd.is_empty() => {
+            " (from outside the cluster, forward a port to etcd and pass --etcd http://127.0.0.1:PORT)"
+        }
+        _ => "",
+    };
+    let store = store_for(&endpoints, &namespace, &sc.name_any(), tls.as_ref())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}{hint}"))?;
+    store.load().await.map_err(|e| anyhow::anyhow!("etcd {endpoints:?} unreachable: {e}{hint}"))
+}
+
+/// Everything `cairn status` shows. What cannot be read (etcd, a datanode, the machines) becomes
+/// a warning; the status the operator wrote is always there.
+pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -> ClusterView {
+    let status = sc.status.clone().unwrap_or_default();
+    let mut warnings = Vec::new();
+    let machines = source.machines(sc).await.unwrap_or_else(|e| {
+        warnings.push(format!("machines unknown: {e}"));
+        Vec::new()
+    });
+    let snapshot = match snapshot(source, sc, selection).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warnings.push(format!("{e:#}; live state unknown"));
+            None
+        }
+    };
+    let rf = sc.spec.replication_factor;
+    let mut issues = Vec::new();
+    if let Some(snapshot) = &snapshot {
+        for p in snapshot.topology.partitions.values() {
+            let not_live: Vec<String> =
+                p.replicas.iter().filter(|r| !snapshot.live.contains_key(&r.node)).map(|r| r.node.clone()).collect();
+            let live = (p.replicas.len() - not_live.len()) as u32;
+            if live < rf {
+                let state = p.state.as_str().to_string();
+                issues.push(PartitionIssue::UnderReplicated { partition: p.id, state, live, wanted: rf, not_live });
+            }
+            if p.replicas.len() > rf as usize {
+                let replicas = p.replicas.iter().map(|r| r.node.clone()).collect();
+                issues.push(PartitionIssue::Moving { partition: p.id, replicas });
+            }
+        }
+        for (node, live) in &snapshot.live {
+            match replica_progress(&live.address).await {
+                Some(progress) => {
+                    for r in progress.into_iter().filter(|r| !r.caught_up()) {
+                        issues.push(PartitionIssue::Lagging {
+                            partition: r.partition,
+                            node: node.clone(),
+                            peer: r.peer,
+                            lag_entries: r.lag_entries,
+                            lag_seconds: r.lag_seconds,
+                            error: r.last_error,
+                        });
+                    }
+                }
+                None => warnings.push(format!(
+                    "datanode {node} at {} did not answer; its replication lag is unknown",
+                    live.address
+                )),
+            }
+        }
+    }
+    issues.sort_by_key(|i| match i {
+        PartitionIssue::UnderReplicated { partition, .. } => (0, *partition),
+        PartitionIssue::Lagging { partition, .. } => (1, *partition),
+        PartitionIssue::Moving { partition, .. } => (2, *partition),
+    });
+
+    let machine_views = machine_rows(&machines, snapshot.as_ref());
+    for m in &machine_views {
+        if m.datanode == "not-registered" {
+            warnings.push(format!("datanode {} is not registered in etcd (not running, or cannot reach etcd)", m.name));
+        }
+        if m.datanode == "gone" {
+            warnings.push(format!("machine {} is in the topology but no longer exists", m.name));
+        }
+    }
+    for m in &machines {
+        for d in &m.disks {
+            if let Some(conflict) = &d.conflict {
+                warnings.push(format!("disk {} on {}: {conflict}", d.id, m.name));
+            }
+        }
+    }
+    if let (Some(g), observed) = (sc.metadata.generation, status.observed_generation) {
+        if observed.is_some_and(|o| o < g) {
+            warnings.push(format!(
+                "the operator has not acted on the latest spec yet (generation {g}, observed {})",
+                observed.unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(c) = status.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True") {
+        warnings.insert(0, format!("Degraded ({}): {}", c.reason, c.message));
+    }
+    if sc.spec.paused {
+        warnings.push("reconciling is paused (spec.paused)".into());
+    }
+    if status.conditions.is_empty() {
+        warnings.push("no status yet: is the operator running?".into());
+    }
+    let events = source.events(sc).await.unwrap_or_else(|e| {
+        warnings.push(format!("events unavailable: {e}"));
+        Vec::new()
+    });
+    let partitions = match &snapshot {
+        Some(s) => counts(s, rf),
+        None => status.partitions.clone(),
+    };
+    ClusterView {
+        name: sc.name_any(),
+        namespace: sc.namespace().unwrap_or_default(),
+        source: source.kind().into(),
+        phase: if status.phase.is_empty() { "Unknown".into() } else { status.phase.clone() },
+        image: sc.spec.image.clone(),
+        created: sc.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        generation: sc.metadata.generation,
+        observed_generation: status.observed_generation,
+        conditions: status
+            .conditions
+            .iter()
+            .map(|c| ConditionView {
+                type_: c.type_.clone(),
+                status: c.status.clone(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                since: c.last_transition_time.0.to_string(),
+            })
+            .collect(),
+        capacity: status.capacity.clone(),
+        partitions,
+        topology_revision: snapshot.as_ref().map(|s| s.revision).unwrap_or(status.topology_revision),
+        machines: machine_views,
+        partition_issues: issues,
+        warnings,
+        events,
+    }
+}
+
+fn counts(snapshot: &Snapshot, rf: u32) -> cairn_resources::store_cluster::PartitionCounts {
+    let mut c = cairn_resources::store_cluster::PartitionCounts {
+        total: snapshot.topology.partitions.len() as u32,
+        ..Default::default()
+    };
+    for p in snapshot.topology.partitions.values() {
+        match p.state {
+            cairn_cluster::PartitionState::Writable => c.writable += 1,
+            _ => c.read_only += 1,
+        }
+        if (p.replicas.iter().filter(|r| snapshot.live.contains_key(&r.node)).count() as u32) < rf {
+            c.under_replicated += 1;
+        }
+    }
+    c
+}
+
+/// One row per machine, and one per topology node that no machine matches.
+fn machine_rows(machines: &[Machine], snapshot: Option<&Snapshot>) -> Vec<MachineView> {
+    let mut rows: Vec<MachineView> = machines
+        .iter()
+        .map(|m| {
+            let usable: Vec<_> = m.disks.iter().filter(|d| d.usable).collect();
+            let in_topology = snapshot.map(|s| s.topology.nodes.contains_key(&m.name));
+            let datanode = match (snapshot, in_topology) {
+                (None, _) => "unknown",
+                (Some(s), Some(true)) if !m.selected && s.topology.partitions_of(&m.name).next().is_some() => {
+                    "draining"
+                }
+                (Some(s), Some(true)) if s.live.contains_key(&m.name) => "ready",
+                (Some(_), Some(true)) => "not-registered",
+                _ => "idle",
+            };
+            MachineView {
+                name: m.name.clone(),
+                zone: m.zone.clone(),
+                datanode: datanode.into(),
+                address: snapshot.and_then(|s| s.live.get(&m.name)).map(|l| l.address.clone()).unwrap_or_default(),
+                disks: usable.len() as u32,
+                used_bytes: usable
+                    .iter()
+                    .map(|d| d.total_bytes.saturating_sub(d.available_bytes + d.fs_reserved_bytes))
+                    .sum(),
+                reserved_bytes: usable.iter().map(|d| d.allocated_bytes).sum(),
+                allocatable_bytes: usable.iter().map(|d| d.allocatable_bytes).sum(),
+                total_bytes: usable.iter().map(|d| d.total_bytes).sum(),
+                replicas: snapshot.map(|s| s.topology.partitions_of(&m.name).count() as u32).unwrap_or_default(),
+            }
+        })
+        .collect();
+    if let Some(s) = snapshot {
+        for node in s.topology.nodes.values().filter(|n| !machines.iter().any(|m| m.name == n.id)) {
+            rows.push(MachineView {
+                name: node.id.clone(),
+                zone: node.zone.clone(),
+                datanode: if s.live.contains_key(&node.id) { "ready".into() } else { "gone".into() },
+                address: node.address.clone(),
+                replicas: s.topology.partitions_of(&node.id).count() as u32,
+                ..MachineView::default()
+            });
+        }
+    }
+    rows
+}
+
+/// `cairn local up`'s default directory, for `--local` without a value.
+pub fn default_local_dir() -> &'static Path {
+    Path::new(".cairn-local")
+}

@@ -1,0 +1,330 @@
+//! Text output of `cairn status`, `cairn disks` and `cairn topology`: compact enough for one
+//! screen. Pure functions of the views and the current time (golden-file tests in
+//! operator/tests/golden/).
+
+use std::fmt::Write;
+
+use cairn_cluster::etcd::Snapshot;
+use k8s_openapi::jiff::Timestamp;
+
+use super::view::{ClusterView, NodeDisks, PartitionIssue};
+
+/// Partition issues listed before "… and N more".
+const ISSUES_SHOWN: usize = 10;
+
+pub fn bytes(b: u64) -> String {
+    bytesize::ByteSize(b).display().iec().to_string()
+}
+
+/// `45s`, `12m`, `3h4m`, `2d5h`, like kubectl's AGE.
+pub fn age(since: &str, now: Timestamp) -> String {
+    let Ok(t) = since.parse::<Timestamp>() else { return "?".into() };
+    let s = now.as_second().saturating_sub(t.as_second()).max(0);
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => match (s / 3600, s % 3600 / 60) {
+            (h, 0) => format!("{h}h"),
+            (h, m) => format!("{h}h{m}m"),
+        },
+        s => match (s / 86400, s % 86400 / 3600) {
+            (d, 0) => format!("{d}d"),
+            (d, h) => format!("{d}d{h}h"),
+        },
+    }
+}
+
+/// Columns padded to their widest cell; the last column is not padded.
+fn table(out: &mut String, rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line += cell;
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+fn issue_line(issue: &PartitionIssue) -> Vec<String> {
+    match issue {
+        PartitionIssue::UnderReplicated { partition, state, live, wanted, not_live } => vec![
+            format!("p{partition}"),
+            "under-replicated".into(),
+            format!("{live}/{wanted} live ({state}); not live: {}", not_live.join(", ")),
+        ],
+        PartitionIssue::Lagging { partition, node, peer, lag_entries, lag_seconds, error } => vec![
+            format!("p{partition}"),
+            "lagging".into(),
+            match error {
+                Some(e) => format!("{node} cannot pull from {peer}: {e}"),
+                None => format!("{node} behind {peer} by {lag_entries} entries ({lag_seconds:.1} s)"),
+            },
+        ],
+        PartitionIssue::Moving { partition, replicas } => {
+            vec![format!("p{partition}"), "moving".into(), format!("replicas on {}", replicas.join(", "))]
+        }
+    }
+}
+
+/// `cairn status`.
+pub fn status(v: &ClusterView, now: Timestamp) -> String {
+    let mut out = String::new();
+    let created = v.created.as_deref().map(|c| age(c, now)).unwrap_or_else(|| "?".into());
+    let _ = writeln!(
+        out,
+        "StoreCluster {}/{} ({})  phase {}  image {}  age {created}",
+        v.namespace, v.name, v.source, v.phase, v.image
+    );
+    let mut rows: Vec<Vec<String>> = v
+        .conditions
+        .iter()
+        .map(|c| {
+            let message = if c.message.is_empty() { "-".to_string() } else { c.message.clone() };
+            vec![format!("  {}", c.type_), c.status.clone(), c.reason.clone(), age(&c.since, now), message]
+        })
+        .collect();
+    if rows.is_empty() {
+        rows.push(vec!["  (no conditions)".into()]);
+    }
+    table(&mut out, &rows);
+    let c = &v.capacity;
+    let _ = writeln!(
+        out,
+        "Capacity: {} used, {} reserved by volumes, {} allocatable, of {}",
+        bytes(c.used_bytes),
+        bytes(c.allocated_bytes),
+        bytes(c.allocatable_bytes),
+        bytes(c.total_bytes)
+    );
+    let p = &v.partitions;
+    let _ = writeln!(
+        out,
+        "Partitions: {} ({} writable, {} read-only, {} under-replicated); topology revision {}",
+        p.total, p.writable, p.read_only, p.under_replicated, v.topology_revision
+    );
+
+    out.push('\n');
+    let mut rows = vec![["MACHINE", "ZONE", "DATANODE", "DISKS", "USED", "RESERVED", "ALLOCATABLE", "REPLICAS"]
+        .map(String::from)
+        .to_vec()];
+    for m in &v.machines {
+        rows.push(vec![
+            m.name.clone(),
+            m.zone.clone(),
+            m.datanode.clone(),
+            m.disks.to_string(),
+            bytes(m.used_bytes),
+            bytes(m.reserved_bytes),
+            bytes(m.allocatable_bytes),
+            m.replicas.to_string(),
+        ]);
+    }
+    if v.machines.is_empty() {
+        rows.push(vec!["(none)".into()]);
+    }
+    table(&mut out, &rows);
+
+    out.push('\n');
+    if v.partition_issues.is_empty() {
+        out.push_str("Replication: every replica live and caught up\n");
+    } else {
+        out.push_str("Replication:\n");
+        let rows: Vec<Vec<String>> = v
+            .partition_issues
+            .iter()
+            .take(ISSUES_SHOWN)
+            .map(|i| {
+                let mut row = issue_line(i);
+                row[0] = format!("  {}", row[0]);
+                row
+            })
+            .collect();
+        table(&mut out, &rows);
+        if v.partition_issues.len() > ISSUES_SHOWN {
+            let _ = writeln!(out, "  … and {} more (-o yaml lists all)", v.partition_issues.len() - ISSUES_SHOWN);
+        }
+    }
+    if !v.warnings.is_empty() {
+        out.push_str("\nWarnings:\n");
+        for w in &v.warnings {
+            let _ = writeln!(out, "  ! {w}");
+        }
+    }
+    if !v.events.is_empty() {
+        out.push_str("\nEvents:\n");
+        let rows: Vec<Vec<String>> = v
+            .events
+            .iter()
+            .map(|e| {
+                let count = if e.count > 1 { format!(" (×{})", e.count) } else { String::new() };
+                vec![
+                    format!("  {}", age(&e.time, now)),
+                    if e.warning { "Warning" } else { "Normal" }.into(),
+                    e.reason.clone(),
+                    format!("{}{count}", e.message),
+                ]
+            })
+            .collect();
+        table(&mut out, &rows);
+    }
+    out
+}
+
+/// One line for `cairn status --watch`: the phase and what is under way.
+pub fn progress_line(v: &ClusterView) -> String {
+    let ready = v.conditions.iter().find(|c| c.type_ == "Ready");
+    let message = ready.map(|c| c.message.as_str()).filter(|m| !m.is_empty()).unwrap_or("-");
+    let live = v.machines.iter().filter(|m| m.datanode == "ready").count();
+    let lagging = v.partition_issues.iter().filter(|i| matches!(i, PartitionIssue::Lagging { .. })).count();
+    format!(
+        "{}: {message} [{live}/{} datanodes registered, {} under-replicated, {lagging} lagging replica(s)]",
+        v.phase,
+        v.machines.len(),
+        v.partitions.under_replicated
+    )
+}
+
+/// `cairn disks`: each disk once, its other mounts as aliases; excluded mounts with the reason.
+pub fn disks(nodes: &[NodeDisks]) -> String {
+    let mut out = String::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let ready = match n.ready {
+            Some(true) => " (Ready)",
+            Some(false) => " (not Ready)",
+            None => "",
+        };
+        let _ =
+            writeln!(out, "Node {}{ready}: {} disk(s), {} excluded mount(s)", n.node, n.disks.len(), n.excluded.len());
+        let mut rows =
+            vec![["  DISK", "FS", "MOUNT", "TOTAL", "AVAILABLE", "RESERVED", "ALLOCATABLE", "VOLUMES", "ALIASES"]
+                .map(String::from)
+                .to_vec()];
+        for d in &n.disks {
+            let mut aliases: Vec<String> = d.aliases.iter().map(|a| a.mount.clone()).collect();
+            if aliases.is_empty() {
+                aliases.push("-".into());
+            }
+            let mut last = aliases.join(", ");
+            if let Some(conflict) = &d.conflict {
+                last += &format!("  CONFLICT: {conflict}");
+            } else if !d.usable {
+                last += "  (not usable)";
+            }
+            rows.push(vec![
+                format!("  {}", d.id),
+                d.fs_type.clone(),
+                d.canonical_mount.clone(),
+                bytes(d.total_bytes),
+                bytes(d.available_bytes),
+                bytes(d.allocated_bytes),
+                bytes(d.allocatable_bytes),
+                d.volumes.len().to_string(),
+                last,
+            ]);
+        }
+        table(&mut out, &rows);
+        if !n.excluded.is_empty() {
+            let rows: Vec<Vec<String>> =
+                n.excluded.iter().map(|e| vec!["  excluded".into(), e.mount.clone(), e.reason.clone()]).collect();
+            table(&mut out, &rows);
+        }
+        for m in &n.missing {
+            let _ = writeln!(out, "  missing   disk {} (last seen at {})", m.id, m.mount);
+        }
+    }
+    if nodes.is_empty() {
+        out.push_str("no StoreNodes: is the disk agent DaemonSet running?\n");
+    }
+    out
+}
+
+/// `cairn topology`: the config, the nodes with their live registrations, the partitions.
+pub fn topology(cluster: &str, s: &Snapshot) -> String {
+    let mut out = String::new();
+    let t = &s.topology;
+    match &t.config {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "cluster {cluster} (revision {}): replication {} quorum {}, {} partitions, volume {}, segment {}",
+                s.revision,
+                c.replication_factor,
+                c.write_quorum,
+                c.partitions,
+                bytes(c.volume_size_bytes),
+                bytes(c.segment_size_bytes)
+            );
+        }
+        None => {
+            let _ = writeln!(out, "cluster {cluster}: no topology in etcd (revision {})", s.revision);
+        }
+    }
+    let mut rows = vec![["NODE", "ZONE", "ADDRESS", "LIVE", "REPLICAS", "DISKS"].map(String::from).to_vec()];
+    for n in t.nodes.values() {
+        let disks: Vec<String> = n.disks.iter().map(|d| format!("{} ({})", d.id, bytes(d.capacity_bytes))).collect();
+        let live = match s.live.get(&n.id) {
+            Some(l) if l.address == n.address => "yes".to_string(),
+            Some(l) => format!("yes at {}", l.address),
+            None => "no".into(),
+        };
+        let replicas = t.partitions_of(&n.id).count().to_string();
+        rows.push(vec![n.id.clone(), n.zone.clone(), n.address.clone(), live, replicas, disks.join(", ")]);
+    }
+    table(&mut out, &rows);
+    out.push('\n');
+    let mut rows = vec![["PARTITION", "STATE", "REPLICAS (node/disk)"].map(String::from).to_vec()];
+    for p in t.partitions.values() {
+        let replicas: Vec<String> = p
+            .replicas
+            .iter()
+            .map(|r| {
+                let mark = if s.live.contains_key(&r.node) { "" } else { " (not live)" };
+                format!("{}/{}{mark}", r.node, r.disk)
+            })
+            .collect();
+        rows.push(vec![p.id.to_string(), p.state.as_str().to_string(), replicas.join(" ")]);
+    }
+    table(&mut out, &rows);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        let now: Timestamp = "2026-11-26T12:00:00Z".parse().unwrap();
+        let cases = [
+            ("2026-11-26T11:59:15Z", "45s"),
+            ("2026-11-26T11:48:00Z", "12m"),
+            ("2026-11-26T09:00:00Z", "3h"),
+            ("2026-11-26T08:56:00Z", "3h4m"),
+            ("2026-11-24T07:00:00Z", "2d5h"),
+            ("2026-11-26T12:00:05Z", "0s"),
+            ("not a time", "?"),
+        ];
+        for (since, want) in cases {
+            assert_eq!(age(since, now), want, "{since}");
+        }
+    }
+
+    #[test]
+    fn tables_align_and_do_not_pad_the_last_column() {
+        let mut out = String::new();
+        table(&mut out, &[vec!["a".into(), "long".into(), "x".into()], vec!["bbb".into(), "c".into(), "yy".into()]]);
+        assert_eq!(out, "a    long  x\nbbb  c     yy\n");
+    }
+}
