@@ -129,10 +129,10 @@ fn apply_topology_with(
 
 fn show(etcd: &EtcdServer) -> Value {
     let out = Command::new(binary("cairn"))
-        .args(["topology", "show", "--etcd", &etcd.endpoint(), "--cluster", "c1", "-o", "json"])
+        .args(["topology", "c1", "--etcd", &etcd.endpoint(), "-o", "json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "cairn topology show: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "cairn topology: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

@@ -102,7 +102,8 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// The topology in etcd, as the datanodes see it; `topology apply` writes one.
+    /// The topology in etcd, as the datanodes see it; `topology apply` writes one. With a NAME
+    /// and --etcd it reads etcd alone (`-n` is then the etcd namespace, default `default`).
     #[command(args_conflicts_with_subcommands = true)]
     Topology {
         #[command(subcommand)]
@@ -255,11 +256,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Topology { command: None, name, select, output } => {
             let selection = select.selection(name)?;
-            let source = Source::open(&selection).await?;
-            let sc = source.cluster(selection.name.as_deref()).await?;
-            let snapshot = inspect::snapshot(&source, &sc, &selection).await?;
+            let (name, snapshot) = match (&selection.name, selection.etcd.is_empty(), &selection.local) {
+                // A NAME and --etcd: straight from etcd (also a cluster made with `topology apply`).
+                (Some(name), false, None) => {
+                    let namespace = selection.namespace.as_deref().unwrap_or("default");
+                    let store = cairn_operator::platform::store_for(
+                        &selection.etcd,
+                        namespace,
+                        name,
+                        selection.etcd_tls.as_ref(),
+                    )
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                    (name.clone(), store.load().await?)
+                }
+                _ => {
+                    let source = Source::open(&selection).await?;
+                    let sc = source.cluster(selection.name.as_deref()).await?;
+                    (kube::ResourceExt::name_any(&sc), inspect::snapshot(&source, &sc, &selection).await?)
+                }
+            };
             let value = serde_json::json!({"topology": snapshot.topology, "live": snapshot.live, "revision": snapshot.revision});
-            print(output, &value, || render::topology(&kube::ResourceExt::name_any(&sc), &snapshot))?;
+            print(output, &value, || render::topology(&name, &snapshot))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { command: Some(TopologyCommand::Apply { target, file }), .. } => {
