@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds Cairn and runs a whole cluster on this machine with `cairn local up` (etcd, a disk
 # agent, three datanodes and the operator's reconcile, from examples/local.yaml); stores a blob
-# through one datanode and reads it back through another, then stops everything.
+# through one datanode and reads it back through another, shows `cairn status`, then stops everything.
 # Pass --keep to leave the cluster running (stop it with Ctrl-C in its terminal, or kill the pid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +25,6 @@ id=$(printf '%s' "$reply" | python3 -c 'import json,sys; print(json.load(sys.std
 other=$((port + 2))
 echo "\$ curl http://127.0.0.1:$other/v1/blobs/$id      # another datanode"
 curl -fsS "http://127.0.0.1:$other/v1/blobs/$id"; echo
+echo "\$ cairn status --local $dir"
+./target/release/cairn status --local "$dir"
 if [ "${1:-}" = --keep ]; then echo "cluster left running (pid $pid, data in $dir)"; fi
