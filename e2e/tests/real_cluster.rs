@@ -5,6 +5,8 @@
 //! - `CAIRN_E2E_IMAGE`: the datanode image;
 //! - nodes labelled `cairn.dev/storage=true` whose StoreNodes report usable disks.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use cairn_resources::StoreCluster;
@@ -45,6 +47,16 @@ async fn storecluster_becomes_ready_and_is_deleted_with_retain() {
         assert!(Instant::now() < deadline, "not Ready after 10 minutes: {:?}", sc.status);
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+
+    // The kubectl plugin reads it through the same kubeconfig (etcd and datanodes may not be
+    // reachable from here: then it warns, and still exits 0 for a cluster that is not Degraded).
+    let out = std::process::Command::new(support::binary("cairn"))
+        .args(["status", "e2e", "-n", &namespace])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("phase Ready"), "{text}");
 
     api.delete("e2e", &DeleteParams::default()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);

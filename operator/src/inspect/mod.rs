@@ -442,6 +442,7 @@ fn machine_rows(machines: &[Machine], snapshot: Option<&Snapshot>) -> Vec<Machin
                 }
                 (Some(s), Some(true)) if s.live.contains_key(&m.name) => "ready",
                 (Some(_), Some(true)) => "not-registered",
+                _ if !m.selected => "unselected",
                 _ => "idle",
             };
             MachineView {
@@ -479,4 +480,95 @@ fn machine_rows(machines: &[Machine], snapshot: Option<&Snapshot>) -> Vec<Machin
 /// `cairn local up`'s default directory, for `--local` without a value.
 pub fn default_local_dir() -> &'static Path {
     Path::new(".cairn-local")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_cluster::{LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, Topology};
+    use cairn_common::agent_api::DiskReport;
+
+    fn machine(name: &str, selected: bool) -> Machine {
+        let disk = DiskReport {
+            id: format!("{name}-d"),
+            total_bytes: 100,
+            available_bytes: 60,
+            fs_reserved_bytes: 5,
+            allocated_bytes: 30,
+            allocatable_bytes: 50,
+            usable: true,
+            ..DiskReport::default()
+        };
+        let unusable = DiskReport { id: format!("{name}-x"), total_bytes: 1000, ..DiskReport::default() };
+        Machine {
+            name: name.into(),
+            zone: "z".into(),
+            disks: vec![disk, unusable],
+            address: format!("{name}:7480"),
+            selected,
+        }
+    }
+
+    #[test]
+    fn machine_rows_say_what_each_datanode_is_doing() {
+        let node =
+            |id: &str| NodeSpec { id: id.into(), zone: "z".into(), address: format!("{id}:7480"), disks: vec![] };
+        let replica = |n: &str| ReplicaSpec { node: n.into(), disk: format!("{n}-d") };
+        let mut snapshot = Snapshot::default();
+        snapshot.topology = Topology {
+            config: None,
+            nodes: ["ready", "down", "leaving", "vanished"].iter().map(|n| (n.to_string(), node(n))).collect(),
+            partitions: [(
+                0,
+                PartitionSpec {
+                    id: 0,
+                    state: PartitionState::Writable,
+                    replicas: vec![replica("ready"), replica("down"), replica("leaving"), replica("vanished")],
+                },
+            )]
+            .into(),
+        };
+        let live = |n: &str| LiveNode {
+            node: n.into(),
+            address: format!("{n}:7480"),
+            zone: String::new(),
+            started_ms: 0,
+            free_bytes: Default::default(),
+        };
+        snapshot.live = ["ready", "leaving"].iter().map(|n| (n.to_string(), live(n))).collect();
+        let machines = vec![
+            machine("ready", true),
+            machine("down", true),
+            machine("leaving", false),
+            machine("spare", true),
+            machine("cordoned", false),
+        ];
+        let rows = machine_rows(&machines, Some(&snapshot));
+        let states: Vec<(&str, &str)> = rows.iter().map(|r| (r.name.as_str(), r.datanode.as_str())).collect();
+        assert_eq!(
+            states,
+            [
+                ("ready", "ready"),
+                ("down", "not-registered"),
+                ("leaving", "draining"),
+                ("spare", "idle"),
+                ("cordoned", "unselected"),
+                ("vanished", "gone"),
+            ]
+        );
+        // Only usable disks count; used excludes the filesystem's own reserve.
+        assert_eq!(
+            (rows[0].disks, rows[0].used_bytes, rows[0].reserved_bytes, rows[0].allocatable_bytes),
+            (1, 35, 30, 50)
+        );
+        assert_eq!((rows[0].replicas, rows[3].replicas, rows[5].replicas), (1, 0, 1));
+        assert_eq!(rows[0].address, "ready:7480");
+
+        let unknown = machine_rows(&machines, None);
+        assert!(unknown.iter().all(|r| r.datanode == "unknown"), "{unknown:?}");
+        assert_eq!(unknown.len(), machines.len());
+
+        let counted = counts(&snapshot, 3);
+        assert_eq!((counted.total, counted.writable, counted.under_replicated), (1, 1, 1), "2 of 4 live < 3");
+    }
 }

@@ -62,8 +62,8 @@ pub struct MachineView {
     pub name: String,
     pub zone: String,
     /// `ready` (registered in etcd), `not-registered`, `draining` (unselected, replicas still
-    /// there), `idle` (selected, not in the topology), `gone` (in the topology, no such machine),
-    /// `unknown` (etcd unreachable).
+    /// there), `idle` (selected, not in the topology), `unselected` (not selected, holding
+    /// nothing), `gone` (in the topology, no such machine), `unknown` (etcd unreachable).
     pub datanode: String,
     pub address: String,
     /// Usable disks.
