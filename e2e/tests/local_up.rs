@@ -17,7 +17,7 @@ struct LocalUp {
 
 impl LocalUp {
     fn start(dir: &std::path::Path, port: u16, etcd_port: u16) -> Self {
-        let mut child = Command::new(binary("cairn"))
+        let child = Command::new(binary("cairn"))
             .args(["local", "up", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/local.yaml")])
             .arg("--dir")
             .arg(dir)
@@ -26,6 +26,11 @@ impl LocalUp {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
+        Self::from_child(child)
+    }
+
+    /// Follows a started `cairn local up` whose stdout is piped.
+    fn from_child(mut child: Child) -> Self {
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -136,5 +141,56 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("! Degraded (EtcdUnreachable)"), "{out}");
     assert!(out.contains("live state unknown"), "{out}");
+    up.interrupt();
+}
+
+#[test]
+fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
+    // Three directories on a real filesystem of their own (a loop device), one per machine.
+    let mut m = cairn_testkit::machine::Machine::new();
+    let dev = m.loop_fs("local", 256 << 20, "mkfs.ext4", &["-q", "-m", "0"]);
+    let mount = m.mount(&dev, "local-disk", &[]);
+    let spec = m.path("small.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {name: small}\n\
+         spec: {image: local, volumeSize: 32Mi, segmentSize: 8Mi, partitionsPerDisk: 1, etcd: {endpoints: []}}\n",
+    )
+    .unwrap();
+    let disks: Vec<String> = ["a", "b", "c"].iter().map(|d| mount.join(d).display().to_string()).collect();
+    let dir = m.path("state");
+    let run = |disk_args: &[String]| {
+        let (port, etcd_port) = (free_port(), free_port());
+        let mut command = Command::new(binary("cairn"));
+        command.args(["local", "up", "-f", spec.to_str().unwrap(), "--disk-size", "64MiB"]).arg("--dir").arg(&dir);
+        command.args(["--port", &port.to_string(), "--etcd-port", &etcd_port.to_string()]);
+        for d in disk_args {
+            command.args(["--disk", d]);
+        }
+        command
+    };
+
+    // Bad input: not one per machine. Nothing starts.
+    let out = run(&disks[..2]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--disk is given 2 time(s) for 3 machines"), "{err}");
+    assert!(!dir.exists(), "nothing created for a bad command line");
+
+    let mut command = run(&disks);
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let up = LocalUp::from_child(child);
+    up.wait_for("cluster small: ready");
+    let (code, out) = cairn(&binary("cairn"), &["disks", "--local", dir.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(code, 0);
+    let nodes: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mounts: Vec<&str> =
+        nodes[0]["disks"].as_array().unwrap().iter().map(|d| d["canonical_mount"].as_str().unwrap()).collect();
+    assert_eq!(mounts, disks.iter().map(String::as_str).collect::<Vec<_>>());
+    for d in nodes[0]["disks"].as_array().unwrap() {
+        // One partition per disk was asked for, but a 64 MiB disk holds two 32 MiB volumes: two
+        // partitions, a replica of each on every machine's disk.
+        assert_eq!(d["volumes"].as_array().unwrap().len(), 2, "{d}");
+    }
     up.interrupt();
 }

@@ -120,6 +120,9 @@ pub struct LocalOptions {
     pub machines: usize,
     /// Quota of each machine's directory disk.
     pub disk_size: String,
+    /// The machines' disks: directories (on any mount, e.g. a dedicated one), one per machine;
+    /// empty: `<dir>/disks/m<i>`.
+    pub disks: Vec<PathBuf>,
     /// The first datanode's port; the others follow.
     pub port: u16,
     pub etcd_port: u16,
@@ -200,7 +203,10 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     wait_for("etcd", || std::net::TcpStream::connect(("127.0.0.1", options.etcd_port)).is_ok())?;
 
     let mut config = String::from("selector:\n  fs_types: []\nheadroom: 0%\ndirectories:\n");
-    let disk_dir = |i: usize| dir.join("disks").join(format!("m{i}"));
+    let disk_dir = |i: usize| match options.disks.get(i) {
+        Some(path) => path.clone(),
+        None => dir.join("disks").join(format!("m{i}")),
+    };
     for i in 0..options.machines {
         config += &format!("  - {{path: {}, capacity: {}}}\n", disk_dir(i).display(), options.disk_size);
     }

@@ -142,6 +142,10 @@ enum LocalCommand {
         /// Quota of each machine's directory disk.
         #[arg(long, default_value = "2GiB")]
         disk_size: String,
+        /// A machine's disk: a directory, e.g. on a dedicated mount (once per machine; default
+        /// DIR/disks/m<i>). Its quota is --disk-size.
+        #[arg(long = "disk", value_name = "PATH")]
+        disks: Vec<PathBuf>,
         /// Port of the first datanode's blob API; the others follow.
         #[arg(long, default_value_t = 7480)]
         port: u16,
@@ -294,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Local { command: LocalCommand::Up { file, dir, machines, disk_size, port, etcd_port } } => {
+        Command::Local { command: LocalCommand::Up { file, dir, machines, disk_size, disks, port, etcd_port } } => {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let cluster: cairn_resources::StoreCluster = serde_yaml::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: not a StoreCluster: {e}", file.display()))?;
@@ -303,8 +307,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "replicationFactor {} needs at least that many --machines",
                 cluster.spec.replication_factor
             );
+            anyhow::ensure!(
+                disks.is_empty() || disks.len() == machines,
+                "--disk is given {} time(s) for {machines} machines: give one per machine, or none",
+                disks.len()
+            );
             let dir = std::path::absolute(&dir)?;
-            let options = cairn_operator::local_up::LocalOptions { dir, machines, disk_size, port, etcd_port };
+            let disks = disks.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
+            let options = cairn_operator::local_up::LocalOptions { dir, machines, disk_size, disks, port, etcd_port };
             cairn_operator::local_up::up(cluster, options).await?;
             Ok(ExitCode::SUCCESS)
         }
