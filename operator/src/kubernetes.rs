@@ -191,11 +191,7 @@ pub async fn apply(
     // Ready and the cluster is settled (all registered, no partition short of replicas).
     let pods = pods_api(client, namespace);
     let current_pods = pods.list(&ListParams::default().labels(&selector(cluster))).await?;
-    let all_ready = current_pods.iter().filter(|p| p.labels().get(PURGE_LABEL).is_none()).all(|p| {
-        p.data["status"]["conditions"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-    });
+    let all_ready = current_pods.iter().filter(|p| p.labels().get(PURGE_LABEL).is_none()).all(pod_ready);
     let all_present = objects
         .iter()
         .filter(|(r, _, _)| r.kind == "Pod")
@@ -325,6 +321,24 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
 
 /// Label of the Pods that remove a deleted cluster's volumes.
 pub const PURGE_LABEL: &str = "cairn.dev/purge";
+
+/// The Pod's Ready condition is True.
+fn pod_ready(pod: &DynamicObject) -> bool {
+    pod.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+/// The cluster's datanode Pods by machine: whether each is Ready.
+pub async fn datanode_pods(sc: &StoreCluster, client: &kube::Client) -> Result<BTreeMap<String, bool>, kube::Error> {
+    let pods = pods_api(client, &sc.namespace().unwrap_or_default());
+    let list = pods.list(&ListParams::default().labels(&selector(&sc.name_any()))).await?;
+    Ok(list
+        .iter()
+        .filter(|p| p.labels().get(PURGE_LABEL).is_none())
+        .filter_map(|p| Some((p.data["spec"]["nodeName"].as_str()?.to_owned(), pod_ready(p))))
+        .collect())
+}
 
 fn pods_api(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), namespace, &ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Pod")))

@@ -418,6 +418,7 @@ async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig(
         cairn(&["status", "--kubeconfig", file, "--context", "mem", "--etcd", "http://127.0.0.1:9"], None).await;
     assert_eq!(code, 0, "the operator's status is still shown");
     assert!(out.contains("! etcd [\"http://127.0.0.1:9\"] unreachable"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("n0 ") && l.contains(" pod-not-ready ")), "from the Pods: {out}");
     let (code, _, err) =
         cairn(&["topology", "--kubeconfig", file, "--context", "mem", "--etcd", "http://127.0.0.1:9"], None).await;
     assert_eq!(code, 1);

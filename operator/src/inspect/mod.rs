@@ -130,6 +130,14 @@ impl Source {
         }
     }
 
+    /// Whether each machine's datanode Pod is Ready (Kubernetes only).
+    async fn datanode_pods(&self, sc: &StoreCluster) -> Option<std::collections::BTreeMap<String, bool>> {
+        match self {
+            Source::Kubernetes { client, .. } => crate::kubernetes::datanode_pods(sc, client).await.ok(),
+            Source::Local { .. } => None,
+        }
+    }
+
     /// The cluster's recent events, oldest first.
     async fn events(&self, sc: &StoreCluster) -> std::result::Result<Vec<EventView>, String> {
         let mut events: Vec<EventView> = match self {
@@ -340,7 +348,9 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
         PartitionIssue::Moving { partition, .. } => (2, *partition),
     });
 
-    let machine_views = machine_rows(&machines, snapshot.as_ref());
+    // Without etcd, the Pods still tell whether each datanode runs.
+    let pods = if snapshot.is_none() { source.datanode_pods(sc).await } else { None };
+    let machine_views = machine_rows(&machines, snapshot.as_ref(), pods.as_ref());
     for m in &machine_views {
         if m.datanode == "not-registered" {
             warnings.push(format!("datanode {} is not registered in etcd (not running, or cannot reach etcd)", m.name));
@@ -428,15 +438,25 @@ fn counts(snapshot: &Snapshot, rf: u32) -> cairn_resources::store_cluster::Parti
     c
 }
 
-/// One row per machine, and one per topology node that no machine matches.
-fn machine_rows(machines: &[Machine], snapshot: Option<&Snapshot>) -> Vec<MachineView> {
+/// One row per machine, and one per topology node that no machine matches. `pods`: whether
+/// each machine's datanode Pod is Ready, for when etcd could not be read.
+fn machine_rows(
+    machines: &[Machine],
+    snapshot: Option<&Snapshot>,
+    pods: Option<&std::collections::BTreeMap<String, bool>>,
+) -> Vec<MachineView> {
     let mut rows: Vec<MachineView> = machines
         .iter()
         .map(|m| {
             let usable: Vec<_> = m.disks.iter().filter(|d| d.usable).collect();
             let in_topology = snapshot.map(|s| s.topology.nodes.contains_key(&m.name));
             let datanode = match (snapshot, in_topology) {
-                (None, _) => "unknown",
+                (None, _) => match pods.map(|p| p.get(&m.name)) {
+                    Some(Some(true)) => "pod-ready",
+                    Some(Some(false)) => "pod-not-ready",
+                    Some(None) => "no-pod",
+                    None => "unknown",
+                },
                 (Some(s), Some(true)) if !m.selected && s.topology.partitions_of(&m.name).next().is_some() => {
                     "draining"
                 }
@@ -543,7 +563,7 @@ mod tests {
             machine("spare", true),
             machine("cordoned", false),
         ];
-        let rows = machine_rows(&machines, Some(&snapshot));
+        let rows = machine_rows(&machines, Some(&snapshot), None);
         let states: Vec<(&str, &str)> = rows.iter().map(|r| (r.name.as_str(), r.datanode.as_str())).collect();
         assert_eq!(
             states,
@@ -564,9 +584,14 @@ mod tests {
         assert_eq!((rows[0].replicas, rows[3].replicas, rows[5].replicas), (1, 0, 1));
         assert_eq!(rows[0].address, "ready:7480");
 
-        let unknown = machine_rows(&machines, None);
+        let unknown = machine_rows(&machines, None, None);
         assert!(unknown.iter().all(|r| r.datanode == "unknown"), "{unknown:?}");
         assert_eq!(unknown.len(), machines.len());
+        // etcd unreadable, the Pods known.
+        let pods = [("ready".to_string(), true), ("down".to_string(), false)].into();
+        let by_pod = machine_rows(&machines, None, Some(&pods));
+        let states: Vec<&str> = by_pod.iter().map(|r| r.datanode.as_str()).collect();
+        assert_eq!(states, ["pod-ready", "pod-not-ready", "no-pod", "no-pod", "no-pod"]);
 
         let counted = counts(&snapshot, 3);
         assert_eq!((counted.total, counted.writable, counted.under_replicated), (1, 1, 1), "2 of 4 live < 3");

@@ -63,7 +63,8 @@ pub struct MachineView {
     pub zone: String,
     /// `ready` (registered in etcd), `not-registered`, `draining` (unselected, replicas still
     /// there), `idle` (selected, not in the topology), `unselected` (not selected, holding
-    /// nothing), `gone` (in the topology, no such machine), `unknown` (etcd unreachable).
+    /// nothing), `gone` (in the topology, no such machine); with etcd unreachable, from the
+    /// datanode Pod on Kubernetes: `pod-ready`, `pod-not-ready`, `no-pod`; else `unknown`.
     pub datanode: String,
     pub address: String,
     /// Usable disks.
