@@ -11,6 +11,8 @@ use cairn_cluster::{planner, ClusterConfig, NodeSpec, PartitionState, ReplicaSpe
 use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts, StoreClusterSpec};
 use cairn_resources::StoreClusterStatus;
 
+use cairn_common::agent_api::DiskReport;
+
 use crate::desired::{desired, Machine};
 
 pub trait Platform {
@@ -293,34 +295,45 @@ async fn replication_settled(snapshot: &Snapshot) -> bool {
 
 /// Counts from etcd: live datanodes, partition states, replicas not live.
 fn observed(snapshot: &Snapshot, machines: &[Machine], rf: u32) -> StoreClusterStatus {
-    let t = &snapshot.topology;
     let total = machines.len() as u32;
     let ready = machines.iter().filter(|m| snapshot.live.contains_key(&m.name)).count() as u32;
-    let mut partitions = PartitionCounts { total: t.partitions.len() as u32, ..PartitionCounts::default() };
+    StoreClusterStatus {
+        nodes_ready: ready,
+        nodes_total: total,
+        nodes_summary: format!("{ready}/{total}"),
+        capacity: capacity(machines.iter().flat_map(|m| &m.disks)),
+        partitions: partition_counts(snapshot, rf),
+        topology_revision: snapshot.revision,
+        ..StoreClusterStatus::default()
+    }
+}
+
+/// Partitions by state, and those with fewer live replicas than `rf`.
+pub fn partition_counts(snapshot: &Snapshot, rf: u32) -> PartitionCounts {
+    let t = &snapshot.topology;
+    let mut counts = PartitionCounts { total: t.partitions.len() as u32, ..PartitionCounts::default() };
     for p in t.partitions.values() {
         match p.state {
-            PartitionState::Writable => partitions.writable += 1,
-            _ => partitions.read_only += 1,
+            PartitionState::Writable => counts.writable += 1,
+            _ => counts.read_only += 1,
         }
         let live = p.replicas.iter().filter(|r| snapshot.live.contains_key(&r.node)).count() as u32;
         if live < rf {
-            partitions.under_replicated += 1;
+            counts.under_replicated += 1;
         }
     }
+    counts
+}
+
+/// Capacity of the usable disks: used (by anything, not counting the filesystem's own reserve),
+/// allocated to volumes, still allocatable, total.
+pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> CapacityStatus {
     let mut capacity = CapacityStatus::default();
-    for d in machines.iter().flat_map(|m| &m.disks).filter(|d| d.usable) {
+    for d in disks.into_iter().filter(|d| d.usable) {
         capacity.total_bytes += d.total_bytes;
         capacity.used_bytes += d.total_bytes.saturating_sub(d.available_bytes + d.fs_reserved_bytes);
         capacity.allocated_bytes += d.allocated_bytes;
         capacity.allocatable_bytes += d.allocatable_bytes;
     }
-    StoreClusterStatus {
-        nodes_ready: ready,
-        nodes_total: total,
-        nodes_summary: format!("{ready}/{total}"),
-        capacity,
-        partitions,
-        topology_revision: snapshot.revision,
-        ..StoreClusterStatus::default()
-    }
+    capacity
 }

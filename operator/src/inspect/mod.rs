@@ -19,7 +19,7 @@ use crate::desired::Machine;
 use crate::kubernetes::KubernetesPlatform;
 use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
-use crate::platform::{replica_progress, store_for, Platform};
+use crate::platform::{capacity, partition_counts, replica_progress, store_for, Platform};
 use view::{ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
 
 /// Events shown by `cairn status`.
@@ -388,7 +388,7 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
         Vec::new()
     });
     let partitions = match &snapshot {
-        Some(s) => counts(s, rf),
+        Some(s) => partition_counts(s, rf),
         None => status.partitions.clone(),
     };
     ClusterView {
@@ -421,23 +421,6 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
     }
 }
 
-fn counts(snapshot: &Snapshot, rf: u32) -> cairn_resources::store_cluster::PartitionCounts {
-    let mut c = cairn_resources::store_cluster::PartitionCounts {
-        total: snapshot.topology.partitions.len() as u32,
-        ..Default::default()
-    };
-    for p in snapshot.topology.partitions.values() {
-        match p.state {
-            cairn_cluster::PartitionState::Writable => c.writable += 1,
-            _ => c.read_only += 1,
-        }
-        if (p.replicas.iter().filter(|r| snapshot.live.contains_key(&r.node)).count() as u32) < rf {
-            c.under_replicated += 1;
-        }
-    }
-    c
-}
-
 /// One row per machine, and one per topology node that no machine matches. `pods`: whether
 /// each machine's datanode Pod is Ready, for when etcd could not be read.
 fn machine_rows(
@@ -448,7 +431,7 @@ fn machine_rows(
     let mut rows: Vec<MachineView> = machines
         .iter()
         .map(|m| {
-            let usable: Vec<_> = m.disks.iter().filter(|d| d.usable).collect();
+            let space = capacity(&m.disks);
             let in_topology = snapshot.map(|s| s.topology.nodes.contains_key(&m.name));
             let datanode = match (snapshot, in_topology) {
                 (None, _) => match pods.map(|p| p.get(&m.name)) {
@@ -470,14 +453,11 @@ fn machine_rows(
                 zone: m.zone.clone(),
                 datanode: datanode.into(),
                 address: snapshot.and_then(|s| s.live.get(&m.name)).map(|l| l.address.clone()).unwrap_or_default(),
-                disks: usable.len() as u32,
-                used_bytes: usable
-                    .iter()
-                    .map(|d| d.total_bytes.saturating_sub(d.available_bytes + d.fs_reserved_bytes))
-                    .sum(),
-                reserved_bytes: usable.iter().map(|d| d.allocated_bytes).sum(),
-                allocatable_bytes: usable.iter().map(|d| d.allocatable_bytes).sum(),
-                total_bytes: usable.iter().map(|d| d.total_bytes).sum(),
+                disks: m.disks.iter().filter(|d| d.usable).count() as u32,
+                used_bytes: space.used_bytes,
+                reserved_bytes: space.allocated_bytes,
+                allocatable_bytes: space.allocatable_bytes,
+                total_bytes: space.total_bytes,
                 replicas: snapshot.map(|s| s.topology.partitions_of(&m.name).count() as u32).unwrap_or_default(),
             }
         })
@@ -593,7 +573,7 @@ mod tests {
         let states: Vec<&str> = by_pod.iter().map(|r| r.datanode.as_str()).collect();
         assert_eq!(states, ["pod-ready", "pod-not-ready", "no-pod", "no-pod", "no-pod"]);
 
-        let counted = counts(&snapshot, 3);
+        let counted = partition_counts(&snapshot, 3);
         assert_eq!((counted.total, counted.writable, counted.under_replicated), (1, 1, 1), "2 of 4 live < 3");
     }
 }
