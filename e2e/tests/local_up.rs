@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use support::{binary, free_port};
+use support::{binary, free_port_block};
 
 struct LocalUp {
     child: Child,
@@ -73,7 +73,9 @@ fn cairn(program: &std::path::Path, args: &[&str]) -> (i32, String) {
 #[test]
 fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, etcd_port) = (free_port(), free_port());
+    // Three datanodes on consecutive ports, then etcd's client and peer ports.
+    let port = free_port_block(5);
+    let etcd_port = port + 3;
     let up = LocalUp::start(dir.path(), port, etcd_port);
     let first = up.wait_for("cluster local:");
     assert!(first[0].contains("creating"), "{first:?}");
@@ -160,7 +162,8 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
     let disks: Vec<String> = ["a", "b", "c"].iter().map(|d| mount.join(d).display().to_string()).collect();
     let dir = m.path("state");
     let run = |disk_args: &[String]| {
-        let (port, etcd_port) = (free_port(), free_port());
+        let port = free_port_block(5);
+        let etcd_port = port + 3;
         let mut command = Command::new(binary("cairn"));
         command.args(["local", "up", "-f", spec.to_str().unwrap(), "--disk-size", "64MiB"]).arg("--dir").arg(&dir);
         command.args(["--port", &port.to_string(), "--etcd-port", &etcd_port.to_string()]);

@@ -136,6 +136,9 @@ struct Supervised {
 
 impl Drop for Supervised {
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         let _ = Command::new("kill").arg(self.child.id().to_string()).status();
         for _ in 0..50 {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -158,14 +161,20 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+/// Waits up to 30 s for a child to be `ready`; if it exits first, says so with its log's tail.
+fn wait_for(process: &mut Supervised, log: &Path, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
     for _ in 0..300 {
+        if let Ok(Some(status)) = process.child.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+            anyhow::bail!("{} exited ({status}); the end of {}:\n{}", process.name, log.display(), tail.join("\n"));
+        }
         if ready() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    anyhow::bail!("{what} did not start within 30 s")
+    anyhow::bail!("{} did not start within 30 s (see {})", process.name, log.display())
 }
 
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
@@ -187,7 +196,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
 
     let etcd_url = format!("http://127.0.0.1:{}", options.etcd_port);
     let peer_url = format!("http://127.0.0.1:{}", options.etcd_port + 1);
-    let etcd = Supervised {
+    let mut etcd = Supervised {
         name: "etcd",
         child: Command::new("etcd")
             .arg("--data-dir")
@@ -200,7 +209,9 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting etcd (Debian: apt-get install etcd-server): {e}"))?,
     };
-    wait_for("etcd", || std::net::TcpStream::connect(("127.0.0.1", options.etcd_port)).is_ok())?;
+    wait_for(&mut etcd, &logs.join("etcd.log"), || {
+        std::net::TcpStream::connect(("127.0.0.1", options.etcd_port)).is_ok()
+    })?;
 
     let mut config = String::from("selector:\n  fs_types: []\nheadroom: 0%\ndirectories:\n");
     let disk_dir = |i: usize| match options.disks.get(i) {
@@ -212,7 +223,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     }
     std::fs::write(dir.join("disk-agent.yaml"), config)?;
     let socket = dir.join("disk-agent.sock");
-    let agent = Supervised {
+    let mut agent = Supervised {
         name: "disk agent",
         child: Command::new(sibling("cairn-disk-agent"))
             .args(["serve", "--mountinfo", "/proc/self/mountinfo", "--kubernetes", "off", "--node-name", "local"])
@@ -227,7 +238,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting cairn-disk-agent: {e}"))?,
     };
-    wait_for("the disk agent", || std::os::unix::net::UnixStream::connect(&socket).is_ok())?;
+    wait_for(&mut agent, &logs.join("disk-agent.log"), || std::os::unix::net::UnixStream::connect(&socket).is_ok())?;
 
     let machines: Vec<LocalMachine> = (0..options.machines)
         .map(|i| LocalMachine {
