@@ -6,7 +6,7 @@
 pub mod render;
 pub mod view;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cairn_cluster::etcd::{EtcdTls, Snapshot};
 use cairn_resources::{StoreCluster, StoreNode};
@@ -366,12 +366,9 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
             }
         }
     }
-    if let (Some(g), observed) = (sc.metadata.generation, status.observed_generation) {
-        if observed.is_some_and(|o| o < g) {
-            warnings.push(format!(
-                "the operator has not acted on the latest spec yet (generation {g}, observed {})",
-                observed.unwrap_or_default()
-            ));
+    if let (Some(g), Some(o)) = (sc.metadata.generation, status.observed_generation) {
+        if o < g {
+            warnings.push(format!("the operator has not acted on the latest spec yet (generation {g}, observed {o})"));
         }
     }
     if let Some(c) = status.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True") {
@@ -475,11 +472,6 @@ fn machine_rows(
         }
     }
     rows
-}
-
-/// `cairn local up`'s default directory, for `--local` without a value.
-pub fn default_local_dir() -> &'static Path {
-    Path::new(".cairn-local")
 }
 
 #[cfg(test)]
