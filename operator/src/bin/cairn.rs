@@ -217,8 +217,8 @@ fn print(output: Output, value: &impl serde::Serialize, table: impl FnOnce() -> 
 async fn watch(selection: &Selection, timeout: Option<u64>) -> anyhow::Result<ExitCode> {
     let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs(t));
     let mut last = String::new();
+    let mut source = Source::open(selection).await?;
     loop {
-        let source = Source::open(selection).await?;
         let sc = source.cluster(selection.name.as_deref()).await?;
         let view = inspect::status(&source, &sc, selection).await;
         let line = render::progress_line(&view);
@@ -238,6 +238,7 @@ async fn watch(selection: &Selection, timeout: Option<u64>) -> anyhow::Result<Ex
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::FAILURE),
         }
+        source.refresh()?;
     }
 }
 

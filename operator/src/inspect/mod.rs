@@ -78,6 +78,14 @@ impl Source {
         Ok(Source::Kubernetes { client, namespace, server })
     }
 
+    /// Reads a local cluster's state again (Kubernetes is read afresh by every call anyway).
+    pub fn refresh(&mut self) -> Result<()> {
+        if let Source::Local { dir, state } = self {
+            **state = LocalState::load(dir)?;
+        }
+        Ok(())
+    }
+
     /// The StoreCluster `name`, or the only one there is.
     pub async fn cluster(&self, name: Option<&str>) -> Result<StoreCluster> {
         match self {
