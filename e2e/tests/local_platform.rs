@@ -105,7 +105,7 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
         blobs.insert(put(&client, machines[(seed % 3) as usize].port, data.clone()).await, data);
     }
     // Converged: a pass changes nothing.
-    assert_eq!(converge("c1", "default", &spec, &platform).await.writes, 0);
+    assert_eq!(converge("c1", "default", &spec, &platform).await.changes, Vec::<String>::new());
 
     // Scale out: a fourth machine brings its disk; new partitions use it, old data stays put.
     platform.set_machines(machines.clone());

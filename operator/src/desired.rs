@@ -61,7 +61,9 @@ fn glob_set(field: &'static str, globs: &[String]) -> Result<Option<globset::Glo
 
 /// Cluster config and nodes for the topology. A disk's capacity is what its agent can still
 /// promise plus what this cluster's volumes already hold there, so placement stays stable as
-/// volumes are created. Partitions: `partitionsPerDisk` per usable disk while space allows for
+/// volumes are created, rounded down to whole volumes — the only unit placement uses — so the
+/// index and replication log growing on the disk as blobs arrive do not rewrite the topology on
+/// every pass. Partitions: `partitionsPerDisk` per usable disk while space allows for
 /// all their replicas, and never fewer than exist.
 pub fn desired(
     cluster: &str,
@@ -70,6 +72,9 @@ pub fn desired(
     current: &Topology,
 ) -> Result<Desired, SpecError> {
     let volume = parse_size("volumeSize", &spec.volume_size)?;
+    if volume == 0 {
+        return Err(SpecError::Invalid { field: "volumeSize", reason: "must be more than 0 bytes".into() });
+    }
     let segment = parse_size("segmentSize", &spec.segment_size)?;
     let selector = spec.disk_selector.clone().unwrap_or_default();
     let DiskSelectorSpec { mount_paths, fs_types, devices, min_size } = &selector;
@@ -108,7 +113,8 @@ pub fn desired(
                     .map(|v| v.capacity_bytes)
                     .sum();
                 let reserve = headroom(d.total_bytes)?;
-                Ok(DiskSpec { id: d.id.clone(), capacity_bytes: (d.allocatable_bytes + ours).saturating_sub(reserve) })
+                let bytes = (d.allocatable_bytes + ours).saturating_sub(reserve);
+                Ok(DiskSpec { id: d.id.clone(), capacity_bytes: bytes - bytes % volume })
             })
             .collect::<Result<Vec<_>, SpecError>>()?
             .into_iter()
@@ -210,6 +216,24 @@ mod tests {
         );
         reserved.headroom = Some("lots".into());
         assert!(desired("c1", &reserved, &machines, &Topology::default()).is_err());
+
+        // Whole volumes only: a disk whose free space shrinks as its index grows keeps its
+        // capacity (and the topology its keys) until a whole volume no longer fits.
+        let mut filling = machines.clone();
+        filling[0].disks[0].allocatable_bytes = 105 * GIB;
+        let before = desired("c1", &spec(1), &filling, &Topology::default()).unwrap();
+        assert_eq!(before.nodes[0].disks[0].capacity_bytes, 100 * GIB);
+        filling[0].disks[0].allocatable_bytes -= 300 << 20;
+        assert_eq!(desired("c1", &spec(1), &filling, &Topology::default()).unwrap().nodes, before.nodes);
+        filling[0].disks[0].allocatable_bytes -= 5 * GIB;
+        let smaller = desired("c1", &spec(1), &filling, &Topology::default()).unwrap();
+        assert_eq!(smaller.nodes[0].disks[0].capacity_bytes, 90 * GIB, "99.7 GiB holds 9 volumes of 10 GiB");
+        let mut zero = spec(1);
+        zero.volume_size = "0".into();
+        assert!(matches!(
+            desired("c1", &zero, &machines, &Topology::default()),
+            Err(SpecError::Invalid { field: "volumeSize", .. })
+        ));
 
         // Two partitions filled up: two more writable ones, space allowing.
         let mut current = Topology::default();

@@ -184,7 +184,7 @@ pub async fn apply(
     objects: &[(ApiResource, String, Value)],
     settled: bool,
 ) -> Result<Applied, kube::Error> {
-    let mut writes = 0;
+    let mut changes = Vec::new();
     let mut outdated = 0;
     let params = PatchParams::apply(FIELD_MANAGER).force();
     // A rolling change replaces one datanode Pod per pass, and only while every datanode Pod is
@@ -212,19 +212,21 @@ pub async fn apply(
             }
             may_replace = false;
             api.delete(name, &DeleteParams::default()).await?;
+            changes.push(format!("replacing Pod {name} (rolling update)"));
         } else {
             api.patch(name, &params, &Patch::Apply(body)).await?;
+            let verb = if existing.is_some() { "updated" } else { "created" };
+            changes.push(format!("{verb} {} {name}", resource.kind));
         }
-        writes += 1;
     }
     for pod in current_pods {
         let name = pod.name_any();
         if pod.labels().get(PURGE_LABEL).is_none() && !objects.iter().any(|(r, n, _)| r.kind == "Pod" && *n == name) {
             pods.delete(&name, &DeleteParams::default()).await?;
-            writes += 1;
+            changes.push(format!("deleted Pod {name} (no datanode wanted there)"));
         }
     }
-    Ok(Applied { changes: writes, outdated })
+    Ok(Applied { changes, outdated })
 }
 
 /// The Kubernetes platform for one StoreCluster.

@@ -178,7 +178,7 @@ impl Platform for LocalPlatform {
     async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, String> {
         let machines = self.machines.lock().expect("machines lock").clone();
         let binary = self.binary.lock().expect("binary lock").clone();
-        let mut changes = 0;
+        let mut changes = Vec::new();
         // Stop what is no longer chosen, and restart what died.
         {
             let mut running = self.running.lock().expect("running lock");
@@ -190,8 +190,12 @@ impl Platform for LocalPlatform {
                 if gone || exited {
                     let mut r = running.remove(&name).expect("listed");
                     let _ = r.child.kill();
-                    let _ = r.child.wait();
-                    changes += 1;
+                    let status = r.child.wait();
+                    changes.push(match (gone, status) {
+                        (true, _) => format!("stopped datanode {name} (its machine left the topology)"),
+                        (false, Ok(status)) => format!("datanode {name} exited ({status})"),
+                        (false, Err(e)) => format!("datanode {name} exited (status unknown: {e})"),
+                    });
                 }
             }
         }
@@ -243,7 +247,11 @@ impl Platform for LocalPlatform {
                 .lock()
                 .expect("running lock")
                 .insert(machine.name.clone(), Running { child, args, binary: binary.clone() });
-            changes += 1;
+            changes.push(match outdated {
+                None => format!("started datanode {}", machine.name),
+                Some(true) => format!("replaced datanode {} (new binary)", machine.name),
+                Some(false) => format!("replaced datanode {} (new flags)", machine.name),
+            });
         }
         Ok(Applied { changes, outdated: outdated_left })
     }

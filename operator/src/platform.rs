@@ -35,10 +35,10 @@ pub trait Platform {
 }
 
 /// What [`Platform::apply`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
-    /// Changes made (datanodes started, replaced or stopped; objects written).
-    pub changes: u32,
+    /// Changes made, one line each (datanodes started, replaced or stopped; objects written).
+    pub changes: Vec<String>,
     /// Datanodes still running an older version (image, binary or flags) after this pass: a
     /// rolling update in progress.
     pub outdated: u32,
@@ -76,8 +76,9 @@ pub struct Outcome {
     pub status: StoreClusterStatus,
     /// Everything converged: datanodes live, no partition under-replicated, nothing changed.
     pub ready: bool,
-    /// Writes made: workload changes plus one per etcd topology change.
-    pub writes: u32,
+    /// What this pass changed, one line each: the topology keys it wrote, workloads started,
+    /// replaced or stopped, machines purged. Empty when converged.
+    pub changes: Vec<String>,
     /// Why the cluster cannot converge: (reason, message) for a Degraded condition.
     pub degraded: Option<(&'static str, String)>,
     /// Long operations under way, one line each (drains, moves, rolling updates).
@@ -89,7 +90,7 @@ impl Outcome {
         Self {
             status: StoreClusterStatus::default(),
             ready: false,
-            writes: 0,
+            changes: Vec::new(),
             degraded: Some((reason, message)),
             progress: Vec::new(),
         }
@@ -136,11 +137,11 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     };
     // Counted from what this pass wrote, not from etcd's revision: datanodes re-register their
     // free space as blobs arrive, which moves the revision without changing the topology.
-    let mut writes = match move_step(&store, &snapshot, &plan.config, &plan.nodes).await {
-        Ok(wrote) => u32::from(wrote),
+    let mut changes: Vec<String> = match move_step(&store, &snapshot, &plan.config, &plan.nodes).await {
+        Ok(wrote) => wrote.into_iter().collect(),
         Err(e) => return Outcome::degraded("PlacementFailed", e),
     };
-    let after = if writes > 0 { store.load().await.unwrap_or_else(|_| snapshot.clone()) } else { snapshot };
+    let after = if changes.is_empty() { snapshot } else { store.load().await.unwrap_or_else(|_| snapshot.clone()) };
     // Datanodes run on the chosen machines, and on leaving ones until their replicas have moved.
     let (chosen, others): (Vec<Machine>, Vec<Machine>) =
         machines.into_iter().partition(|m| after.topology.nodes.contains_key(&m.name));
@@ -153,7 +154,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Ok(applied) => applied,
         Err(message) => return Outcome::degraded("WorkloadsFailed", message),
     };
-    writes += applied.changes;
+    changes.extend(applied.changes);
     let mut progress = moves_in_progress(&after.topology, &chosen, rf);
     if applied.outdated > 0 {
         progress.push(format!("rolling update: {} of {} datanodes still to replace", applied.outdated, chosen.len()));
@@ -163,14 +164,14 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         let holds = machine.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(name, &v.name));
         if holds {
             match platform.purge_machine(machine).await {
-                Ok(_) => writes += 1,
+                Ok(_) => changes.push(format!("purging the volumes left on {}", machine.name)),
                 Err(message) => return Outcome::degraded("PurgeFailed", message),
             }
         }
     }
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
-    let ready = settled && writes == 0;
-    Outcome { status, ready, writes, degraded: None, progress }
+    let ready = settled && changes.is_empty();
+    Outcome { status, ready, changes, degraded: None, progress }
 }
 
 /// Drains and replica moves under way, as the topology shows them: a machine no longer
@@ -194,13 +195,13 @@ const MOVES_PER_PASS: usize = 2;
 /// Places replicas (minimal movement), then moves a few for balance and off leaving nodes —
 /// never dropping below quorum: a replica that moves stays where it was, beside its replacement,
 /// until the replacement has pulled everything from its peers; then it goes, and a node with no
-/// replica left leaves the topology. Writes only what changed, guarded; true when it wrote.
+/// replica left leaves the topology. Writes only what changed, guarded; says what it wrote.
 async fn move_step(
     store: &ClusterStore,
     snapshot: &Snapshot,
     config: &ClusterConfig,
     nodes: &[NodeSpec],
-) -> Result<bool, String> {
+) -> Result<Option<String>, String> {
     let placed = planner::plan(config, nodes, &snapshot.topology.partitions).map_err(|e| e.to_string())?;
     let target = planner::rebalance(config, nodes, &placed, MOVES_PER_PASS);
     let mut merged = Topology {
@@ -226,14 +227,34 @@ async fn move_step(
             merged.nodes.insert(id.clone(), spec.clone());
         }
     }
-    if merged == snapshot.topology {
-        return Ok(false);
-    }
+    let Some(changed) = topology_changes(&snapshot.topology, &merged) else { return Ok(None) };
     if !store.write_topology(snapshot, &merged).await.map_err(|e| e.to_string())? {
         // Someone else wrote in between: not converged, so this pass still counts as a change.
         tracing::info!("the topology changed while planning; planning again on the next pass");
+        return Ok(Some(format!("topology changed by someone else while writing {changed}")));
     }
-    Ok(true)
+    Ok(Some(format!("topology: wrote {changed}")))
+}
+
+/// The parts of the topology that differ, named as in etcd (`config`, `nodes/m1`,
+/// `partitions/3`), or `None` when none does.
+fn topology_changes(old: &Topology, new: &Topology) -> Option<String> {
+    fn differing<'a, K: Ord + std::fmt::Display, V: PartialEq>(
+        prefix: &str,
+        old: &'a BTreeMap<K, V>,
+        new: &'a BTreeMap<K, V>,
+    ) -> impl Iterator<Item = String> + 'a {
+        let keys: std::collections::BTreeSet<&K> = old.keys().chain(new.keys()).collect();
+        let prefix = prefix.to_owned();
+        keys.into_iter().filter(move |k| old.get(k) != new.get(k)).map(move |k| format!("{prefix}/{k}"))
+    }
+    let mut keys: Vec<String> = Vec::new();
+    if old.config != new.config {
+        keys.push("config".into());
+    }
+    keys.extend(differing("nodes", &old.nodes, &new.nodes));
+    keys.extend(differing("partitions", &old.partitions, &new.partitions));
+    (!keys.is_empty()).then(|| keys.join(", "))
 }
 
 /// One replica's progress behind one peer, as a datanode reports it (`GET /v1/admin/replicas`).
@@ -336,4 +357,38 @@ pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> Capacity
         capacity.allocatable_bytes += d.allocatable_bytes;
     }
     capacity
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_cluster::{DiskSpec, PartitionSpec};
+
+    #[test]
+    fn topology_changes_name_the_keys_that_differ() {
+        let node = |id: &str, capacity_bytes: u64| NodeSpec {
+            id: id.into(),
+            zone: String::new(),
+            address: String::new(),
+            disks: vec![DiskSpec { id: "d".into(), capacity_bytes }],
+        };
+        let partition = |id: u32, nodes: &[&str]| PartitionSpec {
+            id,
+            state: PartitionState::Writable,
+            replicas: nodes.iter().map(|n| ReplicaSpec { node: n.to_string(), disk: "d".into() }).collect(),
+        };
+        let mut old = Topology::default();
+        old.nodes.insert("m0".into(), node("m0", 1 << 30));
+        old.nodes.insert("m3".into(), node("m3", 1 << 30));
+        old.partitions.insert(1, partition(1, &["m0", "m3"]));
+        old.partitions.insert(2, partition(2, &["m0"]));
+        assert_eq!(topology_changes(&old, &old.clone()), None);
+
+        let mut new = old.clone();
+        new.nodes.get_mut("m0").unwrap().disks[0].capacity_bytes = 2 << 30;
+        new.nodes.remove("m3");
+        new.partitions.insert(1, partition(1, &["m0"]));
+        new.partitions.insert(12, partition(12, &["m0"]));
+        assert_eq!(topology_changes(&old, &new).as_deref(), Some("nodes/m0, nodes/m3, partitions/1, partitions/12"));
+    }
 }

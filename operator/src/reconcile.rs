@@ -121,7 +121,7 @@ async fn apply(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> 
     }
     let platform = kubernetes::KubernetesPlatform { client: ctx.client.clone(), cluster: sc };
     let outcome = converge(&sc.name_any(), &namespace, &sc.spec, &platform).await;
-    ctx.writes.fetch_add(u64::from(outcome.writes), std::sync::atomic::Ordering::Relaxed);
+    ctx.writes.fetch_add(outcome.changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
     if let Some((reason, message)) = &outcome.degraded {
         tracing::warn!(cluster = %sc.name_any(), reason, %message, "degraded");
     }

@@ -101,8 +101,8 @@ pub fn notes(old: &StoreClusterStatus, outcome: &Outcome) -> Vec<Note> {
         };
     }
     let mut notes = Vec::new();
-    if outcome.writes > 0 {
-        let mut message = format!("{} change(s) to the topology and datanodes", outcome.writes);
+    if !outcome.changes.is_empty() {
+        let mut message = outcome.changes.join("; ");
         if !outcome.progress.is_empty() {
             message += &format!(" ({})", outcome.progress.join("; "));
         }
@@ -128,7 +128,7 @@ mod tests {
         Outcome {
             status,
             ready,
-            writes: 1,
+            changes: vec!["started datanode n1".into()],
             degraded: degraded.map(|(r, m)| (r, m.to_string())),
             progress: vec!["draining n3: 2 replica(s) still to move".into()],
         }
@@ -188,7 +188,7 @@ mod tests {
         let n = notes(&StoreClusterStatus::default(), &outcome(true, None));
         let reasons: Vec<&str> = n.iter().map(|n| n.reason.as_str()).collect();
         assert_eq!(reasons, ["Reconciled", "Ready"]);
-        assert!(n[0].message.contains("draining n3"), "{}", n[0].message);
+        assert_eq!(n[0].message, "started datanode n1 (draining n3: 2 replica(s) still to move)");
         let paused = next_status(&StoreClusterStatus::default(), None, Observation::Paused);
         assert_eq!(paused.phase, "Paused");
         assert_eq!(condition(&paused, "Progressing").status, "False");

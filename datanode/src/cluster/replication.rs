@@ -58,12 +58,20 @@ impl Replication {
         self.metrics.replication_lag_seconds.remove(&labels);
     }
 
-    fn update(&self, status: &PeerStatus) {
+    /// Records a puller's progress — unless it was cancelled: a page in flight when the peer
+    /// left the partition ends in an error (421 from the peer), and writing that back after
+    /// `forget` would leave a stale entry that reads as lag forever. The cancel is checked under
+    /// the status lock, and [`Cluster`] cancels before it forgets, so the two cannot interleave.
+    fn update(&self, status: &PeerStatus, cancel: &CancellationToken) {
+        let mut all = self.status.lock().expect("status lock");
+        if cancel.is_cancelled() {
+            return;
+        }
         let labels = PeerLabels { partition: status.partition.to_string(), peer: status.peer.clone() };
         self.metrics.replication_lag_entries.get_or_create(&labels).set(status.lag_entries as i64);
         self.metrics.replication_lag_bytes.get_or_create(&labels).set(status.lag_bytes as i64);
         self.metrics.replication_lag_seconds.get_or_create(&labels).set(status.lag_seconds);
-        self.status.lock().expect("status lock").insert((status.partition, status.peer.clone()), status.clone());
+        all.insert((status.partition, status.peer.clone()), status.clone());
     }
 }
 
@@ -82,7 +90,7 @@ pub async fn pull(cluster: Arc<Cluster>, partition: u32, peer: String, cancel: C
         };
         behind_since = if status.lag_entries > 0 { Some(behind_since.unwrap_or_else(Instant::now)) } else { None };
         status.lag_seconds = behind_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-        cluster.replication.update(&status);
+        cluster.replication.update(&status, &cancel);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -215,5 +223,26 @@ async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, ki
             }
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancelled_puller_leaves_no_progress_behind() {
+        let replication = Replication::new(Arc::new(Metrics::default()));
+        let live = CancellationToken::new();
+        let status = PeerStatus { partition: 0, peer: "m0".into(), lag_entries: 3, ..PeerStatus::default() };
+        replication.update(&status, &live);
+        assert_eq!(replication.list().len(), 1);
+        // The peer left the partition: the puller is cancelled, then forgotten; the page it had
+        // in flight ends in an error that must not come back as lag.
+        live.cancel();
+        replication.forget(0, "m0");
+        let late = PeerStatus { last_error: Some("journal of m0: 421 Misdirected Request".into()), ..status };
+        replication.update(&late, &live);
+        assert!(replication.list().is_empty(), "{:?}", replication.list());
     }
 }
