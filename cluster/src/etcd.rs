@@ -29,6 +29,16 @@ pub enum StoreError {
 /// Keys changed per transaction (etcd allows 128 operations, and the guards count too).
 pub const TXN_CHUNK: usize = 60;
 
+/// What [`ClusterStore::write_topology`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// The keys that changed, relative to the cluster's prefix and sorted (`nodes/m1`,
+    /// `partitions/00000003`); empty when `desired` was already there.
+    Keys(Vec<String>),
+    /// A guard failed: someone changed the topology since the snapshot; nothing (more) written.
+    Conflict,
+}
+
 /// What etcd holds for one cluster at one revision.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
@@ -214,7 +224,7 @@ impl ClusterStore {
                 nodes: nodes.iter().map(|n| (n.id.clone(), n.clone())).collect(),
                 partitions,
             };
-            if self.write_topology(&snapshot, &desired).await? {
+            if let Written::Keys(_) = self.write_topology(&snapshot, &desired).await? {
                 return Ok(desired);
             }
         }
@@ -228,22 +238,24 @@ impl ClusterStore {
         Ok(())
     }
 
-    /// Replaces one partition (its state or replicas), guarded by what `snapshot` saw.
+    /// Replaces one partition (its state or replicas), guarded by what `snapshot` saw: false if
+    /// someone changed the topology since.
     pub async fn update_partition(&self, snapshot: &Snapshot, partition: &PartitionSpec) -> Result<bool, StoreError> {
         let mut desired = snapshot.topology.clone();
         desired.partitions.insert(partition.id, partition.clone());
-        self.write_topology(snapshot, &desired).await
+        Ok(matches!(self.write_topology(snapshot, &desired).await?, Written::Keys(_)))
     }
 
     /// From `snapshot.topology` to `desired`, writing only the keys that change, each guarded by
-    /// the revision it was read at (or by its absence): false if someone changed one since.
+    /// the revision it was read at (or by its absence): [`Written::Conflict`] if someone changed
+    /// one since.
     ///
     /// etcd caps a transaction at 128 operations (`--max-txn-ops`), so a large change is written
     /// in transactions of at most [`TXN_CHUNK`] keys, every one also guarded by the config key;
     /// a change that fits is one atomic transaction. Only the operator's leader (or one CLI call)
     /// writes the topology, so chunks are not interleaved with another writer's in practice, and
     /// a guard that fails stops the rest.
-    pub async fn write_topology(&self, snapshot: &Snapshot, desired: &Topology) -> Result<bool, StoreError> {
+    pub async fn write_topology(&self, snapshot: &Snapshot, desired: &Topology) -> Result<Written, StoreError> {
         let values = self.encode(desired);
         let current = self.encode(&snapshot.topology);
         let guard = |key: &String| match snapshot.versions.get(key) {
@@ -262,7 +274,7 @@ impl ClusterStore {
             }
         }
         if changes.is_empty() {
-            return Ok(true);
+            return Ok(Written::Keys(Vec::new()));
         }
         let config_key = self.config_key();
         // The config key goes last: every earlier chunk is guarded by it being as read.
@@ -281,10 +293,12 @@ impl ClusterStore {
                 })
                 .collect();
             if !client.txn(Txn::new().when(guards).and_then(ops)).await?.succeeded() {
-                return Ok(false);
+                return Ok(Written::Conflict);
             }
         }
-        Ok(true)
+        let mut keys: Vec<String> = changes.into_iter().map(|(key, _)| key[self.prefix.len()..].to_owned()).collect();
+        keys.sort();
+        Ok(Written::Keys(keys))
     }
 
     /// The topology as etcd keys and values.

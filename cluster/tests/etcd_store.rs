@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use cairn_cluster::etcd::ClusterStore;
+use cairn_cluster::etcd::{ClusterStore, Written};
 use cairn_cluster::{ClusterConfig, DiskSpec, LiveNode, NodeSpec};
 use cairn_testkit::etcd::EtcdServer;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +80,20 @@ async fn topology_registration_and_watch_survive_an_etcd_restart() {
         s.topology.partitions[&0].state == cairn_cluster::PartitionState::ReadOnly
     })
     .await;
+
+    // A write names the keys it changed (added, changed, removed), as etcd holds them.
+    let before = store.load().await.unwrap();
+    assert_eq!(store.write_topology(&before, &before.topology).await.unwrap(), Written::Keys(vec![]));
+    let mut desired = before.topology.clone();
+    desired.nodes.get_mut("n1").unwrap().disks[0].capacity_bytes = 200 << 30;
+    desired.nodes.remove("n3");
+    desired.partitions.get_mut(&1).unwrap().state = cairn_cluster::PartitionState::ReadOnly;
+    let keys = || Written::Keys(vec!["nodes/n1".into(), "nodes/n3".into(), "partitions/00000001".into()]);
+    assert_eq!(store.write_topology(&before, &desired).await.unwrap(), keys());
+    assert_eq!(store.write_topology(&before, &desired).await.unwrap(), Written::Conflict, "stale snapshot");
+    let changed = store.load().await.unwrap();
+    assert_eq!(changed.topology, desired);
+    assert_eq!(store.write_topology(&changed, &before.topology).await.unwrap(), keys(), "and back");
 
     // etcd goes away for longer than the lease; registration and watch come back by themselves.
     etcd.kill();

@@ -6,7 +6,7 @@ use std::future::Future;
 
 use std::collections::BTreeMap;
 
-use cairn_cluster::etcd::{ClusterStore, EtcdTls, Snapshot};
+use cairn_cluster::etcd::{ClusterStore, EtcdTls, Snapshot, Written};
 use cairn_cluster::{planner, ClusterConfig, NodeSpec, PartitionState, ReplicaSpec, Topology};
 use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts, StoreClusterSpec};
 use cairn_resources::StoreClusterStatus;
@@ -227,34 +227,15 @@ async fn move_step(
             merged.nodes.insert(id.clone(), spec.clone());
         }
     }
-    let Some(changed) = topology_changes(&snapshot.topology, &merged) else { return Ok(None) };
-    if !store.write_topology(snapshot, &merged).await.map_err(|e| e.to_string())? {
+    match store.write_topology(snapshot, &merged).await.map_err(|e| e.to_string())? {
+        Written::Keys(keys) if keys.is_empty() => Ok(None),
+        Written::Keys(keys) => Ok(Some(format!("topology: wrote {}", keys.join(", ")))),
         // Someone else wrote in between: not converged, so this pass still counts as a change.
-        tracing::info!("the topology changed while planning; planning again on the next pass");
-        return Ok(Some(format!("topology changed by someone else while writing {changed}")));
+        Written::Conflict => {
+            tracing::info!("the topology changed while planning; planning again on the next pass");
+            Ok(Some("topology changed by someone else while planning; planning again".into()))
+        }
     }
-    Ok(Some(format!("topology: wrote {changed}")))
-}
-
-/// The parts of the topology that differ, named as in etcd (`config`, `nodes/m1`,
-/// `partitions/3`), or `None` when none does.
-fn topology_changes(old: &Topology, new: &Topology) -> Option<String> {
-    fn differing<'a, K: Ord + std::fmt::Display, V: PartialEq>(
-        prefix: &str,
-        old: &'a BTreeMap<K, V>,
-        new: &'a BTreeMap<K, V>,
-    ) -> impl Iterator<Item = String> + 'a {
-        let keys: std::collections::BTreeSet<&K> = old.keys().chain(new.keys()).collect();
-        let prefix = prefix.to_owned();
-        keys.into_iter().filter(move |k| old.get(k) != new.get(k)).map(move |k| format!("{prefix}/{k}"))
-    }
-    let mut keys: Vec<String> = Vec::new();
-    if old.config != new.config {
-        keys.push("config".into());
-    }
-    keys.extend(differing("nodes", &old.nodes, &new.nodes));
-    keys.extend(differing("partitions", &old.partitions, &new.partitions));
-    (!keys.is_empty()).then(|| keys.join(", "))
 }
 
 /// One replica's progress behind one peer, as a datanode reports it (`GET /v1/admin/replicas`).
@@ -357,38 +338,4 @@ pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> Capacity
         capacity.allocatable_bytes += d.allocatable_bytes;
     }
     capacity
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use cairn_cluster::{DiskSpec, PartitionSpec};
-
-    #[test]
-    fn topology_changes_name_the_keys_that_differ() {
-        let node = |id: &str, capacity_bytes: u64| NodeSpec {
-            id: id.into(),
-            zone: String::new(),
-            address: String::new(),
-            disks: vec![DiskSpec { id: "d".into(), capacity_bytes }],
-        };
-        let partition = |id: u32, nodes: &[&str]| PartitionSpec {
-            id,
-            state: PartitionState::Writable,
-            replicas: nodes.iter().map(|n| ReplicaSpec { node: n.to_string(), disk: "d".into() }).collect(),
-        };
-        let mut old = Topology::default();
-        old.nodes.insert("m0".into(), node("m0", 1 << 30));
-        old.nodes.insert("m3".into(), node("m3", 1 << 30));
-        old.partitions.insert(1, partition(1, &["m0", "m3"]));
-        old.partitions.insert(2, partition(2, &["m0"]));
-        assert_eq!(topology_changes(&old, &old.clone()), None);
-
-        let mut new = old.clone();
-        new.nodes.get_mut("m0").unwrap().disks[0].capacity_bytes = 2 << 30;
-        new.nodes.remove("m3");
-        new.partitions.insert(1, partition(1, &["m0"]));
-        new.partitions.insert(12, partition(12, &["m0"]));
-        assert_eq!(topology_changes(&old, &new).as_deref(), Some("nodes/m0, nodes/m3, partitions/1, partitions/12"));
-    }
 }

@@ -152,7 +152,9 @@ fn degraded_cluster() -> ClusterView {
             time: "2026-11-26T11:40:00Z".into(),
             warning: false,
             reason: "Reconciled".into(),
-            message: "topology: wrote partitions/3, partitions/5 (draining n3: 3 replica(s) still to move)".into(),
+            message:
+                "topology: wrote partitions/00000003, partitions/00000005 (draining n3: 3 replica(s) still to move)"
+                    .into(),
             count: 4,
         },
         EventView {
