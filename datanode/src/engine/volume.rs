@@ -1041,10 +1041,14 @@ impl BlobReader {
         let chunk_crcs = record::verify_trailer(meta_bytes, &trailer).map_err(|e| describe(integrity(e)))?;
         let meta = BlobMeta::decode(meta_bytes).map_err(|e| describe(integrity(e)))?;
         let small_payload = if small {
+            // A small record may still hold two chunks (up to CHUNK_LEN + 64 KiB): verify each.
             let payload =
                 Bytes::copy_from_slice(&head[header.payload_offset() as usize..header.chunk_table_offset() as usize]);
-            if let Some(&expected) = chunk_crcs.first() {
-                record::verify_chunk(0, &payload, expected).map_err(|e| describe(integrity(e)))?;
+            if chunk_crcs.len() as u64 != header.chunk_count() {
+                return Err(describe(VolumeError::Integrity("chunk table length does not match the payload".into())));
+            }
+            for (i, (chunk, &expected)) in payload.chunks(CHUNK_LEN as usize).zip(&chunk_crcs).enumerate() {
+                record::verify_chunk(i as u64, chunk, expected).map_err(|e| describe(integrity(e)))?;
             }
             Some(payload)
         } else {
@@ -1078,11 +1082,18 @@ impl BlobReader {
 
     /// Payload chunk `index` (of [`CHUNK_LEN`] bytes, the last one shorter), verified.
     pub fn read_chunk(&self, index: u64) -> Result<Bytes, VolumeError> {
-        if let Some(payload) = &self.small_payload {
-            return Ok(payload.clone());
+        if index >= self.chunk_count() {
+            return Err(VolumeError::Integrity(format!(
+                "blob {}: chunk {index} asked of a payload of {} chunks",
+                self.blob_id,
+                self.chunk_count()
+            )));
         }
         let start = index * CHUNK_LEN;
         let len = CHUNK_LEN.min(self.len() - start);
+        if let Some(payload) = &self.small_payload {
+            return Ok(payload.slice(start as usize..(start + len) as usize));
+        }
         let offset = self.payload_offset + start;
         if let Some(chunk) = self.cached_chunk(index) {
             return Ok(chunk);
