@@ -59,6 +59,25 @@ impl LayoutError {
     fn io(path: &Path, source: io::Error) -> Self {
         Self::Io { path: path.to_owned(), source }
     }
+
+    /// Out of disk space (or quota).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            LayoutError::NoSpace { .. } => true,
+            LayoutError::Io { source, .. } => [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT]
+                .map(|e| Some(e.raw_os_error()))
+                .contains(&source.raw_os_error()),
+            _ => false,
+        }
+    }
+
+    /// Trouble that passes by itself: no disk space, no file descriptors left (process or
+    /// system). Worth trying again later, never a reason to fail a volume for good.
+    pub fn is_transient(&self) -> bool {
+        self.is_no_space()
+            || matches!(self, LayoutError::Io { source, .. }
+                if [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE].map(|e| Some(e.raw_os_error())).contains(&source.raw_os_error()))
+    }
 }
 
 /// Contents of `volume.json`.
@@ -310,12 +329,22 @@ pub fn create_segment(
         }
         fs::rename(spare_path(volume_dir, spare), &path).map_err(|e| LayoutError::io(&path, e))?;
         sync_dir(&spares_dir(volume_dir))?;
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LayoutError::io(&path, e))?;
-        let header = SegmentHeader { volume_id: marker.volume_id_u128(), segment, segment_size: marker.segment_size };
-        file.write_all_at(&header.encode(), 0).map_err(|e| LayoutError::io(&path, e))?;
-        file.sync_all().map_err(|e| LayoutError::io(&path, e))?;
-        sync_dir(&segments_dir(volume_dir))?;
-        return Ok(file);
+        let opened = (|| {
+            let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LayoutError::io(&path, e))?;
+            let header =
+                SegmentHeader { volume_id: marker.volume_id_u128(), segment, segment_size: marker.segment_size };
+            file.write_all_at(&header.encode(), 0).map_err(|e| LayoutError::io(&path, e))?;
+            file.sync_all().map_err(|e| LayoutError::io(&path, e))?;
+            sync_dir(&segments_dir(volume_dir))?;
+            Ok(file)
+        })();
+        if opened.is_err() {
+            // Out of file descriptors, say: the spare goes back, so the volume keeps its room.
+            // Its header is zeros again or was never written; a spare with a header is erased
+            // like any retired segment on the next open.
+            let _ = fs::rename(&path, spare_path(volume_dir, spare));
+        }
+        return opened;
     }
     let result = (|| {
         let file = OpenOptions::new()

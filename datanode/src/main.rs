@@ -1,11 +1,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytesize::ByteSize;
 use cairn_common::volume_layout::Preallocation;
+use cairn_datanode::api::serve::ServerLimits;
 use cairn_datanode::cluster::ClusterOptions;
 use cairn_datanode::engine::{ChunkCache, VolumeConfig};
-use cairn_datanode::server::{run_cluster, run_standalone, StandaloneOptions, VolumeSource};
+use cairn_datanode::server::{run_cluster, run_standalone, HttpOptions, StandaloneOptions, VolumeSource};
 use cairn_datanode::store::StandaloneLayout;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +76,28 @@ struct Args {
     /// repeated GETs of a hot blob skip the read and checksum.
     #[arg(long, default_value = "256MiB")]
     chunk_cache_size: ByteSize,
+    /// New blobs are refused while a volume's filesystem has less than this free, so that
+    /// deletes and TTL updates still have room in the index; writes resume by themselves.
+    #[arg(long, default_value = "16MiB")]
+    index_reserve: ByteSize,
+    /// Request bodies held in memory at once, across all uploads; an upload that finds no room
+    /// within --upload-wait-ms gets 503 with Retry-After.
+    #[arg(long, default_value = "512MiB")]
+    upload_buffer: ByteSize,
+    #[arg(long, default_value_t = 10_000)]
+    upload_wait_ms: u64,
+    /// Open connections at most (one more gets 503 and is closed).
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (also the keep-alive idle limit).
+    #[arg(long, default_value_t = 30)]
+    header_timeout_secs: u64,
+    /// Longest pause, in seconds, between two pieces of a request body.
+    #[arg(long, default_value_t = 30)]
+    body_timeout_secs: u64,
+    /// Seconds SIGTERM waits for requests in flight before closing their connections.
+    #[arg(long, default_value_t = 20)]
+    drain_timeout_secs: u64,
     /// Seconds between compaction passes.
     #[arg(long, default_value_t = 60)]
     compaction_interval_secs: u64,
@@ -89,12 +113,30 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Lets glibc give the memory of large request bodies back to the system as soon as they are
+/// freed. By default its mmap threshold grows to the largest block freed so far (up to 32 MiB),
+/// after which bodies come from the heap and a burst of uploads leaves the process large for
+/// good. A fixed threshold just above one verified read chunk (1 MiB, cached and reused) keeps
+/// chunks on the heap and every larger body in its own mapping.
+fn return_large_blocks_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1152 * 1024);
+    }
+}
+
 fn run() -> anyhow::Result<()> {
+    return_large_blocks_to_the_system();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let mut volume = VolumeConfig { max_blob_bytes: args.max_blob_size.as_u64(), ..VolumeConfig::default() };
+    let mut volume = VolumeConfig {
+        max_blob_bytes: args.max_blob_size.as_u64(),
+        index_reserve_bytes: args.index_reserve.as_u64(),
+        ..VolumeConfig::default()
+    };
     if args.zero_fill_fallback {
         volume.preallocation = Preallocation::FallocateOrZeroFill;
     }
@@ -133,6 +175,16 @@ fn run() -> anyhow::Result<()> {
             volume_size: args.volume_size.as_u64(),
         },
         volume,
+        http: HttpOptions {
+            limits: ServerLimits {
+                max_connections: args.max_connections.max(1),
+                header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
+                body_timeout: Duration::from_secs(args.body_timeout_secs.max(1)),
+                drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+            },
+            upload_buffer_bytes: args.upload_buffer.as_u64(),
+            upload_wait: Duration::from_millis(args.upload_wait_ms),
+        },
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
@@ -150,7 +202,7 @@ fn run() -> anyhow::Result<()> {
         });
         match cluster {
             None => run_standalone(options, shutdown).await,
-            Some(cluster) => run_cluster(cluster, options.listen, options.volume, shutdown).await,
+            Some(cluster) => run_cluster(cluster, options.listen, options.volume, options.http, shutdown).await,
         }
     })
 }

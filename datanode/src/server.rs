@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::api::serve::ServerLimits;
+use crate::api::upload::UploadBudget;
 use crate::api::{self, AppState};
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::engine::VolumeConfig;
@@ -17,6 +19,38 @@ pub struct StandaloneOptions {
     pub listen: SocketAddr,
     pub layout: StandaloneLayout,
     pub volume: VolumeConfig,
+    pub http: HttpOptions,
+}
+
+/// The HTTP side of a node: connection limits and the memory for request bodies.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub limits: ServerLimits,
+    /// Bytes of request bodies held at once, across all uploads.
+    pub upload_buffer_bytes: u64,
+    /// How long an upload waits for room in that buffer before it gets 503.
+    pub upload_wait: std::time::Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            limits: ServerLimits::default(),
+            upload_buffer_bytes: 512 << 20,
+            upload_wait: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+impl HttpOptions {
+    fn budget(&self, max_blob_bytes: u64) -> anyhow::Result<Arc<UploadBudget>> {
+        anyhow::ensure!(
+            self.upload_buffer_bytes >= max_blob_bytes,
+            "the upload buffer ({} bytes) must hold at least one blob of the largest size ({max_blob_bytes} bytes)",
+            self.upload_buffer_bytes
+        );
+        Ok(Arc::new(UploadBudget::new(self.upload_buffer_bytes, self.upload_wait)))
+    }
 }
 
 /// Where a node's volumes come from.
@@ -82,9 +116,10 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         }
     };
     let store = Arc::new(store);
-    let state =
-        AppState { store: store.clone(), metrics, max_blob_bytes: options.volume.max_blob_bytes, cluster: None };
-    serve(state, options.listen, shutdown).await
+    let uploads = options.http.budget(options.volume.max_blob_bytes)?;
+    let listener = bind(options.listen).await?;
+    let state = AppState { store, metrics, max_blob_bytes: options.volume.max_blob_bytes, uploads, cluster: None };
+    serve_on(listener, state, &options.http.limits, shutdown).await
 }
 
 /// Serves a node of a cluster: binds first (peers may call as soon as it registers), then joins.
@@ -92,30 +127,33 @@ pub async fn run_cluster(
     options: ClusterOptions,
     listen: SocketAddr,
     volume: VolumeConfig,
+    http: HttpOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::empty(metrics.clone()));
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let uploads = http.budget(volume.max_blob_bytes)?;
+    let listener = bind(listen).await?;
     let cluster = Cluster::start(options, volume.clone(), store.clone(), shutdown.child_token()).await?;
-    let state = AppState { store, metrics, max_blob_bytes: volume.max_blob_bytes, cluster: Some(cluster) };
-    serve_on(listener, state, shutdown).await
+    let state = AppState { store, metrics, max_blob_bytes: volume.max_blob_bytes, uploads, cluster: Some(cluster) };
+    serve_on(listener, state, &http.limits, shutdown).await
 }
 
-async fn serve(state: AppState, listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    serve_on(listener, state, shutdown).await
+async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))
 }
 
-/// Serves until `shutdown`, then drains requests and checkpoints every volume.
+/// Serves until `shutdown`, then drains requests (up to the drain timeout) and checkpoints every
+/// volume.
 async fn serve_on(
     listener: tokio::net::TcpListener,
     state: AppState,
+    limits: &ServerLimits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = state.store.clone();
     tracing::info!(addr = %listener.local_addr()?, cluster = state.cluster.is_some(), "cairn-datanode serving");
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    api::serve::serve(listener, api::router(state), limits, shutdown).await?;
     tokio::task::spawn_blocking(move || store.close()).await?;
     tracing::info!("cairn-datanode stopped");
     Ok(())

@@ -92,6 +92,7 @@ impl Store {
     pub fn pick_for_put(&self) -> Result<Arc<Volume>, VolumeError> {
         let volumes = self.volumes();
         let mut candidates = Vec::new();
+        let mut stalled = Vec::new();
         let mut failed = None;
         for volume in &volumes {
             match volume.health() {
@@ -100,9 +101,14 @@ impl Store {
                     let free = stats.capacity_bytes.saturating_sub(stats.live_bytes).max(1);
                     candidates.push((volume, free));
                 }
+                // Tried only when nothing else is writable: that try is how they recover.
+                VolumeHealth::Stalled(_) => stalled.push((volume, 1)),
                 VolumeHealth::Full => {}
                 VolumeHealth::Failed(reason) => failed = Some(reason),
             }
+        }
+        if candidates.is_empty() {
+            candidates = stalled;
         }
         let total: u64 = candidates.iter().map(|(_, free)| free).sum();
         if total == 0 {

@@ -69,13 +69,15 @@ fn kill9_during_concurrent_puts_loses_no_acknowledged_blob() {
 }
 
 #[test]
-fn full_disk_answers_507_and_corrupts_nothing() {
-    // 3 MiB of tmpfs under a volume that believes it may grow to 64 MiB: the disk fills first.
+fn full_disk_answers_507_keeps_deletes_and_recovers_by_itself() {
+    // 4 MiB of tmpfs under a volume that believes it may grow to 64 MiB: the disk fills first.
     let mut machine = Machine::new();
-    let mnt = machine.mount("tmpfs", "tmpfs", &["-t", "tmpfs", "-o", "size=3m"]);
+    let mnt = machine.mount("tmpfs", "tmpfs", &["-t", "tmpfs", "-o", "size=4m"]);
+    let ballast = mnt.join("ballast");
+    std::fs::write(&ballast, vec![1u8; 1 << 20]).unwrap();
     let mut node = Datanode::start(
         &mnt.join("node"),
-        &["--segment-size", "1MiB", "--volume-size", "64MiB", "--max-blob-size", "256KiB"],
+        &["--segment-size", "1MiB", "--volume-size", "64MiB", "--max-blob-size", "256KiB", "--index-reserve", "256KiB"],
     );
     let client = Client::new();
     let mut stored = Vec::new();
@@ -97,8 +99,8 @@ fn full_disk_answers_507_and_corrupts_nothing() {
     }
     assert!(refused == 3 && !stored.is_empty(), "stored {}, refused {refused}", stored.len());
     let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
-    assert_eq!(ready["ready"], true, "a full volume still serves");
-    assert_eq!(ready["volumes"][0]["state"], "full");
+    assert_eq!(ready["ready"], true, "a volume on a full disk still serves: {ready}");
+    assert_eq!(ready["volumes"][0]["state"], "stalled", "a full disk is passing trouble, not a full volume: {ready}");
     let check = |node: &Datanode, stored: &[(String, u64)]| {
         for (id, seed) in stored {
             let r = client.get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap();
@@ -107,12 +109,22 @@ fn full_disk_answers_507_and_corrupts_nothing() {
         }
     };
     check(&node, &stored);
-    // Deletes still work on the full volume.
-    let (gone, _) = stored.remove(0);
-    assert_eq!(client.delete(node.url(&format!("/v1/blobs/{gone}"))).send().unwrap().status(), StatusCode::NO_CONTENT);
+    // Deletes still work on the full disk: the index has its reserve.
+    for _ in 0..3 {
+        let (gone, _) = stored.remove(0);
+        let r = client.delete(node.url(&format!("/v1/blobs/{gone}"))).send().unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        assert_eq!(client.get(node.url(&format!("/v1/blobs/{gone}"))).send().unwrap().status(), StatusCode::GONE);
+    }
+    // Room comes back: the next put goes through, no restart needed.
+    std::fs::remove_file(&ballast).unwrap();
+    let r = client.post(node.url("/v1/blobs")).body(payload(500, 100_000)).send().unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "the volume recovers by itself: {}", r.text().unwrap());
+    stored.push((r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned(), 500));
+    let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
+    assert_eq!(ready["volumes"][0]["state"], "writable", "{ready}");
     node.restart();
     check(&node, &stored);
-    assert_eq!(client.get(node.url(&format!("/v1/blobs/{gone}"))).send().unwrap().status(), StatusCode::GONE);
     node.kill9();
     node.start_again();
     check(&node, &stored);

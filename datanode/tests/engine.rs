@@ -321,6 +321,15 @@ async fn full_volume_refuses_puts_keeps_reads_and_deletes() {
             Err(e) => break e,
         }
     };
+    // The 20 KB blob that no longer fits leaves the volume writable: smaller blobs still fit.
+    assert!(matches!(err, VolumeError::NoRoom { .. }), "{err:?}");
+    assert_eq!(volume.health(), VolumeHealth::Writable, "one large put does not make the volume full");
+    let err = loop {
+        match put(&volume, written.len() as u64, 1000).await {
+            Ok(w) => written.push(w),
+            Err(e) => break e,
+        }
+    };
     assert!(matches!(err, VolumeError::Full), "{err:?}");
     assert_eq!(volume.health(), VolumeHealth::Full);
     assert!(matches!(put(&volume, 0, 10).await, Err(VolumeError::Full)), "read-only for new blobs");
@@ -493,4 +502,108 @@ async fn tombstones_for_unknown_blobs_and_replication_tokens_persist() {
     assert_eq!((volume.replication_token("n2").unwrap(), volume.replication_token("n3").unwrap()), (41, 7));
     assert!(matches!(volume.open_blob(id), Err(VolumeError::Deleted)), "survives recovery");
     assert_eq!(volume.journal_tail().unwrap(), tail);
+}
+
+/// A crash as the disk sees it: the index as of the last durable checkpoint (a copy taken right
+/// after `checkpoint()`), the log as written since. Closing a volume in-process keeps the index's
+/// non-durable commits, so tests of replay put the durable copy back before reopening.
+fn durable_index(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(layout::INDEX_FILE)).unwrap()
+}
+
+fn crash_to(dir: &Path, volume: Volume, index: &[u8]) {
+    volume.abandon();
+    drop(volume);
+    std::fs::write(dir.join(layout::INDEX_FILE), index).unwrap();
+}
+
+/// Flips one byte of the segment file at `at`.
+fn flip_byte(dir: &Path, segment: u32, at: u64) {
+    let file = OpenOptions::new().read(true).write(true).open(layout::segment_path(dir, segment)).unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_the_middle_of_the_log_tail_keeps_every_later_record() {
+    // Damage in a put's payload, in a put's header, and in a delete's trailer, all in the tail
+    // that recovery replays: the records after each are acknowledged and must all survive.
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 8);
+    volume.checkpoint().await.unwrap();
+    let index = durable_index(dir.path());
+    let mut blobs = Vec::new();
+    for seed in 0..12u64 {
+        blobs.push(put(&volume, seed, 3000 + seed as usize).await.unwrap());
+    }
+    let doomed = blobs[7].0;
+    volume.delete(doomed).await.unwrap();
+    let (after_delete, after_delete_data) = put(&volume, 99, 700).await.unwrap();
+    let location = |id| volume.entry(id).unwrap().location.unwrap();
+    let payload_hit = location(blobs[2].0);
+    let header_hit = location(blobs[5].0);
+    let tombstone = location(doomed);
+    crash_to(dir.path(), volume, &index); // everything above is past the durable mark
+    flip_byte(dir.path(), payload_hit.segment, payload_hit.offset + payload_hit.len / 2);
+    flip_byte(dir.path(), header_hit.segment, header_hit.offset + 30);
+    flip_byte(dir.path(), tombstone.segment, tombstone.offset + tombstone.len - 2);
+
+    let volume = open(dir.path(), 8);
+    for (i, (id, data)) in blobs.iter().enumerate() {
+        match i {
+            2 => match volume.open_blob(*id) {
+                Err(VolumeError::Integrity(msg)) => assert!(msg.contains("damaged"), "{msg}"),
+                other => panic!("damaged payload: expected an integrity error, got {:?}", other.map(|_| ())),
+            },
+            5 => assert!(volume.open_blob(*id).is_err(), "a record with a damaged header is not served"),
+            7 => assert!(matches!(volume.open_blob(*id), Err(VolumeError::Deleted)), "the delete's header is applied"),
+            _ => assert_eq!(&read_all(&volume, *id).unwrap(), data, "blob {i} after the damage lost"),
+        }
+    }
+    assert_eq!(read_all(&volume, after_delete).unwrap(), after_delete_data);
+    let damaged: Vec<BlobId> = volume.damaged().unwrap().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(damaged, vec![blobs[2].0], "the damaged put waits for repair");
+
+    // A replica sends the blob again: it is stored anew, and nothing is owed any more.
+    let repair = PutRequest {
+        blob_id: blobs[2].0,
+        meta: BlobMeta { content_type: "application/x-test".into(), user: vec![("seed".into(), "2".into())] },
+        payload: blobs[2].1.clone(),
+        created_ms: now_ms(),
+        expiry_ms: None,
+    };
+    volume.put(repair).await.unwrap();
+    assert_eq!(read_all(&volume, blobs[2].0).unwrap(), blobs[2].1);
+    assert!(volume.damaged().unwrap().is_empty());
+    // New writes go after the end of the log, not over anything kept.
+    let (late, late_data) = put(&volume, 1234, 5000).await.unwrap();
+    volume.abandon();
+    drop(volume);
+    let volume = open(dir.path(), 8);
+    assert_eq!(read_all(&volume, late).unwrap(), late_data);
+    assert_eq!(read_all(&volume, blobs[2].0).unwrap(), blobs[2].1);
+    assert_eq!(read_all(&volume, blobs[11].0).unwrap(), blobs[11].1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_of_zero_stays_expired_through_crash_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 4);
+    volume.checkpoint().await.unwrap();
+    let index = durable_index(dir.path());
+    let id = BlobId::generate(volume.partition());
+    let request = PutRequest {
+        blob_id: id,
+        meta: BlobMeta::default(),
+        payload: payload(3, 10),
+        created_ms: now_ms(),
+        expiry_ms: Some(0),
+    };
+    volume.put(request).await.unwrap();
+    assert!(matches!(volume.open_blob(id), Err(VolumeError::Expired)));
+    crash_to(dir.path(), volume, &index);
+    let volume = open(dir.path(), 4);
+    assert_eq!(volume.entry(id).unwrap().expiry_ms, Some(0), "replayed from the log");
+    assert!(matches!(volume.open_blob(id), Err(VolumeError::Expired)), "an expiry of 0 is not 'never'");
 }

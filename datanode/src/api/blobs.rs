@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use cairn_common::BlobId;
-use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -76,30 +75,13 @@ fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>
         (status = 201, description = "Stored durably", body = PutResponse, headers(("Location" = String))),
         (status = 400, description = "Invalid header or metadata", body = ErrorBody),
         (status = 413, description = "Blob too large", body = ErrorBody),
-        (status = 503, description = "Volume failed", body = ErrorBody),
+        (status = 408, description = "The body stopped arriving", body = ErrorBody),
+        (status = 503, description = "Volume failed, or busy (Retry-After)", body = ErrorBody),
         (status = 507, description = "No room", body = ErrorBody),
     ))]
 pub async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let max = state.max_blob_bytes;
-    let too_large =
-        |size: String| ApiError::PayloadTooLarge(format!("blob of {size} bytes exceeds the limit of {max} bytes"));
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
-        if len > max {
-            return Err(too_large(len.to_string()));
-        }
-    }
     let (meta, ttl) = parse_put_headers(&headers)?;
-    let payload = http_body_util::Limited::new(body, max as usize)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                too_large(format!("more than {max}"))
-            } else {
-                ApiError::InvalidBody(format!("reading the request body: {e}"))
-            }
-        })?
-        .to_bytes();
+    let payload = state.uploads.read(&headers, body, state.max_blob_bytes).await?;
     let created_ms = now_ms();
     let expiry_ms = ttl.map(|t| created_ms + t * 1000);
     let size = payload.len() as u64;

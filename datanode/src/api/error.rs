@@ -37,6 +37,14 @@ pub enum ApiError {
     InsufficientStorage(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Passing overload (upload memory, connections, file descriptors): try again shortly.
+    #[error("{0}")]
+    Busy(String),
+    /// A replica's volume is full (replica API only; the router then stops writing to it).
+    #[error("volume of partition {0} is full")]
+    VolumeFull(u32),
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     Integrity(String),
     /// A replica call reached a node that holds no replica of the partition.
@@ -79,6 +87,9 @@ impl ApiError {
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Busy(_) => "busy",
+            ApiError::VolumeFull(_) => "volume_full",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Integrity(_) => "integrity_error",
             ApiError::NoReplica(_) => "no_replica_here",
             ApiError::NoQuorum(_) => "no_quorum",
@@ -98,8 +109,9 @@ impl ApiError {
             ApiError::BlobDeleted | ApiError::BlobExpired => StatusCode::GONE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Unavailable(_) | ApiError::NoQuorum(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientStorage(_) | ApiError::VolumeFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Unavailable(_) | ApiError::NoQuorum(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NoReplica(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Integrity(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -114,6 +126,9 @@ impl From<VolumeError> for ApiError {
             VolumeError::Expired => ApiError::BlobExpired,
             VolumeError::Conflict => ApiError::Conflict,
             VolumeError::Full => ApiError::InsufficientStorage("no volume has room for this blob".into()),
+            e @ VolumeError::NoRoom { .. } => ApiError::InsufficientStorage(e.to_string()),
+            VolumeError::Paused { reason, no_space: true } => ApiError::InsufficientStorage(reason),
+            VolumeError::Paused { reason, no_space: false } => ApiError::Busy(reason),
             VolumeError::TooLarge { size, max } => {
                 ApiError::PayloadTooLarge(format!("blob of {size} bytes exceeds the limit of {max} bytes"))
             }
@@ -133,9 +148,15 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
         let mut response = (status, axum::Json(body)).into_response();
-        if let ApiError::RangeNotSatisfiable { blob_len, .. } = self {
-            let value = HeaderValue::from_str(&format!("bytes */{blob_len}")).expect("ascii");
-            response.headers_mut().insert(axum::http::header::CONTENT_RANGE, value);
+        match self {
+            ApiError::RangeNotSatisfiable { blob_len, .. } => {
+                let value = HeaderValue::from_str(&format!("bytes */{blob_len}")).expect("ascii");
+                response.headers_mut().insert(axum::http::header::CONTENT_RANGE, value);
+            }
+            ApiError::Busy(_) => {
+                response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
     }

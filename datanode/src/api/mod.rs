@@ -3,6 +3,8 @@
 pub mod blobs;
 pub mod error;
 pub mod limits;
+pub mod serve;
+pub mod upload;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +28,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub max_blob_bytes: u64,
+    /// Memory for request bodies, shared by every upload (public and replica API).
+    pub uploads: Arc<upload::UploadBudget>,
     /// Set when the node is part of a cluster: requests are routed across replicas.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
@@ -72,7 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
-        .merge(crate::cluster::replica_api::routes(state.max_blob_bytes))
+        .merge(crate::cluster::replica_api::routes())
         .fallback(
             |req: Request| async move { ApiError::RouteNotFound(format!("{} {}", req.method(), req.uri().path())) },
         )
@@ -84,7 +88,7 @@ pub fn router(state: AppState) -> Router {
 /// Counts and times every request by method, matched route and status.
 async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let route =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let response = next.run(request).await;
@@ -92,6 +96,18 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     state.metrics.requests.get_or_create(&labels).inc();
     state.metrics.request_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The method as a metric label: any method the API does not know is "other", so that a client
+/// cannot grow the metrics without bound.
+fn method_label(method: &axum::http::Method) -> String {
+    use axum::http::Method;
+    match *method {
+        Method::GET | Method::HEAD | Method::POST | Method::PUT | Method::DELETE | Method::OPTIONS | Method::PATCH => {
+            method.as_str().to_owned()
+        }
+        _ => "other".to_owned(),
+    }
 }
 
 /// Replication progress of each local replica behind each peer (empty on a standalone node).
@@ -117,7 +133,8 @@ struct Readiness {
 #[derive(Serialize, utoipa::ToSchema)]
 struct VolumeReadiness {
     partition: u32,
-    /// writable, full (reads only) or failed (reads only, needs attention)
+    /// writable, full (reads only), stalled (no new blobs for a passing reason, retried by
+    /// itself) or failed (reads only, needs attention)
     state: String,
     reason: Option<String>,
 }
@@ -134,6 +151,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             let (state, reason) = match v.health() {
                 VolumeHealth::Writable => ("writable", None),
                 VolumeHealth::Full => ("full", None),
+                VolumeHealth::Stalled(reason) => ("stalled", Some(reason)),
                 VolumeHealth::Failed(reason) => ("failed", Some(reason)),
             };
             VolumeReadiness { partition: v.partition(), state: state.into(), reason }

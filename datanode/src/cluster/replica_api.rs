@@ -15,16 +15,14 @@ use crate::api::error::ApiError;
 use crate::api::limits::parse_put_headers;
 use crate::api::AppState;
 use crate::engine::record::RecordKind;
-use crate::engine::{PutRequest, Volume};
+use crate::engine::{PutRequest, Volume, VolumeError};
 
 pub const CREATED_HEADER: &str = "x-cairn-created-ms";
 pub const EXPIRES_HEADER: &str = "x-cairn-expires-ms";
 
-/// `max_blob_bytes`: bodies up to this size are accepted (axum's default limit is 2 MiB).
-pub fn routes(max_blob_bytes: u64) -> Router<AppState> {
-    let body_limit = axum::extract::DefaultBodyLimit::max(max_blob_bytes as usize + 64 * 1024);
+pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/replica/v1/blobs/{id}", put(put_replica).delete(delete(delete_replica)).layer(body_limit))
+        .route("/replica/v1/blobs/{id}", put(put_replica).delete(delete(delete_replica)))
         .route("/replica/v1/blobs/{id}/ttl", put(ttl_replica))
         .route("/replica/v1/partitions/{partition}/journal", get(journal))
 }
@@ -54,16 +52,21 @@ async fn put_replica(
     State(state): State<AppState>,
     Path(raw): Path<String>,
     headers: HeaderMap,
-    payload: Bytes,
+    body: axum::body::Body,
 ) -> Result<StatusCode, ApiError> {
     let blob_id = parse_id(&raw)?;
     let (meta, _) = parse_put_headers(&headers)?;
+    let payload = state.uploads.read(&headers, body, state.max_blob_bytes).await?;
     let created_ms =
         header_ms(&headers, CREATED_HEADER)?.ok_or_else(|| ApiError::InvalidHeader(CREATED_HEADER.into()))?;
     let expiry_ms = header_ms(&headers, EXPIRES_HEADER)?;
     let volume = local_volume(&state, blob_id.partition())?;
-    volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms }).await?;
-    Ok(StatusCode::NO_CONTENT)
+    match volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms }).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        // The router marks the partition read-only on this answer alone.
+        Err(VolumeError::Full) => Err(ApiError::VolumeFull(blob_id.partition())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,12 +75,29 @@ pub struct TombstoneAnswer {
     pub existed: bool,
 }
 
+#[derive(Debug, Deserialize)]
+pub struct DeleteParams {
+    /// Delete only a blob this replica has (or had); an unknown id leaves no tombstone.
+    #[serde(default)]
+    pub if_present: bool,
+}
+
 async fn delete_replica(
     State(state): State<AppState>,
     Path(raw): Path<String>,
+    Query(params): Query<DeleteParams>,
 ) -> Result<Json<TombstoneAnswer>, ApiError> {
     let blob_id = parse_id(&raw)?;
-    let existed = local_volume(&state, blob_id.partition())?.tombstone(blob_id).await?;
+    let volume = local_volume(&state, blob_id.partition())?;
+    let existed = if params.if_present {
+        match volume.delete(blob_id).await {
+            Ok(()) => true,
+            Err(VolumeError::NotFound) => false,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        volume.tombstone(blob_id).await?
+    };
     Ok(Json(TombstoneAnswer { existed }))
 }
 

@@ -106,6 +106,7 @@ async fn pull_page(cluster: &Cluster, partition: u32, peer: &str, status: &mut P
         return Err(format!("peer {peer} is not live"));
     }
     let address = Cluster::address_of(&snapshot, peer).ok_or_else(|| format!("no address for {peer}"))?;
+    repair_damaged(cluster, &volume, &address, peer).await?;
     let token = {
         let (volume, peer) = (volume.clone(), peer.to_owned());
         tokio::task::spawn_blocking(move || volume.replication_token(&peer))
@@ -148,6 +149,27 @@ async fn pull_page(cluster: &Cluster, partition: u32, peer: &str, status: &mut P
     status.token = next;
     status.lag_entries = page.tail.saturating_sub(next);
     Ok(true)
+}
+
+/// Asks the peer for every blob recovery found damaged here; what it has comes back as a normal
+/// put (which clears the damage), what it lacks is asked of the next peer.
+async fn repair_damaged(cluster: &Cluster, volume: &Arc<Volume>, address: &str, peer: &str) -> Result<(), String> {
+    let damaged = {
+        let volume = volume.clone();
+        tokio::task::spawn_blocking(move || volume.damaged()).await.map_err(|e| e.to_string())?
+    }
+    .map_err(|e| e.to_string())?;
+    for (id, record) in damaged {
+        match apply(cluster, volume, address, id, "put").await {
+            Ok(()) => {
+                if !matches!(volume.damaged().map(|d| d.iter().any(|(d, _)| *d == id)), Ok(true)) {
+                    tracing::info!(%id, %peer, segment = record.segment, offset = record.offset, "damaged blob repaired");
+                }
+            }
+            Err(e) => tracing::warn!(%id, %peer, error = %e, "damaged blob not repaired yet"),
+        }
+    }
+    Ok(())
 }
 
 /// Brings one journal entry of the peer into the local replica; applying twice changes nothing.

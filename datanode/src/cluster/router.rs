@@ -23,9 +23,23 @@ use crate::engine::{BlobMeta, PutRequest, VolumeError};
 /// One write to one replica.
 #[derive(Clone)]
 enum ReplicaOp {
-    Put { id: BlobId, meta: BlobMeta, payload: Bytes, created_ms: u64, expiry_ms: Option<u64> },
-    Delete { id: BlobId },
-    Ttl { id: BlobId, expiry_ms: Option<u64> },
+    Put {
+        id: BlobId,
+        meta: BlobMeta,
+        payload: Bytes,
+        created_ms: u64,
+        expiry_ms: Option<u64>,
+    },
+    /// `if_present`: only where the replica has (or had) the blob; otherwise a tombstone either
+    /// way, so that a put still on its way can never land after the delete.
+    Delete {
+        id: BlobId,
+        if_present: bool,
+    },
+    Ttl {
+        id: BlobId,
+        expiry_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug)]
@@ -36,7 +50,10 @@ enum Outcome {
     },
     NotFound,
     Gone,
+    /// The replica's volume is full: the partition turns read-only.
     Full,
+    /// This blob does not fit (or the replica's disk is short for now); smaller ones may.
+    NoRoom(String),
     Failed(String),
 }
 
@@ -69,15 +86,17 @@ impl Cluster {
             .unwrap_or_else(|| ApiError::NoQuorum("no writable partition has a quorum of live replicas".into())))
     }
 
-    /// Deletes at write quorum: a tombstone on every replica that answers.
+    /// Deletes at write quorum. First only where a replica has the blob: a quorum of answers
+    /// meets every quorum that stored it, so when none of them has it, it never existed, and no
+    /// tombstone is written (random ids cannot grow the index). When one has it, then a
+    /// tombstone on every replica, so that a put still on its way to one cannot land later.
     pub async fn delete(self: &Arc<Self>, id: BlobId) -> Result<(), ApiError> {
         let (partition, config) = self.partition_of(id)?;
-        let outcomes = self.write_quorum(&partition, &config, ReplicaOp::Delete { id }).await?;
-        if outcomes.iter().any(|o| matches!(o, Outcome::Done { existed: true })) {
-            Ok(())
-        } else {
-            Err(ApiError::BlobNotFound)
+        let outcomes = self.write_quorum(&partition, &config, ReplicaOp::Delete { id, if_present: true }).await?;
+        if !outcomes.iter().any(|o| matches!(o, Outcome::Done { existed: true })) {
+            return Err(ApiError::BlobNotFound);
         }
+        self.write_quorum(&partition, &config, ReplicaOp::Delete { id, if_present: false }).await.map(|_| ())
     }
 
     /// Changes the expiry at write quorum.
@@ -140,6 +159,9 @@ impl Cluster {
         if outcomes.iter().any(|o| matches!(o, Outcome::Full)) {
             return Err(ApiError::InsufficientStorage(format!("partition {} is full", partition.id)));
         }
+        if let Some(Outcome::NoRoom(reason)) = outcomes.iter().find(|o| matches!(o, Outcome::NoRoom(_))) {
+            return Err(ApiError::InsufficientStorage(format!("partition {}: {reason}", partition.id)));
+        }
         let reasons: Vec<String> = outcomes
             .iter()
             .filter_map(|o| match o {
@@ -181,7 +203,9 @@ impl Cluster {
                 }
                 r
             }
-            ReplicaOp::Delete { id } => self.http.delete(format!("http://{address}/replica/v1/blobs/{id}")),
+            ReplicaOp::Delete { id, if_present } => {
+                self.http.delete(format!("http://{address}/replica/v1/blobs/{id}?if_present={if_present}"))
+            }
             ReplicaOp::Ttl { id, expiry_ms } => self
                 .http
                 .put(format!("http://{address}/replica/v1/blobs/{id}/ttl"))
@@ -207,14 +231,20 @@ impl Cluster {
             },
             404 => Outcome::NotFound,
             410 => Outcome::Gone,
-            507 => Outcome::Full,
+            507 => match response.json::<serde_json::Value>().await {
+                Ok(body) if body["error"]["code"] == "volume_full" => Outcome::Full,
+                Ok(body) => {
+                    Outcome::NoRoom(format!("{node}: {}", body["error"]["message"].as_str().unwrap_or("no room")))
+                }
+                Err(e) => Outcome::NoRoom(format!("{node}: no room ({e})")),
+            },
             status => Outcome::Failed(format!("{node} answered {status}")),
         }
     }
 
     async fn write_local(&self, op: ReplicaOp) -> Outcome {
         let id = match &op {
-            ReplicaOp::Put { id, .. } | ReplicaOp::Delete { id } | ReplicaOp::Ttl { id, .. } => *id,
+            ReplicaOp::Put { id, .. } | ReplicaOp::Delete { id, .. } | ReplicaOp::Ttl { id, .. } => *id,
         };
         let Some(volume) = self.store.volume(id.partition()) else {
             return Outcome::Failed(format!("no local replica of partition {}", id.partition()));
@@ -223,7 +253,11 @@ impl Cluster {
             ReplicaOp::Put { id, meta, payload, created_ms, expiry_ms } => {
                 volume.put(PutRequest { blob_id: id, meta, payload, created_ms, expiry_ms }).await.map(|_| true)
             }
-            ReplicaOp::Delete { id } => volume.tombstone(id).await,
+            ReplicaOp::Delete { id, if_present: true } => match volume.delete(id).await {
+                Err(VolumeError::NotFound) => Ok(false),
+                other => other.map(|_| true),
+            },
+            ReplicaOp::Delete { id, if_present: false } => volume.tombstone(id).await,
             ReplicaOp::Ttl { id, expiry_ms } => volume.update_ttl(id, expiry_ms).await.map(|_| true),
         };
         match result {
@@ -231,6 +265,9 @@ impl Cluster {
             Err(VolumeError::NotFound) => Outcome::NotFound,
             Err(VolumeError::Deleted | VolumeError::Expired) => Outcome::Gone,
             Err(VolumeError::Full) => Outcome::Full,
+            Err(e @ (VolumeError::NoRoom { .. } | VolumeError::Paused { no_space: true, .. })) => {
+                Outcome::NoRoom(format!("{}: {e}", self.node_id()))
+            }
             Err(e) => Outcome::Failed(format!("{}: {e}", self.node_id())),
         }
     }

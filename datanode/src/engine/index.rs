@@ -22,6 +22,10 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Replication: peer node id → the next journal sequence to pull from that peer's replica.
 pub const REPLICATION: TableDefinition<&str, u64> = TableDefinition::new("replication");
 
+/// Put records recovery found damaged, by blob id → [`DamagedRecord`]. The blob is not in
+/// `blobs`; it waits for a replica to send it again (replication does), which removes it here.
+pub const DAMAGED: TableDefinition<[u8; BLOB_ID_BYTES], &[u8]> = TableDefinition::new("damaged");
+
 /// Key of the [`LogTail`] in [`META`]: the durable mark recovery replays from.
 pub const LOG_TAIL: &str = "log_tail";
 /// Key of the in-flight [`CompactionState`] in [`META`].
@@ -105,6 +109,15 @@ pub struct SegmentInfo {
     /// End of the last record (the write position for the active segment).
     pub end: u64,
     pub sealed: bool,
+}
+
+/// A damaged put record: where it was and what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedRecord {
+    pub segment: u32,
+    pub offset: u64,
+    pub reason: String,
+    pub found_ms: u64,
 }
 
 /// The durable mark: everything before it is reflected in the tables.

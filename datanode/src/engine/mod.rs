@@ -38,6 +38,13 @@ pub enum VolumeError {
     Conflict,
     #[error("volume is full")]
     Full,
+    /// This record does not fit, though smaller ones still do: the volume is not full.
+    #[error("no room left in this volume for a record of {needed} bytes")]
+    NoRoom { needed: u64 },
+    /// New blobs are refused for a passing reason (no file descriptors, no disk space for the
+    /// index); the next put tries again, so the volume recovers by itself.
+    #[error("volume takes no new blobs for now: {reason}")]
+    Paused { reason: String, no_space: bool },
     #[error("record of {size} bytes does not fit in a segment (at most {max})")]
     TooLarge { size: u64, max: u64 },
     #[error("volume has failed and is read-only: {0}")]
@@ -90,6 +97,9 @@ pub struct VolumeConfig {
     pub max_batch_bytes: u64,
     /// Space kept back from puts so that deletes still fit in a full volume.
     pub delete_reserve_bytes: u64,
+    /// Puts are refused while the volume's filesystem has less than this free, so that the index
+    /// can still grow for deletes and TTL updates (and so that a full disk never fails a volume).
+    pub index_reserve_bytes: u64,
     pub compaction: CompactionConfig,
     /// The node's cache of verified chunks; `None` reads every chunk from its segment.
     pub chunk_cache: Option<std::sync::Arc<ChunkCache>>,
@@ -105,6 +115,7 @@ impl Default for VolumeConfig {
             max_batch_records: 4096,
             max_batch_bytes: 64 << 20,
             delete_reserve_bytes: 64 << 10,
+            index_reserve_bytes: 16 << 20,
             compaction: CompactionConfig::default(),
             chunk_cache: None,
         }

@@ -18,14 +18,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use cairn_common::blob_id::BlobId;
 use cairn_common::volume_layout::{self as layout, LayoutError, VolumeMarker, FIRST_SEGMENT, SEGMENT_HEADER_LEN};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::chunk_cache::VolumeChunks;
 use super::compaction::{self, Compactor};
 use super::index::{
-    self, BlobState, IndexEntry, JournalEntry, Location, LogTail, SegmentInfo, BLOBS, JOURNAL, LOG_TAIL, META, SEGMENTS,
+    self, BlobState, DamagedRecord, IndexEntry, JournalEntry, Location, LogTail, SegmentInfo, BLOBS, DAMAGED, JOURNAL,
+    LOG_TAIL, META, SEGMENTS,
 };
 use super::record::{
     self, BlobMeta, EncodedRecord, RecordError, RecordHeader, RecordKind, CHUNK_LEN, HEADER_LEN, SEAL_LEN,
@@ -41,6 +42,9 @@ pub enum VolumeHealth {
     Writable,
     /// No room for new blobs; reads, deletes and TTL updates go on.
     Full,
+    /// New blobs refused for a passing reason (file descriptors exhausted, filesystem nearly
+    /// full); reads, deletes and TTL updates go on, and the next put tries again.
+    Stalled(String),
     /// An I/O error made the volume read-only until it is reopened.
     Failed(String),
 }
@@ -118,6 +122,52 @@ impl Shared {
                 tracing::error!(volume = %self.dir.display(), %reason, "volume failed; it is read-only now");
             }
             *health = new;
+        }
+    }
+
+    /// Refuses new blobs for a passing reason; `no_space` tells a full disk from other trouble.
+    pub fn stall(&self, reason: String, no_space: bool) -> VolumeError {
+        let mut health = self.health.lock().expect("health lock");
+        if matches!(*health, VolumeHealth::Writable | VolumeHealth::Stalled(_)) {
+            if *health == VolumeHealth::Writable {
+                tracing::warn!(volume = %self.dir.display(), %reason, "volume takes no new blobs until this passes");
+            }
+            *health = VolumeHealth::Stalled(reason.clone());
+        }
+        VolumeError::Paused { reason, no_space }
+    }
+
+    /// A put went through: whatever stalled the volume has passed.
+    fn unstall(&self) {
+        let mut health = self.health.lock().expect("health lock");
+        if let VolumeHealth::Stalled(reason) = &*health {
+            tracing::info!(volume = %self.dir.display(), %reason, "volume takes new blobs again");
+            *health = VolumeHealth::Writable;
+        }
+    }
+
+    /// Free space of the volume's filesystem must stay above the index reserve for puts.
+    fn check_disk_room(&self) -> Result<(), VolumeError> {
+        let reserve = self.config.index_reserve_bytes;
+        if reserve == 0 {
+            return Ok(());
+        }
+        match rustix::fs::statvfs(&self.dir) {
+            Ok(st) => {
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                if free < reserve {
+                    return Err(self.stall(
+                        format!(
+                            "the filesystem of {} has {free} bytes free, less than the {reserve} kept for the index",
+                            self.dir.display()
+                        ),
+                        true,
+                    ));
+                }
+                Ok(())
+            }
+            // Not knowing is no reason to refuse: the write itself will tell.
+            Err(_) => Ok(()),
         }
     }
 
@@ -222,7 +272,8 @@ impl Volume {
             return Err(VolumeError::TooLarge { size: payload_len, max });
         }
         match self.shared.health() {
-            VolumeHealth::Writable => Ok(()),
+            // A stalled volume lets the writer try again: that is how it recovers.
+            VolumeHealth::Writable | VolumeHealth::Stalled(_) => Ok(()),
             VolumeHealth::Full => Err(VolumeError::Full),
             VolumeHealth::Failed(reason) => Err(VolumeError::Failed(reason)),
         }
@@ -298,12 +349,47 @@ impl Volume {
         index::get(&blobs, blob_id.to_bytes())?.ok_or(VolumeError::NotFound)
     }
 
+    /// Blobs whose put record recovery found damaged: they wait for a replica to send them again.
+    pub fn damaged(&self) -> Result<Vec<(BlobId, DamagedRecord)>, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let table = match txn.open_table(DAMAGED) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let id = BlobId::from_bytes(&k.value()).map_err(|e| VolumeError::Corrupt(e.to_string()))?;
+            out.push((id, index::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Why a blob the index does not know is not here: unknown, or damaged and awaiting repair.
+    fn missing(&self, blob_id: BlobId) -> VolumeError {
+        let damaged = self.shared.db.begin_read().ok().and_then(|txn| {
+            let table = txn.open_table(DAMAGED).ok()?;
+            index::get::<_, DamagedRecord>(&table, blob_id.to_bytes()).ok()?
+        });
+        match damaged {
+            Some(d) => VolumeError::Integrity(format!(
+                "blob {blob_id} was found damaged at segment {} offset {} ({}); it waits for another replica to send it again",
+                d.segment, d.offset, d.reason
+            )),
+            None => VolumeError::NotFound,
+        }
+    }
+
     /// Opens a live blob for reading, with its metadata verified.
     pub fn open_blob(&self, blob_id: BlobId) -> Result<BlobReader, VolumeError> {
         // Compaction may move the record between the index lookup and the file lookup; the
         // second lookup then sees the new location.
         for _ in 0..3 {
-            let entry = self.entry(blob_id)?;
+            let entry = match self.entry(blob_id) {
+                Err(VolumeError::NotFound) => return Err(self.missing(blob_id)),
+                other => other?,
+            };
             let now = now_ms();
             match entry.state {
                 BlobState::Deleted => return Err(VolumeError::Deleted),
@@ -386,6 +472,9 @@ impl Drop for Volume {
     }
 }
 
+/// The record of a 4 KiB blob with a little metadata: a volume where this no longer fits is full.
+const SMALL_PUT_RECORD: u64 = HEADER_LEN + 64 + 4096 + 4 + 4;
+
 /// Refuses a maximum blob size whose records would not fit in one segment.
 fn check_geometry(marker: &VolumeMarker, config: &VolumeConfig) -> Result<(), VolumeError> {
     let max_record = marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
@@ -449,6 +538,13 @@ impl<'t, 'a> SegmentStats<'t, 'a> {
         Ok(self.cache.get_mut(&segment).expect("just inserted"))
     }
 
+    fn is_sealed(&self, segment: u32) -> Result<bool, VolumeError> {
+        Ok(match self.cache.get(&segment) {
+            Some(info) => info.sealed,
+            None => index::get::<_, SegmentInfo>(&*self.table, segment)?.is_some_and(|info| info.sealed),
+        })
+    }
+
     fn flush(self) -> Result<(), VolumeError> {
         for (segment, info) in self.cache {
             self.table.insert(segment, index::encode(&info).as_slice())?;
@@ -461,6 +557,7 @@ impl<'t, 'a> SegmentStats<'t, 'a> {
 struct Tables<'t, 'a> {
     blobs: Table<'t, [u8; 21], &'static [u8]>,
     journal: Table<'t, u64, &'static [u8]>,
+    damaged: Table<'t, [u8; 21], &'static [u8]>,
     segments: SegmentStats<'t, 'a>,
 }
 
@@ -476,6 +573,10 @@ fn apply_record(
     let key = header.blob_id.to_bytes();
     let existing: Option<IndexEntry> = index::get(&tables.blobs, key)?;
     let seq = *next_seq;
+    if matches!(header.kind, RecordKind::Put | RecordKind::Delete) && !tables.damaged.is_empty()? {
+        // The blob came again (repair) or was deleted: nothing is owed any more.
+        tables.damaged.remove(key)?;
+    }
     let entry = match (header.kind, existing) {
         (RecordKind::Put, None) => IndexEntry {
             state: BlobState::Live,
@@ -702,15 +803,24 @@ impl Writer {
         };
         let mut writes: Vec<PendingWrite> = Vec::new();
         let mut written = 0u64;
+        let mut put_stored = false;
+        // One look at the filesystem per batch: puts wait while the index reserve is short.
+        let disk_room =
+            if batch.iter().any(|(op, _)| matches!(op, WriteOp::Put(_))) { shared.check_disk_room() } else { Ok(()) };
         let staged: Result<(), VolumeError> = (|| {
             let mut segments_table = txn.open_table(SEGMENTS)?;
             let mut tables = Tables {
                 blobs: txn.open_table(BLOBS)?,
                 journal: txn.open_table(JOURNAL)?,
+                damaged: txn.open_table(DAMAGED)?,
                 segments: SegmentStats::new(&mut segments_table),
             };
             for (op, reply) in batch {
                 let is_put = matches!(op, WriteOp::Put(_));
+                if let (true, Err(VolumeError::Paused { reason, no_space })) = (is_put, &disk_room) {
+                    replies.push((reply, Err(VolumeError::Paused { reason: reason.clone(), no_space: *no_space })));
+                    continue;
+                }
                 let planned = match plan_op(&tables.blobs, op) {
                     Ok(p) => p,
                     Err(e) => {
@@ -733,6 +843,7 @@ impl Writer {
                         )?;
                         push_write(&mut writes, &self.log.file, location.offset, &record);
                         written += location.len;
+                        put_stored |= is_put;
                         replies.push((reply, Ok(())));
                     }
                     Err(VolumeError::Full) => {
@@ -741,6 +852,8 @@ impl Writer {
                         }
                         replies.push((reply, Err(VolumeError::Full)));
                     }
+                    // This request alone is refused; the volume goes on.
+                    Err(e @ (VolumeError::NoRoom { .. } | VolumeError::Paused { .. })) => replies.push((reply, Err(e))),
                     Err(e) => return Err(e),
                 }
             }
@@ -786,6 +899,9 @@ impl Writer {
         if let Err(e) = txn.commit() {
             return fail_all(replies, shared.fail("index commit", e));
         }
+        if put_stored {
+            shared.unstall();
+        }
         Ok((replies, written))
     }
 
@@ -803,13 +919,23 @@ impl Writer {
         let can_roll = shared.segments.count() < shared.marker.max_segments();
         let reserve = if is_put && !can_roll { shared.config.delete_reserve_bytes } else { 0 };
         if self.log.offset + len + SEAL_LEN + reserve > segment_size {
-            if !can_roll || len + SEAL_LEN + SEGMENT_HEADER_LEN > segment_size {
-                return Err(VolumeError::Full);
+            if len + SEAL_LEN + SEGMENT_HEADER_LEN > segment_size {
+                return Err(VolumeError::TooLarge { size: len, max: segment_size - SEAL_LEN - SEGMENT_HEADER_LEN });
+            }
+            if !can_roll {
+                // Full only when a small blob no longer fits: one large upload that does not
+                // fit leaves the volume writable for everything smaller.
+                let small_fits = self.log.offset + SMALL_PUT_RECORD + SEAL_LEN + reserve <= segment_size;
+                return Err(if is_put && small_fits { VolumeError::NoRoom { needed: len } } else { VolumeError::Full });
             }
             let next = shared.next_segment.fetch_add(1, Ordering::SeqCst);
             let file = match layout::create_segment(&shared.dir, &shared.marker, next, shared.config.preallocation) {
                 Ok(file) => shared.segments.insert(next, file),
-                Err(LayoutError::NoSpace { .. }) => return Err(VolumeError::Full),
+                // Out of file descriptors or disk space: passing trouble, tried again by the
+                // next put; the log stays where it was.
+                Err(e) if e.is_transient() => {
+                    return Err(shared.stall(format!("creating segment {next}: {e}"), e.is_no_space()))
+                }
                 Err(e) => return Err(shared.fail("creating segment", e)),
             };
             let seal = EncodedRecord::seal(next, now_ms());
@@ -880,16 +1006,66 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
         let mut tables = Tables {
             blobs: txn.open_table(BLOBS)?,
             journal: txn.open_table(JOURNAL)?,
+            damaged: txn.open_table(DAMAGED)?,
             segments: SegmentStats::new(&mut segments_table),
         };
         let mut segment = tail.segment;
         let mut offset = tail.offset;
         let mut next_seq = tail.next_seq;
         let mut replayed = 0u64;
+        // Valid records can only lie within the log written since the durable mark: at most a
+        // checkpoint's worth and one batch.
+        let window = shared.config.checkpoint_bytes.max(128 << 20) + shared.config.max_batch_bytes;
+        let mut replayed_bytes = 0u64;
         loop {
             let file = shared.segments.get(segment).expect("opened above");
             match read_verified_record(&file, offset, marker.segment_size) {
-                Err(VolumeError::Integrity(_)) => break,
+                Err(VolumeError::Integrity(reason)) => {
+                    // A seal whose header verifies but whose pointer does not: the log goes on in
+                    // the lowest-numbered later segment that is not sealed.
+                    if let Some(next) = damaged_seal_successor(&file, offset, segment, &on_disk, &tables.segments)? {
+                        tracing::error!(volume = %dir.display(), segment, offset, %reason, next,
+                            "damaged seal record in the log tail; following the log into the next segment");
+                        shared.metrics.integrity_errors.inc();
+                        let info = tables.segments.get(segment)?;
+                        info.sealed = true;
+                        info.end = offset + SEAL_LEN;
+                        if shared.segments.get(next).is_none() {
+                            shared.segments.insert(next, layout::open_segment(dir, marker, next)?);
+                        }
+                        tables.segments.get(next)?;
+                        segment = next;
+                        offset = SEGMENT_HEADER_LEN;
+                        continue;
+                    }
+                    // The torn end of the log, or damage in its middle? Damage has intact
+                    // records after it, and those were acknowledged: keep them.
+                    let limit = (offset + window.saturating_sub(replayed_bytes)).min(marker.segment_size);
+                    let Some(damage) = inspect_damage(&file, offset, limit, marker.partition)? else { break };
+                    shared.metrics.integrity_errors.inc();
+                    let at = Location { segment, offset, len: damage.next - offset };
+                    match damage.header {
+                        // A delete or TTL update says everything in its header: apply it.
+                        Some(h) if matches!(h.kind, RecordKind::Delete | RecordKind::TtlUpdate) => {
+                            tracing::error!(volume = %dir.display(), segment, offset, %reason, blob = %h.blob_id,
+                                "damaged record in the log tail; its header is intact and applied");
+                            apply_record(&mut tables, &h, at, 0, &mut next_seq)?;
+                        }
+                        Some(h) if h.kind == RecordKind::Put => {
+                            tracing::error!(volume = %dir.display(), segment, offset, %reason, blob = %h.blob_id,
+                                "damaged blob in the log tail; it waits for another replica to send it again");
+                            if index::get::<_, IndexEntry>(&tables.blobs, h.blob_id.to_bytes())?.is_none() {
+                                let record = DamagedRecord { segment, offset, reason, found_ms: now_ms() };
+                                tables.damaged.insert(h.blob_id.to_bytes(), index::encode(&record).as_slice())?;
+                            }
+                        }
+                        _ => tracing::error!(volume = %dir.display(), segment, offset, len = at.len, %reason,
+                            "damaged bytes in the log tail, header unreadable; the records after them are kept"),
+                    }
+                    replayed_bytes += at.len;
+                    offset = damage.next;
+                    continue;
+                }
                 Err(e) => return Err(e),
                 Ok((bytes, header, crc)) => {
                     let location = Location { segment, offset, len: header.record_len() };
@@ -910,6 +1086,7 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
                     }
                     apply_record(&mut tables, &header, location, crc, &mut next_seq)?;
                     offset += location.len;
+                    replayed_bytes += location.len;
                     replayed += 1;
                 }
             }
@@ -921,9 +1098,9 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
         layout::zero_range(&file, &path, offset, marker.segment_size - offset)?;
         file.sync_data()?;
         tables.segments.get(segment)?.end = offset;
-        let Tables { blobs, journal, segments: stats } = tables;
+        let Tables { blobs, journal, damaged, segments: stats } = tables;
         stats.flush()?;
-        drop((blobs, journal));
+        drop((blobs, journal, damaged));
 
         // Segment files nothing refers to were created by a roll that never committed.
         let referenced: Vec<u32> =
@@ -947,11 +1124,87 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
     txn.commit()?;
     layout::sync_dir(&layout::segments_dir(dir))?;
     if shared.segments.count() >= marker.max_segments()
-        && position.offset + SEAL_LEN + shared.config.delete_reserve_bytes >= marker.segment_size
+        && position.offset + SMALL_PUT_RECORD + SEAL_LEN + shared.config.delete_reserve_bytes > marker.segment_size
     {
         shared.set_health(VolumeHealth::Full);
     }
     Ok(position)
+}
+
+/// When the record at `offset` is a seal whose header verifies (its body did not), the segment
+/// the log goes on in: the lowest-numbered later segment file that is not sealed.
+fn damaged_seal_successor(
+    file: &File,
+    offset: u64,
+    segment: u32,
+    on_disk: &[u32],
+    segments: &SegmentStats<'_, '_>,
+) -> Result<Option<u32>, VolumeError> {
+    if offset + SEAL_LEN > file.metadata()?.len() {
+        return Ok(None);
+    }
+    let head = read_at(file, offset, HEADER_LEN as usize)?;
+    match RecordHeader::decode(head.as_slice().try_into().expect("header length")) {
+        Ok(header) if header.kind == RecordKind::Seal => {}
+        _ => return Ok(None),
+    }
+    for &candidate in on_disk.iter().filter(|n| **n > segment) {
+        if !segments.is_sealed(candidate)? {
+            return Ok(Some(candidate));
+        }
+    }
+    Ok(None)
+}
+
+/// A record that failed its checks, with intact records after it.
+struct Damage {
+    /// Its header, when that alone verifies.
+    header: Option<RecordHeader>,
+    /// Where the next intact record starts.
+    next: u64,
+}
+
+/// Looks past a record at `offset` that did not verify: `None` when no intact record follows
+/// before `limit` (the torn end of the log), else where the next record starts. A record whose
+/// header verifies is skipped by its length; otherwise the bytes are searched for the next record
+/// whose header and whole body verify.
+fn inspect_damage(file: &File, offset: u64, limit: u64, partition: u32) -> Result<Option<Damage>, VolumeError> {
+    if offset + HEADER_LEN <= limit {
+        let head = read_at(file, offset, HEADER_LEN as usize)?;
+        if let Ok(header) = RecordHeader::decode(head.as_slice().try_into().expect("header length")) {
+            let next = offset + header.record_len();
+            let ours = header.kind == RecordKind::Seal || header.blob_id.partition() == partition;
+            if ours && next <= limit && find_intact_record(file, next, limit, partition)?.is_some() {
+                return Ok(Some(Damage { header: Some(header), next }));
+            }
+        }
+    }
+    Ok(find_intact_record(file, offset + 1, limit, partition)?.map(|next| Damage { header: None, next }))
+}
+
+/// The first offset in `[from, limit)` where a whole record of this partition verifies.
+fn find_intact_record(file: &File, from: u64, limit: u64, partition: u32) -> Result<Option<u64>, VolumeError> {
+    const BLOCK: u64 = 4 << 20;
+    let magic_len = record::RECORD_MAGIC.len() as u64;
+    let finder = memchr::memmem::Finder::new(&record::RECORD_MAGIC);
+    let mut from = from;
+    while from + HEADER_LEN <= limit {
+        let len = BLOCK.min(limit - from);
+        let block = read_at(file, from, len as usize)?;
+        for at in finder.find_iter(&block) {
+            let candidate = from + at as u64;
+            match read_verified_record(file, candidate, limit) {
+                Ok((_, h, _)) if h.kind == RecordKind::Seal || h.blob_id.partition() == partition => {
+                    return Ok(Some(candidate))
+                }
+                Ok(_) | Err(VolumeError::Integrity(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Overlap by the magic's length less one, so that a magic across two blocks is found.
+        from += if len > magic_len { len - (magic_len - 1) } else { len };
+    }
+    Ok(None)
 }
 
 fn list_segment_files(dir: &Path) -> Result<Vec<u32>, VolumeError> {
