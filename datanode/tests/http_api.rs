@@ -329,3 +329,144 @@ fn metrics_openapi_and_probes() {
     let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
     assert_eq!(ready["volumes"][0]["state"], "writable");
 }
+
+/// Sizes on every boundary of the record format, through the HTTP API: PUT, GET whole, HEAD,
+/// /info, and ranges that start, end and straddle chunk boundaries.
+#[test]
+fn every_size_boundary_round_trips_over_http() {
+    const CHUNK: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Datanode::start(
+        &dir.path().join("node"),
+        &["--segment-size", "8MiB", "--volume-size", "256MiB", "--max-blob-size", "6MiB"],
+    );
+    let client = Client::new();
+    let max = 6 * CHUNK;
+    let mut sizes = vec![0, 1, 2, max - 1, max, CHUNK + 64 * 1024 - 1, CHUNK + 64 * 1024, CHUNK + 64 * 1024 + 1];
+    for n in 1..=5 {
+        sizes.extend([n * CHUNK - 1, n * CHUNK, n * CHUNK + 1]);
+    }
+    sizes.push(1_049_600); // the size from the report
+    for (seed, size) in sizes.into_iter().enumerate() {
+        let data = payload(seed as u64, size);
+        let id = put(&client, &node, data.clone());
+        let url = node.url(&format!("/v1/blobs/{id}"));
+        let r = client.get(&url).send().unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{size} bytes");
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        assert!(r.bytes().unwrap().to_vec() == data, "{size} bytes: GET differs");
+        let head = client.head(&url).send().unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(head.headers()["content-length"], size.to_string().as_str());
+        let info: Value = client.get(format!("{url}/info")).send().unwrap().json().unwrap();
+        assert_eq!(info["size"], size as u64);
+        if size == 0 {
+            continue;
+        }
+        let mut ranges = vec![(0, 0), (size - 1, size - 1), (0, size - 1)];
+        for boundary in (CHUNK..size).step_by(CHUNK) {
+            ranges.extend([(boundary - 1, boundary), (boundary, boundary), (boundary - 10, boundary + 10)]);
+        }
+        for (start, end) in ranges {
+            let end = end.min(size - 1);
+            let r = client.get(&url).header("range", format!("bytes={start}-{end}")).send().unwrap();
+            assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT, "{size} bytes, {start}-{end}");
+            assert_eq!(r.headers()["content-range"], format!("bytes {start}-{end}/{size}").as_str());
+            assert!(r.bytes().unwrap().to_vec() == data[start..=end], "{size} bytes: range {start}-{end} differs");
+        }
+    }
+}
+
+/// Whatever refuses a request, the answer is JSON with a stable code: the framework's path and
+/// query rejections, hyper's own answers to requests it cannot parse, and bodies of the wrong shape.
+#[test]
+fn framework_and_transport_errors_are_json_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = small_node(dir.path());
+    let client = Client::new();
+    let id = put(&client, &node, b"keep me".to_vec());
+    let url = |p: &str| node.url(p);
+    let cases: Vec<(reqwest::blocking::RequestBuilder, StatusCode, &str)> = vec![
+        (client.get(url(&format!("/v1/blobs/{id}?local=maybe"))), StatusCode::BAD_REQUEST, "invalid_request"),
+        (client.get(url("/v1/blobs/%FF%FE")), StatusCode::BAD_REQUEST, "invalid_request"),
+        (client.put(url(&format!("/v1/blobs/{id}/ttl"))).body("{}"), StatusCode::BAD_REQUEST, "invalid_body"),
+        (client.put(url(&format!("/v1/blobs/{id}/ttl"))).body(""), StatusCode::BAD_REQUEST, "invalid_body"),
+        (
+            client.put(url(&format!("/v1/blobs/{id}/ttl"))).body(r#"{"ttl_seconds": 0}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            client.put(url(&format!("/v1/blobs/{id}/ttl"))).body(r#"{"ttl_seconds": 5, "ttl": 9}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let r = request.send().unwrap();
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let (got_status, body) = (r.status(), r.text().unwrap());
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        assert_eq!((got_status, v["error"]["code"].as_str().unwrap()), (status, code), "{body}");
+        assert!(!body.contains("X-Cairn-TTL"), "the TTL body is refused in its own words: {body}");
+    }
+    // A TTL body without the field is refused, not read as "permanent".
+    let info: Value = client.get(url(&format!("/v1/blobs/{id}/info"))).send().unwrap().json().unwrap();
+    assert_eq!(info["expires_ms"], Value::Null);
+    let r = client.put(url(&format!("/v1/blobs/{id}/ttl"))).body(r#"{"ttl_seconds": 60}"#).send().unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+
+    // Ids and paths are cut short in messages.
+    let long = "A".repeat(5000);
+    for path in [format!("/v1/blobs/{long}"), format!("/nothing/{long}")] {
+        let r = client.get(url(&path)).send().unwrap();
+        let body = r.text().unwrap();
+        assert!(body.len() < 400, "a {}-byte message echoes the request: {body:.200}", body.len());
+    }
+
+    // hyper's own answers: a malformed header line, headers too large.
+    let raw = |request: &[u8]| -> (String, Value) {
+        let mut stream = std::net::TcpStream::connect(&node.addr).unwrap();
+        stream.write_all(request).unwrap();
+        let mut response = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut response);
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (head.to_owned(), serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {response:.300}")))
+    };
+    let (head, v) = raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(v["error"]["code"], "invalid_request");
+    let huge = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n", "v".repeat(600 * 1024));
+    let (head, v) = raw(huge.as_bytes());
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    assert_eq!(v["error"]["code"], "headers_too_large");
+    // The node is unharmed.
+    assert_eq!(client.get(url(&format!("/v1/blobs/{id}"))).send().unwrap().text().unwrap(), "keep me");
+}
+
+/// Unknown methods are one metric label: a client cannot grow /metrics without bound.
+#[test]
+fn unknown_methods_share_one_metric_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = small_node(dir.path());
+    let client = Client::new();
+    let send = |i: usize| {
+        let method = reqwest::Method::from_bytes(format!("X{i}").as_bytes()).unwrap();
+        let r = client.request(method, node.url(&format!("/v1/blobs/x{i}"))).send().unwrap();
+        assert!(r.status().is_client_error());
+    };
+    for i in 0..10 {
+        send(i);
+    }
+    // Twice: the first scrape adds its own series to the second.
+    client.get(node.url("/metrics")).send().unwrap();
+    let before = client.get(node.url("/metrics")).send().unwrap().text().unwrap().len();
+    for i in 10..500 {
+        send(i);
+    }
+    let metrics = client.get(node.url("/metrics")).send().unwrap().text().unwrap();
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+    assert!(!metrics.contains("method=\"X1"), "a client's method became a label");
+    assert!(metrics.len() < before + 500, "/metrics grew from {before} to {} bytes", metrics.len());
+}

@@ -43,9 +43,19 @@ pub struct BlobInfo {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TtlUpdate {
-    /// New time to live from now, in seconds; `null` makes the blob permanent.
+    /// New time to live from now, in seconds; `null` makes the blob permanent. Required: a body
+    /// without it is refused rather than read as "permanent".
+    #[serde(deserialize_with = "present_or_null")]
+    #[schema(required = true)]
     pub ttl_seconds: Option<u64>,
+}
+
+/// Deserializes a field that must be present but may be `null` (serde would read a missing
+/// `Option` as `None`).
+fn present_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Option::<u64>::deserialize(d)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -55,8 +65,8 @@ pub struct GetParams {
     pub local: bool,
 }
 
-fn parse_id(raw: &str) -> Result<BlobId, ApiError> {
-    raw.parse().map_err(|e| ApiError::InvalidBlobId(format!("{raw:?}: {e}")))
+pub(crate) fn parse_id(raw: &str) -> Result<BlobId, ApiError> {
+    raw.parse().map_err(|e| ApiError::InvalidBlobId(format!("{}: {e}", super::error::excerpt(raw))))
 }
 
 fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>, ApiError> {
@@ -332,11 +342,19 @@ pub async fn update_ttl(
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
-    let update: TtlUpdate = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::InvalidBody(format!("expected {{\"ttl_seconds\": N or null}}: {e}")))?;
+    const EXPECTED: &str =
+        "the body must be {\"ttl_seconds\": N} (whole seconds from now) or {\"ttl_seconds\": null} (never expires)";
+    let update: TtlUpdate =
+        serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(format!("{EXPECTED}: {e}")))?;
     let expiry_ms = match update.ttl_seconds {
         None => None,
-        Some(t) => Some(now_ms() + limits::parse_ttl_seconds(&t.to_string())? * 1000),
+        Some(t) if (1..=limits::MAX_TTL_SECONDS).contains(&t) => Some(now_ms() + t * 1000),
+        Some(t) => {
+            return Err(ApiError::InvalidBody(format!(
+                "ttl_seconds must be from 1 to {} (about a century), got {t}",
+                limits::MAX_TTL_SECONDS
+            )))
+        }
     };
     match &state.cluster {
         Some(cluster) => cluster.update_ttl(id, expiry_ms).await?,

@@ -70,6 +70,52 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// The stable code of an error that only has a status: a rejection by the HTTP framework (a path
+/// or query that does not decode) or by hyper itself (a malformed request, headers too large).
+pub fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request",
+        404 => "route_not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        411 => "length_required",
+        413 => "payload_too_large",
+        414 => "uri_too_long",
+        415 => "unsupported_media_type",
+        422 => "invalid_body",
+        431 => "headers_too_large",
+        503 => "unavailable",
+        s if s >= 500 => "internal_error",
+        _ => "invalid_request",
+    }
+}
+
+/// The JSON body of an error response.
+pub fn error_json(code: &str, message: &str) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: Detail<'a>,
+    }
+    #[derive(Serialize)]
+    struct Detail<'a> {
+        code: &'a str,
+        message: &'a str,
+    }
+    let mut out = serde_json::to_vec(&Body { error: Detail { code, message } }).expect("serializes");
+    out.push(b'\n');
+    out
+}
+
+/// At most 64 characters of what a client sent, for an error message: a hostile 8 KB id is not
+/// echoed back (nor logged) whole.
+pub fn excerpt(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {

@@ -77,9 +77,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
         .merge(crate::cluster::replica_api::routes())
-        .fallback(
-            |req: Request| async move { ApiError::RouteNotFound(format!("{} {}", req.method(), req.uri().path())) },
-        )
+        .fallback(|req: Request| async move {
+            ApiError::RouteNotFound(format!("{} {}", method_label(req.method()), error::excerpt(req.uri().path())))
+        })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
@@ -91,11 +91,37 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     let method = method_label(request.method());
     let route =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
-    let response = next.run(request).await;
+    let mut response = json_errors(next.run(request).await).await;
+    // Blob bytes are the client's: no browser may guess them into HTML.
+    response.headers_mut().insert("x-content-type-options", header::HeaderValue::from_static("nosniff"));
     let labels = RequestLabels { method, route, status: response.status().as_u16() };
     state.metrics.requests.get_or_create(&labels).inc();
     state.metrics.request_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// Every error is JSON: a plain-text rejection from the framework (a path or query that does not
+/// decode, say) becomes `{"error": {...}}` with the code its status stands for.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 4096).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    let body = error::error_json(error::code_for_status(status), &message);
+    parts.headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    parts.headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(body.len()));
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// The method as a metric label: any method the API does not know is "other", so that a client

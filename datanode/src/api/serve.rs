@@ -4,14 +4,17 @@
 //! `axum::serve` offers none of these (its hyper builder runs without a timer, so header timeouts
 //! never fire), so connections are accepted here and handed to hyper's HTTP/1 server directly.
 
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -83,7 +86,8 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
+        let io = TokioIo::new(JsonParseErrors::new(stream));
+        let connection = builder.serve_connection(io, TowerToHyperService::new(service.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -97,4 +101,147 @@ pub async fn serve(
         tracing::warn!(timeout = ?limits.drain_timeout, "requests still in flight at the drain deadline were cut off");
     }
     Ok(())
+}
+
+/// The connection as hyper sees it. hyper answers a request it cannot parse (a malformed request
+/// line or header, headers too large, a URI too long) by itself, with an empty body; that answer
+/// is rewritten here into the JSON error every other response carries. Everything else passes
+/// through untouched: the API's own errors always have a body, so an empty-bodied 400/414/431 is
+/// hyper's.
+struct JsonParseErrors<S> {
+    inner: S,
+    /// A rewritten answer being written: its bytes, how many are out, and the length of hyper's
+    /// original (reported as written once the rewrite is out).
+    pending: Option<(Vec<u8>, usize, usize)>,
+}
+
+impl<S> JsonParseErrors<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, pending: None }
+    }
+}
+
+/// hyper's automatic answer to a request it could not parse, as JSON.
+fn rewrite_parse_error(head: &[u8]) -> Option<Vec<u8>> {
+    let status = match head.get(..12)? {
+        b"HTTP/1.1 400" => axum::http::StatusCode::BAD_REQUEST,
+        b"HTTP/1.1 414" => axum::http::StatusCode::URI_TOO_LONG,
+        b"HTTP/1.1 431" => axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        _ => return None,
+    };
+    let text = std::str::from_utf8(head).ok()?.to_ascii_lowercase();
+    if !text.ends_with("\r\n\r\n") || !text.contains("\r\ncontent-length: 0\r\n") {
+        return None;
+    }
+    let message = match status.as_u16() {
+        414 => "the request URI is too long",
+        431 => "the request headers are too large",
+        _ => "the request is not valid HTTP/1.1 (request line or header syntax)",
+    };
+    let body = super::error::error_json(super::error::code_for_status(status), message);
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\
+         x-content-type-options: nosniff\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    out.extend(body);
+    Some(out)
+}
+
+impl<S: AsyncWrite + Unpin> JsonParseErrors<S> {
+    /// Writes out a pending rewrite; ready with the original's length once all of it is out.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<Option<usize>>> {
+        while let Some((bytes, written, original)) = self.pending.as_mut() {
+            if *written == bytes.len() {
+                let original = *original;
+                self.pending = None;
+                return Poll::Ready(Ok(Some(original)));
+            }
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(None))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for JsonParseErrors<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if self.pending.is_none() {
+            match rewrite_parse_error(buf) {
+                Some(rewritten) => self.pending = Some((rewritten, 0, buf.len())),
+                None => return Pin::new(&mut self.inner).poll_write(cx, buf),
+            }
+        }
+        match ready!(self.poll_pending(cx))? {
+            Some(original) => Poll::Ready(Ok(original)),
+            None => Pin::new(&mut self.inner).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut parts = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None, None) = (parts.next(), parts.next(), self.pending.as_ref()) {
+            if let Some(rewritten) = rewrite_parse_error(only) {
+                self.pending = Some((rewritten, 0, only.len()));
+            }
+        }
+        if self.pending.is_some() {
+            if let Some(original) = ready!(self.poll_pending(cx))? {
+                return Poll::Ready(Ok(original));
+            }
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hypers_empty_parse_error_answers_are_rewritten() {
+        let hyper_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let out = String::from_utf8(rewrite_parse_error(hyper_431).unwrap()).unwrap();
+        assert!(out.starts_with("HTTP/1.1 431 "), "{out}");
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{out}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "headers_too_large");
+        assert!(rewrite_parse_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").is_some());
+        // The API's own errors have a body; other statuses and partial heads pass through.
+        assert!(rewrite_parse_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 91\r\n\r\n").is_none());
+        assert!(rewrite_parse_error(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").is_none());
+        assert!(rewrite_parse_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n").is_none());
+        assert!(rewrite_parse_error(b"some body bytes").is_none());
+    }
 }

@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use cairn_common::BlobId;
 use serde::{Deserialize, Serialize};
 
+use crate::api::blobs::parse_id;
 use crate::api::error::ApiError;
 use crate::api::limits::parse_put_headers;
 use crate::api::AppState;
@@ -29,10 +30,6 @@ pub fn routes() -> Router<AppState> {
 
 fn local_volume(state: &AppState, partition: u32) -> Result<Arc<Volume>, ApiError> {
     state.store.volume(partition).ok_or(ApiError::NoReplica(partition))
-}
-
-fn parse_id(raw: &str) -> Result<BlobId, ApiError> {
-    raw.parse().map_err(|e| ApiError::InvalidBlobId(format!("{raw:?}: {e}")))
 }
 
 fn header_ms(headers: &HeaderMap, name: &str) -> Result<Option<u64>, ApiError> {
