@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 pub const MARKER_FILE: &str = "volume.json";
 pub const INDEX_FILE: &str = "index.redb";
+/// Locked (flock, exclusive) by the process that has the volume open; holds its pid as text.
+pub const LOCK_FILE: &str = "volume.lock";
 pub const SEGMENTS_DIR: &str = "segments";
 pub const SPARES_DIR: &str = "spares";
 const SPARE_SUFFIX: &str = ".spare";
@@ -53,6 +55,8 @@ pub enum LayoutError {
     FallocateUnsupported { path: PathBuf },
     #[error("{path}: no space left to preallocate {bytes} bytes")]
     NoSpace { path: PathBuf, bytes: u64 },
+    #[error("{path}: the volume is open in another process ({holder}); stop it first")]
+    InUse { path: PathBuf, holder: String },
 }
 
 impl LayoutError {
@@ -467,6 +471,42 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> Result<(), LayoutError> {
     sync_dir(dir)
 }
 
+/// The exclusive lock on a volume: held by whoever has it open (a datanode) or is deleting it
+/// (the disk agent), released when dropped or when the process dies, so a crashed datanode
+/// never leaves its volumes locked.
+#[derive(Debug)]
+pub struct VolumeLock {
+    _file: File,
+}
+
+impl VolumeLock {
+    /// Takes the lock without waiting; `InUse` (naming the holder's pid) if another process, or
+    /// another open of this volume, holds it.
+    pub fn acquire(volume_dir: &Path) -> Result<Self, LayoutError> {
+        let path = volume_dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| LayoutError::io(&path, e))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default().trim().to_owned();
+                let holder = if holder.is_empty() { "pid unknown".to_owned() } else { holder };
+                return Err(LayoutError::InUse { path, holder });
+            }
+            Err(e) => return Err(LayoutError::io(&path, e.into())),
+        }
+        // Who holds it, for the message others get; best effort.
+        let _ = file.set_len(0).and_then(|()| file.write_all_at(format!("pid {}\n", std::process::id()).as_bytes(), 0));
+        let _ = file.flush();
+        Ok(Self { _file: file })
+    }
+}
+
 pub fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| LayoutError::io(dir, e))
 }
@@ -577,5 +617,17 @@ mod tests {
         assert!(buf[..4096].iter().all(|&b| b == 7));
         assert!(buf[4096..].iter().all(|&b| b == 0));
         assert_eq!(file.metadata().unwrap().len(), 1 << 16);
+    }
+
+    #[test]
+    fn a_volume_lock_is_exclusive_and_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = VolumeLock::acquire(dir.path()).unwrap();
+        match VolumeLock::acquire(dir.path()) {
+            Err(LayoutError::InUse { holder, .. }) => assert_eq!(holder, format!("pid {}", std::process::id())),
+            other => panic!("a second lock was granted: {other:?}"),
+        }
+        drop(lock);
+        VolumeLock::acquire(dir.path()).unwrap();
     }
 }

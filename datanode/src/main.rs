@@ -98,6 +98,10 @@ struct Args {
     /// Seconds SIGTERM waits for requests in flight before closing their connections.
     #[arg(long, default_value_t = 20)]
     drain_timeout_secs: u64,
+    /// The index is made durable at least this often while writes flow; a crash replays the
+    /// log written since (at most this long, or 128 MiB).
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_interval_ms: u64,
     /// Seconds between compaction passes.
     #[arg(long, default_value_t = 60)]
     compaction_interval_secs: u64,
@@ -135,6 +139,7 @@ fn run() -> anyhow::Result<()> {
     let mut volume = VolumeConfig {
         max_blob_bytes: args.max_blob_size.as_u64(),
         index_reserve_bytes: args.index_reserve.as_u64(),
+        checkpoint_interval: Duration::from_millis(args.checkpoint_interval_ms.max(1)),
         ..VolumeConfig::default()
     };
     if args.zero_fill_fallback {

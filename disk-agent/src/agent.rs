@@ -170,8 +170,18 @@ impl Agent {
         let Some((info, _)) = self.find_volume(&report, name) else {
             return Ok(DeleteVolumeResponse { deleted: false });
         };
-        volumes::delete(std::path::Path::new(&info.path))
-            .map_err(|e| AgentError::Internal(format!("deleting {}: {e}", info.path)))?;
+        // A datanode holds the volume's lock while it has it open (the lock goes with the
+        // process, so a crashed datanode holds nothing). Held here through the delete, so no
+        // datanode can open the volume half-way through.
+        let path = std::path::Path::new(&info.path);
+        let _lock = match cairn_common::volume_layout::VolumeLock::acquire(path) {
+            Ok(lock) => lock,
+            Err(e @ cairn_common::volume_layout::LayoutError::InUse { .. }) => {
+                return Err(AgentError::VolumeInUse(format!("volume {name} is in use and was not deleted: {e}")))
+            }
+            Err(e) => return Err(AgentError::Internal(format!("locking {}: {e}", info.path))),
+        };
+        volumes::delete(path).map_err(|e| AgentError::Internal(format!("deleting {}: {e}", info.path)))?;
         tracing::info!(volume = name, disk = %info.disk, "volume deleted");
         self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
         self.changed.notify_one();

@@ -12,6 +12,9 @@ pub enum AgentError {
     UnknownDisk(String),
     #[error("{0}")]
     VolumeExists(String),
+    /// A datanode has the volume open.
+    #[error("{0}")]
+    VolumeInUse(String),
     #[error("{0}")]
     DiskConflict(String),
     #[error("{0}")]
@@ -32,6 +35,7 @@ impl AgentError {
             Self::InvalidRequest(_) => "invalid_request",
             Self::UnknownDisk(_) => "unknown_disk",
             Self::VolumeExists(_) => "volume_exists",
+            Self::VolumeInUse(_) => "volume_in_use",
             Self::DiskConflict(_) => "disk_conflict",
             Self::InsufficientCapacity(_) => "insufficient_capacity",
             Self::FallocateUnsupported(_) => "fallocate_unsupported",
@@ -45,7 +49,7 @@ impl AgentError {
         match self {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::UnknownDisk(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
-            Self::VolumeExists(_) | Self::DiskConflict(_) => StatusCode::CONFLICT,
+            Self::VolumeExists(_) | Self::DiskConflict(_) | Self::VolumeInUse(_) => StatusCode::CONFLICT,
             Self::InsufficientCapacity(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::FallocateUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

@@ -20,6 +20,8 @@ struct Node {
     dir: PathBuf,
     etcd: String,
     max_blob: &'static str,
+    /// More flags for the datanode.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -32,6 +34,7 @@ impl Node {
             dir: root.join(id),
             etcd: etcd.endpoint(),
             max_blob: "4MiB",
+            extra: Vec::new(),
             child: None,
         }
     }
@@ -56,6 +59,7 @@ impl Node {
             .args(["--listen", &self.addr()])
             .args(volumes)
             .args(["--max-blob-size", self.max_blob, "--peer-timeout-ms", "1000"])
+            .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -172,6 +176,18 @@ fn assert_converged(nodes: &[&Node], blobs: &BTreeMap<String, Vec<u8>>, limit: D
             })
         });
     }
+}
+
+/// The next journal sequence of each node's replica of `partition`.
+fn journal_tails(nodes: &[&Node], partition: u32) -> Vec<u64> {
+    let client = Client::new();
+    nodes
+        .iter()
+        .map(|n| {
+            let url = n.url(&format!("/replica/v1/partitions/{partition}/journal?from=0&limit=1"));
+            client.get(url).send().unwrap().json::<Value>().unwrap()["tail"].as_u64().unwrap()
+        })
+        .collect()
 }
 
 fn cluster(root: &Path, etcd: &EtcdServer, count: usize) -> Vec<Node> {
@@ -428,6 +444,22 @@ fn replicas_live_on_disk_agent_volumes_and_a_full_partition_turns_read_only() {
     }
     let (status, body) = refused.expect("a 4 MiB partition fills up");
     assert!(status == 507 || status == 503, "{status} {body}");
+    // A blob that no longer fits leaves the partition writable for smaller ones...
+    assert_eq!(show(&etcd)["topology"]["partitions"]["0"]["state"], "writable");
+    let mut small_refused = false;
+    for seed in 1000..4000u64 {
+        let r = client.post(nodes[0].url("/v1/blobs")).body(payload(seed, 2000)).send().unwrap();
+        match r.status().as_u16() {
+            201 => {}
+            507 | 503 => {
+                small_refused = true;
+                break;
+            }
+            other => panic!("{other}: {}", r.text().unwrap()),
+        }
+    }
+    assert!(small_refused, "small blobs fill the rest");
+    // ...until even small ones do not: then it is full, and read-only in etcd.
     wait_until("partition 0 read-only in etcd", Duration::from_secs(10), || {
         show(&etcd)["topology"]["partitions"]["0"]["state"] == "read_only"
     });
@@ -480,4 +512,134 @@ fn datanodes_and_the_cli_reach_a_tls_etcd() {
     let id = put(&client, &nodes[0], b"over tls").unwrap();
     let r = client.get(nodes[2].url(&format!("/v1/blobs/{id}"))).send().unwrap();
     assert_eq!(r.bytes().unwrap().as_ref(), b"over tls");
+}
+
+#[test]
+fn every_size_boundary_replicates_and_unknown_ids_leave_no_tombstones() {
+    const CHUNK: usize = 1 << 20;
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 2);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 2);
+    let client = Client::new();
+
+    // n2 is away: everything it holds afterwards came through replication.
+    nodes[2].kill9();
+    let max = 4 * CHUNK;
+    let mut sizes =
+        vec![0, 1, 2, max - 1, max, CHUNK + 64 * 1024 - 1, CHUNK + 64 * 1024, CHUNK + 64 * 1024 + 1, 1_049_600];
+    for n in 1..=3 {
+        sizes.extend([n * CHUNK - 1, n * CHUNK, n * CHUNK + 1]);
+    }
+    let mut blobs = BTreeMap::new();
+    for (seed, size) in sizes.iter().enumerate() {
+        let data = payload(seed as u64, *size);
+        blobs.insert(put(&client, &nodes[seed % 2], &data).expect("put at quorum"), data);
+    }
+    nodes[2].start();
+    let all: Vec<&Node> = nodes.iter().collect();
+    assert_converged(&all, &blobs, Duration::from_secs(60));
+    // Ranges across chunk boundaries, read through the router from the node that was away.
+    for (id, data) in blobs.iter().filter(|(_, d)| d.len() > CHUNK + 10) {
+        let (start, end) = (CHUNK - 7, (CHUNK + 9).min(data.len() - 1));
+        let r = client
+            .get(nodes[2].url(&format!("/v1/blobs/{id}")))
+            .header("range", format!("bytes={start}-{end}"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert!(r.bytes().unwrap().as_ref() == &data[start..=end], "{} bytes: range differs", data.len());
+    }
+
+    // Deletes of ids no replica ever had: 404, and not one tombstone anywhere.
+    let before: Vec<Vec<u64>> = (0..2).map(|p| journal_tails(&all, p)).collect();
+    for i in 0..200u32 {
+        let id = cairn_common::BlobId::generate(i % 2);
+        let r = client.delete(nodes[(i % 3) as usize].url(&format!("/v1/blobs/{id}"))).send().unwrap();
+        assert_eq!(r.status(), 404);
+        assert_eq!(r.json::<Value>().unwrap()["error"]["code"], "blob_not_found");
+    }
+    let after: Vec<Vec<u64>> = (0..2).map(|p| journal_tails(&all, p)).collect();
+    assert_eq!(before, after, "deletes of unknown ids wrote tombstones");
+    // A real delete still reaches every replica.
+    let (victim, _) = blobs.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    assert_eq!(client.delete(nodes[2].url(&format!("/v1/blobs/{victim}"))).send().unwrap().status(), 204);
+    for n in &nodes {
+        wait_until(&format!("{}: the delete arrived", n.id), Duration::from_secs(20), || {
+            client.get(n.url(&format!("/v1/blobs/{victim}?local=true"))).send().unwrap().status() == 410
+        });
+    }
+}
+
+#[test]
+fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    // n2 keeps a long stretch of log past its durable mark: a crash makes it replay that.
+    nodes[2].extra =
+        ["--checkpoint-interval-ms", "600000", "--compaction-interval-secs", "3600"].map(String::from).to_vec();
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 1);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    let client = Client::new();
+    let mut blobs = BTreeMap::new();
+    let victim_data = payload(4242, 300_000);
+    let victim = put(&client, &nodes[0], &victim_data).unwrap();
+    blobs.insert(victim.clone(), victim_data.clone());
+    for seed in 0..20u64 {
+        let data = payload(seed, 5000);
+        blobs.insert(put(&client, &nodes[(seed % 3) as usize], &data).unwrap(), data);
+    }
+    assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
+
+    // n2 crashes; one byte of the blob's record rots on its disk.
+    nodes[2].kill9();
+    let needle = &victim_data[100_000..100_064];
+    let mut flipped = false;
+    for entry in walk(&nodes[2].dir) {
+        if entry.extension().is_some_and(|e| e == "seg") {
+            let mut bytes = std::fs::read(&entry).unwrap();
+            if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+                bytes[at + 10] ^= 0x01;
+                std::fs::write(&entry, bytes).unwrap();
+                flipped = true;
+            }
+        }
+    }
+    assert!(flipped, "the blob's record was found on n2's disk");
+    nodes[2].start();
+    // Never wrong bytes: the damaged replica says so, the router serves the blob from a peer...
+    let local = client.get(nodes[2].url(&format!("/v1/blobs/{victim}?local=true"))).send().unwrap();
+    if local.status() != 200 {
+        // (200 only if replication already repaired it.)
+        assert_eq!(local.status(), 500);
+        let error = &local.json::<Value>().unwrap()["error"];
+        assert_eq!(error["code"], "integrity_error");
+        assert!(error["message"].as_str().unwrap().contains("damaged"), "found by recovery: {error}");
+    }
+    let routed = client.get(nodes[2].url(&format!("/v1/blobs/{victim}"))).send().unwrap();
+    assert_eq!(routed.status(), 200);
+    assert!(routed.bytes().unwrap().as_ref() == victim_data.as_slice());
+    // ...and replication repairs the replica itself; the records after the damage were kept.
+    assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

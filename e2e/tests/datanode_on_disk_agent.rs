@@ -56,3 +56,38 @@ fn datanode_volumes_come_from_the_disk_agent() {
     assert_eq!(got.status(), 200);
     assert_eq!(got.bytes().unwrap().as_ref(), vec![7u8; 300_000].as_slice());
 }
+
+#[test]
+fn the_agent_never_deletes_a_volume_a_running_datanode_has_open() {
+    let mut m = Machine::new();
+    let (_agent, socket) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let node = start_datanode(&socket, &addr);
+    let http = reqwest::blocking::Client::new();
+    let put = http.post(format!("http://{addr}/v1/blobs")).body(vec![7u8; 1000]).send().unwrap();
+    assert_eq!(put.status(), 201);
+    let id = put.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let agent = AgentClient::new(&socket);
+    // The agent's API refuses...
+    let err = rt.block_on(agent.delete_volume("datanode-p0")).unwrap_err().to_string();
+    assert!(err.contains("volume_in_use") || err.contains("in use"), "{err}");
+    assert!(err.contains(&format!("pid {}", node.0.id())), "the message names the holder: {err}");
+    // ...and so does `cairn volumes purge` (which is for a cluster whose datanodes are gone).
+    let out = Command::new(binary("cairn"))
+        .args(["volumes", "purge", "--cluster", "datanode", "--disk-agent", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "purge of open volumes succeeded");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not deleted"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(rt.block_on(agent.list_volumes()).unwrap().len(), 2, "nothing deleted");
+    let got = http.get(format!("http://{addr}/v1/blobs/{id}")).send().unwrap();
+    assert_eq!(got.status(), 200, "the datanode serves on, its volumes intact");
+
+    // Once the datanode is gone (even by kill -9), the lock goes with it and the delete works.
+    drop(node);
+    let answer = rt.block_on(agent.delete_volume("datanode-p0")).unwrap();
+    assert!(answer.deleted);
+    assert_eq!(rt.block_on(agent.list_volumes()).unwrap().len(), 1);
+}

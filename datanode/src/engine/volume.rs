@@ -107,6 +107,9 @@ pub(crate) struct Shared {
     /// Allocator of segment numbers, for the writer and compaction alike.
     pub next_segment: AtomicU32,
     pub metrics: Arc<EngineMetrics>,
+    /// Held while the volume is open: no second process (or second open) can use it, and the
+    /// disk agent refuses to delete it.
+    _lock: layout::VolumeLock,
 }
 
 impl Shared {
@@ -211,6 +214,7 @@ impl Volume {
     pub fn open(dir: &Path, config: VolumeConfig, metrics: Arc<EngineMetrics>) -> Result<Self, VolumeError> {
         let marker = VolumeMarker::read(dir)?;
         check_geometry(&marker, &config)?;
+        let lock = layout::VolumeLock::acquire(dir)?;
         let db = Database::builder().create(dir.join(layout::INDEX_FILE))?;
         let segments = SegmentFiles::new(config.chunk_cache.as_ref().map(|cache| cache.for_volume()));
         let shared = Arc::new(Shared {
@@ -222,6 +226,7 @@ impl Volume {
             health: Mutex::new(VolumeHealth::Writable),
             next_segment: AtomicU32::new(FIRST_SEGMENT + 1),
             metrics,
+            _lock: lock,
         });
         let log = recover(&shared)?;
         let (tx, rx) = mpsc::channel();

@@ -321,15 +321,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Volumes { command: VolumesCommand::Purge { disk_agent, cluster } } => {
             let agent = cairn_common::agent_client::AgentClient::new(&disk_agent);
-            let mut deleted = 0;
+            let (mut deleted, mut refused) = (0, 0);
             for volume in agent.list_volumes().await? {
                 if cairn_cluster::Topology::is_volume_of(&cluster, &volume.name) {
-                    agent.delete_volume(&volume.name).await?;
-                    println!("deleted volume {} on disk {}", volume.name, volume.disk);
-                    deleted += 1;
+                    // A volume a running datanode has open is refused by the agent; the others go on.
+                    match agent.delete_volume(&volume.name).await {
+                        Ok(_) => {
+                            println!("deleted volume {} on disk {}", volume.name, volume.disk);
+                            deleted += 1;
+                        }
+                        Err(e) => {
+                            eprintln!("cairn: volume {} on disk {} not deleted: {e}", volume.name, volume.disk);
+                            refused += 1;
+                        }
+                    }
                 }
             }
             println!("{deleted} volume(s) deleted");
+            if refused > 0 {
+                eprintln!(
+                    "cairn: {refused} volume(s) not deleted; stop the datanodes that use them and run this again"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
