@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use cairn_common::volume_layout::{check_geometry, largest_blob_for_segment, DEFAULT_MAX_BLOB_SIZE};
 use serde::{Deserialize, Serialize};
 
 /// `config`: fixed per cluster, except that partitions may be added.
@@ -14,12 +15,31 @@ pub struct ClusterConfig {
     pub partitions: u32,
     pub volume_size_bytes: u64,
     pub segment_size_bytes: u64,
+    /// The largest blob the cluster accepts, the same on every datanode (a router must never
+    /// accept what a replica would refuse). Unset: [`DEFAULT_MAX_BLOB_SIZE`], or what a segment
+    /// holds if less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_blob_size_bytes: Option<u64>,
 }
 
+/// Partitions a cluster may have: each costs every replica a volume and the planner memory.
+pub const MAX_PARTITIONS: u32 = 100_000;
+/// Replicas of a partition at most.
+pub const MAX_REPLICATION_FACTOR: u32 = 7;
+
 impl ClusterConfig {
+    /// The largest blob this cluster accepts.
+    pub fn max_blob_bytes(&self) -> u64 {
+        self.max_blob_size_bytes
+            .unwrap_or_else(|| DEFAULT_MAX_BLOB_SIZE.min(largest_blob_for_segment(self.segment_size_bytes)))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
-        if self.replication_factor == 0 {
-            return Err("replication_factor must be at least 1".into());
+        if self.replication_factor == 0 || self.replication_factor > MAX_REPLICATION_FACTOR {
+            return Err(format!(
+                "replication_factor must be from 1 to {MAX_REPLICATION_FACTOR}, got {}",
+                self.replication_factor
+            ));
         }
         if self.write_quorum == 0 || self.write_quorum > self.replication_factor {
             return Err(format!(
@@ -27,19 +47,60 @@ impl ClusterConfig {
                 self.write_quorum, self.replication_factor
             ));
         }
-        if self.partitions == 0 {
-            return Err("partitions must be at least 1".into());
+        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
+            return Err(format!("partitions must be from 1 to {MAX_PARTITIONS}, got {}", self.partitions));
         }
-        if self.segment_size_bytes == 0 || !self.volume_size_bytes.is_multiple_of(self.segment_size_bytes) {
-            return Err(format!(
-                "volume_size_bytes {} must be a positive multiple of segment_size_bytes {}",
-                self.volume_size_bytes, self.segment_size_bytes
-            ));
+        if self.max_blob_size_bytes == Some(0) {
+            return Err("max_blob_size must be at least 1 byte".into());
         }
-        if self.volume_size_bytes == 0 {
-            return Err("volume_size_bytes must be positive".into());
-        }
+        check_geometry(self.volume_size_bytes, self.segment_size_bytes, self.max_blob_bytes().max(1))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Node and disk ids become etcd keys, volume names and directory names: letters, digits,
+/// `.`, `_` and `-`, starting with a letter or digit, at most 253 characters (a Kubernetes node
+/// name fits), never `..`.
+pub fn validate_id(what: &str, id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 253
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && !id.contains("..");
+    if ok {
         Ok(())
+    } else {
+        Err(format!(
+            "{what} {id:?} is not a valid id: use letters, digits, '.', '_' and '-', starting with a letter or digit, \
+             at most 253 characters"
+        ))
+    }
+}
+
+/// `host:port`, the host a DNS name, an IPv4 address or a bracketed IPv6 address.
+pub fn validate_address(address: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("address {address:?} is not host:port ({why})"));
+    if address.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = address.rsplit_once(':') else { return bad("no port") };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return bad("the port must be a number from 1 to 65535"),
+    }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if host_ok {
+        Ok(())
+    } else {
+        bad("the host must be a DNS name or an IP address")
     }
 }
 
@@ -115,6 +176,10 @@ pub struct LiveNode {
     /// that writers can prefer partitions with room.
     #[serde(default)]
     pub free_bytes: BTreeMap<u32, u64>,
+    /// Replicas assigned to the node that it cannot open, by partition, with the reason (it keeps
+    /// trying); the operator reports them as Degraded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unopened: BTreeMap<u32, String>,
 }
 
 /// Everything but the live registrations.
@@ -175,6 +240,9 @@ pub struct TopologyFile {
     pub partitions: u32,
     pub volume_size: bytesize::ByteSize,
     pub segment_size: bytesize::ByteSize,
+    /// The largest blob (default: 64 MiB, or what a segment holds if less).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_blob_size: Option<bytesize::ByteSize>,
     pub nodes: Vec<NodeFile>,
 }
 
@@ -204,15 +272,40 @@ impl TopologyFile {
             partitions: file.partitions,
             volume_size_bytes: file.volume_size.as_u64(),
             segment_size_bytes: file.segment_size.as_u64(),
+            max_blob_size_bytes: file.max_blob_size.map(|s| s.as_u64()),
         };
         config.validate()?;
         let mut ids = std::collections::BTreeSet::new();
+        let mut disk_owners: BTreeMap<String, String> = BTreeMap::new();
         let nodes = file
             .nodes
             .into_iter()
             .map(|n| {
+                validate_id("node id", &n.id)?;
                 if !ids.insert(n.id.clone()) {
                     return Err(format!("node {} is listed twice", n.id));
+                }
+                validate_address(&n.address).map_err(|e| format!("node {}: {e}", n.id))?;
+                if n.zone.len() > 63
+                    || !n.zone.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+                {
+                    return Err(format!(
+                        "node {}: zone {:?} must be at most 63 letters, digits, '.', '_' or '-'",
+                        n.id, n.zone
+                    ));
+                }
+                if n.disks.is_empty() {
+                    return Err(format!("node {} lists no disks", n.id));
+                }
+                for d in &n.disks {
+                    validate_id("disk id", &d.id).map_err(|e| format!("node {}: {e}", n.id))?;
+                    if let Some(other) = disk_owners.insert(d.id.clone(), n.id.clone()) {
+                        return Err(if other == n.id {
+                            format!("node {}: disk {} is listed twice", n.id, d.id)
+                        } else {
+                            format!("disk {} is listed on nodes {other} and {}: a disk belongs to one node", d.id, n.id)
+                        });
+                    }
                 }
                 Ok(NodeSpec {
                     id: n.id,
@@ -253,5 +346,62 @@ mod tests {
         assert!(!Topology::is_volume_of("c1", "c1-px"));
         assert!(!Topology::is_volume_of("a", "a-pp-p0-n0"), "cluster a-pp's volume is not a's");
         assert!(!Topology::is_volume_of("c1", "c12-p0-n0"));
+    }
+
+    fn topology_file(partitions: &str, segment: &str, max_blob: Option<&str>, nodes: &str) -> String {
+        let max_blob = max_blob.map(|m| format!("max_blob_size: {m}\n")).unwrap_or_default();
+        format!(
+            "replication_factor: 3\nwrite_quorum: 2\npartitions: {partitions}\nvolume_size: 64MiB\n\
+             segment_size: {segment}\n{max_blob}nodes:\n{nodes}"
+        )
+    }
+
+    fn node(id: &str, address: &str, disk: &str) -> String {
+        format!("  - id: \"{id}\"\n    address: \"{address}\"\n    disks: [{{id: \"{disk}\", capacity: 1GiB}}]\n")
+    }
+
+    #[test]
+    fn topology_files_with_bad_values_are_refused_with_the_reason() {
+        let good = [
+            node("n1", "10.0.0.1:7480", "d1"),
+            node("n2.example", "host-2.example:7480", "d2"),
+            node("n3", "[::1]:7480", "d3"),
+        ]
+        .concat();
+        let (config, nodes) = TopologyFile::parse(&topology_file("8", "8MiB", None, &good)).unwrap();
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(config.max_blob_bytes(), largest_blob_for_segment(8 << 20), "default: what a segment holds");
+        let big = ClusterConfig { segment_size_bytes: 256 << 20, volume_size_bytes: 1 << 30, ..config.clone() };
+        assert_eq!(big.max_blob_bytes(), DEFAULT_MAX_BLOB_SIZE);
+        big.validate().unwrap();
+
+        let refused = |text: String, needle: &str| {
+            let err = TopologyFile::parse(&text).expect_err(needle);
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        };
+        refused(topology_file("4294967295", "8MiB", None, &good), "partitions must be from 1 to 100000");
+        refused(topology_file("0", "8MiB", None, &good), "partitions must be from 1");
+        refused(topology_file("8", "8MiB", Some("8MiB"), &good), "segments of 8388608 bytes hold blobs of at most");
+        refused(topology_file("8", "128MiB", None, &good), "volume size 67108864 must be a whole number");
+        refused(topology_file("8", "3MiB", None, &good), "must be a whole number");
+        refused(topology_file("8", "32KiB", None, &good), "below the minimum");
+        for bad_id in ["../../x", "a/b", "", ".hidden", "x y", &"n".repeat(254)] {
+            refused(
+                topology_file("8", "8MiB", None, &[node(bad_id, "h:1", "d1"), good.clone()].concat()),
+                "is not a valid id",
+            );
+        }
+        refused(topology_file("8", "8MiB", None, &[good.clone(), node("n4", "h:1", "../d")].concat()), "disk id");
+        refused(
+            topology_file("8", "8MiB", None, &[good.clone(), node("n4", "h:1", "d1")].concat()),
+            "disk d1 is listed on nodes n1 and n4",
+        );
+        refused(topology_file("8", "8MiB", None, &[good.clone(), node("n1", "h:1", "d9")].concat()), "listed twice");
+        for bad_address in ["nohost", "h:0", "h:70000", "h:port", ":7480", "bad_host:1", "-x.example:1", "a..b:1"] {
+            refused(
+                topology_file("8", "8MiB", None, &[good.clone(), node("n4", bad_address, "d4")].concat()),
+                "is not host:port",
+            );
+        }
     }
 }

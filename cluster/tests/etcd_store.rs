@@ -14,6 +14,7 @@ fn config(partitions: u32) -> ClusterConfig {
         partitions,
         volume_size_bytes: 1 << 30,
         segment_size_bytes: 1 << 28,
+        max_blob_size_bytes: None,
     }
 }
 
@@ -58,6 +59,7 @@ async fn topology_registration_and_watch_survive_an_etcd_restart() {
         zone: "z0".into(),
         started_ms: 1,
         free_bytes: Default::default(),
+        unopened: Default::default(),
     };
     let (live_tx, live_rx) = tokio::sync::watch::channel(live);
     let registration = tokio::spawn({

@@ -39,6 +39,67 @@ pub const FIRST_SEGMENT: u32 = 1;
 /// Smallest segment we accept: large enough for a header and a handful of small records.
 pub const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
 
+// Record geometry: what a segment must hold around a blob's bytes. The record format itself is
+// the datanode's (datanode/src/engine/record.rs, which uses these constants); the sizes are here
+// so that everything that picks a segment size (`cairn topology apply`, the operator, `cairn
+// local up`) checks it the one way the datanode will.
+
+/// Bytes of a record's fixed header.
+pub const RECORD_HEADER_LEN: u64 = 61;
+/// Payload bytes covered by one chunk checksum (4 bytes each).
+pub const RECORD_CHUNK_LEN: u64 = 1 << 20;
+/// Upper bound of a record's encoded metadata (content type and user metadata at their limits).
+pub const MAX_RECORD_META_LEN: u64 = 32 * 1024;
+/// The seal record that ends every segment, and that every segment keeps room for.
+pub const SEAL_RECORD_LEN: u64 = RECORD_HEADER_LEN + 4 + 4;
+/// The largest blob when a cluster does not say: 64 MiB, or what its segments hold if less.
+pub const DEFAULT_MAX_BLOB_SIZE: u64 = 64 << 20;
+
+/// The largest record a blob of `payload` bytes can need (metadata at its limit).
+pub fn max_record_len(payload: u64) -> u64 {
+    RECORD_HEADER_LEN + MAX_RECORD_META_LEN + payload + 4 * payload.div_ceil(RECORD_CHUNK_LEN) + 4
+}
+
+/// The largest blob whose record fits in a segment of `segment_size` bytes (beside the segment
+/// header and the seal record); 0 when not even an empty one does.
+pub fn largest_blob_for_segment(segment_size: u64) -> u64 {
+    let room = segment_size.saturating_sub(SEGMENT_HEADER_LEN + SEAL_RECORD_LEN);
+    if max_record_len(0) > room {
+        return 0;
+    }
+    // Start below the answer (every chunk costs 4 bytes of checksum) and step up.
+    let mut payload = (room - max_record_len(0)).saturating_sub(4 * room.div_ceil(RECORD_CHUNK_LEN));
+    while max_record_len(payload + 1) <= room {
+        payload += 1;
+    }
+    payload
+}
+
+/// Checks that volumes of this geometry can be opened by a datanode accepting blobs up to
+/// `max_blob` bytes: the volume holds at least one segment and whole segments, and a segment
+/// holds the largest record.
+pub fn check_geometry(volume_size: u64, segment_size: u64, max_blob: u64) -> Result<(), LayoutError> {
+    if segment_size < MIN_SEGMENT_SIZE {
+        return Err(LayoutError::Geometry(format!(
+            "segment size {segment_size} is below the minimum of {MIN_SEGMENT_SIZE} bytes"
+        )));
+    }
+    if volume_size < segment_size || !volume_size.is_multiple_of(segment_size) {
+        return Err(LayoutError::Geometry(format!(
+            "volume size {volume_size} must be a whole number (at least one) of segments of {segment_size} bytes"
+        )));
+    }
+    let fits = largest_blob_for_segment(segment_size);
+    if max_blob > fits {
+        return Err(LayoutError::Geometry(format!(
+            "a {max_blob}-byte blob needs a {}-byte record, but segments of {segment_size} bytes hold blobs of at \
+             most {fits} bytes; use larger segments or a smaller maximum blob size",
+            max_record_len(max_blob)
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error("{path}: {source}")]
@@ -629,5 +690,21 @@ mod tests {
         }
         drop(lock);
         VolumeLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn the_largest_blob_exactly_fills_a_segment() {
+        for segment in [MIN_SEGMENT_SIZE, 1 << 20, (1 << 20) + 12345, 8 << 20, 1 << 30] {
+            let largest = largest_blob_for_segment(segment);
+            let room = segment - SEGMENT_HEADER_LEN - SEAL_RECORD_LEN;
+            assert!(max_record_len(largest) <= room, "{segment}");
+            assert!(max_record_len(largest + 1) > room, "{segment}: {largest} is not the largest");
+            check_geometry(segment * 4, segment, largest).unwrap();
+            assert!(check_geometry(segment * 4, segment, largest + 1).is_err());
+        }
+        assert_eq!(largest_blob_for_segment(1000), 0);
+        assert!(check_geometry(1 << 20, 2 << 20, 1).is_err(), "volume smaller than a segment");
+        assert!(check_geometry(3 << 20, 2 << 20, 1).is_err(), "volume not whole segments");
+        assert!(check_geometry(1 << 20, 1 << 10, 1).is_err(), "segment below the minimum");
     }
 }

@@ -50,7 +50,7 @@ fn topology_yaml(ports: &[u16]) -> String {
     );
     for (i, port) in ports.iter().enumerate() {
         yaml += &format!(
-            "  - id: n{i}\n    zone: z{i}\n    address: 127.0.0.1:{port}\n    disks: [{{id: d0, capacity: 1TiB}}]\n"
+            "  - id: n{i}\n    zone: z{i}\n    address: 127.0.0.1:{port}\n    disks: [{{id: n{i}-d0, capacity: 1TiB}}]\n"
         );
     }
     yaml

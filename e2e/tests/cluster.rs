@@ -97,7 +97,7 @@ impl Drop for Node {
 
 /// Writes cluster.yaml for these nodes and applies it with the `cairn` CLI.
 fn apply_topology(etcd: &EtcdServer, root: &Path, nodes: &[&Node], partitions: u32) {
-    let disks: Vec<(&Node, String)> = nodes.iter().map(|n| (*n, "d0".to_string())).collect();
+    let disks: Vec<(&Node, String)> = nodes.iter().map(|n| (*n, format!("{}-d0", n.id))).collect();
     apply_topology_with(etcd, root, &disks, partitions, "64MiB", "8MiB");
 }
 
@@ -491,7 +491,8 @@ fn datanodes_and_the_cli_reach_a_tls_etcd() {
         "replication_factor: 3\nwrite_quorum: 2\npartitions: 2\nvolume_size: 64MiB\nsegment_size: 8MiB\nnodes:\n",
     );
     for n in &nodes {
-        text += &format!("  - id: {}\n    address: {}\n    disks: [{{id: d0, capacity: 1GiB}}]\n", n.id, n.addr());
+        text +=
+            &format!("  - id: {}\n    address: {}\n    disks: [{{id: {}-d0, capacity: 1GiB}}]\n", n.id, n.addr(), n.id);
     }
     std::fs::write(&yaml, text).unwrap();
     let out = Command::new(binary("cairn"))
@@ -642,4 +643,33 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn a_replica_that_cannot_be_opened_is_reported_and_retried() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 2);
+    // Something else sits where n2's replica of partition 0 would live.
+    let blocker = nodes[2].dir.join("volumes").join("c1-p0-n2");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, "not a volume").unwrap();
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let client = Client::new();
+    wait_until("n2 reports the replica it cannot open", Duration::from_secs(20), || {
+        show(&etcd)["live"]["n2"]["unopened"]["0"].is_string()
+    });
+    let ready: Value = client.get(nodes[2].url("/readyz")).send().unwrap().json().unwrap();
+    assert!(ready["unopened"]["0"].as_str().is_some(), "{ready}");
+    assert_eq!(ready["volumes"].as_array().unwrap().len(), 1, "the other replica is served: {ready}");
+    // The blob API works meanwhile (two replicas of partition 0 are a quorum).
+    let id = put(&client, &nodes[2], b"while n2 lacks a replica").unwrap();
+    // Once the obstacle is gone, the node opens the replica by itself and catches up.
+    std::fs::remove_file(&blocker).unwrap();
+    wait_until("n2 opens the replica", Duration::from_secs(20), || show(&etcd)["live"]["n2"]["unopened"].is_null());
+    let blobs = BTreeMap::from([(id, b"while n2 lacks a replica".to_vec())]);
+    assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
 }

@@ -133,16 +133,25 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     up.wait_for(": ready");
     assert_eq!(read(port + 1), "kept across restarts");
 
-    // etcd dies: the cluster is Degraded, and `cairn status` says so with its exit status.
+    // etcd dies, then the disk agent: each is started again, and the cluster serves on.
     let etcd_data = dir.path().join("etcd");
     let killed =
         Command::new("pkill").args(["-KILL", "-f", "--", &format!("--data-dir {}", etcd_data.display())]).status();
     assert!(killed.unwrap().success());
-    up.wait_for("degraded: etcd");
+    up.wait_for("etcd exited (signal: 9");
+    up.wait_for(": ready");
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", "--", &format!("--state-dir {}", dir.path().join("disk-agent-state").display())])
+        .status();
+    assert!(killed.unwrap().success());
+    up.wait_for("disk agent exited (signal: 9");
+    up.wait_for(": ready");
+    let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body("after the restarts").send().unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(read(port + 1), "kept across restarts");
     let (code, out) = cairn(&binary("cairn"), &["status", "--local", local]);
-    assert_eq!(code, 2, "{out}");
-    assert!(out.contains("! Degraded (EtcdUnreachable)"), "{out}");
-    assert!(out.contains("live state unknown"), "{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ProcessRestarted"), "the restarts are in the events: {out}");
     up.interrupt();
 }
 
@@ -172,6 +181,23 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
         }
         command
     };
+
+    // A spec no datanode could serve: the largest blob does not fit in a segment. Nothing starts.
+    let bad_spec = m.path("bad.yaml");
+    std::fs::write(
+        &bad_spec,
+        "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {name: bad}\n\
+         spec: {image: local, volumeSize: 32Mi, segmentSize: 8Mi, maxBlobSize: 8Mi, etcd: {endpoints: []}}\n",
+    )
+    .unwrap();
+    let out = Command::new(binary("cairn"))
+        .args(["local", "up", "-f", bad_spec.to_str().unwrap(), "--dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not valid") && err.contains("hold blobs of at most"), "{err}");
+    assert!(!dir.exists(), "nothing created for a spec that cannot work");
 
     // Bad input: not one per machine. Nothing starts.
     let out = run(&disks[..2]).output().unwrap();

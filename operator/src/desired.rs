@@ -39,6 +39,28 @@ pub fn parse_size(field: &'static str, text: &str) -> Result<u64, SpecError> {
         .map_err(|_| SpecError::Invalid { field, reason: format!("{text:?} is not a size (e.g. 64Gi)") })
 }
 
+/// What can be checked of a spec without the machines: sizes, replication, and a geometry every
+/// datanode can open (the same check `cairn topology apply` and the datanode make). Volume size,
+/// segment size and the largest blob, when it holds.
+pub fn check_spec(spec: &StoreClusterSpec) -> Result<(u64, u64, Option<u64>), SpecError> {
+    let volume = parse_size("volumeSize", &spec.volume_size)?;
+    if volume == 0 {
+        return Err(SpecError::Invalid { field: "volumeSize", reason: "must be more than 0 bytes".into() });
+    }
+    let segment = parse_size("segmentSize", &spec.segment_size)?;
+    let max_blob = spec.max_blob_size.as_deref().map(|s| parse_size("maxBlobSize", s)).transpose()?;
+    let config = ClusterConfig {
+        replication_factor: spec.replication_factor,
+        write_quorum: spec.write_quorum,
+        partitions: 1,
+        volume_size_bytes: volume,
+        segment_size_bytes: segment,
+        max_blob_size_bytes: max_blob,
+    };
+    config.validate().map_err(|reason| SpecError::Invalid { field: "spec", reason })?;
+    Ok((volume, segment, max_blob))
+}
+
 pub struct Desired {
     pub config: ClusterConfig,
     pub nodes: Vec<NodeSpec>,
@@ -71,11 +93,7 @@ pub fn desired(
     machines: &[Machine],
     current: &Topology,
 ) -> Result<Desired, SpecError> {
-    let volume = parse_size("volumeSize", &spec.volume_size)?;
-    if volume == 0 {
-        return Err(SpecError::Invalid { field: "volumeSize", reason: "must be more than 0 bytes".into() });
-    }
-    let segment = parse_size("segmentSize", &spec.segment_size)?;
+    let (volume, segment, max_blob) = check_spec(spec)?;
     let selector = spec.disk_selector.clone().unwrap_or_default();
     let DiskSelectorSpec { mount_paths, fs_types, devices, min_size } = &selector;
     let paths = glob_set("diskSelector.mountPaths", mount_paths)?;
@@ -146,9 +164,10 @@ pub fn desired(
     let config = ClusterConfig {
         replication_factor: spec.replication_factor,
         write_quorum: spec.write_quorum,
-        partitions: wanted.max(existing).max(1),
+        partitions: wanted.max(existing).clamp(1, cairn_cluster::topology::MAX_PARTITIONS),
         volume_size_bytes: volume,
         segment_size_bytes: segment,
+        max_blob_size_bytes: max_blob,
     };
     config.validate().map_err(|reason| SpecError::Invalid { field: "spec", reason })?;
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -243,5 +262,21 @@ mod tests {
             current.partitions.insert(id, cairn_cluster::PartitionSpec { id, state, replicas: vec![] });
         }
         assert_eq!(desired("c1", &spec(1), &machines, &current).unwrap().config.partitions, 14);
+    }
+
+    #[test]
+    fn a_geometry_no_datanode_could_open_is_refused() {
+        let mut tiny = spec(3);
+        tiny.segment_size = "64Mi".into();
+        tiny.max_blob_size = Some("64Mi".into());
+        let err = check_spec(&tiny).unwrap_err().to_string();
+        assert!(err.contains("hold blobs of at most"), "{err}");
+        let mut small_volume = spec(3);
+        small_volume.volume_size = "512Mi".into();
+        assert!(check_spec(&small_volume).unwrap_err().to_string().contains("at least one"));
+        let mut fits = spec(3);
+        fits.max_blob_size = Some("100Mi".into());
+        assert_eq!(check_spec(&fits).unwrap(), (10 * GIB, GIB, Some(100 << 20)));
+        assert!(desired("c1", &tiny, &[], &Topology::default()).is_err());
     }
 }

@@ -128,10 +128,58 @@ pub struct LocalOptions {
     pub etcd_port: u16,
 }
 
-/// A child process stopped (TERM, then KILL) and reaped when dropped.
+/// A child process that is started again when it exits (with a growing pause, so that one that
+/// cannot start does not spin), and stopped (TERM, then KILL) and reaped when dropped.
 struct Supervised {
     name: &'static str,
     child: Child,
+    /// Makes the command again: a `Command` runs once.
+    command: Box<dyn Fn() -> anyhow::Result<Command> + Send>,
+    log: PathBuf,
+    restarts: u32,
+    next_start: std::time::Instant,
+}
+
+impl Supervised {
+    fn start(
+        name: &'static str,
+        log: PathBuf,
+        command: impl Fn() -> anyhow::Result<Command> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let child = command()?.spawn().map_err(|e| anyhow::anyhow!("starting {name}: {e}"))?;
+        Ok(Self { name, child, command: Box::new(command), log, restarts: 0, next_start: std::time::Instant::now() })
+    }
+
+    /// If the child has exited: starts it again (once its pause is over) and says so.
+    fn revive(&mut self) -> Option<String> {
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => status,
+            Ok(None) | Err(_) => return None,
+        };
+        if std::time::Instant::now() < self.next_start {
+            return None;
+        }
+        let tail = log_tail(&self.log, 1);
+        self.restarts += 1;
+        // 1 s, 2 s, 4 s … at most 30 s between starts of a child that keeps exiting.
+        let pause = Duration::from_secs((1u64 << self.restarts.min(5)).min(30));
+        self.next_start = std::time::Instant::now() + pause;
+        let started = (self.command)().and_then(|mut c| c.spawn().map_err(anyhow::Error::from));
+        match started {
+            Ok(child) => {
+                self.child = child;
+                Some(format!("{} exited ({status}; last log line: {tail}); started it again", self.name))
+            }
+            Err(e) => Some(format!("{} exited ({status}) and could not be started again: {e}", self.name)),
+        }
+    }
+}
+
+/// The last `n` lines of a log file, joined with " / ".
+fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
 }
 
 impl Drop for Supervised {
@@ -165,9 +213,8 @@ fn sibling(name: &str) -> PathBuf {
 fn wait_for(process: &mut Supervised, log: &Path, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
     for _ in 0..300 {
         if let Ok(Some(status)) = process.child.try_wait() {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-            anyhow::bail!("{} exited ({status}); the end of {}:\n{}", process.name, log.display(), tail.join("\n"));
+            let tail = log_tail(log, 5).replace(" / ", "\n");
+            anyhow::bail!("{} exited ({status}); the end of {}:\n{tail}", process.name, log.display());
         }
         if ready() {
             return Ok(());
@@ -189,6 +236,9 @@ fn say(line: &str) {
 
 /// Runs until Ctrl-C (or SIGTERM), then stops everything.
 pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<()> {
+    // A spec no datanode could serve (say, segments too small for the largest blob) is refused
+    // before anything starts, as the CRD's rules refuse it on Kubernetes.
+    crate::desired::check_spec(&cluster.spec).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
     let dir = &options.dir;
     std::fs::create_dir_all(dir.join("logs"))?;
     let logs = dir.join("logs");
@@ -196,18 +246,21 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
 
     let etcd_url = format!("http://127.0.0.1:{}", options.etcd_port);
     let peer_url = format!("http://127.0.0.1:{}", options.etcd_port + 1);
-    let mut etcd = Supervised {
-        name: "etcd",
-        child: Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.join("etcd"))
-            .args(["--name", "local", "--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("local={peer_url}")])
-            .stdout(log_file(&logs, "etcd")?)
-            .stderr(log_file(&logs, "etcd")?)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting etcd (Debian: apt-get install etcd-server): {e}"))?,
+    let mut etcd = {
+        let (data, logs, etcd_url, peer_url) = (dir.join("etcd"), logs.clone(), etcd_url.clone(), peer_url.clone());
+        Supervised::start("etcd", logs.join("etcd.log"), move || {
+            let mut command = Command::new("etcd");
+            command
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["--name", "local", "--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("local={peer_url}")])
+                .stdout(log_file(&logs, "etcd")?)
+                .stderr(log_file(&logs, "etcd")?);
+            Ok(command)
+        })
+        .map_err(|e| e.context("Debian has etcd in the package etcd-server"))?
     };
     wait_for(&mut etcd, &logs.join("etcd.log"), || {
         std::net::TcpStream::connect(("127.0.0.1", options.etcd_port)).is_ok()
@@ -223,20 +276,22 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     }
     std::fs::write(dir.join("disk-agent.yaml"), config)?;
     let socket = dir.join("disk-agent.sock");
-    let mut agent = Supervised {
-        name: "disk agent",
-        child: Command::new(sibling("cairn-disk-agent"))
-            .args(["serve", "--mountinfo", "/proc/self/mountinfo", "--kubernetes", "off", "--node-name", "local"])
-            .arg("--config")
-            .arg(dir.join("disk-agent.yaml"))
-            .arg("--state-dir")
-            .arg(dir.join("disk-agent-state"))
-            .arg("--socket")
-            .arg(&socket)
-            .stdout(log_file(&logs, "disk-agent")?)
-            .stderr(log_file(&logs, "disk-agent")?)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting cairn-disk-agent: {e}"))?,
+    let mut agent = {
+        let (dir, logs, socket) = (dir.clone(), logs.clone(), socket.clone());
+        Supervised::start("disk agent", logs.join("disk-agent.log"), move || {
+            let mut command = Command::new(sibling("cairn-disk-agent"));
+            command
+                .args(["serve", "--mountinfo", "/proc/self/mountinfo", "--kubernetes", "off", "--node-name", "local"])
+                .arg("--config")
+                .arg(dir.join("disk-agent.yaml"))
+                .arg("--state-dir")
+                .arg(dir.join("disk-agent-state"))
+                .arg("--socket")
+                .arg(&socket)
+                .stdout(log_file(&logs, "disk-agent")?)
+                .stderr(log_file(&logs, "disk-agent")?);
+            Ok(command)
+        })?
     };
     wait_for(&mut agent, &logs.join("disk-agent.log"), || std::os::unix::net::UnixStream::connect(&socket).is_ok())?;
 
@@ -255,9 +310,6 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     let mut platform =
         LocalPlatform::new(&name, NAMESPACE, vec![etcd_url.clone()], sibling("cairn-datanode"), machines);
     platform.log_dir = Some(logs.clone());
-    // The largest blob must fit in a segment (with its record's overhead).
-    let segment = crate::desired::parse_size("segmentSize", &spec.segment_size).map_err(anyhow::Error::msg)?;
-    platform.extra_args = vec!["--max-blob-size".into(), format!("{}", (segment / 2).min(64 << 20))];
 
     let mut state = LocalState::start(dir, &name, &spec, platform.local_machines());
     state.save(dir)?;
@@ -265,9 +317,20 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     let mut last_line = String::new();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
+        // Every child is supervised: etcd and the disk agent here, the datanodes by the pass.
+        let revived: Vec<String> = [&mut etcd, &mut agent].into_iter().filter_map(Supervised::revive).collect();
+        for line in &revived {
+            say(&format!("cluster {name}: {line}"));
+        }
         let outcome = converge(&name, NAMESPACE, &spec, &platform).await;
         let old = state.cluster.status.clone().unwrap_or_default();
-        let notes = crate::status::notes(&old, &outcome);
+        let mut notes = crate::status::notes(&old, &outcome);
+        notes.extend(revived.into_iter().map(|message| crate::status::Note {
+            warning: true,
+            reason: "ProcessRestarted".into(),
+            action: "Supervise",
+            message,
+        }));
         let status = crate::status::next_status(&old, state.cluster.metadata.generation, Observation::Pass(&outcome));
         let message = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.message.as_str());
         let line = format!("{}: {}", status.phase.to_lowercase(), message.unwrap_or_default());

@@ -169,9 +169,29 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
             }
         }
     }
+    // A datanode that cannot open a replica assigned to it keeps trying; until it can, the
+    // cluster is Degraded with its reason (never "creating" forever).
+    let degraded = unopened_replicas(&after).map(|message| ("ReplicaOpenFailed", message));
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
-    let ready = settled && changes.is_empty();
-    Outcome { status, ready, changes, degraded: None, progress }
+    let ready = settled && changes.is_empty() && degraded.is_none();
+    Outcome { status, ready, changes, degraded, progress }
+}
+
+/// Replicas the live datanodes report they cannot open, as one message (the first few named).
+fn unopened_replicas(snapshot: &Snapshot) -> Option<String> {
+    let all: Vec<String> = snapshot
+        .live
+        .values()
+        .flat_map(|l| {
+            l.unopened.iter().map(move |(p, reason)| format!("{} cannot open partition {p}: {reason}", l.node))
+        })
+        .collect();
+    let (first, rest) = all.split_at(all.len().min(3));
+    match (first.is_empty(), rest.len()) {
+        (true, _) => None,
+        (false, 0) => Some(first.join("; ")),
+        (false, n) => Some(format!("{}; and {n} more", first.join("; "))),
+    }
 }
 
 /// Drains and replica moves under way, as the topology shows them: a machine no longer
@@ -338,4 +358,29 @@ pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> Capacity
         capacity.allocatable_bytes += d.allocatable_bytes;
     }
     capacity
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_a_datanode_cannot_open_make_one_message() {
+        let mut snapshot = Snapshot::default();
+        assert_eq!(unopened_replicas(&snapshot), None);
+        for (node, partitions) in [("m0", vec![1u32, 2]), ("m1", vec![]), ("m2", vec![3, 4, 5])] {
+            let live = cairn_cluster::LiveNode {
+                node: node.into(),
+                address: String::new(),
+                zone: String::new(),
+                started_ms: 0,
+                free_bytes: Default::default(),
+                unopened: partitions.into_iter().map(|p| (p, format!("reason {p}"))).collect(),
+            };
+            snapshot.live.insert(node.into(), live);
+        }
+        let message = unopened_replicas(&snapshot).unwrap();
+        assert!(message.starts_with("m0 cannot open partition 1: reason 1; m0 cannot open partition 2"), "{message}");
+        assert!(message.ends_with("; and 2 more"), "{message}");
+    }
 }

@@ -276,6 +276,7 @@ fn topology_as_the_datanodes_see_it() {
             partitions: 3,
             volume_size_bytes: 64 * GIB,
             segment_size_bytes: GIB,
+            max_blob_size_bytes: None,
         }),
         nodes: [node("n0", "a"), node("n1", "b"), node("n2", "c")].into_iter().map(|n| (n.id.clone(), n)).collect(),
         partitions: BTreeMap::from([
@@ -290,6 +291,7 @@ fn topology_as_the_datanodes_see_it() {
         zone: String::new(),
         started_ms: 0,
         free_bytes: BTreeMap::new(),
+        unopened: Default::default(),
     };
     let mut snapshot = Snapshot::default();
     snapshot.topology = topology;

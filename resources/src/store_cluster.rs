@@ -28,7 +28,13 @@ use serde::{Deserialize, Serialize};
 )]
 #[x_kube(
     cel,
-    validation = Rule::new("self.writeQuorum <= self.replicationFactor").message("writeQuorum must not exceed replicationFactor")
+    validation = Rule::new("self.writeQuorum <= self.replicationFactor").message("writeQuorum must not exceed replicationFactor"),
+    validation = Rule::new("!isQuantity(self.segmentSize) || quantity(self.segmentSize).compareTo(quantity('1Mi')) >= 0")
+        .message("segmentSize must be at least 1Mi"),
+    validation = Rule::new("!isQuantity(self.volumeSize) || !isQuantity(self.segmentSize) || quantity(self.volumeSize).compareTo(quantity(self.segmentSize)) >= 0")
+        .message("volumeSize must hold at least one segment (volumeSize >= segmentSize)"),
+    validation = Rule::new("!has(self.maxBlobSize) || !isQuantity(self.maxBlobSize) || !isQuantity(self.segmentSize) || quantity(self.segmentSize).compareTo(quantity(self.maxBlobSize).add(quantity('64Ki'))) >= 0")
+        .message("maxBlobSize must fit in a segment with its record's overhead (segmentSize >= maxBlobSize + 64Ki)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StoreClusterSpec {
@@ -47,10 +53,17 @@ pub struct StoreClusterSpec {
     pub disk_selector: Option<DiskSelectorSpec>,
     /// Capacity of each volume (one partition replica), e.g. 64Gi. Fixed once set.
     #[x_kube(validation = Rule::new("self == oldSelf").message("volumeSize is immutable"))]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("volumeSize must be a quantity, e.g. 64Gi"))]
     pub volume_size: String,
     /// Log segment size inside volumes, e.g. 1Gi; divides volumeSize. Fixed once set.
     #[x_kube(validation = Rule::new("self == oldSelf").message("segmentSize is immutable"))]
+    #[x_kube(validation = Rule::new("isQuantity(self)").message("segmentSize must be a quantity, e.g. 1Gi"))]
     pub segment_size: String,
+    /// The largest blob the cluster accepts, e.g. 64Mi (default: 64Mi, or what a segment holds
+    /// if less). Every datanode applies the same limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1')) >= 0 && quantity(self).compareTo(quantity('4Gi')) <= 0").message("maxBlobSize must be a quantity from 1 to 4Gi"))]
+    pub max_blob_size: Option<String>,
     #[serde(default = "default_replication")]
     #[schemars(range(min = 1, max = 7))]
     pub replication_factor: u32,

@@ -91,7 +91,7 @@ fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>
     ))]
 pub async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let (meta, ttl) = parse_put_headers(&headers)?;
-    let payload = state.uploads.read(&headers, body, state.max_blob_bytes).await?;
+    let payload = state.uploads.read(&headers, body, state.max_blob_bytes()).await?;
     let created_ms = now_ms();
     let expiry_ms = ttl.map(|t| created_ms + t * 1000);
     let size = payload.len() as u64;

@@ -12,7 +12,7 @@ pub const MAX_USER_META_BYTES: usize = 4096;
 pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
 /// Upper bound of an encoded [`BlobMeta`] within the limits above (postcard adds at most a few
 /// bytes of length prefix per string); used to check volume geometry.
-pub const MAX_META_RECORD_BYTES: u64 = 32 * 1024;
+pub const MAX_META_RECORD_BYTES: u64 = cairn_common::volume_layout::MAX_RECORD_META_LEN;
 /// About a century: longer TTLs are almost certainly a unit mistake.
 pub const MAX_TTL_SECONDS: u64 = 100 * 365 * 24 * 3600;
 pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";

@@ -27,11 +27,20 @@ use error::ApiError;
 pub struct AppState {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    /// The largest blob of a standalone node (a cluster's comes from its configuration).
     pub max_blob_bytes: u64,
     /// Memory for request bodies, shared by every upload (public and replica API).
     pub uploads: Arc<upload::UploadBudget>,
     /// Set when the node is part of a cluster: requests are routed across replicas.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+impl AppState {
+    /// The largest blob accepted now: the cluster's setting (the same on every datanode, so that
+    /// no replica refuses what a router accepted), or the standalone node's.
+    pub fn max_blob_bytes(&self) -> u64 {
+        self.cluster.as_ref().and_then(|c| c.config()).map(|c| c.max_blob_bytes()).unwrap_or(self.max_blob_bytes)
+    }
 }
 
 #[derive(OpenApi)]
@@ -154,6 +163,10 @@ async fn healthz() -> &'static str {
 struct Readiness {
     ready: bool,
     volumes: Vec<VolumeReadiness>,
+    /// In a cluster: replicas assigned here that could not be opened (partition → reason); the
+    /// node keeps trying, and serves the others meanwhile.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    unopened: std::collections::BTreeMap<u32, String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -185,7 +198,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .collect();
     let ready = !volumes.is_empty() && volumes.iter().all(|v| v.state != "failed");
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(Readiness { ready, volumes })).into_response()
+    let unopened = state.cluster.as_ref().map(|c| c.unopened()).unwrap_or_default();
+    (status, Json(Readiness { ready, volumes, unopened })).into_response()
 }
 
 /// Prometheus metrics, text format.

@@ -69,6 +69,8 @@ impl UploadBudget {
     /// Reads a request body of at most `max` bytes into one buffer counted against the budget.
     /// A body that says its length takes its room up front; one that does not, step by step.
     pub async fn read(&self, headers: &HeaderMap, body: Body, max: u64) -> Result<Bytes, ApiError> {
+        // A blob larger than the whole buffer could never get room.
+        let max = max.min(self.total_bytes);
         let too_large =
             |size: String| ApiError::PayloadTooLarge(format!("blob of {size} bytes exceeds the limit of {max} bytes"));
         let declared = match headers.get(header::CONTENT_LENGTH) {

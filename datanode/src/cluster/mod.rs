@@ -56,6 +56,9 @@ pub struct Cluster {
     volume_config: VolumeConfig,
     /// Replicas being replicated: (partition, peer) → its task's token.
     pullers: Mutex<BTreeMap<(u32, String), CancellationToken>>,
+    /// Assigned replicas that could not be opened, with the reason; retried, and published with
+    /// the live registration.
+    unopened: Mutex<BTreeMap<u32, String>>,
     cancel: CancellationToken,
 }
 
@@ -87,6 +90,7 @@ impl Cluster {
             http,
             volume_config,
             pullers: Mutex::default(),
+            unopened: Mutex::default(),
             cancel: cancel.clone(),
         });
         let live = LiveNode {
@@ -95,6 +99,7 @@ impl Cluster {
             zone: cluster.options.zone.clone(),
             started_ms: now_ms(),
             free_bytes: BTreeMap::new(),
+            unopened: BTreeMap::new(),
         };
         let (live_tx, live_rx) = watch::channel(live);
         tokio::spawn({
@@ -112,9 +117,11 @@ impl Cluster {
                             free.insert(volume.partition(), stats.capacity_bytes.saturating_sub(stats.allocated_bytes));
                         }
                     }
+                    let unopened = cluster.unopened();
                     live_tx.send_if_modified(|l| {
-                        let changed = l.free_bytes != free;
+                        let changed = l.free_bytes != free || l.unopened != unopened;
                         l.free_bytes = free;
+                        l.unopened = unopened;
                         changed
                     });
                     tokio::select! {
@@ -131,9 +138,13 @@ impl Cluster {
             async move {
                 let mut view = cluster.view.clone();
                 loop {
+                    // Replicas that could not be opened are tried again every few seconds: the
+                    // cause (a disk agent restarting, no file descriptors) may pass.
+                    let retry = !cluster.unopened().is_empty();
                     tokio::select! {
                         _ = cluster.cancel.cancelled() => return,
                         changed = view.changed() => if changed.is_err() { return },
+                        _ = tokio::time::sleep(Duration::from_secs(5)), if retry => {}
                     }
                     let snapshot = view.borrow_and_update().clone();
                     cluster.reconcile(&snapshot).await;
@@ -149,6 +160,11 @@ impl Cluster {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.view.borrow().clone()
+    }
+
+    /// Assigned replicas this node cannot open, with the reason.
+    pub fn unopened(&self) -> BTreeMap<u32, String> {
+        self.unopened.lock().expect("unopened lock").clone()
     }
 
     pub fn config(&self) -> Option<ClusterConfig> {
@@ -178,10 +194,19 @@ impl Cluster {
                 Ok(volume) => {
                     tracing::info!(partition = partition.id, "serving replica");
                     self.store.insert(volume);
+                    self.unopened.lock().expect("unopened lock").remove(&partition.id);
                 }
-                Err(e) => tracing::error!(partition = partition.id, error = %format!("{e:#}"), "cannot open replica"),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    let mut unopened = self.unopened.lock().expect("unopened lock");
+                    if unopened.get(&partition.id) != Some(&reason) {
+                        tracing::error!(partition = partition.id, error = %reason, "cannot open replica; trying again");
+                    }
+                    unopened.insert(partition.id, reason);
+                }
             }
         }
+        self.unopened.lock().expect("unopened lock").retain(|p, _| assigned.iter().any(|a| a.id == *p));
         for volume in self.store.volumes() {
             if !assigned.iter().any(|p| p.id == volume.partition()) {
                 tracing::warn!(partition = volume.partition(), "replica no longer assigned here; closing (data kept)");
@@ -214,6 +239,13 @@ impl Cluster {
         }
     }
 
+    /// How a replica's volume is opened: it takes any blob its segments hold (the cluster's
+    /// largest-blob setting is the API's to enforce, and may be raised up to that).
+    fn replica_config(&self, config: &ClusterConfig) -> VolumeConfig {
+        let max_blob_bytes = cairn_common::volume_layout::largest_blob_for_segment(config.segment_size_bytes);
+        VolumeConfig { max_blob_bytes, ..self.volume_config.clone() }
+    }
+
     /// Gets the replica's volume (from the disk agent, or under the data directory) and opens it.
     async fn open_replica(&self, config: &ClusterConfig, partition: &PartitionSpec) -> anyhow::Result<Arc<Volume>> {
         let name = Topology::volume_name(&self.options.cluster, partition.id, self.node_id());
@@ -233,13 +265,13 @@ impl Cluster {
             VolumeSource::DataDir(data) => {
                 let dir = data.join("volumes").join(&name);
                 let marker = VolumeMarker::new(partition.id, config.segment_size_bytes, config.volume_size_bytes)?;
-                let (d, c) = (dir.clone(), self.volume_config.clone());
+                let (d, c) = (dir.clone(), self.replica_config(config));
                 tokio::task::spawn_blocking(move || Volume::create(&d, &marker, &c)).await??;
                 dir
             }
         };
-        let (config, metrics) = (self.volume_config.clone(), self.store.metrics().engine.clone());
-        let volume = tokio::task::spawn_blocking(move || Volume::open(&dir, config, metrics)).await??;
+        let (volume_config, metrics) = (self.replica_config(config), self.store.metrics().engine.clone());
+        let volume = tokio::task::spawn_blocking(move || Volume::open(&dir, volume_config, metrics)).await??;
         anyhow::ensure!(
             volume.partition() == partition.id,
             "volume {name} holds partition {}, expected {}",

@@ -53,7 +53,7 @@ async fn put_replica(
 ) -> Result<StatusCode, ApiError> {
     let blob_id = parse_id(&raw)?;
     let (meta, _) = parse_put_headers(&headers)?;
-    let payload = state.uploads.read(&headers, body, state.max_blob_bytes).await?;
+    let payload = state.uploads.read(&headers, body, state.max_blob_bytes()).await?;
     let created_ms =
         header_ms(&headers, CREATED_HEADER)?.ok_or_else(|| ApiError::InvalidHeader(CREATED_HEADER.into()))?;
     let expiry_ms = header_ms(&headers, EXPIRES_HEADER)?;

@@ -404,6 +404,7 @@ mod tests {
                 zone: String::new(),
                 started_ms: 0,
                 free_bytes: free.iter().copied().collect(),
+                unopened: Default::default(),
             };
             snapshot.live.insert(n.to_string(), node);
         }
@@ -417,6 +418,7 @@ mod tests {
             partitions: 2,
             volume_size_bytes: 1 << 30,
             segment_size_bytes: 1 << 26,
+            max_blob_size_bytes: None,
         }
     }
 

@@ -27,9 +27,9 @@ use serde::{Deserialize, Serialize};
 
 pub const RECORD_MAGIC: [u8; 4] = *b"CRec";
 pub const RECORD_FORMAT: u8 = 1;
-pub const HEADER_LEN: u64 = 61;
+pub const HEADER_LEN: u64 = cairn_common::volume_layout::RECORD_HEADER_LEN;
 /// Payload bytes covered by one chunk checksum.
-pub const CHUNK_LEN: u64 = 1 << 20;
+pub const CHUNK_LEN: u64 = cairn_common::volume_layout::RECORD_CHUNK_LEN;
 const HEADER_CRC_AT: usize = 57;
 /// Flag bit: the expiry field holds a time. Without it "never expires" and "expires at 0"
 /// (already expired) would share one encoding.
@@ -289,7 +289,7 @@ impl EncodedRecord {
 }
 
 /// The length of a seal record, which every segment keeps room for.
-pub const SEAL_LEN: u64 = HEADER_LEN + 4 + 4;
+pub const SEAL_LEN: u64 = cairn_common::volume_layout::SEAL_RECORD_LEN;
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cairn_common::blob_id::BlobId;
-use cairn_common::volume_layout::{self as layout, LayoutError, VolumeMarker, FIRST_SEGMENT, SEGMENT_HEADER_LEN};
+use cairn_common::volume_layout::{self as layout, VolumeMarker, FIRST_SEGMENT, SEGMENT_HEADER_LEN};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -482,21 +482,7 @@ const SMALL_PUT_RECORD: u64 = HEADER_LEN + 64 + 4096 + 4 + 4;
 
 /// Refuses a maximum blob size whose records would not fit in one segment.
 fn check_geometry(marker: &VolumeMarker, config: &VolumeConfig) -> Result<(), VolumeError> {
-    let max_record = marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
-    let needed = max_record_len(config.max_blob_bytes);
-    if needed > max_record {
-        return Err(VolumeError::Layout(LayoutError::Geometry(format!(
-            "a {}-byte blob needs {needed}-byte records but segments of {} bytes hold at most {max_record}; \
-             use larger segments or a smaller maximum blob size",
-            config.max_blob_bytes, marker.segment_size
-        ))));
-    }
-    Ok(())
-}
-
-/// Largest record a blob of `payload` bytes can need (metadata at its limit).
-pub fn max_record_len(payload: u64) -> u64 {
-    HEADER_LEN + crate::api::limits::MAX_META_RECORD_BYTES + payload + 4 * payload.div_ceil(CHUNK_LEN) + 4
+    Ok(layout::check_geometry(marker.capacity_bytes, marker.segment_size, config.max_blob_bytes)?)
 }
 
 fn encode_put(req: &PutRequest) -> EncodedRecord {

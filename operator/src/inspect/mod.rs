@@ -534,6 +534,7 @@ mod tests {
             zone: String::new(),
             started_ms: 0,
             free_bytes: Default::default(),
+            unopened: Default::default(),
         };
         snapshot.live = ["ready", "leaving"].iter().map(|n| (n.to_string(), live(n))).collect();
         let machines = vec![
