@@ -393,8 +393,8 @@ pub fn create_segment(
             return Err(LayoutError::io(&path, io::Error::from(io::ErrorKind::AlreadyExists)));
         }
         fs::rename(spare_path(volume_dir, spare), &path).map_err(|e| LayoutError::io(&path, e))?;
-        sync_dir(&spares_dir(volume_dir))?;
         let opened = (|| {
+            sync_dir(&spares_dir(volume_dir))?;
             let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| LayoutError::io(&path, e))?;
             let header =
                 SegmentHeader { volume_id: marker.volume_id_u128(), segment, segment_size: marker.segment_size };

@@ -564,6 +564,9 @@ async fn damage_in_the_middle_of_the_log_tail_keeps_every_later_record() {
     assert_eq!(read_all(&volume, after_delete).unwrap(), after_delete_data);
     let damaged: Vec<BlobId> = volume.damaged().unwrap().into_iter().map(|(id, _)| id).collect();
     assert_eq!(damaged, vec![blobs[2].0], "the damaged put waits for repair");
+    // The damaged tombstone was written again intact: compaction is not stopped by it.
+    while volume.compaction().run_once().unwrap() {}
+    assert!(matches!(volume.open_blob(doomed), Err(VolumeError::Deleted)));
 
     // A replica sends the blob again: it is stored anew, and nothing is owed any more.
     let repair = PutRequest {
@@ -604,6 +607,76 @@ async fn an_expiry_of_zero_stays_expired_through_crash_replay() {
     assert!(matches!(volume.open_blob(id), Err(VolumeError::Expired)));
     crash_to(dir.path(), volume, &index);
     let volume = open(dir.path(), 4);
-    assert_eq!(volume.entry(id).unwrap().expiry_ms, Some(0), "replayed from the log");
+    assert_eq!(volume.entry(id).unwrap().expiry_ms, Some(1), "replayed from the log: 1 ms after the epoch");
     assert!(matches!(volume.open_blob(id), Err(VolumeError::Expired)), "an expiry of 0 is not 'never'");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_seal_does_not_lose_the_segment_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 8);
+    volume.checkpoint().await.unwrap();
+    let index = durable_index(dir.path());
+    let mut blobs = Vec::new();
+    for seed in 0..60u64 {
+        blobs.push(put(&volume, seed, 3000).await.unwrap());
+    }
+    let first = volume.entry(blobs[0].0).unwrap().location.unwrap().segment;
+    let last = volume.entry(blobs[59].0).unwrap().location.unwrap().segment;
+    assert!(last > first, "the records span a segment roll");
+    crash_to(dir.path(), volume, &index);
+    // The seal at the end of the first segment is damaged, header and all.
+    let file = OpenOptions::new().read(true).open(layout::segment_path(dir.path(), first)).unwrap();
+    let seal_at = find_log_end(&file) - cairn_datanode::engine::record::SEAL_LEN;
+    drop(file);
+    flip_byte(dir.path(), first, seal_at + 20);
+    let volume = open(dir.path(), 8);
+    for (i, (id, data)) in blobs.iter().enumerate() {
+        assert_eq!(&read_all(&volume, *id).unwrap(), data, "blob {i} lost with the seal");
+    }
+    let (late, late_data) = put(&volume, 999, 3000).await.unwrap();
+    volume.close();
+    drop(volume);
+    let volume = open(dir.path(), 8);
+    assert_eq!(read_all(&volume, late).unwrap(), late_data);
+    assert!(!dir.path().join(cairn_datanode::engine::volume::QUARANTINE_DIR).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_image_inside_a_damaged_blob_is_never_replayed() {
+    use cairn_datanode::engine::record::EncodedRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 8);
+    let (victim, victim_data) = put(&volume, 1, 2000).await.unwrap();
+    volume.checkpoint().await.unwrap();
+    let index = durable_index(dir.path());
+    // A blob that carries, in its payload, the image of a valid delete of the victim.
+    let tombstone = RecordHeader {
+        kind: RecordKind::Delete,
+        blob_id: victim,
+        created_ms: now_ms(),
+        expiry_ms: None,
+        meta_len: 0,
+        payload_len: 0,
+    };
+    let image = EncodedRecord::new(tombstone, &[], Bytes::new(), &[]);
+    let mut carrier = vec![0x55u8; 1000];
+    carrier.extend_from_slice(&image.head);
+    carrier.extend_from_slice(&image.trailer);
+    carrier.extend(vec![0x66u8; 1000]);
+    let carrier_id = BlobId::generate(volume.partition());
+    let request = PutRequest {
+        blob_id: carrier_id,
+        meta: BlobMeta::default(),
+        payload: Bytes::from(carrier),
+        created_ms: now_ms(),
+        expiry_ms: None,
+    };
+    volume.put(request).await.unwrap();
+    let at = volume.entry(carrier_id).unwrap().location.unwrap();
+    crash_to(dir.path(), volume, &index);
+    flip_byte(dir.path(), at.segment, at.offset + at.len - 100); // the carrier's payload, past the image
+    let volume = open(dir.path(), 8);
+    assert_eq!(read_all(&volume, victim).unwrap(), victim_data, "a record image inside a blob was replayed");
+    while volume.compaction().run_once().unwrap() {}
 }

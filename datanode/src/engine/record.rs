@@ -5,11 +5,11 @@
 //!      0     4  magic "CRec"
 //!      4     1  format version (1)
 //!      5     1  kind: 1 put, 2 delete, 3 ttl-update, 4 seal
-//!      6     2  flags: bit 0 = the record has an expiry; any other bit is refused
+//!      6     2  flags (none defined; non-zero is refused)
 //!      8    21  blob id (binary form)
 //!     29     8  created, ms since the Unix epoch
-//!     37     8  expiry, ms since the Unix epoch, when flag bit 0 is set (records written
-//!                before the flag existed say 0 for "never" and any other value for a time)
+//!     37     8  expiry, ms since the Unix epoch; 0 = never (a real expiry is at least 1:
+//!                see [`normalize_expiry`])
 //!     45     4  metadata length M
 //!     49     8  payload length P
 //!     57     4  CRC32C of bytes 0..57          (lengths are trusted only after this)
@@ -31,10 +31,12 @@ pub const HEADER_LEN: u64 = cairn_common::volume_layout::RECORD_HEADER_LEN;
 /// Payload bytes covered by one chunk checksum.
 pub const CHUNK_LEN: u64 = cairn_common::volume_layout::RECORD_CHUNK_LEN;
 const HEADER_CRC_AT: usize = 57;
-/// Flag bit: the expiry field holds a time. Without it "never expires" and "expires at 0"
-/// (already expired) would share one encoding.
-const FLAG_HAS_EXPIRY: u16 = 1;
-const KNOWN_FLAGS: u16 = FLAG_HAS_EXPIRY;
+
+/// The one encoding of "never expires" is an expiry field of 0, so a real expiry is at least 1 ms
+/// after the epoch: an expiry of 0 (already expired, as 1 is) would otherwise read back as never.
+pub fn normalize_expiry(expiry_ms: Option<u64>) -> Option<u64> {
+    expiry_ms.map(|t| t.max(1))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecordKind {
@@ -124,11 +126,10 @@ impl RecordHeader {
         b[0..4].copy_from_slice(&RECORD_MAGIC);
         b[4] = RECORD_FORMAT;
         b[5] = self.kind.code();
-        let flags = if self.expiry_ms.is_some() { FLAG_HAS_EXPIRY } else { 0 };
-        b[6..8].copy_from_slice(&flags.to_le_bytes());
+        b[6..8].copy_from_slice(&0u16.to_le_bytes());
         b[8..29].copy_from_slice(&self.blob_id.to_bytes());
         b[29..37].copy_from_slice(&self.created_ms.to_le_bytes());
-        b[37..45].copy_from_slice(&self.expiry_ms.unwrap_or(0).to_le_bytes());
+        b[37..45].copy_from_slice(&normalize_expiry(self.expiry_ms).unwrap_or(0).to_le_bytes());
         b[45..49].copy_from_slice(&self.meta_len.to_le_bytes());
         b[49..57].copy_from_slice(&self.payload_len.to_le_bytes());
         let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
@@ -149,7 +150,7 @@ impl RecordHeader {
         }
         let kind = RecordKind::from_code(b[5]).ok_or(RecordError::Kind(b[5]))?;
         let flags = u16::from_le_bytes(b[6..8].try_into().expect("2 bytes"));
-        if flags & !KNOWN_FLAGS != 0 {
+        if flags != 0 {
             return Err(RecordError::Flags(flags));
         }
         let id: [u8; BLOB_ID_BYTES] = b[8..29].try_into().expect("21 bytes");
@@ -158,7 +159,7 @@ impl RecordHeader {
             kind,
             blob_id: BlobId::from_bytes(&id).map_err(|_| RecordError::BlobId)?,
             created_ms: u64::from_le_bytes(b[29..37].try_into().expect("8 bytes")),
-            expiry_ms: if flags & FLAG_HAS_EXPIRY != 0 { Some(expiry) } else { (expiry != 0).then_some(expiry) },
+            expiry_ms: (expiry != 0).then_some(expiry),
             meta_len: u32::from_le_bytes(b[45..49].try_into().expect("4 bytes")),
             payload_len: u64::from_le_bytes(b[49..57].try_into().expect("8 bytes")),
         })
@@ -324,24 +325,12 @@ mod tests {
 
     #[test]
     fn an_expiry_of_zero_is_not_never() {
-        for expiry_ms in [None, Some(0), Some(1), Some(u64::MAX)] {
-            let h = RecordHeader { expiry_ms, ..header(RecordKind::Put, 10, 0) };
-            assert_eq!(RecordHeader::decode(&h.encode()).unwrap().expiry_ms, expiry_ms);
+        for (given, stored) in [(None, None), (Some(0), Some(1)), (Some(1), Some(1)), (Some(u64::MAX), Some(u64::MAX))]
+        {
+            let h = RecordHeader { expiry_ms: given, ..header(RecordKind::Put, 10, 0) };
+            assert_eq!(RecordHeader::decode(&h.encode()).unwrap().expiry_ms, stored);
+            assert_eq!(normalize_expiry(given), stored, "the writer indexes what recovery will read");
         }
-        // A record written before the flag existed: 0 meant never, anything else a time.
-        for (field, expected) in [(0u64, None), (5, Some(5))] {
-            let mut b = header(RecordKind::Put, 10, 0).encode();
-            b[6..8].copy_from_slice(&0u16.to_le_bytes());
-            b[37..45].copy_from_slice(&field.to_le_bytes());
-            let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
-            b[57..61].copy_from_slice(&crc.to_le_bytes());
-            assert_eq!(RecordHeader::decode(&b).unwrap().expiry_ms, expected);
-        }
-        let mut b = header(RecordKind::Put, 10, 0).encode();
-        b[6..8].copy_from_slice(&2u16.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
-        b[57..61].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(RecordHeader::decode(&b), Err(RecordError::Flags(2)));
     }
 
     #[test]

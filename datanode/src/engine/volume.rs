@@ -107,9 +107,9 @@ pub(crate) struct Shared {
     /// Allocator of segment numbers, for the writer and compaction alike.
     pub next_segment: AtomicU32,
     pub metrics: Arc<EngineMetrics>,
-    /// Held while the volume is open: no second process (or second open) can use it, and the
-    /// disk agent refuses to delete it.
-    _lock: layout::VolumeLock,
+    /// The volume is stalled for want of disk space (which the writer can see come back), not for
+    /// want of file descriptors (which only the next try can tell).
+    stalled_for_space: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -136,6 +136,7 @@ impl Shared {
                 tracing::warn!(volume = %self.dir.display(), %reason, "volume takes no new blobs until this passes");
             }
             *health = VolumeHealth::Stalled(reason.clone());
+            self.stalled_for_space.store(no_space, Ordering::SeqCst);
         }
         VolumeError::Paused { reason, no_space }
     }
@@ -149,15 +150,26 @@ impl Shared {
         }
     }
 
+    /// Bytes free on the volume's filesystem (for unprivileged writers); `None` if unknown.
+    fn disk_free(&self) -> Option<u64> {
+        rustix::fs::statvfs(&self.dir).ok().map(|st| st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// Whether a stall for disk space has passed: room for the index reserve, and for a new
+    /// segment where the volume grows on demand.
+    fn room_is_back(&self) -> bool {
+        let segment = if self.marker.preallocated { 0 } else { self.marker.segment_size };
+        self.disk_free().is_some_and(|free| free >= self.config.index_reserve_bytes + segment)
+    }
+
     /// Free space of the volume's filesystem must stay above the index reserve for puts.
     fn check_disk_room(&self) -> Result<(), VolumeError> {
         let reserve = self.config.index_reserve_bytes;
         if reserve == 0 {
             return Ok(());
         }
-        match rustix::fs::statvfs(&self.dir) {
-            Ok(st) => {
-                let free = st.f_bavail.saturating_mul(st.f_frsize);
+        match self.disk_free() {
+            Some(free) => {
                 if free < reserve {
                     return Err(self.stall(
                         format!(
@@ -170,7 +182,7 @@ impl Shared {
                 Ok(())
             }
             // Not knowing is no reason to refuse: the write itself will tell.
-            Err(_) => Ok(()),
+            None => Ok(()),
         }
     }
 
@@ -185,6 +197,9 @@ pub struct Volume {
     shared: Arc<Shared>,
     writer: Mutex<Option<(mpsc::Sender<WriterMsg>, JoinHandle<()>)>>,
     compactor: Mutex<Option<Compactor>>,
+    /// Held from open to close: no second process (or second open) can use the volume, and the
+    /// disk agent refuses to delete it. Released by `close`, not by the last reader going away.
+    lock: Mutex<Option<layout::VolumeLock>>,
 }
 
 impl Volume {
@@ -226,16 +241,37 @@ impl Volume {
             health: Mutex::new(VolumeHealth::Writable),
             next_segment: AtomicU32::new(FIRST_SEGMENT + 1),
             metrics,
-            _lock: lock,
+            stalled_for_space: Default::default(),
         });
-        let log = recover(&shared)?;
+        let (log, rewrite) = recover(&shared)?;
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name(format!("cairn-writer-{}", shared.marker.partition))
             .spawn(move || Writer::new(writer_shared, log).run(rx))?;
+        // Damaged deletes and TTL updates are written again, intact, before the volume serves.
+        for h in rewrite {
+            let op = match h.kind {
+                RecordKind::Delete => {
+                    WriteOp::Delete { blob_id: h.blob_id, at_ms: h.created_ms, tombstone_unknown: true }
+                }
+                _ => WriteOp::TtlUpdate { blob_id: h.blob_id, expiry_ms: h.expiry_ms, at_ms: h.created_ms },
+            };
+            let (reply, done) = oneshot::channel();
+            let _ = tx.send(WriterMsg::Write(op, reply));
+            match futures::executor::block_on(done) {
+                Ok(Ok(()) | Err(VolumeError::Deleted | VolumeError::Expired | VolumeError::NotFound)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(VolumeError::Closed),
+            }
+        }
         let compactor = Compactor::start(shared.clone());
-        Ok(Self { shared, writer: Mutex::new(Some((tx, handle))), compactor: Mutex::new(Some(compactor)) })
+        Ok(Self {
+            shared,
+            writer: Mutex::new(Some((tx, handle))),
+            compactor: Mutex::new(Some(compactor)),
+            lock: Mutex::new(Some(lock)),
+        })
     }
 
     pub fn partition(&self) -> u32 {
@@ -287,6 +323,7 @@ impl Volume {
     /// Stores a new blob; returns once its record and index entry are durable.
     pub async fn put(&self, req: PutRequest) -> Result<(), VolumeError> {
         self.check_writable_for_put(req.payload.len() as u64)?;
+        let req = PutRequest { expiry_ms: record::normalize_expiry(req.expiry_ms), ..req };
         let record = encode_put(&req);
         self.write(WriteOp::Put(record)).await
     }
@@ -339,6 +376,7 @@ impl Volume {
 
     /// Sets a new expiry (`None`: never expires).
     pub async fn update_ttl(&self, blob_id: BlobId, expiry_ms: Option<u64>) -> Result<(), VolumeError> {
+        let expiry_ms = record::normalize_expiry(expiry_ms);
         self.write(WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms: now_ms() }).await
     }
 
@@ -457,6 +495,7 @@ impl Volume {
             drop(sender);
             let _ = handle.join();
         }
+        self.lock.lock().expect("volume lock").take();
     }
 
     /// Stops as a crash would: no final checkpoint (tests of recovery).
@@ -467,6 +506,7 @@ impl Volume {
         if let Some((sender, handle)) = self.writer.lock().expect("writer lock").take() {
             let _ = sender.send(WriterMsg::Abandon);
             let _ = handle.join();
+            self.lock.lock().expect("volume lock").take();
         }
     }
 }
@@ -476,6 +516,12 @@ impl Drop for Volume {
         self.close();
     }
 }
+
+/// The shortest record there is (no metadata, no payload): bounds how many records damaged
+/// bytes of unknown content held.
+const MIN_RECORD_LEN: u64 = HEADER_LEN + 4;
+/// Where recovery sets aside segment files that hold records but that the index does not know.
+pub const QUARANTINE_DIR: &str = "quarantine";
 
 /// The record of a 4 KiB blob with a little metadata: a volume where this no longer fits is full.
 const SMALL_PUT_RECORD: u64 = HEADER_LEN + 64 + 4096 + 4 + 4;
@@ -693,6 +739,13 @@ impl Writer {
                     if self.dirty {
                         let _ = self.commit_batch(Vec::new(), true);
                     }
+                    // A volume stalled for disk space says so only while it lasts.
+                    if matches!(self.shared.health(), VolumeHealth::Stalled(_))
+                        && self.shared.stalled_for_space.load(Ordering::SeqCst)
+                        && self.shared.room_is_back()
+                    {
+                        self.shared.unstall();
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -844,7 +897,9 @@ impl Writer {
                         replies.push((reply, Err(VolumeError::Full)));
                     }
                     // This request alone is refused; the volume goes on.
-                    Err(e @ (VolumeError::NoRoom { .. } | VolumeError::Paused { .. })) => replies.push((reply, Err(e))),
+                    Err(
+                        e @ (VolumeError::NoRoom { .. } | VolumeError::Paused { .. } | VolumeError::TooLarge { .. }),
+                    ) => replies.push((reply, Err(e))),
                     Err(e) => return Err(e),
                 }
             }
@@ -970,8 +1025,9 @@ pub(crate) fn begin_write(db: &Database, durable: bool) -> Result<WriteTransacti
     Ok(txn)
 }
 
-/// Brings the index up to date with the log and returns the writer's position.
-fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
+/// Brings the index up to date with the log; returns the writer's position, and the damaged
+/// deletes and TTL updates (header intact) to write again once the writer runs.
+fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeError> {
     compaction::resolve_interrupted(shared)?;
     let dir = &shared.dir;
     let marker = &shared.marker;
@@ -1008,41 +1064,47 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
         // checkpoint's worth and one batch.
         let window = shared.config.checkpoint_bytes.max(128 << 20) + shared.config.max_batch_bytes;
         let mut replayed_bytes = 0u64;
+        // Damaged deletes and TTL updates to write again, by their place in the log; a later
+        // intact record of the same blob supersedes them.
+        let mut rewrite: Vec<(u64, RecordHeader)> = Vec::new();
+        let mut last_record_of: HashMap<BlobId, u64> = HashMap::new();
         loop {
             let file = shared.segments.get(segment).expect("opened above");
             match read_verified_record(&file, offset, marker.segment_size) {
                 Err(VolumeError::Integrity(reason)) => {
-                    // A seal whose header verifies but whose pointer does not: the log goes on in
-                    // the lowest-numbered later segment that is not sealed.
-                    if let Some(next) = damaged_seal_successor(&file, offset, segment, &on_disk, &tables.segments)? {
+                    // The torn end of the log, or damage in its middle? Damage has intact
+                    // records after it, and those were acknowledged: keep them.
+                    let limit = (offset + window.saturating_sub(replayed_bytes)).min(marker.segment_size);
+                    let Some(damage) = inspect_damage(&file, offset, limit, marker.partition)? else {
+                        // The end of the log in this segment. If a later segment that no sealed
+                        // entry claims holds records, the seal that pointed there was lost: the
+                        // log goes on there.
+                        let Some(next) = lost_continuation(shared, segment, &on_disk, &tables.segments)? else { break };
                         tracing::error!(volume = %dir.display(), segment, offset, %reason, next,
-                            "damaged seal record in the log tail; following the log into the next segment");
+                            "the log's seal record is unreadable; following the log into the next segment");
                         shared.metrics.integrity_errors.inc();
+                        layout::zero_range(
+                            &file,
+                            &layout::segment_path(dir, segment),
+                            offset,
+                            marker.segment_size - offset,
+                        )?;
                         let info = tables.segments.get(segment)?;
                         info.sealed = true;
-                        info.end = offset + SEAL_LEN;
-                        if shared.segments.get(next).is_none() {
-                            shared.segments.insert(next, layout::open_segment(dir, marker, next)?);
-                        }
+                        info.end = offset;
                         tables.segments.get(next)?;
                         segment = next;
                         offset = SEGMENT_HEADER_LEN;
                         continue;
-                    }
-                    // The torn end of the log, or damage in its middle? Damage has intact
-                    // records after it, and those were acknowledged: keep them.
-                    let limit = (offset + window.saturating_sub(replayed_bytes)).min(marker.segment_size);
-                    let Some(damage) = inspect_damage(&file, offset, limit, marker.partition)? else { break };
+                    };
                     shared.metrics.integrity_errors.inc();
-                    let at = Location { segment, offset, len: damage.next - offset };
+                    let len = damage.next - offset;
+                    // The writer gave every record but a seal one journal sequence. The records
+                    // after the damage keep numbers at or above those peers have seen (a gap is
+                    // harmless; a number given twice would make a peer skip an entry).
                     match damage.header {
-                        // A delete or TTL update says everything in its header: apply it.
-                        Some(h) if matches!(h.kind, RecordKind::Delete | RecordKind::TtlUpdate) => {
-                            tracing::error!(volume = %dir.display(), segment, offset, %reason, blob = %h.blob_id,
-                                "damaged record in the log tail; its header is intact and applied");
-                            apply_record(&mut tables, &h, at, 0, &mut next_seq)?;
-                        }
                         Some(h) if h.kind == RecordKind::Put => {
+                            next_seq += 1;
                             tracing::error!(volume = %dir.display(), segment, offset, %reason, blob = %h.blob_id,
                                 "damaged blob in the log tail; it waits for another replica to send it again");
                             if index::get::<_, IndexEntry>(&tables.blobs, h.blob_id.to_bytes())?.is_none() {
@@ -1050,10 +1112,22 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
                                 tables.damaged.insert(h.blob_id.to_bytes(), index::encode(&record).as_slice())?;
                             }
                         }
-                        _ => tracing::error!(volume = %dir.display(), segment, offset, len = at.len, %reason,
-                            "damaged bytes in the log tail, header unreadable; the records after them are kept"),
+                        // A delete or TTL update says all it has to say in its header: it is
+                        // written again, intact, once the writer runs (pointing the index at
+                        // damaged bytes would stop compaction of the segment for good).
+                        Some(h) if matches!(h.kind, RecordKind::Delete | RecordKind::TtlUpdate) => {
+                            next_seq += 1;
+                            tracing::error!(volume = %dir.display(), segment, offset, %reason, blob = %h.blob_id,
+                                "damaged record in the log tail; its header is intact, so it is written again");
+                            rewrite.push((replayed_bytes, h));
+                        }
+                        _ => {
+                            next_seq += len.div_ceil(MIN_RECORD_LEN);
+                            tracing::error!(volume = %dir.display(), segment, offset, len, %reason,
+                                "damaged bytes in the log tail, header unreadable; the records after them are kept");
+                        }
                     }
-                    replayed_bytes += at.len;
+                    replayed_bytes += len;
                     offset = damage.next;
                     continue;
                 }
@@ -1076,6 +1150,7 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
                         continue;
                     }
                     apply_record(&mut tables, &header, location, crc, &mut next_seq)?;
+                    last_record_of.insert(header.blob_id, replayed_bytes);
                     offset += location.len;
                     replayed_bytes += location.len;
                     replayed += 1;
@@ -1093,14 +1168,27 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
         stats.flush()?;
         drop((blobs, journal, damaged));
 
-        // Segment files nothing refers to were created by a roll that never committed.
+        // Segment files nothing refers to were created by a roll that never committed. One that
+        // holds a record that verifies is never erased: it is set aside for a person to look at.
         let referenced: Vec<u32> =
             segments_table.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
         for number in &on_disk {
             if !referenced.contains(number) {
-                tracing::warn!(segment = number, volume = %dir.display(), "removing unreferenced segment file");
+                let holds_records = match layout::open_segment(dir, marker, *number) {
+                    Ok(file) => read_verified_record(&file, SEGMENT_HEADER_LEN, marker.segment_size).is_ok(),
+                    Err(_) => false,
+                };
                 shared.segments.remove(*number);
-                layout::retire_segment(dir, marker, *number)?;
+                if holds_records {
+                    let aside = dir.join(QUARANTINE_DIR);
+                    fs::create_dir_all(&aside)?;
+                    fs::rename(layout::segment_path(dir, *number), aside.join(format!("{number:08}.seg")))?;
+                    tracing::error!(segment = number, volume = %dir.display(),
+                        "a segment no index entry refers to holds records: moved to quarantine/, not erased");
+                } else {
+                    tracing::warn!(segment = number, volume = %dir.display(), "removing unreferenced segment file");
+                    layout::retire_segment(dir, marker, *number)?;
+                }
             }
         }
         let max_seen = on_disk.iter().chain(referenced.iter()).copied().max().unwrap_or(FIRST_SEGMENT);
@@ -1110,37 +1198,44 @@ fn recover(shared: &Shared) -> Result<LogPosition, VolumeError> {
         if replayed > 0 {
             tracing::info!(replayed, volume = %dir.display(), "replayed log tail past the durable mark");
         }
-        LogPosition { segment, file, offset, next_seq }
+        let rewrite = rewrite
+            .into_iter()
+            .filter(|(at, h)| last_record_of.get(&h.blob_id).is_none_or(|later| later < at))
+            .map(|(_, h)| h)
+            .collect();
+        (LogPosition { segment, file, offset, next_seq }, rewrite)
     };
     txn.commit()?;
     layout::sync_dir(&layout::segments_dir(dir))?;
+    let (position, rewrite) = position;
     if shared.segments.count() >= marker.max_segments()
         && position.offset + SMALL_PUT_RECORD + SEAL_LEN + shared.config.delete_reserve_bytes > marker.segment_size
     {
         shared.set_health(VolumeHealth::Full);
     }
-    Ok(position)
+    Ok((position, rewrite))
 }
 
-/// When the record at `offset` is a seal whose header verifies (its body did not), the segment
-/// the log goes on in: the lowest-numbered later segment file that is not sealed.
-fn damaged_seal_successor(
-    file: &File,
-    offset: u64,
+/// Where the log went on when its seal record in `segment` is unreadable: the lowest-numbered
+/// later segment file that no sealed table entry claims and whose first record verifies.
+fn lost_continuation(
+    shared: &Shared,
     segment: u32,
     on_disk: &[u32],
     segments: &SegmentStats<'_, '_>,
 ) -> Result<Option<u32>, VolumeError> {
-    if offset + SEAL_LEN > file.metadata()?.len() {
-        return Ok(None);
-    }
-    let head = read_at(file, offset, HEADER_LEN as usize)?;
-    match RecordHeader::decode(head.as_slice().try_into().expect("header length")) {
-        Ok(header) if header.kind == RecordKind::Seal => {}
-        _ => return Ok(None),
-    }
     for &candidate in on_disk.iter().filter(|n| **n > segment) {
-        if !segments.is_sealed(candidate)? {
+        if segments.is_sealed(candidate)? {
+            continue;
+        }
+        let file = match shared.segments.get(candidate) {
+            Some(file) => file,
+            None => match layout::open_segment(&shared.dir, &shared.marker, candidate) {
+                Ok(file) => shared.segments.insert(candidate, file),
+                Err(_) => continue,
+            },
+        };
+        if read_verified_record(&file, SEGMENT_HEADER_LEN, shared.marker.segment_size).is_ok() {
             return Ok(Some(candidate));
         }
     }
@@ -1163,10 +1258,12 @@ fn inspect_damage(file: &File, offset: u64, limit: u64, partition: u32) -> Resul
     if offset + HEADER_LEN <= limit {
         let head = read_at(file, offset, HEADER_LEN as usize)?;
         if let Ok(header) = RecordHeader::decode(head.as_slice().try_into().expect("header length")) {
-            let next = offset + header.record_len();
-            let ours = header.kind == RecordKind::Seal || header.blob_id.partition() == partition;
-            if ours && next <= limit && find_intact_record(file, next, limit, partition)?.is_some() {
-                return Ok(Some(Damage { header: Some(header), next }));
+            if header.kind == RecordKind::Seal || header.blob_id.partition() == partition {
+                // Its length is known: never look inside its payload, where a blob may hold
+                // anything, record images included.
+                let next = offset + header.record_len();
+                let follows = next <= limit && find_intact_record(file, next, limit, partition)?.is_some();
+                return Ok(follows.then_some(Damage { header: Some(header), next }));
             }
         }
     }
