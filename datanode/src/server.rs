@@ -26,7 +26,8 @@ pub struct StandaloneOptions {
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
     pub limits: ServerLimits,
-    /// Bytes of request bodies held at once, across all uploads.
+    /// Bytes of request bodies held at once, across all uploads (and as much again for replica
+    /// writes from other datanodes).
     pub upload_buffer_bytes: u64,
     /// How long an upload waits for room in that buffer before it gets 503.
     pub upload_wait: std::time::Duration,
@@ -43,13 +44,15 @@ impl Default for HttpOptions {
 }
 
 impl HttpOptions {
-    fn budget(&self, max_blob_bytes: u64) -> anyhow::Result<Arc<UploadBudget>> {
+    /// The budgets for public uploads and for replica writes.
+    fn budgets(&self, max_blob_bytes: u64) -> anyhow::Result<(Arc<UploadBudget>, Arc<UploadBudget>)> {
         anyhow::ensure!(
             self.upload_buffer_bytes >= max_blob_bytes,
             "the upload buffer ({} bytes) must hold at least one blob of the largest size ({max_blob_bytes} bytes)",
             self.upload_buffer_bytes
         );
-        Ok(Arc::new(UploadBudget::new(self.upload_buffer_bytes, self.upload_wait)))
+        let budget = || Arc::new(UploadBudget::new(self.upload_buffer_bytes, self.upload_wait));
+        Ok((budget(), budget()))
     }
 }
 
@@ -116,9 +119,16 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         }
     };
     let store = Arc::new(store);
-    let uploads = options.http.budget(options.volume.max_blob_bytes)?;
+    let (uploads, replica_uploads) = options.http.budgets(options.volume.max_blob_bytes)?;
     let listener = bind(options.listen).await?;
-    let state = AppState { store, metrics, max_blob_bytes: options.volume.max_blob_bytes, uploads, cluster: None };
+    let state = AppState {
+        store,
+        metrics,
+        max_blob_bytes: options.volume.max_blob_bytes,
+        uploads,
+        replica_uploads,
+        cluster: None,
+    };
     serve_on(listener, state, &options.http.limits, shutdown).await
 }
 
@@ -132,10 +142,17 @@ pub async fn run_cluster(
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::empty(metrics.clone()));
-    let uploads = http.budget(volume.max_blob_bytes)?;
+    let (uploads, replica_uploads) = http.budgets(volume.max_blob_bytes)?;
     let listener = bind(listen).await?;
     let cluster = Cluster::start(options, volume.clone(), store.clone(), shutdown.child_token()).await?;
-    let state = AppState { store, metrics, max_blob_bytes: volume.max_blob_bytes, uploads, cluster: Some(cluster) };
+    let state = AppState {
+        store,
+        metrics,
+        max_blob_bytes: volume.max_blob_bytes,
+        uploads,
+        replica_uploads,
+        cluster: Some(cluster),
+    };
     serve_on(listener, state, &http.limits, shutdown).await
 }
 

@@ -88,9 +88,11 @@ impl Store {
         self.volumes.write().expect("store lock").remove(&partition)
     }
 
-    /// A writable volume for a new blob, chosen at random weighted by free capacity.
-    pub fn pick_for_put(&self) -> Result<Arc<Volume>, VolumeError> {
-        let volumes = self.volumes();
+    /// A writable volume for a new blob, chosen at random weighted by free capacity, other than
+    /// the `excluded` partitions (tried already).
+    pub fn pick_for_put(&self, excluded: &[u32]) -> Result<Arc<Volume>, VolumeError> {
+        let volumes: Vec<Arc<Volume>> =
+            self.volumes().into_iter().filter(|v| !excluded.contains(&v.partition())).collect();
         let mut candidates = Vec::new();
         let mut stalled = Vec::new();
         let mut failed = None;

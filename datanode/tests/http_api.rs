@@ -437,7 +437,8 @@ fn framework_and_transport_errors_are_json_too() {
     let (head, v) = raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert_eq!(v["error"]["code"], "invalid_request");
-    let huge = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n", "v".repeat(600 * 1024));
+    let huge =
+        format!("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-big: {}\r\n\r\n", "v".repeat(600 * 1024));
     let (head, v) = raw(huge.as_bytes());
     assert!(head.starts_with("HTTP/1.1 431"), "{head}");
     assert_eq!(v["error"]["code"], "headers_too_large");

@@ -599,22 +599,34 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
         blobs.insert(put(&client, &nodes[(seed % 3) as usize], &data).unwrap(), data);
     }
     assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
+    // A write only n2 ever got (as when a PUT failed its quorum): never acknowledged.
+    let orphan = cairn_common::BlobId::generate(0);
+    let orphan_data = payload(777, 200_000);
+    let r = client
+        .put(nodes[2].url(&format!("/replica/v1/blobs/{orphan}")))
+        .header("x-cairn-created-ms", "1")
+        .body(orphan_data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
 
-    // n2 crashes; one byte of the blob's record rots on its disk.
+    // n2 crashes; one byte of each blob's record rots on its disk.
     nodes[2].kill9();
-    let needle = &victim_data[100_000..100_064];
-    let mut flipped = false;
-    for entry in walk(&nodes[2].dir) {
-        if entry.extension().is_some_and(|e| e == "seg") {
-            let mut bytes = std::fs::read(&entry).unwrap();
-            if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
-                bytes[at + 10] ^= 0x01;
-                std::fs::write(&entry, bytes).unwrap();
-                flipped = true;
+    for data in [&victim_data, &orphan_data] {
+        let needle = &data[100_000..100_064];
+        let mut flipped = false;
+        for entry in walk(&nodes[2].dir) {
+            if entry.extension().is_some_and(|e| e == "seg") {
+                let mut bytes = std::fs::read(&entry).unwrap();
+                if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+                    bytes[at + 10] ^= 0x01;
+                    std::fs::write(&entry, bytes).unwrap();
+                    flipped = true;
+                }
             }
         }
+        assert!(flipped, "the blob's record was found on n2's disk");
     }
-    assert!(flipped, "the blob's record was found on n2's disk");
     nodes[2].start();
     // Never wrong bytes: the damaged replica says so, the router serves the blob from a peer...
     let local = client.get(nodes[2].url(&format!("/v1/blobs/{victim}?local=true"))).send().unwrap();
@@ -630,6 +642,10 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
     assert!(routed.bytes().unwrap().as_ref() == victim_data.as_slice());
     // ...and replication repairs the replica itself; the records after the damage were kept.
     assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
+    // The write no other replica ever had is forgotten, not an error forever.
+    wait_until("the never-acknowledged write is forgotten", Duration::from_secs(20), || {
+        client.get(nodes[2].url(&format!("/v1/blobs/{orphan}?local=true"))).send().unwrap().status() == 404
+    });
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

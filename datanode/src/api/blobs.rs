@@ -98,10 +98,27 @@ pub async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: B
     let blob_id = match &state.cluster {
         Some(cluster) => cluster.put(meta, payload, created_ms, expiry_ms).await?,
         None => {
-            let volume = state.store.pick_for_put()?;
-            let blob_id = BlobId::generate(volume.partition());
-            volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms }).await?;
-            blob_id
+            // A volume without room for this blob (or stalled) does not stop the others taking it.
+            let mut tried = Vec::new();
+            let mut last_refusal = None;
+            loop {
+                let volume = match (state.store.pick_for_put(&tried), last_refusal) {
+                    (Ok(volume), _) => volume,
+                    (Err(_), Some(refusal)) => return Err(ApiError::from(refusal)),
+                    (Err(e), None) => return Err(e.into()),
+                };
+                let blob_id = BlobId::generate(volume.partition());
+                let request =
+                    PutRequest { blob_id, meta: meta.clone(), payload: payload.clone(), created_ms, expiry_ms };
+                match volume.put(request).await {
+                    Ok(()) => break blob_id,
+                    Err(e @ (VolumeError::NoRoom { .. } | VolumeError::Paused { .. } | VolumeError::Full)) => {
+                        tried.push(volume.partition());
+                        last_refusal = Some(e);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
     };
     state.metrics.bytes.get_or_create(&DirectionLabels { direction: "in" }).inc_by(size);

@@ -46,6 +46,8 @@ pub enum ApiError {
     #[error("{0}")]
     RequestTimeout(String),
     #[error("{0}")]
+    HeadersTooLarge(String),
+    #[error("{0}")]
     Integrity(String),
     /// A replica call reached a node that holds no replica of the partition.
     #[error("no replica of partition {0} on this node")]
@@ -136,6 +138,7 @@ impl ApiError {
             ApiError::Busy(_) => "busy",
             ApiError::VolumeFull(_) => "volume_full",
             ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::Integrity(_) => "integrity_error",
             ApiError::NoReplica(_) => "no_replica_here",
             ApiError::NoQuorum(_) => "no_quorum",
@@ -158,6 +161,7 @@ impl ApiError {
             ApiError::InsufficientStorage(_) | ApiError::VolumeFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Unavailable(_) | ApiError::NoQuorum(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::NoReplica(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Integrity(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -29,8 +29,11 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The largest blob of a standalone node (a cluster's comes from its configuration).
     pub max_blob_bytes: u64,
-    /// Memory for request bodies, shared by every upload (public and replica API).
+    /// Memory for request bodies: one budget for the public API, one for replica writes from
+    /// other datanodes, so that uploads waiting on their replicas can never starve the replica
+    /// writes they wait for (on this node or a peer).
     pub uploads: Arc<upload::UploadBudget>,
+    pub replica_uploads: Arc<upload::UploadBudget>,
     /// Set when the node is part of a cluster: requests are routed across replicas.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
@@ -100,7 +103,18 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     let method = method_label(request.method());
     let route =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
-    let mut response = json_errors(next.run(request).await).await;
+    let header_bytes: usize = request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let mut response = if request.headers().len() > serve::MAX_HEADERS || header_bytes > serve::MAX_HEADER_BYTES {
+        ApiError::HeadersTooLarge(format!(
+            "{} headers of {header_bytes} bytes; at most {} headers of {} bytes in all",
+            request.headers().len(),
+            serve::MAX_HEADERS,
+            serve::MAX_HEADER_BYTES
+        ))
+        .into_response()
+    } else {
+        json_errors(next.run(request).await).await
+    };
     // Blob bytes are the client's: no browser may guess them into HTML.
     response.headers_mut().insert("x-content-type-options", header::HeaderValue::from_static("nosniff"));
     let labels = RequestLabels { method, route, status: response.status().as_u16() };

@@ -46,9 +46,22 @@ impl Default for ServerLimits {
 }
 
 /// What an over-the-cap connection reads before it is closed.
-const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
-Retry-After: 1\r\nConnection: close\r\nContent-Length: 90\r\n\r\n\
-{\"error\":{\"code\":\"busy\",\"message\":\"too many open connections; try again shortly\"}}\n";
+fn too_many_connections() -> Vec<u8> {
+    let body = super::error::error_json("busy", "too many open connections; try again shortly");
+    let mut out = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\nx-content-type-options: nosniff\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend(body);
+    out
+}
+
+/// Requests' headers at most (count and bytes), answered with a JSON 431 by the API. hyper's
+/// own limits are set well above, so that its bare answer is for requests far beyond these.
+pub const MAX_HEADERS: usize = 128;
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves `router` on `listener` until `shutdown`; then stops accepting, lets requests in flight
 /// finish for up to the drain timeout, and closes whatever is left.
@@ -60,13 +73,20 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let service = RequestBodyTimeoutLayer::new(limits.body_timeout).layer(router);
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(MAX_HEADERS * 8)
+        .max_buf_size(MAX_HEADER_BYTES * 16);
     let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    let refusal: Arc<[u8]> = too_many_connections().into();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (mut stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -80,8 +100,17 @@ pub async fn serve(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "connection refused: too many open");
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(TOO_MANY_CONNECTIONS)).await;
+            let refusal = refusal.clone();
+            connections.spawn(async move {
+                // Answer, then read a little of the request so that closing sends no reset.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    stream.write_all(&refusal).await?;
+                    stream.shutdown().await?;
+                    let mut sink = [0u8; 4096];
+                    while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
             });
             continue;
         };
@@ -89,7 +118,7 @@ pub async fn serve(
         let io = TokioIo::new(JsonParseErrors::new(stream));
         let connection = builder.serve_connection(io, TowerToHyperService::new(service.clone()));
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -100,16 +129,21 @@ pub async fn serve(
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!(timeout = ?limits.drain_timeout, "requests still in flight at the drain deadline were cut off");
     }
+    // Whatever is left is closed now, before the volumes are.
+    connections.shutdown().await;
     Ok(())
 }
 
 /// The connection as hyper sees it. hyper answers a request it cannot parse (a malformed request
-/// line or header, headers too large, a URI too long) by itself, with an empty body; that answer
-/// is rewritten here into the JSON error every other response carries. Everything else passes
-/// through untouched: the API's own errors always have a body, so an empty-bodied 400/414/431 is
-/// hyper's.
+/// line or header, headers too large, a URI too long) by itself, with an empty body. When that is
+/// the first request of the connection (a client that does not speak HTTP), the answer is the
+/// first thing ever written, so it can only be a response head: it is rewritten here into the
+/// JSON error every other response carries. Once anything has been written, nothing is touched,
+/// so no response body can ever be mistaken for such an answer.
 struct JsonParseErrors<S> {
     inner: S,
+    /// Nothing has been written yet on this connection.
+    fresh: bool,
     /// A rewritten answer being written: its bytes, how many are out, and the length of hyper's
     /// original (reported as written once the rewrite is out).
     pending: Option<(Vec<u8>, usize, usize)>,
@@ -117,7 +151,7 @@ struct JsonParseErrors<S> {
 
 impl<S> JsonParseErrors<S> {
     fn new(inner: S) -> Self {
-        Self { inner, pending: None }
+        Self { inner, fresh: true, pending: None }
     }
 }
 
@@ -179,7 +213,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for JsonParseErrors<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         if self.pending.is_none() {
-            match rewrite_parse_error(buf) {
+            let rewritten = if std::mem::take(&mut self.fresh) { rewrite_parse_error(buf) } else { None };
+            match rewritten {
                 Some(rewritten) => self.pending = Some((rewritten, 0, buf.len())),
                 None => return Pin::new(&mut self.inner).poll_write(cx, buf),
             }
@@ -196,9 +231,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let mut parts = bufs.iter().filter(|b| !b.is_empty());
-        if let (Some(only), None, None) = (parts.next(), parts.next(), self.pending.as_ref()) {
-            if let Some(rewritten) = rewrite_parse_error(only) {
-                self.pending = Some((rewritten, 0, only.len()));
+        let (first, second) = (parts.next(), parts.next());
+        if first.is_some() && self.pending.is_none() && std::mem::take(&mut self.fresh) {
+            if let (Some(only), None) = (first, second) {
+                if let Some(rewritten) = rewrite_parse_error(only) {
+                    self.pending = Some((rewritten, 0, only.len()));
+                }
             }
         }
         if self.pending.is_some() {
@@ -243,5 +281,30 @@ mod tests {
         assert!(rewrite_parse_error(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").is_none());
         assert!(rewrite_parse_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n").is_none());
         assert!(rewrite_parse_error(b"some body bytes").is_none());
+    }
+
+    #[tokio::test]
+    async fn only_the_first_write_of_a_connection_is_ever_rewritten() {
+        use tokio::io::AsyncReadExt;
+        let lookalike = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        // A response whose body happens to be that text: passes through byte for byte.
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut conn = JsonParseErrors::new(a);
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", lookalike.len());
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(lookalike).await.unwrap();
+        conn.write_vectored(&[IoSlice::new(lookalike)]).await.unwrap();
+        drop(conn);
+        let mut seen = Vec::new();
+        b.read_to_end(&mut seen).await.unwrap();
+        assert_eq!(seen, [head.as_bytes(), lookalike, lookalike].concat());
+        // The first write of a connection, when it is hyper's answer: JSON.
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut conn = JsonParseErrors::new(a);
+        conn.write_all(lookalike).await.unwrap();
+        drop(conn);
+        let mut seen = String::new();
+        b.read_to_string(&mut seen).await.unwrap();
+        assert!(seen.starts_with("HTTP/1.1 400 ") && seen.contains("\"code\":\"invalid_request\""), "{seen}");
     }
 }

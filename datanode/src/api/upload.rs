@@ -42,7 +42,8 @@ impl AsRef<[u8]> for Budgeted {
 impl UploadBudget {
     /// `total_bytes` of bodies at once; a request waits at most `wait` for room.
     pub fn new(total_bytes: u64, wait: Duration) -> Self {
-        let units = (total_bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
+        // Rounded up, so that a body of exactly `total_bytes` always fits.
+        let units = total_bytes.div_ceil(UNIT).clamp(1, Semaphore::MAX_PERMITS as u64) as usize;
         Self { permits: Arc::new(Semaphore::new(units)), total_bytes, wait }
     }
 
@@ -52,7 +53,7 @@ impl UploadBudget {
 
     /// Bytes of bodies held right now.
     pub fn in_use_bytes(&self) -> u64 {
-        (self.total_bytes / UNIT).saturating_sub(self.permits.available_permits() as u64) * UNIT
+        self.total_bytes.div_ceil(UNIT).saturating_sub(self.permits.available_permits() as u64) * UNIT
     }
 
     async fn take(&self, bytes: u64) -> Result<OwnedSemaphorePermit, ApiError> {

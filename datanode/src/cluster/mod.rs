@@ -114,7 +114,14 @@ impl Cluster {
                     let mut free = BTreeMap::new();
                     for volume in cluster.store.volumes() {
                         if let Ok(stats) = volume.stats() {
-                            free.insert(volume.partition(), stats.capacity_bytes.saturating_sub(stats.allocated_bytes));
+                            // A replica that takes no blobs now (full, stalled) has no room to offer.
+                            let room = match stats.health {
+                                crate::engine::VolumeHealth::Writable => {
+                                    stats.capacity_bytes.saturating_sub(stats.allocated_bytes)
+                                }
+                                _ => 0,
+                            };
+                            free.insert(volume.partition(), room);
                         }
                     }
                     let unopened = cluster.unopened();

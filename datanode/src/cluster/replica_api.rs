@@ -53,7 +53,7 @@ async fn put_replica(
 ) -> Result<StatusCode, ApiError> {
     let blob_id = parse_id(&raw)?;
     let (meta, _) = parse_put_headers(&headers)?;
-    let payload = state.uploads.read(&headers, body, state.max_blob_bytes()).await?;
+    let payload = state.replica_uploads.read(&headers, body, state.max_blob_bytes()).await?;
     let created_ms =
         header_ms(&headers, CREATED_HEADER)?.ok_or_else(|| ApiError::InvalidHeader(CREATED_HEADER.into()))?;
     let expiry_ms = header_ms(&headers, EXPIRES_HEADER)?;
@@ -86,15 +86,8 @@ async fn delete_replica(
 ) -> Result<Json<TombstoneAnswer>, ApiError> {
     let blob_id = parse_id(&raw)?;
     let volume = local_volume(&state, blob_id.partition())?;
-    let existed = if params.if_present {
-        match volume.delete(blob_id).await {
-            Ok(()) => true,
-            Err(VolumeError::NotFound) => false,
-            Err(e) => return Err(e.into()),
-        }
-    } else {
-        volume.tombstone(blob_id).await?
-    };
+    let existed =
+        if params.if_present { volume.delete_if_present(blob_id).await? } else { volume.tombstone(blob_id).await? };
     Ok(Json(TombstoneAnswer { existed }))
 }
 

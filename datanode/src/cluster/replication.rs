@@ -75,11 +75,21 @@ impl Replication {
     }
 }
 
+/// How often a puller asks its peer for the blobs recovery found damaged here.
+const REPAIR_EVERY: Duration = Duration::from_secs(30);
+
 /// Pulls `peer`'s journal of `partition` into the local replica until `cancel`.
 pub async fn pull(cluster: Arc<Cluster>, partition: u32, peer: String, cancel: CancellationToken) {
     let mut status = PeerStatus { partition, peer: peer.clone(), ..PeerStatus::default() };
     let mut behind_since: Option<Instant> = None;
+    let mut next_repair = Instant::now();
     loop {
+        if Instant::now() >= next_repair {
+            next_repair = Instant::now() + REPAIR_EVERY;
+            if let Err(e) = repair_damaged(&cluster, partition, &peer).await {
+                tracing::warn!(partition, %peer, error = %e, "repair of damaged blobs failed; trying again later");
+            }
+        }
         let wait = match pull_page(&cluster, partition, &peer, &mut status).await {
             Ok(true) => Duration::ZERO,
             Ok(false) => IDLE_POLL,
@@ -106,7 +116,6 @@ async fn pull_page(cluster: &Cluster, partition: u32, peer: &str, status: &mut P
         return Err(format!("peer {peer} is not live"));
     }
     let address = Cluster::address_of(&snapshot, peer).ok_or_else(|| format!("no address for {peer}"))?;
-    repair_damaged(cluster, &volume, &address, peer).await?;
     let token = {
         let (volume, peer) = (volume.clone(), peer.to_owned());
         tokio::task::spawn_blocking(move || volume.replication_token(&peer))
@@ -152,24 +161,99 @@ async fn pull_page(cluster: &Cluster, partition: u32, peer: &str, status: &mut P
 }
 
 /// Asks the peer for every blob recovery found damaged here; what it has comes back as a normal
-/// put (which clears the damage), what it lacks is asked of the next peer.
-async fn repair_damaged(cluster: &Cluster, volume: &Arc<Volume>, address: &str, peer: &str) -> Result<(), String> {
+/// put (which clears the damage). A blob that every other replica says it never had was never
+/// acknowledged (a write quorum of 2 or more puts it on another replica): it is forgotten.
+async fn repair_damaged(cluster: &Cluster, partition: u32, peer: &str) -> Result<(), String> {
+    let Some(volume) = cluster.store.volume(partition) else { return Ok(()) };
     let damaged = {
         let volume = volume.clone();
         tokio::task::spawn_blocking(move || volume.damaged()).await.map_err(|e| e.to_string())?
     }
     .map_err(|e| e.to_string())?;
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    let snapshot = cluster.snapshot();
+    let address = Cluster::address_of(&snapshot, peer).ok_or_else(|| format!("no address for {peer}"))?;
     for (id, record) in damaged {
-        match apply(cluster, volume, address, id, "put").await {
-            Ok(()) => {
-                if !matches!(volume.damaged().map(|d| d.iter().any(|(d, _)| *d == id)), Ok(true)) {
-                    tracing::info!(%id, %peer, segment = record.segment, offset = record.offset, "damaged blob repaired");
+        match fetch_blob(cluster, &volume, &address, id).await {
+            Ok(Fetched::Stored) => {
+                tracing::info!(%id, %peer, segment = record.segment, offset = record.offset, "damaged blob repaired")
+            }
+            Ok(Fetched::Gone) => tracing::info!(%id, %peer, "damaged blob was deleted there; tombstone kept"),
+            Ok(Fetched::Absent) => {
+                let absent = volume.note_damaged_absent(id, peer).map_err(|e| e.to_string())?;
+                let others: Vec<&str> = snapshot
+                    .topology
+                    .partitions
+                    .get(&partition)
+                    .map(|p| p.replicas.iter().map(|r| r.node.as_str()).filter(|n| *n != cluster.node_id()).collect())
+                    .unwrap_or_default();
+                let quorum = snapshot.topology.config.as_ref().map(|c| c.write_quorum).unwrap_or(1);
+                if quorum >= 2 && !others.is_empty() && others.iter().all(|n| absent.iter().any(|a| a == n)) {
+                    volume.forget_damaged(id).map_err(|e| e.to_string())?;
+                    tracing::warn!(%id, partition, "damaged blob no replica has: never acknowledged, forgotten");
                 }
             }
             Err(e) => tracing::warn!(%id, %peer, error = %e, "damaged blob not repaired yet"),
         }
     }
     Ok(())
+}
+
+/// What fetching a blob from a peer's own replica came to.
+enum Fetched {
+    /// Stored here (or already here).
+    Stored,
+    /// Deleted or expired there: a tombstone here.
+    Gone,
+    /// The peer never had it (or compacted it away after a delete).
+    Absent,
+}
+
+/// Copies a blob from `address`'s own replica into the local one.
+async fn fetch_blob(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId) -> Result<Fetched, String> {
+    let response = cluster
+        .http
+        .get(format!("http://{address}/v1/blobs/{id}?local=true"))
+        .timeout(cluster.options.peer_timeout * 10)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    match response.status().as_u16() {
+        200 => {
+            let headers = response.headers().clone();
+            let payload = response.bytes().await.map_err(|e| e.to_string())?;
+            let number = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let content_type = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(crate::api::limits::DEFAULT_CONTENT_TYPE)
+                .to_owned();
+            let user = headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    let key = k.as_str().strip_prefix(crate::api::limits::META_PREFIX)?;
+                    Some((key.to_owned(), v.to_str().ok()?.to_owned()))
+                })
+                .collect();
+            let request = PutRequest {
+                blob_id: id,
+                meta: BlobMeta { content_type, user },
+                payload,
+                created_ms: number(CREATED_HEADER).ok_or("peer sent no creation time")?,
+                expiry_ms: number(EXPIRES_HEADER),
+            };
+            match volume.put(request).await {
+                Ok(()) | Err(VolumeError::Conflict) => Ok(Fetched::Stored),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        // Deleted or expired there: keep a tombstone so the put can never land later.
+        410 => volume.tombstone(id).await.map(|_| Fetched::Gone).map_err(|e| e.to_string()),
+        404 => Ok(Fetched::Absent),
+        status => Err(format!("fetching from {address}: {status}")),
+    }
 }
 
 /// Brings one journal entry of the peer into the local replica; applying twice changes nothing.
@@ -181,50 +265,8 @@ async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, ki
     };
     match kind {
         "put" if known => Ok(()),
-        "put" => {
-            let response = cluster
-                .http
-                .get(format!("http://{address}/v1/blobs/{id}?local=true"))
-                .timeout(cluster.options.peer_timeout * 10)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            match response.status().as_u16() {
-                200 => {
-                    let headers = response.headers().clone();
-                    let payload = response.bytes().await.map_err(|e| e.to_string())?;
-                    let number = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                    let content_type = headers
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or(crate::api::limits::DEFAULT_CONTENT_TYPE)
-                        .to_owned();
-                    let user = headers
-                        .iter()
-                        .filter_map(|(k, v)| {
-                            let key = k.as_str().strip_prefix(crate::api::limits::META_PREFIX)?;
-                            Some((key.to_owned(), v.to_str().ok()?.to_owned()))
-                        })
-                        .collect();
-                    let request = PutRequest {
-                        blob_id: id,
-                        meta: BlobMeta { content_type, user },
-                        payload,
-                        created_ms: number(CREATED_HEADER).ok_or("peer sent no creation time")?,
-                        expiry_ms: number(EXPIRES_HEADER),
-                    };
-                    match volume.put(request).await {
-                        Ok(()) | Err(VolumeError::Conflict) => Ok(()),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                // Deleted or expired there: keep a tombstone so the put can never land later.
-                410 => volume.tombstone(id).await.map(|_| ()).map_err(|e| e.to_string()),
-                // Gone from the peer entirely (compacted after a delete); its delete entry follows.
-                404 => Ok(()),
-                status => Err(format!("fetching from {address}: {status}")),
-            }
-        }
+        // Gone from the peer entirely (compacted after a delete): its delete entry follows.
+        "put" => fetch_blob(cluster, volume, address, id).await.map(|_| ()),
         "delete" => volume.tombstone(id).await.map(|_| ()).map_err(|e| e.to_string()),
         "ttl_update" if !known => Ok(()), // the put, when it comes, carries the current expiry
         "ttl_update" => {

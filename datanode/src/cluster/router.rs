@@ -92,11 +92,21 @@ impl Cluster {
     /// tombstone on every replica, so that a put still on its way to one cannot land later.
     pub async fn delete(self: &Arc<Self>, id: BlobId) -> Result<(), ApiError> {
         let (partition, config) = self.partition_of(id)?;
-        let outcomes = self.write_quorum(&partition, &config, ReplicaOp::Delete { id, if_present: true }).await?;
-        if !outcomes.iter().any(|o| matches!(o, Outcome::Done { existed: true })) {
-            return Err(ApiError::BlobNotFound);
+        // Two quorums of W among N replicas meet only when 2W > N; otherwise a quorum may miss
+        // every replica that stored the blob, and tombstones are written everywhere at once.
+        let quorums_meet = 2 * config.write_quorum as usize > partition.replicas.len();
+        if quorums_meet {
+            let outcomes = self.write_quorum(&partition, &config, ReplicaOp::Delete { id, if_present: true }).await?;
+            if !outcomes.iter().any(|o| matches!(o, Outcome::Done { existed: true })) {
+                return Err(ApiError::BlobNotFound);
+            }
         }
-        self.write_quorum(&partition, &config, ReplicaOp::Delete { id, if_present: false }).await.map(|_| ())
+        let outcomes = self.write_quorum(&partition, &config, ReplicaOp::Delete { id, if_present: false }).await?;
+        if quorums_meet || outcomes.iter().any(|o| matches!(o, Outcome::Done { existed: true })) {
+            Ok(())
+        } else {
+            Err(ApiError::BlobNotFound)
+        }
     }
 
     /// Changes the expiry at write quorum.
@@ -253,10 +263,7 @@ impl Cluster {
             ReplicaOp::Put { id, meta, payload, created_ms, expiry_ms } => {
                 volume.put(PutRequest { blob_id: id, meta, payload, created_ms, expiry_ms }).await.map(|_| true)
             }
-            ReplicaOp::Delete { id, if_present: true } => match volume.delete(id).await {
-                Err(VolumeError::NotFound) => Ok(false),
-                other => other.map(|_| true),
-            },
+            ReplicaOp::Delete { id, if_present: true } => volume.delete_if_present(id).await,
             ReplicaOp::Delete { id, if_present: false } => volume.tombstone(id).await,
             ReplicaOp::Ttl { id, expiry_ms } => volume.update_ttl(id, expiry_ms).await.map(|_| true),
         };

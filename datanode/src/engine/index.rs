@@ -118,6 +118,8 @@ pub struct DamagedRecord {
     pub offset: u64,
     pub reason: String,
     pub found_ms: u64,
+    /// Peers that answered they never had the blob.
+    pub absent_on: Vec<String>,
 }
 
 /// The durable mark: everything before it is reflected in the tables.

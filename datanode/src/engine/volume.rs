@@ -409,6 +409,47 @@ impl Volume {
         Ok(out)
     }
 
+    /// Notes that `peer` never had a damaged blob; returns every peer that said so.
+    pub fn note_damaged_absent(&self, blob_id: BlobId, peer: &str) -> Result<Vec<String>, VolumeError> {
+        let txn = begin_write(&self.shared.db, false)?;
+        let absent = {
+            let mut table = txn.open_table(DAMAGED)?;
+            let Some(mut record) = index::get::<_, DamagedRecord>(&table, blob_id.to_bytes())? else {
+                return Ok(Vec::new());
+            };
+            if !record.absent_on.iter().any(|p| p == peer) {
+                record.absent_on.push(peer.to_owned());
+                table.insert(blob_id.to_bytes(), index::encode(&record).as_slice())?;
+            }
+            record.absent_on
+        };
+        txn.commit()?;
+        Ok(absent)
+    }
+
+    /// Drops a damaged blob no replica has: it was never acknowledged (a write a crash tore).
+    pub fn forget_damaged(&self, blob_id: BlobId) -> Result<(), VolumeError> {
+        let txn = begin_write(&self.shared.db, false)?;
+        txn.open_table(DAMAGED)?.remove(blob_id.to_bytes())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn is_damaged(&self, blob_id: BlobId) -> bool {
+        matches!(self.missing(blob_id), VolumeError::Integrity(_))
+    }
+
+    /// Deletes a blob this replica has, or had (also one recovery found damaged); leaves no
+    /// tombstone for an id it never had. Whether it had the blob.
+    pub async fn delete_if_present(&self, blob_id: BlobId) -> Result<bool, VolumeError> {
+        match self.delete(blob_id).await {
+            Ok(()) => Ok(true),
+            Err(VolumeError::NotFound) if self.is_damaged(blob_id) => self.tombstone(blob_id).await.map(|_| true),
+            Err(VolumeError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Why a blob the index does not know is not here: unknown, or damaged and awaiting repair.
     fn missing(&self, blob_id: BlobId) -> VolumeError {
         let damaged = self.shared.db.begin_read().ok().and_then(|txn| {
@@ -1108,7 +1149,13 @@ fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeEr
                             tracing::error!(volume = %dir.display(), segment, offset, %reason, blob = %h.blob_id,
                                 "damaged blob in the log tail; it waits for another replica to send it again");
                             if index::get::<_, IndexEntry>(&tables.blobs, h.blob_id.to_bytes())?.is_none() {
-                                let record = DamagedRecord { segment, offset, reason, found_ms: now_ms() };
+                                let record = DamagedRecord {
+                                    segment,
+                                    offset,
+                                    reason,
+                                    found_ms: now_ms(),
+                                    absent_on: Vec::new(),
+                                };
                                 tables.damaged.insert(h.blob_id.to_bytes(), index::encode(&record).as_slice())?;
                             }
                         }
