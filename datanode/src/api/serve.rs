@@ -293,7 +293,8 @@ mod tests {
         let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", lookalike.len());
         conn.write_all(head.as_bytes()).await.unwrap();
         conn.write_all(lookalike).await.unwrap();
-        conn.write_vectored(&[IoSlice::new(lookalike)]).await.unwrap();
+        let n = conn.write_vectored(&[IoSlice::new(lookalike)]).await.unwrap();
+        assert_eq!(n, lookalike.len());
         drop(conn);
         let mut seen = Vec::new();
         b.read_to_end(&mut seen).await.unwrap();
