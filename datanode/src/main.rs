@@ -121,12 +121,16 @@ fn main() -> std::process::ExitCode {
 /// freed. By default its mmap threshold grows to the largest block freed so far (up to 32 MiB),
 /// after which bodies come from the heap and a burst of uploads leaves the process large for
 /// good. A fixed threshold just above one verified read chunk (1 MiB, cached and reused) keeps
-/// chunks on the heap and every larger body in its own mapping.
+/// chunks on the heap and every larger body in its own mapping, which goes back when freed.
 fn return_large_blocks_to_the_system() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1152 * 1024);
+        // Fixing the mmap threshold also fixes the trim threshold (128 KiB by default): keep
+        // freed heap memory for reuse up to 64 MiB, so that reading 1 MiB chunks does not give
+        // pages back and fault them in again on every GET.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
 }
 

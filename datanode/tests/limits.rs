@@ -116,7 +116,16 @@ fn idle_and_half_sent_connections_are_closed_and_capped() {
     let dir = tempfile::tempdir().unwrap();
     let node = Datanode::start(
         &dir.path().join("node"),
-        &["--header-timeout-secs", "1", "--body-timeout-secs", "1", "--max-connections", "40"],
+        &[
+            "--header-timeout-secs",
+            "1",
+            "--body-timeout-secs",
+            "1",
+            "--max-connections",
+            "40",
+            "--max-blob-size",
+            "64MiB",
+        ],
     );
     // Connections that send nothing, or half a header, are closed after the header timeout.
     let mut idle: Vec<TcpStream> = (0..30).map(|_| TcpStream::connect(&node.addr).unwrap()).collect();
@@ -145,6 +154,27 @@ fn idle_and_half_sent_connections_are_closed_and_capped() {
     let answer = read_until_closed(&mut stalled, Duration::from_secs(5)).expect("a stalled body is cut off");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    // A client that asks for a large blob and never reads the answer is cut off too.
+    let big = Client::new().post(node.url("/v1/blobs")).body(payload(5, 48 << 20)).send().unwrap();
+    assert_eq!(big.status(), StatusCode::CREATED);
+    let id = big.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    let mut reader = TcpStream::connect(&node.addr).unwrap();
+    reader.write_all(format!("GET /v1/blobs/{id} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let started = Instant::now();
+    let mut got = Vec::new();
+    reader.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ended = loop {
+        let mut buf = vec![0u8; 1 << 20];
+        match reader.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(ended && got.len() < 48 << 20, "a response nobody read held its connection ({} bytes)", got.len());
+    assert!(started.elapsed() < Duration::from_secs(5));
     // With the old connections gone, the node serves as before.
     assert_eq!(Client::new().get(node.url("/healthz")).send().unwrap().status(), StatusCode::OK);
 }

@@ -536,6 +536,11 @@ fn every_size_boundary_replicates_and_unknown_ids_leave_no_tombstones() {
     for n in 1..=3 {
         sizes.extend([n * CHUNK - 1, n * CHUNK, n * CHUNK + 1]);
     }
+    // And sizes drawn at random (seed printed, so that a failure can be replayed).
+    let seed: u64 = std::env::var("CAIRN_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    println!("CAIRN_TEST_SEED={seed}");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    sizes.extend((0..6).map(|_| rand::Rng::random_range(&mut rng, 0..=max)));
     let mut blobs = BTreeMap::new();
     for (seed, size) in sizes.iter().enumerate() {
         let data = payload(seed as u64, *size);

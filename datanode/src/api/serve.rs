@@ -28,7 +28,8 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// A client must send a request's headers within this (also an idle keep-alive connection).
     pub header_timeout: Duration,
-    /// Longest pause between two pieces of a request body.
+    /// Longest pause between two pieces of a request body, and longest a response may wait for
+    /// a client that does not read it.
     pub body_timeout: Duration,
     /// How long shutdown waits for requests in flight before closing their connections.
     pub drain_timeout: Duration,
@@ -115,12 +116,20 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(JsonParseErrors::new(stream));
+        let activity = Arc::new(WriteActivity::default());
+        let io = TokioIo::new(JsonParseErrors::new(WriteTimeout::new(stream, activity.clone())));
         let connection = builder.serve_connection(io, TowerToHyperService::new(service.clone()));
         let connection = graceful.watch(connection);
+        let write_limit = limits.body_timeout;
         connections.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            tokio::select! {
+                ended = connection => if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                },
+                // Dropping the connection closes it.
+                _ = activity.stalled(epoch(), write_limit) => {
+                    tracing::debug!(%peer, "connection closed: the client stopped reading its response");
+                }
             }
             drop(permit);
         });
@@ -132,6 +141,98 @@ pub async fn serve(
     // Whatever is left is closed now, before the volumes are.
     connections.shutdown().await;
     Ok(())
+}
+
+/// A connection whose writes may not stall longer than a limit: a client that stops reading a
+/// response (and so holds a connection, and the blob's chunks in flight) is cut off. The writes
+/// only note their progress (no timer per write); a watchdog per connection looks at it.
+struct WriteTimeout<S> {
+    inner: S,
+    activity: Arc<WriteActivity>,
+}
+
+/// Whether a write is waiting on the client, and since when (ms since the connection began).
+#[derive(Default)]
+struct WriteActivity {
+    waiting: std::sync::atomic::AtomicBool,
+    since_ms: std::sync::atomic::AtomicU64,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, activity: Arc<WriteActivity>) -> Self {
+        Self { inner, activity }
+    }
+
+    fn note<T>(&self, poll: Poll<std::io::Result<T>>, epoch: std::time::Instant) -> Poll<std::io::Result<T>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &poll {
+            Poll::Pending if !self.activity.waiting.load(Relaxed) => {
+                self.activity.since_ms.store(epoch.elapsed().as_millis() as u64, Relaxed);
+                self.activity.waiting.store(true, Relaxed);
+            }
+            Poll::Pending => {}
+            Poll::Ready(_) => self.activity.waiting.store(false, Relaxed),
+        }
+        poll
+    }
+}
+
+impl WriteActivity {
+    /// Resolves when a write has waited on the client for longer than `limit`.
+    async fn stalled(&self, epoch: std::time::Instant, limit: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut tick = tokio::time::interval(limit / 4);
+        loop {
+            tick.tick().await;
+            let now = epoch.elapsed().as_millis() as u64;
+            if self.waiting.load(Relaxed) && now.saturating_sub(self.since_ms.load(Relaxed)) > limit.as_millis() as u64
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// The connection's start: progress is noted as milliseconds since it.
+static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn epoch() -> std::time::Instant {
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(poll, epoch())
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(poll, epoch())
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(poll, epoch())
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The connection as hyper sees it. hyper answers a request it cannot parse (a malformed request
