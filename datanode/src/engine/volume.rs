@@ -150,26 +150,27 @@ impl Shared {
         }
     }
 
-    /// Bytes free on the volume's filesystem (for unprivileged writers); `None` if unknown.
-    fn disk_free(&self) -> Option<u64> {
-        rustix::fs::statvfs(&self.dir).ok().map(|st| st.f_bavail.saturating_mul(st.f_frsize))
+    /// Bytes free on the volume's filesystem (for unprivileged writers), and the index reserve
+    /// there: the configured one, but at most 1% of the filesystem, so that a small disk whose
+    /// space the disk agent has promised to volumes is not full from the start. `None` if unknown.
+    fn disk_room(&self) -> Option<(u64, u64)> {
+        let st = rustix::fs::statvfs(&self.dir).ok()?;
+        let total = st.f_blocks.saturating_mul(st.f_frsize);
+        Some((st.f_bavail.saturating_mul(st.f_frsize), self.config.index_reserve_bytes.min(total / 100)))
     }
 
     /// Whether a stall for disk space has passed: room for the index reserve, and for a new
     /// segment where the volume grows on demand.
     fn room_is_back(&self) -> bool {
         let segment = if self.marker.preallocated { 0 } else { self.marker.segment_size };
-        self.disk_free().is_some_and(|free| free >= self.config.index_reserve_bytes + segment)
+        self.disk_room().is_some_and(|(free, reserve)| free >= reserve + segment)
     }
 
     /// Free space of the volume's filesystem must stay above the index reserve for puts.
     fn check_disk_room(&self) -> Result<(), VolumeError> {
-        let reserve = self.config.index_reserve_bytes;
-        if reserve == 0 {
-            return Ok(());
-        }
-        match self.disk_free() {
-            Some(free) => {
+        match self.disk_room() {
+            Some((_, 0)) => Ok(()),
+            Some((free, reserve)) => {
                 if free < reserve {
                     return Err(self.stall(
                         format!(
