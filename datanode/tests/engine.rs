@@ -680,3 +680,40 @@ async fn a_record_image_inside_a_damaged_blob_is_never_replayed() {
     assert_eq!(read_all(&volume, victim).unwrap(), victim_data, "a record image inside a blob was replayed");
     while volume.compaction().run_once().unwrap() {}
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_blob_of_a_full_volume_can_be_deleted_and_ttl_updates_cannot_take_their_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 3);
+    let mut written = Vec::new();
+    loop {
+        match put(&volume, written.len() as u64, 200).await {
+            Ok(w) => written.push(w),
+            Err(VolumeError::Full) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(written.len() > 1000, "{} small blobs", written.len());
+    // TTL updates, however many, are refused before they eat the room deletes need.
+    let (first, _) = written[0];
+    let mut ttl_refused = false;
+    for i in 0..5000u64 {
+        match volume.update_ttl(first, Some(now_ms() + 3_600_000 + i)).await {
+            Ok(()) => {}
+            Err(VolumeError::NoRoom { .. }) => {
+                ttl_refused = true;
+                break;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(ttl_refused, "TTL updates never stopped on a full volume");
+    // Every blob can be deleted, in any order.
+    for (i, (id, _)) in written.iter().enumerate().rev() {
+        volume.delete(*id).await.unwrap_or_else(|e| panic!("delete {i} of {}: {e:?}", written.len()));
+    }
+    volume.checkpoint().await.unwrap();
+    while volume.compaction().run_once().unwrap() {}
+    assert_eq!(volume.health(), VolumeHealth::Writable, "compaction gave the room back");
+    put(&volume, 1, 200).await.unwrap();
+}

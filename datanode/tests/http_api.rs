@@ -416,12 +416,19 @@ fn framework_and_transport_errors_are_json_too() {
     let r = client.put(url(&format!("/v1/blobs/{id}/ttl"))).body(r#"{"ttl_seconds": 60}"#).send().unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
 
-    // Ids and paths are cut short in messages.
-    let long = "A".repeat(5000);
-    for path in [format!("/v1/blobs/{long}"), format!("/nothing/{long}")] {
-        let r = client.get(url(&path)).send().unwrap();
-        let body = r.text().unwrap();
-        assert!(body.len() < 400, "a {}-byte message echoes the request: {body:.200}", body.len());
+    // What a client sent is cut short in messages: ids, paths, headers, bodies.
+    let long = "1".repeat(5000);
+    let requests = [
+        client.get(url(&format!("/v1/blobs/{long}"))),
+        client.get(url(&format!("/nothing/{long}"))),
+        client.post(url("/v1/blobs")).header("x-cairn-ttl", long.as_str()).body("x"),
+        client.get(url(&format!("/v1/blobs/{id}"))).header("range", format!("bytes={long}")),
+        client.put(url(&format!("/v1/blobs/{id}/ttl"))).body(format!("{{\"x{long}\": 1}}")),
+        client.put(url(&format!("/v1/blobs/{id}/ttl"))).body(format!("{{\"ttl_seconds\": \"{long}\"}}")),
+    ];
+    for request in requests {
+        let body = request.send().unwrap().text().unwrap();
+        assert!(body.len() < 600, "a {}-byte message echoes the request: {body:.200}", body.len());
     }
 
     // hyper's own answers: a malformed header line, headers too large.

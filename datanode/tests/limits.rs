@@ -154,6 +154,14 @@ fn idle_and_half_sent_connections_are_closed_and_capped() {
     let answer = read_until_closed(&mut stalled, Duration::from_secs(5)).expect("a stalled body is cut off");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    // The same for a TTL update's body.
+    let mut stalled = TcpStream::connect(&node.addr).unwrap();
+    let id = cairn_common::BlobId::generate(0);
+    stalled
+        .write_all(format!("PUT /v1/blobs/{id}/ttl HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{").as_bytes())
+        .unwrap();
+    let answer = read_until_closed(&mut stalled, Duration::from_secs(5)).expect("a stalled body is cut off");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     // A client that asks for a large blob and never reads the answer is cut off too.
     let big = Client::new().post(node.url("/v1/blobs")).body(payload(5, 48 << 20)).send().unwrap();
     assert_eq!(big.status(), StatusCode::CREATED);

@@ -356,9 +356,10 @@ async fn local_info(state: &AppState, id: BlobId) -> Result<BlobInfo, ApiError> 
 pub async fn update_ttl(
     State(state): State<AppState>,
     Path(raw): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
+    let body = super::upload::read_small(body, 64 * 1024).await?;
     const EXPECTED: &str =
         "the body must be {\"ttl_seconds\": N} (whole seconds from now) or {\"ttl_seconds\": null} (never expires)";
     let update: TtlUpdate =

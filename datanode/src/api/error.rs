@@ -108,6 +108,9 @@ pub fn error_json(code: &str, message: &str) -> Vec<u8> {
     out
 }
 
+/// Error messages are cut at this many bytes.
+const MAX_MESSAGE_BYTES: usize = 512;
+
 /// At most 64 characters of what a client sent, for an error message: a hostile 8 KB id is not
 /// echoed back (nor logged) whole.
 pub fn excerpt(text: &str) -> String {
@@ -175,7 +178,7 @@ impl From<VolumeError> for ApiError {
             VolumeError::Deleted => ApiError::BlobDeleted,
             VolumeError::Expired => ApiError::BlobExpired,
             VolumeError::Conflict => ApiError::Conflict,
-            VolumeError::Full => ApiError::InsufficientStorage("no volume has room for this blob".into()),
+            VolumeError::Full => ApiError::InsufficientStorage("the volume is full (deletes still fit)".into()),
             e @ VolumeError::NoRoom { .. } => ApiError::InsufficientStorage(e.to_string()),
             VolumeError::Paused { reason, no_space: true } => ApiError::InsufficientStorage(reason),
             VolumeError::Paused { reason, no_space: false } => ApiError::Busy(reason),
@@ -193,10 +196,17 @@ impl From<VolumeError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::error!(code = self.code(), error = %self, "request failed");
+        // Whatever a message quotes of the request, it stays short (and so does the log line).
+        let mut message = self.to_string();
+        if message.len() > MAX_MESSAGE_BYTES {
+            let cut = (0..=MAX_MESSAGE_BYTES).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
+            message.truncate(cut);
+            message.push('…');
         }
-        let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string() } };
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), error = %message, "request failed");
+        }
+        let body = ErrorBody { error: ErrorDetail { code: self.code(), message } };
         let mut response = (status, axum::Json(body)).into_response();
         match self {
             ApiError::RangeNotSatisfiable { blob_len, .. } => {

@@ -19,7 +19,10 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
 pub fn parse_ttl_seconds(value: &str) -> Result<u64, ApiError> {
     let bad = || {
-        ApiError::InvalidHeader(format!("X-Cairn-TTL must be whole seconds from 1 to {MAX_TTL_SECONDS}, got {value:?}"))
+        ApiError::InvalidHeader(format!(
+            "X-Cairn-TTL must be whole seconds from 1 to {MAX_TTL_SECONDS}, got {}",
+            super::error::excerpt(value)
+        ))
     };
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -87,7 +90,8 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>,
     if spec.contains(',') {
         return Err(unsatisfiable("only a single byte range is supported".into()));
     }
-    let malformed = || unsatisfiable(format!("malformed range {header:?}"));
+    let quoted = super::error::excerpt(header);
+    let malformed = || unsatisfiable(format!("malformed range {quoted}"));
     let (first, last) = spec.trim().split_once('-').ok_or_else(malformed)?;
     let number = |s: &str| -> Result<u64, ApiError> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -99,7 +103,7 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>,
         ("", suffix) => {
             let n = number(suffix)?;
             if n == 0 || len == 0 {
-                return Err(unsatisfiable(format!("range {header:?} selects no bytes of a {len}-byte blob")));
+                return Err(unsatisfiable(format!("range {quoted} selects no bytes of a {len}-byte blob")));
             }
             (len.saturating_sub(n), len)
         }
@@ -113,7 +117,7 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>,
         }
     };
     if start >= len {
-        return Err(unsatisfiable(format!("range {header:?} starts beyond the {len}-byte blob")));
+        return Err(unsatisfiable(format!("range {quoted} starts beyond the {len}-byte blob")));
     }
     Ok(Some((start, end)))
 }

@@ -109,6 +109,18 @@ impl UploadBudget {
     }
 }
 
+/// Reads a small request body (a JSON document), at most `max` bytes; a body that stops arriving
+/// is a 408, as for uploads.
+pub async fn read_small(body: Body, max: usize) -> Result<Bytes, ApiError> {
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge(format!("the body is larger than {max} bytes")))
+        }
+        Err(e) => Err(read_error(axum::Error::new(e))),
+    }
+}
+
 fn read_error(e: axum::Error) -> ApiError {
     let source = e.into_inner();
     let timed_out = {

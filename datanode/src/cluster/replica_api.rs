@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, put};
@@ -99,9 +98,10 @@ pub struct TtlBody {
 async fn ttl_replica(
     State(state): State<AppState>,
     Path(raw): Path<String>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<StatusCode, ApiError> {
     let blob_id = parse_id(&raw)?;
+    let body = crate::api::upload::read_small(body, 64 * 1024).await?;
     let body: TtlBody = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
     local_volume(&state, blob_id.partition())?.update_ttl(blob_id, body.expires_ms).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -100,6 +100,8 @@ pub(crate) fn plan(shared: &Shared) -> Result<Option<CompactionPlan>, VolumeErro
             }
         }
     }
+    let max_live_ratio =
+        if shared.health() == VolumeHealth::Full { 1.0 } else { shared.config.compaction.max_live_ratio };
     let mut candidates: Vec<_> = sealed
         .into_iter()
         .map(|(segment, (info, keep, expired))| {
@@ -107,7 +109,8 @@ pub(crate) fn plan(shared: &Shared) -> Result<Option<CompactionPlan>, VolumeErro
             let needed: u64 = keep.iter().map(|(_, l): &(BlobId, Location)| l.len).sum();
             (needed as f64 / used as f64, segment, needed, keep, expired)
         })
-        .filter(|(ratio, ..)| *ratio <= shared.config.compaction.max_live_ratio)
+        // A full volume takes any merge that frees a segment: its deletes may be spread thin.
+        .filter(|(ratio, ..)| *ratio <= max_live_ratio)
         .collect();
     candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let room = shared.marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;

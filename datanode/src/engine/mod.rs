@@ -95,8 +95,6 @@ pub struct VolumeConfig {
     /// Upper bounds of one group commit.
     pub max_batch_records: usize,
     pub max_batch_bytes: u64,
-    /// Space kept back from puts so that deletes still fit in a full volume.
-    pub delete_reserve_bytes: u64,
     /// Puts are refused while the volume's filesystem has less than this free, so that the index
     /// can still grow for deletes and TTL updates (and so that a full disk never fails a volume).
     pub index_reserve_bytes: u64,
@@ -114,7 +112,6 @@ impl Default for VolumeConfig {
             checkpoint_bytes: 128 << 20,
             max_batch_records: 4096,
             max_batch_bytes: 64 << 20,
-            delete_reserve_bytes: 64 << 10,
             index_reserve_bytes: 16 << 20,
             compaction: CompactionConfig::default(),
             chunk_cache: None,

@@ -562,6 +562,22 @@ impl Drop for Volume {
 /// The shortest record there is (no metadata, no payload): bounds how many records damaged
 /// bytes of unknown content held.
 const MIN_RECORD_LEN: u64 = HEADER_LEN + 4;
+/// A tombstone is the shortest record.
+const TOMBSTONE_LEN: u64 = MIN_RECORD_LEN;
+
+/// Room left in a volume of `segments` segments, log at `offset`, after a record of `len`
+/// bytes, and whether the record needs a new segment; `None` when it cannot be placed at all.
+fn room_after(marker: &VolumeMarker, segments: u32, offset: u64, len: u64) -> Option<(u64, bool)> {
+    let usable = marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
+    let spare_segments = u64::from(marker.max_segments().saturating_sub(segments));
+    if offset + len + SEAL_LEN <= marker.segment_size {
+        Some((marker.segment_size - offset - len - SEAL_LEN + spare_segments * usable, false))
+    } else if spare_segments > 0 && len <= usable {
+        Some((usable - len + (spare_segments - 1) * usable, true))
+    } else {
+        None
+    }
+}
 /// Where recovery sets aside segment files that hold records but that the index does not know.
 pub const QUARANTINE_DIR: &str = "quarantine";
 
@@ -918,7 +934,7 @@ impl Writer {
                     replies.push((reply, Ok(())));
                     continue;
                 };
-                match self.place(&mut tables, &mut writes, record.record_len(), is_put) {
+                match self.place(&mut tables, &mut writes, record.record_len(), record.header.kind) {
                     Ok(location) => {
                         apply_record(
                             &mut tables,
@@ -994,28 +1010,39 @@ impl Writer {
     }
 
     /// Finds room for a record of `len` bytes, rolling to a new segment when the active one
-    /// is full. Puts leave `delete_reserve_bytes` free in the last segment the volume may have.
+    /// is full. Puts and TTL updates leave room for a tombstone of every blob the index knows
+    /// (and one more), so that every blob can always be deleted, however full the volume.
     fn place(
         &mut self,
         tables: &mut Tables<'_, '_>,
         writes: &mut Vec<PendingWrite>,
         len: u64,
-        is_put: bool,
+        kind: RecordKind,
     ) -> Result<Location, VolumeError> {
         let shared = self.shared.clone();
         let segment_size = shared.marker.segment_size;
-        let can_roll = shared.segments.count() < shared.marker.max_segments();
-        let reserve = if is_put && !can_roll { shared.config.delete_reserve_bytes } else { 0 };
-        if self.log.offset + len + SEAL_LEN + reserve > segment_size {
-            if len + SEAL_LEN + SEGMENT_HEADER_LEN > segment_size {
-                return Err(VolumeError::TooLarge { size: len, max: segment_size - SEAL_LEN - SEGMENT_HEADER_LEN });
+        if len + SEAL_LEN + SEGMENT_HEADER_LEN > segment_size {
+            return Err(VolumeError::TooLarge { size: len, max: segment_size - SEAL_LEN - SEGMENT_HEADER_LEN });
+        }
+        let reserve = match kind {
+            RecordKind::Delete => 0,
+            _ => TOMBSTONE_LEN * (tables.blobs.len()? + 1),
+        };
+        let room = |len| room_after(&shared.marker, shared.segments.count(), self.log.offset, len);
+        let roll = match room(len) {
+            Some((left, roll)) if left >= reserve => roll,
+            _ => {
+                // Full only when a small blob no longer fits: one large upload that does not fit
+                // leaves the volume writable for everything smaller.
+                let small_fits = room(SMALL_PUT_RECORD).is_some_and(|(left, _)| left >= reserve);
+                return Err(match kind {
+                    RecordKind::Put if small_fits => VolumeError::NoRoom { needed: len },
+                    RecordKind::Put | RecordKind::Delete => VolumeError::Full,
+                    _ => VolumeError::NoRoom { needed: len },
+                });
             }
-            if !can_roll {
-                // Full only when a small blob no longer fits: one large upload that does not
-                // fit leaves the volume writable for everything smaller.
-                let small_fits = self.log.offset + SMALL_PUT_RECORD + SEAL_LEN + reserve <= segment_size;
-                return Err(if is_put && small_fits { VolumeError::NoRoom { needed: len } } else { VolumeError::Full });
-            }
+        };
+        if roll {
             let next = shared.next_segment.fetch_add(1, Ordering::SeqCst);
             let file = match layout::create_segment(&shared.dir, &shared.marker, next, shared.config.preallocation) {
                 Ok(file) => shared.segments.insert(next, file),
@@ -1214,6 +1241,7 @@ fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeEr
         tables.segments.get(segment)?.end = offset;
         let Tables { blobs, journal, damaged, segments: stats } = tables;
         stats.flush()?;
+        let entries = blobs.len()?;
         drop((blobs, journal, damaged));
 
         // Segment files nothing refers to were created by a roll that never committed. One that
@@ -1251,14 +1279,13 @@ fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeEr
             .filter(|(at, h)| last_record_of.get(&h.blob_id).is_none_or(|later| later < at))
             .map(|(_, h)| h)
             .collect();
-        (LogPosition { segment, file, offset, next_seq }, rewrite)
+        (LogPosition { segment, file, offset, next_seq }, rewrite, entries)
     };
     txn.commit()?;
     layout::sync_dir(&layout::segments_dir(dir))?;
-    let (position, rewrite) = position;
-    if shared.segments.count() >= marker.max_segments()
-        && position.offset + SMALL_PUT_RECORD + SEAL_LEN + shared.config.delete_reserve_bytes > marker.segment_size
-    {
+    let (position, rewrite, entries) = position;
+    let room = room_after(marker, shared.segments.count(), position.offset, SMALL_PUT_RECORD);
+    if !room.is_some_and(|(left, _)| left >= TOMBSTONE_LEN * (entries + 1)) {
         shared.set_health(VolumeHealth::Full);
     }
     Ok((position, rewrite))
