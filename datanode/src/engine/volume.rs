@@ -1285,7 +1285,7 @@ fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeEr
     layout::sync_dir(&layout::segments_dir(dir))?;
     let (position, rewrite, entries) = position;
     let room = room_after(marker, shared.segments.count(), position.offset, SMALL_PUT_RECORD);
-    if !room.is_some_and(|(left, _)| left >= TOMBSTONE_LEN * (entries + 1)) {
+    if room.is_none_or(|(left, _)| left < TOMBSTONE_LEN * (entries + 1)) {
         shared.set_health(VolumeHealth::Full);
     }
     Ok((position, rewrite))
