@@ -136,8 +136,10 @@ fn return_large_blocks_to_the_system() {
 
 fn run() -> anyhow::Result<()> {
     return_large_blocks_to_the_system();
+    // Colours only on a terminal: log files stay plain text.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let mut volume = VolumeConfig {

@@ -169,6 +169,20 @@ async fn serve_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = state.store.clone();
+    // Volumes that failed for a full disk are reopened once room is back.
+    tokio::spawn({
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+                let store = store.clone();
+                let _ = tokio::task::spawn_blocking(move || store.heal()).await;
+            }
+        }
+    });
     tracing::info!(addr = %listener.local_addr()?, cluster = state.cluster.is_some(), "cairn-datanode serving");
     api::serve::serve(listener, api::router(state), limits, shutdown).await?;
     tokio::task::spawn_blocking(move || store.close()).await?;

@@ -147,6 +147,37 @@ impl Store {
         }
     }
 
+    /// Reopens the volumes that failed only because their index could not grow on a full disk,
+    /// once room is back (every other failure waits for a person). The partitions healed.
+    pub fn heal(&self) -> Vec<u32> {
+        let mut healed = Vec::new();
+        let candidates: Vec<u32> = self.volumes().iter().filter(|v| v.can_heal()).map(|v| v.partition()).collect();
+        for partition in candidates {
+            // The volume must be closed for good (its index file released) before it is opened
+            // again: it is taken out of service, and healed only if no request still holds it.
+            let Some(volume) = self.volumes.write().expect("store lock").remove(&partition) else { continue };
+            let volume = match Arc::try_unwrap(volume) {
+                Ok(volume) => volume,
+                Err(in_use) => {
+                    self.volumes.write().expect("store lock").insert(partition, in_use);
+                    continue;
+                }
+            };
+            let (dir, config, metrics) = volume.reopen_parts();
+            drop(volume);
+            match Volume::open(&dir, config, metrics) {
+                Ok(reopened) => {
+                    self.volumes.write().expect("store lock").insert(partition, Arc::new(reopened));
+                    tracing::info!(partition, "volume reopened: room is back on its disk");
+                    healed.push(partition);
+                }
+                // Out of service until it opens: a restart (or the next try) runs recovery.
+                Err(e) => tracing::error!(partition, error = %e, "reopening a volume failed"),
+            }
+        }
+        healed
+    }
+
     /// Stops every volume; each commits a final durable checkpoint.
     pub fn close(&self) {
         for volume in self.volumes() {

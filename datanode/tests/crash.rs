@@ -98,6 +98,17 @@ fn full_disk_answers_507_keeps_deletes_and_recovers_by_itself() {
         }
     }
     assert!(refused == 3 && !stored.is_empty(), "stored {}, refused {refused}", stored.len());
+    // Small blobs still fit in the active segment: the volume is not stalled until they do not.
+    let mut small = 0;
+    loop {
+        let r = client.post(node.url("/v1/blobs")).body(vec![9u8; 100]).send().unwrap();
+        match r.status() {
+            StatusCode::CREATED => small += 1,
+            StatusCode::INSUFFICIENT_STORAGE => break,
+            other => panic!("unexpected {other}: {}", r.text().unwrap()),
+        }
+        assert!(small < 100_000, "small blobs never stopped");
+    }
     let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
     assert_eq!(ready["ready"], true, "a volume on a full disk still serves: {ready}");
     assert_eq!(ready["volumes"][0]["state"], "stalled", "a full disk is passing trouble, not a full volume: {ready}");
@@ -128,4 +139,81 @@ fn full_disk_answers_507_keeps_deletes_and_recovers_by_itself() {
     node.kill9();
     node.start_again();
     check(&node, &stored);
+}
+
+#[test]
+fn an_index_that_cannot_grow_on_a_full_disk_heals_when_room_is_back() {
+    let mut machine = Machine::new();
+    let mnt = machine.mount("tmpfs", "tmpfs", &["-t", "tmpfs", "-o", "size=16m"]);
+    // No index reserve: nothing keeps the disk from filling under the index.
+    let mut node = Datanode::start(
+        &mnt.join("node"),
+        &["--segment-size", "4MiB", "--volume-size", "8MiB", "--max-blob-size", "256KiB", "--index-reserve", "0"],
+    );
+    let client = Client::new();
+    let mut stored = Vec::new();
+    for seed in 0..5u64 {
+        let r = client.post(node.url("/v1/blobs")).body(payload(seed, 1000)).send().unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        stored.push((r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned(), seed));
+    }
+    // Something else takes every free byte.
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.write_all(&[7u8; 4096]);
+        let _ = file.sync_all();
+    }
+    // Writes go on until the index cannot grow: the volume fails (503), reads go on.
+    let mut failed = false;
+    for seed in 100..20_000u64 {
+        let meta = "m".repeat(1000);
+        let r =
+            client.post(node.url("/v1/blobs")).header("x-cairn-meta-k", meta).body(payload(seed, 100)).send().unwrap();
+        match r.status() {
+            StatusCode::CREATED => stored.push((r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned(), seed)),
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::INSUFFICIENT_STORAGE => {
+                let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
+                if ready["volumes"][0]["state"] == "failed" {
+                    failed = true;
+                    break;
+                }
+            }
+            other => panic!("{other}: {}", r.text().unwrap()),
+        }
+    }
+    assert!(failed, "the index never ran out of room");
+    // Room comes back: the node reopens the volume by itself, and nothing acknowledged is lost.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
+        if ready["ready"] == true {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(mnt.join("node.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let df = std::process::Command::new("df").arg(&mnt).output().unwrap();
+            panic!("the volume never healed: {ready}\n{}\n{tail:#?}", String::from_utf8_lossy(&df.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = client.post(node.url("/v1/blobs")).body("after").send().unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let check = |node: &Datanode| {
+        for (id, seed) in &stored {
+            let r = client.get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{id}");
+            let len = if *seed < 100 { 1000 } else { 100 };
+            assert!(r.bytes().unwrap().to_vec() == payload(*seed, len));
+        }
+    };
+    check(&node);
+    node.kill9();
+    node.start_again();
+    check(&node);
 }

@@ -693,7 +693,7 @@ async fn every_blob_of_a_full_volume_can_be_deleted_and_ttl_updates_cannot_take_
             Err(e) => panic!("{e:?}"),
         }
     }
-    assert!(written.len() > 1000, "{} small blobs", written.len());
+    assert!(written.len() > 500, "{} small blobs", written.len());
     // TTL updates, however many, are refused before they eat the room deletes need.
     let (first, _) = written[0];
     let mut ttl_refused = false;

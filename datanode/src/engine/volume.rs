@@ -110,6 +110,9 @@ pub(crate) struct Shared {
     /// The volume is stalled for want of disk space (which the writer can see come back), not for
     /// want of file descriptors (which only the next try can tell).
     stalled_for_space: std::sync::atomic::AtomicBool,
+    /// The volume failed because its index could not grow on a full disk: reopened (healed) by
+    /// the store once room is back, unlike every other failure.
+    failed_for_space: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -192,6 +195,19 @@ impl Shared {
         self.set_health(VolumeHealth::Failed(reason.clone()));
         VolumeError::Failed(reason)
     }
+
+    /// Fails the volume for an index error; when the error is the disk being full (the index
+    /// could not grow), the failure is one that reopening heals once room is back: redb wants a
+    /// reopen after any I/O error, and recovery then replays the log past the durable mark.
+    fn fail_index(&self, what: &str, err: impl std::fmt::Display) -> VolumeError {
+        let text = err.to_string();
+        // io::Error's Display ends with the OS error number; redb keeps it in its own errors.
+        let no_space = ["(os error 28)", "(os error 122)"].iter().any(|code| text.contains(code));
+        if no_space && !matches!(self.health(), VolumeHealth::Failed(_)) {
+            self.failed_for_space.store(true, Ordering::SeqCst);
+        }
+        self.fail(what, text)
+    }
 }
 
 pub struct Volume {
@@ -243,6 +259,7 @@ impl Volume {
             next_segment: AtomicU32::new(FIRST_SEGMENT + 1),
             metrics,
             stalled_for_space: Default::default(),
+            failed_for_space: Default::default(),
         });
         let (log, rewrite) = recover(&shared)?;
         let (tx, rx) = mpsc::channel();
@@ -391,6 +408,19 @@ impl Volume {
         let txn = self.shared.db.begin_read()?;
         let blobs = txn.open_table(BLOBS)?;
         index::get(&blobs, blob_id.to_bytes())?.ok_or(VolumeError::NotFound)
+    }
+
+    /// Whether this volume failed only because its index could not grow on a full disk, and room
+    /// is back: then closing it and opening it again heals it (`Store::heal`).
+    pub fn can_heal(&self) -> bool {
+        matches!(self.health(), VolumeHealth::Failed(_))
+            && self.shared.failed_for_space.load(Ordering::SeqCst)
+            && self.shared.room_is_back()
+    }
+
+    /// What [`Volume::open`] needs to open this volume again once it is dropped.
+    pub fn reopen_parts(&self) -> (PathBuf, VolumeConfig, Arc<EngineMetrics>) {
+        (self.shared.dir.clone(), self.shared.config.clone(), self.shared.metrics.clone())
     }
 
     /// Blobs whose put record recovery found damaged: they wait for a replica to send them again.
@@ -565,15 +595,19 @@ const MIN_RECORD_LEN: u64 = HEADER_LEN + 4;
 /// A tombstone is the shortest record.
 const TOMBSTONE_LEN: u64 = MIN_RECORD_LEN;
 
-/// Room left in a volume of `segments` segments, log at `offset`, after a record of `len`
-/// bytes, and whether the record needs a new segment; `None` when it cannot be placed at all.
+/// Room that is sure to be there after a record of `len` bytes is placed in a volume of
+/// `segments` segments with its log at `offset`, and whether the record needs a new segment;
+/// `None` when it cannot be placed at all. Sure room is what is left of the active segment, plus
+/// the spare segments of a preallocated volume; a volume that grows on demand may not get its
+/// next segment (the disk may be full), so its spares do not count.
 fn room_after(marker: &VolumeMarker, segments: u32, offset: u64, len: u64) -> Option<(u64, bool)> {
     let usable = marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
     let spare_segments = u64::from(marker.max_segments().saturating_sub(segments));
+    let sure_spares = |n: u64| if marker.preallocated { n * usable } else { 0 };
     if offset + len + SEAL_LEN <= marker.segment_size {
-        Some((marker.segment_size - offset - len - SEAL_LEN + spare_segments * usable, false))
+        Some((marker.segment_size - offset - len - SEAL_LEN + sure_spares(spare_segments), false))
     } else if spare_segments > 0 && len <= usable {
-        Some((usable - len + (spare_segments - 1) * usable, true))
+        Some((usable - len + sure_spares(spare_segments - 1), true))
     } else {
         None
     }
@@ -797,12 +831,17 @@ impl Writer {
                     if self.dirty {
                         let _ = self.commit_batch(Vec::new(), true);
                     }
-                    // A volume stalled for disk space says so only while it lasts.
-                    if matches!(self.shared.health(), VolumeHealth::Stalled(_))
-                        && self.shared.stalled_for_space.load(Ordering::SeqCst)
-                        && self.shared.room_is_back()
-                    {
-                        self.shared.unstall();
+                    // A volume stalled for disk space says so while it lasts, and only then.
+                    match self.shared.health() {
+                        VolumeHealth::Stalled(_)
+                            if self.shared.stalled_for_space.load(Ordering::SeqCst) && self.shared.room_is_back() =>
+                        {
+                            self.shared.unstall()
+                        }
+                        VolumeHealth::Writable => {
+                            let _ = self.shared.check_disk_room();
+                        }
+                        _ => {}
                     }
                     continue;
                 }
@@ -901,7 +940,9 @@ impl Writer {
         let mut replies = Vec::with_capacity(batch.len());
         let txn = match begin_write(&shared.db, durable) {
             Ok(txn) => txn,
-            Err(e) => return Err((batch.into_iter().map(|(_, r)| r).collect(), shared.fail("index transaction", e))),
+            Err(e) => {
+                return Err((batch.into_iter().map(|(_, r)| r).collect(), shared.fail_index("index transaction", e)))
+            }
         };
         let mut writes: Vec<PendingWrite> = Vec::new();
         let mut written = 0u64;
@@ -975,7 +1016,7 @@ impl Writer {
         let fail_all =
             |replies: Vec<(oneshot::Sender<_>, _)>, err| Err((replies.into_iter().map(|(r, _)| r).collect(), err));
         if let Err(e) = staged {
-            return fail_all(replies, shared.fail("staging batch", e));
+            return fail_all(replies, shared.fail_index("staging batch", e));
         }
         // Durability order: records (fdatasync) before the index that points at them.
         let sync_started = Instant::now();
@@ -1001,7 +1042,7 @@ impl Writer {
             shared.metrics.fsync_seconds.observe(sync_started.elapsed().as_secs_f64());
         }
         if let Err(e) = txn.commit() {
-            return fail_all(replies, shared.fail("index commit", e));
+            return fail_all(replies, shared.fail_index("index commit", e));
         }
         if put_stored {
             shared.unstall();
@@ -1029,12 +1070,23 @@ impl Writer {
             _ => TOMBSTONE_LEN * (tables.blobs.len()? + 1),
         };
         let room = |len| room_after(&shared.marker, shared.segments.count(), self.log.offset, len);
-        let roll = match room(len) {
-            Some((left, roll)) if left >= reserve => roll,
-            _ => {
+        // In the active segment if the reserve stays sure; else in a new segment if it fits there.
+        let in_new_segment = |len| {
+            let usable = segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
+            shared.segments.count() < shared.marker.max_segments() && len + reserve <= usable
+        };
+        let choice = match room(len) {
+            Some((left, roll)) if left >= reserve => Some(roll),
+            _ if in_new_segment(len) => Some(true),
+            _ => None,
+        };
+        let roll = match choice {
+            Some(roll) => roll,
+            None => {
                 // Full only when a small blob no longer fits: one large upload that does not fit
                 // leaves the volume writable for everything smaller.
-                let small_fits = room(SMALL_PUT_RECORD).is_some_and(|(left, _)| left >= reserve);
+                let small_fits =
+                    room(SMALL_PUT_RECORD).is_some_and(|(left, _)| left >= reserve) || in_new_segment(SMALL_PUT_RECORD);
                 return Err(match kind {
                     RecordKind::Put if small_fits => VolumeError::NoRoom { needed: len },
                     RecordKind::Put | RecordKind::Delete => VolumeError::Full,
@@ -1049,7 +1101,16 @@ impl Writer {
                 // Out of file descriptors or disk space: passing trouble, tried again by the
                 // next put; the log stays where it was.
                 Err(e) if e.is_transient() => {
-                    return Err(shared.stall(format!("creating segment {next}: {e}"), e.is_no_space()))
+                    let reason = format!("creating segment {next}: {e}");
+                    // The volume stalls only when small blobs no longer fit either.
+                    let small_fits = room(SMALL_PUT_RECORD).is_some_and(|(left, roll)| !roll && left >= reserve);
+                    // A tombstone that finds no new segment is the one write that must not fail:
+                    // its room was kept in the active segment, so this only happens to puts.
+                    return Err(if small_fits {
+                        VolumeError::Paused { reason, no_space: e.is_no_space() }
+                    } else {
+                        shared.stall(reason, e.is_no_space())
+                    });
                 }
                 Err(e) => return Err(shared.fail("creating segment", e)),
             };
@@ -1284,8 +1345,11 @@ fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeEr
     txn.commit()?;
     layout::sync_dir(&layout::segments_dir(dir))?;
     let (position, rewrite, entries) = position;
+    let reserve = TOMBSTONE_LEN * (entries + 1);
     let room = room_after(marker, shared.segments.count(), position.offset, SMALL_PUT_RECORD);
-    if room.is_none_or(|(left, _)| left < TOMBSTONE_LEN * (entries + 1)) {
+    let in_new_segment = shared.segments.count() < marker.max_segments()
+        && SMALL_PUT_RECORD + reserve <= marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
+    if room.is_none_or(|(left, _)| left < reserve) && !in_new_segment {
         shared.set_health(VolumeHealth::Full);
     }
     Ok((position, rewrite))
