@@ -138,16 +138,25 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     let killed =
         Command::new("pkill").args(["-KILL", "-f", "--", &format!("--data-dir {}", etcd_data.display())]).status();
     assert!(killed.unwrap().success());
+    // (The progress line need not change: a restart can be quicker than the next pass.)
+    let ready_again = || {
+        support::wait_until("the cluster Ready again", Duration::from_secs(60), || {
+            let (_, json) = cairn(&binary("cairn"), &["status", "--local", local, "-o", "json"]);
+            serde_json::from_str::<serde_json::Value>(&json).is_ok_and(|v| v["phase"] == "Ready")
+        })
+    };
     up.wait_for("etcd exited (signal: 9");
-    up.wait_for(": ready");
+    ready_again();
     let killed = Command::new("pkill")
         .args(["-KILL", "-f", "--", &format!("--state-dir {}", dir.path().join("disk-agent-state").display())])
         .status();
     assert!(killed.unwrap().success());
     up.wait_for("disk agent exited (signal: 9");
-    up.wait_for(": ready");
-    let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body("after the restarts").send().unwrap();
-    assert_eq!(r.status(), 201);
+    ready_again();
+    support::wait_until("a PUT after the restarts", Duration::from_secs(30), || {
+        let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body("after the restarts").send();
+        r.is_ok_and(|r| r.status() == 201)
+    });
     assert_eq!(read(port + 1), "kept across restarts");
     let (code, out) = cairn(&binary("cairn"), &["status", "--local", local]);
     assert_eq!(code, 0, "{out}");
