@@ -186,3 +186,37 @@ pub struct PartitionCounts {
     pub read_only: u32,
     pub under_replicated: u32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(spec: serde_json::Value) -> StoreCluster {
+        let mut base = serde_json::json!({
+            "image": "cairn:1", "volumeSize": "64Gi", "segmentSize": "1Gi", "etcd": {"endpoints": ["http://e:2379"]}
+        });
+        base.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
+        StoreCluster::new("blobs", serde_json::from_value(base).unwrap())
+    }
+
+    /// The CRD's CEL rules, run by kube's client-side CEL validator (the same rules a real API
+    /// server runs on create and update).
+    #[test]
+    fn cel_rules_refuse_a_geometry_no_datanode_could_open() {
+        let ok = |spec: serde_json::Value| kube::core::cel::validate_cel(&cluster(spec));
+        ok(serde_json::json!({})).unwrap();
+        ok(serde_json::json!({"maxBlobSize": "64Mi"})).unwrap();
+        ok(serde_json::json!({"volumeSize": "1Gi", "segmentSize": "1Gi"})).unwrap();
+        for (spec, message) in [
+            (serde_json::json!({"segmentSize": "512Ki"}), "segmentSize must be at least 1Mi"),
+            (serde_json::json!({"volumeSize": "512Mi"}), "volumeSize must hold at least one segment"),
+            (serde_json::json!({"segmentSize": "8Mi", "maxBlobSize": "8Mi"}), "maxBlobSize must fit in a segment"),
+            (serde_json::json!({"maxBlobSize": "8Gi"}), "maxBlobSize must be a quantity from 1 to 4Gi"),
+            (serde_json::json!({"volumeSize": "lots"}), "volumeSize must be a quantity"),
+            (serde_json::json!({"writeQuorum": 3, "replicationFactor": 2}), "writeQuorum must not exceed"),
+        ] {
+            let err = ok(spec.clone()).expect_err(message).to_string();
+            assert!(err.contains(message), "{spec}: {err}");
+        }
+    }
+}
