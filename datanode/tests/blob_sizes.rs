@@ -139,17 +139,19 @@ fn one_case(sizes: &[u64], ranges: &[(u64, u64)], cache: bool) -> Result<(), Tes
             .unwrap();
         dropped.push(id);
     }
-    for (id, data) in &kept {
-        check_blob(&volume, *id, data, ranges)?;
-    }
+    let check_all = |volume: &Volume| -> Result<(), TestCaseError> {
+        for (id, data) in &kept {
+            check_blob(volume, *id, data, ranges)?;
+        }
+        Ok(())
+    };
+    check_all(&volume)?;
 
     // Clean restart.
     volume.close();
     drop(volume);
     let volume = open(dir.path(), cache);
-    for (id, data) in &kept {
-        check_blob(&volume, *id, data, ranges)?;
-    }
+    check_all(&volume)?;
 
     // Crash: the records past the durable mark are replayed from the log.
     for id in &dropped {
@@ -158,9 +160,7 @@ fn one_case(sizes: &[u64], ranges: &[(u64, u64)], cache: bool) -> Result<(), Tes
     volume.abandon();
     drop(volume);
     let volume = open(dir.path(), cache);
-    for (id, data) in &kept {
-        check_blob(&volume, *id, data, ranges)?;
-    }
+    check_all(&volume)?;
     for id in &dropped {
         prop_assert!(matches!(volume.open_blob(*id), Err(VolumeError::Deleted)));
     }
@@ -172,15 +172,11 @@ fn one_case(sizes: &[u64], ranges: &[(u64, u64)], cache: bool) -> Result<(), Tes
     if before != after {
         MOVED_BY_COMPACTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    for (id, data) in &kept {
-        check_blob(&volume, *id, data, ranges)?;
-    }
+    check_all(&volume)?;
     volume.close();
     drop(volume);
     let volume = open(dir.path(), cache);
-    for (id, data) in &kept {
-        check_blob(&volume, *id, data, ranges)?;
-    }
+    check_all(&volume)?;
     Ok(())
 }
 

@@ -190,6 +190,17 @@ fn journal_tails(nodes: &[&Node], partition: u32) -> Vec<u64> {
         .collect()
 }
 
+/// `count` nodes started on a topology of `partitions`, every replica open and replicating.
+fn started_cluster(root: &Path, etcd: &EtcdServer, count: usize, partitions: u32) -> Vec<Node> {
+    let mut nodes = cluster(root, etcd, count);
+    apply_topology(etcd, root, &nodes.iter().collect::<Vec<_>>(), partitions);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), partitions as usize);
+    nodes
+}
+
 fn cluster(root: &Path, etcd: &EtcdServer, count: usize) -> Vec<Node> {
     (0..count).map(|i| Node::new(&format!("n{i}"), &format!("z{}", i % 3), root, etcd)).collect()
 }
@@ -198,12 +209,7 @@ fn cluster(root: &Path, etcd: &EtcdServer, count: usize) -> Vec<Node> {
 fn three_nodes_survive_a_kill_and_converge() {
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
-    let mut nodes = cluster(root.path(), &etcd, 3);
-    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 4);
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 4);
+    let mut nodes = started_cluster(root.path(), &etcd, 3, 4);
 
     let client = Client::new();
 
@@ -266,12 +272,7 @@ fn three_nodes_survive_a_kill_and_converge() {
 fn writes_fail_cleanly_without_quorum_and_a_frozen_node_is_skipped() {
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
-    let mut nodes = cluster(root.path(), &etcd, 3);
-    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 2);
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 2);
+    let mut nodes = started_cluster(root.path(), &etcd, 3, 2);
     let client = Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
     let stored = put(&client, &nodes[0], b"before").unwrap();
 
@@ -302,12 +303,7 @@ fn writes_fail_cleanly_without_quorum_and_a_frozen_node_is_skipped() {
 fn etcd_restart_during_traffic_loses_no_acknowledged_write() {
     let root = tempfile::tempdir().unwrap();
     let mut etcd = EtcdServer::start();
-    let mut nodes = cluster(root.path(), &etcd, 3);
-    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 3);
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 3);
+    let nodes = started_cluster(root.path(), &etcd, 3, 3);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut blobs = BTreeMap::new();
     std::thread::scope(|s| {
@@ -520,12 +516,7 @@ fn every_size_boundary_replicates_and_unknown_ids_leave_no_tombstones() {
     const CHUNK: usize = 1 << 20;
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
-    let mut nodes = cluster(root.path(), &etcd, 3);
-    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 2);
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 2);
+    let mut nodes = started_cluster(root.path(), &etcd, 3, 2);
     let client = Client::new();
 
     // n2 is away: everything it holds afterwards came through replication.
