@@ -54,9 +54,10 @@ struct Args {
     /// Address of the blob API.
     #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7480")]
     listen: SocketAddr,
-    /// Partitions (one volume each) of a standalone node; fixed once created.
-    #[arg(long, default_value_t = 1)]
-    partitions: u32,
+    /// Partitions (one volume each) of a new standalone node (default 1); fixed once created:
+    /// a restart opens what the node has, and a different number is refused.
+    #[arg(long)]
+    partitions: Option<u32>,
     /// Capacity of each new volume.
     #[arg(long, default_value = "16GiB")]
     volume_size: ByteSize,
@@ -139,7 +140,7 @@ fn run() -> anyhow::Result<()> {
     // Colours only on a terminal: log files stay plain text.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
     let mut volume = VolumeConfig {

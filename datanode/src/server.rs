@@ -86,8 +86,25 @@ async fn volumes_from_agent(
                 .ok_or_else(|| anyhow::anyhow!("the disk agent at {} reports no usable disk", socket.display()))?
         }
     };
+    // The node's volumes are those the agent has under the prefix; --partitions may only agree.
+    let existing = agent
+        .list_volumes()
+        .await?
+        .iter()
+        .filter(|v| {
+            v.name.strip_prefix(prefix).and_then(|r| r.strip_prefix("-p")).is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .count() as u32;
+    let partitions = match (existing, layout.partitions) {
+        (0, asked) => asked.unwrap_or(1),
+        (n, Some(asked)) if asked != n => anyhow::bail!(
+            "the disk agent holds {n} volume(s) named {prefix}-p*; --partitions {asked} contradicts it \
+             (partitions are fixed once created: leave the flag out, or give {n})"
+        ),
+        (n, _) => n,
+    };
     let mut dirs = Vec::new();
-    for partition in 0..layout.partitions {
+    for partition in 0..partitions {
         let name = format!("{prefix}-p{partition}");
         let request = CreateVolumeRequest {
             disk: disk.clone(),

@@ -13,9 +13,73 @@ use crate::metrics::{Metrics, VolumeLabels};
 /// Geometry of the volumes a standalone node creates.
 #[derive(Debug, Clone)]
 pub struct StandaloneLayout {
-    pub partitions: u32,
+    /// `--partitions`: `None` opens what the node already has (one partition for a new node).
+    pub partitions: Option<u32>,
     pub segment_size: u64,
     pub volume_size: u64,
+}
+
+/// `DATA_DIR/node.json`: what a standalone node's data directory holds, so that a restart opens
+/// every volume whatever its command line says.
+pub const NODE_FILE: &str = "node.json";
+const NODE_FORMAT: u32 = 1;
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct NodeFile {
+    format: u32,
+    partitions: u32,
+}
+
+/// The partitions of a standalone node: those its data directory records (or, for a directory
+/// made before the record existed, the volumes it holds), else `--partitions`, else one. A
+/// `--partitions` that contradicts the directory is refused: partitions are fixed once created.
+pub fn standalone_partitions(data_dir: &Path, flag: Option<u32>) -> Result<u32, VolumeError> {
+    let path = data_dir.join(NODE_FILE);
+    let recorded = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let file: NodeFile =
+                serde_json::from_slice(&bytes).map_err(|e| VolumeError::Corrupt(format!("{}: {e}", path.display())))?;
+            if file.format != NODE_FORMAT {
+                return Err(VolumeError::Corrupt(format!(
+                    "{}: format {} is not supported (this build reads format {NODE_FORMAT})",
+                    path.display(),
+                    file.format
+                )));
+            }
+            Some(file.partitions)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Volumes made before node.json existed: partitions 0.. as far as they go.
+            let existing = (0..).take_while(|p| volume_dir(data_dir, *p).join(MARKER_FILE).exists()).count() as u32;
+            (existing > 0).then_some(existing)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let partitions = match (recorded, flag) {
+        (Some(n), Some(asked)) if n != asked => {
+            return Err(VolumeError::Layout(cairn_common::volume_layout::LayoutError::Geometry(format!(
+                "{} holds {n} partition(s); --partitions {asked} contradicts it (partitions are fixed once \
+                 created: leave the flag out, or give {n})",
+                data_dir.display()
+            ))))
+        }
+        (Some(n), _) => n,
+        (None, asked) => asked.unwrap_or(1),
+    };
+    if partitions == 0 {
+        return Err(VolumeError::Layout(cairn_common::volume_layout::LayoutError::Geometry(
+            "--partitions must be at least 1".into(),
+        )));
+    }
+    if recorded.is_none() || !path.exists() {
+        let tmp = data_dir.join(format!("{NODE_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(&NodeFile { format: NODE_FORMAT, partitions }).expect("serializes");
+        std::fs::write(&tmp, text)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(data_dir)?.sync_all()?;
+    }
+    Ok(partitions)
 }
 
 /// The volumes a node serves, by partition. A cluster node adds and removes volumes as its
@@ -35,7 +99,7 @@ impl Store {
         metrics: Arc<Metrics>,
     ) -> Result<Self, VolumeError> {
         let mut dirs = Vec::new();
-        for partition in 0..layout.partitions {
+        for partition in 0..standalone_partitions(data_dir, layout.partitions)? {
             let dir = volume_dir(data_dir, partition);
             if !dir.join(MARKER_FILE).exists() {
                 let marker = VolumeMarker::new(partition, layout.segment_size, layout.volume_size)?;

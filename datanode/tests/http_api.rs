@@ -478,3 +478,41 @@ fn unknown_methods_share_one_metric_label() {
     assert!(!metrics.contains("method=\"X1"), "a client's method became a label");
     assert!(metrics.len() < before + 500, "/metrics grew from {before} to {} bytes", metrics.len());
 }
+
+/// A standalone node's partitions are its data directory's: a restart without `--partitions`
+/// opens them all, and a contradicting `--partitions` is refused with the reason.
+#[test]
+fn a_restart_opens_every_partition_the_node_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let flags = ["--segment-size", "8MiB", "--volume-size", "64MiB", "--max-blob-size", "6MiB"];
+    let mut node = Datanode::start(&data, &[&flags[..], &["--partitions", "4"]].concat());
+    let client = Client::new();
+    let ids: Vec<String> = (0..40u64).map(|seed| put(&client, &node, payload(seed, 100))).collect();
+    let partitions: HashSet<u32> =
+        ids.iter().map(|id| id.parse::<cairn_common::BlobId>().unwrap().partition()).collect();
+    assert!(partitions.len() > 1, "blobs spread over the partitions");
+    node.stop();
+    let node = Datanode::start(&data, &flags);
+    for (seed, id) in ids.iter().enumerate() {
+        let r = client.get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{id}");
+        assert!(r.bytes().unwrap().to_vec() == payload(seed as u64, 100));
+    }
+    let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
+    assert_eq!(ready["volumes"].as_array().unwrap().len(), 4, "{ready}");
+    drop(node);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-datanode"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{}", support::free_port()), "--partitions", "2"])
+        .args(flags)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds 4 partition(s); --partitions 2 contradicts it"), "{err}");
+    // Its log (not a terminal) is plain text.
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(log.contains("cairn-datanode serving") && !log.contains('\u{1b}'), "{log:.500}");
+}

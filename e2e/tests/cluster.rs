@@ -459,8 +459,12 @@ fn replicas_live_on_disk_agent_volumes_and_a_full_partition_turns_read_only() {
     wait_until("partition 0 read-only in etcd", Duration::from_secs(10), || {
         show(&etcd)["topology"]["partitions"]["0"]["state"] == "read_only"
     });
-    let r = client.post(nodes[1].url("/v1/blobs")).body("more").send().unwrap();
-    assert_eq!(r.status(), 503, "no writable partition left");
+    // A full cluster says so: 507 for every later PUT, not 503 no_quorum.
+    for node in &nodes {
+        let r = client.post(node.url("/v1/blobs")).body("more").send().unwrap();
+        assert_eq!(r.status(), 507, "no writable partition left");
+        assert_eq!(r.json::<Value>().unwrap()["error"]["code"], "insufficient_storage");
+    }
     for (id, seed) in &stored {
         let r = client.get(nodes[2].url(&format!("/v1/blobs/{id}"))).send().unwrap();
         assert_eq!(r.bytes().unwrap().as_ref(), payload(*seed, 200_000).as_slice());

@@ -82,8 +82,20 @@ impl Cluster {
                 }
             }
         }
-        Err(last_error
-            .unwrap_or_else(|| ApiError::NoQuorum("no writable partition has a quorum of live replicas".into())))
+        Err(last_error.unwrap_or_else(|| {
+            // Say why, in the terms that help: no room is not a lack of quorum.
+            let writable = snapshot.topology.partitions.values().any(|p| p.state == PartitionState::Writable);
+            let full = snapshot.topology.partitions.values().any(|p| p.state == PartitionState::ReadOnly);
+            if full && !writable {
+                ApiError::InsufficientStorage(
+                    "every partition is full (read-only): the cluster needs room (more disks or machines), \
+                     or blobs deleted and compacted"
+                        .into(),
+                )
+            } else {
+                ApiError::NoQuorum("no writable partition has a quorum of live replicas".into())
+            }
+        }))
     }
 
     /// Deletes at write quorum. First only where a replica has the blob: a quorum of answers
