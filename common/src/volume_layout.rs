@@ -537,34 +537,19 @@ pub fn write_atomic(path: &Path, body: &[u8]) -> Result<(), LayoutError> {
 /// never leaves its volumes locked.
 #[derive(Debug)]
 pub struct VolumeLock {
-    _file: File,
+    _lock: crate::process_lock::ProcessLock,
 }
 
 impl VolumeLock {
     /// Takes the lock without waiting; `InUse` (naming the holder's pid) if another process, or
     /// another open of this volume, holds it.
     pub fn acquire(volume_dir: &Path) -> Result<Self, LayoutError> {
-        let path = volume_dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| LayoutError::io(&path, e))?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                let holder = fs::read_to_string(&path).unwrap_or_default().trim().to_owned();
-                let holder = if holder.is_empty() { "pid unknown".to_owned() } else { holder };
-                return Err(LayoutError::InUse { path, holder });
-            }
-            Err(e) => return Err(LayoutError::io(&path, e.into())),
+        use crate::process_lock::{LockError, ProcessLock};
+        match ProcessLock::acquire(&volume_dir.join(LOCK_FILE)) {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err(LockError::Held { path, holder }) => Err(LayoutError::InUse { path, holder }),
+            Err(LockError::Io { path, source }) => Err(LayoutError::Io { path, source }),
         }
-        // Who holds it, for the message others get; best effort.
-        let _ = file.set_len(0).and_then(|()| file.write_all_at(format!("pid {}\n", std::process::id()).as_bytes(), 0));
-        let _ = file.flush();
-        Ok(Self { _file: file })
     }
 }
 

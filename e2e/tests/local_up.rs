@@ -133,6 +133,19 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     up.wait_for(": ready");
     assert_eq!(read(port + 1), "kept across restarts");
 
+    // A second `cairn local up` on the same directory is refused, and the first one serves on.
+    let second = Command::new(binary("cairn"))
+        .args(["local", "up", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/local.yaml")])
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--port", &(port + 10).to_string(), "--etcd-port", &(etcd_port + 10).to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("already running") && err.contains(&format!("pid {}", up.child.id())), "{err}");
+    assert_eq!(read(port), "kept across restarts");
+
     // etcd dies, then the disk agent: each is started again, and the cluster serves on.
     let etcd_data = dir.path().join("etcd");
     let killed =
@@ -161,6 +174,17 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     let (code, out) = cairn(&binary("cairn"), &["status", "--local", local]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ProcessRestarted"), "the restarts are in the events: {out}");
+
+    // `cairn local up` killed with -9: its children go with it, and a new start works.
+    let mut up = up;
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    support::wait_until("every child of the killed cairn local up gone", Duration::from_secs(30), || {
+        [port, port + 1, port + 2, etcd_port].iter().all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
+    });
+    let up = LocalUp::start(dir.path(), port, etcd_port);
+    up.wait_for(": ready");
+    assert_eq!(read(port + 2), "kept across restarts");
     up.interrupt();
 }
 

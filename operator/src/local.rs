@@ -235,7 +235,9 @@ impl Platform for LocalPlatform {
                 Some(dir) => (output(dir)?, output(dir)?),
                 None => (Stdio::null(), Stdio::inherit()),
             };
-            let child = Command::new(&binary)
+            let mut command = Command::new(&binary);
+            dies_with_this_process(&mut command);
+            let child = command
                 .args(&args)
                 .env("RUST_LOG", std::env::var("CAIRN_DATANODE_LOG").unwrap_or_else(|_| "warn".into()))
                 .stdout(stdout)
@@ -286,5 +288,28 @@ impl Platform for LocalPlatform {
 impl Drop for LocalPlatform {
     fn drop(&mut self) {
         self.stop_all();
+    }
+}
+
+/// The child gets SIGTERM when this process dies, even by kill -9, so `cairn local up` never
+/// leaves etcd, a disk agent or datanodes running behind it. Linux sends the signal when the
+/// *thread* that started the child ends, so it is only asked for from the main thread, which
+/// lives as long as the process (`cairn local up` starts every child from it).
+pub(crate) fn dies_with_this_process(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    if std::thread::current().name() != Some("main") {
+        return;
+    }
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // The parent may have died before prctl: then no signal would ever come.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
     }
 }

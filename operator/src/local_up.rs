@@ -16,6 +16,8 @@ use crate::status::{Note, Observation};
 pub const NAMESPACE: &str = "local";
 /// What `cairn local up` keeps in its directory for `cairn status --local`.
 pub const STATE_FILE: &str = "cluster.json";
+/// Held (flock) by the `cairn local up` running in the directory.
+pub const LOCK_FILE: &str = "local-up.lock";
 /// Events kept in the state file.
 const EVENTS_KEPT: usize = 20;
 
@@ -146,7 +148,9 @@ impl Supervised {
         log: PathBuf,
         command: impl Fn() -> anyhow::Result<Command> + Send + 'static,
     ) -> anyhow::Result<Self> {
-        let child = command()?.spawn().map_err(|e| anyhow::anyhow!("starting {name}: {e}"))?;
+        let mut first = command()?;
+        crate::local::dies_with_this_process(&mut first);
+        let child = first.spawn().map_err(|e| anyhow::anyhow!("starting {name}: {e}"))?;
         Ok(Self { name, child, command: Box::new(command), log, restarts: 0, next_start: std::time::Instant::now() })
     }
 
@@ -164,7 +168,10 @@ impl Supervised {
         // 1 s, 2 s, 4 s … at most 30 s between starts of a child that keeps exiting.
         let pause = Duration::from_secs((1u64 << self.restarts.min(5)).min(30));
         self.next_start = std::time::Instant::now() + pause;
-        let started = (self.command)().and_then(|mut c| c.spawn().map_err(anyhow::Error::from));
+        let started = (self.command)().and_then(|mut c| {
+            crate::local::dies_with_this_process(&mut c);
+            c.spawn().map_err(anyhow::Error::from)
+        });
         match started {
             Ok(child) => {
                 self.child = child;
@@ -241,6 +248,16 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     crate::desired::check_spec(&cluster.spec).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
     let dir = &options.dir;
     std::fs::create_dir_all(dir.join("logs"))?;
+    // One `cairn local up` per directory: a second would rewrite the first one's state and, on
+    // its way out, remove the disk agent socket the first one's datanodes use.
+    let _lock = match cairn_common::process_lock::ProcessLock::acquire(&dir.join(LOCK_FILE)) {
+        Ok(lock) => lock,
+        Err(cairn_common::process_lock::LockError::Held { holder, .. }) => anyhow::bail!(
+            "a `cairn local up` is already running in {} ({holder}); stop it first (Ctrl-C), or use another --dir",
+            dir.display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
     let logs = dir.join("logs");
     let name = cluster.metadata.name.clone().unwrap_or_else(|| "local".into());
 
