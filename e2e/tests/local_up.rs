@@ -239,9 +239,18 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
     assert!(err.contains("--disk is given 2 time(s) for 3 machines"), "{err}");
     assert!(!dir.exists(), "nothing created for a bad command line");
 
+    // Something else holds the second datanode's port: it keeps exiting, the cluster says why
+    // (with the address), restarts it after growing pauses, and is Ready once the port is free.
     let mut command = run(&disks);
+    let port =
+        command.get_args().skip_while(|a| *a != "--port").nth(1).unwrap().to_str().unwrap().parse::<u16>().unwrap();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port + 1)).unwrap();
     let child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let up = LocalUp::from_child(child);
+    let seen = up.wait_for("keeps exiting");
+    let line = seen.last().unwrap();
+    assert!(line.contains("degraded") && line.contains(&format!("127.0.0.1:{}", port + 1)), "{line}");
+    drop(squatter);
     up.wait_for("cluster small: ready");
     let (code, out) = cairn(&binary("cairn"), &["disks", "--local", dir.to_str().unwrap(), "-o", "json"]);
     assert_eq!(code, 0);

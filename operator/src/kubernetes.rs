@@ -226,7 +226,7 @@ pub async fn apply(
             changes.push(format!("deleted Pod {name} (no datanode wanted there)"));
         }
     }
-    Ok(Applied { changes, outdated })
+    Ok(Applied { changes, outdated, failing: Vec::new() })
 }
 
 /// The Kubernetes platform for one StoreCluster.

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use cairn_common::agent_client::AgentClient;
 
@@ -30,7 +31,20 @@ struct Running {
     child: Child,
     args: Vec<String>,
     binary: PathBuf,
+    started: std::time::Instant,
 }
+
+/// A datanode that keeps exiting: started again after a growing pause, and reported.
+struct Crashes {
+    /// Exits in a row, each soon after its start.
+    count: u32,
+    next_start: std::time::Instant,
+    /// How it ended the last time, with the last line of its log.
+    last: String,
+}
+
+/// A datanode that ran this long before exiting is not in a crash loop.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
 
 pub struct LocalPlatform {
     pub cluster: String,
@@ -43,6 +57,7 @@ pub struct LocalPlatform {
     machines: Mutex<Vec<LocalMachine>>,
     binary: Mutex<PathBuf>,
     running: Mutex<BTreeMap<String, Running>>,
+    crashes: Mutex<BTreeMap<String, Crashes>>,
 }
 
 impl LocalPlatform {
@@ -62,6 +77,7 @@ impl LocalPlatform {
             machines: Mutex::new(machines),
             binary: Mutex::new(binary),
             running: Mutex::default(),
+            crashes: Mutex::default(),
         }
     }
 
@@ -110,6 +126,46 @@ impl LocalPlatform {
         ];
         args.extend(self.extra_args.iter().cloned());
         args
+    }
+
+    /// Records a datanode's exit: one that exits soon after its start again and again is started
+    /// after a pause that doubles each time (2 s … 60 s).
+    fn note_exit(&self, name: &str, lived: Duration, line: &str) {
+        let tail = self
+            .log_dir
+            .as_ref()
+            .and_then(|dir| std::fs::read_to_string(dir.join(format!("{name}.log"))).ok())
+            .and_then(|log| log.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_owned))
+            .unwrap_or_default();
+        let mut crashes = self.crashes.lock().expect("crashes lock");
+        let count = match crashes.get(name) {
+            Some(c) if lived < HEALTHY_RUN => c.count + 1,
+            _ => 1,
+        };
+        let pause = Duration::from_secs((1u64 << count.min(6)).min(60));
+        let last = if tail.is_empty() { line.to_owned() } else { format!("{line}; its last log line: {tail}") };
+        crashes.insert(name.to_owned(), Crashes { count, next_start: Instant::now() + pause, last });
+    }
+
+    /// Whether a datanode that keeps exiting is still in its pause.
+    fn waiting_to_restart(&self, name: &str) -> bool {
+        self.crashes.lock().expect("crashes lock").get(name).is_some_and(|c| Instant::now() < c.next_start)
+    }
+
+    /// Datanodes that keep exiting, one line each.
+    fn failing(&self) -> Vec<String> {
+        self.crashes
+            .lock()
+            .expect("crashes lock")
+            .iter()
+            .filter(|(_, c)| c.count >= 2)
+            .map(|(name, c)| {
+                format!(
+                    "datanode {name} keeps exiting ({} times; started again after a growing pause): {}",
+                    c.count, c.last
+                )
+            })
+            .collect()
     }
 
     /// The binary each running datanode was started from.
@@ -191,11 +247,17 @@ impl Platform for LocalPlatform {
                     let mut r = running.remove(&name).expect("listed");
                     let _ = r.child.kill();
                     let status = r.child.wait();
-                    changes.push(match (gone, status) {
+                    let line = match (gone, status) {
                         (true, _) => format!("stopped datanode {name} (its machine left the topology)"),
                         (false, Ok(status)) => format!("datanode {name} exited ({status})"),
                         (false, Err(e)) => format!("datanode {name} exited (status unknown: {e})"),
-                    });
+                    };
+                    if !gone {
+                        self.note_exit(&name, r.started.elapsed(), &line);
+                    }
+                    changes.push(line);
+                } else if entry.started.elapsed() >= HEALTHY_RUN {
+                    self.crashes.lock().expect("crashes lock").remove(&name);
                 }
             }
         }
@@ -223,6 +285,9 @@ impl Platform for LocalPlatform {
                     let _ = r.child.wait();
                 }
             }
+            if outdated.is_none() && self.waiting_to_restart(&machine.name) {
+                continue;
+            }
             let output = |dir: &PathBuf| -> Result<Stdio, String> {
                 std::fs::OpenOptions::new()
                     .create(true)
@@ -248,14 +313,14 @@ impl Platform for LocalPlatform {
             self.running
                 .lock()
                 .expect("running lock")
-                .insert(machine.name.clone(), Running { child, args, binary: binary.clone() });
+                .insert(machine.name.clone(), Running { child, args, binary: binary.clone(), started: Instant::now() });
             changes.push(match outdated {
                 None => format!("started datanode {}", machine.name),
                 Some(true) => format!("replaced datanode {} (new binary)", machine.name),
                 Some(false) => format!("replaced datanode {} (new flags)", machine.name),
             });
         }
-        Ok(Applied { changes, outdated: outdated_left })
+        Ok(Applied { changes, outdated: outdated_left, failing: self.failing() })
     }
 
     async fn stop(&self) -> Result<(), String> {

@@ -42,6 +42,8 @@ pub struct Applied {
     /// Datanodes still running an older version (image, binary or flags) after this pass: a
     /// rolling update in progress.
     pub outdated: u32,
+    /// Datanodes that keep exiting (restarted after a growing pause), one line each with why.
+    pub failing: Vec<String>,
 }
 
 /// Deleting a cluster: datanodes stop; with a confirmed `Delete`, the volumes are removed and
@@ -171,7 +173,11 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     }
     // A datanode that cannot open a replica assigned to it keeps trying; until it can, the
     // cluster is Degraded with its reason (never "creating" forever).
-    let degraded = unopened_replicas(&after).map(|message| ("ReplicaOpenFailed", message));
+    let degraded = if !applied.failing.is_empty() {
+        Some(("DatanodeFailing", applied.failing.join("; ")))
+    } else {
+        unopened_replicas(&after).map(|message| ("ReplicaOpenFailed", message))
+    };
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
     let ready = settled && changes.is_empty() && degraded.is_none();
     Outcome { status, ready, changes, degraded, progress }
