@@ -204,3 +204,70 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     let kept = cairn_common::agent_client::AgentClient::new(&machines[3].agent_socket).list_volumes().await.unwrap();
     assert!(kept.is_empty(), "{kept:?}");
 }
+
+/// A pass that cannot plan (here: a replication factor the machines cannot meet) still serves
+/// everything that exists: a new platform (as after a restart) starts every datanode of the
+/// topology, and the blobs are read; the reason is a condition, not a stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_that_cannot_plan_still_serves_what_exists() {
+    let etcd = EtcdServer::start();
+    let mut disks = Machine::new();
+    let mut agents: Vec<KillOnDrop> = Vec::new();
+    let mut machines = Vec::new();
+    for (i, zone) in ["a", "b", "c"].iter().enumerate() {
+        let name = format!("m{i}");
+        let (agent, socket) = disk_with_agent(&mut disks, &name, 160 << 20);
+        agents.push(agent);
+        machines.push(LocalMachine {
+            name,
+            selected: true,
+            zone: zone.to_string(),
+            agent_socket: socket,
+            port: free_port(),
+            disk_path: None,
+        });
+    }
+    let spec = spec(&etcd.endpoint());
+    let new_platform = |machines: Vec<LocalMachine>| {
+        let mut p = LocalPlatform::new("c1", "default", vec![etcd.endpoint()], binary("cairn-datanode"), machines);
+        p.extra_args = vec!["--max-blob-size".into(), "1MiB".into()];
+        p
+    };
+    let client = reqwest::Client::new();
+    let platform = new_platform(machines.clone());
+    converge_until_ready(&platform, &spec).await;
+    let mut blobs = BTreeMap::new();
+    for seed in 0..20u64 {
+        let data = payload(seed, 5_000);
+        blobs.insert(put(&client, machines[(seed % 3) as usize].port, data.clone()).await, data);
+    }
+    drop(platform); // every datanode stops, as when `cairn local up` is stopped
+
+    let mut impossible = spec.clone();
+    impossible.replication_factor = 4;
+    let platform = new_platform(machines.clone());
+    let outcome = converge("c1", "default", &impossible, &platform).await;
+    let (reason, message) = outcome.degraded.clone().expect("the reason is a condition");
+    assert_eq!(reason, "NotEnoughMachines", "{message}");
+    assert!(message.contains("replicationFactor 4 needs 4 machines"), "{message}");
+    assert!(!outcome.ready);
+    assert_eq!(
+        outcome.changes.iter().filter(|c| c.starts_with("started datanode")).count(),
+        3,
+        "{:?}",
+        outcome.changes
+    );
+    // The datanodes serve every blob.
+    for _ in 0..100 {
+        if client
+            .get(format!("http://127.0.0.1:{}/readyz", machines[0].port))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    check_all(&client, machines[1].port, &blobs).await;
+}

@@ -13,7 +13,7 @@ use cairn_resources::StoreClusterStatus;
 
 use cairn_common::agent_api::DiskReport;
 
-use crate::desired::{desired, Machine};
+use crate::desired::{desired, Machine, SpecError};
 
 pub trait Platform {
     /// Machines that may run a datanode, with their disk inventories.
@@ -133,21 +133,42 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Ok(s) => s,
         Err(e) => return Outcome::degraded("EtcdUnreachable", e.to_string()),
     };
+    // What cannot be planned (a machine lost its disk, no room for a scale-out, a bad spec) is a
+    // condition with its reason, never a stop: the pass goes on and serves everything that exists.
+    let mut problem: Option<(&'static str, String)> = None;
     let plan = match desired(name, spec, &machines, &snapshot.topology) {
-        Ok(plan) => plan,
-        Err(e) => return Outcome::degraded("InvalidSpec", e.to_string()),
+        Ok(plan) => Some(plan),
+        Err(e) => {
+            let reason = match e {
+                SpecError::Invalid { .. } => "InvalidSpec",
+                SpecError::NoDisks { .. } => "NoUsableDisks",
+                SpecError::TooFewMachines { .. } => "NotEnoughMachines",
+            };
+            problem = Some((reason, format!("{e}; serving what the cluster has meanwhile")));
+            None
+        }
     };
     // Counted from what this pass wrote, not from etcd's revision: datanodes re-register their
     // free space as blobs arrive, which moves the revision without changing the topology.
-    let mut changes: Vec<String> = match move_step(&store, &snapshot, &plan.config, &plan.nodes).await {
-        Ok(wrote) => wrote.into_iter().collect(),
-        Err(e) => return Outcome::degraded("PlacementFailed", e),
+    let mut changes: Vec<String> = match &plan {
+        Some(plan) => match move_step(&store, &snapshot, &plan.config, &plan.nodes).await {
+            Ok(wrote) => wrote.into_iter().collect(),
+            Err(e) => {
+                problem = Some(("PlacementFailed", format!("{e}; serving what the cluster has meanwhile")));
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
     };
     let after = if changes.is_empty() { snapshot } else { store.load().await.unwrap_or_else(|_| snapshot.clone()) };
     // Datanodes run on the chosen machines, and on leaving ones until their replicas have moved.
     let (chosen, others): (Vec<Machine>, Vec<Machine>) =
         machines.into_iter().partition(|m| after.topology.nodes.contains_key(&m.name));
-    let rf = plan.config.replication_factor;
+    let rf = match (&plan, &after.topology.config) {
+        (Some(plan), _) => plan.config.replication_factor,
+        (None, Some(config)) => config.replication_factor,
+        (None, None) => spec.replication_factor,
+    };
     let status = observed(&after, &chosen, rf);
     let settled = status.nodes_ready == status.nodes_total
         && status.partitions.under_replicated == 0
@@ -173,7 +194,9 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     }
     // A datanode that cannot open a replica assigned to it keeps trying; until it can, the
     // cluster is Degraded with its reason (never "creating" forever).
-    let degraded = if !applied.failing.is_empty() {
+    let degraded = if problem.is_some() {
+        problem
+    } else if !applied.failing.is_empty() {
         Some(("DatanodeFailing", applied.failing.join("; ")))
     } else {
         unopened_replicas(&after).map(|message| ("ReplicaOpenFailed", message))

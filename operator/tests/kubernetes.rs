@@ -237,11 +237,11 @@ async fn bad_specs_and_unreachable_etcd_degrade_without_tearing_down() {
     let status = api.get("c1").await.unwrap().status.unwrap();
     assert_eq!(status.phase, "Degraded");
     let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
-    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "NotEnoughMachines"));
     // One Warning event, not one per retry.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(kube.clone(), "store");
     let list = events.list(&Default::default()).await.unwrap().items;
-    let warnings: Vec<_> = list.iter().filter(|e| e.reason.as_deref() == Some("InvalidSpec")).collect();
+    let warnings: Vec<_> = list.iter().filter(|e| e.reason.as_deref() == Some("NotEnoughMachines")).collect();
     assert_eq!(warnings.len(), 1, "{list:?}");
     assert_eq!(warnings[0].type_.as_deref(), Some("Warning"));
     assert!(degraded.message.contains("replicationFactor 3 needs 3 machines"), "{}", degraded.message);
@@ -405,8 +405,8 @@ async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig(
     let (code, out, _) = cairn(&["status", "--kubeconfig", file, "--context", "mem", "-n", "other"], None).await;
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("phase Degraded"), "{out}");
-    assert!(out.contains("! Degraded (InvalidSpec): replicationFactor 5 needs 5 machines"), "{out}");
-    assert!(out.contains("Warning  InvalidSpec"), "the Warning event: {out}");
+    assert!(out.contains("! Degraded (NotEnoughMachines): replicationFactor 5 needs 5 machines"), "{out}");
+    assert!(out.contains("Warning  NotEnoughMachines"), "the Warning event: {out}");
 
     // Missing resources and unreachable etcd: clear errors, or warnings beside what is known.
     let (code, _, err) = cairn(&["status", "nope", "--kubeconfig", file, "--context", "mem"], None).await;
