@@ -194,16 +194,28 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     }
     // A datanode that cannot open a replica assigned to it keeps trying; until it can, the
     // cluster is Degraded with its reason (never "creating" forever).
-    let degraded = if problem.is_some() {
-        problem
-    } else if !applied.failing.is_empty() {
-        Some(("DatanodeFailing", applied.failing.join("; ")))
-    } else {
-        unopened_replicas(&after).map(|message| ("ReplicaOpenFailed", message))
-    };
+    let degraded = problem
+        .or_else(|| (!applied.failing.is_empty()).then(|| ("DatanodeFailing", applied.failing.join("; "))))
+        .or_else(|| unopened_replicas(&after).map(|message| ("ReplicaOpenFailed", message)))
+        .or_else(|| cluster_full(&status.partitions));
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
     let ready = settled && changes.is_empty() && degraded.is_none();
     Outcome { status, ready, changes, degraded, progress }
+}
+
+/// A cluster whose every partition is full takes no new blobs: that is Degraded, so that
+/// alerting on the condition (or on `cairn status`'s exit status) catches it.
+fn cluster_full(partitions: &PartitionCounts) -> Option<(&'static str, String)> {
+    (partitions.total > 0 && partitions.writable == 0).then(|| {
+        (
+            "ClusterFull",
+            format!(
+                "all {} partitions are full (read-only): the cluster takes no new blobs; add disks or machines, \
+                 or delete blobs (compaction then frees their room)",
+                partitions.total
+            ),
+        )
+    })
 }
 
 /// Replicas the live datanodes report they cannot open, as one message (the first few named).
@@ -392,6 +404,17 @@ pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> Capacity
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_with_no_writable_partition_is_full() {
+        let counts =
+            |total, writable| PartitionCounts { total, writable, read_only: total - writable, under_replicated: 0 };
+        assert_eq!(cluster_full(&counts(0, 0)), None, "no partitions yet is not full");
+        assert_eq!(cluster_full(&counts(6, 1)), None);
+        let (reason, message) = cluster_full(&counts(6, 0)).unwrap();
+        assert_eq!(reason, "ClusterFull");
+        assert!(message.starts_with("all 6 partitions are full"), "{message}");
+    }
 
     #[test]
     fn replicas_a_datanode_cannot_open_make_one_message() {

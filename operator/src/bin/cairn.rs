@@ -228,7 +228,7 @@ async fn watch(selection: &Selection, timeout: Option<u64>) -> anyhow::Result<Ex
             last = line;
         }
         let current = view.observed_generation.is_some() && view.observed_generation >= view.generation;
-        if view.ready() && current {
+        if view.settled() && current {
             return Ok(ExitCode::SUCCESS);
         }
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {

@@ -42,6 +42,14 @@ impl ClusterView {
     pub fn ready(&self) -> bool {
         self.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
     }
+
+    /// Ready, and nothing this view shows is still catching up: what `status --watch` waits for,
+    /// so that it never stops on a line that reports lag.
+    pub fn settled(&self) -> bool {
+        self.ready()
+            && self.partitions.under_replicated == 0
+            && !self.partition_issues.iter().any(|i| matches!(i, PartitionIssue::Lagging { .. }))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
