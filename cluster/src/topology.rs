@@ -205,11 +205,24 @@ impl Topology {
         format!("{base}{:08x}", hash as u32)
     }
 
-    /// Whether a volume name is one of `cluster`'s (`<cluster>-p<digits>` then nothing or `-…`).
-    pub fn is_volume_of(cluster: &str, name: &str) -> bool {
-        let Some(rest) = name.strip_prefix(cluster).and_then(|r| r.strip_prefix("-p")) else { return false };
+    /// Whether `name` is the volume of one of `cluster`'s replicas on `node`: exactly
+    /// [`Topology::volume_name`] for some partition. Exact, so that cluster `a` never claims
+    /// `a-p1-p0-n1`, a volume of cluster `a-p1`.
+    pub fn is_volume_of(cluster: &str, node: &str, name: &str) -> bool {
+        Self::partition_of_volume(cluster, name).is_some_and(|p| Self::volume_name(cluster, p, node) == name)
+    }
+
+    /// The partition in a name that starts `<cluster>-p<digits>` (then `-` or nothing).
+    fn partition_of_volume(cluster: &str, name: &str) -> Option<u32> {
+        let rest = name.strip_prefix(cluster)?.strip_prefix("-p")?;
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-        digits > 0 && (rest.len() == digits || rest[digits..].starts_with('-'))
+        let partition = rest[..digits].parse().ok()?;
+        (rest.len() == digits || rest[digits..].starts_with('-')).then_some(partition)
+    }
+
+    /// Whether `name` is a volume a standalone datanode made with this prefix: `<prefix>-p<digits>`.
+    pub fn is_standalone_volume(prefix: &str, name: &str) -> bool {
+        Self::partition_of_volume(prefix, name).is_some_and(|p| name == format!("{prefix}-p{p}"))
     }
 
     /// Partitions with a replica on `node`.
@@ -341,11 +354,17 @@ mod tests {
         assert_eq!(Topology::volume_name("c1", 7, "node-A.example"), "c1-p7-node-a-example");
         let long = Topology::volume_name("blobs", 12, &"x".repeat(80));
         assert!(long.len() <= 63 && long.starts_with("blobs-p12-"), "{long}");
-        assert!(Topology::is_volume_of("c1", "c1-p7-n0"));
-        assert!(Topology::is_volume_of("c1", "c1-p7"));
-        assert!(!Topology::is_volume_of("c1", "c1-px"));
-        assert!(!Topology::is_volume_of("a", "a-pp-p0-n0"), "cluster a-pp's volume is not a's");
-        assert!(!Topology::is_volume_of("c1", "c12-p0-n0"));
+        assert!(Topology::is_volume_of("c1", "n0", "c1-p7-n0"));
+        assert!(!Topology::is_volume_of("c1", "n1", "c1-p7-n0"), "another node's");
+        assert!(!Topology::is_volume_of("c1", "n0", "c1-px-n0"));
+        assert!(!Topology::is_volume_of("a", "n1", "a-p1-p0-n1"), "cluster a-p1's volume is not a's");
+        assert!(Topology::is_volume_of("a-p1", "n1", "a-p1-p0-n1"));
+        assert!(!Topology::is_volume_of("c1", "n0", "c12-p0-n0"));
+        let node = "x".repeat(80);
+        assert!(Topology::is_volume_of("blobs", &node, &Topology::volume_name("blobs", 12, &node)), "hashed names");
+        assert!(Topology::is_standalone_volume("datanode", "datanode-p3"));
+        assert!(!Topology::is_standalone_volume("datanode", "datanode-p3-n1"));
+        assert!(!Topology::is_standalone_volume("a", "a-p1-p0"));
     }
 
     fn topology_file(partitions: &str, segment: &str, max_blob: Option<&str>, nodes: &str) -> String {

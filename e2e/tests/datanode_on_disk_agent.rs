@@ -76,7 +76,7 @@ fn the_agent_never_deletes_a_volume_a_running_datanode_has_open() {
     assert!(err.contains(&format!("pid {}", node.0.id())), "the message names the holder: {err}");
     // ...and so does `cairn volumes purge` (which is for a cluster whose datanodes are gone).
     let out = Command::new(binary("cairn"))
-        .args(["volumes", "purge", "--cluster", "datanode", "--disk-agent", socket.to_str().unwrap()])
+        .args(["volumes", "purge", "--cluster", "datanode", "--yes", "--disk-agent", socket.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success(), "purge of open volumes succeeded");
@@ -84,6 +84,31 @@ fn the_agent_never_deletes_a_volume_a_running_datanode_has_open() {
     assert_eq!(rt.block_on(agent.list_volumes()).unwrap().len(), 2, "nothing deleted");
     let got = http.get(format!("http://{addr}/v1/blobs/{id}")).send().unwrap();
     assert_eq!(got.status(), 200, "the datanode serves on, its volumes intact");
+
+    // Listing, a dry run, and no deletion without confirmation off a terminal.
+    let cairn_volumes = |args: &[&str]| {
+        let out = Command::new(binary("cairn"))
+            .arg("volumes")
+            .args(args)
+            .args(["--disk-agent", socket.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, list, _) = cairn_volumes(&["list"]);
+    assert!(ok && list.lines().count() == 3 && list.contains("datanode-p0") && list.contains("datanode-p1"), "{list}");
+    let (ok, dry, _) = cairn_volumes(&["purge", "--cluster", "datanode", "--dry-run"]);
+    assert!(ok && dry.matches("would delete").count() == 2, "{dry}");
+    let (ok, _, err) = cairn_volumes(&["purge", "--cluster", "datanode"]);
+    assert!(!ok && err.contains("without confirmation: add --yes"), "{err}");
+    let (ok, none, _) = cairn_volumes(&["purge", "--cluster", "datanode-p0", "--yes"]);
+    assert!(ok && none.contains("no volume"), "exact names only: {none}");
+    assert_eq!(rt.block_on(agent.list_volumes()).unwrap().len(), 2, "nothing deleted");
 
     // Once the datanode is gone (even by kill -9), the lock goes with it and the delete works.
     drop(node);

@@ -127,7 +127,7 @@ pub fn desired(
                 let ours: u64 = d
                     .volumes
                     .iter()
-                    .filter(|v| Topology::is_volume_of(cluster, &v.name))
+                    .filter(|v| Topology::is_volume_of(cluster, &machine.name, &v.name))
                     .map(|v| v.capacity_bytes)
                     .sum();
                 let reserve = headroom(d.total_bytes)?;

@@ -311,7 +311,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
             "spec": {"nodeName": machine.name, "restartPolicy": "OnFailure",
                 "containers": [{"name": "purge", "image": sc.spec.image,
                     "command": ["cairn", "volumes", "purge", "--disk-agent", "/run/cairn/disk-agent.sock",
-                                "--cluster", cluster],
+                                "--cluster", cluster, "--node", machine.name, "--yes"],
                     "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
                 "volumes": [{"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}}]}});
         pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))

@@ -183,21 +183,32 @@ impl LocalPlatform {
 
     /// Deletes this cluster's volumes through each machine's disk agent; how many.
     pub async fn purge_volumes(&self) -> Result<u32, String> {
-        let sockets: Vec<PathBuf> =
-            self.machines.lock().expect("machines lock").iter().map(|m| m.agent_socket.clone()).collect();
+        let machines: Vec<(PathBuf, String)> = self
+            .machines
+            .lock()
+            .expect("machines lock")
+            .iter()
+            .map(|m| (m.agent_socket.clone(), m.name.clone()))
+            .collect();
         let mut deleted = 0;
-        for socket in sockets {
-            deleted += self.purge_through(&socket, None).await?;
+        for (socket, machine) in machines {
+            deleted += self.purge_through(&socket, &machine, None).await?;
         }
         Ok(deleted)
     }
 
-    /// Deletes this cluster's volumes through one disk agent (only on `disks`, when given); how many.
-    async fn purge_through(&self, socket: &std::path::Path, disks: Option<&[String]>) -> Result<u32, String> {
+    /// Deletes this cluster's volumes of `machine` through its disk agent (only on `disks`, when
+    /// given); how many.
+    async fn purge_through(
+        &self,
+        socket: &std::path::Path,
+        machine: &str,
+        disks: Option<&[String]>,
+    ) -> Result<u32, String> {
         let agent = AgentClient::new(socket);
         let mut deleted = 0;
         for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
-            if cairn_cluster::Topology::is_volume_of(&self.cluster, &volume.name)
+            if cairn_cluster::Topology::is_volume_of(&self.cluster, machine, &volume.name)
                 && disks.is_none_or(|d| d.contains(&volume.disk))
             {
                 agent.delete_volume(&volume.name).await.map_err(|e| e.to_string())?;
@@ -342,7 +353,7 @@ impl Platform for LocalPlatform {
             .map(|m| m.agent_socket.clone())
             .ok_or_else(|| format!("no machine {}", machine.name))?;
         let disks: Vec<String> = machine.disks.iter().map(|d| d.id.clone()).collect();
-        self.purge_through(&socket, Some(&disks)).await.map(|_| true)
+        self.purge_through(&socket, &machine.name, Some(&disks)).await.map(|_| true)
     }
 
     async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {

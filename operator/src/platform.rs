@@ -184,7 +184,8 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     }
     // A drained machine that left the topology gives back the volumes of the replicas that moved.
     for machine in others.iter().filter(|m| !m.selected) {
-        let holds = machine.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(name, &v.name));
+        let holds =
+            machine.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(name, &machine.name, &v.name));
         if holds {
             match platform.purge_machine(machine).await {
                 Ok(_) => changes.push(format!("purging the volumes left on {}", machine.name)),

@@ -157,13 +157,42 @@ enum LocalCommand {
 
 #[derive(Subcommand)]
 enum VolumesCommand {
-    /// Delete every volume of CLUSTER on this machine (a cluster deleted with deletionPolicy Delete).
+    /// The volumes on this machine, as its disk agent has them.
+    List {
+        #[arg(long, env = "CAIRN_DISK_AGENT", default_value = "/run/cairn/disk-agent.sock")]
+        disk_agent: PathBuf,
+        /// Only this cluster's (with --node: its replicas on that node).
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, requires = "cluster")]
+        node: Option<String>,
+    },
+    /// Delete the volumes of CLUSTER's replicas on NODE (this machine), as for a cluster deleted
+    /// with deletionPolicy Delete. Names are matched exactly (`<cluster>-p<N>-<node>`); without
+    /// --node, a standalone datanode's volumes (`<cluster>-p<N>`, `--volume-prefix`).
     Purge {
         #[arg(long, env = "CAIRN_DISK_AGENT", default_value = "/run/cairn/disk-agent.sock")]
         disk_agent: PathBuf,
         #[arg(long)]
         cluster: String,
+        /// The machine whose replicas they are (its node name).
+        #[arg(long)]
+        node: Option<String>,
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask for confirmation (needed when not on a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
+}
+
+/// Whether a volume is one `--cluster`/`--node` selects (exact names only).
+fn selected_volume(cluster: &str, node: Option<&str>, name: &str) -> bool {
+    match node {
+        Some(node) => cairn_cluster::Topology::is_volume_of(cluster, node, name),
+        None => cairn_cluster::Topology::is_standalone_volume(cluster, name),
+    }
 }
 
 #[derive(Subcommand)]
@@ -319,21 +348,85 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cairn_operator::local_up::up(cluster, options).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Volumes { command: VolumesCommand::Purge { disk_agent, cluster } } => {
+        Command::Volumes { command: VolumesCommand::List { disk_agent, cluster, node } } => {
             let agent = cairn_common::agent_client::AgentClient::new(&disk_agent);
+            let mut rows = vec![["NAME", "DISK", "PARTITION", "CAPACITY", "PATH"].map(String::from).to_vec()];
+            for v in agent.list_volumes().await? {
+                let shown = match (&cluster, &node) {
+                    (None, _) => true,
+                    (Some(c), Some(n)) => cairn_cluster::Topology::is_volume_of(c, n, &v.name),
+                    (Some(c), None) => {
+                        cairn_cluster::Topology::is_standalone_volume(c, &v.name)
+                            || v.name.starts_with(&format!("{c}-p"))
+                    }
+                };
+                if shown {
+                    let capacity = bytesize::ByteSize(v.capacity_bytes).display().iec().to_string();
+                    rows.push(vec![v.name, v.disk, v.partition.to_string(), capacity, v.path]);
+                }
+            }
+            let widths: Vec<usize> = (0..5).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+            for row in rows {
+                let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+                println!("{}", line.join("  ").trim_end());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Volumes { command: VolumesCommand::Purge { disk_agent, cluster, node, dry_run, yes } } => {
+            let agent = cairn_common::agent_client::AgentClient::new(&disk_agent);
+            let chosen: Vec<_> = agent
+                .list_volumes()
+                .await?
+                .into_iter()
+                .filter(|v| selected_volume(&cluster, node.as_deref(), &v.name))
+                .collect();
+            let whose = match &node {
+                Some(node) => format!("cluster {cluster} on node {node}"),
+                None => format!("standalone datanode {cluster}"),
+            };
+            if chosen.is_empty() {
+                println!("no volume of {whose} on this machine");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for v in &chosen {
+                println!(
+                    "{} volume {} on disk {} ({})",
+                    if dry_run { "would delete" } else { "to delete:" },
+                    v.name,
+                    v.disk,
+                    v.path
+                );
+            }
+            if dry_run {
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !yes {
+                use std::io::IsTerminal;
+                anyhow::ensure!(
+                    std::io::stdin().is_terminal(),
+                    "not deleting {} volume(s) of {whose} without confirmation: add --yes",
+                    chosen.len()
+                );
+                print!(
+                    "Delete these {} volume(s) and every blob in them? Type the cluster's name to confirm: ",
+                    chosen.len()
+                );
+                std::io::Write::flush(&mut std::io::stdout())?;
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                anyhow::ensure!(answer.trim() == cluster, "not confirmed; nothing deleted");
+            }
             let (mut deleted, mut refused) = (0, 0);
-            for volume in agent.list_volumes().await? {
-                if cairn_cluster::Topology::is_volume_of(&cluster, &volume.name) {
-                    // A volume a running datanode has open is refused by the agent; the others go on.
-                    match agent.delete_volume(&volume.name).await {
-                        Ok(_) => {
-                            println!("deleted volume {} on disk {}", volume.name, volume.disk);
-                            deleted += 1;
-                        }
-                        Err(e) => {
-                            eprintln!("cairn: volume {} on disk {} not deleted: {e}", volume.name, volume.disk);
-                            refused += 1;
-                        }
+            for volume in chosen {
+                // A volume a running datanode has open is refused by the agent; the others go on.
+                match agent.delete_volume(&volume.name).await {
+                    Ok(_) => {
+                        println!("deleted volume {} on disk {}", volume.name, volume.disk);
+                        deleted += 1;
+                    }
+                    Err(e) => {
+                        eprintln!("cairn: volume {} on disk {} not deleted: {e}", volume.name, volume.disk);
+                        refused += 1;
                     }
                 }
             }
