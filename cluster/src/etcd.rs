@@ -214,7 +214,12 @@ impl ClusterStore {
     /// Writes the config and nodes, and a placement planned from them and what etcd holds, in one
     /// transaction guarded by the mod revision of every topology key it read (retried when another
     /// writer got there first). Returns the topology written.
-    pub async fn apply_topology(&self, config: &ClusterConfig, nodes: &[NodeSpec]) -> Result<Topology, StoreError> {
+    /// Plans and writes a topology; the topology, and the keys written (none when unchanged).
+    pub async fn apply_topology(
+        &self,
+        config: &ClusterConfig,
+        nodes: &[NodeSpec],
+    ) -> Result<(Topology, Vec<String>), StoreError> {
         const ATTEMPTS: u32 = 5;
         for _ in 0..ATTEMPTS {
             let snapshot = self.load().await?;
@@ -224,8 +229,8 @@ impl ClusterStore {
                 nodes: nodes.iter().map(|n| (n.id.clone(), n.clone())).collect(),
                 partitions,
             };
-            if let Written::Keys(_) = self.write_topology(&snapshot, &desired).await? {
-                return Ok(desired);
+            if let Written::Keys(keys) = self.write_topology(&snapshot, &desired).await? {
+                return Ok((desired, keys));
             }
         }
         Err(StoreError::Contended(ATTEMPTS))

@@ -44,11 +44,12 @@ async fn wait_for(
 async fn topology_registration_and_watch_survive_an_etcd_restart() {
     let mut etcd = EtcdServer::start();
     let store = ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
-    let written = store.apply_topology(&config(6), &nodes(4)).await.unwrap();
+    let (written, keys) = store.apply_topology(&config(6), &nodes(4)).await.unwrap();
+    assert!(keys.len() >= 1 + 4 + 6, "config, nodes and partitions written: {keys:?}");
     let loaded = store.load().await.unwrap();
     assert_eq!(loaded.topology, written);
     // Applying the same again writes nothing and changes nothing.
-    assert_eq!(store.apply_topology(&config(6), &nodes(4)).await.unwrap(), written);
+    assert_eq!(store.apply_topology(&config(6), &nodes(4)).await.unwrap(), (written.clone(), Vec::new()), "unchanged");
     assert_eq!(store.load().await.unwrap().revision, loaded.revision);
 
     let cancel = CancellationToken::new();
@@ -127,7 +128,7 @@ async fn a_topology_larger_than_one_transaction_is_written_whole() {
     let etcd = EtcdServer::start();
     let store = ClusterStore::connect(&[etcd.endpoint()], "default", "big").await.unwrap();
     // 250 partitions: far beyond etcd's 128 operations per transaction, written in one apply.
-    let written = store.apply_topology(&config(250), &nodes(9)).await.unwrap();
+    let (written, _) = store.apply_topology(&config(250), &nodes(9)).await.unwrap();
     let first_revision = store.load().await.unwrap().revision;
     let loaded = store.load().await.unwrap();
     assert_eq!(loaded.topology, written);

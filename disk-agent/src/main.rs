@@ -134,7 +134,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("forgot disk {} at {mount}", disk.disk_id);
                     Ok(())
                 }
-                None => anyhow::bail!("no disk is recorded at {mount}"),
+                None => {
+                    let recorded: Vec<&str> = record.disks.keys().map(String::as_str).collect();
+                    anyhow::bail!(
+                        "no disk is recorded at {mount} in the state directory {} (recorded: {})",
+                        state_dir.display(),
+                        if recorded.is_empty() { "none".to_owned() } else { recorded.join(", ") }
+                    )
+                }
             }
         }
     }

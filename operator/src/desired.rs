@@ -192,7 +192,7 @@ mod tests {
 
     fn machine(name: &str, allocatable: u64, ours: u64) -> Machine {
         let volumes = (ours > 0)
-            .then(|| VolumeInfo { name: "c1-p0".into(), capacity_bytes: ours, ..VolumeInfo::default() })
+            .then(|| VolumeInfo { name: format!("c1-p0-{name}"), capacity_bytes: ours, ..VolumeInfo::default() })
             .into_iter()
             .collect();
         let disk = DiskReport {

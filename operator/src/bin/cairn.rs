@@ -318,9 +318,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let (config, nodes) = TopologyFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let store = target.store().await?;
-            let topology = store.apply_topology(&config, &nodes).await?;
+            let (topology, written) = store.apply_topology(&config, &nodes).await?;
+            let what =
+                if written.is_empty() { "unchanged".to_owned() } else { format!("wrote {}", written.join(", ")) };
             println!(
-                "cluster {}: {} nodes, {} partitions × {} replicas placed",
+                "cluster {}: {} nodes, {} partitions × {} replicas placed; {what}",
                 target.cluster,
                 topology.nodes.len(),
                 topology.partitions.len(),
