@@ -122,12 +122,13 @@ pub fn conflict(
     match identity {
         Some(identity) if identity.disk_id == recorded.disk_id => None,
         Some(identity) => Some(format!(
-            "{mount} held disk {}, but the disk mounted there now is {}: wrong disk mounted at this path",
+            "{mount} held disk {}, but the disk mounted there now is {}: wrong disk mounted at this path; \
+             if the change is meant, accept it with `cairn-disk-agent forget --mount {mount}`",
             recorded.disk_id, identity.disk_id
         )),
         None => Some(format!(
             "{mount} held disk {}, but the disk mounted there now has no Cairn identity: wrong disk mounted or \
-             the disk was wiped",
+             the disk was wiped; if it is a replacement, accept it with `cairn-disk-agent forget --mount {mount}`",
             recorded.disk_id
         )),
     }
@@ -152,6 +153,7 @@ mod tests {
         assert!(wrong.contains("wrong disk"), "{wrong}");
         let wiped = conflict("/m", Some("u9"), None, Some(&rec)).unwrap();
         assert!(wiped.contains("no Cairn identity"), "{wiped}");
+        assert!(wiped.contains("cairn-disk-agent forget --mount /m"), "the way out is named: {wiped}");
     }
 
     #[test]

@@ -295,9 +295,12 @@ fn topology_as_the_datanodes_see_it() {
     };
     let mut snapshot = Snapshot::default();
     snapshot.topology = topology;
+    let mut n2 = live("n2", "10.0.3.7:7480");
+    n2.unopened = BTreeMap::from([(1, "the disk agent knows no disk n2-d1".to_string())]);
     snapshot.live = BTreeMap::from([
         ("n0".to_string(), live("n0", "n0.c1-nodes.store:7480")),
-        ("n2".to_string(), live("n2", "10.0.3.7:7480")),
+        ("n2".to_string(), n2),
+        ("n9".to_string(), live("n9", "10.0.9.9:7480")),
     ]);
     snapshot.revision = 412;
     golden("topology.txt", &render::topology("c1", &snapshot));

@@ -290,13 +290,39 @@ pub fn topology(cluster: &str, s: &Snapshot) -> String {
             .replicas
             .iter()
             .map(|r| {
-                let mark = if s.live.contains_key(&r.node) { "" } else { " (not live)" };
+                let mark = match s.live.get(&r.node) {
+                    None => " (not live)",
+                    Some(l) if l.unopened.contains_key(&p.id) => " (cannot open)",
+                    Some(_) => "",
+                };
                 format!("{}/{}{mark}", r.node, r.disk)
             })
             .collect();
         rows.push(vec![p.id.to_string(), p.state.as_str().to_string(), replicas.join(" ")]);
     }
     table(&mut out, &rows);
+    // What the nodes say they cannot open, and who registers without being in the topology.
+    let unopened: Vec<String> = s
+        .live
+        .values()
+        .flat_map(|l| l.unopened.iter().map(move |(p, why)| format!("  {} cannot open partition {p}: {why}", l.node)))
+        .collect();
+    if !unopened.is_empty() {
+        out.push_str("\nReplicas not open:\n");
+        out.push_str(&unopened.join("\n"));
+        out.push('\n');
+    }
+    let strangers: Vec<String> = s
+        .live
+        .values()
+        .filter(|l| !t.nodes.contains_key(&l.node))
+        .map(|l| format!("  {} at {} (zone {:?})", l.node, l.address, l.zone))
+        .collect();
+    if !strangers.is_empty() {
+        out.push_str("\nLive nodes not in the topology:\n");
+        out.push_str(&strangers.join("\n"));
+        out.push('\n');
+    }
     out
 }
 
