@@ -44,6 +44,9 @@ enum Command {
         common: Common,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Also list the pseudo filesystems (proc, sysfs, cgroup, …) in the table.
+        #[arg(long)]
+        all: bool,
     },
     /// Serve the node API on a unix socket.
     Serve {
@@ -112,12 +115,12 @@ fn agent_options(common: Common, record: bool) -> anyhow::Result<AgentOptions> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Scan { common, output } => {
+        Command::Scan { common, output, all } => {
             let agent = Agent::new(agent_options(common, false)?)?;
             let report = agent.scan()?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                Output::Table => print_table(&report),
+                Output::Table => print_table(&report, all),
             }
             Ok(())
         }
@@ -214,7 +217,7 @@ async fn serve(agent: Arc<Agent>, socket: PathBuf, kubernetes: Kubernetes, inter
     served
 }
 
-fn print_table(report: &NodeReport) {
+fn print_table(report: &NodeReport, all: bool) {
     let size = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
     println!(
         "{:<36} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:>11}  aliases",
@@ -235,8 +238,13 @@ fn print_table(report: &NodeReport) {
             d.conflict.as_ref().map(|c| format!("  CONFLICT: {c}")).unwrap_or_default()
         );
     }
-    for e in &report.excluded {
-        println!("excluded {:<40} {}", e.mount, e.reason);
+    let shown: Vec<_> = report.excluded.iter().filter(|e| all || !e.reason.starts_with("pseudo filesystem")).collect();
+    let width = shown.iter().map(|e| e.mount.len()).max().unwrap_or(0);
+    for e in &shown {
+        println!("excluded {:<width$}  {}", e.mount, e.reason);
+    }
+    if shown.len() < report.excluded.len() {
+        println!("({} pseudo filesystem(s) not listed; --all lists them)", report.excluded.len() - shown.len());
     }
     for m in &report.missing {
         println!("missing  disk {} (last at {})", m.id, m.mount);

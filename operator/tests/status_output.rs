@@ -244,6 +244,8 @@ fn disks_once_with_aliases_and_excluded_mounts() {
                     mount: "/boot/efi".into(),
                     reason: "smaller than selector.min_size (100.0 GiB)".into(),
                 },
+                ExcludedMount { mount: "/proc".into(), reason: "pseudo filesystem (proc)".into() },
+                ExcludedMount { mount: "/sys/fs/cgroup".into(), reason: "pseudo filesystem (cgroup2)".into() },
             ],
             missing: vec![],
         },
@@ -255,8 +257,9 @@ fn disks_once_with_aliases_and_excluded_mounts() {
             missing: vec![MissingDisk { id: "d-9".into(), mount: "/mnt/disks/old".into() }],
         },
     ];
-    golden("disks.txt", &render::disks(&nodes));
-    assert_eq!(render::disks(&[]), "no StoreNodes: is the disk agent DaemonSet running?\n");
+    golden("disks.txt", &render::disks(&nodes, false));
+    golden("disks-all.txt", &render::disks(&nodes, true));
+    assert_eq!(render::disks(&[], false), "no StoreNodes: is the disk agent DaemonSet running?\n");
 }
 
 #[test]

@@ -101,6 +101,9 @@ enum Command {
         select: Select,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Also list the pseudo filesystems (proc, sysfs, cgroup, …) the agent passed over.
+        #[arg(long)]
+        all: bool,
     },
     /// The topology in etcd, as the datanodes see it; `topology apply` writes one. With a NAME
     /// and --etcd it reads etcd alone (`-n` is then the etcd namespace, default `default`).
@@ -282,10 +285,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print(output, &view, || render::status(&view, k8s_openapi::jiff::Timestamp::now()))?;
             Ok(if view.degraded() { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }
-        Command::Disks { select, output } => {
+        Command::Disks { select, output, all } => {
             let source = Source::open(&select.selection(None)?).await?;
             let nodes = source.disks().await?;
-            print(output, &nodes, || render::disks(&nodes))?;
+            print(output, &nodes, || render::disks(&nodes, all))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { command: None, name, select, output } => {

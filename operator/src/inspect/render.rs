@@ -194,7 +194,8 @@ pub fn progress_line(v: &ClusterView) -> String {
 }
 
 /// `cairn disks`: each disk once, its other mounts as aliases; excluded mounts with the reason.
-pub fn disks(nodes: &[NodeDisks]) -> String {
+/// Pseudo filesystems (proc, sysfs, cgroup, …) are counted, not listed, unless `all`.
+pub fn disks(nodes: &[NodeDisks], all: bool) -> String {
     let mut out = String::new();
     for (i, n) in nodes.iter().enumerate() {
         if i > 0 {
@@ -235,10 +236,15 @@ pub fn disks(nodes: &[NodeDisks]) -> String {
             ]);
         }
         table(&mut out, &rows);
-        if !n.excluded.is_empty() {
+        let shown: Vec<_> = n.excluded.iter().filter(|e| all || !e.reason.starts_with("pseudo filesystem")).collect();
+        if !shown.is_empty() {
             let rows: Vec<Vec<String>> =
-                n.excluded.iter().map(|e| vec!["  excluded".into(), e.mount.clone(), e.reason.clone()]).collect();
+                shown.iter().map(|e| vec!["  excluded".into(), e.mount.clone(), e.reason.clone()]).collect();
             table(&mut out, &rows);
+        }
+        let hidden = n.excluded.len() - shown.len();
+        if hidden > 0 {
+            let _ = writeln!(out, "  ({hidden} pseudo filesystem(s) not listed; --all lists them)");
         }
         for m in &n.missing {
             let _ = writeln!(out, "  missing   disk {} (last seen at {})", m.id, m.mount);
