@@ -423,4 +423,11 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_example_topology_file_is_valid() {
+        let text = include_str!("../../examples/cluster.yaml");
+        let (config, nodes) = TopologyFile::parse(text).unwrap();
+        assert_eq!((config.replication_factor, nodes.len()), (3, 3));
+    }
 }
