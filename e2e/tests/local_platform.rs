@@ -25,6 +25,33 @@ fn spec(etcd: &str) -> StoreClusterSpec {
 
 /// Reconciles until the cluster is Ready (every datanode live, nothing under-replicated, and a
 /// pass that changed nothing).
+/// One machine per zone, each with a disk of its own and its disk agent.
+fn machines_with_agents(disks: &mut Machine, zones: &[&str]) -> (Vec<KillOnDrop>, Vec<LocalMachine>) {
+    let mut agents = Vec::new();
+    let mut machines = Vec::new();
+    for (i, zone) in zones.iter().enumerate() {
+        let name = format!("m{i}");
+        let (agent, socket) = disk_with_agent(disks, &name, 160 << 20);
+        agents.push(agent);
+        machines.push(LocalMachine {
+            name,
+            selected: true,
+            zone: zone.to_string(),
+            agent_socket: socket,
+            port: free_port(),
+            disk_path: None,
+        });
+    }
+    (agents, machines)
+}
+
+/// The Local platform of cluster c1 on these machines.
+fn platform_for(etcd: &EtcdServer, machines: Vec<LocalMachine>) -> LocalPlatform {
+    let mut p = LocalPlatform::new("c1", "default", vec![etcd.endpoint()], binary("cairn-datanode"), machines);
+    p.extra_args = vec!["--max-blob-size".into(), "1MiB".into()];
+    p
+}
+
 async fn converge_until_ready(platform: &LocalPlatform, spec: &StoreClusterSpec) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -72,27 +99,9 @@ async fn check_all(client: &reqwest::Client, port: u16, blobs: &BTreeMap<String,
 async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     let etcd = EtcdServer::start();
     let mut disks = Machine::new();
-    let mut agents: Vec<KillOnDrop> = Vec::new();
-    let mut machines = Vec::new();
-    for (i, zone) in ["a", "b", "c", "a"].iter().enumerate() {
-        let name = format!("m{i}");
-        let (agent, socket) = disk_with_agent(&mut disks, &name, 160 << 20);
-        agents.push(agent);
-        machines.push(LocalMachine {
-            name,
-            selected: true,
-            zone: zone.to_string(),
-            agent_socket: socket,
-            port: free_port(),
-            disk_path: None,
-        });
-    }
+    let (_agents, machines) = machines_with_agents(&mut disks, &["a", "b", "c", "a"]);
     let spec = spec(&etcd.endpoint());
-    let new_platform = |machines: Vec<LocalMachine>| {
-        let mut p = LocalPlatform::new("c1", "default", vec![etcd.endpoint()], binary("cairn-datanode"), machines);
-        p.extra_args = vec!["--max-blob-size".into(), "1MiB".into()];
-        p
-    };
+    let new_platform = |machines: Vec<LocalMachine>| platform_for(&etcd, machines);
     let client = reqwest::Client::new();
 
     // Create: three machines.
@@ -212,27 +221,9 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
 async fn a_pass_that_cannot_plan_still_serves_what_exists() {
     let etcd = EtcdServer::start();
     let mut disks = Machine::new();
-    let mut agents: Vec<KillOnDrop> = Vec::new();
-    let mut machines = Vec::new();
-    for (i, zone) in ["a", "b", "c"].iter().enumerate() {
-        let name = format!("m{i}");
-        let (agent, socket) = disk_with_agent(&mut disks, &name, 160 << 20);
-        agents.push(agent);
-        machines.push(LocalMachine {
-            name,
-            selected: true,
-            zone: zone.to_string(),
-            agent_socket: socket,
-            port: free_port(),
-            disk_path: None,
-        });
-    }
+    let (_agents, machines) = machines_with_agents(&mut disks, &["a", "b", "c"]);
     let spec = spec(&etcd.endpoint());
-    let new_platform = |machines: Vec<LocalMachine>| {
-        let mut p = LocalPlatform::new("c1", "default", vec![etcd.endpoint()], binary("cairn-datanode"), machines);
-        p.extra_args = vec!["--max-blob-size".into(), "1MiB".into()];
-        p
-    };
+    let new_platform = |machines: Vec<LocalMachine>| platform_for(&etcd, machines);
     let client = reqwest::Client::new();
     let platform = new_platform(machines.clone());
     converge_until_ready(&platform, &spec).await;
