@@ -37,9 +37,12 @@ pub enum ApiError {
     InsufficientStorage(String),
     #[error("{0}")]
     Unavailable(String),
-    /// Passing overload (upload memory, connections, file descriptors): try again shortly.
+    /// Passing overload (connections, file descriptors): try again shortly.
     #[error("{0}")]
     Busy(String),
+    /// No room in the upload memory for this body (not read): try again shortly.
+    #[error("{0}")]
+    UploadBusy(String),
     /// A replica's volume is full (replica API only; the router then stops writing to it).
     #[error("volume of partition {0} is full")]
     VolumeFull(u32),
@@ -138,7 +141,7 @@ impl ApiError {
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Unavailable(_) => "unavailable",
-            ApiError::Busy(_) => "busy",
+            ApiError::Busy(_) | ApiError::UploadBusy(_) => "busy",
             ApiError::VolumeFull(_) => "volume_full",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
@@ -162,7 +165,9 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::InsufficientStorage(_) | ApiError::VolumeFull(_) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Unavailable(_) | ApiError::NoQuorum(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NoQuorum(_) | ApiError::Busy(_) | ApiError::UploadBusy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::NoReplica(_) => StatusCode::MISDIRECTED_REQUEST,
@@ -213,10 +218,15 @@ impl IntoResponse for ApiError {
                 let value = HeaderValue::from_str(&format!("bytes */{blob_len}")).expect("ascii");
                 response.headers_mut().insert(axum::http::header::CONTENT_RANGE, value);
             }
-            ApiError::Busy(_) => {
+            ApiError::Busy(_) | ApiError::UploadBusy(_) => {
                 response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
+        }
+        // Refused before its body was read: the connection cannot be reused (the rest of the body
+        // would be read as the next request), so say so, and clients do not send on it again.
+        if matches!(self, ApiError::PayloadTooLarge(_) | ApiError::RequestTimeout(_) | ApiError::UploadBusy(_)) {
+            response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -60,7 +60,7 @@ impl UploadBudget {
         let units = u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX);
         match tokio::time::timeout(self.wait, self.permits.clone().acquire_many_owned(units)).await {
             Ok(Ok(permit)) => Ok(permit),
-            _ => Err(ApiError::Busy(format!(
+            _ => Err(ApiError::UploadBusy(format!(
                 "the node is receiving {} bytes of uploads, its limit; try again shortly",
                 self.total_bytes
             ))),
