@@ -91,9 +91,7 @@ async fn volumes_from_agent(
         .list_volumes()
         .await?
         .iter()
-        .filter(|v| {
-            v.name.strip_prefix(prefix).and_then(|r| r.strip_prefix("-p")).is_some_and(|n| n.parse::<u32>().is_ok())
-        })
+        .filter(|v| cairn_cluster::Topology::is_standalone_volume(prefix, &v.name))
         .count() as u32;
     let partitions = match (existing, layout.partitions) {
         (0, asked) => asked.unwrap_or(1),

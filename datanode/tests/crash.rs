@@ -99,16 +99,7 @@ fn full_disk_answers_507_keeps_deletes_and_recovers_by_itself() {
     }
     assert!(refused == 3 && !stored.is_empty(), "stored {}, refused {refused}", stored.len());
     // Small blobs still fit in the active segment: the volume is not stalled until they do not.
-    let mut small = 0;
-    loop {
-        let r = client.post(node.url("/v1/blobs")).body(vec![9u8; 100]).send().unwrap();
-        match r.status() {
-            StatusCode::CREATED => small += 1,
-            StatusCode::INSUFFICIENT_STORAGE => break,
-            other => panic!("unexpected {other}: {}", r.text().unwrap()),
-        }
-        assert!(small < 100_000, "small blobs never stopped");
-    }
+    support::put_until_refused(&client, &node, 100, StatusCode::INSUFFICIENT_STORAGE, 100_000);
     let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
     assert_eq!(ready["ready"], true, "a volume on a full disk still serves: {ready}");
     assert_eq!(ready["volumes"][0]["state"], "stalled", "a full disk is passing trouble, not a full volume: {ready}");

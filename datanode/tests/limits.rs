@@ -238,16 +238,7 @@ fn running_out_of_file_descriptors_pauses_writes_and_they_resume() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{}", r.text().unwrap());
     assert_eq!(r.headers()["retry-after"], "1");
     // Blobs that still fit in the active segment go on; once they do not, the volume is stalled.
-    let mut small = 0;
-    loop {
-        let r = client.post(node.url("/v1/blobs")).body(vec![3u8; 1000]).send().unwrap();
-        match r.status() {
-            StatusCode::CREATED => small += 1,
-            StatusCode::SERVICE_UNAVAILABLE => break,
-            other => panic!("{other}: {}", r.text().unwrap()),
-        }
-        assert!(small < 10_000, "small blobs never stopped");
-    }
+    let small = support::put_until_refused(&client, &node, 1000, StatusCode::SERVICE_UNAVAILABLE, 10_000);
     assert!(small > 0, "small blobs were refused while they fit");
     let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
     assert_eq!(ready["ready"], true, "{ready}");

@@ -131,12 +131,7 @@ impl LocalPlatform {
     /// Records a datanode's exit: one that exits soon after its start again and again is started
     /// after a pause that doubles each time (2 s … 60 s).
     fn note_exit(&self, name: &str, lived: Duration, line: &str) {
-        let tail = self
-            .log_dir
-            .as_ref()
-            .and_then(|dir| std::fs::read_to_string(dir.join(format!("{name}.log"))).ok())
-            .and_then(|log| log.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_owned))
-            .unwrap_or_default();
+        let tail = self.log_dir.as_ref().map(|dir| log_tail(&dir.join(format!("{name}.log")), 1)).unwrap_or_default();
         let mut crashes = self.crashes.lock().expect("crashes lock");
         let count = match crashes.get(name) {
             Some(c) if lived < HEALTHY_RUN => c.count + 1,
@@ -388,4 +383,11 @@ pub(crate) fn dies_with_this_process(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// The last `n` non-empty lines of a child's log file, joined with " / " (empty if unreadable).
+pub(crate) fn log_tail(log: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
 }

@@ -163,7 +163,7 @@ impl Supervised {
         if std::time::Instant::now() < self.next_start {
             return None;
         }
-        let tail = log_tail(&self.log, 1);
+        let tail = crate::local::log_tail(&self.log, 1);
         self.restarts += 1;
         // 1 s, 2 s, 4 s … at most 30 s between starts of a child that keeps exiting.
         let pause = Duration::from_secs((1u64 << self.restarts.min(5)).min(30));
@@ -180,13 +180,6 @@ impl Supervised {
             Err(e) => Some(format!("{} exited ({status}) and could not be started again: {e}", self.name)),
         }
     }
-}
-
-/// The last `n` lines of a log file, joined with " / ".
-fn log_tail(log: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" / ")
 }
 
 impl Drop for Supervised {
@@ -220,7 +213,7 @@ fn sibling(name: &str) -> PathBuf {
 fn wait_for(process: &mut Supervised, log: &Path, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
     for _ in 0..300 {
         if let Ok(Some(status)) = process.child.try_wait() {
-            let tail = log_tail(log, 5).replace(" / ", "\n");
+            let tail = crate::local::log_tail(log, 5).replace(" / ", "\n");
             anyhow::bail!("{} exited ({status}); the end of {}:\n{tail}", process.name, log.display());
         }
         if ready() {

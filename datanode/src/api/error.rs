@@ -95,18 +95,10 @@ pub fn code_for_status(status: StatusCode) -> &'static str {
     }
 }
 
-/// The JSON body of an error response.
-pub fn error_json(code: &str, message: &str) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        error: Detail<'a>,
-    }
-    #[derive(Serialize)]
-    struct Detail<'a> {
-        code: &'a str,
-        message: &'a str,
-    }
-    let mut out = serde_json::to_vec(&Body { error: Detail { code, message } }).expect("serializes");
+/// The JSON body of an error response, for answers written outside the router.
+pub fn error_json(code: &'static str, message: &str) -> Vec<u8> {
+    let body = ErrorBody { error: ErrorDetail { code, message: message.to_owned() } };
+    let mut out = serde_json::to_vec(&body).expect("serializes");
     out.push(b'\n');
     out
 }

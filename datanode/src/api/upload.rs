@@ -47,15 +47,6 @@ impl UploadBudget {
         Self { permits: Arc::new(Semaphore::new(units)), total_bytes, wait }
     }
 
-    pub fn total_bytes(&self) -> u64 {
-        self.total_bytes
-    }
-
-    /// Bytes of bodies held right now.
-    pub fn in_use_bytes(&self) -> u64 {
-        self.total_bytes.div_ceil(UNIT).saturating_sub(self.permits.available_permits() as u64) * UNIT
-    }
-
     async fn take(&self, bytes: u64) -> Result<OwnedSemaphorePermit, ApiError> {
         let units = u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX);
         match tokio::time::timeout(self.wait, self.permits.clone().acquire_many_owned(units)).await {
@@ -123,18 +114,9 @@ pub async fn read_small(body: Body, max: usize) -> Result<Bytes, ApiError> {
 
 fn read_error(e: axum::Error) -> ApiError {
     let source = e.into_inner();
-    let timed_out = {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
-        let mut found = false;
-        while let Some(c) = cause {
-            if c.is::<tower_http::timeout::TimeoutError>() {
-                found = true;
-                break;
-            }
-            cause = c.source();
-        }
-        found
-    };
+    let first: &(dyn std::error::Error + 'static) = source.as_ref();
+    let timed_out =
+        std::iter::successors(Some(first), |c| c.source()).any(|c| c.is::<tower_http::timeout::TimeoutError>());
     if timed_out {
         ApiError::RequestTimeout("the request body stopped arriving".into())
     } else {

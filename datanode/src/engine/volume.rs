@@ -466,8 +466,11 @@ impl Volume {
         Ok(())
     }
 
-    fn is_damaged(&self, blob_id: BlobId) -> bool {
-        matches!(self.missing(blob_id), VolumeError::Integrity(_))
+    /// The damage recovery recorded for a blob the index does not know, if any.
+    fn damaged_record(&self, blob_id: BlobId) -> Option<DamagedRecord> {
+        let txn = self.shared.db.begin_read().ok()?;
+        let table = txn.open_table(DAMAGED).ok()?;
+        index::get::<_, DamagedRecord>(&table, blob_id.to_bytes()).ok()?
     }
 
     /// Deletes a blob this replica has, or had (also one recovery found damaged); leaves no
@@ -475,7 +478,9 @@ impl Volume {
     pub async fn delete_if_present(&self, blob_id: BlobId) -> Result<bool, VolumeError> {
         match self.delete(blob_id).await {
             Ok(()) => Ok(true),
-            Err(VolumeError::NotFound) if self.is_damaged(blob_id) => self.tombstone(blob_id).await.map(|_| true),
+            Err(VolumeError::NotFound) if self.damaged_record(blob_id).is_some() => {
+                self.tombstone(blob_id).await.map(|_| true)
+            }
             Err(VolumeError::NotFound) => Ok(false),
             Err(e) => Err(e),
         }
@@ -483,11 +488,7 @@ impl Volume {
 
     /// Why a blob the index does not know is not here: unknown, or damaged and awaiting repair.
     fn missing(&self, blob_id: BlobId) -> VolumeError {
-        let damaged = self.shared.db.begin_read().ok().and_then(|txn| {
-            let table = txn.open_table(DAMAGED).ok()?;
-            index::get::<_, DamagedRecord>(&table, blob_id.to_bytes()).ok()?
-        });
-        match damaged {
+        match self.damaged_record(blob_id) {
             Some(d) => VolumeError::Integrity(format!(
                 "blob {blob_id} was found damaged at segment {} offset {} ({}); it waits for another replica to send it again",
                 d.segment, d.offset, d.reason
@@ -612,6 +613,17 @@ fn room_after(marker: &VolumeMarker, segments: u32, offset: u64, len: u64) -> Op
         None
     }
 }
+/// Where a record of `len` bytes goes while `reserve` bytes of sure room stay after it: in the
+/// active segment (`Some(false)`), in a new segment (`Some(true)`), or nowhere (`None`).
+fn placement(marker: &VolumeMarker, segments: u32, offset: u64, len: u64, reserve: u64) -> Option<bool> {
+    let usable = marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
+    match room_after(marker, segments, offset, len) {
+        Some((left, roll)) if left >= reserve => Some(roll),
+        _ if segments < marker.max_segments() && len + reserve <= usable => Some(true),
+        _ => None,
+    }
+}
+
 /// Where recovery sets aside segment files that hold records but that the index does not know.
 pub const QUARANTINE_DIR: &str = "quarantine";
 
@@ -1069,24 +1081,14 @@ impl Writer {
             RecordKind::Delete => 0,
             _ => TOMBSTONE_LEN * (tables.blobs.len()? + 1),
         };
-        let room = |len| room_after(&shared.marker, shared.segments.count(), self.log.offset, len);
         // In the active segment if the reserve stays sure; else in a new segment if it fits there.
-        let in_new_segment = |len| {
-            let usable = segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
-            shared.segments.count() < shared.marker.max_segments() && len + reserve <= usable
-        };
-        let choice = match room(len) {
-            Some((left, roll)) if left >= reserve => Some(roll),
-            _ if in_new_segment(len) => Some(true),
-            _ => None,
-        };
-        let roll = match choice {
+        let place = |len| placement(&shared.marker, shared.segments.count(), self.log.offset, len, reserve);
+        let roll = match place(len) {
             Some(roll) => roll,
             None => {
                 // Full only when a small blob no longer fits: one large upload that does not fit
                 // leaves the volume writable for everything smaller.
-                let small_fits =
-                    room(SMALL_PUT_RECORD).is_some_and(|(left, _)| left >= reserve) || in_new_segment(SMALL_PUT_RECORD);
+                let small_fits = place(SMALL_PUT_RECORD).is_some();
                 return Err(match kind {
                     RecordKind::Put if small_fits => VolumeError::NoRoom { needed: len },
                     RecordKind::Put | RecordKind::Delete => VolumeError::Full,
@@ -1103,7 +1105,7 @@ impl Writer {
                 Err(e) if e.is_transient() => {
                     let reason = format!("creating segment {next}: {e}");
                     // The volume stalls only when small blobs no longer fit either.
-                    let small_fits = room(SMALL_PUT_RECORD).is_some_and(|(left, roll)| !roll && left >= reserve);
+                    let small_fits = place(SMALL_PUT_RECORD) == Some(false);
                     // A tombstone that finds no new segment is the one write that must not fail:
                     // its room was kept in the active segment, so this only happens to puts.
                     return Err(if small_fits {
@@ -1346,10 +1348,7 @@ fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeEr
     layout::sync_dir(&layout::segments_dir(dir))?;
     let (position, rewrite, entries) = position;
     let reserve = TOMBSTONE_LEN * (entries + 1);
-    let room = room_after(marker, shared.segments.count(), position.offset, SMALL_PUT_RECORD);
-    let in_new_segment = shared.segments.count() < marker.max_segments()
-        && SMALL_PUT_RECORD + reserve <= marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
-    if room.is_none_or(|(left, _)| left < reserve) && !in_new_segment {
+    if placement(marker, shared.segments.count(), position.offset, SMALL_PUT_RECORD, reserve).is_none() {
         shared.set_health(VolumeHealth::Full);
     }
     Ok((position, rewrite))

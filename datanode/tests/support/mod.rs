@@ -130,3 +130,24 @@ impl Drop for Datanode {
 }
 
 pub use cairn_testkit::payload;
+
+/// PUTs blobs of `size` bytes until one is refused with `refused` (any other answer fails the
+/// test, and so do `bound` stored blobs); how many were stored.
+pub fn put_until_refused(
+    client: &reqwest::blocking::Client,
+    node: &Datanode,
+    size: usize,
+    refused: reqwest::StatusCode,
+    bound: usize,
+) -> usize {
+    let mut stored = 0;
+    loop {
+        let r = client.post(node.url("/v1/blobs")).body(vec![9u8; size]).send().unwrap();
+        match r.status() {
+            reqwest::StatusCode::CREATED => stored += 1,
+            status if status == refused => return stored,
+            other => panic!("unexpected {other}: {}", r.text().unwrap()),
+        }
+        assert!(stored < bound, "blobs of {size} bytes never stopped");
+    }
+}
