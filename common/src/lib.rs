@@ -5,6 +5,7 @@ pub mod agent_api;
 pub mod agent_client;
 pub mod blob_id;
 pub mod process_lock;
+pub mod text;
 pub mod volume_layout;
 
 pub use blob_id::BlobId;

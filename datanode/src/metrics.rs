@@ -63,6 +63,8 @@ pub struct Metrics {
     pub bytes: Family<DirectionLabels, Counter>,
     pub volume_fill: Family<VolumeLabels, Gauge<f64, AtomicU64>>,
     pub volume_live_bytes: Family<VolumeLabels, Gauge>,
+    pub volume_reclaimable_bytes: Family<VolumeLabels, Gauge>,
+    pub volume_blobs: Family<VolumeLabels, Gauge>,
     pub volume_writable: Family<VolumeLabels, Gauge>,
     /// Replication lag of each local replica behind each peer.
     pub replication_lag_entries: Family<PeerLabels, Gauge>,
@@ -86,6 +88,8 @@ impl Default for Metrics {
         let bytes = Family::<DirectionLabels, Counter>::default();
         let volume_fill = Family::<VolumeLabels, Gauge<f64, AtomicU64>>::default();
         let volume_live_bytes = Family::<VolumeLabels, Gauge>::default();
+        let volume_reclaimable_bytes = Family::<VolumeLabels, Gauge>::default();
+        let volume_blobs = Family::<VolumeLabels, Gauge>::default();
         let volume_writable = Family::<VolumeLabels, Gauge>::default();
         let replication_lag_entries = Family::<PeerLabels, Gauge>::default();
         let replication_lag_bytes = Family::<PeerLabels, Gauge>::default();
@@ -128,6 +132,12 @@ impl Default for Metrics {
         );
         registry.register("volume_fill_ratio", "Allocated segment bytes / volume capacity", volume_fill.clone());
         registry.register("volume_live_bytes", "Bytes of records the index points at", volume_live_bytes.clone());
+        registry.register(
+            "volume_reclaimable_bytes",
+            "Bytes written but no longer needed, which compaction can reclaim",
+            volume_reclaimable_bytes.clone(),
+        );
+        registry.register("volume_blobs", "Blobs stored and not deleted", volume_blobs.clone());
         registry.register("volume_writable", "1 when the volume accepts new blobs", volume_writable.clone());
         Self {
             registry,
@@ -137,6 +147,8 @@ impl Default for Metrics {
             bytes,
             volume_fill,
             volume_live_bytes,
+            volume_reclaimable_bytes,
+            volume_blobs,
             volume_writable,
             replication_lag_entries,
             replication_lag_bytes,

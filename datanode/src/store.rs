@@ -203,6 +203,8 @@ impl Store {
                     .get_or_create(&labels)
                     .set(stats.allocated_bytes as f64 / stats.capacity_bytes as f64);
                 self.metrics.volume_live_bytes.get_or_create(&labels).set(stats.live_bytes as i64);
+                self.metrics.volume_reclaimable_bytes.get_or_create(&labels).set(stats.reclaimable_bytes as i64);
+                self.metrics.volume_blobs.get_or_create(&labels).set(stats.blobs as i64);
                 self.metrics
                     .volume_writable
                     .get_or_create(&labels)

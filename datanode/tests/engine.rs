@@ -717,3 +717,93 @@ async fn every_blob_of_a_full_volume_can_be_deleted_and_ttl_updates_cannot_take_
     assert_eq!(volume.health(), VolumeHealth::Writable, "compaction gave the room back");
     put(&volume, 1, 200).await.unwrap();
 }
+
+/// What the volume reports as blobs, live and reclaimable bytes, checked against what the index
+/// entries and the segment files themselves say.
+fn check_usage(dir: &Path, volume: &Volume, ids: &[BlobId]) {
+    let stats = volume.stats().unwrap();
+    let entries: Vec<_> = ids.iter().filter_map(|id| volume.entry(*id).ok()).collect();
+    let live_blobs = entries.iter().filter(|e| e.state == BlobState::Live).count() as u64;
+    let live_bytes: u64 = entries.iter().filter_map(|e| e.location).map(|l| l.len).sum();
+    let written: u64 = segment_files(dir)
+        .into_iter()
+        .map(|s| find_log_end(&std::fs::File::open(layout::segment_path(dir, s)).unwrap()) - SEGMENT_HEADER_LEN)
+        .sum();
+    assert_eq!(stats.blobs, live_blobs, "blob count");
+    assert_eq!(stats.live_bytes, live_bytes, "live bytes");
+    assert_eq!(stats.written_bytes, written, "written bytes");
+    assert_eq!(stats.reclaimable_bytes, written - live_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_follows_puts_deletes_crashes_expiry_and_compaction() {
+    // Compaction takes any sealed segments whose needed records fit in one.
+    let open = |dir: &Path| {
+        let marker = if dir.join(layout::MARKER_FILE).exists() {
+            VolumeMarker::read(dir).unwrap()
+        } else {
+            VolumeMarker::new(7, SEG, SEG * 64).unwrap()
+        };
+        let mut config = config();
+        config.compaction.max_live_ratio = 1.0;
+        Volume::create_or_open(dir, &marker, config, Arc::new(EngineMetrics::default())).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path());
+    volume.checkpoint().await.unwrap();
+    let durable = durable_index(dir.path());
+    let mut ids = Vec::new();
+    // The expiring blobs first, so that they are in a sealed segment compaction takes.
+    for seed in 0..8u64 {
+        let id = BlobId::generate(7);
+        let req = PutRequest {
+            blob_id: id,
+            meta: BlobMeta::default(),
+            payload: payload(seed, 2500),
+            created_ms: now_ms(),
+            expiry_ms: Some(now_ms() + 300),
+        };
+        volume.put(req).await.unwrap();
+        ids.push(id);
+    }
+    for seed in 0..60u64 {
+        ids.push(put(&volume, seed, 1 + (seed as usize * 997) % 9000).await.unwrap().0);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if i % 4 != 0 {
+            volume.delete(*id).await.unwrap();
+        }
+    }
+    // Deleting again changes nothing.
+    volume.delete(ids[1]).await.unwrap();
+    check_usage(dir.path(), &volume, &ids);
+    let before_crash = volume.stats().unwrap();
+    assert_eq!(before_crash.blobs, 17);
+    assert!(before_crash.reclaimable_bytes > 0, "deleted blobs are reclaimable");
+
+    // A crash back to an index that knew none of it: replay counts the same.
+    crash_to(dir.path(), volume, &durable);
+    let volume = open(dir.path());
+    check_usage(dir.path(), &volume, &ids);
+    assert_eq!(volume.stats().unwrap().blobs, before_crash.blobs);
+
+    // Expired blobs count until compaction reclaims them; compaction gives back reclaimable bytes.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    while volume.compaction().run_once().unwrap() {}
+    check_usage(dir.path(), &volume, &ids);
+    let compacted = volume.stats().unwrap();
+    assert!(compacted.blobs < before_crash.blobs, "expired blobs reclaimed: {}", compacted.blobs);
+    assert!(compacted.reclaimable_bytes < before_crash.reclaimable_bytes);
+    volume.close();
+    drop(volume);
+
+    // A volume written before the count existed has no count: opening counts once.
+    let db = redb::Database::open(dir.path().join(layout::INDEX_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    assert!(txn.open_table(cairn_datanode::engine::index::META).unwrap().remove("live_blobs").unwrap().is_some());
+    txn.commit().unwrap();
+    drop(db);
+    let volume = open(dir.path());
+    check_usage(dir.path(), &volume, &ids);
+    assert_eq!(volume.stats().unwrap().blobs, compacted.blobs);
+}

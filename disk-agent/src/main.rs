@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "cairn-disk-agent", version, about = "Cairn disk agent: disks, volumes, reserved space")]
+#[command(
+    name = "cairn-disk-agent",
+    version,
+    about = "Cairn disk agent: disks, the volumes on them, the space allocated to them"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -218,35 +222,5 @@ async fn serve(agent: Arc<Agent>, socket: PathBuf, kubernetes: Kubernetes, inter
 }
 
 fn print_table(report: &NodeReport, all: bool) {
-    let size = |b: u64| bytesize::ByteSize(b).display().iec().to_string();
-    println!(
-        "{:<36} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:>11}  aliases",
-        "disk", "fs", "mount", "total", "available", "reserved", "allocated", "allocatable"
-    );
-    for d in &report.disks {
-        println!(
-            "{:<36} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:>11}  {}{}",
-            d.id,
-            d.fs_type,
-            d.canonical_mount,
-            size(d.total_bytes),
-            size(d.available_bytes),
-            size(d.fs_reserved_bytes),
-            size(d.allocated_bytes),
-            size(d.allocatable_bytes),
-            d.aliases.iter().map(|a| a.mount.as_str()).collect::<Vec<_>>().join(","),
-            d.conflict.as_ref().map(|c| format!("  CONFLICT: {c}")).unwrap_or_default()
-        );
-    }
-    let shown: Vec<_> = report.excluded.iter().filter(|e| all || !e.reason.starts_with("pseudo filesystem")).collect();
-    let width = shown.iter().map(|e| e.mount.len()).max().unwrap_or(0);
-    for e in &shown {
-        println!("excluded {:<width$}  {}", e.mount, e.reason);
-    }
-    if shown.len() < report.excluded.len() {
-        println!("({} pseudo filesystem(s) not listed; --all lists them)", report.excluded.len() - shown.len());
-    }
-    for m in &report.missing {
-        println!("missing  disk {} (last at {})", m.id, m.mount);
-    }
+    print!("{}", cairn_common::text::disk_table(&report.disks, &report.excluded, &report.missing, all, ""));
 }

@@ -87,6 +87,20 @@ fn every_filesystem_counted_once_with_aliases_and_reasons() {
     let report = scan(&m, &m.agent_config_for(&["ext4"], ""));
     let excluded = report.excluded.iter().find(|e| e.mount == x.to_str().unwrap()).expect("xfs reported");
     assert!(excluded.reason.contains("fs_types"), "{}", excluded.reason);
+    // The table says the same under the words `cairn status` uses; pseudo filesystems only with --all.
+    let table = support::scan_table(&m, &m.agent_config(""), false);
+    let header = table.lines().next().unwrap();
+    let columns = ["DISK", "FS", "MOUNT", "TOTAL", "AVAILABLE", "FS-RESERVED", "ALLOCATED", "ALLOCATABLE", "VOLUMES"];
+    assert_eq!(header.split_whitespace().take(9).collect::<Vec<_>>(), columns, "{table}");
+    let row = table.lines().find(|l| l.starts_with(&d.id)).unwrap_or_else(|| panic!("{table}"));
+    let size = cairn_common::text::bytes;
+    let cells = [size(d.total_bytes), size(d.available_bytes), size(d.fs_reserved_bytes), size(d.allocatable_bytes)];
+    for cell in &cells {
+        assert!(row.contains(cell.as_str()), "{cell} in {row}");
+    }
+    assert!(!table.contains(" /proc "), "{table}");
+    assert!(table.contains("pseudo filesystem(s) not listed; --all lists them"), "{table}");
+    assert!(support::scan_table(&m, &m.agent_config(""), true).contains(" /proc "));
     // scan changed nothing on the disks.
     assert!(!a.join("cairn").exists());
 }

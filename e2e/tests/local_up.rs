@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use support::{binary, free_port_block};
+use support::{binary, free_port_block, wait_until};
 
 struct LocalUp {
     child: Child,
@@ -111,7 +111,39 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
         .as_array()
         .unwrap()
         .iter()
-        .all(|m| m["replicas"] == 6 && m["reservedBytes"].as_u64() > Some(0)));
+        .all(|m| m["replicas"] == 6 && m["allocatedBytes"].as_u64() > Some(0)));
+
+    // Capacity tells what is stored, not what is preallocated: one small blob on three replicas,
+    // and after its deletion, nothing stored but what compaction can reclaim. The summary adds up
+    // the machine rows.
+    let capacity_when = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+        let mut view = serde_json::Value::Null;
+        wait_until(what, Duration::from_secs(30), || {
+            let (_, json) = cairn(&plugin, &["status", "--local", local, "-o", "json"]);
+            view = serde_json::from_str(&json).unwrap();
+            done(&view["capacity"])
+        });
+        let rows = view["machines"].as_array().unwrap();
+        for field in ["storedBytes", "reclaimableBytes", "allocatedBytes", "allocatableBytes", "totalBytes"] {
+            let sum: u64 = rows.iter().map(|m| m[field].as_u64().unwrap()).sum();
+            assert_eq!(view["capacity"][field].as_u64(), Some(sum), "{field}: {view:#}");
+        }
+        view["capacity"].clone()
+    };
+    let stored = capacity_when("the blob counted", &|c| c["blobs"] == 1 && c["storedBytes"].as_u64() > Some(0));
+    let (bytes, allocated) = (stored["storedBytes"].as_u64().unwrap(), stored["allocatedBytes"].as_u64().unwrap());
+    assert!(bytes > 3 * 20 && bytes < 3 * 4096, "three replicas of a 20-byte blob and its header: {stored}");
+    assert!(allocated > 1000 * bytes, "{stored}");
+    let (code, out) = cairn(&plugin, &["status", "--local", local]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Capacity: 1 blob(s); "), "{out}");
+    let gone = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body("deleted at once").send().unwrap();
+    let gone = gone.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    assert_eq!(client.delete(format!("http://127.0.0.1:{port}/v1/blobs/{gone}")).send().unwrap().status(), 204);
+    let after = capacity_when("the deleted blob reclaimable", &|c| {
+        c["blobs"] == 1 && c["reclaimableBytes"].as_u64() >= Some(3 * 20)
+    });
+    assert!(after["storedBytes"].as_u64() > Some(bytes), "the tombstones are stored: {after}");
     let (code, out) = cairn(&plugin, &["disks", "--local", local]);
     assert_eq!(code, 0);
     assert!(out.starts_with("Node local: 3 disk(s)"), "{out}");

@@ -16,6 +16,7 @@ use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts};
 use k8s_openapi::jiff::Timestamp;
 
 const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
 
 fn golden(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
@@ -49,6 +50,23 @@ fn condition(type_: &str, status: &str, reason: &str, message: &str, since: &str
     }
 }
 
+fn live(datanode: &str) -> bool {
+    matches!(datanode, "ready" | "draining")
+}
+
+/// The capacity line of a view whose rows are set: their sums, as `cairn status` computes it.
+fn add_up(v: &mut ClusterView) {
+    let sum = |f: fn(&MachineView) -> u64| v.machines.iter().map(f).sum::<u64>();
+    v.capacity = CapacityStatus {
+        blobs: v.capacity.blobs,
+        stored_bytes: sum(|m| m.stored_bytes.unwrap_or(0)),
+        reclaimable_bytes: sum(|m| m.reclaimable_bytes.unwrap_or(0)),
+        allocated_bytes: sum(|m| m.allocated_bytes),
+        allocatable_bytes: sum(|m| m.allocatable_bytes),
+        total_bytes: sum(|m| m.total_bytes),
+    };
+}
+
 fn machine(name: &str, zone: &str, datanode: &str, replicas: u32) -> MachineView {
     MachineView {
         name: name.into(),
@@ -56,8 +74,9 @@ fn machine(name: &str, zone: &str, datanode: &str, replicas: u32) -> MachineView
         datanode: datanode.into(),
         address: format!("{name}.c1-nodes.store:7480"),
         disks: 2,
-        used_bytes: 130 * GIB,
-        reserved_bytes: 128 * GIB,
+        stored_bytes: live(datanode).then_some(41 * GIB + 512 * MIB),
+        reclaimable_bytes: live(datanode).then_some(2 * GIB),
+        allocated_bytes: 128 * GIB,
         allocatable_bytes: 1650 * GIB,
         total_bytes: 1800 * GIB,
         replicas,
@@ -65,7 +84,7 @@ fn machine(name: &str, zone: &str, datanode: &str, replicas: u32) -> MachineView
 }
 
 fn ready_cluster() -> ClusterView {
-    ClusterView {
+    let mut v = ClusterView {
         name: "blobs".into(),
         namespace: "storage".into(),
         source: "kubernetes".into(),
@@ -79,12 +98,7 @@ fn ready_cluster() -> ClusterView {
             condition("Progressing", "False", "Idle", "", "2026-11-26T10:00:00Z"),
             condition("Degraded", "False", "Healthy", "", "2026-11-23T08:30:02Z"),
         ],
-        capacity: CapacityStatus {
-            total_bytes: 5400 * GIB,
-            used_bytes: 390 * GIB,
-            allocated_bytes: 384 * GIB,
-            allocatable_bytes: 4950 * GIB,
-        },
+        capacity: CapacityStatus { blobs: 1_204_311, ..CapacityStatus::default() },
         partitions: PartitionCounts { total: 8, writable: 7, read_only: 1, under_replicated: 0 },
         topology_revision: 412,
         machines: vec![
@@ -101,7 +115,9 @@ fn ready_cluster() -> ClusterView {
             message: "3 datanodes, 8 partitions".into(),
             count: 1,
         }],
-    }
+    };
+    add_up(&mut v);
+    v
 }
 
 /// A drain in progress with an etcd problem: n3 leaving, a partition short of a live replica,
@@ -116,7 +132,8 @@ fn degraded_cluster() -> ClusterView {
     ];
     v.partitions.under_replicated = 1;
     v.machines.push(machine("n3", "eu-1a", "draining", 3));
-    v.machines[1].datanode = "not-registered".into();
+    v.machines[1] = machine("n1", "eu-1b", "not-registered", 8);
+    add_up(&mut v);
     v.partition_issues = vec![
         PartitionIssue::UnderReplicated {
             partition: 2,
@@ -295,6 +312,7 @@ fn topology_as_the_datanodes_see_it() {
         started_ms: 0,
         free_bytes: BTreeMap::new(),
         unopened: Default::default(),
+        usage: Default::default(),
     };
     let mut snapshot = Snapshot::default();
     snapshot.topology = topology;

@@ -168,14 +168,24 @@ pub struct StoreClusterStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacityStatus {
+    /// Blobs stored, each counted once (for each partition, the most any live replica holds).
+    #[serde(default)]
+    pub blobs: u64,
+    /// Bytes the live replicas hold for their blobs (with record headers) and tombstones, every
+    /// replica counted.
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// Bytes written to the replicas and no longer needed (deleted, expired), which compaction
+    /// gives back to the volumes; every replica counted.
+    #[serde(default)]
+    pub reclaimable_bytes: u64,
+    /// Space of the usable disks allocated to Cairn volumes (preallocated: it is taken on the
+    /// disks whatever the volumes hold).
+    pub allocated_bytes: u64,
+    /// What the usable disks can still allocate to new volumes.
+    pub allocatable_bytes: u64,
     /// Size of the usable disks.
     pub total_bytes: u64,
-    /// In use on them (by anything: total − free).
-    pub used_bytes: u64,
-    /// Promised to Cairn volumes.
-    pub allocated_bytes: u64,
-    /// What the disks can still promise.
-    pub allocatable_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

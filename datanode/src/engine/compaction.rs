@@ -213,6 +213,7 @@ impl CompactionJob {
                 live += new.len;
             }
             let now = now_ms();
+            let mut expired = 0i64;
             for (id, old) in &self.plan.expired {
                 let key = id.to_bytes();
                 let Some(mut entry) = index::get::<_, IndexEntry>(&blobs, key)? else {
@@ -222,17 +223,20 @@ impl CompactionJob {
                     entry.state = BlobState::Expired;
                     entry.location = None;
                     blobs.insert(key, index::encode(&entry).as_slice())?;
+                    expired += 1;
                 }
             }
             for source in &sources {
                 segments.remove(*source)?;
             }
             if let Some(target) = target {
-                let info = SegmentInfo { live_bytes: live, end: self.offset + SEAL_LEN, sealed: true };
+                let info = SegmentInfo { live_bytes: live, end: self.offset, sealed: true };
                 segments.insert(target, index::encode(&info).as_slice())?;
             }
             let state = CompactionState::Switched { sources: sources.clone(), target };
-            txn.open_table(META)?.insert(COMPACTION, index::encode(&state).as_slice())?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert(COMPACTION, index::encode(&state).as_slice())?;
+            index::add_live_blobs(&mut meta, -expired)?;
         }
         txn.commit()?;
         Ok(sources)

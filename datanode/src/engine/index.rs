@@ -30,6 +30,19 @@ pub const DAMAGED: TableDefinition<[u8; BLOB_ID_BYTES], &[u8]> = TableDefinition
 pub const LOG_TAIL: &str = "log_tail";
 /// Key of the in-flight [`CompactionState`] in [`META`].
 pub const COMPACTION: &str = "compaction";
+/// Key of the number of live blobs (`u64`) in [`META`], moved in the transaction that changes it.
+/// A volume written before the count existed has no key: recovery counts once and stores it.
+pub const LIVE_BLOBS: &str = "live_blobs";
+
+/// Adds `delta` to the [`LIVE_BLOBS`] count.
+pub fn add_live_blobs(meta: &mut redb::Table<'_, &'static str, &'static [u8]>, delta: i64) -> Result<(), VolumeError> {
+    if delta == 0 {
+        return Ok(());
+    }
+    let count: u64 = get(&*meta, LIVE_BLOBS)?.unwrap_or(0);
+    meta.insert(LIVE_BLOBS, encode(&count.saturating_add_signed(delta)).as_slice())?;
+    Ok(())
+}
 
 const VALUE_FORMAT: u8 = 1;
 

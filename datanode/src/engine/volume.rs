@@ -57,8 +57,15 @@ pub struct VolumeStats {
     pub capacity_bytes: u64,
     /// Bytes of segment files (each preallocated to the segment size).
     pub allocated_bytes: u64,
-    /// Bytes of records the index points at.
+    /// Bytes of records the index points at: live blobs (with their headers) and tombstones.
     pub live_bytes: u64,
+    /// Bytes appended to the segments.
+    pub written_bytes: u64,
+    /// Written but no longer needed (deleted, expired, superseded): what compaction can give
+    /// back to the volume.
+    pub reclaimable_bytes: u64,
+    /// Blobs stored and not deleted (expired ones count until compaction reclaims them).
+    pub blobs: u64,
     pub segments: u32,
 }
 
@@ -537,11 +544,14 @@ impl Volume {
     pub fn stats(&self) -> Result<VolumeStats, VolumeError> {
         let txn = self.shared.db.begin_read()?;
         let segments = txn.open_table(SEGMENTS)?;
-        let mut live_bytes = 0;
+        let (mut live_bytes, mut written_bytes) = (0, 0);
         for item in segments.iter()? {
             let (_, value) = item?;
-            live_bytes += index::decode::<SegmentInfo>(value.value())?.live_bytes;
+            let info = index::decode::<SegmentInfo>(value.value())?;
+            live_bytes += info.live_bytes;
+            written_bytes += info.end.saturating_sub(SEGMENT_HEADER_LEN);
         }
+        let blobs = index::get(&txn.open_table(META)?, index::LIVE_BLOBS)?.unwrap_or(0);
         let count = self.shared.segments.count();
         Ok(VolumeStats {
             partition: self.shared.marker.partition,
@@ -550,6 +560,9 @@ impl Volume {
             capacity_bytes: self.shared.marker.capacity_bytes,
             allocated_bytes: u64::from(count) * self.shared.marker.segment_size,
             live_bytes,
+            written_bytes,
+            reclaimable_bytes: written_bytes.saturating_sub(live_bytes),
+            blobs,
             segments: count,
         })
     }
@@ -700,6 +713,8 @@ struct Tables<'t, 'a> {
     journal: Table<'t, u64, &'static [u8]>,
     damaged: Table<'t, [u8; 21], &'static [u8]>,
     segments: SegmentStats<'t, 'a>,
+    /// Change of the live blob count ([`index::LIVE_BLOBS`]) in this transaction.
+    live_blobs: i64,
 }
 
 /// Applies one record to the index, journal and segment stats. The writer and recovery both
@@ -719,17 +734,20 @@ fn apply_record(
         tables.damaged.remove(key)?;
     }
     let entry = match (header.kind, existing) {
-        (RecordKind::Put, None) => IndexEntry {
-            state: BlobState::Live,
-            location: Some(location),
-            payload_len: header.payload_len,
-            meta_len: header.meta_len,
-            created_ms: header.created_ms,
-            expiry_ms: header.expiry_ms,
-            deleted_ms: None,
-            crc,
-            seq,
-        },
+        (RecordKind::Put, None) => {
+            tables.live_blobs += 1;
+            IndexEntry {
+                state: BlobState::Live,
+                location: Some(location),
+                payload_len: header.payload_len,
+                meta_len: header.meta_len,
+                created_ms: header.created_ms,
+                expiry_ms: header.expiry_ms,
+                deleted_ms: None,
+                crc,
+                seq,
+            }
+        }
         (RecordKind::Delete, None) => IndexEntry {
             state: BlobState::Deleted,
             location: Some(location),
@@ -745,6 +763,9 @@ fn apply_record(
             if let (BlobState::Live, Some(old)) = (entry.state, entry.location) {
                 let info = tables.segments.get(old.segment)?;
                 info.live_bytes = info.live_bytes.saturating_sub(old.len);
+            }
+            if entry.state == BlobState::Live {
+                tables.live_blobs -= 1;
             }
             entry.state = BlobState::Deleted;
             entry.location = Some(location);
@@ -969,6 +990,7 @@ impl Writer {
                 journal: txn.open_table(JOURNAL)?,
                 damaged: txn.open_table(DAMAGED)?,
                 segments: SegmentStats::new(&mut segments_table),
+                live_blobs: 0,
             };
             for (op, reply) in batch {
                 let is_put = matches!(op, WriteOp::Put(_));
@@ -1022,7 +1044,9 @@ impl Writer {
                 next_seq: self.log.next_seq,
                 next_segment: shared.next_segment.load(Ordering::SeqCst),
             };
-            txn.open_table(META)?.insert(LOG_TAIL, index::encode(&tail).as_slice())?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert(LOG_TAIL, index::encode(&tail).as_slice())?;
+            index::add_live_blobs(&mut meta, tables.live_blobs)?;
             Ok(())
         })();
         let fail_all =
@@ -1187,6 +1211,7 @@ fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeEr
             journal: txn.open_table(JOURNAL)?,
             damaged: txn.open_table(DAMAGED)?,
             segments: SegmentStats::new(&mut segments_table),
+            live_blobs: 0,
         };
         let mut segment = tail.segment;
         let mut offset = tail.offset;
@@ -1302,8 +1327,19 @@ fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>), VolumeEr
         layout::zero_range(&file, &path, offset, marker.segment_size - offset)?;
         file.sync_data()?;
         tables.segments.get(segment)?.end = offset;
-        let Tables { blobs, journal, damaged, segments: stats } = tables;
+        let Tables { blobs, journal, damaged, segments: stats, live_blobs } = tables;
         stats.flush()?;
+        if index::get::<_, u64>(&meta, index::LIVE_BLOBS)?.is_some() {
+            index::add_live_blobs(&mut meta, live_blobs)?;
+        } else {
+            // Written before the count existed: count once.
+            let mut count = 0u64;
+            for item in blobs.iter()? {
+                let (_, value) = item?;
+                count += u64::from(index::decode::<IndexEntry>(value.value())?.state == BlobState::Live);
+            }
+            meta.insert(index::LIVE_BLOBS, index::encode(&count).as_slice())?;
+        }
         let entries = blobs.len()?;
         drop((blobs, journal, damaged));
 

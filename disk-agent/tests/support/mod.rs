@@ -94,3 +94,16 @@ pub fn scan(machine: &Machine, config: &Path) -> cairn_common::agent_api::NodeRe
     assert!(out.status.success(), "scan failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// `cairn-disk-agent scan` (the table) with this config, with `--all` if asked.
+pub fn scan_table(machine: &Machine, config: &Path, all: bool) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cairn-disk-agent"));
+    command.args(["scan", "--mountinfo", "/proc/self/mountinfo", "--config"]).arg(config);
+    command.arg("--state-dir").arg(machine.path("state"));
+    if all {
+        command.arg("--all");
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "scan failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -9,6 +9,7 @@ pub mod view;
 use std::path::PathBuf;
 
 use cairn_cluster::etcd::{EtcdTls, Snapshot};
+use cairn_cluster::LiveNode;
 use cairn_resources::{StoreCluster, StoreNode};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
@@ -19,7 +20,7 @@ use crate::desired::Machine;
 use crate::kubernetes::KubernetesPlatform;
 use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
-use crate::platform::{capacity, partition_counts, replica_progress, store_for, Platform};
+use crate::platform::{capacity, disk_space, node_usage, partition_counts, replica_progress, store_for, Platform};
 use view::{ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
 
 /// Events shown by `cairn status`.
@@ -416,7 +417,11 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
                 since: c.last_transition_time.0.to_string(),
             })
             .collect(),
-        capacity: status.capacity.clone(),
+        // From what is observed now, as the rows are (the status may be a pass old).
+        capacity: match &snapshot {
+            Some(s) => capacity(&machines, s),
+            None => status.capacity.clone(),
+        },
         partitions,
         topology_revision: snapshot.as_ref().map(|s| s.revision).unwrap_or(status.topology_revision),
         machines: machine_views,
@@ -436,7 +441,8 @@ fn machine_rows(
     let mut rows: Vec<MachineView> = machines
         .iter()
         .map(|m| {
-            let space = capacity(&m.disks);
+            let space = disk_space(&m.disks);
+            let usage = snapshot.and_then(|s| s.live.get(&m.name)).map(node_usage);
             let in_topology = snapshot.map(|s| s.topology.nodes.contains_key(&m.name));
             let datanode = match (snapshot, in_topology) {
                 (None, _) => match pods.map(|p| p.get(&m.name)) {
@@ -459,8 +465,9 @@ fn machine_rows(
                 datanode: datanode.into(),
                 address: snapshot.and_then(|s| s.live.get(&m.name)).map(|l| l.address.clone()).unwrap_or_default(),
                 disks: m.disks.iter().filter(|d| d.usable).count() as u32,
-                used_bytes: space.used_bytes,
-                reserved_bytes: space.allocated_bytes,
+                stored_bytes: usage.map(|u| u.stored_bytes),
+                reclaimable_bytes: usage.map(|u| u.reclaimable_bytes),
+                allocated_bytes: space.allocated_bytes,
                 allocatable_bytes: space.allocatable_bytes,
                 total_bytes: space.total_bytes,
                 replicas: snapshot.map(|s| s.topology.partitions_of(&m.name).count() as u32).unwrap_or_default(),
@@ -468,13 +475,29 @@ fn machine_rows(
         })
         .collect();
     if let Some(s) = snapshot {
+        let usage = |node: &str| s.live.get(node).map(node_usage);
         for node in s.topology.nodes.values().filter(|n| !machines.iter().any(|m| m.name == n.id)) {
             rows.push(MachineView {
                 name: node.id.clone(),
                 zone: node.zone.clone(),
                 datanode: if s.live.contains_key(&node.id) { "ready".into() } else { "gone".into() },
                 address: node.address.clone(),
+                stored_bytes: usage(&node.id).map(|u| u.stored_bytes),
+                reclaimable_bytes: usage(&node.id).map(|u| u.reclaimable_bytes),
                 replicas: s.topology.partitions_of(&node.id).count() as u32,
+                ..MachineView::default()
+            });
+        }
+        // Every live datanode has a row, so that the rows add up to the capacity line.
+        let strangers: Vec<&LiveNode> = s.live.values().filter(|l| !rows.iter().any(|r| r.name == l.node)).collect();
+        for live in strangers {
+            rows.push(MachineView {
+                name: live.node.clone(),
+                zone: live.zone.clone(),
+                datanode: "not-in-topology".into(),
+                address: live.address.clone(),
+                stored_bytes: Some(node_usage(live).stored_bytes),
+                reclaimable_bytes: Some(node_usage(live).reclaimable_bytes),
                 ..MachineView::default()
             });
         }
@@ -485,7 +508,7 @@ fn machine_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_cluster::{LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, Topology};
+    use cairn_cluster::{NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, ReplicaUsage, Topology};
     use cairn_common::agent_api::DiskReport;
 
     fn machine(name: &str, selected: bool) -> Machine {
@@ -528,15 +551,17 @@ mod tests {
             )]
             .into(),
         };
-        let live = |n: &str| LiveNode {
+        // Replicas of partition 0 hold 7 blobs on "ready" and 5 on "leaving" (still catching up).
+        let live = |n: &str, blobs: u64| LiveNode {
             node: n.into(),
             address: format!("{n}:7480"),
-            zone: String::new(),
-            started_ms: 0,
-            free_bytes: Default::default(),
-            unopened: Default::default(),
+            usage: [(0, ReplicaUsage { blobs, stored_bytes: blobs * 100, reclaimable_bytes: 10 })].into(),
+            ..LiveNode::default()
         };
-        snapshot.live = ["ready", "leaving"].iter().map(|n| (n.to_string(), live(n))).collect();
+        snapshot.live = [live("ready", 7), live("leaving", 5), live("stranger", 0)]
+            .into_iter()
+            .map(|l| (l.node.clone(), l))
+            .collect();
         let machines = vec![
             machine("ready", true),
             machine("down", true),
@@ -555,13 +580,24 @@ mod tests {
                 ("spare", "idle"),
                 ("cordoned", "unselected"),
                 ("vanished", "gone"),
+                ("stranger", "not-in-topology"),
             ]
         );
-        // Only usable disks count; used excludes the filesystem's own reserve.
+        // Only usable disks count.
         assert_eq!(
-            (rows[0].disks, rows[0].used_bytes, rows[0].reserved_bytes, rows[0].allocatable_bytes),
-            (1, 35, 30, 50)
+            (rows[0].disks, rows[0].stored_bytes, rows[0].allocated_bytes, rows[0].allocatable_bytes),
+            (1, Some(700), 30, 50)
         );
+        assert_eq!((rows[1].stored_bytes, rows[1].reclaimable_bytes), (None, None), "not live: unknown");
+        // The capacity line adds up the rows, and counts each blob once.
+        let c = capacity(&machines, &snapshot);
+        let sum = |f: fn(&MachineView) -> u64| rows.iter().map(f).sum::<u64>();
+        assert_eq!(c.stored_bytes, sum(|r| r.stored_bytes.unwrap_or(0)));
+        assert_eq!(c.reclaimable_bytes, sum(|r| r.reclaimable_bytes.unwrap_or(0)));
+        assert_eq!(c.allocated_bytes, sum(|r| r.allocated_bytes));
+        assert_eq!(c.allocatable_bytes, sum(|r| r.allocatable_bytes));
+        assert_eq!(c.total_bytes, sum(|r| r.total_bytes));
+        assert_eq!((c.blobs, c.stored_bytes, c.total_bytes), (7, 1200, 500));
         assert_eq!((rows[0].replicas, rows[3].replicas, rows[5].replicas), (1, 0, 1));
         assert_eq!(rows[0].address, "ready:7480");
 

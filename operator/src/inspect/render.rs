@@ -7,14 +7,12 @@ use std::fmt::Write;
 use cairn_cluster::etcd::Snapshot;
 use k8s_openapi::jiff::Timestamp;
 
+use cairn_common::text::{bytes, disk_table, table};
+
 use super::view::{ClusterView, NodeDisks, PartitionIssue};
 
 /// Partition issues listed before "… and N more".
 const ISSUES_SHOWN: usize = 10;
-
-pub fn bytes(b: u64) -> String {
-    bytesize::ByteSize(b).display().iec().to_string()
-}
 
 /// `45s`, `12m`, `3h4m`, `2d5h`, like kubectl's AGE.
 pub fn age(since: &str, now: Timestamp) -> String {
@@ -31,26 +29,6 @@ pub fn age(since: &str, now: Timestamp) -> String {
             (d, 0) => format!("{d}d"),
             (d, h) => format!("{d}d{h}h"),
         },
-    }
-}
-
-/// Columns padded to their widest cell; the last column is not padded.
-fn table(out: &mut String, rows: &[Vec<String>]) {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let mut line = String::new();
-        for (c, cell) in row.iter().enumerate() {
-            if c + 1 == row.len() {
-                line += cell;
-            } else {
-                let _ = write!(line, "{cell:<width$}  ", width = widths[c]);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
     }
 }
 
@@ -99,8 +77,10 @@ pub fn status(v: &ClusterView, now: Timestamp) -> String {
     let c = &v.capacity;
     let _ = writeln!(
         out,
-        "Capacity: {} used, {} reserved by volumes, {} allocatable, of {}",
-        bytes(c.used_bytes),
+        "Capacity: {} blob(s); {} stored, {} reclaimable (all replicas); {} allocated to volumes, {} allocatable, of {} total",
+        c.blobs,
+        bytes(c.stored_bytes),
+        bytes(c.reclaimable_bytes),
         bytes(c.allocated_bytes),
         bytes(c.allocatable_bytes),
         bytes(c.total_bytes)
@@ -113,18 +93,20 @@ pub fn status(v: &ClusterView, now: Timestamp) -> String {
     );
 
     out.push('\n');
-    let mut rows = vec![["MACHINE", "ZONE", "DATANODE", "DISKS", "USED", "RESERVED", "ALLOCATABLE", "REPLICAS"]
-        .map(String::from)
-        .to_vec()];
+    let header = ["MACHINE", "ZONE", "DATANODE", "DISKS", "STORED", "RECLAIMABLE", "ALLOCATED", "ALLOCATABLE", "TOTAL"];
+    let mut rows = vec![header.iter().map(|h| h.to_string()).chain([String::from("REPLICAS")]).collect::<Vec<_>>()];
+    let known = |b: Option<u64>| b.map(bytes).unwrap_or_else(|| "-".into());
     for m in &v.machines {
         rows.push(vec![
             m.name.clone(),
             m.zone.clone(),
             m.datanode.clone(),
             m.disks.to_string(),
-            bytes(m.used_bytes),
-            bytes(m.reserved_bytes),
+            known(m.stored_bytes),
+            known(m.reclaimable_bytes),
+            bytes(m.allocated_bytes),
             bytes(m.allocatable_bytes),
+            bytes(m.total_bytes),
             m.replicas.to_string(),
         ]);
     }
@@ -208,47 +190,7 @@ pub fn disks(nodes: &[NodeDisks], all: bool) -> String {
         };
         let _ =
             writeln!(out, "Node {}{ready}: {} disk(s), {} excluded mount(s)", n.node, n.disks.len(), n.excluded.len());
-        let mut rows =
-            vec![["  DISK", "FS", "MOUNT", "TOTAL", "AVAILABLE", "RESERVED", "ALLOCATABLE", "VOLUMES", "ALIASES"]
-                .map(String::from)
-                .to_vec()];
-        for d in &n.disks {
-            let mut aliases: Vec<String> = d.aliases.iter().map(|a| a.mount.clone()).collect();
-            if aliases.is_empty() {
-                aliases.push("-".into());
-            }
-            let mut last = aliases.join(", ");
-            if let Some(conflict) = &d.conflict {
-                last += &format!("  CONFLICT: {conflict}");
-            } else if !d.usable {
-                last += "  (not usable)";
-            }
-            rows.push(vec![
-                format!("  {}", d.id),
-                d.fs_type.clone(),
-                d.canonical_mount.clone(),
-                bytes(d.total_bytes),
-                bytes(d.available_bytes),
-                bytes(d.allocated_bytes),
-                bytes(d.allocatable_bytes),
-                d.volumes.len().to_string(),
-                last,
-            ]);
-        }
-        table(&mut out, &rows);
-        let shown: Vec<_> = n.excluded.iter().filter(|e| all || !e.reason.starts_with("pseudo filesystem")).collect();
-        if !shown.is_empty() {
-            let rows: Vec<Vec<String>> =
-                shown.iter().map(|e| vec!["  excluded".into(), e.mount.clone(), e.reason.clone()]).collect();
-            table(&mut out, &rows);
-        }
-        let hidden = n.excluded.len() - shown.len();
-        if hidden > 0 {
-            let _ = writeln!(out, "  ({hidden} pseudo filesystem(s) not listed; --all lists them)");
-        }
-        for m in &n.missing {
-            let _ = writeln!(out, "  missing   disk {} (last seen at {})", m.id, m.mount);
-        }
+        out += &disk_table(&n.disks, &n.excluded, &n.missing, all, "  ");
     }
     if nodes.is_empty() {
         out.push_str("no StoreNodes: is the disk agent DaemonSet running?\n");
@@ -351,12 +293,5 @@ mod tests {
         for (since, want) in cases {
             assert_eq!(age(since, now), want, "{since}");
         }
-    }
-
-    #[test]
-    fn tables_align_and_do_not_pad_the_last_column() {
-        let mut out = String::new();
-        table(&mut out, &[vec!["a".into(), "long".into(), "x".into()], vec!["bbb".into(), "c".into(), "yy".into()]]);
-        assert_eq!(out, "a    long  x\nbbb  c     yy\n");
     }
 }

@@ -22,6 +22,7 @@ pub struct ClusterView {
     pub generation: Option<i64>,
     pub observed_generation: Option<i64>,
     pub conditions: Vec<ConditionView>,
+    /// The sums of the machine rows, and the blobs counted once.
     pub capacity: CapacityStatus,
     pub partitions: PartitionCounts,
     pub topology_revision: i64,
@@ -71,15 +72,19 @@ pub struct MachineView {
     pub zone: String,
     /// `ready` (registered in etcd), `not-registered`, `draining` (unselected, replicas still
     /// there), `idle` (selected, not in the topology), `unselected` (not selected, holding
-    /// nothing), `gone` (in the topology, no such machine); with etcd unreachable, from the
+    /// nothing), `gone` (in the topology, no such machine), `not-in-topology` (a live datanode
+    /// neither a machine nor in the topology); with etcd unreachable, from the
     /// datanode Pod on Kubernetes: `pod-ready`, `pod-not-ready`, `no-pod`; else `unknown`.
     pub datanode: String,
     pub address: String,
     /// Usable disks.
     pub disks: u32,
-    pub used_bytes: u64,
-    /// Preallocated for volumes.
-    pub reserved_bytes: u64,
+    /// What the datanode's replicas hold and what compaction can reclaim from them (see
+    /// [`CapacityStatus`]); `None` when no datanode of that name is live to say.
+    pub stored_bytes: Option<u64>,
+    pub reclaimable_bytes: Option<u64>,
+    /// Allocated to Cairn volumes on the usable disks.
+    pub allocated_bytes: u64,
     pub allocatable_bytes: u64,
     pub total_bytes: u64,
     /// Replicas the topology places here.
