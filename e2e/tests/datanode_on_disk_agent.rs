@@ -116,3 +116,32 @@ fn the_agent_never_deletes_a_volume_a_running_datanode_has_open() {
     assert!(answer.deleted);
     assert_eq!(rt.block_on(agent.list_volumes()).unwrap().len(), 1);
 }
+
+/// The command the operator gives a purge Pod, run as it is (with this agent's socket): only the
+/// named partitions' volumes of that cluster and node go.
+#[test]
+fn the_purge_pod_command_deletes_exactly_the_replicas_it_names() {
+    let mut m = Machine::new();
+    let (_agent, socket) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let agent = AgentClient::new(&socket);
+    let disk = rt.block_on(agent.report()).unwrap().disks[0].id.clone();
+    let names = ["c9-p1-n1", "c9-p2-n1", "c9-p3-n1", "c9-p1-n2", "c9-p1-p1-n1"];
+    for name in names {
+        let partition = name.split("-p").nth(1).unwrap().split('-').next().unwrap().parse().unwrap();
+        let request = cairn_common::agent_api::CreateVolumeRequest {
+            disk: disk.clone(),
+            capacity_bytes: 16 << 20,
+            segment_size_bytes: 4 << 20,
+            partition,
+        };
+        rt.block_on(agent.create_volume(name, &request)).unwrap();
+    }
+    let command = cairn_operator::kubernetes::purge_command("c9", "n1", Some(&[1, 3]), socket.to_str().unwrap());
+    assert_eq!(command[0], "cairn");
+    let out = Command::new(binary("cairn")).args(&command[1..]).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut left: Vec<String> = rt.block_on(agent.list_volumes()).unwrap().into_iter().map(|v| v.name).collect();
+    left.sort();
+    assert_eq!(left, ["c9-p1-n2", "c9-p1-p1-n1", "c9-p2-n1"], "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -65,6 +65,18 @@ async fn converge_until_ready(platform: &LocalPlatform, spec: &StoreClusterSpec)
     }
 }
 
+/// Each machine holds the volumes of exactly the replicas the topology places on it: the replicas
+/// that moved away gave theirs back.
+async fn volumes_follow_the_topology(machines: &[LocalMachine], topology: &cairn_cluster::Topology) {
+    for m in machines {
+        let agent = cairn_common::agent_client::AgentClient::new(&m.agent_socket);
+        let mut held: Vec<u32> = agent.list_volumes().await.unwrap().iter().map(|v| v.partition).collect();
+        held.sort();
+        let placed: Vec<u32> = topology.partitions_of(&m.name).map(|p| p.id).collect();
+        assert_eq!(held, placed, "volumes on {}", m.name);
+    }
+}
+
 async fn put(client: &reqwest::Client, port: u16, data: Vec<u8>) -> String {
     let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body(data).send().await.unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
@@ -127,6 +139,7 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     let taken = (0..6).filter(|id| topology.partitions[id].replicas.iter().any(|r| r.node == "m3")).count();
     assert!(taken > 0, "{:?}", topology.partitions);
     assert!(topology.partitions.values().all(|p| p.replicas.len() == 3), "moves finished");
+    volumes_follow_the_topology(&machines, &topology).await;
     check_all(&client, machines[3].port, &blobs).await;
     for seed in 100..130u64 {
         let data = payload(seed, 20_000);
@@ -179,6 +192,7 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     assert_eq!(platform.binaries().len(), 3, "m3's datanode stopped");
     let left = cairn_common::agent_client::AgentClient::new(&machines[3].agent_socket).list_volumes().await.unwrap();
     assert!(left.is_empty(), "drained machine purged: {left:?}");
+    volumes_follow_the_topology(&machines[..3], &topology).await;
     for m in &machines[..3] {
         check_all(&client, m.port, &blobs).await;
     }

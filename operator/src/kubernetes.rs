@@ -283,14 +283,16 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
     async fn delete_volumes(&self) -> Result<bool, String> {
         let mut done = true;
         for machine in machines(&self.client, self.cluster).await.map_err(|e| e.to_string())? {
-            done &= self.purge_machine(&machine).await?;
+            done &= self.purge_machine(&machine, None).await?;
         }
         Ok(done)
     }
 
     /// A purge Pod on the machine (pinned, the disk agent's socket mounted) runs
-    /// `cairn volumes purge --cluster <cluster>`; true once it succeeded (it is then removed).
-    async fn purge_machine(&self, machine: &Machine) -> Result<bool, String> {
+    /// `cairn volumes purge --cluster <cluster> --node <machine> [--partition P]…`; true once it
+    /// succeeded (it is then removed). One at a time per machine: a later set of partitions gets
+    /// its Pod after the running one is done.
+    async fn purge_machine(&self, machine: &Machine, partitions: Option<&[u32]>) -> Result<bool, String> {
         let sc = self.cluster;
         let namespace = sc.namespace().unwrap_or_default();
         let cluster = sc.name_any();
@@ -306,12 +308,12 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let owner = sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid");
         let mut l = labels(&cluster);
         l.insert(PURGE_LABEL.into(), machine.name.clone());
+        let command = purge_command(&cluster, &machine.name, partitions, "/run/cairn/disk-agent.sock");
         let body = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
             "spec": {"nodeName": machine.name, "restartPolicy": "OnFailure",
                 "containers": [{"name": "purge", "image": sc.spec.image,
-                    "command": ["cairn", "volumes", "purge", "--disk-agent", "/run/cairn/disk-agent.sock",
-                                "--cluster", cluster, "--node", machine.name, "--yes"],
+                    "command": command,
                     "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
                 "volumes": [{"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}}]}});
         pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
@@ -319,6 +321,21 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
             .map_err(|e| e.to_string())?;
         Ok(false)
     }
+}
+
+/// The command of a purge Pod: the volumes of `cluster`'s replicas on `node` (only of
+/// `partitions`, when given), through the disk agent at `socket`.
+pub fn purge_command(cluster: &str, node: &str, partitions: Option<&[u32]>, socket: &str) -> Vec<String> {
+    let mut command: Vec<String> =
+        ["cairn", "volumes", "purge", "--disk-agent", socket, "--cluster", cluster, "--node", node]
+            .into_iter()
+            .map(String::from)
+            .collect();
+    for p in partitions.unwrap_or_default() {
+        command.extend(["--partition".into(), p.to_string()]);
+    }
+    command.push("--yes".into());
+    command
 }
 
 /// Label of the Pods that remove a deleted cluster's volumes.

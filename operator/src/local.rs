@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cairn_common::agent_client::AgentClient;
+use cairn_common::agent_client::{AgentClient, AgentClientError};
 
 use crate::desired::Machine;
 use crate::platform::{Applied, Platform};
@@ -187,30 +187,42 @@ impl LocalPlatform {
             .collect();
         let mut deleted = 0;
         for (socket, machine) in machines {
-            deleted += self.purge_through(&socket, &machine, None).await?;
+            let (count, in_use) = self.purge_through(&socket, &machine, None, None).await?;
+            if let Some(name) = in_use {
+                return Err(format!("volume {name} on {machine} is still open"));
+            }
+            deleted += count;
         }
         Ok(deleted)
     }
 
-    /// Deletes this cluster's volumes of `machine` through its disk agent (only on `disks`, when
-    /// given); how many.
+    /// Deletes this cluster's volumes of `machine` through its disk agent (only on `disks` and
+    /// of `partitions`, when given): how many, and a volume that a datanode still has open (the
+    /// agent refuses it; it is left for a later pass), if any.
     async fn purge_through(
         &self,
         socket: &std::path::Path,
         machine: &str,
         disks: Option<&[String]>,
-    ) -> Result<u32, String> {
+        partitions: Option<&[u32]>,
+    ) -> Result<(u32, Option<String>), String> {
         let agent = AgentClient::new(socket);
-        let mut deleted = 0;
+        let (mut deleted, mut in_use) = (0, None);
         for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
             if cairn_cluster::Topology::is_volume_of(&self.cluster, machine, &volume.name)
                 && disks.is_none_or(|d| d.contains(&volume.disk))
+                && partitions.is_none_or(|p| p.contains(&volume.partition))
             {
-                agent.delete_volume(&volume.name).await.map_err(|e| e.to_string())?;
-                deleted += 1;
+                match agent.delete_volume(&volume.name).await {
+                    Ok(_) => deleted += 1,
+                    Err(AgentClientError::Refused { code, .. }) if code == "volume_in_use" => {
+                        in_use = Some(volume.name.clone())
+                    }
+                    Err(e) => return Err(format!("{machine}: deleting volume {}: {e}", volume.name)),
+                }
             }
         }
-        Ok(deleted)
+        Ok((deleted, in_use))
     }
 }
 
@@ -338,7 +350,7 @@ impl Platform for LocalPlatform {
         self.purge_volumes().await.map(|_| true)
     }
 
-    async fn purge_machine(&self, machine: &Machine) -> Result<bool, String> {
+    async fn purge_machine(&self, machine: &Machine, partitions: Option<&[u32]>) -> Result<bool, String> {
         let socket = self
             .machines
             .lock()
@@ -348,7 +360,8 @@ impl Platform for LocalPlatform {
             .map(|m| m.agent_socket.clone())
             .ok_or_else(|| format!("no machine {}", machine.name))?;
         let disks: Vec<String> = machine.disks.iter().map(|d| d.id.clone()).collect();
-        self.purge_through(&socket, &machine.name, Some(&disks)).await.map(|_| true)
+        let (_, in_use) = self.purge_through(&socket, &machine.name, Some(&disks), partitions).await?;
+        Ok(in_use.is_none())
     }
 
     async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {

@@ -27,9 +27,14 @@ pub trait Platform {
     /// Removes the cluster's volumes from every machine's disks: true once they are all gone
     /// (false: in progress, ask again).
     fn delete_volumes(&self) -> impl Future<Output = Result<bool, String>> + Send;
-    /// Removes the cluster's volumes from one machine (it was drained and left the topology):
-    /// true once they are gone.
-    fn purge_machine(&self, machine: &Machine) -> impl Future<Output = Result<bool, String>> + Send;
+    /// Removes the cluster's volumes from one machine: all of them (`partitions` None: it was
+    /// drained and left the topology), or those of `partitions` (replicas that moved away). True
+    /// once they are gone; false while in progress or while a datanode still has one open.
+    fn purge_machine(
+        &self,
+        machine: &Machine,
+        partitions: Option<&[u32]>,
+    ) -> impl Future<Output = Result<bool, String>> + Send;
     /// TLS material for etcd, when the spec names it.
     fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, String>> + Send;
 }
@@ -187,8 +192,24 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         let holds =
             machine.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(name, &machine.name, &v.name));
         if holds {
-            match platform.purge_machine(machine).await {
+            match platform.purge_machine(machine, None).await {
                 Ok(_) => changes.push(format!("purging the volumes left on {}", machine.name)),
+                Err(message) => return Outcome::degraded("PurgeFailed", message),
+            }
+        }
+    }
+    // A replica moved off a machine that stays leaves its volume behind (its datanode closed it,
+    // data kept, when the topology dropped it). Once every replica is live and caught up, the
+    // move is complete beyond doubt and the volume goes.
+    if settled {
+        for (machine, partitions) in moved_away(name, &chosen, &after.topology) {
+            match platform.purge_machine(machine, Some(&partitions)).await {
+                Ok(_) => changes.push(format!(
+                    "purging the volumes of {} replica(s) moved away from {} ({})",
+                    partitions.len(),
+                    machine.name,
+                    partition_list(&partitions)
+                )),
                 Err(message) => return Outcome::degraded("PurgeFailed", message),
             }
         }
@@ -202,6 +223,36 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
     let ready = settled && changes.is_empty() && degraded.is_none();
     Outcome { status, ready, changes, degraded, progress }
+}
+
+/// Volumes of this cluster on machines of the topology whose partition no longer has a replica
+/// there (moved away), by machine. A volume of a partition the topology does not have at all is
+/// not counted: that is a topology to look at, not a finished move.
+pub fn moved_away<'m>(cluster: &str, machines: &'m [Machine], topology: &Topology) -> Vec<(&'m Machine, Vec<u32>)> {
+    let mut out = Vec::new();
+    for machine in machines.iter().filter(|m| topology.nodes.contains_key(&m.name)) {
+        let mut partitions: Vec<u32> = machine
+            .disks
+            .iter()
+            .flat_map(|d| &d.volumes)
+            .filter(|v| Topology::is_volume_of(cluster, &machine.name, &v.name))
+            .filter(|v| {
+                topology.partitions.get(&v.partition).is_some_and(|p| p.replicas.iter().all(|r| r.node != machine.name))
+            })
+            .map(|v| v.partition)
+            .collect();
+        partitions.sort();
+        partitions.dedup();
+        if !partitions.is_empty() {
+            out.push((machine, partitions));
+        }
+    }
+    out
+}
+
+/// `p3, p5`.
+pub fn partition_list(partitions: &[u32]) -> String {
+    partitions.iter().map(|p| format!("p{p}")).collect::<Vec<_>>().join(", ")
 }
 
 /// A cluster whose every partition is full takes no new blobs: that is Degraded, so that
@@ -431,6 +482,53 @@ pub fn capacity(machines: &[Machine], snapshot: &Snapshot) -> CapacityStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volumes_of_replicas_moved_away_are_found_exactly() {
+        use cairn_common::agent_api::VolumeInfo;
+        let volume = |name: &str, partition| VolumeInfo { name: name.into(), partition, ..VolumeInfo::default() };
+        let machine = |name: &str, volumes: Vec<VolumeInfo>| Machine {
+            name: name.into(),
+            zone: String::new(),
+            disks: vec![DiskReport { volumes, usable: true, ..DiskReport::default() }],
+            address: String::new(),
+            selected: true,
+        };
+        let node = |id: &str| {
+            (id.to_string(), NodeSpec { id: id.into(), zone: String::new(), address: String::new(), disks: vec![] })
+        };
+        let partition = |id, nodes: &[&str]| {
+            let replicas = nodes.iter().map(|n| ReplicaSpec { node: n.to_string(), disk: String::new() }).collect();
+            (id, cairn_cluster::PartitionSpec { id, state: PartitionState::Writable, replicas })
+        };
+        let topology = Topology {
+            config: None,
+            nodes: [node("m0"), node("m1")].into(),
+            partitions: [partition(0, &["m0", "m1"]), partition(1, &["m1"]), partition(2, &["m1"])].into(),
+        };
+        let machines = vec![
+            // p1 and p2 moved to m1; p7 is in no topology (kept); c1-p1 of another cluster; a
+            // volume of cluster "c1-p2"'s partition 1 on m0.
+            machine(
+                "m0",
+                vec![
+                    volume("c1-p0-m0", 0),
+                    volume("c1-p1-m0", 1),
+                    volume("c1-p2-m0", 2),
+                    volume("c1-p7-m0", 7),
+                    volume("c2-p1-m0", 1),
+                    volume("c1-p2-p1-m0", 1),
+                ],
+            ),
+            machine("m1", vec![volume("c1-p0-m1", 0), volume("c1-p1-m1", 1), volume("c1-p2-m1", 2)]),
+            // Not in the topology: a drained machine is purged whole, elsewhere.
+            machine("m2", vec![volume("c1-p0-m2", 0)]),
+        ];
+        let found: Vec<(&str, Vec<u32>)> =
+            moved_away("c1", &machines, &topology).into_iter().map(|(m, p)| (m.name.as_str(), p)).collect();
+        assert_eq!(found, [("m0", vec![1, 2])]);
+        assert_eq!(partition_list(&[1, 2]), "p1, p2");
+    }
 
     #[test]
     fn a_cluster_with_no_writable_partition_is_full() {

@@ -181,6 +181,9 @@ enum VolumesCommand {
         /// The machine whose replicas they are (its node name).
         #[arg(long)]
         node: Option<String>,
+        /// Only the volumes of this partition (repeat for more): replicas that moved away.
+        #[arg(long = "partition", value_name = "N")]
+        partitions: Vec<u32>,
         /// Only say what would be deleted.
         #[arg(long)]
         dry_run: bool,
@@ -377,13 +380,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Volumes { command: VolumesCommand::Purge { disk_agent, cluster, node, dry_run, yes } } => {
+        Command::Volumes { command: VolumesCommand::Purge { disk_agent, cluster, node, partitions, dry_run, yes } } => {
             let agent = cairn_common::agent_client::AgentClient::new(&disk_agent);
             let chosen: Vec<_> = agent
                 .list_volumes()
                 .await?
                 .into_iter()
                 .filter(|v| selected_volume(&cluster, node.as_deref(), &v.name))
+                .filter(|v| partitions.is_empty() || partitions.contains(&v.partition))
                 .collect();
             let whose = match &node {
                 Some(node) => format!("cluster {cluster} on node {node}"),

@@ -20,7 +20,10 @@ use crate::desired::Machine;
 use crate::kubernetes::KubernetesPlatform;
 use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
-use crate::platform::{capacity, disk_space, node_usage, partition_counts, replica_progress, store_for, Platform};
+use crate::platform::{
+    capacity, disk_space, moved_away, node_usage, partition_counts, partition_list, replica_progress, store_for,
+    Platform,
+};
 use view::{ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
 
 /// Events shown by `cairn status`.
@@ -373,6 +376,27 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
             if let Some(conflict) = &d.conflict {
                 warnings.push(format!("disk {} on {}: {conflict}", d.id, m.name));
             }
+        }
+    }
+    if let Some(s) = &snapshot {
+        let cluster = sc.name_any();
+        for (m, partitions) in moved_away(&cluster, &machines, &s.topology) {
+            let mut flags: String = partitions.iter().map(|p| format!(" --partition {p}")).collect();
+            let mut place = " on that machine";
+            if let Source::Local { state, .. } = source {
+                if let Some(local) = state.machines.iter().find(|l| l.name == m.name) {
+                    flags += &format!(" --disk-agent {}", local.agent_socket.display());
+                    place = "";
+                }
+            }
+            warnings.push(format!(
+                "{} keeps the volumes of {} replica(s) moved away ({}); the operator removes them once every \
+                 replica is live and caught up, or now{place}: cairn volumes purge --cluster {cluster} --node {}{flags}",
+                m.name,
+                partitions.len(),
+                partition_list(&partitions),
+                m.name
+            ));
         }
     }
     if let (Some(g), Some(o)) = (sc.metadata.generation, status.observed_generation) {
