@@ -77,6 +77,30 @@ async fn volumes_follow_the_topology(machines: &[LocalMachine], topology: &cairn
     }
 }
 
+/// Reconciles until Ready after a new datanode binary, checking the data after every pass: how
+/// many datanodes were replaced.
+async fn upgrade_until_ready<F: std::future::Future<Output = ()>>(
+    platform: &LocalPlatform,
+    spec: &StoreClusterSpec,
+    progress: &mut Vec<String>,
+    check: impl Fn() -> F,
+) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut replaced = 0;
+    loop {
+        let outcome = converge("c1", "default", spec, platform).await;
+        progress.extend(outcome.progress.clone());
+        replaced += outcome.changes.iter().filter(|c| c.starts_with("replaced datanode ")).count();
+        check().await;
+        if outcome.ready {
+            assert!(outcome.progress.is_empty(), "{:?}", outcome.progress);
+            return replaced;
+        }
+        assert!(Instant::now() < deadline, "upgrade did not finish: {outcome:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 async fn put(client: &reqwest::Client, port: u16, data: Vec<u8>) -> String {
     let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body(data).send().await.unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
@@ -150,22 +174,20 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     let upgraded = disks.path("cairn-datanode-v2");
     std::fs::copy(binary("cairn-datanode"), &upgraded).unwrap();
     platform.set_binary(upgraded.clone());
-    let deadline = Instant::now() + Duration::from_secs(120);
     let mut progress = Vec::new();
-    loop {
-        let outcome = converge("c1", "default", &spec, &platform).await;
-        progress.extend(outcome.progress.clone());
-        let ports: Vec<u16> = machines.iter().map(|m| m.port).collect();
-        check_through_any(&client, &ports, &blobs).await;
-        if outcome.ready && platform.binaries().iter().all(|b| *b == upgraded) {
-            assert!(outcome.progress.is_empty(), "{:?}", outcome.progress);
-            break;
-        }
-        assert!(Instant::now() < deadline, "upgrade did not finish: {outcome:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-
+    let ports: Vec<u16> = machines.iter().map(|m| m.port).collect();
+    let replaced =
+        upgrade_until_ready(&platform, &spec, &mut progress, || check_through_any(&client, &ports, &blobs)).await;
+    assert_eq!(replaced, 4, "every datanode replaced once");
+    assert!(platform.binaries().iter().all(|b| *b == upgraded));
     assert!(progress.iter().any(|p| p.starts_with("rolling update: ")), "upgrade progress reported: {progress:?}");
+    // A rebuild in place (a new file at the same path, as `cargo build` makes) is an upgrade too.
+    let rebuilt = disks.path("cairn-datanode-rebuilt");
+    std::fs::copy(binary("cairn-datanode"), &rebuilt).unwrap();
+    std::fs::rename(&rebuilt, &upgraded).unwrap();
+    let replaced =
+        upgrade_until_ready(&platform, &spec, &mut progress, || check_through_any(&client, &ports, &blobs)).await;
+    assert_eq!(replaced, 4, "every datanode replaced once more");
 
     // Drain m3: its replicas move (each new one caught up before the old goes), writes keep
     // succeeding at quorum throughout, then its datanode stops.

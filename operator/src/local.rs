@@ -30,8 +30,27 @@ pub struct LocalMachine {
 struct Running {
     child: Child,
     args: Vec<String>,
-    binary: PathBuf,
+    binary: Binary,
     started: std::time::Instant,
+}
+
+/// A datanode binary as started: its path and which file was there, so that a rebuild in place
+/// (`cargo build` writes a new file) is an upgrade like a new path is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Binary {
+    path: PathBuf,
+    /// Inode and modification time (ns); None when the file cannot be read (starting it fails).
+    file: Option<(u64, i128)>,
+}
+
+impl Binary {
+    fn at(path: &std::path::Path) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.ino(), i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())));
+        Self { path: path.to_owned(), file }
+    }
 }
 
 /// A datanode that keeps exiting: started again after a growing pause, and reported.
@@ -165,7 +184,7 @@ impl LocalPlatform {
 
     /// The binary each running datanode was started from.
     pub fn binaries(&self) -> Vec<PathBuf> {
-        self.running.lock().expect("running lock").values().map(|r| r.binary.clone()).collect()
+        self.running.lock().expect("running lock").values().map(|r| r.binary.path.clone()).collect()
     }
 
     /// Stops every datanode (kill, then wait).
@@ -251,7 +270,7 @@ impl Platform for LocalPlatform {
 
     async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, String> {
         let machines = self.machines.lock().expect("machines lock").clone();
-        let binary = self.binary.lock().expect("binary lock").clone();
+        let binary = Binary::at(&self.binary.lock().expect("binary lock"));
         let mut changes = Vec::new();
         // Stop what is no longer chosen, and restart what died.
         {
@@ -318,7 +337,7 @@ impl Platform for LocalPlatform {
                 Some(dir) => (output(dir)?, output(dir)?),
                 None => (Stdio::null(), Stdio::inherit()),
             };
-            let mut command = Command::new(&binary);
+            let mut command = Command::new(&binary.path);
             dies_with_this_process(&mut command);
             let child = command
                 .args(&args)
@@ -326,7 +345,7 @@ impl Platform for LocalPlatform {
                 .stdout(stdout)
                 .stderr(stderr)
                 .spawn()
-                .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+                .map_err(|e| format!("starting {}: {e}", binary.path.display()))?;
             tracing::info!(node = %machine.name, port = machine.port, "datanode started");
             self.running
                 .lock()
