@@ -298,3 +298,78 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
     }
     up.interrupt();
 }
+
+/// Scale-in: started again with fewer `--machines`, the machine left out is drained (its replicas
+/// move, each caught up before the old one goes), stopped and purged, and the next start leaves
+/// it out. `--drain` that would leave too few machines, or names none, is refused.
+#[test]
+fn local_up_scales_in_by_draining_the_machine_left_out() {
+    let m = cairn_testkit::machine::Machine::new();
+    let spec = m.path("small.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {name: small}\n\
+         spec: {image: local, volumeSize: 32Mi, segmentSize: 8Mi, partitionsPerDisk: 1, etcd: {endpoints: []}}\n",
+    )
+    .unwrap();
+    let dir = m.path("state");
+    let local = dir.to_str().unwrap();
+    let port = free_port_block(6);
+    let etcd_port = port + 4;
+    let run = |machines: u32, extra: &[&str]| {
+        let mut command = Command::new(binary("cairn"));
+        command.args(["local", "up", "-f", spec.to_str().unwrap(), "--disk-size", "128MiB", "--dir", local]);
+        command.args(["--port", &port.to_string(), "--etcd-port", &etcd_port.to_string()]);
+        command.args(["--machines", &machines.to_string()]).args(extra);
+        command
+    };
+    let up = LocalUp::from_child(run(4, &[]).stdout(Stdio::piped()).spawn().unwrap());
+    up.wait_for("cluster small: ready");
+    let client = reqwest::blocking::Client::new();
+    let mut blobs = Vec::new();
+    for i in 0..12u8 {
+        let r =
+            client.post(format!("http://127.0.0.1:{}/v1/blobs", port + u16::from(i % 4))).body(vec![i; 5000]).send();
+        let r = r.unwrap();
+        assert_eq!(r.status(), 201);
+        blobs.push((r.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned(), vec![i; 5000]));
+    }
+    up.interrupt();
+
+    let up = LocalUp::from_child(run(3, &[]).stdout(Stdio::piped()).spawn().unwrap());
+    up.wait_for("draining m3");
+    let seen = up.wait_for("m3 is drained and stopped");
+    assert!(seen.last().unwrap().contains("the next start leaves it out"), "{seen:?}");
+    for p in [port, port + 1, port + 2] {
+        for (id, data) in &blobs {
+            let r = client.get(format!("http://127.0.0.1:{p}/v1/blobs/{id}?local=true")).send().unwrap();
+            assert_eq!(r.status(), 200, "{id} on the replica behind port {p}?");
+            assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice());
+        }
+    }
+    let (code, out) = cairn(&binary("cairn"), &["topology", "--local", local, "-o", "json"]);
+    assert_eq!(code, 0);
+    let topology: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(topology["topology"]["nodes"].get("m3").is_none(), "{out}");
+    let socket = dir.join("disk-agent.sock");
+    let (code, volumes) = cairn(&binary("cairn"), &["volumes", "list", "--disk-agent", socket.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(!volumes.contains("-m3 "), "m3's volumes purged: {volumes}");
+    up.interrupt();
+
+    // Bad --drain: nothing starts.
+    for (extra, message) in [
+        (["--drain", "m1"], "2 machine(s) would be left for replicationFactor 3"),
+        (["--drain", "m9"], "--drain m9: no such machine (the machines are m0, m1, m2)"),
+    ] {
+        let out = run(3, &extra).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{err}");
+    }
+    // The drained machine is left out from now on.
+    let up = LocalUp::from_child(run(3, &[]).stdout(Stdio::piped()).spawn().unwrap());
+    let seen = up.wait_for("cluster small: ready");
+    assert!(!seen.iter().any(|l| l.contains("m3")), "{seen:?}");
+    up.interrupt();
+}

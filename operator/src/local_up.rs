@@ -128,6 +128,8 @@ pub struct LocalOptions {
     /// The first datanode's port; the others follow.
     pub port: u16,
     pub etcd_port: u16,
+    /// Machines to drain (`m<i>`): their replicas move to the others, then their datanode stops.
+    pub drain: Vec<String>,
 }
 
 /// A child process that is started again when it exits (with a growing pause, so that one that
@@ -234,6 +236,65 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 
+/// The local machines of this run: `m0`…`m<N-1>` of `--machines N` (those named by `--drain`
+/// unselected), and, unselected so that they are drained rather than lost, the machines of an
+/// earlier run beyond N that the topology still places replicas on.
+async fn local_machines(
+    dir: &Path,
+    name: &str,
+    options: &LocalOptions,
+    socket: &Path,
+    spec: &cairn_resources::StoreClusterSpec,
+) -> anyhow::Result<Vec<LocalMachine>> {
+    let disk_dir = |i: usize| match options.disks.get(i) {
+        Some(path) => path.clone(),
+        None => dir.join("disks").join(format!("m{i}")),
+    };
+    let mut machines: Vec<LocalMachine> = (0..options.machines)
+        .map(|i| LocalMachine {
+            name: format!("m{i}"),
+            selected: true,
+            zone: format!("zone-{i}"),
+            agent_socket: socket.to_owned(),
+            port: options.port + i as u16,
+            disk_path: Some(disk_dir(i)),
+        })
+        .collect();
+    let previous: Vec<LocalMachine> = std::fs::read(dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
+        .map(|s| s.machines)
+        .unwrap_or_default();
+    if previous.iter().any(|p| !machines.iter().any(|m| m.name == p.name)) {
+        let endpoints = [format!("http://127.0.0.1:{}", options.etcd_port)];
+        let store = crate::platform::store_for(&endpoints, NAMESPACE, name, None).await.map_err(anyhow::Error::msg)?;
+        let topology = store.load().await?.topology;
+        for p in previous {
+            let index: Option<usize> = p.name.strip_prefix('m').and_then(|i| i.parse().ok());
+            if let (Some(i), true) = (index, topology.nodes.contains_key(&p.name)) {
+                if i >= options.machines {
+                    let port = options.port + i as u16;
+                    machines.push(LocalMachine { selected: false, agent_socket: socket.to_owned(), port, ..p });
+                }
+            }
+        }
+    }
+    for drained in &options.drain {
+        let Some(m) = machines.iter_mut().find(|m| m.name == *drained) else {
+            let names: Vec<&str> = machines.iter().map(|m| m.name.as_str()).collect();
+            anyhow::bail!("--drain {drained}: no such machine (the machines are {})", names.join(", "));
+        };
+        m.selected = false;
+    }
+    let selected = machines.iter().filter(|m| m.selected).count();
+    anyhow::ensure!(
+        selected >= spec.replication_factor as usize,
+        "{selected} machine(s) would be left for replicationFactor {}: drain fewer",
+        spec.replication_factor
+    );
+    Ok(machines)
+}
+
 /// Runs until Ctrl-C (or SIGTERM), then stops everything.
 pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<()> {
     // A spec no datanode could serve (say, segments too small for the largest blob) is refused
@@ -276,16 +337,14 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
         std::net::TcpStream::connect(("127.0.0.1", options.etcd_port)).is_ok()
     })?;
 
+    let socket = dir.join("disk-agent.sock");
+    let machines = local_machines(dir, &name, &options, &socket, &cluster.spec).await?;
     let mut config = String::from("selector:\n  fs_types: []\nheadroom: 0%\ndirectories:\n");
-    let disk_dir = |i: usize| match options.disks.get(i) {
-        Some(path) => path.clone(),
-        None => dir.join("disks").join(format!("m{i}")),
-    };
-    for i in 0..options.machines {
-        config += &format!("  - {{path: {}, capacity: {}}}\n", disk_dir(i).display(), options.disk_size);
+    for m in &machines {
+        let path = m.disk_path.as_ref().expect("local machines have a directory disk");
+        config += &format!("  - {{path: {}, capacity: {}}}\n", path.display(), options.disk_size);
     }
     std::fs::write(dir.join("disk-agent.yaml"), config)?;
-    let socket = dir.join("disk-agent.sock");
     let mut agent = {
         let (dir, logs, socket) = (dir.clone(), logs.clone(), socket.clone());
         Supervised::start("disk agent", logs.join("disk-agent.log"), move || {
@@ -305,16 +364,9 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     };
     wait_for(&mut agent, &logs.join("disk-agent.log"), || std::os::unix::net::UnixStream::connect(&socket).is_ok())?;
 
-    let machines: Vec<LocalMachine> = (0..options.machines)
-        .map(|i| LocalMachine {
-            name: format!("m{i}"),
-            selected: true,
-            zone: format!("zone-{i}"),
-            agent_socket: socket.clone(),
-            port: options.port + i as u16,
-            disk_path: Some(disk_dir(i)),
-        })
-        .collect();
+    for m in machines.iter().filter(|m| !m.selected) {
+        say(&format!("cluster {name}: draining {}: its replicas move to the other machines, then it stops", m.name));
+    }
     let mut spec = cluster.spec.clone();
     spec.etcd.endpoints = vec![etcd_url.clone()];
     let mut platform =
@@ -356,6 +408,18 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
         }
         if outcome.ready && !announced {
             announced = true;
+            for m in platform.local_machines().iter().filter(|m| !m.selected) {
+                let disk = m.disk_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                say(&format!(
+                    "cluster {name}: {} is drained and stopped; {}",
+                    m.name,
+                    if options.drain.contains(&m.name) {
+                        "it stays out while --drain names it".to_string()
+                    } else {
+                        format!("the next start leaves it out, and its disk {disk} can be removed")
+                    }
+                ));
+            }
             let (first, last) = (options.port, options.port + options.machines as u16 - 1);
             say(&format!(
                 "\nBlob API: http://127.0.0.1:{first} (every datanode serves it: ports {first}–{last})\n  \

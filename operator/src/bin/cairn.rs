@@ -155,6 +155,11 @@ enum LocalCommand {
         /// etcd's client port (the peer port is the next one).
         #[arg(long, default_value_t = 23790)]
         etcd_port: u16,
+        /// Drain this machine (`m1`): its replicas move to the others, each new one caught up
+        /// before the old goes, then its datanode stops. Repeat for more. (Starting with fewer
+        /// --machines drains the machines left out the same way.)
+        #[arg(long, value_name = "MACHINE")]
+        drain: Vec<String>,
     },
 }
 
@@ -336,7 +341,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Local { command: LocalCommand::Up { file, dir, machines, disk_size, disks, port, etcd_port } } => {
+        Command::Local {
+            command: LocalCommand::Up { file, dir, machines, disk_size, disks, port, etcd_port, drain },
+        } => {
             let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let cluster: cairn_resources::StoreCluster = serde_yaml::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: not a StoreCluster: {e}", file.display()))?;
@@ -352,7 +359,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let dir = std::path::absolute(&dir)?;
             let disks = disks.iter().map(std::path::absolute).collect::<Result<Vec<_>, _>>()?;
-            let options = cairn_operator::local_up::LocalOptions { dir, machines, disk_size, disks, port, etcd_port };
+            let options =
+                cairn_operator::local_up::LocalOptions { dir, machines, disk_size, disks, port, etcd_port, drain };
             cairn_operator::local_up::up(cluster, options).await?;
             Ok(ExitCode::SUCCESS)
         }
