@@ -217,6 +217,7 @@ impl Agent {
                         disk.fs_uuid.as_deref(),
                         identity.as_ref(),
                         recorded.disks.get(mount),
+                        self.options.state_dir.as_deref(),
                     );
                     (identity, conflict)
                 }
@@ -300,7 +301,13 @@ impl Agent {
             }
         };
         if conflict.is_none() {
-            conflict = identity::conflict(&path, None, identity.as_ref(), recorded.disks.get(&path));
+            conflict = identity::conflict(
+                &path,
+                None,
+                identity.as_ref(),
+                recorded.disks.get(&path),
+                self.options.state_dir.as_deref(),
+            );
         }
         let mut id = identity.as_ref().map(|i| i.disk_id.clone()).unwrap_or_default();
         if claim && conflict.is_none() && identity.is_none() {

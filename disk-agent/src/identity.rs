@@ -102,12 +102,26 @@ impl RecordedDisks {
     }
 }
 
+/// Where the agent records its disks unless told otherwise (`--state-dir`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cairn/disk-agent";
+
+/// The command that accepts a different disk at `mount`, for an agent keeping its record in
+/// `state_dir`.
+pub fn forget_command(mount: &str, state_dir: Option<&Path>) -> String {
+    match state_dir.filter(|d| *d != Path::new(DEFAULT_STATE_DIR)) {
+        Some(dir) => format!("cairn-disk-agent forget --mount {mount} --state-dir {}", dir.display()),
+        None => format!("cairn-disk-agent forget --mount {mount}"),
+    }
+}
+
 /// Why a disk with this identity file, at this mount, may not be used; `None` when it may.
+/// `state_dir`: where the record is kept, for the command that accepts a replacement.
 pub fn conflict(
     mount: &str,
     fs_uuid: Option<&str>,
     identity: Option<&DiskIdentity>,
     recorded: Option<&RecordedDisk>,
+    state_dir: Option<&Path>,
 ) -> Option<String> {
     if let (Some(identity), Some(actual)) = (identity, fs_uuid) {
         if let Some(written_on) = identity.fs_uuid.as_deref().filter(|u| *u != actual) {
@@ -123,13 +137,16 @@ pub fn conflict(
         Some(identity) if identity.disk_id == recorded.disk_id => None,
         Some(identity) => Some(format!(
             "{mount} held disk {}, but the disk mounted there now is {}: wrong disk mounted at this path; \
-             if the change is meant, accept it with `cairn-disk-agent forget --mount {mount}`",
-            recorded.disk_id, identity.disk_id
+             if the change is meant, accept it with `{}`",
+            recorded.disk_id,
+            identity.disk_id,
+            forget_command(mount, state_dir)
         )),
         None => Some(format!(
             "{mount} held disk {}, but the disk mounted there now has no Cairn identity: wrong disk mounted or \
-             the disk was wiped; if it is a replacement, accept it with `cairn-disk-agent forget --mount {mount}`",
-            recorded.disk_id
+             the disk was wiped; if it is a replacement, accept it with `{}`",
+            recorded.disk_id,
+            forget_command(mount, state_dir)
         )),
     }
 }
@@ -145,15 +162,17 @@ mod tests {
     #[test]
     fn conflicts() {
         let rec = RecordedDisk { disk_id: "a".into(), fs_uuid: Some("u1".into()) };
-        assert_eq!(conflict("/m", Some("u1"), Some(&identity("a", Some("u1"))), Some(&rec)), None);
-        assert_eq!(conflict("/m", Some("u1"), None, None), None, "a new disk");
-        let cloned = conflict("/m", Some("u2"), Some(&identity("a", Some("u1"))), None).unwrap();
+        assert_eq!(conflict("/m", Some("u1"), Some(&identity("a", Some("u1"))), Some(&rec), None), None);
+        assert_eq!(conflict("/m", Some("u1"), None, None, None), None, "a new disk");
+        let cloned = conflict("/m", Some("u2"), Some(&identity("a", Some("u1"))), None, None).unwrap();
         assert!(cloned.contains("cloned"), "{cloned}");
-        let wrong = conflict("/m", Some("u9"), Some(&identity("b", Some("u9"))), Some(&rec)).unwrap();
+        let wrong = conflict("/m", Some("u9"), Some(&identity("b", Some("u9"))), Some(&rec), None).unwrap();
         assert!(wrong.contains("wrong disk"), "{wrong}");
-        let wiped = conflict("/m", Some("u9"), None, Some(&rec)).unwrap();
+        let wiped = conflict("/m", Some("u9"), None, Some(&rec), Some(Path::new(DEFAULT_STATE_DIR))).unwrap();
         assert!(wiped.contains("no Cairn identity"), "{wiped}");
-        assert!(wiped.contains("cairn-disk-agent forget --mount /m"), "the way out is named: {wiped}");
+        assert!(wiped.contains("`cairn-disk-agent forget --mount /m`"), "the way out is named: {wiped}");
+        let elsewhere = conflict("/m", Some("u9"), None, Some(&rec), Some(Path::new("/srv/state"))).unwrap();
+        assert!(elsewhere.contains("`cairn-disk-agent forget --mount /m --state-dir /srv/state`"), "{elsewhere}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ struct Common {
     #[arg(long, env = "CAIRN_DISK_AGENT_CONFIG")]
     config: Option<PathBuf>,
     /// Where the agent records which disk it found at which mount.
-    #[arg(long, env = "CAIRN_STATE_DIR", default_value = "/var/lib/cairn/disk-agent")]
+    #[arg(long, env = "CAIRN_STATE_DIR", default_value = cairn_disk_agent::identity::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// This node's name (on Kubernetes, the Node's name).
     #[arg(long, env = "NODE_NAME")]
@@ -67,7 +67,7 @@ enum Command {
     },
     /// Forget the disk recorded at a mount, to accept a different disk there.
     Forget {
-        #[arg(long, env = "CAIRN_STATE_DIR", default_value = "/var/lib/cairn/disk-agent")]
+        #[arg(long, env = "CAIRN_STATE_DIR", default_value = cairn_disk_agent::identity::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         #[arg(long)]
         mount: String,

@@ -341,7 +341,7 @@ impl Platform for LocalPlatform {
             dies_with_this_process(&mut command);
             let child = command
                 .args(&args)
-                .env("RUST_LOG", std::env::var("CAIRN_DATANODE_LOG").unwrap_or_else(|_| "warn".into()))
+                .env("RUST_LOG", std::env::var("CAIRN_DATANODE_LOG").unwrap_or_else(|_| "info".into()))
                 .stdout(stdout)
                 .stderr(stderr)
                 .spawn()

@@ -299,7 +299,11 @@ async fn local_machines(
 pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<()> {
     // A spec no datanode could serve (say, segments too small for the largest blob) is refused
     // before anything starts, as the CRD's rules refuse it on Kubernetes.
-    crate::desired::check_spec(&cluster.spec).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
+    let (_, segment, max_blob) =
+        crate::desired::check_spec(&cluster.spec).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
+    let largest = cairn_common::text::bytes(
+        max_blob.unwrap_or_else(|| cairn_common::volume_layout::largest_blob_for_segment(segment)),
+    );
     let dir = &options.dir;
     std::fs::create_dir_all(dir.join("logs"))?;
     // One `cairn local up` per directory: a second would rewrite the first one's state and, on
@@ -422,7 +426,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
             }
             let (first, last) = (options.port, options.port + options.machines as u16 - 1);
             say(&format!(
-                "\nBlob API: http://127.0.0.1:{first} (every datanode serves it: ports {first}–{last})\n  \
+                "\nBlob API: http://127.0.0.1:{first} (every datanode serves it: ports {first}–{last}; blobs up to {largest})\n  \
                  curl -s -X POST --data-binary @file http://127.0.0.1:{first}/v1/blobs\n  \
                  curl -s http://127.0.0.1:{first}/v1/blobs/<id>\n  \
                  cairn status --local {dir}     (also: cairn disks --local, cairn topology --local)\n\
