@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release -p cairn-datanode -p cairn-disk-agent -p cairn-operator
+cargo build --release --workspace
 dir=${CAIRN_LOCAL_DIR:-$(mktemp -d)}
 own_dir=${CAIRN_LOCAL_DIR:+no}
 port=${CAIRN_PORT:-7480}

@@ -301,9 +301,9 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     // before anything starts, as the CRD's rules refuse it on Kubernetes.
     let (_, segment, max_blob) =
         crate::desired::check_spec(&cluster.spec).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
-    let largest = cairn_common::text::bytes(
-        max_blob.unwrap_or_else(|| cairn_common::volume_layout::largest_blob_for_segment(segment)),
-    );
+    let largest = max_blob.unwrap_or_else(|| cairn_common::volume_layout::largest_blob_for_segment(segment));
+    // Exact: a segment's own overhead makes the largest blob a little less than the segment.
+    let largest = format!("{largest} bytes, {}", cairn_common::text::bytes(largest));
     let dir = &options.dir;
     std::fs::create_dir_all(dir.join("logs"))?;
     // One `cairn local up` per directory: a second would rewrite the first one's state and, on
