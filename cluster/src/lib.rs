@@ -4,11 +4,11 @@
 //! - [`planner`]: places partition replicas on nodes' disks (zone-aware, capacity-weighted,
 //!   deterministic, minimal movement).
 //! - [`etcd`]: the topology and live registrations in etcd (docs/etcd-layout.md).
+//! - [`admin`]: what the datanode's admin API answers the operator and `cairn`.
 
+pub mod admin;
 pub mod etcd;
 pub mod planner;
 pub mod topology;
 
-pub use topology::{
-    ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, ReplicaUsage, Topology,
-};
+pub use topology::{ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, Topology};

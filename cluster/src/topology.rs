@@ -180,20 +180,6 @@ pub struct LiveNode {
     /// trying); the operator reports them as Degraded.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unopened: BTreeMap<u32, String>,
-    /// What each open replica holds, by partition (refreshed with `free_bytes`), for `cairn status`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub usage: BTreeMap<u32, ReplicaUsage>,
-}
-
-/// What one replica holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplicaUsage {
-    /// Blobs stored and not deleted.
-    pub blobs: u64,
-    /// Bytes of the records the replica needs: its blobs (with their headers) and tombstones.
-    pub stored_bytes: u64,
-    /// Bytes written and no longer needed, which compaction gives back to the volume.
-    pub reclaimable_bytes: u64,
 }
 
 /// Everything but the live registrations.

@@ -61,7 +61,6 @@ async fn topology_registration_and_watch_survive_an_etcd_restart() {
         started_ms: 1,
         free_bytes: Default::default(),
         unopened: Default::default(),
-        usage: Default::default(),
     };
     let (live_tx, live_rx) = tokio::sync::watch::channel(live);
     let registration = tokio::spawn({

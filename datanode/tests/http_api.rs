@@ -295,9 +295,18 @@ fn metrics_openapi_and_probes() {
         "cairn_volume_fill_ratio{partition=\"0\"}",
         "cairn_volume_writable{partition=\"0\"} 1",
         "cairn_blob_bytes_total{direction=\"in\"} 1310720",
+        "cairn_volume_blobs{partition=\"0\"} 320",
+        "cairn_volume_reclaimable_bytes{partition=\"0\"} 0",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
+    // What the volume holds: 320 blobs of 4 KiB and their record headers, nothing to reclaim.
+    let usage: Value = client.get(node.url("/v1/admin/usage")).send().unwrap().json().unwrap();
+    assert_eq!(usage[0]["partition"], 0);
+    assert_eq!(usage[0]["blobs"], 320);
+    let stored = usage[0]["stored_bytes"].as_u64().unwrap();
+    assert!(stored > 320 * 4096 && stored < 320 * 4096 * 11 / 10, "{usage}");
+    assert_eq!(usage[0]["reclaimable_bytes"], 0);
     // Group commit: 320 concurrent puts took fewer commits than puts.
     let value = |name: &str| -> f64 {
         metrics.lines().find(|l| l.starts_with(name)).unwrap().rsplit(' ').next().unwrap().parse().unwrap()
@@ -315,6 +324,7 @@ fn metrics_openapi_and_probes() {
         ("/v1/blobs/{id}/info", &["get"][..]),
         ("/v1/blobs/{id}/ttl", &["put"][..]),
         ("/v1/admin/replicas", &["get"][..]),
+        ("/v1/admin/usage", &["get"][..]),
         ("/healthz", &["get"][..]),
         ("/readyz", &["get"][..]),
         ("/metrics", &["get"][..]),
@@ -324,7 +334,7 @@ fn metrics_openapi_and_probes() {
             assert!(paths[path][m].is_object(), "openapi lacks {m} {path}");
         }
     }
-    assert_eq!(paths.len(), 9, "openapi describes exactly the routes served");
+    assert_eq!(paths.len(), 10, "openapi describes exactly the routes served");
     assert_eq!(client.get(node.url("/healthz")).send().unwrap().status(), StatusCode::OK);
     let ready: Value = client.get(node.url("/readyz")).send().unwrap().json().unwrap();
     assert_eq!(ready["volumes"][0]["state"], "writable");

@@ -6,8 +6,9 @@ use std::future::Future;
 
 use std::collections::BTreeMap;
 
+use cairn_cluster::admin::ReplicaUsage;
 use cairn_cluster::etcd::{ClusterStore, EtcdTls, Snapshot, Written};
-use cairn_cluster::{planner, ClusterConfig, LiveNode, NodeSpec, PartitionState, ReplicaSpec, ReplicaUsage, Topology};
+use cairn_cluster::{planner, ClusterConfig, NodeSpec, PartitionState, ReplicaSpec, Topology};
 use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts, StoreClusterSpec};
 use cairn_resources::StoreClusterStatus;
 
@@ -416,7 +417,7 @@ fn observed(snapshot: &Snapshot, machines: &[Machine], rf: u32) -> StoreClusterS
         nodes_ready: ready,
         nodes_total: total,
         nodes_summary: format!("{ready}/{total}"),
-        capacity: capacity(machines, snapshot),
+        capacity: capacity(machines.iter().flat_map(|m| &m.disks)),
         partitions: partition_counts(snapshot, rf),
         topology_revision: snapshot.revision,
         ..StoreClusterStatus::default()
@@ -441,7 +442,7 @@ pub fn partition_counts(snapshot: &Snapshot, rf: u32) -> PartitionCounts {
 }
 
 /// Space of the usable disks: their size, what Cairn volumes hold, what they can still allocate.
-pub fn disk_space<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> CapacityStatus {
+pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> CapacityStatus {
     let mut capacity = CapacityStatus::default();
     for d in disks.into_iter().filter(|d| d.usable) {
         capacity.total_bytes += d.total_bytes;
@@ -451,32 +452,12 @@ pub fn disk_space<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> Capaci
     capacity
 }
 
-/// What a live datanode's replicas hold, summed.
-pub fn node_usage(live: &LiveNode) -> ReplicaUsage {
-    live.usage.values().fold(ReplicaUsage::default(), |sum, u| ReplicaUsage {
-        blobs: sum.blobs + u.blobs,
-        stored_bytes: sum.stored_bytes + u.stored_bytes,
-        reclaimable_bytes: sum.reclaimable_bytes + u.reclaimable_bytes,
-    })
-}
-
-/// The cluster's capacity: the disks of `machines`, what every live datanode's replicas hold,
-/// and the blobs counted once (for each partition, the most any live replica reports: replicas
-/// converge to the same set).
-pub fn capacity(machines: &[Machine], snapshot: &Snapshot) -> CapacityStatus {
-    let mut capacity = disk_space(machines.iter().flat_map(|m| &m.disks));
-    let mut per_partition: BTreeMap<u32, u64> = BTreeMap::new();
-    for live in snapshot.live.values() {
-        let usage = node_usage(live);
-        capacity.stored_bytes += usage.stored_bytes;
-        capacity.reclaimable_bytes += usage.reclaimable_bytes;
-        for (partition, u) in &live.usage {
-            let most = per_partition.entry(*partition).or_default();
-            *most = (*most).max(u.blobs);
-        }
-    }
-    capacity.blobs = per_partition.values().sum();
-    capacity
+/// What the replicas of a datanode hold (`GET /v1/admin/usage`), or `None` when it does not
+/// answer within 2 s.
+pub async fn replica_usage(address: &str) -> Option<Vec<ReplicaUsage>> {
+    let url = format!("http://{address}/v1/admin/usage");
+    let response = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await.ok()?;
+    response.error_for_status().ok()?.json::<Vec<ReplicaUsage>>().await.ok()
 }
 
 #[cfg(test)]
@@ -553,7 +534,6 @@ mod tests {
                 started_ms: 0,
                 free_bytes: Default::default(),
                 unopened: partitions.into_iter().map(|p| (p, format!("reason {p}"))).collect(),
-                usage: Default::default(),
             };
             snapshot.live.insert(node.into(), live);
         }

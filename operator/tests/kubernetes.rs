@@ -146,7 +146,6 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
             started_ms: 0,
             free_bytes: Default::default(),
             unopened: Default::default(),
-            usage: Default::default(),
         };
         let (_tx, rx) = tokio::sync::watch::channel(live);
         let (store, cancel) = (store.clone(), live_cancel.clone());

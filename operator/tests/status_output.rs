@@ -11,8 +11,10 @@ use cairn_cluster::{
 };
 use cairn_common::agent_api::{DiskReport, ExcludedMount, MissingDisk, MountAlias};
 use cairn_operator::inspect::render;
-use cairn_operator::inspect::view::{ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
-use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts};
+use cairn_operator::inspect::view::{
+    CapacityView, ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue,
+};
+use cairn_resources::store_cluster::PartitionCounts;
 use k8s_openapi::jiff::Timestamp;
 
 const GIB: u64 = 1 << 30;
@@ -57,10 +59,10 @@ fn live(datanode: &str) -> bool {
 /// The capacity line of a view whose rows are set: their sums, as `cairn status` computes it.
 fn add_up(v: &mut ClusterView) {
     let sum = |f: fn(&MachineView) -> u64| v.machines.iter().map(f).sum::<u64>();
-    v.capacity = CapacityStatus {
+    v.capacity = CapacityView {
         blobs: v.capacity.blobs,
-        stored_bytes: sum(|m| m.stored_bytes.unwrap_or(0)),
-        reclaimable_bytes: sum(|m| m.reclaimable_bytes.unwrap_or(0)),
+        stored_bytes: Some(sum(|m| m.stored_bytes.unwrap_or(0))),
+        reclaimable_bytes: Some(sum(|m| m.reclaimable_bytes.unwrap_or(0))),
         allocated_bytes: sum(|m| m.allocated_bytes),
         allocatable_bytes: sum(|m| m.allocatable_bytes),
         total_bytes: sum(|m| m.total_bytes),
@@ -98,7 +100,7 @@ fn ready_cluster() -> ClusterView {
             condition("Progressing", "False", "Idle", "", "2026-11-26T10:00:00Z"),
             condition("Degraded", "False", "Healthy", "", "2026-11-23T08:30:02Z"),
         ],
-        capacity: CapacityStatus { blobs: 1_204_311, ..CapacityStatus::default() },
+        capacity: CapacityView { blobs: Some(1_204_311), ..CapacityView::default() },
         partitions: PartitionCounts { total: 8, writable: 7, read_only: 1, under_replicated: 0 },
         topology_revision: 412,
         machines: vec![
@@ -312,7 +314,6 @@ fn topology_as_the_datanodes_see_it() {
         started_ms: 0,
         free_bytes: BTreeMap::new(),
         unopened: Default::default(),
-        usage: Default::default(),
     };
     let mut snapshot = Snapshot::default();
     snapshot.topology = topology;

@@ -156,6 +156,8 @@ pub struct StoreClusterStatus {
     /// "ready/total", for the printer column.
     #[serde(default)]
     pub nodes_summary: String,
+    /// Disk space (what the volumes hold is read from the datanodes by `cairn status`: it
+    /// changes with every write, and the status is written only when something else changes).
     #[serde(default)]
     pub capacity: CapacityStatus,
     #[serde(default)]
@@ -168,23 +170,15 @@ pub struct StoreClusterStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CapacityStatus {
-    /// Blobs stored, each counted once (for each partition, the most any live replica holds).
-    #[serde(default)]
-    pub blobs: u64,
-    /// Bytes the live replicas hold for their blobs (with record headers) and tombstones, every
-    /// replica counted.
-    #[serde(default)]
-    pub stored_bytes: u64,
-    /// Bytes written to the replicas and no longer needed (deleted, expired), which compaction
-    /// gives back to the volumes; every replica counted.
-    #[serde(default)]
-    pub reclaimable_bytes: u64,
     /// Space of the usable disks allocated to Cairn volumes (preallocated: it is taken on the
     /// disks whatever the volumes hold).
+    #[serde(default)]
     pub allocated_bytes: u64,
     /// What the usable disks can still allocate to new volumes.
+    #[serde(default)]
     pub allocatable_bytes: u64,
     /// Size of the usable disks.
+    #[serde(default)]
     pub total_bytes: u64,
 }
 

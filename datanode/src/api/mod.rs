@@ -60,6 +60,7 @@ impl AppState {
         blobs::blob_info,
         blobs::update_ttl,
         admin_replicas,
+        admin_usage,
         healthz,
         readyz,
         metrics,
@@ -84,6 +85,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/blobs/{id}/info", get(blobs::blob_info))
         .route("/v1/blobs/{id}/ttl", put(blobs::update_ttl))
         .route("/v1/admin/replicas", get(admin_replicas))
+        .route("/v1/admin/usage", get(admin_usage))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -165,6 +167,29 @@ fn method_label(method: &axum::http::Method) -> String {
 async fn admin_replicas(State(state): State<AppState>) -> Response {
     let list = state.cluster.as_ref().map(|c| c.replication.list()).unwrap_or_default();
     Json(list).into_response()
+}
+
+/// What each local replica holds: blobs, stored and reclaimable bytes (`cairn status` adds them up).
+#[utoipa::path(get, path = "/v1/admin/usage", tag = "operations",
+    responses((status = 200, description = "One entry per local replica", body = Vec<Object>)))]
+async fn admin_usage(State(state): State<AppState>) -> Response {
+    let volumes = state.store.volumes();
+    // Reading the statistics opens an index transaction per volume: off the runtime threads.
+    let usage = tokio::task::spawn_blocking(move || {
+        volumes
+            .iter()
+            .filter_map(|v| v.stats().ok())
+            .map(|s| cairn_cluster::admin::ReplicaUsage {
+                partition: s.partition,
+                blobs: s.blobs,
+                stored_bytes: s.live_bytes,
+                reclaimable_bytes: s.reclaimable_bytes,
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    Json(usage).into_response()
 }
 
 /// The process is up.

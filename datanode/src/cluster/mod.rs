@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_cluster::etcd::{ClusterStore, Snapshot};
-use cairn_cluster::{ClusterConfig, LiveNode, PartitionSpec, ReplicaUsage, Topology};
+use cairn_cluster::{ClusterConfig, LiveNode, PartitionSpec, Topology};
 use cairn_common::agent_api::CreateVolumeRequest;
 use cairn_common::volume_layout::VolumeMarker;
 use tokio::sync::watch;
@@ -100,7 +100,6 @@ impl Cluster {
             started_ms: now_ms(),
             free_bytes: BTreeMap::new(),
             unopened: BTreeMap::new(),
-            usage: BTreeMap::new(),
         };
         let (live_tx, live_rx) = watch::channel(live);
         tokio::spawn({
@@ -112,17 +111,9 @@ impl Cluster {
             let cluster = cluster.clone();
             async move {
                 loop {
-                    let (mut free, mut usage) = (BTreeMap::new(), BTreeMap::new());
+                    let mut free = BTreeMap::new();
                     for volume in cluster.store.volumes() {
                         if let Ok(stats) = volume.stats() {
-                            usage.insert(
-                                volume.partition(),
-                                ReplicaUsage {
-                                    blobs: stats.blobs,
-                                    stored_bytes: stats.live_bytes,
-                                    reclaimable_bytes: stats.reclaimable_bytes,
-                                },
-                            );
                             // A replica that takes no blobs now (full, stalled) has no room to offer.
                             let room = match stats.health {
                                 crate::engine::VolumeHealth::Writable => {
@@ -135,10 +126,9 @@ impl Cluster {
                     }
                     let unopened = cluster.unopened();
                     live_tx.send_if_modified(|l| {
-                        let changed = l.free_bytes != free || l.unopened != unopened || l.usage != usage;
+                        let changed = l.free_bytes != free || l.unopened != unopened;
                         l.free_bytes = free;
                         l.unopened = unopened;
-                        l.usage = usage;
                         changed
                     });
                     tokio::select! {

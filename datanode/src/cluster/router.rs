@@ -424,7 +424,6 @@ mod tests {
                 started_ms: 0,
                 free_bytes: free.iter().copied().collect(),
                 unopened: Default::default(),
-                usage: Default::default(),
             };
             snapshot.live.insert(n.to_string(), node);
         }

@@ -6,10 +6,13 @@
 pub mod render;
 pub mod view;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use cairn_cluster::admin::ReplicaUsage;
 use cairn_cluster::etcd::{EtcdTls, Snapshot};
 use cairn_cluster::LiveNode;
+use cairn_resources::store_cluster::CapacityStatus;
 use cairn_resources::{StoreCluster, StoreNode};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
@@ -21,10 +24,9 @@ use crate::kubernetes::KubernetesPlatform;
 use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
 use crate::platform::{
-    capacity, disk_space, moved_away, node_usage, partition_counts, partition_list, replica_progress, store_for,
-    Platform,
+    capacity, moved_away, partition_counts, partition_list, replica_progress, replica_usage, store_for, Platform,
 };
-use view::{ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
+use view::{CapacityView, ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
 
 /// Events shown by `cairn status`.
 const EVENTS_SHOWN: usize = 5;
@@ -319,6 +321,8 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
     };
     let rf = sc.spec.replication_factor;
     let mut issues = Vec::new();
+    // What each live datanode's replicas hold, from the datanode itself.
+    let mut usage: BTreeMap<String, Vec<ReplicaUsage>> = BTreeMap::new();
     if let Some(snapshot) = &snapshot {
         for p in snapshot.topology.partitions.values() {
             let not_live: Vec<String> =
@@ -352,6 +356,9 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
                     live.address
                 )),
             }
+            if let Some(list) = replica_usage(&live.address).await {
+                usage.insert(node.clone(), list);
+            }
         }
     }
     issues.sort_by_key(|i| match i {
@@ -362,7 +369,7 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
 
     // Without etcd, the Pods still tell whether each datanode runs.
     let pods = if snapshot.is_none() { source.datanode_pods(sc).await } else { None };
-    let machine_views = machine_rows(&machines, snapshot.as_ref(), pods.as_ref());
+    let machine_views = machine_rows(&machines, snapshot.as_ref(), pods.as_ref(), &usage);
     for m in &machine_views {
         if m.datanode == "not-registered" {
             warnings.push(format!("datanode {} is not registered in etcd (not running, or cannot reach etcd)", m.name));
@@ -441,11 +448,7 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
                 since: c.last_transition_time.0.to_string(),
             })
             .collect(),
-        // From what is observed now, as the rows are (the status may be a pass old).
-        capacity: match &snapshot {
-            Some(s) => capacity(&machines, s),
-            None => status.capacity.clone(),
-        },
+        capacity: capacity_line(&machine_views, &usage, &status.capacity),
         partitions,
         topology_revision: snapshot.as_ref().map(|s| s.revision).unwrap_or(status.topology_revision),
         machines: machine_views,
@@ -455,18 +458,65 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
     }
 }
 
-/// One row per machine, and one per topology node that no machine matches. `pods`: whether
-/// each machine's datanode Pod is Ready, for when etcd could not be read.
+/// The Capacity line: the sums of the machine rows (the status's disk figures when no machine
+/// could be read), and the blobs counted once — for each partition, the most any replica that
+/// answered holds (replicas converge to the same set).
+fn capacity_line(
+    rows: &[MachineView],
+    usage: &BTreeMap<String, Vec<ReplicaUsage>>,
+    status: &CapacityStatus,
+) -> CapacityView {
+    let known = |f: fn(&MachineView) -> Option<u64>| {
+        rows.iter().filter_map(f).fold(None, |sum: Option<u64>, b| Some(sum.unwrap_or(0) + b))
+    };
+    let mut blobs: BTreeMap<u32, u64> = BTreeMap::new();
+    for u in usage.values().flatten() {
+        let most = blobs.entry(u.partition).or_default();
+        *most = (*most).max(u.blobs);
+    }
+    let disks = if rows.is_empty() {
+        status.clone()
+    } else {
+        CapacityStatus {
+            allocated_bytes: rows.iter().map(|r| r.allocated_bytes).sum(),
+            allocatable_bytes: rows.iter().map(|r| r.allocatable_bytes).sum(),
+            total_bytes: rows.iter().map(|r| r.total_bytes).sum(),
+        }
+    };
+    CapacityView {
+        blobs: (!usage.is_empty()).then(|| blobs.values().sum()),
+        stored_bytes: known(|r| r.stored_bytes),
+        reclaimable_bytes: known(|r| r.reclaimable_bytes),
+        allocated_bytes: disks.allocated_bytes,
+        allocatable_bytes: disks.allocatable_bytes,
+        total_bytes: disks.total_bytes,
+    }
+}
+
+/// What one datanode's replicas hold, summed: (stored, reclaimable); `None` when it did not say.
+fn node_usage(usage: &BTreeMap<String, Vec<ReplicaUsage>>, node: &str) -> (Option<u64>, Option<u64>) {
+    match usage.get(node) {
+        Some(list) => {
+            (Some(list.iter().map(|u| u.stored_bytes).sum()), Some(list.iter().map(|u| u.reclaimable_bytes).sum()))
+        }
+        None => (None, None),
+    }
+}
+
+/// One row per machine, one per topology node that no machine matches, and one per other live
+/// datanode. `pods`: whether each machine's datanode Pod is Ready, for when etcd could not be
+/// read; `usage`: what each datanode that answered holds.
 fn machine_rows(
     machines: &[Machine],
     snapshot: Option<&Snapshot>,
     pods: Option<&std::collections::BTreeMap<String, bool>>,
+    usage: &BTreeMap<String, Vec<ReplicaUsage>>,
 ) -> Vec<MachineView> {
     let mut rows: Vec<MachineView> = machines
         .iter()
         .map(|m| {
-            let space = disk_space(&m.disks);
-            let usage = snapshot.and_then(|s| s.live.get(&m.name)).map(node_usage);
+            let space = capacity(&m.disks);
+            let (stored, reclaimable) = node_usage(usage, &m.name);
             let in_topology = snapshot.map(|s| s.topology.nodes.contains_key(&m.name));
             let datanode = match (snapshot, in_topology) {
                 (None, _) => match pods.map(|p| p.get(&m.name)) {
@@ -489,8 +539,8 @@ fn machine_rows(
                 datanode: datanode.into(),
                 address: snapshot.and_then(|s| s.live.get(&m.name)).map(|l| l.address.clone()).unwrap_or_default(),
                 disks: m.disks.iter().filter(|d| d.usable).count() as u32,
-                stored_bytes: usage.map(|u| u.stored_bytes),
-                reclaimable_bytes: usage.map(|u| u.reclaimable_bytes),
+                stored_bytes: stored,
+                reclaimable_bytes: reclaimable,
                 allocated_bytes: space.allocated_bytes,
                 allocatable_bytes: space.allocatable_bytes,
                 total_bytes: space.total_bytes,
@@ -499,15 +549,15 @@ fn machine_rows(
         })
         .collect();
     if let Some(s) = snapshot {
-        let usage = |node: &str| s.live.get(node).map(node_usage);
         for node in s.topology.nodes.values().filter(|n| !machines.iter().any(|m| m.name == n.id)) {
+            let (stored, reclaimable) = node_usage(usage, &node.id);
             rows.push(MachineView {
                 name: node.id.clone(),
                 zone: node.zone.clone(),
                 datanode: if s.live.contains_key(&node.id) { "ready".into() } else { "gone".into() },
                 address: node.address.clone(),
-                stored_bytes: usage(&node.id).map(|u| u.stored_bytes),
-                reclaimable_bytes: usage(&node.id).map(|u| u.reclaimable_bytes),
+                stored_bytes: stored,
+                reclaimable_bytes: reclaimable,
                 replicas: s.topology.partitions_of(&node.id).count() as u32,
                 ..MachineView::default()
             });
@@ -515,13 +565,14 @@ fn machine_rows(
         // Every live datanode has a row, so that the rows add up to the capacity line.
         let strangers: Vec<&LiveNode> = s.live.values().filter(|l| !rows.iter().any(|r| r.name == l.node)).collect();
         for live in strangers {
+            let (stored, reclaimable) = node_usage(usage, &live.node);
             rows.push(MachineView {
                 name: live.node.clone(),
                 zone: live.zone.clone(),
                 datanode: "not-in-topology".into(),
                 address: live.address.clone(),
-                stored_bytes: Some(node_usage(live).stored_bytes),
-                reclaimable_bytes: Some(node_usage(live).reclaimable_bytes),
+                stored_bytes: stored,
+                reclaimable_bytes: reclaimable,
                 ..MachineView::default()
             });
         }
@@ -532,7 +583,7 @@ fn machine_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_cluster::{NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, ReplicaUsage, Topology};
+    use cairn_cluster::{NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, Topology};
     use cairn_common::agent_api::DiskReport;
 
     fn machine(name: &str, selected: bool) -> Machine {
@@ -575,17 +626,19 @@ mod tests {
             )]
             .into(),
         };
-        // Replicas of partition 0 hold 7 blobs on "ready" and 5 on "leaving" (still catching up).
-        let live = |n: &str, blobs: u64| LiveNode {
-            node: n.into(),
-            address: format!("{n}:7480"),
-            usage: [(0, ReplicaUsage { blobs, stored_bytes: blobs * 100, reclaimable_bytes: 10 })].into(),
-            ..LiveNode::default()
-        };
-        snapshot.live = [live("ready", 7), live("leaving", 5), live("stranger", 0)]
-            .into_iter()
-            .map(|l| (l.node.clone(), l))
-            .collect();
+        let live = |n: &str| LiveNode { node: n.into(), address: format!("{n}:7480"), ..LiveNode::default() };
+        snapshot.live =
+            [live("ready"), live("leaving"), live("stranger")].into_iter().map(|l| (l.node.clone(), l)).collect();
+        // Replicas of partition 0 hold 7 blobs on "ready" and 5 on "leaving" (still catching up);
+        // "stranger" holds partition 9's 2 blobs.
+        let replica =
+            |partition, blobs: u64| ReplicaUsage { partition, blobs, stored_bytes: blobs * 100, reclaimable_bytes: 10 };
+        let usage: BTreeMap<String, Vec<ReplicaUsage>> = [
+            ("ready".to_string(), vec![replica(0, 7)]),
+            ("leaving".to_string(), vec![replica(0, 5)]),
+            ("stranger".to_string(), vec![replica(9, 2)]),
+        ]
+        .into();
         let machines = vec![
             machine("ready", true),
             machine("down", true),
@@ -593,7 +646,7 @@ mod tests {
             machine("spare", true),
             machine("cordoned", false),
         ];
-        let rows = machine_rows(&machines, Some(&snapshot), None);
+        let rows = machine_rows(&machines, Some(&snapshot), None, &usage);
         let states: Vec<(&str, &str)> = rows.iter().map(|r| (r.name.as_str(), r.datanode.as_str())).collect();
         assert_eq!(
             states,
@@ -614,23 +667,27 @@ mod tests {
         );
         assert_eq!((rows[1].stored_bytes, rows[1].reclaimable_bytes), (None, None), "not live: unknown");
         // The capacity line adds up the rows, and counts each blob once.
-        let c = capacity(&machines, &snapshot);
+        let c = capacity_line(&rows, &usage, &CapacityStatus::default());
         let sum = |f: fn(&MachineView) -> u64| rows.iter().map(f).sum::<u64>();
-        assert_eq!(c.stored_bytes, sum(|r| r.stored_bytes.unwrap_or(0)));
-        assert_eq!(c.reclaimable_bytes, sum(|r| r.reclaimable_bytes.unwrap_or(0)));
+        assert_eq!(c.stored_bytes, Some(sum(|r| r.stored_bytes.unwrap_or(0))));
+        assert_eq!(c.reclaimable_bytes, Some(sum(|r| r.reclaimable_bytes.unwrap_or(0))));
         assert_eq!(c.allocated_bytes, sum(|r| r.allocated_bytes));
         assert_eq!(c.allocatable_bytes, sum(|r| r.allocatable_bytes));
         assert_eq!(c.total_bytes, sum(|r| r.total_bytes));
-        assert_eq!((c.blobs, c.stored_bytes, c.total_bytes), (7, 1200, 500));
+        assert_eq!((c.blobs, c.stored_bytes, c.total_bytes), (Some(9), Some(1400), 500));
+        // No datanode answered: unknown, not zero; no machine read: the status's disk figures.
+        let status = CapacityStatus { allocated_bytes: 1, allocatable_bytes: 2, total_bytes: 3 };
+        let blind = capacity_line(&[], &BTreeMap::new(), &status);
+        assert_eq!((blind.blobs, blind.stored_bytes, blind.total_bytes), (None, None, 3));
         assert_eq!((rows[0].replicas, rows[3].replicas, rows[5].replicas), (1, 0, 1));
         assert_eq!(rows[0].address, "ready:7480");
 
-        let unknown = machine_rows(&machines, None, None);
+        let unknown = machine_rows(&machines, None, None, &BTreeMap::new());
         assert!(unknown.iter().all(|r| r.datanode == "unknown"), "{unknown:?}");
         assert_eq!(unknown.len(), machines.len());
         // etcd unreadable, the Pods known.
         let pods = [("ready".to_string(), true), ("down".to_string(), false)].into();
-        let by_pod = machine_rows(&machines, None, Some(&pods));
+        let by_pod = machine_rows(&machines, None, Some(&pods), &BTreeMap::new());
         let states: Vec<&str> = by_pod.iter().map(|r| r.datanode.as_str()).collect();
         assert_eq!(states, ["pod-ready", "pod-not-ready", "no-pod", "no-pod", "no-pod"]);
 

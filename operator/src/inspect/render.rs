@@ -75,12 +75,13 @@ pub fn status(v: &ClusterView, now: Timestamp) -> String {
     }
     table(&mut out, &rows);
     let c = &v.capacity;
+    let known = |b: Option<u64>| b.map(bytes).unwrap_or_else(|| "?".into());
     let _ = writeln!(
         out,
         "Capacity: {} blob(s); {} stored, {} reclaimable (all replicas); {} allocated to volumes, {} allocatable, of {} total",
-        c.blobs,
-        bytes(c.stored_bytes),
-        bytes(c.reclaimable_bytes),
+        c.blobs.map(|b| b.to_string()).unwrap_or_else(|| "?".into()),
+        known(c.stored_bytes),
+        known(c.reclaimable_bytes),
         bytes(c.allocated_bytes),
         bytes(c.allocatable_bytes),
         bytes(c.total_bytes)

@@ -3,7 +3,7 @@
 //! the Kubernetes resources they come from.
 
 use cairn_common::agent_api::{DiskReport, ExcludedMount, MissingDisk};
-use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts};
+use cairn_resources::store_cluster::PartitionCounts;
 use serde::{Deserialize, Serialize};
 
 /// `cairn status`.
@@ -22,8 +22,7 @@ pub struct ClusterView {
     pub generation: Option<i64>,
     pub observed_generation: Option<i64>,
     pub conditions: Vec<ConditionView>,
-    /// The sums of the machine rows, and the blobs counted once.
-    pub capacity: CapacityStatus,
+    pub capacity: CapacityView,
     pub partitions: PartitionCounts,
     pub topology_revision: i64,
     pub machines: Vec<MachineView>,
@@ -53,6 +52,27 @@ impl ClusterView {
     }
 }
 
+/// The Capacity line: the sums of the machine rows, and the blobs counted once. The words are
+/// those of docs/operations.md.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityView {
+    /// Blobs stored and not deleted, each counted once (for each partition, the most any of its
+    /// replicas that answered holds); `None` when no datanode answered.
+    pub blobs: Option<u64>,
+    /// Bytes the replicas hold for their blobs (with record headers) and tombstones, every replica
+    /// counted; `None` when no datanode answered.
+    pub stored_bytes: Option<u64>,
+    /// Bytes written and no longer needed, which compaction gives back to the volumes.
+    pub reclaimable_bytes: Option<u64>,
+    /// Space of the usable disks allocated to Cairn volumes (preallocated).
+    pub allocated_bytes: u64,
+    /// What the usable disks can still allocate to new volumes.
+    pub allocatable_bytes: u64,
+    /// Size of the usable disks.
+    pub total_bytes: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConditionView {
@@ -80,7 +100,7 @@ pub struct MachineView {
     /// Usable disks.
     pub disks: u32,
     /// What the datanode's replicas hold and what compaction can reclaim from them (see
-    /// [`CapacityStatus`]); `None` when no datanode of that name is live to say.
+    /// [`CapacityView`]); `None` when its datanode did not answer.
     pub stored_bytes: Option<u64>,
     pub reclaimable_bytes: Option<u64>,
     /// Allocated to Cairn volumes on the usable disks.
