@@ -75,6 +75,12 @@ try:
             if time.time() > deadline:
                 fail(f"{m} not healthy at {url} within 30 s")
             time.sleep(0.3)
+    # The liveness probe answers too.
+    live = container["livenessProbe"]["httpGet"]
+    for m in members:
+        url = f"http://127.0.0.1:{ports[(m, live['port'])]}{live['path']}"
+        if json.load(urllib.request.urlopen(url, timeout=2)).get("health") != "true":
+            fail(f"{m}: liveness probe {url} not healthy")
     # One cluster of every member.
     req = urllib.request.Request(f"http://127.0.0.1:{ports[(members[0], 2379)]}/v3/cluster/member/list",
                                  data=b"{}", method="POST")

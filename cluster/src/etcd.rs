@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::planner::{self, PlanError};
-use crate::topology::{ClusterConfig, LiveNode, NodeSpec, PartitionSpec, Topology};
+use crate::topology::{ClusterConfig, LiveNode, NodeSpec, PartitionSpec, RetiredReplica, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -194,6 +194,12 @@ impl ClusterStore {
                     None => t.partitions.remove(&id),
                 };
             }
+            (Some(("retired", id)), Some((bytes, _))) => {
+                t.retired.insert(id.to_owned(), parse(key, bytes)?);
+            }
+            (Some(("retired", id)), None) => {
+                t.retired.remove(id);
+            }
             (Some(("live", node)), Some((bytes, _))) => {
                 snapshot.live.insert(node.to_owned(), parse(key, bytes)?);
             }
@@ -228,6 +234,7 @@ impl ClusterStore {
                 config: Some(config.clone()),
                 nodes: nodes.iter().map(|n| (n.id.clone(), n.clone())).collect(),
                 partitions,
+                retired: snapshot.topology.retired.clone(),
             };
             if let Written::Keys(keys) = self.write_topology(&snapshot, &desired).await? {
                 return Ok((desired, keys));
@@ -317,6 +324,10 @@ impl ClusterStore {
         }
         for p in t.partitions.values() {
             out.insert(self.partition_key(p.id), serde_json::to_vec(p).expect("JSON"));
+        }
+        for r in t.retired.values() {
+            let key = format!("{}retired/{}", self.prefix, RetiredReplica::key(r.partition, &r.node));
+            out.insert(key, serde_json::to_vec(r).expect("JSON"));
         }
         out
     }

@@ -11,4 +11,6 @@ pub mod etcd;
 pub mod planner;
 pub mod topology;
 
-pub use topology::{ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, Topology};
+pub use topology::{
+    ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, RetiredReplica, Topology,
+};

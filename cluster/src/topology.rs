@@ -188,6 +188,30 @@ pub struct Topology {
     pub config: Option<ClusterConfig>,
     pub nodes: BTreeMap<String, NodeSpec>,
     pub partitions: BTreeMap<u32, PartitionSpec>,
+    /// Replicas a completed move dropped, whose volumes are still to be removed, by
+    /// [`RetiredReplica::key`]. Only these volumes are ever removed from a node that stays: a
+    /// volume the topology merely does not mention (a topology rewritten by hand, or etcd
+    /// restored from an old backup) is kept.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub retired: BTreeMap<String, RetiredReplica>,
+}
+
+/// `retired/<partition>/<node>`: a replica a completed move dropped (its replacement had caught
+/// up), written in the same transaction that dropped it; deleted once its volume is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredReplica {
+    pub partition: u32,
+    pub node: String,
+    pub disk: String,
+    /// When the move completed (ms since the epoch).
+    pub retired_ms: u64,
+}
+
+impl RetiredReplica {
+    pub fn key(partition: u32, node: &str) -> String {
+        format!("{partition:08}/{node}")
+    }
 }
 
 impl Topology {

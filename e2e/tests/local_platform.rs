@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cairn_operator::local::{LocalMachine, LocalPlatform};
-use cairn_operator::platform::{converge, delete_cluster, Outcome};
+use cairn_operator::platform::{converge, delete_cluster, Outcome, Platform};
 use cairn_resources::store_cluster::StoreClusterSpec;
 use cairn_testkit::etcd::EtcdServer;
 use cairn_testkit::machine::Machine;
@@ -297,4 +297,50 @@ async fn a_pass_that_cannot_plan_still_serves_what_exists() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     check_all(&client, machines[1].port, &blobs).await;
+}
+
+/// A replica the topology no longer places on a machine, without a move having retired it (the
+/// topology rewritten by hand, or etcd restored from an old backup), keeps its volume: only
+/// volumes a completed move recorded as retired are ever purged from a machine that stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_dropped_by_hand_keeps_its_volume() {
+    let etcd = EtcdServer::start();
+    let mut disks = Machine::new();
+    let (_agents, machines) = machines_with_agents(&mut disks, &["a", "b", "c", "d"]);
+    let spec = spec(&etcd.endpoint());
+    let platform = platform_for(&etcd, machines.clone());
+    converge_until_ready(&platform, &spec).await;
+    let client = reqwest::Client::new();
+    let mut blobs = BTreeMap::new();
+    for seed in 0..20u64 {
+        let data = payload(seed, 5_000);
+        blobs.insert(put(&client, machines[(seed % 4) as usize].port, data.clone()).await, data);
+    }
+
+    // By hand: partition 0's replica on one machine goes to the machine without one.
+    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
+    let snapshot = store.load().await.unwrap();
+    let mut p0 = snapshot.topology.partitions[&0].clone();
+    let spare = machines.iter().find(|m| p0.replicas.iter().all(|r| r.node != m.name)).unwrap();
+    let spare_disk = snapshot.topology.nodes[&spare.name].disks[0].id.clone();
+    let dropped = p0.replicas[0].node.clone();
+    p0.replicas[0] = cairn_cluster::ReplicaSpec { node: spare.name.clone(), disk: spare_disk };
+    assert!(store.update_partition(&snapshot, &p0).await.unwrap());
+    converge_until_ready(&platform, &spec).await;
+
+    let topology = store.load().await.unwrap().topology;
+    let machine = machines.iter().find(|m| m.name == dropped).unwrap();
+    let held = cairn_common::agent_client::AgentClient::new(&machine.agent_socket).list_volumes().await.unwrap();
+    let volume = cairn_cluster::Topology::volume_name("c1", 0, &dropped);
+    assert!(held.iter().any(|v| v.name == volume), "{volume} kept: {held:?}");
+    if topology.partitions_of(&dropped).all(|p| p.id != 0) {
+        // Reported as kept, with the command that removes it.
+        let all = platform.machines().await.unwrap();
+        let known: Vec<_> = all.iter().collect();
+        let unplaced = cairn_operator::platform::unplaced_volumes("c1", &known, &topology);
+        assert!(unplaced.iter().any(|(m, p)| m.name == dropped && p == &[0]), "{unplaced:?}");
+    }
+    for m in &machines {
+        check_all(&client, m.port, &blobs).await;
+    }
 }

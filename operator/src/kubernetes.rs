@@ -289,29 +289,43 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
     }
 
     /// A purge Pod on the machine (pinned, the disk agent's socket mounted) runs
-    /// `cairn volumes purge --cluster <cluster> --node <machine> [--partition P]…`; true once it
-    /// succeeded (it is then removed). One at a time per machine: a later set of partitions gets
-    /// its Pod after the running one is done.
+    /// `cairn volumes purge --cluster <cluster> --node <machine> [--partition P]…` once
+    /// (`restartPolicy: Never`); true once it succeeded (it is then removed). The Pod is named for
+    /// what it deletes ([`purge_pod_name`]): one made for another set of volumes — the set changed
+    /// since, say a replica was placed there again — is removed, never taken for this one. A Pod
+    /// that failed (a volume still open) is removed and made again on a later pass.
     async fn purge_machine(&self, machine: &Machine, partitions: Option<&[u32]>) -> Result<bool, String> {
         let sc = self.cluster;
         let namespace = sc.namespace().unwrap_or_default();
         let cluster = sc.name_any();
         let pods = pods_api(&self.client, &namespace);
-        let name = format!("{cluster}-purge-{}", machine.name);
-        if let Some(pod) = pods.get_opt(&name).await.map_err(|e| e.to_string())? {
-            if pod.data["status"]["phase"].as_str() != Some("Succeeded") {
-                return Ok(false);
+        let command = purge_command(&cluster, &machine.name, partitions, "/run/cairn/disk-agent.sock");
+        let name = purge_pod_name(&cluster, &machine.name, &command);
+        let mine = format!("{},{PURGE_LABEL}={}", selector(&cluster), machine.name);
+        for pod in pods.list(&ListParams::default().labels(&mine)).await.map_err(|e| e.to_string())? {
+            if pod.name_any() != name {
+                pods.delete(&pod.name_any(), &DeleteParams::default()).await.map_err(|e| e.to_string())?;
             }
-            pods.delete(&name, &DeleteParams::default()).await.map_err(|e| e.to_string())?;
-            return Ok(true);
+        }
+        if let Some(pod) = pods.get_opt(&name).await.map_err(|e| e.to_string())? {
+            return match pod.data["status"]["phase"].as_str() {
+                Some("Succeeded") => {
+                    pods.delete(&name, &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+                    Ok(true)
+                }
+                Some("Failed") => {
+                    pods.delete(&name, &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+                    Ok(false)
+                }
+                _ => Ok(false),
+            };
         }
         let owner = sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid");
         let mut l = labels(&cluster);
         l.insert(PURGE_LABEL.into(), machine.name.clone());
-        let command = purge_command(&cluster, &machine.name, partitions, "/run/cairn/disk-agent.sock");
         let body = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
-            "spec": {"nodeName": machine.name, "restartPolicy": "OnFailure",
+            "spec": {"nodeName": machine.name, "restartPolicy": "Never",
                 "containers": [{"name": "purge", "image": sc.spec.image,
                     "command": command,
                     "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
@@ -320,6 +334,20 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
             .await
             .map_err(|e| e.to_string())?;
         Ok(false)
+    }
+}
+
+/// `<cluster>-purge-<machine>-<hash of the command>`: a purge Pod's name says what it deletes.
+pub fn purge_pod_name(cluster: &str, machine: &str, command: &[String]) -> String {
+    let fnv = |text: &str| {
+        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    };
+    let hash = fnv(&command.join("\0")) as u32;
+    let name = format!("{cluster}-purge-{machine}-{hash:08x}");
+    if name.len() <= 253 {
+        name
+    } else {
+        format!("{cluster}-purge-{:08x}-{hash:08x}", fnv(machine) as u32)
     }
 }
 

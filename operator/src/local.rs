@@ -44,6 +44,12 @@ struct Binary {
 }
 
 impl Binary {
+    /// Whether a datanode started from `self` runs what `now` names: the same path, and the same
+    /// file unless it cannot be read right now (a rebuild replacing it: no upgrade on a guess).
+    fn runs(&self, now: &Binary) -> bool {
+        self.path == now.path && (now.file.is_none() || self.file == now.file)
+    }
+
     fn at(path: &std::path::Path) -> Self {
         use std::os::unix::fs::MetadataExt;
         let file = std::fs::metadata(path)
@@ -306,7 +312,7 @@ impl Platform for LocalPlatform {
                 let running = self.running.lock().expect("running lock");
                 match running.get(&machine.name) {
                     None => None,
-                    Some(r) if r.args == args && r.binary == binary => continue,
+                    Some(r) if r.args == args && r.binary.runs(&binary) => continue,
                     Some(r) => Some(r.args == args),
                 }
             };

@@ -238,10 +238,10 @@ fn say(line: &str) {
 
 /// The local machines of this run: `m0`…`m<N-1>` of `--machines N` (those named by `--drain`
 /// unselected), and, unselected so that they are drained rather than lost, the machines of an
-/// earlier run beyond N that the topology still places replicas on.
-async fn local_machines(
+/// earlier run beyond N that were not yet drained to the end (a machine is left out of the state
+/// once it is drained, stopped and purged).
+fn local_machines(
     dir: &Path,
-    name: &str,
     options: &LocalOptions,
     socket: &Path,
     spec: &cairn_resources::StoreClusterSpec,
@@ -265,18 +265,11 @@ async fn local_machines(
         .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
         .map(|s| s.machines)
         .unwrap_or_default();
-    if previous.iter().any(|p| !machines.iter().any(|m| m.name == p.name)) {
-        let endpoints = [format!("http://127.0.0.1:{}", options.etcd_port)];
-        let store = crate::platform::store_for(&endpoints, NAMESPACE, name, None).await.map_err(anyhow::Error::msg)?;
-        let topology = store.load().await?.topology;
-        for p in previous {
-            let index: Option<usize> = p.name.strip_prefix('m').and_then(|i| i.parse().ok());
-            if let (Some(i), true) = (index, topology.nodes.contains_key(&p.name)) {
-                if i >= options.machines {
-                    let port = options.port + i as u16;
-                    machines.push(LocalMachine { selected: false, agent_socket: socket.to_owned(), port, ..p });
-                }
-            }
+    for p in previous {
+        let index: Option<usize> = p.name.strip_prefix('m').and_then(|i| i.parse().ok());
+        if let Some(i) = index.filter(|i| *i >= options.machines) {
+            let port = options.port + i as u16;
+            machines.push(LocalMachine { selected: false, agent_socket: socket.to_owned(), port, ..p });
         }
     }
     for drained in &options.drain {
@@ -318,6 +311,8 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     };
     let logs = dir.join("logs");
     let name = cluster.metadata.name.clone().unwrap_or_else(|| "local".into());
+    // Bad --drain is refused before anything starts.
+    let machines = local_machines(dir, &options, &dir.join("disk-agent.sock"), &cluster.spec)?;
 
     let etcd_url = format!("http://127.0.0.1:{}", options.etcd_port);
     let peer_url = format!("http://127.0.0.1:{}", options.etcd_port + 1);
@@ -342,7 +337,6 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     })?;
 
     let socket = dir.join("disk-agent.sock");
-    let machines = local_machines(dir, &name, &options, &socket, &cluster.spec).await?;
     let mut config = String::from("selector:\n  fs_types: []\nheadroom: 0%\ndirectories:\n");
     for m in &machines {
         let path = m.disk_path.as_ref().expect("local machines have a directory disk");
@@ -412,17 +406,33 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
         }
         if outcome.ready && !announced {
             announced = true;
-            for m in platform.local_machines().iter().filter(|m| !m.selected) {
+            // Ready: every drain is complete (the machine left the topology, its datanode
+            // stopped, its volumes purged). A machine beyond --machines is then forgotten.
+            let mut kept = Vec::new();
+            for m in platform.local_machines() {
+                if m.selected {
+                    kept.push(m);
+                    continue;
+                }
                 let disk = m.disk_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                let stays = options.drain.contains(&m.name);
                 say(&format!(
                     "cluster {name}: {} is drained and stopped; {}",
                     m.name,
-                    if options.drain.contains(&m.name) {
+                    if stays {
                         "it stays out while --drain names it".to_string()
                     } else {
                         format!("the next start leaves it out, and its disk {disk} can be removed")
                     }
                 ));
+                if stays {
+                    kept.push(m);
+                }
+            }
+            if kept.len() != platform.local_machines().len() {
+                platform.set_machines(kept);
+                state.machines = platform.local_machines();
+                state.save(dir)?;
             }
             let (first, last) = (options.port, options.port + options.machines as u16 - 1);
             say(&format!(

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use cairn_cluster::admin::ReplicaUsage;
 use cairn_cluster::etcd::{ClusterStore, EtcdTls, Snapshot, Written};
-use cairn_cluster::{planner, ClusterConfig, NodeSpec, PartitionState, ReplicaSpec, Topology};
+use cairn_cluster::{planner, ClusterConfig, NodeSpec, PartitionState, ReplicaSpec, RetiredReplica, Topology};
 use cairn_resources::store_cluster::{CapacityStatus, PartitionCounts, StoreClusterSpec};
 use cairn_resources::StoreClusterStatus;
 
@@ -199,20 +199,36 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
             }
         }
     }
-    // A replica moved off a machine that stays leaves its volume behind (its datanode closed it,
-    // data kept, when the topology dropped it). Once every replica is live and caught up, the
-    // move is complete beyond doubt and the volume goes.
-    if settled {
-        for (machine, partitions) in moved_away(name, &chosen, &after.topology) {
+    // A replica a completed move dropped leaves its volume behind (its datanode closed it, data
+    // kept). Once every replica is live and caught up, and this pass changed nothing, the volume
+    // goes; only volumes the topology recorded as retired, never one it merely does not mention.
+    let known: Vec<&Machine> = chosen.iter().chain(others.iter()).collect();
+    if settled && changes.is_empty() {
+        for (machine, partitions) in retired_volumes(name, &known, &after.topology) {
             match platform.purge_machine(machine, Some(&partitions)).await {
                 Ok(_) => changes.push(format!(
-                    "purging the volumes of {} replica(s) moved away from {} ({})",
+                    "purging the volumes of {} retired replica(s) on {} ({})",
                     partitions.len(),
                     machine.name,
                     partition_list(&partitions)
                 )),
                 Err(message) => return Outcome::degraded("PurgeFailed", message),
             }
+        }
+    }
+    // A retirement is done when its volume is gone (or its machine is).
+    let done = finished_retirements(name, &known, &after.topology);
+    if !done.is_empty() {
+        let mut t = after.topology.clone();
+        for key in &done {
+            t.retired.remove(key);
+        }
+        match store.write_topology(&after, &t).await {
+            Ok(Written::Keys(keys)) if !keys.is_empty() => {
+                changes.push(format!("topology: forgot {} retired replica(s) whose volume is gone", done.len()))
+            }
+            Ok(_) => {}
+            Err(e) => return Outcome::degraded("EtcdUnreachable", e.to_string()),
         }
     }
     // A datanode that cannot open a replica assigned to it keeps trying; until it can, the
@@ -226,20 +242,69 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     Outcome { status, ready, changes, degraded, progress }
 }
 
-/// Volumes of this cluster on machines of the topology whose partition no longer has a replica
-/// there (moved away), by machine. A volume of a partition the topology does not have at all is
-/// not counted: that is a topology to look at, not a finished move.
-pub fn moved_away<'m>(cluster: &str, machines: &'m [Machine], topology: &Topology) -> Vec<(&'m Machine, Vec<u32>)> {
+/// Volumes of this cluster that a completed move retired and that are still on their machine,
+/// by machine (the partitions). A replica placed there again is not retired.
+pub fn retired_volumes<'m>(
+    cluster: &str,
+    machines: &[&'m Machine],
+    topology: &Topology,
+) -> Vec<(&'m Machine, Vec<u32>)> {
+    volumes_where(cluster, machines, |partition, node| {
+        topology.retired.contains_key(&RetiredReplica::key(partition, node)) && !places(topology, partition, node)
+    })
+}
+
+/// Volumes of this cluster on machines of the topology whose partition has no replica there and
+/// that no move retired (a topology rewritten by hand, etcd restored from an old backup): kept,
+/// and reported.
+pub fn unplaced_volumes<'m>(
+    cluster: &str,
+    machines: &[&'m Machine],
+    topology: &Topology,
+) -> Vec<(&'m Machine, Vec<u32>)> {
+    volumes_where(cluster, machines, |partition, node| {
+        topology.nodes.contains_key(node)
+            && topology.partitions.contains_key(&partition)
+            && !topology.retired.contains_key(&RetiredReplica::key(partition, node))
+            && !places(topology, partition, node)
+    })
+}
+
+/// Retirement records whose volume is gone from its machine's disks, or whose machine is.
+pub fn finished_retirements(cluster: &str, machines: &[&Machine], topology: &Topology) -> Vec<String> {
+    topology
+        .retired
+        .iter()
+        .filter(|(_, r)| match machines.iter().find(|m| m.name == r.node) {
+            None => true,
+            Some(m) => {
+                let name = Topology::volume_name(cluster, r.partition, &r.node);
+                !m.disks.iter().flat_map(|d| &d.volumes).any(|v| v.name == name)
+            }
+        })
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
+fn places(topology: &Topology, partition: u32, node: &str) -> bool {
+    topology.partitions.get(&partition).is_some_and(|p| p.replicas.iter().any(|r| r.node == node))
+}
+
+/// This cluster's volumes on each machine (exact names) whose (partition, machine) passes `keep`.
+fn volumes_where<'m>(
+    cluster: &str,
+    machines: &[&'m Machine],
+    keep: impl Fn(u32, &str) -> bool,
+) -> Vec<(&'m Machine, Vec<u32>)> {
     let mut out = Vec::new();
-    for machine in machines.iter().filter(|m| topology.nodes.contains_key(&m.name)) {
+    for &machine in machines {
         let mut partitions: Vec<u32> = machine
             .disks
             .iter()
             .flat_map(|d| &d.volumes)
             .filter(|v| Topology::is_volume_of(cluster, &machine.name, &v.name))
-            .filter(|v| {
-                topology.partitions.get(&v.partition).is_some_and(|p| p.replicas.iter().all(|r| r.node != machine.name))
-            })
+            .filter(|v| Topology::volume_name(cluster, v.partition, &machine.name) == v.name)
+            .filter(|v| keep(v.partition, &machine.name))
             .map(|v| v.partition)
             .collect();
         partitions.sort();
@@ -322,16 +387,31 @@ async fn move_step(
         config: Some(config.clone()),
         nodes: nodes.iter().map(|n| (n.id.clone(), n.clone())).collect(),
         partitions: BTreeMap::new(),
+        retired: snapshot.topology.retired.clone(),
     };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     for (id, mut partition) in target {
         if let Some(current) = snapshot.topology.partitions.get(&id) {
             let removed: Vec<ReplicaSpec> =
                 current.replicas.iter().filter(|r| !partition.replicas.contains(r)).cloned().collect();
             let added: Vec<String> =
                 partition.replicas.iter().filter(|r| !current.replicas.contains(r)).map(|r| r.node.clone()).collect();
-            if !removed.is_empty() && !caught_up(snapshot, id, &added).await {
-                partition.replicas.extend(removed);
+            if !removed.is_empty() {
+                if caught_up(snapshot, id, &added).await {
+                    // Recorded in the same transaction that drops them: only these volumes are
+                    // ever purged from a node that stays.
+                    for r in removed {
+                        let retired = RetiredReplica { partition: id, node: r.node, disk: r.disk, retired_ms: now };
+                        merged.retired.insert(RetiredReplica::key(id, &retired.node), retired);
+                    }
+                } else {
+                    partition.replicas.extend(removed);
+                }
             }
+        }
+        // A replica placed (again) on a node is no longer retired there.
+        for r in &partition.replicas {
+            merged.retired.remove(&RetiredReplica::key(id, &r.node));
         }
         merged.partitions.insert(id, partition);
     }
@@ -465,7 +545,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn volumes_of_replicas_moved_away_are_found_exactly() {
+    fn only_volumes_of_retired_replicas_are_purged() {
         use cairn_common::agent_api::VolumeInfo;
         let volume = |name: &str, partition| VolumeInfo { name: name.into(), partition, ..VolumeInfo::default() };
         let machine = |name: &str, volumes: Vec<VolumeInfo>| Machine {
@@ -482,32 +562,47 @@ mod tests {
             let replicas = nodes.iter().map(|n| ReplicaSpec { node: n.to_string(), disk: String::new() }).collect();
             (id, cairn_cluster::PartitionSpec { id, state: PartitionState::Writable, replicas })
         };
+        let retired = |partition, node: &str| {
+            let r = RetiredReplica { partition, node: node.into(), disk: String::new(), retired_ms: 1 };
+            (RetiredReplica::key(partition, node), r)
+        };
         let topology = Topology {
             config: None,
             nodes: [node("m0"), node("m1")].into(),
-            partitions: [partition(0, &["m0", "m1"]), partition(1, &["m1"]), partition(2, &["m1"])].into(),
+            partitions: [
+                partition(0, &["m0", "m1"]),
+                partition(1, &["m1"]),
+                partition(2, &["m1"]),
+                partition(3, &["m1"]),
+            ]
+            .into(),
+            // p1 moved off m0 (retired); p2 is not on m0 and nothing retired it (a topology
+            // rewritten by hand): kept; p0 retired on m0 but placed there again: kept; p3's
+            // volume on m0 is already gone, and m9 no longer exists.
+            retired: [retired(1, "m0"), retired(0, "m0"), retired(3, "m0"), retired(4, "m9")].into(),
         };
-        let machines = vec![
-            // p1 and p2 moved to m1; p7 is in no topology (kept); c1-p1 of another cluster; a
-            // volume of cluster "c1-p2"'s partition 1 on m0.
+        let machines = [
             machine(
                 "m0",
                 vec![
                     volume("c1-p0-m0", 0),
                     volume("c1-p1-m0", 1),
                     volume("c1-p2-m0", 2),
-                    volume("c1-p7-m0", 7),
                     volume("c2-p1-m0", 1),
                     volume("c1-p2-p1-m0", 1),
                 ],
             ),
             machine("m1", vec![volume("c1-p0-m1", 0), volume("c1-p1-m1", 1), volume("c1-p2-m1", 2)]),
-            // Not in the topology: a drained machine is purged whole, elsewhere.
-            machine("m2", vec![volume("c1-p0-m2", 0)]),
         ];
-        let found: Vec<(&str, Vec<u32>)> =
-            moved_away("c1", &machines, &topology).into_iter().map(|(m, p)| (m.name.as_str(), p)).collect();
-        assert_eq!(found, [("m0", vec![1, 2])]);
+        let known: Vec<&Machine> = machines.iter().collect();
+        let by_machine = |found: Vec<(&Machine, Vec<u32>)>| -> Vec<(String, Vec<u32>)> {
+            found.into_iter().map(|(m, p)| (m.name.clone(), p)).collect()
+        };
+        assert_eq!(by_machine(retired_volumes("c1", &known, &topology)), [("m0".to_string(), vec![1])]);
+        assert_eq!(by_machine(unplaced_volumes("c1", &known, &topology)), [("m0".to_string(), vec![2])]);
+        let mut done = finished_retirements("c1", &known, &topology);
+        done.sort();
+        assert_eq!(done, [RetiredReplica::key(3, "m0"), RetiredReplica::key(4, "m9")]);
         assert_eq!(partition_list(&[1, 2]), "p1, p2");
     }
 

@@ -203,21 +203,22 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     assert!(reconcile(Arc::new(sc), ctx.clone()).await.is_err(), "in progress");
     assert!(pods.get_opt("c1-n0").await.unwrap().is_none(), "datanodes stopped");
     for node in ["n0", "n1", "n2"] {
-        let purge = pods.get(&format!("c1-purge-{node}")).await.unwrap();
+        let command = cairn_operator::kubernetes::purge_command("c1", node, None, "/run/cairn/disk-agent.sock");
+        let name = cairn_operator::kubernetes::purge_pod_name("c1", node, &command);
+        let purge = pods.get(&name).await.unwrap();
         let command = purge.spec.as_ref().unwrap().containers[0].command.clone().unwrap();
         assert_eq!(command[..3], ["cairn", "volumes", "purge"]);
         assert!(command.windows(2).any(|w| w[0] == "--cluster" && w[1] == "c1"), "{command:?}");
         assert_eq!(purge.spec.unwrap().node_name.as_deref(), Some(node));
         let done = json!({"apiVersion": "v1", "kind": "Pod", "status": {"phase": "Succeeded"}});
-        pods.patch_status(&format!("c1-purge-{node}"), &PatchParams::apply("kubelet"), &Patch::Apply(done))
-            .await
-            .unwrap();
+        pods.patch_status(&name, &PatchParams::apply("kubelet"), &Patch::Apply(done)).await.unwrap();
     }
     assert_eq!(store.load().await.unwrap().topology.partitions.len(), 6, "etcd waits for the volumes");
     reconcile_once(&api, &ctx).await;
     assert!(api.get_opt("c1").await.unwrap().is_none());
     assert!(store.load().await.unwrap().topology.nodes.is_empty(), "Delete removed the topology");
-    assert!(pods.get_opt("c1-purge-n0").await.unwrap().is_none(), "purge Pods cleaned up");
+    let left = pods.list(&kube::api::ListParams::default().labels("cairn.dev/purge")).await.unwrap();
+    assert!(left.items.is_empty(), "purge Pods cleaned up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,4 +440,55 @@ async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig(
     assert_eq!(code, 0);
     assert!(out.starts_with("cluster c1 (revision "), "{out}");
     assert!(out.contains("replication 3 quorum 2, 6 partitions"), "{out}");
+}
+
+/// Purge Pods run once (`restartPolicy: Never`) and are named for what they delete: a Pod made
+/// for another set of volumes is removed and never counted as done for this one; a failed one is
+/// removed and made again; a succeeded one is removed and reported done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
+    use cairn_operator::kubernetes::{purge_command, purge_pod_name, KubernetesPlatform};
+    use cairn_operator::platform::Platform;
+    let memory = MemoryApi::new();
+    let kube = memory.client();
+    machine(&kube, "n0", "a").await;
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml("http://127.0.0.1:1", 3))).await.unwrap();
+    let sc = api.get("c1").await.unwrap();
+    let platform = KubernetesPlatform { client: kube.clone(), cluster: &sc };
+    let machine = cairn_operator::desired::Machine {
+        name: "n0".into(),
+        zone: "a".into(),
+        disks: vec![],
+        address: String::new(),
+        selected: true,
+    };
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "store");
+    let name_for = |partitions: &[u32]| {
+        purge_pod_name("c1", "n0", &purge_command("c1", "n0", Some(partitions), "/run/cairn/disk-agent.sock"))
+    };
+    let phase = |name: String, phase: &str| {
+        let pods = pods.clone();
+        let status = json!({"apiVersion": "v1", "kind": "Pod", "status": {"phase": phase}});
+        async move { pods.patch_status(&name, &PatchParams::apply("kubelet"), &Patch::Apply(status)).await.unwrap() }
+    };
+
+    assert!(!platform.purge_machine(&machine, Some(&[1])).await.unwrap());
+    let first = pods.get(&name_for(&[1])).await.unwrap();
+    assert_eq!(first.spec.as_ref().unwrap().restart_policy.as_deref(), Some("Never"));
+    let command = first.spec.unwrap().containers[0].command.clone().unwrap();
+    assert!(command.windows(2).any(|w| w == ["--partition", "1"]), "{command:?}");
+    // The set changed (p1 placed there again, p2 retired): the p1 Pod goes, even once succeeded.
+    phase(name_for(&[1]), "Succeeded").await;
+    assert!(!platform.purge_machine(&machine, Some(&[2])).await.unwrap(), "not done: its own Pod just started");
+    assert!(pods.get_opt(&name_for(&[1])).await.unwrap().is_none(), "the stale Pod is removed");
+    assert!(pods.get_opt(&name_for(&[2])).await.unwrap().is_some());
+    // Failed (a volume still open): removed, and made again on a later pass.
+    phase(name_for(&[2]), "Failed").await;
+    assert!(!platform.purge_machine(&machine, Some(&[2])).await.unwrap());
+    assert!(pods.get_opt(&name_for(&[2])).await.unwrap().is_none());
+    assert!(!platform.purge_machine(&machine, Some(&[2])).await.unwrap());
+    phase(name_for(&[2]), "Succeeded").await;
+    assert!(platform.purge_machine(&machine, Some(&[2])).await.unwrap(), "done");
+    assert!(pods.get_opt(&name_for(&[2])).await.unwrap().is_none(), "and cleaned up");
 }

@@ -306,6 +306,7 @@ fn topology_as_the_datanodes_see_it() {
             (1, PartitionSpec { id: 1, state: PartitionState::ReadOnly, replicas: replicas(&["n1", "n2", "n0"]) }),
             (2, PartitionSpec { id: 2, state: PartitionState::Writable, replicas: replicas(&["n2", "n0", "n1"]) }),
         ]),
+        ..Topology::default()
     };
     let live = |id: &str, address: &str| LiveNode {
         node: id.into(),

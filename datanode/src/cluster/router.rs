@@ -415,7 +415,7 @@ mod tests {
             })
             .collect();
         let mut snapshot = Snapshot::default();
-        snapshot.topology = Topology { config: None, nodes: Default::default(), partitions };
+        snapshot.topology = Topology { partitions, ..Topology::default() };
         for n in live {
             let node = LiveNode {
                 node: n.to_string(),

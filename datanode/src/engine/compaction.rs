@@ -212,14 +212,16 @@ impl CompactionJob {
                 }
                 live += new.len;
             }
-            let now = now_ms();
             let mut expired = 0i64;
             for (id, old) in &self.plan.expired {
                 let key = id.to_bytes();
                 let Some(mut entry) = index::get::<_, IndexEntry>(&blobs, key)? else {
                     continue;
                 };
-                if entry.location == Some(*old) && entry.state == BlobState::Live && entry.is_expired(now) {
+                // Expired when planned, so not copied: it is reclaimed whatever the clock says
+                // now (a clock stepped back must not leave an entry pointing into a removed
+                // segment; a TTL change on an expired blob is refused).
+                if entry.location == Some(*old) && entry.state == BlobState::Live {
                     entry.state = BlobState::Expired;
                     entry.location = None;
                     blobs.insert(key, index::encode(&entry).as_slice())?;

@@ -24,7 +24,8 @@ use crate::kubernetes::KubernetesPlatform;
 use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
 use crate::platform::{
-    capacity, moved_away, partition_counts, partition_list, replica_progress, replica_usage, store_for, Platform,
+    capacity, partition_counts, partition_list, replica_progress, replica_usage, retired_volumes, store_for,
+    unplaced_volumes, Platform,
 };
 use view::{CapacityView, ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
 
@@ -387,22 +388,37 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
     }
     if let Some(s) = &snapshot {
         let cluster = sc.name_any();
-        for (m, partitions) in moved_away(&cluster, &machines, &s.topology) {
+        let known: Vec<&Machine> = machines.iter().collect();
+        // The command that removes volumes of `partitions` on machine `m` by hand.
+        let purge = |m: &Machine, partitions: &[u32]| {
             let mut flags: String = partitions.iter().map(|p| format!(" --partition {p}")).collect();
-            let mut place = " on that machine";
+            let mut place = "on that machine: ";
             if let Source::Local { state, .. } = source {
                 if let Some(local) = state.machines.iter().find(|l| l.name == m.name) {
                     flags += &format!(" --disk-agent {}", local.agent_socket.display());
                     place = "";
                 }
             }
+            format!("{place}cairn volumes purge --cluster {cluster} --node {}{flags}", m.name)
+        };
+        for (m, partitions) in retired_volumes(&cluster, &known, &s.topology) {
             warnings.push(format!(
                 "{} keeps the volumes of {} replica(s) moved away ({}); the operator removes them once every \
-                 replica is live and caught up, or now{place}: cairn volumes purge --cluster {cluster} --node {}{flags}",
+                 replica is live and caught up, or now {}",
                 m.name,
                 partitions.len(),
                 partition_list(&partitions),
-                m.name
+                purge(m, &partitions)
+            ));
+        }
+        for (m, partitions) in unplaced_volumes(&cluster, &known, &s.topology) {
+            warnings.push(format!(
+                "{} holds volumes of {} partition(s) the topology does not place there and no move retired ({}): \
+                 kept (the topology may have been rewritten or restored); if their data is not needed: {}",
+                m.name,
+                partitions.len(),
+                partition_list(&partitions),
+                purge(m, &partitions)
             ));
         }
     }
@@ -625,6 +641,7 @@ mod tests {
                 },
             )]
             .into(),
+            ..Topology::default()
         };
         let live = |n: &str| LiveNode { node: n.into(), address: format!("{n}:7480"), ..LiveNode::default() };
         snapshot.live =
