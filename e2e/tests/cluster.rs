@@ -689,3 +689,40 @@ fn a_replica_that_cannot_be_opened_is_reported_and_retried() {
     let blobs = BTreeMap::from([(id, b"while n2 lacks a replica".to_vec())]);
     assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
 }
+
+/// A TTL change (and one that changes nothing) replicates once and the replicas settle: every
+/// replica ends with the same expiry, nothing lags, and the journals stop growing. (Each replica
+/// copied its peers' expiry as a new entry, which the peers pulled back, for ever.)
+#[test]
+fn ttl_changes_replicate_once_and_settle() {
+    let etcd = EtcdServer::start();
+    let root = tempfile::tempdir().unwrap();
+    let nodes = started_cluster(root.path(), &etcd, 3, 1);
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let client = Client::new();
+    let id = put(&client, &nodes[0], b"a blob whose expiry changes").unwrap();
+    let ttl = |node: &Node, body: &str| {
+        let r = client.put(node.url(&format!("/v1/blobs/{id}/ttl"))).body(body.to_owned()).send().unwrap();
+        assert_eq!(r.status(), 204, "{}", r.text().unwrap());
+    };
+    ttl(&nodes[0], r#"{"ttl_seconds": 86400}"#);
+    ttl(&nodes[1], r#"{"ttl_seconds": null}"#);
+    ttl(&nodes[2], r#"{"ttl_seconds": null}"#); // already so
+    let expiry = |node: &Node| -> Value {
+        let info: Value =
+            client.get(node.url(&format!("/v1/blobs/{id}/info?local=true"))).send().unwrap().json().unwrap();
+        info["expires_ms"].clone()
+    };
+    wait_until("the replicas to agree and catch up", Duration::from_secs(20), || {
+        let agree = refs.iter().all(|n| expiry(n) == expiry(&nodes[0]));
+        let caught_up = refs.iter().all(|n| {
+            let list: Vec<Value> = client.get(n.url("/v1/admin/replicas")).send().unwrap().json().unwrap();
+            list.iter().all(|p| p["lag_entries"] == 0)
+        });
+        agree && caught_up
+    });
+    let settled = journal_tails(&refs, 0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(journal_tails(&refs, 0), settled, "the journals keep growing");
+    assert!(settled.iter().all(|t| *t <= 6), "put and a few TTL entries, not a loop: {settled:?}");
+}

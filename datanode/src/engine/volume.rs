@@ -827,6 +827,9 @@ fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -> Result<Pl
                 None => return Err(VolumeError::NotFound),
                 Some(e) if e.state == BlobState::Deleted => return Err(VolumeError::Deleted),
                 Some(e) if e.is_expired(now) => return Err(VolumeError::Expired),
+                // Already so: no record, so that replicas copying each other's expiry settle
+                // (each update is a journal entry the peers pull and apply in turn).
+                Some(e) if e.expiry_ms == expiry_ms => return Ok(Planned::Nothing),
                 Some(_) => (blob_id, RecordKind::TtlUpdate, at_ms, expiry_ms),
             }
         }
