@@ -3,6 +3,7 @@
 # agent, three datanodes and the operator's reconcile, from examples/local.yaml); stores a blob
 # through one datanode and reads it back through another, shows `cairn status`, then stops everything.
 # Pass --keep to leave the cluster running (stop it with Ctrl-C in its terminal, or kill the pid).
+# CAIRN_PORT (7480) and CAIRN_ETCD_PORT (23790) choose the ports; CAIRN_LOCAL_DIR the directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -10,12 +11,13 @@ cargo build --release --workspace
 dir=${CAIRN_LOCAL_DIR:-$(mktemp -d)}
 own_dir=${CAIRN_LOCAL_DIR:+no}
 port=${CAIRN_PORT:-7480}
-./target/release/cairn local up -f examples/local.yaml --dir "$dir" --port "$port" >"$dir/up.log" 2>&1 &
+etcd_port=${CAIRN_ETCD_PORT:-23790}
+./target/release/cairn local up -f examples/local.yaml --dir "$dir" --port "$port" --etcd-port "$etcd_port" >"$dir/up.log" 2>&1 &
 pid=$!
 keep=${1:-}
 # Unless --keep: stop the cluster, and remove its data when the directory was ours.
 trap '[ "$keep" = --keep ] || { kill -INT $pid 2>/dev/null; wait $pid 2>/dev/null || true; [ -n "$own_dir" ] || rm -rf "$dir"; }' EXIT
-for _ in $(seq 600); do grep -q ': ready' "$dir/up.log" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 600); do grep -q ': ready' "$dir/up.log" 2>/dev/null && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 grep -q ': ready' "$dir/up.log" || { echo "the local cluster did not become ready:"; cat "$dir/up.log"; exit 1; }
 cat "$dir/up.log"
 echo '$ curl -X POST --data-binary "hello, cairn" http://127.0.0.1:'$port'/v1/blobs'

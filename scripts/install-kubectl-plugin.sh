@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bindir="${1:-$HOME/.local/bin}"
 cargo build --release -p cairn-operator --bin cairn
 install -d "$bindir"
-install -m 0755 target/release/cairn "$bindir/cairn"
+install -m 0755 "${CARGO_TARGET_DIR:-target}/release/cairn" "$bindir/cairn"
 ln -sf cairn "$bindir/kubectl-cairn"
 echo "installed $bindir/cairn and $bindir/kubectl-cairn"
 case ":$PATH:" in

@@ -119,6 +119,10 @@ async fn volumes_from_agent(
 
 /// Serves until `shutdown` is cancelled, then drains requests and checkpoints every volume.
 pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Before any volume is asked for: one the flags could not serve is never created.
+    let layout = &options.layout;
+    cairn_common::volume_layout::check_geometry(layout.volume_size, layout.segment_size, options.volume.max_blob_bytes)
+        .map_err(|e| anyhow::anyhow!("{e} (--volume-size, --segment-size, --max-blob-size)"))?;
     let metrics = Arc::new(Metrics::default());
     let store = match &options.volumes {
         VolumeSource::DataDir(dir) => {

@@ -192,6 +192,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/disk-agent.yaml");
+        let c: AgentConfig = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(c.selector.mount_paths, ["/mnt/disks/*"]);
+        assert_eq!(c.selector.min_size.as_u64(), 10 << 30);
+    }
+
+    #[test]
     fn headroom_figures() {
         assert_eq!("5%".parse::<Headroom>().unwrap().bytes_of(1000), 50);
         assert_eq!("0%".parse::<Headroom>().unwrap().bytes_of(1000), 0);

@@ -71,8 +71,12 @@ pub struct Discovery {
     pub excluded: Vec<ExcludedMount>,
 }
 
+/// Records why a mount is not used; a path mounted over several times is said once per reason.
 fn exclude(excluded: &mut Vec<ExcludedMount>, mount: &str, reason: impl Into<String>) {
-    excluded.push(ExcludedMount { mount: mount.to_owned(), reason: reason.into() });
+    let entry = ExcludedMount { mount: mount.to_owned(), reason: reason.into() };
+    if !excluded.contains(&entry) {
+        excluded.push(entry);
+    }
 }
 
 /// Why a mount cannot hold volumes whatever the selector says, if it cannot.
@@ -295,6 +299,17 @@ garbage line
         assert!(reasons["/mnt/small"].contains("smaller"));
         assert!(reasons["(mountinfo line 10)"].contains("unparseable"));
         assert_eq!(d.excluded.len(), 6, "{:?}", d.excluded);
+    }
+
+    #[test]
+    fn a_path_mounted_over_is_excluded_once() {
+        let text = "\
+30 1 0:60 / /dev/shm rw - tmpfs shm rw
+31 30 0:61 / /dev/shm rw - tmpfs tmpfs rw
+";
+        let selector = DiskSelector::default().compile().unwrap();
+        let d = discover(mountinfo::parse(text), &selector, &Figures::default());
+        assert_eq!(d.excluded.len(), 1, "{:?}", d.excluded);
     }
 
     #[test]

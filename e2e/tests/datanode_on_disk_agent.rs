@@ -145,3 +145,21 @@ fn the_purge_pod_command_deletes_exactly_the_replicas_it_names() {
     left.sort();
     assert_eq!(left, ["c9-p1-n2", "c9-p1-p1-n1", "c9-p2-n1"], "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// Flags whose segments cannot hold the largest blob are refused before any volume is asked of
+/// the disk agent: nothing is left allocated.
+#[test]
+fn a_geometry_that_cannot_work_allocates_nothing() {
+    let mut m = Machine::new();
+    let (_agent, socket) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let out = Command::new(binary("cairn-datanode"))
+        .args(["--disk-agent", socket.to_str().unwrap(), "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--volume-size", "128MiB", "--segment-size", "64MiB"]) // the default largest blob: 64 MiB
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hold blobs of at most") && err.contains("--max-blob-size"), "{err}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert!(rt.block_on(AgentClient::new(&socket).list_volumes()).unwrap().is_empty(), "nothing allocated");
+}

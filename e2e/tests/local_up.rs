@@ -272,6 +272,17 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
     assert!(err.contains("--disk is given 2 time(s) for 3 machines"), "{err}");
     assert!(!dir.exists(), "nothing created for a bad command line");
 
+    // etcd's port taken (another etcd, another local cluster): refused, nothing written there.
+    let mut taken = run(&disks);
+    let etcd_port =
+        taken.get_args().skip_while(|a| *a != "--etcd-port").nth(1).unwrap().to_str().unwrap().parse::<u16>().unwrap();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", etcd_port)).unwrap();
+    let out = taken.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("etcd's client port 127.0.0.1:{etcd_port} is not free")), "{err}");
+    drop(squatter);
+
     // Something else holds the second datanode's port: it keeps exiting, the cluster says why
     // (with the address), restarts it after growing pauses, and is Ready once the port is free.
     let mut command = run(&disks);
@@ -371,5 +382,66 @@ fn local_up_scales_in_by_draining_the_machine_left_out() {
     let up = LocalUp::from_child(run(3, &[]).stdout(Stdio::piped()).spawn().unwrap());
     let seen = up.wait_for("cluster small: ready");
     assert!(!seen.iter().any(|l| l.contains("m3")), "{seen:?}");
+    up.interrupt();
+}
+
+/// A machine's disk wiped (local mode): the cluster serves from the other replicas, says which
+/// disk it refuses and the command that accepts the replacement; run as printed, the machine's
+/// replicas are copied back.
+#[test]
+fn a_wiped_disk_is_refused_served_around_and_accepted_with_the_printed_command() {
+    let m = cairn_testkit::machine::Machine::new();
+    let spec = m.path("small.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {name: small}\n\
+         spec: {image: local, volumeSize: 32Mi, segmentSize: 8Mi, partitionsPerDisk: 1, etcd: {endpoints: []}}\n",
+    )
+    .unwrap();
+    let dir = m.path("state");
+    let local = dir.to_str().unwrap();
+    let port = free_port_block(5);
+    let run = || {
+        let mut command = Command::new(binary("cairn"));
+        command.args(["local", "up", "-f", spec.to_str().unwrap(), "--disk-size", "64MiB", "--dir", local]);
+        command.args(["--port", &port.to_string(), "--etcd-port", &(port + 3).to_string()]);
+        command.stdout(Stdio::piped());
+        command
+    };
+    let up = LocalUp::from_child(run().spawn().unwrap());
+    up.wait_for("cluster small: ready");
+    let client = reqwest::blocking::Client::new();
+    let mut blobs = Vec::new();
+    for i in 0..6u8 {
+        let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body(vec![i; 3000]).send().unwrap();
+        assert_eq!(r.status(), 201);
+        blobs.push((r.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned(), vec![i; 3000]));
+    }
+    up.interrupt();
+
+    std::fs::remove_dir_all(dir.join("disks/m1")).unwrap();
+    let up = LocalUp::from_child(run().spawn().unwrap());
+    let seen = up.wait_for("cluster small: degraded");
+    let line = seen.last().unwrap();
+    assert!(line.contains("disk refused on m1") && line.contains("no Cairn identity"), "{line}");
+    for (id, data) in &blobs {
+        let r = client.get(format!("http://127.0.0.1:{port}/v1/blobs/{id}")).send().unwrap();
+        assert_eq!(r.status(), 200, "served from the other replicas");
+        assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice());
+    }
+    // The command, as printed.
+    let command = line.split('`').nth(1).unwrap();
+    assert!(command.starts_with("cairn-disk-agent forget --mount ") && command.contains("--state-dir"), "{command}");
+    let args: Vec<&str> = command.split(' ').skip(1).collect();
+    let out = Command::new(binary("cairn-disk-agent")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    up.wait_for("cluster small: ready");
+    for (id, data) in &blobs {
+        let url = format!("http://127.0.0.1:{}/v1/blobs/{id}?local=true", port + 1);
+        support::wait_until("m1's replica back", Duration::from_secs(30), || {
+            client.get(&url).send().is_ok_and(|r| r.status() == 200)
+        });
+        assert_eq!(client.get(&url).send().unwrap().bytes().unwrap().as_ref(), data.as_slice());
+    }
     up.interrupt();
 }

@@ -296,7 +296,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
         crate::desired::check_spec(&cluster.spec).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
     let largest = max_blob.unwrap_or_else(|| cairn_common::volume_layout::largest_blob_for_segment(segment));
     // Exact: a segment's own overhead makes the largest blob a little less than the segment.
-    let largest = format!("{largest} bytes, {}", cairn_common::text::bytes(largest));
+    let largest = format!("{largest} bytes, {:.2} MiB", largest as f64 / f64::from(1u32 << 20));
     let dir = &options.dir;
     std::fs::create_dir_all(dir.join("logs"))?;
     // One `cairn local up` per directory: a second would rewrite the first one's state and, on
@@ -314,6 +314,16 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     // Bad --drain is refused before anything starts.
     let machines = local_machines(dir, &options, &dir.join("disk-agent.sock"), &cluster.spec)?;
 
+    // Our etcd must be the one that answers: were its port taken (another etcd, another local
+    // cluster), ours would exit while the cluster wrote its topology into the other one.
+    for (port, what) in [(options.etcd_port, "client"), (options.etcd_port + 1, "peer")] {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            anyhow::bail!(
+                "etcd's {what} port 127.0.0.1:{port} is not free ({e}): another etcd or `cairn local up` uses it; \
+                 choose other ports with --etcd-port"
+            );
+        }
+    }
     let etcd_url = format!("http://127.0.0.1:{}", options.etcd_port);
     let peer_url = format!("http://127.0.0.1:{}", options.etcd_port + 1);
     let mut etcd = {
@@ -349,6 +359,9 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
             let mut command = Command::new(sibling("cairn-disk-agent"));
             command
                 .args(["serve", "--mountinfo", "/proc/self/mountinfo", "--kubernetes", "off", "--node-name", "local"])
+                // Directory disks on one machine: rescanning often is cheap, and a replaced disk
+                // accepted with `forget` is taken within seconds.
+                .args(["--interval-secs", "5"])
                 .arg("--config")
                 .arg(dir.join("disk-agent.yaml"))
                 .arg("--state-dir")

@@ -150,7 +150,17 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
                 SpecError::NoDisks { .. } => "NoUsableDisks",
                 SpecError::TooFewMachines { .. } => "NotEnoughMachines",
             };
-            problem = Some((reason, format!("{e}; serving what the cluster has meanwhile")));
+            // A disk refused for a conflict is most often why: say which, and how to accept it.
+            let conflicts: Vec<String> = machines
+                .iter()
+                .filter(|m| m.selected)
+                .flat_map(|m| m.disks.iter().filter_map(move |d| Some(format!("{}: {}", m.name, d.conflict.as_ref()?))))
+                .collect();
+            let mut message = format!("{e}; serving what the cluster has meanwhile");
+            if !conflicts.is_empty() {
+                message += &format!("; disk refused on {}", conflicts.join("; "));
+            }
+            problem = Some((reason, message));
             None
         }
     };
@@ -504,6 +514,12 @@ fn observed(snapshot: &Snapshot, machines: &[Machine], rf: u32) -> StoreClusterS
     }
 }
 
+/// Whether the replica of `partition` on `node` serves: its datanode is live and has it open (a
+/// replica its datanode cannot open — a wiped disk, say — is no replica).
+pub fn replica_serving(snapshot: &Snapshot, partition: u32, node: &str) -> bool {
+    snapshot.live.get(node).is_some_and(|l| !l.unopened.contains_key(&partition))
+}
+
 /// Partitions by state, and those with fewer live replicas than `rf`.
 pub fn partition_counts(snapshot: &Snapshot, rf: u32) -> PartitionCounts {
     let t = &snapshot.topology;
@@ -513,7 +529,7 @@ pub fn partition_counts(snapshot: &Snapshot, rf: u32) -> PartitionCounts {
             PartitionState::Writable => counts.writable += 1,
             _ => counts.read_only += 1,
         }
-        let live = p.replicas.iter().filter(|r| snapshot.live.contains_key(&r.node)).count() as u32;
+        let live = p.replicas.iter().filter(|r| replica_serving(snapshot, p.id, &r.node)).count() as u32;
         if live < rf {
             counts.under_replicated += 1;
         }
@@ -604,6 +620,22 @@ mod tests {
         done.sort();
         assert_eq!(done, [RetiredReplica::key(3, "m0"), RetiredReplica::key(4, "m9")]);
         assert_eq!(partition_list(&[1, 2]), "p1, p2");
+    }
+
+    #[test]
+    fn a_replica_its_datanode_cannot_open_does_not_count_as_live() {
+        let mut snapshot = Snapshot::default();
+        let replicas = ["m0", "m1", "m2"].map(|n| ReplicaSpec { node: n.into(), disk: String::new() }).to_vec();
+        let p = cairn_cluster::PartitionSpec { id: 4, state: PartitionState::Writable, replicas };
+        snapshot.topology.partitions.insert(4, p);
+        for node in ["m0", "m1", "m2"] {
+            let live = cairn_cluster::LiveNode { node: node.into(), ..cairn_cluster::LiveNode::default() };
+            snapshot.live.insert(node.into(), live);
+        }
+        assert_eq!(partition_counts(&snapshot, 3).under_replicated, 0);
+        snapshot.live.get_mut("m2").unwrap().unopened.insert(4, "disk wiped".into());
+        assert!(!replica_serving(&snapshot, 4, "m2") && replica_serving(&snapshot, 4, "m1"));
+        assert_eq!(partition_counts(&snapshot, 3).under_replicated, 1, "2 of 3 serve");
     }
 
     #[test]

@@ -24,8 +24,8 @@ use crate::kubernetes::KubernetesPlatform;
 use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
 use crate::platform::{
-    capacity, partition_counts, partition_list, replica_progress, replica_usage, retired_volumes, store_for,
-    unplaced_volumes, Platform,
+    capacity, partition_counts, partition_list, replica_progress, replica_serving, replica_usage, retired_volumes,
+    store_for, unplaced_volumes, Platform,
 };
 use view::{CapacityView, ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
 
@@ -326,8 +326,12 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
     let mut usage: BTreeMap<String, Vec<ReplicaUsage>> = BTreeMap::new();
     if let Some(snapshot) = &snapshot {
         for p in snapshot.topology.partitions.values() {
-            let not_live: Vec<String> =
-                p.replicas.iter().filter(|r| !snapshot.live.contains_key(&r.node)).map(|r| r.node.clone()).collect();
+            let not_live: Vec<String> = p
+                .replicas
+                .iter()
+                .filter(|r| !replica_serving(snapshot, p.id, &r.node))
+                .map(|r| r.node.clone())
+                .collect();
             let live = (p.replicas.len() - not_live.len()) as u32;
             if live < rf {
                 let state = p.state.as_str().to_string();
@@ -531,7 +535,9 @@ fn machine_rows(
     let mut rows: Vec<MachineView> = machines
         .iter()
         .map(|m| {
-            let space = capacity(&m.disks);
+            // A machine outside the selection and the topology lends the cluster no capacity.
+            let lends = m.selected || snapshot.is_none_or(|s| s.topology.nodes.contains_key(&m.name));
+            let space = if lends { capacity(&m.disks) } else { CapacityStatus::default() };
             let (stored, reclaimable) = node_usage(usage, &m.name);
             let in_topology = snapshot.map(|s| s.topology.nodes.contains_key(&m.name));
             let datanode = match (snapshot, in_topology) {
@@ -691,7 +697,11 @@ mod tests {
         assert_eq!(c.allocated_bytes, sum(|r| r.allocated_bytes));
         assert_eq!(c.allocatable_bytes, sum(|r| r.allocatable_bytes));
         assert_eq!(c.total_bytes, sum(|r| r.total_bytes));
-        assert_eq!((c.blobs, c.stored_bytes, c.total_bytes), (Some(9), Some(1400), 500));
+        // The cordoned machine (unselected, not in the topology) lends no capacity; the one
+        // leaving still does until it is out of the topology.
+        assert_eq!((rows[4].name.as_str(), rows[4].total_bytes), ("cordoned", 0));
+        assert_eq!((rows[2].name.as_str(), rows[2].total_bytes), ("leaving", 100));
+        assert_eq!((c.blobs, c.stored_bytes, c.total_bytes), (Some(9), Some(1400), 400));
         // No datanode answered: unknown, not zero; no machine read: the status's disk figures.
         let status = CapacityStatus { allocated_bytes: 1, allocatable_bytes: 2, total_bytes: 3 };
         let blind = capacity_line(&[], &BTreeMap::new(), &status);
