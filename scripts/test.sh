@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# First: the chart tests also install helm into .tools/, which the Kubernetes tests use to render
+# the chart's RBAC.
+scripts/test-chart.sh
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
-scripts/test-chart.sh

@@ -10,6 +10,7 @@ use cairn_disk_agent::config::AgentConfig;
 use cairn_disk_agent::k8s::StoreNodePublisher;
 use cairn_disk_agent::{Agent, AgentOptions};
 use cairn_resources::StoreNode;
+use cairn_testkit::rbac::{disk_agent_user, rendered_chart, Rbac};
 use cairn_testkit::MemoryApi;
 use kube::Api;
 use support::Machine;
@@ -30,11 +31,11 @@ async fn status_follows_the_disks_and_is_written_only_on_change() {
         .unwrap(),
     );
 
-    let kubernetes = MemoryApi::new();
-    let client = kubernetes.client();
+    // The agent runs as its ServiceAccount under the chart's RBAC (403 for what is not granted).
+    let kubernetes = MemoryApi::new().with_rbac(Rbac::from_manifests(&rendered_chart()));
     let status_writes = || kubernetes.status_writes("storenodes", "", "node-1");
-    let publisher = StoreNodePublisher::new(client.clone(), "node-1");
-    let api: Api<StoreNode> = Api::all(client);
+    let publisher = StoreNodePublisher::new(kubernetes.client_as(&disk_agent_user()), "node-1");
+    let api: Api<StoreNode> = Api::all(kubernetes.client());
 
     let (report, _) = agent.refresh().unwrap();
     assert!(publisher.publish(&report).await.unwrap(), "first publish creates and writes");
@@ -82,4 +83,21 @@ async fn status_follows_the_disks_and_is_written_only_on_change() {
     assert_eq!(not_ready.conditions.iter().find(|c| c.type_ == "Ready").unwrap().status, "False");
     assert!(publisher.publish(&report).await.unwrap());
     assert_eq!(api.get("node-1").await.unwrap().status.unwrap().disks, report.disks);
+
+    // The chart grants the agent exactly what it used.
+    let used: Vec<String> = kubernetes
+        .accessed(&disk_agent_user())
+        .into_iter()
+        .map(|(verb, _, resource)| format!("{verb} {resource}"))
+        .collect();
+    let granted: Vec<String> = Rbac::from_manifests(&rendered_chart())
+        .granted(&disk_agent_user())
+        .into_iter()
+        .map(|(_, verb, _, resource)| format!("{verb} {resource}"))
+        .collect();
+    let mut used_sorted = used.clone();
+    used_sorted.sort();
+    let mut granted_sorted = granted.clone();
+    granted_sorted.sort();
+    assert_eq!(granted_sorted, used_sorted, "granted vs used");
 }

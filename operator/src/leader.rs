@@ -73,14 +73,21 @@ mod tests {
 
     #[tokio::test]
     async fn one_leader_and_takeover_after_expiry() {
-        let api = cairn_testkit::MemoryApi::new();
-        let a = LeaderElection::new(api.client(), "ops", "cairn-operator", "a", Duration::from_secs(2));
-        let b = LeaderElection::new(api.client(), "ops", "cairn-operator", "b", Duration::from_secs(2));
+        // As the chart's operator ServiceAccount, in the release's namespace: its Role must do.
+        use cairn_testkit::rbac::{operator_user, rendered_chart, Rbac};
+        let api = cairn_testkit::MemoryApi::new().with_rbac(Rbac::from_manifests(&rendered_chart()));
+        let client = api.client_as(&operator_user());
+        let a = LeaderElection::new(client.clone(), "cairn-system", "cairn-operator", "a", Duration::from_secs(2));
+        let b = LeaderElection::new(client, "cairn-system", "cairn-operator", "b", Duration::from_secs(2));
         assert!(a.try_lead().await.unwrap());
         assert!(!b.try_lead().await.unwrap(), "held by a");
         assert!(a.try_lead().await.unwrap(), "a renews");
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert!(b.try_lead().await.unwrap(), "expired: b takes over");
         assert!(!a.try_lead().await.unwrap(), "a lost it");
+        let used = api.accessed(&operator_user());
+        for verb in ["get", "create", "update"] {
+            assert!(used.contains(&(verb.into(), "coordination.k8s.io".into(), "leases".into())), "{verb}: {used:?}");
+        }
     }
 }

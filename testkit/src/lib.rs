@@ -9,12 +9,16 @@
 //! of objects and of the status subresource, merge patches, delete; resourceVersion,
 //! generation (bumped when anything but status and metadata changes), uid, creationTimestamp,
 //! JSON patches, deletion held by finalizers (deletionTimestamp), equality label selectors,
-//! and namespaced as well as cluster-scoped resources (the scope is the request's). Server-side
+//! and namespaced as well as cluster-scoped resources (the scope is the request's). With
+//! [`MemoryApi::with_rbac`], requests of a client made by [`MemoryApi::client_as`] are authorized
+//! as the API server does ([`rbac`]): 403 unless a role grants the verb — `create` as well as
+//! `patch` for a server-side apply that creates. Server-side
 //! apply is modelled as a JSON merge: it does not remove fields a manager stopped sending. Every
 //! write is counted per object so tests can prove that a converged controller writes nothing.
 
 pub mod etcd;
 pub mod machine;
+pub mod rbac;
 
 /// Deterministic pseudo-random bytes (xorshift), the same for a seed everywhere.
 pub fn payload(seed: u64, len: usize) -> Vec<u8> {
@@ -47,7 +51,13 @@ struct State {
     status_writes: BTreeMap<Key, u64>,
     next_version: u64,
     next_uid: u64,
+    rbac: Option<rbac::Rbac>,
+    /// Every request RBAC allowed.
+    accessed: std::collections::BTreeSet<rbac::Access>,
 }
+
+/// The header a [`MemoryApi::client_as`] client names its user in (as a token would).
+const USER_HEADER: &str = "x-testkit-user";
 
 #[derive(Clone, Default)]
 pub struct MemoryApi {
@@ -65,18 +75,98 @@ impl MemoryApi {
         Self::default()
     }
 
-    /// A client whose requests this API answers.
+    /// This API with RBAC: requests of [`client_as`](Self::client_as) clients are authorized.
+    pub fn with_rbac(self, rbac: rbac::Rbac) -> Self {
+        self.state.lock().unwrap().rbac = Some(rbac);
+        self
+    }
+
+    /// A client whose requests this API answers, as a cluster admin (never refused).
     pub fn client(&self) -> kube::Client {
+        self.client_for(None)
+    }
+
+    /// A client authenticated as `user` (e.g. [`rbac::service_account`]): with RBAC, refused (403)
+    /// what its roles do not grant.
+    pub fn client_as(&self, user: &str) -> kube::Client {
+        self.client_for(Some(user.to_owned()))
+    }
+
+    fn client_for(&self, user: Option<String>) -> kube::Client {
         let api = self.clone();
         let service = tower::service_fn(move |request: Request<kube::client::Body>| {
-            let api = api.clone();
+            let (api, user) = (api.clone(), user.clone());
             async move {
-                let (parts, body) = request.into_parts();
+                let (mut parts, body) = request.into_parts();
+                if let Some(user) = user {
+                    parts.headers.insert(USER_HEADER, http::HeaderValue::from_str(&user).expect("user"));
+                }
                 let body = body.collect().await.map_err(tower::BoxError::from)?.to_bytes();
                 Ok::<_, tower::BoxError>(api.handle(parts.method, parts.uri, &parts.headers, &body))
             }
         });
         kube::Client::new(service, "default")
+    }
+
+    /// What RBAC allowed `user` so far: (verb, API group, resource).
+    pub fn accessed(&self, user: &str) -> std::collections::BTreeSet<(String, String, String)> {
+        let state = self.state.lock().unwrap();
+        state
+            .accessed
+            .iter()
+            .filter(|a| a.user == user)
+            .map(|a| (a.verb.clone(), a.group.clone(), a.resource.clone()))
+            .collect()
+    }
+
+    /// The verbs a request needs, as the API server authorizes them: a server-side apply (or a
+    /// replace) that creates the object needs `create` too.
+    fn verbs(method: &Method, collection: bool, query: &str, exists: bool, apply: bool) -> Vec<&'static str> {
+        match (method, collection) {
+            (&Method::GET, true) if query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1") => vec!["watch"],
+            (&Method::GET, true) => vec!["list"],
+            (&Method::POST, true) => vec!["create"],
+            (&Method::GET, false) => vec!["get"],
+            (&Method::DELETE, false) => vec!["delete"],
+            (&Method::PATCH, false) if apply && !exists => vec!["patch", "create"],
+            (&Method::PATCH, false) => vec!["patch"],
+            (&Method::PUT, false) if !exists => vec!["update", "create"],
+            (&Method::PUT, false) => vec!["update"],
+            _ => vec![],
+        }
+    }
+
+    /// Why the request is forbidden, unless RBAC allows every verb it needs (no RBAC, or an admin
+    /// client: allowed).
+    fn authorize(state: &mut State, user: Option<&str>, verbs: &[&str], target: &Target) -> Result<(), String> {
+        let (Some(rbac), Some(user)) = (&state.rbac, user) else { return Ok(()) };
+        let (gv, ns, plural, name) = &target.key;
+        let group = gv.rsplit_once('/').map(|(g, _)| g).unwrap_or_default();
+        let resource = if target.status { format!("{plural}/status") } else { plural.clone() };
+        let mut allowed = Vec::new();
+        for verb in verbs {
+            let access = rbac::Access {
+                user: user.to_owned(),
+                verb: (*verb).to_owned(),
+                group: group.to_owned(),
+                resource: resource.clone(),
+                namespace: ns.clone(),
+            };
+            if !rbac.allows(&access) {
+                let scope = if ns.is_empty() {
+                    "at the cluster scope".to_owned()
+                } else {
+                    format!("in the namespace \"{ns}\"")
+                };
+                let message = format!(
+                    "{plural} \"{name}\" is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" {scope}"
+                );
+                return Err(message);
+            }
+            allowed.push(access);
+        }
+        state.accessed.extend(allowed);
+        Ok(())
     }
 
     /// Serves this API over HTTP on 127.0.0.1 (for a process that reads a kubeconfig, such as
@@ -120,6 +210,18 @@ impl MemoryApi {
         };
         let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
         let mut state = self.state.lock().unwrap();
+        let user = headers.get(USER_HEADER).and_then(|v| v.to_str().ok());
+        let exists = state.objects.contains_key(&target.key);
+        let verbs = Self::verbs(
+            &method,
+            collection,
+            uri.query().unwrap_or_default(),
+            exists,
+            content_type.contains("apply-patch"),
+        );
+        if let Err(message) = Self::authorize(&mut state, user, &verbs, &target) {
+            return status(StatusCode::FORBIDDEN, "Forbidden", &message);
+        }
         if collection {
             return match method {
                 Method::GET => {
