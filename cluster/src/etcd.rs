@@ -49,6 +49,14 @@ pub struct Snapshot {
     versions: BTreeMap<String, i64>,
 }
 
+impl Snapshot {
+    /// The revision of the topology: the newest mod_revision of its keys. Unlike `revision`
+    /// (etcd's, moved by every datanode's registration), it changes only with the topology.
+    pub fn topology_revision(&self) -> i64 {
+        self.versions.values().copied().max().unwrap_or(0)
+    }
+}
+
 #[derive(Clone)]
 pub struct ClusterStore {
     client: Client,

@@ -26,6 +26,14 @@ pub fn labels(cluster: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// The labels of a datanode Pod: the cluster's, and its role. Services and the
+/// PodDisruptionBudget select these, so that a purge Pod is never counted or routed to.
+pub fn datanode_labels(cluster: &str) -> BTreeMap<String, String> {
+    let mut l = labels(cluster);
+    l.insert("app.kubernetes.io/component".into(), "datanode".into());
+    l
+}
+
 pub fn selector(cluster: &str) -> String {
     labels(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
@@ -86,25 +94,32 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         service.clone(),
         cluster.clone(),
         json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(&cluster, &BTreeMap::new()),
-               "spec": {"selector": labels, "ports": port}}),
+               "spec": {"selector": datanode_labels(&cluster), "ports": port}}),
     ));
     out.push((
         service,
         format!("{cluster}-nodes"),
         json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(&format!("{cluster}-nodes"), &BTreeMap::new()),
-               "spec": {"clusterIP": "None", "publishNotReadyAddresses": true, "selector": labels, "ports": port}}),
+               "spec": {"clusterIP": "None", "publishNotReadyAddresses": true, "selector": datanode_labels(&cluster),
+                        "ports": port}}),
     ));
     let pdb = ApiResource::from_gvk(&GroupVersionKind::gvk("policy", "v1", "PodDisruptionBudget"));
     out.push((
         pdb,
         cluster.clone(),
         json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta(&cluster, &BTreeMap::new()),
-               "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}),
+               // An integer minAvailable: a maxUnavailable on Pods whose owner has no /scale
+               // blocks every eviction (node drains and upgrades would hang).
+               "spec": {"minAvailable": machines.len().saturating_sub(1),
+                        "selector": {"matchLabels": datanode_labels(&cluster)}}}),
     ));
     let pod = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Pod"));
     for machine in machines {
         let name = pod_name(&cluster, &machine.name);
-        let node_label = BTreeMap::from([("cairn.dev/node".to_string(), machine.name.clone())]);
+        let node_label = BTreeMap::from([
+            ("cairn.dev/node".to_string(), machine.name.clone()),
+            ("app.kubernetes.io/component".to_string(), "datanode".to_string()),
+        ]);
         // The disk agent's socket and every disk's Cairn directory, at the same paths as on the host.
         let mut mounts = vec![json!({"name": "agent", "mountPath": "/run/cairn"})];
         let mut volumes = vec![json!({"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}})];
@@ -151,18 +166,41 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         if let Some(resources) = &sc.spec.resources {
             container["resources"] = serde_json::to_value(resources).expect("JSON");
         }
+        // A datanode never calls the Kubernetes API: no token in its Pod.
         let mut spec = json!({"nodeName": machine.name, "containers": [container], "volumes": volumes,
-                              "restartPolicy": "Always"});
+                              "restartPolicy": "Always", "automountServiceAccountToken": false});
         if !sc.spec.tolerations.is_empty() {
             spec["tolerations"] = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
         }
-        out.push((
-            pod.clone(),
-            name.clone(),
-            json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(&name, &node_label), "spec": spec}),
-        ));
+        let mut body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(&name, &node_label), "spec": spec});
+        body["metadata"]["annotations"] = json!({SPEC_HASH: spec_hash(&body)});
+        out.push((pod.clone(), name.clone(), body));
     }
     out
+}
+
+/// Annotation of a datanode Pod: a hash of the Pod the operator asked for. The API server adds to
+/// a Pod (a token volume, default tolerations, defaulted fields, canonical quantities), so what
+/// is read back is never what was sent; the hash says whether the Pod is the one wanted now.
+pub const SPEC_HASH: &str = "cairn.dev/spec-hash";
+
+/// FNV-1a of the JSON text of `body` (serde_json writes object keys sorted).
+pub fn spec_hash(body: &Value) -> String {
+    let text = body.to_string();
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+/// Whether the object read back is the one wanted: for a Pod, the same [`SPEC_HASH`]; for the
+/// others, every field of `want` with the same value in `have` ([`contains`]).
+pub fn up_to_date(kind: &str, have: &Value, want: &Value) -> bool {
+    match kind {
+        "Pod" => {
+            let hash = |v: &Value| v["metadata"]["annotations"][SPEC_HASH].as_str().map(String::from);
+            hash(have).is_some() && hash(have) == hash(want)
+        }
+        _ => contains(have, want),
+    }
 }
 
 /// Whether every field of `want` has the same value in `have`: objects as subsets (the API
@@ -201,7 +239,7 @@ pub async fn apply(
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
         let existing = api.get_opt(name).await?;
         let current = existing.as_ref().map(|o| serde_json::to_value(o).expect("JSON"));
-        if current.as_ref().is_some_and(|c| contains(c, body)) {
+        if current.as_ref().is_some_and(|c| up_to_date(&resource.kind, c, body)) {
             continue;
         }
         if resource.kind == "Pod" && existing.is_some() {
@@ -323,9 +361,10 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let owner = sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid");
         let mut l = labels(&cluster);
         l.insert(PURGE_LABEL.into(), machine.name.clone());
+        l.insert("app.kubernetes.io/component".into(), "purge".into());
         let body = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
-            "spec": {"nodeName": machine.name, "restartPolicy": "Never",
+            "spec": {"nodeName": machine.name, "restartPolicy": "Never", "automountServiceAccountToken": false,
                 "containers": [{"name": "purge", "image": sc.spec.image,
                     "command": command,
                     "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],

@@ -509,7 +509,7 @@ fn observed(snapshot: &Snapshot, machines: &[Machine], rf: u32) -> StoreClusterS
         nodes_summary: format!("{ready}/{total}"),
         capacity: capacity(machines.iter().flat_map(|m| &m.disks)),
         partitions: partition_counts(snapshot, rf),
-        topology_revision: snapshot.revision,
+        topology_revision: snapshot.topology_revision(),
         ..StoreClusterStatus::default()
     }
 }

@@ -97,6 +97,21 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     assert_eq!(snapshot.topology.nodes.len(), 3);
     assert_eq!(snapshot.topology.partitions.len(), 6);
 
+    // The PodDisruptionBudget: an integer minAvailable (a maxUnavailable on Pods whose owner
+    // has no /scale blocks every eviction), over datanode Pods only; the Services route to them only.
+    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::namespaced(kube.clone(), "store");
+    let pdb = pdbs.get("c1").await.unwrap().spec.unwrap();
+    assert_eq!(pdb.min_available, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(2)));
+    assert!(pdb.max_unavailable.is_none());
+    let datanode = pdb.selector.unwrap().match_labels.unwrap();
+    assert_eq!(datanode.get("app.kubernetes.io/component").map(String::as_str), Some("datanode"));
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(kube.clone(), "store");
+    for name in ["c1", "c1-nodes"] {
+        assert_eq!(services.get(name).await.unwrap().spec.unwrap().selector.unwrap(), datanode, "{name}");
+    }
+    let pod_labels = pods.get("c1-n0").await.unwrap().metadata.labels.unwrap();
+    assert!(datanode.iter().all(|(k, v)| pod_labels.get(k) == Some(v)), "the PDB selects datanode Pods");
+
     // Status: conditions for kstatus readers, observedGeneration, counts.
     let status = api.get("c1").await.unwrap().status.unwrap();
     assert_eq!(status.observed_generation, sc.metadata.generation);
@@ -145,6 +160,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     );
     tokio::spawn(async move { axum::serve(progress, app).await });
     let live_cancel = tokio_util::sync::CancellationToken::new();
+    let mut registrations = Vec::new();
     for node in ["n0", "n1", "n2"] {
         let live = cairn_cluster::LiveNode {
             node: node.into(),
@@ -154,12 +170,10 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
             free_bytes: Default::default(),
             unopened: Default::default(),
         };
-        let (_tx, rx) = tokio::sync::watch::channel(live);
+        let (tx, rx) = tokio::sync::watch::channel(live);
+        registrations.push(tx);
         let (store, cancel) = (store.clone(), live_cancel.clone());
-        tokio::spawn(async move {
-            store.keep_registered(rx, 10, cancel).await;
-            drop(_tx)
-        });
+        tokio::spawn(async move { store.keep_registered(rx, 10, cancel).await });
     }
     // Wait until etcd holds all three registrations (no fixed sleep: CI machines are slower).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -188,6 +202,28 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     }
     let all = pods.list(&Default::default()).await.unwrap().items;
     assert_eq!(images(all), ["cairn:2", "cairn:2", "cairn:2"]);
+
+    // Converged under traffic: datanodes rewrite their registrations as blobs arrive (etcd's
+    // revision moves), and the operator still writes nothing.
+    reconcile_once(&api, &ctx).await;
+    let (writes, status_writes) =
+        (ctx.writes.load(Ordering::SeqCst), memory.status_writes("storeclusters", "store", "c1"));
+    for round in 1..=3u64 {
+        let before = store.load().await.unwrap().revision;
+        for tx in &registrations {
+            tx.send_modify(|l| {
+                l.free_bytes.insert(0, round << 20);
+            });
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.load().await.unwrap().revision < before + 3 {
+            assert!(std::time::Instant::now() < deadline, "registrations not rewritten");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        reconcile_once(&api, &ctx).await;
+    }
+    assert_eq!(ctx.writes.load(Ordering::SeqCst), writes, "no writes under traffic");
+    assert_eq!(memory.status_writes("storeclusters", "store", "c1"), status_writes, "no status writes under traffic");
     live_cancel.cancel();
 
     // Retain: deleting leaves the topology in etcd.
@@ -466,7 +502,7 @@ async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig(
     }
     let (code, out, _) = cairn(&["topology", "--kubeconfig", file, "--context", "mem"], None).await;
     assert_eq!(code, 0);
-    assert!(out.starts_with("cluster c1 (revision "), "{out}");
+    assert!(out.starts_with("cluster c1 (etcd revision "), "{out}");
     assert!(out.contains("replication 3 quorum 2, 6 partitions"), "{out}");
 }
 
@@ -503,6 +539,8 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
 
     assert!(!platform.purge_machine(&machine, Some(&[1])).await.unwrap());
     let first = pods.get(&name_for(&[1])).await.unwrap();
+    let labels = first.metadata.labels.clone().unwrap();
+    assert_eq!(labels.get("app.kubernetes.io/component").map(String::as_str), Some("purge"), "never a datanode's");
     assert_eq!(first.spec.as_ref().unwrap().restart_policy.as_deref(), Some("Never"));
     let command = first.spec.unwrap().containers[0].command.clone().unwrap();
     assert!(command.windows(2).any(|w| w == ["--partition", "1"]), "{command:?}");

@@ -328,5 +328,8 @@ fn topology_as_the_datanodes_see_it() {
     snapshot.revision = 412;
     golden("topology.txt", &render::topology("c1", &snapshot));
     let empty = Snapshot::default();
-    assert_eq!(render::topology("c9", &empty).lines().next(), Some("cluster c9: no topology in etcd (revision 0)"));
+    assert_eq!(
+        render::topology("c9", &empty).lines().next(),
+        Some("cluster c9: no topology in etcd (etcd revision 0)")
+    );
 }

@@ -162,7 +162,8 @@ pub struct StoreClusterStatus {
     pub capacity: CapacityStatus,
     #[serde(default)]
     pub partitions: PartitionCounts,
-    /// etcd revision of the topology last written or seen.
+    /// The topology's revision: the newest mod_revision of its keys in etcd (datanode
+    /// registrations do not move it).
     #[serde(default)]
     pub topology_revision: i64,
 }

@@ -8,7 +8,8 @@
 //! objects as JSON and implements what Cairn's controllers use: get, list, server-side apply
 //! of objects and of the status subresource, merge patches, delete; resourceVersion,
 //! generation (bumped when anything but status and metadata changes), uid, creationTimestamp,
-//! JSON patches, deletion held by finalizers (deletionTimestamp), equality label selectors,
+//! JSON patches, deletion held by finalizers (deletionTimestamp), equality label selectors, the
+//! defaults and admission a real API server applies to a Pod it creates ([`admission`]),
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). With
 //! [`MemoryApi::with_rbac`], requests of a client made by [`MemoryApi::client_as`] are authorized
 //! as the API server does ([`rbac`]): 403 unless a role grants the verb — `create` as well as
@@ -16,6 +17,7 @@
 //! apply is modelled as a JSON merge: it does not remove fields a manager stopped sending. Every
 //! write is counted per object so tests can prove that a converged controller writes nothing.
 
+pub mod admission;
 pub mod etcd;
 pub mod machine;
 pub mod rbac;
@@ -264,6 +266,9 @@ impl MemoryApi {
                     if !ns.is_empty() {
                         object["metadata"]["namespace"] = json!(ns);
                     }
+                    if key.2 == "pods" {
+                        admission::admit_pod(&mut object);
+                    }
                     *state.writes.entry(key.clone()).or_default() += 1;
                     state.objects.insert(key, object.clone());
                     Response::builder()
@@ -309,6 +314,7 @@ impl MemoryApi {
                         return status(StatusCode::CONFLICT, "Conflict", "the object has been modified");
                     }
                 }
+                let created = existing.is_none();
                 let mut object = match (existing, target.status, apply) {
                     (Some(object), _, _) => object,
                     (None, false, _) if method == Method::PUT || apply => {
@@ -366,6 +372,9 @@ impl MemoryApi {
                     } else {
                         json_patch::merge(&mut object, &patch);
                     }
+                }
+                if created && key.2 == "pods" {
+                    admission::admit_pod(&mut object);
                 }
                 if object == before {
                     return ok(object);

@@ -470,7 +470,7 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
             .collect(),
         capacity: capacity_line(&machine_views, &usage, &status.capacity),
         partitions,
-        topology_revision: snapshot.as_ref().map(|s| s.revision).unwrap_or(status.topology_revision),
+        topology_revision: snapshot.as_ref().map(|s| s.topology_revision()).unwrap_or(status.topology_revision),
         machines: machine_views,
         partition_issues: issues,
         warnings,

@@ -207,7 +207,7 @@ pub fn topology(cluster: &str, s: &Snapshot) -> String {
         Some(c) => {
             let _ = writeln!(
                 out,
-                "cluster {cluster} (revision {}): replication {} quorum {}, {} partitions, volume {}, segment {}",
+                "cluster {cluster} (etcd revision {}): replication {} quorum {}, {} partitions, volume {}, segment {}",
                 s.revision,
                 c.replication_factor,
                 c.write_quorum,
@@ -217,7 +217,7 @@ pub fn topology(cluster: &str, s: &Snapshot) -> String {
             );
         }
         None => {
-            let _ = writeln!(out, "cluster {cluster}: no topology in etcd (revision {})", s.revision);
+            let _ = writeln!(out, "cluster {cluster}: no topology in etcd (etcd revision {})", s.revision);
         }
     }
     let mut rows = vec![["NODE", "ZONE", "ADDRESS", "LIVE", "REPLICAS", "DISKS"].map(String::from).to_vec()];
