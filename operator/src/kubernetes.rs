@@ -35,7 +35,12 @@ pub fn datanode_labels(cluster: &str) -> BTreeMap<String, String> {
 }
 
 pub fn selector(cluster: &str) -> String {
-    labels(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    label_selector(&labels(cluster))
+}
+
+/// `k=v,k2=v2`.
+fn label_selector(labels: &BTreeMap<String, String>) -> String {
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// Machines whose labels match the node selector, with their StoreNode's disks.
@@ -294,7 +299,8 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
             .await
             .map_err(|e| e.to_string())?
         {
-            if pod.labels().get(PURGE_LABEL).is_none() {
+            // One already Terminating is on its way (its grace period).
+            if pod.labels().get(PURGE_LABEL).is_none() && pod.metadata.deletion_timestamp.is_none() {
                 pods.delete(&pod.name_any(), &DeleteParams::default()).await.map_err(|e| e.to_string())?;
             }
         }
@@ -318,10 +324,36 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
     }
 
     /// One purge Pod per machine (see [`purge_machine`](Self::purge_machine)); done when all have.
+    /// Purge Pods once no datanode Pod is left (a Terminating one may still write), and only on
+    /// machines whose disk agent reports volumes of this cluster: not on Nodes without a disk
+    /// agent, and not again on a machine already purged (its StoreNode lists none any more).
     async fn delete_volumes(&self) -> Result<bool, String> {
+        let cluster = self.cluster.name_any();
+        let pods = pods_api(&self.client, &self.cluster.namespace().unwrap_or_default());
+        let datanodes = ListParams::default().labels(&label_selector(&datanode_labels(&cluster)));
+        if !pods.list(&datanodes).await.map_err(|e| e.to_string())?.items.is_empty() {
+            return Ok(false);
+        }
         let mut done = true;
+        let mut purging = Vec::new();
         for machine in machines(&self.client, self.cluster).await.map_err(|e| e.to_string())? {
-            done &= self.purge_machine(&machine, None).await?;
+            let holds = machine
+                .disks
+                .iter()
+                .flat_map(|d| &d.volumes)
+                .any(|v| cairn_cluster::Topology::is_volume_of(&cluster, &machine.name, &v.name));
+            if holds {
+                done &= self.purge_machine(&machine, None).await?;
+                purging.push(machine.name);
+            }
+        }
+        // The purge Pod of a machine that holds nothing any more has done its work.
+        let all_purges = ListParams::default().labels(&format!("{},{PURGE_LABEL}", selector(&cluster)));
+        for pod in pods.list(&all_purges).await.map_err(|e| e.to_string())? {
+            let machine = pod.labels().get(PURGE_LABEL).cloned().unwrap_or_default();
+            if !purging.contains(&machine) && pod.metadata.deletion_timestamp.is_none() {
+                pods.delete(&pod.name_any(), &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+            }
         }
         Ok(done)
     }

@@ -41,6 +41,25 @@ async fn machine(kube: &kube::Client, name: &str, zone: &str) {
     store_nodes.patch_status(name, &PatchParams::apply("test"), &Patch::Apply(patch)).await.unwrap();
 }
 
+/// The volumes a machine's disk agent reports in its StoreNode (as the agent publishes them).
+async fn volumes_on(kube: &kube::Client, node: &str, names: &[&str]) {
+    let store_nodes: Api<StoreNode> = Api::all(kube.clone());
+    let mut status = store_nodes.get(node).await.unwrap().status.unwrap();
+    status.disks[0].volumes = names
+        .iter()
+        .map(|n| cairn_common::agent_api::VolumeInfo { name: n.to_string(), ..Default::default() })
+        .collect();
+    let patch = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "StoreNode", "status": status});
+    store_nodes.patch_status(node, &PatchParams::apply("test"), &Patch::Apply(patch)).await.unwrap();
+}
+
+/// One reconcile of c1, if it still exists.
+async fn reconcile_once_if_present(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
+    if let Some(sc) = api.get_opt("c1").await.unwrap() {
+        reconcile(Arc::new(sc), ctx.clone()).await.unwrap();
+    }
+}
+
 /// The test API with the chart's RBAC: the operator runs as its ServiceAccount, so a verb the chart
 /// does not grant is a 403 here as on a real cluster. (Test setup uses an admin client.)
 fn strict_api() -> MemoryApi {
@@ -240,24 +259,59 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     reconcile_once(&api, &ctx).await;
     reconcile_once(&api, &ctx).await;
     assert_eq!(store.load().await.unwrap().topology.partitions.len(), 6, "the same placement found again");
-    api.delete("c1", &DeleteParams::default()).await.unwrap();
-    // First: datanodes stop and one purge Pod per machine removes the volumes; the finalizer waits.
-    let sc = api.get("c1").await.unwrap();
-    assert!(reconcile(Arc::new(sc), ctx.clone()).await.is_err(), "in progress");
-    assert!(pods.get_opt("c1-n0").await.unwrap().is_none(), "datanodes stopped");
+    // The disk agents report the cluster's volumes; a fourth Node has no disk agent (no StoreNode).
     for node in ["n0", "n1", "n2"] {
+        volumes_on(&kube, node, &[&format!("c1-p0-{node}"), &format!("c1-p1-{node}")]).await;
+    }
+    let nodes: Api<Node> = Api::all(kube.clone());
+    let bare = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n3"}});
+    nodes.patch("n3", &PatchParams::apply("test"), &Patch::Apply(bare)).await.unwrap();
+    memory.hold_pod_deletions(); // Pods stay Terminating through their grace period
+    api.delete("c1", &DeleteParams::default()).await.unwrap();
+    let pass = || async {
+        let sc = api.get("c1").await.unwrap();
+        reconcile(Arc::new(sc), ctx.clone()).await
+    };
+    let purge_pod = |node: &str| {
         let command = cairn_operator::kubernetes::purge_command("c1", node, None, "/run/cairn/disk-agent.sock");
-        let name = cairn_operator::kubernetes::purge_pod_name("c1", node, &command);
-        let purge = pods.get(&name).await.unwrap();
+        cairn_operator::kubernetes::purge_pod_name("c1", node, &command)
+    };
+    // First the datanodes stop; no purge while one is still Terminating (it may still write).
+    assert!(pass().await.is_err(), "in progress");
+    assert!(pods.get("c1-n0").await.unwrap().metadata.deletion_timestamp.is_some(), "datanodes stopping");
+    assert!(pods.get_opt(&purge_pod("n0")).await.unwrap().is_none(), "no purge while a datanode terminates");
+    memory.finish_pod_deletions();
+    // Then one purge Pod per machine that holds volumes (none on n3); the finalizer waits.
+    assert!(pass().await.is_err(), "in progress");
+    assert!(pods.get_opt(&purge_pod("n3")).await.unwrap().is_none(), "no disk agent, nothing to purge on n3");
+    for node in ["n0", "n1", "n2"] {
+        let purge = pods.get(&purge_pod(node)).await.unwrap();
         let command = purge.spec.as_ref().unwrap().containers[0].command.clone().unwrap();
         assert_eq!(command[..3], ["cairn", "volumes", "purge"]);
         assert!(command.windows(2).any(|w| w[0] == "--cluster" && w[1] == "c1"), "{command:?}");
         assert_eq!(purge.spec.unwrap().node_name.as_deref(), Some(node));
-        let done = json!({"apiVersion": "v1", "kind": "Pod", "status": {"phase": "Succeeded"}});
-        pods.patch_status(&name, &PatchParams::apply("kubelet"), &Patch::Apply(done)).await.unwrap();
     }
+    let succeed = |node: &'static str| {
+        let (pods, kube, name) = (pods.clone(), kube.clone(), purge_pod(node));
+        async move {
+            let done = json!({"apiVersion": "v1", "kind": "Pod", "status": {"phase": "Succeeded"}});
+            pods.patch_status(&name, &PatchParams::apply("kubelet"), &Patch::Apply(done)).await.unwrap();
+            volumes_on(&kube, node, &[]).await; // the agent reports its volumes gone
+        }
+    };
+    // Purges finish at different times: a machine done is not purged again.
+    succeed("n0").await;
+    assert!(pass().await.is_err(), "n1 and n2 still purging");
+    memory.finish_pod_deletions();
+    assert!(pods.get_opt(&purge_pod("n0")).await.unwrap().is_none(), "n0's purge Pod removed, not made again");
+    assert!(pass().await.is_err(), "n1 and n2 still purging");
+    assert!(pods.get_opt(&purge_pod("n0")).await.unwrap().is_none(), "n0 is not purged a second time");
     assert_eq!(store.load().await.unwrap().topology.partitions.len(), 6, "etcd waits for the volumes");
-    reconcile_once(&api, &ctx).await;
+    succeed("n1").await;
+    succeed("n2").await;
+    pass().await.unwrap();
+    memory.finish_pod_deletions();
+    reconcile_once_if_present(&api, &ctx).await;
     assert!(api.get_opt("c1").await.unwrap().is_none());
     assert!(store.load().await.unwrap().topology.nodes.is_empty(), "Delete removed the topology");
     let left = pods.list(&kube::api::ListParams::default().labels("cairn.dev/purge")).await.unwrap();

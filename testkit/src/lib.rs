@@ -8,7 +8,8 @@
 //! objects as JSON and implements what Cairn's controllers use: get, list, server-side apply
 //! of objects and of the status subresource, merge patches, delete; resourceVersion,
 //! generation (bumped when anything but status and metadata changes), uid, creationTimestamp,
-//! JSON patches, deletion held by finalizers (deletionTimestamp), equality label selectors, the
+//! JSON patches, deletion held by finalizers (deletionTimestamp), equality and existence label
+//! selectors, the
 //! defaults and admission a real API server applies to a Pod it creates ([`admission`]),
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). With
 //! [`MemoryApi::with_rbac`], requests of a client made by [`MemoryApi::client_as`] are authorized
@@ -54,6 +55,9 @@ struct State {
     next_version: u64,
     next_uid: u64,
     rbac: Option<rbac::Rbac>,
+    /// Deleted Pods stay, Terminating (deletionTimestamp set), until
+    /// [`MemoryApi::finish_pod_deletions`]: the grace period of a real kubelet, as long as a test wants.
+    hold_pod_deletions: bool,
     /// Every request RBAC allowed.
     accessed: std::collections::BTreeSet<rbac::Access>,
 }
@@ -108,6 +112,27 @@ impl MemoryApi {
             }
         });
         kube::Client::new(service, "default")
+    }
+
+    /// From now on a deleted Pod stays Terminating until [`finish_pod_deletions`](Self::finish_pod_deletions),
+    /// as a kubelet keeps it through its grace period.
+    pub fn hold_pod_deletions(&self) {
+        self.state.lock().unwrap().hold_pod_deletions = true;
+    }
+
+    /// The Terminating Pods are gone (their grace period is over).
+    pub fn finish_pod_deletions(&self) {
+        let mut state = self.state.lock().unwrap();
+        let done: Vec<Key> = state
+            .objects
+            .iter()
+            .filter(|(k, v)| k.2 == "pods" && !v["metadata"]["deletionTimestamp"].is_null())
+            .filter(|(_, v)| v["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in done {
+            state.objects.remove(&key);
+        }
     }
 
     /// What RBAC allowed `user` so far: (verb, API group, resource).
@@ -234,7 +259,13 @@ impl MemoryApi {
                         .iter()
                         .filter(|(k, _)| &k.0 == gv && &k.2 == plural && (ns.is_empty() || &k.1 == ns))
                         .filter(|(_, v)| {
-                            selector.iter().all(|(k, want)| v["metadata"]["labels"][k].as_str() == Some(want.as_str()))
+                            selector.iter().all(|(k, want)| {
+                                let have = v["metadata"]["labels"][k].as_str();
+                                match want {
+                                    Some(want) => have == Some(want.as_str()),
+                                    None => have.is_some(),
+                                }
+                            })
                         })
                         .map(|(_, v)| v.clone())
                         .collect();
@@ -293,9 +324,15 @@ impl MemoryApi {
             Method::DELETE => {
                 let Some(mut object) = state.objects.remove(&key) else { return not_found(&key) };
                 *state.writes.entry(key.clone()).or_default() += 1;
-                // With finalizers the object stays, marked for deletion, until they are removed.
+                // With finalizers the object stays, marked for deletion, until they are removed;
+                // so does a Pod through its grace period.
                 let has_finalizers = object["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
-                if has_finalizers {
+                let terminating = key.2 == "pods" && state.hold_pod_deletions;
+                if has_finalizers || terminating {
+                    if !object["metadata"]["deletionTimestamp"].is_null() {
+                        state.objects.insert(key, object.clone());
+                        return ok(object);
+                    }
                     object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
                     state.next_version += 1;
                     object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
@@ -413,8 +450,8 @@ impl MemoryApi {
     }
 }
 
-/// `labelSelector=a=b,c=d` from a query string (equality terms only).
-fn label_selector(query: &str) -> Vec<(String, String)> {
+/// `labelSelector=a=b,c` from a query string: equality terms (`a=b`) and existence terms (`c`).
+fn label_selector(query: &str) -> Vec<(String, Option<String>)> {
     query
         .split('&')
         .filter_map(|kv| kv.strip_prefix("labelSelector="))
@@ -422,7 +459,11 @@ fn label_selector(query: &str) -> Vec<(String, String)> {
             let decoded = v.replace("%3D", "=").replace("%2C", ",").replace("%2F", "/");
             decoded
                 .split(',')
-                .filter_map(|term| term.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                .filter(|term| !term.is_empty())
+                .map(|term| match term.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+                    None => (term.to_owned(), None),
+                })
                 .collect::<Vec<_>>()
         })
         .collect()
