@@ -21,27 +21,48 @@ pub struct Context {
     /// Write calls made by reconciles (API objects, status, etcd transactions), for the zero-writes check.
     pub writes: std::sync::atomic::AtomicU64,
     pub metrics: OperatorMetrics,
+    /// One recorder for the controller's life: it remembers the Events it wrote, so that a
+    /// repeated one is counted in its series (a patch) instead of written again.
+    recorder: kube::runtime::events::Recorder,
+}
+
+/// The longest Event note the API accepts (events.k8s.io: 1 kB).
+pub const EVENT_NOTE_MAX: usize = 1024;
+
+/// `message` as an Event note: whole when it fits, else cut at a character boundary with how much
+/// was left out (the status conditions and `cairn status` have the whole story).
+pub fn event_note(message: &str) -> String {
+    if message.len() <= EVENT_NOTE_MAX {
+        return message.to_owned();
+    }
+    let suffix = |left: usize| format!(" … ({left} more bytes)");
+    let mut end = EVENT_NOTE_MAX - suffix(message.len()).len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{}", &message[..end], suffix(message.len() - end))
 }
 
 impl Context {
     pub fn new(client: kube::Client) -> Self {
-        Self { client, writes: Default::default(), metrics: OperatorMetrics::default() }
+        use kube::runtime::events::{Recorder, Reporter};
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self { client, writes: Default::default(), metrics: OperatorMetrics::default(), recorder }
     }
 
     /// Records a Kubernetes Event on the StoreCluster (failures to record are only logged).
     async fn event(&self, sc: &StoreCluster, warning: bool, reason: &str, action: &str, note: String) {
-        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
-        let recorder = Recorder::new(self.client.clone(), reporter);
+        use kube::runtime::events::{Event, EventType};
         let event = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.into(),
-            note: Some(note),
+            note: Some(event_note(&note)),
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&event, &sc.object_ref(&())).await {
-            tracing::debug!(error = %e, "recording an event failed");
+        if let Err(e) = self.recorder.publish(&event, &sc.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "recording an event failed");
         }
     }
 }
@@ -163,5 +184,22 @@ async fn cleanup(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error
         Ok(true) => Ok(Action::await_change()),
         Ok(false) => Err(kube::Error::Service(Box::from("volumes are still being removed"))),
         Err(message) => Err(kube::Error::Service(Box::from(message))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_event_notes_are_cut_to_what_the_api_accepts() {
+        assert_eq!(event_note("short"), "short");
+        let long = "é".repeat(800); // 1600 bytes, two per character
+        let note = event_note(&long);
+        assert!(note.len() <= EVENT_NOTE_MAX, "{}", note.len());
+        assert!(note.ends_with("more bytes)"), "{note}");
+        assert!(note.starts_with("éé"));
+        let exact = "x".repeat(EVENT_NOTE_MAX);
+        assert_eq!(event_note(&exact), exact);
     }
 }

@@ -612,3 +612,30 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
     assert!(platform.purge_machine(&machine, Some(&[2])).await.unwrap(), "done");
     assert!(pods.get_opt(&name_for(&[2])).await.unwrap().is_none(), "and cleaned up");
 }
+
+/// A pass that changes much (here the first of 90 partitions) says so in one Event whose note the
+/// API accepts (at most 1 kB: a longer one is refused, and the Event lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_event_note_is_cut_to_what_the_api_accepts() {
+    let etcd = EtcdServer::start();
+    let memory = strict_api();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
+        machine(&kube, name, zone).await;
+    }
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    let mut spec = cluster_yaml(&etcd.endpoint(), 3);
+    spec["spec"]["volumeSize"] = json!("1Gi");
+    spec["spec"]["segmentSize"] = json!("256Mi");
+    spec["spec"]["partitionsPerDisk"] = json!(30);
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(spec)).await.unwrap();
+    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(kube.clone(), "store");
+    let all = events.list(&Default::default()).await.unwrap().items;
+    let reconciled = all.iter().find(|e| e.reason.as_deref() == Some("Reconciled")).expect("the Reconciled event");
+    let note = reconciled.note.clone().unwrap();
+    assert!(note.len() <= 1024 && note.ends_with("more bytes)"), "{} bytes: {note}", note.len());
+    assert!(note.starts_with("topology: wrote config"), "{note}");
+}

@@ -281,6 +281,9 @@ impl MemoryApi {
                     };
                     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
                     let (gv, ns, plural, _) = target.key.clone();
+                    if let Err(message) = validate(&gv, &plural, &object) {
+                        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
+                    }
                     let key = (gv, ns.clone(), plural, name);
                     if state.objects.contains_key(&key) {
                         return status(
@@ -413,6 +416,9 @@ impl MemoryApi {
                 if created && key.2 == "pods" {
                     admission::admit_pod(&mut object);
                 }
+                if let Err(message) = validate(&key.0, &key.2, &object) {
+                    return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
+                }
                 if object == before {
                     return ok(object);
                 }
@@ -448,6 +454,17 @@ impl MemoryApi {
             _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "unsupported method"),
         }
     }
+}
+
+/// What the API server validates that Cairn could get wrong: an Event's note is at most 1 kB.
+fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), String> {
+    if group_version == "events.k8s.io/v1" && plural == "events" {
+        let note = object["note"].as_str().unwrap_or_default();
+        if note.len() > 1024 {
+            return Err(format!("note: Too long: may not be more than 1024 bytes (got {})", note.len()));
+        }
+    }
+    Ok(())
 }
 
 /// `labelSelector=a=b,c` from a query string: equality terms (`a=b`) and existence terms (`c`).
