@@ -262,7 +262,7 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not valid") && err.contains("hold blobs of at most"), "{err}");
+    assert!(err.contains("not valid") && err.contains("maxBlobSize must fit in a segment"), "{err}");
     assert!(!dir.exists(), "nothing created for a spec that cannot work");
 
     // Bad input: not one per machine. Nothing starts.

@@ -292,6 +292,8 @@ fn local_machines(
 pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<()> {
     // A spec no datanode could serve (say, segments too small for the largest blob) is refused
     // before anything starts, as the CRD's rules refuse it on Kubernetes.
+    // The CRD's own CEL rules first (the name, the geometry), as an API server runs them.
+    kube::core::cel::validate_cel(&cluster).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
     let (_, segment, max_blob) =
         crate::desired::check_spec(&cluster.spec).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
     let largest = max_blob.unwrap_or_else(|| cairn_common::volume_layout::largest_blob_for_segment(segment));

@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     validation = Rule::new("self.spec.deletionPolicy != 'Delete' || (has(self.spec.confirmDelete) && self.spec.confirmDelete == self.metadata.name)")
         .message("deletionPolicy Delete needs confirmDelete set to the cluster's name"),
+    // The name becomes Service names (`<name>`, `<name>-nodes`: DNS-1035 labels), label values and
+    // volume names (`<name>-p<N>-<node>`, at most 63 characters).
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 40")
+        .message("the name must be a DNS-1035 label of at most 40 characters (lower-case letters, digits, '-', starting with a letter)"),
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Nodes","type":"string","jsonPath":".status.nodesSummary"}"#,
@@ -210,6 +214,12 @@ mod tests {
     fn cel_rules_refuse_a_geometry_no_datanode_could_open() {
         let ok = |spec: serde_json::Value| kube::core::cel::validate_cel(&cluster(spec));
         ok(serde_json::json!({})).unwrap();
+        for bad in ["1blobs", "Blobs", "blobs.example", "b-", &"b".repeat(41)] {
+            let mut named = cluster(serde_json::json!({}));
+            named.metadata.name = Some(bad.to_string());
+            let err = kube::core::cel::validate_cel(&named).expect_err(bad).to_string();
+            assert!(err.contains("DNS-1035 label"), "{bad}: {err}");
+        }
         ok(serde_json::json!({"maxBlobSize": "64Mi"})).unwrap();
         ok(serde_json::json!({"volumeSize": "1Gi", "segmentSize": "1Gi"})).unwrap();
         for (spec, message) in [
