@@ -131,7 +131,9 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         for (i, disk) in machine.disks.iter().enumerate() {
             let path = format!("{}/cairn", disk.canonical_mount.trim_end_matches('/'));
             mounts.push(json!({"name": format!("disk{i}"), "mountPath": path, "mountPropagation": "HostToContainer"}));
-            volumes.push(json!({"name": format!("disk{i}"), "hostPath": {"path": path, "type": "DirectoryOrCreate"}}));
+            // `Directory`: were the disk not mounted (yet), the Pod waits instead of writing into
+            // a directory made on the root filesystem.
+            volumes.push(json!({"name": format!("disk{i}"), "hostPath": {"path": path, "type": "Directory"}}));
         }
         let mut args: Vec<String> = vec![
             "--etcd".into(),

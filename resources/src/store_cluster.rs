@@ -76,7 +76,7 @@ pub struct StoreClusterSpec {
     pub write_quorum: u32,
     /// Writable partitions to keep per usable disk, while space allows.
     #[serde(default = "default_partitions_per_disk")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub partitions_per_disk: u32,
     /// Space kept free on every disk: a percentage ("5%") or a size ("20Gi").
     #[serde(default, skip_serializing_if = "Option::is_none")]
