@@ -167,15 +167,28 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             "args": args,
             "ports": [{"name": "api", "containerPort": API_PORT}],
             "readinessProbe": {"httpGet": {"path": "/readyz", "port": API_PORT}},
+            // Opening large volumes (recovery replays their log tails) may take minutes: liveness
+            // only counts once the process has answered once.
+            "startupProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 5,
+                             "failureThreshold": 120},
             "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}},
             "volumeMounts": mounts,
+            // Root, to write the volumes the disk agent (root) made; nothing more.
+            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                "capabilities": {"drop": ["ALL"]}},
+            "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
         });
         if let Some(resources) = &sc.spec.resources {
             container["resources"] = serde_json::to_value(resources).expect("JSON");
         }
-        // A datanode never calls the Kubernetes API: no token in its Pod.
-        let mut spec = json!({"nodeName": machine.name, "containers": [container], "volumes": volumes,
-                              "restartPolicy": "Always", "automountServiceAccountToken": false});
+        // Pinned to its machine by node affinity (so the scheduler still checks taints and room,
+        // which nodeName skips); a datanode never calls the Kubernetes API: no token. Its grace
+        // period covers the drain of requests in flight and a final checkpoint.
+        let affinity = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [machine.name]}]}]}}});
+        let mut spec = json!({"affinity": affinity, "containers": [container], "volumes": volumes,
+                              "restartPolicy": "Always", "automountServiceAccountToken": false,
+                              "terminationGracePeriodSeconds": 60});
         if !sc.spec.tolerations.is_empty() {
             spec["tolerations"] = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
         }
@@ -246,6 +259,15 @@ pub async fn apply(
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
         let existing = api.get_opt(name).await?;
         let current = existing.as_ref().map(|o| serde_json::to_value(o).expect("JSON"));
+        // A datanode Pod that ended (Failed: evicted, or its node lost; Succeeded) never runs
+        // again: it goes, and the next pass makes it anew.
+        let ended = resource.kind == "Pod"
+            && current.as_ref().is_some_and(|c| matches!(c["status"]["phase"].as_str(), Some("Failed" | "Succeeded")));
+        if ended && current.as_ref().is_some_and(|c| c["metadata"]["deletionTimestamp"].is_null()) {
+            api.delete(name, &DeleteParams::default()).await?;
+            changes.push(format!("deleted Pod {name} (it ended; made again on the next pass)"));
+            continue;
+        }
         if current.as_ref().is_some_and(|c| up_to_date(&resource.kind, c, body)) {
             continue;
         }
@@ -456,7 +478,8 @@ pub async fn datanode_pods(sc: &StoreCluster, client: &kube::Client) -> Result<B
     Ok(list
         .iter()
         .filter(|p| p.labels().get(PURGE_LABEL).is_none())
-        .filter_map(|p| Some((p.data["spec"]["nodeName"].as_str()?.to_owned(), pod_ready(p))))
+        // By the machine it is pinned to (its label): spec.nodeName is set only once scheduled.
+        .filter_map(|p| Some((p.labels().get("cairn.dev/node")?.clone(), pod_ready(p))))
         .collect())
 }
 

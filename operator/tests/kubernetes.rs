@@ -99,7 +99,17 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     let sc = api.get("c1").await.unwrap();
     for node in ["n0", "n1", "n2"] {
         let pod = pods.get(&format!("c1-{node}")).await.unwrap();
-        assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(node), "pinned to its machine");
+        // Pinned to its machine by node affinity (the scheduler still checks taints and room).
+        let spec = pod.spec.as_ref().unwrap();
+        assert!(spec.node_name.is_none(), "not placed by nodeName");
+        let terms = &spec.affinity.as_ref().unwrap().node_affinity.as_ref().unwrap();
+        let term = &terms.required_during_scheduling_ignored_during_execution.as_ref().unwrap().node_selector_terms[0];
+        let field = &term.match_fields.as_ref().unwrap()[0];
+        assert_eq!((field.key.as_str(), field.values.clone().unwrap()), ("metadata.name", vec![node.to_string()]));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let container = &spec.containers[0];
+        assert!(container.startup_probe.is_some() && container.resources.as_ref().unwrap().requests.is_some());
+        assert_eq!(spec.termination_grace_period_seconds, Some(60));
         let owner = &pod.owner_references()[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("StoreCluster", sc.uid().unwrap().as_str()));
         let args = pod.spec.unwrap().containers[0].args.clone().unwrap();
@@ -153,6 +163,15 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     }
     // The spec is never written by the operator: only the user's apply and the finalizer touched it.
     assert_eq!(api.get("c1").await.unwrap().spec.image, "cairn:1");
+
+    // A datanode Pod evicted (Failed, as the kubelet reports it) is made again.
+    let evicted = json!({"apiVersion": "v1", "kind": "Pod", "status": {"phase": "Failed", "reason": "Evicted"}});
+    pods.patch_status("c1-n1", &PatchParams::apply("kubelet"), &Patch::Apply(evicted)).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    assert!(pods.get_opt("c1-n1").await.unwrap().is_none(), "the ended Pod is deleted");
+    reconcile_once(&api, &ctx).await;
+    let again = pods.get("c1-n1").await.unwrap();
+    assert_eq!(again.status.unwrap().phase.as_deref(), Some("Pending"), "and made anew");
 
     // Upgrade: a new image replaces one Pod per pass, and only while the others are Ready and
     // every datanode is registered. With none registered here (no datanode runs), nothing moves.
