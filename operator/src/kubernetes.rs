@@ -69,9 +69,37 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
     Ok(out)
 }
 
+/// The name and hostname of the datanode Pod of `node`: a DNS label (a node name may have dots,
+/// as on EKS, or be longer than a label may be), so that `<pod>.<cluster>-nodes.<ns>.svc` exists.
 pub fn pod_name(cluster: &str, node: &str) -> String {
-    format!("{cluster}-{node}")
+    dns_label(&format!("{cluster}-{node}"))
 }
+
+/// `text` as a DNS label (RFC 1123, at most 63 characters): lower case, anything else than letters,
+/// digits and `-` made `-`, and a long one cut with a hash of the whole so that names stay distinct.
+pub fn dns_label(text: &str) -> String {
+    let clean: String =
+        text.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let clean = clean.trim_matches('-').to_owned();
+    if clean.len() <= 63 && clean == text {
+        return clean;
+    }
+    // Changed or cut: a hash of the original keeps two names that clean up alike apart.
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{}-{:08x}", clean[..clean.len().min(54)].trim_end_matches('-'), hash as u32)
+}
+
+/// A label value for `text` (at most 63 characters): the text, or a shortened one with its hash.
+pub fn label_value(text: &str) -> String {
+    if text.len() <= 63 {
+        text.to_owned()
+    } else {
+        dns_label(text)
+    }
+}
+
+/// Annotation of a datanode Pod: the machine it is for, whole (its label may be shortened).
+pub const NODE_ANNOTATION: &str = "cairn.dev/node";
 
 /// Every object the cluster needs, as (resource, name, body).
 pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, String, Value)> {
@@ -122,7 +150,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
     for machine in machines {
         let name = pod_name(&cluster, &machine.name);
         let node_label = BTreeMap::from([
-            ("cairn.dev/node".to_string(), machine.name.clone()),
+            ("cairn.dev/node".to_string(), label_value(&machine.name)),
             ("app.kubernetes.io/component".to_string(), "datanode".to_string()),
         ]);
         // The disk agent's socket and every disk's Cairn directory, at the same paths as on the host.
@@ -186,14 +214,18 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         // period covers the drain of requests in flight and a final checkpoint.
         let affinity = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
             {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [machine.name]}]}]}}});
+        // hostname and subdomain (the headless Service) give the Pod the DNS name it advertises.
         let mut spec = json!({"affinity": affinity, "containers": [container], "volumes": volumes,
                               "restartPolicy": "Always", "automountServiceAccountToken": false,
-                              "terminationGracePeriodSeconds": 60});
+                              "terminationGracePeriodSeconds": 60,
+                              "hostname": name, "subdomain": format!("{cluster}-nodes")});
         if !sc.spec.tolerations.is_empty() {
             spec["tolerations"] = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
         }
         let mut body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(&name, &node_label), "spec": spec});
-        body["metadata"]["annotations"] = json!({SPEC_HASH: spec_hash(&body)});
+        body["metadata"]["annotations"] = json!({NODE_ANNOTATION: machine.name});
+        let hash = spec_hash(&body);
+        body["metadata"]["annotations"][SPEC_HASH] = json!(hash);
         out.push((pod.clone(), name.clone(), body));
     }
     out
@@ -368,7 +400,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
                 .any(|v| cairn_cluster::Topology::is_volume_of(&cluster, &machine.name, &v.name));
             if holds {
                 done &= self.purge_machine(&machine, None).await?;
-                purging.push(machine.name);
+                purging.push(label_value(&machine.name));
             }
         }
         // The purge Pod of a machine that holds nothing any more has done its work.
@@ -395,7 +427,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let pods = pods_api(&self.client, &namespace);
         let command = purge_command(&cluster, &machine.name, partitions, "/run/cairn/disk-agent.sock");
         let name = purge_pod_name(&cluster, &machine.name, &command);
-        let mine = format!("{},{PURGE_LABEL}={}", selector(&cluster), machine.name);
+        let mine = format!("{},{PURGE_LABEL}={}", selector(&cluster), label_value(&machine.name));
         for pod in pods.list(&ListParams::default().labels(&mine)).await.map_err(|e| e.to_string())? {
             if pod.name_any() != name {
                 pods.delete(&pod.name_any(), &DeleteParams::default()).await.map_err(|e| e.to_string())?;
@@ -416,7 +448,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         }
         let owner = sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid");
         let mut l = labels(&cluster);
-        l.insert(PURGE_LABEL.into(), machine.name.clone());
+        l.insert(PURGE_LABEL.into(), label_value(&machine.name));
         l.insert("app.kubernetes.io/component".into(), "purge".into());
         let body = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
@@ -478,8 +510,8 @@ pub async fn datanode_pods(sc: &StoreCluster, client: &kube::Client) -> Result<B
     Ok(list
         .iter()
         .filter(|p| p.labels().get(PURGE_LABEL).is_none())
-        // By the machine it is pinned to (its label): spec.nodeName is set only once scheduled.
-        .filter_map(|p| Some((p.labels().get("cairn.dev/node")?.clone(), pod_ready(p))))
+        // By the machine it is pinned to (spec.nodeName is set only once scheduled).
+        .filter_map(|p| Some((p.annotations().get(NODE_ANNOTATION)?.clone(), pod_ready(p))))
         .collect())
 }
 
@@ -490,6 +522,21 @@ fn pods_api(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_made_from_node_names_are_dns_labels_and_stay_distinct() {
+        assert_eq!(pod_name("c1", "n0"), "c1-n0");
+        let eks = pod_name("c1", "ip-10-0-1-7.eu-west-1.compute.internal");
+        let other = pod_name("c1", "ip-10-0-1-7-eu-west-1-compute-internal");
+        for name in [&eks, &other, &pod_name("c1", &"x".repeat(250))] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{name}");
+            assert!(!name.starts_with('-') && !name.ends_with('-'), "{name}");
+        }
+        assert_ne!(eks, other, "two node names that clean up alike stay apart");
+        assert_eq!(label_value("n0"), "n0");
+        assert!(label_value(&"n".repeat(100)).len() <= 63);
+    }
 
     #[test]
     fn defaults_added_by_the_server_are_not_a_difference() {

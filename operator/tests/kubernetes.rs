@@ -114,6 +114,10 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("StoreCluster", sc.uid().unwrap().as_str()));
         let args = pod.spec.unwrap().containers[0].args.clone().unwrap();
         assert!(args.windows(2).any(|w| w[0] == "--node-id" && w[1] == node), "{args:?}");
+        // The name the datanode advertises to its peers exists in DNS, as CoreDNS makes it.
+        let advertised = args.windows(2).find(|w| w[0] == "--advertise").map(|w| w[1].clone()).unwrap();
+        let host = advertised.rsplit_once(':').unwrap().0;
+        assert!(memory.resolves(host), "{host} does not resolve");
     }
     for (plural, name) in [("services", "c1"), ("services", "c1-nodes"), ("configmaps", "c1-config")] {
         assert_eq!(memory.writes(plural, "store", name), 1, "{plural}/{name}");
@@ -657,4 +661,33 @@ async fn a_long_event_note_is_cut_to_what_the_api_accepts() {
     let note = reconciled.note.clone().unwrap();
     assert!(note.len() <= 1024 && note.ends_with("more bytes)"), "{} bytes: {note}", note.len());
     assert!(note.starts_with("topology: wrote config"), "{note}");
+}
+
+/// Node names with dots (EKS) or longer than a DNS label: every Pod name, hostname and label the
+/// operator makes from them is one the API accepts, and the advertised names resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_names_with_dots_or_too_long_give_valid_resolvable_pods() {
+    let etcd = EtcdServer::start();
+    let memory = strict_api();
+    let kube = memory.client();
+    let long = format!("node-{}", "x".repeat(70));
+    let names = ["ip-10-0-1-7.eu-west-1.compute.internal", "ip-10-0-1-8.eu-west-1.compute.internal", long.as_str()];
+    for (name, zone) in names.iter().zip(["a", "b", "c"]) {
+        machine(&kube, name, zone).await;
+    }
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
+    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    let status = api.get("c1").await.unwrap().status.unwrap();
+    assert!(status.conditions.iter().all(|c| c.reason != "WorkloadsFailed"), "{:?}", status.conditions);
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "store");
+    let all = pods.list(&Default::default()).await.unwrap().items;
+    assert_eq!(all.len(), 3);
+    for pod in all {
+        let args = pod.spec.unwrap().containers[0].args.clone().unwrap();
+        let advertised = args.windows(2).find(|w| w[0] == "--advertise").map(|w| w[1].clone()).unwrap();
+        assert!(memory.resolves(advertised.rsplit_once(':').unwrap().0), "{advertised}");
+    }
 }

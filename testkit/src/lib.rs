@@ -135,6 +135,26 @@ impl MemoryApi {
         }
     }
 
+    /// Whether `host` resolves as CoreDNS would answer it: `<hostname>.<subdomain>.<namespace>.svc`
+    /// (optionally `.cluster.local`) exists when a Pod in that namespace has that `spec.hostname`
+    /// and `spec.subdomain`, and a headless Service of the subdomain's name selects it.
+    pub fn resolves(&self, host: &str) -> bool {
+        let host = host.trim_end_matches(".cluster.local");
+        let parts: Vec<&str> = host.split('.').collect();
+        let [hostname, subdomain, namespace, "svc"] = parts[..] else { return false };
+        let state = self.state.lock().unwrap();
+        let service = state.objects.get(&("v1".into(), namespace.into(), "services".into(), subdomain.into()));
+        let Some(service) = service.filter(|s| s["spec"]["clusterIP"] == "None") else { return false };
+        let selector = service["spec"]["selector"].as_object().cloned().unwrap_or_default();
+        state.objects.iter().any(|(k, pod)| {
+            k.1 == namespace
+                && k.2 == "pods"
+                && pod["spec"]["hostname"] == hostname
+                && pod["spec"]["subdomain"] == subdomain
+                && selector.iter().all(|(label, want)| &pod["metadata"]["labels"][label] == want)
+        })
+    }
+
     /// What RBAC allowed `user` so far: (verb, API group, resource).
     pub fn accessed(&self, user: &str) -> std::collections::BTreeSet<(String, String, String)> {
         let state = self.state.lock().unwrap();
@@ -456,7 +476,9 @@ impl MemoryApi {
     }
 }
 
-/// What the API server validates that Cairn could get wrong: an Event's note is at most 1 kB.
+/// What the API server validates that Cairn could get wrong: an Event's note is at most 1 kB; a
+/// Service's name is a DNS-1035 label; a Pod's hostname and subdomain are DNS labels; label
+/// values are at most 63 characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
 fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), String> {
     if group_version == "events.k8s.io/v1" && plural == "events" {
         let note = object["note"].as_str().unwrap_or_default();
@@ -464,7 +486,42 @@ fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), Str
             return Err(format!("note: Too long: may not be more than 1024 bytes (got {})", note.len()));
         }
     }
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    if plural == "services" && !(is_dns_label(name) && name.starts_with(|c: char| c.is_ascii_lowercase())) {
+        return Err(format!("metadata.name: Invalid value: \"{name}\": a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character"));
+    }
+    if plural == "pods" {
+        for field in ["hostname", "subdomain"] {
+            if let Some(value) = object["spec"][field].as_str() {
+                if !is_dns_label(value) {
+                    return Err(format!("spec.{field}: Invalid value: \"{value}\": must be a DNS label"));
+                }
+            }
+        }
+    }
+    if let Some(labels) = object["metadata"]["labels"].as_object() {
+        for (key, value) in labels {
+            let value = value.as_str().unwrap_or_default();
+            let ok = value.len() <= 63
+                && value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                && (value.is_empty()
+                    || (value.starts_with(|c: char| c.is_ascii_alphanumeric())
+                        && value.ends_with(|c: char| c.is_ascii_alphanumeric())));
+            if !ok {
+                return Err(format!("metadata.labels: Invalid value: \"{value}\" (label {key}): must be at most 63 characters, alphanumeric, '-', '_' or '.', starting and ending alphanumeric"));
+            }
+        }
+    }
     Ok(())
+}
+
+/// An RFC 1123 label: at most 63 lower-case letters, digits and `-`, alphanumeric at both ends.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// `labelSelector=a=b,c` from a query string: equality terms (`a=b`) and existence terms (`c`).
