@@ -265,6 +265,12 @@ pub fn contains(have: &Value, want: &Value) -> bool {
     }
 }
 
+/// Whether `existing` has the controller owner `want` names (the StoreCluster's uid).
+fn owned_like(existing: &DynamicObject, want: &Value) -> bool {
+    let uid = want["metadata"]["ownerReferences"][0]["uid"].as_str();
+    existing.owner_references().iter().any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
 /// Applies each object that is missing or differs; deletes the cluster's Pods no longer wanted.
 /// Returns the number of write calls made (0 when converged).
 pub async fn apply(
@@ -287,9 +293,15 @@ pub async fn apply(
         .filter(|(r, _, _)| r.kind == "Pod")
         .all(|(_, name, _)| current_pods.iter().any(|p| p.name_any() == *name));
     let mut may_replace = settled && all_ready && all_present;
+    let mut foreign = Vec::new();
     for (resource, name, body) in objects {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
         let existing = api.get_opt(name).await?;
+        // Someone else's object under the name: never adopted, changed or deleted.
+        if let Some(other) = existing.as_ref().filter(|o| !owned_like(o, body)) {
+            foreign.push(format!("{} {namespace}/{}", resource.kind, other.name_any()));
+            continue;
+        }
         let current = existing.as_ref().map(|o| serde_json::to_value(o).expect("JSON"));
         // A datanode Pod that ended (Failed: evicted, or its node lost; Succeeded) never runs
         // again: it goes, and the next pass makes it anew.
@@ -318,14 +330,20 @@ pub async fn apply(
             changes.push(format!("{verb} {} {name}", resource.kind));
         }
     }
+    let owner_uid = objects.first().and_then(|(_, _, b)| b["metadata"]["ownerReferences"][0]["uid"].as_str());
     for pod in current_pods {
         let name = pod.name_any();
-        if pod.labels().get(PURGE_LABEL).is_none() && !objects.iter().any(|(r, n, _)| r.kind == "Pod" && *n == name) {
+        let ours =
+            pod.owner_references().iter().any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == owner_uid);
+        if ours
+            && pod.labels().get(PURGE_LABEL).is_none()
+            && !objects.iter().any(|(r, n, _)| r.kind == "Pod" && *n == name)
+        {
             pods.delete(&name, &DeleteParams::default()).await?;
             changes.push(format!("deleted Pod {name} (no datanode wanted there)"));
         }
     }
-    Ok(Applied { changes, outdated, failing: Vec::new() })
+    Ok(Applied { changes, outdated, failing: Vec::new(), foreign })
 }
 
 /// The Kubernetes platform for one StoreCluster.

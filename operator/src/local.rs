@@ -363,7 +363,7 @@ impl Platform for LocalPlatform {
                 Some(false) => format!("replaced datanode {} (new flags)", machine.name),
             });
         }
-        Ok(Applied { changes, outdated: outdated_left, failing: self.failing() })
+        Ok(Applied { changes, outdated: outdated_left, failing: self.failing(), foreign: Vec::new() })
     }
 
     async fn stop(&self) -> Result<(), String> {

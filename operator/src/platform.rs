@@ -50,6 +50,9 @@ pub struct Applied {
     pub outdated: u32,
     /// Datanodes that keep exiting (restarted after a growing pause), one line each with why.
     pub failing: Vec<String>,
+    /// Objects the cluster needs whose names are taken by objects it does not own: never adopted,
+    /// changed or deleted; one line each.
+    pub foreign: Vec<String>,
 }
 
 /// Deleting a cluster: datanodes stop; with a confirmed `Delete`, the volumes are removed and
@@ -245,6 +248,12 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     // cluster is Degraded with its reason (never "creating" forever).
     let degraded = problem
         .or_else(|| (!applied.failing.is_empty()).then(|| ("DatanodeFailing", applied.failing.join("; "))))
+        .or_else(|| {
+            (!applied.foreign.is_empty()).then(|| {
+                let names = applied.foreign.join(", ");
+                ("ForeignObjects", format!("{names} exist(s) and are not this StoreCluster's: rename or remove them"))
+            })
+        })
         .or_else(|| unopened_replicas(&after).map(|message| ("ReplicaOpenFailed", message)))
         .or_else(|| cluster_full(&status.partitions));
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.

@@ -691,3 +691,33 @@ async fn node_names_with_dots_or_too_long_give_valid_resolvable_pods() {
         assert!(memory.resolves(advertised.rsplit_once(':').unwrap().0), "{advertised}");
     }
 }
+
+/// An object under a name the cluster needs that this StoreCluster does not own (same name,
+/// no controller reference to it) is never adopted, changed or deleted: the cluster says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_someone_else_are_never_adopted() {
+    let etcd = EtcdServer::start();
+    let memory = strict_api();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
+        machine(&kube, name, zone).await;
+    }
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(kube.clone(), "store");
+    let theirs = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "c1", "labels": {"team": "web"}},
+                        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}});
+    services.patch("c1", &PatchParams::apply("someone"), &Patch::Apply(theirs)).await.unwrap();
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
+    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    let service = services.get("c1").await.unwrap();
+    assert_eq!(service.spec.unwrap().selector.unwrap()["app"], "web", "untouched");
+    assert!(service.metadata.owner_references.is_none());
+    let status = api.get("c1").await.unwrap().status.unwrap();
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ForeignObjects"));
+    assert!(degraded.message.contains("Service store/c1"), "{}", degraded.message);
+    // Everything else is made.
+    assert!(services.get_opt("c1-nodes").await.unwrap().is_some());
+}
