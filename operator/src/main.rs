@@ -82,9 +82,27 @@ async fn run(lease_namespace: String, identity: String, metrics_addr: std::net::
 
     let election =
         LeaderElection::new(client.clone(), &lease_namespace, "cairn-operator", &identity, Duration::from_secs(15));
+    // The operator is its container's PID 1: SIGTERM (Pod deletion) as well as Ctrl-C stop it,
+    // and the lease is released on the way out so that another replica leads at once.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    tokio::pin!(stop);
     loop {
-        while !election.try_lead().await.unwrap_or(false) {
-            tokio::time::sleep(election.renew_every()).await;
+        loop {
+            match election.try_lead().await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "taking the leader lease failed"),
+            }
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                _ = tokio::time::sleep(election.retry_every()) => {}
+            }
         }
         tracing::info!(%identity, "leading: reconciling StoreClusters");
         context.metrics.leader.set(1);
@@ -95,18 +113,16 @@ async fn run(lease_namespace: String, identity: String, metrics_addr: std::net::
                     tracing::warn!(error = %e, "reconcile error");
                 }
             });
-        let renew = async {
-            loop {
-                tokio::time::sleep(election.renew_every()).await;
-                if !election.try_lead().await.unwrap_or(false) {
-                    return;
-                }
-            }
-        };
         tokio::select! {
             _ = controller => return Ok(()),
-            _ = renew => tracing::warn!("lost the leader lease; stopping until it is ours again"),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = election.keep_leading() => tracing::warn!("lost the leader lease; stopping until it is ours again"),
+            _ = &mut stop => {
+                if let Err(e) = election.release().await {
+                    tracing::warn!(error = %e, "releasing the leader lease failed");
+                }
+                tracing::info!("stopped; leader lease released");
+                return Ok(());
+            }
         }
         context.metrics.leader.set(0);
     }
