@@ -19,6 +19,8 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v npm >/dev/null || need+=(npm)
 python3 -c "import ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 command -v openssl >/dev/null || need+=(openssl)
+# The Argo CD health check (Lua) is run by a real Lua 5.1, the dialect Argo CD's interpreter speaks.
+command -v lua5.1 >/dev/null || need+=(lua5.1)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

@@ -41,7 +41,7 @@ pub fn progress_message(outcome: &Outcome) -> String {
 }
 
 /// The status after a pass. Counts come from the pass (a degraded pass keeps the last known
-/// counts); Ready, Progressing and Degraded are always all present (kstatus readers), each
+/// counts); Ready, Progressing, Degraded, Reconciling and Stalled are always all present, each
 /// keeping its transition time while unchanged, so an unchanged state gives an identical status.
 pub fn next_status(old: &StoreClusterStatus, generation: Option<i64>, observation: Observation) -> StoreClusterStatus {
     let (mut new, phase, ready, degraded) = match observation {
@@ -73,18 +73,21 @@ pub fn next_status(old: &StoreClusterStatus, generation: Option<i64>, observatio
     };
     let (ready_on, ready_reason, ready_message) = ready;
     let progressing = !ready_on && degraded.is_none() && phase != "Paused";
+    // kstatus reads the "abnormal-true" pair: Reconciling (work under way) and Stalled (no progress
+    // without someone's help); Progressing and Degraded say the same for readers of the
+    // Deployment-style pair.
+    let (progress_reason, progress_message) =
+        if progressing { ("Reconciling", ready_message.clone()) } else { ("Idle", String::new()) };
+    let (degraded_on, degraded_reason, degraded_message) = match &degraded {
+        Some((reason, message)) => (true, reason.as_str(), message.clone()),
+        None => (false, "Healthy", String::new()),
+    };
     new.conditions = vec![
-        condition("Ready", ready_on, &ready_reason, ready_message.clone()),
-        condition(
-            "Progressing",
-            progressing,
-            if progressing { "Reconciling" } else { "Idle" },
-            if progressing { ready_message } else { String::new() },
-        ),
-        match &degraded {
-            Some((reason, message)) => condition("Degraded", true, reason, message.clone()),
-            None => condition("Degraded", false, "Healthy", String::new()),
-        },
+        condition("Ready", ready_on, &ready_reason, ready_message),
+        condition("Progressing", progressing, progress_reason, progress_message.clone()),
+        condition("Degraded", degraded_on, degraded_reason, degraded_message.clone()),
+        condition("Reconciling", progressing, progress_reason, progress_message),
+        condition("Stalled", degraded_on, degraded_reason, degraded_message),
     ];
     new
 }

@@ -150,7 +150,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     assert_eq!(status.observed_generation, sc.metadata.generation);
     assert_eq!((status.nodes_total, status.partitions.total), (3, 6));
     let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
-    assert_eq!(types, ["Ready", "Progressing", "Degraded"]);
+    assert_eq!(types, ["Ready", "Progressing", "Degraded", "Reconciling", "Stalled"]);
     assert_eq!(status.conditions[0].status, "False", "no datanode is live yet");
 
     // Converged: a reconcile makes zero write calls, to the API server or to etcd.

@@ -65,6 +65,8 @@ pub fn status(v: &ClusterView, now: Timestamp) -> String {
     let mut rows: Vec<Vec<String>> = v
         .conditions
         .iter()
+        // Reconciling and Stalled mirror Progressing and Degraded (for kstatus): shown once.
+        .filter(|c| c.type_ != "Reconciling" && c.type_ != "Stalled")
         .map(|c| {
             let message = if c.message.is_empty() { "-".to_string() } else { c.message.clone() };
             vec![format!("  {}", c.type_), c.status.clone(), c.reason.clone(), age(&c.since, now), message]
