@@ -52,9 +52,7 @@ fn cluster(generation: i64, status: Option<StoreClusterStatus>, paused: bool) ->
 }
 
 fn outcome(ready: bool, degraded: Option<(&'static str, String)>) -> Outcome {
-    let mut status = StoreClusterStatus::default();
-    status.nodes_total = 3;
-    status.nodes_ready = if ready { 3 } else { 1 };
+    let status = StoreClusterStatus { nodes_total: 3, nodes_ready: if ready { 3 } else { 1 }, ..Default::default() };
     Outcome { status, ready, changes: vec![], degraded, progress: vec![] }
 }
 
