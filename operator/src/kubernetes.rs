@@ -43,6 +43,11 @@ fn label_selector(labels: &BTreeMap<String, String>) -> String {
     labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
+/// The Node label that decommissions a machine: its replicas move to the others, then its
+/// volumes are purged. (A cordon is not a decommission: `kubectl drain` for maintenance cordons
+/// a node, and its data must stay.)
+pub const DECOMMISSION_LABEL: &str = "cairn.dev/decommission";
+
 /// Machines whose labels match the node selector, with their StoreNode's disks.
 pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Machine>, kube::Error> {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -52,9 +57,9 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
     let mut out = Vec::new();
     for node in nodes.list(&ListParams::default()).await? {
         let node_labels = node.labels();
-        // A machine leaving the selector (label removed, or cordoned for removal) is drained.
+        // A machine leaving the selector (label removed) or labelled for decommission is drained.
         let selected = sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v))
-            && !node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+            && node_labels.get(DECOMMISSION_LABEL).map(String::as_str) != Some("true");
         let name = node.name_any();
         let disks = store_nodes.get_opt(&name).await?.and_then(|s| s.status).map(|s| s.disks).unwrap_or_default();
         out.push(Machine {

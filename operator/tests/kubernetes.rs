@@ -721,3 +721,35 @@ async fn objects_of_someone_else_are_never_adopted() {
     // Everything else is made.
     assert!(services.get_opt("c1-nodes").await.unwrap().is_some());
 }
+
+/// A cordon (`kubectl drain` for maintenance) keeps the machine and its data; the
+/// `cairn.dev/decommission=true` label drains it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordon_is_not_a_decommission() {
+    let memory = strict_api();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
+        machine(&kube, name, zone).await;
+    }
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml("http://127.0.0.1:1", 3))).await.unwrap();
+    let sc = api.get("c1").await.unwrap();
+    let client = memory.client_as(&operator_user());
+    let nodes: Api<Node> = Api::all(kube.clone());
+    let cordon = json!({"apiVersion": "v1", "kind": "Node", "spec": {"unschedulable": true}});
+    nodes.patch("n1", &PatchParams::apply("kubectl"), &Patch::Apply(cordon)).await.unwrap();
+    let selected = |machines: Vec<cairn_operator::desired::Machine>| -> Vec<(String, bool)> {
+        machines.into_iter().map(|m| (m.name, m.selected)).collect()
+    };
+    let found = cairn_operator::kubernetes::machines(&client, &sc).await.unwrap();
+    assert!(selected(found).iter().all(|(_, s)| *s), "cordoned n1 stays selected");
+    let decommission =
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"labels": {"cairn.dev/decommission": "true"}}});
+    nodes.patch("n1", &PatchParams::apply("admin"), &Patch::Apply(decommission)).await.unwrap();
+    let found = cairn_operator::kubernetes::machines(&client, &sc).await.unwrap();
+    assert_eq!(
+        selected(found),
+        [("n0".to_string(), true), ("n1".to_string(), false), ("n2".to_string(), true)],
+        "labelled for decommission: drained"
+    );
+}
