@@ -23,6 +23,8 @@ use crate::volumes;
 pub struct AgentOptions {
     pub node_name: String,
     pub mountinfo: PathBuf,
+    /// Where the host's `/dev` is seen (`/dev`, or `/host/dev` in a container that keeps its own).
+    pub host_dev: PathBuf,
     pub config: AgentConfig,
     /// Where the agent records which disk it found at which mount; `None` records nothing.
     pub state_dir: Option<PathBuf>,
@@ -41,10 +43,11 @@ pub struct Agent {
 impl Agent {
     pub fn new(options: AgentOptions) -> anyhow::Result<Self> {
         let selector = options.config.selector.compile().map_err(anyhow::Error::msg)?;
+        let probe = SystemProbe::new(&options.host_dev);
         Ok(Self {
             options,
             selector,
-            probe: SystemProbe::new(),
+            probe,
             lock: Mutex::new(()),
             last: RwLock::default(),
             changed: tokio::sync::Notify::new(),

@@ -130,6 +130,15 @@ pub fn discover(
             exclude(&mut excluded, &entry.mount_point, reason);
             continue;
         }
+        if !probe.visible(&entry.mount_point, &entry.dev()) {
+            let reason = format!(
+                "not visible to the agent: it sees another filesystem than {} at this path (mount the host's \
+                 path into its container)",
+                entry.dev()
+            );
+            exclude(&mut excluded, &entry.mount_point, reason);
+            continue;
+        }
         if let Some(hidden) = by_point.insert(entry.mount_point.clone(), entry) {
             exclude(&mut excluded, &hidden.mount_point, format!("hidden by a later mount of {} over it", hidden.dev()));
         }
@@ -239,6 +248,8 @@ mod tests {
     struct Figures {
         stats: HashMap<&'static str, FsStats>,
         uuids: HashMap<&'static str, &'static str>,
+        /// Mount points the agent would see another filesystem at.
+        hidden: Vec<&'static str>,
     }
 
     impl Figures {
@@ -258,6 +269,9 @@ mod tests {
         }
         fn fs_uuid(&self, source: &str, _dev: &str) -> Option<String> {
             self.uuids.get(source).map(|u| u.to_string())
+        }
+        fn visible(&self, mount_point: &str, _dev: &str) -> bool {
+            !self.hidden.contains(&mount_point)
         }
     }
 
@@ -299,6 +313,22 @@ garbage line
         assert!(reasons["/mnt/small"].contains("smaller"));
         assert!(reasons["(mountinfo line 10)"].contains("unparseable"));
         assert_eq!(d.excluded.len(), 6, "{:?}", d.excluded);
+    }
+
+    #[test]
+    fn a_mount_the_agent_cannot_see_is_excluded() {
+        let text = "\
+23 1 8:1 / / rw - ext4 /dev/sda1 rw
+40 23 8:16 / /mnt/data rw - xfs /dev/sdb rw
+";
+        let mut figures = Figures::default().with("/", stats(1 << 22, 1)).with("/mnt/data", stats(1 << 22, 2));
+        figures.hidden.push("/");
+        let selector = DiskSelector::default().compile().unwrap();
+        let d = discover(mountinfo::parse(text), &selector, &figures);
+        assert_eq!(d.disks.len(), 1);
+        assert_eq!(d.disks[0].canonical.mount_point, "/mnt/data");
+        let root = d.excluded.iter().find(|e| e.mount == "/").unwrap();
+        assert!(root.reason.starts_with("not visible to the agent"), "{}", root.reason);
     }
 
     #[test]

@@ -29,6 +29,10 @@ struct Common {
     /// mountinfo to read; inside a pod, the host's (/proc/1/mountinfo with hostPID, or a mount of it).
     #[arg(long, env = "CAIRN_MOUNTINFO", default_value = "/proc/1/mountinfo")]
     mountinfo: PathBuf,
+    /// Where the host's /dev is (in a container: a mount of it, e.g. /host/dev; the container's
+    /// own /dev stays its own).
+    #[arg(long, env = "CAIRN_HOST_DEV", default_value = "/dev")]
+    host_dev: PathBuf,
     /// Configuration file (YAML): disk selector, headroom.
     #[arg(long, env = "CAIRN_DISK_AGENT_CONFIG")]
     config: Option<PathBuf>,
@@ -114,7 +118,7 @@ fn agent_options(common: Common, record: bool) -> anyhow::Result<AgentOptions> {
     };
     // `scan` reads the record when there is one, to report conflicts, but never writes it.
     let state_dir = (record || common.state_dir.exists()).then_some(common.state_dir);
-    Ok(AgentOptions { node_name, mountinfo: common.mountinfo, config, state_dir })
+    Ok(AgentOptions { node_name, mountinfo: common.mountinfo, host_dev: common.host_dev, config, state_dir })
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -36,6 +36,11 @@ pub trait Probe {
     fn statvfs(&self, mount_point: &str) -> Result<FsStats, String>;
     /// The filesystem UUID of the device `source` (`major:minor` = `dev`), if it has one.
     fn fs_uuid(&self, source: &str, dev: &str) -> Option<String>;
+    /// Whether the filesystem mountinfo puts at `mount_point` (device `dev`) is the one this
+    /// process sees there. In a container reading the host's mountinfo, a host mount that is not
+    /// mounted into the container shows another filesystem at the same path (the container's
+    /// own root, say): its figures and files would be the wrong ones.
+    fn visible(&self, mount_point: &str, dev: &str) -> bool;
 }
 
 pub fn statvfs(path: &Path) -> Result<FsStats, String> {
@@ -49,16 +54,19 @@ pub fn statvfs(path: &Path) -> Result<FsStats, String> {
     })
 }
 
-/// Reads UUIDs from `/dev/disk/by-uuid` when udev maintains it, else asks `blkid -p` (which
-/// reads the superblock directly; inside containers there is often no udev).
+/// Reads UUIDs from `<dev>/disk/by-uuid` when udev maintains it, else asks `blkid -p` (which
+/// reads the superblock directly; inside containers there is often no udev). `dev` is where the
+/// host's `/dev` is (`--host-dev`: `/host/dev` in the chart, so that the container keeps its own
+/// `/dev`); device paths from mountinfo (`/dev/…`) are read under it.
 #[derive(Default)]
 pub struct SystemProbe {
     by_uuid: Option<HashMap<String, String>>,
+    host_dev: std::path::PathBuf,
 }
 
 impl SystemProbe {
-    pub fn new() -> Self {
-        Self { by_uuid: read_by_uuid(Path::new("/dev/disk/by-uuid")) }
+    pub fn new(host_dev: &Path) -> Self {
+        Self { by_uuid: read_by_uuid(&host_dev.join("disk/by-uuid")), host_dev: host_dev.to_owned() }
     }
 }
 
@@ -79,14 +87,21 @@ impl Probe for SystemProbe {
         statvfs(Path::new(mount_point))
     }
 
+    fn visible(&self, mount_point: &str, dev: &str) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(mount_point)
+            .is_ok_and(|m| format!("{}:{}", rustix::fs::major(m.dev()), rustix::fs::minor(m.dev())) == dev)
+    }
+
     fn fs_uuid(&self, source: &str, dev: &str) -> Option<String> {
         if let Some(uuid) = self.by_uuid.as_ref().and_then(|m| m.get(dev)) {
             return Some(uuid.clone());
         }
-        if !source.starts_with("/dev/") || !Path::new(source).exists() {
+        let device = self.host_dev.join(source.strip_prefix("/dev/")?);
+        if !device.exists() {
             return None;
         }
-        let out = Command::new("blkid").args(["-p", "-s", "UUID", "-o", "value", source]).output().ok()?;
+        let out = Command::new("blkid").args(["-p", "-s", "UUID", "-o", "value"]).arg(&device).output().ok()?;
         let uuid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         (out.status.success() && !uuid.is_empty()).then_some(uuid)
     }

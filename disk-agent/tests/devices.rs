@@ -101,6 +101,21 @@ fn every_filesystem_counted_once_with_aliases_and_reasons() {
     assert!(!table.contains(" /proc "), "{table}");
     assert!(table.contains("pseudo filesystem(s) not listed; --all lists them"), "{table}");
     assert!(support::scan_table(&m, &m.agent_config(""), true).contains(" /proc "));
+    // The host's /dev is read where --host-dev says (the chart: /host/dev), not the process's own.
+    let elsewhere = m.path("no-dev");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-disk-agent"))
+        .args(["scan", "-o", "json", "--mountinfo", "/proc/self/mountinfo", "--config"])
+        .arg(m.agent_config(""))
+        .arg("--state-dir")
+        .arg(m.path("state-2"))
+        .arg("--host-dev")
+        .arg(&elsewhere)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let blind: NodeReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(disk_at(&blind, &a).fs_uuid.is_none(), "no UUID without the host's /dev");
     // scan changed nothing on the disks.
     assert!(!a.join("cairn").exists());
 }

@@ -25,6 +25,7 @@ async fn status_follows_the_disks_and_is_written_only_on_change() {
         Agent::new(AgentOptions {
             node_name: "node-1".into(),
             mountinfo: "/proc/self/mountinfo".into(),
+            host_dev: "/dev".into(),
             config,
             state_dir: Some(m.path("state")),
         })

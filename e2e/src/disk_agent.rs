@@ -37,6 +37,7 @@ pub fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let agent = Agent::new(AgentOptions {
         node_name: "bench".into(),
         mountinfo: mountinfo.clone(),
+        host_dev: "/dev".into(),
         config: AgentConfig::default(),
         state_dir: None,
     })?;
@@ -79,6 +80,7 @@ fn create_volume(mut machine: Machine) -> anyhow::Result<Scenario> {
     let agent = Agent::new(AgentOptions {
         node_name: "bench".into(),
         mountinfo: "/proc/self/mountinfo".into(),
+        host_dev: "/dev".into(),
         config: AgentConfig::load(&machine.agent_config("headroom: 0%\n"))?,
         state_dir: Some(machine.path("state")),
     })?;
