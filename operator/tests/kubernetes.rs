@@ -753,3 +753,31 @@ async fn a_cordon_is_not_a_decommission() {
         "labelled for decommission: drained"
     );
 }
+
+/// After an operator upgrade, a field the operator used to apply and no longer sends goes from
+/// its objects (server-side apply removes what a manager stops sending): a PodDisruptionBudget
+/// written with `maxUnavailable` by an older operator ends with `minAvailable` alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_an_older_operator_applied_are_removed() {
+    let etcd = EtcdServer::start();
+    let memory = strict_api();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
+        machine(&kube, name, zone).await;
+    }
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
+    let sc = api.get("c1").await.unwrap();
+    let owner = serde_json::to_value(kube::Resource::controller_owner_ref(&sc, &()).unwrap()).unwrap();
+    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::namespaced(kube.clone(), "store");
+    let old = json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "c1", "ownerReferences": [owner]},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/instance": "c1"}}}});
+    pdbs.patch("c1", &PatchParams::apply("cairn-operator").force(), &Patch::Apply(old)).await.unwrap();
+    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    reconcile_once(&api, &ctx).await;
+    reconcile_once(&api, &ctx).await;
+    let spec = pdbs.get("c1").await.unwrap().spec.unwrap();
+    assert!(spec.max_unavailable.is_none(), "{spec:?}");
+    assert_eq!(spec.min_available, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(2)));
+}

@@ -14,14 +14,16 @@
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). With
 //! [`MemoryApi::with_rbac`], requests of a client made by [`MemoryApi::client_as`] are authorized
 //! as the API server does ([`rbac`]): 403 unless a role grants the verb — `create` as well as
-//! `patch` for a server-side apply that creates. Server-side
-//! apply is modelled as a JSON merge: it does not remove fields a manager stopped sending. Every
+//! `patch` for a server-side apply that creates. Server-side apply keeps field ownership per
+//! manager ([`ssa`]): a field a manager stops sending goes, a conflicting one is a 409 unless
+//! forced. Every
 //! write is counted per object so tests can prove that a converged controller writes nothing.
 
 pub mod admission;
 pub mod etcd;
 pub mod machine;
 pub mod rbac;
+pub mod ssa;
 
 /// Deterministic pseudo-random bytes (xorshift), the same for a seed everywhere.
 pub fn payload(seed: u64, len: usize) -> Vec<u8> {
@@ -58,6 +60,8 @@ struct State {
     /// Deleted Pods stay, Terminating (deletionTimestamp set), until
     /// [`MemoryApi::finish_pod_deletions`]: the grace period of a real kubelet, as long as a test wants.
     hold_pod_deletions: bool,
+    /// Server-side apply's field owners, per object.
+    owners: BTreeMap<Key, ssa::Owners>,
     /// Every request RBAC allowed.
     accessed: std::collections::BTreeSet<rbac::Access>,
 }
@@ -346,6 +350,7 @@ impl MemoryApi {
             },
             Method::DELETE => {
                 let Some(mut object) = state.objects.remove(&key) else { return not_found(&key) };
+                state.owners.remove(&key);
                 *state.writes.entry(key.clone()).or_default() += 1;
                 // With finalizers the object stays, marked for deletion, until they are removed;
                 // so does a Pod through its grace period.
@@ -428,6 +433,17 @@ impl MemoryApi {
                         object["metadata"] = metadata;
                         if let Some(status) = status {
                             object["status"] = status;
+                        }
+                    } else if apply {
+                        let query = uri.query().unwrap_or_default();
+                        let param = |name: &str| {
+                            query.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+                        };
+                        let manager = param("fieldManager").unwrap_or("unknown").to_owned();
+                        let force = param("force") == Some("true");
+                        let owners = state.owners.entry(key.clone()).or_default();
+                        if let Err(message) = ssa::apply(&mut object, &patch, &manager, force, owners) {
+                            return status(StatusCode::CONFLICT, "Conflict", &message);
                         }
                     } else {
                         json_patch::merge(&mut object, &patch);
