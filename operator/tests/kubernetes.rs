@@ -63,7 +63,11 @@ async fn reconcile_once_if_present(api: &Api<StoreCluster>, ctx: &Arc<Context>) 
 /// The test API with the chart's RBAC: the operator runs as its ServiceAccount, so a verb the chart
 /// does not grant is a 403 here as on a real cluster. (Test setup uses an admin client.)
 fn strict_api() -> MemoryApi {
-    MemoryApi::new().with_rbac(Rbac::from_manifests(&rendered_chart()))
+    use kube::CustomResourceExt;
+    MemoryApi::new()
+        .with_rbac(Rbac::from_manifests(&rendered_chart()))
+        .with_crd(&StoreCluster::crd())
+        .with_crd(&StoreNode::crd())
 }
 
 fn cluster_yaml(etcd: &str, rf: u32) -> serde_json::Value {
@@ -780,4 +784,35 @@ async fn fields_an_older_operator_applied_are_removed() {
     let spec = pdbs.get("c1").await.unwrap().spec.unwrap();
     assert!(spec.max_unavailable.is_none(), "{spec:?}");
     assert_eq!(spec.min_available, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(2)));
+}
+
+/// The API refuses what the CRD's own rules refuse, on create and on update (transition rules
+/// with `oldSelf`): the operator never sees such a spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_what_the_crd_rules_refuse() {
+    let memory = strict_api();
+    let api: Api<StoreCluster> = Api::namespaced(memory.client(), "store");
+    let refused = |result: Result<StoreCluster, kube::Error>, what: &str| match result {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422, "{what}: {e:?}");
+            e.message
+        }
+        other => panic!("{what}: accepted: {other:?}"),
+    };
+    let mut bad = cluster_yaml("http://e:2379", 3);
+    bad["spec"]["writeQuorum"] = json!(3);
+    bad["spec"]["replicationFactor"] = json!(2);
+    let message = refused(api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(bad)).await, "quorum");
+    assert!(message.contains("writeQuorum must not exceed replicationFactor"), "{message}");
+    let mut named = cluster_yaml("http://e:2379", 3);
+    named["metadata"]["name"] = json!("Bad.Name");
+    let message = refused(api.patch("Bad.Name", &PatchParams::apply("user"), &Patch::Apply(named)).await, "name");
+    assert!(message.contains("DNS-1035"), "{message}");
+    // Created, then an immutable field changed: refused, the stored object unchanged.
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml("http://e:2379", 3))).await.unwrap();
+    let mut resized = cluster_yaml("http://e:2379", 3);
+    resized["spec"]["segmentSize"] = json!("2Gi");
+    let message = refused(api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(resized)).await, "resize");
+    assert!(message.contains("segmentSize is immutable"), "{message}");
+    assert_eq!(api.get("c1").await.unwrap().spec.segment_size, "1Gi");
 }

@@ -10,7 +10,9 @@
 //! generation (bumped when anything but status and metadata changes), uid, creationTimestamp,
 //! JSON patches, deletion held by finalizers (deletionTimestamp), equality and existence label
 //! selectors, the
-//! defaults and admission a real API server applies to a Pod it creates ([`admission`]),
+//! defaults and admission a real API server applies to a Pod it creates ([`admission`]), the
+//! CEL rules of installed CRDs on create and update ([`MemoryApi::with_crd`]), name and label
+//! rules (422), graceful Pod deletion on demand, DNS names as CoreDNS makes them,
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). With
 //! [`MemoryApi::with_rbac`], requests of a client made by [`MemoryApi::client_as`] are authorized
 //! as the API server does ([`rbac`]): 403 unless a role grants the verb — `create` as well as
@@ -62,6 +64,9 @@ struct State {
     hold_pod_deletions: bool,
     /// Server-side apply's field owners, per object.
     owners: BTreeMap<Key, ssa::Owners>,
+    /// The openAPIV3Schema of each custom resource registered with [`MemoryApi::with_crd`], by
+    /// (group/version, plural): its CEL rules run on create and update, as an API server runs them.
+    schemas: BTreeMap<(String, String), Value>,
     /// Every request RBAC allowed.
     accessed: std::collections::BTreeSet<rbac::Access>,
 }
@@ -88,6 +93,26 @@ impl MemoryApi {
     /// This API with RBAC: requests of [`client_as`](Self::client_as) clients are authorized.
     pub fn with_rbac(self, rbac: rbac::Rbac) -> Self {
         self.state.lock().unwrap().rbac = Some(rbac);
+        self
+    }
+
+    /// This API with a CustomResourceDefinition installed: creates and updates of its objects are
+    /// refused (422) when its CEL rules (`x-kubernetes-validations`, transition rules with
+    /// `oldSelf` included) do not hold.
+    pub fn with_crd(
+        self,
+        crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    ) -> Self {
+        {
+            let mut state = self.state.lock().unwrap();
+            for version in &crd.spec.versions {
+                let schema = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
+                if let Some(schema) = schema {
+                    let key = (format!("{}/{}", crd.spec.group, version.name), crd.spec.names.plural.clone());
+                    state.schemas.insert(key, serde_json::to_value(schema).expect("schema JSON"));
+                }
+            }
+        }
         self
     }
 
@@ -308,6 +333,9 @@ impl MemoryApi {
                     if let Err(message) = validate(&gv, &plural, &object) {
                         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
                     }
+                    if let Err(message) = validate_custom(&state, &gv, &plural, &object, None) {
+                        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
+                    }
                     let key = (gv, ns.clone(), plural, name);
                     if state.objects.contains_key(&key) {
                         return status(
@@ -455,6 +483,12 @@ impl MemoryApi {
                 if let Err(message) = validate(&key.0, &key.2, &object) {
                     return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
                 }
+                if !target.status {
+                    let old = (!created).then_some(&before);
+                    if let Err(message) = validate_custom(&state, &key.0, &key.2, &object, old) {
+                        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
+                    }
+                }
                 if object == before {
                     return ok(object);
                 }
@@ -529,6 +563,13 @@ fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), Str
         }
     }
     Ok(())
+}
+
+/// The CEL rules of a registered custom resource's schema on `object` (and `old`, for
+/// transition rules), as the API server runs them on create and update.
+fn validate_custom(state: &State, gv: &str, plural: &str, object: &Value, old: Option<&Value>) -> Result<(), String> {
+    let Some(schema) = state.schemas.get(&(gv.to_owned(), plural.to_owned())) else { return Ok(()) };
+    kube::core::cel::Validator::new().validate(schema, object, old).map_err(|e| e.to_string())
 }
 
 /// An RFC 1123 label: at most 63 lower-case letters, digits and `-`, alphanumeric at both ends.
