@@ -57,6 +57,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
             disks: vec![disk(i)],
             address: format!("node-{i:03}:7480"),
             selected: true,
+            down: None,
         })
         .collect();
 

@@ -6,7 +6,7 @@ use cairn_common::agent_api::DiskReport;
 use cairn_resources::store_cluster::{DiskSelectorSpec, StoreClusterSpec};
 
 /// A machine that may run a datanode: its zone and what its disk agent reports.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Machine {
     pub name: String,
     pub zone: String,
@@ -16,6 +16,9 @@ pub struct Machine {
     /// Chosen by the spec (node selector, not being drained). An unselected machine that still
     /// holds replicas keeps its datanode until they have moved.
     pub selected: bool,
+    /// Away (NotReady) longer than the spec allows, and for how long, said plainly: unselected, so
+    /// its replicas are placed elsewhere; its volumes are removed only once it is back.
+    pub down: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -205,7 +208,7 @@ mod tests {
             volumes,
             ..DiskReport::default()
         };
-        Machine { name: name.into(), zone: String::new(), disks: vec![disk], address: String::new(), selected: true }
+        Machine { name: name.into(), disks: vec![disk], selected: true, ..Machine::default() }
     }
 
     #[test]

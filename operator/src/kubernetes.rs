@@ -3,6 +3,7 @@
 //! owned by the StoreCluster and applied with one field manager only when they differ.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use cairn_resources::{StoreCluster, StoreNode};
 use k8s_openapi::api::core::v1::Node;
@@ -57,9 +58,12 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
     let mut out = Vec::new();
     for node in nodes.list(&ListParams::default()).await? {
         let node_labels = node.labels();
-        // A machine leaving the selector (label removed) or labelled for decommission is drained.
+        // A machine leaving the selector (label removed) or labelled for decommission is drained;
+        // so is one NotReady for longer than the spec allows (its data is read from the others).
+        let down = down_for(&node, sc.spec.down_machine_grace());
         let selected = sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v))
-            && node_labels.get(DECOMMISSION_LABEL).map(String::as_str) != Some("true");
+            && node_labels.get(DECOMMISSION_LABEL).map(String::as_str) != Some("true")
+            && down.is_none();
         let name = node.name_any();
         let disks = store_nodes.get_opt(&name).await?.and_then(|s| s.status).map(|s| s.disks).unwrap_or_default();
         out.push(Machine {
@@ -68,10 +72,24 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
             name,
             disks,
             selected,
+            down,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// "NotReady for 42m" when the Node's Ready condition has not been True for longer than `grace`.
+fn down_for(node: &Node, grace: Option<Duration>) -> Option<String> {
+    let grace = grace?;
+    let ready = node.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?;
+    if ready.status == "True" {
+        return None;
+    }
+    let since = ready.last_transition_time.as_ref()?.0;
+    let away = k8s_openapi::jiff::Timestamp::now().duration_since(since);
+    let away = Duration::from_secs(away.as_secs().max(0) as u64);
+    (away > grace).then(|| format!("NotReady for {}m", away.as_secs() / 60))
 }
 
 /// The name and hostname of the datanode Pod of `node`: a DNS label (a node name may have dots,

@@ -269,6 +269,7 @@ impl Platform for LocalPlatform {
                 disks,
                 address: format!("127.0.0.1:{}", m.port),
                 selected: m.selected,
+                down: None,
             });
         }
         Ok(out)

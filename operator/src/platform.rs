@@ -201,8 +201,17 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     if applied.outdated > 0 {
         progress.push(format!("rolling update: {} of {} datanodes still to replace", applied.outdated, chosen.len()));
     }
+    // A machine that is away cannot run a purge: its volumes wait for it to come back.
+    for machine in chosen.iter().chain(others.iter()) {
+        if let Some(why) = &machine.down {
+            progress.push(format!(
+                "{} is away ({why}): its replicas are placed elsewhere; its volumes are removed once it is back",
+                machine.name
+            ));
+        }
+    }
     // A drained machine that left the topology gives back the volumes of the replicas that moved.
-    for machine in others.iter().filter(|m| !m.selected) {
+    for machine in others.iter().filter(|m| !m.selected && m.down.is_none()) {
         let holds =
             machine.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(name, &machine.name, &v.name));
         if holds {
@@ -215,7 +224,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     // A replica a completed move dropped leaves its volume behind (its datanode closed it, data
     // kept). Once every replica is live and caught up, and this pass changed nothing, the volume
     // goes; only volumes the topology recorded as retired, never one it merely does not mention.
-    let known: Vec<&Machine> = chosen.iter().chain(others.iter()).collect();
+    let known: Vec<&Machine> = chosen.iter().chain(others.iter()).filter(|m| m.down.is_none()).collect();
     if settled && changes.is_empty() {
         for (machine, partitions) in retired_volumes(name, &known, &after.topology) {
             match platform.purge_machine(machine, Some(&partitions)).await {
@@ -230,7 +239,9 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         }
     }
     // A retirement is done when its volume is gone (or its machine is).
-    let done = finished_retirements(name, &known, &after.topology);
+    // (A machine that is away is still a machine: its retirements wait for it.)
+    let every: Vec<&Machine> = chosen.iter().chain(others.iter()).collect();
+    let done = finished_retirements(name, &every, &after.topology);
     if !done.is_empty() {
         let mut t = after.topology.clone();
         for key in &done {
@@ -579,6 +590,7 @@ mod tests {
             disks: vec![DiskReport { volumes, usable: true, ..DiskReport::default() }],
             address: String::new(),
             selected: true,
+            down: None,
         };
         let node = |id: &str| {
             (id.to_string(), NodeSpec { id: id.into(), zone: String::new(), address: String::new(), disks: vec![] })

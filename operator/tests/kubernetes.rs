@@ -607,6 +607,7 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
         disks: vec![],
         address: String::new(),
         selected: true,
+        down: None,
     };
     let pods: Api<Pod> = Api::namespaced(kube.clone(), "store");
     let name_for = |partitions: &[u32]| {
@@ -815,4 +816,48 @@ async fn the_api_refuses_what_the_crd_rules_refuse() {
     let message = refused(api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(resized)).await, "resize");
     assert!(message.contains("segmentSize is immutable"), "{message}");
     assert_eq!(api.get("c1").await.unwrap().spec.segment_size, "1Gi");
+}
+
+/// A machine NotReady for longer than `replaceDownMachinesAfter` (30m by default) is no longer
+/// selected: its replicas are placed elsewhere; `never` keeps waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_down_too_long_has_its_replicas_placed_elsewhere() {
+    let memory = strict_api();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c"), ("n3", "a")] {
+        machine(&kube, name, zone).await;
+    }
+    let nodes: Api<Node> = Api::all(kube.clone());
+    let not_ready = |minutes_ago: i64| {
+        let since = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_mins(minutes_ago);
+        json!({"apiVersion": "v1", "kind": "Node", "status": {"conditions": [
+            {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown", "lastTransitionTime": since.to_string()}]}})
+    };
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml("http://127.0.0.1:1", 3))).await.unwrap();
+    let client = memory.client_as(&operator_user());
+    let down = |machines: Vec<cairn_operator::desired::Machine>| -> Vec<(String, bool, Option<String>)> {
+        machines.into_iter().filter(|m| m.name == "n3").map(|m| (m.name, m.selected, m.down)).collect()
+    };
+    // Away for 10 minutes: still waited for.
+    nodes.patch_status("n3", &PatchParams::apply("kubelet"), &Patch::Apply(not_ready(10))).await.unwrap();
+    let sc = api.get("c1").await.unwrap();
+    let found = down(cairn_operator::kubernetes::machines(&client, &sc).await.unwrap());
+    assert_eq!(found, [("n3".to_string(), true, None)]);
+    // Away for an hour: placed elsewhere.
+    nodes.patch_status("n3", &PatchParams::apply("kubelet"), &Patch::Apply(not_ready(60))).await.unwrap();
+    let found = down(cairn_operator::kubernetes::machines(&client, &sc).await.unwrap());
+    assert_eq!(found[0].1, false, "{found:?}");
+    assert!(found[0].2.as_deref().is_some_and(|why| why.starts_with("NotReady for 6")), "{found:?}");
+    // `never`: waited for, however long.
+    let mut patient = cluster_yaml("http://127.0.0.1:1", 3);
+    patient["spec"]["replaceDownMachinesAfter"] = json!("never");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(patient)).await.unwrap();
+    let sc = api.get("c1").await.unwrap();
+    let found = down(cairn_operator::kubernetes::machines(&client, &sc).await.unwrap());
+    assert_eq!(found, [("n3".to_string(), true, None)]);
+    // A bad duration is refused by the CRD's rule.
+    let mut bad = cluster_yaml("http://127.0.0.1:1", 3);
+    bad["spec"]["replaceDownMachinesAfter"] = json!("soon");
+    assert!(api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(bad)).await.is_err());
 }

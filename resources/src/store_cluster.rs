@@ -94,6 +94,30 @@ pub struct StoreClusterSpec {
     /// Stop reconciling (nothing is changed while true).
     #[serde(default)]
     pub paused: bool,
+    /// How long a machine may be NotReady before its replicas are placed on the others (as a
+    /// drain, each new replica filled from its peers), e.g. `30m`, `2h`; `never` keeps waiting.
+    /// Default 30m. Its volumes are removed only once it is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == 'never' || self.matches('^[0-9]+(s|m|h)$')").message("replaceDownMachinesAfter is a duration like 30m or 2h, or never"))]
+    pub replace_down_machines_after: Option<String>,
+}
+
+impl StoreClusterSpec {
+    /// [`replace_down_machines_after`](Self::replace_down_machines_after) as a duration; `None`: never.
+    pub fn down_machine_grace(&self) -> Option<std::time::Duration> {
+        let text = self.replace_down_machines_after.as_deref().unwrap_or("30m");
+        if text == "never" {
+            return None;
+        }
+        let (number, unit) = text.split_at(text.len().saturating_sub(1));
+        let n: u64 = number.parse().ok()?;
+        Some(std::time::Duration::from_secs(match unit {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            _ => return None,
+        }))
+    }
 }
 
 fn default_zone_key() -> String {
@@ -206,6 +230,20 @@ mod tests {
         });
         base.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
         StoreCluster::new("blobs", serde_json::from_value(base).unwrap())
+    }
+
+    #[test]
+    fn down_machine_grace_reads_durations() {
+        let grace = |text: Option<&str>| {
+            let mut sc = cluster(serde_json::json!({}));
+            sc.spec.replace_down_machines_after = text.map(String::from);
+            sc.spec.down_machine_grace()
+        };
+        use std::time::Duration;
+        assert_eq!(grace(None), Some(Duration::from_secs(1800)), "30m by default");
+        assert_eq!(grace(Some("90s")), Some(Duration::from_secs(90)));
+        assert_eq!(grace(Some("2h")), Some(Duration::from_secs(7200)));
+        assert_eq!(grace(Some("never")), None);
     }
 
     /// The CRD's CEL rules, run by kube's client-side CEL validator (the same rules a real API

@@ -626,6 +626,7 @@ mod tests {
             disks: vec![disk, unusable],
             address: format!("{name}:7480"),
             selected,
+            down: None,
         }
     }
 
