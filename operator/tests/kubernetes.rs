@@ -847,7 +847,7 @@ async fn a_machine_down_too_long_has_its_replicas_placed_elsewhere() {
     // Away for an hour: placed elsewhere.
     nodes.patch_status("n3", &PatchParams::apply("kubelet"), &Patch::Apply(not_ready(60))).await.unwrap();
     let found = down(cairn_operator::kubernetes::machines(&client, &sc).await.unwrap());
-    assert_eq!(found[0].1, false, "{found:?}");
+    assert!(!found[0].1, "{found:?}");
     assert!(found[0].2.as_deref().is_some_and(|why| why.starts_with("NotReady for 6")), "{found:?}");
     // `never`: waited for, however long.
     let mut patient = cluster_yaml("http://127.0.0.1:1", 3);
