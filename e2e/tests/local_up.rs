@@ -425,9 +425,12 @@ fn a_wiped_disk_is_refused_served_around_and_accepted_with_the_printed_command()
     let line = seen.last().unwrap();
     assert!(line.contains("disk refused on m1") && line.contains("no Cairn identity"), "{line}");
     for (id, data) in &blobs {
-        let r = client.get(format!("http://127.0.0.1:{port}/v1/blobs/{id}")).send().unwrap();
-        assert_eq!(r.status(), 200, "served from the other replicas");
-        assert_eq!(r.bytes().unwrap().as_ref(), data.as_slice());
+        // The datanodes were just started: wait until m0's answers.
+        let url = format!("http://127.0.0.1:{port}/v1/blobs/{id}");
+        support::wait_until("served from the other replicas", Duration::from_secs(30), || {
+            client.get(&url).send().is_ok_and(|r| r.status() == 200)
+        });
+        assert_eq!(client.get(&url).send().unwrap().bytes().unwrap().as_ref(), data.as_slice());
     }
     // The command, as printed.
     let command = line.split('`').nth(1).unwrap();
