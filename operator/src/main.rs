@@ -5,12 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_operator::leader::LeaderElection;
-use cairn_operator::reconcile::{error_policy, reconcile, Context};
-use cairn_resources::StoreCluster;
+use cairn_operator::reconcile::{run_controller, Context};
 use clap::{Parser, Subcommand};
-use futures::StreamExt;
-use kube::runtime::{watcher, Controller};
-use kube::Api;
 
 #[derive(Parser)]
 #[command(name = "cairn-operator", version, about = "Cairn operator")]
@@ -106,13 +102,7 @@ async fn run(lease_namespace: String, identity: String, metrics_addr: std::net::
         }
         tracing::info!(%identity, "leading: reconciling StoreClusters");
         context.metrics.leader.set(1);
-        let controller = Controller::new(Api::<StoreCluster>::all(client.clone()), watcher::Config::default())
-            .run(reconcile, error_policy, context.clone())
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "reconcile error");
-                }
-            });
+        let controller = run_controller(client.clone(), context.clone());
         tokio::select! {
             _ = controller => return Ok(()),
             _ = election.keep_leading() => tracing::warn!("lost the leader lease; stopping until it is ours again"),

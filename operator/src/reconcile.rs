@@ -128,6 +128,21 @@ pub async fn reconcile(sc: Arc<StoreCluster>, ctx: Arc<Context>) -> Result<Actio
 }
 
 /// Requeue with backoff on errors; the controller's error policy.
+/// The controller: a reconcile of a StoreCluster on each change to it (watched) and on each
+/// requeue, until the watch stream ends. The operator runs it while it leads.
+pub async fn run_controller(client: kube::Client, ctx: Arc<Context>) {
+    use futures::StreamExt;
+    use kube::runtime::{watcher, Controller};
+    Controller::new(Api::<StoreCluster>::all(client), watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "reconcile error");
+            }
+        })
+        .await
+}
+
 pub fn error_policy(_sc: Arc<StoreCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(%error, "reconcile failed");
     Action::requeue(Duration::from_secs(15))

@@ -12,7 +12,8 @@
 //! selectors, the
 //! defaults and admission a real API server applies to a Pod it creates ([`admission`]), the
 //! CEL rules of installed CRDs on create and update ([`MemoryApi::with_crd`]), name and label
-//! rules (422), graceful Pod deletion on demand, DNS names as CoreDNS makes them,
+//! rules (422), graceful Pod deletion on demand, DNS names as CoreDNS makes them, watches of
+//! collections (with 410 Gone after [`MemoryApi::compact_events`]),
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). With
 //! [`MemoryApi::with_rbac`], requests of a client made by [`MemoryApi::client_as`] are authorized
 //! as the API server does ([`rbac`]): 403 unless a role grants the verb — `create` as well as
@@ -62,6 +63,10 @@ struct State {
     /// Deleted Pods stay, Terminating (deletionTimestamp set), until
     /// [`MemoryApi::finish_pod_deletions`]: the grace period of a real kubelet, as long as a test wants.
     hold_pod_deletions: bool,
+    /// Every change, in resourceVersion order, for watches: (resourceVersion, key, type, object).
+    events: Vec<(u64, Key, &'static str, Value)>,
+    /// Watches from before this resourceVersion get 410 Gone (etcd compacted it).
+    oldest_watchable: u64,
     /// Server-side apply's field owners, per object.
     owners: BTreeMap<Key, ssa::Owners>,
     /// The openAPIV3Schema of each custom resource registered with [`MemoryApi::with_crd`], by
@@ -77,7 +82,20 @@ const USER_HEADER: &str = "x-testkit-user";
 #[derive(Clone, Default)]
 pub struct MemoryApi {
     state: Arc<Mutex<State>>,
+    /// Woken on every change, for watches.
+    changed: Arc<tokio::sync::Notify>,
 }
+
+impl State {
+    /// Records a change for watches (`ADDED`, `MODIFIED`, `DELETED`) at the current version.
+    fn record(&mut self, key: &Key, kind: &'static str, object: &Value) {
+        let version = self.next_version;
+        self.events.push((version, key.clone(), kind, object.clone()));
+    }
+}
+
+/// The body of an answer: whole, or a watch's stream of events.
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
 
 /// A parsed request path.
 struct Target {
@@ -137,10 +155,102 @@ impl MemoryApi {
                     parts.headers.insert(USER_HEADER, http::HeaderValue::from_str(&user).expect("user"));
                 }
                 let body = body.collect().await.map_err(tower::BoxError::from)?.to_bytes();
-                Ok::<_, tower::BoxError>(api.handle(parts.method, parts.uri, &parts.headers, &body))
+                Ok::<_, tower::BoxError>(api.answer(parts.method, parts.uri, &parts.headers, &body))
             }
         });
         kube::Client::new(service, "default")
+    }
+
+    /// A request's answer: a watch streams its events; anything else is answered whole.
+    fn answer(&self, method: Method, uri: http::Uri, headers: &http::HeaderMap, body: &Bytes) -> Response<Body> {
+        let query = uri.query().unwrap_or_default().to_owned();
+        let watching = method == Method::GET && query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+        if watching {
+            if let Some((target, true)) = parse_path(uri.path()) {
+                // Authorized as any request (verb `watch`).
+                let user = headers.get(USER_HEADER).and_then(|v| v.to_str().ok());
+                let denied = Self::authorize(&mut self.state.lock().unwrap(), user, &["watch"], &target).err();
+                if let Some(message) = denied {
+                    return status(StatusCode::FORBIDDEN, "Forbidden", &message).map(|b| b.boxed_unsync());
+                }
+                return self.watch(target.key, &query);
+            }
+        }
+        self.handle(method, uri, headers, body).map(|b| b.boxed_unsync())
+    }
+
+    /// Etcd compacted: watches from before now get 410 Gone, and must list again.
+    pub fn compact_events(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.events.clear();
+        state.oldest_watchable = state.next_version + 1;
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// A watch of a collection from `resourceVersion=`: the changes after it that match (label
+    /// selector too), as they happen, one JSON event a line, until `timeoutSeconds`; an `ERROR`
+    /// event with a 410 Status when that version is gone.
+    fn watch(&self, key: Key, query: &str) -> Response<Body> {
+        let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+        let since: u64 = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let timeout = param("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(60u64);
+        let selector = label_selector(query);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+        let api = self.clone();
+        let stream = futures::stream::unfold((since, false), move |(last, done)| {
+            let (api, key, selector) = (api.clone(), key.clone(), selector.clone());
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let notified = api.changed.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    {
+                        let state = api.state.lock().unwrap();
+                        if last + 1 < state.oldest_watchable && last != 0 {
+                            let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                                "status": "Failure", "reason": "Expired", "code": 410,
+                                "message": format!("too old resource version: {last} ({})", state.oldest_watchable)}});
+                            let line = format!("{gone}\n");
+                            return Some((Ok(http_body::Frame::data(Bytes::from(line))), (last, true)));
+                        }
+                        let (gv, ns, plural, _) = &key;
+                        let mut lines = String::new();
+                        let mut newest = last;
+                        for (version, k, kind, object) in state.events.iter().filter(|e| e.0 > last) {
+                            newest = *version;
+                            let matches = &k.0 == gv
+                                && &k.2 == plural
+                                && (ns.is_empty() || &k.1 == ns)
+                                && selector.iter().all(|(label, want)| {
+                                    let have = object["metadata"]["labels"][label].as_str();
+                                    match want {
+                                        Some(want) => have == Some(want.as_str()),
+                                        None => have.is_some(),
+                                    }
+                                });
+                            if matches {
+                                lines += &format!("{}\n", json!({"type": kind, "object": object}));
+                            }
+                        }
+                        if !lines.is_empty() {
+                            return Some((Ok(http_body::Frame::data(Bytes::from(lines))), (newest, false)));
+                        }
+                    }
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(http_body_util::StreamBody::new(stream).boxed_unsync())
+            .expect("response")
     }
 
     /// From now on a deleted Pod stays Terminating until [`finish_pod_deletions`](Self::finish_pod_deletions),
@@ -160,8 +270,13 @@ impl MemoryApi {
             .map(|(k, _)| k.clone())
             .collect();
         for key in done {
-            state.objects.remove(&key);
+            if let Some(object) = state.objects.remove(&key) {
+                state.next_version += 1;
+                state.record(&key, "DELETED", &object);
+            }
         }
+        drop(state);
+        self.changed.notify_waiters();
     }
 
     /// Whether `host` resolves as CoreDNS would answer it: `<hostname>.<subdomain>.<namespace>.svc`
@@ -254,8 +369,8 @@ impl MemoryApi {
             async move {
                 let (parts, body) = request.into_parts();
                 match axum::body::to_bytes(body, usize::MAX).await {
-                    Ok(body) => api.handle(parts.method, parts.uri, &parts.headers, &body),
-                    Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+                    Ok(body) => api.answer(parts.method, parts.uri, &parts.headers, &body),
+                    Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()).map(|b| b.boxed_unsync()),
                 }
             }
         });
@@ -356,7 +471,9 @@ impl MemoryApi {
                         admission::admit_pod(&mut object);
                     }
                     *state.writes.entry(key.clone()).or_default() += 1;
+                    state.record(&key, "ADDED", &object);
                     state.objects.insert(key, object.clone());
+                    self.changed.notify_waiters();
                     Response::builder()
                         .status(StatusCode::CREATED)
                         .header("content-type", "application/json")
@@ -392,8 +509,13 @@ impl MemoryApi {
                     object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
                     state.next_version += 1;
                     object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
+                    state.record(&key, "MODIFIED", &object);
                     state.objects.insert(key, object.clone());
+                } else {
+                    state.next_version += 1;
+                    state.record(&key, "DELETED", &object);
                 }
+                self.changed.notify_waiters();
                 ok(object)
             }
             Method::PATCH | Method::PUT => {
@@ -496,7 +618,10 @@ impl MemoryApi {
                 let finalizers_done = object["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty());
                 if !object["metadata"]["deletionTimestamp"].is_null() && finalizers_done {
                     state.objects.remove(&key);
+                    state.next_version += 1;
+                    state.record(&key, "DELETED", &object);
                     *state.writes.entry(key).or_default() += 1;
+                    self.changed.notify_waiters();
                     return ok(object);
                 }
                 let spec_changed = {
@@ -518,7 +643,9 @@ impl MemoryApi {
                 object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
                 let table = if target.status { &mut state.status_writes } else { &mut state.writes };
                 *table.entry(key.clone()).or_default() += 1;
+                state.record(&key, if created { "ADDED" } else { "MODIFIED" }, &object);
                 state.objects.insert(key, object.clone());
+                self.changed.notify_waiters();
                 ok(object)
             }
             _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "unsupported method"),
