@@ -128,12 +128,21 @@ pub async fn reconcile(sc: Arc<StoreCluster>, ctx: Arc<Context>) -> Result<Actio
 }
 
 /// Requeue with backoff on errors; the controller's error policy.
-/// The controller: a reconcile of a StoreCluster on each change to it (watched) and on each
-/// requeue, until the watch stream ends. The operator runs it while it leads.
+/// The controller: a reconcile of a StoreCluster on each change to it, to a Pod it owns, or to
+/// any StoreNode (a machine's disks are every cluster's business), and on each requeue, until
+/// the watch streams end. The operator runs it while it leads.
 pub async fn run_controller(client: kube::Client, ctx: Arc<Context>) {
     use futures::StreamExt;
+    use kube::runtime::reflector::ObjectRef;
     use kube::runtime::{watcher, Controller};
-    Controller::new(Api::<StoreCluster>::all(client), watcher::Config::default())
+    let controller = Controller::new(Api::<StoreCluster>::all(client.clone()), watcher::Config::default());
+    let clusters = controller.store();
+    let ours = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    controller
+        .owns(Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone()), ours)
+        .watches(Api::<cairn_resources::StoreNode>::all(client), watcher::Config::default(), move |_| {
+            clusters.state().iter().map(|sc| ObjectRef::from_obj(&**sc)).collect::<Vec<_>>()
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -354,9 +354,12 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         .map(|(_, verb, group, resource)| format!("{verb} {group}/{resource}"))
         .collect();
     let elsewhere = [
-        "get /secrets",                 // spec.etcd.tlsSecret, read only when set
-        "list cairn.dev/storeclusters", // the controller's watch of StoreClusters (main.rs)
-        "watch cairn.dev/storeclusters",
+        "get /secrets",                  // spec.etcd.tlsSecret, read only when set
+        "list cairn.dev/storeclusters",  // the controller's watches (run_controller), exercised by
+        "watch cairn.dev/storeclusters", // the_controller_follows_watches_and_recovers_from_410
+        "list cairn.dev/storenodes",
+        "watch cairn.dev/storenodes",
+        "watch /pods",
         "patch events.k8s.io/events",     // the event recorder, when an Event repeats
         "get coordination.k8s.io/leases", // leader election (leader.rs)
         "create coordination.k8s.io/leases",
@@ -909,5 +912,38 @@ async fn the_controller_follows_watches_and_recovers_from_410() {
     resumed["spec"]["paused"] = json!(false);
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(resumed)).await.unwrap();
     phase("Updating").await;
+    controller.abort();
+}
+
+/// A machine's StoreNode changing (here: a third machine's disks appear) wakes the controller for
+/// every cluster at once, not at its next requeue (30 s while Degraded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_reacts_to_storenodes_at_once() {
+    let etcd = EtcdServer::start();
+    let memory = strict_api();
+    let kube = memory.client();
+    for (name, zone) in [("n0", "a"), ("n1", "b")] {
+        machine(&kube, name, zone).await;
+    }
+    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let controller =
+        tokio::spawn(cairn_operator::reconcile::run_controller(memory.client_as(&operator_user()), ctx.clone()));
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
+    let reason = |api: Api<StoreCluster>| async move {
+        let status = api.get("c1").await.unwrap().status.unwrap_or_default();
+        status.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True").map(|c| c.reason.clone())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while reason(api.clone()).await.as_deref() != Some("NotEnoughMachines") {
+        assert!(std::time::Instant::now() < deadline, "never Degraded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    machine(&kube, "n2", "c").await;
+    let started = std::time::Instant::now();
+    while reason(api.clone()).await.is_some() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the new machine was not seen at once");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     controller.abort();
 }
