@@ -462,6 +462,19 @@ async fn move_step(
     }
 }
 
+/// The HTTP client for datanodes' admin API, one for the process (its connections are reused
+/// from pass to pass); a datanode that does not answer within 2 s is taken as not answering.
+fn datanode_http() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build()
+            .expect("an HTTP client")
+    })
+}
+
 /// One replica's progress behind one peer, as a datanode reports it (`GET /v1/admin/replicas`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaProgress {
@@ -485,7 +498,7 @@ impl ReplicaProgress {
 /// A datanode's replication progress, or `None` when it does not answer within 2 s.
 pub async fn replica_progress(address: &str) -> Option<Vec<ReplicaProgress>> {
     let url = format!("http://{address}/v1/admin/replicas");
-    let response = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await.ok()?;
+    let response = datanode_http().get(&url).send().await.ok()?;
     response.error_for_status().ok()?.json::<Vec<ReplicaProgress>>().await.ok()
 }
 
@@ -572,7 +585,7 @@ pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> Capacity
 /// answer within 2 s.
 pub async fn replica_usage(address: &str) -> Option<Vec<ReplicaUsage>> {
     let url = format!("http://{address}/v1/admin/usage");
-    let response = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await.ok()?;
+    let response = datanode_http().get(&url).send().await.ok()?;
     response.error_for_status().ok()?.json::<Vec<ReplicaUsage>>().await.ok()
 }
 

@@ -341,6 +341,11 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     reconcile_once_if_present(&api, &ctx).await;
     assert!(api.get_opt("c1").await.unwrap().is_none());
     assert!(store.load().await.unwrap().topology.nodes.is_empty(), "Delete removed the topology");
+    // The objects it owned follow it (the API's garbage collector, by ownerReference).
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(kube.clone(), "store");
+    assert!(services.list(&Default::default()).await.unwrap().items.is_empty(), "owned Services collected");
+    let configs: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(kube.clone(), "store");
+    assert!(configs.list(&Default::default()).await.unwrap().items.is_empty(), "owned ConfigMap collected");
     let left = pods.list(&kube::api::ListParams::default().labels("cairn.dev/purge")).await.unwrap();
     assert!(left.items.is_empty(), "purge Pods cleaned up");
 

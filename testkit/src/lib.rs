@@ -13,7 +13,8 @@
 //! defaults and admission a real API server applies to a Pod it creates ([`admission`]), the
 //! CEL rules of installed CRDs on create and update ([`MemoryApi::with_crd`]), name and label
 //! rules (422), graceful Pod deletion on demand, DNS names as CoreDNS makes them, watches of
-//! collections (with 410 Gone after [`MemoryApi::compact_events`]),
+//! collections (with 410 Gone after [`MemoryApi::compact_events`]), garbage collection of
+//! objects whose owner is gone,
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). With
 //! [`MemoryApi::with_rbac`], requests of a client made by [`MemoryApi::client_as`] are authorized
 //! as the API server does ([`rbac`]): 403 unless a role grants the verb — `create` as well as
@@ -91,6 +92,31 @@ impl State {
     fn record(&mut self, key: &Key, kind: &'static str, object: &Value) {
         let version = self.next_version;
         self.events.push((version, key.clone(), kind, object.clone()));
+    }
+
+    /// Garbage collection, as the API server's collector does it in the background: objects whose
+    /// owner (by uid) is gone go too, and theirs after them.
+    fn collect_garbage(&mut self, gone_uid: &str) {
+        let owned: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, v)| {
+                v["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == gone_uid))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in owned {
+            if let Some(object) = self.objects.remove(&key) {
+                self.owners.remove(&key);
+                self.next_version += 1;
+                self.record(&key, "DELETED", &object);
+                if let Some(uid) = object["metadata"]["uid"].as_str() {
+                    self.collect_garbage(uid);
+                }
+            }
+        }
     }
 }
 
@@ -514,6 +540,9 @@ impl MemoryApi {
                 } else {
                     state.next_version += 1;
                     state.record(&key, "DELETED", &object);
+                    if let Some(uid) = object["metadata"]["uid"].as_str() {
+                        state.collect_garbage(uid);
+                    }
                 }
                 self.changed.notify_waiters();
                 ok(object)
@@ -621,6 +650,9 @@ impl MemoryApi {
                     state.next_version += 1;
                     state.record(&key, "DELETED", &object);
                     *state.writes.entry(key).or_default() += 1;
+                    if let Some(uid) = object["metadata"]["uid"].as_str() {
+                        state.collect_garbage(uid);
+                    }
                     self.changed.notify_waiters();
                     return ok(object);
                 }
