@@ -61,22 +61,37 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
         // A machine leaving the selector (label removed) or labelled for decommission is drained;
         // so is one NotReady for longer than the spec allows (its data is read from the others).
         let down = down_for(&node, sc.spec.down_machine_grace());
-        let selected = sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v))
-            && node_labels.get(DECOMMISSION_LABEL).map(String::as_str) != Some("true")
-            && down.is_none();
+        let chosen = sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v))
+            && node_labels.get(DECOMMISSION_LABEL).map(String::as_str) != Some("true");
+        let selected = chosen && down.is_none();
         let name = node.name_any();
         let disks = store_nodes.get_opt(&name).await?.and_then(|s| s.status).map(|s| s.disks).unwrap_or_default();
-        out.push(Machine {
+        let machine = Machine {
             zone: node_labels.get(&sc.spec.zone_topology_key).cloned().unwrap_or_default(),
             address: format!("{}.{cluster}-nodes.{namespace}.svc:{API_PORT}", pod_name(&cluster, &name)),
             name,
             disks,
             selected,
             down,
-        });
+        };
+        out.push((machine, chosen));
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    // More than one machine away at once is an outage of the network, a zone or the control
+    // plane, not of the machines: moving all their replicas onto the rest would fill it. Only a
+    // single machine away is replaced; several are waited for (as Kubernetes' node lifecycle
+    // stops evicting in a large disruption).
+    let away = out.iter().filter(|(m, _)| m.down.is_some()).count();
+    Ok(out
+        .into_iter()
+        .map(|(mut m, chosen)| {
+            if away > 1 && m.down.is_some() {
+                m.down = m.down.map(|why| format!("{why}, one of {away} machines away: waited for"));
+                m.selected = chosen;
+            }
+            m
+        })
+        .collect())
 }
 
 /// "NotReady for 42m" when the Node's Ready condition has not been True for longer than `grace`.
@@ -179,7 +194,13 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         // The disk agent's socket and every disk's Cairn directory, at the same paths as on the host.
         let mut mounts = vec![json!({"name": "agent", "mountPath": "/run/cairn"})];
         let mut volumes = vec![json!({"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}})];
-        for (i, disk) in machine.disks.iter().enumerate() {
+        // The disks it may use or already uses: a refused disk has no `cairn/` directory, and
+        // a `Directory` hostPath of it would keep the Pod from starting.
+        let disks = machine.disks.iter().filter(|d| {
+            d.usable
+                || d.volumes.iter().any(|v| cairn_cluster::Topology::is_volume_of(&cluster, &machine.name, &v.name))
+        });
+        for (i, disk) in disks.enumerate() {
             let path = format!("{}/cairn", disk.canonical_mount.trim_end_matches('/'));
             mounts.push(json!({"name": format!("disk{i}"), "mountPath": path, "mountPropagation": "HostToContainer"}));
             // `Directory`: were the disk not mounted (yet), the Pod waits instead of writing into
@@ -222,7 +243,9 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             // only counts once the process has answered once.
             "startupProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 5,
                              "failureThreshold": 120},
-            "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}},
+            // A storage process may pause a few seconds (an fsync, a compaction): not a death.
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "timeoutSeconds": 5,
+                              "failureThreshold": 6},
             "volumeMounts": mounts,
             // Root, to write the volumes the disk agent (root) made; nothing more.
             "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
@@ -242,9 +265,16 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
                               "restartPolicy": "Always", "automountServiceAccountToken": false,
                               "terminationGracePeriodSeconds": 60,
                               "hostname": name, "subdomain": format!("{cluster}-nodes")});
-        if !sc.spec.tolerations.is_empty() {
-            spec["tolerations"] = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
+        // Like a DaemonSet's Pods: a node NotReady or unreachable does not evict its datanode (the
+        // admission default would after 300 s); replacing its replicas is the operator's call
+        // (replaceDownMachinesAfter).
+        let mut tolerations = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
+        if let Some(list) = tolerations.as_array_mut() {
+            for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+                list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute"}));
+            }
         }
+        spec["tolerations"] = tolerations;
         let mut body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(&name, &node_label), "spec": spec});
         body["metadata"]["annotations"] = json!({NODE_ANNOTATION: machine.name});
         let hash = spec_hash(&body);
@@ -315,7 +345,10 @@ pub async fn apply(
         .iter()
         .filter(|(r, _, _)| r.kind == "Pod")
         .all(|(_, name, _)| current_pods.iter().any(|p| p.name_any() == *name));
-    let mut may_replace = settled && all_ready && all_present;
+    // One at a time: not while a datanode Pod is still terminating.
+    let terminating =
+        current_pods.iter().any(|p| p.labels().get(PURGE_LABEL).is_none() && p.metadata.deletion_timestamp.is_some());
+    let mut may_replace = settled && all_ready && all_present && !terminating;
     let mut foreign = Vec::new();
     for (resource, name, body) in objects {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
@@ -427,13 +460,27 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
     async fn delete_volumes(&self) -> Result<bool, String> {
         let cluster = self.cluster.name_any();
         let pods = pods_api(&self.client, &self.cluster.namespace().unwrap_or_default());
+        let all = machines(&self.client, self.cluster).await.map_err(|e| e.to_string())?;
+        // A machine that is away can neither end its datanode Pod nor run a purge: its volumes
+        // are left (`cairn volumes purge` there once it is back), and the deletion goes on.
+        let away: Vec<&str> = all.iter().filter(|m| m.down.is_some()).map(|m| m.name.as_str()).collect();
         let datanodes = ListParams::default().labels(&label_selector(&datanode_labels(&cluster)));
-        if !pods.list(&datanodes).await.map_err(|e| e.to_string())?.items.is_empty() {
+        let running = pods
+            .list(&datanodes)
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .into_iter()
+            .any(|p| p.annotations().get(NODE_ANNOTATION).is_none_or(|node| !away.contains(&node.as_str())));
+        if running {
             return Ok(false);
+        }
+        for name in &away {
+            tracing::warn!(cluster = %cluster, machine = %name, "machine away: its volumes of the cluster are left");
         }
         let mut done = true;
         let mut purging = Vec::new();
-        for machine in machines(&self.client, self.cluster).await.map_err(|e| e.to_string())? {
+        for machine in all.into_iter().filter(|m| m.down.is_none()) {
             let holds = machine
                 .disks
                 .iter()
@@ -494,6 +541,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let body = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
             "spec": {"nodeName": machine.name, "restartPolicy": "Never", "automountServiceAccountToken": false,
+                "tolerations": purge_tolerations(sc),
                 "containers": [{"name": "purge", "image": sc.spec.image,
                     "command": command,
                     "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
@@ -503,6 +551,16 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
             .map_err(|e| e.to_string())?;
         Ok(false)
     }
+}
+
+/// A purge Pod runs where the datanode ran (nodeName skips the scheduler, not the kubelet's
+/// NoExecute taints): the cluster's tolerations, and any NoExecute taint for its short life.
+fn purge_tolerations(sc: &StoreCluster) -> Value {
+    let mut tolerations = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
+    if let Some(list) = tolerations.as_array_mut() {
+        list.push(json!({"operator": "Exists", "effect": "NoExecute"}));
+    }
+    tolerations
 }
 
 /// `<cluster>-purge-<machine>-<hash of the command>`: a purge Pod's name says what it deletes.

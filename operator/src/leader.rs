@@ -111,15 +111,17 @@ impl LeaderElection {
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(self.retry_every()).await;
-            match self.try_lead().await {
-                Ok(true) => renewed = Instant::now(),
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "renewing the leader lease failed");
-                    if renewed.elapsed() >= self.renew_deadline() {
-                        return;
-                    }
-                }
+            // A renewal that does not answer in time is a renewal that failed: an API server that
+            // stops answering must not keep us leading past the deadline.
+            let left = self.renew_deadline().saturating_sub(renewed.elapsed());
+            match tokio::time::timeout(left, self.try_lead()).await {
+                Ok(Ok(true)) => renewed = Instant::now(),
+                Ok(Ok(false)) => return,
+                Ok(Err(e)) => tracing::warn!(error = %e, "renewing the leader lease failed"),
+                Err(_) => tracing::warn!("renewing the leader lease did not answer in time"),
+            }
+            if renewed.elapsed() >= self.renew_deadline() {
+                return;
             }
         }
     }

@@ -114,6 +114,14 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         let container = &spec.containers[0];
         assert!(container.startup_probe.is_some() && container.resources.as_ref().unwrap().requests.is_some());
         assert_eq!(spec.termination_grace_period_seconds, Some(60));
+        // A node NotReady or unreachable does not evict it (the operator decides, later).
+        let tolerations = spec.tolerations.clone().unwrap_or_default();
+        for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+            assert!(
+                tolerations.iter().any(|t| t.key.as_deref() == Some(key) && t.toleration_seconds.is_none()),
+                "{key}: {tolerations:?}"
+            );
+        }
         let owner = &pod.owner_references()[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("StoreCluster", sc.uid().unwrap().as_str()));
         let args = pod.spec.unwrap().containers[0].args.clone().unwrap();
@@ -631,6 +639,11 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
     let first = pods.get(&name_for(&[1])).await.unwrap();
     let labels = first.metadata.labels.clone().unwrap();
     assert_eq!(labels.get("app.kubernetes.io/component").map(String::as_str), Some("purge"), "never a datanode's");
+    let tolerations = first.spec.as_ref().unwrap().tolerations.clone().unwrap_or_default();
+    assert!(
+        tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.effect.as_deref() == Some("NoExecute")),
+        "runs on a node with NoExecute taints: {tolerations:?}"
+    );
     assert_eq!(first.spec.as_ref().unwrap().restart_policy.as_deref(), Some("Never"));
     let command = first.spec.unwrap().containers[0].command.clone().unwrap();
     assert!(command.windows(2).any(|w| w == ["--partition", "1"]), "{command:?}");
@@ -857,6 +870,18 @@ async fn a_machine_down_too_long_has_its_replicas_placed_elsewhere() {
     let found = down(cairn_operator::kubernetes::machines(&client, &sc).await.unwrap());
     assert!(!found[0].1, "{found:?}");
     assert!(found[0].2.as_deref().is_some_and(|why| why.starts_with("NotReady for 6")), "{found:?}");
+    // Two machines away at once is an outage, not two broken machines: both are waited for.
+    nodes.patch_status("n2", &PatchParams::apply("kubelet"), &Patch::Apply(not_ready(60))).await.unwrap();
+    let both: Vec<_> = cairn_operator::kubernetes::machines(&client, &sc)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.down.is_some())
+        .map(|m| (m.name, m.selected, m.down.unwrap()))
+        .collect();
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert!(both.iter().all(|(_, selected, why)| *selected && why.ends_with("waited for")), "{both:?}");
+    nodes.patch_status("n2", &PatchParams::apply("kubelet"), &Patch::Apply(not_ready(0))).await.unwrap();
     // `never`: waited for, however long.
     let mut patient = cluster_yaml("http://127.0.0.1:1", 3);
     patient["spec"]["replaceDownMachinesAfter"] = json!("never");

@@ -29,7 +29,7 @@ end
 local stalled = condition("Stalled") or condition("Degraded")
 if stalled ~= nil and stalled.status == "True" then
   hs.status = "Degraded"
-  hs.message = stalled.reason .. ": " .. (stalled.message or "")
+  hs.message = (stalled.reason or "") .. ": " .. (stalled.message or "")
   return hs
 end
 local ready = condition("Ready")
