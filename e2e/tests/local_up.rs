@@ -64,6 +64,25 @@ impl LocalUp {
     }
 }
 
+/// A test that fails still stops the cluster: Ctrl-C (it stops etcd, the agent and the
+/// datanodes), and a kill after 15 s (its children die with it).
+impl Drop for LocalUp {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        for _ in 0..150 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `cairn ARGS` (or `kubectl-cairn ARGS` through a symlink): exit code and stdout.
 fn cairn(program: &std::path::Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(program).args(args).stderr(Stdio::inherit()).output().unwrap();
