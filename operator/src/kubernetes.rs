@@ -275,6 +275,9 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             }
         }
         spec["tolerations"] = tolerations;
+        if let Some(class) = &sc.spec.priority_class_name {
+            spec["priorityClassName"] = json!(class);
+        }
         let mut body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(&name, &node_label), "spec": spec});
         body["metadata"]["annotations"] = json!({NODE_ANNOTATION: machine.name});
         let hash = spec_hash(&body);

@@ -75,7 +75,7 @@ fn cluster_yaml(etcd: &str, rf: u32) -> serde_json::Value {
            "metadata": {"name": "c1", "namespace": "store"},
            "spec": {"image": "cairn:1", "volumeSize": "16Gi", "segmentSize": "1Gi", "replicationFactor": rf,
                     "writeQuorum": 2, "partitionsPerDisk": 2, "nodeSelector": {"cairn.dev/storage": "true"},
-                    "etcd": {"endpoints": [etcd]}}})
+                    "priorityClassName": "cairn-datanode", "etcd": {"endpoints": [etcd]}}})
 }
 
 async fn reconcile_once(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
@@ -114,6 +114,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         let container = &spec.containers[0];
         assert!(container.startup_probe.is_some() && container.resources.as_ref().unwrap().requests.is_some());
         assert_eq!(spec.termination_grace_period_seconds, Some(60));
+        assert_eq!(spec.priority_class_name.as_deref(), Some("cairn-datanode"), "spec.priorityClassName");
         // A node NotReady or unreachable does not evict it (the operator decides, later).
         let tolerations = spec.tolerations.clone().unwrap_or_default();
         for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {

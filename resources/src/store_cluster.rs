@@ -85,6 +85,10 @@ pub struct StoreClusterSpec {
     /// Resources of each datanode container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// PriorityClass of the datanode Pods (the chart installs `cairn-datanode`), so that a datanode
+    /// deleted for an upgrade finds its room on its machine again, and is not the first preempted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
     /// What deleting the StoreCluster does to the data: Retain (default) keeps topology and volumes.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
