@@ -83,6 +83,18 @@ impl Drop for LocalUp {
     }
 }
 
+/// A small StoreCluster file (`small`: 32 MiB volumes of 8 MiB segments, one partition per disk).
+fn small_cluster(m: &cairn_testkit::machine::Machine) -> std::path::PathBuf {
+    let spec = m.path("small.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {name: small}\n\
+         spec: {image: local, volumeSize: 32Mi, segmentSize: 8Mi, partitionsPerDisk: 1, etcd: {endpoints: []}}\n",
+    )
+    .unwrap();
+    spec
+}
+
 /// `cairn ARGS` (or `kubectl-cairn ARGS` through a symlink): exit code and stdout.
 fn cairn(program: &std::path::Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(program).args(args).stderr(Stdio::inherit()).output().unwrap();
@@ -246,13 +258,7 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
     let mut m = cairn_testkit::machine::Machine::new();
     let dev = m.loop_fs("local", 256 << 20, "mkfs.ext4", &["-q", "-m", "0"]);
     let mount = m.mount(&dev, "local-disk", &[]);
-    let spec = m.path("small.yaml");
-    std::fs::write(
-        &spec,
-        "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {name: small}\n\
-         spec: {image: local, volumeSize: 32Mi, segmentSize: 8Mi, partitionsPerDisk: 1, etcd: {endpoints: []}}\n",
-    )
-    .unwrap();
+    let spec = small_cluster(&m);
     let disks: Vec<String> = ["a", "b", "c"].iter().map(|d| mount.join(d).display().to_string()).collect();
     let dir = m.path("state");
     let run = |disk_args: &[String]| {
@@ -335,13 +341,7 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
 #[test]
 fn local_up_scales_in_by_draining_the_machine_left_out() {
     let m = cairn_testkit::machine::Machine::new();
-    let spec = m.path("small.yaml");
-    std::fs::write(
-        &spec,
-        "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {name: small}\n\
-         spec: {image: local, volumeSize: 32Mi, segmentSize: 8Mi, partitionsPerDisk: 1, etcd: {endpoints: []}}\n",
-    )
-    .unwrap();
+    let spec = small_cluster(&m);
     let dir = m.path("state");
     let local = dir.to_str().unwrap();
     let port = free_port_block(6);
@@ -410,13 +410,7 @@ fn local_up_scales_in_by_draining_the_machine_left_out() {
 #[test]
 fn a_wiped_disk_is_refused_served_around_and_accepted_with_the_printed_command() {
     let m = cairn_testkit::machine::Machine::new();
-    let spec = m.path("small.yaml");
-    std::fs::write(
-        &spec,
-        "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {name: small}\n\
-         spec: {image: local, volumeSize: 32Mi, segmentSize: 8Mi, partitionsPerDisk: 1, etcd: {endpoints: []}}\n",
-    )
-    .unwrap();
+    let spec = small_cluster(&m);
     let dir = m.path("state");
     let local = dir.to_str().unwrap();
     let port = free_port_block(5);

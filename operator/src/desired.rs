@@ -21,6 +21,13 @@ pub struct Machine {
     pub down: Option<String>,
 }
 
+impl Machine {
+    /// Whether any of its disks holds a volume of `cluster`'s replicas on this machine.
+    pub fn holds_volumes_of(&self, cluster: &str) -> bool {
+        self.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(cluster, &self.name, &v.name))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SpecError {
     #[error("{field}: {reason}")]

@@ -484,12 +484,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let mut done = true;
         let mut purging = Vec::new();
         for machine in all.into_iter().filter(|m| m.down.is_none()) {
-            let holds = machine
-                .disks
-                .iter()
-                .flat_map(|d| &d.volumes)
-                .any(|v| cairn_cluster::Topology::is_volume_of(&cluster, &machine.name, &v.name));
-            if holds {
+            if machine.holds_volumes_of(&cluster) {
                 done &= self.purge_machine(&machine, None).await?;
                 purging.push(label_value(&machine.name));
             }

@@ -212,9 +212,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     }
     // A drained machine that left the topology gives back the volumes of the replicas that moved.
     for machine in others.iter().filter(|m| !m.selected && m.down.is_none()) {
-        let holds =
-            machine.disks.iter().flat_map(|d| &d.volumes).any(|v| Topology::is_volume_of(name, &machine.name, &v.name));
-        if holds {
+        if machine.holds_volumes_of(name) {
             match platform.purge_machine(machine, None).await {
                 Ok(_) => changes.push(format!("purging the volumes left on {}", machine.name)),
                 Err(message) => return Outcome::degraded("PurgeFailed", message),
@@ -332,7 +330,7 @@ fn volumes_where<'m>(
             .disks
             .iter()
             .flat_map(|d| &d.volumes)
-            .filter(|v| Topology::is_volume_of(cluster, &machine.name, &v.name))
+            // Exactly the name of its partition's volume here (so never another cluster's).
             .filter(|v| Topology::volume_name(cluster, v.partition, &machine.name) == v.name)
             .filter(|v| keep(v.partition, &machine.name))
             .map(|v| v.partition)

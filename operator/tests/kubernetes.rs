@@ -70,6 +70,21 @@ fn strict_api() -> MemoryApi {
         .with_crd(&StoreNode::crd())
 }
 
+/// The strict API with these machines (name, zone): their Nodes and StoreNodes; and an admin client.
+async fn strict_api_with(machines: impl IntoIterator<Item = (&str, &str)>) -> (MemoryApi, kube::Client) {
+    let memory = strict_api();
+    let kube = memory.client();
+    for (name, zone) in machines {
+        machine(&kube, name, zone).await;
+    }
+    (memory, kube)
+}
+
+/// The operator's context, its client authenticated as the chart's operator ServiceAccount.
+fn operator_context(memory: &MemoryApi) -> Arc<Context> {
+    Arc::new(Context::new(memory.client_as(&operator_user())))
+}
+
 fn cluster_yaml(etcd: &str, rf: u32) -> serde_json::Value {
     json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "StoreCluster",
            "metadata": {"name": "c1", "namespace": "store"},
@@ -86,14 +101,10 @@ async fn reconcile_once(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_cleans_up() {
     let etcd = EtcdServer::start();
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
-        machine(&kube, name, zone).await;
-    }
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let ctx = operator_context(&memory);
 
     reconcile_once(&api, &ctx).await; // adds the finalizer
     assert_eq!(api.get("c1").await.unwrap().finalizers(), [FINALIZER.to_string()]);
@@ -386,13 +397,9 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_specs_and_unreachable_etcd_degrade_without_tearing_down() {
     let etcd = EtcdServer::start();
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b")] {
-        machine(&kube, name, zone).await;
-    }
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b")]).await;
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let ctx = operator_context(&memory);
     // Replication 3 on two machines: impossible.
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
     reconcile_once(&api, &ctx).await;
@@ -433,13 +440,9 @@ async fn bad_specs_and_unreachable_etcd_degrade_without_tearing_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_over_tls_through_the_named_secret() {
     let etcd = EtcdServer::start_tls();
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
-        machine(&kube, name, zone).await;
-    }
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let ctx = operator_context(&memory);
     let mut sc = cluster_yaml(&etcd.endpoint(), 3);
     sc["spec"]["etcd"]["tlsSecret"] = json!("etcd-tls");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(sc)).await.unwrap();
@@ -502,7 +505,7 @@ async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig(
     for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
         machine(&kube, name, zone).await;
     }
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let ctx = operator_context(&memory);
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
     reconcile_once(&api, &ctx).await;
@@ -668,18 +671,14 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_event_note_is_cut_to_what_the_api_accepts() {
     let etcd = EtcdServer::start();
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
-        machine(&kube, name, zone).await;
-    }
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     let mut spec = cluster_yaml(&etcd.endpoint(), 3);
     spec["spec"]["volumeSize"] = json!("1Gi");
     spec["spec"]["segmentSize"] = json!("256Mi");
     spec["spec"]["partitionsPerDisk"] = json!(30);
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(spec)).await.unwrap();
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let ctx = operator_context(&memory);
     reconcile_once(&api, &ctx).await;
     reconcile_once(&api, &ctx).await;
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(kube.clone(), "store");
@@ -704,7 +703,7 @@ async fn node_names_with_dots_or_too_long_give_valid_resolvable_pods() {
     }
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let ctx = operator_context(&memory);
     reconcile_once(&api, &ctx).await;
     reconcile_once(&api, &ctx).await;
     let status = api.get("c1").await.unwrap().status.unwrap();
@@ -724,18 +723,14 @@ async fn node_names_with_dots_or_too_long_give_valid_resolvable_pods() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_of_someone_else_are_never_adopted() {
     let etcd = EtcdServer::start();
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
-        machine(&kube, name, zone).await;
-    }
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(kube.clone(), "store");
     let theirs = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "c1", "labels": {"team": "web"}},
                         "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}});
     services.patch("c1", &PatchParams::apply("someone"), &Patch::Apply(theirs)).await.unwrap();
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let ctx = operator_context(&memory);
     reconcile_once(&api, &ctx).await;
     reconcile_once(&api, &ctx).await;
     let service = services.get("c1").await.unwrap();
@@ -753,11 +748,7 @@ async fn objects_of_someone_else_are_never_adopted() {
 /// `cairn.dev/decommission=true` label drains it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cordon_is_not_a_decommission() {
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
-        machine(&kube, name, zone).await;
-    }
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml("http://127.0.0.1:1", 3))).await.unwrap();
     let sc = api.get("c1").await.unwrap();
@@ -787,11 +778,7 @@ async fn a_cordon_is_not_a_decommission() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fields_an_older_operator_applied_are_removed() {
     let etcd = EtcdServer::start();
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
-        machine(&kube, name, zone).await;
-    }
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
     let sc = api.get("c1").await.unwrap();
@@ -801,7 +788,7 @@ async fn fields_an_older_operator_applied_are_removed() {
         "metadata": {"name": "c1", "ownerReferences": [owner]},
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/instance": "c1"}}}});
     pdbs.patch("c1", &PatchParams::apply("cairn-operator").force(), &Patch::Apply(old)).await.unwrap();
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let ctx = operator_context(&memory);
     reconcile_once(&api, &ctx).await;
     reconcile_once(&api, &ctx).await;
     let spec = pdbs.get("c1").await.unwrap().spec.unwrap();
@@ -844,11 +831,7 @@ async fn the_api_refuses_what_the_crd_rules_refuse() {
 /// selected: its replicas are placed elsewhere; `never` keeps waiting for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_down_too_long_has_its_replicas_placed_elsewhere() {
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c"), ("n3", "a")] {
-        machine(&kube, name, zone).await;
-    }
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c"), ("n3", "a")]).await;
     let nodes: Api<Node> = Api::all(kube.clone());
     let not_ready = |minutes_ago: i64| {
         let since = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_mins(minutes_ago);
@@ -902,12 +885,8 @@ async fn a_machine_down_too_long_has_its_replicas_placed_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_follows_watches_and_recovers_from_410() {
     let etcd = EtcdServer::start();
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b"), ("n2", "c")] {
-        machine(&kube, name, zone).await;
-    }
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
+    let ctx = operator_context(&memory);
     let controller =
         tokio::spawn(cairn_operator::reconcile::run_controller(memory.client_as(&operator_user()), ctx.clone()));
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
@@ -951,12 +930,8 @@ async fn the_controller_follows_watches_and_recovers_from_410() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_reacts_to_storenodes_at_once() {
     let etcd = EtcdServer::start();
-    let memory = strict_api();
-    let kube = memory.client();
-    for (name, zone) in [("n0", "a"), ("n1", "b")] {
-        machine(&kube, name, zone).await;
-    }
-    let ctx = Arc::new(Context::new(memory.client_as(&operator_user())));
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b")]).await;
+    let ctx = operator_context(&memory);
     let controller =
         tokio::spawn(cairn_operator::reconcile::run_controller(memory.client_as(&operator_user()), ctx.clone()));
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
