@@ -4,6 +4,7 @@
 pub mod agent_api;
 pub mod agent_client;
 pub mod blob_id;
+pub mod disk_space;
 pub mod process_lock;
 pub mod text;
 pub mod volume_layout;

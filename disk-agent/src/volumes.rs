@@ -1,7 +1,6 @@
 //! Volumes on a disk: `<canonical mount>/cairn/volumes/<name>/`, in the datanode's layout
 //! (cairn_common::volume_layout), with every segment preallocated when the volume is made.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use cairn_common::agent_api::{CreateVolumeRequest, VolumeInfo};
@@ -67,18 +66,7 @@ pub fn promised_bytes(marker: &VolumeMarker) -> u64 {
     u64::from(marker.max_segments()) * marker.segment_size
 }
 
-/// Bytes allocated on disk for everything under `path` (st_blocks, so sparse files count as
-/// what they really use).
-pub fn allocated_bytes(path: &Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
-    if !meta.is_dir() {
-        return meta.blocks() * 512;
-    }
-    let own = meta.blocks() * 512;
-    let children: u64 =
-        std::fs::read_dir(path).map(|entries| entries.flatten().map(|e| allocated_bytes(&e.path())).sum()).unwrap_or(0);
-    own + children
-}
+pub use cairn_common::disk_space::allocated_bytes;
 
 pub fn validate(request: &CreateVolumeRequest) -> Result<(), String> {
     if request.segment_size_bytes < layout::MIN_SEGMENT_SIZE {

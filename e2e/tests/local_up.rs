@@ -16,10 +16,19 @@ struct LocalUp {
 }
 
 impl LocalUp {
+    /// The README's cluster (examples/local.yaml) with 32 MiB volumes on 256 MiB disks, so that
+    /// the test preallocates 576 MiB instead of 4.5 GiB of a shared machine's disk.
     fn start(dir: &std::path::Path, port: u16, etcd_port: u16) -> Self {
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/local.yaml")).unwrap();
+        let frugal =
+            example.replace("volumeSize: 256Mi", "volumeSize: 32Mi").replace("segmentSize: 64Mi", "segmentSize: 8Mi");
+        assert!(frugal.contains("volumeSize: 32Mi") && frugal.contains("segmentSize: 8Mi"), "{example}");
+        let spec = dir.join("cluster.yaml");
+        std::fs::write(&spec, frugal).unwrap();
         let child = Command::new(binary("cairn"))
-            .args(["local", "up", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/local.yaml")])
-            .arg("--dir")
+            .args(["local", "up", "-f"])
+            .arg(&spec)
+            .args(["--disk-size", "256MiB", "--dir"])
             .arg(dir)
             .args(["--port", &port.to_string(), "--etcd-port", &etcd_port.to_string()])
             .stdout(Stdio::piped())
@@ -261,17 +270,18 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
     let spec = small_cluster(&m);
     let disks: Vec<String> = ["a", "b", "c"].iter().map(|d| mount.join(d).display().to_string()).collect();
     let dir = m.path("state");
-    let run = |disk_args: &[String]| {
+    let run_with = |disk_args: &[String], disk_size: &str| {
         let port = free_port_block(5);
         let etcd_port = port + 3;
         let mut command = Command::new(binary("cairn"));
-        command.args(["local", "up", "-f", spec.to_str().unwrap(), "--disk-size", "64MiB"]).arg("--dir").arg(&dir);
+        command.args(["local", "up", "-f", spec.to_str().unwrap(), "--disk-size", disk_size]).arg("--dir").arg(&dir);
         command.args(["--port", &port.to_string(), "--etcd-port", &etcd_port.to_string()]);
         for d in disk_args {
             command.args(["--disk", d]);
         }
         command
     };
+    let run = |disk_args: &[String]| run_with(disk_args, "64MiB");
 
     // A spec no datanode could serve: the largest blob does not fit in a segment. Nothing starts.
     let bad_spec = m.path("bad.yaml");
@@ -296,6 +306,36 @@ fn local_up_on_a_disk_per_machine_given_on_the_command_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--disk is given 2 time(s) for 3 machines"), "{err}");
     assert!(!dir.exists(), "nothing created for a bad command line");
+
+    // Disks that promise more than their filesystem has (3 × 1 GiB on 256 MiB): refused before
+    // anything starts, instead of planning replicas whose volumes could never be created.
+    let mut too_big = run_with(&disks, "1GiB");
+    let etcd_port = too_big
+        .get_args()
+        .skip_while(|a| *a != "--etcd-port")
+        .nth(1)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let out = too_big.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("the filesystem of {} has", disks[0]))
+            && err.contains("the 3 machine disk(s) on it still promise 3.0 GiB")
+            && err.contains("pass a smaller --disk-size"),
+        "{err}"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", etcd_port)).is_err(), "etcd was started");
+    let out = run_with(&disks, "16MiB").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--disk-size 16MiB cannot hold one volume of the StoreCluster's volumeSize (32.0 MiB)"),
+        "{err}"
+    );
 
     // etcd's port taken (another etcd, another local cluster): refused, nothing written there.
     let mut taken = run(&disks);

@@ -2,10 +2,12 @@
 //! as child processes, one directory disk per local machine, and the operator's reconcile
 //! through the Local platform starting the datanodes. A second start reuses everything.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use cairn_common::text::bytes;
 use cairn_resources::StoreCluster;
 
 use crate::local::{LocalMachine, LocalPlatform};
@@ -288,13 +290,49 @@ fn local_machines(
     Ok(machines)
 }
 
+/// The machines' directory disks each promise `--disk-size`, and directories on one filesystem
+/// share its free space: what they still promise must fit there now. Otherwise placement plans
+/// replicas on space that is not there, and their volumes can never be created.
+fn check_room(machines: &[LocalMachine], disk_size: &str, volume: u64) -> anyhow::Result<()> {
+    let size = crate::desired::parse_size("--disk-size", disk_size)?;
+    anyhow::ensure!(
+        size >= volume,
+        "--disk-size {disk_size} cannot hold one volume of the StoreCluster's volumeSize ({})",
+        bytes(volume)
+    );
+    // Device → (a disk on it, disks, bytes still promised, free bytes).
+    let mut filesystems: BTreeMap<u64, (PathBuf, usize, u64, u64)> = BTreeMap::new();
+    for m in machines.iter().filter(|m| m.selected) {
+        let path = m.disk_path.as_ref().expect("local machines have a directory disk");
+        let (dev, free) = cairn_common::disk_space::filesystem_of(path)
+            .map_err(|e| anyhow::anyhow!("machine {}'s disk {}: {e}", m.name, path.display()))?;
+        let held = cairn_common::disk_space::allocated_bytes(path);
+        let entry = filesystems.entry(dev).or_insert_with(|| (path.clone(), 0, 0, free));
+        entry.1 += 1;
+        entry.2 += size.saturating_sub(held);
+    }
+    for (path, disks, promised, free) in filesystems.into_values() {
+        anyhow::ensure!(
+            promised <= free,
+            "the filesystem of {} has {} free, and the {disks} machine disk(s) on it still promise {} \
+             ({disks} × --disk-size {disk_size}, less what their volumes already hold): free some space, \
+             or pass a smaller --disk-size (each disk holds whole volumes of {})",
+            path.display(),
+            bytes(free),
+            bytes(promised),
+            bytes(volume)
+        );
+    }
+    Ok(())
+}
+
 /// Runs until Ctrl-C (or SIGTERM), then stops everything.
 pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<()> {
     // A spec no datanode could serve (say, segments too small for the largest blob) is refused
     // before anything starts, as the CRD's rules refuse it on Kubernetes.
     // The CRD's own CEL rules first (the name, the geometry), as an API server runs them.
     kube::core::cel::validate_cel(&cluster).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
-    let (_, segment, max_blob) =
+    let (volume, segment, max_blob) =
         crate::desired::check_spec(&cluster.spec).map_err(|e| anyhow::anyhow!("the StoreCluster is not valid: {e}"))?;
     let largest = max_blob.unwrap_or_else(|| cairn_common::volume_layout::largest_blob_for_segment(segment));
     // Exact: a segment's own overhead makes the largest blob a little less than the segment.
@@ -315,6 +353,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     let name = cluster.metadata.name.clone().unwrap_or_else(|| "local".into());
     // Bad --drain is refused before anything starts.
     let machines = local_machines(dir, &options, &dir.join("disk-agent.sock"), &cluster.spec)?;
+    check_room(&machines, &options.disk_size, volume)?;
 
     // Our etcd must be the one that answers: were its port taken (another etcd, another local
     // cluster), ours would exit while the cluster wrote its topology into the other one.

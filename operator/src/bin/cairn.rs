@@ -377,7 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 };
                 if shown {
-                    let capacity = bytesize::ByteSize(v.capacity_bytes).display().iec().to_string();
+                    let capacity = cairn_common::text::bytes(v.capacity_bytes);
                     rows.push(vec![v.name, v.disk, v.partition.to_string(), capacity, v.path]);
                 }
             }
