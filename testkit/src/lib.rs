@@ -24,6 +24,7 @@
 //! write is counted per object so tests can prove that a converged controller writes nothing.
 
 pub mod admission;
+pub mod discovery;
 pub mod etcd;
 pub mod machine;
 pub mod rbac;
@@ -77,6 +78,10 @@ struct State {
     accessed: std::collections::BTreeSet<rbac::Access>,
 }
 
+/// How long a watch that asked for bookmarks stays quiet before it gets one (a real API server
+/// sends them about every minute; shorter here, so that tests see them).
+const BOOKMARK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The header a [`MemoryApi::client_as`] client names its user in (as a token would).
 const USER_HEADER: &str = "x-testkit-user";
 
@@ -88,6 +93,125 @@ pub struct MemoryApi {
 }
 
 impl State {
+    /// What the API serves: the built-in resources and those of every stored CRD.
+    fn resources(&self) -> Vec<discovery::Resource> {
+        let mut all = discovery::builtin();
+        for (key, crd) in &self.objects {
+            if key.0 == "apiextensions.k8s.io/v1" && key.2 == "customresourcedefinitions" {
+                all.extend(discovery::from_crd(crd));
+            }
+        }
+        all
+    }
+
+    /// Deletes an object: it stays, marked for deletion, while it has finalizers, and so does a
+    /// Pod through its grace period (while deletions are held, unless `force`). Returns the
+    /// object as it was or is now; `None` when there is no such object.
+    fn delete(&mut self, key: &Key, force: bool) -> Option<Value> {
+        let mut object = self.objects.remove(key)?;
+        *self.writes.entry(key.clone()).or_default() += 1;
+        let has_finalizers = object["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        let terminating = key.2 == "pods" && self.hold_pod_deletions && !force;
+        if has_finalizers || terminating {
+            if object["metadata"]["deletionTimestamp"].is_null() {
+                object["metadata"]["deletionTimestamp"] = json!(now());
+                self.next_version += 1;
+                object["metadata"]["resourceVersion"] = json!(self.next_version.to_string());
+                self.record(key, "MODIFIED", &object);
+            }
+            self.objects.insert(key.clone(), object.clone());
+        } else {
+            self.owners.remove(key);
+            self.next_version += 1;
+            self.record(key, "DELETED", &object);
+            if let Some(uid) = object["metadata"]["uid"].as_str() {
+                self.collect_garbage(uid);
+            }
+        }
+        Some(object)
+    }
+
+    /// The Eviction API: a Pod is deleted (gracefully) unless a PodDisruptionBudget selecting it
+    /// would be violated — 429, as the API server answers. A `maxUnavailable` budget over Pods
+    /// whose owner has no `/scale` allows nothing: the disruption controller cannot count them.
+    fn evict(&mut self, key: &Key) -> Result<Value, (StatusCode, &'static str, String)> {
+        let pod = self.objects.get(key).cloned().ok_or((
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("pods \"{}\" not found", key.3),
+        ))?;
+        let ready = |p: &Value| {
+            p["metadata"]["deletionTimestamp"].is_null()
+                && p["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        };
+        let selects = |pdb: &Value, p: &Value| {
+            pdb["spec"]["selector"]["matchLabels"]
+                .as_object()
+                .is_some_and(|labels| labels.iter().all(|(k, v)| &p["metadata"]["labels"][k] == v))
+        };
+        let too_many = |message: String| (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message);
+        for (pdb_key, pdb) in
+            self.objects.iter().filter(|(k, _)| k.0 == "policy/v1" && k.1 == key.1 && k.2 == "poddisruptionbudgets")
+        {
+            if !selects(pdb, &pod) {
+                continue;
+            }
+            if !pdb["spec"]["maxUnavailable"].is_null() {
+                return Err(too_many(format!("Cannot evict pod as it would violate the pod's disruption budget {}: maxUnavailable needs the Pods' controller to have a scale subresource", pdb_key.3)));
+            }
+            let healthy = self
+                .objects
+                .iter()
+                .filter(|(k, p)| k.1 == key.1 && k.2 == "pods" && selects(pdb, p) && ready(p))
+                .count();
+            let min = pdb["spec"]["minAvailable"].as_u64().unwrap_or(0) as usize;
+            if ready(&pod) && healthy <= min {
+                return Err(too_many(format!(
+                    "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget {} needs {min} healthy pods and has {healthy} currently",
+                    pdb_key.3
+                )));
+            }
+        }
+        Ok(self.delete(key, false).expect("present"))
+    }
+
+    /// A custom resource as its structural schema has it: fields the schema does not declare
+    /// are pruned, or, with `fieldValidation=Strict` (kubectl's default), refused.
+    fn structural(&self, gv: &str, plural: &str, object: &mut Value, strict: bool) -> Result<(), String> {
+        let Some(schema) = self.schemas.get(&(gv.to_owned(), plural.to_owned())) else { return Ok(()) };
+        let mut checked = object.clone();
+        let pruned = discovery::prune(schema, &mut checked);
+        if strict && !pruned.is_empty() {
+            let fields: Vec<String> = pruned.iter().map(|f| format!(".{f}: field not declared in schema")).collect();
+            return Err(format!("failed to create typed patch object: {}", fields.join(", ")));
+        }
+        *object = checked;
+        Ok(())
+    }
+
+    /// A stored CRD: its schemas validate (CEL rules) and prune its objects from now on, and its
+    /// status says it is established, as the API server's CRD controller makes it.
+    fn install_crd(&mut self, crd: &mut Value) {
+        let group = crd["spec"]["group"].as_str().unwrap_or_default().to_owned();
+        let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default().to_owned();
+        let mut stored = Vec::new();
+        for version in crd["spec"]["versions"].as_array().into_iter().flatten() {
+            let name = version["name"].as_str().unwrap_or_default();
+            if version["storage"] == true {
+                stored.push(json!(name));
+            }
+            let schema = &version["schema"]["openAPIV3Schema"];
+            if !schema.is_null() {
+                self.schemas.insert((format!("{group}/{name}"), plural.clone()), schema.clone());
+            }
+        }
+        let condition = |kind: &str, reason: &str| json!({"type": kind, "status": "True", "reason": reason, "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"});
+        crd["status"] = json!({"acceptedNames": crd["spec"]["names"], "storedVersions": stored,
+            "conditions": [condition("NamesAccepted", "NoConflicts"), condition("Established", "InitialNamesAccepted")]});
+    }
+
     /// Records a change for watches (`ADDED`, `MODIFIED`, `DELETED`) at the current version.
     fn record(&mut self, key: &Key, kind: &'static str, object: &Value) {
         let version = self.next_version;
@@ -127,6 +251,8 @@ type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infa
 struct Target {
     key: Key,
     status: bool,
+    /// `pods/{name}/eviction`: the Eviction API.
+    eviction: bool,
 }
 
 impl MemoryApi {
@@ -149,13 +275,24 @@ impl MemoryApi {
     ) -> Self {
         {
             let mut state = self.state.lock().unwrap();
-            for version in &crd.spec.versions {
-                let schema = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref());
-                if let Some(schema) = schema {
-                    let key = (format!("{}/{}", crd.spec.group, version.name), crd.spec.names.plural.clone());
-                    state.schemas.insert(key, serde_json::to_value(schema).expect("schema JSON"));
-                }
-            }
+            let mut object = serde_json::to_value(crd).expect("CRD JSON");
+            object["apiVersion"] = json!("apiextensions.k8s.io/v1");
+            object["kind"] = json!("CustomResourceDefinition");
+            state.next_uid += 1;
+            state.next_version += 1;
+            object["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", state.next_uid));
+            object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
+            object["metadata"]["creationTimestamp"] = json!(now());
+            object["metadata"]["generation"] = json!(1);
+            state.install_crd(&mut object);
+            let key = (
+                "apiextensions.k8s.io/v1".into(),
+                String::new(),
+                "customresourcedefinitions".into(),
+                crd.metadata.name.clone().unwrap_or_default(),
+            );
+            state.record(&key, "ADDED", &object);
+            state.objects.insert(key, object);
         }
         self
     }
@@ -189,6 +326,20 @@ impl MemoryApi {
 
     /// A request's answer: a watch streams its events; anything else is answered whole.
     fn answer(&self, method: Method, uri: http::Uri, headers: &http::HeaderMap, body: &Bytes) -> Response<Body> {
+        if method == Method::GET {
+            let path = uri.path();
+            let document = if path == "/version" {
+                Some(
+                    json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0-cairn-testkit", "platform": "linux/amd64"}),
+                )
+            } else {
+                let resources = self.state.lock().unwrap().resources();
+                discovery::document(path, &resources).or_else(|| discovery::openapi(path, &resources))
+            };
+            if let Some(document) = document {
+                return ok(document).map(|b| b.boxed_unsync());
+            }
+        }
         let query = uri.query().unwrap_or_default().to_owned();
         let watching = method == Method::GET && query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
         if watching {
@@ -218,10 +369,14 @@ impl MemoryApi {
     /// selector too), as they happen, one JSON event a line, until `timeoutSeconds`; an `ERROR`
     /// event with a 410 Status when that version is gone.
     fn watch(&self, key: Key, query: &str) -> Response<Body> {
-        let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='));
+        let param = |name: &str| query_param(query, name);
         let since: u64 = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         let timeout = param("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(60u64);
-        let selector = label_selector(query);
+        let bookmarks = param("allowWatchBookmarks").as_deref() == Some("true");
+        let selector = match Selector::of(query) {
+            Ok(selector) => selector,
+            Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message).map(|b| b.boxed_unsync()),
+        };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
         let api = self.clone();
         let stream = futures::stream::unfold((since, false), move |(last, done)| {
@@ -251,13 +406,7 @@ impl MemoryApi {
                             let matches = &k.0 == gv
                                 && &k.2 == plural
                                 && (ns.is_empty() || &k.1 == ns)
-                                && selector.iter().all(|(label, want)| {
-                                    let have = object["metadata"]["labels"][label].as_str();
-                                    match want {
-                                        Some(want) => have == Some(want.as_str()),
-                                        None => have.is_some(),
-                                    }
-                                });
+                                && selector.matches(object);
                             if matches {
                                 lines += &format!("{}\n", json!({"type": kind, "object": object}));
                             }
@@ -266,8 +415,22 @@ impl MemoryApi {
                             return Some((Ok(http_body::Frame::data(Bytes::from(lines))), (newest, false)));
                         }
                     }
-                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                        return None;
+                    // Quiet for a while: a bookmark, so that the client's next watch starts from
+                    // here and not from a version that may be compacted by then.
+                    let bookmark_at = (tokio::time::Instant::now() + BOOKMARK_INTERVAL).min(deadline);
+                    if tokio::time::timeout_at(bookmark_at, notified).await.is_err() {
+                        if !bookmarks || tokio::time::Instant::now() >= deadline {
+                            return None;
+                        }
+                        let newest = api.state.lock().unwrap().next_version.max(last);
+                        let kind = key.2.clone();
+                        let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind,
+                            "metadata": {"resourceVersion": newest.to_string(),
+                                         "annotations": {"k8s.io/initial-events-end": "true"}}}});
+                        return Some((
+                            Ok(http_body::Frame::data(Bytes::from(format!("{bookmark}\n")))),
+                            (newest, false),
+                        ));
                     }
                 }
             }
@@ -344,6 +507,7 @@ impl MemoryApi {
             (&Method::GET, true) => vec!["list"],
             (&Method::POST, true) => vec!["create"],
             (&Method::GET, false) => vec!["get"],
+            (&Method::POST, false) => vec!["create"],
             (&Method::DELETE, false) => vec!["delete"],
             (&Method::PATCH, false) if apply && !exists => vec!["patch", "create"],
             (&Method::PATCH, false) => vec!["patch"],
@@ -359,7 +523,11 @@ impl MemoryApi {
         let (Some(rbac), Some(user)) = (&state.rbac, user) else { return Ok(()) };
         let (gv, ns, plural, name) = &target.key;
         let group = gv.rsplit_once('/').map(|(g, _)| g).unwrap_or_default();
-        let resource = if target.status { format!("{plural}/status") } else { plural.clone() };
+        let resource = match (target.status, target.eviction) {
+            (true, _) => format!("{plural}/status"),
+            (_, true) => format!("{plural}/eviction"),
+            _ => plural.clone(),
+        };
         let mut allowed = Vec::new();
         for verb in verbs {
             let access = rbac::Access {
@@ -393,7 +561,18 @@ impl MemoryApi {
         let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
             let api = api.clone();
             async move {
-                let (parts, body) = request.into_parts();
+                let (mut parts, body) = request.into_parts();
+                // A kubeconfig's token names the user (`system:serviceaccount:NS:NAME`), as a
+                // ServiceAccount token would; no token: an admin.
+                parts.headers.remove(USER_HEADER);
+                let token = parts
+                    .headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if let Some(user) = token.and_then(|t| http::HeaderValue::from_str(t).ok()) {
+                    parts.headers.insert(USER_HEADER, user);
+                }
                 match axum::body::to_bytes(body, usize::MAX).await {
                     Ok(body) => api.answer(parts.method, parts.uri, &parts.headers, &body),
                     Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()).map(|b| b.boxed_unsync()),
@@ -439,43 +618,65 @@ impl MemoryApi {
         if let Err(message) = Self::authorize(&mut state, user, &verbs, &target) {
             return status(StatusCode::FORBIDDEN, "Forbidden", &message);
         }
+        if target.eviction {
+            if method != Method::POST {
+                return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "evictions are created");
+            }
+            let answer = match state.evict(&target.key) {
+                Ok(_) => Response::builder()
+                    .status(StatusCode::CREATED)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}).to_string(),
+                    )))
+                    .expect("response"),
+                Err((code, reason, message)) => status(code, reason, &message),
+            };
+            self.changed.notify_waiters();
+            return answer;
+        }
+        let strict = query_param(uri.query().unwrap_or_default(), "fieldValidation").as_deref() == Some("Strict");
         if collection {
             return match method {
                 Method::GET => {
                     let (gv, ns, plural, _) = &target.key;
-                    let selector = label_selector(uri.query().unwrap_or_default());
+                    let selector = match Selector::of(uri.query().unwrap_or_default()) {
+                        Ok(selector) => selector,
+                        Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
+                    };
                     let items: Vec<Value> = state
                         .objects
                         .iter()
                         .filter(|(k, _)| &k.0 == gv && &k.2 == plural && (ns.is_empty() || &k.1 == ns))
-                        .filter(|(_, v)| {
-                            selector.iter().all(|(k, want)| {
-                                let have = v["metadata"]["labels"][k].as_str();
-                                match want {
-                                    Some(want) => have == Some(want.as_str()),
-                                    None => have.is_some(),
-                                }
-                            })
-                        })
+                        .filter(|(_, v)| selector.matches(v))
                         .map(|(_, v)| v.clone())
                         .collect();
                     let version = state.next_version.to_string();
+                    if let Some(resource) = table_of(&state, headers, &target.key) {
+                        return ok(discovery::table(&resource, &items, &version, k8s_openapi::jiff::Timestamp::now()));
+                    }
                     ok(
                         json!({"apiVersion": gv, "kind": "List", "metadata": {"resourceVersion": version}, "items": items}),
                     )
                 }
                 Method::POST => {
                     // Create: the name comes from the body; an existing object is a conflict.
-                    let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
-                        return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+                    let Ok(mut object) = parse_body(body) else {
+                        return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON or YAML");
                     };
                     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
                     let (gv, ns, plural, _) = target.key.clone();
                     if let Err(message) = validate(&gv, &plural, &object) {
                         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
                     }
+                    if let Err(message) = state.structural(&gv, &plural, &mut object, strict) {
+                        return status(StatusCode::BAD_REQUEST, "BadRequest", &message);
+                    }
                     if let Err(message) = validate_custom(&state, &gv, &plural, &object, None) {
                         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
+                    }
+                    if plural == "customresourcedefinitions" {
+                        state.install_crd(&mut object);
                     }
                     let key = (gv, ns.clone(), plural, name);
                     if state.objects.contains_key(&key) {
@@ -490,6 +691,7 @@ impl MemoryApi {
                     object["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", state.next_uid));
                     object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
                     object["metadata"]["generation"] = json!(1);
+                    object["metadata"]["creationTimestamp"] = json!(now());
                     if !ns.is_empty() {
                         object["metadata"]["namespace"] = json!(ns);
                     }
@@ -509,43 +711,34 @@ impl MemoryApi {
                 _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "collection writes are not supported"),
             };
         }
-        let parsed: Result<Value, _> = if body.is_empty() { Ok(Value::Null) } else { serde_json::from_slice(body) };
+        let parsed: Result<Value, _> = if body.is_empty() { Ok(Value::Null) } else { parse_body(body) };
         let Ok(patch) = parsed else {
-            return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON or YAML");
         };
         let key = target.key.clone();
         match method {
             Method::GET => match state.objects.get(&key) {
-                Some(object) => ok(object.clone()),
+                Some(object) => match table_of(&state, headers, &key) {
+                    Some(resource) => {
+                        let version = state.next_version.to_string();
+                        let now = k8s_openapi::jiff::Timestamp::now();
+                        ok(discovery::table(&resource, std::slice::from_ref(object), &version, now))
+                    }
+                    None => ok(object.clone()),
+                },
                 None => not_found(&key),
             },
             Method::DELETE => {
-                let Some(mut object) = state.objects.remove(&key) else { return not_found(&key) };
-                state.owners.remove(&key);
-                *state.writes.entry(key.clone()).or_default() += 1;
-                // With finalizers the object stays, marked for deletion, until they are removed;
-                // so does a Pod through its grace period.
-                let has_finalizers = object["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
-                let terminating = key.2 == "pods" && state.hold_pod_deletions;
-                if has_finalizers || terminating {
-                    if !object["metadata"]["deletionTimestamp"].is_null() {
-                        state.objects.insert(key, object.clone());
-                        return ok(object);
-                    }
-                    object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-                    state.next_version += 1;
-                    object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
-                    state.record(&key, "MODIFIED", &object);
-                    state.objects.insert(key, object.clone());
-                } else {
-                    state.next_version += 1;
-                    state.record(&key, "DELETED", &object);
-                    if let Some(uid) = object["metadata"]["uid"].as_str() {
-                        state.collect_garbage(uid);
-                    }
-                }
+                // Grace period 0 (query or DeleteOptions): a force delete, or the kubelet
+                // confirming that a Terminating Pod's containers are gone.
+                let force = query_param(uri.query().unwrap_or_default(), "gracePeriodSeconds").as_deref() == Some("0")
+                    || patch["gracePeriodSeconds"] == 0;
+                let answer = match state.delete(&key, force) {
+                    Some(object) => ok(object),
+                    None => not_found(&key),
+                };
                 self.changed.notify_waiters();
-                ok(object)
+                answer
             }
             Method::PATCH | Method::PUT => {
                 let apply = content_type.contains("apply-patch");
@@ -566,7 +759,7 @@ impl MemoryApi {
                         let mut fresh = json!({"metadata": {
                             "name": key.3,
                             "uid": format!("00000000-0000-0000-0000-{:012}", state.next_uid),
-                            "creationTimestamp": "2026-01-01T00:00:00Z",
+                            "creationTimestamp": now(),
                             "generation": 0,
                         }});
                         if !key.1.is_empty() {
@@ -615,11 +808,8 @@ impl MemoryApi {
                         }
                     } else if apply {
                         let query = uri.query().unwrap_or_default();
-                        let param = |name: &str| {
-                            query.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-                        };
-                        let manager = param("fieldManager").unwrap_or("unknown").to_owned();
-                        let force = param("force") == Some("true");
+                        let manager = query_param(query, "fieldManager").unwrap_or_else(|| "unknown".into());
+                        let force = query_param(query, "force").as_deref() == Some("true");
                         let owners = state.owners.entry(key.clone()).or_default();
                         if let Err(message) = ssa::apply(&mut object, &patch, &manager, force, owners) {
                             return status(StatusCode::CONFLICT, "Conflict", &message);
@@ -630,6 +820,12 @@ impl MemoryApi {
                 }
                 if created && key.2 == "pods" {
                     admission::admit_pod(&mut object);
+                }
+                if let Err(message) = state.structural(&key.0, &key.2, &mut object, strict) {
+                    return status(StatusCode::BAD_REQUEST, "BadRequest", &message);
+                }
+                if key.2 == "customresourcedefinitions" && !target.status {
+                    state.install_crd(&mut object);
                 }
                 if let Err(message) = validate(&key.0, &key.2, &object) {
                     return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
@@ -740,23 +936,78 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// `labelSelector=a=b,c` from a query string: equality terms (`a=b`) and existence terms (`c`).
-fn label_selector(query: &str) -> Vec<(String, Option<String>)> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("labelSelector="))
-        .flat_map(|v| {
-            let decoded = v.replace("%3D", "=").replace("%2C", ",").replace("%2F", "/");
-            decoded
-                .split(',')
-                .filter(|term| !term.is_empty())
-                .map(|term| match term.split_once('=') {
-                    Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
-                    None => (term.to_owned(), None),
-                })
-                .collect::<Vec<_>>()
+/// A request body: JSON, or YAML (an apply patch may be either).
+fn parse_body(body: &Bytes) -> Result<Value, ()> {
+    serde_json::from_slice(body).or_else(|_| serde_yaml::from_slice(body)).map_err(|_| ())
+}
+
+/// The resource to print as a Table, when the request asks for one (`kubectl get`).
+fn table_of(state: &State, headers: &http::HeaderMap, key: &Key) -> Option<discovery::Resource> {
+    let accept = headers.get("accept").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !discovery::wants_table(accept) {
+        return None;
+    }
+    state.resources().into_iter().find(|r| r.group_version == key.0 && r.plural == key.2)
+}
+
+/// A query parameter, decoded (`a%3Db` → `a=b`).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+/// What a list or watch selects: `labelSelector` equality (`a=b`, `a==b`) and existence (`c`)
+/// terms, and `fieldSelector` terms on `metadata.name` and `metadata.namespace` (what kubectl's
+/// `delete --wait` and `get NAME --watch` use).
+#[derive(Clone, Default)]
+struct Selector {
+    labels: Vec<(String, Option<String>)>,
+    fields: Vec<(String, String)>,
+}
+
+impl Selector {
+    fn of(query: &str) -> Result<Self, String> {
+        let terms = |name: &str| {
+            query_param(query, name)
+                .map(|v| v.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let labels = terms("labelSelector")
+            .into_iter()
+            .map(|term| match term.split_once('=') {
+                Some((k, v)) => (k.to_owned(), Some(v.trim_start_matches('=').to_owned())),
+                None => (term, None),
+            })
+            .collect();
+        let mut fields = Vec::new();
+        for term in terms("fieldSelector") {
+            let Some((field, value)) = term.split_once('=') else {
+                return Err(format!("invalid field selector {term:?}"));
+            };
+            if !["metadata.name", "metadata.namespace"].contains(&field) {
+                return Err(format!("field label not supported: {field}"));
+            }
+            fields.push((field.to_owned(), value.trim_start_matches('=').to_owned()));
+        }
+        Ok(Self { labels, fields })
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.labels.iter().all(|(label, want)| {
+            let have = object["metadata"]["labels"][label].as_str();
+            match want {
+                Some(want) => have == Some(want.as_str()),
+                None => have.is_some(),
+            }
+        }) && self.fields.iter().all(|(field, want)| {
+            let (_, name) = field.split_once('.').expect("metadata.x");
+            object["metadata"][name].as_str().unwrap_or_default() == want
         })
-        .collect()
+    }
+}
+
+/// Now, as the API server writes times (RFC 3339, seconds).
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// `/api/v1/...` or `/apis/{group}/{version}/...`, then `[namespaces/{ns}/]{plural}[/{name}[/status]]`.
@@ -775,10 +1026,18 @@ fn parse_path(path: &str) -> Option<(Target, bool)> {
         _ => (String::new(), rest),
     };
     match rest {
-        [plural] => Some((Target { key: (gv, ns, plural.to_string(), String::new()), status: false }, true)),
-        [plural, name] => Some((Target { key: (gv, ns, plural.to_string(), name.to_string()), status: false }, false)),
+        [plural] => {
+            Some((Target { key: (gv, ns, plural.to_string(), String::new()), status: false, eviction: false }, true))
+        }
+        [plural, name] => Some((
+            Target { key: (gv, ns, plural.to_string(), name.to_string()), status: false, eviction: false },
+            false,
+        )),
         [plural, name, "status"] => {
-            Some((Target { key: (gv, ns, plural.to_string(), name.to_string()), status: true }, false))
+            Some((Target { key: (gv, ns, plural.to_string(), name.to_string()), status: true, eviction: false }, false))
+        }
+        ["pods", name, "eviction"] => {
+            Some((Target { key: (gv, ns, "pods".into(), name.to_string()), status: false, eviction: true }, false))
         }
         _ => None,
     }

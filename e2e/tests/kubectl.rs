@@ -1,0 +1,115 @@
+//! The real `kubectl` against the strict test API served over HTTP: server-side apply of the
+//! CRDs and of a StoreCluster, the schema's strict field validation, `kubectl get` with the
+//! CRD's printer columns, and `kubectl cairn` through kubectl's plugin mechanism.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::binary;
+
+/// A kubeconfig for `server` (no token: an admin) and a kubectl cache of its own.
+pub struct Kubectl {
+    pub kubeconfig: PathBuf,
+    cache: PathBuf,
+    /// Put first on PATH: where `kubectl-cairn` is.
+    plugins: PathBuf,
+}
+
+impl Kubectl {
+    pub fn new(dir: &Path, server: &str) -> Self {
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+                 clusters:\n- name: test\n  cluster: {{server: \"{server}\"}}\n\
+                 users:\n- name: admin\n  user: {{}}\n\
+                 contexts:\n- name: test\n  context: {{cluster: test, user: admin}}\n"
+            ),
+        )
+        .unwrap();
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::os::unix::fs::symlink(binary("cairn"), plugins.join("kubectl-cairn")).unwrap();
+        Self { kubeconfig, cache: dir.join("kube-cache"), plugins }
+    }
+
+    /// `kubectl ARGS`: exit code, stdout, stderr.
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let path = format!("{}:{}", self.plugins.display(), std::env::var("PATH").unwrap_or_default());
+        let out = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECACHEDIR", &self.cache)
+            .env("PATH", path)
+            .output()
+            .expect("kubectl (Debian: kubernetes-client)");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// `kubectl ARGS`, which must succeed: its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run(args);
+        assert_eq!(code, 0, "kubectl {args:?}: {out}{err}");
+        out
+    }
+}
+
+fn repo(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
+    let api = cairn_testkit::MemoryApi::new();
+    let server = api.serve_http().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubectl = Kubectl::new(dir.path(), &server);
+
+    // The CRDs, as docs/operations.md installs and upgrades them; established at once.
+    let out = kubectl.ok(&["apply", "--server-side", "-f", &repo("crds/")]);
+    assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/storeclusters.cairn.dev serverside-applied"), "{out}");
+    kubectl.ok(&["wait", "--for", "condition=established", "--timeout", "10s", "crd/storeclusters.cairn.dev"]);
+
+    // The example StoreCluster, applied twice (the second time, nothing changes).
+    let out = kubectl.ok(&["apply", "--server-side", "-f", &repo("examples/storecluster.yaml")]);
+    assert!(out.contains("storecluster.cairn.dev/blobs serverside-applied"), "{out}");
+    kubectl.ok(&["apply", "--server-side", "-f", &repo("examples/storecluster.yaml")]);
+    assert_eq!(api.writes("storeclusters", "storage", "blobs"), 1, "an unchanged apply writes nothing");
+
+    // A typo is refused, as the API server's strict field validation refuses it.
+    let example = std::fs::read_to_string(repo("examples/storecluster.yaml")).unwrap();
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(&typo, example.replace("replicationFactor: 3", "replicationFactr: 3")).unwrap();
+    let (code, out, err) = kubectl.run(&["apply", "--server-side", "-f", typo.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains(".spec.replicationFactr: field not declared in schema"), "{err}");
+    // An invalid value is refused by the CRD's own rules.
+    let invalid = dir.path().join("invalid.yaml");
+    std::fs::write(&invalid, example.replace("writeQuorum: 2", "writeQuorum: 4")).unwrap();
+    let (code, _, err) = kubectl.run(&["apply", "--server-side", "-f", invalid.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("writeQuorum"), "{err}");
+
+    // Printer columns, by plural, singular and -o wide.
+    let out = kubectl.ok(&["get", "storeclusters", "-n", "storage"]);
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "PHASE", "READY", "NODES", "PARTITIONS", "AGE"], "{out}");
+    assert!(out.lines().nth(1).unwrap().starts_with("blobs "), "{out}");
+    let out = kubectl.ok(&["get", "storecluster", "blobs", "-n", "storage", "-o", "jsonpath={.spec.replicationFactor}"]);
+    assert_eq!(out, "3");
+    let out = kubectl.ok(&["get", "crds"]);
+    assert!(out.contains("storenodes.cairn.dev"), "{out}");
+
+    // The plugin, found by kubectl on PATH, reads the StoreCluster through the same kubeconfig.
+    let (code, out, err) = kubectl.run(&["cairn", "status", "-n", "storage", "blobs"]);
+    assert!(out.starts_with("StoreCluster storage/blobs"), "{code} {out}{err}");
+
+    // Deleted and waited for (kubectl watches it go by name).
+    kubectl.ok(&["delete", "-f", &repo("examples/storecluster.yaml"), "--timeout", "20s"]);
+    let out = kubectl.ok(&["get", "storeclusters", "-A"]);
+    assert!(!out.contains("blobs"), "{out}");
+}
