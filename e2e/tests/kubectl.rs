@@ -4,63 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use support::binary;
-
-/// A kubeconfig for `server` (no token: an admin) and a kubectl cache of its own.
-pub struct Kubectl {
-    pub kubeconfig: PathBuf,
-    cache: PathBuf,
-    /// Put first on PATH: where `kubectl-cairn` is.
-    plugins: PathBuf,
-}
-
-impl Kubectl {
-    pub fn new(dir: &Path, server: &str) -> Self {
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-                 clusters:\n- name: test\n  cluster: {{server: \"{server}\"}}\n\
-                 users:\n- name: admin\n  user: {{}}\n\
-                 contexts:\n- name: test\n  context: {{cluster: test, user: admin}}\n"
-            ),
-        )
-        .unwrap();
-        let plugins = dir.join("plugins");
-        std::fs::create_dir_all(&plugins).unwrap();
-        std::os::unix::fs::symlink(binary("cairn"), plugins.join("kubectl-cairn")).unwrap();
-        Self { kubeconfig, cache: dir.join("kube-cache"), plugins }
-    }
-
-    /// `kubectl ARGS`: exit code, stdout, stderr.
-    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let path = format!("{}:{}", self.plugins.display(), std::env::var("PATH").unwrap_or_default());
-        let out = Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("KUBECACHEDIR", &self.cache)
-            .env("PATH", path)
-            .output()
-            .expect("kubectl (Debian: kubernetes-client)");
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-    }
-
-    /// `kubectl ARGS`, which must succeed: its stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
-        let (code, out, err) = self.run(args);
-        assert_eq!(code, 0, "kubectl {args:?}: {out}{err}");
-        out
-    }
-}
-
-fn repo(path: &str) -> String {
-    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
-}
+use support::{repo, Kubectl};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
@@ -71,7 +15,10 @@ async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
 
     // The CRDs, as docs/operations.md installs and upgrades them; established at once.
     let out = kubectl.ok(&["apply", "--server-side", "-f", &repo("crds/")]);
-    assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/storeclusters.cairn.dev serverside-applied"), "{out}");
+    assert!(
+        out.contains("customresourcedefinition.apiextensions.k8s.io/storeclusters.cairn.dev serverside-applied"),
+        "{out}"
+    );
     kubectl.ok(&["wait", "--for", "condition=established", "--timeout", "10s", "crd/storeclusters.cairn.dev"]);
 
     // The example StoreCluster, applied twice (the second time, nothing changes).
@@ -99,7 +46,8 @@ async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "PHASE", "READY", "NODES", "PARTITIONS", "AGE"], "{out}");
     assert!(out.lines().nth(1).unwrap().starts_with("blobs "), "{out}");
-    let out = kubectl.ok(&["get", "storecluster", "blobs", "-n", "storage", "-o", "jsonpath={.spec.replicationFactor}"]);
+    let out =
+        kubectl.ok(&["get", "storecluster", "blobs", "-n", "storage", "-o", "jsonpath={.spec.replicationFactor}"]);
     assert_eq!(out, "3");
     let out = kubectl.ok(&["get", "crds"]);
     assert!(out.contains("storenodes.cairn.dev"), "{out}");

@@ -12,6 +12,8 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     /// With TLS: client certificates required, PEM files under the data directory.
     tls: bool,
+    /// The address it listens on (127.0.0.1 unless [`start_on`](Self::start_on)).
+    host: String,
 }
 
 /// PEM files of a TLS etcd: the CA, and a client certificate and key it signed.
@@ -27,8 +29,20 @@ fn free_port() -> u16 {
 
 impl EtcdServer {
     pub fn start() -> Self {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// Listening on `host` (e.g. a bridge address that Pods in network namespaces reach).
+    pub fn start_on(host: &str) -> Self {
         let dir = tempfile::Builder::new().prefix("cairn-etcd-").tempdir().unwrap();
-        let mut server = Self { child: None, client_port: free_port(), peer_port: free_port(), dir, tls: false };
+        let mut server = Self {
+            child: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir,
+            tls: false,
+            host: host.to_owned(),
+        };
         server.restart();
         server
     }
@@ -88,7 +102,14 @@ impl EtcdServer {
                 &p(&format!("{name}.crt")),
             ]);
         }
-        let mut server = Self { child: None, client_port: free_port(), peer_port: free_port(), dir, tls: true };
+        let mut server = Self {
+            child: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir,
+            tls: true,
+            host: "127.0.0.1".into(),
+        };
         server.restart();
         server
     }
@@ -101,7 +122,7 @@ impl EtcdServer {
 
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -111,7 +132,7 @@ impl EtcdServer {
     /// Starts (again) on the same ports and data; waits until it answers.
     pub fn restart(&mut self) {
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
         let mut command = Command::new("etcd");
         command
             .arg("--data-dir")
@@ -140,9 +161,9 @@ impl EtcdServer {
         // Over TLS, a listening port is the sign (the plain-HTTP health probe cannot speak TLS).
         let up = |port: u16| {
             if self.tls {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                std::net::TcpStream::connect((self.host.as_str(), port)).is_ok()
             } else {
-                healthy(port)
+                healthy(&self.host, port)
             }
         };
         while !up(self.client_port) {
@@ -161,9 +182,9 @@ impl EtcdServer {
 }
 
 /// etcd answers `/health` on its client port.
-fn healthy(port: u16) -> bool {
+fn healthy(host: &str, port: u16) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut stream) = std::net::TcpStream::connect((host, port)) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
     if stream.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
         return false;

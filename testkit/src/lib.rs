@@ -26,6 +26,7 @@
 pub mod admission;
 pub mod discovery;
 pub mod etcd;
+pub mod kubelet;
 pub mod machine;
 pub mod rbac;
 pub mod ssa;
@@ -557,6 +558,11 @@ impl MemoryApi {
     /// Serves this API over HTTP on 127.0.0.1 (for a process that reads a kubeconfig, such as
     /// `cairn status`); returns `http://127.0.0.1:PORT`. Runs on the current tokio runtime.
     pub async fn serve_http(&self) -> String {
+        self.serve_http_on("127.0.0.1").await
+    }
+
+    /// [`serve_http`](Self::serve_http) on `host` (e.g. a bridge address Pods reach).
+    pub async fn serve_http_on(&self, host: &str) -> String {
         let api = self.clone();
         let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
             let api = api.clone();
@@ -579,7 +585,7 @@ impl MemoryApi {
                 }
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind((host, 0)).await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         url

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -82,4 +82,69 @@ pub fn disk_with_agent(machine: &mut Machine, name: &str, size: u64) -> (KillOnD
     let agent = KillOnDrop(child);
     wait_until("disk agent", Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&socket).is_ok());
     (agent, socket)
+}
+
+/// A file of the repository (`crds/`, `examples/…`).
+pub fn repo(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A kubeconfig for `server` with `token` naming the user (none: an admin), for a process such
+/// as the operator or a disk agent.
+pub fn kubeconfig(path: &std::path::Path, server: &str, token: Option<&str>) {
+    let user = match token {
+        Some(token) => format!("{{token: \"{token}\"}}"),
+        None => "{}".to_owned(),
+    };
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters:\n- name: test\n  cluster: {{server: \"{server}\"}}\n\
+             users:\n- name: u\n  user: {user}\n\
+             contexts:\n- name: test\n  context: {{cluster: test, user: u}}\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// The real `kubectl`, as an admin, with a discovery cache of its own and `kubectl-cairn` (the
+/// `cairn` binary) on its PATH.
+pub struct Kubectl {
+    pub kubeconfig: PathBuf,
+    cache: PathBuf,
+    /// Put first on PATH: where `kubectl-cairn` is.
+    plugins: PathBuf,
+}
+
+impl Kubectl {
+    pub fn new(dir: &Path, server: &str) -> Self {
+        let config = dir.join("kubeconfig");
+        kubeconfig(&config, server, None);
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::os::unix::fs::symlink(binary("cairn"), plugins.join("kubectl-cairn")).unwrap();
+        Self { kubeconfig: config, cache: dir.join("kube-cache"), plugins }
+    }
+
+    /// `kubectl ARGS`: exit code, stdout, stderr.
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let path = format!("{}:{}", self.plugins.display(), std::env::var("PATH").unwrap_or_default());
+        let out = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECACHEDIR", &self.cache)
+            .env("PATH", path)
+            .output()
+            .expect("kubectl (Debian: kubernetes-client)");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// `kubectl ARGS`, which must succeed: its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run(args);
+        assert_eq!(code, 0, "kubectl {args:?}: {out}{err}");
+        out
+    }
 }

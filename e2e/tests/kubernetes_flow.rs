@@ -1,0 +1,263 @@
+//! The whole Kubernetes flow, with real processes behind the strict test API: `kubectl apply`
+//! of the CRDs and of a StoreCluster → the operator (a process, with its ServiceAccount's RBAC,
+//! in a network namespace of its own) → datanode Pods started by the simulated kubelet as real
+//! datanode processes (one network namespace and Pod IP each, DNS as CoreDNS answers it) on
+//! real etcd, with a real disk agent (its ServiceAccount's RBAC) on a real filesystem per
+//! machine → Ready → writes through the Service's endpoints → a Pod evicted and replaced → a
+//! machine drained by its label → the StoreCluster deleted with `deletionPolicy: Delete`: every
+//! purge finishes, the finalizer goes, the volumes are gone. `kubectl cairn status` at each
+//! stage.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_testkit::kubelet::{Image, NodeSpec, Nodes, PodNetwork};
+use cairn_testkit::machine::Machine;
+use cairn_testkit::rbac::{disk_agent_user, operator_user, rendered_chart, Rbac};
+use cairn_testkit::MemoryApi;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use support::{binary, kubeconfig, repo, KillOnDrop, Kubectl};
+
+const IMAGE: &str = "ghcr.io/cairn-dev/cairn-datanode:test";
+
+/// Polls `check` (async) every half second until it is `Ok`, at most `limit`; the last `Err`
+/// (what was seen instead) is in the failure.
+async fn eventually<T, F: std::future::Future<Output = Result<T, String>>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => {
+                assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}; last seen:\n{seen}")
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `Ok(value)` when `done`, else what was seen.
+fn seen<T>(done: bool, value: T, seen: impl std::fmt::Debug) -> Result<T, String> {
+    if done {
+        Ok(value)
+    } else {
+        Err(format!("{seen:#?}"))
+    }
+}
+
+/// The datanode Pods: machine (the `cairn.dev/node` annotation) → (uid, ready, IP).
+async fn datanodes(api: &MemoryApi) -> BTreeMap<String, (String, bool, String)> {
+    let pods: Api<Pod> = Api::namespaced(api.client(), "store");
+    let list = pods.list(&ListParams::default().labels("app.kubernetes.io/component=datanode")).await.unwrap();
+    list.items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let machine = p.metadata.annotations.clone().unwrap_or_default()["cairn.dev/node"].clone();
+            let status = p.status.clone().unwrap_or_default();
+            let ready = status.conditions.unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            (machine, (p.metadata.uid.clone().unwrap(), ready, status.pod_ip.unwrap_or_default()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes() {
+    let mut machine = Machine::new();
+    let network = Arc::new(PodNetwork::create());
+    let gateway = network.gateway();
+    let etcd = cairn_testkit::etcd::EtcdServer::start_on(&gateway);
+    let api = MemoryApi::new().with_rbac(Rbac::from_manifests(&rendered_chart()));
+    let server = api.serve_http_on(&gateway).await;
+    let dir = machine.path("k8s");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubectl = Kubectl::new(&dir, &server);
+    kubectl.ok(&["apply", "--server-side", "-f", &repo("crds/")]);
+
+    // Four machines: a kubelet each, and a disk agent (its ServiceAccount) on a filesystem of its own.
+    let bin_dir = binary("cairn-datanode").parent().unwrap().to_owned();
+    let images = BTreeMap::from([(IMAGE.to_owned(), Image { bin_dir, entrypoint: "cairn-datanode".into() })]);
+    let nodes = Nodes::start(&api, network.clone(), images, &dir.join("logs"));
+    kubeconfig(&dir.join("agent.kubeconfig"), &server, Some(&disk_agent_user()));
+    let mut agents = Vec::new();
+    for i in 0..4 {
+        let name = format!("m{i}");
+        let dev = machine.loop_fs(&name, 160 << 20, "mkfs.ext4", &["-q", "-m", "0"]);
+        let mount = machine.mount(&dev, &format!("{name}-disk"), &[]);
+        let run = machine.path(&format!("{name}-run"));
+        std::fs::create_dir_all(&run).unwrap();
+        nodes
+            .add_node(NodeSpec {
+                name: name.clone(),
+                zone: format!("zone-{i}"),
+                labels: BTreeMap::from([("cairn.dev/storage".into(), "true".into())]),
+                host_paths: vec![("/run/cairn".into(), run.clone())],
+            })
+            .await;
+        let config = machine.path(&format!("{name}-agent.yaml"));
+        std::fs::write(
+            &config,
+            format!("selector:\n  mount_paths: ['{}']\n  min_size: 1MiB\nheadroom: 0%\n", mount.display()),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("logs").join(format!("agent-{name}.log"))).unwrap();
+        let agent = Command::new(binary("cairn-disk-agent"))
+            .args(["serve", "--mountinfo", "/proc/self/mountinfo", "--kubernetes", "on", "--node-name", &name])
+            .args(["--interval-secs", "2", "--config"])
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(machine.path(&format!("{name}-state")))
+            .arg("--socket")
+            .arg(run.join("disk-agent.sock"))
+            .env("KUBECONFIG", dir.join("agent.kubeconfig"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        agents.push(KillOnDrop(agent));
+    }
+
+    // The operator, with its ServiceAccount, resolving datanodes' names as a Pod does.
+    kubeconfig(&dir.join("operator.kubeconfig"), &server, Some(&operator_user()));
+    let _operator = nodes.host_process(
+        "operator",
+        Command::new(binary("cairn-operator"))
+            .args(["run", "--metrics-addr", "0.0.0.0:8080"])
+            .env("KUBECONFIG", dir.join("operator.kubeconfig"))
+            .env("POD_NAMESPACE", "cairn-system")
+            .env("POD_NAME", "cairn-operator-0")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null()),
+    );
+
+    // The StoreCluster, as a user writes it.
+    let cluster = dir.join("cluster.yaml");
+    std::fs::write(
+        &cluster,
+        format!(
+            "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {{name: c1, namespace: store}}\n\
+             spec:\n  image: {IMAGE}\n  nodeSelector: {{cairn.dev/storage: \"true\"}}\n  volumeSize: 32Mi\n  segmentSize: 8Mi\n\
+             \x20 replicationFactor: 3\n  writeQuorum: 2\n  partitionsPerDisk: 1\n  deletionPolicy: Delete\n  confirmDelete: c1\n\
+             \x20 etcd: {{endpoints: [\"{}\"]}}\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let out = kubectl.ok(&["apply", "--server-side", "-f", cluster.to_str().unwrap()]);
+    assert!(out.contains("storecluster.cairn.dev/c1 serverside-applied"), "{out}");
+
+    let status = || kubectl.run(&["cairn", "status", "-n", "store", "c1"]);
+    let ready = |what: &'static str| {
+        let status = &status;
+        async move {
+            eventually(what, Duration::from_secs(180), || async {
+                let (code, out, err) = status();
+                seen(code == 0 && out.contains("phase Ready"), out.clone(), format!("{out}{err}"))
+            })
+            .await
+        }
+    };
+    let out = ready("the StoreCluster Ready").await;
+    assert!(out.contains("Replication: every replica live and caught up"), "{out}");
+    let pods = datanodes(&api).await;
+    assert_eq!(pods.keys().map(String::as_str).collect::<Vec<_>>(), ["m0", "m1", "m2", "m3"]);
+    assert!(pods.values().all(|(_, ready, _)| *ready), "{pods:?}");
+    let out = kubectl.ok(&["get", "pods", "-n", "store", "-o", "wide"]);
+    assert_eq!(out.lines().filter(|l| l.contains(" 1/1 ") && l.contains(" Running ")).count(), 4, "{out}");
+    let out = kubectl.ok(&["get", "storeclusters", "-n", "store"]);
+    assert!(out.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(1) == Some("Ready")), "{out}");
+
+    // Writes through the Service (its ready endpoints), read back from every datanode.
+    let client = reqwest::Client::new();
+    let endpoints = nodes.endpoints("store", "c1").await;
+    assert_eq!(endpoints.len(), 4, "{endpoints:?}");
+    let mut blobs = Vec::new();
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let body = cairn_testkit::payload(i as u64, 10_000 + i);
+        let r = client.post(format!("http://{endpoint}/v1/blobs")).body(body.clone()).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{endpoint}");
+        let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+        blobs.push((id, body));
+    }
+    let read_all = |endpoints: Vec<String>| {
+        let (client, blobs) = (client.clone(), blobs.clone());
+        async move {
+            for endpoint in &endpoints {
+                for (id, body) in &blobs {
+                    let r = client.get(format!("http://{endpoint}/v1/blobs/{id}")).send().await.unwrap();
+                    assert_eq!(r.status(), 200, "{endpoint} {id}");
+                    assert_eq!(&r.bytes().await.unwrap()[..], &body[..], "{endpoint} {id}");
+                }
+            }
+        }
+    };
+    read_all(endpoints).await;
+
+    // A node-pressure eviction: the Pod fails (Evicted), the operator replaces it, it serves.
+    let (evicted_uid, _, _) = pods["m1"].clone();
+    let pod_name = {
+        let list: Api<Pod> = Api::namespaced(api.client(), "store");
+        let all = list.list(&ListParams::default()).await.unwrap();
+        all.items.into_iter().find(|p| p.metadata.uid.as_deref() == Some(&evicted_uid)).unwrap().metadata.name.unwrap()
+    };
+    nodes.evict("store", &pod_name);
+    eventually("the evicted datanode replaced and ready", Duration::from_secs(120), || async {
+        let pods = datanodes(&api).await;
+        seen(pods.get("m1").is_some_and(|(uid, ready, _)| *uid != evicted_uid && *ready), (), &pods)
+    })
+    .await;
+    let out = ready("Ready after the eviction").await;
+    assert!(out.contains("Replication: every replica live and caught up") || out.contains("phase Ready"), "{out}");
+    read_all(nodes.endpoints("store", "c1").await).await;
+
+    // A machine drained by its label: its replicas move, its datanode goes, every blob stays.
+    kubectl.ok(&["label", "node", "m3", "cairn.dev/decommission=true"]);
+    eventually("m3 drained", Duration::from_secs(180), || async {
+        let pods = datanodes(&api).await;
+        let (code, out, _) = status();
+        let m3_empty = out.lines().any(|l| l.starts_with("m3 ") && l.contains(" unselected ") && l.ends_with(" 0"));
+        let done = !pods.contains_key("m3") && code == 0 && out.contains("phase Ready") && m3_empty;
+        seen(done, (), (&pods, &out))
+    })
+    .await;
+    let endpoints = nodes.endpoints("store", "c1").await;
+    assert_eq!(endpoints.len(), 3, "{endpoints:?}");
+    read_all(endpoints).await;
+
+    // Deleted with deletionPolicy Delete: kubectl waits until the finalizer is gone; every
+    // machine's volumes are purged by the purge Pods the kubelets ran.
+    let (code, out, err) = kubectl.run(&["delete", "storecluster", "c1", "-n", "store", "--timeout", "180s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let out = kubectl.ok(&["get", "storeclusters", "-n", "store"]);
+    assert!(!out.contains("c1"), "{out}");
+    eventually("every datanode and purge Pod gone", Duration::from_secs(60), || async {
+        let pods: Api<Pod> = Api::namespaced(api.client(), "store");
+        let left: Vec<String> = pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        seen(left.is_empty(), (), &left)
+    })
+    .await;
+    for i in 0..4 {
+        let volumes = machine.path(&format!("m{i}-disk")).join("cairn").join("volumes");
+        let left: Vec<_> =
+            std::fs::read_dir(&volumes).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "m{i} still holds {left:?}");
+    }
+    let (code, _, err) = status();
+    assert_ne!(code, 0);
+    assert!(err.contains("no StoreCluster \"c1\" in namespace \"store\""), "{err}");
+}

@@ -1,0 +1,815 @@
+//! A scheduler and a kubelet per node for [`MemoryApi`](crate::MemoryApi): Pods become real
+//! processes, each in a network namespace of its own with a Pod IP on a bridge (so that every
+//! datanode listens on the same port, as in a cluster), its hostPath volumes bind-mounted where
+//! the Pod asks for them, and an `/etc/hosts` that resolves exactly what CoreDNS would
+//! (`<hostname>.<subdomain>.<namespace>.svc` for a Pod selected by the headless Service named
+//! `subdomain`).
+//!
+//! What it does, as the real ones do:
+//! - schedules a Pod to the node its `nodeName`, required node affinity (`matchFields`
+//!   `metadata.name`, `matchExpressions` on labels) and `nodeSelector` allow, unless the node is
+//!   cordoned or has a `NoSchedule` taint the Pod does not tolerate (the Pod stays Pending,
+//!   `PodScheduled` False `Unschedulable`);
+//! - starts it (Pending → Running), waits for `type: Directory` hostPaths to exist
+//!   (`ContainerCreating` until then), probes `readinessProbe.httpGet` (Ready), restarts an exited
+//!   container under `restartPolicy: Always` (restartCount), and ends it Succeeded/Failed otherwise;
+//! - on deletion, sends SIGTERM, SIGKILL after the grace period, and then removes the Pod;
+//! - on request: a node-pressure eviction (Failed, reason Evicted), a node whose kubelet is
+//!   stopped (nothing starts there until it is back).
+//!
+//! Not simulated: ClusterIP Services (clients use [`Nodes::endpoints`]), images (an image names a
+//! directory of binaries and an entrypoint), resource limits, liveness probes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::{json, Value};
+
+use crate::MemoryApi;
+
+/// An image: the directory its binaries are in (what `command` names is looked up there) and
+/// its entrypoint (run when a container has no `command`).
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub bin_dir: PathBuf,
+    pub entrypoint: String,
+}
+
+/// A node: its name, zone and labels, and where its host paths are on this machine (prefix →
+/// directory; a host path no prefix matches is the same path here).
+#[derive(Clone, Debug, Default)]
+pub struct NodeSpec {
+    pub name: String,
+    pub zone: String,
+    pub labels: BTreeMap<String, String>,
+    pub host_paths: Vec<(String, PathBuf)>,
+}
+
+impl NodeSpec {
+    fn host_path(&self, path: &str) -> PathBuf {
+        for (prefix, dir) in &self.host_paths {
+            if let Some(rest) = path.strip_prefix(prefix.as_str()) {
+                return dir.join(rest.trim_start_matches('/'));
+            }
+        }
+        PathBuf::from(path)
+    }
+}
+
+/// A bridge and the network namespaces of the Pods on it; removed on drop.
+pub struct PodNetwork {
+    bridge: String,
+    /// `10.X.Y`: Pods get `.2` on, the host (the bridge) has `.1`.
+    prefix: String,
+    next: Mutex<u8>,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl PodNetwork {
+    /// A new bridge with a /24 of its own (chosen from the process id, so that concurrent tests
+    /// do not share one).
+    pub fn create() -> Self {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = (std::process::id() % 50_000) * 4 + n % 4;
+        let bridge = format!("cb{id}");
+        let prefix = format!("10.{}.{}", 100 + id / 256 % 100, id % 256);
+        let _ = ip(&["link", "del", &bridge]);
+        ip(&["link", "add", &bridge, "type", "bridge"]).expect("a bridge (root, iproute2)");
+        ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", &bridge]).expect("bridge address");
+        ip(&["link", "set", &bridge, "up"]).expect("bridge up");
+        Self { bridge, prefix, next: Mutex::new(2) }
+    }
+
+    /// The host's address on the bridge: what Pods reach the API server and etcd on.
+    pub fn gateway(&self) -> String {
+        format!("{}.1", self.prefix)
+    }
+
+    /// A network namespace named `name` with a fresh address on the bridge.
+    fn add(&self, name: &str) -> Result<String, String> {
+        let address = {
+            let mut next = self.next.lock().unwrap();
+            let a = *next;
+            *next = next.checked_add(1).filter(|n| *n < 255).unwrap_or(2);
+            format!("{}.{a}", self.prefix)
+        };
+        let host_end = format!("v{}", &name[name.len().saturating_sub(13)..]);
+        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", name])?;
+        ip(&["link", "set", &host_end, "master", &self.bridge, "up"])?;
+        for args in [
+            vec!["addr", "add", &format!("{address}/24"), "dev", "eth0"],
+            vec!["link", "set", "eth0", "up"],
+            vec!["link", "set", "lo", "up"],
+            vec!["route", "add", "default", "via", &format!("{}.1", self.prefix)],
+        ] {
+            let mut all = vec!["-n", name];
+            all.extend(args.iter().map(|a| &**a));
+            ip(&all)?;
+        }
+        std::fs::create_dir_all(format!("/etc/netns/{name}")).map_err(|e| e.to_string())?;
+        Ok(address)
+    }
+
+    fn remove(name: &str) {
+        let _ = ip(&["netns", "del", name]);
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{name}"));
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// A process in a network namespace of its own, with the hosts file the Pods have: for what
+/// runs in a Pod in a real cluster and is started by hand here (the operator).
+pub struct HostProcess {
+    child: Child,
+    netns: String,
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        PodNetwork::remove(&self.netns);
+    }
+}
+
+struct Running {
+    child: Option<Child>,
+    netns: String,
+    ip: String,
+    restarts: u32,
+    ready: bool,
+    /// When SIGTERM was sent.
+    terminating: Option<Instant>,
+    /// When an exited container may start again (restartPolicy Always).
+    restart_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Shared {
+    nodes: BTreeMap<String, NodeSpec>,
+    /// Nodes whose kubelet is stopped.
+    stopped: BTreeSet<String>,
+    /// By Pod uid.
+    running: BTreeMap<String, Running>,
+    /// Pods to evict (node pressure), by namespace/name.
+    evict: BTreeSet<(String, String)>,
+    /// The hosts file every namespace gets.
+    hosts: String,
+    /// Longest grace period honoured (a test need not wait 60 s).
+    max_grace: Duration,
+    stop: bool,
+}
+
+/// The scheduler and the kubelets of a set of nodes, running as a background task.
+pub struct Nodes {
+    api: MemoryApi,
+    shared: Arc<Mutex<Shared>>,
+    network: Arc<PodNetwork>,
+    logs: PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+    host_processes: Mutex<u32>,
+}
+
+impl Nodes {
+    /// Starts on the current tokio runtime; Pods' output goes to `logs/<namespace>_<pod>.log`.
+    pub fn start(api: &MemoryApi, network: Arc<PodNetwork>, images: BTreeMap<String, Image>, logs: &Path) -> Self {
+        std::fs::create_dir_all(logs).unwrap();
+        api.hold_pod_deletions();
+        let shared = Arc::new(Mutex::new(Shared { max_grace: Duration::from_secs(10), ..Shared::default() }));
+        let task = {
+            let (client, shared, network, logs) = (api.client(), shared.clone(), network.clone(), logs.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    if shared.lock().unwrap().stop {
+                        return;
+                    }
+                    if let Err(e) = tick(&client, &shared, &network, &images, &logs).await {
+                        eprintln!("kubelet: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        };
+        Self {
+            api: api.clone(),
+            shared,
+            network,
+            logs: logs.to_owned(),
+            task: Some(task),
+            host_processes: Mutex::new(0),
+        }
+    }
+
+    /// Registers a node (its Node object too: Ready, with hostname and zone labels).
+    pub async fn add_node(&self, node: NodeSpec) {
+        let mut labels = node.labels.clone();
+        labels.insert("kubernetes.io/hostname".into(), node.name.clone());
+        labels.insert("topology.kubernetes.io/zone".into(), node.zone.clone());
+        let nodes: Api<Node> = Api::all(self.api.client());
+        let object = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name, "labels": labels}});
+        nodes.patch(&node.name, &PatchParams::apply("kubelet"), &Patch::Apply(object)).await.unwrap();
+        let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                                       "addresses": [{"type": "InternalIP", "address": self.network.gateway()}]}});
+        nodes.patch_status(&node.name, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+        self.shared.lock().unwrap().nodes.insert(node.name.clone(), node);
+    }
+
+    /// A node-pressure eviction: the kubelet kills the Pod's container and marks it Failed,
+    /// reason Evicted. The Pod object stays, for its owner to replace.
+    pub fn evict(&self, namespace: &str, pod: &str) {
+        self.shared.lock().unwrap().evict.insert((namespace.into(), pod.into()));
+    }
+
+    /// Stops (or starts again) a node's kubelet: nothing starts there meanwhile.
+    pub fn set_kubelet_running(&self, node: &str, running: bool) {
+        let mut shared = self.shared.lock().unwrap();
+        if running {
+            shared.stopped.remove(node);
+        } else {
+            shared.stopped.insert(node.into());
+        }
+    }
+
+    /// The addresses (`IP:port`) of the ready Pods a Service selects, as its Endpoints list them.
+    pub async fn endpoints(&self, namespace: &str, service: &str) -> Vec<String> {
+        let services: Api<Service> = Api::namespaced(self.api.client(), namespace);
+        let Ok(service) = services.get(service).await else { return Vec::new() };
+        let spec = service.spec.unwrap_or_default();
+        let selector = spec.selector.unwrap_or_default();
+        let port = spec.ports.unwrap_or_default().first().map(|p| p.port).unwrap_or(80);
+        let pods: Api<Pod> = Api::namespaced(self.api.client(), namespace);
+        let mut out = Vec::new();
+        for pod in pods.list(&ListParams::default()).await.unwrap().items {
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let selected = selector.iter().all(|(k, v)| labels.get(k) == Some(v));
+            if selected && ready && pod.metadata.deletion_timestamp.is_none() {
+                if let Some(ip) = pod.status.and_then(|s| s.pod_ip) {
+                    out.push(format!("{ip}:{port}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Runs `command` as a process in a network namespace of its own, resolving names as Pods
+    /// do (for the operator, which talks to datanodes by their DNS names). Its output goes to
+    /// `logs/<name>.log`. Killed on drop.
+    pub fn host_process(&self, name: &str, command: &mut Command) -> HostProcess {
+        let netns = {
+            let mut n = self.host_processes.lock().unwrap();
+            *n += 1;
+            format!("{}h{n}", self.network.bridge)
+        };
+        self.network.add(&netns).expect("network namespace");
+        let hosts = self.shared.lock().unwrap().hosts.clone();
+        write_hosts(&netns, &hosts);
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).unwrap();
+        let mut wrapped = Command::new("ip");
+        wrapped.args(["netns", "exec", &netns]).arg(command.get_program()).args(command.get_args());
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(v) => wrapped.env(key, v),
+                None => wrapped.env_remove(key),
+            };
+        }
+        let child = wrapped.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("ip netns exec");
+        HostProcess { child, netns }
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        let mut shared = self.shared.lock().unwrap();
+        shared.stop = true;
+        for (_, mut running) in std::mem::take(&mut shared.running) {
+            if let Some(child) = running.child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            PodNetwork::remove(&running.netns);
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        // Host processes' namespaces go with their handles; leftovers by name prefix.
+        if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("{}p", self.network.bridge)) {
+                    PodNetwork::remove(&name);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a namespace's hosts file in place (the same inode stays bind-mounted over
+/// `/etc/hosts` in processes already running there).
+fn write_hosts(netns: &str, hosts: &str) {
+    let path = format!("/etc/netns/{netns}/hosts");
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(path) {
+        let _ = file.write_all(hosts.as_bytes());
+    }
+}
+
+fn condition(kind: &str, status: bool) -> Value {
+    json!({"type": kind, "status": if status { "True" } else { "False" }})
+}
+
+/// Whether `node` may run `pod`: node name, required node affinity, node selector, cordon and
+/// NoSchedule taints. `Err` says why not.
+fn fits(pod: &Value, node: &Value) -> Result<(), String> {
+    let name = node["metadata"]["name"].as_str().unwrap_or_default();
+    let labels = &node["metadata"]["labels"];
+    if let Some(wanted) = pod["spec"]["nodeName"].as_str() {
+        if wanted != name {
+            return Err("another node".into());
+        }
+    }
+    for (k, v) in pod["spec"]["nodeSelector"].as_object().into_iter().flatten() {
+        if &labels[k] != v {
+            return Err(format!("node selector {k}={v}"));
+        }
+    }
+    let terms =
+        &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+    if let Some(terms) = terms.as_array() {
+        let term_fits = |term: &Value| {
+            let field_ok = term["matchFields"].as_array().into_iter().flatten().all(|e| {
+                e["key"] == "metadata.name"
+                    && e["operator"] == "In"
+                    && e["values"].as_array().is_some_and(|v| v.iter().any(|v| v == name))
+            });
+            let labels_ok = term["matchExpressions"].as_array().into_iter().flatten().all(|e| {
+                let have = labels[e["key"].as_str().unwrap_or_default()].as_str();
+                let values: Vec<&str> =
+                    e["values"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                match e["operator"].as_str() {
+                    Some("In") => have.is_some_and(|h| values.contains(&h)),
+                    Some("NotIn") => have.is_none_or(|h| !values.contains(&h)),
+                    Some("Exists") => have.is_some(),
+                    Some("DoesNotExist") => have.is_none(),
+                    _ => false,
+                }
+            });
+            field_ok && labels_ok
+        };
+        if !terms.iter().any(term_fits) {
+            return Err("node affinity".into());
+        }
+    }
+    let tolerates = |key: &str, effect: &str| {
+        pod["spec"]["tolerations"].as_array().into_iter().flatten().any(|t| {
+            (t["key"] == key || t["key"].is_null() && t["operator"] == "Exists")
+                && (t["effect"].is_null() || t["effect"] == effect)
+        })
+    };
+    if node["spec"]["unschedulable"] == true && !tolerates("node.kubernetes.io/unschedulable", "NoSchedule") {
+        return Err("node is unschedulable (cordoned)".into());
+    }
+    for taint in node["spec"]["taints"].as_array().into_iter().flatten() {
+        let effect = taint["effect"].as_str().unwrap_or_default();
+        if (effect == "NoSchedule" || effect == "NoExecute")
+            && !tolerates(taint["key"].as_str().unwrap_or_default(), effect)
+        {
+            return Err(format!("untolerated taint {}", taint["key"]));
+        }
+    }
+    Ok(())
+}
+
+/// HTTP GET `path` on `ip:port`: whether it answers 2xx/3xx within half a second.
+fn probe(ip: &str, port: u64, path: &str) -> bool {
+    let Ok(address) = format!("{ip}:{port}").parse::<std::net::SocketAddr>() else { return false };
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && matches!(head[9], b'2' | b'3')
+}
+
+/// One round of the scheduler and the kubelets.
+async fn tick(
+    client: &kube::Client,
+    shared: &Arc<Mutex<Shared>>,
+    network: &PodNetwork,
+    images: &BTreeMap<String, Image>,
+    logs: &Path,
+) -> Result<(), String> {
+    let nodes = list_all::<Node>(client).await?;
+    let pods = list_all::<Pod>(client).await?;
+    let services = list_all::<Service>(client).await?;
+    let namespaced = |ns: &str| Api::<Pod>::namespaced(client.clone(), ns);
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+
+    // Containers of Pods that are gone (force-deleted) stop.
+    let present: BTreeSet<String> = pods.iter().map(|p| text(&p["metadata"]["uid"])).collect();
+    {
+        let mut s = shared.lock().unwrap();
+        let gone: Vec<String> = s.running.keys().filter(|uid| !present.contains(*uid)).cloned().collect();
+        for uid in gone {
+            let mut running = s.running.remove(&uid).expect("listed");
+            if let Some(child) = running.child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            PodNetwork::remove(&running.netns);
+        }
+    }
+
+    for pod in &pods {
+        let (ns, name, uid) =
+            (text(&pod["metadata"]["namespace"]), text(&pod["metadata"]["name"]), text(&pod["metadata"]["uid"]));
+        let deleting = !pod["metadata"]["deletionTimestamp"].is_null();
+        let phase = text(&pod["status"]["phase"]);
+        let ended = phase == "Succeeded" || phase == "Failed";
+        let node_name = pod["spec"]["nodeName"].as_str().map(str::to_owned);
+
+        // The scheduler.
+        let Some(node_name) = node_name else {
+            if deleting {
+                let _ = namespaced(&ns)
+                    .delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+                    .await;
+                continue;
+            }
+            let mut why = Vec::new();
+            let chosen = nodes.iter().find(|n| match fits(pod, n) {
+                Ok(()) => true,
+                Err(e) => {
+                    why.push(format!("{}: {e}", text(&n["metadata"]["name"])));
+                    false
+                }
+            });
+            let patch = match chosen {
+                Some(node) => json!({"spec": {"nodeName": node["metadata"]["name"]}}),
+                None => {
+                    let message = format!("0/{} nodes are available: {}", nodes.len(), why.join("; "));
+                    let mut unschedulable = condition("PodScheduled", false);
+                    unschedulable["reason"] = json!("Unschedulable");
+                    unschedulable["message"] = json!(message);
+                    if pod["status"]["conditions"] == json!([unschedulable]) {
+                        continue;
+                    }
+                    let status = json!({"status": {"phase": "Pending", "conditions": [unschedulable]}});
+                    namespaced(&ns)
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
+            };
+            namespaced(&ns)
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map_err(|e| e.to_string())?;
+            continue;
+        };
+
+        // The kubelet of that node.
+        let (spec, stopped, evict) = {
+            let mut s = shared.lock().unwrap();
+            let evict = s.evict.remove(&(ns.clone(), name.clone()));
+            (s.nodes.get(&node_name).cloned(), s.stopped.contains(&node_name), evict)
+        };
+        let Some(node) = spec else { continue };
+        if stopped {
+            continue;
+        }
+        let container = &pod["spec"]["containers"][0];
+        let mut status_patch: Option<Value> = None;
+        if deleting || evict {
+            let grace = Duration::from_secs(pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
+            let done = {
+                let mut s = shared.lock().unwrap();
+                let max_grace = s.max_grace;
+                match s.running.get_mut(&uid) {
+                    Some(running) => {
+                        let exited = running.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
+                        let since = *running.terminating.get_or_insert_with(|| {
+                            if let Some(child) = running.child.as_ref() {
+                                let _ = rustix::process::kill_process(
+                                    rustix::process::Pid::from_raw(child.id() as i32).expect("pid"),
+                                    rustix::process::Signal::TERM,
+                                );
+                            }
+                            Instant::now()
+                        });
+                        if exited || evict || since.elapsed() >= grace.min(max_grace) {
+                            let mut running = s.running.remove(&uid).expect("present");
+                            if let Some(child) = running.child.as_mut() {
+                                let _ = child.kill();
+                                let _ = child.wait();
+                            }
+                            PodNetwork::remove(&running.netns);
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    None => true,
+                }
+            };
+            if done && evict && !deleting {
+                let mut terminated = container_status(container, pod, 0, false);
+                terminated["state"] = json!({"terminated": {"exitCode": 137, "reason": "Error"}});
+                status_patch = Some(json!({"status": {"phase": "Failed", "reason": "Evicted",
+                    "message": "The node was low on resource: ephemeral-storage.",
+                    "conditions": [condition("Ready", false), condition("ContainersReady", false)],
+                    "containerStatuses": [terminated]}}));
+            } else if done && deleting {
+                let _ = namespaced(&ns)
+                    .delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+                    .await;
+                continue;
+            }
+        } else if ended {
+            continue;
+        } else {
+            let mut s = shared.lock().unwrap();
+            let restart_policy = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always").to_owned();
+            match s.running.get_mut(&uid) {
+                None => {
+                    drop(s);
+                    status_patch = Some(start(pod, &node, shared, network, images, logs));
+                }
+                Some(running) => {
+                    let exited = running.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                    if let Some(exit) = exited {
+                        running.child = None;
+                        running.ready = false;
+                        let code = exit.code().unwrap_or(137);
+                        if restart_policy == "Always" || (restart_policy == "OnFailure" && code != 0) {
+                            running.restarts += 1;
+                            running.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                            let mut waiting = container_status(container, pod, running.restarts, false);
+                            waiting["state"] = json!({"waiting": {"reason": "CrashLoopBackOff"}});
+                            waiting["lastState"] = json!({"terminated": {"exitCode": code}});
+                            status_patch = Some(
+                                json!({"status": {"conditions": [condition("Ready", false), condition("ContainersReady", false)],
+                                "containerStatuses": [waiting]}}),
+                            );
+                        } else {
+                            let mut terminated = container_status(container, pod, running.restarts, false);
+                            terminated["state"] = json!({"terminated": {"exitCode": code,
+                                "reason": if code == 0 { "Completed" } else { "Error" }}});
+                            let netns = running.netns.clone();
+                            s.running.remove(&uid);
+                            PodNetwork::remove(&netns);
+                            status_patch =
+                                Some(json!({"status": {"phase": if code == 0 { "Succeeded" } else { "Failed" },
+                                "conditions": [condition("Ready", false), condition("ContainersReady", false)],
+                                "containerStatuses": [terminated]}}));
+                        }
+                    } else if running.child.is_none() {
+                        if running.restart_at.is_some_and(|t| Instant::now() >= t) {
+                            running.restart_at = None;
+                            match spawn(pod, &node, &running.netns, &running.ip, images, logs) {
+                                Ok(child) => running.child = Some(child),
+                                Err(e) => eprintln!("kubelet: restarting {ns}/{name}: {e}"),
+                            }
+                        }
+                    } else {
+                        let probe_of = &container["readinessProbe"]["httpGet"];
+                        let ready = if probe_of.is_null() {
+                            true
+                        } else {
+                            probe(
+                                &running.ip,
+                                probe_of["port"].as_u64().unwrap_or(80),
+                                probe_of["path"].as_str().unwrap_or("/"),
+                            )
+                        };
+                        let was = pod["status"]["conditions"]
+                            .as_array()
+                            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+                        running.ready = ready;
+                        if ready != was {
+                            status_patch = Some(json!({"status": {"phase": "Running", "podIP": running.ip,
+                                "conditions": [condition("PodScheduled", true), condition("Initialized", true),
+                                               condition("ContainersReady", ready), condition("Ready", ready)],
+                                "containerStatuses": [container_status(container, pod, running.restarts, ready)]}}));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(patch) = status_patch {
+            if let Err(e) = namespaced(&ns).patch_status(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+                eprintln!("kubelet: status of {ns}/{name}: {e}");
+            }
+        }
+    }
+
+    // DNS as CoreDNS answers it, for every namespace.
+    let mut hosts = String::from("127.0.0.1 localhost\n");
+    {
+        let s = shared.lock().unwrap();
+        for pod in &pods {
+            let uid = text(&pod["metadata"]["uid"]);
+            let Some(running) = s.running.get(&uid) else { continue };
+            let (hostname, subdomain, ns) =
+                (text(&pod["spec"]["hostname"]), text(&pod["spec"]["subdomain"]), text(&pod["metadata"]["namespace"]));
+            if hostname.is_empty() || subdomain.is_empty() {
+                continue;
+            }
+            let headless = services.iter().any(|svc| {
+                svc["metadata"]["namespace"] == ns.as_str()
+                    && svc["metadata"]["name"] == subdomain.as_str()
+                    && svc["spec"]["clusterIP"] == "None"
+                    && svc["spec"]["selector"]
+                        .as_object()
+                        .is_some_and(|sel| sel.iter().all(|(k, v)| &pod["metadata"]["labels"][k] == v))
+            });
+            if headless {
+                let fqdn = format!("{hostname}.{subdomain}.{ns}.svc");
+                hosts += &format!("{} {fqdn}.cluster.local {fqdn}\n", running.ip);
+            }
+        }
+    }
+    let mut s = shared.lock().unwrap();
+    if s.hosts != hosts {
+        s.hosts = hosts.clone();
+        let namespaces: Vec<String> = s.running.values().map(|r| r.netns.clone()).collect();
+        drop(s);
+        for netns in namespaces {
+            write_hosts(&netns, &hosts);
+        }
+        if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("{}h", network.bridge)) {
+                    write_hosts(&name, &hosts);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every object of a kind, as JSON.
+async fn list_all<K>(client: &kube::Client) -> Result<Vec<Value>, String>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let list = Api::<K>::all(client.clone()).list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+    Ok(list.items.into_iter().map(|o| serde_json::to_value(o).expect("JSON")).collect())
+}
+
+fn container_status(container: &Value, pod: &Value, restarts: u32, ready: bool) -> Value {
+    json!({"name": container["name"], "image": container["image"], "imageID": "", "ready": ready,
+           "started": true, "restartCount": restarts, "state": {"running": {"startedAt": pod["metadata"]["creationTimestamp"]}}})
+}
+
+/// Starts a Pod on `node`: its network namespace, then its container. The status to write.
+fn start(
+    pod: &Value,
+    node: &NodeSpec,
+    shared: &Arc<Mutex<Shared>>,
+    network: &PodNetwork,
+    images: &BTreeMap<String, Image>,
+    logs: &Path,
+) -> Value {
+    let container = &pod["spec"]["containers"][0];
+    // `type: Directory` hostPaths must exist: until then the Pod waits, as a kubelet makes it.
+    for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+        let host = &volume["hostPath"];
+        if host["type"] == "Directory" && !node.host_path(host["path"].as_str().unwrap_or_default()).is_dir() {
+            let mut waiting = container_status(container, pod, 0, false);
+            waiting["started"] = json!(false);
+            waiting["state"] = json!({"waiting": {"reason": "ContainerCreating"}});
+            return json!({"status": {"phase": "Pending", "message": format!("hostPath type check failed: {} is not a directory", host["path"]),
+                "conditions": [condition("PodScheduled", true)], "containerStatuses": [waiting]}});
+        }
+    }
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+    let netns = format!("{}p{}", network.bridge, &uid[uid.len().saturating_sub(6)..]);
+    let address = match network.add(&netns) {
+        Ok(address) => address,
+        Err(e) => return json!({"status": {"phase": "Pending", "message": e}}),
+    };
+    let hosts = shared.lock().unwrap().hosts.clone();
+    write_hosts(&netns, &hosts);
+    let child = match spawn(pod, node, &netns, &address, images, logs) {
+        Ok(child) => child,
+        Err(e) => {
+            PodNetwork::remove(&netns);
+            return json!({"status": {"phase": "Pending", "message": e}});
+        }
+    };
+    shared.lock().unwrap().running.insert(
+        uid,
+        Running {
+            child: Some(child),
+            netns,
+            ip: address.clone(),
+            restarts: 0,
+            ready: false,
+            terminating: None,
+            restart_at: None,
+        },
+    );
+    json!({"status": {"phase": "Running", "podIP": address, "podIPs": [{"ip": address}], "hostIP": network.gateway(),
+        "startTime": pod["metadata"]["creationTimestamp"],
+        "conditions": [condition("PodScheduled", true), condition("Initialized", true),
+                       condition("ContainersReady", false), condition("Ready", false)],
+        "containerStatuses": [container_status(container, pod, 0, false)]}})
+}
+
+/// The container's process, in the Pod's network namespace: a fresh `/run`, its hostPath
+/// volumes bind-mounted at their mount paths, its environment, its image's binary.
+fn spawn(
+    pod: &Value,
+    node: &NodeSpec,
+    netns: &str,
+    address: &str,
+    images: &BTreeMap<String, Image>,
+    logs: &Path,
+) -> Result<Child, String> {
+    let container = &pod["spec"]["containers"][0];
+    let image_name = container["image"].as_str().unwrap_or_default();
+    let image = images.get(image_name).ok_or_else(|| format!("ErrImagePull: no image {image_name:?}"))?;
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect()
+    };
+    let mut argv = strings(&container["command"]);
+    if argv.is_empty() {
+        argv.push(image.entrypoint.clone());
+    }
+    if !argv[0].starts_with('/') {
+        argv[0] = image.bin_dir.join(&argv[0]).display().to_string();
+    }
+    argv.extend(strings(&container["args"]));
+    let mut script = String::from("set -e; mount -t tmpfs cairn-pod-run /run; ");
+    let volumes: BTreeMap<String, &Value> = pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| (v["name"].as_str().unwrap_or_default().to_owned(), v))
+        .collect();
+    for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+        let Some(volume) = volumes.get(mount["name"].as_str().unwrap_or_default()) else { continue };
+        let Some(path) = volume["hostPath"]["path"].as_str() else { continue };
+        let source = node.host_path(path);
+        let target = mount["mountPath"].as_str().unwrap_or_default();
+        if source != Path::new(target) {
+            script += &format!("mkdir -p '{target}'; mount --bind '{}' '{target}'; ", source.display());
+        }
+    }
+    script += "exec \"$0\" \"$@\"";
+    let log_path = logs.join(format!(
+        "{}_{}.log",
+        pod["metadata"]["namespace"].as_str().unwrap_or_default(),
+        pod["metadata"]["name"].as_str().unwrap_or_default()
+    ));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| e.to_string())?;
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", netns, "sh", "-c", &script]).args(&argv).env_clear();
+    command.env("PATH", format!("{}:/usr/local/bin:/usr/bin:/bin", image.bin_dir.display()));
+    command.env("HOSTNAME", pod["spec"]["hostname"].as_str().or(pod["metadata"]["name"].as_str()).unwrap_or_default());
+    for env in container["env"].as_array().into_iter().flatten() {
+        let name = env["name"].as_str().unwrap_or_default();
+        let value = match (&env["value"], env["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+            (Value::String(v), _) => v.clone(),
+            (_, Some("metadata.name")) => pod["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+            (_, Some("metadata.namespace")) => pod["metadata"]["namespace"].as_str().unwrap_or_default().to_owned(),
+            (_, Some("spec.nodeName")) => node.name.clone(),
+            (_, Some("status.podIP")) => address.to_owned(),
+            _ => continue,
+        };
+        command.env(name, value);
+    }
+    command.stdin(Stdio::null()).stdout(log.try_clone().map_err(|e| e.to_string())?).stderr(log);
+    command.spawn().map_err(|e| format!("ip netns exec: {e}"))
+}
