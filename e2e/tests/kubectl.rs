@@ -4,14 +4,24 @@
 
 mod support;
 
+use cairn_testkit::rbac::{rendered_chart, Rbac, BUILTIN_USER_ROLES};
 use support::{repo, Kubectl};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
-    let api = cairn_testkit::MemoryApi::new();
+    // RBAC: the chart's roles and Kubernetes' own user-facing ones; alice may view the
+    // namespace `storage`, bob may edit it.
+    let bindings = "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: alice, namespace: storage}\n\
+        roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}\nsubjects: [{kind: User, name: alice}]\n\
+        ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: bob, namespace: storage}\n\
+        roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}\nsubjects: [{kind: User, name: bob}]\n";
+    let manifests = format!("{}\n---\n{}\n---\n{bindings}", rendered_chart(), BUILTIN_USER_ROLES);
+    let api = cairn_testkit::MemoryApi::new().with_rbac(Rbac::from_manifests(&manifests));
     let server = api.serve_http().await;
     let dir = tempfile::tempdir().unwrap();
-    let kubectl = Kubectl::new(dir.path(), &server);
+    let kubectl = Kubectl::new(&dir.path().join("admin"), &server);
+    let alice = Kubectl::as_user(&dir.path().join("alice"), &server, Some("alice"));
+    let bob = Kubectl::as_user(&dir.path().join("bob"), &server, Some("bob"));
 
     // The CRDs, as docs/operations.md installs and upgrades them; established at once.
     let out = kubectl.ok(&["apply", "--server-side", "-f", &repo("crds/")]);
@@ -21,8 +31,13 @@ async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
     );
     kubectl.ok(&["wait", "--for", "condition=established", "--timeout", "10s", "crd/storeclusters.cairn.dev"]);
 
+    // Who may do what: alice (view) may not create a StoreCluster, bob (edit) may.
+    let (code, _, err) = alice.run(&["apply", "--server-side", "-f", &repo("examples/storecluster.yaml")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("User \"alice\" cannot patch resource \"storeclusters\""), "{err}");
+
     // The example StoreCluster, applied twice (the second time, nothing changes).
-    let out = kubectl.ok(&["apply", "--server-side", "-f", &repo("examples/storecluster.yaml")]);
+    let out = bob.ok(&["apply", "--server-side", "-f", &repo("examples/storecluster.yaml")]);
     assert!(out.contains("storecluster.cairn.dev/blobs serverside-applied"), "{out}");
     kubectl.ok(&["apply", "--server-side", "-f", &repo("examples/storecluster.yaml")]);
     assert_eq!(api.writes("storeclusters", "storage", "blobs"), 1, "an unchanged apply writes nothing");
@@ -41,19 +56,22 @@ async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
     assert_ne!(code, 0);
     assert!(err.contains("writeQuorum"), "{err}");
 
-    // Printer columns, by plural, singular and -o wide.
-    let out = kubectl.ok(&["get", "storeclusters", "-n", "storage"]);
+    // Printer columns, by plural and singular; alice may read them in her namespace only.
+    let out = alice.ok(&["get", "storeclusters", "-n", "storage"]);
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "PHASE", "READY", "NODES", "PARTITIONS", "AGE"], "{out}");
     assert!(out.lines().nth(1).unwrap().starts_with("blobs "), "{out}");
     let out =
         kubectl.ok(&["get", "storecluster", "blobs", "-n", "storage", "-o", "jsonpath={.spec.replicationFactor}"]);
     assert_eq!(out, "3");
+    let (code, _, err) = alice.run(&["get", "storeclusters", "-A"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot list resource \"storeclusters\""), "{err}");
     let out = kubectl.ok(&["get", "crds"]);
     assert!(out.contains("storenodes.cairn.dev"), "{out}");
 
     // The plugin, found by kubectl on PATH, reads the StoreCluster through the same kubeconfig.
-    let (code, out, err) = kubectl.run(&["cairn", "status", "-n", "storage", "blobs"]);
+    let (code, out, err) = alice.run(&["cairn", "status", "-n", "storage", "blobs"]);
     assert!(out.starts_with("StoreCluster storage/blobs"), "{code} {out}{err}");
 
     // Deleted and waited for (kubectl watches it go by name).

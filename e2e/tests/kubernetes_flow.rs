@@ -166,6 +166,10 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         }
     };
     let out = ready("the StoreCluster Ready").await;
+    // The operator and the disk agents ran as their ServiceAccounts, with the chart's RBAC.
+    for user in [operator_user(), disk_agent_user()] {
+        assert!(api.accessed(&user).iter().any(|(verb, _, _)| verb == "patch"), "{user} made no authorized write");
+    }
     assert!(out.contains("Replication: every replica live and caught up"), "{out}");
     let pods = datanodes(&api).await;
     assert_eq!(pods.keys().map(String::as_str).collect::<Vec<_>>(), ["m0", "m1", "m2", "m3"]);

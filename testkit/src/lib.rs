@@ -568,16 +568,15 @@ impl MemoryApi {
             let api = api.clone();
             async move {
                 let (mut parts, body) = request.into_parts();
-                // A kubeconfig's token names the user (`system:serviceaccount:NS:NAME`), as a
-                // ServiceAccount token would; no token: an admin.
+                // Who the caller is: a bearer token names the user (as a ServiceAccount token
+                // would: `system:serviceaccount:NS:NAME`), and so does impersonation (a
+                // kubeconfig's `as:`, kubectl's `--as`; kubectl sends no token over plain HTTP),
+                // which this API allows its unauthenticated callers, as to a cluster admin.
                 parts.headers.remove(USER_HEADER);
-                let token = parts
-                    .headers
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
-                if let Some(user) = token.and_then(|t| http::HeaderValue::from_str(t).ok()) {
-                    parts.headers.insert(USER_HEADER, user);
+                let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let token = header("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned));
+                if let Some(user) = header("impersonate-user").or(token) {
+                    parts.headers.insert(USER_HEADER, http::HeaderValue::from_str(&user).expect("a header value"));
                 }
                 match axum::body::to_bytes(body, usize::MAX).await {
                     Ok(body) => api.answer(parts.method, parts.uri, &parts.headers, &body),

@@ -83,8 +83,7 @@ impl Rbac {
                         && d["metadata"]["name"] == name
                         && (kind == "ClusterRole" || d["metadata"]["namespace"].as_str() == namespace)
                 })
-                .and_then(|d| d["rules"].as_array())
-                .map(|rules| rules.iter().map(Rule::from).collect())
+                .map(|d| aggregated_rules(&docs, d, 0))
                 .unwrap_or_default()
         };
         let mut grants = Vec::new();
@@ -146,6 +145,74 @@ impl Rbac {
         out
     }
 }
+
+/// A role's rules; for a ClusterRole with an `aggregationRule`, the rules of every ClusterRole
+/// its selectors match (and theirs, as the API server's aggregation controller chains them:
+/// `view` into `edit` into `admin`).
+fn aggregated_rules(docs: &[Value], role: &Value, depth: usize) -> Vec<Rule> {
+    let mut rules: Vec<Rule> = role["rules"].as_array().into_iter().flatten().map(Rule::from).collect();
+    let selectors = role["aggregationRule"]["clusterRoleSelectors"].as_array().cloned().unwrap_or_default();
+    if depth > 8 || selectors.is_empty() {
+        return rules;
+    }
+    for other in docs.iter().filter(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] != role["metadata"]["name"])
+    {
+        let matches = selectors.iter().any(|sel| {
+            sel["matchLabels"]
+                .as_object()
+                .is_some_and(|labels| labels.iter().all(|(k, v)| &other["metadata"]["labels"][k] == v))
+        });
+        if matches {
+            rules.extend(aggregated_rules(docs, other, depth + 1));
+        }
+    }
+    rules
+}
+
+/// Kubernetes' own user-facing roles, as an API server bootstraps them (the rules that matter
+/// here): `view`, `edit` and `admin`, aggregating the ClusterRoles labelled for them.
+pub const BUILTIN_USER_ROLES: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: view
+  labels: {rbac.authorization.k8s.io/aggregate-to-edit: "true"}
+aggregationRule:
+  clusterRoleSelectors: [{matchLabels: {rbac.authorization.k8s.io/aggregate-to-view: "true"}}]
+rules:
+  - apiGroups: [""]
+    resources: [pods, services, configmaps, events, endpoints, persistentvolumeclaims]
+    verbs: [get, list, watch]
+  - apiGroups: [events.k8s.io]
+    resources: [events]
+    verbs: [get, list, watch]
+  - apiGroups: [policy]
+    resources: [poddisruptionbudgets]
+    verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: edit
+  labels: {rbac.authorization.k8s.io/aggregate-to-admin: "true"}
+aggregationRule:
+  clusterRoleSelectors: [{matchLabels: {rbac.authorization.k8s.io/aggregate-to-edit: "true"}}]
+rules:
+  - apiGroups: [""]
+    resources: [pods, services, configmaps, secrets]
+    verbs: [create, delete, patch, update]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: admin
+aggregationRule:
+  clusterRoleSelectors: [{matchLabels: {rbac.authorization.k8s.io/aggregate-to-admin: "true"}}]
+rules:
+  - apiGroups: [rbac.authorization.k8s.io]
+    resources: [roles, rolebindings]
+    verbs: [create, delete, get, list, patch, update, watch]
+"#;
 
 /// The chart's manifests as `helm template cairn charts/cairn --namespace cairn-system` renders
 /// them (helm is the one `scripts/test-chart.sh` installs into `.tools/`).

@@ -89,11 +89,11 @@ pub fn repo(path: &str) -> String {
     format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A kubeconfig for `server` with `token` naming the user (none: an admin), for a process such
-/// as the operator or a disk agent.
-pub fn kubeconfig(path: &std::path::Path, server: &str, token: Option<&str>) {
-    let user = match token {
-        Some(token) => format!("{{token: \"{token}\"}}"),
+/// A kubeconfig for `server` acting as `user` (impersonation, `as:` — the test API serves plain
+/// HTTP, over which kubectl sends no token), or as an admin.
+pub fn kubeconfig(path: &std::path::Path, server: &str, user: Option<&str>) {
+    let user = match user {
+        Some(user) => format!("{{as: \"{user}\"}}"),
         None => "{}".to_owned(),
     };
     std::fs::write(
@@ -119,8 +119,14 @@ pub struct Kubectl {
 
 impl Kubectl {
     pub fn new(dir: &Path, server: &str) -> Self {
+        Self::as_user(dir, server, None)
+    }
+
+    /// As `user` (none: an admin); its files under `dir`.
+    pub fn as_user(dir: &Path, server: &str, user: Option<&str>) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("kubeconfig");
-        kubeconfig(&config, server, None);
+        kubeconfig(&config, server, user);
         let plugins = dir.join("plugins");
         std::fs::create_dir_all(&plugins).unwrap();
         std::os::unix::fs::symlink(binary("cairn"), plugins.join("kubectl-cairn")).unwrap();
