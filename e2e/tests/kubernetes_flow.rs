@@ -166,6 +166,9 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         }
     };
     let out = ready("the StoreCluster Ready").await;
+    // Run from outside the cluster (the datanodes' DNS names do not resolve here), the plugin
+    // reads the datanodes through the API server's proxy to their Pods.
+    assert!(!out.contains("did not answer") && out.contains("Capacity: 0 blob(s)"), "{out}");
     // The operator and the disk agents ran as their ServiceAccounts, with the chart's RBAC.
     for user in [operator_user(), disk_agent_user()] {
         assert!(api.accessed(&user).iter().any(|(verb, _, _)| verb == "patch"), "{user} made no authorized write");

@@ -493,11 +493,20 @@ impl ReplicaProgress {
     }
 }
 
+/// The admin routes `cairn status` and the reconcile read from a datanode.
+pub const REPLICAS_PATH: &str = "/v1/admin/replicas";
+pub const USAGE_PATH: &str = "/v1/admin/usage";
+
+/// A datanode admin route's JSON, read directly from the datanode at `address`; `None` when it
+/// does not answer (within 2 s) or answers with an error.
+pub async fn datanode_admin<T: serde::de::DeserializeOwned>(address: &str, path: &str) -> Option<T> {
+    let response = datanode_http().get(format!("http://{address}{path}")).send().await.ok()?;
+    response.error_for_status().ok()?.json::<T>().await.ok()
+}
+
 /// A datanode's replication progress, or `None` when it does not answer within 2 s.
 pub async fn replica_progress(address: &str) -> Option<Vec<ReplicaProgress>> {
-    let url = format!("http://{address}/v1/admin/replicas");
-    let response = datanode_http().get(&url).send().await.ok()?;
-    response.error_for_status().ok()?.json::<Vec<ReplicaProgress>>().await.ok()
+    datanode_admin(address, REPLICAS_PATH).await
 }
 
 async fn replicas_of(snapshot: &Snapshot, node: &str) -> Option<Vec<ReplicaProgress>> {
@@ -582,9 +591,7 @@ pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> Capacity
 /// What the replicas of a datanode hold (`GET /v1/admin/usage`), or `None` when it does not
 /// answer within 2 s.
 pub async fn replica_usage(address: &str) -> Option<Vec<ReplicaUsage>> {
-    let url = format!("http://{address}/v1/admin/usage");
-    let response = datanode_http().get(&url).send().await.ok()?;
-    response.error_for_status().ok()?.json::<Vec<ReplicaUsage>>().await.ok()
+    datanode_admin(address, USAGE_PATH).await
 }
 
 #[cfg(test)]

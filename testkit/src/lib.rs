@@ -251,9 +251,18 @@ type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infa
 /// A parsed request path.
 struct Target {
     key: Key,
-    status: bool,
+    sub: Subresource,
+}
+
+/// The subresource a request is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Subresource {
+    None,
+    Status,
     /// `pods/{name}/eviction`: the Eviction API.
-    eviction: bool,
+    Eviction,
+    /// `pods/{name}[:port]/proxy/{path}`: the API server's proxy to a Pod.
+    Proxy,
 }
 
 impl MemoryApi {
@@ -319,14 +328,17 @@ impl MemoryApi {
                     parts.headers.insert(USER_HEADER, http::HeaderValue::from_str(&user).expect("user"));
                 }
                 let body = body.collect().await.map_err(tower::BoxError::from)?.to_bytes();
-                Ok::<_, tower::BoxError>(api.answer(parts.method, parts.uri, &parts.headers, &body))
+                Ok::<_, tower::BoxError>(api.answer(parts.method, parts.uri, &parts.headers, &body).await)
             }
         });
         kube::Client::new(service, "default")
     }
 
     /// A request's answer: a watch streams its events; anything else is answered whole.
-    fn answer(&self, method: Method, uri: http::Uri, headers: &http::HeaderMap, body: &Bytes) -> Response<Body> {
+    async fn answer(&self, method: Method, uri: http::Uri, headers: &http::HeaderMap, body: &Bytes) -> Response<Body> {
+        if let Some((target, port, path)) = parse_pod_proxy(uri.path()) {
+            return self.proxy(method, target, port, path, uri.query(), headers, body).await.map(|b| b.boxed_unsync());
+        }
         if method == Method::GET {
             let path = uri.path();
             let document = if path == "/version" {
@@ -355,6 +367,89 @@ impl MemoryApi {
             }
         }
         self.handle(method, uri, headers, body).map(|b| b.boxed_unsync())
+    }
+
+    /// The API server's proxy to a Pod: authorized as the `pods/proxy` subresource (`get` for a
+    /// GET), forwarded over HTTP to the Pod's IP and port; 503 while the Pod has no IP.
+    #[allow(clippy::too_many_arguments)]
+    async fn proxy(
+        &self,
+        method: Method,
+        target: Target,
+        port: Option<u16>,
+        path: String,
+        query: Option<&str>,
+        headers: &http::HeaderMap,
+        body: &Bytes,
+    ) -> Response<Full<Bytes>> {
+        let verb = match method {
+            Method::POST => "create",
+            Method::PUT => "update",
+            Method::PATCH => "patch",
+            Method::DELETE => "delete",
+            _ => "get",
+        };
+        let address = {
+            let mut state = self.state.lock().unwrap();
+            let user = headers.get(USER_HEADER).and_then(|v| v.to_str().ok());
+            if let Err(message) = Self::authorize(&mut state, user, &[verb], &target) {
+                return status(StatusCode::FORBIDDEN, "Forbidden", &message);
+            }
+            let Some(pod) = state.objects.get(&target.key) else { return not_found(&target.key) };
+            let port =
+                port.or_else(|| pod["spec"]["containers"][0]["ports"][0]["containerPort"].as_u64().map(|p| p as u16));
+            match (pod["status"]["podIP"].as_str(), port) {
+                (Some(ip), Some(port)) => format!("{ip}:{port}"),
+                _ => {
+                    return status(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        "the pod has no IP address or port",
+                    )
+                }
+            }
+        };
+        let path = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let forwarded = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(&address).await?;
+            let head = format!("{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n", body.len());
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body).await?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = match tokio::time::timeout(std::time::Duration::from_secs(10), forwarded).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                return status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("error trying to reach pod: {e}"),
+                )
+            }
+            Err(_) => return status(StatusCode::GATEWAY_TIMEOUT, "Timeout", "the pod did not answer in time"),
+        };
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(answer.len());
+        let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+        let code = head.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(502);
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| "application/octet-stream".into());
+        Response::builder()
+            .status(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY))
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::copy_from_slice(&answer[(split + 4).min(answer.len())..])))
+            .expect("response")
     }
 
     /// Etcd compacted: watches from before now get 410 Gone, and must list again.
@@ -524,10 +619,11 @@ impl MemoryApi {
         let (Some(rbac), Some(user)) = (&state.rbac, user) else { return Ok(()) };
         let (gv, ns, plural, name) = &target.key;
         let group = gv.rsplit_once('/').map(|(g, _)| g).unwrap_or_default();
-        let resource = match (target.status, target.eviction) {
-            (true, _) => format!("{plural}/status"),
-            (_, true) => format!("{plural}/eviction"),
-            _ => plural.clone(),
+        let resource = match target.sub {
+            Subresource::Status => format!("{plural}/status"),
+            Subresource::Eviction => format!("{plural}/eviction"),
+            Subresource::Proxy => format!("{plural}/proxy"),
+            Subresource::None => plural.clone(),
         };
         let mut allowed = Vec::new();
         for verb in verbs {
@@ -579,7 +675,7 @@ impl MemoryApi {
                     parts.headers.insert(USER_HEADER, http::HeaderValue::from_str(&user).expect("a header value"));
                 }
                 match axum::body::to_bytes(body, usize::MAX).await {
-                    Ok(body) => api.answer(parts.method, parts.uri, &parts.headers, &body),
+                    Ok(body) => api.answer(parts.method, parts.uri, &parts.headers, &body).await,
                     Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()).map(|b| b.boxed_unsync()),
                 }
             }
@@ -623,7 +719,7 @@ impl MemoryApi {
         if let Err(message) = Self::authorize(&mut state, user, &verbs, &target) {
             return status(StatusCode::FORBIDDEN, "Forbidden", &message);
         }
-        if target.eviction {
+        if target.sub == Subresource::Eviction {
             if method != Method::POST {
                 return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "evictions are created");
             }
@@ -757,7 +853,7 @@ impl MemoryApi {
                     }
                 }
                 let created = existing.is_none();
-                let mut object = match (existing, target.status, apply) {
+                let mut object = match (existing, target.sub == Subresource::Status, apply) {
                     (Some(object), _, _) => object,
                     (None, false, _) if method == Method::PUT || apply => {
                         state.next_uid += 1;
@@ -775,7 +871,7 @@ impl MemoryApi {
                     _ => return not_found(&key),
                 };
                 let before = object.clone();
-                if target.status {
+                if target.sub == Subresource::Status {
                     let new_status = patch.get("status").cloned().unwrap_or(Value::Null);
                     if apply || method == Method::PUT {
                         object["status"] = new_status;
@@ -829,13 +925,13 @@ impl MemoryApi {
                 if let Err(message) = state.structural(&key.0, &key.2, &mut object, strict) {
                     return status(StatusCode::BAD_REQUEST, "BadRequest", &message);
                 }
-                if key.2 == "customresourcedefinitions" && !target.status {
+                if key.2 == "customresourcedefinitions" && target.sub != Subresource::Status {
                     state.install_crd(&mut object);
                 }
                 if let Err(message) = validate(&key.0, &key.2, &object) {
                     return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
                 }
-                if !target.status {
+                if target.sub != Subresource::Status {
                     let old = (!created).then_some(&before);
                     if let Err(message) = validate_custom(&state, &key.0, &key.2, &object, old) {
                         return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
@@ -874,7 +970,8 @@ impl MemoryApi {
                 }
                 state.next_version += 1;
                 object["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
-                let table = if target.status { &mut state.status_writes } else { &mut state.writes };
+                let table =
+                    if target.sub == Subresource::Status { &mut state.status_writes } else { &mut state.writes };
                 *table.entry(key.clone()).or_default() += 1;
                 state.record(&key, if created { "ADDED" } else { "MODIFIED" }, &object);
                 state.objects.insert(key, object.clone());
@@ -1015,6 +1112,19 @@ fn now() -> String {
     k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// `/api/v1/namespaces/{ns}/pods/{name}[:port]/proxy[/{path}]`: the Pod, its port if given, and
+/// the path to forward.
+fn parse_pod_proxy(path: &str) -> Option<(Target, Option<u16>, String)> {
+    let parts: Vec<&str> = path.trim_start_matches('/').splitn(8, '/').collect();
+    let ["api", "v1", "namespaces", ns, "pods", pod, "proxy", ref rest @ ..] = parts[..] else { return None };
+    let (name, port) = match pod.split_once(':') {
+        Some((name, port)) => (name, Some(port.parse().ok()?)),
+        None => (pod, None),
+    };
+    let key = ("v1".to_owned(), ns.to_owned(), "pods".to_owned(), name.to_owned());
+    Some((Target { key, sub: Subresource::Proxy }, port, format!("/{}", rest.first().copied().unwrap_or_default())))
+}
+
 /// `/api/v1/...` or `/apis/{group}/{version}/...`, then `[namespaces/{ns}/]{plural}[/{name}[/status]]`.
 /// Returns the target and whether it is a collection.
 fn parse_path(path: &str) -> Option<(Target, bool)> {
@@ -1031,18 +1141,15 @@ fn parse_path(path: &str) -> Option<(Target, bool)> {
         _ => (String::new(), rest),
     };
     match rest {
-        [plural] => {
-            Some((Target { key: (gv, ns, plural.to_string(), String::new()), status: false, eviction: false }, true))
+        [plural] => Some((Target { key: (gv, ns, plural.to_string(), String::new()), sub: Subresource::None }, true)),
+        [plural, name] => {
+            Some((Target { key: (gv, ns, plural.to_string(), name.to_string()), sub: Subresource::None }, false))
         }
-        [plural, name] => Some((
-            Target { key: (gv, ns, plural.to_string(), name.to_string()), status: false, eviction: false },
-            false,
-        )),
         [plural, name, "status"] => {
-            Some((Target { key: (gv, ns, plural.to_string(), name.to_string()), status: true, eviction: false }, false))
+            Some((Target { key: (gv, ns, plural.to_string(), name.to_string()), sub: Subresource::Status }, false))
         }
         ["pods", name, "eviction"] => {
-            Some((Target { key: (gv, ns, "pods".into(), name.to_string()), status: false, eviction: true }, false))
+            Some((Target { key: (gv, ns, "pods".into(), name.to_string()), sub: Subresource::Eviction }, false))
         }
         _ => None,
     }

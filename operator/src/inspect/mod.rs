@@ -24,8 +24,8 @@ use crate::kubernetes::KubernetesPlatform;
 use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
 use crate::platform::{
-    capacity, partition_counts, partition_list, replica_progress, replica_serving, replica_usage, retired_volumes,
-    store_for, unplaced_volumes, Platform,
+    capacity, datanode_admin, partition_counts, partition_list, replica_serving, retired_volumes, store_for,
+    unplaced_volumes, Platform, ReplicaProgress, REPLICAS_PATH, USAGE_PATH,
 };
 use view::{CapacityView, ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
 
@@ -146,6 +146,26 @@ impl Source {
     }
 
     /// Whether each machine's datanode Pod is Ready (Kubernetes only).
+    /// A datanode admin route's JSON: from the datanode directly, or, on Kubernetes when that
+    /// fails (run from outside the cluster, where the datanode's DNS name does not resolve),
+    /// through the API server's proxy to its Pod (`pods/proxy`, which `get` on it allows).
+    async fn datanode<T: serde::de::DeserializeOwned>(
+        &self,
+        sc: &StoreCluster,
+        node: &str,
+        address: &str,
+        path: &str,
+    ) -> Option<T> {
+        if let Some(answer) = datanode_admin(address, path).await {
+            return Some(answer);
+        }
+        let Source::Kubernetes { client, namespace, .. } = self else { return None };
+        let pod = crate::kubernetes::pod_name(&sc.name_any(), node);
+        let uri = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{}/proxy{path}", crate::kubernetes::API_PORT);
+        let request = http::Request::get(uri).body(Vec::new()).ok()?;
+        tokio::time::timeout(std::time::Duration::from_secs(5), client.request::<T>(request)).await.ok()?.ok()
+    }
+
     async fn datanode_pods(&self, sc: &StoreCluster) -> Option<std::collections::BTreeMap<String, bool>> {
         match self {
             Source::Kubernetes { client, .. } => crate::kubernetes::datanode_pods(sc, client).await.ok(),
@@ -343,7 +363,7 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
             }
         }
         for (node, live) in &snapshot.live {
-            match replica_progress(&live.address).await {
+            match source.datanode::<Vec<ReplicaProgress>>(sc, node, &live.address, REPLICAS_PATH).await {
                 Some(progress) => {
                     for r in progress.into_iter().filter(|r| !r.caught_up()) {
                         issues.push(PartitionIssue::Lagging {
@@ -357,11 +377,15 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
                     }
                 }
                 None => warnings.push(format!(
-                    "datanode {node} at {} did not answer; its replication lag is unknown",
-                    live.address
+                    "datanode {node} at {} did not answer{}; its replication lag is unknown",
+                    live.address,
+                    match source {
+                        Source::Kubernetes { .. } => " (directly, nor through the API server's proxy to its Pod)",
+                        Source::Local { .. } => "",
+                    }
                 )),
             }
-            if let Some(list) = replica_usage(&live.address).await {
+            if let Some(list) = source.datanode::<Vec<ReplicaUsage>>(sc, node, &live.address, USAGE_PATH).await {
                 usage.insert(node.clone(), list);
             }
         }
