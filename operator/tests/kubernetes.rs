@@ -696,7 +696,8 @@ async fn node_names_with_dots_or_too_long_give_valid_resolvable_pods() {
     let etcd = EtcdServer::start();
     let memory = strict_api();
     let kube = memory.client();
-    let long = format!("node-{}", "x".repeat(70));
+    // A valid Node name (a DNS subdomain) longer than a DNS label.
+    let long = format!("node-{}.pool-{}.example.internal", "x".repeat(50), "y".repeat(50));
     let names = ["ip-10-0-1-7.eu-west-1.compute.internal", "ip-10-0-1-8.eu-west-1.compute.internal", long.as_str()];
     for (name, zone) in names.iter().zip(["a", "b", "c"]) {
         machine(&kube, name, zone).await;
@@ -815,8 +816,13 @@ async fn the_api_refuses_what_the_crd_rules_refuse() {
     let message = refused(api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(bad)).await, "quorum");
     assert!(message.contains("writeQuorum must not exceed replicationFactor"), "{message}");
     let mut named = cluster_yaml("http://e:2379", 3);
+    // Not a name at all: refused as every object's name is.
     named["metadata"]["name"] = json!("Bad.Name");
-    let message = refused(api.patch("Bad.Name", &PatchParams::apply("user"), &Patch::Apply(named)).await, "name");
+    let message = refused(api.patch("Bad.Name", &PatchParams::apply("user"), &Patch::Apply(named.clone())).await, "name");
+    assert!(message.contains("RFC 1123 subdomain"), "{message}");
+    // A name, but not one a Service or label can take: refused by the CRD's rule.
+    named["metadata"]["name"] = json!("blobs.v2");
+    let message = refused(api.patch("blobs.v2", &PatchParams::apply("user"), &Patch::Apply(named)).await, "name");
     assert!(message.contains("DNS-1035"), "{message}");
     // Created, then an immutable field changed: refused, the stored object unchanged.
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml("http://e:2379", 3))).await.unwrap();

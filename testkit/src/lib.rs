@@ -765,6 +765,13 @@ impl MemoryApi {
                     let Ok(mut object) = parse_body(body) else {
                         return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON or YAML");
                     };
+                    // generateName: the prefix and five characters of the API server's choosing.
+                    if object["metadata"]["name"].as_str().unwrap_or_default().is_empty() {
+                        if let Some(prefix) = object["metadata"]["generateName"].as_str().map(str::to_owned) {
+                            let suffix: String = format!("{:05x}", (state.next_uid * 2_654_435_761) % 0xfffff);
+                            object["metadata"]["name"] = json!(format!("{prefix}{suffix}"));
+                        }
+                    }
                     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
                     let (gv, ns, plural, _) = target.key.clone();
                     if let Err(message) = validate(&gv, &plural, &object) {
@@ -994,6 +1001,13 @@ fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), Str
         }
     }
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    // Object names are DNS subdomains (RBAC objects excepted: path segments, `system:…`).
+    if !group_version.starts_with("rbac.authorization.k8s.io/") && !is_dns_subdomain(name) {
+        return Err(format!("metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"));
+    }
+    if plural == "namespaces" && !is_dns_label(name) {
+        return Err(format!("metadata.name: Invalid value: \"{name}\": a namespace name must be a DNS label"));
+    }
     if plural == "services" && !(is_dns_label(name) && name.starts_with(|c: char| c.is_ascii_lowercase())) {
         return Err(format!("metadata.name: Invalid value: \"{name}\": a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character"));
     }
@@ -1027,6 +1041,11 @@ fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), Str
 fn validate_custom(state: &State, gv: &str, plural: &str, object: &Value, old: Option<&Value>) -> Result<(), String> {
     let Some(schema) = state.schemas.get(&(gv.to_owned(), plural.to_owned())) else { return Ok(()) };
     kube::core::cel::Validator::new().validate(schema, object, old).map_err(|e| e.to_string())
+}
+
+/// An RFC 1123 subdomain: at most 253 characters, DNS labels joined by dots.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// An RFC 1123 label: at most 63 lower-case letters, digits and `-`, alphanumeric at both ends.
