@@ -5,10 +5,15 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use cairn_common::agent_api::DiskReport;
 use cairn_resources::{StoreCluster, StoreNode};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{reflector::reflector, watcher, WatchStreamExt};
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
@@ -49,28 +54,32 @@ fn label_selector(labels: &BTreeMap<String, String>) -> String {
 /// a node, and its data must stay.)
 pub const DECOMMISSION_LABEL: &str = "cairn.dev/decommission";
 
-/// Machines whose labels match the node selector, with their StoreNode's disks.
-pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Machine>, kube::Error> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let store_nodes: Api<StoreNode> = Api::all(client.clone());
+/// Whether the StoreCluster's node selector takes `node` (labels only: decommission and
+/// readiness are judged by [`machines_of`]).
+pub fn selects(sc: &StoreCluster, node_labels: &BTreeMap<String, String>) -> bool {
+    sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v))
+}
+
+/// The machines: every Node, with its StoreNode's disks (`disks` by node name), selected when its
+/// labels match the node selector and it is neither decommissioned nor away too long.
+pub fn machines_of(sc: &StoreCluster, nodes: &[Node], disks: &BTreeMap<String, Vec<DiskReport>>) -> Vec<Machine> {
     let namespace = sc.namespace().unwrap_or_default();
     let cluster = sc.name_any();
     let mut out = Vec::new();
-    for node in nodes.list(&ListParams::default()).await? {
+    for node in nodes {
         let node_labels = node.labels();
         // A machine leaving the selector (label removed) or labelled for decommission is drained;
         // so is one NotReady for longer than the spec allows (its data is read from the others).
-        let down = down_for(&node, sc.spec.down_machine_grace());
-        let chosen = sc.spec.node_selector.iter().all(|(k, v)| node_labels.get(k) == Some(v))
-            && node_labels.get(DECOMMISSION_LABEL).map(String::as_str) != Some("true");
+        let down = down_for(node, sc.spec.down_machine_grace());
+        let chosen =
+            selects(sc, node_labels) && node_labels.get(DECOMMISSION_LABEL).map(String::as_str) != Some("true");
         let selected = chosen && down.is_none();
         let name = node.name_any();
-        let disks = store_nodes.get_opt(&name).await?.and_then(|s| s.status).map(|s| s.disks).unwrap_or_default();
         let machine = Machine {
             zone: node_labels.get(&sc.spec.zone_topology_key).cloned().unwrap_or_default(),
             address: format!("{}.{cluster}-nodes.{namespace}.svc:{API_PORT}", pod_name(&cluster, &name)),
+            disks: disks.get(&name).cloned().unwrap_or_default(),
             name,
-            disks,
             selected,
             down,
         };
@@ -82,8 +91,7 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
     // single machine away is replaced; several are waited for (as Kubernetes' node lifecycle
     // stops evicting in a large disruption).
     let away = out.iter().filter(|(m, _)| m.down.is_some()).count();
-    Ok(out
-        .into_iter()
+    out.into_iter()
         .map(|(mut m, chosen)| {
             if away > 1 && m.down.is_some() {
                 m.down = m.down.map(|why| format!("{why}, one of {away} machines away: waited for"));
@@ -91,7 +99,104 @@ pub async fn machines(client: &kube::Client, sc: &StoreCluster) -> Result<Vec<Ma
             }
             m
         })
-        .collect())
+        .collect()
+}
+
+/// Each StoreNode's disks, by node name.
+fn disks_by_node<'a>(store_nodes: impl IntoIterator<Item = &'a StoreNode>) -> BTreeMap<String, Vec<DiskReport>> {
+    store_nodes
+        .into_iter()
+        .map(|s| (s.name_any(), s.status.as_ref().map(|s| s.disks.clone()).unwrap_or_default()))
+        .collect()
+}
+
+/// Nodes and StoreNodes as watches keep them (kube-runtime reflectors), for the operator: a pass
+/// reads its machines from memory instead of listing Nodes and getting every StoreNode. The
+/// watches stop when the last clone is dropped.
+#[derive(Clone)]
+pub struct MachineCache {
+    nodes: Store<Node>,
+    store_nodes: Store<StoreNode>,
+    _watches: Arc<[AbortOnDrop; 2]>,
+}
+
+/// A spawned task, aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl MachineCache {
+    /// Starts the two watches on the current tokio runtime.
+    pub fn start(client: &kube::Client) -> Self {
+        fn keep<K>(client: &kube::Client) -> (Store<K>, AbortOnDrop)
+        where
+            K: Resource<DynamicType = ()>
+                + Clone
+                + serde::de::DeserializeOwned
+                + std::fmt::Debug
+                + Send
+                + Sync
+                + 'static,
+        {
+            use futures::StreamExt;
+            let (store, writer) = reflector::store();
+            let stream = reflector(writer, watcher(Api::<K>::all(client.clone()), watcher::Config::default()))
+                .default_backoff()
+                .for_each(|_| std::future::ready(()));
+            (store, AbortOnDrop(tokio::spawn(stream)))
+        }
+        let (nodes, a) = keep::<Node>(client);
+        let (store_nodes, b) = keep::<StoreNode>(client);
+        Self { nodes, store_nodes, _watches: Arc::new([a, b]) }
+    }
+
+    /// The machines of `sc`, once both watches have listed everything.
+    async fn machines(&self, sc: &StoreCluster) -> Result<Vec<Machine>, String> {
+        let ready = async {
+            self.nodes.wait_until_ready().await?;
+            self.store_nodes.wait_until_ready().await
+        };
+        tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .map_err(|_| "the Node and StoreNode watches have not listed everything after 30 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        let nodes: Vec<Node> = self.nodes.state().iter().map(|n| (**n).clone()).collect();
+        let store_nodes = self.store_nodes.state();
+        Ok(machines_of(sc, &nodes, &disks_by_node(store_nodes.iter().map(|s| &**s))))
+    }
+
+    /// The labels of the Node `name`, as last seen.
+    pub fn node_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        self.nodes.get(&ObjectRef::new(name)).map(|n| n.labels().clone())
+    }
+
+    /// Waits until the caches hold what `client` lists now (every Node and StoreNode at its
+    /// current resourceVersion): for tests, which change Nodes and then run a single pass.
+    pub async fn synced_with(&self, client: &kube::Client) {
+        let versions = |items: Vec<(String, Option<String>)>| items.into_iter().collect::<BTreeMap<_, _>>();
+        for _ in 0..200 {
+            let nodes = Api::<Node>::all(client.clone()).list(&ListParams::default()).await.expect("list Nodes");
+            let store_nodes =
+                Api::<StoreNode>::all(client.clone()).list(&ListParams::default()).await.expect("list StoreNodes");
+            let want = (
+                versions(nodes.items.iter().map(|n| (n.name_any(), n.resource_version())).collect()),
+                versions(store_nodes.items.iter().map(|n| (n.name_any(), n.resource_version())).collect()),
+            );
+            let have = (
+                versions(self.nodes.state().iter().map(|n| (n.name_any(), n.resource_version())).collect()),
+                versions(self.store_nodes.state().iter().map(|n| (n.name_any(), n.resource_version())).collect()),
+            );
+            if want == have {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the machine caches did not catch up with the API in 4 s");
+    }
 }
 
 /// "NotReady for 42m" when the Node's Ready condition has not been True for longer than `grace`.
@@ -405,15 +510,32 @@ pub async fn apply(
     Ok(Applied { changes, outdated, failing: Vec::new(), foreign })
 }
 
+/// Where a [`KubernetesPlatform`] reads Nodes and StoreNodes.
+pub enum NodeSource<'a> {
+    /// The operator's watches.
+    Cache(&'a MachineCache),
+    /// One list of each, now (the command line, which runs once).
+    List,
+}
+
 /// The Kubernetes platform for one StoreCluster.
 pub struct KubernetesPlatform<'a> {
     pub client: kube::Client,
     pub cluster: &'a StoreCluster,
+    pub nodes: NodeSource<'a>,
 }
 
 impl crate::platform::Platform for KubernetesPlatform<'_> {
     async fn machines(&self) -> Result<Vec<Machine>, String> {
-        machines(&self.client, self.cluster).await.map_err(|e| e.to_string())
+        match self.nodes {
+            NodeSource::Cache(cache) => cache.machines(self.cluster).await,
+            NodeSource::List => {
+                let nodes = Api::<Node>::all(self.client.clone()).list(&ListParams::default()).await;
+                let store_nodes = Api::<StoreNode>::all(self.client.clone()).list(&ListParams::default()).await;
+                let (nodes, store_nodes) = (nodes.map_err(|e| e.to_string())?, store_nodes.map_err(|e| e.to_string())?);
+                Ok(machines_of(self.cluster, &nodes.items, &disks_by_node(&store_nodes.items)))
+            }
+        }
     }
 
     async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, String> {
@@ -463,7 +585,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
     async fn delete_volumes(&self) -> Result<bool, String> {
         let cluster = self.cluster.name_any();
         let pods = pods_api(&self.client, &self.cluster.namespace().unwrap_or_default());
-        let all = machines(&self.client, self.cluster).await.map_err(|e| e.to_string())?;
+        let all = self.machines().await?;
         // A machine that is away can neither end its datanode Pod nor run a purge: its volumes
         // are left (`cairn volumes purge` there once it is back), and the deletion goes on.
         let away: Vec<&str> = all.iter().filter(|m| m.down.is_some()).map(|m| m.name.as_str()).collect();

@@ -1,6 +1,7 @@
 //! Reconciling a StoreCluster: a function of what is observed (spec, machines, etcd), applied
 //! with as few writes as possible — none when nothing changed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ pub struct Context {
     /// Write calls made by reconciles (API objects, status, etcd transactions), for the zero-writes check.
     pub writes: std::sync::atomic::AtomicU64,
     pub metrics: OperatorMetrics,
+    /// Nodes and StoreNodes as watches keep them: what each pass reads its machines from.
+    pub machines: kubernetes::MachineCache,
     /// One recorder for the controller's life: it remembers the Events it wrote, so that a
     /// repeated one is counted in its series (a patch) instead of written again.
     recorder: kube::runtime::events::Recorder,
@@ -48,7 +51,8 @@ impl Context {
         use kube::runtime::events::{Recorder, Reporter};
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
-        Self { client, writes: Default::default(), metrics: OperatorMetrics::default(), recorder }
+        let machines = kubernetes::MachineCache::start(&client);
+        Self { client, writes: Default::default(), metrics: OperatorMetrics::default(), machines, recorder }
     }
 
     /// Records a Kubernetes Event on the StoreCluster (failures to record are only logged).
@@ -127,22 +131,56 @@ pub async fn reconcile(sc: Arc<StoreCluster>, ctx: Arc<Context>) -> Result<Actio
     result
 }
 
-/// Requeue with backoff on errors; the controller's error policy.
-/// The controller: a reconcile of a StoreCluster on each change to it, to a Pod it owns, or to
-/// any StoreNode (a machine's disks are every cluster's business), and on each requeue, until
+/// Each Node's cordon and readiness (as text) and labels, as the controller last saw them.
+type NodesSeen = BTreeMap<String, (String, BTreeMap<String, String>)>;
+
+/// The controller: a reconcile of a StoreCluster on each change to it, to a Pod it owns, to the
+/// StoreNode of a machine its node selector takes (new disks, volumes gone), to such a Node's
+/// labels, cordon or readiness (a decommission label, a machine away), and on each requeue, until
 /// the watch streams end. The operator runs it while it leads.
 pub async fn run_controller(client: kube::Client, ctx: Arc<Context>) {
     use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Node;
     use kube::runtime::reflector::ObjectRef;
     use kube::runtime::{watcher, Controller};
     let controller = Controller::new(Api::<StoreCluster>::all(client.clone()), watcher::Config::default());
     let clusters = controller.store();
+    // The clusters whose node selector takes a Node with any of these labels (all, when unknown).
+    let selecting = move |labels: &[Option<BTreeMap<String, String>>]| -> Vec<ObjectRef<StoreCluster>> {
+        clusters
+            .state()
+            .iter()
+            .filter(|sc| labels.iter().any(|l| l.as_ref().is_none_or(|l| kubernetes::selects(sc, l))))
+            .map(|sc| ObjectRef::from_obj(&**sc))
+            .collect()
+    };
+    let by_store_node = {
+        let (selecting, cache) = (selecting.clone(), ctx.machines.clone());
+        move |sn: cairn_resources::StoreNode| selecting(&[cache.node_labels(&sn.name_any())])
+    };
+    // A Node's status is rewritten by its kubelet's heartbeats: only what a pass reads wakes it
+    // (labels, cordon, readiness), for the clusters selecting it before or after the change.
+    let seen: std::sync::Mutex<NodesSeen> = Default::default();
+    let by_node = move |node: Node| {
+        let ready = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone()));
+        let key = format!("{:?}/{:?}", node.spec.as_ref().and_then(|s| s.unschedulable), ready);
+        let labels = node.labels().clone();
+        let before = seen.lock().expect("seen").insert(node.name_any(), (key.clone(), labels.clone()));
+        match before {
+            Some((was, old)) if was == key && old == labels => Vec::new(),
+            Some((_, old)) => selecting(&[Some(old), Some(labels)]),
+            None => selecting(&[Some(labels)]),
+        }
+    };
     let ours = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
     controller
         .owns(Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone()), ours)
-        .watches(Api::<cairn_resources::StoreNode>::all(client), watcher::Config::default(), move |_| {
-            clusters.state().iter().map(|sc| ObjectRef::from_obj(&**sc)).collect::<Vec<_>>()
-        })
+        .watches(Api::<cairn_resources::StoreNode>::all(client.clone()), watcher::Config::default(), by_store_node)
+        .watches(Api::<Node>::all(client), watcher::Config::default(), by_node)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -152,6 +190,7 @@ pub async fn run_controller(client: kube::Client, ctx: Arc<Context>) {
         .await
 }
 
+/// Requeue after a while on errors; the controller's error policy.
 pub fn error_policy(_sc: Arc<StoreCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(%error, "reconcile failed");
     Action::requeue(Duration::from_secs(15))
@@ -164,7 +203,11 @@ async fn apply(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> 
         write_status(sc, ctx, &old, next_status(&old, sc.metadata.generation, Observation::Paused)).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
-    let platform = kubernetes::KubernetesPlatform { client: ctx.client.clone(), cluster: sc };
+    let platform = kubernetes::KubernetesPlatform {
+        client: ctx.client.clone(),
+        cluster: sc,
+        nodes: kubernetes::NodeSource::Cache(&ctx.machines),
+    };
     let outcome = converge(&sc.name_any(), &namespace, &sc.spec, &platform).await;
     ctx.writes.fetch_add(outcome.changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
     if let Some((reason, message)) = &outcome.degraded {
@@ -203,7 +246,11 @@ async fn write_status(
 /// Pods on every machine) and then the topology in etcd; `Retain` keeps both, so a StoreCluster
 /// re-created under the same name finds its data. The finalizer stays until that is done.
 async fn cleanup(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> {
-    let platform = kubernetes::KubernetesPlatform { client: ctx.client.clone(), cluster: sc };
+    let platform = kubernetes::KubernetesPlatform {
+        client: ctx.client.clone(),
+        cluster: sc,
+        nodes: kubernetes::NodeSource::Cache(&ctx.machines),
+    };
     match delete_cluster(&sc.name_any(), &sc.namespace().unwrap_or_default(), &sc.spec, &platform).await {
         Ok(true) => Ok(Action::await_change()),
         Ok(false) => Err(kube::Error::Service(Box::from("volumes are still being removed"))),

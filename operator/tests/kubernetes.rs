@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cairn_common::agent_api::DiskReport;
+use cairn_operator::kubernetes::{KubernetesPlatform, NodeSource};
 use cairn_operator::reconcile::{reconcile, Context, FINALIZER};
 use cairn_resources::{StoreCluster, StoreNode, StoreNodeSpec, StoreNodeStatus};
 use cairn_testkit::etcd::EtcdServer;
@@ -56,6 +57,7 @@ async fn volumes_on(kube: &kube::Client, node: &str, names: &[&str]) {
 /// One reconcile of c1, if it still exists.
 async fn reconcile_once_if_present(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
     if let Some(sc) = api.get_opt("c1").await.unwrap() {
+        ctx.machines.synced_with(&ctx.client).await;
         reconcile(Arc::new(sc), ctx.clone()).await.unwrap();
     }
 }
@@ -93,8 +95,16 @@ fn cluster_yaml(etcd: &str, rf: u32) -> serde_json::Value {
                     "priorityClassName": "cairn-datanode", "etcd": {"endpoints": [etcd]}}})
 }
 
+/// The machines the Kubernetes platform sees for `sc` now (Nodes and StoreNodes listed).
+async fn machines_now(client: &kube::Client, sc: &StoreCluster) -> Vec<cairn_operator::desired::Machine> {
+    use cairn_operator::platform::Platform;
+    KubernetesPlatform { client: client.clone(), cluster: sc, nodes: NodeSource::List }.machines().await.unwrap()
+}
+
 async fn reconcile_once(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
     let sc = api.get("c1").await.unwrap();
+    // A single pass sees the Nodes and StoreNodes the test just wrote, as the watches will.
+    ctx.machines.synced_with(&ctx.client).await;
     reconcile(Arc::new(sc), ctx.clone()).await.unwrap();
 }
 
@@ -317,6 +327,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     api.delete("c1", &DeleteParams::default()).await.unwrap();
     let pass = || async {
         let sc = api.get("c1").await.unwrap();
+        ctx.machines.synced_with(&ctx.client).await;
         reconcile(Arc::new(sc), ctx.clone()).await
     };
     let purge_pod = |node: &str| {
@@ -517,6 +528,7 @@ async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig(
     bad["spec"]["writeQuorum"] = json!(3);
     other.patch("bad", &PatchParams::apply("user"), &Patch::Apply(bad)).await.unwrap();
     for _ in 0..2 {
+        ctx.machines.synced_with(&ctx.client).await;
         reconcile(Arc::new(other.get("bad").await.unwrap()), ctx.clone()).await.unwrap();
     }
 
@@ -612,7 +624,7 @@ async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig(
 /// removed and made again; a succeeded one is removed and reported done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
-    use cairn_operator::kubernetes::{purge_command, purge_pod_name, KubernetesPlatform};
+    use cairn_operator::kubernetes::{purge_command, purge_pod_name};
     use cairn_operator::platform::Platform;
     let memory = strict_api();
     let kube = memory.client();
@@ -620,7 +632,8 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml("http://127.0.0.1:1", 3))).await.unwrap();
     let sc = api.get("c1").await.unwrap();
-    let platform = KubernetesPlatform { client: memory.client_as(&operator_user()), cluster: &sc };
+    let platform =
+        KubernetesPlatform { client: memory.client_as(&operator_user()), cluster: &sc, nodes: NodeSource::List };
     let machine = cairn_operator::desired::Machine {
         name: "n0".into(),
         zone: "a".into(),
@@ -760,12 +773,12 @@ async fn a_cordon_is_not_a_decommission() {
     let selected = |machines: Vec<cairn_operator::desired::Machine>| -> Vec<(String, bool)> {
         machines.into_iter().map(|m| (m.name, m.selected)).collect()
     };
-    let found = cairn_operator::kubernetes::machines(&client, &sc).await.unwrap();
+    let found = machines_now(&client, &sc).await;
     assert!(selected(found).iter().all(|(_, s)| *s), "cordoned n1 stays selected");
     let decommission =
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"labels": {"cairn.dev/decommission": "true"}}});
     nodes.patch("n1", &PatchParams::apply("admin"), &Patch::Apply(decommission)).await.unwrap();
-    let found = cairn_operator::kubernetes::machines(&client, &sc).await.unwrap();
+    let found = machines_now(&client, &sc).await;
     assert_eq!(
         selected(found),
         [("n0".to_string(), true), ("n1".to_string(), false), ("n2".to_string(), true)],
@@ -818,7 +831,8 @@ async fn the_api_refuses_what_the_crd_rules_refuse() {
     let mut named = cluster_yaml("http://e:2379", 3);
     // Not a name at all: refused as every object's name is.
     named["metadata"]["name"] = json!("Bad.Name");
-    let message = refused(api.patch("Bad.Name", &PatchParams::apply("user"), &Patch::Apply(named.clone())).await, "name");
+    let message =
+        refused(api.patch("Bad.Name", &PatchParams::apply("user"), &Patch::Apply(named.clone())).await, "name");
     assert!(message.contains("RFC 1123 subdomain"), "{message}");
     // A name, but not one a Service or label can take: refused by the CRD's rule.
     named["metadata"]["name"] = json!("blobs.v2");
@@ -853,18 +867,17 @@ async fn a_machine_down_too_long_has_its_replicas_placed_elsewhere() {
     // Away for 10 minutes: still waited for.
     nodes.patch_status("n3", &PatchParams::apply("kubelet"), &Patch::Apply(not_ready(10))).await.unwrap();
     let sc = api.get("c1").await.unwrap();
-    let found = down(cairn_operator::kubernetes::machines(&client, &sc).await.unwrap());
+    let found = down(machines_now(&client, &sc).await);
     assert_eq!(found, [("n3".to_string(), true, None)]);
     // Away for an hour: placed elsewhere.
     nodes.patch_status("n3", &PatchParams::apply("kubelet"), &Patch::Apply(not_ready(60))).await.unwrap();
-    let found = down(cairn_operator::kubernetes::machines(&client, &sc).await.unwrap());
+    let found = down(machines_now(&client, &sc).await);
     assert!(!found[0].1, "{found:?}");
     assert!(found[0].2.as_deref().is_some_and(|why| why.starts_with("NotReady for 6")), "{found:?}");
     // Two machines away at once is an outage, not two broken machines: both are waited for.
     nodes.patch_status("n2", &PatchParams::apply("kubelet"), &Patch::Apply(not_ready(60))).await.unwrap();
-    let both: Vec<_> = cairn_operator::kubernetes::machines(&client, &sc)
+    let both: Vec<_> = machines_now(&client, &sc)
         .await
-        .unwrap()
         .into_iter()
         .filter(|m| m.down.is_some())
         .map(|m| (m.name, m.selected, m.down.unwrap()))
@@ -877,7 +890,7 @@ async fn a_machine_down_too_long_has_its_replicas_placed_elsewhere() {
     patient["spec"]["replaceDownMachinesAfter"] = json!("never");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(patient)).await.unwrap();
     let sc = api.get("c1").await.unwrap();
-    let found = down(cairn_operator::kubernetes::machines(&client, &sc).await.unwrap());
+    let found = down(machines_now(&client, &sc).await);
     assert_eq!(found, [("n3".to_string(), true, None)]);
     // A bad duration is refused by the CRD's rule.
     let mut bad = cluster_yaml("http://127.0.0.1:1", 3);
