@@ -92,7 +92,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
         let clusters = clusters.clone();
         async move {
             let sc = clusters.get("bench").await?;
-            ctx.machines.synced_with(&ctx.client).await;
+            ctx.caches.machines.synced_with(&ctx.client).await;
             let started = Instant::now();
             reconcile(Arc::new(sc), ctx).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             anyhow::Ok(started.elapsed().as_secs_f64())

@@ -510,26 +510,38 @@ pub async fn apply(
     Ok(Applied { changes, outdated, failing: Vec::new(), foreign })
 }
 
-/// Where a [`KubernetesPlatform`] reads Nodes and StoreNodes.
-pub enum NodeSource<'a> {
-    /// The operator's watches.
-    Cache(&'a MachineCache),
-    /// One list of each, now (the command line, which runs once).
-    List,
+/// What the operator keeps for its life: Nodes and StoreNodes as watches keep them, and one
+/// etcd client per cluster.
+pub struct OperatorCaches {
+    pub machines: MachineCache,
+    pub etcd: crate::platform::EtcdClients,
+}
+
+impl OperatorCaches {
+    /// Starts the watches on the current tokio runtime.
+    pub fn start(client: &kube::Client) -> Self {
+        Self { machines: MachineCache::start(client), etcd: Default::default() }
+    }
 }
 
 /// The Kubernetes platform for one StoreCluster.
 pub struct KubernetesPlatform<'a> {
     pub client: kube::Client,
     pub cluster: &'a StoreCluster,
-    pub nodes: NodeSource<'a>,
+    /// The operator's caches; none for the command line, which runs once (it lists Nodes and
+    /// StoreNodes, and connects to etcd).
+    pub caches: Option<&'a OperatorCaches>,
 }
 
 impl crate::platform::Platform for KubernetesPlatform<'_> {
+    fn etcd_clients(&self) -> Option<&crate::platform::EtcdClients> {
+        self.caches.map(|c| &c.etcd)
+    }
+
     async fn machines(&self) -> Result<Vec<Machine>, String> {
-        match self.nodes {
-            NodeSource::Cache(cache) => cache.machines(self.cluster).await,
-            NodeSource::List => {
+        match self.caches {
+            Some(caches) => caches.machines.machines(self.cluster).await,
+            None => {
                 let nodes = Api::<Node>::all(self.client.clone()).list(&ListParams::default()).await;
                 let store_nodes = Api::<StoreNode>::all(self.client.clone()).list(&ListParams::default()).await;
                 let (nodes, store_nodes) = (nodes.map_err(|e| e.to_string())?, store_nodes.map_err(|e| e.to_string())?);

@@ -83,6 +83,8 @@ pub struct LocalPlatform {
     binary: Mutex<PathBuf>,
     running: Mutex<BTreeMap<String, Running>>,
     crashes: Mutex<BTreeMap<String, Crashes>>,
+    /// The cluster's etcd client, kept from pass to pass.
+    etcd_clients: crate::platform::EtcdClients,
 }
 
 impl LocalPlatform {
@@ -103,6 +105,7 @@ impl LocalPlatform {
             binary: Mutex::new(binary),
             running: Mutex::default(),
             crashes: Mutex::default(),
+            etcd_clients: Default::default(),
         }
     }
 
@@ -252,6 +255,10 @@ impl LocalPlatform {
 }
 
 impl Platform for LocalPlatform {
+    fn etcd_clients(&self) -> Option<&crate::platform::EtcdClients> {
+        Some(&self.etcd_clients)
+    }
+
     async fn machines(&self) -> Result<Vec<Machine>, String> {
         let machines = self.machines.lock().expect("machines lock").clone();
         let mut out = Vec::new();

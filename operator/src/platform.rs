@@ -2,9 +2,8 @@
 //! asks the platform for its machines, writes the topology to etcd, and asks the platform to run
 //! one datanode per chosen machine.
 
-use std::future::Future;
-
 use std::collections::BTreeMap;
+use std::future::Future;
 
 use cairn_cluster::admin::ReplicaUsage;
 use cairn_cluster::etcd::{ClusterStore, EtcdTls, Snapshot, Written};
@@ -38,6 +37,11 @@ pub trait Platform {
     ) -> impl Future<Output = Result<bool, String>> + Send;
     /// TLS material for etcd, when the spec names it.
     fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, String>> + Send;
+
+    /// The etcd clients this platform keeps from pass to pass; none: each pass connects.
+    fn etcd_clients(&self) -> Option<&EtcdClients> {
+        None
+    }
 }
 
 /// What [`Platform::apply`] did.
@@ -74,8 +78,11 @@ pub async fn delete_cluster<P: Platform>(
         return Ok(false);
     }
     let tls = platform.etcd_tls().await?;
-    let store = store_for(&spec.etcd.endpoints, namespace, name, tls.as_ref()).await?;
+    let store = etcd_of(platform, spec, namespace, name, tls.as_ref()).await?;
     store.delete_all().await.map_err(|e| e.to_string())?;
+    if let Some(clients) = platform.etcd_clients() {
+        clients.forget(namespace, name);
+    }
     tracing::info!(cluster = name, "volumes and topology removed (deletionPolicy Delete)");
     Ok(true)
 }
@@ -108,6 +115,55 @@ impl Outcome {
     }
 }
 
+/// One etcd client per cluster, kept from pass to pass (otherwise every pass connects anew: a
+/// TCP connection and, with TLS, a handshake). Keyed by the cluster; a changed endpoint list or
+/// TLS Secret connects anew, and a pass that finds etcd unreachable drops the client.
+#[derive(Default)]
+pub struct EtcdClients(std::sync::Mutex<BTreeMap<String, (u64, ClusterStore)>>);
+
+impl EtcdClients {
+    /// The client of `namespace/name`, connecting (failing fast) when there is none yet.
+    pub async fn get(
+        &self,
+        endpoints: &[String],
+        namespace: &str,
+        name: &str,
+        tls: Option<&EtcdTls>,
+    ) -> Result<ClusterStore, String> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (endpoints, tls.map(|t| (&t.ca, &t.cert, &t.key))).hash(&mut hasher);
+        let (id, settings) = (format!("{namespace}/{name}"), hasher.finish());
+        if let Some((kept, store)) = self.0.lock().expect("etcd clients").get(&id) {
+            if *kept == settings {
+                return Ok(store.clone());
+            }
+        }
+        let store = store_for(endpoints, namespace, name, tls).await?;
+        self.0.lock().expect("etcd clients").insert(id, (settings, store.clone()));
+        Ok(store)
+    }
+
+    /// Drops the client of `namespace/name` (etcd did not answer it, or the cluster is gone).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.0.lock().expect("etcd clients").remove(&format!("{namespace}/{name}"));
+    }
+}
+
+/// The etcd client of a cluster: the platform's kept one, or a new one.
+async fn etcd_of<P: Platform>(
+    platform: &P,
+    spec: &StoreClusterSpec,
+    namespace: &str,
+    name: &str,
+    tls: Option<&EtcdTls>,
+) -> Result<ClusterStore, String> {
+    match platform.etcd_clients() {
+        Some(clients) => clients.get(&spec.etcd.endpoints, namespace, name, tls).await,
+        None => store_for(&spec.etcd.endpoints, namespace, name, tls).await,
+    }
+}
+
 /// Connects to the cluster's etcd, failing fast when it is away.
 pub async fn store_for(
     endpoints: &[String],
@@ -134,13 +190,18 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Ok(tls) => tls,
         Err(message) => return Outcome::degraded("EtcdTlsUnavailable", message),
     };
-    let store = match store_for(&spec.etcd.endpoints, namespace, name, tls.as_ref()).await {
+    let store = match etcd_of(platform, spec, namespace, name, tls.as_ref()).await {
         Ok(store) => store,
         Err(message) => return Outcome::degraded("EtcdUnreachable", message),
     };
     let snapshot = match store.load().await {
         Ok(s) => s,
-        Err(e) => return Outcome::degraded("EtcdUnreachable", e.to_string()),
+        Err(e) => {
+            if let Some(clients) = platform.etcd_clients() {
+                clients.forget(namespace, name);
+            }
+            return Outcome::degraded("EtcdUnreachable", e.to_string());
+        }
     };
     // What cannot be planned (a machine lost its disk, no room for a scale-out, a bad spec) is a
     // condition with its reason, never a stop: the pass goes on and serves everything that exists.
@@ -597,6 +658,34 @@ pub async fn replica_usage(address: &str) -> Option<Vec<ReplicaUsage>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cluster's etcd client is kept: passes after the first reuse its connection (one TCP
+    /// connection to etcd however many passes, where connecting per pass opens one each); a
+    /// forgotten client (etcd did not answer a pass) connects anew.
+    #[tokio::test]
+    async fn etcd_clients_are_kept_until_forgotten() {
+        let etcd = cairn_testkit::etcd::EtcdServer::start();
+        // Connections to etcd's client port seen from this machine (established or closing).
+        let connections = || {
+            let port = format!(":{:04X} ", etcd.client_port);
+            let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+            table
+                .lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(2).is_some_and(|r| format!("{r} ").ends_with(&port)))
+                .count()
+        };
+        let before = connections(); // the health checks of the test's etcd start
+        let clients = EtcdClients::default();
+        let endpoints = vec![etcd.endpoint()];
+        for _ in 0..5 {
+            clients.get(&endpoints, "ns", "c1", None).await.unwrap().load().await.unwrap();
+        }
+        assert_eq!(connections(), before + 1, "five passes, one connection");
+        clients.forget("ns", "c1");
+        clients.get(&endpoints, "ns", "c1", None).await.unwrap().load().await.unwrap();
+        assert_eq!(connections(), before + 2, "forgotten: a new connection (the old one closing)");
+    }
 
     #[test]
     fn only_volumes_of_retired_replicas_are_purged() {

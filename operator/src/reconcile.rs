@@ -22,8 +22,9 @@ pub struct Context {
     /// Write calls made by reconciles (API objects, status, etcd transactions), for the zero-writes check.
     pub writes: std::sync::atomic::AtomicU64,
     pub metrics: OperatorMetrics,
-    /// Nodes and StoreNodes as watches keep them: what each pass reads its machines from.
-    pub machines: kubernetes::MachineCache,
+    /// Nodes and StoreNodes as watches keep them (what each pass reads its machines from), and
+    /// one etcd client per cluster.
+    pub caches: kubernetes::OperatorCaches,
     /// One recorder for the controller's life: it remembers the Events it wrote, so that a
     /// repeated one is counted in its series (a patch) instead of written again.
     recorder: kube::runtime::events::Recorder,
@@ -51,8 +52,8 @@ impl Context {
         use kube::runtime::events::{Recorder, Reporter};
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
-        let machines = kubernetes::MachineCache::start(&client);
-        Self { client, writes: Default::default(), metrics: OperatorMetrics::default(), machines, recorder }
+        let caches = kubernetes::OperatorCaches::start(&client);
+        Self { client, writes: Default::default(), metrics: OperatorMetrics::default(), caches, recorder }
     }
 
     /// Records a Kubernetes Event on the StoreCluster (failures to record are only logged).
@@ -114,6 +115,7 @@ pub enum Error {
     Finalizer(String),
 }
 
+#[tracing::instrument(skip_all, fields(cluster = %sc.name_any(), namespace = %sc.namespace().unwrap_or_default()))]
 pub async fn reconcile(sc: Arc<StoreCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let api: Api<StoreCluster> = Api::namespaced(ctx.client.clone(), &sc.namespace().unwrap_or_default());
@@ -155,7 +157,7 @@ pub async fn run_controller(client: kube::Client, ctx: Arc<Context>) {
             .collect()
     };
     let by_store_node = {
-        let (selecting, cache) = (selecting.clone(), ctx.machines.clone());
+        let (selecting, cache) = (selecting.clone(), ctx.caches.machines.clone());
         move |sn: cairn_resources::StoreNode| selecting(&[cache.node_labels(&sn.name_any())])
     };
     // A Node's status is rewritten by its kubelet's heartbeats: only what a pass reads wakes it
@@ -203,11 +205,8 @@ async fn apply(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> 
         write_status(sc, ctx, &old, next_status(&old, sc.metadata.generation, Observation::Paused)).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
-    let platform = kubernetes::KubernetesPlatform {
-        client: ctx.client.clone(),
-        cluster: sc,
-        nodes: kubernetes::NodeSource::Cache(&ctx.machines),
-    };
+    let platform =
+        kubernetes::KubernetesPlatform { client: ctx.client.clone(), cluster: sc, caches: Some(&ctx.caches) };
     let outcome = converge(&sc.name_any(), &namespace, &sc.spec, &platform).await;
     ctx.writes.fetch_add(outcome.changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
     if let Some((reason, message)) = &outcome.degraded {
@@ -246,11 +245,8 @@ async fn write_status(
 /// Pods on every machine) and then the topology in etcd; `Retain` keeps both, so a StoreCluster
 /// re-created under the same name finds its data. The finalizer stays until that is done.
 async fn cleanup(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> {
-    let platform = kubernetes::KubernetesPlatform {
-        client: ctx.client.clone(),
-        cluster: sc,
-        nodes: kubernetes::NodeSource::Cache(&ctx.machines),
-    };
+    let platform =
+        kubernetes::KubernetesPlatform { client: ctx.client.clone(), cluster: sc, caches: Some(&ctx.caches) };
     match delete_cluster(&sc.name_any(), &sc.namespace().unwrap_or_default(), &sc.spec, &platform).await {
         Ok(true) => Ok(Action::await_change()),
         Ok(false) => Err(kube::Error::Service(Box::from("volumes are still being removed"))),

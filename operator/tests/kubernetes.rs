@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cairn_common::agent_api::DiskReport;
-use cairn_operator::kubernetes::{KubernetesPlatform, NodeSource};
+use cairn_operator::kubernetes::KubernetesPlatform;
 use cairn_operator::reconcile::{reconcile, Context, FINALIZER};
 use cairn_resources::{StoreCluster, StoreNode, StoreNodeSpec, StoreNodeStatus};
 use cairn_testkit::etcd::EtcdServer;
@@ -57,7 +57,7 @@ async fn volumes_on(kube: &kube::Client, node: &str, names: &[&str]) {
 /// One reconcile of c1, if it still exists.
 async fn reconcile_once_if_present(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
     if let Some(sc) = api.get_opt("c1").await.unwrap() {
-        ctx.machines.synced_with(&ctx.client).await;
+        ctx.caches.machines.synced_with(&ctx.client).await;
         reconcile(Arc::new(sc), ctx.clone()).await.unwrap();
     }
 }
@@ -98,13 +98,13 @@ fn cluster_yaml(etcd: &str, rf: u32) -> serde_json::Value {
 /// The machines the Kubernetes platform sees for `sc` now (Nodes and StoreNodes listed).
 async fn machines_now(client: &kube::Client, sc: &StoreCluster) -> Vec<cairn_operator::desired::Machine> {
     use cairn_operator::platform::Platform;
-    KubernetesPlatform { client: client.clone(), cluster: sc, nodes: NodeSource::List }.machines().await.unwrap()
+    KubernetesPlatform { client: client.clone(), cluster: sc, caches: None }.machines().await.unwrap()
 }
 
 async fn reconcile_once(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
     let sc = api.get("c1").await.unwrap();
     // A single pass sees the Nodes and StoreNodes the test just wrote, as the watches will.
-    ctx.machines.synced_with(&ctx.client).await;
+    ctx.caches.machines.synced_with(&ctx.client).await;
     reconcile(Arc::new(sc), ctx.clone()).await.unwrap();
 }
 
@@ -327,7 +327,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     api.delete("c1", &DeleteParams::default()).await.unwrap();
     let pass = || async {
         let sc = api.get("c1").await.unwrap();
-        ctx.machines.synced_with(&ctx.client).await;
+        ctx.caches.machines.synced_with(&ctx.client).await;
         reconcile(Arc::new(sc), ctx.clone()).await
     };
     let purge_pod = |node: &str| {
@@ -528,7 +528,7 @@ async fn cairn_status_disks_and_topology_read_kubernetes_through_the_kubeconfig(
     bad["spec"]["writeQuorum"] = json!(3);
     other.patch("bad", &PatchParams::apply("user"), &Patch::Apply(bad)).await.unwrap();
     for _ in 0..2 {
-        ctx.machines.synced_with(&ctx.client).await;
+        ctx.caches.machines.synced_with(&ctx.client).await;
         reconcile(Arc::new(other.get("bad").await.unwrap()), ctx.clone()).await.unwrap();
     }
 
@@ -632,8 +632,7 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
     let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
     api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml("http://127.0.0.1:1", 3))).await.unwrap();
     let sc = api.get("c1").await.unwrap();
-    let platform =
-        KubernetesPlatform { client: memory.client_as(&operator_user()), cluster: &sc, nodes: NodeSource::List };
+    let platform = KubernetesPlatform { client: memory.client_as(&operator_user()), cluster: &sc, caches: None };
     let machine = cairn_operator::desired::Machine {
         name: "n0".into(),
         zone: "a".into(),

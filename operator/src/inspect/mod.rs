@@ -20,7 +20,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::ResourceExt;
 
 use crate::desired::Machine;
-use crate::kubernetes::{KubernetesPlatform, NodeSource};
+use crate::kubernetes::KubernetesPlatform;
 use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
 use crate::platform::{
@@ -130,7 +130,7 @@ impl Source {
     pub async fn machines(&self, sc: &StoreCluster) -> std::result::Result<Vec<Machine>, String> {
         match self {
             Source::Kubernetes { client, .. } => {
-                KubernetesPlatform { client: client.clone(), cluster: sc, nodes: NodeSource::List }.machines().await
+                KubernetesPlatform { client: client.clone(), cluster: sc, caches: None }.machines().await
             }
             Source::Local { state, .. } => local_platform(state).machines().await,
         }
@@ -139,7 +139,7 @@ impl Source {
     async fn etcd_tls(&self, sc: &StoreCluster) -> std::result::Result<Option<EtcdTls>, String> {
         match self {
             Source::Kubernetes { client, .. } => {
-                KubernetesPlatform { client: client.clone(), cluster: sc, nodes: NodeSource::List }.etcd_tls().await
+                KubernetesPlatform { client: client.clone(), cluster: sc, caches: None }.etcd_tls().await
             }
             Source::Local { .. } => Ok(None),
         }
