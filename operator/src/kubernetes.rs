@@ -62,7 +62,11 @@ pub fn selects(sc: &StoreCluster, node_labels: &BTreeMap<String, String>) -> boo
 
 /// The machines: every Node, with its StoreNode's disks (`disks` by node name), selected when its
 /// labels match the node selector and it is neither decommissioned nor away too long.
-pub fn machines_of(sc: &StoreCluster, nodes: &[Node], disks: &BTreeMap<String, Vec<DiskReport>>) -> Vec<Machine> {
+pub fn machines_of<'a>(
+    sc: &StoreCluster,
+    nodes: impl IntoIterator<Item = &'a Node>,
+    disks: &BTreeMap<String, Vec<DiskReport>>,
+) -> Vec<Machine> {
     let namespace = sc.namespace().unwrap_or_default();
     let cluster = sc.name_any();
     let mut out = Vec::new();
@@ -132,7 +136,9 @@ impl Drop for AbortOnDrop {
 impl MachineCache {
     /// Starts the two watches on the current tokio runtime.
     pub fn start(client: &kube::Client) -> Self {
-        fn keep<K>(client: &kube::Client) -> (Store<K>, AbortOnDrop)
+        // Kept without what no pass reads (managed fields; a Node's image list), which would
+        // otherwise be most of the memory of a large cluster's Nodes.
+        fn keep<K>(client: &kube::Client, strip: fn(&mut K)) -> (Store<K>, AbortOnDrop)
         where
             K: Resource<DynamicType = ()>
                 + Clone
@@ -144,13 +150,19 @@ impl MachineCache {
         {
             use futures::StreamExt;
             let (store, writer) = reflector::store();
-            let stream = reflector(writer, watcher(Api::<K>::all(client.clone()), watcher::Config::default()))
-                .default_backoff()
-                .for_each(|_| std::future::ready(()));
+            let events = watcher(Api::<K>::all(client.clone()), watcher::Config::default()).modify(move |object| {
+                object.meta_mut().managed_fields = None;
+                strip(object);
+            });
+            let stream = reflector(writer, events).default_backoff().for_each(|_| std::future::ready(()));
             (store, AbortOnDrop(tokio::spawn(stream)))
         }
-        let (nodes, a) = keep::<Node>(client);
-        let (store_nodes, b) = keep::<StoreNode>(client);
+        let (nodes, a) = keep::<Node>(client, |node| {
+            if let Some(status) = node.status.as_mut() {
+                status.images = None;
+            }
+        });
+        let (store_nodes, b) = keep::<StoreNode>(client, |_| {});
         Self { nodes, store_nodes, _watches: Arc::new([a, b]) }
     }
 
@@ -164,9 +176,13 @@ impl MachineCache {
             .await
             .map_err(|_| "the Node and StoreNode watches have not listed everything after 30 s".to_string())?
             .map_err(|e| e.to_string())?;
-        let nodes: Vec<Node> = self.nodes.state().iter().map(|n| (**n).clone()).collect();
-        let store_nodes = self.store_nodes.state();
-        Ok(machines_of(sc, &nodes, &disks_by_node(store_nodes.iter().map(|s| &**s))))
+        let (nodes, store_nodes) = (self.nodes.state(), self.store_nodes.state());
+        Ok(machines_of(sc, nodes.iter().map(|n| &**n), &disks_by_node(store_nodes.iter().map(|s| &**s))))
+    }
+
+    /// How many Nodes the cache holds.
+    pub fn node_count(&self) -> usize {
+        self.nodes.state().len()
     }
 
     /// The labels of the Node `name`, as last seen.

@@ -72,6 +72,10 @@ pub async fn delete_cluster<P: Platform>(
     let confirmed =
         spec.deletion_policy == cairn_resources::DeletionPolicy::Delete && spec.confirm_delete.as_deref() == Some(name);
     if !confirmed {
+        // Retained: the data stays, the cluster's etcd client goes with the StoreCluster.
+        if let Some(clients) = platform.etcd_clients() {
+            clients.forget(namespace, name);
+        }
         return Ok(true);
     }
     if !platform.delete_volumes().await? {

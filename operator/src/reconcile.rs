@@ -145,7 +145,11 @@ pub async fn run_controller(client: kube::Client, ctx: Arc<Context>) {
     use k8s_openapi::api::core::v1::Node;
     use kube::runtime::reflector::ObjectRef;
     use kube::runtime::{watcher, Controller};
-    let controller = Controller::new(Api::<StoreCluster>::all(client.clone()), watcher::Config::default());
+    // The StoreNode and Node watches that wake a reconcile are not the caches it reads its
+    // machines from: a second's debounce lets the caches take the same change first.
+    let config = kube::runtime::controller::Config::default().debounce(Duration::from_secs(1));
+    let controller =
+        Controller::new(Api::<StoreCluster>::all(client.clone()), watcher::Config::default()).with_config(config);
     let clusters = controller.store();
     // The clusters whose node selector takes a Node with any of these labels (all, when unknown).
     let selecting = move |labels: &[Option<BTreeMap<String, String>>]| -> Vec<ObjectRef<StoreCluster>> {
@@ -163,6 +167,7 @@ pub async fn run_controller(client: kube::Client, ctx: Arc<Context>) {
     // A Node's status is rewritten by its kubelet's heartbeats: only what a pass reads wakes it
     // (labels, cordon, readiness), for the clusters selecting it before or after the change.
     let seen: std::sync::Mutex<NodesSeen> = Default::default();
+    let nodes = ctx.caches.machines.clone();
     let by_node = move |node: Node| {
         let ready = node
             .status
@@ -171,7 +176,16 @@ pub async fn run_controller(client: kube::Client, ctx: Arc<Context>) {
             .and_then(|c| c.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone()));
         let key = format!("{:?}/{:?}", node.spec.as_ref().and_then(|s| s.unschedulable), ready);
         let labels = node.labels().clone();
-        let before = seen.lock().expect("seen").insert(node.name_any(), (key.clone(), labels.clone()));
+        let before = {
+            let mut seen = seen.lock().expect("seen");
+            let before = seen.insert(node.name_any(), (key.clone(), labels.clone()));
+            // Nodes gone from the cluster are forgotten (a deleted Node wakes no one: its
+            // machine is seen gone at the next pass).
+            if seen.len() > nodes.node_count() + 16 {
+                seen.retain(|name, _| nodes.node_labels(name).is_some());
+            }
+            before
+        };
         match before {
             Some((was, old)) if was == key && old == labels => Vec::new(),
             Some((_, old)) => selecting(&[Some(old), Some(labels)]),

@@ -68,6 +68,8 @@ pub struct PodNetwork {
     /// `10.X.Y`: Pods get `.2` on, the host (the bridge) has `.1`.
     prefix: String,
     next: Mutex<u8>,
+    /// Held for the network's life: its number (bridge name, subnet) is this process's.
+    _claim: std::fs::File,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -80,19 +82,25 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl PodNetwork {
-    /// A new bridge with a /24 of its own (chosen from the process id, so that concurrent tests
-    /// do not share one).
+    /// A new bridge with a /24 of its own: the first number whose lock file no one holds
+    /// (`/tmp/cairn-testkit-net-N.lock`, held while the network lives), so that concurrent tests
+    /// and processes never share a bridge or a subnet; a bridge left by a killed run with that
+    /// number is replaced.
     pub fn create() -> Self {
-        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = (std::process::id() % 50_000) * 4 + n % 4;
-        let bridge = format!("cb{id}");
-        let prefix = format!("10.{}.{}", 100 + id / 256 % 100, id % 256);
+        let (id, claim) = (0..4096u32)
+            .find_map(|id| {
+                let file = std::fs::File::create(format!("/tmp/cairn-testkit-net-{id}.lock")).ok()?;
+                rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+                Some((id, file))
+            })
+            .expect("a free network number");
+        let bridge = format!("ctk{id}");
+        let prefix = format!("10.{}.{}", 100 + id / 256, id % 256);
         let _ = ip(&["link", "del", &bridge]);
         ip(&["link", "add", &bridge, "type", "bridge"]).expect("a bridge (root, iproute2)");
         ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", &bridge]).expect("bridge address");
         ip(&["link", "set", &bridge, "up"]).expect("bridge up");
-        Self { bridge, prefix, next: Mutex::new(2) }
+        Self { bridge, prefix, next: Mutex::new(2), _claim: claim }
     }
 
     /// The host's address on the bridge: what Pods reach the API server and etcd on.
@@ -103,16 +111,26 @@ impl PodNetwork {
     /// A network namespace named `name` with a fresh address on the bridge.
     fn add(&self, name: &str) -> Result<String, String> {
         let address = {
-            let mut next = self.next.lock().unwrap();
+            let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let a = *next;
             *next = next.checked_add(1).filter(|n| *n < 255).unwrap_or(2);
             format!("{}.{a}", self.prefix)
         };
         let host_end = format!("v{}", &name[name.len().saturating_sub(13)..]);
+        // Its /etc/netns directory first: cleanup finds namespaces by those names.
+        std::fs::create_dir_all(format!("/etc/netns/{name}")).map_err(|e| e.to_string())?;
         let _ = ip(&["netns", "del", name]);
+        let made = self.connect(name, &host_end, &address);
+        if made.is_err() {
+            Self::remove(name);
+        }
+        made.map(|()| address)
+    }
+
+    fn connect(&self, name: &str, host_end: &str, address: &str) -> Result<(), String> {
         ip(&["netns", "add", name])?;
-        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", name])?;
-        ip(&["link", "set", &host_end, "master", &self.bridge, "up"])?;
+        ip(&["link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", name])?;
+        ip(&["link", "set", host_end, "master", &self.bridge, "up"])?;
         for args in [
             vec!["addr", "add", &format!("{address}/24"), "dev", "eth0"],
             vec!["link", "set", "eth0", "up"],
@@ -123,8 +141,7 @@ impl PodNetwork {
             all.extend(args.iter().map(|a| &**a));
             ip(&all)?;
         }
-        std::fs::create_dir_all(format!("/etc/netns/{name}")).map_err(|e| e.to_string())?;
-        Ok(address)
+        Ok(())
     }
 
     fn remove(name: &str) {
@@ -188,7 +205,7 @@ pub struct Nodes {
     shared: Arc<Mutex<Shared>>,
     network: Arc<PodNetwork>,
     logs: PathBuf,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<std::thread::JoinHandle<()>>,
     host_processes: Mutex<u32>,
 }
 
@@ -198,18 +215,20 @@ impl Nodes {
         std::fs::create_dir_all(logs).unwrap();
         api.hold_pod_deletions();
         let shared = Arc::new(Mutex::new(Shared { max_grace: Duration::from_secs(10), ..Shared::default() }));
+        // A thread of its own: the kubelet runs commands (`ip`) and probes that block, which
+        // must not hold up the test's runtime (where the API may be served).
         let task = {
             let (client, shared, network, logs) = (api.client(), shared.clone(), network.clone(), logs.to_owned());
-            tokio::spawn(async move {
-                loop {
-                    if shared.lock().unwrap().stop {
-                        return;
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+                runtime.block_on(async move {
+                    while !lock(&shared).stop {
+                        if let Err(e) = tick(&client, &shared, &network, &images, &logs).await {
+                            eprintln!("kubelet: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
                     }
-                    if let Err(e) = tick(&client, &shared, &network, &images, &logs).await {
-                        eprintln!("kubelet: {e}");
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
+                })
             })
         };
         Self {
@@ -233,18 +252,18 @@ impl Nodes {
         let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
                                        "addresses": [{"type": "InternalIP", "address": self.network.gateway()}]}});
         nodes.patch_status(&node.name, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
-        self.shared.lock().unwrap().nodes.insert(node.name.clone(), node);
+        lock(&self.shared).nodes.insert(node.name.clone(), node);
     }
 
     /// A node-pressure eviction: the kubelet kills the Pod's container and marks it Failed,
     /// reason Evicted. The Pod object stays, for its owner to replace.
     pub fn evict(&self, namespace: &str, pod: &str) {
-        self.shared.lock().unwrap().evict.insert((namespace.into(), pod.into()));
+        lock(&self.shared).evict.insert((namespace.into(), pod.into()));
     }
 
     /// Stops (or starts again) a node's kubelet: nothing starts there meanwhile.
     pub fn set_kubelet_running(&self, node: &str, running: bool) {
-        let mut shared = self.shared.lock().unwrap();
+        let mut shared = lock(&self.shared);
         if running {
             shared.stopped.remove(node);
         } else {
@@ -288,7 +307,7 @@ impl Nodes {
             format!("{}h{n}", self.network.bridge)
         };
         self.network.add(&netns).expect("network namespace");
-        let hosts = self.shared.lock().unwrap().hosts.clone();
+        let hosts = lock(&self.shared).hosts.clone();
         write_hosts(&netns, &hosts);
         let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).unwrap();
         let mut wrapped = Command::new("ip");
@@ -299,6 +318,7 @@ impl Nodes {
                 None => wrapped.env_remove(key),
             };
         }
+        die_with_parent(&mut wrapped);
         let child = wrapped.stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("ip netns exec");
         HostProcess { child, netns }
     }
@@ -306,17 +326,18 @@ impl Nodes {
 
 impl Drop for Nodes {
     fn drop(&mut self) {
-        let mut shared = self.shared.lock().unwrap();
-        shared.stop = true;
+        // The kubelet stops first (it may be starting a Pod), then what it ran goes.
+        lock(&self.shared).stop = true;
+        if let Some(task) = self.task.take() {
+            let _ = task.join();
+        }
+        let mut shared = lock(&self.shared);
         for (_, mut running) in std::mem::take(&mut shared.running) {
             if let Some(child) = running.child.as_mut() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
             PodNetwork::remove(&running.netns);
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
         }
         // Host processes' namespaces go with their handles; leftovers by name prefix.
         if let Ok(entries) = std::fs::read_dir("/etc/netns") {
@@ -328,6 +349,24 @@ impl Drop for Nodes {
             }
         }
     }
+}
+
+/// A process started here is killed when the thread that started it ends (a test killed before
+/// its cleanup ran leaves no Pod process behind).
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only the async-signal-safe prctl is called.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// The shared state, also after a panic elsewhere (cleanup must still run).
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Writes a namespace's hosts file in place (the same inode stays bind-mounted over
@@ -362,20 +401,39 @@ fn fits(pod: &Value, node: &Value) -> Result<(), String> {
         &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
     if let Some(terms) = terms.as_array() {
         let term_fits = |term: &Value| {
-            let field_ok = term["matchFields"].as_array().into_iter().flatten().all(|e| {
+            let fields = term["matchFields"].as_array().cloned().unwrap_or_default();
+            let expressions = term["matchExpressions"].as_array().cloned().unwrap_or_default();
+            // An empty term selects no node.
+            if fields.is_empty() && expressions.is_empty() {
+                return false;
+            }
+            let values = |e: &Value| -> Vec<String> {
+                e["values"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect()
+            };
+            let field_ok = fields.iter().all(|e| {
+                let has = values(e).iter().any(|v| v == name);
                 e["key"] == "metadata.name"
-                    && e["operator"] == "In"
-                    && e["values"].as_array().is_some_and(|v| v.iter().any(|v| v == name))
+                    && match e["operator"].as_str() {
+                        Some("In") => has,
+                        Some("NotIn") => !has,
+                        _ => false,
+                    }
             });
-            let labels_ok = term["matchExpressions"].as_array().into_iter().flatten().all(|e| {
+            let labels_ok = expressions.iter().all(|e| {
                 let have = labels[e["key"].as_str().unwrap_or_default()].as_str();
-                let values: Vec<&str> =
-                    e["values"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let values = values(e);
+                let number = |v: Option<&str>| v.and_then(|v| v.parse::<i64>().ok());
                 match e["operator"].as_str() {
-                    Some("In") => have.is_some_and(|h| values.contains(&h)),
-                    Some("NotIn") => have.is_none_or(|h| !values.contains(&h)),
+                    Some("In") => have.is_some_and(|h| values.iter().any(|v| v == h)),
+                    Some("NotIn") => have.is_none_or(|h| !values.iter().any(|v| v == h)),
                     Some("Exists") => have.is_some(),
                     Some("DoesNotExist") => have.is_none(),
+                    Some("Gt") => {
+                        number(have).zip(number(values.first().map(String::as_str))).is_some_and(|(h, v)| h > v)
+                    }
+                    Some("Lt") => {
+                        number(have).zip(number(values.first().map(String::as_str))).is_some_and(|(h, v)| h < v)
+                    }
                     _ => false,
                 }
             });
@@ -385,20 +443,24 @@ fn fits(pod: &Value, node: &Value) -> Result<(), String> {
             return Err("node affinity".into());
         }
     }
-    let tolerates = |key: &str, effect: &str| {
+    // As the scheduler matches a toleration to a taint: the same effect (or none given), the
+    // same key (an empty key with Exists: every key), and with Equal (the default) the same value.
+    let tolerates = |taint: &Value| {
         pod["spec"]["tolerations"].as_array().into_iter().flatten().any(|t| {
-            (t["key"] == key || t["key"].is_null() && t["operator"] == "Exists")
-                && (t["effect"].is_null() || t["effect"] == effect)
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            let effect_ok = text(&t["effect"]).is_empty() || t["effect"] == taint["effect"];
+            let exists = t["operator"] == "Exists";
+            let key_ok = if text(&t["key"]).is_empty() { exists } else { t["key"] == taint["key"] };
+            effect_ok && key_ok && (exists || text(&t["value"]) == text(&taint["value"]))
         })
     };
-    if node["spec"]["unschedulable"] == true && !tolerates("node.kubernetes.io/unschedulable", "NoSchedule") {
+    let cordon = json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"});
+    if node["spec"]["unschedulable"] == true && !tolerates(&cordon) {
         return Err("node is unschedulable (cordoned)".into());
     }
     for taint in node["spec"]["taints"].as_array().into_iter().flatten() {
         let effect = taint["effect"].as_str().unwrap_or_default();
-        if (effect == "NoSchedule" || effect == "NoExecute")
-            && !tolerates(taint["key"].as_str().unwrap_or_default(), effect)
-        {
+        if (effect == "NoSchedule" || effect == "NoExecute") && !tolerates(taint) {
             return Err(format!("untolerated taint {}", taint["key"]));
         }
     }
@@ -436,7 +498,7 @@ async fn tick(
     // Containers of Pods that are gone (force-deleted) stop.
     let present: BTreeSet<String> = pods.iter().map(|p| text(&p["metadata"]["uid"])).collect();
     {
-        let mut s = shared.lock().unwrap();
+        let mut s = lock(shared);
         let gone: Vec<String> = s.running.keys().filter(|uid| !present.contains(*uid)).cloned().collect();
         for uid in gone {
             let mut running = s.running.remove(&uid).expect("listed");
@@ -459,9 +521,7 @@ async fn tick(
         // The scheduler.
         let Some(node_name) = node_name else {
             if deleting {
-                let _ = namespaced(&ns)
-                    .delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
-                    .await;
+                let _ = namespaced(&ns).delete(&name, &gone(&uid)).await;
                 continue;
             }
             let mut why = Vec::new();
@@ -473,7 +533,7 @@ async fn tick(
                 }
             });
             let patch = match chosen {
-                Some(node) => json!({"spec": {"nodeName": node["metadata"]["name"]}}),
+                Some(node) => json!({"metadata": {"uid": uid}, "spec": {"nodeName": node["metadata"]["name"]}}),
                 None => {
                     let message = format!("0/{} nodes are available: {}", nodes.len(), why.join("; "));
                     let mut unschedulable = condition("PodScheduled", false);
@@ -482,7 +542,7 @@ async fn tick(
                     if pod["status"]["conditions"] == json!([unschedulable]) {
                         continue;
                     }
-                    let status = json!({"status": {"phase": "Pending", "conditions": [unschedulable]}});
+                    let status = json!({"metadata": {"uid": uid}, "status": {"phase": "Pending", "conditions": [unschedulable]}});
                     namespaced(&ns)
                         .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
                         .await
@@ -499,7 +559,7 @@ async fn tick(
 
         // The kubelet of that node.
         let (spec, stopped, evict) = {
-            let mut s = shared.lock().unwrap();
+            let mut s = lock(shared);
             let evict = s.evict.remove(&(ns.clone(), name.clone()));
             (s.nodes.get(&node_name).cloned(), s.stopped.contains(&node_name), evict)
         };
@@ -512,7 +572,7 @@ async fn tick(
         if deleting || evict {
             let grace = Duration::from_secs(pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
             let done = {
-                let mut s = shared.lock().unwrap();
+                let mut s = lock(shared);
                 let max_grace = s.max_grace;
                 match s.running.get_mut(&uid) {
                     Some(running) => {
@@ -549,15 +609,13 @@ async fn tick(
                     "conditions": [condition("Ready", false), condition("ContainersReady", false)],
                     "containerStatuses": [terminated]}}));
             } else if done && deleting {
-                let _ = namespaced(&ns)
-                    .delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
-                    .await;
+                let _ = namespaced(&ns).delete(&name, &gone(&uid)).await;
                 continue;
             }
         } else if ended {
             continue;
         } else {
-            let mut s = shared.lock().unwrap();
+            let mut s = lock(shared);
             let restart_policy = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always").to_owned();
             match s.running.get_mut(&uid) {
                 None => {
@@ -625,7 +683,9 @@ async fn tick(
                 }
             }
         }
-        if let Some(patch) = status_patch {
+        if let Some(mut patch) = status_patch {
+            // For this Pod only, not one re-created under its name meanwhile.
+            patch["metadata"] = json!({"uid": uid});
             if let Err(e) = namespaced(&ns).patch_status(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
                 eprintln!("kubelet: status of {ns}/{name}: {e}");
             }
@@ -635,7 +695,7 @@ async fn tick(
     // DNS as CoreDNS answers it, for every namespace.
     let mut hosts = String::from("127.0.0.1 localhost\n");
     {
-        let s = shared.lock().unwrap();
+        let s = lock(shared);
         for pod in &pods {
             let uid = text(&pod["metadata"]["uid"]);
             let Some(running) = s.running.get(&uid) else { continue };
@@ -658,7 +718,7 @@ async fn tick(
             }
         }
     }
-    let mut s = shared.lock().unwrap();
+    let mut s = lock(shared);
     if s.hosts != hosts {
         s.hosts = hosts.clone();
         let namespaces: Vec<String> = s.running.values().map(|r| r.netns.clone()).collect();
@@ -676,6 +736,16 @@ async fn tick(
         }
     }
     Ok(())
+}
+
+/// Delete options confirming that a Pod's containers are gone: grace period 0, for the Pod with
+/// this uid only.
+fn gone(uid: &str) -> DeleteParams {
+    DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(kube::api::Preconditions { uid: Some(uid.to_owned()), resource_version: None }),
+        ..Default::default()
+    }
 }
 
 /// Every object of a kind, as JSON.
@@ -719,7 +789,7 @@ fn start(
         Ok(address) => address,
         Err(e) => return json!({"status": {"phase": "Pending", "message": e}}),
     };
-    let hosts = shared.lock().unwrap().hosts.clone();
+    let hosts = lock(shared).hosts.clone();
     write_hosts(&netns, &hosts);
     let child = match spawn(pod, node, &netns, &address, images, logs) {
         Ok(child) => child,
@@ -728,7 +798,7 @@ fn start(
             return json!({"status": {"phase": "Pending", "message": e}});
         }
     };
-    shared.lock().unwrap().running.insert(
+    lock(shared).running.insert(
         uid,
         Running {
             child: Some(child),
@@ -811,5 +881,48 @@ fn spawn(
         command.env(name, value);
     }
     command.stdin(Stdio::null()).stdout(log.try_clone().map_err(|e| e.to_string())?).stderr(log);
+    die_with_parent(&mut command);
     command.spawn().map_err(|e| format!("ip netns exec: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, taints: Value, unschedulable: bool) -> Value {
+        json!({"metadata": {"name": name, "labels": {"zone": "a", "cores": "8"}},
+               "spec": {"taints": taints, "unschedulable": unschedulable}})
+    }
+
+    fn pod(affinity_term: Value, tolerations: Value) -> Value {
+        json!({"spec": {"tolerations": tolerations, "affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [affinity_term]}}}}})
+    }
+
+    /// The scheduler's rules: node affinity terms (empty ones select nothing), and tolerations
+    /// matched to taints by effect, key and value as upstream matches them.
+    #[test]
+    fn scheduling_follows_affinity_and_tolerations() {
+        let on = |name: &str| json!({"matchFields": [{"key": "metadata.name", "operator": "In", "values": [name]}]});
+        let free = node("n1", json!([]), false);
+        assert!(fits(&pod(on("n1"), json!([])), &free).is_ok());
+        assert!(fits(&pod(on("n2"), json!([])), &free).is_err());
+        let not_n1 = json!({"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["n1"]}]});
+        assert!(fits(&pod(not_n1, json!([])), &free).is_err());
+        assert!(fits(&pod(json!({}), json!([])), &free).is_err(), "an empty term selects no node");
+        let big = json!({"matchExpressions": [{"key": "cores", "operator": "Gt", "values": ["4"]}]});
+        assert!(fits(&pod(big, json!([])), &free).is_ok());
+
+        let tainted = node("n1", json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]), false);
+        let equal = |value: &str| json!([{"key": "dedicated", "operator": "Equal", "value": value}]);
+        assert!(fits(&pod(on("n1"), equal("db")), &tainted).is_ok());
+        assert!(fits(&pod(on("n1"), equal("web")), &tainted).is_err(), "another value is not tolerated");
+        assert!(fits(&pod(on("n1"), json!([{"operator": "Exists"}])), &tainted).is_ok(), "empty key + Exists: all");
+        let other_effect = json!([{"key": "dedicated", "operator": "Exists", "effect": "NoExecute"}]);
+        assert!(fits(&pod(on("n1"), other_effect), &tainted).is_err());
+        let cordoned = node("n1", json!([]), true);
+        assert!(fits(&pod(on("n1"), json!([])), &cordoned).is_err());
+        let unschedulable = json!([{"key": "node.kubernetes.io/unschedulable", "operator": "Exists"}]);
+        assert!(fits(&pod(on("n1"), unschedulable), &cordoned).is_ok());
+    }
 }

@@ -474,63 +474,90 @@ impl MemoryApi {
             Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message).map(|b| b.boxed_unsync()),
         };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+        // A bookmark names the kind and version of the watched resource, as the API server's do
+        // (clients decode it as a typed object), and marks the end of initial events only when
+        // they were asked for.
+        let (gv, plural) = (key.0.clone(), key.2.clone());
+        let kind =
+            self.state.lock().unwrap().resources().into_iter().find(|r| r.group_version == gv && r.plural == plural);
+        let kind = kind.map(|r| r.kind).unwrap_or_else(|| plural.clone());
+        let initial_events = param("sendInitialEvents").as_deref() == Some("true");
         let api = self.clone();
-        let stream = futures::stream::unfold((since, false), move |(last, done)| {
-            let (api, key, selector) = (api.clone(), key.clone(), selector.clone());
-            async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    let notified = api.changed.notified();
-                    tokio::pin!(notified);
-                    notified.as_mut().enable();
-                    {
-                        let state = api.state.lock().unwrap();
-                        if last + 1 < state.oldest_watchable && last != 0 {
-                            let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+        let first_bookmark = tokio::time::Instant::now() + BOOKMARK_INTERVAL;
+        let stream = futures::stream::unfold(
+            (since, false, first_bookmark),
+            move |(mut last, done, mut next_bookmark)| {
+                let (api, key, selector, kind, api_version) =
+                    (api.clone(), key.clone(), selector.clone(), kind.clone(), gv.clone());
+                async move {
+                    if done {
+                        return None;
+                    }
+                    loop {
+                        let notified = api.changed.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        {
+                            let state = api.state.lock().unwrap();
+                            if last + 1 < state.oldest_watchable && last != 0 {
+                                let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
                                 "status": "Failure", "reason": "Expired", "code": 410,
                                 "message": format!("too old resource version: {last} ({})", state.oldest_watchable)}});
-                            let line = format!("{gone}\n");
-                            return Some((Ok(http_body::Frame::data(Bytes::from(line))), (last, true)));
-                        }
-                        let (gv, ns, plural, _) = &key;
-                        let mut lines = String::new();
-                        let mut newest = last;
-                        for (version, k, kind, object) in state.events.iter().filter(|e| e.0 > last) {
-                            newest = *version;
-                            let matches = &k.0 == gv
-                                && &k.2 == plural
-                                && (ns.is_empty() || &k.1 == ns)
-                                && selector.matches(object);
-                            if matches {
-                                lines += &format!("{}\n", json!({"type": kind, "object": object}));
+                                let line = format!("{gone}\n");
+                                return Some((
+                                    Ok(http_body::Frame::data(Bytes::from(line))),
+                                    (last, true, next_bookmark),
+                                ));
+                            }
+                            let (gv, ns, plural, _) = &key;
+                            let mut lines = String::new();
+                            // Every change up to here is looked at under this one lock: a bookmark at
+                            // `last` can never skip one that matches.
+                            let from = last;
+                            for (version, k, kind, object) in state.events.iter().filter(|e| e.0 > from) {
+                                last = *version;
+                                let matches = &k.0 == gv
+                                    && &k.2 == plural
+                                    && (ns.is_empty() || &k.1 == ns)
+                                    && selector.matches(object);
+                                if matches {
+                                    lines += &format!("{}\n", json!({"type": kind, "object": object}));
+                                }
+                            }
+                            let now = tokio::time::Instant::now();
+                            if !lines.is_empty() {
+                                return Some((
+                                    Ok(http_body::Frame::data(Bytes::from(lines))),
+                                    (last, false, next_bookmark),
+                                ));
+                            }
+                            // Quiet for a while: a bookmark, so that the client's next watch starts
+                            // from here and not from a version that may be compacted by then.
+                            if bookmarks && now >= next_bookmark && now < deadline {
+                                let mut metadata = json!({"resourceVersion": last.max(state.next_version).to_string()});
+                                if initial_events {
+                                    metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+                                }
+                                let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version, "metadata": metadata}});
+                                last = last.max(state.next_version);
+                                next_bookmark = now + BOOKMARK_INTERVAL;
+                                let line = format!("{bookmark}\n");
+                                return Some((
+                                    Ok(http_body::Frame::data(Bytes::from(line))),
+                                    (last, false, next_bookmark),
+                                ));
                             }
                         }
-                        if !lines.is_empty() {
-                            return Some((Ok(http_body::Frame::data(Bytes::from(lines))), (newest, false)));
-                        }
-                    }
-                    // Quiet for a while: a bookmark, so that the client's next watch starts from
-                    // here and not from a version that may be compacted by then.
-                    let bookmark_at = (tokio::time::Instant::now() + BOOKMARK_INTERVAL).min(deadline);
-                    if tokio::time::timeout_at(bookmark_at, notified).await.is_err() {
-                        if !bookmarks || tokio::time::Instant::now() >= deadline {
+                        let wake = if bookmarks { next_bookmark.min(deadline) } else { deadline };
+                        if tokio::time::timeout_at(wake, notified).await.is_err()
+                            && tokio::time::Instant::now() >= deadline
+                        {
                             return None;
                         }
-                        let newest = api.state.lock().unwrap().next_version.max(last);
-                        let kind = key.2.clone();
-                        let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind,
-                            "metadata": {"resourceVersion": newest.to_string(),
-                                         "annotations": {"k8s.io/initial-events-end": "true"}}}});
-                        return Some((
-                            Ok(http_body::Frame::data(Bytes::from(format!("{bookmark}\n")))),
-                            (newest, false),
-                        ));
                     }
                 }
-            }
-        });
+            },
+        );
         Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/json")
@@ -671,7 +698,20 @@ impl MemoryApi {
                 parts.headers.remove(USER_HEADER);
                 let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
                 let token = header("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned));
-                if let Some(user) = header("impersonate-user").or(token) {
+                let impersonated = header("impersonate-user");
+                // A caller with a token impersonates only what RBAC lets it (`impersonate` users).
+                if let (Some(caller), Some(as_user)) = (&token, &impersonated) {
+                    let target = Target {
+                        key: ("v1".into(), String::new(), "users".into(), as_user.clone()),
+                        sub: Subresource::None,
+                    };
+                    if let Err(message) =
+                        Self::authorize(&mut api.state.lock().unwrap(), Some(caller), &["impersonate"], &target)
+                    {
+                        return status(StatusCode::FORBIDDEN, "Forbidden", &message).map(|b| b.boxed_unsync());
+                    }
+                }
+                if let Some(user) = impersonated.or(token) {
                     parts.headers.insert(USER_HEADER, http::HeaderValue::from_str(&user).expect("a header value"));
                 }
                 match axum::body::to_bytes(body, usize::MAX).await {
@@ -767,7 +807,11 @@ impl MemoryApi {
                     };
                     // generateName: the prefix and five characters of the API server's choosing.
                     if object["metadata"]["name"].as_str().unwrap_or_default().is_empty() {
-                        if let Some(prefix) = object["metadata"]["generateName"].as_str().map(str::to_owned) {
+                        if let Some(mut prefix) = object["metadata"]["generateName"].as_str().map(str::to_owned) {
+                            // As the API server: the prefix cut so that the name fits 63.
+                            while prefix.len() > 58 {
+                                prefix.pop();
+                            }
                             let suffix: String = format!("{:05x}", (state.next_uid * 2_654_435_761) % 0xfffff);
                             object["metadata"]["name"] = json!(format!("{prefix}{suffix}"));
                         }
@@ -841,6 +885,18 @@ impl MemoryApi {
                 // confirming that a Terminating Pod's containers are gone.
                 let force = query_param(uri.query().unwrap_or_default(), "gracePeriodSeconds").as_deref() == Some("0")
                     || patch["gracePeriodSeconds"] == 0;
+                // Preconditions: the object deleted must be the one meant (not one re-created
+                // under its name meanwhile).
+                if let Some(uid) = patch["preconditions"]["uid"].as_str() {
+                    let stored = state.objects.get(&key).and_then(|o| o["metadata"]["uid"].as_str().map(str::to_owned));
+                    if stored.as_deref().is_some_and(|stored| stored != uid) {
+                        let message = format!(
+                            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                            stored.unwrap_or_default()
+                        );
+                        return status(StatusCode::CONFLICT, "Conflict", &message);
+                    }
+                }
                 let answer = match state.delete(&key, force) {
                     Some(object) => ok(object),
                     None => not_found(&key),
@@ -878,6 +934,18 @@ impl MemoryApi {
                     _ => return not_found(&key),
                 };
                 let before = object.clone();
+                // A patch naming a uid is for that object only (a kubelet's status patch).
+                if let (Some(meant), Some(stored)) =
+                    (patch["metadata"]["uid"].as_str(), before["metadata"]["uid"].as_str())
+                {
+                    if meant != stored && !created {
+                        return status(
+                            StatusCode::CONFLICT,
+                            "Conflict",
+                            &format!("Precondition failed: UID in precondition: {meant}, UID in object meta: {stored}"),
+                        );
+                    }
+                }
                 if target.sub == Subresource::Status {
                     let new_status = patch.get("status").cloned().unwrap_or(Value::Null);
                     if apply || method == Method::PUT {
@@ -1001,9 +1069,27 @@ fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), Str
         }
     }
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    // Object names are DNS subdomains (RBAC objects excepted: path segments, `system:…`).
-    if !group_version.starts_with("rbac.authorization.k8s.io/") && !is_dns_subdomain(name) {
+    // Object names are DNS subdomains; RBAC objects' are path segments (`system:…` allowed).
+    if group_version.starts_with("rbac.authorization.k8s.io/") {
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('%') {
+            return Err(format!(
+                "metadata.name: Invalid value: \"{name}\": may not be '.' or '..' and may not contain '/' or '%'"
+            ));
+        }
+    } else if !is_dns_subdomain(name) {
         return Err(format!("metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"));
+    }
+    if plural == "customresourcedefinitions" {
+        let wanted = format!(
+            "{}.{}",
+            object["spec"]["names"]["plural"].as_str().unwrap_or_default(),
+            object["spec"]["group"].as_str().unwrap_or_default()
+        );
+        if name != wanted {
+            return Err(format!(
+                "metadata.name: Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group ({wanted})"
+            ));
+        }
     }
     if plural == "namespaces" && !is_dns_label(name) {
         return Err(format!("metadata.name: Invalid value: \"{name}\": a namespace name must be a DNS label"));
@@ -1043,9 +1129,17 @@ fn validate_custom(state: &State, gv: &str, plural: &str, object: &Value, old: O
     kube::core::cel::Validator::new().validate(schema, object, old).map_err(|e| e.to_string())
 }
 
-/// An RFC 1123 subdomain: at most 253 characters, DNS labels joined by dots.
+/// An RFC 1123 subdomain as the API server checks it: at most 253 characters of lower-case
+/// letters, digits, '-' and '.', each dot-separated part alphanumeric at both ends (the parts
+/// have no length limit of their own there).
 fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(part_ok)
 }
 
 /// An RFC 1123 label: at most 63 lower-case letters, digits and `-`, alphanumeric at both ends.
@@ -1240,6 +1334,37 @@ mod tests {
             assert_eq!(with_status.status.unwrap().phase.as_deref(), Some("Active"));
             assert_eq!(with_status.metadata.generation, Some(1), "status writes keep the generation");
             assert_eq!(api.status_writes("namespaces", "", "x"), 1);
+        });
+    }
+
+    /// kube-rs's watcher (which asks for bookmarks) reads this API's bookmarks as a real API
+    /// server's: no error across a quiet spell, and a change after it is delivered.
+    #[test]
+    fn watchers_take_bookmarks_and_miss_nothing() {
+        use futures::StreamExt;
+        use kube::runtime::watcher;
+        let rt = tokio_runtime();
+        rt.block_on(async {
+            let api = MemoryApi::new();
+            let maps: Api<ConfigMap> = Api::namespaced(api.client(), "ns1");
+            let apply = PatchParams::apply("test");
+            maps.patch("c", &apply, &Patch::Apply(config_map("1"))).await.unwrap();
+            let mut events = watcher(maps.clone(), watcher::Config::default()).boxed();
+            let quiet_until = tokio::time::Instant::now() + BOOKMARK_INTERVAL + std::time::Duration::from_secs(2);
+            let mut seen = Vec::new();
+            while let Ok(Some(event)) = tokio::time::timeout_at(quiet_until, events.next()).await {
+                seen.push(event.map(|_| ()).map_err(|e| e.to_string()));
+            }
+            assert!(seen.iter().all(Result::is_ok), "{seen:?}");
+            maps.patch("c", &apply, &Patch::Apply(config_map("2"))).await.unwrap();
+            let changed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                loop {
+                    if let Some(Ok(watcher::Event::Apply(cm))) = events.next().await {
+                        return cm.data.unwrap()["k"].clone();
+                    }
+                }
+            });
+            assert_eq!(changed.await.unwrap(), "2");
         });
     }
 

@@ -146,21 +146,33 @@ impl Rbac {
     }
 }
 
-/// A role's rules; for a ClusterRole with an `aggregationRule`, the rules of every ClusterRole
-/// its selectors match (and theirs, as the API server's aggregation controller chains them:
-/// `view` into `edit` into `admin`).
+/// A role's rules; for a ClusterRole with an `aggregationRule`, only the rules of every
+/// ClusterRole its selectors match (the aggregation controller overwrites the role's own), and
+/// theirs, as it chains them: `view` into `edit` into `admin`.
 fn aggregated_rules(docs: &[Value], role: &Value, depth: usize) -> Vec<Rule> {
-    let mut rules: Vec<Rule> = role["rules"].as_array().into_iter().flatten().map(Rule::from).collect();
     let selectors = role["aggregationRule"]["clusterRoleSelectors"].as_array().cloned().unwrap_or_default();
-    if depth > 8 || selectors.is_empty() {
-        return rules;
+    if role["aggregationRule"].is_null() || depth > 8 {
+        return role["rules"].as_array().into_iter().flatten().map(Rule::from).collect();
     }
+    let mut rules = Vec::new();
     for other in docs.iter().filter(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] != role["metadata"]["name"])
     {
         let matches = selectors.iter().any(|sel| {
-            sel["matchLabels"]
-                .as_object()
-                .is_some_and(|labels| labels.iter().all(|(k, v)| &other["metadata"]["labels"][k] == v))
+            let labels = &other["metadata"]["labels"];
+            let equal = sel["matchLabels"].as_object().into_iter().flatten().all(|(k, v)| &labels[k] == v);
+            let expressions = sel["matchExpressions"].as_array().into_iter().flatten().all(|e| {
+                let have = labels[e["key"].as_str().unwrap_or_default()].as_str();
+                let values: Vec<&str> =
+                    e["values"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                match e["operator"].as_str() {
+                    Some("In") => have.is_some_and(|h| values.contains(&h)),
+                    Some("NotIn") => have.is_none_or(|h| !values.contains(&h)),
+                    Some("Exists") => have.is_some(),
+                    Some("DoesNotExist") => have.is_none(),
+                    _ => false,
+                }
+            });
+            equal && expressions
         });
         if matches {
             rules.extend(aggregated_rules(docs, other, depth + 1));
@@ -179,12 +191,22 @@ metadata:
   labels: {rbac.authorization.k8s.io/aggregate-to-edit: "true"}
 aggregationRule:
   clusterRoleSelectors: [{matchLabels: {rbac.authorization.k8s.io/aggregate-to-view: "true"}}]
+rules: []
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: system:aggregate-to-view
+  labels: {rbac.authorization.k8s.io/aggregate-to-view: "true"}
 rules:
   - apiGroups: [""]
-    resources: [pods, services, configmaps, events, endpoints, persistentvolumeclaims]
+    resources: [pods, pods/log, pods/status, services, endpoints, configmaps, events, persistentvolumeclaims, serviceaccounts]
     verbs: [get, list, watch]
   - apiGroups: [events.k8s.io]
     resources: [events]
+    verbs: [get, list, watch]
+  - apiGroups: [apps]
+    resources: [deployments, daemonsets, statefulsets, replicasets]
     verbs: [get, list, watch]
   - apiGroups: [policy]
     resources: [poddisruptionbudgets]
@@ -197,10 +219,26 @@ metadata:
   labels: {rbac.authorization.k8s.io/aggregate-to-admin: "true"}
 aggregationRule:
   clusterRoleSelectors: [{matchLabels: {rbac.authorization.k8s.io/aggregate-to-edit: "true"}}]
+rules: []
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: system:aggregate-to-edit
+  labels: {rbac.authorization.k8s.io/aggregate-to-edit: "true"}
 rules:
   - apiGroups: [""]
-    resources: [pods, services, configmaps, secrets]
-    verbs: [create, delete, patch, update]
+    resources: [pods, pods/attach, pods/exec, pods/portforward, pods/proxy, services, services/proxy, configmaps, secrets, persistentvolumeclaims]
+    verbs: [create, delete, deletecollection, patch, update, get, list, watch]
+  - apiGroups: [""]
+    resources: [pods/eviction]
+    verbs: [create]
+  - apiGroups: [apps]
+    resources: [deployments, daemonsets, statefulsets, replicasets]
+    verbs: [create, delete, deletecollection, patch, update]
+  - apiGroups: [policy]
+    resources: [poddisruptionbudgets]
+    verbs: [create, delete, deletecollection, patch, update]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
@@ -208,6 +246,13 @@ metadata:
   name: admin
 aggregationRule:
   clusterRoleSelectors: [{matchLabels: {rbac.authorization.k8s.io/aggregate-to-admin: "true"}}]
+rules: []
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: system:aggregate-to-admin
+  labels: {rbac.authorization.k8s.io/aggregate-to-admin: "true"}
 rules:
   - apiGroups: [rbac.authorization.k8s.io]
     resources: [roles, rolebindings]

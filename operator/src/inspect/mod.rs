@@ -52,8 +52,18 @@ pub struct Selection {
 
 /// Where StoreClusters and machines are read from.
 pub enum Source {
-    Kubernetes { client: kube::Client, namespace: String, server: String },
-    Local { dir: PathBuf, state: Box<LocalState> },
+    Kubernetes {
+        client: kube::Client,
+        namespace: String,
+        server: String,
+        /// A datanode did not answer directly (outside the cluster its name does not resolve):
+        /// the others are read through the API server's proxy at once.
+        through_proxy: std::sync::atomic::AtomicBool,
+    },
+    Local {
+        dir: PathBuf,
+        state: Box<LocalState>,
+    },
 }
 
 type Result<T> = anyhow::Result<T>;
@@ -82,7 +92,7 @@ impl Source {
         let namespace = selection.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
         let server = config.cluster_url.to_string();
         let client = kube::Client::try_from(config).map_err(|e| anyhow::anyhow!("Kubernetes client: {e}"))?;
-        Ok(Source::Kubernetes { client, namespace, server })
+        Ok(Source::Kubernetes { client, namespace, server, through_proxy: Default::default() })
     }
 
     /// Reads a local cluster's state again (Kubernetes is read afresh by every call anyway).
@@ -102,7 +112,7 @@ impl Source {
                 }
                 _ => Ok(state.cluster.clone()),
             },
-            Source::Kubernetes { client, namespace, server } => {
+            Source::Kubernetes { client, namespace, server, .. } => {
                 let api: Api<StoreCluster> = Api::namespaced(client.clone(), namespace);
                 if let Some(name) = name {
                     if let Some(found) = api.get_opt(name).await.map_err(|e| kube_error(server, e))? {
@@ -156,14 +166,24 @@ impl Source {
         address: &str,
         path: &str,
     ) -> Option<T> {
-        if let Some(answer) = datanode_admin(address, path).await {
-            return Some(answer);
+        use std::sync::atomic::Ordering::Relaxed;
+        let proxy_only = matches!(self, Source::Kubernetes { through_proxy, .. } if through_proxy.load(Relaxed));
+        if !proxy_only {
+            if let Some(answer) = datanode_admin(address, path).await {
+                return Some(answer);
+            }
         }
-        let Source::Kubernetes { client, namespace, .. } = self else { return None };
+        let Source::Kubernetes { client, namespace, through_proxy, .. } = self else { return None };
         let pod = crate::kubernetes::pod_name(&sc.name_any(), node);
         let uri = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{}/proxy{path}", crate::kubernetes::API_PORT);
         let request = http::Request::get(uri).body(Vec::new()).ok()?;
-        tokio::time::timeout(std::time::Duration::from_secs(5), client.request::<T>(request)).await.ok()?.ok()
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(5), client.request::<T>(request)).await.ok()?.ok();
+        // Direct failed and the proxy answered: the proxy is the way from here.
+        if answer.is_some() {
+            through_proxy.store(true, Relaxed);
+        }
+        answer
     }
 
     async fn datanode_pods(&self, sc: &StoreCluster) -> Option<std::collections::BTreeMap<String, bool>> {
