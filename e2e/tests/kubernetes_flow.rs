@@ -69,7 +69,7 @@ async fn datanodes(api: &MemoryApi) -> BTreeMap<String, (String, bool, String)> 
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes() {
     let mut machine = Machine::new();
     let network = Arc::new(PodNetwork::create());
@@ -224,6 +224,34 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
     let out = ready("Ready after the eviction").await;
     assert!(out.contains("Replication: every replica live and caught up") || out.contains("phase Ready"), "{out}");
     read_all(nodes.endpoints("store", "c1").await).await;
+
+    // `kubectl drain` for maintenance: the datanode is evicted through the Eviction API (the
+    // PodDisruptionBudget allows one at a time), its replacement waits on the cordoned node (a
+    // cordon is not a decommission: the machine keeps its data), and runs again after `kubectl
+    // uncordon`.
+    let drained_uid = datanodes(&api).await["m2"].0.clone();
+    let (code, out, err) = kubectl.run(&["drain", "m2", "--ignore-daemonsets", "--timeout", "60s"]);
+    assert!(code == 0 && out.contains("pod/c1-m2 evicted") && out.contains("drained"), "{out}{err}");
+    eventually("m2's new datanode Pod waiting on the cordoned node", Duration::from_secs(60), || async {
+        let pods: Api<Pod> = Api::namespaced(api.client(), "store");
+        let replacement = pods.list(&ListParams::default()).await.unwrap().items.into_iter().find(|p| {
+            p.metadata.annotations.as_ref().is_some_and(|a| a["cairn.dev/node"] == "m2")
+                && p.metadata.uid.as_deref() != Some(&drained_uid)
+        });
+        let status = replacement.as_ref().and_then(|p| p.status.clone()).unwrap_or_default();
+        let unschedulable =
+            status.conditions.unwrap_or_default().iter().any(|c| c.reason.as_deref() == Some("Unschedulable"));
+        seen(unschedulable && status.phase.as_deref() == Some("Pending"), (), &replacement)
+    })
+    .await;
+    read_all(nodes.endpoints("store", "c1").await).await;
+    kubectl.ok(&["uncordon", "m2"]);
+    eventually("m2's datanode running again", Duration::from_secs(120), || async {
+        let pods = datanodes(&api).await;
+        seen(pods.get("m2").is_some_and(|(uid, ready, _)| *uid != drained_uid && *ready), (), &pods)
+    })
+    .await;
+    ready("Ready after the maintenance drain").await;
 
     // A machine drained by its label: its replicas move, its datanode goes, every blob stays.
     kubectl.ok(&["label", "node", "m3", "cairn.dev/decommission=true"]);

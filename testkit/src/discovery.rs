@@ -46,7 +46,7 @@ pub fn builtin() -> Vec<Resource> {
         columns: Vec::new(),
     };
     vec![
-        r("v1", "pods", "Pod", true, &["po"], &["status", "eviction"]),
+        r("v1", "pods", "Pod", true, &["po"], &["status", "eviction", "proxy"]),
         r("v1", "services", "Service", true, &["svc"], &["status"]),
         r("v1", "endpoints", "Endpoints", true, &["ep"], &[]),
         r("v1", "configmaps", "ConfigMap", true, &["cm"], &[]),
@@ -57,6 +57,8 @@ pub fn builtin() -> Vec<Resource> {
         r("v1", "nodes", "Node", false, &["no"], &["status"]),
         r("apps/v1", "deployments", "Deployment", true, &["deploy"], &["status"]),
         r("apps/v1", "daemonsets", "DaemonSet", true, &["ds"], &["status"]),
+        r("apps/v1", "statefulsets", "StatefulSet", true, &["sts"], &["status", "scale"]),
+        r("apps/v1", "replicasets", "ReplicaSet", true, &["rs"], &["status", "scale"]),
         r("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget", true, &["pdb"], &["status"]),
         r("coordination.k8s.io/v1", "leases", "Lease", true, &[], &[]),
         r("events.k8s.io/v1", "events", "Event", true, &["ev"], &[]),
@@ -115,13 +117,29 @@ pub fn document(path: &str, resources: &[Resource]) -> Option<Value> {
             out.push(json!({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
                             "kind": r.kind, "verbs": verbs, "shortNames": r.short_names}));
             for sub in &r.subresources {
-                let (kind, verbs) = match sub.as_str() {
-                    "eviction" => ("Eviction", json!(["create"])),
-                    "scale" => ("Scale", json!(["get", "patch", "update"])),
-                    _ => (r.kind.as_str(), json!(["get", "patch", "update"])),
-                };
-                out.push(json!({"name": format!("{}/{sub}", r.plural), "singularName": "", "namespaced": r.namespaced,
-                                "kind": kind, "verbs": verbs}));
+                let mut entry = json!({"name": format!("{}/{sub}", r.plural), "singularName": "", "namespaced": r.namespaced,
+                                       "kind": r.kind, "verbs": ["get", "patch", "update"]});
+                // kubectl drain looks for this entry's group and version before it evicts
+                // (without them it deletes, and no PodDisruptionBudget is asked).
+                match sub.as_str() {
+                    "eviction" => {
+                        entry["kind"] = json!("Eviction");
+                        entry["verbs"] = json!(["create"]);
+                        entry["group"] = json!("policy");
+                        entry["version"] = json!("v1");
+                    }
+                    "scale" => {
+                        entry["kind"] = json!("Scale");
+                        entry["group"] = json!("autoscaling");
+                        entry["version"] = json!("v1");
+                    }
+                    "proxy" => {
+                        entry["kind"] = json!("PodProxyOptions");
+                        entry["verbs"] = json!(["create", "delete", "get", "patch", "update"]);
+                    }
+                    _ => {}
+                }
+                out.push(entry);
             }
         }
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out})

@@ -419,24 +419,7 @@ fn fits(pod: &Value, node: &Value) -> Result<(), String> {
                         _ => false,
                     }
             });
-            let labels_ok = expressions.iter().all(|e| {
-                let have = labels[e["key"].as_str().unwrap_or_default()].as_str();
-                let values = values(e);
-                let number = |v: Option<&str>| v.and_then(|v| v.parse::<i64>().ok());
-                match e["operator"].as_str() {
-                    Some("In") => have.is_some_and(|h| values.iter().any(|v| v == h)),
-                    Some("NotIn") => have.is_none_or(|h| !values.iter().any(|v| v == h)),
-                    Some("Exists") => have.is_some(),
-                    Some("DoesNotExist") => have.is_none(),
-                    Some("Gt") => {
-                        number(have).zip(number(values.first().map(String::as_str))).is_some_and(|(h, v)| h > v)
-                    }
-                    Some("Lt") => {
-                        number(have).zip(number(values.first().map(String::as_str))).is_some_and(|(h, v)| h < v)
-                    }
-                    _ => false,
-                }
-            });
+            let labels_ok = expressions.iter().all(|e| crate::selector::requirement_matches(labels, e));
             field_ok && labels_ok
         };
         if !terms.iter().any(term_fits) {

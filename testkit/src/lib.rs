@@ -29,6 +29,7 @@ pub mod etcd;
 pub mod kubelet;
 pub mod machine;
 pub mod rbac;
+pub mod selector;
 pub mod ssa;
 
 /// Deterministic pseudo-random bytes (xorshift), the same for a seed everywhere.
@@ -147,32 +148,74 @@ impl State {
                     .as_array()
                     .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
         };
-        let selects = |pdb: &Value, p: &Value| {
-            pdb["spec"]["selector"]["matchLabels"]
-                .as_object()
-                .is_some_and(|labels| labels.iter().all(|(k, v)| &p["metadata"]["labels"][k] == v))
-        };
+        let selects =
+            |pdb: &Value, p: &Value| selector::selector_matches(&pdb["spec"]["selector"], &p["metadata"]["labels"]);
         let too_many = |message: String| (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message);
-        for (pdb_key, pdb) in
-            self.objects.iter().filter(|(k, _)| k.0 == "policy/v1" && k.1 == key.1 && k.2 == "poddisruptionbudgets")
-        {
-            if !selects(pdb, &pod) {
-                continue;
-            }
-            if !pdb["spec"]["maxUnavailable"].is_null() {
-                return Err(too_many(format!("Cannot evict pod as it would violate the pod's disruption budget {}: maxUnavailable needs the Pods' controller to have a scale subresource", pdb_key.3)));
-            }
-            let healthy = self
+        let budgets: Vec<(&Key, &Value)> = self
+            .objects
+            .iter()
+            .filter(|(k, pdb)| {
+                k.0 == "policy/v1" && k.1 == key.1 && k.2 == "poddisruptionbudgets" && selects(pdb, &pod)
+            })
+            .collect();
+        if budgets.len() > 1 {
+            let message =
+                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.";
+            return Err((StatusCode::INTERNAL_SERVER_ERROR, "InternalError", message.into()));
+        }
+        if let (Some((pdb_key, pdb)), true) = (budgets.first(), ready(&pod)) {
+            let selected: Vec<&Value> = self
                 .objects
                 .iter()
-                .filter(|(k, p)| k.1 == key.1 && k.2 == "pods" && selects(pdb, p) && ready(p))
-                .count();
-            let min = pdb["spec"]["minAvailable"].as_u64().unwrap_or(0) as usize;
-            if ready(&pod) && healthy <= min {
-                return Err(too_many(format!(
-                    "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget {} needs {min} healthy pods and has {healthy} currently",
-                    pdb_key.3
-                )));
+                .filter(|(k, p)| k.1 == key.1 && k.2 == "pods" && selects(pdb, p))
+                .map(|(_, p)| p)
+                .collect();
+            let healthy = selected.iter().filter(|p| ready(p)).count();
+            // How many Pods there should be: the scale of their controllers, which only the
+            // built-in ones (with `/scale`) report here; a budget that needs it for others
+            // allows no disruption, as the disruption controller does.
+            let scalable = |p: &&Value| {
+                p["metadata"]["ownerReferences"].as_array().into_iter().flatten().any(|o| {
+                    o["controller"] == true
+                        && ["StatefulSet", "ReplicaSet", "ReplicationController"]
+                            .contains(&o["kind"].as_str().unwrap_or_default())
+                })
+            };
+            let expected = selected.iter().all(scalable).then_some(selected.len());
+            // An integer or a percentage of the expected Pods (rounded up for minAvailable).
+            let amount = |v: &Value, round_up: bool| -> Option<usize> {
+                match v {
+                    Value::Number(n) => n.as_u64().map(|n| n as usize),
+                    Value::String(p) => {
+                        let percent: usize = p.strip_suffix('%')?.parse().ok()?;
+                        let of = expected? * percent;
+                        Some(if round_up { of.div_ceil(100) } else { of / 100 })
+                    }
+                    _ => None,
+                }
+            };
+            let spec = &pdb["spec"];
+            let desired_healthy = if !spec["minAvailable"].is_null() {
+                amount(&spec["minAvailable"], true)
+            } else if !spec["maxUnavailable"].is_null() {
+                expected.zip(amount(&spec["maxUnavailable"], false)).map(|(e, max)| e.saturating_sub(max))
+            } else {
+                Some(0)
+            };
+            match desired_healthy {
+                Some(desired) if healthy > desired => {}
+                Some(desired) => {
+                    return Err(too_many(format!(
+                        "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget {} needs {desired} healthy pods and has {healthy} currently",
+                        pdb_key.3
+                    )))
+                }
+                None => {
+                    return Err(too_many(format!(
+                        "Cannot evict pod as it would violate the pod's disruption budget {}: its Pods' controller has no scale subresource, so a percentage or maxUnavailable allows no disruption",
+                        pdb_key.3
+                    )))
+                }
             }
         }
         Ok(self.delete(key, false).expect("present"))
@@ -469,7 +512,7 @@ impl MemoryApi {
         let since: u64 = param("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
         let timeout = param("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(60u64);
         let bookmarks = param("allowWatchBookmarks").as_deref() == Some("true");
-        let selector = match Selector::of(query) {
+        let selector = match Selector::of(query, &key.2) {
             Ok(selector) => selector,
             Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message).map(|b| b.boxed_unsync()),
         };
@@ -781,7 +824,7 @@ impl MemoryApi {
             return match method {
                 Method::GET => {
                     let (gv, ns, plural, _) = &target.key;
-                    let selector = match Selector::of(uri.query().unwrap_or_default()) {
+                    let selector = match Selector::of(uri.query().unwrap_or_default(), &target.key.2) {
                         Ok(selector) => selector,
                         Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", &message),
                     };
@@ -796,8 +839,11 @@ impl MemoryApi {
                     if let Some(resource) = table_of(&state, headers, &target.key) {
                         return ok(discovery::table(&resource, &items, &version, k8s_openapi::jiff::Timestamp::now()));
                     }
+                    // `<Kind>List`, as the API server names a collection (client-go decodes by it).
+                    let kind = state.resources().into_iter().find(|r| &r.group_version == gv && &r.plural == plural);
+                    let kind = kind.map(|r| format!("{}List", r.kind)).unwrap_or_else(|| "List".into());
                     ok(
-                        json!({"apiVersion": gv, "kind": "List", "metadata": {"resourceVersion": version}, "items": items}),
+                        json!({"apiVersion": gv, "kind": kind, "metadata": {"resourceVersion": version}, "items": items}),
                     )
                 }
                 Method::POST => {
@@ -1170,52 +1216,76 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
-/// What a list or watch selects: `labelSelector` equality (`a=b`, `a==b`) and existence (`c`)
-/// terms, and `fieldSelector` terms on `metadata.name` and `metadata.namespace` (what kubectl's
-/// `delete --wait` and `get NAME --watch` use).
+/// What a list or watch selects: `labelSelector` terms (`a=b`, `a==b`, `a!=b`, `a`, `!a`) and
+/// `fieldSelector` terms (`=`, `==`, `!=`) on `metadata.name` and `metadata.namespace`, and for
+/// Pods `spec.nodeName`, `status.phase` and `status.podIP` (what `kubectl drain` and `delete
+/// --wait` use). Set-based label terms (`in`, `notin`) are refused (400), not misread.
 #[derive(Clone, Default)]
 struct Selector {
-    labels: Vec<(String, Option<String>)>,
-    fields: Vec<(String, String)>,
+    /// (label, wanted value or none for existence, whether the term is negated).
+    labels: Vec<(String, Option<String>, bool)>,
+    /// (JSON pointer of the field, value, whether negated).
+    fields: Vec<(String, String, bool)>,
 }
 
 impl Selector {
-    fn of(query: &str) -> Result<Self, String> {
+    fn of(query: &str, plural: &str) -> Result<Self, String> {
         let terms = |name: &str| {
             query_param(query, name)
-                .map(|v| v.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect::<Vec<_>>())
+                .map(|v| v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect::<Vec<_>>())
                 .unwrap_or_default()
         };
-        let labels = terms("labelSelector")
-            .into_iter()
-            .map(|term| match term.split_once('=') {
-                Some((k, v)) => (k.to_owned(), Some(v.trim_start_matches('=').to_owned())),
-                None => (term, None),
-            })
-            .collect();
+        // `key!=v`, `key==v`, `key=v`: (key, value, negated).
+        let split = |term: &str| -> Option<(String, String, bool)> {
+            if let Some((k, v)) = term.split_once("!=") {
+                return Some((k.trim().to_owned(), v.trim().to_owned(), true));
+            }
+            let (k, v) = term.split_once('=')?;
+            Some((k.trim().to_owned(), v.trim_start_matches('=').trim().to_owned(), false))
+        };
+        let mut labels = Vec::new();
+        for term in terms("labelSelector") {
+            if term.contains(" in ") || term.contains(" notin ") || term.contains('(') {
+                return Err(format!("set-based label selector {term:?} is not supported by this test API"));
+            }
+            labels.push(match split(&term) {
+                Some((k, v, negated)) => (k, Some(v), negated),
+                None => match term.strip_prefix('!') {
+                    Some(k) => (k.trim().to_owned(), None, true),
+                    None => (term, None, false),
+                },
+            });
+        }
         let mut fields = Vec::new();
         for term in terms("fieldSelector") {
-            let Some((field, value)) = term.split_once('=') else {
+            let Some((field, value, negated)) = split(&term) else {
                 return Err(format!("invalid field selector {term:?}"));
             };
-            if !["metadata.name", "metadata.namespace"].contains(&field) {
-                return Err(format!("field label not supported: {field}"));
-            }
-            fields.push((field.to_owned(), value.trim_start_matches('=').to_owned()));
+            let pointer = match (field.as_str(), plural) {
+                ("metadata.name", _) => "/metadata/name",
+                ("metadata.namespace", _) => "/metadata/namespace",
+                ("spec.nodeName", "pods") => "/spec/nodeName",
+                ("status.phase", "pods") => "/status/phase",
+                ("status.podIP", "pods") => "/status/podIP",
+                _ => return Err(format!("field label not supported: {field}")),
+            };
+            fields.push((pointer.to_owned(), value, negated));
         }
         Ok(Self { labels, fields })
     }
 
     fn matches(&self, object: &Value) -> bool {
-        self.labels.iter().all(|(label, want)| {
+        self.labels.iter().all(|(label, want, negated)| {
             let have = object["metadata"]["labels"][label].as_str();
-            match want {
+            let holds = match want {
                 Some(want) => have == Some(want.as_str()),
                 None => have.is_some(),
-            }
-        }) && self.fields.iter().all(|(field, want)| {
-            let (_, name) = field.split_once('.').expect("metadata.x");
-            object["metadata"][name].as_str().unwrap_or_default() == want
+            };
+            // `a!=b` also selects objects without `a`, as Kubernetes does.
+            holds != *negated
+        }) && self.fields.iter().all(|(pointer, want, negated)| {
+            let have = object.pointer(pointer).and_then(Value::as_str).unwrap_or_default();
+            (have == want) != *negated
         })
     }
 }

@@ -157,23 +157,7 @@ fn aggregated_rules(docs: &[Value], role: &Value, depth: usize) -> Vec<Rule> {
     let mut rules = Vec::new();
     for other in docs.iter().filter(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] != role["metadata"]["name"])
     {
-        let matches = selectors.iter().any(|sel| {
-            let labels = &other["metadata"]["labels"];
-            let equal = sel["matchLabels"].as_object().into_iter().flatten().all(|(k, v)| &labels[k] == v);
-            let expressions = sel["matchExpressions"].as_array().into_iter().flatten().all(|e| {
-                let have = labels[e["key"].as_str().unwrap_or_default()].as_str();
-                let values: Vec<&str> =
-                    e["values"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                match e["operator"].as_str() {
-                    Some("In") => have.is_some_and(|h| values.contains(&h)),
-                    Some("NotIn") => have.is_none_or(|h| !values.contains(&h)),
-                    Some("Exists") => have.is_some(),
-                    Some("DoesNotExist") => have.is_none(),
-                    _ => false,
-                }
-            });
-            equal && expressions
-        });
+        let matches = selectors.iter().any(|sel| crate::selector::selector_matches(sel, &other["metadata"]["labels"]));
         if matches {
             rules.extend(aggregated_rules(docs, other, depth + 1));
         }
