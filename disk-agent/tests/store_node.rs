@@ -33,7 +33,8 @@ async fn status_follows_the_disks_and_is_written_only_on_change() {
     );
 
     // The agent runs as its ServiceAccount under the chart's RBAC (403 for what is not granted).
-    let kubernetes = MemoryApi::new().with_rbac(Rbac::from_manifests(&rendered_chart()));
+    use kube::CustomResourceExt;
+    let kubernetes = MemoryApi::new().with_rbac(Rbac::from_manifests(&rendered_chart())).with_crd(&StoreNode::crd());
     let status_writes = || kubernetes.status_writes("storenodes", "", "node-1");
     let publisher = StoreNodePublisher::new(kubernetes.client_as(&disk_agent_user()), "node-1");
     let api: Api<StoreNode> = Api::all(kubernetes.client());

@@ -68,7 +68,10 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let plan_secs = started.elapsed().as_secs_f64();
 
     // The same through the controller's reconcile, against an in-memory API and real etcd.
-    let memory = MemoryApi::new();
+    let memory = {
+        use kube::CustomResourceExt;
+        MemoryApi::new().with_crd(&StoreCluster::crd()).with_crd(&StoreNode::crd())
+    };
     let kube = memory.client();
     let nodes: Api<Node> = Api::all(kube.clone());
     let store_nodes: Api<StoreNode> = Api::all(kube.clone());

@@ -78,4 +78,18 @@ async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
     kubectl.ok(&["delete", "-f", &repo("examples/storecluster.yaml"), "--timeout", "20s"]);
     let out = kubectl.ok(&["get", "storeclusters", "-A"]);
     assert!(!out.contains("blobs"), "{out}");
+
+    // Without the CRDs there is no such resource (and a StoreCluster cannot be written).
+    kubectl.ok(&["apply", "--server-side", "-f", &repo("examples/storecluster.yaml")]);
+    kubectl.ok(&["delete", "-f", &repo("crds/")]);
+    let (code, _, err) = kubectl.run(&["get", "storeclusters", "-A"]);
+    assert_ne!(code, 0);
+    // (kubectl's discovery cache may still know the resource: then the server's 404 says it.)
+    let gone = err.contains("the server doesn't have a resource type \"storeclusters\"")
+        || err.contains("could not find the requested resource");
+    assert!(gone, "{err}");
+    // Applied again, the CRD is empty: the StoreCluster went with it.
+    kubectl.ok(&["apply", "--server-side", "-f", &repo("crds/")]);
+    let out = kubectl.ok(&["get", "storeclusters", "-A"]);
+    assert!(!out.contains("blobs"), "{out}");
 }

@@ -129,6 +129,24 @@ impl State {
             if let Some(uid) = object["metadata"]["uid"].as_str() {
                 self.collect_garbage(uid);
             }
+            // A CRD gone takes its objects and its schemas with it.
+            if key.2 == "customresourcedefinitions" {
+                for resource in discovery::from_crd(&object) {
+                    self.schemas.remove(&(resource.group_version.clone(), resource.plural.clone()));
+                    let objects: Vec<Key> = self
+                        .objects
+                        .keys()
+                        .filter(|k| k.0 == resource.group_version && k.2 == resource.plural)
+                        .cloned()
+                        .collect();
+                    for k in objects {
+                        if let Some(gone) = self.objects.remove(&k) {
+                            self.next_version += 1;
+                            self.record(&k, "DELETED", &gone);
+                        }
+                    }
+                }
+            }
         }
         Some(object)
     }
@@ -233,6 +251,22 @@ impl State {
         }
         *object = checked;
         Ok(())
+    }
+
+    /// Whether the API serves this resource at this scope: a built-in one, or one of a stored
+    /// CRD; a namespaced resource in a namespace (or listed across all), a cluster-scoped one
+    /// without. Anything else is a 404, as before its CRD is applied on a real cluster.
+    fn served(&self, key: &Key, collection: bool) -> Result<(), String> {
+        let (gv, ns, plural, _) = key;
+        let Some(resource) = self.resources().into_iter().find(|r| &r.group_version == gv && &r.plural == plural)
+        else {
+            return Err(format!("the server could not find the requested resource ({gv} {plural})"));
+        };
+        match (resource.namespaced, ns.is_empty()) {
+            (false, false) => Err(format!("{plural} is cluster-scoped: not in a namespace")),
+            (true, true) if !collection => Err(format!("{plural} is namespaced: name a namespace")),
+            _ => Ok(()),
+        }
     }
 
     /// A stored CRD: its schemas validate (CEL rules) and prune its objects from now on, and its
@@ -400,6 +434,9 @@ impl MemoryApi {
         let watching = method == Method::GET && query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
         if watching {
             if let Some((target, true)) = parse_path(uri.path()) {
+                if let Err(message) = self.state.lock().unwrap().served(&target.key, true) {
+                    return status(StatusCode::NOT_FOUND, "NotFound", &message).map(|b| b.boxed_unsync());
+                }
                 // Authorized as any request (verb `watch`).
                 let user = headers.get(USER_HEADER).and_then(|v| v.to_str().ok());
                 let denied = Self::authorize(&mut self.state.lock().unwrap(), user, &["watch"], &target).err();
@@ -788,6 +825,9 @@ impl MemoryApi {
         let Some((target, collection)) = parse_path(uri.path()) else {
             return status(StatusCode::NOT_FOUND, "NotFound", &format!("no route {}", uri.path()));
         };
+        if let Err(message) = self.state.lock().unwrap().served(&target.key, collection) {
+            return status(StatusCode::NOT_FOUND, "NotFound", &message);
+        }
         let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
         let mut state = self.state.lock().unwrap();
         let user = headers.get(USER_HEADER).and_then(|v| v.to_str().ok());
