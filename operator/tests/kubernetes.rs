@@ -323,7 +323,16 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     let nodes: Api<Node> = Api::all(kube.clone());
     let bare = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n3"}});
     nodes.patch("n3", &PatchParams::apply("test"), &Patch::Apply(bare)).await.unwrap();
-    memory.hold_pod_deletions(); // Pods stay Terminating through their grace period
+    // The datanodes run (scheduled, started, as a kubelet would have them): deleted, they stay
+    // Terminating through their grace period.
+    for pod in pods.list(&Default::default()).await.unwrap().items {
+        let node = pod.annotations()["cairn.dev/node"].clone();
+        let name = pod.name_any();
+        pods.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"nodeName": node}}))).await.unwrap();
+        let running = json!({"status": {"phase": "Running"}});
+        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(running)).await.unwrap();
+    }
+    memory.hold_pod_deletions();
     api.delete("c1", &DeleteParams::default()).await.unwrap();
     let pass = || async {
         let sc = api.get("c1").await.unwrap();

@@ -227,13 +227,7 @@ pub fn wants_table(accept: &str) -> bool {
 pub fn table(resource: &Resource, items: &[Value], resource_version: &str, now: jiff::Timestamp) -> Value {
     let age = |v: &Value| {
         let Some(t) = v.as_str().and_then(|s| s.parse::<jiff::Timestamp>().ok()) else { return json!("<unknown>") };
-        let seconds = now.duration_since(t).as_secs().max(0);
-        json!(match seconds {
-            s if s < 120 => format!("{s}s"),
-            s if s < 7200 => format!("{}m", s / 60),
-            s if s < 172_800 => format!("{}h", s / 3600),
-            s => format!("{}d", s / 86400),
-        })
+        json!(human_duration(now.duration_since(t).as_secs()))
     };
     let pod = resource.group_version == "v1" && resource.plural == "pods";
     let mut columns = vec![json!({"name": "Name", "type": "string", "format": "name", "priority": 0,
@@ -267,12 +261,23 @@ pub fn table(resource: &Resource, items: &[Value], resource_version: &str, now: 
                 let containers = item["spec"]["containers"].as_array().map(Vec::len).unwrap_or(0);
                 let ready = statuses.iter().filter(|s| s["ready"] == true).count();
                 let restarts: u64 = statuses.iter().filter_map(|s| s["restartCount"].as_u64()).sum();
-                let phase = if !item["metadata"]["deletionTimestamp"].is_null() {
-                    "Terminating".to_owned()
-                } else {
-                    let reason = item["status"]["reason"].as_str();
-                    reason.or(item["status"]["phase"].as_str()).unwrap_or("Pending").to_owned()
-                };
+                // As kubectl's printPod: the phase, or the Pod's reason, or a container's
+                // waiting or terminated reason; Terminating while being deleted.
+                let mut phase = item["status"]["reason"]
+                    .as_str()
+                    .or(item["status"]["phase"].as_str())
+                    .unwrap_or("Pending")
+                    .to_owned();
+                for status in &statuses {
+                    let state = &status["state"];
+                    if let Some(reason) = state["waiting"]["reason"].as_str().or(state["terminated"]["reason"].as_str())
+                    {
+                        phase = reason.to_owned();
+                    }
+                }
+                if !item["metadata"]["deletionTimestamp"].is_null() {
+                    phase = "Terminating".to_owned();
+                }
                 cells.extend([
                     json!(format!("{ready}/{containers}")),
                     json!(phase),
@@ -302,6 +307,34 @@ pub fn table(resource: &Resource, items: &[Value], resource_version: &str, now: 
         .collect();
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": resource_version},
            "columnDefinitions": columns, "rows": rows})
+}
+
+/// A duration as kubectl shows ages (apimachinery's `duration.HumanDuration`): `45s`, `2m5s`,
+/// `150m`, `5h30m`, `3d4h`, `2y10d`.
+pub fn human_duration(seconds: i64) -> String {
+    if seconds < -1 {
+        return "<invalid>".into();
+    }
+    let s = seconds.max(0);
+    let (minutes, hours) = (s / 60, s / 3600);
+    let with = |big: i64, unit: &str, small: i64, small_unit: &str| {
+        if small == 0 {
+            format!("{big}{unit}")
+        } else {
+            format!("{big}{unit}{small}{small_unit}")
+        }
+    };
+    match () {
+        _ if s < 120 => format!("{s}s"),
+        _ if minutes < 10 => with(minutes, "m", s % 60, "s"),
+        _ if minutes < 180 => format!("{minutes}m"),
+        _ if hours < 8 => with(hours, "h", minutes % 60, "m"),
+        _ if hours < 48 => format!("{hours}h"),
+        _ if hours < 24 * 8 => with(hours / 24, "d", hours % 24, "h"),
+        _ if hours < 24 * 365 * 2 => format!("{}d", hours / 24),
+        _ if hours < 24 * 365 * 8 => with(hours / 24 / 365, "y", (hours / 24) % 365, "d"),
+        _ => format!("{}y", hours / 24 / 365),
+    }
 }
 
 /// Prunes what a structural schema does not declare, as the API server does for custom
@@ -397,5 +430,17 @@ mod tests {
             table["columnDefinitions"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["Name", "Phase", "Ready", "Nodes", "Partitions", "Age"]);
         assert_eq!(table["rows"][0]["cells"], json!(["c", "Ready", "True", null, 6, "60m"]));
+        for (seconds, shown) in [
+            (45, "45s"),
+            (125, "2m5s"),
+            (600, "10m"),
+            (9000, "150m"),
+            (19800, "5h30m"),
+            (3 * 86400 + 4 * 3600, "3d4h"),
+            (40 * 86400, "40d"),
+            (2 * 365 * 86400 + 10 * 86400, "2y10d"),
+        ] {
+            assert_eq!(human_duration(seconds), shown, "{seconds}");
+        }
     }
 }

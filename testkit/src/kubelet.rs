@@ -181,6 +181,9 @@ struct Running {
     terminating: Option<Instant>,
     /// When an exited container may start again (restartPolicy Always).
     restart_at: Option<Instant>,
+    /// Consecutive readiness probe failures, and when the next probe is due.
+    probe_failures: u32,
+    next_probe: Instant,
 }
 
 #[derive(Default)]
@@ -262,13 +265,31 @@ impl Nodes {
     }
 
     /// Stops (or starts again) a node's kubelet: nothing starts there meanwhile.
-    pub fn set_kubelet_running(&self, node: &str, running: bool) {
-        let mut shared = lock(&self.shared);
-        if running {
-            shared.stopped.remove(node);
-        } else {
-            shared.stopped.insert(node.into());
+    /// The node's status follows, as the node lifecycle controller makes it once the kubelet's
+    /// heartbeats stop: Ready `Unknown` and the `unreachable` taints (at once here, not after the
+    /// 40 s grace), and back to Ready without them when it runs again.
+    pub async fn set_kubelet_running(&self, node: &str, running: bool) {
+        {
+            let mut shared = lock(&self.shared);
+            if running {
+                shared.stopped.remove(node);
+            } else {
+                shared.stopped.insert(node.into());
+            }
         }
+        let nodes: Api<Node> = Api::all(self.api.client());
+        let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let (ready, reason, taints) = if running {
+            ("True", "KubeletReady", json!([]))
+        } else {
+            let taint =
+                |effect: &str| json!({"key": "node.kubernetes.io/unreachable", "effect": effect, "timeAdded": now});
+            ("Unknown", "NodeStatusUnknown", json!([taint("NoSchedule"), taint("NoExecute")]))
+        };
+        let status = json!({"status": {"conditions": [{"type": "Ready", "status": ready, "reason": reason,
+                                                       "lastTransitionTime": now}]}});
+        nodes.patch_status(node, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+        nodes.patch(node, &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": taints}}))).await.unwrap();
     }
 
     /// The addresses (`IP:port`) of the ready Pods a Service selects, as its Endpoints list them.
@@ -376,6 +397,17 @@ fn write_hosts(netns: &str, hosts: &str) {
     if let Ok(mut file) = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(path) {
         let _ = file.write_all(hosts.as_bytes());
     }
+}
+
+/// A started Pod's conditions, whole (a merge patch replaces the list): scheduled and
+/// initialized, its containers and itself ready or not.
+fn pod_conditions(ready: bool) -> Value {
+    json!([
+        condition("PodScheduled", true),
+        condition("Initialized", true),
+        condition("ContainersReady", ready),
+        condition("Ready", ready)
+    ])
 }
 
 fn condition(kind: &str, status: bool) -> Value {
@@ -553,7 +585,13 @@ async fn tick(
         let container = &pod["spec"]["containers"][0];
         let mut status_patch: Option<Value> = None;
         if deleting || evict {
-            let grace = Duration::from_secs(pod["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
+            // The grace period the deletion asked for (kubectl delete --grace-period, an
+            // eviction's options), else the Pod's own.
+            let grace = pod["metadata"]["deletionGracePeriodSeconds"]
+                .as_u64()
+                .or(pod["spec"]["terminationGracePeriodSeconds"].as_u64())
+                .unwrap_or(30);
+            let grace = Duration::from_secs(grace);
             let done = {
                 let mut s = lock(shared);
                 let max_grace = s.max_grace;
@@ -587,10 +625,14 @@ async fn tick(
             if done && evict && !deleting {
                 let mut terminated = container_status(container, pod, 0, false);
                 terminated["state"] = json!({"terminated": {"exitCode": 137, "reason": "Error"}});
+                let mut conditions = pod_conditions(false);
+                if let Some(list) = conditions.as_array_mut() {
+                    list.push(json!({"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+                                     "message": "The node was low on resource: ephemeral-storage."}));
+                }
                 status_patch = Some(json!({"status": {"phase": "Failed", "reason": "Evicted",
                     "message": "The node was low on resource: ephemeral-storage.",
-                    "conditions": [condition("Ready", false), condition("ContainersReady", false)],
-                    "containerStatuses": [terminated]}}));
+                    "conditions": conditions, "containerStatuses": [terminated]}}));
             } else if done && deleting {
                 let _ = namespaced(&ns).delete(&name, &gone(&uid)).await;
                 continue;
@@ -613,14 +655,15 @@ async fn tick(
                         let code = exit.code().unwrap_or(137);
                         if restart_policy == "Always" || (restart_policy == "OnFailure" && code != 0) {
                             running.restarts += 1;
-                            running.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                            // The kubelet's back-off: 10 s, doubled at each exit, at most 5 min.
+                            let backoff =
+                                Duration::from_secs(10 << (running.restarts - 1).min(5)).min(Duration::from_secs(300));
+                            running.restart_at = Some(Instant::now() + backoff);
                             let mut waiting = container_status(container, pod, running.restarts, false);
                             waiting["state"] = json!({"waiting": {"reason": "CrashLoopBackOff"}});
                             waiting["lastState"] = json!({"terminated": {"exitCode": code}});
-                            status_patch = Some(
-                                json!({"status": {"conditions": [condition("Ready", false), condition("ContainersReady", false)],
-                                "containerStatuses": [waiting]}}),
-                            );
+                            status_patch = Some(json!({"status": {"conditions": pod_conditions(false),
+                                "containerStatuses": [waiting]}}));
                         } else {
                             let mut terminated = container_status(container, pod, running.restarts, false);
                             terminated["state"] = json!({"terminated": {"exitCode": code,
@@ -630,7 +673,7 @@ async fn tick(
                             PodNetwork::remove(&netns);
                             status_patch =
                                 Some(json!({"status": {"phase": if code == 0 { "Succeeded" } else { "Failed" },
-                                "conditions": [condition("Ready", false), condition("ContainersReady", false)],
+                                "conditions": pod_conditions(false),
                                 "containerStatuses": [terminated]}}));
                         }
                     } else if running.child.is_none() {
@@ -642,15 +685,33 @@ async fn tick(
                             }
                         }
                     } else {
-                        let probe_of = &container["readinessProbe"]["httpGet"];
+                        // The readiness probe every periodSeconds (10); Ready at the first success,
+                        // not ready after failureThreshold (3) failures in a row.
+                        let spec = &container["readinessProbe"];
+                        let probe_of = &spec["httpGet"];
                         let ready = if probe_of.is_null() {
                             true
+                        } else if Instant::now() < running.next_probe {
+                            running.ready
                         } else {
-                            probe(
-                                &running.ip,
-                                probe_of["port"].as_u64().unwrap_or(80),
-                                probe_of["path"].as_str().unwrap_or("/"),
-                            )
+                            running.next_probe =
+                                Instant::now() + Duration::from_secs(spec["periodSeconds"].as_u64().unwrap_or(10));
+                            let port = match &probe_of["port"] {
+                                Value::Number(n) => n.as_u64(),
+                                Value::String(name) => container["ports"]
+                                    .as_array()
+                                    .into_iter()
+                                    .flatten()
+                                    .find(|p| &p["name"] == name)
+                                    .and_then(|p| p["containerPort"].as_u64()),
+                                _ => None,
+                            };
+                            let passed = port
+                                .is_some_and(|port| probe(&running.ip, port, probe_of["path"].as_str().unwrap_or("/")));
+                            running.probe_failures = if passed { 0 } else { running.probe_failures + 1 };
+                            passed
+                                || (running.ready
+                                    && running.probe_failures < spec["failureThreshold"].as_u64().unwrap_or(3) as u32)
                         };
                         let was = pod["status"]["conditions"]
                             .as_array()
@@ -658,8 +719,7 @@ async fn tick(
                         running.ready = ready;
                         if ready != was {
                             status_patch = Some(json!({"status": {"phase": "Running", "podIP": running.ip,
-                                "conditions": [condition("PodScheduled", true), condition("Initialized", true),
-                                               condition("ContainersReady", ready), condition("Ready", ready)],
+                                "conditions": pod_conditions(ready),
                                 "containerStatuses": [container_status(container, pod, running.restarts, ready)]}}));
                         }
                     }
@@ -791,12 +851,13 @@ fn start(
             ready: false,
             terminating: None,
             restart_at: None,
+            probe_failures: 0,
+            next_probe: Instant::now(),
         },
     );
     json!({"status": {"phase": "Running", "podIP": address, "podIPs": [{"ip": address}], "hostIP": network.gateway(),
         "startTime": pod["metadata"]["creationTimestamp"],
-        "conditions": [condition("PodScheduled", true), condition("Initialized", true),
-                       condition("ContainersReady", false), condition("Ready", false)],
+        "conditions": pod_conditions(false),
         "containerStatuses": [container_status(container, pod, 0, false)]}})
 }
 

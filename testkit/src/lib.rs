@@ -109,14 +109,24 @@ impl State {
     /// Deletes an object: it stays, marked for deletion, while it has finalizers, and so does a
     /// Pod through its grace period (while deletions are held, unless `force`). Returns the
     /// object as it was or is now; `None` when there is no such object.
-    fn delete(&mut self, key: &Key, force: bool) -> Option<Value> {
+    fn delete(&mut self, key: &Key, grace: Option<u64>) -> Option<Value> {
         let mut object = self.objects.remove(key)?;
         *self.writes.entry(key.clone()).or_default() += 1;
         let has_finalizers = object["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
-        let terminating = key.2 == "pods" && self.hold_pod_deletions && !force;
+        // A Pod that never ran or has ended goes at once (no kubelet has anything to stop);
+        // one running stays Terminating for its grace period.
+        let phase = object["status"]["phase"].as_str().unwrap_or_default();
+        let ran = !object["spec"]["nodeName"].is_null() && phase != "Succeeded" && phase != "Failed";
+        let grace = grace.or(object["spec"]["terminationGracePeriodSeconds"].as_u64()).unwrap_or(30);
+        let terminating = key.2 == "pods" && self.hold_pod_deletions && ran && grace > 0;
         if has_finalizers || terminating {
             if object["metadata"]["deletionTimestamp"].is_null() {
-                object["metadata"]["deletionTimestamp"] = json!(now());
+                let at =
+                    k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(grace as i64);
+                object["metadata"]["deletionTimestamp"] = json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+                if key.2 == "pods" {
+                    object["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                }
                 self.next_version += 1;
                 object["metadata"]["resourceVersion"] = json!(self.next_version.to_string());
                 self.record(key, "MODIFIED", &object);
@@ -236,7 +246,7 @@ impl State {
                 }
             }
         }
-        Ok(self.delete(key, false).expect("present"))
+        Ok(self.delete(key, None).expect("present"))
     }
 
     /// A custom resource as its structural schema has it: fields the schema does not declare
@@ -299,6 +309,8 @@ impl State {
     /// Garbage collection, as the API server's collector does it in the background: objects whose
     /// owner (by uid) is gone go too, and theirs after them.
     fn collect_garbage(&mut self, gone_uid: &str) {
+        // Background deletion, as the garbage collector issues it: each dependent is deleted as
+        // any client deletes it (its finalizers and a Pod's grace period count).
         let owned: Vec<Key> = self
             .objects
             .iter()
@@ -310,13 +322,9 @@ impl State {
             .map(|(k, _)| k.clone())
             .collect();
         for key in owned {
-            if let Some(object) = self.objects.remove(&key) {
-                self.owners.remove(&key);
-                self.next_version += 1;
-                self.record(&key, "DELETED", &object);
-                if let Some(uid) = object["metadata"]["uid"].as_str() {
-                    self.collect_garbage(uid);
-                }
+            let already = self.objects.get(&key).is_some_and(|o| !o["metadata"]["deletionTimestamp"].is_null());
+            if !already {
+                self.delete(&key, None);
             }
         }
     }
@@ -969,8 +977,9 @@ impl MemoryApi {
             Method::DELETE => {
                 // Grace period 0 (query or DeleteOptions): a force delete, or the kubelet
                 // confirming that a Terminating Pod's containers are gone.
-                let force = query_param(uri.query().unwrap_or_default(), "gracePeriodSeconds").as_deref() == Some("0")
-                    || patch["gracePeriodSeconds"] == 0;
+                let grace = query_param(uri.query().unwrap_or_default(), "gracePeriodSeconds")
+                    .and_then(|g| g.parse::<u64>().ok())
+                    .or(patch["gracePeriodSeconds"].as_u64());
                 // Preconditions: the object deleted must be the one meant (not one re-created
                 // under its name meanwhile).
                 if let Some(uid) = patch["preconditions"]["uid"].as_str() {
@@ -983,7 +992,7 @@ impl MemoryApi {
                         return status(StatusCode::CONFLICT, "Conflict", &message);
                     }
                 }
-                let answer = match state.delete(&key, force) {
+                let answer = match state.delete(&key, grace) {
                     Some(object) => ok(object),
                     None => not_found(&key),
                 };
