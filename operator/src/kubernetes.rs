@@ -260,52 +260,86 @@ pub fn label_value(text: &str) -> String {
 /// Annotation of a datanode Pod: the machine it is for, whole (its label may be shortened).
 pub const NODE_ANNOTATION: &str = "cairn.dev/node";
 
-/// Every object the cluster needs, as (resource, name, body).
+/// Every object the cluster needs, as (resource, name, body): typed Kubernetes objects, sent as
+/// their JSON (what is applied, and what a datanode Pod's [`SPEC_HASH`] is taken over).
 pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, String, Value)> {
+    use k8s_openapi::api::core::v1::{
+        Affinity, Capabilities, ConfigMap, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource, NodeAffinity,
+        NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, Probe, ResourceRequirements,
+        SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    };
+    use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    fn erased<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> (ApiResource, String, Value) {
+        let name = object.meta().name.clone().unwrap_or_default();
+        (ApiResource::erase::<K>(&()), name, serde_json::to_value(object).expect("JSON"))
+    }
     let cluster = sc.name_any();
     let namespace = sc.namespace().unwrap_or_default();
     let owner = sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid");
-    let labels = labels(&cluster);
     let meta = |name: &str, extra: &BTreeMap<String, String>| {
-        let mut l = labels.clone();
+        let mut l = labels(&cluster);
         l.extend(extra.clone());
-        json!({"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]})
+        ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.clone()),
+            labels: Some(l),
+            owner_references: Some(vec![owner.clone()]),
+            ..ObjectMeta::default()
+        }
     };
+    let none = BTreeMap::new();
     let mut out = Vec::new();
-    let config_map = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "ConfigMap"));
     let config = json!({"etcd": sc.spec.etcd.endpoints, "cluster": cluster, "namespace": namespace});
-    out.push((
-        config_map,
-        format!("{cluster}-config"),
-        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(&format!("{cluster}-config"), &BTreeMap::new()),
-               "data": {"cluster.json": config.to_string()}}),
-    ));
-    let service = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Service"));
-    let port = json!([{"name": "api", "port": API_PORT, "targetPort": API_PORT}]);
-    out.push((
-        service.clone(),
-        cluster.clone(),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(&cluster, &BTreeMap::new()),
-               "spec": {"selector": datanode_labels(&cluster), "ports": port}}),
-    ));
-    out.push((
-        service,
-        format!("{cluster}-nodes"),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(&format!("{cluster}-nodes"), &BTreeMap::new()),
-               "spec": {"clusterIP": "None", "publishNotReadyAddresses": true, "selector": datanode_labels(&cluster),
-                        "ports": port}}),
-    ));
-    let pdb = ApiResource::from_gvk(&GroupVersionKind::gvk("policy", "v1", "PodDisruptionBudget"));
-    out.push((
-        pdb,
-        cluster.clone(),
-        json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta(&cluster, &BTreeMap::new()),
-               // An integer minAvailable: a maxUnavailable on Pods whose owner has no /scale
-               // blocks every eviction (node drains and upgrades would hang).
-               "spec": {"minAvailable": machines.len().saturating_sub(1),
-                        "selector": {"matchLabels": datanode_labels(&cluster)}}}),
-    ));
-    let pod = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Pod"));
+    out.push(erased(&ConfigMap {
+        metadata: meta(&format!("{cluster}-config"), &none),
+        data: Some(BTreeMap::from([("cluster.json".to_string(), config.to_string())])),
+        ..ConfigMap::default()
+    }));
+    let api_port = API_PORT as i32;
+    let ports = vec![ServicePort {
+        name: Some("api".into()),
+        port: api_port,
+        target_port: Some(IntOrString::Int(api_port)),
+        ..ServicePort::default()
+    }];
+    out.push(erased(&Service {
+        metadata: meta(&cluster, &none),
+        spec: Some(ServiceSpec {
+            selector: Some(datanode_labels(&cluster)),
+            ports: Some(ports.clone()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }));
+    out.push(erased(&Service {
+        metadata: meta(&format!("{cluster}-nodes"), &none),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(datanode_labels(&cluster)),
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }));
+    out.push(erased(&PodDisruptionBudget {
+        metadata: meta(&cluster, &none),
+        // An integer minAvailable: a maxUnavailable on Pods whose owner has no /scale blocks
+        // every eviction (node drains and upgrades would hang).
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(machines.len().saturating_sub(1) as i32)),
+            selector: Some(LabelSelector { match_labels: Some(datanode_labels(&cluster)), ..LabelSelector::default() }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }));
+    let http_get = |path: &str| {
+        Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(api_port), ..HTTPGetAction::default() })
+    };
     for machine in machines {
         let name = pod_name(&cluster, &machine.name);
         let node_label = BTreeMap::from([
@@ -313,8 +347,14 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             ("app.kubernetes.io/component".to_string(), "datanode".to_string()),
         ]);
         // The disk agent's socket and every disk's Cairn directory, at the same paths as on the host.
-        let mut mounts = vec![json!({"name": "agent", "mountPath": "/run/cairn"})];
-        let mut volumes = vec![json!({"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}})];
+        let host_path = |name: String, path: &str| Volume {
+            name,
+            host_path: Some(HostPathVolumeSource { path: path.into(), type_: Some("Directory".into()) }),
+            ..Volume::default()
+        };
+        let mut mounts =
+            vec![VolumeMount { name: "agent".into(), mount_path: "/run/cairn".into(), ..VolumeMount::default() }];
+        let mut volumes = vec![host_path("agent".into(), "/run/cairn")];
         // The disks it may use or already uses: a refused disk has no `cairn/` directory, and
         // a `Directory` hostPath of it would keep the Pod from starting.
         let disks = machine.disks.iter().filter(|d| {
@@ -323,10 +363,15 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         });
         for (i, disk) in disks.enumerate() {
             let path = format!("{}/cairn", disk.canonical_mount.trim_end_matches('/'));
-            mounts.push(json!({"name": format!("disk{i}"), "mountPath": path, "mountPropagation": "HostToContainer"}));
+            mounts.push(VolumeMount {
+                name: format!("disk{i}"),
+                mount_path: path.clone(),
+                mount_propagation: Some("HostToContainer".into()),
+                ..VolumeMount::default()
+            });
             // `Directory`: were the disk not mounted (yet), the Pod waits instead of writing into
             // a directory made on the root filesystem.
-            volumes.push(json!({"name": format!("disk{i}"), "hostPath": {"path": path, "type": "Directory"}}));
+            volumes.push(host_path(format!("disk{i}"), &path));
         }
         let mut args: Vec<String> = vec![
             "--etcd".into(),
@@ -347,63 +392,122 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             machine.address.clone(),
         ];
         if let Some(secret) = &sc.spec.etcd.tls_secret {
-            mounts.push(json!({"name": "etcd-tls", "mountPath": "/etc/cairn/etcd-tls", "readOnly": true}));
-            volumes.push(json!({"name": "etcd-tls", "secret": {"secretName": secret}}));
+            mounts.push(VolumeMount {
+                name: "etcd-tls".into(),
+                mount_path: "/etc/cairn/etcd-tls".into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+            volumes.push(Volume {
+                name: "etcd-tls".into(),
+                secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..SecretVolumeSource::default() }),
+                ..Volume::default()
+            });
             for (flag, file) in [("--etcd-ca", "ca.crt"), ("--etcd-cert", "tls.crt"), ("--etcd-key", "tls.key")] {
                 args.push(flag.into());
                 args.push(format!("/etc/cairn/etcd-tls/{file}"));
             }
         }
-        let mut container = json!({
-            "name": "datanode",
-            "image": sc.spec.image,
-            "args": args,
-            "ports": [{"name": "api", "containerPort": API_PORT}],
-            "readinessProbe": {"httpGet": {"path": "/readyz", "port": API_PORT}},
+        let requests = BTreeMap::from([
+            ("cpu".to_string(), Quantity("250m".into())),
+            ("memory".to_string(), Quantity("512Mi".into())),
+        ]);
+        let container = Container {
+            name: "datanode".into(),
+            image: Some(sc.spec.image.clone()),
+            args: Some(args),
+            ports: Some(vec![ContainerPort {
+                name: Some("api".into()),
+                container_port: api_port,
+                ..ContainerPort::default()
+            }]),
+            readiness_probe: Some(Probe { http_get: http_get("/readyz"), ..Probe::default() }),
             // Opening large volumes (recovery replays their log tails) may take minutes: liveness
             // only counts once the process has answered once.
-            "startupProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 5,
-                             "failureThreshold": 120},
+            startup_probe: Some(Probe {
+                http_get: http_get("/healthz"),
+                period_seconds: Some(5),
+                failure_threshold: Some(120),
+                ..Probe::default()
+            }),
             // A storage process may pause a few seconds (an fsync, a compaction): not a death.
-            "livenessProbe": {"httpGet": {"path": "/healthz", "port": API_PORT}, "timeoutSeconds": 5,
-                              "failureThreshold": 6},
-            "volumeMounts": mounts,
+            liveness_probe: Some(Probe {
+                http_get: http_get("/healthz"),
+                timeout_seconds: Some(5),
+                failure_threshold: Some(6),
+                ..Probe::default()
+            }),
+            volume_mounts: Some(mounts),
             // Root, to write the volumes the disk agent (root) made; nothing more.
-            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
-                                "capabilities": {"drop": ["ALL"]}},
-            "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
-        });
-        if let Some(resources) = &sc.spec.resources {
-            container["resources"] = serde_json::to_value(resources).expect("JSON");
-        }
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+                ..SecurityContext::default()
+            }),
+            resources: Some(
+                sc.spec
+                    .resources
+                    .clone()
+                    .unwrap_or(ResourceRequirements { requests: Some(requests), ..ResourceRequirements::default() }),
+            ),
+            ..Container::default()
+        };
         // Pinned to its machine by node affinity (so the scheduler still checks taints and room,
         // which nodeName skips); a datanode never calls the Kubernetes API: no token. Its grace
         // period covers the drain of requests in flight and a final checkpoint.
-        let affinity = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [machine.name]}]}]}}});
-        // hostname and subdomain (the headless Service) give the Pod the DNS name it advertises.
-        let mut spec = json!({"affinity": affinity, "containers": [container], "volumes": volumes,
-                              "restartPolicy": "Always", "automountServiceAccountToken": false,
-                              "terminationGracePeriodSeconds": 60,
-                              "hostname": name, "subdomain": format!("{cluster}-nodes")});
+        let affinity = Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_fields: Some(vec![NodeSelectorRequirement {
+                            key: "metadata.name".into(),
+                            operator: "In".into(),
+                            values: Some(vec![machine.name.clone()]),
+                        }]),
+                        ..NodeSelectorTerm::default()
+                    }],
+                }),
+                ..NodeAffinity::default()
+            }),
+            ..Affinity::default()
+        };
         // Like a DaemonSet's Pods: a node NotReady or unreachable does not evict its datanode (the
         // admission default would after 300 s); replacing its replicas is the operator's call
         // (replaceDownMachinesAfter).
-        let mut tolerations = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
-        if let Some(list) = tolerations.as_array_mut() {
-            for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
-                list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute"}));
-            }
+        let mut tolerations = sc.spec.tolerations.clone();
+        for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+            tolerations.push(Toleration {
+                key: Some(key.into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoExecute".into()),
+                ..Toleration::default()
+            });
         }
-        spec["tolerations"] = tolerations;
-        if let Some(class) = &sc.spec.priority_class_name {
-            spec["priorityClassName"] = json!(class);
-        }
-        let mut body = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta(&name, &node_label), "spec": spec});
-        body["metadata"]["annotations"] = json!({NODE_ANNOTATION: machine.name});
+        let mut metadata = meta(&name, &node_label);
+        metadata.annotations = Some(BTreeMap::from([(NODE_ANNOTATION.to_string(), machine.name.clone())]));
+        let pod = Pod {
+            metadata,
+            // hostname and subdomain (the headless Service) give the Pod the DNS name it advertises.
+            spec: Some(PodSpec {
+                affinity: Some(affinity),
+                containers: vec![container],
+                volumes: Some(volumes),
+                restart_policy: Some("Always".into()),
+                automount_service_account_token: Some(false),
+                termination_grace_period_seconds: Some(60),
+                hostname: Some(name.clone()),
+                subdomain: Some(format!("{cluster}-nodes")),
+                tolerations: Some(tolerations),
+                priority_class_name: sc.spec.priority_class_name.clone(),
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        };
+        let (resource, name, mut body) = erased(&pod);
         let hash = spec_hash(&body);
         body["metadata"]["annotations"][SPEC_HASH] = json!(hash);
-        out.push((pod.clone(), name.clone(), body));
+        out.push((resource, name, body));
     }
     out
 }
@@ -686,14 +790,44 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let mut l = labels(&cluster);
         l.insert(PURGE_LABEL.into(), label_value(&machine.name));
         l.insert("app.kubernetes.io/component".into(), "purge".into());
-        let body = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": l, "ownerReferences": [owner]},
-            "spec": {"nodeName": machine.name, "restartPolicy": "Never", "automountServiceAccountToken": false,
-                "tolerations": purge_tolerations(sc),
-                "containers": [{"name": "purge", "image": sc.spec.image,
-                    "command": command,
-                    "volumeMounts": [{"name": "agent", "mountPath": "/run/cairn"}]}],
-                "volumes": [{"name": "agent", "hostPath": {"path": "/run/cairn", "type": "Directory"}}]}});
+        use k8s_openapi::api::core::v1::{Container, HostPathVolumeSource, Pod, PodSpec, Volume, VolumeMount};
+        let purge = Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                labels: Some(l),
+                owner_references: Some(vec![owner]),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(machine.name.clone()),
+                restart_policy: Some("Never".into()),
+                automount_service_account_token: Some(false),
+                tolerations: Some(purge_tolerations(sc)),
+                containers: vec![Container {
+                    name: "purge".into(),
+                    image: Some(sc.spec.image.clone()),
+                    command: Some(command),
+                    volume_mounts: Some(vec![VolumeMount {
+                        name: "agent".into(),
+                        mount_path: "/run/cairn".into(),
+                        ..VolumeMount::default()
+                    }]),
+                    ..Container::default()
+                }],
+                volumes: Some(vec![Volume {
+                    name: "agent".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: "/run/cairn".into(),
+                        type_: Some("Directory".into()),
+                    }),
+                    ..Volume::default()
+                }]),
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        };
+        let body = serde_json::to_value(&purge).expect("JSON");
         pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
             .await
             .map_err(|e| e.to_string())?;
@@ -703,11 +837,13 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
 
 /// A purge Pod runs where the datanode ran (nodeName skips the scheduler, not the kubelet's
 /// NoExecute taints): the cluster's tolerations, and any NoExecute taint for its short life.
-fn purge_tolerations(sc: &StoreCluster) -> Value {
-    let mut tolerations = serde_json::to_value(&sc.spec.tolerations).expect("JSON");
-    if let Some(list) = tolerations.as_array_mut() {
-        list.push(json!({"operator": "Exists", "effect": "NoExecute"}));
-    }
+fn purge_tolerations(sc: &StoreCluster) -> Vec<k8s_openapi::api::core::v1::Toleration> {
+    let mut tolerations = sc.spec.tolerations.clone();
+    tolerations.push(k8s_openapi::api::core::v1::Toleration {
+        operator: Some("Exists".into()),
+        effect: Some("NoExecute".into()),
+        ..Default::default()
+    });
     tolerations
 }
 
