@@ -168,6 +168,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever bytes an index value holds (a rotten page, a hostile file), decoding answers
+        /// an error or a value, never a panic.
+        #[test]
+        fn hostile_index_values_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode::<IndexEntry>(&bytes);
+            let _ = decode::<JournalEntry>(&bytes);
+            let _ = decode::<SegmentInfo>(&bytes);
+            let _ = decode::<DamagedRecord>(&bytes);
+            let _ = decode::<LogTail>(&bytes);
+        }
+    }
 
     #[test]
     fn values_are_versioned() {

@@ -108,9 +108,10 @@ impl RecordHeader {
         self.payload_len.div_ceil(CHUNK_LEN)
     }
 
-    /// Total bytes of the record on disk.
+    /// Total bytes of the record on disk. Saturating: a header read from disk may carry any
+    /// length (its checksum says only that it was written so), and no length may wrap around.
     pub fn record_len(&self) -> u64 {
-        HEADER_LEN + u64::from(self.meta_len) + self.payload_len + 4 * self.chunk_count() + 4
+        self.chunk_table_offset().saturating_add(self.chunk_count().saturating_mul(4)).saturating_add(4)
     }
 
     pub fn payload_offset(&self) -> u64 {
@@ -118,7 +119,7 @@ impl RecordHeader {
     }
 
     pub fn chunk_table_offset(&self) -> u64 {
-        self.payload_offset() + self.payload_len
+        self.payload_offset().saturating_add(self.payload_len)
     }
 
     pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
@@ -210,6 +211,10 @@ pub fn encode_trailer(meta: &[u8], chunk_crcs: &[u32]) -> Vec<u8> {
 
 /// Checks metadata and chunk table against the trailer CRC; returns the chunk CRCs.
 pub fn verify_trailer(meta: &[u8], trailer: &[u8]) -> Result<Vec<u32>, RecordError> {
+    // A table of 4-byte CRCs and the trailer's own: anything else is not a trailer.
+    if trailer.len() < 4 || trailer.len() % 4 != 0 {
+        return Err(RecordError::TrailerChecksum);
+    }
     let (table, crc) = trailer.split_at(trailer.len() - 4);
     let expected = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
     if crc32c::crc32c_append(crc32c::crc32c(meta), table) != expected {
@@ -371,7 +376,71 @@ mod tests {
         assert!(matches!(verify_record(&bytes[..bytes.len() - 1]), Err(RecordError::Length { .. })));
     }
 
+    /// A header with a valid checksum over whatever fields: what a hostile or rotten disk can
+    /// hold and a CRC does not catch.
+    fn crafted_header(
+        kind: u8,
+        flags: u16,
+        id: [u8; 21],
+        created: u64,
+        expiry: u64,
+        meta_len: u32,
+        payload_len: u64,
+    ) -> [u8; HEADER_LEN as usize] {
+        let mut b = [0u8; HEADER_LEN as usize];
+        b[0..4].copy_from_slice(&RECORD_MAGIC);
+        b[4] = RECORD_FORMAT;
+        b[5] = kind;
+        b[6..8].copy_from_slice(&flags.to_le_bytes());
+        b[8..29].copy_from_slice(&id);
+        b[29..37].copy_from_slice(&created.to_le_bytes());
+        b[37..45].copy_from_slice(&expiry.to_le_bytes());
+        b[45..49].copy_from_slice(&meta_len.to_le_bytes());
+        b[49..57].copy_from_slice(&payload_len.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
+        b[57..61].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
     proptest! {
+        /// Any bytes at all: the decoders answer (mostly an error), never panic.
+        #[test]
+        fn hostile_bytes_never_panic_a_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = verify_record(&bytes);
+            let _ = BlobMeta::decode(&bytes);
+            let _ = verify_trailer(&bytes[..bytes.len() / 2], &bytes[bytes.len() / 2..]);
+            if let Some(head) = bytes.get(..HEADER_LEN as usize) {
+                let _ = RecordHeader::decode(head.try_into().unwrap());
+            }
+        }
+
+        /// A header whose checksum holds but whose fields are anything (lengths up to u64::MAX):
+        /// decoding and verifying never panic or overflow, and a record never claims more bytes
+        /// than it has.
+        #[test]
+        fn crafted_headers_never_panic(kind in any::<u8>(), flags in any::<u16>(), id in any::<[u8; 21]>(),
+                                       created in any::<u64>(), expiry in any::<u64>(), meta_len in any::<u32>(),
+                                       payload_len in any::<u64>(), tail in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let head = crafted_header(kind, flags, id, created, expiry, meta_len, payload_len);
+            if let Ok(header) = RecordHeader::decode(&head) {
+                let _ = (header.record_len(), header.chunk_count(), header.chunk_table_offset());
+            }
+            let mut bytes = head.to_vec();
+            bytes.extend(tail);
+            if let Ok((header, _)) = verify_record(&bytes) {
+                prop_assert_eq!(header.record_len(), bytes.len() as u64);
+            }
+        }
+
+        /// A valid header with any one bit flipped is refused.
+        #[test]
+        fn any_flip_of_a_header_is_refused(payload_len in 0u64..1 << 40, meta_len in 0u32..1 << 20, bit in 0usize..HEADER_LEN as usize * 8) {
+            let mut b = header(RecordKind::Put, payload_len, meta_len).encode();
+            prop_assert!(RecordHeader::decode(&b).is_ok());
+            b[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(RecordHeader::decode(&b).is_err());
+        }
+
         #[test]
         fn trailer_detects_any_flip(payload in proptest::collection::vec(any::<u8>(), 0..3000), flip in any::<usize>()) {
             let meta = b"meta";
