@@ -212,7 +212,7 @@ pub fn encode_trailer(meta: &[u8], chunk_crcs: &[u32]) -> Vec<u8> {
 /// Checks metadata and chunk table against the trailer CRC; returns the chunk CRCs.
 pub fn verify_trailer(meta: &[u8], trailer: &[u8]) -> Result<Vec<u32>, RecordError> {
     // A table of 4-byte CRCs and the trailer's own: anything else is not a trailer.
-    if trailer.len() < 4 || trailer.len() % 4 != 0 {
+    if trailer.len() < 4 || !trailer.len().is_multiple_of(4) {
         return Err(RecordError::TrailerChecksum);
     }
     let (table, crc) = trailer.split_at(trailer.len() - 4);
