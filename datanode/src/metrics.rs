@@ -70,6 +70,8 @@ pub struct Metrics {
     pub replication_lag_entries: Family<PeerLabels, Gauge>,
     pub replication_lag_bytes: Family<PeerLabels, Gauge>,
     pub replication_lag_seconds: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    /// Entries of a peer's journal a replica could not apply yet (retried with back-off).
+    pub replication_owed_entries: Family<PeerLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,6 +96,12 @@ impl Default for Metrics {
         let replication_lag_entries = Family::<PeerLabels, Gauge>::default();
         let replication_lag_bytes = Family::<PeerLabels, Gauge>::default();
         let replication_lag_seconds = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
+        let replication_owed_entries = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "replication_owed_entries",
+            "Journal entries of a peer a replica could not apply yet (retried with back-off)",
+            replication_owed_entries.clone(),
+        );
         registry.register(
             "replication_lag_entries",
             "Journal entries a replica has yet to pull from a peer",
@@ -153,6 +161,7 @@ impl Default for Metrics {
             replication_lag_entries,
             replication_lag_bytes,
             replication_lag_seconds,
+            replication_owed_entries,
         }
     }
 }

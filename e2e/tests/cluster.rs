@@ -648,6 +648,100 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
     });
 }
 
+/// One journal entry that cannot be applied (both peers answer 500 for its blob: a checksum
+/// mismatch on their disks) does not stop the entries after it: the returning replica applies
+/// them, owes that one (durably, with its error, in `/v1/admin/replicas` and the metrics), retries
+/// it with back-off, and settles it once a peer can send the blob again.
+#[test]
+fn an_entry_that_cannot_be_applied_is_owed_and_the_rest_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    for n in nodes.iter_mut() {
+        // Checkpointed at once: the blob's journal entry and index entry are durable, so the
+        // rot below is found only when its bytes are read.
+        n.extra = ["--checkpoint-interval-ms", "100"].map(String::from).to_vec();
+    }
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 1);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    // n2 is away while the victim, then ten more, are written (quorum 2 on n0 and n1).
+    nodes[2].kill9();
+    let client = Client::new();
+    let victim_data = payload(9090, 300_000);
+    let victim = put(&client, &nodes[0], &victim_data).unwrap();
+    let mut others = BTreeMap::new();
+    for seed in 0..10u64 {
+        let data = payload(seed, 4000);
+        others.insert(put(&client, &nodes[(seed % 2) as usize], &data).unwrap(), data);
+    }
+    std::thread::sleep(Duration::from_millis(500)); // a checkpoint
+                                                    // The victim's bytes rot on n0 and n1 (n0's original kept, to heal it later).
+    let needle = &victim_data[100_000..100_064];
+    let mut n0_original = Vec::new();
+    for i in [0, 1] {
+        nodes[i].kill9();
+        for entry in walk(&nodes[i].dir) {
+            if entry.extension().is_some_and(|e| e == "seg") {
+                let mut bytes = std::fs::read(&entry).unwrap();
+                if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+                    if i == 0 {
+                        n0_original.push((entry.clone(), bytes.clone()));
+                    }
+                    bytes[at + 10] ^= 0x01;
+                    std::fs::write(&entry, bytes).unwrap();
+                }
+            }
+        }
+        nodes[i].start();
+    }
+    assert!(!n0_original.is_empty(), "the victim's record was found on n0's disk");
+    let local = |node: &Node, id: &str| client.get(node.url(&format!("/v1/blobs/{id}?local=true"))).send().unwrap();
+    assert_eq!(local(&nodes[0], &victim).status(), 500, "n0 cannot send the victim");
+
+    // n2 returns: everything after the victim arrives; the victim is owed, with its error.
+    nodes[2].start();
+    assert_converged(&[&nodes[2]], &others, Duration::from_secs(30));
+    let owed = |node: &Node| -> Vec<Value> {
+        let list: Vec<Value> = client.get(node.url("/v1/admin/replicas")).send().unwrap().json().unwrap();
+        list.into_iter().filter(|p| p["owed_entries"].as_u64() > Some(0)).collect()
+    };
+    wait_until("the victim owed to n2", Duration::from_secs(30), || !owed(&nodes[2]).is_empty());
+    for p in owed(&nodes[2]) {
+        let error = p["owed_error"].as_str().unwrap();
+        assert!(error.contains(&victim) && error.contains("500"), "{p}");
+    }
+    // The operator reads the same report (its wire type), and past the grace it is a condition.
+    let progress: Vec<cairn_operator::platform::ReplicaProgress> =
+        client.get(nodes[2].url("/v1/admin/replicas")).send().unwrap().json().unwrap();
+    assert!(progress.iter().any(|p| !p.caught_up()), "{progress:?}");
+    let report = [("n2".to_string(), progress)];
+    assert_eq!(cairn_operator::platform::stalled(&report, Duration::from_secs(600)), None, "within the grace");
+    std::thread::sleep(Duration::from_millis(1100));
+    let report = [("n2".to_string(), client.get(nodes[2].url("/v1/admin/replicas")).send().unwrap().json().unwrap())];
+    let stalled = cairn_operator::platform::stalled(&report, Duration::from_secs(1)).expect("stalled past 1 s");
+    assert!(stalled.contains("partition 0 on n2 owes 1 entry of n") && stalled.contains(&victim), "{stalled}");
+    let metrics = client.get(nodes[2].url("/metrics")).send().unwrap().text().unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("cairn_replication_owed_entries{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert_ne!(local(&nodes[2], &victim).status(), 200);
+
+    // n0 healed (its disk as it was): a retry fetches the victim, and n2 owes nothing.
+    nodes[0].kill9();
+    for (path, bytes) in &n0_original {
+        std::fs::write(path, bytes).unwrap();
+    }
+    nodes[0].start();
+    wait_until("the owed entries settled", Duration::from_secs(60), || owed(&nodes[2]).is_empty());
+    let back = local(&nodes[2], &victim);
+    assert_eq!(back.status(), 200);
+    assert!(back.bytes().unwrap().as_ref() == victim_data.as_slice());
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {

@@ -318,6 +318,8 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
             Err(e) => return Outcome::degraded("EtcdUnreachable", e.to_string()),
         }
     }
+    // Entries a replica could not apply are retried; owed for too long, they are a condition.
+    let stalled = stalled_replication(&after, spec.replication_stall_grace()).await;
     // A datanode that cannot open a replica assigned to it keeps trying; until it can, the
     // cluster is Degraded with its reason (never "creating" forever).
     let degraded = problem
@@ -329,6 +331,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
             })
         })
         .or_else(|| unopened_replicas(&after).map(|message| ("ReplicaOpenFailed", message)))
+        .or_else(|| stalled.map(|message| ("ReplicationStalled", message)))
         .or_else(|| cluster_full(&status.partitions));
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
     let ready = settled && changes.is_empty() && degraded.is_none();
@@ -549,13 +552,51 @@ pub struct ReplicaProgress {
     pub lag_seconds: f64,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Entries of the peer's journal not applied yet (retried with back-off), how long the
+    /// oldest has waited, and why.
+    #[serde(default)]
+    pub owed_entries: u64,
+    #[serde(default)]
+    pub oldest_owed_seconds: f64,
+    #[serde(default)]
+    pub owed_error: Option<String>,
 }
 
 impl ReplicaProgress {
-    /// Pulled everything the peer had when last asked.
+    /// Pulled everything the peer had when last asked, and owes nothing.
     pub fn caught_up(&self) -> bool {
-        self.lag_entries == 0 && self.last_error.is_none()
+        self.lag_entries == 0 && self.last_error.is_none() && self.owed_entries == 0
     }
+}
+
+/// Replicas that have owed entries for longer than `grace`, from each live datanode's progress.
+async fn stalled_replication(snapshot: &Snapshot, grace: Option<std::time::Duration>) -> Option<String> {
+    let grace = grace?;
+    let mut progress = Vec::new();
+    for (node, live) in &snapshot.live {
+        progress.push((node.clone(), replica_progress(&live.address).await.unwrap_or_default()));
+    }
+    stalled(&progress, grace)
+}
+
+/// "partition P on N owes K entries of M's journal (oldest Xs: why)" for every replica (by
+/// datanode) that has owed entries for longer than `grace`; `None` when none has.
+pub fn stalled(progress: &[(String, Vec<ReplicaProgress>)], grace: std::time::Duration) -> Option<String> {
+    let mut stalled = Vec::new();
+    for (node, list) in progress {
+        for p in list.iter().filter(|p| p.owed_entries > 0 && p.oldest_owed_seconds > grace.as_secs_f64()) {
+            stalled.push(format!(
+                "partition {} on {node} owes {} entr{} of {}'s journal (oldest {:.0}s: {})",
+                p.partition,
+                p.owed_entries,
+                if p.owed_entries == 1 { "y" } else { "ies" },
+                p.peer,
+                p.oldest_owed_seconds,
+                p.owed_error.as_deref().unwrap_or("unknown error")
+            ));
+        }
+    }
+    (!stalled.is_empty()).then(|| stalled.join("; "))
 }
 
 /// The admin routes `cairn status` and the reconcile read from a datanode.

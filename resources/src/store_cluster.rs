@@ -104,23 +104,35 @@ pub struct StoreClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == 'never' || self.matches('^[0-9]+(s|m|h)$')").message("replaceDownMachinesAfter is a duration like 30m or 2h, or never"))]
     pub replace_down_machines_after: Option<String>,
+    /// A replica that has owed a peer's journal entries (entries it could not apply, retried
+    /// with back-off) for longer than this makes the cluster Degraded (`ReplicationStalled`), with
+    /// the entry and its error. Default 10m; `never` only reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == 'never' || self.matches('^[0-9]+(s|m|h)$')").message("replicationStalledAfter is a duration like 10m or 1h, or never"))]
+    pub replication_stalled_after: Option<String>,
+}
+
+/// `30s`, `10m`, `2h` as a duration; `never` (or something else): `None`.
+fn duration(text: &str) -> Option<std::time::Duration> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = number.parse().ok()?;
+    Some(std::time::Duration::from_secs(match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return None,
+    }))
 }
 
 impl StoreClusterSpec {
     /// [`replace_down_machines_after`](Self::replace_down_machines_after) as a duration; `None`: never.
     pub fn down_machine_grace(&self) -> Option<std::time::Duration> {
-        let text = self.replace_down_machines_after.as_deref().unwrap_or("30m");
-        if text == "never" {
-            return None;
-        }
-        let (number, unit) = text.split_at(text.len().saturating_sub(1));
-        let n: u64 = number.parse().ok()?;
-        Some(std::time::Duration::from_secs(match unit {
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            _ => return None,
-        }))
+        duration(self.replace_down_machines_after.as_deref().unwrap_or("30m"))
+    }
+
+    /// [`replication_stalled_after`](Self::replication_stalled_after) as a duration; `None`: never.
+    pub fn replication_stall_grace(&self) -> Option<std::time::Duration> {
+        duration(self.replication_stalled_after.as_deref().unwrap_or("10m"))
     }
 }
 
@@ -248,6 +260,10 @@ mod tests {
         assert_eq!(grace(Some("90s")), Some(Duration::from_secs(90)));
         assert_eq!(grace(Some("2h")), Some(Duration::from_secs(7200)));
         assert_eq!(grace(Some("never")), None);
+        let mut sc = cluster(serde_json::json!({}));
+        assert_eq!(sc.spec.replication_stall_grace(), Some(Duration::from_secs(600)), "10m by default");
+        sc.spec.replication_stalled_after = Some("45s".into());
+        assert_eq!(sc.spec.replication_stall_grace(), Some(Duration::from_secs(45)));
     }
 
     /// The CRD's CEL rules, run by kube's client-side CEL validator (the same rules a real API

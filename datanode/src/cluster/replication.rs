@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::replica_api::{JournalPage, CREATED_HEADER, EXPIRES_HEADER};
 use super::Cluster;
-use crate::engine::{BlobMeta, PutRequest, Volume, VolumeError};
+use crate::engine::{BlobMeta, OwedEntry, PutRequest, Volume, VolumeError};
 use crate::metrics::{Metrics, PeerLabels};
 
 const PAGE: usize = 500;
@@ -34,6 +34,12 @@ pub struct PeerStatus {
     pub lag_seconds: f64,
     pub applied: u64,
     pub last_error: Option<String>,
+    /// Entries passed over because they could not be applied, retried with back-off.
+    pub owed_entries: u64,
+    /// How long the oldest of them has been owed.
+    pub oldest_owed_seconds: f64,
+    /// Why the oldest could not be applied, the last time it was tried.
+    pub owed_error: Option<String>,
 }
 
 pub struct Replication {
@@ -56,6 +62,7 @@ impl Replication {
         self.metrics.replication_lag_entries.remove(&labels);
         self.metrics.replication_lag_bytes.remove(&labels);
         self.metrics.replication_lag_seconds.remove(&labels);
+        self.metrics.replication_owed_entries.remove(&labels);
     }
 
     /// Records a puller's progress — unless it was cancelled: a page in flight when the peer
@@ -71,6 +78,7 @@ impl Replication {
         self.metrics.replication_lag_entries.get_or_create(&labels).set(status.lag_entries as i64);
         self.metrics.replication_lag_bytes.get_or_create(&labels).set(status.lag_bytes as i64);
         self.metrics.replication_lag_seconds.get_or_create(&labels).set(status.lag_seconds);
+        self.metrics.replication_owed_entries.get_or_create(&labels).set(status.owed_entries as i64);
         all.insert((status.partition, status.peer.clone()), status.clone());
     }
 }
@@ -78,11 +86,27 @@ impl Replication {
 /// How often a puller asks its peer for the blobs recovery found damaged here.
 const REPAIR_EVERY: Duration = Duration::from_secs(30);
 
-/// Pulls `peer`'s journal of `partition` into the local replica until `cancel`.
+/// Pulls `peer`'s journal of `partition` into the local replica until `cancel`. An entry that
+/// cannot be applied (the peer cannot send its blob, the local volume refuses it, the entry is
+/// corrupt) does not stop the ones after it: it is owed — recorded durably with its error — and
+/// retried with back-off until it is applied.
 pub async fn pull(cluster: Arc<Cluster>, partition: u32, peer: String, cancel: CancellationToken) {
     let mut status = PeerStatus { partition, peer: peer.clone(), ..PeerStatus::default() };
     let mut behind_since: Option<Instant> = None;
     let mut next_repair = Instant::now();
+    // This puller is the only writer of its peer's owed entries: kept in memory, loaded once.
+    let mut owed: Vec<(u64, OwedEntry)> = match cluster.store.volume(partition) {
+        Some(volume) => tokio::task::spawn_blocking(move || volume.owed())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(p, _, _)| *p == peer)
+            .map(|(_, seq, entry)| (seq, entry))
+            .collect(),
+        None => Vec::new(),
+    };
     loop {
         if Instant::now() >= next_repair {
             next_repair = Instant::now() + REPAIR_EVERY;
@@ -90,7 +114,10 @@ pub async fn pull(cluster: Arc<Cluster>, partition: u32, peer: String, cancel: C
                 tracing::warn!(partition, %peer, error = %e, "repair of damaged blobs failed; trying again later");
             }
         }
-        let wait = match pull_page(&cluster, partition, &peer, &mut status).await {
+        if let Err(e) = retry_owed(&cluster, partition, &peer, &mut owed).await {
+            tracing::debug!(partition, %peer, error = %e, "owed entries not retried now");
+        }
+        let wait = match pull_page(&cluster, partition, &peer, &mut status, &mut owed).await {
             Ok(true) => Duration::ZERO,
             Ok(false) => IDLE_POLL,
             Err(e) => {
@@ -100,6 +127,12 @@ pub async fn pull(cluster: Arc<Cluster>, partition: u32, peer: String, cancel: C
         };
         behind_since = if status.lag_entries > 0 { Some(behind_since.unwrap_or_else(Instant::now)) } else { None };
         status.lag_seconds = behind_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let oldest = owed.iter().min_by_key(|(_, e)| e.first_failed_ms);
+        status.owed_entries = owed.len() as u64;
+        status.oldest_owed_seconds =
+            oldest.map(|(_, e)| now_ms().saturating_sub(e.first_failed_ms) as f64 / 1000.0).unwrap_or(0.0);
+        status.owed_error = oldest
+            .map(|(seq, e)| format!("{} {} (entry {seq}, {} attempts): {}", e.kind, e.id, e.attempts, e.last_error));
         cluster.replication.update(&status, &cancel);
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -108,8 +141,15 @@ pub async fn pull(cluster: Arc<Cluster>, partition: u32, peer: String, cancel: C
     }
 }
 
-/// One page: true if it applied something (so the next page follows at once).
-async fn pull_page(cluster: &Cluster, partition: u32, peer: &str, status: &mut PeerStatus) -> Result<bool, String> {
+/// One page: true if it moved on (so the next page follows at once). Entries that cannot be
+/// applied are owed (added to `owed`, and recorded with the token that passes them).
+async fn pull_page(
+    cluster: &Cluster,
+    partition: u32,
+    peer: &str,
+    status: &mut PeerStatus,
+    owed: &mut Vec<(u64, OwedEntry)>,
+) -> Result<bool, String> {
     let volume = cluster.store.volume(partition).ok_or("the local replica is not open")?;
     let snapshot = cluster.snapshot();
     if !snapshot.live.contains_key(peer) {
@@ -144,20 +184,124 @@ async fn pull_page(cluster: &Cluster, partition: u32, peer: &str, status: &mut P
         return Ok(false);
     }
     let mut next = token;
+    let mut newly_owed = Vec::new();
     for entry in &page.entries {
-        let id: BlobId = entry.id.parse().map_err(|e| format!("bad id in {peer}'s journal: {e}"))?;
-        apply(cluster, &volume, &address, id, &entry.kind).await.map_err(|e| format!("{} {id}: {e}", entry.kind))?;
+        let applied = match entry.id.parse::<BlobId>() {
+            Ok(id) => apply(cluster, &volume, &address, id, &entry.kind).await,
+            Err(e) => Err(ApplyError::Entry(format!("corrupt journal entry: bad blob id: {e}"))),
+        };
+        match applied {
+            Ok(()) => status.applied += 1,
+            // The peer went away mid-page: the rest of the page waits for it, nothing is owed.
+            Err(ApplyError::Peer(e)) if next == token => return Err(format!("{} {}: {e}", entry.kind, entry.id)),
+            Err(ApplyError::Peer(_)) => break,
+            Err(ApplyError::Entry(e)) => {
+                tracing::warn!(partition, %peer, id = %entry.id, kind = %entry.kind, error = %e, "entry owed; the ones after it go on");
+                let now = now_ms();
+                newly_owed.push((
+                    entry.seq,
+                    OwedEntry {
+                        id: entry.id.clone(),
+                        kind: entry.kind.clone(),
+                        last_error: e,
+                        attempts: 1,
+                        first_failed_ms: now,
+                        next_retry_ms: now + backoff_ms(1),
+                    },
+                ));
+            }
+        }
         next = entry.seq + 1;
-        status.applied += 1;
     }
-    let (volume, peer_owned) = (volume.clone(), peer.to_owned());
-    tokio::task::spawn_blocking(move || volume.set_replication_token(&peer_owned, next))
+    let (volume, peer_owned, recorded) = (volume.clone(), peer.to_owned(), newly_owed.clone());
+    tokio::task::spawn_blocking(move || volume.advance_replication(&peer_owned, next, &recorded))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    owed.extend(newly_owed);
     status.token = next;
     status.lag_entries = page.tail.saturating_sub(next);
     Ok(true)
+}
+
+/// Why a journal entry was not applied.
+enum ApplyError {
+    /// The peer could not be reached: the entry waits for it, as every other.
+    Peer(String),
+    /// This entry could not be applied (the peer cannot send it, the local volume refuses it):
+    /// it is owed, and the ones after it go on.
+    Entry(String),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Peer(e) | ApplyError::Entry(e) => f.write_str(e),
+        }
+    }
+}
+
+/// How long before the `attempts`+1-th try of an owed entry: 1 s doubling to 5 min, with ±20 %
+/// jitter so that the replicas of a partition do not retry in step.
+fn backoff_ms(attempts: u32) -> u64 {
+    use rand::Rng;
+    let base = (1000u64 << attempts.saturating_sub(1).min(9)).min(300_000);
+    base * rand::rng().random_range(80..=120) / 100
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Tries again the owed entries whose time has come (a few per round); applied ones are settled,
+/// failed ones rescheduled with a longer back-off.
+async fn retry_owed(
+    cluster: &Cluster,
+    partition: u32,
+    peer: &str,
+    owed: &mut Vec<(u64, OwedEntry)>,
+) -> Result<(), String> {
+    let now = now_ms();
+    if !owed.iter().any(|(_, e)| e.next_retry_ms <= now) {
+        return Ok(());
+    }
+    let volume = cluster.store.volume(partition).ok_or("the local replica is not open")?;
+    let snapshot = cluster.snapshot();
+    let address = Cluster::address_of(&snapshot, peer).ok_or_else(|| format!("no address for {peer}"))?;
+    let due: Vec<usize> =
+        owed.iter().enumerate().filter(|(_, (_, e))| e.next_retry_ms <= now).map(|(i, _)| i).take(20).collect();
+    let mut settled = Vec::new();
+    for i in due {
+        let (seq, entry) = owed[i].clone();
+        let result = match entry.id.parse::<BlobId>() {
+            Ok(id) => apply(cluster, &volume, &address, id, &entry.kind).await,
+            Err(e) => Err(ApplyError::Entry(format!("corrupt journal entry: bad blob id: {e}"))),
+        };
+        let still = match result {
+            Ok(()) => {
+                tracing::info!(partition, %peer, id = %entry.id, attempts = entry.attempts, "owed entry applied");
+                settled.push(i);
+                None
+            }
+            Err(ApplyError::Peer(e)) => return Err(e),
+            Err(ApplyError::Entry(e)) => {
+                let attempts = entry.attempts + 1;
+                let again =
+                    OwedEntry { last_error: e, attempts, next_retry_ms: now_ms() + backoff_ms(attempts), ..entry };
+                owed[i].1 = again.clone();
+                Some(again)
+            }
+        };
+        let (volume, peer) = (volume.clone(), peer.to_owned());
+        tokio::task::spawn_blocking(move || volume.settle_owed(&peer, seq, still.as_ref()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    for i in settled.into_iter().rev() {
+        owed.remove(i);
+    }
+    Ok(())
 }
 
 /// Asks the peer for every blob recovery found damaged here; what it has comes back as a normal
@@ -212,18 +356,18 @@ enum Fetched {
 }
 
 /// Copies a blob from `address`'s own replica into the local one.
-async fn fetch_blob(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId) -> Result<Fetched, String> {
+async fn fetch_blob(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId) -> Result<Fetched, ApplyError> {
     let response = cluster
         .http
         .get(format!("http://{address}/v1/blobs/{id}?local=true"))
         .timeout(cluster.options.peer_timeout * 10)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ApplyError::Peer(e.to_string()))?;
     match response.status().as_u16() {
         200 => {
             let headers = response.headers().clone();
-            let payload = response.bytes().await.map_err(|e| e.to_string())?;
+            let payload = response.bytes().await.map_err(|e| ApplyError::Peer(e.to_string()))?;
             let number = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             let content_type = headers
                 .get("content-type")
@@ -241,33 +385,34 @@ async fn fetch_blob(cluster: &Cluster, volume: &Volume, address: &str, id: BlobI
                 blob_id: id,
                 meta: BlobMeta { content_type, user },
                 payload,
-                created_ms: number(CREATED_HEADER).ok_or("peer sent no creation time")?,
+                created_ms: number(CREATED_HEADER).ok_or(ApplyError::Entry("peer sent no creation time".into()))?,
                 expiry_ms: number(EXPIRES_HEADER),
             };
             match volume.put(request).await {
                 Ok(()) | Err(VolumeError::Conflict) => Ok(Fetched::Stored),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(ApplyError::Entry(e.to_string())),
             }
         }
         // Deleted or expired there: keep a tombstone so the put can never land later.
-        410 => volume.tombstone(id).await.map(|_| Fetched::Gone).map_err(|e| e.to_string()),
+        410 => volume.tombstone(id).await.map(|_| Fetched::Gone).map_err(|e| ApplyError::Entry(e.to_string())),
         404 => Ok(Fetched::Absent),
-        status => Err(format!("fetching from {address}: {status}")),
+        status => Err(ApplyError::Entry(format!("fetching from {address}: {status}"))),
     }
 }
 
 /// Brings one journal entry of the peer into the local replica; applying twice changes nothing.
-async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, kind: &str) -> Result<(), String> {
+async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, kind: &str) -> Result<(), ApplyError> {
+    let entry = |e: VolumeError| ApplyError::Entry(e.to_string());
     let known = match volume.entry(id) {
         Ok(_) => true,
         Err(VolumeError::NotFound) => false,
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(entry(e)),
     };
     match kind {
         "put" if known => Ok(()),
         // Gone from the peer entirely (compacted after a delete): its delete entry follows.
         "put" => fetch_blob(cluster, volume, address, id).await.map(|_| ()),
-        "delete" => volume.tombstone(id).await.map(|_| ()).map_err(|e| e.to_string()),
+        "delete" => volume.tombstone(id).await.map(|_| ()).map_err(entry),
         "ttl_update" if !known => Ok(()), // the put, when it comes, carries the current expiry
         "ttl_update" => {
             let response = cluster
@@ -276,17 +421,18 @@ async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, ki
                 .timeout(cluster.options.peer_timeout)
                 .send()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ApplyError::Peer(e.to_string()))?;
             if !response.status().is_success() {
                 return Ok(()); // deleted or expired there: its delete entry follows
             }
-            let info: crate::api::blobs::BlobInfo = response.json().await.map_err(|e| e.to_string())?;
+            let info: crate::api::blobs::BlobInfo =
+                response.json().await.map_err(|e| ApplyError::Entry(e.to_string()))?;
             match volume.update_ttl(id, info.expires_ms).await {
                 Ok(()) | Err(VolumeError::Deleted | VolumeError::Expired | VolumeError::NotFound) => Ok(()),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(entry(e)),
             }
         }
-        _ => Ok(()),
+        other => Err(ApplyError::Entry(format!("unknown journal entry kind {other:?}"))),
     }
 }
 

@@ -26,6 +26,23 @@ pub const REPLICATION: TableDefinition<&str, u64> = TableDefinition::new("replic
 /// `blobs`; it waits for a replica to send it again (replication does), which removes it here.
 pub const DAMAGED: TableDefinition<[u8; BLOB_ID_BYTES], &[u8]> = TableDefinition::new("damaged");
 
+/// Replication entries this replica could not apply yet, by (peer node id, the entry's sequence
+/// in that peer's journal) → [`OwedEntry`]. Written in the transaction that moves the peer's
+/// token past them, so an entry is always either still ahead of the token or owed.
+pub const OWED: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("owed");
+
+/// A peer's journal entry not applied yet: retried with back-off until it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwedEntry {
+    /// The blob id as the peer's journal gave it (kept as text: a corrupt entry is owed too).
+    pub id: String,
+    pub kind: String,
+    pub last_error: String,
+    pub attempts: u32,
+    pub first_failed_ms: u64,
+    pub next_retry_ms: u64,
+}
+
 /// Key of the [`LogTail`] in [`META`]: the durable mark recovery replays from.
 pub const LOG_TAIL: &str = "log_tail";
 /// Key of the in-flight [`CompactionState`] in [`META`].

@@ -22,7 +22,7 @@ use cairn_common::volume_layout::{LayoutError, Preallocation};
 
 pub use chunk_cache::ChunkCache;
 pub use compaction::CompactionConfig;
-pub use index::{BlobState, IndexEntry, JournalEntry, Location};
+pub use index::{BlobState, IndexEntry, JournalEntry, Location, OwedEntry};
 pub use record::BlobMeta;
 pub use volume::{BlobReader, PutRequest, Volume, VolumeHealth, VolumeStats};
 

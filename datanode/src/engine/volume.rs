@@ -18,15 +18,18 @@ use std::time::Instant;
 use bytes::Bytes;
 use cairn_common::blob_id::BlobId;
 use cairn_common::volume_layout::{self as layout, VolumeMarker, FIRST_SEGMENT, SEGMENT_HEADER_LEN};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
+};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::chunk_cache::VolumeChunks;
 use super::compaction::{self, Compactor};
 use super::index::{
-    self, BlobState, DamagedRecord, IndexEntry, JournalEntry, Location, LogTail, SegmentInfo, BLOBS, DAMAGED, JOURNAL,
-    LOG_TAIL, META, SEGMENTS,
+    self, BlobState, DamagedRecord, IndexEntry, JournalEntry, Location, LogTail, OwedEntry, SegmentInfo, BLOBS,
+    DAMAGED, JOURNAL, LOG_TAIL, META, SEGMENTS,
 };
 use super::record::{
     self, BlobMeta, EncodedRecord, RecordError, RecordHeader, RecordKind, CHUNK_LEN, HEADER_LEN, SEAL_LEN,
@@ -373,11 +376,7 @@ impl Volume {
     /// Where replication from `peer` goes on: the next journal sequence to pull.
     pub fn replication_token(&self, peer: &str) -> Result<u64, VolumeError> {
         let txn = self.shared.db.begin_read()?;
-        let table = match txn.open_table(index::REPLICATION) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(table) = open_if_made(&txn, index::REPLICATION)? else { return Ok(0) };
         Ok(table.get(peer)?.map(|v| v.value()).unwrap_or(0))
     }
 
@@ -387,6 +386,53 @@ impl Volume {
         let mut txn = self.shared.db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;
         txn.open_table(index::REPLICATION)?.insert(peer, next_seq)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Moves the token of `peer` to `next_seq` and records, in the same transaction, the entries
+    /// before it that could not be applied (lazily durable, as the token: lost in a crash, both
+    /// go back and the entries are pulled and tried again).
+    pub fn advance_replication(&self, peer: &str, next_seq: u64, owed: &[(u64, OwedEntry)]) -> Result<(), VolumeError> {
+        let txn = begin_write(&self.shared.db, false)?;
+        txn.open_table(index::REPLICATION)?.insert(peer, next_seq)?;
+        {
+            let mut table = txn.open_table(index::OWED)?;
+            for (seq, entry) in owed {
+                table.insert((peer, *seq), index::encode(entry).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every entry owed to this replica, as (peer, sequence, entry).
+    pub fn owed(&self) -> Result<Vec<(String, u64, OwedEntry)>, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let Some(table) = open_if_made(&txn, index::OWED)? else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let (peer, seq) = k.value();
+            out.push((peer.to_owned(), seq, index::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// An owed entry applied at last (`None`), or failed again (its new state).
+    pub fn settle_owed(&self, peer: &str, seq: u64, still: Option<&OwedEntry>) -> Result<(), VolumeError> {
+        let txn = begin_write(&self.shared.db, false)?;
+        {
+            let mut table = txn.open_table(index::OWED)?;
+            match still {
+                Some(entry) => {
+                    table.insert((peer, seq), index::encode(entry).as_slice())?;
+                }
+                None => {
+                    table.remove((peer, seq))?;
+                }
+            }
+        }
         txn.commit()?;
         Ok(())
     }
@@ -433,11 +479,7 @@ impl Volume {
     /// Blobs whose put record recovery found damaged: they wait for a replica to send them again.
     pub fn damaged(&self) -> Result<Vec<(BlobId, DamagedRecord)>, VolumeError> {
         let txn = self.shared.db.begin_read()?;
-        let table = match txn.open_table(DAMAGED) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(table) = open_if_made(&txn, DAMAGED)? else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for item in table.iter()? {
             let (k, v) = item?;
@@ -1171,6 +1213,18 @@ fn push_write(writes: &mut Vec<PendingWrite>, file: &Arc<File>, offset: u64, rec
 
 fn clone_failure(e: &VolumeError) -> VolumeError {
     VolumeError::Failed(e.to_string())
+}
+
+/// A table for reading; `None` while no write has made it (a volume from before it existed).
+fn open_if_made<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, VolumeError> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub(crate) fn begin_write(db: &Database, durable: bool) -> Result<WriteTransaction, VolumeError> {

@@ -392,7 +392,16 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
                             peer: r.peer,
                             lag_entries: r.lag_entries,
                             lag_seconds: r.lag_seconds,
-                            error: r.last_error,
+                            error: r.last_error.clone().or_else(|| {
+                                (r.owed_entries > 0).then(|| {
+                                    format!(
+                                        "{} entr{} owed, retried with back-off; oldest: {}",
+                                        r.owed_entries,
+                                        if r.owed_entries == 1 { "y" } else { "ies" },
+                                        r.owed_error.as_deref().unwrap_or("unknown error")
+                                    )
+                                })
+                            }),
                         });
                     }
                 }
