@@ -541,33 +541,7 @@ fn datanode_http() -> &'static reqwest::Client {
     })
 }
 
-/// One replica's progress behind one peer, as a datanode reports it (`GET /v1/admin/replicas`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ReplicaProgress {
-    pub partition: u32,
-    pub peer: String,
-    pub peer_tail: u64,
-    pub lag_entries: u64,
-    #[serde(default)]
-    pub lag_seconds: f64,
-    #[serde(default)]
-    pub last_error: Option<String>,
-    /// Entries of the peer's journal not applied yet (retried with back-off), how long the
-    /// oldest has waited, and why.
-    #[serde(default)]
-    pub owed_entries: u64,
-    #[serde(default)]
-    pub oldest_owed_seconds: f64,
-    #[serde(default)]
-    pub owed_error: Option<String>,
-}
-
-impl ReplicaProgress {
-    /// Pulled everything the peer had when last asked, and owes nothing.
-    pub fn caught_up(&self) -> bool {
-        self.lag_entries == 0 && self.last_error.is_none() && self.owed_entries == 0
-    }
-}
+pub use cairn_cluster::admin::ReplicaProgress;
 
 /// Replicas that have owed entries for longer than `grace`, from each live datanode's progress.
 async fn stalled_replication(snapshot: &Snapshot, grace: Option<std::time::Duration>) -> Option<String> {

@@ -129,11 +129,49 @@ pub struct JournalPage {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JournalItem {
     pub seq: u64,
+    /// The blob id; `corrupt:<hex>` when the journal holds bytes that are not one (the entry is
+    /// reported by the replica that pulls it, never passed as an empty id).
     pub id: String,
-    /// put, delete or ttl_update.
-    pub kind: String,
+    pub kind: EntryKind,
     /// Bytes of the record.
     pub len: u64,
+}
+
+/// What a journal entry records. A kind this version does not know reads as `Unknown` (a newer
+/// peer), and the puller owes it rather than passing over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    Put,
+    Delete,
+    TtlUpdate,
+    /// The end of a segment: nothing to copy.
+    Seal,
+    #[serde(other)]
+    Unknown,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Put => "put",
+            EntryKind::Delete => "delete",
+            EntryKind::TtlUpdate => "ttl_update",
+            EntryKind::Seal => "seal",
+            EntryKind::Unknown => "unknown",
+        }
+    }
+
+    /// The kind of its wire name (as an owed entry keeps it).
+    pub fn parse(name: &str) -> Self {
+        serde_json::from_value(serde_json::Value::String(name.to_owned())).unwrap_or(EntryKind::Unknown)
+    }
+}
+
+impl std::fmt::Display for EntryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A page of this replica's journal from `from` on.
@@ -151,14 +189,17 @@ async fn journal(
             .into_iter()
             .map(|(seq, e)| JournalItem {
                 seq,
-                id: BlobId::from_bytes(&e.blob_id).map(|id| id.to_string()).unwrap_or_default(),
+                id: BlobId::from_bytes(&e.blob_id).map(|id| id.to_string()).unwrap_or_else(|_| {
+                    let hex: String = e.blob_id.iter().map(|b| format!("{b:02x}")).collect();
+                    tracing::warn!(partition, seq, id = %hex, "journal entry with a corrupt blob id");
+                    format!("corrupt:{hex}")
+                }),
                 kind: match e.kind {
-                    RecordKind::Put => "put",
-                    RecordKind::Delete => "delete",
-                    RecordKind::TtlUpdate => "ttl_update",
-                    RecordKind::Seal => "seal",
-                }
-                .into(),
+                    RecordKind::Put => EntryKind::Put,
+                    RecordKind::Delete => EntryKind::Delete,
+                    RecordKind::TtlUpdate => EntryKind::TtlUpdate,
+                    RecordKind::Seal => EntryKind::Seal,
+                },
                 len: e.location.len,
             })
             .collect();
@@ -167,4 +208,26 @@ async fn journal(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(Json(page))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The journal's wire: every kind by its name both ways, and a kind this version does not
+    /// know (a newer peer's) reads as `Unknown` without failing the page around it.
+    #[test]
+    fn journal_kinds_are_typed_and_an_unknown_one_does_not_break_the_page() {
+        for kind in [EntryKind::Put, EntryKind::Delete, EntryKind::TtlUpdate, EntryKind::Seal] {
+            assert_eq!(EntryKind::parse(kind.as_str()), kind);
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+        let page: JournalPage = serde_json::from_str(
+            r#"{"tail": 3, "entries": [{"seq": 1, "id": "x", "kind": "put", "len": 9},
+                                        {"seq": 2, "id": "y", "kind": "rename_v2", "len": 9}]}"#,
+        )
+        .unwrap();
+        assert_eq!(page.entries.iter().map(|e| e.kind).collect::<Vec<_>>(), [EntryKind::Put, EntryKind::Unknown]);
+        assert_eq!(EntryKind::parse("rename_v2"), EntryKind::Unknown);
+    }
 }

@@ -7,10 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_common::BlobId;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::replica_api::{JournalPage, CREATED_HEADER, EXPIRES_HEADER};
+use super::replica_api::{EntryKind, JournalPage, CREATED_HEADER, EXPIRES_HEADER};
 use super::Cluster;
 use crate::engine::{BlobMeta, OwedEntry, PutRequest, Volume, VolumeError};
 use crate::metrics::{Metrics, PeerLabels};
@@ -18,29 +17,9 @@ use crate::metrics::{Metrics, PeerLabels};
 const PAGE: usize = 500;
 const IDLE_POLL: Duration = Duration::from_millis(200);
 
-/// Progress of one local replica behind one peer (`GET /v1/admin/replicas`).
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct PeerStatus {
-    pub partition: u32,
-    pub peer: String,
-    /// Next journal sequence to pull from the peer.
-    pub token: u64,
-    /// The peer's journal tail when last asked.
-    pub peer_tail: u64,
-    pub lag_entries: u64,
-    /// Bytes of the records in the last page still to apply (a lower bound when further behind).
-    pub lag_bytes: u64,
-    /// How long this replica has been behind the peer.
-    pub lag_seconds: f64,
-    pub applied: u64,
-    pub last_error: Option<String>,
-    /// Entries passed over because they could not be applied, retried with back-off.
-    pub owed_entries: u64,
-    /// How long the oldest of them has been owed.
-    pub oldest_owed_seconds: f64,
-    /// Why the oldest could not be applied, the last time it was tried.
-    pub owed_error: Option<String>,
-}
+/// Progress of one local replica behind one peer (`GET /v1/admin/replicas`): the wire type the
+/// operator reads.
+pub use cairn_cluster::admin::ReplicaProgress as PeerStatus;
 
 pub struct Replication {
     metrics: Arc<Metrics>,
@@ -187,7 +166,7 @@ async fn pull_page(
     let mut newly_owed = Vec::new();
     for entry in &page.entries {
         let applied = match entry.id.parse::<BlobId>() {
-            Ok(id) => apply(cluster, &volume, &address, id, &entry.kind).await,
+            Ok(id) => apply(cluster, &volume, &address, id, entry.kind).await,
             Err(e) => Err(ApplyError::Entry(format!("corrupt journal entry: bad blob id: {e}"))),
         };
         match applied {
@@ -202,7 +181,7 @@ async fn pull_page(
                     entry.seq,
                     OwedEntry {
                         id: entry.id.clone(),
-                        kind: entry.kind.clone(),
+                        kind: entry.kind.to_string(),
                         last_error: e,
                         attempts: 1,
                         first_failed_ms: now,
@@ -274,7 +253,7 @@ async fn retry_owed(
     for i in due {
         let (seq, entry) = owed[i].clone();
         let result = match entry.id.parse::<BlobId>() {
-            Ok(id) => apply(cluster, &volume, &address, id, &entry.kind).await,
+            Ok(id) => apply(cluster, &volume, &address, id, EntryKind::parse(&entry.kind)).await,
             Err(e) => Err(ApplyError::Entry(format!("corrupt journal entry: bad blob id: {e}"))),
         };
         let still = match result {
@@ -401,7 +380,13 @@ async fn fetch_blob(cluster: &Cluster, volume: &Volume, address: &str, id: BlobI
 }
 
 /// Brings one journal entry of the peer into the local replica; applying twice changes nothing.
-async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, kind: &str) -> Result<(), ApplyError> {
+async fn apply(
+    cluster: &Cluster,
+    volume: &Volume,
+    address: &str,
+    id: BlobId,
+    kind: EntryKind,
+) -> Result<(), ApplyError> {
     let entry = |e: VolumeError| ApplyError::Entry(e.to_string());
     let known = match volume.entry(id) {
         Ok(_) => true,
@@ -409,12 +394,12 @@ async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, ki
         Err(e) => return Err(entry(e)),
     };
     match kind {
-        "put" if known => Ok(()),
+        EntryKind::Put if known => Ok(()),
         // Gone from the peer entirely (compacted after a delete): its delete entry follows.
-        "put" => fetch_blob(cluster, volume, address, id).await.map(|_| ()),
-        "delete" => volume.tombstone(id).await.map(|_| ()).map_err(entry),
-        "ttl_update" if !known => Ok(()), // the put, when it comes, carries the current expiry
-        "ttl_update" => {
+        EntryKind::Put => fetch_blob(cluster, volume, address, id).await.map(|_| ()),
+        EntryKind::Delete => volume.tombstone(id).await.map(|_| ()).map_err(entry),
+        EntryKind::TtlUpdate if !known => Ok(()), // the put, when it comes, carries the current expiry
+        EntryKind::TtlUpdate => {
             let response = cluster
                 .http
                 .get(format!("http://{address}/v1/blobs/{id}/info?local=true"))
@@ -432,7 +417,9 @@ async fn apply(cluster: &Cluster, volume: &Volume, address: &str, id: BlobId, ki
                 Err(e) => Err(entry(e)),
             }
         }
-        other => Err(ApplyError::Entry(format!("unknown journal entry kind {other:?}"))),
+        // A segment boundary on the peer: nothing to copy.
+        EntryKind::Seal => Ok(()),
+        EntryKind::Unknown => Err(ApplyError::Entry("a journal entry of a kind this version does not know".into())),
     }
 }
 
