@@ -254,9 +254,11 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         (None, None) => spec.replication_factor,
     };
     let status = observed(&after, &chosen, rf);
+    // Every live datanode's replication progress, asked once for this pass.
+    let replication = progress_of(&after).await;
     let settled = status.nodes_ready == status.nodes_total
         && status.partitions.under_replicated == 0
-        && replication_settled(&after).await;
+        && replication_settled(&after, &replication);
     let applied = match platform.apply(&chosen, settled).await {
         Ok(applied) => applied,
         Err(message) => return Outcome::degraded("WorkloadsFailed", message),
@@ -319,7 +321,11 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         }
     }
     // Entries a replica could not apply are retried; owed for too long, they are a condition.
-    let stalled = stalled_replication(&after, spec.replication_stall_grace()).await;
+    let stalled = spec.replication_stall_grace().and_then(|grace| {
+        let answered: Vec<(String, Vec<ReplicaProgress>)> =
+            replication.iter().map(|(node, list)| (node.clone(), list.clone().unwrap_or_default())).collect();
+        stalled(&answered, grace)
+    });
     // A datanode that cannot open a replica assigned to it keeps trying; until it can, the
     // cluster is Degraded with its reason (never "creating" forever).
     let degraded = problem
@@ -543,14 +549,13 @@ fn datanode_http() -> &'static reqwest::Client {
 
 pub use cairn_cluster::admin::ReplicaProgress;
 
-/// Replicas that have owed entries for longer than `grace`, from each live datanode's progress.
-async fn stalled_replication(snapshot: &Snapshot, grace: Option<std::time::Duration>) -> Option<String> {
-    let grace = grace?;
-    let mut progress = Vec::new();
+/// Each live datanode's replication progress (`None`: it did not answer).
+async fn progress_of(snapshot: &Snapshot) -> BTreeMap<String, Option<Vec<ReplicaProgress>>> {
+    let mut out = BTreeMap::new();
     for (node, live) in &snapshot.live {
-        progress.push((node.clone(), replica_progress(&live.address).await.unwrap_or_default()));
+        out.insert(node.clone(), replica_progress(&live.address).await);
     }
-    stalled(&progress, grace)
+    out
 }
 
 /// "partition P on N owes K entries of M's journal (oldest Xs: why)" for every replica (by
@@ -607,10 +612,10 @@ async fn caught_up(snapshot: &Snapshot, partition: u32, nodes: &[String]) -> boo
 
 /// Whether every datanode of the topology has its replicas open and reports no replication lag
 /// behind any peer.
-async fn replication_settled(snapshot: &Snapshot) -> bool {
+fn replication_settled(snapshot: &Snapshot, progress: &BTreeMap<String, Option<Vec<ReplicaProgress>>>) -> bool {
     for node in snapshot.topology.nodes.keys() {
         let with_peers = snapshot.topology.partitions_of(node).filter(|p| p.replicas.len() > 1).count();
-        let Some(list) = replicas_of(snapshot, node).await else { return false };
+        let Some(list) = progress.get(node).and_then(Option::as_ref) else { return false };
         let partitions: std::collections::BTreeSet<u32> = list.iter().map(|p| p.partition).collect();
         if partitions.len() < with_peers || !list.iter().all(ReplicaProgress::caught_up) {
             return false;

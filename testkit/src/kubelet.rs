@@ -278,7 +278,7 @@ impl Nodes {
             }
         }
         let nodes: Api<Node> = Api::all(self.api.client());
-        let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let now = crate::now();
         let (ready, reason, taints) = if running {
             ("True", "KubeletReady", json!([]))
         } else {
@@ -713,9 +713,7 @@ async fn tick(
                                 || (running.ready
                                     && running.probe_failures < spec["failureThreshold"].as_u64().unwrap_or(3) as u32)
                         };
-                        let was = pod["status"]["conditions"]
-                            .as_array()
-                            .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+                        let was = crate::pod_ready(pod);
                         running.ready = ready;
                         if ready != was {
                             status_patch = Some(json!({"status": {"phase": "Running", "podIP": running.ip,

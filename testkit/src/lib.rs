@@ -98,12 +98,21 @@ impl State {
     /// What the API serves: the built-in resources and those of every stored CRD.
     fn resources(&self) -> Vec<discovery::Resource> {
         let mut all = discovery::builtin();
-        for (key, crd) in &self.objects {
-            if key.0 == "apiextensions.k8s.io/v1" && key.2 == "customresourcedefinitions" {
-                all.extend(discovery::from_crd(crd));
+        // The CRDs only (keys sort by group/version, namespace, plural), not every object.
+        let (gv, plural) = ("apiextensions.k8s.io/v1".to_string(), "customresourcedefinitions".to_string());
+        let first: Key = (gv.clone(), String::new(), plural.clone(), String::new());
+        for (key, crd) in self.objects.range(first..) {
+            if key.0 != gv || !key.1.is_empty() || key.2 != plural {
+                break;
             }
+            all.extend(discovery::from_crd(crd));
         }
         all
+    }
+
+    /// The resource served at `group_version`/`plural`, if any.
+    fn resource(&self, group_version: &str, plural: &str) -> Option<discovery::Resource> {
+        self.resources().into_iter().find(|r| r.group_version == group_version && r.plural == plural)
     }
 
     /// Deletes an object: it stays, marked for deletion, while it has finalizers, and so does a
@@ -123,7 +132,7 @@ impl State {
             if object["metadata"]["deletionTimestamp"].is_null() {
                 let at =
                     k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(grace as i64);
-                object["metadata"]["deletionTimestamp"] = json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+                object["metadata"]["deletionTimestamp"] = json!(timestamp(at));
                 if key.2 == "pods" {
                     object["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
                 }
@@ -170,12 +179,7 @@ impl State {
             "NotFound",
             format!("pods \"{}\" not found", key.3),
         ))?;
-        let ready = |p: &Value| {
-            p["metadata"]["deletionTimestamp"].is_null()
-                && p["status"]["conditions"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-        };
+        let ready = |p: &Value| p["metadata"]["deletionTimestamp"].is_null() && pod_ready(p);
         let selects =
             |pdb: &Value, p: &Value| selector::selector_matches(&pdb["spec"]["selector"], &p["metadata"]["labels"]);
         let too_many = |message: String| (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", message);
@@ -268,8 +272,7 @@ impl State {
     /// without. Anything else is a 404, as before its CRD is applied on a real cluster.
     fn served(&self, key: &Key, collection: bool) -> Result<(), String> {
         let (gv, ns, plural, _) = key;
-        let Some(resource) = self.resources().into_iter().find(|r| &r.group_version == gv && &r.plural == plural)
-        else {
+        let Some(resource) = self.resource(gv, plural) else {
             return Err(format!("the server could not find the requested resource ({gv} {plural})"));
         };
         match (resource.namespaced, ns.is_empty()) {
@@ -566,9 +569,7 @@ impl MemoryApi {
         // (clients decode it as a typed object), and marks the end of initial events only when
         // they were asked for.
         let (gv, plural) = (key.0.clone(), key.2.clone());
-        let kind =
-            self.state.lock().unwrap().resources().into_iter().find(|r| r.group_version == gv && r.plural == plural);
-        let kind = kind.map(|r| r.kind).unwrap_or_else(|| plural.clone());
+        let kind = self.state.lock().unwrap().resource(&gv, &plural).map(|r| r.kind).unwrap_or_else(|| plural.clone());
         let initial_events = param("sendInitialEvents").as_deref() == Some("true");
         let api = self.clone();
         let first_bookmark = tokio::time::Instant::now() + BOOKMARK_INTERVAL;
@@ -888,8 +889,8 @@ impl MemoryApi {
                         return ok(discovery::table(&resource, &items, &version, k8s_openapi::jiff::Timestamp::now()));
                     }
                     // `<Kind>List`, as the API server names a collection (client-go decodes by it).
-                    let kind = state.resources().into_iter().find(|r| &r.group_version == gv && &r.plural == plural);
-                    let kind = kind.map(|r| format!("{}List", r.kind)).unwrap_or_else(|| "List".into());
+                    let kind =
+                        state.resource(gv, plural).map(|r| format!("{}List", r.kind)).unwrap_or_else(|| "List".into());
                     ok(
                         json!({"apiVersion": gv, "kind": kind, "metadata": {"resourceVersion": version}, "items": items}),
                     )
@@ -1257,7 +1258,7 @@ fn table_of(state: &State, headers: &http::HeaderMap, key: &Key) -> Option<disco
     if !discovery::wants_table(accept) {
         return None;
     }
-    state.resources().into_iter().find(|r| r.group_version == key.0 && r.plural == key.2)
+    state.resource(&key.0, &key.2)
 }
 
 /// A query parameter, decoded (`a%3Db` → `a=b`).
@@ -1339,9 +1340,21 @@ impl Selector {
     }
 }
 
+/// Whether a Pod's `Ready` condition is `True`.
+fn pod_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
 /// Now, as the API server writes times (RFC 3339, seconds).
 fn now() -> String {
-    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    timestamp(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// A time as the API server writes it (RFC 3339, seconds).
+fn timestamp(t: k8s_openapi::jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// `/api/v1/namespaces/{ns}/pods/{name}[:port]/proxy[/{path}]`: the Pod, its port if given, and

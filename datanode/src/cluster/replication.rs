@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::replica_api::{EntryKind, JournalPage, CREATED_HEADER, EXPIRES_HEADER};
 use super::Cluster;
-use crate::engine::{BlobMeta, OwedEntry, PutRequest, Volume, VolumeError};
+use crate::engine::{now_ms, BlobMeta, OwedEntry, PutRequest, Volume, VolumeError};
 use crate::metrics::{Metrics, PeerLabels};
 
 const PAGE: usize = 500;
@@ -165,10 +165,7 @@ async fn pull_page(
     let mut next = token;
     let mut newly_owed = Vec::new();
     for entry in &page.entries {
-        let applied = match entry.id.parse::<BlobId>() {
-            Ok(id) => apply(cluster, &volume, &address, id, entry.kind).await,
-            Err(e) => Err(ApplyError::Entry(format!("corrupt journal entry: bad blob id: {e}"))),
-        };
+        let applied = apply_entry(cluster, &volume, &address, &entry.id, entry.kind).await;
         match applied {
             Ok(()) => status.applied += 1,
             // The peer went away mid-page: the rest of the page waits for it, nothing is owed.
@@ -228,10 +225,6 @@ fn backoff_ms(attempts: u32) -> u64 {
     base * rand::rng().random_range(80..=120) / 100
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Tries again the owed entries whose time has come (a few per round); applied ones are settled,
 /// failed ones rescheduled with a longer back-off.
 async fn retry_owed(
@@ -252,10 +245,7 @@ async fn retry_owed(
     let mut settled = Vec::new();
     for i in due {
         let (seq, entry) = owed[i].clone();
-        let result = match entry.id.parse::<BlobId>() {
-            Ok(id) => apply(cluster, &volume, &address, id, EntryKind::parse(&entry.kind)).await,
-            Err(e) => Err(ApplyError::Entry(format!("corrupt journal entry: bad blob id: {e}"))),
-        };
+        let result = apply_entry(cluster, &volume, &address, &entry.id, EntryKind::parse(&entry.kind)).await;
         let still = match result {
             Ok(()) => {
                 tracing::info!(partition, %peer, id = %entry.id, attempts = entry.attempts, "owed entry applied");
@@ -376,6 +366,20 @@ async fn fetch_blob(cluster: &Cluster, volume: &Volume, address: &str, id: BlobI
         410 => volume.tombstone(id).await.map(|_| Fetched::Gone).map_err(|e| ApplyError::Entry(e.to_string())),
         404 => Ok(Fetched::Absent),
         status => Err(ApplyError::Entry(format!("fetching from {address}: {status}"))),
+    }
+}
+
+/// A journal entry as the peer sent it (its id still text): applied, or why not.
+async fn apply_entry(
+    cluster: &Cluster,
+    volume: &Volume,
+    address: &str,
+    id: &str,
+    kind: EntryKind,
+) -> Result<(), ApplyError> {
+    match id.parse::<BlobId>() {
+        Ok(id) => apply(cluster, volume, address, id, kind).await,
+        Err(e) => Err(ApplyError::Entry(format!("corrupt journal entry: bad blob id: {e}"))),
     }
 }
 
