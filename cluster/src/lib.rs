@@ -5,10 +5,12 @@
 //!   deterministic, minimal movement).
 //! - [`etcd`]: the topology and live registrations in etcd (docs/etcd-layout.md).
 //! - [`admin`]: what the datanode's admin API answers the operator and `cairn`.
+//! - [`replica`]: what datanodes send each other (the replica API's wire types, versioned).
 
 pub mod admin;
 pub mod etcd;
 pub mod planner;
+pub mod replica;
 pub mod topology;
 
 pub use topology::{

@@ -72,6 +72,26 @@ pub struct Metrics {
     pub replication_lag_seconds: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     /// Entries of a peer's journal a replica could not apply yet (retried with back-off).
     pub replication_owed_entries: Family<PeerLabels, Gauge>,
+    /// Journal entries applied from each peer node, their record bytes, and failures.
+    pub replication_applied_entries: Family<NodeLabels, Counter>,
+    pub replication_applied_bytes: Family<NodeLabels, Counter>,
+    pub replication_errors: Family<NodeLabels, Counter>,
+    /// Differences anti-entropy found and repaired, by the peer node that had them.
+    pub anti_entropy_repaired: Family<NodeLabels, Counter>,
+    /// Latency of calls to other datanodes.
+    pub peer_request_seconds: HistogramFamily<PeerCallLabels>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerCallLabels {
+    pub peer: String,
+    /// `journal`, `fetch`, `meta`, `digest`, `bucket`.
+    pub call: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,6 +117,37 @@ impl Default for Metrics {
         let replication_lag_bytes = Family::<PeerLabels, Gauge>::default();
         let replication_lag_seconds = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
         let replication_owed_entries = Family::<PeerLabels, Gauge>::default();
+        let replication_applied_entries = Family::<NodeLabels, Counter>::default();
+        let replication_applied_bytes = Family::<NodeLabels, Counter>::default();
+        let replication_errors = Family::<NodeLabels, Counter>::default();
+        let anti_entropy_repaired = Family::<NodeLabels, Counter>::default();
+        let peer_request_seconds: HistogramFamily<PeerCallLabels> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 16)));
+        registry.register(
+            "replication_applied_entries",
+            "Journal entries applied from a peer node",
+            replication_applied_entries.clone(),
+        );
+        registry.register(
+            "replication_applied_bytes",
+            "Record bytes of the journal entries applied from a peer node",
+            replication_applied_bytes.clone(),
+        );
+        registry.register(
+            "replication_errors",
+            "Journal requests or entries from a peer node that failed",
+            replication_errors.clone(),
+        );
+        registry.register(
+            "anti_entropy_repaired",
+            "Blobs and tombstones anti-entropy found missing and copied from a peer node",
+            anti_entropy_repaired.clone(),
+        );
+        registry.register(
+            "peer_request_duration_seconds",
+            "Latency of replication calls to another datanode",
+            peer_request_seconds.clone(),
+        );
         registry.register(
             "replication_owed_entries",
             "Journal entries of a peer a replica could not apply yet (retried with back-off)",
@@ -162,6 +213,11 @@ impl Default for Metrics {
             replication_lag_bytes,
             replication_lag_seconds,
             replication_owed_entries,
+            replication_applied_entries,
+            replication_applied_bytes,
+            replication_errors,
+            anti_entropy_repaired,
+            peer_request_seconds,
         }
     }
 }

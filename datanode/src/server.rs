@@ -6,12 +6,15 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::api::replica::ReplicaState;
 use crate::api::serve::ServerLimits;
 use crate::api::upload::UploadBudget;
 use crate::api::{self, AppState};
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::engine::VolumeConfig;
+use crate::front::Front;
 use crate::metrics::Metrics;
+pub use crate::store::VolumeSource;
 use crate::store::{StandaloneLayout, Store};
 
 pub struct StandaloneOptions {
@@ -54,16 +57,6 @@ impl HttpOptions {
         let budget = || Arc::new(UploadBudget::new(self.upload_buffer_bytes, self.upload_wait));
         Ok((budget(), budget()))
     }
-}
-
-/// Where a node's volumes come from.
-#[derive(Debug, Clone)]
-pub enum VolumeSource {
-    /// Made by the node itself under `DIR/volumes/`, growing segment by segment.
-    DataDir(PathBuf),
-    /// Asked of the machine's disk agent (fully preallocated, on a disk it reports): one volume
-    /// `<prefix>-p<partition>` per partition, on `disk` or else the disk with most room.
-    DiskAgent { socket: PathBuf, disk: Option<String>, prefix: String },
 }
 
 /// Gets (creating idempotently) this node's volumes from the disk agent: their directories.
@@ -138,17 +131,16 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         }
     };
     let store = Arc::new(store);
-    let (uploads, replica_uploads) = options.http.budgets(options.volume.max_blob_bytes)?;
+    let (uploads, _) = options.http.budgets(options.volume.max_blob_bytes)?;
     let listener = bind(options.listen).await?;
     let state = AppState {
+        front: Front::Standalone(store.clone()),
         store,
         metrics,
         max_blob_bytes: options.volume.max_blob_bytes,
         uploads,
-        replica_uploads,
-        cluster: None,
     };
-    serve_on(listener, state, &options.http.limits, shutdown).await
+    serve_on(listener, state, None, &options.http.limits, shutdown).await
 }
 
 /// Serves a node of a cluster: binds first (peers may call as soon as it registers), then joins.
@@ -164,15 +156,10 @@ pub async fn run_cluster(
     let (uploads, replica_uploads) = http.budgets(volume.max_blob_bytes)?;
     let listener = bind(listen).await?;
     let cluster = Cluster::start(options, volume.clone(), store.clone(), shutdown.child_token()).await?;
-    let state = AppState {
-        store,
-        metrics,
-        max_blob_bytes: volume.max_blob_bytes,
-        uploads,
-        replica_uploads,
-        cluster: Some(cluster),
-    };
-    serve_on(listener, state, &http.limits, shutdown).await
+    let replica = ReplicaState { cluster: cluster.clone(), uploads: replica_uploads, shutdown: shutdown.clone() };
+    let state =
+        AppState { store, metrics, max_blob_bytes: volume.max_blob_bytes, uploads, front: Front::Cluster(cluster) };
+    serve_on(listener, state, Some(replica), &http.limits, shutdown).await
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -184,6 +171,7 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 async fn serve_on(
     listener: tokio::net::TcpListener,
     state: AppState,
+    replica: Option<ReplicaState>,
     limits: &ServerLimits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -202,8 +190,8 @@ async fn serve_on(
             }
         }
     });
-    tracing::info!(addr = %listener.local_addr()?, cluster = state.cluster.is_some(), "cairn-datanode serving");
-    api::serve::serve(listener, api::router(state), limits, shutdown).await?;
+    tracing::info!(addr = %listener.local_addr()?, cluster = replica.is_some(), "cairn-datanode serving");
+    api::serve::serve(listener, api::router(state, replica), limits, shutdown).await?;
     tokio::task::spawn_blocking(move || store.close()).await?;
     tracing::info!("cairn-datanode stopped");
     Ok(())

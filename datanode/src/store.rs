@@ -33,6 +33,16 @@ struct NodeFile {
 /// The partitions of a standalone node: those its data directory records (or, for a directory
 /// made before the record existed, the volumes it holds), else `--partitions`, else one. A
 /// `--partitions` that contradicts the directory is refused: partitions are fixed once created.
+/// Where a node's volumes come from.
+#[derive(Debug, Clone)]
+pub enum VolumeSource {
+    /// Made by the node itself under `DIR/volumes/`, growing segment by segment.
+    DataDir(PathBuf),
+    /// Asked of the machine's disk agent (fully preallocated, on a disk it reports): one volume
+    /// `<prefix>-p<partition>` per partition, on `disk` or else the disk with most room.
+    DiskAgent { socket: PathBuf, disk: Option<String>, prefix: String },
+}
+
 pub fn standalone_partitions(data_dir: &Path, flag: Option<u32>) -> Result<u32, VolumeError> {
     let path = data_dir.join(NODE_FILE);
     let recorded = match std::fs::read(&path) {

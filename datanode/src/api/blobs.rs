@@ -16,7 +16,7 @@ use super::error::{ApiError, ErrorBody};
 use super::limits::{self, parse_put_headers, parse_range};
 use super::AppState;
 use crate::engine::record::CHUNK_LEN;
-use crate::engine::{now_ms, BlobReader, PutRequest, VolumeError};
+use crate::engine::{now_ms, BlobReader, VolumeError};
 use crate::metrics::DirectionLabels;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -95,32 +95,7 @@ pub async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: B
     let created_ms = now_ms();
     let expiry_ms = ttl.map(|t| created_ms + t * 1000);
     let size = payload.len() as u64;
-    let blob_id = match &state.cluster {
-        Some(cluster) => cluster.put(meta, payload, created_ms, expiry_ms).await?,
-        None => {
-            // A volume without room for this blob (or stalled) does not stop the others taking it.
-            let mut tried = Vec::new();
-            let mut last_refusal = None;
-            loop {
-                let volume = match (state.store.pick_for_put(&tried), last_refusal) {
-                    (Ok(volume), _) => volume,
-                    (Err(_), Some(refusal)) => return Err(ApiError::from(refusal)),
-                    (Err(e), None) => return Err(e.into()),
-                };
-                let blob_id = BlobId::generate(volume.partition());
-                let request =
-                    PutRequest { blob_id, meta: meta.clone(), payload: payload.clone(), created_ms, expiry_ms };
-                match volume.put(request).await {
-                    Ok(()) => break blob_id,
-                    Err(e @ (VolumeError::NoRoom { .. } | VolumeError::Paused { .. } | VolumeError::Full)) => {
-                        tried.push(volume.partition());
-                        last_refusal = Some(e);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-    };
+    let blob_id = state.front.put(meta, payload, created_ms, expiry_ms).await?;
     state.metrics.bytes.get_or_create(&DirectionLabels { direction: "in" }).inc_by(size);
     let body = PutResponse {
         id: blob_id.to_string(),
@@ -200,7 +175,7 @@ async fn routed(
     headers: &HeaderMap,
     local: impl std::future::Future<Output = Result<Response, ApiError>>,
 ) -> Result<Response, ApiError> {
-    let Some(cluster) = state.cluster.as_ref().filter(|_| !local_only) else {
+    let Some(cluster) = state.front.cluster().filter(|_| !local_only) else {
         return local.await;
     };
     if state.store.volume(id.partition()).is_some() {
@@ -212,7 +187,20 @@ async fn routed(
             Err(e) => tracing::debug!(%id, error = %e, "local replica cannot answer; asking the others"),
         }
     }
-    cluster.read_from_peers(id, method, suffix, headers).await
+    let range = headers.get(header::RANGE).map(|v| v.as_bytes());
+    Ok(relay(cluster.read_from_peers(id, method, suffix, range).await?))
+}
+
+/// A peer's answer passed on as it is, the body streamed.
+fn relay(response: reqwest::Response) -> Response {
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut builder = Response::builder().status(status);
+    for (name, value) in response.headers() {
+        if name != "transfer-encoding" && name != "connection" {
+            builder = builder.header(name, value);
+        }
+    }
+    builder.body(Body::from_stream(response.bytes_stream())).expect("valid response")
 }
 
 async fn serve_get(state: &AppState, id: BlobId, headers: &HeaderMap) -> Result<Response, ApiError> {
@@ -237,7 +225,7 @@ async fn serve_get(state: &AppState, id: BlobId, headers: &HeaderMap) -> Result<
 /// The payload bytes `[start, end)` as a body. The first chunk is read (and verified) before
 /// the response starts, so that a checksum error there is a proper 500; later chunks are read
 /// one ahead of the socket, and a checksum error aborts the connection: never wrong bytes.
-async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> Result<Body, ApiError> {
+pub(crate) async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> Result<Body, ApiError> {
     if start >= end {
         return Ok(Body::empty());
     }
@@ -313,10 +301,7 @@ pub async fn head_blob(
     ))]
 pub async fn delete_blob(State(state): State<AppState>, Path(raw): Path<String>) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
-    match &state.cluster {
-        Some(cluster) => cluster.delete(id).await?,
-        None => volume_for(&state, id)?.delete(id).await?,
-    }
+    state.front.delete(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -374,9 +359,6 @@ pub async fn update_ttl(
             )))
         }
     };
-    match &state.cluster {
-        Some(cluster) => cluster.update_ttl(id, expiry_ms).await?,
-        None => volume_for(&state, id)?.update_ttl(id, expiry_ms).await?,
-    }
+    state.front.update_ttl(id, expiry_ms).await?;
     Ok(StatusCode::NO_CONTENT)
 }

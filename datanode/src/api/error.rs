@@ -5,7 +5,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::cluster::router::RouteError;
+use crate::engine::record::MetaError;
 use crate::engine::VolumeError;
+use crate::front::FrontError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -221,5 +224,34 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+impl From<MetaError> for ApiError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::Invalid(m) => ApiError::InvalidHeader(m),
+            MetaError::TooLarge(m) => ApiError::MetadataTooLarge(m),
+        }
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::NotFound => ApiError::BlobNotFound,
+            RouteError::Deleted => ApiError::BlobDeleted,
+            RouteError::NoRoom(m) => ApiError::InsufficientStorage(m),
+            RouteError::NoQuorum(m) => ApiError::NoQuorum(m),
+        }
+    }
+}
+
+impl From<FrontError> for ApiError {
+    fn from(e: FrontError) -> Self {
+        match e {
+            FrontError::Volume(e) => e.into(),
+            FrontError::Route(e) => e.into(),
+        }
     }
 }

@@ -7,15 +7,12 @@ use crate::engine::BlobMeta;
 
 pub const TTL_HEADER: &str = "x-cairn-ttl";
 pub const META_PREFIX: &str = "x-cairn-meta-";
-/// Sum of the lengths of all user metadata keys and values.
-pub const MAX_USER_META_BYTES: usize = 4096;
-pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
+pub use crate::engine::record::{DEFAULT_CONTENT_TYPE, MAX_CONTENT_TYPE_BYTES, MAX_USER_META_BYTES};
 /// Upper bound of an encoded [`BlobMeta`] within the limits above (postcard adds at most a few
 /// bytes of length prefix per string); used to check volume geometry.
 pub const MAX_META_RECORD_BYTES: u64 = cairn_common::volume_layout::MAX_RECORD_META_LEN;
 /// About a century: longer TTLs are almost certainly a unit mistake.
 pub const MAX_TTL_SECONDS: u64 = 100 * 365 * 24 * 3600;
-pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
 pub fn parse_ttl_seconds(value: &str) -> Result<u64, ApiError> {
     let bad = || {
@@ -33,18 +30,13 @@ pub fn parse_ttl_seconds(value: &str) -> Result<u64, ApiError> {
     }
 }
 
-/// Reads content type, TTL and `X-Cairn-Meta-*` from a request.
+/// Reads content type, TTL and `X-Cairn-Meta-*` from a request; the engine checks the metadata
+/// against its limits ([`BlobMeta::new`]).
 pub fn parse_put_headers(headers: &HeaderMap) -> Result<(BlobMeta, Option<u64>), ApiError> {
     let content_type = match headers.get(axum::http::header::CONTENT_TYPE) {
         None => DEFAULT_CONTENT_TYPE.to_owned(),
         Some(v) => {
-            let s = v.to_str().map_err(|_| ApiError::InvalidHeader("Content-Type must be visible ASCII".into()))?;
-            if s.len() > MAX_CONTENT_TYPE_BYTES {
-                return Err(ApiError::InvalidHeader(format!(
-                    "Content-Type is longer than {MAX_CONTENT_TYPE_BYTES} bytes"
-                )));
-            }
-            s.to_owned()
+            v.to_str().map_err(|_| ApiError::InvalidHeader("Content-Type must be visible ASCII".into()))?.to_owned()
         }
     };
     let ttl = match headers.get(TTL_HEADER) {
@@ -52,29 +44,15 @@ pub fn parse_put_headers(headers: &HeaderMap) -> Result<(BlobMeta, Option<u64>),
         Some(v) => Some(parse_ttl_seconds(v.to_str().unwrap_or("<not ascii>"))?),
     };
     let mut user = Vec::new();
-    let mut total = 0usize;
     for (name, value) in headers {
         let Some(key) = name.as_str().strip_prefix(META_PREFIX) else {
             continue;
         };
-        if key.is_empty() {
-            return Err(ApiError::InvalidHeader("X-Cairn-Meta- needs a name after the prefix".into()));
-        }
         let value =
             value.to_str().map_err(|_| ApiError::InvalidHeader(format!("metadata {key:?} must be visible ASCII")))?;
-        total += key.len() + value.len();
         user.push((key.to_owned(), value.to_owned()));
     }
-    if total > MAX_USER_META_BYTES {
-        return Err(ApiError::MetadataTooLarge(format!(
-            "user metadata is {total} bytes; the limit is {MAX_USER_META_BYTES} (keys plus values)"
-        )));
-    }
-    user.sort();
-    if user.windows(2).any(|w| w[0].0 == w[1].0) {
-        return Err(ApiError::InvalidHeader("a metadata key appears more than once".into()));
-    }
-    Ok((BlobMeta { content_type, user }, ttl))
+    Ok((BlobMeta::new(content_type, user)?, ttl))
 }
 
 /// A `Range` request resolved against a blob of `len` bytes: `Ok(None)` means the whole blob.

@@ -3,6 +3,7 @@
 pub mod blobs;
 pub mod error;
 pub mod limits;
+pub mod replica;
 pub mod serve;
 pub mod upload;
 
@@ -19,6 +20,7 @@ use serde::Serialize;
 use utoipa::OpenApi;
 
 use crate::engine::VolumeHealth;
+use crate::front::Front;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::store::Store;
 use error::ApiError;
@@ -29,20 +31,18 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The largest blob of a standalone node (a cluster's comes from its configuration).
     pub max_blob_bytes: u64,
-    /// Memory for request bodies: one budget for the public API, one for replica writes from
-    /// other datanodes, so that uploads waiting on their replicas can never starve the replica
-    /// writes they wait for (on this node or a peer).
+    /// Memory for request bodies of the public API (replica writes from other datanodes have a
+    /// budget of their own, [`replica::ReplicaState`], so that uploads waiting on their replicas
+    /// can never starve the replica writes they wait for, on this node or a peer).
     pub uploads: Arc<upload::UploadBudget>,
-    pub replica_uploads: Arc<upload::UploadBudget>,
-    /// Set when the node is part of a cluster: requests are routed across replicas.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// A standalone store, or a cluster that routes requests across replicas.
+    pub front: Front,
 }
 
 impl AppState {
-    /// The largest blob accepted now: the cluster's setting (the same on every datanode, so that
-    /// no replica refuses what a router accepted), or the standalone node's.
+    /// The largest blob accepted now (see [`Front::max_blob_bytes`]).
     pub fn max_blob_bytes(&self) -> u64 {
-        self.cluster.as_ref().and_then(|c| c.config()).map(|c| c.max_blob_bytes()).unwrap_or(self.max_blob_bytes)
+        self.front.max_blob_bytes(self.max_blob_bytes)
     }
 }
 
@@ -78,7 +78,9 @@ impl AppState {
 )]
 pub struct ApiDoc;
 
-pub fn router(state: AppState) -> Router {
+/// The node's routes: the public API, and in a cluster the replica API (`replica`).
+pub fn router(state: AppState, replica: Option<replica::ReplicaState>) -> Router {
+    let replica_routes = replica.map(replica::routes).unwrap_or_default();
     Router::new()
         .route("/v1/blobs", post(blobs::put_blob))
         .route("/v1/blobs/{id}", get(blobs::get_blob).head(blobs::head_blob).delete(blobs::delete_blob))
@@ -90,13 +92,13 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
-        .merge(crate::cluster::replica_api::routes())
         .fallback(|req: Request| async move {
             ApiError::RouteNotFound(format!("{} {}", method_label(req.method()), error::excerpt(req.uri().path())))
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(state.clone(), track))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(replica_routes)
+        .layer(middleware::from_fn_with_state(state, track))
 }
 
 /// Counts and times every request by method, matched route and status.
@@ -165,7 +167,7 @@ fn method_label(method: &axum::http::Method) -> String {
 #[utoipa::path(get, path = "/v1/admin/replicas", tag = "operations",
     responses((status = 200, description = "One entry per (partition, peer)", body = Vec<Object>)))]
 async fn admin_replicas(State(state): State<AppState>) -> Response {
-    let list = state.cluster.as_ref().map(|c| c.replication.list()).unwrap_or_default();
+    let list = state.front.cluster().map(|c| c.replication.list()).unwrap_or_default();
     Json(list).into_response()
 }
 
@@ -237,7 +239,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .collect();
     let ready = !volumes.is_empty() && volumes.iter().all(|v| v.state != "failed");
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let unopened = state.cluster.as_ref().map(|c| c.unopened()).unwrap_or_default();
+    let unopened = state.front.cluster().map(|c| c.unopened()).unwrap_or_default();
     (status, Json(Readiness { ready, volumes, unopened })).into_response()
 }
 

@@ -5,10 +5,12 @@
 //! - [`Cluster`] (this file): registration, the topology watch, and the reconciler that opens and
 //!   closes this node's replicas and starts and stops their replication.
 //! - [`router`]: PUT/GET/DELETE/TTL of the public API across replicas.
-//! - [`replica_api`]: what datanodes ask each other (`/replica/v1/...`).
-//! - [`replication`]: each replica pulls its peers' journals.
+//! - [`replication`]: each replica pulls its peers' journals (one puller per peer node), and
+//!   anti-entropy.
+//!
+//! What datanodes ask each other is served by `api::replica`; its wire types are
+//! `cairn_cluster::replica`.
 
-pub mod replica_api;
 pub mod replication;
 pub mod router;
 
@@ -25,8 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{now_ms, Volume, VolumeConfig};
-use crate::server::VolumeSource;
-use crate::store::Store;
+use crate::store::{Store, VolumeSource};
 
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -42,6 +43,8 @@ pub struct ClusterOptions {
     pub peer_timeout: Duration,
     /// Lease TTL of the live registration.
     pub lease_ttl_secs: i64,
+    /// How often each replica compares its id digests with each peer's (anti-entropy).
+    pub anti_entropy_interval: Duration,
     /// TLS to etcd.
     pub etcd_tls: Option<cairn_cluster::etcd::EtcdTls>,
 }
@@ -54,8 +57,10 @@ pub struct Cluster {
     pub http: reqwest::Client,
     pub replication: replication::Replication,
     volume_config: VolumeConfig,
-    /// Replicas being replicated: (partition, peer) → its task's token.
-    pullers: Mutex<BTreeMap<(u32, String), CancellationToken>>,
+    /// Peer nodes being pulled from: peer → its puller's token.
+    pullers: Mutex<BTreeMap<String, CancellationToken>>,
+    /// Bumped when this node's replicas change (opened, closed): pullers look again.
+    replicas: watch::Sender<u64>,
     /// Assigned replicas that could not be opened, with the reason; retried, and published with
     /// the live registration.
     unopened: Mutex<BTreeMap<u32, String>>,
@@ -90,6 +95,7 @@ impl Cluster {
             http,
             volume_config,
             pullers: Mutex::default(),
+            replicas: watch::Sender::new(0),
             unopened: Mutex::default(),
             cancel: cancel.clone(),
         });
@@ -222,28 +228,37 @@ impl Cluster {
                 }
             }
         }
-        let wanted: Vec<(u32, String)> = assigned
+        // One puller per peer node that shares an open replica with this one.
+        let wanted: std::collections::BTreeSet<String> = assigned
             .iter()
             .filter(|p| self.store.volume(p.id).is_some())
-            .flat_map(|p| p.replicas.iter().filter(|r| r.node != me).map(move |r| (p.id, r.node.clone())))
+            .flat_map(|p| p.replicas.iter().filter(|r| r.node != me).map(|r| r.node.clone()))
             .collect();
-        let mut pullers = self.pullers.lock().expect("pullers lock");
-        pullers.retain(|key, token| {
-            let keep = wanted.contains(key);
-            if !keep {
-                token.cancel();
-                self.replication.forget(key.0, &key.1);
+        {
+            let mut pullers = self.pullers.lock().expect("pullers lock");
+            pullers.retain(|peer, token| {
+                let keep = wanted.contains(peer);
+                if !keep {
+                    token.cancel();
+                    self.replication.forget_peer(peer);
+                }
+                keep
+            });
+            for peer in wanted {
+                if pullers.contains_key(&peer) {
+                    continue;
+                }
+                let token = self.cancel.child_token();
+                pullers.insert(peer.clone(), token.clone());
+                tokio::spawn(replication::pull_peer(self.clone(), peer, token));
             }
-            keep
-        });
-        for key in wanted {
-            if pullers.contains_key(&key) {
-                continue;
-            }
-            let token = self.cancel.child_token();
-            pullers.insert(key.clone(), token.clone());
-            tokio::spawn(replication::pull(self.clone(), key.0, key.1, token));
         }
+        self.replicas.send_modify(|generation| *generation += 1);
+    }
+
+    /// Wakes when this node's replicas change (see [`Cluster::replicas`]).
+    pub fn replicas_changed(&self) -> watch::Receiver<u64> {
+        self.replicas.subscribe()
     }
 
     /// How a replica's volume is opened: it takes any blob its segments hold (the cluster's

@@ -4,9 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{HeaderMap, Method, StatusCode};
-use axum::response::Response;
 use bytes::Bytes;
 use cairn_cluster::etcd::Snapshot;
 use cairn_cluster::{ClusterConfig, LiveNode, PartitionSpec, PartitionState};
@@ -14,11 +11,25 @@ use cairn_common::BlobId;
 use rand::Rng;
 use tokio::sync::mpsc;
 
-use super::replica_api::{TombstoneAnswer, TtlBody, CREATED_HEADER, EXPIRES_HEADER};
+use cairn_cluster::replica::{BlobFrame, ReplicaBlob, TombstoneAnswer, TtlBody, WIRE_VERSION};
+
 use super::Cluster;
-use crate::api::error::ApiError;
-use crate::api::limits::META_PREFIX;
 use crate::engine::{BlobMeta, PutRequest, VolumeError};
+
+/// Why the cluster could not do what was asked: the API layer maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("blob not found")]
+    NotFound,
+    #[error("blob was deleted")]
+    Deleted,
+    /// No replica has room for it.
+    #[error("{0}")]
+    NoRoom(String),
+    /// Too few replicas answered for a write quorum (or for any read).
+    #[error("{0}")]
+    NoQuorum(String),
+}
 
 /// One write to one replica.
 #[derive(Clone)]
@@ -65,9 +76,10 @@ impl Cluster {
         payload: Bytes,
         created_ms: u64,
         expiry_ms: Option<u64>,
-    ) -> Result<BlobId, ApiError> {
+    ) -> Result<BlobId, RouteError> {
         let snapshot = self.snapshot();
-        let config = snapshot.topology.config.clone().ok_or_else(|| ApiError::NoQuorum("no cluster config".into()))?;
+        let config =
+            snapshot.topology.config.clone().ok_or_else(|| RouteError::NoQuorum("no cluster config".into()))?;
         let mut excluded = Vec::new();
         let mut last_error = None;
         for _ in 0..3 {
@@ -87,13 +99,13 @@ impl Cluster {
             let writable = snapshot.topology.partitions.values().any(|p| p.state == PartitionState::Writable);
             let full = snapshot.topology.partitions.values().any(|p| p.state == PartitionState::ReadOnly);
             if full && !writable {
-                ApiError::InsufficientStorage(
+                RouteError::NoRoom(
                     "every partition is full (read-only): the cluster needs room (more disks or machines), \
                      or blobs deleted and compacted"
                         .into(),
                 )
             } else {
-                ApiError::NoQuorum("no writable partition has a quorum of live replicas".into())
+                RouteError::NoQuorum("no writable partition has a quorum of live replicas".into())
             }
         }))
     }
@@ -102,7 +114,7 @@ impl Cluster {
     /// meets every quorum that stored it, so when none of them has it, it never existed, and no
     /// tombstone is written (random ids cannot grow the index). When one has it, then a
     /// tombstone on every replica, so that a put still on its way to one cannot land later.
-    pub async fn delete(self: &Arc<Self>, id: BlobId) -> Result<(), ApiError> {
+    pub async fn delete(self: &Arc<Self>, id: BlobId) -> Result<(), RouteError> {
         let (partition, config) = self.partition_of(id)?;
         // Two quorums of W among N replicas meet only when 2W > N; otherwise a quorum may miss
         // every replica that stored the blob, and tombstones are written everywhere at once.
@@ -110,27 +122,28 @@ impl Cluster {
         if quorums_meet {
             let outcomes = self.write_quorum(&partition, &config, ReplicaOp::Delete { id, if_present: true }).await?;
             if !outcomes.iter().any(|o| matches!(o, Outcome::Done { existed: true })) {
-                return Err(ApiError::BlobNotFound);
+                return Err(RouteError::NotFound);
             }
         }
         let outcomes = self.write_quorum(&partition, &config, ReplicaOp::Delete { id, if_present: false }).await?;
         if quorums_meet || outcomes.iter().any(|o| matches!(o, Outcome::Done { existed: true })) {
             Ok(())
         } else {
-            Err(ApiError::BlobNotFound)
+            Err(RouteError::NotFound)
         }
     }
 
     /// Changes the expiry at write quorum.
-    pub async fn update_ttl(self: &Arc<Self>, id: BlobId, expiry_ms: Option<u64>) -> Result<(), ApiError> {
+    pub async fn update_ttl(self: &Arc<Self>, id: BlobId, expiry_ms: Option<u64>) -> Result<(), RouteError> {
         let (partition, config) = self.partition_of(id)?;
         self.write_quorum(&partition, &config, ReplicaOp::Ttl { id, expiry_ms }).await.map(|_| ())
     }
 
-    fn partition_of(&self, id: BlobId) -> Result<(PartitionSpec, ClusterConfig), ApiError> {
+    fn partition_of(&self, id: BlobId) -> Result<(PartitionSpec, ClusterConfig), RouteError> {
         let snapshot = self.snapshot();
-        let config = snapshot.topology.config.clone().ok_or_else(|| ApiError::NoQuorum("no cluster config".into()))?;
-        let partition = snapshot.topology.partitions.get(&id.partition()).cloned().ok_or(ApiError::BlobNotFound)?;
+        let config =
+            snapshot.topology.config.clone().ok_or_else(|| RouteError::NoQuorum("no cluster config".into()))?;
+        let partition = snapshot.topology.partitions.get(&id.partition()).cloned().ok_or(RouteError::NotFound)?;
         Ok((partition, config))
     }
 
@@ -141,7 +154,7 @@ impl Cluster {
         partition: &PartitionSpec,
         config: &ClusterConfig,
         op: ReplicaOp,
-    ) -> Result<Vec<Outcome>, ApiError> {
+    ) -> Result<Vec<Outcome>, RouteError> {
         let quorum = config.write_quorum as usize;
         let (tx, mut rx) = mpsc::channel(partition.replicas.len().max(1));
         for replica in &partition.replicas {
@@ -173,16 +186,16 @@ impl Cluster {
         }
         // Not enough: say why, in the most useful terms.
         if outcomes.iter().any(|o| matches!(o, Outcome::Gone)) {
-            return Err(ApiError::BlobDeleted);
+            return Err(RouteError::Deleted);
         }
         if outcomes.iter().filter(|o| matches!(o, Outcome::NotFound)).count() + successes >= quorum {
-            return Err(ApiError::BlobNotFound);
+            return Err(RouteError::NotFound);
         }
         if outcomes.iter().any(|o| matches!(o, Outcome::Full)) {
-            return Err(ApiError::InsufficientStorage(format!("partition {} is full", partition.id)));
+            return Err(RouteError::NoRoom(format!("partition {} is full", partition.id)));
         }
         if let Some(Outcome::NoRoom(reason)) = outcomes.iter().find(|o| matches!(o, Outcome::NoRoom(_))) {
-            return Err(ApiError::InsufficientStorage(format!("partition {}: {reason}", partition.id)));
+            return Err(RouteError::NoRoom(format!("partition {}: {reason}", partition.id)));
         }
         let reasons: Vec<String> = outcomes
             .iter()
@@ -191,7 +204,7 @@ impl Cluster {
                 _ => None,
             })
             .collect();
-        Err(ApiError::NoQuorum(format!(
+        Err(RouteError::NoQuorum(format!(
             "{successes} of {total} replicas of partition {} acknowledged, {quorum} needed: {}",
             partition.id,
             reasons.join("; ")
@@ -211,19 +224,19 @@ impl Cluster {
         };
         let request = match &op {
             ReplicaOp::Put { id, meta, payload, created_ms, expiry_ms } => {
-                let mut r = self
-                    .http
+                let head = BlobFrame::head(&ReplicaBlob {
+                    version: WIRE_VERSION,
+                    content_type: meta.content_type.clone(),
+                    user: meta.user.clone(),
+                    created_ms: *created_ms,
+                    expires_ms: *expiry_ms,
+                });
+                // The frame's head and the payload go out as they are: no copy of the payload.
+                let parts: [Result<Bytes, std::io::Error>; 2] = [Ok(head.clone()), Ok(payload.clone())];
+                self.http
                     .put(format!("http://{address}/replica/v1/blobs/{id}"))
-                    .header("content-type", meta.content_type.as_str())
-                    .header(CREATED_HEADER, created_ms.to_string())
-                    .body(payload.clone());
-                if let Some(e) = expiry_ms {
-                    r = r.header(EXPIRES_HEADER, e.to_string());
-                }
-                for (k, v) in &meta.user {
-                    r = r.header(format!("{META_PREFIX}{k}"), v.as_str());
-                }
-                r
+                    .header("content-length", (head.len() + payload.len()).to_string())
+                    .body(reqwest::Body::wrap_stream(futures::stream::iter(parts)))
             }
             ReplicaOp::Delete { id, if_present } => {
                 self.http.delete(format!("http://{address}/replica/v1/blobs/{id}?if_present={if_present}"))
@@ -292,16 +305,18 @@ impl Cluster {
     }
 
     /// Reads from the other replicas (the local one was tried by the caller): live ones first,
-    /// each within the peer timeout. `suffix` is "" for the blob, "/info" for its description.
+    /// each within the peer timeout. `suffix` is "" for the blob, "/info" for its description;
+    /// `range` the client's `Range` header. The first peer's answer that settles the read (the
+    /// blob, a range of it, or that it is gone), for the API to relay.
     pub async fn read_from_peers(
         &self,
         id: BlobId,
-        method: Method,
+        method: reqwest::Method,
         suffix: &str,
-        headers: &HeaderMap,
-    ) -> Result<Response, ApiError> {
+        range: Option<&[u8]>,
+    ) -> Result<reqwest::Response, RouteError> {
         let snapshot = self.snapshot();
-        let partition = snapshot.topology.partitions.get(&id.partition()).ok_or(ApiError::BlobNotFound)?;
+        let partition = snapshot.topology.partitions.get(&id.partition()).ok_or(RouteError::NotFound)?;
         let mut peers: Vec<&str> =
             partition.replicas.iter().map(|r| r.node.as_str()).filter(|n| *n != self.node_id()).collect();
         peers.sort_by_key(|n| !snapshot.live.contains_key(*n));
@@ -311,7 +326,7 @@ impl Cluster {
             let Some(address) = Cluster::address_of(&snapshot, peer) else { continue };
             let mut request =
                 self.http.request(method.clone(), format!("http://{address}/v1/blobs/{id}{suffix}?local=true"));
-            if let Some(range) = headers.get("range") {
+            if let Some(range) = range {
                 request = request.header("range", range);
             }
             let response = match request.timeout(self.options.peer_timeout).send().await {
@@ -322,32 +337,20 @@ impl Cluster {
                 }
             };
             match response.status().as_u16() {
-                200 | 206 | 416 | 410 => return Ok(relay(response)),
+                200 | 206 | 416 | 410 => return Ok(response),
                 404 => not_found += 1,
                 status => failures.push(format!("{peer} answered {status}")),
             }
         }
         if not_found > 0 || failures.is_empty() {
-            return Err(ApiError::BlobNotFound);
+            return Err(RouteError::NotFound);
         }
-        Err(ApiError::NoQuorum(format!(
+        Err(RouteError::NoQuorum(format!(
             "no replica of partition {} could answer: {}",
             id.partition(),
             failures.join("; ")
         )))
     }
-}
-
-/// A peer's answer passed on as it is, the body streamed.
-fn relay(response: reqwest::Response) -> Response {
-    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut builder = Response::builder().status(status);
-    for (name, value) in response.headers() {
-        if name != "transfer-encoding" && name != "connection" {
-            builder = builder.header(name, value);
-        }
-    }
-    builder.body(Body::from_stream(response.bytes_stream())).expect("valid response")
 }
 
 /// A writable partition with a quorum of live replicas, chosen at random weighted by the free

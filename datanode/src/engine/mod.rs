@@ -5,16 +5,18 @@
 //! - [`segments`]: open segment files and positioned I/O.
 //! - [`volume`]: open/recovery, the group-commit writer, reads.
 //! - [`chunk_cache`]: verified chunks of large blobs kept in memory for repeated reads.
-//! - [`compaction`]: reclaiming deleted and expired records, crash-safe in phases.
+//! - [`compaction`] (part of the volume): reclaiming deleted and expired records, crash-safe in
+//!   phases.
 //!
 //! docs/design.md explains the commit protocol and recovery.
 
 pub mod chunk_cache;
-pub mod compaction;
 pub mod index;
 pub mod record;
 pub mod segments;
 pub mod volume;
+
+pub use volume::compaction;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +26,7 @@ pub use chunk_cache::ChunkCache;
 pub use compaction::CompactionConfig;
 pub use index::{BlobState, IndexEntry, JournalEntry, Location, OwedEntry};
 pub use record::BlobMeta;
-pub use volume::{BlobReader, PutRequest, Volume, VolumeHealth, VolumeStats};
+pub use volume::{BlobReader, HeldBlob, PutRequest, Volume, VolumeHealth, VolumeStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {

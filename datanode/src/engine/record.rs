@@ -177,7 +177,65 @@ pub struct BlobMeta {
 
 const META_FORMAT: u8 = 1;
 
+/// Sum of the lengths of all user metadata keys and values.
+pub const MAX_USER_META_BYTES: usize = 4096;
+pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
+pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// Metadata a blob cannot have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// Characters of an HTTP header value a blob's metadata may hold: visible ASCII and spaces.
+fn is_visible_ascii(s: &str) -> bool {
+    s.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+/// Characters of a metadata key: those of an HTTP header name, lower-cased.
+fn is_key(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 impl BlobMeta {
+    /// Metadata within the limits every blob keeps to, whichever way it arrives (headers of the
+    /// public API, the typed body of a replica write): keys sorted, each once.
+    pub fn new(content_type: String, mut user: Vec<(String, String)>) -> Result<Self, MetaError> {
+        if content_type.len() > MAX_CONTENT_TYPE_BYTES {
+            return Err(MetaError::Invalid(format!("Content-Type is longer than {MAX_CONTENT_TYPE_BYTES} bytes")));
+        }
+        if !is_visible_ascii(&content_type) {
+            return Err(MetaError::Invalid("Content-Type must be visible ASCII".into()));
+        }
+        let mut total = 0usize;
+        for (key, value) in &user {
+            if key.is_empty() {
+                return Err(MetaError::Invalid("X-Cairn-Meta- needs a name after the prefix".into()));
+            }
+            if !is_key(key) {
+                return Err(MetaError::Invalid(format!("metadata key {key:?} is not a lower-case header name")));
+            }
+            if !is_visible_ascii(value) {
+                return Err(MetaError::Invalid(format!("metadata {key:?} must be visible ASCII")));
+            }
+            total += key.len() + value.len();
+        }
+        if total > MAX_USER_META_BYTES {
+            return Err(MetaError::TooLarge(format!(
+                "user metadata is {total} bytes; the limit is {MAX_USER_META_BYTES} (keys plus values)"
+            )));
+        }
+        user.sort();
+        if user.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(MetaError::Invalid("a metadata key appears more than once".into()));
+        }
+        Ok(Self { content_type, user })
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![META_FORMAT];
         out.extend(postcard::to_stdvec(self).expect("metadata serializes"));

@@ -21,14 +21,14 @@ use cairn_common::blob_id::BlobId;
 use cairn_common::volume_layout::{self as layout, SEGMENT_HEADER_LEN};
 use redb::{ReadableDatabase, ReadableTable};
 
-use super::index::{
+use super::{begin_write, read_verified_record, Shared, VolumeHealth};
+use crate::engine::index::{
     self, BlobState, CompactionState, IndexEntry, JournalEntry, Location, SegmentInfo, BLOBS, COMPACTION, JOURNAL,
     META, SEGMENTS,
 };
-use super::record::SEAL_LEN;
-use super::segments::write_all_vectored_at;
-use super::volume::{begin_write, read_verified_record, Shared, VolumeHealth};
-use super::{now_ms, VolumeError};
+use crate::engine::record::SEAL_LEN;
+use crate::engine::segments::write_all_vectored_at;
+use crate::engine::{now_ms, VolumeError};
 
 #[derive(Debug, Clone)]
 pub struct CompactionConfig {

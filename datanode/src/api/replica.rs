@@ -1,0 +1,309 @@
+//! The replica API: what datanodes ask each other, under `/replica/v1/`, apart from the public
+//! API and served only by nodes of a cluster. Writes here go to this node's own replica only;
+//! they never fan out. The bodies are the typed, versioned ones of [`cairn_cluster::replica`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use cairn_cluster::replica::{
+    check_version, BlobFrame, BucketEntries, BucketEntry, DigestAnswer, EntryKind, JournalBatch, JournalItem,
+    JournalPage, JournalRequest, ReplicaBlob, TombstoneAnswer, TtlBody, WireError, DIGEST_BUCKETS, WIRE_VERSION,
+};
+use cairn_common::BlobId;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::blobs::{parse_id, stream_payload};
+use super::error::ApiError;
+use super::upload::{read_small, UploadBudget};
+use crate::cluster::Cluster;
+use crate::engine::record::RecordKind;
+use crate::engine::{BlobMeta, PutRequest, Volume, VolumeError};
+
+/// The content type of a [`BlobFrame`] body.
+pub const FRAME_CONTENT_TYPE: &str = "application/x-cairn-blob-frame";
+
+/// The longest a journal request waits for an entry.
+const MAX_JOURNAL_WAIT: Duration = Duration::from_secs(30);
+
+/// What the replica routes need: this node's cluster (its store, its settings) and the memory
+/// for replica writes, kept apart from the public uploads' so that neither can starve the other.
+#[derive(Clone)]
+pub struct ReplicaState {
+    pub cluster: Arc<Cluster>,
+    pub uploads: Arc<UploadBudget>,
+    /// Cancelled at shutdown: waiting journal requests answer at once.
+    pub shutdown: CancellationToken,
+}
+
+pub fn routes(state: ReplicaState) -> Router {
+    Router::new()
+        .route("/replica/v1/blobs/{id}", put(put_replica).get(get_replica).delete(delete_replica))
+        .route("/replica/v1/blobs/{id}/meta", get(meta_replica))
+        .route("/replica/v1/blobs/{id}/ttl", put(ttl_replica))
+        .route("/replica/v1/journal", post(journal_batch))
+        .route("/replica/v1/partitions/{partition}/journal", get(journal_page))
+        .route("/replica/v1/partitions/{partition}/digest", get(digest))
+        .route("/replica/v1/partitions/{partition}/buckets/{bucket}", get(bucket))
+        .with_state(state)
+}
+
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
+        ApiError::InvalidBody(e.to_string())
+    }
+}
+
+fn local_volume(state: &ReplicaState, partition: u32) -> Result<Arc<Volume>, ApiError> {
+    state.cluster.store.volume(partition).ok_or(ApiError::NoReplica(partition))
+}
+
+/// Runs blocking engine work (redb reads, index scans) off the async runtime.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::Internal(e.to_string()))?.map_err(ApiError::from)
+}
+
+/// Stores a blob in this node's replica, with the id, times and metadata its router chose (a
+/// [`BlobFrame`]).
+async fn put_replica(
+    State(state): State<ReplicaState>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let blob_id = parse_id(&raw)?;
+    let max_blob = state.cluster.config().map(|c| c.max_blob_bytes()).unwrap_or(u64::MAX);
+    // The frame's head is a few KiB of metadata at most.
+    let body = state.uploads.read(&headers, body, max_blob.saturating_add(64 * 1024)).await?;
+    let (blob, payload) = BlobFrame::split(body)?;
+    if payload.len() as u64 > max_blob {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "blob of {} bytes exceeds the limit of {max_blob} bytes",
+            payload.len()
+        )));
+    }
+    let meta = BlobMeta::new(blob.content_type, blob.user)?;
+    let volume = local_volume(&state, blob_id.partition())?;
+    let request = PutRequest { blob_id, meta, payload, created_ms: blob.created_ms, expiry_ms: blob.expires_ms };
+    match volume.put(request).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        // The router marks the partition read-only on this answer alone.
+        Err(VolumeError::Full) => Err(ApiError::VolumeFull(blob_id.partition())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn replica_blob(reader: &crate::engine::BlobReader) -> ReplicaBlob {
+    ReplicaBlob {
+        version: WIRE_VERSION,
+        content_type: reader.meta.content_type.clone(),
+        user: reader.meta.user.clone(),
+        created_ms: reader.entry.created_ms,
+        expires_ms: reader.entry.expiry_ms,
+    }
+}
+
+async fn open_local(state: &ReplicaState, id: BlobId) -> Result<crate::engine::BlobReader, ApiError> {
+    let volume = local_volume(state, id.partition())?;
+    blocking(move || volume.open_blob(id)).await
+}
+
+/// This replica's blob as a [`BlobFrame`], for a replica that lacks it: 404 `blob_not_found`
+/// when this replica never had it, 410 when it is deleted or expired here.
+async fn get_replica(State(state): State<ReplicaState>, Path(raw): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    let reader = open_local(&state, id).await?;
+    let head = BlobFrame::head(&replica_blob(&reader));
+    let len = reader.len();
+    let length = head.len() as u64 + len;
+    let payload = stream_payload(reader, 0, len).await?;
+    let stream = futures::StreamExt::chain(
+        futures::stream::once(async move { Ok::<Bytes, axum::Error>(head) }),
+        payload.into_data_stream(),
+    );
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static(FRAME_CONTENT_TYPE)),
+        (header::CONTENT_LENGTH, HeaderValue::from(length)),
+    ];
+    Ok((StatusCode::OK, headers, Body::from_stream(stream)).into_response())
+}
+
+/// This replica's metadata of a blob (its expiry, for a TTL update to copy).
+async fn meta_replica(
+    State(state): State<ReplicaState>,
+    Path(raw): Path<String>,
+) -> Result<Json<ReplicaBlob>, ApiError> {
+    let id = parse_id(&raw)?;
+    Ok(Json(replica_blob(&open_local(&state, id).await?)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeleteParams {
+    /// Delete only a blob this replica has (or had); an unknown id leaves no tombstone.
+    #[serde(default)]
+    pub if_present: bool,
+}
+
+async fn delete_replica(
+    State(state): State<ReplicaState>,
+    Path(raw): Path<String>,
+    Query(params): Query<DeleteParams>,
+) -> Result<Json<TombstoneAnswer>, ApiError> {
+    let blob_id = parse_id(&raw)?;
+    let volume = local_volume(&state, blob_id.partition())?;
+    let existed =
+        if params.if_present { volume.delete_if_present(blob_id).await? } else { volume.tombstone(blob_id).await? };
+    Ok(Json(TombstoneAnswer { existed }))
+}
+
+async fn ttl_replica(
+    State(state): State<ReplicaState>,
+    Path(raw): Path<String>,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let blob_id = parse_id(&raw)?;
+    let body = read_small(body, 64 * 1024).await?;
+    let body: TtlBody = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    local_volume(&state, blob_id.partition())?.update_ttl(blob_id, body.expires_ms).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A page of `volume`'s journal from `from` on (blocking: a redb read).
+fn page_of(partition: u32, volume: &Volume, from: u64, limit: usize) -> Result<JournalPage, VolumeError> {
+    let tail = volume.journal_tail();
+    if from >= tail {
+        return Ok(JournalPage { partition, tail, entries: Vec::new(), error: None });
+    }
+    let entries = volume
+        .journal(from, limit)?
+        .into_iter()
+        .map(|(seq, e)| JournalItem {
+            seq,
+            id: BlobId::from_bytes(&e.blob_id).map(|id| id.to_string()).unwrap_or_else(|_| {
+                let hex: String = e.blob_id.iter().map(|b| format!("{b:02x}")).collect();
+                tracing::warn!(partition, seq, id = %hex, "journal entry with a corrupt blob id");
+                format!("corrupt:{hex}")
+            }),
+            kind: match e.kind {
+                RecordKind::Put => EntryKind::Put,
+                RecordKind::Delete => EntryKind::Delete,
+                RecordKind::TtlUpdate => EntryKind::TtlUpdate,
+                RecordKind::Seal => EntryKind::Seal,
+            },
+            len: e.location.len,
+        })
+        .collect();
+    Ok(JournalPage { partition, tail, entries, error: None })
+}
+
+/// The journals of several partitions, each from the caller's cursor on; when none has an entry
+/// yet, waits (up to the request's `wait_ms`, at most 30 s) until one has. One request per pair
+/// of nodes stands in for one poll per partition: an idle cluster costs nothing.
+async fn journal_batch(State(state): State<ReplicaState>, body: Body) -> Result<Json<JournalBatch>, ApiError> {
+    let body = read_small(body, 4 << 20).await?;
+    let request: JournalRequest = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    check_version(request.version)?;
+    let limit = request.limit.clamp(1, 10_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms).min(MAX_JOURNAL_WAIT);
+    let volumes: Vec<Option<Arc<Volume>>> =
+        request.cursors.iter().map(|c| state.cluster.store.volume(c.partition)).collect();
+    loop {
+        // Subscribed before looking: an entry written in between still wakes the wait.
+        let mut watches: Vec<_> = volumes.iter().flatten().map(|v| v.watch_journal()).collect();
+        let ready =
+            request.cursors.iter().zip(&volumes).any(|(c, v)| v.as_ref().is_some_and(|v| v.journal_tail() > c.from));
+        if ready || tokio::time::Instant::now() >= deadline || state.shutdown.is_cancelled() {
+            break;
+        }
+        let changed = async {
+            if watches.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            let _ = futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed()))).await;
+        };
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = state.shutdown.cancelled() => {}
+        }
+    }
+    let cursors = request.cursors.clone();
+    let pages = tokio::task::spawn_blocking(move || {
+        cursors
+            .iter()
+            .zip(volumes)
+            .map(|(c, volume)| {
+                let Some(volume) = volume else {
+                    return JournalPage {
+                        partition: c.partition,
+                        error: Some(format!("no replica of partition {} on this node", c.partition)),
+                        ..JournalPage::default()
+                    };
+                };
+                page_of(c.partition, &volume, c.from, limit).unwrap_or_else(|e| JournalPage {
+                    partition: c.partition,
+                    error: Some(e.to_string()),
+                    ..JournalPage::default()
+                })
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(JournalBatch { version: WIRE_VERSION, pages }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JournalParams {
+    #[serde(default)]
+    pub from: u64,
+    #[serde(default = "default_limit")]
+    pub limit: usize,
+}
+
+fn default_limit() -> usize {
+    1000
+}
+
+/// One partition's journal page at once (the single-partition form, for tools and older peers).
+async fn journal_page(
+    State(state): State<ReplicaState>,
+    Path(partition): Path<u32>,
+    Query(params): Query<JournalParams>,
+) -> Result<Json<JournalPage>, ApiError> {
+    let volume = local_volume(&state, partition)?;
+    let limit = params.limit.clamp(1, 10_000);
+    Ok(Json(blocking(move || page_of(partition, &volume, params.from, limit)).await?))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The digest of each id bucket of this replica (anti-entropy).
+async fn digest(State(state): State<ReplicaState>, Path(partition): Path<u32>) -> Result<Json<DigestAnswer>, ApiError> {
+    let volume = local_volume(&state, partition)?;
+    let buckets = blocking(move || volume.digest()).await?;
+    debug_assert_eq!(buckets.len(), DIGEST_BUCKETS);
+    Ok(Json(DigestAnswer { version: WIRE_VERSION, buckets: buckets.iter().map(|d| hex(d)).collect() }))
+}
+
+/// What this replica holds in one id bucket (anti-entropy).
+async fn bucket(
+    State(state): State<ReplicaState>,
+    Path((partition, bucket)): Path<(u32, u8)>,
+) -> Result<Json<BucketEntries>, ApiError> {
+    let volume = local_volume(&state, partition)?;
+    let held = blocking(move || volume.bucket(bucket)).await?;
+    let entries = held.into_iter().map(|h| BucketEntry { id: h.id.to_string(), deleted: h.deleted }).collect();
+    Ok(Json(BucketEntries { version: WIRE_VERSION, entries }))
+}

@@ -1,0 +1,529 @@
+//! The group-commit writer: plans each queued write against the index, appends the batch with
+//! one pwritev, syncs once, and applies it to the index in one redb transaction.
+
+use super::*;
+
+/// The writer's position in the log.
+pub(super) struct LogPosition {
+    pub(super) segment: u32,
+    pub(super) file: Arc<File>,
+    pub(super) offset: u64,
+    pub(super) next_seq: u64,
+}
+
+/// Segment stats touched by one transaction, written back once at its end.
+pub(super) struct SegmentStats<'t, 'a> {
+    pub(super) table: &'a mut Table<'t, u32, &'static [u8]>,
+    pub(super) cache: HashMap<u32, SegmentInfo>,
+}
+
+impl<'t, 'a> SegmentStats<'t, 'a> {
+    pub(super) fn new(table: &'a mut Table<'t, u32, &'static [u8]>) -> Self {
+        Self { table, cache: HashMap::new() }
+    }
+
+    pub(super) fn get(&mut self, segment: u32) -> Result<&mut SegmentInfo, VolumeError> {
+        if !self.cache.contains_key(&segment) {
+            let info = index::get(&*self.table, segment)?.unwrap_or(SegmentInfo {
+                live_bytes: 0,
+                end: SEGMENT_HEADER_LEN,
+                sealed: false,
+            });
+            self.cache.insert(segment, info);
+        }
+        Ok(self.cache.get_mut(&segment).expect("just inserted"))
+    }
+
+    pub(super) fn is_sealed(&self, segment: u32) -> Result<bool, VolumeError> {
+        Ok(match self.cache.get(&segment) {
+            Some(info) => info.sealed,
+            None => index::get::<_, SegmentInfo>(&*self.table, segment)?.is_some_and(|info| info.sealed),
+        })
+    }
+
+    pub(super) fn flush(self) -> Result<(), VolumeError> {
+        for (segment, info) in self.cache {
+            self.table.insert(segment, index::encode(&info).as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+/// The tables one write transaction updates.
+pub(super) struct Tables<'t, 'a> {
+    pub(super) blobs: Table<'t, [u8; 21], &'static [u8]>,
+    pub(super) journal: Table<'t, u64, &'static [u8]>,
+    pub(super) damaged: Table<'t, [u8; 21], &'static [u8]>,
+    pub(super) segments: SegmentStats<'t, 'a>,
+    /// Change of the live blob count ([`index::LIVE_BLOBS`]) in this transaction.
+    pub(super) live_blobs: i64,
+}
+
+/// Applies one record to the index, journal and segment stats. The writer and recovery both
+/// use this, so replaying a record gives exactly the state the writer produced.
+pub(super) fn apply_record(
+    tables: &mut Tables<'_, '_>,
+    header: &RecordHeader,
+    location: Location,
+    crc: u32,
+    next_seq: &mut u64,
+) -> Result<(), VolumeError> {
+    let key = header.blob_id.to_bytes();
+    let existing: Option<IndexEntry> = index::get(&tables.blobs, key)?;
+    let seq = *next_seq;
+    if matches!(header.kind, RecordKind::Put | RecordKind::Delete) && !tables.damaged.is_empty()? {
+        // The blob came again (repair) or was deleted: nothing is owed any more.
+        tables.damaged.remove(key)?;
+    }
+    let entry = match (header.kind, existing) {
+        (RecordKind::Put, None) => {
+            tables.live_blobs += 1;
+            IndexEntry {
+                state: BlobState::Live,
+                location: Some(location),
+                payload_len: header.payload_len,
+                meta_len: header.meta_len,
+                created_ms: header.created_ms,
+                expiry_ms: header.expiry_ms,
+                deleted_ms: None,
+                crc,
+                seq,
+            }
+        }
+        (RecordKind::Delete, None) => IndexEntry {
+            state: BlobState::Deleted,
+            location: Some(location),
+            payload_len: 0,
+            meta_len: 0,
+            created_ms: header.created_ms,
+            expiry_ms: None,
+            deleted_ms: Some(header.created_ms),
+            crc,
+            seq,
+        },
+        (RecordKind::Delete, Some(mut entry)) if entry.state != BlobState::Deleted => {
+            if let (BlobState::Live, Some(old)) = (entry.state, entry.location) {
+                let info = tables.segments.get(old.segment)?;
+                info.live_bytes = info.live_bytes.saturating_sub(old.len);
+            }
+            if entry.state == BlobState::Live {
+                tables.live_blobs -= 1;
+            }
+            entry.state = BlobState::Deleted;
+            entry.location = Some(location);
+            entry.deleted_ms = Some(header.created_ms);
+            entry.seq = seq;
+            entry
+        }
+        (RecordKind::TtlUpdate, Some(mut entry)) if entry.state == BlobState::Live => {
+            // The entry keeps pointing at the put record; this record is garbage once applied.
+            entry.expiry_ms = header.expiry_ms;
+            tables.journal.insert(seq, index::encode(&journal_entry(header, location)).as_slice())?;
+            *next_seq += 1;
+            tables.blobs.insert(key, index::encode(&entry).as_slice())?;
+            return Ok(());
+        }
+        // Nothing to do: a seal, or a record the current state already supersedes.
+        _ => return Ok(()),
+    };
+    tables.segments.get(location.segment)?.live_bytes += location.len;
+    tables.journal.insert(seq, index::encode(&journal_entry(header, location)).as_slice())?;
+    tables.blobs.insert(key, index::encode(&entry).as_slice())?;
+    *next_seq += 1;
+    Ok(())
+}
+
+pub(super) fn journal_entry(header: &RecordHeader, location: Location) -> JournalEntry {
+    JournalEntry { blob_id: header.blob_id.to_bytes(), kind: header.kind, location }
+}
+
+/// What a write operation turns into once checked against the index.
+pub(super) enum Planned {
+    Record(EncodedRecord),
+    /// Already in the requested state (idempotent retry).
+    Nothing,
+}
+
+pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -> Result<Planned, VolumeError> {
+    let now = now_ms();
+    let (blob_id, kind, at_ms, expiry_ms) = match op {
+        WriteOp::Put(record) => {
+            return match index::get::<_, IndexEntry>(blobs, record.header.blob_id.to_bytes())? {
+                None => Ok(Planned::Record(record)),
+                Some(e) if e.state == BlobState::Live && e.crc == record.trailer_crc() => Ok(Planned::Nothing),
+                // A put never resurrects a deleted blob.
+                Some(e) if e.state != BlobState::Live => Ok(Planned::Nothing),
+                Some(_) => Err(VolumeError::Conflict),
+            };
+        }
+        WriteOp::Delete { blob_id, at_ms, tombstone_unknown } => {
+            match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
+                None if tombstone_unknown => (blob_id, RecordKind::Delete, at_ms, None),
+                None => return Err(VolumeError::NotFound),
+                Some(e) if e.state != BlobState::Live => return Ok(Planned::Nothing),
+                Some(_) => (blob_id, RecordKind::Delete, at_ms, None),
+            }
+        }
+        // Handled by the writer before planning: no record.
+        WriteOp::Progress { .. } => return Ok(Planned::Nothing),
+        WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms } => {
+            match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
+                None => return Err(VolumeError::NotFound),
+                Some(e) if e.state == BlobState::Deleted => return Err(VolumeError::Deleted),
+                Some(e) if e.is_expired(now) => return Err(VolumeError::Expired),
+                // Already so: no record, so that replicas copying each other's expiry settle
+                // (each update is a journal entry the peers pull and apply in turn).
+                Some(e) if e.expiry_ms == expiry_ms => return Ok(Planned::Nothing),
+                Some(_) => (blob_id, RecordKind::TtlUpdate, at_ms, expiry_ms),
+            }
+        }
+    };
+    let header = RecordHeader { kind, blob_id, created_ms: at_ms, expiry_ms, meta_len: 0, payload_len: 0 };
+    Ok(Planned::Record(EncodedRecord::new(header, &[], Bytes::new(), &[])))
+}
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    log: LogPosition,
+    last_checkpoint: Instant,
+    bytes_since_checkpoint: u64,
+    dirty: bool,
+}
+
+/// Bytes of one pending segment write.
+pub(super) struct PendingWrite {
+    file: Arc<File>,
+    offset: u64,
+    parts: Vec<Bytes>,
+}
+
+impl Writer {
+    pub(super) fn new(shared: Arc<Shared>, log: LogPosition) -> Self {
+        Self { shared, log, last_checkpoint: Instant::now(), bytes_since_checkpoint: 0, dirty: false }
+    }
+
+    pub(super) fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
+        let interval = self.shared.config.checkpoint_interval;
+        loop {
+            let first = match rx.recv_timeout(interval) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.dirty {
+                        let _ = self.commit_batch(Vec::new(), true);
+                    }
+                    // A volume stalled for disk space says so while it lasts, and only then.
+                    match self.shared.health() {
+                        VolumeHealth::Stalled(_)
+                            if self.shared.stalled_for_space.load(Ordering::SeqCst) && self.shared.room_is_back() =>
+                        {
+                            self.shared.unstall()
+                        }
+                        VolumeHealth::Writable => {
+                            let _ = self.shared.check_disk_room();
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = Vec::new();
+            let mut checkpoints = Vec::new();
+            let mut bytes = 0u64;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    WriterMsg::Write(op, reply) => {
+                        bytes += match &op {
+                            WriteOp::Put(r) => r.record_len(),
+                            _ => HEADER_LEN,
+                        };
+                        batch.push((op, reply));
+                    }
+                    WriterMsg::Checkpoint(reply) => checkpoints.push(reply),
+                    WriterMsg::Abandon => return,
+                }
+                if batch.len() < self.shared.config.max_batch_records && bytes < self.shared.config.max_batch_bytes {
+                    next = rx.try_recv().ok();
+                }
+            }
+            let durable = !checkpoints.is_empty()
+                || self.last_checkpoint.elapsed() >= interval
+                || self.bytes_since_checkpoint + bytes >= self.shared.config.checkpoint_bytes;
+            let result = self.commit_batch(batch, durable);
+            for reply in checkpoints {
+                let _ = reply.send(result.as_ref().map(|_| ()).map_err(clone_failure));
+            }
+        }
+        if self.dirty {
+            let _ = self.commit_batch(Vec::new(), true);
+        }
+    }
+
+    /// One group commit. Per-request errors (not found, full, ...) go to that request alone; an
+    /// I/O error fails the volume and every request of the batch.
+    fn commit_batch(
+        &mut self,
+        batch: Vec<(WriteOp, oneshot::Sender<Result<(), VolumeError>>)>,
+        durable: bool,
+    ) -> Result<(), VolumeError> {
+        if let VolumeHealth::Failed(reason) = self.shared.health() {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(VolumeError::Failed(reason.clone())));
+            }
+            return Err(VolumeError::Failed(reason));
+        }
+        let started = Instant::now();
+        let records_in_batch = batch.len();
+        let outcome = self.stage_and_commit(batch, durable);
+        match outcome {
+            Ok((replies, bytes)) => {
+                let tail = self.log.next_seq;
+                self.shared.journal_tail.send_if_modified(|t| std::mem::replace(t, tail) != tail);
+                self.dirty = !durable;
+                if durable {
+                    self.last_checkpoint = Instant::now();
+                    self.bytes_since_checkpoint = 0;
+                } else {
+                    self.bytes_since_checkpoint += bytes;
+                }
+                if records_in_batch > 0 {
+                    self.shared.metrics.batch_records.observe(records_in_batch as f64);
+                    self.shared.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                }
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+                Ok(())
+            }
+            Err((replies, err)) => {
+                let reason = match &err {
+                    VolumeError::Failed(r) => r.clone(),
+                    other => other.to_string(),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(VolumeError::Failed(reason.clone())));
+                }
+                Err(err)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn stage_and_commit(
+        &mut self,
+        batch: Vec<(WriteOp, oneshot::Sender<Result<(), VolumeError>>)>,
+        durable: bool,
+    ) -> Result<
+        (Vec<(oneshot::Sender<Result<(), VolumeError>>, Result<(), VolumeError>)>, u64),
+        (Vec<oneshot::Sender<Result<(), VolumeError>>>, VolumeError),
+    > {
+        let shared = self.shared.clone();
+        let mut replies = Vec::with_capacity(batch.len());
+        let txn = match begin_write(&shared.db, durable) {
+            Ok(txn) => txn,
+            Err(e) => {
+                return Err((batch.into_iter().map(|(_, r)| r).collect(), shared.fail_index("index transaction", e)))
+            }
+        };
+        let mut writes: Vec<PendingWrite> = Vec::new();
+        let mut written = 0u64;
+        let mut put_stored = false;
+        // One look at the filesystem per batch: puts wait while the index reserve is short.
+        let disk_room =
+            if batch.iter().any(|(op, _)| matches!(op, WriteOp::Put(_))) { shared.check_disk_room() } else { Ok(()) };
+        let staged: Result<(), VolumeError> = (|| {
+            let mut segments_table = txn.open_table(SEGMENTS)?;
+            let mut tables = Tables {
+                blobs: txn.open_table(BLOBS)?,
+                journal: txn.open_table(JOURNAL)?,
+                damaged: txn.open_table(DAMAGED)?,
+                segments: SegmentStats::new(&mut segments_table),
+                live_blobs: 0,
+            };
+            for (op, reply) in batch {
+                if let WriteOp::Progress { peer, next_seq, owed } = &op {
+                    txn.open_table(index::REPLICATION)?.insert(peer.as_str(), *next_seq)?;
+                    let mut table = txn.open_table(index::OWED)?;
+                    for (seq, entry) in owed {
+                        table.insert((peer.as_str(), *seq), index::encode(entry).as_slice())?;
+                    }
+                    replies.push((reply, Ok(())));
+                    continue;
+                }
+                let is_put = matches!(op, WriteOp::Put(_));
+                if let (true, Err(VolumeError::Paused { reason, no_space })) = (is_put, &disk_room) {
+                    replies.push((reply, Err(VolumeError::Paused { reason: reason.clone(), no_space: *no_space })));
+                    continue;
+                }
+                let planned = match plan_op(&tables.blobs, op) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        replies.push((reply, Err(e)));
+                        continue;
+                    }
+                };
+                let Planned::Record(record) = planned else {
+                    replies.push((reply, Ok(())));
+                    continue;
+                };
+                match self.place(&mut tables, &mut writes, record.record_len(), record.header.kind) {
+                    Ok(location) => {
+                        apply_record(
+                            &mut tables,
+                            &record.header,
+                            location,
+                            record.trailer_crc(),
+                            &mut self.log.next_seq,
+                        )?;
+                        push_write(&mut writes, &self.log.file, location.offset, &record);
+                        written += location.len;
+                        put_stored |= is_put;
+                        replies.push((reply, Ok(())));
+                    }
+                    Err(VolumeError::Full) => {
+                        if is_put {
+                            shared.set_health(VolumeHealth::Full);
+                        }
+                        replies.push((reply, Err(VolumeError::Full)));
+                    }
+                    // This request alone is refused; the volume goes on.
+                    Err(
+                        e @ (VolumeError::NoRoom { .. } | VolumeError::Paused { .. } | VolumeError::TooLarge { .. }),
+                    ) => replies.push((reply, Err(e))),
+                    Err(e) => return Err(e),
+                }
+            }
+            tables.segments.get(self.log.segment)?.end = self.log.offset;
+            tables.segments.flush()?;
+            let tail = LogTail {
+                segment: self.log.segment,
+                offset: self.log.offset,
+                next_seq: self.log.next_seq,
+                next_segment: shared.next_segment.load(Ordering::SeqCst),
+            };
+            let mut meta = txn.open_table(META)?;
+            meta.insert(LOG_TAIL, index::encode(&tail).as_slice())?;
+            index::add_live_blobs(&mut meta, tables.live_blobs)?;
+            Ok(())
+        })();
+        let fail_all =
+            |replies: Vec<(oneshot::Sender<_>, _)>, err| Err((replies.into_iter().map(|(r, _)| r).collect(), err));
+        if let Err(e) = staged {
+            return fail_all(replies, shared.fail_index("staging batch", e));
+        }
+        // Durability order: records (fdatasync) before the index that points at them.
+        let sync_started = Instant::now();
+        for w in &writes {
+            let slices: Vec<&[u8]> = w.parts.iter().map(|p| p.as_ref()).collect();
+            if let Err(e) = write_all_vectored_at(&w.file, w.offset, &slices) {
+                return fail_all(replies, shared.fail("segment write", e));
+            }
+        }
+        let mut synced: Vec<*const File> = Vec::new();
+        for w in &writes {
+            let ptr = Arc::as_ptr(&w.file);
+            if synced.contains(&ptr) {
+                continue;
+            }
+            synced.push(ptr);
+            // An fsync error is never retried: the page cache state is unknown afterwards.
+            if let Err(e) = w.file.sync_data() {
+                return fail_all(replies, shared.fail("fdatasync", e));
+            }
+        }
+        if !writes.is_empty() {
+            shared.metrics.fsync_seconds.observe(sync_started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = txn.commit() {
+            return fail_all(replies, shared.fail_index("index commit", e));
+        }
+        if put_stored {
+            shared.unstall();
+        }
+        Ok((replies, written))
+    }
+
+    /// Finds room for a record of `len` bytes, rolling to a new segment when the active one
+    /// is full. Puts and TTL updates leave room for a tombstone of every blob the index knows
+    /// (and one more), so that every blob can always be deleted, however full the volume.
+    fn place(
+        &mut self,
+        tables: &mut Tables<'_, '_>,
+        writes: &mut Vec<PendingWrite>,
+        len: u64,
+        kind: RecordKind,
+    ) -> Result<Location, VolumeError> {
+        let shared = self.shared.clone();
+        let segment_size = shared.marker.segment_size;
+        if len + SEAL_LEN + SEGMENT_HEADER_LEN > segment_size {
+            return Err(VolumeError::TooLarge { size: len, max: segment_size - SEAL_LEN - SEGMENT_HEADER_LEN });
+        }
+        let reserve = match kind {
+            RecordKind::Delete => 0,
+            _ => TOMBSTONE_LEN * (tables.blobs.len()? + 1),
+        };
+        // In the active segment if the reserve stays sure; else in a new segment if it fits there.
+        let place = |len| placement(&shared.marker, shared.segments.count(), self.log.offset, len, reserve);
+        let roll = match place(len) {
+            Some(roll) => roll,
+            None => {
+                // Full only when a small blob no longer fits: one large upload that does not fit
+                // leaves the volume writable for everything smaller.
+                let small_fits = place(SMALL_PUT_RECORD).is_some();
+                return Err(match kind {
+                    RecordKind::Put if small_fits => VolumeError::NoRoom { needed: len },
+                    RecordKind::Put | RecordKind::Delete => VolumeError::Full,
+                    _ => VolumeError::NoRoom { needed: len },
+                });
+            }
+        };
+        if roll {
+            let next = shared.next_segment.fetch_add(1, Ordering::SeqCst);
+            let file = match layout::create_segment(&shared.dir, &shared.marker, next, shared.config.preallocation) {
+                Ok(file) => shared.segments.insert(next, file),
+                // Out of file descriptors or disk space: passing trouble, tried again by the
+                // next put; the log stays where it was.
+                Err(e) if e.is_transient() => {
+                    let reason = format!("creating segment {next}: {e}");
+                    // The volume stalls only when small blobs no longer fit either.
+                    let small_fits = place(SMALL_PUT_RECORD) == Some(false);
+                    // A tombstone that finds no new segment is the one write that must not fail:
+                    // its room was kept in the active segment, so this only happens to puts.
+                    return Err(if small_fits {
+                        VolumeError::Paused { reason, no_space: e.is_no_space() }
+                    } else {
+                        shared.stall(reason, e.is_no_space())
+                    });
+                }
+                Err(e) => return Err(shared.fail("creating segment", e)),
+            };
+            let seal = EncodedRecord::seal(next, now_ms());
+            push_write(writes, &self.log.file, self.log.offset, &seal);
+            let old = tables.segments.get(self.log.segment)?;
+            old.sealed = true;
+            old.end = self.log.offset + SEAL_LEN;
+            self.log = LogPosition { segment: next, file, offset: SEGMENT_HEADER_LEN, next_seq: self.log.next_seq };
+            tables.segments.get(next)?;
+        }
+        let location = Location { segment: self.log.segment, offset: self.log.offset, len };
+        self.log.offset += len;
+        Ok(location)
+    }
+}
+
+pub(super) fn push_write(writes: &mut Vec<PendingWrite>, file: &Arc<File>, offset: u64, record: &EncodedRecord) {
+    let parts = [Bytes::copy_from_slice(&record.head), record.payload.clone(), Bytes::copy_from_slice(&record.trailer)];
+    if let Some(last) = writes.last_mut() {
+        let end = last.offset + last.parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        if Arc::ptr_eq(&last.file, file) && end == offset {
+            last.parts.extend(parts);
+            return;
+        }
+    }
+    writes.push(PendingWrite { file: file.clone(), offset, parts: parts.to_vec() });
+}
+
+pub(super) fn clone_failure(e: &VolumeError) -> VolumeError {
+    VolumeError::Failed(e.to_string())
+}
