@@ -599,7 +599,10 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
         blobs.insert(put(&client, &nodes[(seed % 3) as usize], &data).unwrap(), data);
     }
     assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
-    // A write only n2 ever got (as when a PUT failed its quorum): never acknowledged.
+    // A write only n2 ever got (as when a PUT failed its quorum): never acknowledged. n0 and n1
+    // are frozen meanwhile, so that they cannot pull it from n2's journal before n2 crashes.
+    nodes[0].signal("-STOP");
+    nodes[1].signal("-STOP");
     let orphan = cairn_common::BlobId::generate(0);
     let orphan_data = payload(777, 200_000);
     let mut frame = cairn_cluster::replica::BlobFrame::head(&cairn_cluster::replica::ReplicaBlob {
@@ -616,6 +619,8 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
 
     // n2 crashes; one byte of each blob's record rots on its disk.
     nodes[2].kill9();
+    nodes[0].signal("-CONT");
+    nodes[1].signal("-CONT");
     for data in [&victim_data, &orphan_data] {
         let needle = &data[100_000..100_064];
         let mut flipped = false;
