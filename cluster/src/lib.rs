@@ -5,9 +5,11 @@
 //!   deterministic, minimal movement).
 //! - [`etcd`]: the topology and live registrations in etcd (docs/etcd-layout.md).
 //! - [`admin`]: what the datanode's admin API answers the operator and `cairn`.
+//! - [`datanode_command`]: the datanode's command line, built one way by every platform.
 //! - [`replica`]: what datanodes send each other (the replica API's wire types, versioned).
 
 pub mod admin;
+pub mod datanode_command;
 pub mod etcd;
 pub mod planner;
 pub mod replica;

@@ -25,6 +25,12 @@ pub struct Options {
     /// MiB written while a node is down, for the catch-up scenario.
     #[arg(long, default_value_t = 1024)]
     catch_up_mib: u64,
+    /// Partitions of the idle cluster whose datanodes' CPU is measured (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    idle_partitions: u32,
+    /// Seconds the idle cluster is watched.
+    #[arg(long, default_value_t = 30)]
+    idle_seconds: u64,
 }
 
 struct Figures {
@@ -44,9 +50,9 @@ async fn measure(nodes: &[&NodeProcess], seconds: Duration) -> anyhow::Result<Fi
     Ok(Figures { put_4k, get_4k, put_5m: put_5m_ops * 5.0 * 1048576.0 / 1e6, get_5m: get_5m_bytes / 1e6 })
 }
 
-fn topology_yaml(ports: &[u16]) -> String {
-    let mut yaml = String::from(
-        "replication_factor: 3\nwrite_quorum: 2\npartitions: 6\nvolume_size: 16GiB\nsegment_size: 256MiB\nnodes:\n",
+fn topology_yaml(ports: &[u16], partitions: u32, volume_size: &str, segment_size: &str) -> String {
+    let mut yaml = format!(
+        "replication_factor: 3\nwrite_quorum: 2\npartitions: {partitions}\nvolume_size: {volume_size}\nsegment_size: {segment_size}\nnodes:\n",
     );
     for (i, port) in ports.iter().enumerate() {
         yaml += &format!(
@@ -73,14 +79,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 
     let etcd = tokio::task::spawn_blocking(EtcdServer::start).await?;
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
-    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", "bench").await?;
-    let (config, specs) =
-        cairn_cluster::topology::TopologyFile::parse(&topology_yaml(&ports)).map_err(anyhow::Error::msg)?;
-    store.apply_topology(&config, &specs).await?;
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        nodes.push(start_member(work.path(), &etcd, i, *port).await?);
-    }
+    let mut nodes = start_cluster(work.path(), &etcd, "bench", &ports, 6, "16GiB", "256MiB").await?;
     wait_caught_up(&nodes[0], Duration::from_secs(60)).await?;
     let cluster = measure(&nodes.iter().collect::<Vec<_>>(), seconds).await?;
 
@@ -109,7 +108,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
         crate::datanode::put_once(&nodes[0].client, &addrs[i as usize % 2], body.clone()).await?;
     }
     let started = Instant::now();
-    let returned = start_member(work.path(), &etcd, 2, ports[2]).await?;
+    let returned = start_member(work.path(), &etcd, "bench", 2, ports[2]).await?;
     wait_caught_up(&returned, Duration::from_secs(600)).await?;
     let secs = started.elapsed().as_secs_f64();
     results.push(Scenario::new("catch_up", (blobs * 5 * 1048576) as f64 / 1e6 / secs, "MB/s").against(
@@ -122,20 +121,80 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     ));
     drop(returned);
     drop(nodes);
+
+    if options.idle_partitions > 0 {
+        results.push(idle_cpu(work.path(), &etcd, options.idle_partitions, Duration::from_secs(options.idle_seconds)).await?);
+    }
     drop(etcd);
     Ok(results)
+}
+
+/// Three datanodes of a cluster of `partitions` partitions, every replica open and caught up,
+/// with no traffic at all: the CPU the busiest of them uses, in % of one core.
+async fn idle_cpu(root: &Path, etcd: &EtcdServer, partitions: u32, watch: Duration) -> anyhow::Result<Scenario> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let nodes = start_cluster(&root.join("idle"), etcd, "idle", &ports, partitions, "64MiB", "2MiB").await?;
+    for node in &nodes {
+        wait_caught_up(node, Duration::from_secs(600)).await?;
+    }
+    // Settled: replicas opened, first pulls and repair passes done.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before: Vec<Duration> = nodes.iter().map(NodeProcess::cpu_time).collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    tokio::time::sleep(watch).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut busiest: f64 = 0.0;
+    for (node, before) in nodes.iter().zip(before) {
+        let used = (node.cpu_time()? - before).as_secs_f64();
+        busiest = busiest.max(used / elapsed * 100.0);
+    }
+    Ok(Scenario::new("cluster_idle_cpu", busiest, "% of a core").against(
+        100.0,
+        "% of a core",
+        format!(
+            "busiest of 3 datanodes, {partitions} partitions × 3 replicas, no traffic, {:.0} s (target < 2 %)",
+            watch.as_secs_f64()
+        ),
+    ))
+}
+
+/// Applies a 3-node topology of `partitions` partitions under `cluster` and starts its nodes.
+async fn start_cluster(
+    root: &Path,
+    etcd: &EtcdServer,
+    cluster: &str,
+    ports: &[u16],
+    partitions: u32,
+    volume_size: &str,
+    segment_size: &str,
+) -> anyhow::Result<Vec<NodeProcess>> {
+    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", cluster).await?;
+    let yaml = topology_yaml(ports, partitions, volume_size, segment_size);
+    let (config, specs) = cairn_cluster::topology::TopologyFile::parse(&yaml).map_err(anyhow::Error::msg)?;
+    store.apply_topology(&config, &specs).await?;
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        nodes.push(start_member(root, etcd, cluster, i, *port).await?);
+    }
+    Ok(nodes)
 }
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn start_member(root: &Path, etcd: &EtcdServer, i: usize, port: u16) -> anyhow::Result<NodeProcess> {
+async fn start_member(
+    root: &Path,
+    etcd: &EtcdServer,
+    cluster: &str,
+    i: usize,
+    port: u16,
+) -> anyhow::Result<NodeProcess> {
     let (id, endpoint, listen) = (format!("n{i}"), etcd.endpoint(), format!("127.0.0.1:{port}"));
     NodeProcess::start_at(
         &root.join(&id),
         &listen,
-        &["--etcd", &endpoint, "--cluster", "bench", "--node-id", &id, "--max-blob-size", "8MiB"],
+        &["--etcd", &endpoint, "--cluster", cluster, "--node-id", &id, "--max-blob-size", "8MiB"],
     )
     .await
 }

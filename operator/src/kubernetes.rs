@@ -373,24 +373,18 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             // a directory made on the root filesystem.
             volumes.push(host_path(format!("disk{i}"), &path));
         }
-        let mut args: Vec<String> = vec![
-            "--etcd".into(),
-            sc.spec.etcd.endpoints.join(","),
-            "--cluster".into(),
-            cluster.clone(),
-            "--namespace".into(),
-            namespace.clone(),
-            "--node-id".into(),
-            machine.name.clone(),
-            "--zone".into(),
-            machine.zone.clone(),
-            "--disk-agent".into(),
-            "/run/cairn/disk-agent.sock".into(),
-            "--listen".into(),
-            format!("0.0.0.0:{API_PORT}"),
-            "--advertise".into(),
-            machine.address.clone(),
-        ];
+        let mut command = cairn_cluster::datanode_command::DatanodeCommand {
+            etcd: sc.spec.etcd.endpoints.clone(),
+            cluster: cluster.clone(),
+            namespace: namespace.clone(),
+            node_id: machine.name.clone(),
+            zone: machine.zone.clone(),
+            disk_agent: "/run/cairn/disk-agent.sock".into(),
+            listen: format!("0.0.0.0:{API_PORT}"),
+            advertise: Some(machine.address.clone()),
+            etcd_tls: None,
+            extra: Vec::new(),
+        };
         if let Some(secret) = &sc.spec.etcd.tls_secret {
             mounts.push(VolumeMount {
                 name: "etcd-tls".into(),
@@ -403,11 +397,14 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
                 secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..SecretVolumeSource::default() }),
                 ..Volume::default()
             });
-            for (flag, file) in [("--etcd-ca", "ca.crt"), ("--etcd-cert", "tls.crt"), ("--etcd-key", "tls.key")] {
-                args.push(flag.into());
-                args.push(format!("/etc/cairn/etcd-tls/{file}"));
-            }
+            let file = |name: &str| format!("/etc/cairn/etcd-tls/{name}");
+            command.etcd_tls = Some(cairn_cluster::datanode_command::EtcdTlsFiles {
+                ca: file("ca.crt"),
+                cert: file("tls.crt"),
+                key: file("tls.key"),
+            });
         }
+        let args = command.to_args();
         let requests = BTreeMap::from([
             ("cpu".to_string(), Quantity("250m".into())),
             ("memory".to_string(), Quantity("512Mi".into())),

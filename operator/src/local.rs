@@ -136,24 +136,19 @@ impl LocalPlatform {
     }
 
     fn args(&self, m: &LocalMachine) -> Vec<String> {
-        let mut args = vec![
-            "--etcd".to_string(),
-            self.etcd.join(","),
-            "--cluster".into(),
-            self.cluster.clone(),
-            "--namespace".into(),
-            self.namespace.clone(),
-            "--node-id".into(),
-            m.name.clone(),
-            "--zone".into(),
-            m.zone.clone(),
-            "--disk-agent".into(),
-            m.agent_socket.display().to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", m.port),
-        ];
-        args.extend(self.extra_args.iter().cloned());
-        args
+        cairn_cluster::datanode_command::DatanodeCommand {
+            etcd: self.etcd.clone(),
+            cluster: self.cluster.clone(),
+            namespace: self.namespace.clone(),
+            node_id: m.name.clone(),
+            zone: m.zone.clone(),
+            disk_agent: m.agent_socket.display().to_string(),
+            listen: format!("127.0.0.1:{}", m.port),
+            advertise: None,
+            etcd_tls: None,
+            extra: self.extra_args.clone(),
+        }
+        .to_args()
     }
 
     /// Records a datanode's exit: one that exits soon after its start again and again is started

@@ -1,0 +1,91 @@
+//! The datanode's command line as one type: both platforms (Kubernetes Pods, local processes)
+//! build a datanode's arguments with [`DatanodeCommand::to_args`], so a flag is spelled in one
+//! place (the datanode's own parser is `datanode/src/main.rs`).
+
+/// Files of the client certificate for etcd, as the datanode sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTlsFiles {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+/// A datanode of a cluster, on volumes from its machine's disk agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatanodeCommand {
+    pub etcd: Vec<String>,
+    pub cluster: String,
+    pub namespace: String,
+    pub node_id: String,
+    pub zone: String,
+    /// The disk agent's unix socket.
+    pub disk_agent: String,
+    /// Address the API listens on.
+    pub listen: String,
+    /// Address other nodes reach this one at, when it is not `listen`.
+    pub advertise: Option<String>,
+    pub etcd_tls: Option<EtcdTlsFiles>,
+    /// More flags, as given (a platform's own settings, e.g. for tests).
+    pub extra: Vec<String>,
+}
+
+impl DatanodeCommand {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            ("--etcd", self.etcd.join(",")),
+            ("--cluster", self.cluster.clone()),
+            ("--namespace", self.namespace.clone()),
+            ("--node-id", self.node_id.clone()),
+            ("--zone", self.zone.clone()),
+            ("--disk-agent", self.disk_agent.clone()),
+            ("--listen", self.listen.clone()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect();
+        if let Some(advertise) = &self.advertise {
+            args.extend(["--advertise".to_owned(), advertise.clone()]);
+        }
+        if let Some(tls) = &self.etcd_tls {
+            for (flag, file) in [("--etcd-ca", &tls.ca), ("--etcd-cert", &tls.cert), ("--etcd-key", &tls.key)] {
+                args.extend([flag.to_owned(), file.clone()]);
+            }
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_is_one_flag_and_its_value() {
+        let mut command = DatanodeCommand {
+            etcd: vec!["https://e1:2379".into(), "https://e2:2379".into()],
+            cluster: "c".into(),
+            namespace: "ns".into(),
+            node_id: "m1".into(),
+            zone: "".into(),
+            disk_agent: "/run/a.sock".into(),
+            listen: "0.0.0.0:7480".into(),
+            advertise: None,
+            etcd_tls: None,
+            extra: vec!["--peer-timeout-ms".into(), "500".into()],
+        };
+        let args = command.to_args();
+        assert_eq!(args.len() % 2, 0);
+        let pairs: Vec<(&str, &str)> = args.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
+        assert!(pairs.contains(&("--etcd", "https://e1:2379,https://e2:2379")));
+        assert!(pairs.contains(&("--zone", "")), "an empty zone is still given: {pairs:?}");
+        assert_eq!(pairs.last(), Some(&("--peer-timeout-ms", "500")), "extra flags last");
+        assert!(!args.contains(&"--advertise".to_string()));
+        command.advertise = Some("10.0.0.1:7480".into());
+        command.etcd_tls = Some(EtcdTlsFiles { ca: "ca".into(), cert: "crt".into(), key: "key".into() });
+        let args = command.to_args();
+        for flag in ["--advertise", "--etcd-ca", "--etcd-cert", "--etcd-key"] {
+            assert_eq!(args.iter().filter(|a| *a == flag).count(), 1, "{flag} once");
+        }
+    }
+}
