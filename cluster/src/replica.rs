@@ -44,6 +44,10 @@ pub fn check_version(version: u32) -> Result<(), WireError> {
 pub struct JournalRequest {
     #[serde(default = "v1")]
     pub version: u32,
+    /// The asking node: its cursors tell the answering node what it has applied, so that the
+    /// journal can be truncated below what every replica has.
+    #[serde(default)]
+    pub node: String,
     pub cursors: Vec<JournalCursor>,
     /// Entries per partition at most.
     pub limit: usize,
@@ -75,6 +79,14 @@ pub struct JournalPage {
     pub partition: u32,
     /// The next sequence this replica will write.
     pub tail: u64,
+    /// The lowest sequence still kept: entries below it were truncated.
+    #[serde(default)]
+    pub head: u64,
+    /// The cursor is below `head`: the entries it needs are gone. The asking replica bootstraps
+    /// (compares every id bucket with this replica and copies what it lacks), then goes on from
+    /// `tail` as it was when this page was made.
+    #[serde(default)]
+    pub truncated: bool,
     pub entries: Vec<JournalItem>,
     #[serde(default)]
     pub error: Option<String>,

@@ -40,6 +40,10 @@ struct Args {
     /// digests; cheap when they are equal). Each pass is jittered by ±20 %.
     #[arg(long, env = "CAIRN_ANTI_ENTROPY_INTERVAL", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     anti_entropy_interval_secs: u64,
+    /// Journal entries each replica keeps at most, whatever its peers have pulled (entries every
+    /// peer has pulled are dropped sooner); a peer further behind bootstraps from the index.
+    #[arg(long, env = "CAIRN_JOURNAL_RETAIN_ENTRIES", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    journal_retain_entries: u64,
     /// Timeout of one request to another datanode, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     peer_timeout_ms: u64,
@@ -180,6 +184,7 @@ fn run() -> anyhow::Result<()> {
             peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),
             lease_ttl_secs: 5,
             anti_entropy_interval: std::time::Duration::from_secs(args.anti_entropy_interval_secs),
+            journal_retain_entries: args.journal_retain_entries,
             etcd_tls: args.etcd_tls.load()?,
         })
     };

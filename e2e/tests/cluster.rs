@@ -901,3 +901,58 @@ fn a_record_lost_from_one_replicas_index_comes_back_by_anti_entropy() {
     assert!(repaired >= 2.0, "anti-entropy copied both: {metrics}");
     assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(10));
 }
+
+/// The journal is bounded: a replica keeps at most `--journal-retain-entries` entries, and a peer
+/// that fell behind what is kept (it was down) bootstraps from the index — every blob and every
+/// tombstone it missed arrives — then goes on pulling the journal.
+#[test]
+fn a_replica_behind_the_retained_journal_bootstraps_from_the_index() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    for n in nodes.iter_mut() {
+        n.extra = ["--journal-retain-entries", "30"].map(String::from).to_vec();
+    }
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 1);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    nodes[2].kill9();
+    let client = Client::new();
+    let mut blobs = BTreeMap::new();
+    for seed in 0..100u64 {
+        let data = payload(seed, 1000 + seed as usize);
+        blobs.insert(put(&client, &nodes[(seed % 2) as usize], &data).unwrap(), data);
+    }
+    let deleted: Vec<String> = blobs.keys().take(5).cloned().collect();
+    for id in &deleted {
+        assert_eq!(client.delete(nodes[0].url(&format!("/v1/blobs/{id}"))).send().unwrap().status(), 204);
+        blobs.remove(id);
+    }
+    let page = |node: &Node| -> Value {
+        let url = node.url("/replica/v1/partitions/0/journal?from=0&limit=1");
+        client.get(url).send().unwrap().json().unwrap()
+    };
+    wait_until("n0's journal truncated to its last 30 entries", Duration::from_secs(40), || {
+        let p = page(&nodes[0]);
+        p["truncated"] == true && p["tail"].as_u64().unwrap() - p["head"].as_u64().unwrap() <= 30
+    });
+    wait_until("n1's journal truncated too", Duration::from_secs(40), || page(&nodes[1])["truncated"] == true);
+
+    // n2 returns far behind what its peers kept: it bootstraps, and has everything.
+    nodes[2].start();
+    assert_converged(&[&nodes[2]], &blobs, Duration::from_secs(60));
+    let local = |id: &str| client.get(nodes[2].url(&format!("/v1/blobs/{id}?local=true"))).send().unwrap().status();
+    wait_until("the deletes on n2", Duration::from_secs(30), || deleted.iter().all(|id| local(id) == 410));
+    // ...and goes on with the journal: a new write reaches it by replication alone.
+    let data = payload(5150, 2000);
+    let id = put(&client, &nodes[0], &data).unwrap();
+    blobs.insert(id, data);
+    assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
+    let caught_up = || {
+        let list: Vec<Value> = client.get(nodes[2].url("/v1/admin/replicas")).send().unwrap().json().unwrap();
+        list.len() == 2 && list.iter().all(|p| p["lag_entries"] == 0 && p["last_error"].is_null())
+    };
+    wait_until("n2 caught up, no error", Duration::from_secs(30), caught_up);
+}

@@ -180,8 +180,12 @@ async fn ttl_replica(
 /// A page of `volume`'s journal from `from` on (blocking: a redb read).
 fn page_of(partition: u32, volume: &Volume, from: u64, limit: usize) -> Result<JournalPage, VolumeError> {
     let tail = volume.journal_tail();
+    let head = volume.journal_head()?;
     if from >= tail {
-        return Ok(JournalPage { partition, tail, entries: Vec::new(), error: None });
+        return Ok(JournalPage { partition, tail, head, ..JournalPage::default() });
+    }
+    if from < head {
+        return Ok(JournalPage { partition, tail, head, truncated: true, ..JournalPage::default() });
     }
     let entries = volume
         .journal(from, limit)?
@@ -202,7 +206,7 @@ fn page_of(partition: u32, volume: &Volume, from: u64, limit: usize) -> Result<J
             len: e.location.len,
         })
         .collect();
-    Ok(JournalPage { partition, tail, entries, error: None })
+    Ok(JournalPage { partition, tail, head, entries, ..JournalPage::default() })
 }
 
 /// The journals of several partitions, each from the caller's cursor on; when none has an entry
@@ -212,6 +216,8 @@ async fn journal_batch(State(state): State<ReplicaState>, body: Body) -> Result<
     let body = read_small(body, 4 << 20).await?;
     let request: JournalRequest = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
     check_version(request.version)?;
+    // What the asking replica has applied: the journal below every replica's cursor can go.
+    state.cluster.journal_acks.note(&request.node, &request.cursors);
     let limit = request.limit.clamp(1, 10_000);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms).min(MAX_JOURNAL_WAIT);
     let volumes: Vec<Option<Arc<Volume>>> =

@@ -29,6 +29,33 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{now_ms, Volume, VolumeConfig};
 use crate::store::{Store, VolumeSource};
 
+/// Journal entries kept below the lowest cursor of a partition's peers.
+const ACK_MARGIN: u64 = 10_000;
+
+/// How far each peer node has pulled each local replica's journal: the cursors of its last
+/// journal request (in memory: after a restart, nothing is truncated by acks until every peer
+/// has asked again).
+#[derive(Default)]
+pub struct JournalAcks(Mutex<BTreeMap<(u32, String), u64>>);
+
+impl JournalAcks {
+    pub fn note(&self, node: &str, cursors: &[cairn_cluster::replica::JournalCursor]) {
+        if node.is_empty() {
+            return;
+        }
+        let mut acks = self.0.lock().expect("acks lock");
+        for cursor in cursors {
+            acks.insert((cursor.partition, node.to_owned()), cursor.from);
+        }
+    }
+
+    /// The lowest cursor of `peers` on `partition`; `None` while one of them has not asked.
+    pub fn min(&self, partition: u32, peers: &[&str]) -> Option<u64> {
+        let acks = self.0.lock().expect("acks lock");
+        peers.iter().map(|p| acks.get(&(partition, (*p).to_owned())).copied()).collect::<Option<Vec<u64>>>()?.into_iter().min()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub etcd: Vec<String>,
@@ -45,6 +72,9 @@ pub struct ClusterOptions {
     pub lease_ttl_secs: i64,
     /// How often each replica compares its id digests with each peer's (anti-entropy).
     pub anti_entropy_interval: Duration,
+    /// Journal entries a replica keeps at most, whatever its peers have pulled: a peer further
+    /// behind bootstraps from the index instead.
+    pub journal_retain_entries: u64,
     /// TLS to etcd.
     pub etcd_tls: Option<cairn_cluster::etcd::EtcdTls>,
 }
@@ -56,6 +86,8 @@ pub struct Cluster {
     pub view: watch::Receiver<Arc<Snapshot>>,
     pub http: reqwest::Client,
     pub replication: replication::Replication,
+    /// How far each peer has pulled each local replica's journal (from its journal requests).
+    pub journal_acks: JournalAcks,
     volume_config: VolumeConfig,
     /// Peer nodes being pulled from: peer → its puller's token.
     pullers: Mutex<BTreeMap<String, CancellationToken>>,
@@ -88,6 +120,7 @@ impl Cluster {
             .build()?;
         let cluster = Arc::new(Self {
             replication: replication::Replication::new(store.metrics().clone()),
+            journal_acks: JournalAcks::default(),
             options,
             store,
             etcd,
@@ -141,6 +174,19 @@ impl Cluster {
                         _ = cluster.cancel.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     }
+                }
+            }
+        });
+        // Journals are truncated below what every replica of their partition has pulled.
+        tokio::spawn({
+            let cluster = cluster.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = cluster.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    }
+                    cluster.truncate_journals().await;
                 }
             }
         });
@@ -254,6 +300,34 @@ impl Cluster {
             }
         }
         self.replicas.send_modify(|generation| *generation += 1);
+    }
+
+    /// Truncates each local replica's journal below what every other replica of its partition
+    /// has pulled (less a margin: a peer's token is durable only at its next checkpoint, and a
+    /// crash may take it back a little), and in any case to the last `journal_retain_entries`.
+    async fn truncate_journals(&self) {
+        let snapshot = self.snapshot();
+        for volume in self.store.volumes() {
+            let partition = volume.partition();
+            let Some(spec) = snapshot.topology.partitions.get(&partition) else { continue };
+            let peers: Vec<&str> =
+                spec.replicas.iter().map(|r| r.node.as_str()).filter(|n| *n != self.node_id()).collect();
+            let acked = self.journal_acks.min(partition, &peers).map(|a| a.saturating_sub(ACK_MARGIN)).unwrap_or(0);
+            let tail = volume.journal_tail();
+            let below = acked.max(tail.saturating_sub(self.options.journal_retain_entries));
+            let head = {
+                let volume = volume.clone();
+                match tokio::task::spawn_blocking(move || volume.journal_head()).await {
+                    Ok(Ok(head)) => head,
+                    _ => continue,
+                }
+            };
+            if below > head {
+                if let Err(e) = volume.truncate_journal(below).await {
+                    tracing::warn!(partition, error = %e, "cannot truncate the journal");
+                }
+            }
+        }
     }
 
     /// Wakes when this node's replicas change (see [`Cluster::replicas`]).

@@ -226,6 +226,7 @@ pub async fn pull_peer(cluster: Arc<Cluster>, peer: String, cancel: Cancellation
         };
         let request = JournalRequest {
             version: WIRE_VERSION,
+            node: cluster.node_id().to_owned(),
             cursors: parts.iter().map(|(p, part)| JournalCursor { partition: *p, from: part.status.token }).collect(),
             limit: PAGE,
             wait_ms: wait.as_millis() as u64,
@@ -393,6 +394,33 @@ impl Link<'_> {
         if let Some(error) = page.error {
             status.last_error = Some(error);
             part.more = false;
+            return;
+        }
+        if page.truncated {
+            // The entries this replica needs are gone from the peer's journal: compare every id
+            // bucket and copy what is missing, then go on from the tail the page was made at
+            // (whatever the peer wrote since is in its journal still).
+            tracing::warn!(partition = status.partition, peer = %self.peer, token = status.token, head = page.head, "behind the peer's retained journal: bootstrapping from its index");
+            let all = (0..cairn_cluster::replica::DIGEST_BUCKETS).collect();
+            let copied = match self.sync_buckets(status.partition, &part.volume, all).await {
+                Ok(copied) => copied,
+                Err(e) => {
+                    status.last_error = Some(format!("bootstrap: {e}"));
+                    part.more = false;
+                    return;
+                }
+            };
+            if let Err(e) = part.volume.advance_replication(self.peer, page.tail, Vec::new()).await {
+                status.last_error = Some(format!("recording progress: {e}"));
+                part.more = false;
+                return;
+            }
+            tracing::info!(partition = status.partition, peer = %self.peer, copied, tail = page.tail, "bootstrapped");
+            status.token = page.tail;
+            status.peer_tail = page.tail;
+            status.lag_entries = 0;
+            status.last_error = None;
+            part.more = true;
             return;
         }
         let token = status.token;
@@ -678,11 +706,23 @@ impl Link<'_> {
             tokio::task::spawn_blocking(move || volume.digest()).await.map_err(|e| e.to_string())?
         }
         .map_err(|e| e.to_string())?;
+        let differing: Vec<usize> = ours
+            .iter()
+            .zip(&theirs.buckets)
+            .enumerate()
+            .filter(|(_, (mine, other))| hex(&mine[..]) != **other)
+            .map(|(bucket, _)| bucket)
+            .collect();
+        self.sync_buckets(partition, volume, differing).await
+    }
+
+    /// For each of `buckets`, lists what the peer holds there and copies what this replica
+    /// lacks: a blob (fetched as a put entry would be) or a tombstone. What only this replica
+    /// has is for the peer to copy. The number of blobs and tombstones copied.
+    async fn sync_buckets(&self, partition: u32, volume: &Arc<Volume>, buckets: Vec<usize>) -> Result<u64, String> {
+        let timeout = self.cluster.options.peer_timeout * 10;
         let mut repaired = 0;
-        for (bucket, (mine, other)) in ours.iter().zip(&theirs.buckets).enumerate() {
-            if hex(mine) == *other {
-                continue;
-            }
+        for bucket in buckets {
             let path = format!("partitions/{partition}/buckets/{bucket}");
             let response = self
                 .send("bucket", self.cluster.http.get(self.url(&path)).timeout(timeout))
@@ -713,7 +753,7 @@ impl Link<'_> {
                         Ok(Fetched::Stored | Fetched::Gone) => true,
                         Ok(Fetched::Absent) => false,
                         Err(e) => {
-                            tracing::warn!(%id, peer = %self.peer, error = %e, "anti-entropy could not copy a blob");
+                            tracing::warn!(%id, peer = %self.peer, error = %e, "could not copy a blob");
                             false
                         }
                     },

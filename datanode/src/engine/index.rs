@@ -51,6 +51,10 @@ pub const COMPACTION: &str = "compaction";
 /// A volume written before the count existed has no key: recovery counts once and stores it.
 pub const LIVE_BLOBS: &str = "live_blobs";
 
+/// Key of the journal head (`u64`) in [`META`]: entries below it were truncated (every peer had
+/// them, or they fell out of the retained journal). No key: nothing was ever truncated.
+pub const JOURNAL_HEAD: &str = "journal_head";
+
 /// Adds `delta` to the [`LIVE_BLOBS`] count.
 pub fn add_live_blobs(meta: &mut redb::Table<'_, &'static str, &'static [u8]>, delta: i64) -> Result<(), VolumeError> {
     if delta == 0 {

@@ -108,6 +108,10 @@ enum WriteOp {
         expiry_ms: Option<u64>,
         at_ms: u64,
     },
+    /// Drops the journal entries below `below` (at most a bounded number per commit).
+    TruncateJournal {
+        below: u64,
+    },
     /// Replication from `peer` moves on to `next_seq`, owing `owed`: written by the writer, so
     /// in the group commit of the entries queued before it (never ahead of them).
     Progress {
@@ -464,6 +468,20 @@ impl Volume {
     /// The next journal sequence this volume will write (entries below it exist).
     pub fn journal_tail(&self) -> u64 {
         *self.shared.journal_tail.borrow()
+    }
+
+    /// The lowest journal sequence still kept: entries below it were truncated.
+    pub fn journal_head(&self) -> Result<u64, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(index::get::<_, u64>(&meta, index::JOURNAL_HEAD)?.unwrap_or(0))
+    }
+
+    /// Drops the journal entries below `below` (bounded per call: call again until
+    /// [`Volume::journal_head`] reaches it). Entries are only needed by peers that have not
+    /// pulled them; a peer that asks for one dropped learns it must bootstrap.
+    pub async fn truncate_journal(&self, below: u64) -> Result<(), VolumeError> {
+        self.write(WriteOp::TruncateJournal { below }).await
     }
 
     /// Wakes when the journal grows (see [`Shared::journal_tail`]).

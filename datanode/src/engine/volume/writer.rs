@@ -165,7 +165,7 @@ pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -
             }
         }
         // Handled by the writer before planning: no record.
-        WriteOp::Progress { .. } => return Ok(Planned::Nothing),
+        WriteOp::Progress { .. } | WriteOp::TruncateJournal { .. } => return Ok(Planned::Nothing),
         WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms } => {
             match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
                 None => return Err(VolumeError::NotFound),
@@ -181,6 +181,9 @@ pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -
     let header = RecordHeader { kind, blob_id, created_ms: at_ms, expiry_ms, meta_len: 0, payload_len: 0 };
     Ok(Planned::Record(EncodedRecord::new(header, &[], Bytes::new(), &[])))
 }
+
+/// How often an idle writable volume looks at its disk's room.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
@@ -205,7 +208,12 @@ impl Writer {
     pub(super) fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
         let interval = self.shared.config.checkpoint_interval;
         loop {
-            let first = match rx.recv_timeout(interval) {
+            // Idle and writable, nothing to checkpoint: look at the disk seldom (a node holds
+            // hundreds of volumes; each waking every second costs CPU for nothing). A put looks
+            // at the disk itself before it is written.
+            let idle = !self.dirty && self.shared.health() == VolumeHealth::Writable;
+            let wait = if idle { interval.max(IDLE_CHECK) } else { interval };
+            let first = match rx.recv_timeout(wait) {
                 Ok(msg) => msg,
                 Err(RecvTimeoutError::Timeout) => {
                     if self.dirty {
@@ -348,6 +356,11 @@ impl Writer {
                     for (seq, entry) in owed {
                         table.insert((peer.as_str(), *seq), index::encode(entry).as_slice())?;
                     }
+                    replies.push((reply, Ok(())));
+                    continue;
+                }
+                if let WriteOp::TruncateJournal { below } = &op {
+                    truncate_journal(&txn, &mut tables.journal, (*below).min(self.log.next_seq))?;
                     replies.push((reply, Ok(())));
                     continue;
                 }
@@ -526,4 +539,25 @@ pub(super) fn push_write(writes: &mut Vec<PendingWrite>, file: &Arc<File>, offse
 
 pub(super) fn clone_failure(e: &VolumeError) -> VolumeError {
     VolumeError::Failed(e.to_string())
+}
+
+/// Journal rows dropped in one commit at most: a long truncation is spread over commits, so that
+/// writes queued behind it do not wait.
+const TRUNCATE_PER_COMMIT: u64 = 50_000;
+
+/// Drops journal rows from the head up to `below` (bounded per commit) and moves the head.
+fn truncate_journal(
+    txn: &redb::WriteTransaction,
+    journal: &mut Table<'_, u64, &'static [u8]>,
+    below: u64,
+) -> Result<(), VolumeError> {
+    let mut meta = txn.open_table(META)?;
+    let head: u64 = index::get(&meta, index::JOURNAL_HEAD)?.unwrap_or(0);
+    if below <= head {
+        return Ok(());
+    }
+    let until = below.min(head.saturating_add(TRUNCATE_PER_COMMIT));
+    journal.retain_in(head..until, |_, _| false)?;
+    meta.insert(index::JOURNAL_HEAD, index::encode(&until).as_slice())?;
+    Ok(())
 }
