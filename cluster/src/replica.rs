@@ -188,6 +188,69 @@ impl BlobFrame {
     }
 }
 
+/// `POST /replica/v1/blobs`: several replica writes in one request (a router batches the writes
+/// it has for one peer at a moment, so that they cost one request and share a group commit).
+/// The body is, for each blob, its id's length (2 bytes, big-endian), the id, the frame's length
+/// (8 bytes, big-endian) and the [`BlobFrame`].
+pub struct BlobBatch;
+
+impl BlobBatch {
+    /// The parts of one blob's entry in a batch body (the payload shared, not copied).
+    pub fn entry(id: &str, blob: &ReplicaBlob, payload: &Bytes) -> [Bytes; 3] {
+        let head = BlobFrame::head(blob);
+        let mut prefix = BytesMut::with_capacity(2 + id.len() + 8);
+        prefix.put_u16(id.len() as u16);
+        prefix.put_slice(id.as_bytes());
+        prefix.put_u64((head.len() + payload.len()) as u64);
+        [prefix.freeze(), head, payload.clone()]
+    }
+
+    /// Every (id, metadata, payload) of a batch body.
+    pub fn split(mut body: Bytes) -> Result<Vec<(String, ReplicaBlob, Bytes)>, WireError> {
+        let mut out = Vec::new();
+        while !body.is_empty() {
+            let short = |what: &str| WireError::Frame(format!("batch cut short in {what}"));
+            if body.len() < 2 {
+                return Err(short("an id length"));
+            }
+            let id_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+            if body.len() < 2 + id_len + 8 {
+                return Err(short("an id"));
+            }
+            let id = std::str::from_utf8(&body[2..2 + id_len])
+                .map_err(|_| WireError::Frame("an id that is not UTF-8".into()))?
+                .to_owned();
+            let len = u64::from_be_bytes(body[2 + id_len..2 + id_len + 8].try_into().expect("8 bytes"));
+            let _ = body.split_to(2 + id_len + 8);
+            if (body.len() as u64) < len {
+                return Err(short("a frame"));
+            }
+            let frame = body.split_to(len as usize);
+            let (blob, payload) = BlobFrame::split(frame)?;
+            out.push((id, blob, payload));
+        }
+        Ok(out)
+    }
+}
+
+/// The answer to a [`BlobBatch`]: one outcome per blob, in the batch's order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub outcomes: Vec<BatchOutcome>,
+}
+
+/// What one write of a batch came to: the status and error code a single write would have had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchOutcome {
+    pub status: u16,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
 /// `DELETE /replica/v1/blobs/{id}`: whether this replica had the blob before.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TombstoneAnswer {
@@ -276,6 +339,37 @@ mod tests {
     }
 
     proptest! {
+        /// A batch splits back into its blobs, in order; any cut of it is an error.
+        #[test]
+        fn a_batch_round_trips_and_a_cut_one_is_refused(
+            blobs in proptest::collection::vec((blob(), "[A-Za-z0-9]{1,40}", proptest::collection::vec(any::<u8>(), 0..300)), 0..5),
+            cut in any::<usize>(),
+        ) {
+            let mut body = Vec::new();
+            for (blob, id, payload) in &blobs {
+                for part in BlobBatch::entry(id, blob, &Bytes::from(payload.clone())) {
+                    body.extend_from_slice(&part);
+                }
+            }
+            let back = BlobBatch::split(Bytes::from(body.clone())).unwrap();
+            prop_assert_eq!(back.len(), blobs.len());
+            for ((blob, id, payload), (bid, bblob, bpayload)) in blobs.iter().zip(&back) {
+                prop_assert_eq!(id, bid);
+                prop_assert_eq!(blob, bblob);
+                prop_assert_eq!(&payload[..], &bpayload[..]);
+            }
+            if !body.is_empty() {
+                let cut = cut % body.len();
+                prop_assert!(BlobBatch::split(Bytes::from(body[..cut].to_vec())).map(|b| b.len() < blobs.len()).unwrap_or(true));
+            }
+        }
+
+        /// Any bytes at all: an error or blobs, never a panic.
+        #[test]
+        fn hostile_batches_are_errors(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = BlobBatch::split(bytes.into());
+        }
+
         /// A frame splits back into what was framed, for any metadata and payload.
         #[test]
         fn a_frame_round_trips(blob in blob(), payload in proptest::collection::vec(any::<u8>(), 0..2000)) {

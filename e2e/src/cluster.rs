@@ -123,7 +123,9 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     drop(nodes);
 
     if options.idle_partitions > 0 {
-        results.push(idle_cpu(work.path(), &etcd, options.idle_partitions, Duration::from_secs(options.idle_seconds)).await?);
+        results.push(
+            idle_cpu(work.path(), &etcd, options.idle_partitions, Duration::from_secs(options.idle_seconds)).await?,
+        );
     }
     drop(etcd);
     Ok(results)

@@ -13,8 +13,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use cairn_cluster::replica::{
-    check_version, BlobFrame, BucketEntries, BucketEntry, DigestAnswer, EntryKind, JournalBatch, JournalItem,
-    JournalPage, JournalRequest, ReplicaBlob, TombstoneAnswer, TtlBody, WireError, DIGEST_BUCKETS, WIRE_VERSION,
+    check_version, BatchAnswer, BatchOutcome, BlobBatch, BlobFrame, BucketEntries, BucketEntry, DigestAnswer,
+    EntryKind, JournalBatch, JournalItem, JournalPage, JournalRequest, ReplicaBlob, TombstoneAnswer, TtlBody,
+    WireError, DIGEST_BUCKETS, WIRE_VERSION,
 };
 use cairn_common::BlobId;
 use serde::Deserialize;
@@ -29,6 +30,9 @@ use crate::engine::{BlobMeta, PutRequest, Volume, VolumeError};
 
 /// The content type of a [`BlobFrame`] body.
 pub const FRAME_CONTENT_TYPE: &str = "application/x-cairn-blob-frame";
+
+/// How long a journal request woken by a commit waits for the commits right behind it.
+const JOURNAL_LINGER: Duration = Duration::from_millis(20);
 
 /// The longest a journal request waits for an entry.
 const MAX_JOURNAL_WAIT: Duration = Duration::from_secs(30);
@@ -45,6 +49,7 @@ pub struct ReplicaState {
 
 pub fn routes(state: ReplicaState) -> Router {
     Router::new()
+        .route("/replica/v1/blobs", post(put_batch))
         .route("/replica/v1/blobs/{id}", put(put_replica).get(get_replica).delete(delete_replica))
         .route("/replica/v1/blobs/{id}/meta", get(meta_replica))
         .route("/replica/v1/blobs/{id}/ttl", put(ttl_replica))
@@ -81,10 +86,27 @@ async fn put_replica(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     let blob_id = parse_id(&raw)?;
-    let max_blob = state.cluster.config().map(|c| c.max_blob_bytes()).unwrap_or(u64::MAX);
+    let max_blob = max_blob(&state);
     // The frame's head is a few KiB of metadata at most.
     let body = state.uploads.read(&headers, body, max_blob.saturating_add(64 * 1024)).await?;
     let (blob, payload) = BlobFrame::split(body)?;
+    store_blob(&state, blob_id, blob, payload, max_blob).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The largest blob a replica write may carry: the cluster's setting.
+fn max_blob(state: &ReplicaState) -> u64 {
+    state.cluster.config().map(|c| c.max_blob_bytes()).unwrap_or(u64::MAX)
+}
+
+/// One replica write, checked as the public API checks a blob.
+async fn store_blob(
+    state: &ReplicaState,
+    blob_id: BlobId,
+    blob: ReplicaBlob,
+    payload: Bytes,
+    max_blob: u64,
+) -> Result<(), ApiError> {
     if payload.len() as u64 > max_blob {
         return Err(ApiError::PayloadTooLarge(format!(
             "blob of {} bytes exceeds the limit of {max_blob} bytes",
@@ -92,15 +114,50 @@ async fn put_replica(
         )));
     }
     let meta = BlobMeta::new(blob.content_type, blob.user)?;
-    let volume = local_volume(&state, blob_id.partition())?;
+    let volume = local_volume(state, blob_id.partition())?;
     let request = PutRequest { blob_id, meta, payload, created_ms: blob.created_ms, expiry_ms: blob.expires_ms };
     match volume.put(request).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Ok(()) => Ok(()),
         // The router marks the partition read-only on this answer alone.
         Err(VolumeError::Full) => Err(ApiError::VolumeFull(blob_id.partition())),
         Err(e) => Err(e.into()),
     }
 }
+
+/// Several replica writes at once ([`BlobBatch`]): written concurrently, so that they share
+/// group commits; one outcome each, as a single write would have answered.
+async fn put_batch(
+    State(state): State<ReplicaState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BatchAnswer>, ApiError> {
+    let max_blob = max_blob(&state);
+    let body = state.uploads.read(&headers, body, max_blob.saturating_add(BATCH_SLACK)).await?;
+    let blobs = BlobBatch::split(body)?;
+    let writes = blobs.into_iter().map(|(raw, blob, payload)| {
+        let state = &state;
+        async move {
+            let stored = match parse_id(&raw) {
+                Ok(id) => store_blob(state, id, blob, payload, max_blob).await,
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(()) => BatchOutcome { status: 204, code: None, message: None },
+                Err(e) => BatchOutcome {
+                    status: e.status().as_u16(),
+                    code: Some(e.code().to_owned()),
+                    message: Some(e.to_string()),
+                },
+            }
+        }
+    });
+    let outcomes = futures::future::join_all(writes).await;
+    Ok(Json(BatchAnswer { version: WIRE_VERSION, outcomes }))
+}
+
+/// How much a batch may carry beyond one blob of the largest size (the router sends at most
+/// about 1 MiB of small blobs together, or one large blob alone).
+pub const BATCH_SLACK: u64 = 4 << 20;
 
 fn replica_blob(reader: &crate::engine::BlobReader) -> ReplicaBlob {
     ReplicaBlob {
@@ -222,14 +279,21 @@ async fn journal_batch(State(state): State<ReplicaState>, body: Body) -> Result<
     let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms).min(MAX_JOURNAL_WAIT);
     let volumes: Vec<Option<Arc<Volume>>> =
         request.cursors.iter().map(|c| state.cluster.store.volume(c.partition)).collect();
+    let mut waited = false;
     loop {
         // Subscribed before looking: an entry written in between still wakes the wait.
         let mut watches: Vec<_> = volumes.iter().flatten().map(|v| v.watch_journal()).collect();
         let ready =
             request.cursors.iter().zip(&volumes).any(|(c, v)| v.as_ref().is_some_and(|v| v.journal_tail() > c.from));
+        if ready && waited {
+            // Woken by a commit: let the writes right behind it in, so that a busy replica
+            // answers with pages, not an entry at a time.
+            tokio::time::sleep(JOURNAL_LINGER).await;
+        }
         if ready || tokio::time::Instant::now() >= deadline || state.shutdown.is_cancelled() {
             break;
         }
+        waited = true;
         let changed = async {
             if watches.is_empty() {
                 std::future::pending::<()>().await;

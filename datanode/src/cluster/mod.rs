@@ -52,7 +52,12 @@ impl JournalAcks {
     /// The lowest cursor of `peers` on `partition`; `None` while one of them has not asked.
     pub fn min(&self, partition: u32, peers: &[&str]) -> Option<u64> {
         let acks = self.0.lock().expect("acks lock");
-        peers.iter().map(|p| acks.get(&(partition, (*p).to_owned())).copied()).collect::<Option<Vec<u64>>>()?.into_iter().min()
+        peers
+            .iter()
+            .map(|p| acks.get(&(partition, (*p).to_owned())).copied())
+            .collect::<Option<Vec<u64>>>()?
+            .into_iter()
+            .min()
     }
 }
 
@@ -89,6 +94,8 @@ pub struct Cluster {
     /// How far each peer has pulled each local replica's journal (from its journal requests).
     pub journal_acks: JournalAcks,
     volume_config: VolumeConfig,
+    /// Replica writes queued for each peer node (see `router::put_on_peer`).
+    peer_writes: Mutex<BTreeMap<String, tokio::sync::mpsc::UnboundedSender<router::QueuedPut>>>,
     /// Peer nodes being pulled from: peer → its puller's token.
     pullers: Mutex<BTreeMap<String, CancellationToken>>,
     /// Bumped when this node's replicas change (opened, closed): pullers look again.
@@ -128,6 +135,7 @@ impl Cluster {
             http,
             volume_config,
             pullers: Mutex::default(),
+            peer_writes: Mutex::default(),
             replicas: watch::Sender::new(0),
             unopened: Mutex::default(),
             cancel: cancel.clone(),

@@ -9,9 +9,9 @@ use cairn_cluster::etcd::Snapshot;
 use cairn_cluster::{ClusterConfig, LiveNode, PartitionSpec, PartitionState};
 use cairn_common::BlobId;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use cairn_cluster::replica::{BlobFrame, ReplicaBlob, TombstoneAnswer, TtlBody, WIRE_VERSION};
+use cairn_cluster::replica::{BatchAnswer, BlobBatch, BlobFrame, ReplicaBlob, TombstoneAnswer, TtlBody, WIRE_VERSION};
 
 use super::Cluster;
 use crate::engine::{BlobMeta, PutRequest, VolumeError};
@@ -54,7 +54,7 @@ enum ReplicaOp {
 }
 
 #[derive(Debug)]
-enum Outcome {
+pub(crate) enum Outcome {
     /// Done; for a delete, whether the replica had the blob.
     Done {
         existed: bool,
@@ -211,7 +211,7 @@ impl Cluster {
         )))
     }
 
-    async fn write_one(&self, node: &str, op: ReplicaOp) -> Outcome {
+    async fn write_one(self: &Arc<Self>, node: &str, op: ReplicaOp) -> Outcome {
         if node == self.node_id() {
             return self.write_local(op).await;
         }
@@ -224,19 +224,14 @@ impl Cluster {
         };
         let request = match &op {
             ReplicaOp::Put { id, meta, payload, created_ms, expiry_ms } => {
-                let head = BlobFrame::head(&ReplicaBlob {
+                let blob = ReplicaBlob {
                     version: WIRE_VERSION,
                     content_type: meta.content_type.clone(),
                     user: meta.user.clone(),
                     created_ms: *created_ms,
                     expires_ms: *expiry_ms,
-                });
-                // The frame's head and the payload go out as they are: no copy of the payload.
-                let parts: [Result<Bytes, std::io::Error>; 2] = [Ok(head.clone()), Ok(payload.clone())];
-                self.http
-                    .put(format!("http://{address}/replica/v1/blobs/{id}"))
-                    .header("content-length", (head.len() + payload.len()).to_string())
-                    .body(reqwest::Body::wrap_stream(futures::stream::iter(parts)))
+                };
+                return self.put_on_peer(node, *id, blob, payload.clone()).await;
             }
             ReplicaOp::Delete { id, if_present } => {
                 self.http.delete(format!("http://{address}/replica/v1/blobs/{id}?if_present={if_present}"))
@@ -246,34 +241,148 @@ impl Cluster {
                 .put(format!("http://{address}/replica/v1/blobs/{id}/ttl"))
                 .json(&TtlBody { expires_ms: *expiry_ms }),
         };
-        // Big bodies get time to travel: the timeout grows by a second per 16 MiB.
-        let size = match &op {
-            ReplicaOp::Put { payload, .. } => payload.len() as u64,
-            _ => 0,
-        };
-        let timeout = self.options.peer_timeout + std::time::Duration::from_secs(size >> 24);
+        let timeout = self.options.peer_timeout;
         let response = match request.timeout(timeout).send().await {
             Ok(r) => r,
             Err(e) => return Outcome::Failed(format!("{node}: {e}")),
         };
-        match response.status().as_u16() {
-            200..=299 => match op {
-                ReplicaOp::Delete { .. } => match response.json::<TombstoneAnswer>().await {
-                    Ok(answer) => Outcome::Done { existed: answer.existed },
-                    Err(e) => Outcome::Failed(format!("{node}: {e}")),
-                },
-                _ => Outcome::Done { existed: true },
+        let status = response.status().as_u16();
+        match (status, op) {
+            (200..=299, ReplicaOp::Delete { .. }) => match response.json::<TombstoneAnswer>().await {
+                Ok(answer) => Outcome::Done { existed: answer.existed },
+                Err(e) => Outcome::Failed(format!("{node}: {e}")),
             },
-            404 => Outcome::NotFound,
-            410 => Outcome::Gone,
-            507 => match response.json::<serde_json::Value>().await {
-                Ok(body) if body["error"]["code"] == "volume_full" => Outcome::Full,
-                Ok(body) => {
-                    Outcome::NoRoom(format!("{node}: {}", body["error"]["message"].as_str().unwrap_or("no room")))
-                }
+            (507, _) => match response.json::<serde_json::Value>().await {
+                Ok(body) => outcome_of(node, status, body["error"]["code"].as_str(), body["error"]["message"].as_str()),
                 Err(e) => Outcome::NoRoom(format!("{node}: no room ({e})")),
             },
-            status => Outcome::Failed(format!("{node} answered {status}")),
+            _ => outcome_of(node, status, None, None),
+        }
+    }
+
+    /// Queues a replica write for `node`: writes queued for one node while its earlier ones are
+    /// on their way go together in one request (`POST /replica/v1/blobs`), so that a busy
+    /// router costs each peer one request and one group commit per batch, not per blob; a lone
+    /// write goes at once.
+    async fn put_on_peer(self: &Arc<Self>, node: &str, id: BlobId, blob: ReplicaBlob, payload: Bytes) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        let sender = {
+            let mut queues = self.peer_writes.lock().expect("peer writes lock");
+            queues
+                .entry(node.to_owned())
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(self.clone().send_batches(node.to_owned(), rx));
+                    tx
+                })
+                .clone()
+        };
+        if sender.send(QueuedPut { id, blob, payload, reply }).is_err() {
+            return Outcome::Failed(format!("{node}: shutting down"));
+        }
+        answer.await.unwrap_or_else(|_| Outcome::Failed(format!("{node}: write dropped")))
+    }
+
+    /// Sends the writes queued for `node`, a batch at a time, at most a few batches at once.
+    async fn send_batches(self: Arc<Self>, node: String, mut queue: mpsc::UnboundedReceiver<QueuedPut>) {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+        loop {
+            let first = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                first = queue.recv() => match first { Some(first) => first, None => return },
+            };
+            let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+            // Taken after the permit: what queued while every batch was busy goes together.
+            let mut bytes = first.payload.len();
+            let mut batch = vec![first];
+            while batch.len() < BATCH_BLOBS && bytes < BATCH_BYTES {
+                match queue.try_recv() {
+                    Ok(next) => {
+                        bytes += next.payload.len();
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let (cluster, node) = (self.clone(), node.clone());
+            tokio::spawn(async move {
+                cluster.send_batch(&node, batch).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn send_batch(&self, node: &str, batch: Vec<QueuedPut>) {
+        let snapshot = self.snapshot();
+        let address = match (snapshot.live.contains_key(node), Cluster::address_of(&snapshot, node)) {
+            (true, Some(address)) => address,
+            (live, _) => {
+                let why = if live { format!("no address for {node}") } else { format!("{node} is not live") };
+                for put in batch {
+                    let _ = put.reply.send(Outcome::Failed(why.clone()));
+                }
+                return;
+            }
+        };
+        let size: usize = batch.iter().map(|p| p.payload.len()).sum();
+        // Big bodies get time to travel: the timeout grows by a second per 16 MiB.
+        let timeout = self.options.peer_timeout + std::time::Duration::from_secs((size as u64) >> 24);
+        let outcomes: Vec<Outcome> = if let [put] = &batch[..] {
+            // Alone: the single write, as before batching.
+            let head = BlobFrame::head(&put.blob);
+            let parts: [Result<Bytes, std::io::Error>; 2] = [Ok(head.clone()), Ok(put.payload.clone())];
+            let request = self
+                .http
+                .put(format!("http://{address}/replica/v1/blobs/{}", put.id))
+                .header("content-length", (head.len() + put.payload.len()).to_string())
+                .body(reqwest::Body::wrap_stream(futures::stream::iter(parts)))
+                .timeout(timeout);
+            vec![match request.send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body = if status == 507 { response.json::<serde_json::Value>().await.ok() } else { None };
+                    let error = |field: &str| body.as_ref().and_then(|b| b["error"][field].as_str().map(str::to_owned));
+                    outcome_of(node, status, error("code").as_deref(), error("message").as_deref())
+                }
+                Err(e) => Outcome::Failed(format!("{node}: {e}")),
+            }]
+        } else {
+            let mut parts = Vec::with_capacity(batch.len() * 3);
+            let mut length = 0;
+            for put in &batch {
+                for part in BlobBatch::entry(&put.id.to_string(), &put.blob, &put.payload) {
+                    length += part.len();
+                    parts.push(Ok::<Bytes, std::io::Error>(part));
+                }
+            }
+            let request = self
+                .http
+                .post(format!("http://{address}/replica/v1/blobs"))
+                .header("content-length", length.to_string())
+                .body(reqwest::Body::wrap_stream(futures::stream::iter(parts)))
+                .timeout(timeout);
+            let answer = match request.send().await {
+                Ok(response) if response.status().is_success() => {
+                    response.json::<BatchAnswer>().await.map_err(|e| format!("{node}: {e}"))
+                }
+                Ok(response) => Err(format!("{node} answered {} to a batch", response.status())),
+                Err(e) => Err(format!("{node}: {e}")),
+            };
+            match answer {
+                Ok(answer) if answer.outcomes.len() == batch.len() => answer
+                    .outcomes
+                    .iter()
+                    .map(|o| outcome_of(node, o.status, o.code.as_deref(), o.message.as_deref()))
+                    .collect(),
+                Ok(answer) => {
+                    let why = format!("{node} answered {} outcomes for {} writes", answer.outcomes.len(), batch.len());
+                    batch.iter().map(|_| Outcome::Failed(why.clone())).collect()
+                }
+                Err(why) => batch.iter().map(|_| Outcome::Failed(why.clone())).collect(),
+            }
+        };
+        for (put, outcome) in batch.into_iter().zip(outcomes) {
+            let _ = put.reply.send(outcome);
         }
     }
 
@@ -350,6 +459,33 @@ impl Cluster {
             id.partition(),
             failures.join("; ")
         )))
+    }
+}
+
+/// A replica write waiting for its batch.
+pub(crate) struct QueuedPut {
+    id: BlobId,
+    blob: ReplicaBlob,
+    payload: Bytes,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// Batches on their way to one peer at once, at most.
+const BATCHES_IN_FLIGHT: usize = 8;
+/// Writes in one batch, at most; and the payload bytes after which a batch takes no more.
+const BATCH_BLOBS: usize = 128;
+const BATCH_BYTES: usize = 1 << 20;
+
+/// What a replica's answer to a write means for the quorum: one mapping for single and batched
+/// writes.
+fn outcome_of(node: &str, status: u16, code: Option<&str>, message: Option<&str>) -> Outcome {
+    match status {
+        200..=299 => Outcome::Done { existed: true },
+        404 => Outcome::NotFound,
+        410 => Outcome::Gone,
+        507 if code == Some("volume_full") => Outcome::Full,
+        507 => Outcome::NoRoom(format!("{node}: {}", message.unwrap_or("no room"))),
+        status => Outcome::Failed(format!("{node} answered {status}")),
     }
 }
 
