@@ -9,3 +9,5 @@ scripts/install-deps.sh
 scripts/test-chart.sh
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
+# I/O fault injection (pwritev, fdatasync, index commit, segment creation): a feature no user build has.
+cargo test -p cairn-datanode --features failpoints --test failpoints

@@ -54,6 +54,7 @@ impl SegmentFiles {
 
 /// Writes every slice at `offset` onwards, retrying short writes (pwritev).
 pub fn write_all_vectored_at(file: &File, mut offset: u64, slices: &[&[u8]]) -> io::Result<()> {
+    fail::fail_point!("segment-pwritev", |_| Err(io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error())));
     // IOV_MAX is 1024 on Linux.
     for group in slices.chunks(1024) {
         let mut bufs: Vec<IoSlice<'_>> = group.iter().filter(|s| !s.is_empty()).map(|s| IoSlice::new(s)).collect();
@@ -84,6 +85,12 @@ pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     }
     buf.truncate(len);
     Ok(buf)
+}
+
+/// fdatasync of a segment file.
+pub fn sync_segment(file: &File) -> io::Result<()> {
+    fail::fail_point!("segment-fdatasync", |_| Err(io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error())));
+    file.sync_data()
 }
 
 #[cfg(test)]

@@ -327,19 +327,20 @@ impl Writer {
         (Vec<oneshot::Sender<Result<(), VolumeError>>>, VolumeError),
     > {
         let shared = self.shared.clone();
-        let mut replies = Vec::with_capacity(batch.len());
+        // Every request's reply is kept apart from its op, so that a failure anywhere in the
+        // batch answers each of them (a dropped reply would read as "closed", not "failed").
+        let (ops, senders): (Vec<WriteOp>, Vec<_>) = batch.into_iter().unzip();
+        let mut results: Vec<Result<(), VolumeError>> = Vec::with_capacity(ops.len());
         let txn = match begin_write(&shared.db, durable) {
             Ok(txn) => txn,
-            Err(e) => {
-                return Err((batch.into_iter().map(|(_, r)| r).collect(), shared.fail_index("index transaction", e)))
-            }
+            Err(e) => return Err((senders, shared.fail_index("index transaction", e))),
         };
         let mut writes: Vec<PendingWrite> = Vec::new();
         let mut written = 0u64;
         let mut put_stored = false;
         // One look at the filesystem per batch: puts wait while the index reserve is short.
         let disk_room =
-            if batch.iter().any(|(op, _)| matches!(op, WriteOp::Put(_))) { shared.check_disk_room() } else { Ok(()) };
+            if ops.iter().any(|op| matches!(op, WriteOp::Put(_))) { shared.check_disk_room() } else { Ok(()) };
         let staged: Result<(), VolumeError> = (|| {
             let mut segments_table = txn.open_table(SEGMENTS)?;
             let mut tables = Tables {
@@ -349,35 +350,35 @@ impl Writer {
                 segments: SegmentStats::new(&mut segments_table),
                 live_blobs: 0,
             };
-            for (op, reply) in batch {
+            for op in ops {
                 if let WriteOp::Progress { peer, next_seq, owed } = &op {
                     txn.open_table(index::REPLICATION)?.insert(peer.as_str(), *next_seq)?;
                     let mut table = txn.open_table(index::OWED)?;
                     for (seq, entry) in owed {
                         table.insert((peer.as_str(), *seq), index::encode(entry).as_slice())?;
                     }
-                    replies.push((reply, Ok(())));
+                    results.push(Ok(()));
                     continue;
                 }
                 if let WriteOp::TruncateJournal { below } = &op {
                     truncate_journal(&txn, &mut tables.journal, (*below).min(self.log.next_seq))?;
-                    replies.push((reply, Ok(())));
+                    results.push(Ok(()));
                     continue;
                 }
                 let is_put = matches!(op, WriteOp::Put(_));
                 if let (true, Err(VolumeError::Paused { reason, no_space })) = (is_put, &disk_room) {
-                    replies.push((reply, Err(VolumeError::Paused { reason: reason.clone(), no_space: *no_space })));
+                    results.push(Err(VolumeError::Paused { reason: reason.clone(), no_space: *no_space }));
                     continue;
                 }
                 let planned = match plan_op(&tables.blobs, op) {
                     Ok(p) => p,
                     Err(e) => {
-                        replies.push((reply, Err(e)));
+                        results.push(Err(e));
                         continue;
                     }
                 };
                 let Planned::Record(record) = planned else {
-                    replies.push((reply, Ok(())));
+                    results.push(Ok(()));
                     continue;
                 };
                 match self.place(&mut tables, &mut writes, record.record_len(), record.header.kind) {
@@ -392,18 +393,18 @@ impl Writer {
                         push_write(&mut writes, &self.log.file, location.offset, &record);
                         written += location.len;
                         put_stored |= is_put;
-                        replies.push((reply, Ok(())));
+                        results.push(Ok(()));
                     }
                     Err(VolumeError::Full) => {
                         if is_put {
                             shared.set_health(VolumeHealth::Full);
                         }
-                        replies.push((reply, Err(VolumeError::Full)));
+                        results.push(Err(VolumeError::Full));
                     }
                     // This request alone is refused; the volume goes on.
                     Err(
                         e @ (VolumeError::NoRoom { .. } | VolumeError::Paused { .. } | VolumeError::TooLarge { .. }),
-                    ) => replies.push((reply, Err(e))),
+                    ) => results.push(Err(e)),
                     Err(e) => return Err(e),
                 }
             }
@@ -420,17 +421,20 @@ impl Writer {
             index::add_live_blobs(&mut meta, tables.live_blobs)?;
             Ok(())
         })();
-        let fail_all =
-            |replies: Vec<(oneshot::Sender<_>, _)>, err| Err((replies.into_iter().map(|(r, _)| r).collect(), err));
+        let fail_all = |senders, err| Err((senders, err));
         if let Err(e) = staged {
-            return fail_all(replies, shared.fail_index("staging batch", e));
+            let e = match e {
+                failed @ VolumeError::Failed(_) => failed,
+                e => shared.fail_index("staging batch", e),
+            };
+            return fail_all(senders, e);
         }
         // Durability order: records (fdatasync) before the index that points at them.
         let sync_started = Instant::now();
         for w in &writes {
             let slices: Vec<&[u8]> = w.parts.iter().map(|p| p.as_ref()).collect();
             if let Err(e) = write_all_vectored_at(&w.file, w.offset, &slices) {
-                return fail_all(replies, shared.fail("segment write", e));
+                return fail_all(senders, shared.fail("segment write", e));
             }
         }
         let mut synced: Vec<*const File> = Vec::new();
@@ -441,20 +445,24 @@ impl Writer {
             }
             synced.push(ptr);
             // An fsync error is never retried: the page cache state is unknown afterwards.
-            if let Err(e) = w.file.sync_data() {
-                return fail_all(replies, shared.fail("fdatasync", e));
+            if let Err(e) = crate::engine::segments::sync_segment(&w.file) {
+                return fail_all(senders, shared.fail("fdatasync", e));
             }
         }
         if !writes.is_empty() {
             shared.metrics.fsync_seconds.observe(sync_started.elapsed().as_secs_f64());
         }
+        let injected = injected_commit_failure();
+        if let Some(e) = injected {
+            return fail_all(senders, shared.fail_index("index commit", e));
+        }
         if let Err(e) = txn.commit() {
-            return fail_all(replies, shared.fail_index("index commit", e));
+            return fail_all(senders, shared.fail_index("index commit", e));
         }
         if put_stored {
             shared.unstall();
         }
-        Ok((replies, written))
+        Ok((senders.into_iter().zip(results).collect(), written))
     }
 
     /// Finds room for a record of `len` bytes, rolling to a new segment when the active one
@@ -493,7 +501,8 @@ impl Writer {
         };
         if roll {
             let next = shared.next_segment.fetch_add(1, Ordering::SeqCst);
-            let file = match layout::create_segment(&shared.dir, &shared.marker, next, shared.config.preallocation) {
+            let created = create_segment(&shared, next);
+            let file = match created {
                 Ok(file) => shared.segments.insert(next, file),
                 // Out of file descriptors or disk space: passing trouble, tried again by the
                 // next put; the log stays where it was.
@@ -560,4 +569,22 @@ fn truncate_journal(
     journal.retain_in(head..until, |_, _| false)?;
     meta.insert(index::JOURNAL_HEAD, index::encode(&until).as_slice())?;
     Ok(())
+}
+
+/// A failure of the index commit injected by a test (`failpoints` feature), if any.
+fn injected_commit_failure() -> Option<&'static str> {
+    fail::fail_point!("index-commit", |_| Some("injected index commit failure"));
+    None
+}
+
+fn create_segment(shared: &Shared, next: u32) -> Result<File, layout::LayoutError> {
+    // `enospc` injects a full disk (passing), anything else an I/O error (fatal).
+    fail::fail_point!("segment-create", |arg| {
+        let errno = if arg.as_deref() == Some("enospc") { rustix::io::Errno::NOSPC } else { rustix::io::Errno::IO };
+        Err(layout::LayoutError::Io {
+            path: shared.dir.clone(),
+            source: std::io::Error::from_raw_os_error(errno.raw_os_error()),
+        })
+    });
+    layout::create_segment(&shared.dir, &shared.marker, next, shared.config.preallocation)
 }

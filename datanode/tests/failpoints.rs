@@ -1,0 +1,140 @@
+//! I/O faults injected where the engine meets the disk (`--features failpoints`): a failed
+//! pwritev, fdatasync or index commit fails the volume (read-only until reopened) and fails the
+//! writes of that commit — which were never acknowledged — while every write acknowledged before
+//! it reads back byte for byte after a reopen, as after a crash. A segment that cannot be created
+//! for want of room pauses new blobs; for an I/O error it fails the volume.
+//!
+//! Run: `cargo test -p cairn-datanode --features failpoints --test failpoints` (scripts/test.sh
+//! does). Failpoints are process-wide: each test holds the scenario lock.
+#![cfg(feature = "failpoints")]
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cairn_common::volume_layout::{self as layout, VolumeMarker};
+use cairn_common::BlobId;
+use cairn_datanode::engine::{
+    now_ms, BlobMeta, CompactionConfig, PutRequest, Volume, VolumeConfig, VolumeError, VolumeHealth,
+};
+use cairn_datanode::metrics::EngineMetrics;
+
+const SEG: u64 = 128 * 1024;
+
+fn open(dir: &Path) -> Volume {
+    let marker = if dir.join(layout::MARKER_FILE).exists() {
+        VolumeMarker::read(dir).unwrap()
+    } else {
+        VolumeMarker::new(3, SEG, SEG * 16).unwrap()
+    };
+    let config = VolumeConfig {
+        max_blob_bytes: 32 * 1024,
+        compaction: CompactionConfig { enabled: false, ..CompactionConfig::default() },
+        ..VolumeConfig::default()
+    };
+    Volume::create_or_open(dir, &marker, config, Arc::new(EngineMetrics::default())).unwrap()
+}
+
+async fn put(volume: &Volume, seed: u64, len: usize) -> Result<(BlobId, Bytes), VolumeError> {
+    let id = BlobId::generate(volume.partition());
+    let data = Bytes::from(support::payload(seed, len));
+    let meta = BlobMeta { content_type: "application/x-test".into(), user: vec![] };
+    volume.put(PutRequest { blob_id: id, meta, payload: data.clone(), created_ms: now_ms(), expiry_ms: None }).await?;
+    Ok((id, data))
+}
+
+fn read_all(volume: &Volume, id: BlobId) -> Result<Vec<u8>, VolumeError> {
+    let reader = volume.open_blob(id)?;
+    reader.read_range(0, reader.len())
+}
+
+/// Acknowledged writes, then `point` fails once: the write in flight fails, the volume fails, and
+/// after a reopen (the fault gone) every acknowledged write is there and the volume takes writes.
+async fn a_fault_fails_the_volume_and_loses_nothing_acknowledged(point: &str) {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path());
+    let mut acknowledged = Vec::new();
+    for seed in 0..20 {
+        acknowledged.push(put(&volume, seed, 3000 + seed as usize * 100).await.unwrap());
+    }
+    fail::cfg(point, "return").unwrap();
+    let refused = put(&volume, 99, 5000).await;
+    fail::remove(point);
+    assert!(matches!(refused, Err(VolumeError::Failed(_))), "{point}: {refused:?}");
+    assert!(matches!(volume.health(), VolumeHealth::Failed(_)), "{point}: {:?}", volume.health());
+    // Read-only until reopened: the fault is gone, the volume stays failed.
+    assert!(matches!(put(&volume, 100, 100).await, Err(VolumeError::Failed(_))), "{point}");
+    for (id, data) in &acknowledged {
+        assert_eq!(read_all(&volume, *id).unwrap(), data.as_ref(), "{point}: readable while failed");
+    }
+    volume.abandon();
+    drop(volume);
+    let volume = open(dir.path());
+    assert_eq!(volume.health(), VolumeHealth::Writable, "{point}");
+    for (id, data) in &acknowledged {
+        assert_eq!(read_all(&volume, *id).unwrap(), data.as_ref(), "{point}: acknowledged before the fault");
+    }
+    let (id, data) = put(&volume, 101, 4000).await.unwrap();
+    assert_eq!(read_all(&volume, id).unwrap(), data.as_ref());
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pwritev_fails_the_volume_and_loses_nothing_acknowledged() {
+    a_fault_fails_the_volume_and_loses_nothing_acknowledged("segment-pwritev").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fdatasync_fails_the_volume_and_loses_nothing_acknowledged() {
+    a_fault_fails_the_volume_and_loses_nothing_acknowledged("segment-fdatasync").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_index_commit_fails_the_volume_and_loses_nothing_acknowledged() {
+    a_fault_fails_the_volume_and_loses_nothing_acknowledged("index-commit").await;
+}
+
+/// Segment creation: no room is passing (new blobs wait, the volume stays writable for what fits
+/// and recovers by itself); an I/O error fails the volume. Acknowledged writes survive both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_that_cannot_be_created_pauses_or_fails_and_loses_nothing_acknowledged() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path());
+    let mut acknowledged = Vec::new();
+    // Fill the first segment until the next put needs a new one.
+    fail::cfg("segment-create", "return(enospc)").unwrap();
+    let refusal = loop {
+        match put(&volume, acknowledged.len() as u64, 20_000).await {
+            Ok(written) => acknowledged.push(written),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refusal, VolumeError::Paused { no_space: true, .. }), "{refusal:?}");
+    assert_ne!(volume.health(), VolumeHealth::Full);
+    assert!(!matches!(volume.health(), VolumeHealth::Failed(_)));
+    // Room is back: the next put makes the segment.
+    fail::remove("segment-create");
+    acknowledged.push(put(&volume, 500, 20_000).await.unwrap());
+    // Fill that one too; then an I/O error creating the next fails the volume.
+    fail::cfg("segment-create", "return(eio)").unwrap();
+    let refusal = loop {
+        match put(&volume, 600 + acknowledged.len() as u64, 20_000).await {
+            Ok(written) => acknowledged.push(written),
+            Err(e) => break e,
+        }
+    };
+    fail::remove("segment-create");
+    assert!(matches!(refusal, VolumeError::Failed(_)), "{refusal:?}");
+    assert!(matches!(volume.health(), VolumeHealth::Failed(_)));
+    volume.abandon();
+    drop(volume);
+    let volume = open(dir.path());
+    for (id, data) in &acknowledged {
+        assert_eq!(read_all(&volume, *id).unwrap(), data.as_ref());
+    }
+    scenario.teardown();
+}
