@@ -815,3 +815,28 @@ async fn usage_follows_puts_deletes_crashes_expiry_and_compaction() {
     check_usage(dir.path(), &volume, &ids);
     assert_eq!(volume.stats().unwrap().blobs, compacted.blobs);
 }
+
+/// The usage the writer keeps in counters (so that stats read no redb) is what a count of the
+/// index says, after puts, deletes, TTL changes, a rolled segment and a compaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counters_match_a_count_of_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 8);
+    let (live, _) = fill_and_delete(&volume).await;
+    volume.update_ttl(live[0].0, Some(now_ms() + 3_600_000)).await.unwrap();
+    let usage = |s: &cairn_datanode::engine::VolumeStats| (s.live_bytes, s.written_bytes, s.blobs, s.segments);
+    let before = volume.stats().unwrap();
+    assert_eq!(before.blobs, live.len() as u64);
+    assert!(before.segments > 1, "the workload rolled a segment");
+    while volume.compaction().run_once().unwrap() {}
+    let compacted = volume.stats().unwrap();
+    assert!(compacted.reclaimable_bytes < before.reclaimable_bytes, "{before:?} then {compacted:?}");
+    put(&volume, 9999, 2000).await.unwrap();
+    let kept = volume.stats().unwrap();
+    volume.checkpoint().await.unwrap();
+    volume.close();
+    drop(volume);
+    // Opening counts from the index.
+    let counted = open(dir.path(), 8).stats().unwrap();
+    assert_eq!(usage(&kept), usage(&counted));
+}

@@ -19,9 +19,13 @@ pub struct Options {
     /// Directory on the filesystem to measure (default: the system temp dir).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
-    /// Seconds per throughput scenario.
+    /// Seconds per throughput scenario and round.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Rounds of the cluster and the single node, interleaved (the medians are reported, with
+    /// the spread of the per-round ratios).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// MiB written while a node is down, for the catch-up scenario.
     #[arg(long, default_value_t = 1024)]
     catch_up_mib: u64,
@@ -70,32 +74,47 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let dir = work.path().to_owned();
     let raw = tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, seconds, 5 << 20)).await??;
 
-    let single = {
-        let node = NodeProcess::start(&work.path().join("single"), &["--partitions", "6"]).await?;
-        let figures = measure(&[&node], seconds).await?;
-        drop(node);
-        figures
-    };
-
+    // The single node stays up (idle) while the cluster runs, and the other way round: each
+    // round measures both, in alternating order, so that both see the same machine.
+    let single = NodeProcess::start(&work.path().join("single"), &["--partitions", "6"]).await?;
     let etcd = tokio::task::spawn_blocking(EtcdServer::start).await?;
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let mut nodes = start_cluster(work.path(), &etcd, "bench", &ports, 6, "16GiB", "256MiB").await?;
     wait_caught_up(&nodes[0], Duration::from_secs(60)).await?;
-    let cluster = measure(&nodes.iter().collect::<Vec<_>>(), seconds).await?;
+    let (mut singles, mut clusters) = (Vec::new(), Vec::new());
+    for round in 0..options.rounds.max(1) {
+        let members: Vec<&NodeProcess> = nodes.iter().collect();
+        if round % 2 == 0 {
+            singles.push(measure(&[&single], seconds).await?);
+            clusters.push(measure(&members, seconds).await?);
+        } else {
+            clusters.push(measure(&members, seconds).await?);
+            singles.push(measure(&[&single], seconds).await?);
+        }
+    }
+    drop(single);
 
     let mut results = Vec::new();
-    let note = "3 nodes, replication 3, quorum 2, one machine: every byte is written three times";
-    let pairs = [
-        ("cluster_put_4k", cluster.put_4k, single.put_4k, "ops/s"),
-        ("cluster_get_4k", cluster.get_4k, single.get_4k, "ops/s"),
-        ("cluster_put_5m", cluster.put_5m, single.put_5m, "MB/s"),
-        ("cluster_get_5m", cluster.get_5m, single.get_5m, "MB/s"),
+    let note = format!(
+        "single node, {} interleaved rounds of {} s; 3 nodes, replication 3, quorum 2, one machine: every byte is written three times",
+        options.rounds.max(1),
+        options.seconds
+    );
+    let pick = |figures: &[Figures], f: fn(&Figures) -> f64| figures.iter().map(f).collect::<Vec<f64>>();
+    let pairs: [(&'static str, fn(&Figures) -> f64, &'static str); 4] = [
+        ("cluster_put_4k", |f| f.put_4k, "ops/s"),
+        ("cluster_get_4k", |f| f.get_4k, "ops/s"),
+        ("cluster_put_5m", |f| f.put_5m, "MB/s"),
+        ("cluster_get_5m", |f| f.get_5m, "MB/s"),
     ];
-    for (name, value, reference, unit) in pairs {
-        results.push(Scenario::new(name, value, unit).against(
-            reference,
+    for (name, figure, unit) in pairs {
+        results.push(Scenario::rounds(
+            name,
+            &pick(&clusters, figure),
             unit,
-            format!("single node, same run; {note}"),
+            &pick(&singles, figure),
+            unit,
+            note.clone(),
         ));
     }
 
@@ -111,11 +130,19 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let returned = start_member(work.path(), &etcd, "bench", 2, ports[2]).await?;
     wait_caught_up(&returned, Duration::from_secs(600)).await?;
     let secs = started.elapsed().as_secs_f64();
-    results.push(Scenario::new("catch_up", (blobs * 5 * 1048576) as f64 / 1e6 / secs, "MB/s").against(
-        raw,
+    // The disk again, right after: the reference before and after the catch-up, as two rounds.
+    let dir = work.path().to_owned();
+    let raw_after =
+        tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, seconds, 5 << 20)).await??;
+    let rate = (blobs * 5 * 1048576) as f64 / 1e6 / secs;
+    results.push(Scenario::rounds(
+        "catch_up",
+        &[rate, rate],
+        "MB/s",
+        &[raw, raw_after],
         "MB/s",
         format!(
-            "{} MiB missed by one node, pulled from two peers (includes its restart); raw sequential write + fdatasync",
+            "{} MiB missed by one node, pulled from two peers (includes its restart); raw sequential write + fdatasync, before and after",
             blobs * 5
         ),
     ));

@@ -86,19 +86,25 @@ impl Drop for NodeProcess {
     }
 }
 
-/// p50 (and p99) of 200 GETs of one 5 MiB blob, against the sendfile reference.
+/// GETs of one 5 MiB blob against the sendfile reference, in interleaved rounds of 50 each
+/// (four rounds): the medians of the round p50s, the spread of the round ratios, and Cairn's p99.
 async fn get_latency(
     node: &NodeProcess,
     name: &'static str,
-    reference_ms: f64,
+    reference: &mut reference::SendfileReference,
     note: &str,
 ) -> anyhow::Result<Scenario> {
     let id = put_once(&node.client, &node.addr, Bytes::from(vec![0x42u8; 5 << 20])).await?;
-    let addr = node.addr.clone();
-    let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 200)).await??;
-    let (p50, p99) = reference::percentiles(&mut samples);
-    let mut scenario = Scenario::new(name, p50, "ms").against(reference_ms, "ms", note);
-    scenario.p99 = Some(p99);
+    let (mut cairn, mut raw, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let (addr, id) = (node.addr.clone(), id.clone());
+        let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 50)).await??;
+        all.extend(samples.iter().copied());
+        cairn.push(reference::percentiles(&mut samples).0);
+        raw.push(reference::percentiles(&mut reference.samples(50)?).0);
+    }
+    let mut scenario = Scenario::rounds(name, &cairn, "ms", &raw, "ms", note);
+    scenario.p99 = Some(reference::percentiles(&mut all).1);
     Ok(scenario)
 }
 
@@ -125,9 +131,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let dir = work.path().to_owned();
     let raw_seq =
         tokio::task::spawn_blocking(move || reference::sequential_write_rate(&dir, seconds, 5 << 20)).await??;
-    let dir = work.path().to_owned();
-    let (raw_get_p50, raw_get_p99) =
-        tokio::task::spawn_blocking(move || reference::sendfile_latency(&dir, 5 << 20, 200)).await??;
+    let mut sendfile = reference::SendfileReference::start(work.path(), 5 << 20)?;
 
     let node = NodeProcess::start(&work.path().join("node"), &[]).await?;
     let addrs = [node.addr.clone()];
@@ -145,12 +149,13 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
         "raw sequential 5 MiB writes + fdatasync; Cairn with 4 concurrent clients",
     ));
 
-    let reference = format!("raw sendfile of 5 MiB over loopback TCP (p99 {raw_get_p99:.2} ms)");
-    results.push(get_latency(&node, "get_5m_p50", raw_get_p50, &reference).await?);
+    let reference = "raw sendfile of a synced, warm 5 MiB file over loopback TCP; interleaved rounds";
+    results.push(get_latency(&node, "get_5m_p50", &mut sendfile, reference).await?);
     drop(node);
     // The same GETs with every chunk read from the segment and verified again.
     let node = NodeProcess::start(&work.path().join("node-uncached"), &["--chunk-cache-size", "0"]).await?;
-    results.push(get_latency(&node, "get_5m_p50_uncached", raw_get_p50, &reference).await?);
+    results.push(get_latency(&node, "get_5m_p50_uncached", &mut sendfile, reference).await?);
+    drop(sendfile);
     drop(node);
 
     let dir = work.path().join("open");

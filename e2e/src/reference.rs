@@ -46,45 +46,72 @@ pub fn sequential_write_rate(dir: &Path, duration: Duration, chunk: usize) -> an
     Ok(rate)
 }
 
-/// sendfile(2) of `len` bytes from a file over a loopback TCP socket, latency of each transfer
-/// until the reader has every byte: (p50 ms, p99 ms).
-pub fn sendfile_latency(dir: &Path, len: usize, rounds: usize) -> anyhow::Result<(f64, f64)> {
-    let path = dir.join("ref-sendfile");
-    std::fs::write(&path, vec![0x33u8; len])?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let server_path = path.clone();
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut conn, _) = listener.accept()?;
-        let file = std::fs::File::open(server_path)?;
-        let mut request = [0u8; 1];
-        // One byte from the client asks for one transfer, as a GET would.
-        while conn.read_exact(&mut request).is_ok() {
-            let mut offset = 0u64;
-            while (offset as usize) < len {
-                let remaining = len - offset as usize;
-                let n = rustix::fs::sendfile(&conn, &file, Some(&mut offset), remaining)?;
-                if n == 0 {
-                    break;
+/// sendfile(2) of a `len`-byte file over a loopback TCP socket, for reads to be measured against.
+/// The file is written, synced and read once before any sample (a file written just before, not
+/// yet synced, made this reference range from 0.5 to 4 ms), and samples are taken on demand, so
+/// that Cairn and the reference can be measured in interleaved rounds.
+pub struct SendfileReference {
+    path: std::path::PathBuf,
+    client: Option<TcpStream>,
+    server: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    buf: Vec<u8>,
+}
+
+impl SendfileReference {
+    pub fn start(dir: &Path, len: usize) -> anyhow::Result<Self> {
+        let path = dir.join("ref-sendfile");
+        std::fs::write(&path, vec![0x33u8; len])?;
+        let file = std::fs::File::open(&path)?;
+        file.sync_all()?;
+        // Warm: in the page cache, as a blob read twice is.
+        std::io::copy(&mut &file, &mut std::io::sink())?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let server_path = path.clone();
+        let server = std::thread::spawn(move || -> std::io::Result<()> {
+            let (mut conn, _) = listener.accept()?;
+            let file = std::fs::File::open(server_path)?;
+            let mut request = [0u8; 1];
+            // One byte from the client asks for one transfer, as a GET would.
+            while conn.read_exact(&mut request).is_ok() {
+                let mut offset = 0u64;
+                while (offset as usize) < len {
+                    let remaining = len - offset as usize;
+                    let n = rustix::fs::sendfile(&conn, &file, Some(&mut offset), remaining)?;
+                    if n == 0 {
+                        break;
+                    }
                 }
             }
-        }
-        Ok(())
-    });
-    let mut client = TcpStream::connect(addr)?;
-    client.set_nodelay(true)?;
-    let mut buf = vec![0u8; len];
-    let mut samples = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let started = Instant::now();
-        std::io::Write::write_all(&mut client, b"g")?;
-        client.read_exact(&mut buf)?;
-        samples.push(started.elapsed().as_secs_f64() * 1e3);
+            Ok(())
+        });
+        let client = TcpStream::connect(addr)?;
+        client.set_nodelay(true)?;
+        Ok(Self { path, client: Some(client), server: Some(server), buf: vec![0u8; len] })
     }
-    drop(client);
-    server.join().expect("sendfile server")?;
-    std::fs::remove_file(path)?;
-    Ok(percentiles(&mut samples))
+
+    /// `rounds` transfers, each timed until the reader has every byte: ms each.
+    pub fn samples(&mut self, rounds: usize) -> anyhow::Result<Vec<f64>> {
+        let client = self.client.as_mut().expect("open until dropped");
+        let mut samples = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let started = Instant::now();
+            std::io::Write::write_all(client, b"g")?;
+            client.read_exact(&mut self.buf)?;
+            samples.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(samples)
+    }
+}
+
+impl Drop for SendfileReference {
+    fn drop(&mut self) {
+        drop(self.client.take());
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// (p50, p99) of the samples.

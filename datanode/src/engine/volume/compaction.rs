@@ -241,6 +241,7 @@ impl CompactionJob {
             index::add_live_blobs(&mut meta, -expired)?;
         }
         txn.commit()?;
+        shared.usage.stale.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(sources)
     }
 }
@@ -340,6 +341,7 @@ fn set_state(shared: &Shared, state: Option<CompactionState>) -> Result<(), Volu
         }
     }
     txn.commit()?;
+    shared.usage.stale.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 

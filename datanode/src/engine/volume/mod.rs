@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -146,6 +146,8 @@ pub(crate) struct Shared {
     /// The volume failed because its index could not grow on a full disk: reopened (healed) by
     /// the store once room is back, unlike every other failure.
     failed_for_space: std::sync::atomic::AtomicBool,
+    /// What the volume holds, kept by whoever commits (see [`Usage`]): stats cost no redb read.
+    pub usage: Usage,
     /// The next journal sequence, published by the writer after each commit: replicas waiting
     /// for this volume's journal to grow wake on it (no polling, no redb read).
     pub journal_tail: tokio::sync::watch::Sender<u64>,
@@ -298,8 +300,10 @@ impl Volume {
             stalled_for_space: Default::default(),
             failed_for_space: Default::default(),
             journal_tail: tokio::sync::watch::Sender::new(0),
+            usage: Usage::default(),
         });
         let (log, rewrite) = recover(&shared)?;
+        shared.usage.recount(&shared.db)?;
         shared.journal_tail.send_replace(log.next_seq);
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
@@ -382,7 +386,15 @@ impl Volume {
     pub async fn put(&self, req: PutRequest) -> Result<(), VolumeError> {
         self.check_writable_for_put(req.payload.len() as u64)?;
         let req = PutRequest { expiry_ms: record::normalize_expiry(req.expiry_ms), ..req };
-        let record = encode_put(&req);
+        // The CRC pass over a large payload runs off the async runtime: a 64 MiB blob takes
+        // milliseconds, and every other request on that thread would wait.
+        let record = if req.payload.len() > INLINE_CRC_BYTES {
+            tokio::task::spawn_blocking(move || encode_put(&req))
+                .await
+                .map_err(|e| VolumeError::Failed(e.to_string()))?
+        } else {
+            encode_put(&req)
+        };
         self.write(WriteOp::Put(record)).await
     }
 
@@ -627,17 +639,15 @@ impl Volume {
         Ok(out)
     }
 
+    /// What the volume holds: from counters the writer keeps (no redb read, cheap enough for
+    /// every PUT's placement and every scrape), recounted once after compaction changed them.
     pub fn stats(&self) -> Result<VolumeStats, VolumeError> {
-        let txn = self.shared.db.begin_read()?;
-        let segments = txn.open_table(SEGMENTS)?;
-        let (mut live_bytes, mut written_bytes) = (0, 0);
-        for item in segments.iter()? {
-            let (_, value) = item?;
-            let info = index::decode::<SegmentInfo>(value.value())?;
-            live_bytes += info.live_bytes;
-            written_bytes += info.end.saturating_sub(SEGMENT_HEADER_LEN);
+        if self.shared.usage.stale.swap(false, Ordering::SeqCst) {
+            self.shared.usage.recount(&self.shared.db)?;
         }
-        let blobs = index::get(&txn.open_table(META)?, index::LIVE_BLOBS)?.unwrap_or(0);
+        let usage = &self.shared.usage;
+        let (live_bytes, written_bytes) =
+            (usage.live_bytes.load(Ordering::SeqCst), usage.written_bytes.load(Ordering::SeqCst));
         let count = self.shared.segments.count();
         Ok(VolumeStats {
             partition: self.shared.marker.partition,
@@ -648,7 +658,7 @@ impl Volume {
             live_bytes,
             written_bytes,
             reclaimable_bytes: written_bytes.saturating_sub(live_bytes),
-            blobs,
+            blobs: usage.blobs.load(Ordering::SeqCst),
             segments: count,
         })
     }
@@ -726,6 +736,9 @@ fn placement(marker: &VolumeMarker, segments: u32, offset: u64, len: u64, reserv
 /// Where recovery sets aside segment files that hold records but that the index does not know.
 pub const QUARANTINE_DIR: &str = "quarantine";
 
+/// Payloads up to this size are checksummed on the caller's thread.
+const INLINE_CRC_BYTES: usize = 256 * 1024;
+
 /// The record of a 4 KiB blob with a little metadata: a volume where this no longer fits is full.
 const SMALL_PUT_RECORD: u64 = HEADER_LEN + 64 + 4096 + 4 + 4;
 
@@ -772,4 +785,53 @@ pub(crate) fn begin_write(db: &Database, durable: bool) -> Result<WriteTransacti
 
 fn integrity(e: RecordError) -> VolumeError {
     VolumeError::Integrity(e.to_string())
+}
+
+/// A change of [`Usage`] by one commit.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct UsageDelta {
+    pub live_bytes: i64,
+    pub written_bytes: i64,
+    pub blobs: i64,
+}
+
+/// Bytes and blobs a volume holds, as counters: set by a count of the index at open, moved by
+/// the writer after each commit by what the commit changed, and counted again (on the next
+/// [`Volume::stats`]) after compaction, which changes them in transactions of its own.
+#[derive(Debug, Default)]
+pub(crate) struct Usage {
+    pub live_bytes: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub blobs: AtomicU64,
+    /// Compaction committed: count again before the next answer.
+    pub stale: std::sync::atomic::AtomicBool,
+}
+
+impl Usage {
+    pub fn apply(&self, delta: UsageDelta) {
+        let add = |counter: &AtomicU64, by: i64| {
+            let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_add_signed(by)));
+        };
+        add(&self.live_bytes, delta.live_bytes);
+        add(&self.written_bytes, delta.written_bytes);
+        add(&self.blobs, delta.blobs);
+    }
+
+    /// Counts from the index: the segments' live bytes and ends, and the live blob count.
+    pub fn recount(&self, db: &Database) -> Result<(), VolumeError> {
+        let txn = db.begin_read()?;
+        let segments = txn.open_table(SEGMENTS)?;
+        let (mut live_bytes, mut written_bytes) = (0, 0);
+        for item in segments.iter()? {
+            let (_, value) = item?;
+            let info = index::decode::<SegmentInfo>(value.value())?;
+            live_bytes += info.live_bytes;
+            written_bytes += info.end.saturating_sub(SEGMENT_HEADER_LEN);
+        }
+        let blobs = index::get(&txn.open_table(META)?, index::LIVE_BLOBS)?.unwrap_or(0);
+        self.live_bytes.store(live_bytes, Ordering::SeqCst);
+        self.written_bytes.store(written_bytes, Ordering::SeqCst);
+        self.blobs.store(blobs, Ordering::SeqCst);
+        Ok(())
+    }
 }

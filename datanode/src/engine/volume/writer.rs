@@ -15,11 +15,13 @@ pub(super) struct LogPosition {
 pub(super) struct SegmentStats<'t, 'a> {
     pub(super) table: &'a mut Table<'t, u32, &'static [u8]>,
     pub(super) cache: HashMap<u32, SegmentInfo>,
+    /// Each touched segment as it was before, for the change in usage.
+    original: HashMap<u32, SegmentInfo>,
 }
 
 impl<'t, 'a> SegmentStats<'t, 'a> {
     pub(super) fn new(table: &'a mut Table<'t, u32, &'static [u8]>) -> Self {
-        Self { table, cache: HashMap::new() }
+        Self { table, cache: HashMap::new(), original: HashMap::new() }
     }
 
     pub(super) fn get(&mut self, segment: u32) -> Result<&mut SegmentInfo, VolumeError> {
@@ -29,6 +31,7 @@ impl<'t, 'a> SegmentStats<'t, 'a> {
                 end: SEGMENT_HEADER_LEN,
                 sealed: false,
             });
+            self.original.insert(segment, info.clone());
             self.cache.insert(segment, info);
         }
         Ok(self.cache.get_mut(&segment).expect("just inserted"))
@@ -41,11 +44,16 @@ impl<'t, 'a> SegmentStats<'t, 'a> {
         })
     }
 
-    pub(super) fn flush(self) -> Result<(), VolumeError> {
+    /// Writes the touched segments back; how the volume's usage changed.
+    pub(super) fn flush(self) -> Result<UsageDelta, VolumeError> {
+        let mut delta = UsageDelta::default();
         for (segment, info) in self.cache {
+            let before = &self.original[&segment];
+            delta.live_bytes += info.live_bytes as i64 - before.live_bytes as i64;
+            delta.written_bytes += info.end as i64 - before.end as i64;
             self.table.insert(segment, index::encode(&info).as_slice())?;
         }
-        Ok(())
+        Ok(delta)
     }
 }
 
@@ -336,6 +344,7 @@ impl Writer {
             Err(e) => return Err((senders, shared.fail_index("index transaction", e))),
         };
         let mut writes: Vec<PendingWrite> = Vec::new();
+        let mut usage = UsageDelta::default();
         let mut written = 0u64;
         let mut put_stored = false;
         // One look at the filesystem per batch: puts wait while the index reserve is short.
@@ -409,7 +418,9 @@ impl Writer {
                 }
             }
             tables.segments.get(self.log.segment)?.end = self.log.offset;
-            tables.segments.flush()?;
+            let live_blobs = tables.live_blobs;
+            usage = tables.segments.flush()?;
+            usage.blobs = live_blobs;
             let tail = LogTail {
                 segment: self.log.segment,
                 offset: self.log.offset,
@@ -459,6 +470,7 @@ impl Writer {
         if let Err(e) = txn.commit() {
             return fail_all(senders, shared.fail_index("index commit", e));
         }
+        shared.usage.apply(usage);
         if put_stored {
             shared.unstall();
         }
