@@ -348,6 +348,7 @@ impl ClusterStore {
         let key = self.live_key(&node);
         let mut client = self.client.clone();
         let beat = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(100));
+        let mut failures = 0u32;
         while !cancel.is_cancelled() {
             let value = serde_json::to_vec(&*live.borrow_and_update()).expect("JSON");
             let lease = async {
@@ -360,10 +361,14 @@ impl ClusterStore {
                 Ok(lease) => lease,
                 Err(e) => {
                     tracing::warn!(error = %e, "registering in etcd failed; retrying");
-                    tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                    failures += 1;
+                    if !pause(&cancel, failures).await {
+                        return;
+                    }
                     continue;
                 }
             };
+            failures = 0;
             tracing::info!(node = %node, lease, "registered in etcd");
             let kept = async {
                 let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
@@ -392,7 +397,10 @@ impl ClusterStore {
                 Ok(()) => tracing::warn!(node = %node, "lease expired; registering again"),
                 Err(e) => {
                     tracing::warn!(error = %e, "lease keep-alive failed; registering again");
-                    tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+                    failures += 1;
+                    if !pause(&cancel, failures).await {
+                        return;
+                    }
                 }
             }
         }
@@ -406,6 +414,7 @@ impl ClusterStore {
         tokio::spawn(async move {
             let mut snapshot = initial;
             let mut relist = false;
+            let mut failures = 0u32;
             while !cancel.is_cancelled() {
                 if relist {
                     match store.load().await {
@@ -416,7 +425,10 @@ impl ClusterStore {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "listing etcd failed; retrying");
-                            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                            failures += 1;
+                            if !pause(&cancel, failures).await {
+                                return;
+                            }
                             continue;
                         }
                     }
@@ -427,7 +439,10 @@ impl ClusterStore {
                     Ok(stream) => stream,
                     Err(e) => {
                         tracing::warn!(error = %e, "watching etcd failed; retrying");
-                        tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                        failures += 1;
+                        if !pause(&cancel, failures).await {
+                            return;
+                        }
                         continue;
                     }
                 };
@@ -438,6 +453,7 @@ impl ClusterStore {
                     };
                     match message {
                         Ok(Some(response)) => {
+                            failures = 0;
                             if response.compact_revision() > 0 || response.canceled() {
                                 tracing::warn!(
                                     compacted = response.compact_revision(),
@@ -469,7 +485,10 @@ impl ClusterStore {
                         }
                         Ok(None) | Err(_) => {
                             tracing::warn!(revision = snapshot.revision, "watch stream ended; resuming");
-                            tokio::select! { _ = cancel.cancelled() => return, _ = tokio::time::sleep(Duration::from_millis(500)) => {} }
+                            failures += 1;
+                            if !pause(&cancel, failures).await {
+                                return;
+                            }
                             break;
                         }
                     }
@@ -477,5 +496,16 @@ impl ClusterStore {
             }
         });
         rx
+    }
+}
+
+/// Waits before the next try of an etcd call that failed `failures` times in a row (250 ms
+/// doubling to 10 s, jittered: a fleet of datanodes does not retry a restarting etcd in step);
+/// false when cancelled meanwhile.
+async fn pause(cancel: &CancellationToken, failures: u32) -> bool {
+    let wait = cairn_common::backoff::delay(failures, Duration::from_millis(250), Duration::from_secs(10));
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
     }
 }

@@ -9,12 +9,13 @@
 //! - [`api`]: HTTP: the public blob API, the replica API between datanodes, errors → statuses.
 //! - [`server`]: runs a node.
 //!
-//! [`metrics`] is beside them all.
+//! [`metrics`] and [`request`] (the id that follows a request across nodes) are beside them all.
 
 pub mod api;
 pub mod cluster;
 pub mod engine;
 pub mod front;
 pub mod metrics;
+pub mod request;
 pub mod server;
 pub mod store;

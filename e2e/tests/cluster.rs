@@ -22,6 +22,8 @@ struct Node {
     max_blob: &'static str,
     /// More flags for the datanode.
     extra: Vec<String>,
+    /// Where its log goes (debug level), when a test reads it.
+    log: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -35,6 +37,7 @@ impl Node {
             etcd: etcd.endpoint(),
             max_blob: "4MiB",
             extra: Vec::new(),
+            log: None,
             child: None,
         }
     }
@@ -60,8 +63,11 @@ impl Node {
             .args(volumes)
             .args(["--max-blob-size", self.max_blob, "--peer-timeout-ms", "1000"])
             .args(&self.extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("RUST_LOG", if self.log.is_some() { "warn,cairn_datanode=debug" } else { "warn" })
+            .stdout(match &self.log {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::null(),
+            })
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
@@ -955,4 +961,31 @@ fn a_replica_behind_the_retained_journal_bootstraps_from_the_index() {
         list.len() == 2 && list.iter().all(|p| p["lag_entries"] == 0 && p["last_error"].is_null())
     };
     wait_until("n2 caught up, no error", Duration::from_secs(30), caught_up);
+}
+
+/// A request's id (the client's `X-Request-Id`, or one made up) is answered back and follows
+/// the request into the log of every replica it reached.
+#[test]
+fn a_request_id_follows_a_write_into_every_replicas_log() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    for n in nodes.iter_mut() {
+        n.log = Some(root.path().join(format!("{}.log", n.id)));
+    }
+    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 1);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    let client = Client::new();
+    let r = client.post(nodes[0].url("/v1/blobs")).header("x-request-id", "trace-me-42").body("hello").send().unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    let made_up = client.get(nodes[0].url("/healthz")).header("x-request-id", "no spaces").send().unwrap();
+    let id = made_up.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    let logged =
+        |n: &Node| std::fs::read_to_string(n.log.as_ref().unwrap()).unwrap_or_default().contains("trace-me-42");
+    wait_until("the id in every replica's log", Duration::from_secs(10), || nodes.iter().all(logged));
 }

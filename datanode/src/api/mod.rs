@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Serialize;
+use tracing::Instrument;
 use utoipa::OpenApi;
 
 use crate::engine::VolumeHealth;
@@ -108,6 +109,8 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     let route =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let header_bytes: usize = request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let id = crate::request::id_from(request.headers().get(crate::request::HEADER).and_then(|v| v.to_str().ok()));
+    let span = tracing::info_span!("request", id = %id, method = %method, route = %route);
     let mut response = if request.headers().len() > serve::MAX_HEADERS || header_bytes > serve::MAX_HEADER_BYTES {
         ApiError::HeadersTooLarge(format!(
             "{} headers of {header_bytes} bytes; at most {} headers of {} bytes in all",
@@ -117,8 +120,15 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
         ))
         .into_response()
     } else {
-        json_errors(next.run(request).await).await
+        let served = crate::request::scope(id.clone(), next.run(request)).instrument(span.clone()).await;
+        json_errors(served).await
     };
+    span.in_scope(|| {
+        tracing::debug!(status = response.status().as_u16(), seconds = started.elapsed().as_secs_f64(), "served")
+    });
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(crate::request::HEADER, value);
+    }
     // Blob bytes are the client's: no browser may guess them into HTML.
     response.headers_mut().insert("x-content-type-options", header::HeaderValue::from_static("nosniff"));
     let labels = RequestLabels { method, route, status: response.status().as_u16() };

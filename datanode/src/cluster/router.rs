@@ -157,12 +157,14 @@ impl Cluster {
     ) -> Result<Vec<Outcome>, RouteError> {
         let quorum = config.write_quorum as usize;
         let (tx, mut rx) = mpsc::channel(partition.replicas.len().max(1));
+        let request_id = crate::request::current();
         for replica in &partition.replicas {
             let (cluster, node, op, tx) = (self.clone(), replica.node.clone(), op.clone(), tx.clone());
-            tokio::spawn(async move {
+            let request_id = request_id.clone();
+            tokio::spawn(crate::request::maybe_scope(request_id, async move {
                 let outcome = cluster.write_one(&node, op).await;
                 let _ = tx.send(outcome).await;
-            });
+            }));
         }
         drop(tx);
         let mut outcomes = Vec::new();
@@ -242,7 +244,7 @@ impl Cluster {
                 .json(&TtlBody { expires_ms: *expiry_ms }),
         };
         let timeout = self.options.peer_timeout;
-        let response = match request.timeout(timeout).send().await {
+        let response = match with_request_id(request).timeout(timeout).send().await {
             Ok(r) => r,
             Err(e) => return Outcome::Failed(format!("{node}: {e}")),
         };
@@ -277,7 +279,8 @@ impl Cluster {
                 })
                 .clone()
         };
-        if sender.send(QueuedPut { id, blob, payload, reply }).is_err() {
+        let request_id = crate::request::current();
+        if sender.send(QueuedPut { id, blob, payload, reply, request_id }).is_err() {
             return Outcome::Failed(format!("{node}: shutting down"));
         }
         answer.await.unwrap_or_else(|_| Outcome::Failed(format!("{node}: write dropped")))
@@ -331,9 +334,11 @@ impl Cluster {
             // Alone: the single write, as before batching.
             let head = BlobFrame::head(&put.blob);
             let parts: [Result<Bytes, std::io::Error>; 2] = [Ok(head.clone()), Ok(put.payload.clone())];
-            let request = self
-                .http
-                .put(format!("http://{address}/replica/v1/blobs/{}", put.id))
+            let mut request = self.http.put(format!("http://{address}/replica/v1/blobs/{}", put.id));
+            if let Some(id) = &put.request_id {
+                request = request.header(crate::request::HEADER, id.as_str());
+            }
+            let request = request
                 .header("content-length", (head.len() + put.payload.len()).to_string())
                 .body(reqwest::Body::wrap_stream(futures::stream::iter(parts)))
                 .timeout(timeout);
@@ -355,9 +360,12 @@ impl Cluster {
                     parts.push(Ok::<Bytes, std::io::Error>(part));
                 }
             }
-            let request = self
-                .http
-                .post(format!("http://{address}/replica/v1/blobs"))
+            let ids: Vec<&str> = batch.iter().filter_map(|p| p.request_id.as_deref()).collect();
+            let mut request = self.http.post(format!("http://{address}/replica/v1/blobs"));
+            if !ids.is_empty() {
+                request = request.header(crate::request::HEADER, ids.join(","));
+            }
+            let request = request
                 .header("content-length", length.to_string())
                 .body(reqwest::Body::wrap_stream(futures::stream::iter(parts)))
                 .timeout(timeout);
@@ -433,8 +441,9 @@ impl Cluster {
         let mut failures = Vec::new();
         for peer in peers {
             let Some(address) = Cluster::address_of(&snapshot, peer) else { continue };
-            let mut request =
-                self.http.request(method.clone(), format!("http://{address}/v1/blobs/{id}{suffix}?local=true"));
+            let mut request = with_request_id(
+                self.http.request(method.clone(), format!("http://{address}/v1/blobs/{id}{suffix}?local=true")),
+            );
             if let Some(range) = range {
                 request = request.header("range", range);
             }
@@ -468,6 +477,15 @@ pub(crate) struct QueuedPut {
     blob: ReplicaBlob,
     payload: Bytes,
     reply: oneshot::Sender<Outcome>,
+    request_id: Option<String>,
+}
+
+/// A replica call made for the request being served carries its id.
+fn with_request_id(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match crate::request::current() {
+        Some(id) => request.header(crate::request::HEADER, id),
+        None => request,
+    }
 }
 
 /// Batches on their way to one peer at once, at most.

@@ -31,7 +31,7 @@ impl<'t, 'a> SegmentStats<'t, 'a> {
                 end: SEGMENT_HEADER_LEN,
                 sealed: false,
             });
-            self.original.insert(segment, info.clone());
+            self.original.insert(segment, info);
             self.cache.insert(segment, info);
         }
         Ok(self.cache.get_mut(&segment).expect("just inserted"))
