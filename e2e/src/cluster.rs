@@ -37,6 +37,9 @@ pub struct Options {
     idle_seconds: u64,
 }
 
+/// One of the figures, picked from a round's.
+type Figure = fn(&Figures) -> f64;
+
 struct Figures {
     put_4k: f64,
     get_4k: f64,
@@ -100,8 +103,8 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
         options.rounds.max(1),
         options.seconds
     );
-    let pick = |figures: &[Figures], f: fn(&Figures) -> f64| figures.iter().map(f).collect::<Vec<f64>>();
-    let pairs: [(&'static str, fn(&Figures) -> f64, &'static str); 4] = [
+    let pick = |figures: &[Figures], f: Figure| figures.iter().map(f).collect::<Vec<f64>>();
+    let pairs: [(&'static str, Figure, &'static str); 4] = [
         ("cluster_put_4k", |f| f.put_4k, "ops/s"),
         ("cluster_get_4k", |f| f.get_4k, "ops/s"),
         ("cluster_put_5m", |f| f.put_5m, "MB/s"),
