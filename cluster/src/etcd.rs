@@ -349,6 +349,9 @@ impl ClusterStore {
         let mut client = self.client.clone();
         let beat = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(100));
         let mut failures = 0u32;
+        // The last lease granted: revoked on the way out, however the way out comes (a lease from
+        // before an etcd restart may still hold the key).
+        let mut last_lease = None;
         while !cancel.is_cancelled() {
             let value = serde_json::to_vec(&*live.borrow_and_update()).expect("JSON");
             let lease = async {
@@ -363,12 +366,13 @@ impl ClusterStore {
                     tracing::warn!(error = %e, "registering in etcd failed; retrying");
                     failures += 1;
                     if !pause(&cancel, failures).await {
-                        return;
+                        break;
                     }
                     continue;
                 }
             };
             failures = 0;
+            last_lease = Some(lease);
             tracing::info!(node = %node, lease, "registered in etcd");
             let kept = async {
                 let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
@@ -390,8 +394,7 @@ impl ClusterStore {
             }
             .await;
             if cancel.is_cancelled() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
-                return;
+                break;
             }
             match kept {
                 Ok(()) => tracing::warn!(node = %node, "lease expired; registering again"),
@@ -399,10 +402,13 @@ impl ClusterStore {
                     tracing::warn!(error = %e, "lease keep-alive failed; registering again");
                     failures += 1;
                     if !pause(&cancel, failures).await {
-                        return;
+                        break;
                     }
                 }
             }
+        }
+        if let Some(lease) = last_lease {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
         }
     }
 
@@ -500,10 +506,10 @@ impl ClusterStore {
 }
 
 /// Waits before the next try of an etcd call that failed `failures` times in a row (250 ms
-/// doubling to 10 s, jittered: a fleet of datanodes does not retry a restarting etcd in step);
-/// false when cancelled meanwhile.
+/// doubling to 2 s, jittered: a fleet of datanodes does not retry a restarting etcd in step, and
+/// a registration is back well within its lease once etcd is); false when cancelled meanwhile.
 async fn pause(cancel: &CancellationToken, failures: u32) -> bool {
-    let wait = cairn_common::backoff::delay(failures, Duration::from_millis(250), Duration::from_secs(10));
+    let wait = cairn_common::backoff::delay(failures, Duration::from_millis(250), Duration::from_secs(2));
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(wait) => true,

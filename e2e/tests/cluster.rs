@@ -989,3 +989,69 @@ fn a_request_id_follows_a_write_into_every_replicas_log() {
         |n: &Node| std::fs::read_to_string(n.log.as_ref().unwrap()).unwrap_or_default().contains("trace-me-42");
     wait_until("the id in every replica's log", Duration::from_secs(10), || nodes.iter().all(logged));
 }
+
+/// A partition that fills up while one replica is away must not leave that replica short of room
+/// for what it missed: new blobs stop (the partition turns read-only) while each replica still
+/// has room kept for its peers, and the returning replica takes every acknowledged blob — here
+/// although it holds a write the others never had (room they did not spend).
+#[test]
+fn a_replica_away_while_its_partition_filled_takes_everything_it_missed() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let mut nodes = cluster(root.path(), &etcd, 3);
+    for n in nodes.iter_mut() {
+        n.max_blob = "256KiB"; // must fit the 1 MiB segments
+    }
+    let placed: Vec<(&Node, String)> = nodes.iter().map(|n| (n, format!("{}-d0", n.id))).collect();
+    apply_topology_with(&etcd, root.path(), &placed, 1, "4MiB", "1MiB");
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    let client = Client::new();
+    // A write only n2 got (its peers frozen meanwhile), then n2 is away.
+    nodes[0].signal("-STOP");
+    nodes[1].signal("-STOP");
+    let orphan = cairn_common::BlobId::generate(0);
+    let mut frame = cairn_cluster::replica::BlobFrame::head(&cairn_cluster::replica::ReplicaBlob {
+        version: cairn_cluster::replica::WIRE_VERSION,
+        content_type: "application/octet-stream".into(),
+        user: vec![],
+        created_ms: 1,
+        expires_ms: None,
+    })
+    .to_vec();
+    frame.extend_from_slice(&payload(4242, 120_000));
+    let r = client.put(nodes[2].url(&format!("/replica/v1/blobs/{orphan}"))).body(frame).send().unwrap();
+    assert_eq!(r.status(), 204);
+    nodes[2].kill9();
+    nodes[0].signal("-CONT");
+    nodes[1].signal("-CONT");
+
+    // The partition fills on n0 and n1 (large blobs, then small ones in what is left) until it
+    // is read-only.
+    let mut stored = BTreeMap::new();
+    for size in [40_000, 2_000] {
+        for seed in 0..5000u64 {
+            let data = payload(seed + size as u64, size);
+            match put(&client, &nodes[(seed % 2) as usize], &data) {
+                Ok(id) => {
+                    stored.insert(id, data);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    wait_until("partition 0 read-only in etcd", Duration::from_secs(10), || {
+        show(&etcd)["topology"]["partitions"]["0"]["state"] == "read_only"
+    });
+    assert!(stored.len() > 50, "{} blobs before the partition filled", stored.len());
+
+    // n2 returns: it owes nothing, and has every acknowledged blob.
+    nodes[2].start();
+    assert_converged(&[&nodes[2]], &stored, Duration::from_secs(60));
+    wait_until("n2 caught up, owing nothing", Duration::from_secs(30), || {
+        let list: Vec<Value> = client.get(nodes[2].url("/v1/admin/replicas")).send().unwrap().json().unwrap();
+        list.len() == 2 && list.iter().all(|p| p["lag_entries"] == 0 && p["owed_entries"] == 0)
+    });
+}

@@ -344,10 +344,13 @@ impl Cluster {
     }
 
     /// How a replica's volume is opened: it takes any blob its segments hold (the cluster's
-    /// largest-blob setting is the API's to enforce, and may be raised up to that).
+    /// largest-blob setting is the API's to enforce, and may be raised up to that), and keeps one
+    /// segment (at most a sixteenth of the volume) of room for what its peers may still owe it (a replica that was away packs what
+    /// it missed differently, and must not find itself a few blobs short for good).
     fn replica_config(&self, config: &ClusterConfig) -> VolumeConfig {
         let max_blob_bytes = cairn_common::volume_layout::largest_blob_for_segment(config.segment_size_bytes);
-        VolumeConfig { max_blob_bytes, ..self.volume_config.clone() }
+        let peer_reserve_bytes = config.segment_size_bytes.min(config.volume_size_bytes / 16);
+        VolumeConfig { max_blob_bytes, peer_reserve_bytes, ..self.volume_config.clone() }
     }
 
     /// Gets the replica's volume (from the disk agent, or under the data directory) and opens it.

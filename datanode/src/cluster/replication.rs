@@ -550,7 +550,7 @@ impl Link<'_> {
                     .map_err(|e| ApplyError::Entry(format!("the peer sent metadata no blob may have: {e}")))?;
                 let request =
                     PutRequest { blob_id: id, meta, payload, created_ms: blob.created_ms, expiry_ms: blob.expires_ms };
-                match volume.put(request).await {
+                match volume.put_replicated(request).await {
                     Ok(()) | Err(VolumeError::Conflict) => Ok(Fetched::Stored),
                     Err(e) => Err(ApplyError::Entry(e.to_string())),
                 }

@@ -100,6 +100,12 @@ pub struct VolumeConfig {
     /// Puts are refused while the volume's filesystem has less than this free, so that the index
     /// can still grow for deletes and TTL updates (and so that a full disk never fails a volume).
     pub index_reserve_bytes: u64,
+    /// Room of the volume kept for what its peer replicas may still owe it (a replica of a
+    /// cluster): a new blob is refused (`Full`, and the partition turns read-only) once less than
+    /// this would be left, while blobs copied by replication may use it. Replicas pack the same
+    /// blobs differently (segment ends, arrival order), so one that was away may need a little
+    /// more room for what its peers took; 0 for a standalone volume.
+    pub peer_reserve_bytes: u64,
     pub compaction: CompactionConfig,
     /// The node's cache of verified chunks; `None` reads every chunk from its segment.
     pub chunk_cache: Option<std::sync::Arc<ChunkCache>>,
@@ -115,6 +121,7 @@ impl Default for VolumeConfig {
             max_batch_records: 4096,
             max_batch_bytes: 64 << 20,
             index_reserve_bytes: 16 << 20,
+            peer_reserve_bytes: 0,
             compaction: CompactionConfig::default(),
             chunk_cache: None,
         }

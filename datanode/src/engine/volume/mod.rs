@@ -95,7 +95,11 @@ pub struct PutRequest {
 }
 
 enum WriteOp {
-    Put(EncodedRecord),
+    /// `replicated`: copied from a peer replica, so it may use the room kept for peers.
+    Put {
+        record: EncodedRecord,
+        replicated: bool,
+    },
     /// `tombstone_unknown`: also record the deletion of a blob this volume never had (a
     /// replica learning of a delete before the put), so that the put never lands later.
     Delete {
@@ -369,7 +373,7 @@ impl Volume {
         self.submit(|reply| WriterMsg::Write(op, reply)).await.unwrap_or(Err(VolumeError::Closed))
     }
 
-    fn check_writable_for_put(&self, payload_len: u64) -> Result<(), VolumeError> {
+    fn check_writable_for_put(&self, payload_len: u64, replicated: bool) -> Result<(), VolumeError> {
         let max = self.shared.config.max_blob_bytes;
         if payload_len > max {
             return Err(VolumeError::TooLarge { size: payload_len, max });
@@ -377,6 +381,8 @@ impl Volume {
         match self.shared.health() {
             // A stalled volume lets the writer try again: that is how it recovers.
             VolumeHealth::Writable | VolumeHealth::Stalled(_) => Ok(()),
+            // Full for new blobs; a copy from a peer may still fit in the room kept for it.
+            VolumeHealth::Full if replicated => Ok(()),
             VolumeHealth::Full => Err(VolumeError::Full),
             VolumeHealth::Failed(reason) => Err(VolumeError::Failed(reason)),
         }
@@ -384,7 +390,17 @@ impl Volume {
 
     /// Stores a new blob; returns once its record and index entry are durable.
     pub async fn put(&self, req: PutRequest) -> Result<(), VolumeError> {
-        self.check_writable_for_put(req.payload.len() as u64)?;
+        self.store(req, false).await
+    }
+
+    /// Stores a blob copied from a peer replica (replication, repair, anti-entropy): it may use
+    /// the room kept for peers ([`VolumeConfig::peer_reserve_bytes`]) that new blobs may not.
+    pub async fn put_replicated(&self, req: PutRequest) -> Result<(), VolumeError> {
+        self.store(req, true).await
+    }
+
+    async fn store(&self, req: PutRequest, replicated: bool) -> Result<(), VolumeError> {
+        self.check_writable_for_put(req.payload.len() as u64, replicated)?;
         let req = PutRequest { expiry_ms: record::normalize_expiry(req.expiry_ms), ..req };
         // The CRC pass over a large payload runs off the async runtime: a 64 MiB blob takes
         // milliseconds, and every other request on that thread would wait.
@@ -395,7 +411,7 @@ impl Volume {
         } else {
             encode_put(&req)
         };
-        self.write(WriteOp::Put(record)).await
+        self.write(WriteOp::Put { record, replicated }).await
     }
 
     /// Deletes a blob (idempotent); returns once the tombstone is durable.

@@ -206,7 +206,7 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
     txn.commit()?;
     layout::sync_dir(&layout::segments_dir(dir))?;
     let (position, rewrite, entries) = position;
-    let reserve = TOMBSTONE_LEN * (entries + 1);
+    let reserve = TOMBSTONE_LEN * (entries + 1) + shared.config.peer_reserve_bytes;
     if placement(marker, shared.segments.count(), position.offset, SMALL_PUT_RECORD, reserve).is_none() {
         shared.set_health(VolumeHealth::Full);
     }

@@ -155,7 +155,7 @@ pub(super) enum Planned {
 pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -> Result<Planned, VolumeError> {
     let now = now_ms();
     let (blob_id, kind, at_ms, expiry_ms) = match op {
-        WriteOp::Put(record) => {
+        WriteOp::Put { record, .. } => {
             return match index::get::<_, IndexEntry>(blobs, record.header.blob_id.to_bytes())? {
                 None => Ok(Planned::Record(record)),
                 Some(e) if e.state == BlobState::Live && e.crc == record.trailer_crc() => Ok(Planned::Nothing),
@@ -251,7 +251,7 @@ impl Writer {
                 match msg {
                     WriterMsg::Write(op, reply) => {
                         bytes += match &op {
-                            WriteOp::Put(r) => r.record_len(),
+                            WriteOp::Put { record, .. } => record.record_len(),
                             _ => HEADER_LEN,
                         };
                         batch.push((op, reply));
@@ -349,7 +349,7 @@ impl Writer {
         let mut put_stored = false;
         // One look at the filesystem per batch: puts wait while the index reserve is short.
         let disk_room =
-            if ops.iter().any(|op| matches!(op, WriteOp::Put(_))) { shared.check_disk_room() } else { Ok(()) };
+            if ops.iter().any(|op| matches!(op, WriteOp::Put { .. })) { shared.check_disk_room() } else { Ok(()) };
         let staged: Result<(), VolumeError> = (|| {
             let mut segments_table = txn.open_table(SEGMENTS)?;
             let mut tables = Tables {
@@ -374,7 +374,12 @@ impl Writer {
                     results.push(Ok(()));
                     continue;
                 }
-                let is_put = matches!(op, WriteOp::Put(_));
+                let is_put = matches!(op, WriteOp::Put { .. });
+                // New blobs leave the room kept for peers; copies from peers may use it.
+                let peer_reserve = match op {
+                    WriteOp::Put { replicated: false, .. } => shared.config.peer_reserve_bytes,
+                    _ => 0,
+                };
                 if let (true, Err(VolumeError::Paused { reason, no_space })) = (is_put, &disk_room) {
                     results.push(Err(VolumeError::Paused { reason: reason.clone(), no_space: *no_space }));
                     continue;
@@ -390,7 +395,7 @@ impl Writer {
                     results.push(Ok(()));
                     continue;
                 };
-                match self.place(&mut tables, &mut writes, record.record_len(), record.header.kind) {
+                match self.place(&mut tables, &mut writes, record.record_len(), record.header.kind, peer_reserve) {
                     Ok(location) => {
                         apply_record(
                             &mut tables,
@@ -486,6 +491,7 @@ impl Writer {
         writes: &mut Vec<PendingWrite>,
         len: u64,
         kind: RecordKind,
+        peer_reserve: u64,
     ) -> Result<Location, VolumeError> {
         let shared = self.shared.clone();
         let segment_size = shared.marker.segment_size;
@@ -494,7 +500,7 @@ impl Writer {
         }
         let reserve = match kind {
             RecordKind::Delete => 0,
-            _ => TOMBSTONE_LEN * (tables.blobs.len()? + 1),
+            _ => TOMBSTONE_LEN * (tables.blobs.len()? + 1) + peer_reserve,
         };
         // In the active segment if the reserve stays sure; else in a new segment if it fits there.
         let place = |len| placement(&shared.marker, shared.segments.count(), self.log.offset, len, reserve);
