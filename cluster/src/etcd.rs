@@ -61,7 +61,12 @@ impl Snapshot {
 pub struct ClusterStore {
     client: Client,
     prefix: String,
+    observer: Option<LatencyObserver>,
 }
+
+/// Told how long each etcd call took, by kind (`load`, `write`, `register`, `keep_alive`,
+/// `update_live`): the datanode turns it into `cairn_etcd_request_duration_seconds`.
+pub type LatencyObserver = Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
 
 /// Connection settings: fail fast when etcd is away, notice a dead connection.
 pub fn connect_options() -> ConnectOptions {
@@ -145,7 +150,23 @@ impl ClusterStore {
             options = options.with_tls(tls.options());
         }
         let client = Client::connect(endpoints, Some(options)).await?;
-        Ok(Self { client, prefix: format!("/cairn/v1/{namespace}/{cluster}/") })
+        Ok(Self { client, prefix: format!("/cairn/v1/{namespace}/{cluster}/"), observer: None })
+    }
+
+    /// Reports the latency of every etcd call to `observer`.
+    pub fn with_latency_observer(mut self, observer: LatencyObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Awaits an etcd call, reporting how long it took.
+    async fn timed<T>(&self, call: &'static str, future: impl std::future::Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let result = future.await;
+        if let Some(observe) = &self.observer {
+            observe(call, started.elapsed());
+        }
+        result
     }
 
     pub fn prefix(&self) -> &str {
@@ -168,7 +189,8 @@ impl ClusterStore {
     /// Everything under the cluster's prefix.
     pub async fn load(&self) -> Result<Snapshot, StoreError> {
         let mut client = self.client.clone();
-        let response = client.get(self.prefix.clone(), Some(GetOptions::new().with_prefix())).await?;
+        let response =
+            self.timed("load", client.get(self.prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
         let mut snapshot =
             Snapshot { revision: response.header().map(|h| h.revision()).unwrap_or_default(), ..Snapshot::default() };
         for kv in response.kvs() {
@@ -312,7 +334,7 @@ impl ClusterStore {
                     None => TxnOp::delete(key.clone(), None),
                 })
                 .collect();
-            if !client.txn(Txn::new().when(guards).and_then(ops)).await?.succeeded() {
+            if !self.timed("write", client.txn(Txn::new().when(guards).and_then(ops))).await?.succeeded() {
                 return Ok(Written::Conflict);
             }
         }
@@ -354,12 +376,13 @@ impl ClusterStore {
         let mut last_lease = None;
         while !cancel.is_cancelled() {
             let value = serde_json::to_vec(&*live.borrow_and_update()).expect("JSON");
-            let lease = async {
-                let lease = client.lease_grant(ttl_secs, None).await?.id();
-                client.put(key.clone(), value, Some(PutOptions::new().with_lease(lease))).await?;
-                Ok::<_, etcd_client::Error>(lease)
-            }
-            .await;
+            let lease = self
+                .timed("register", async {
+                    let lease = client.lease_grant(ttl_secs, None).await?.id();
+                    client.put(key.clone(), value, Some(PutOptions::new().with_lease(lease))).await?;
+                    Ok::<_, etcd_client::Error>(lease)
+                })
+                .await;
             let lease = match lease {
                 Ok(lease) => lease,
                 Err(e) => {
@@ -377,8 +400,13 @@ impl ClusterStore {
             let kept = async {
                 let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
                 loop {
-                    keeper.keep_alive().await?;
-                    match responses.message().await? {
+                    let answer = self
+                        .timed("keep_alive", async {
+                            keeper.keep_alive().await?;
+                            responses.message().await
+                        })
+                        .await?;
+                    match answer {
                         Some(r) if r.ttl() > 0 => {}
                         _ => return Ok::<_, etcd_client::Error>(()), // expired: register again
                     }
@@ -387,7 +415,8 @@ impl ClusterStore {
                         _ = tokio::time::sleep(beat) => {}
                         changed = live.changed() => if changed.is_ok() {
                             let value = serde_json::to_vec(&*live.borrow_and_update()).expect("JSON");
-                            client.put(key.clone(), value, Some(PutOptions::new().with_lease(lease))).await?;
+                            let options = Some(PutOptions::new().with_lease(lease));
+                            self.timed("update_live", client.put(key.clone(), value, options)).await?;
                         },
                     }
                 }

@@ -21,6 +21,10 @@ pub struct EngineMetrics {
     /// Large-blob chunks served from, or read into, the node's chunk cache.
     pub chunk_cache_hits: Counter,
     pub chunk_cache_misses: Counter,
+    /// Compaction progress: passes finished, segments they freed, record bytes they copied.
+    pub compactions: Counter,
+    pub compaction_segments_freed: Counter,
+    pub compaction_copied_bytes: Counter,
 }
 
 impl Default for EngineMetrics {
@@ -32,6 +36,9 @@ impl Default for EngineMetrics {
             integrity_errors: Counter::default(),
             chunk_cache_hits: Counter::default(),
             chunk_cache_misses: Counter::default(),
+            compactions: Counter::default(),
+            compaction_segments_freed: Counter::default(),
+            compaction_copied_bytes: Counter::default(),
         }
     }
 }
@@ -80,6 +87,14 @@ pub struct Metrics {
     pub anti_entropy_repaired: Family<NodeLabels, Counter>,
     /// Latency of calls to other datanodes.
     pub peer_request_seconds: HistogramFamily<PeerCallLabels>,
+    /// Latency of calls to etcd.
+    pub etcd_request_seconds: HistogramFamily<EtcdCallLabels>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EtcdCallLabels {
+    /// `load`, `write`, `register`, `keep_alive`, `update_live`.
+    pub call: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,6 +158,9 @@ impl Default for Metrics {
             "Blobs and tombstones anti-entropy found missing and copied from a peer node",
             anti_entropy_repaired.clone(),
         );
+        let etcd_request_seconds: HistogramFamily<EtcdCallLabels> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 16)));
+        registry.register("etcd_request_duration_seconds", "Latency of calls to etcd", etcd_request_seconds.clone());
         registry.register(
             "peer_request_duration_seconds",
             "Latency of replication calls to another datanode",
@@ -189,6 +207,17 @@ impl Default for Metrics {
             "Chunks read and verified from a segment",
             engine.chunk_cache_misses.clone(),
         );
+        registry.register("compactions", "Compaction passes finished", engine.compactions.clone());
+        registry.register(
+            "compaction_segments_freed",
+            "Segments compaction emptied and gave back",
+            engine.compaction_segments_freed.clone(),
+        );
+        registry.register(
+            "compaction_copied_bytes",
+            "Record bytes compaction copied out of the segments it freed",
+            engine.compaction_copied_bytes.clone(),
+        );
         registry.register("volume_fill_ratio", "Allocated segment bytes / volume capacity", volume_fill.clone());
         registry.register("volume_live_bytes", "Bytes of records the index points at", volume_live_bytes.clone());
         registry.register(
@@ -218,6 +247,7 @@ impl Default for Metrics {
             replication_errors,
             anti_entropy_repaired,
             peer_request_seconds,
+            etcd_request_seconds,
         }
     }
 }

@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use crate::desired::Machine;
-use crate::platform::Applied;
+use crate::platform::{Applied, PlatformError};
 
 pub const FIELD_MANAGER: &str = "cairn-operator";
 pub const API_PORT: u16 = 7480;
@@ -167,15 +167,16 @@ impl MachineCache {
     }
 
     /// The machines of `sc`, once both watches have listed everything.
-    async fn machines(&self, sc: &StoreCluster) -> Result<Vec<Machine>, String> {
+    async fn machines(&self, sc: &StoreCluster) -> Result<Vec<Machine>, PlatformError> {
         let ready = async {
             self.nodes.wait_until_ready().await?;
             self.store_nodes.wait_until_ready().await
         };
+        let not_ready = |why: String| PlatformError::NotReady(format!("the Node and StoreNode watches {why}"));
         tokio::time::timeout(Duration::from_secs(30), ready)
             .await
-            .map_err(|_| "the Node and StoreNode watches have not listed everything after 30 s".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| not_ready("have not listed everything after 30 s".into()))?
+            .map_err(|e| not_ready(format!("stopped: {e}")))?;
         let (nodes, store_nodes) = (self.nodes.state(), self.store_nodes.state());
         Ok(machines_of(sc, nodes.iter().map(|n| &**n), &disks_by_node(store_nodes.iter().map(|s| &**s))))
     }
@@ -655,55 +656,49 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         self.caches.map(|c| &c.etcd)
     }
 
-    async fn machines(&self) -> Result<Vec<Machine>, String> {
+    async fn machines(&self) -> Result<Vec<Machine>, PlatformError> {
         match self.caches {
             Some(caches) => caches.machines.machines(self.cluster).await,
             None => {
                 let nodes = Api::<Node>::all(self.client.clone()).list(&ListParams::default()).await;
                 let store_nodes = Api::<StoreNode>::all(self.client.clone()).list(&ListParams::default()).await;
-                let (nodes, store_nodes) = (nodes.map_err(|e| e.to_string())?, store_nodes.map_err(|e| e.to_string())?);
+                let (nodes, store_nodes) = (nodes?, store_nodes?);
                 Ok(machines_of(self.cluster, &nodes.items, &disks_by_node(&store_nodes.items)))
             }
         }
     }
 
-    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, String> {
+    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, PlatformError> {
         let namespace = self.cluster.namespace().unwrap_or_default();
-        apply(&self.client, &namespace, &self.cluster.name_any(), &objects(self.cluster, chosen), settled)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(apply(&self.client, &namespace, &self.cluster.name_any(), &objects(self.cluster, chosen), settled).await?)
     }
 
-    async fn stop(&self) -> Result<(), String> {
+    async fn stop(&self) -> Result<(), PlatformError> {
         // With no machine chosen, every datanode Pod of the cluster goes.
         let namespace = self.cluster.namespace().unwrap_or_default();
         let pods = pods_api(&self.client, &namespace);
-        for pod in pods
-            .list(&ListParams::default().labels(&selector(&self.cluster.name_any())))
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        for pod in pods.list(&ListParams::default().labels(&selector(&self.cluster.name_any()))).await? {
             // One already Terminating is on its way (its grace period).
             if pod.labels().get(PURGE_LABEL).is_none() && pod.metadata.deletion_timestamp.is_none() {
-                pods.delete(&pod.name_any(), &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+                pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
             }
         }
         Ok(())
     }
 
     /// The Secret named by `spec.etcd.tlsSecret`: `ca.crt`, and `tls.crt` + `tls.key` if present.
-    async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {
+    async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, PlatformError> {
         let Some(secret_name) = &self.cluster.spec.etcd.tls_secret else { return Ok(None) };
         let namespace = self.cluster.namespace().unwrap_or_default();
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(self.client.clone(), &namespace);
         let secret = secrets
             .get_opt(secret_name)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("etcd TLS secret {namespace}/{secret_name} not found"))?;
+            .await?
+            .ok_or_else(|| PlatformError::Invalid(format!("etcd TLS secret {namespace}/{secret_name} not found")))?;
         let data = secret.data.unwrap_or_default();
         let field = |k: &str| data.get(k).map(|b| b.0.clone());
-        let ca = field("ca.crt").ok_or_else(|| format!("secret {secret_name} has no ca.crt"))?;
+        let ca =
+            field("ca.crt").ok_or_else(|| PlatformError::Invalid(format!("secret {secret_name} has no ca.crt")))?;
         Ok(Some(cairn_cluster::etcd::EtcdTls { ca, cert: field("tls.crt"), key: field("tls.key") }))
     }
 
@@ -711,7 +706,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
     /// Purge Pods once no datanode Pod is left (a Terminating one may still write), and only on
     /// machines whose disk agent reports volumes of this cluster: not on Nodes without a disk
     /// agent, and not again on a machine already purged (its StoreNode lists none any more).
-    async fn delete_volumes(&self) -> Result<bool, String> {
+    async fn delete_volumes(&self) -> Result<bool, PlatformError> {
         let cluster = self.cluster.name_any();
         let pods = pods_api(&self.client, &self.cluster.namespace().unwrap_or_default());
         let all = self.machines().await?;
@@ -721,8 +716,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let datanodes = ListParams::default().labels(&label_selector(&datanode_labels(&cluster)));
         let running = pods
             .list(&datanodes)
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .items
             .into_iter()
             .any(|p| p.annotations().get(NODE_ANNOTATION).is_none_or(|node| !away.contains(&node.as_str())));
@@ -742,10 +736,10 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         }
         // The purge Pod of a machine that holds nothing any more has done its work.
         let all_purges = ListParams::default().labels(&format!("{},{PURGE_LABEL}", selector(&cluster)));
-        for pod in pods.list(&all_purges).await.map_err(|e| e.to_string())? {
+        for pod in pods.list(&all_purges).await? {
             let machine = pod.labels().get(PURGE_LABEL).cloned().unwrap_or_default();
             if !purging.contains(&machine) && pod.metadata.deletion_timestamp.is_none() {
-                pods.delete(&pod.name_any(), &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+                pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
             }
         }
         Ok(done)
@@ -757,7 +751,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
     /// what it deletes ([`purge_pod_name`]): one made for another set of volumes — the set changed
     /// since, say a replica was placed there again — is removed, never taken for this one. A Pod
     /// that failed (a volume still open) is removed and made again on a later pass.
-    async fn purge_machine(&self, machine: &Machine, partitions: Option<&[u32]>) -> Result<bool, String> {
+    async fn purge_machine(&self, machine: &Machine, partitions: Option<&[u32]>) -> Result<bool, PlatformError> {
         let sc = self.cluster;
         let namespace = sc.namespace().unwrap_or_default();
         let cluster = sc.name_any();
@@ -765,19 +759,19 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let command = purge_command(&cluster, &machine.name, partitions, "/run/cairn/disk-agent.sock");
         let name = purge_pod_name(&cluster, &machine.name, &command);
         let mine = format!("{},{PURGE_LABEL}={}", selector(&cluster), label_value(&machine.name));
-        for pod in pods.list(&ListParams::default().labels(&mine)).await.map_err(|e| e.to_string())? {
+        for pod in pods.list(&ListParams::default().labels(&mine)).await? {
             if pod.name_any() != name {
-                pods.delete(&pod.name_any(), &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+                pods.delete(&pod.name_any(), &DeleteParams::default()).await?;
             }
         }
-        if let Some(pod) = pods.get_opt(&name).await.map_err(|e| e.to_string())? {
+        if let Some(pod) = pods.get_opt(&name).await? {
             return match pod.data["status"]["phase"].as_str() {
                 Some("Succeeded") => {
-                    pods.delete(&name, &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+                    pods.delete(&name, &DeleteParams::default()).await?;
                     Ok(true)
                 }
                 Some("Failed") => {
-                    pods.delete(&name, &DeleteParams::default()).await.map_err(|e| e.to_string())?;
+                    pods.delete(&name, &DeleteParams::default()).await?;
                     Ok(false)
                 }
                 _ => Ok(false),
@@ -825,9 +819,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
             ..Pod::default()
         };
         let body = serde_json::to_value(&purge).expect("JSON");
-        pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-            .await
-            .map_err(|e| e.to_string())?;
+        pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await?;
         Ok(false)
     }
 }

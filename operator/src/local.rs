@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cairn_common::agent_client::{AgentClient, AgentClientError};
 
 use crate::desired::Machine;
-use crate::platform::{Applied, Platform};
+use crate::platform::{Applied, Platform, PlatformError};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LocalMachine {
@@ -200,7 +200,7 @@ impl LocalPlatform {
     }
 
     /// Deletes this cluster's volumes through each machine's disk agent; how many.
-    pub async fn purge_volumes(&self) -> Result<u32, String> {
+    pub async fn purge_volumes(&self) -> Result<u32, PlatformError> {
         let machines: Vec<(PathBuf, String)> = self
             .machines
             .lock()
@@ -212,7 +212,7 @@ impl LocalPlatform {
         for (socket, machine) in machines {
             let (count, in_use) = self.purge_through(&socket, &machine, None, None).await?;
             if let Some(name) = in_use {
-                return Err(format!("volume {name} on {machine} is still open"));
+                return Err(PlatformError::Busy(format!("volume {name} on {machine} is still open")));
             }
             deleted += count;
         }
@@ -228,10 +228,11 @@ impl LocalPlatform {
         machine: &str,
         disks: Option<&[String]>,
         partitions: Option<&[u32]>,
-    ) -> Result<(u32, Option<String>), String> {
+    ) -> Result<(u32, Option<String>), PlatformError> {
         let agent = AgentClient::new(socket);
         let (mut deleted, mut in_use) = (0, None);
-        for volume in agent.list_volumes().await.map_err(|e| e.to_string())? {
+        let agent_error = |message: String| PlatformError::DiskAgent { machine: machine.to_owned(), message };
+        for volume in agent.list_volumes().await.map_err(|e| agent_error(e.to_string()))? {
             if cairn_cluster::Topology::is_volume_of(&self.cluster, machine, &volume.name)
                 && disks.is_none_or(|d| d.contains(&volume.disk))
                 && partitions.is_none_or(|p| p.contains(&volume.partition))
@@ -241,7 +242,7 @@ impl LocalPlatform {
                     Err(AgentClientError::Refused { code, .. }) if code == "volume_in_use" => {
                         in_use = Some(volume.name.clone())
                     }
-                    Err(e) => return Err(format!("{machine}: deleting volume {}: {e}", volume.name)),
+                    Err(e) => return Err(agent_error(format!("deleting volume {}: {e}", volume.name))),
                 }
             }
         }
@@ -254,11 +255,14 @@ impl Platform for LocalPlatform {
         Some(&self.etcd_clients)
     }
 
-    async fn machines(&self) -> Result<Vec<Machine>, String> {
+    async fn machines(&self) -> Result<Vec<Machine>, PlatformError> {
         let machines = self.machines.lock().expect("machines lock").clone();
         let mut out = Vec::new();
         for m in machines {
-            let report = AgentClient::new(&m.agent_socket).report().await.map_err(|e| format!("{}: {e}", m.name))?;
+            let report = AgentClient::new(&m.agent_socket)
+                .report()
+                .await
+                .map_err(|e| PlatformError::DiskAgent { machine: m.name.clone(), message: e.to_string() })?;
             let disks = match &m.disk_path {
                 Some(path) => {
                     report.disks.into_iter().filter(|d| std::path::Path::new(&d.canonical_mount) == path).collect()
@@ -277,7 +281,7 @@ impl Platform for LocalPlatform {
         Ok(out)
     }
 
-    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, String> {
+    async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, PlatformError> {
         let machines = self.machines.lock().expect("machines lock").clone();
         let binary = Binary::at(&self.binary.lock().expect("binary lock"));
         let mut changes = Vec::new();
@@ -334,13 +338,14 @@ impl Platform for LocalPlatform {
             if outdated.is_none() && self.waiting_to_restart(&machine.name) {
                 continue;
             }
-            let output = |dir: &PathBuf| -> Result<Stdio, String> {
+            let output = |dir: &PathBuf| -> Result<Stdio, PlatformError> {
+                let path = dir.join(format!("{}.log", machine.name));
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(dir.join(format!("{}.log", machine.name)))
+                    .open(&path)
                     .map(Stdio::from)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| PlatformError::Process(format!("{}: {e}", path.display())))
             };
             let (stdout, stderr) = match &self.log_dir {
                 Some(dir) => (output(dir)?, output(dir)?),
@@ -354,7 +359,7 @@ impl Platform for LocalPlatform {
                 .stdout(stdout)
                 .stderr(stderr)
                 .spawn()
-                .map_err(|e| format!("starting {}: {e}", binary.path.display()))?;
+                .map_err(|e| PlatformError::Process(format!("starting {}: {e}", binary.path.display())))?;
             tracing::info!(node = %machine.name, port = machine.port, "datanode started");
             self.running
                 .lock()
@@ -369,16 +374,16 @@ impl Platform for LocalPlatform {
         Ok(Applied { changes, outdated: outdated_left, failing: self.failing(), foreign: Vec::new() })
     }
 
-    async fn stop(&self) -> Result<(), String> {
+    async fn stop(&self) -> Result<(), PlatformError> {
         self.stop_all();
         Ok(())
     }
 
-    async fn delete_volumes(&self) -> Result<bool, String> {
+    async fn delete_volumes(&self) -> Result<bool, PlatformError> {
         self.purge_volumes().await.map(|_| true)
     }
 
-    async fn purge_machine(&self, machine: &Machine, partitions: Option<&[u32]>) -> Result<bool, String> {
+    async fn purge_machine(&self, machine: &Machine, partitions: Option<&[u32]>) -> Result<bool, PlatformError> {
         let socket = self
             .machines
             .lock()
@@ -386,13 +391,13 @@ impl Platform for LocalPlatform {
             .iter()
             .find(|m| m.name == machine.name)
             .map(|m| m.agent_socket.clone())
-            .ok_or_else(|| format!("no machine {}", machine.name))?;
+            .ok_or_else(|| PlatformError::Invalid(format!("no machine {}", machine.name)))?;
         let disks: Vec<String> = machine.disks.iter().map(|d| d.id.clone()).collect();
         let (_, in_use) = self.purge_through(&socket, &machine.name, Some(&disks), partitions).await?;
         Ok(in_use.is_none())
     }
 
-    async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, String> {
+    async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, PlatformError> {
         Ok(None)
     }
 }

@@ -15,18 +15,42 @@ use cairn_common::agent_api::DiskReport;
 
 use crate::desired::{desired, Machine, SpecError};
 
+/// Why a platform could not do what a pass asked. The reconcile reports it in a condition whose
+/// reason says which step failed; the kind says what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// The Kubernetes API refused (an RBAC refusal is one) or could not be reached.
+    #[error("Kubernetes API: {0}")]
+    Kubernetes(#[from] kube::Error),
+    /// The platform's view of the machines is not complete yet (watches still listing).
+    #[error("{0}")]
+    NotReady(String),
+    /// A machine's disk agent could not be asked, or refused.
+    #[error("disk agent on {machine}: {message}")]
+    DiskAgent { machine: String, message: String },
+    /// A local datanode process could not be started (its binary, its log file).
+    #[error("{0}")]
+    Process(String),
+    /// Something the StoreCluster names cannot be used (a TLS Secret missing, or without a key).
+    #[error("{0}")]
+    Invalid(String),
+    /// A volume is still open (its datanode is stopping): tried again by a later pass.
+    #[error("{0}")]
+    Busy(String),
+}
+
 pub trait Platform {
     /// Machines that may run a datanode, with their disk inventories.
-    fn machines(&self) -> impl Future<Output = Result<Vec<Machine>, String>> + Send;
+    fn machines(&self) -> impl Future<Output = Result<Vec<Machine>, PlatformError>> + Send;
     /// Runs one datanode on each of `chosen` (and none elsewhere). `settled`: every datanode is
     /// registered, no partition is short of live replicas, and every replica has caught up with
     /// its peers — only then may a running datanode be replaced (one per pass) for an upgrade.
-    fn apply(&self, chosen: &[Machine], settled: bool) -> impl Future<Output = Result<Applied, String>> + Send;
+    fn apply(&self, chosen: &[Machine], settled: bool) -> impl Future<Output = Result<Applied, PlatformError>> + Send;
     /// Stops every datanode of the cluster (it is being deleted).
-    fn stop(&self) -> impl Future<Output = Result<(), String>> + Send;
+    fn stop(&self) -> impl Future<Output = Result<(), PlatformError>> + Send;
     /// Removes the cluster's volumes from every machine's disks: true once they are all gone
     /// (false: in progress, ask again).
-    fn delete_volumes(&self) -> impl Future<Output = Result<bool, String>> + Send;
+    fn delete_volumes(&self) -> impl Future<Output = Result<bool, PlatformError>> + Send;
     /// Removes the cluster's volumes from one machine: all of them (`partitions` None: it was
     /// drained and left the topology), or those of `partitions` (replicas that moved away). True
     /// once they are gone; false while in progress or while a datanode still has one open.
@@ -34,9 +58,9 @@ pub trait Platform {
         &self,
         machine: &Machine,
         partitions: Option<&[u32]>,
-    ) -> impl Future<Output = Result<bool, String>> + Send;
+    ) -> impl Future<Output = Result<bool, PlatformError>> + Send;
     /// TLS material for etcd, when the spec names it.
-    fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, String>> + Send;
+    fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, PlatformError>> + Send;
 
     /// The etcd clients this platform keeps from pass to pass; none: each pass connects.
     fn etcd_clients(&self) -> Option<&EtcdClients> {
@@ -68,7 +92,7 @@ pub async fn delete_cluster<P: Platform>(
     spec: &StoreClusterSpec,
     platform: &P,
 ) -> Result<bool, String> {
-    platform.stop().await?;
+    platform.stop().await.map_err(|e| e.to_string())?;
     let confirmed =
         spec.deletion_policy == cairn_resources::DeletionPolicy::Delete && spec.confirm_delete.as_deref() == Some(name);
     if !confirmed {
@@ -78,10 +102,10 @@ pub async fn delete_cluster<P: Platform>(
         }
         return Ok(true);
     }
-    if !platform.delete_volumes().await? {
+    if !platform.delete_volumes().await.map_err(|e| e.to_string())? {
         return Ok(false);
     }
-    let tls = platform.etcd_tls().await?;
+    let tls = platform.etcd_tls().await.map_err(|e| e.to_string())?;
     let store = etcd_of(platform, spec, namespace, name, tls.as_ref()).await?;
     store.delete_all().await.map_err(|e| e.to_string())?;
     if let Some(clients) = platform.etcd_clients() {
@@ -188,11 +212,11 @@ pub async fn store_for(
 pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClusterSpec, platform: &P) -> Outcome {
     let machines = match platform.machines().await {
         Ok(m) => m,
-        Err(message) => return Outcome::degraded("MachinesUnavailable", message),
+        Err(e) => return Outcome::degraded("MachinesUnavailable", e.to_string()),
     };
     let tls = match platform.etcd_tls().await {
         Ok(tls) => tls,
-        Err(message) => return Outcome::degraded("EtcdTlsUnavailable", message),
+        Err(e) => return Outcome::degraded("EtcdTlsUnavailable", e.to_string()),
     };
     let store = match etcd_of(platform, spec, namespace, name, tls.as_ref()).await {
         Ok(store) => store,
@@ -261,7 +285,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         && replication_settled(&after, &replication);
     let applied = match platform.apply(&chosen, settled).await {
         Ok(applied) => applied,
-        Err(message) => return Outcome::degraded("WorkloadsFailed", message),
+        Err(e) => return Outcome::degraded("WorkloadsFailed", e.to_string()),
     };
     changes.extend(applied.changes);
     let mut progress = moves_in_progress(&after.topology, &chosen, rf);
@@ -282,7 +306,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         if machine.holds_volumes_of(name) {
             match platform.purge_machine(machine, None).await {
                 Ok(_) => changes.push(format!("purging the volumes left on {}", machine.name)),
-                Err(message) => return Outcome::degraded("PurgeFailed", message),
+                Err(e) => return Outcome::degraded("PurgeFailed", e.to_string()),
             }
         }
     }
@@ -299,7 +323,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
                     machine.name,
                     partition_list(&partitions)
                 )),
-                Err(message) => return Outcome::degraded("PurgeFailed", message),
+                Err(e) => return Outcome::degraded("PurgeFailed", e.to_string()),
             }
         }
     }

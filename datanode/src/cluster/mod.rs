@@ -115,9 +115,14 @@ impl Cluster {
         store: Arc<Store>,
         cancel: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
+        let metrics = store.metrics().clone();
         let etcd =
             ClusterStore::connect_tls(&options.etcd, &options.namespace, &options.cluster, options.etcd_tls.as_ref())
-                .await?;
+                .await?
+                .with_latency_observer(Arc::new(move |call, took| {
+                    let labels = crate::metrics::EtcdCallLabels { call };
+                    metrics.etcd_request_seconds.get_or_create(&labels).observe(took.as_secs_f64());
+                }));
         let initial = etcd.load().await?;
         let view = etcd.watch(initial, cancel.clone());
         let http = reqwest::Client::builder()

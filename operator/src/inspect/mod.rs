@@ -25,7 +25,7 @@ use crate::local::LocalPlatform;
 use crate::local_up::LocalState;
 use crate::platform::{
     capacity, datanode_admin, partition_counts, partition_list, replica_serving, retired_volumes, store_for,
-    unplaced_volumes, Platform, ReplicaProgress, REPLICAS_PATH, USAGE_PATH,
+    unplaced_volumes, Platform, PlatformError, ReplicaProgress, REPLICAS_PATH, USAGE_PATH,
 };
 use view::{CapacityView, ClusterView, ConditionView, EventView, MachineView, NodeDisks, PartitionIssue};
 
@@ -137,7 +137,7 @@ impl Source {
         }
     }
 
-    pub async fn machines(&self, sc: &StoreCluster) -> std::result::Result<Vec<Machine>, String> {
+    pub async fn machines(&self, sc: &StoreCluster) -> std::result::Result<Vec<Machine>, PlatformError> {
         match self {
             Source::Kubernetes { client, .. } => {
                 KubernetesPlatform { client: client.clone(), cluster: sc, caches: None }.machines().await
@@ -146,7 +146,7 @@ impl Source {
         }
     }
 
-    async fn etcd_tls(&self, sc: &StoreCluster) -> std::result::Result<Option<EtcdTls>, String> {
+    async fn etcd_tls(&self, sc: &StoreCluster) -> std::result::Result<Option<EtcdTls>, PlatformError> {
         match self {
             Source::Kubernetes { client, .. } => {
                 KubernetesPlatform { client: client.clone(), cluster: sc, caches: None }.etcd_tls().await

@@ -288,8 +288,12 @@ pub(crate) fn run_once(shared: &Shared) -> Result<bool, VolumeError> {
         }
     }
     let target = job.target;
+    let copied: u64 = job.copied.iter().map(|(_, _, new)| new.len).sum();
     let sources = job.switch(shared)?;
     finish(shared, &sources)?;
+    shared.metrics.compactions.inc();
+    shared.metrics.compaction_segments_freed.inc_by(sources.len() as u64);
+    shared.metrics.compaction_copied_bytes.inc_by(copied);
     tracing::info!(volume = %shared.dir.display(), ?sources, ?target, "compacted segments");
     Ok(true)
 }

@@ -738,6 +738,27 @@ fn room_after(marker: &VolumeMarker, segments: u32, offset: u64, len: u64) -> Op
         None
     }
 }
+/// All the room a volume would have left after a record of `len` bytes (the rest of the active
+/// segment and every segment it may still have, made or not); `None` when it cannot be placed.
+/// What the room kept for peers is measured against: unlike a tombstone's, it need not be sure
+/// now, only there by the time the peers' blobs come.
+fn capacity_after(marker: &VolumeMarker, segments: u32, offset: u64, len: u64) -> Option<u64> {
+    let usable = marker.segment_size - SEGMENT_HEADER_LEN - SEAL_LEN;
+    let spare_segments = u64::from(marker.max_segments().saturating_sub(segments));
+    if offset + len + SEAL_LEN <= marker.segment_size {
+        Some(marker.segment_size - offset - len - SEAL_LEN + spare_segments * usable)
+    } else if spare_segments > 0 && len <= usable {
+        Some(usable - len + (spare_segments - 1) * usable)
+    } else {
+        None
+    }
+}
+
+/// Whether a new blob's record of `len` bytes leaves the room kept for peers.
+fn leaves_peer_reserve(marker: &VolumeMarker, segments: u32, offset: u64, len: u64, peer_reserve: u64) -> bool {
+    peer_reserve == 0 || capacity_after(marker, segments, offset, len).is_some_and(|left| left >= peer_reserve)
+}
+
 /// Where a record of `len` bytes goes while `reserve` bytes of sure room stay after it: in the
 /// active segment (`Some(false)`), in a new segment (`Some(true)`), or nowhere (`None`).
 fn placement(marker: &VolumeMarker, segments: u32, offset: u64, len: u64, reserve: u64) -> Option<bool> {

@@ -206,8 +206,11 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
     txn.commit()?;
     layout::sync_dir(&layout::segments_dir(dir))?;
     let (position, rewrite, entries) = position;
-    let reserve = TOMBSTONE_LEN * (entries + 1) + shared.config.peer_reserve_bytes;
-    if placement(marker, shared.segments.count(), position.offset, SMALL_PUT_RECORD, reserve).is_none() {
+    let reserve = TOMBSTONE_LEN * (entries + 1);
+    let count = shared.segments.count();
+    if placement(marker, count, position.offset, SMALL_PUT_RECORD, reserve).is_none()
+        || !leaves_peer_reserve(marker, count, position.offset, SMALL_PUT_RECORD, shared.config.peer_reserve_bytes)
+    {
         shared.set_health(VolumeHealth::Full);
     }
     Ok((position, rewrite))

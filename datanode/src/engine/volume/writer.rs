@@ -500,10 +500,15 @@ impl Writer {
         }
         let reserve = match kind {
             RecordKind::Delete => 0,
-            _ => TOMBSTONE_LEN * (tables.blobs.len()? + 1) + peer_reserve,
+            _ => TOMBSTONE_LEN * (tables.blobs.len()? + 1),
         };
-        // In the active segment if the reserve stays sure; else in a new segment if it fits there.
-        let place = |len| placement(&shared.marker, shared.segments.count(), self.log.offset, len, reserve);
+        // In the active segment if the reserve stays sure; else in a new segment if it fits there;
+        // and a new blob only while the room kept for peers stays.
+        let (count, offset) = (shared.segments.count(), self.log.offset);
+        let place = |len| {
+            placement(&shared.marker, count, offset, len, reserve)
+                .filter(|_| leaves_peer_reserve(&shared.marker, count, offset, len, peer_reserve))
+        };
         let roll = match place(len) {
             Some(roll) => roll,
             None => {
