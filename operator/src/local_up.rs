@@ -436,7 +436,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
         for line in &revived {
             say(&format!("cluster {name}: {line}"));
         }
-        let outcome = converge(&name, NAMESPACE, &spec, &platform).await;
+        let outcome = Box::pin(converge(&name, NAMESPACE, &spec, &platform)).await;
         let old = state.cluster.status.clone().unwrap_or_default();
         let mut notes = crate::status::notes(&old, &outcome);
         notes.extend(revived.into_iter().map(|message| crate::status::Note {

@@ -19,9 +19,10 @@ use crate::desired::{desired, Machine, SpecError};
 /// reason says which step failed; the kind says what to look at.
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
-    /// The Kubernetes API refused (an RBAC refusal is one) or could not be reached.
+    /// The Kubernetes API refused (an RBAC refusal is one) or could not be reached. Boxed: the
+    /// error is large, and every future that may return it would grow with it.
     #[error("Kubernetes API: {0}")]
-    Kubernetes(#[from] kube::Error),
+    Kubernetes(Box<kube::Error>),
     /// The platform's view of the machines is not complete yet (watches still listing).
     #[error("{0}")]
     NotReady(String),
@@ -37,6 +38,12 @@ pub enum PlatformError {
     /// A volume is still open (its datanode is stopping): tried again by a later pass.
     #[error("{0}")]
     Busy(String),
+}
+
+impl From<kube::Error> for PlatformError {
+    fn from(e: kube::Error) -> Self {
+        PlatformError::Kubernetes(Box::new(e))
+    }
 }
 
 pub trait Platform {

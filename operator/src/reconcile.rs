@@ -221,7 +221,9 @@ async fn apply(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> 
     }
     let platform =
         kubernetes::KubernetesPlatform { client: ctx.client.clone(), cluster: sc, caches: Some(&ctx.caches) };
-    let outcome = converge(&sc.name_any(), &namespace, &sc.spec, &platform).await;
+    // Boxed: a pass's future is large (every platform call it awaits), too large for the stack of
+    // a test's thread in a debug build.
+    let outcome = Box::pin(converge(&sc.name_any(), &namespace, &sc.spec, &platform)).await;
     ctx.writes.fetch_add(outcome.changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
     if let Some((reason, message)) = &outcome.degraded {
         tracing::warn!(cluster = %sc.name_any(), reason, %message, "degraded");
@@ -261,7 +263,7 @@ async fn write_status(
 async fn cleanup(sc: &StoreCluster, ctx: &Context) -> Result<Action, kube::Error> {
     let platform =
         kubernetes::KubernetesPlatform { client: ctx.client.clone(), cluster: sc, caches: Some(&ctx.caches) };
-    match delete_cluster(&sc.name_any(), &sc.namespace().unwrap_or_default(), &sc.spec, &platform).await {
+    match Box::pin(delete_cluster(&sc.name_any(), &sc.namespace().unwrap_or_default(), &sc.spec, &platform)).await {
         Ok(true) => Ok(Action::await_change()),
         Ok(false) => Err(kube::Error::Service(Box::from("volumes are still being removed"))),
         Err(message) => Err(kube::Error::Service(Box::from(message))),

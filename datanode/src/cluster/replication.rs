@@ -433,9 +433,22 @@ impl Link<'_> {
             return;
         }
         let volume = &part.volume;
+        // Most puts of a page are here already (the router wrote every replica): one look at the
+        // index for the whole page, off the async runtime, skips them.
+        let held = {
+            let ids: Vec<BlobId> = page.entries.iter().filter_map(|e| e.id.parse().ok()).collect();
+            let volume = volume.clone();
+            tokio::task::spawn_blocking(move || volume.held(&ids)).await.ok().and_then(Result::ok).unwrap_or_default()
+        };
         let work: Vec<(String, EntryKind)> = page.entries.iter().map(|e| (e.id.clone(), e.kind)).collect();
+        let held = &held;
         let results: Vec<Result<(), ApplyError>> = futures::stream::iter(work)
-            .map(|(id, kind)| async move { self.apply_entry(volume, &id, kind).await })
+            .map(|(id, kind)| async move {
+                match (kind, id.parse::<BlobId>()) {
+                    (EntryKind::Put, Ok(blob)) if held.contains(&blob) => Ok(()),
+                    _ => self.apply_entry(volume, &id, kind).await,
+                }
+            })
             .buffered(APPLY_CONCURRENCY)
             .collect()
             .await;

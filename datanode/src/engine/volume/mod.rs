@@ -535,6 +535,20 @@ impl Volume {
         index::get(&blobs, blob_id.to_bytes())?.ok_or(VolumeError::NotFound)
     }
 
+    /// Which of `ids` the index holds (live, deleted or expired), in one read transaction
+    /// (blocking: call off the async runtime).
+    pub fn held(&self, ids: &[BlobId]) -> Result<std::collections::HashSet<BlobId>, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let blobs = txn.open_table(BLOBS)?;
+        let mut out = std::collections::HashSet::new();
+        for id in ids {
+            if blobs.get(id.to_bytes())?.is_some() {
+                out.insert(*id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether this volume failed only because its index could not grow on a full disk, and room
     /// is back: then closing it and opening it again heals it (`Store::heal`).
     pub fn can_heal(&self) -> bool {
