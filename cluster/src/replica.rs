@@ -27,6 +27,11 @@ pub enum WireError {
     Frame(String),
 }
 
+/// Bytes as lower-case hex, as the wire carries digests and the id bytes of a corrupt entry.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Refuses a body of a version this build does not know.
 pub fn check_version(version: u32) -> Result<(), WireError> {
     if version == WIRE_VERSION {
@@ -274,7 +279,7 @@ pub const DIGEST_BUCKETS: usize = 256;
 pub struct DigestAnswer {
     #[serde(default = "v1")]
     pub version: u32,
-    /// [`DIGEST_BUCKETS`] digests, hex.
+    /// [`DIGEST_BUCKETS`] digests, [`hex`].
     pub buckets: Vec<String>,
 }
 

@@ -498,9 +498,9 @@ async fn tombstones_for_unknown_blobs_and_replication_tokens_persist() {
     assert_eq!(tail, 3, "tombstone, tombstone, put of the second blob");
 
     assert_eq!(volume.replication_token("n2").unwrap(), 0);
-    volume.set_replication_token("n2", 41).unwrap();
-    volume.set_replication_token("n3", 7).unwrap();
-    // Progress through the writer: readable at once, with the entries it owes.
+    // Progress goes through the writer: readable at once, durable at the next checkpoint.
+    volume.advance_replication("n2", 41, vec![]).await.unwrap();
+    volume.advance_replication("n3", 7, vec![]).await.unwrap();
     volume.advance_replication("n4", 12, vec![]).await.unwrap();
     assert_eq!(volume.replication_token("n4").unwrap(), 12);
     volume.checkpoint().await.unwrap();

@@ -198,13 +198,41 @@ fn journal_tails(nodes: &[&Node], partition: u32) -> Vec<u64> {
 
 /// `count` nodes started on a topology of `partitions`, every replica open and replicating.
 fn started_cluster(root: &Path, etcd: &EtcdServer, count: usize, partitions: u32) -> Vec<Node> {
+    started_cluster_with(root, etcd, count, partitions, |_| {})
+}
+
+/// As [`started_cluster`], each node first set up by `setup` (more flags, a log file).
+fn started_cluster_with(
+    root: &Path,
+    etcd: &EtcdServer,
+    count: usize,
+    partitions: u32,
+    setup: impl FnMut(&mut Node),
+) -> Vec<Node> {
     let mut nodes = cluster(root, etcd, count);
+    nodes.iter_mut().for_each(setup);
     apply_topology(etcd, root, &nodes.iter().collect::<Vec<_>>(), partitions);
     for n in nodes.iter_mut() {
         n.start();
     }
     wait_replicating(&nodes.iter().collect::<Vec<_>>(), partitions as usize);
     nodes
+}
+
+/// Stores a blob in `node`'s own replica only, through the replica API, as a router's write to
+/// one replica would (a write that missed its quorum elsewhere).
+fn put_on_replica(client: &Client, node: &Node, id: cairn_common::BlobId, data: &[u8]) {
+    let mut frame = cairn_cluster::replica::BlobFrame::head(&cairn_cluster::replica::ReplicaBlob {
+        version: cairn_cluster::replica::WIRE_VERSION,
+        content_type: "application/octet-stream".into(),
+        user: vec![],
+        created_ms: 1,
+        expires_ms: None,
+    })
+    .to_vec();
+    frame.extend_from_slice(data);
+    let r = client.put(node.url(&format!("/replica/v1/blobs/{id}"))).body(frame).send().unwrap();
+    assert_eq!(r.status(), 204);
 }
 
 fn cluster(root: &Path, etcd: &EtcdServer, count: usize) -> Vec<Node> {
@@ -611,17 +639,7 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
     nodes[1].signal("-STOP");
     let orphan = cairn_common::BlobId::generate(0);
     let orphan_data = payload(777, 200_000);
-    let mut frame = cairn_cluster::replica::BlobFrame::head(&cairn_cluster::replica::ReplicaBlob {
-        version: cairn_cluster::replica::WIRE_VERSION,
-        content_type: "application/octet-stream".into(),
-        user: vec![],
-        created_ms: 1,
-        expires_ms: None,
-    })
-    .to_vec();
-    frame.extend_from_slice(&orphan_data);
-    let r = client.put(nodes[2].url(&format!("/replica/v1/blobs/{orphan}"))).body(frame).send().unwrap();
-    assert_eq!(r.status(), 204);
+    put_on_replica(&client, &nodes[2], orphan, &orphan_data);
 
     // n2 crashes; one byte of each blob's record rots on its disk.
     nodes[2].kill9();
@@ -671,17 +689,11 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
 fn an_entry_that_cannot_be_applied_is_owed_and_the_rest_goes_on() {
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
-    let mut nodes = cluster(root.path(), &etcd, 3);
-    for n in nodes.iter_mut() {
+    let mut nodes = started_cluster_with(root.path(), &etcd, 3, 1, |n| {
         // Checkpointed at once: the blob's journal entry and index entry are durable, so the
         // rot below is found only when its bytes are read.
         n.extra = ["--checkpoint-interval-ms", "100"].map(String::from).to_vec();
-    }
-    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 1);
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    });
     // n2 is away while the victim, then ten more, are written (quorum 2 on n0 and n1).
     nodes[2].kill9();
     let client = Client::new();
@@ -847,15 +859,9 @@ fn ttl_changes_replicate_once_and_settle() {
 fn a_record_lost_from_one_replicas_index_comes_back_by_anti_entropy() {
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
-    let mut nodes = cluster(root.path(), &etcd, 3);
-    for n in nodes.iter_mut() {
+    let mut nodes = started_cluster_with(root.path(), &etcd, 3, 1, |n| {
         n.extra = ["--anti-entropy-interval-secs", "2", "--checkpoint-interval-ms", "100"].map(String::from).to_vec();
-    }
-    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 1);
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    });
     let client = Client::new();
     let mut blobs = BTreeMap::new();
     for seed in 0..20u64 {
@@ -926,15 +932,9 @@ fn a_record_lost_from_one_replicas_index_comes_back_by_anti_entropy() {
 fn a_replica_behind_the_retained_journal_bootstraps_from_the_index() {
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
-    let mut nodes = cluster(root.path(), &etcd, 3);
-    for n in nodes.iter_mut() {
+    let mut nodes = started_cluster_with(root.path(), &etcd, 3, 1, |n| {
         n.extra = ["--journal-retain-entries", "30"].map(String::from).to_vec();
-    }
-    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 1);
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    });
     nodes[2].kill9();
     let client = Client::new();
     let mut blobs = BTreeMap::new();
@@ -980,15 +980,9 @@ fn a_replica_behind_the_retained_journal_bootstraps_from_the_index() {
 fn a_request_id_follows_a_write_into_every_replicas_log() {
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
-    let mut nodes = cluster(root.path(), &etcd, 3);
-    for n in nodes.iter_mut() {
+    let nodes = started_cluster_with(root.path(), &etcd, 3, 1, |n| {
         n.log = Some(root.path().join(format!("{}.log", n.id)));
-    }
-    apply_topology(&etcd, root.path(), &nodes.iter().collect::<Vec<_>>(), 1);
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
+    });
     let client = Client::new();
     let r = client.post(nodes[0].url("/v1/blobs")).header("x-request-id", "trace-me-42").body("hello").send().unwrap();
     assert_eq!(r.status(), 201);
@@ -1024,17 +1018,7 @@ fn a_replica_away_while_its_partition_filled_takes_everything_it_missed() {
     nodes[0].signal("-STOP");
     nodes[1].signal("-STOP");
     let orphan = cairn_common::BlobId::generate(0);
-    let mut frame = cairn_cluster::replica::BlobFrame::head(&cairn_cluster::replica::ReplicaBlob {
-        version: cairn_cluster::replica::WIRE_VERSION,
-        content_type: "application/octet-stream".into(),
-        user: vec![],
-        created_ms: 1,
-        expires_ms: None,
-    })
-    .to_vec();
-    frame.extend_from_slice(&payload(4242, 120_000));
-    let r = client.put(nodes[2].url(&format!("/replica/v1/blobs/{orphan}"))).body(frame).send().unwrap();
-    assert_eq!(r.status(), 204);
+    put_on_replica(&client, &nodes[2], orphan, &payload(4242, 120_000));
     nodes[2].kill9();
     nodes[0].signal("-CONT");
     nodes[1].signal("-CONT");

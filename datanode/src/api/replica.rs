@@ -13,7 +13,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use cairn_cluster::replica::{
-    check_version, BatchAnswer, BatchOutcome, BlobBatch, BlobFrame, BucketEntries, BucketEntry, DigestAnswer,
+    check_version, hex, BatchAnswer, BatchOutcome, BlobBatch, BlobFrame, BucketEntries, BucketEntry, DigestAnswer,
     EntryKind, JournalBatch, JournalItem, JournalPage, JournalRequest, ReplicaBlob, TombstoneAnswer, TtlBody,
     WireError, DIGEST_BUCKETS, WIRE_VERSION,
 };
@@ -250,9 +250,9 @@ fn page_of(partition: u32, volume: &Volume, from: u64, limit: usize) -> Result<J
         .map(|(seq, e)| JournalItem {
             seq,
             id: BlobId::from_bytes(&e.blob_id).map(|id| id.to_string()).unwrap_or_else(|_| {
-                let hex: String = e.blob_id.iter().map(|b| format!("{b:02x}")).collect();
-                tracing::warn!(partition, seq, id = %hex, "journal entry with a corrupt blob id");
-                format!("corrupt:{hex}")
+                let bytes = hex(&e.blob_id);
+                tracing::warn!(partition, seq, id = %bytes, "journal entry with a corrupt blob id");
+                format!("corrupt:{bytes}")
             }),
             kind: match e.kind {
                 RecordKind::Put => EntryKind::Put,
@@ -353,10 +353,6 @@ async fn journal_page(
     let volume = local_volume(&state, partition)?;
     let limit = params.limit.clamp(1, 10_000);
     Ok(Json(blocking(move || page_of(partition, &volume, params.from, limit)).await?))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The digest of each id bucket of this replica (anti-entropy).

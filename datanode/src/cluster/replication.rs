@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_cluster::replica::{
-    check_version, BlobFrame, BucketEntries, DigestAnswer, EntryKind, JournalBatch, JournalCursor, JournalPage,
+    check_version, hex, BlobFrame, BucketEntries, DigestAnswer, EntryKind, JournalBatch, JournalCursor, JournalPage,
     JournalRequest, ReplicaBlob, WIRE_VERSION,
 };
 use cairn_common::backoff;
@@ -780,10 +780,6 @@ impl Link<'_> {
         }
         Ok(repaired)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A peer's answer that is neither the blob nor a sign of its absence. Only 421 (it holds no

@@ -438,16 +438,6 @@ impl Volume {
         Ok(table.get(peer)?.map(|v| v.value()).unwrap_or(0))
     }
 
-    /// Records replication progress. Written lazily (made durable by the next checkpoint): a
-    /// token lost in a crash only makes replication pull entries again, which applies idempotently.
-    pub fn set_replication_token(&self, peer: &str, next_seq: u64) -> Result<(), VolumeError> {
-        let mut txn = self.shared.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)?;
-        txn.open_table(index::REPLICATION)?.insert(peer, next_seq)?;
-        txn.commit()?;
-        Ok(())
-    }
-
     /// Moves the token of `peer` to `next_seq`, owing `owed` (entries before it that could not
     /// be applied). It goes through the writer after every write queued before it, so it
     /// commits with them or after them, never ahead of what it covers; lazily durable, as every

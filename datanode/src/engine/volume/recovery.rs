@@ -29,13 +29,7 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
             }
         }
         let on_disk = list_segment_files(dir)?;
-        let mut tables = Tables {
-            blobs: txn.open_table(BLOBS)?,
-            journal: txn.open_table(JOURNAL)?,
-            damaged: txn.open_table(DAMAGED)?,
-            segments: SegmentStats::new(&mut segments_table),
-            live_blobs: 0,
-        };
+        let mut tables = Tables::open(&txn, &mut segments_table)?;
         let mut segment = tail.segment;
         let mut offset = tail.offset;
         let mut next_seq = tail.next_seq;

@@ -67,6 +67,22 @@ pub(super) struct Tables<'t, 'a> {
     pub(super) live_blobs: i64,
 }
 
+impl<'t, 'a> Tables<'t, 'a> {
+    /// The tables of a write transaction; `segments` is opened by the caller, who keeps it.
+    pub(super) fn open(
+        txn: &'t WriteTransaction,
+        segments: &'a mut Table<'t, u32, &'static [u8]>,
+    ) -> Result<Self, VolumeError> {
+        Ok(Self {
+            blobs: txn.open_table(BLOBS)?,
+            journal: txn.open_table(JOURNAL)?,
+            damaged: txn.open_table(DAMAGED)?,
+            segments: SegmentStats::new(segments),
+            live_blobs: 0,
+        })
+    }
+}
+
 /// Applies one record to the index, journal and segment stats. The writer and recovery both
 /// use this, so replaying a record gives exactly the state the writer produced.
 pub(super) fn apply_record(
@@ -352,13 +368,7 @@ impl Writer {
             if ops.iter().any(|op| matches!(op, WriteOp::Put { .. })) { shared.check_disk_room() } else { Ok(()) };
         let staged: Result<(), VolumeError> = (|| {
             let mut segments_table = txn.open_table(SEGMENTS)?;
-            let mut tables = Tables {
-                blobs: txn.open_table(BLOBS)?,
-                journal: txn.open_table(JOURNAL)?,
-                damaged: txn.open_table(DAMAGED)?,
-                segments: SegmentStats::new(&mut segments_table),
-                live_blobs: 0,
-            };
+            let mut tables = Tables::open(&txn, &mut segments_table)?;
             for op in ops {
                 if let WriteOp::Progress { peer, next_seq, owed } = &op {
                     txn.open_table(index::REPLICATION)?.insert(peer.as_str(), *next_seq)?;
