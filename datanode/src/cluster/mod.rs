@@ -94,6 +94,8 @@ pub struct Cluster {
     /// How far each peer has pulled each local replica's journal (from its journal requests).
     pub journal_acks: JournalAcks,
     volume_config: VolumeConfig,
+    /// The partition new blobs go to, held for a few ms (see `WriteAffinity`).
+    write_affinity: crate::store::WriteAffinity,
     /// Replica writes queued for each peer node (see `router::put_on_peer`).
     peer_writes: Mutex<BTreeMap<String, tokio::sync::mpsc::UnboundedSender<router::QueuedPut>>>,
     /// Peer nodes being pulled from: peer → its puller's token.
@@ -140,6 +142,7 @@ impl Cluster {
             http,
             volume_config,
             pullers: Mutex::default(),
+            write_affinity: Default::default(),
             peer_writes: Mutex::default(),
             replicas: watch::Sender::new(0),
             unopened: Mutex::default(),

@@ -8,13 +8,14 @@ use bytes::Bytes;
 use cairn_cluster::etcd::Snapshot;
 use cairn_cluster::{ClusterConfig, LiveNode, PartitionSpec, PartitionState};
 use cairn_common::BlobId;
-use rand::Rng;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use cairn_cluster::replica::{BatchAnswer, BlobBatch, BlobFrame, ReplicaBlob, TombstoneAnswer, TtlBody, WIRE_VERSION};
 
 use super::Cluster;
 use crate::engine::{BlobMeta, PutRequest, VolumeError};
+use crate::store::WriteAffinity;
 
 /// Why the cluster could not do what was asked: the API layer maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +84,10 @@ impl Cluster {
         let mut excluded = Vec::new();
         let mut last_error = None;
         for _ in 0..3 {
-            let Some(partition) = pick_partition(&snapshot, &config, self.node_id(), &excluded) else { break };
+            let Some(partition) = pick_partition(&snapshot, &config, self.node_id(), &excluded, &self.write_affinity)
+            else {
+                break;
+            };
             let id = BlobId::generate(partition.id);
             let op = ReplicaOp::Put { id, meta: meta.clone(), payload: payload.clone(), created_ms, expiry_ms };
             match self.write_quorum(&partition, &config, op).await {
@@ -156,35 +160,43 @@ impl Cluster {
         op: ReplicaOp,
     ) -> Result<Vec<Outcome>, RouteError> {
         let quorum = config.write_quorum as usize;
-        let (tx, mut rx) = mpsc::channel(partition.replicas.len().max(1));
-        let request_id = crate::request::current();
-        for replica in &partition.replicas {
-            let (cluster, node, op, tx) = (self.clone(), replica.node.clone(), op.clone(), tx.clone());
-            let request_id = request_id.clone();
-            tokio::spawn(crate::request::maybe_scope(request_id, async move {
-                let outcome = cluster.write_one(&node, op).await;
-                let _ = tx.send(outcome).await;
-            }));
-        }
-        drop(tx);
+        // Polled here rather than spawned: a PUT costs no task (and no wake-up) per replica.
+        let mut writes: FuturesUnordered<_> = partition
+            .replicas
+            .iter()
+            .map(|replica| {
+                let (cluster, node, op) = (self.clone(), replica.node.clone(), op.clone());
+                async move { cluster.write_one(&node, op).await }
+            })
+            .collect();
         let mut outcomes = Vec::new();
         let mut successes = 0;
         let total = partition.replicas.len();
-        while let Some(outcome) = rx.recv().await {
+        while let Some(outcome) = writes.next().await {
             if matches!(outcome, Outcome::Done { .. }) {
                 successes += 1;
             }
             if let Outcome::Full = outcome {
-                let (cluster, id) = (self.clone(), partition.id);
-                tokio::spawn(async move { cluster.mark_read_only(id).await });
+                self.spawn_mark_read_only(partition.id);
             }
             outcomes.push(outcome);
-            if successes >= quorum {
-                return Ok(outcomes);
-            }
-            if successes + (total - outcomes.len()) < quorum {
+            if successes >= quorum || successes + (total - outcomes.len()) < quorum {
                 break;
             }
+        }
+        if !writes.is_empty() {
+            // The other replicas' writes go on in the background.
+            let (cluster, id) = (self.clone(), partition.id);
+            tokio::spawn(crate::request::maybe_scope(crate::request::current(), async move {
+                while let Some(outcome) = writes.next().await {
+                    if let Outcome::Full = outcome {
+                        cluster.spawn_mark_read_only(id);
+                    }
+                }
+            }));
+        }
+        if successes >= quorum {
+            return Ok(outcomes);
         }
         // Not enough: say why, in the most useful terms.
         if outcomes.iter().any(|o| matches!(o, Outcome::Gone)) {
@@ -211,6 +223,11 @@ impl Cluster {
             partition.id,
             reasons.join("; ")
         )))
+    }
+
+    fn spawn_mark_read_only(self: &Arc<Self>, partition: u32) {
+        let cluster = self.clone();
+        tokio::spawn(async move { cluster.mark_read_only(partition).await });
     }
 
     async fn write_one(self: &Arc<Self>, node: &str, op: ReplicaOp) -> Outcome {
@@ -512,7 +529,13 @@ fn outcome_of(node: &str, status: u16, code: Option<&str>, message: Option<&str>
 /// A writable partition with a quorum of live replicas, chosen at random weighted by the free
 /// space its fullest live replica reports (MiB), doubled when every replica is live and again
 /// when one replica is this node (a local write).
-fn pick_partition(snapshot: &Snapshot, config: &ClusterConfig, me: &str, excluded: &[u32]) -> Option<PartitionSpec> {
+fn pick_partition(
+    snapshot: &Snapshot,
+    config: &ClusterConfig,
+    me: &str,
+    excluded: &[u32],
+    affinity: &WriteAffinity,
+) -> Option<PartitionSpec> {
     let my_zone = snapshot.live.get(me).map(|l| l.zone.as_str()).filter(|z| !z.is_empty());
     let candidates: Vec<(&PartitionSpec, u64)> = snapshot
         .topology
@@ -546,18 +569,9 @@ fn pick_partition(snapshot: &Snapshot, config: &ClusterConfig, me: &str, exclude
             Some((p, weight))
         })
         .collect();
-    let total: u64 = candidates.iter().map(|(_, w)| w).sum();
-    if total == 0 {
-        return None;
-    }
-    let mut pick = rand::rng().random_range(0..total);
-    for (p, w) in candidates {
-        if pick < w {
-            return Some(p.clone());
-        }
-        pick -= w;
-    }
-    None
+    let weights: Vec<(u32, u64)> = candidates.iter().map(|(p, weight)| (p.id, *weight)).collect();
+    let id = affinity.pick(&weights)?;
+    candidates.into_iter().find(|(p, _)| p.id == id).map(|(p, _)| p.clone())
 }
 
 #[cfg(test)]
@@ -603,13 +617,22 @@ mod tests {
     #[test]
     fn writes_prefer_room_and_need_a_quorum_of_live_replicas() {
         let s = snapshot(&[(0, 1 << 30), (1, 1 << 20)], &["a", "b", "c"]);
-        let picks: Vec<u32> = (0..2000).map(|_| pick_partition(&s, &config(), "x", &[]).unwrap().id).collect();
+        // A fresh affinity per pick: each is a new draw (holds are WriteAffinity's own tests).
+        let pick = |s: &Snapshot, me: &str, excluded: &[u32]| {
+            pick_partition(s, &config(), me, excluded, &WriteAffinity::default()).map(|p| p.id)
+        };
+        let picks: Vec<u32> = (0..2000).map(|_| pick(&s, "x", &[]).unwrap()).collect();
         let ones = picks.iter().filter(|p| **p == 1).count();
         assert!(ones < 20, "the nearly full partition gets ~1/1024 of writes: {ones}");
-        assert_eq!(pick_partition(&s, &config(), "x", &[0]).unwrap().id, 1);
-        assert!(pick_partition(&s, &config(), "x", &[0, 1]).is_none());
+        assert_eq!(pick(&s, "x", &[0]), Some(1));
+        assert_eq!(pick(&s, "x", &[0, 1]), None);
         let lonely = snapshot(&[], &["a"]);
-        assert!(pick_partition(&lonely, &config(), "x", &[]).is_none(), "one live replica of three");
-        assert!(pick_partition(&lonely, &config(), "b", &[]).is_some(), "this node counts as live");
+        assert_eq!(pick(&lonely, "x", &[]), None, "one live replica of three");
+        assert!(pick(&lonely, "b", &[]).is_some(), "this node counts as live");
+        // A held partition is left as soon as it is excluded.
+        let affinity = WriteAffinity::default();
+        let held = pick_partition(&s, &config(), "x", &[], &affinity).unwrap().id;
+        let other = pick_partition(&s, &config(), "x", &[held], &affinity).unwrap().id;
+        assert_ne!(held, other);
     }
 }
