@@ -20,13 +20,19 @@ trap '[ "$keep" = --keep ] || { kill -INT $pid 2>/dev/null; wait $pid 2>/dev/nul
 for _ in $(seq 600); do grep -q ': ready' "$dir/up.log" 2>/dev/null && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 grep -q ': ready' "$dir/up.log" || { echo "the local cluster did not become ready:"; cat "$dir/up.log"; exit 1; }
 cat "$dir/up.log"
-echo '$ curl -X POST --data-binary "hello, cairn" http://127.0.0.1:'$port'/v1/blobs'
-reply=$(curl -fsS -X POST --data-binary "hello, cairn" -H 'Content-Type: text/plain' "http://127.0.0.1:$port/v1/blobs")
+# The admin key `cairn local up` made (docs/security.md): without it the blob API answers 401.
+echo "\$ export CAIRN_TOKEN=\$(cat $dir/admin-token)"
+CAIRN_TOKEN=$(cat "$dir/admin-token")
+auth="Authorization: Bearer $CAIRN_TOKEN"
+echo '$ curl -H "Authorization: Bearer $CAIRN_TOKEN" -X POST --data-binary "hello, cairn" http://127.0.0.1:'$port'/v1/blobs'
+reply=$(curl -fsS -H "$auth" -X POST --data-binary "hello, cairn" -H 'Content-Type: text/plain' "http://127.0.0.1:$port/v1/blobs")
 echo "$reply"
 id=$(printf '%s' "$reply" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 other=$((port + 2))
-echo "\$ curl http://127.0.0.1:$other/v1/blobs/$id      # another datanode"
-curl -fsS "http://127.0.0.1:$other/v1/blobs/$id"; echo
+echo "\$ curl -H \"Authorization: Bearer \$CAIRN_TOKEN\" http://127.0.0.1:$other/v1/blobs/$id      # another datanode"
+curl -fsS -H "$auth" "http://127.0.0.1:$other/v1/blobs/$id"; echo
+echo "\$ curl http://127.0.0.1:$other/v1/blobs/$id      # no key: refused"
+curl -sS "http://127.0.0.1:$other/v1/blobs/$id"; echo
 echo "\$ cairn status --local $dir"
 ./target/release/cairn status --local "$dir"
 if [ "${1:-}" = --keep ]; then echo "cluster left running (pid $pid, data in $dir)"; fi

@@ -11,6 +11,7 @@ use etcd_client::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{self, AccessKey, Secret};
 use crate::planner::{self, PlanError};
 use crate::topology::{ClusterConfig, LiveNode, NodeSpec, PartitionSpec, RetiredReplica, Topology};
 
@@ -39,11 +40,35 @@ pub enum Written {
     Conflict,
 }
 
+/// The key of the cluster's node token, relative to the cluster's prefix.
+pub const NODE_TOKEN: &str = "node-token";
+const NODE_TOKEN_FORMAT: u32 = 1;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NodeToken {
+    format: u32,
+    token: String,
+}
+
+impl NodeToken {
+    /// A stored record's token, if it is one this build understands.
+    fn decode(bytes: &[u8]) -> Option<Secret> {
+        let record: NodeToken = serde_json::from_slice(bytes).ok()?;
+        (record.format == NODE_TOKEN_FORMAT && access::is_node_token(&record.token)).then(|| Secret::new(record.token))
+    }
+}
+
 /// What etcd holds for one cluster at one revision.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub topology: Topology,
     pub live: BTreeMap<String, LiveNode>,
+    /// Access keys by id (`keys/<id>`); a record that does not decode is left out (and logged):
+    /// a key that cannot be read lets no one in.
+    pub keys: BTreeMap<String, AccessKey>,
+    /// The token datanodes and the operator present to each other's replica and admin routes
+    /// (`node-token`), made once per cluster by [`ClusterStore::ensure_node_token`].
+    pub node_token: Option<Secret>,
     pub revision: i64,
     /// mod_revision of every topology key, for guarded updates.
     versions: BTreeMap<String, i64>,
@@ -236,9 +261,29 @@ impl ClusterStore {
             (Some(("live", node)), None) => {
                 snapshot.live.remove(node);
             }
+            (Some(("keys", id)), Some((bytes, _))) => match AccessKey::decode(bytes) {
+                Ok(access) if access.id == id => {
+                    snapshot.keys.insert(id.to_owned(), access);
+                }
+                Ok(_) | Err(_) => {
+                    tracing::warn!(key, "an access key record that does not decode (or names another id) is ignored");
+                    snapshot.keys.remove(id);
+                }
+            },
+            (Some(("keys", id)), None) => {
+                snapshot.keys.remove(id);
+            }
+            (None, Some((bytes, _))) if rel == NODE_TOKEN => {
+                snapshot.node_token = NodeToken::decode(bytes);
+                if snapshot.node_token.is_none() {
+                    tracing::warn!(key, "a node token record that does not decode is ignored");
+                }
+            }
+            (None, None) if rel == NODE_TOKEN => snapshot.node_token = None,
             _ => tracing::debug!(key, "ignoring an unknown key"),
         }
-        if !rel.starts_with("live/") {
+        // Only the topology's keys guard topology writes (and make its revision).
+        if !rel.starts_with("live/") && !rel.starts_with("keys/") && rel != NODE_TOKEN {
             match value {
                 Some((_, revision)) => snapshot.versions.insert(key.to_owned(), revision),
                 None => snapshot.versions.remove(key),
@@ -271,6 +316,49 @@ impl ClusterStore {
             }
         }
         Err(StoreError::Contended(ATTEMPTS))
+    }
+
+    /// Stores a new access key; false if one with its id exists (ids are random: make another).
+    pub async fn create_key(&self, key: &AccessKey) -> Result<bool, StoreError> {
+        let path = format!("{}keys/{}", self.prefix, key.id);
+        let value = serde_json::to_vec(key).expect("an access key serializes");
+        let txn = Txn::new()
+            .when([Compare::version(path.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(path, value, None)]);
+        let mut client = self.client.clone();
+        Ok(self.timed("write", client.txn(txn)).await?.succeeded())
+    }
+
+    /// Revokes an access key: false if there was none with this id.
+    pub async fn delete_key(&self, id: &str) -> Result<bool, StoreError> {
+        let mut client = self.client.clone();
+        let path = format!("{}keys/{id}", self.prefix);
+        Ok(self.timed("write", client.delete(path, None)).await?.deleted() > 0)
+    }
+
+    /// The cluster's node token: the one stored, or `proposed` if there is none yet (the first
+    /// datanode makes it; a running one puts its own back if the record disappears). A record
+    /// that does not decode is an error: the cluster's nodes would not agree on a token.
+    pub async fn ensure_node_token(&self, proposed: &Secret) -> Result<Secret, StoreError> {
+        let path = format!("{}{NODE_TOKEN}", self.prefix);
+        let made = NodeToken { format: NODE_TOKEN_FORMAT, token: proposed.expose().to_owned() };
+        let txn = Txn::new()
+            .when([Compare::version(path.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(path.clone(), serde_json::to_vec(&made).expect("serializes"), None)])
+            .or_else([TxnOp::get(path.clone(), None)]);
+        let mut client = self.client.clone();
+        let response = self.timed("write", client.txn(txn)).await?;
+        if response.succeeded() {
+            return Ok(proposed.clone());
+        }
+        let stored = response.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        stored.as_deref().and_then(NodeToken::decode).ok_or_else(|| StoreError::BadValue {
+            key: path,
+            reason: "not a node token (43 letters and digits, format 1): delete it to have a new one made".into(),
+        })
     }
 
     /// Removes every key of the cluster (a StoreCluster deleted with deletionPolicy Delete).

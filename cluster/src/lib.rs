@@ -1,5 +1,6 @@
 //! Cairn's cluster layer, shared by the datanode, the CLI and the operator.
 //!
+//! - [`access`]: access keys (id, scopes, hash of the secret) and bearer tokens.
 //! - [`topology`]: what a cluster is made of (config, nodes, partitions and their replicas).
 //! - [`planner`]: places partition replicas on nodes' disks (zone-aware, capacity-weighted,
 //!   deterministic, minimal movement).
@@ -8,6 +9,7 @@
 //! - [`datanode_command`]: the datanode's command line, built one way by every platform.
 //! - [`replica`]: what datanodes send each other (the replica API's wire types, versioned).
 
+pub mod access;
 pub mod admin;
 pub mod datanode_command;
 pub mod etcd;
@@ -16,5 +18,6 @@ pub mod replica;
 pub mod topology;
 
 pub use topology::{
-    ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, RetiredReplica, Topology,
+    AuthMode, ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, RetiredReplica,
+    Topology,
 };

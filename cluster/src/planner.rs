@@ -141,6 +141,7 @@ mod tests {
             volume_size_bytes: GIB,
             segment_size_bytes: GIB / 4,
             max_blob_size_bytes: None,
+            auth: Default::default(),
         }
     }
 
@@ -463,6 +464,7 @@ mod rebalance_tests {
             volume_size_bytes: 1 << 30,
             segment_size_bytes: 1 << 28,
             max_blob_size_bytes: None,
+            auth: Default::default(),
         };
         let three = vec![node("a", "z1", 20), node("b", "z2", 20), node("c", "z3", 20)];
         let before = plan(&config, &three, &BTreeMap::new()).unwrap();

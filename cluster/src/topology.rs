@@ -20,6 +20,27 @@ pub struct ClusterConfig {
     /// holds if less.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_blob_size_bytes: Option<u64>,
+    /// Who may call the blob API: access keys (the default), or anyone (`none`, for a
+    /// playground only). Replica routes always need the cluster's node token.
+    #[serde(default, skip_serializing_if = "AuthMode::is_keys")]
+    pub auth: AuthMode,
+}
+
+/// Who may call a cluster's (or a standalone node's) blob API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// A bearer token of an access key with the scope the request needs.
+    #[default]
+    Keys,
+    /// Anyone who can reach the node: for a laptop, never for data that matters.
+    None,
+}
+
+impl AuthMode {
+    pub fn is_keys(&self) -> bool {
+        *self == AuthMode::Keys
+    }
 }
 
 /// Partitions a cluster may have: each costs every replica a volume and the planner memory.
@@ -280,6 +301,9 @@ pub struct TopologyFile {
     /// The largest blob (default: 64 MiB, or what a segment holds if less).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_blob_size: Option<bytesize::ByteSize>,
+    /// `keys` (default): the blob API needs access keys; `none`: anyone (a playground).
+    #[serde(default)]
+    pub auth: AuthMode,
     pub nodes: Vec<NodeFile>,
 }
 
@@ -310,6 +334,7 @@ impl TopologyFile {
             volume_size_bytes: file.volume_size.as_u64(),
             segment_size_bytes: file.segment_size.as_u64(),
             max_blob_size_bytes: file.max_blob_size.map(|s| s.as_u64()),
+            auth: file.auth,
         };
         config.validate()?;
         let mut ids = std::collections::BTreeSet::new();

@@ -15,6 +15,7 @@ fn config(partitions: u32) -> ClusterConfig {
         volume_size_bytes: 1 << 30,
         segment_size_bytes: 1 << 28,
         max_blob_size_bytes: None,
+        auth: Default::default(),
     }
 }
 

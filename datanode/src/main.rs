@@ -3,11 +3,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use cairn_cluster::access::{AccessKey, Scope};
+use cairn_cluster::AuthMode;
 use cairn_common::volume_layout::Preallocation;
+use cairn_datanode::api::auth::AuthOptions;
 use cairn_datanode::api::serve::ServerLimits;
 use cairn_datanode::cluster::ClusterOptions;
 use cairn_datanode::engine::{ChunkCache, VolumeConfig};
-use cairn_datanode::server::{run_cluster, run_standalone, HttpOptions, StandaloneOptions, VolumeSource};
+use cairn_datanode::server::{
+    run_cluster, run_standalone, HttpOptions, StandaloneAuth, StandaloneOptions, VolumeSource,
+};
 use cairn_datanode::store::StandaloneLayout;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -114,6 +119,27 @@ struct Args {
     /// Seconds between compaction passes.
     #[arg(long, default_value_t = 60)]
     compaction_interval_secs: u64,
+    /// A standalone node's auth: `keys` (a bearer token of an access key on every blob route)
+    /// or `none` (anyone: a playground only). A cluster's is in its config.
+    #[arg(long, env = "CAIRN_AUTH", value_enum, default_value = "keys")]
+    auth: AuthMode,
+    /// A standalone node's root (admin) key id; without it the node makes one, kept in
+    /// DATA_DIR/root-token.
+    #[arg(long, env = "CAIRN_ROOT_KEY_ID", requires = "root_key_secret", conflicts_with = "root_key_file")]
+    root_key_id: Option<String>,
+    /// The root key's secret, 40 letters and digits (prefer the environment variable or
+    /// --root-key-file: a command line is visible to every user of the machine).
+    #[arg(long, env = "CAIRN_ROOT_KEY_SECRET", requires = "root_key_id", hide_env_values = true)]
+    root_key_secret: Option<String>,
+    /// A file holding the root key's token, `<key id>.<secret>` (e.g. a mounted Secret).
+    #[arg(long, env = "CAIRN_ROOT_KEY_FILE")]
+    root_key_file: Option<PathBuf>,
+    /// Ask for an admin key (or the node token) on /metrics.
+    #[arg(long, env = "CAIRN_PROTECT_METRICS")]
+    protect_metrics: bool,
+    /// Ask for an admin key (or the node token) on /openapi.json.
+    #[arg(long, env = "CAIRN_PROTECT_OPENAPI")]
+    protect_openapi: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -188,6 +214,25 @@ fn run() -> anyhow::Result<()> {
             etcd_tls: args.etcd_tls.load()?,
         })
     };
+    let admin = || [Scope::Admin].into_iter().collect();
+    let root_key = match (args.root_key_id, args.root_key_secret, &args.root_key_file) {
+        (Some(id), Some(secret), _) => Some(AccessKey::from_parts(&id, &secret, "root", admin()).map_err(|e| {
+            anyhow::anyhow!(
+                "--root-key-id/--root-key-secret: {e} (an id is CK and 18 of A-Z0-9, a secret 40 letters and digits)"
+            )
+        })?),
+        (_, _, Some(file)) => {
+            let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let (id, secret) = cairn_cluster::access::parse_token(text.trim())
+                .map_err(|e| anyhow::anyhow!("--root-key-file {}: {e}", file.display()))?;
+            Some(AccessKey::from_parts(id, secret, "root", admin())?)
+        }
+        _ => None,
+    };
+    if cluster.is_some() && (root_key.is_some() || args.auth != AuthMode::Keys) {
+        // A cluster's keys and mode are in etcd (`cairn keys`, the config's `auth`).
+        tracing::warn!("--auth and --root-key-* are for a standalone node: ignored in a cluster");
+    }
     let options = StandaloneOptions {
         volumes: volume_source,
         listen: args.listen,
@@ -206,7 +251,9 @@ fn run() -> anyhow::Result<()> {
             },
             upload_buffer_bytes: args.upload_buffer.as_u64(),
             upload_wait: Duration::from_millis(args.upload_wait_ms),
+            auth: AuthOptions { protect_metrics: args.protect_metrics, protect_openapi: args.protect_openapi },
         },
+        auth: StandaloneAuth { mode: args.auth, root_key },
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

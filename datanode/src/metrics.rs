@@ -50,6 +50,12 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// Why a request was refused by authentication: missing, invalid, forbidden or blocked.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VolumeLabels {
     pub partition: String,
@@ -85,6 +91,8 @@ pub struct Metrics {
     pub replication_errors: Family<NodeLabels, Counter>,
     /// Differences anti-entropy found and repaired, by the peer node that had them.
     pub anti_entropy_repaired: Family<NodeLabels, Counter>,
+    /// Requests refused by authentication (401, 403, 429), by reason.
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
     /// Latency of calls to other datanodes.
     pub peer_request_seconds: HistogramFamily<PeerCallLabels>,
     /// Latency of calls to etcd.
@@ -136,6 +144,12 @@ impl Default for Metrics {
         let replication_applied_bytes = Family::<NodeLabels, Counter>::default();
         let replication_errors = Family::<NodeLabels, Counter>::default();
         let anti_entropy_repaired = Family::<NodeLabels, Counter>::default();
+        let auth_failures = Family::<AuthFailureLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Requests refused by authentication (401 missing or invalid, 403 forbidden, 429 blocked)",
+            auth_failures.clone(),
+        );
         let peer_request_seconds: HistogramFamily<PeerCallLabels> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 16)));
         registry.register(
@@ -246,6 +260,7 @@ impl Default for Metrics {
             replication_applied_bytes,
             replication_errors,
             anti_entropy_repaired,
+            auth_failures,
             peer_request_seconds,
             etcd_request_seconds,
         }

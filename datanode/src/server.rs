@@ -6,6 +6,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use cairn_cluster::access::AccessKey;
+use cairn_cluster::AuthMode;
+
+use crate::api::auth::{Auth, AuthOptions};
 use crate::api::replica::ReplicaState;
 use crate::api::serve::ServerLimits;
 use crate::api::upload::UploadBudget;
@@ -23,6 +27,16 @@ pub struct StandaloneOptions {
     pub layout: StandaloneLayout,
     pub volume: VolumeConfig,
     pub http: HttpOptions,
+    pub auth: StandaloneAuth,
+}
+
+/// Who may call a standalone node (a cluster's keys and mode are in etcd).
+#[derive(Debug, Clone, Default)]
+pub struct StandaloneAuth {
+    pub mode: AuthMode,
+    /// The root key (admin) given by flags or environment; without one, a node with a data
+    /// directory makes its own (`DATA_DIR/root-token`).
+    pub root_key: Option<AccessKey>,
 }
 
 /// The HTTP side of a node: connection limits and the memory for request bodies.
@@ -34,6 +48,8 @@ pub struct HttpOptions {
     pub upload_buffer_bytes: u64,
     /// How long an upload waits for room in that buffer before it gets 503.
     pub upload_wait: std::time::Duration,
+    /// What is protected beyond the blob API.
+    pub auth: AuthOptions,
 }
 
 impl Default for HttpOptions {
@@ -42,6 +58,7 @@ impl Default for HttpOptions {
             limits: ServerLimits::default(),
             upload_buffer_bytes: 512 << 20,
             upload_wait: std::time::Duration::from_secs(10),
+            auth: AuthOptions::default(),
         }
     }
 }
@@ -132,6 +149,23 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
     };
     let store = Arc::new(store);
     let (uploads, _) = options.http.budgets(options.volume.max_blob_bytes)?;
+    let keys = match (options.auth.mode, &options.auth.root_key, &options.volumes) {
+        (AuthMode::None, _, _) => {
+            tracing::warn!("--auth none: anyone who can reach this node may read, write and delete blobs");
+            Vec::new()
+        }
+        (AuthMode::Keys, Some(key), _) => vec![key.clone()],
+        (AuthMode::Keys, None, VolumeSource::DataDir(dir)) => {
+            let (key, path, made) = crate::api::auth::root_key_in(dir)?;
+            let verb = if made { "made" } else { "found" };
+            tracing::info!(key = %key.id, file = %path.display(), "root key {verb}: send Authorization: Bearer <the file's token>");
+            vec![key]
+        }
+        (AuthMode::Keys, None, VolumeSource::DiskAgent { .. }) => anyhow::bail!(
+            "a node on disk-agent volumes has no data directory for its root key: give --root-key-id and \
+             --root-key-secret (or --auth none for a playground)"
+        ),
+    };
     let listener = bind(options.listen).await?;
     let state = AppState {
         front: Front::Standalone(store.clone()),
@@ -139,6 +173,7 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         metrics,
         max_blob_bytes: options.volume.max_blob_bytes,
         uploads,
+        auth: Arc::new(Auth::standalone(options.auth.mode, keys, &options.http.auth)),
     };
     serve_on(listener, state, None, &options.http.limits, shutdown).await
 }
@@ -157,8 +192,14 @@ pub async fn run_cluster(
     let listener = bind(listen).await?;
     let cluster = Cluster::start(options, volume.clone(), store.clone(), shutdown.child_token()).await?;
     let replica = ReplicaState { cluster: cluster.clone(), uploads: replica_uploads, shutdown: shutdown.clone() };
-    let state =
-        AppState { store, metrics, max_blob_bytes: volume.max_blob_bytes, uploads, front: Front::Cluster(cluster) };
+    let state = AppState {
+        store,
+        metrics,
+        max_blob_bytes: volume.max_blob_bytes,
+        uploads,
+        front: Front::Cluster(cluster),
+        auth: Arc::new(Auth::cluster(&http.auth)),
+    };
     serve_on(listener, state, Some(replica), &http.limits, shutdown).await
 }
 

@@ -8,7 +8,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use cairn_testkit::machine::Machine;
-use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::Value;
 use support::{payload, Datanode};
@@ -22,7 +21,7 @@ fn kill9_during_concurrent_puts_loses_no_acknowledged_blob() {
     );
     let acked: Mutex<HashMap<String, u64>> = Mutex::new(HashMap::new());
     let stop = AtomicBool::new(false);
-    let client = Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let client = support::client_builder().timeout(Duration::from_secs(5)).build().unwrap();
     let put_url = node.url("/v1/blobs");
     std::thread::scope(|s| {
         for t in 0..12u64 {
@@ -79,7 +78,7 @@ fn full_disk_answers_507_keeps_deletes_and_recovers_by_itself() {
         &mnt.join("node"),
         &["--segment-size", "1MiB", "--volume-size", "64MiB", "--max-blob-size", "256KiB", "--index-reserve", "256KiB"],
     );
-    let client = Client::new();
+    let client = support::client();
     let mut stored = Vec::new();
     let mut refused = 0;
     for seed in 0..200u64 {
@@ -141,7 +140,7 @@ fn an_index_that_cannot_grow_on_a_full_disk_heals_when_room_is_back() {
         &mnt.join("node"),
         &["--segment-size", "4MiB", "--volume-size", "8MiB", "--max-blob-size", "256KiB", "--index-reserve", "0"],
     );
-    let client = Client::new();
+    let client = support::client();
     let mut stored = Vec::new();
     for seed in 0..5u64 {
         let r = client.post(node.url("/v1/blobs")).body(payload(seed, 1000)).send().unwrap();

@@ -36,7 +36,7 @@ fn error_code(r: reqwest::blocking::Response) -> (StatusCode, String) {
 fn round_trip_with_metadata_ranges_ttl_and_delete() {
     let dir = tempfile::tempdir().unwrap();
     let node = small_node(dir.path());
-    let client = Client::new();
+    let client = support::client();
     let data = payload(1, 10_000);
     let r = client
         .post(node.url("/v1/blobs"))
@@ -93,7 +93,7 @@ fn round_trip_with_metadata_ranges_ttl_and_delete() {
 fn every_bad_input_gets_a_json_error_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let node = small_node(dir.path());
-    let client = Client::new();
+    let client = support::client();
     let id = put(&client, &node, b"keep me".to_vec());
     let url = |p: &str| node.url(p);
     let unknown = cairn_common::BlobId::generate(0).to_string();
@@ -143,7 +143,7 @@ fn every_bad_input_gets_a_json_error_and_changes_nothing() {
     }
     // A declared Content-Length over the limit is refused before the body is read.
     let mut stream = std::net::TcpStream::connect(&node.addr).unwrap();
-    stream.write_all(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 7000000\r\n\r\n").unwrap();
+    stream.write_all(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer CKTESTROOT0000000000.testsecrettestsecrettestsecrettestsecret\r\nContent-Length: 7000000\r\n\r\n").unwrap();
     let mut response = String::new();
     std::io::BufReader::new(stream).read_line(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
@@ -172,7 +172,7 @@ impl std::io::Read for ChunkReader {
 fn large_blobs_stream_in_verified_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let node = small_node(dir.path());
-    let client = Client::new();
+    let client = support::client();
     let data = payload(7, 5 * 1024 * 1024 + 123);
     let id = put(&client, &node, data.clone());
     assert_eq!(client.get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap().bytes().unwrap().to_vec(), data);
@@ -185,7 +185,7 @@ fn large_blobs_stream_in_verified_chunks() {
 fn flipped_byte_is_an_integrity_error_never_wrong_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let node = small_node(dir.path());
-    let client = Client::new();
+    let client = support::client();
     let small = payload(1, 4000);
     let large = payload(2, 3 * 1024 * 1024);
     let small_id = put(&client, &node, small.clone());
@@ -226,7 +226,7 @@ fn flipped_byte_is_an_integrity_error_never_wrong_bytes() {
 fn concurrent_puts_deletes_and_gets_on_the_same_ids_stay_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = small_node(dir.path());
-    let client = Client::new();
+    let client = support::client();
     let blobs: Vec<(String, Vec<u8>)> = (0..40)
         .map(|i| {
             let data = payload(i, 1000 + i as usize * 10);
@@ -276,7 +276,7 @@ fn concurrent_puts_deletes_and_gets_on_the_same_ids_stay_consistent() {
 fn metrics_openapi_and_probes() {
     let dir = tempfile::tempdir().unwrap();
     let node = small_node(dir.path());
-    let client = Client::new();
+    let client = support::client();
     std::thread::scope(|s| {
         for t in 0..16 {
             let (client, node) = (client.clone(), &node);
@@ -350,7 +350,7 @@ fn every_size_boundary_round_trips_over_http() {
         &dir.path().join("node"),
         &["--segment-size", "8MiB", "--volume-size", "256MiB", "--max-blob-size", "6MiB"],
     );
-    let client = Client::new();
+    let client = support::client();
     let max = 6 * CHUNK;
     let mut sizes = vec![0, 1, 2, max - 1, max, CHUNK + 64 * 1024 - 1, CHUNK + 64 * 1024, CHUNK + 64 * 1024 + 1];
     for n in 1..=5 {
@@ -393,7 +393,7 @@ fn every_size_boundary_round_trips_over_http() {
 fn framework_and_transport_errors_are_json_too() {
     let dir = tempfile::tempdir().unwrap();
     let node = small_node(dir.path());
-    let client = Client::new();
+    let client = support::client();
     let id = put(&client, &node, b"keep me".to_vec());
     let url = |p: &str| node.url(p);
     let cases: Vec<(reqwest::blocking::RequestBuilder, StatusCode, &str)> = vec![
@@ -468,7 +468,7 @@ fn framework_and_transport_errors_are_json_too() {
 fn unknown_methods_share_one_metric_label() {
     let dir = tempfile::tempdir().unwrap();
     let node = small_node(dir.path());
-    let client = Client::new();
+    let client = support::client();
     let send = |i: usize| {
         let method = reqwest::Method::from_bytes(format!("X{i}").as_bytes()).unwrap();
         let r = client.request(method, node.url(&format!("/v1/blobs/x{i}"))).send().unwrap();
@@ -497,7 +497,7 @@ fn a_restart_opens_every_partition_the_node_has() {
     let data = dir.path().join("node");
     let flags = ["--segment-size", "8MiB", "--volume-size", "64MiB", "--max-blob-size", "6MiB"];
     let mut node = Datanode::start(&data, &[&flags[..], &["--partitions", "4"]].concat());
-    let client = Client::new();
+    let client = support::client();
     let ids: Vec<String> = (0..40u64).map(|seed| put(&client, &node, payload(seed, 100))).collect();
     let partitions: HashSet<u32> =
         ids.iter().map(|id| id.parse::<cairn_common::BlobId>().unwrap().partition()).collect();

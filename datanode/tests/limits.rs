@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::Value;
 use support::{payload, Datanode};
@@ -52,7 +51,7 @@ fn upload_memory_is_bounded_and_given_back() {
         for _ in 0..12 {
             let (node, blob) = (&node, &blob);
             s.spawn(move || {
-                let client = Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+                let client = support::client_builder().timeout(Duration::from_secs(120)).build().unwrap();
                 let r = client.post(node.url("/v1/blobs")).body(blob.clone()).send().unwrap();
                 assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().unwrap());
             });
@@ -70,7 +69,7 @@ fn upload_memory_is_bounded_and_given_back() {
         for _ in 0..20 {
             let (node, five) = (&node, &five);
             s.spawn(move || {
-                let client = Client::new();
+                let client = support::client();
                 for _ in 0..5 {
                     let r = client.post(node.url("/v1/blobs")).body(five.clone()).send().unwrap();
                     assert_eq!(r.status(), StatusCode::CREATED);
@@ -91,9 +90,9 @@ fn no_room_for_an_upload_is_503_with_retry_after() {
     );
     // One upload holds the whole buffer: it declared 8 MiB and sends them slowly.
     let mut slow = TcpStream::connect(&node.addr).unwrap();
-    slow.write_all(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\nfirst bytes").unwrap();
+    slow.write_all(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer CKTESTROOT0000000000.testsecrettestsecrettestsecrettestsecret\r\nContent-Length: 8388608\r\n\r\nfirst bytes").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let r = Client::new().post(node.url("/v1/blobs")).body(vec![1u8; 1000]).send().unwrap();
+    let r = support::client().post(node.url("/v1/blobs")).body(vec![1u8; 1000]).send().unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.headers()["retry-after"], "1");
     let v: Value = r.json().unwrap();
@@ -102,7 +101,7 @@ fn no_room_for_an_upload_is_503_with_retry_after() {
     // Its room comes back when it goes.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = Client::new().post(node.url("/v1/blobs")).body(vec![1u8; 1000]).send().unwrap();
+        let r = support::client().post(node.url("/v1/blobs")).body(vec![1u8; 1000]).send().unwrap();
         if r.status() == StatusCode::CREATED {
             break;
         }
@@ -150,7 +149,7 @@ fn idle_and_half_sent_connections_are_closed_and_capped() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // A body that stops arriving gets 408.
     let mut stalled = TcpStream::connect(&node.addr).unwrap();
-    stalled.write_all(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nonly a little").unwrap();
+    stalled.write_all(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer CKTESTROOT0000000000.testsecrettestsecrettestsecrettestsecret\r\nContent-Length: 1000\r\n\r\nonly a little").unwrap();
     let answer = read_until_closed(&mut stalled, Duration::from_secs(5)).expect("a stalled body is cut off");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
@@ -158,16 +157,16 @@ fn idle_and_half_sent_connections_are_closed_and_capped() {
     let mut stalled = TcpStream::connect(&node.addr).unwrap();
     let id = cairn_common::BlobId::generate(0);
     stalled
-        .write_all(format!("PUT /v1/blobs/{id}/ttl HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{").as_bytes())
+        .write_all(format!("PUT /v1/blobs/{id}/ttl HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer CKTESTROOT0000000000.testsecrettestsecrettestsecrettestsecret\r\nContent-Length: 100\r\n\r\n{{").as_bytes())
         .unwrap();
     let answer = read_until_closed(&mut stalled, Duration::from_secs(5)).expect("a stalled body is cut off");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     // A client that asks for a large blob and never reads the answer is cut off too.
-    let big = Client::new().post(node.url("/v1/blobs")).body(payload(5, 48 << 20)).send().unwrap();
+    let big = support::client().post(node.url("/v1/blobs")).body(payload(5, 48 << 20)).send().unwrap();
     assert_eq!(big.status(), StatusCode::CREATED);
     let id = big.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
     let mut reader = TcpStream::connect(&node.addr).unwrap();
-    reader.write_all(format!("GET /v1/blobs/{id} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    reader.write_all(format!("GET /v1/blobs/{id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer CKTESTROOT0000000000.testsecrettestsecrettestsecrettestsecret\r\n\r\n").as_bytes()).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let started = Instant::now();
     let mut got = Vec::new();
@@ -184,7 +183,7 @@ fn idle_and_half_sent_connections_are_closed_and_capped() {
     assert!(ended && got.len() < 48 << 20, "a response nobody read held its connection ({} bytes)", got.len());
     assert!(started.elapsed() < Duration::from_secs(5));
     // With the old connections gone, the node serves as before.
-    assert_eq!(Client::new().get(node.url("/healthz")).send().unwrap().status(), StatusCode::OK);
+    assert_eq!(support::client().get(node.url("/healthz")).send().unwrap().status(), StatusCode::OK);
 }
 
 #[test]
@@ -194,19 +193,19 @@ fn sigterm_with_a_request_half_sent_exits_within_the_drain_timeout() {
         &dir.path().join("node"),
         &["--drain-timeout-secs", "2", "--body-timeout-secs", "300", "--header-timeout-secs", "300"],
     );
-    let id = Client::new().post(node.url("/v1/blobs")).body("kept").send().unwrap().json::<Value>().unwrap()["id"]
+    let id = support::client().post(node.url("/v1/blobs")).body("kept").send().unwrap().json::<Value>().unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
     let mut half = TcpStream::connect(&node.addr).unwrap();
-    half.write_all(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nsome").unwrap();
+    half.write_all(b"POST /v1/blobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer CKTESTROOT0000000000.testsecrettestsecrettestsecrettestsecret\r\nContent-Length: 100000\r\n\r\nsome").unwrap();
     let _idle = TcpStream::connect(&node.addr).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let took = node.stop_timed(Duration::from_secs(10)).expect("shutdown hung on a half-sent request");
     assert!(took < Duration::from_secs(6), "shutdown took {took:?}");
     // The clean shutdown checkpointed: the blob is there after a restart.
     node.start_again();
-    assert_eq!(Client::new().get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap().text().unwrap(), "kept");
+    assert_eq!(support::client().get(node.url(&format!("/v1/blobs/{id}"))).send().unwrap().text().unwrap(), "kept");
 }
 
 #[test]
@@ -216,7 +215,7 @@ fn running_out_of_file_descriptors_pauses_writes_and_they_resume() {
         &dir.path().join("node"),
         &["--segment-size", "1MiB", "--volume-size", "64MiB", "--max-blob-size", "256KiB"],
     );
-    let client = Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    let client = support::client_builder().pool_max_idle_per_host(1).build().unwrap();
     // Fill most of the first segment over one kept-alive connection.
     let mut stored = Vec::new();
     for seed in 0..3 {

@@ -204,6 +204,10 @@ async fn start_cluster(
     let yaml = topology_yaml(ports, partitions, volume_size, segment_size);
     let (config, specs) = cairn_cluster::topology::TopologyFile::parse(&yaml).map_err(anyhow::Error::msg)?;
     store.apply_topology(&config, &specs).await?;
+    use cairn_cluster::access::{AccessKey, Scope};
+    use cairn_testkit::keys::{TEST_KEY_ID, TEST_KEY_SECRET};
+    let key = AccessKey::from_parts(TEST_KEY_ID, TEST_KEY_SECRET, "bench", [Scope::Admin].into_iter().collect())?;
+    store.create_key(&key).await?;
     let mut nodes = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         nodes.push(start_member(root, etcd, cluster, i, *port).await?);
@@ -236,7 +240,7 @@ async fn wait_caught_up(node: &NodeProcess, limit: Duration) -> anyhow::Result<(
     let deadline = Instant::now() + limit;
     let uri: hyper::Uri = format!("http://{}/v1/admin/replicas", node.addr).parse()?;
     loop {
-        let response = node.client.get(uri.clone()).await?;
+        let response = node.client.request(crate::datanode::authorized_get(uri.clone())).await?;
         let body = http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
         let list: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
         let settled = !list.is_empty()

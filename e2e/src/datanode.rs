@@ -36,6 +36,16 @@ pub struct Options {
 
 pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// A GET that authenticates with the benchmark's key: the test key, a standalone node's root
+/// key here, and put into a cluster's etcd by `cairn-bench cluster` (auth stays on, as users
+/// run Cairn).
+pub fn authorized_get(uri: hyper::Uri) -> hyper::Request<Full<Bytes>> {
+    hyper::Request::get(uri)
+        .header(hyper::header::AUTHORIZATION, cairn_testkit::keys::authorization())
+        .body(Full::new(Bytes::new()))
+        .expect("a valid request")
+}
+
 /// A datanode process on a fresh directory, with a client for it; killed when dropped.
 pub struct NodeProcess {
     child: Child,
@@ -52,9 +62,13 @@ impl NodeProcess {
     /// Starts a datanode listening on `addr`.
     pub async fn start_at(dir: &Path, addr: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
         let addr = addr.to_owned();
+        // A standalone node's root key is the benchmark's (a cluster's keys are in etcd).
+        let root_key = cairn_testkit::keys::root_key_env();
+        let root_key: &[(&str, &str)] = if extra_args.contains(&"--etcd") { &[] } else { &root_key };
         let child = Command::new(datanode_binary()?)
             .args(["--data-dir", dir.to_str().expect("utf-8 path"), "--listen", &addr])
             .args(["--segment-size", "1GiB", "--volume-size", "64GiB"])
+            .envs(root_key.iter().copied())
             .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -98,7 +112,7 @@ async fn get_latency(
     let (mut cairn, mut raw, mut all) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..4 {
         let (addr, id) = (node.addr.clone(), id.clone());
-        let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 50)).await??;
+        let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 50, true)).await??;
         all.extend(samples.iter().copied());
         cairn.push(reference::percentiles(&mut samples).0);
         raw.push(reference::percentiles(&mut reference.samples(50)?).0);
@@ -151,6 +165,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 
     let reference = "raw sendfile of a synced, warm 5 MiB file over loopback TCP; interleaved rounds";
     results.push(get_latency(&node, "get_5m_p50", &mut sendfile, reference).await?);
+    results.extend(auth_cost(&node, &work.path().join("open-node"), seconds).await?);
     drop(node);
     // The same GETs with every chunk read from the segment and verified again.
     let node = NodeProcess::start(&work.path().join("node-uncached"), &["--chunk-cache-size", "0"]).await?;
@@ -165,6 +180,55 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     open.note = Some(format!("{blobs} blobs written in-process in {fill_secs:.1} s; no reference (target < 1 s)"));
     results.push(open);
     Ok(results)
+}
+
+/// What access keys cost: the node (keys on, every request with a bearer token) against one
+/// started with `--auth none`, in interleaved rounds: 4 KiB PUTs ×64 and the p50 of 5 MiB GETs.
+async fn auth_cost(keyed: &NodeProcess, open_dir: &Path, seconds: Duration) -> anyhow::Result<Vec<Scenario>> {
+    let open = NodeProcess::start(open_dir, &["--auth", "none"]).await?;
+    let (mut with_keys, mut without) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let keyed_run = put_throughput(&keyed.client, std::slice::from_ref(&keyed.addr), 4096, 64, seconds);
+        let open_run = put_throughput(&open.client, std::slice::from_ref(&open.addr), 4096, 64, seconds);
+        if round % 2 == 0 {
+            with_keys.push(keyed_run.await?.0);
+            without.push(open_run.await?.0);
+        } else {
+            without.push(open_run.await?.0);
+            with_keys.push(keyed_run.await?.0);
+        }
+    }
+    let put = Scenario::rounds(
+        "auth_put_4k_c64",
+        &with_keys,
+        "ops/s",
+        &without,
+        "ops/s",
+        "with access keys (a bearer token on every request) against --auth none; 3 interleaved rounds (target ≥ 0.85)",
+    );
+    let blob = Bytes::from(vec![0x42u8; 5 << 20]);
+    let keyed_id = put_once(&keyed.client, &keyed.addr, blob.clone()).await?;
+    let open_id = put_once(&open.client, &open.addr, blob).await?;
+    let (mut with_keys, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        for (node, id, authorized, out) in
+            [(keyed, &keyed_id, true, &mut with_keys), (&open, &open_id, false, &mut without)]
+        {
+            let (addr, id) = (node.addr.clone(), id.clone());
+            let mut samples =
+                tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 50, authorized)).await??;
+            out.push(reference::percentiles(&mut samples).0);
+        }
+    }
+    let get = Scenario::rounds(
+        "auth_get_5m_p50",
+        &with_keys,
+        "ms",
+        &without,
+        "ms",
+        "with access keys against --auth none; 4 interleaved rounds of 50 (target ≤ 1.15)",
+    );
+    Ok(vec![put, get])
 }
 
 async fn wait_healthy(client: &HttpClient, addr: &str) -> anyhow::Result<()> {
@@ -182,7 +246,9 @@ async fn wait_healthy(client: &HttpClient, addr: &str) -> anyhow::Result<()> {
 }
 
 pub async fn put_once(client: &HttpClient, addr: &str, body: Bytes) -> anyhow::Result<String> {
-    let request = hyper::Request::post(format!("http://{addr}/v1/blobs")).body(Full::new(body))?;
+    let request = hyper::Request::post(format!("http://{addr}/v1/blobs"))
+        .header(hyper::header::AUTHORIZATION, cairn_testkit::keys::authorization())
+        .body(Full::new(body))?;
     let response = client.request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
@@ -193,13 +259,16 @@ pub async fn put_once(client: &HttpClient, addr: &str, body: Bytes) -> anyhow::R
 
 /// GETs over one keep-alive connection with the same minimal client as the sendfile reference
 /// (request out, exactly Content-Length bytes in), so that only the servers differ: ms each.
-fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize) -> anyhow::Result<Vec<f64>> {
+/// `authorized`: with the benchmark's key (a node with `--auth none` takes none).
+fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize, authorized: bool) -> anyhow::Result<Vec<f64>> {
     use std::io::{BufRead, BufReader, Read, Write};
     let stream = std::net::TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    let request = format!("GET /v1/blobs/{id} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let auth =
+        if authorized { format!("Authorization: {}\r\n", cairn_testkit::keys::authorization()) } else { String::new() };
+    let request = format!("GET /v1/blobs/{id} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\n");
     let mut body = vec![0u8; len];
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
@@ -276,7 +345,7 @@ pub async fn get_throughput(
             while started.elapsed() < duration {
                 i = (i + 104_729) % ids.len();
                 let uri: hyper::Uri = format!("http://{addr}/v1/blobs/{}", ids[i]).parse()?;
-                let response = client.get(uri).await?;
+                let response = client.request(authorized_get(uri)).await?;
                 anyhow::ensure!(response.status() == 200, "GET answered {}", response.status());
                 let body = response.into_body().collect().await?.to_bytes();
                 bytes.fetch_add(body.len() as u64, Ordering::Relaxed);

@@ -135,6 +135,7 @@ fn apply_topology_with(
         .output()
         .unwrap();
     assert!(out.status.success(), "cairn topology apply: {}", String::from_utf8_lossy(&out.stderr));
+    support::install_test_key(&etcd.endpoint(), "default", "c1");
 }
 
 fn show(etcd: &EtcdServer) -> Value {
@@ -148,7 +149,7 @@ fn show(etcd: &EtcdServer) -> Value {
 
 /// Every node has opened its replicas and sees every peer live.
 fn wait_replicating(nodes: &[&Node], partitions: usize) {
-    let client = Client::new();
+    let client = support::client();
     for node in nodes {
         wait_until(&format!("{} replicating", node.id), Duration::from_secs(30), || {
             let Ok(r) = client.get(node.url("/v1/admin/replicas")).send() else { return false };
@@ -168,7 +169,7 @@ fn put(client: &Client, node: &Node, data: &[u8]) -> Result<String, String> {
 
 /// Every node holds every blob in its own replica, byte-identical.
 fn assert_converged(nodes: &[&Node], blobs: &BTreeMap<String, Vec<u8>>, limit: Duration) {
-    let client = Client::new();
+    let client = support::client();
     for node in nodes {
         wait_until(&format!("{} to hold every blob", node.id), limit, || {
             blobs.iter().all(|(id, data)| {
@@ -186,7 +187,7 @@ fn assert_converged(nodes: &[&Node], blobs: &BTreeMap<String, Vec<u8>>, limit: D
 
 /// The next journal sequence of each node's replica of `partition`.
 fn journal_tails(nodes: &[&Node], partition: u32) -> Vec<u64> {
-    let client = Client::new();
+    let client = support::node_client(&nodes[0].etcd, "default", "c1");
     nodes
         .iter()
         .map(|n| {
@@ -221,7 +222,8 @@ fn started_cluster_with(
 
 /// Stores a blob in `node`'s own replica only, through the replica API, as a router's write to
 /// one replica would (a write that missed its quorum elsewhere).
-fn put_on_replica(client: &Client, node: &Node, id: cairn_common::BlobId, data: &[u8]) {
+fn put_on_replica(node: &Node, id: cairn_common::BlobId, data: &[u8]) {
+    let client = support::node_client(&node.etcd, "default", "c1");
     let mut frame = cairn_cluster::replica::BlobFrame::head(&cairn_cluster::replica::ReplicaBlob {
         version: cairn_cluster::replica::WIRE_VERSION,
         content_type: "application/octet-stream".into(),
@@ -245,7 +247,7 @@ fn three_nodes_survive_a_kill_and_converge() {
     let etcd = EtcdServer::start();
     let mut nodes = started_cluster(root.path(), &etcd, 3, 4);
 
-    let client = Client::new();
+    let client = support::client();
 
     let mut blobs = BTreeMap::new();
     std::thread::scope(|s| {
@@ -307,7 +309,7 @@ fn writes_fail_cleanly_without_quorum_and_a_frozen_node_is_skipped() {
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
     let mut nodes = started_cluster(root.path(), &etcd, 3, 2);
-    let client = Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let client = support::client_builder().timeout(Duration::from_secs(20)).build().unwrap();
     let stored = put(&client, &nodes[0], b"before").unwrap();
 
     // Frozen: still registered (its lease lives a while), but answers nothing.
@@ -342,7 +344,7 @@ fn etcd_restart_during_traffic_loses_no_acknowledged_write() {
     let mut blobs = BTreeMap::new();
     std::thread::scope(|s| {
         let writer = s.spawn(|| {
-            let client = Client::new();
+            let client = support::client();
             let mut acked = Vec::new();
             let mut seed = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -380,7 +382,7 @@ fn a_moved_replica_bootstraps_through_replication_then_serves() {
         n.start();
     }
     wait_replicating(&nodes[..3].iter().collect::<Vec<_>>(), 2);
-    let client = Client::new();
+    let client = support::client();
     let mut blobs = BTreeMap::new();
     for seed in 0..200u64 {
         let data = payload(seed, 4000);
@@ -459,7 +461,7 @@ fn replicas_live_on_disk_agent_volumes_and_a_full_partition_turns_read_only() {
     }
 
     // Fill the only partition: 507, and etcd marks it read-only; reads go on.
-    let client = Client::new();
+    let client = support::client();
     let mut stored = Vec::new();
     let mut refused = None;
     for seed in 0..100u64 {
@@ -536,6 +538,11 @@ fn datanodes_and_the_cli_reach_a_tls_etcd() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let etcd_tls =
+        cairn_cluster::etcd::EtcdTls::from_files(&files.ca, Some(files.cert.as_path()), Some(files.key.as_path()))
+            .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(support::install_test_key_tls(&etcd.endpoint(), "default", "c1", Some(&etcd_tls)));
     for n in nodes.iter_mut() {
         let dir = n.dir.display().to_string();
         let mut args: Vec<&str> = vec!["--data-dir", &dir];
@@ -543,7 +550,7 @@ fn datanodes_and_the_cli_reach_a_tls_etcd() {
         n.start_with(&args);
     }
     wait_replicating(&nodes.iter().collect::<Vec<_>>(), 2);
-    let client = Client::new();
+    let client = support::client();
     let id = put(&client, &nodes[0], b"over tls").unwrap();
     let r = client.get(nodes[2].url(&format!("/v1/blobs/{id}"))).send().unwrap();
     assert_eq!(r.bytes().unwrap().as_ref(), b"over tls");
@@ -555,7 +562,7 @@ fn every_size_boundary_replicates_and_unknown_ids_leave_no_tombstones() {
     let root = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start();
     let mut nodes = started_cluster(root.path(), &etcd, 3, 2);
-    let client = Client::new();
+    let client = support::client();
 
     // n2 is away: everything it holds afterwards came through replication.
     nodes[2].kill9();
@@ -623,7 +630,7 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
         n.start();
     }
     wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
-    let client = Client::new();
+    let client = support::client();
     let mut blobs = BTreeMap::new();
     let victim_data = payload(4242, 300_000);
     let victim = put(&client, &nodes[0], &victim_data).unwrap();
@@ -639,7 +646,7 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
     nodes[1].signal("-STOP");
     let orphan = cairn_common::BlobId::generate(0);
     let orphan_data = payload(777, 200_000);
-    put_on_replica(&client, &nodes[2], orphan, &orphan_data);
+    put_on_replica(&nodes[2], orphan, &orphan_data);
 
     // n2 crashes; one byte of each blob's record rots on its disk.
     nodes[2].kill9();
@@ -696,7 +703,7 @@ fn an_entry_that_cannot_be_applied_is_owed_and_the_rest_goes_on() {
     });
     // n2 is away while the victim, then ten more, are written (quorum 2 on n0 and n1).
     nodes[2].kill9();
-    let client = Client::new();
+    let client = support::client();
     let victim_data = payload(9090, 300_000);
     let victim = put(&client, &nodes[0], &victim_data).unwrap();
     let mut others = BTreeMap::new();
@@ -796,7 +803,7 @@ fn a_replica_that_cannot_be_opened_is_reported_and_retried() {
     for n in nodes.iter_mut() {
         n.start();
     }
-    let client = Client::new();
+    let client = support::client();
     wait_until("n2 reports the replica it cannot open", Duration::from_secs(20), || {
         show(&etcd)["live"]["n2"]["unopened"]["0"].is_string()
     });
@@ -821,7 +828,7 @@ fn ttl_changes_replicate_once_and_settle() {
     let root = tempfile::tempdir().unwrap();
     let nodes = started_cluster(root.path(), &etcd, 3, 1);
     let refs: Vec<&Node> = nodes.iter().collect();
-    let client = Client::new();
+    let client = support::client();
     let id = put(&client, &nodes[0], b"a blob whose expiry changes").unwrap();
     let ttl = |node: &Node, body: &str| {
         let r = client.put(node.url(&format!("/v1/blobs/{id}/ttl"))).body(body.to_owned()).send().unwrap();
@@ -862,7 +869,7 @@ fn a_record_lost_from_one_replicas_index_comes_back_by_anti_entropy() {
     let mut nodes = started_cluster_with(root.path(), &etcd, 3, 1, |n| {
         n.extra = ["--anti-entropy-interval-secs", "2", "--checkpoint-interval-ms", "100"].map(String::from).to_vec();
     });
-    let client = Client::new();
+    let client = support::client();
     let mut blobs = BTreeMap::new();
     for seed in 0..20u64 {
         let data = payload(seed, 3000 + seed as usize);
@@ -936,7 +943,7 @@ fn a_replica_behind_the_retained_journal_bootstraps_from_the_index() {
         n.extra = ["--journal-retain-entries", "30"].map(String::from).to_vec();
     });
     nodes[2].kill9();
-    let client = Client::new();
+    let client = support::client();
     let mut blobs = BTreeMap::new();
     for seed in 0..100u64 {
         let data = payload(seed, 1000 + seed as usize);
@@ -947,9 +954,10 @@ fn a_replica_behind_the_retained_journal_bootstraps_from_the_index() {
         assert_eq!(client.delete(nodes[0].url(&format!("/v1/blobs/{id}"))).send().unwrap().status(), 204);
         blobs.remove(id);
     }
+    let replica_client = support::node_client(&nodes[0].etcd, "default", "c1");
     let page = |node: &Node| -> Value {
         let url = node.url("/replica/v1/partitions/0/journal?from=0&limit=1");
-        client.get(url).send().unwrap().json().unwrap()
+        replica_client.get(url).send().unwrap().json().unwrap()
     };
     wait_until("n0's journal truncated to its last 30 entries", Duration::from_secs(40), || {
         let p = page(&nodes[0]);
@@ -983,7 +991,7 @@ fn a_request_id_follows_a_write_into_every_replicas_log() {
     let nodes = started_cluster_with(root.path(), &etcd, 3, 1, |n| {
         n.log = Some(root.path().join(format!("{}.log", n.id)));
     });
-    let client = Client::new();
+    let client = support::client();
     let r = client.post(nodes[0].url("/v1/blobs")).header("x-request-id", "trace-me-42").body("hello").send().unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["x-request-id"], "trace-me-42");
@@ -1013,12 +1021,12 @@ fn a_replica_away_while_its_partition_filled_takes_everything_it_missed() {
         n.start();
     }
     wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
-    let client = Client::new();
+    let client = support::client();
     // A write only n2 got (its peers frozen meanwhile), then n2 is away.
     nodes[0].signal("-STOP");
     nodes[1].signal("-STOP");
     let orphan = cairn_common::BlobId::generate(0);
-    put_on_replica(&client, &nodes[2], orphan, &payload(4242, 120_000));
+    put_on_replica(&nodes[2], orphan, &payload(4242, 120_000));
     nodes[2].kill9();
     nodes[0].signal("-CONT");
     nodes[1].signal("-CONT");
@@ -1049,4 +1057,112 @@ fn a_replica_away_while_its_partition_filled_takes_everything_it_missed() {
         let list: Vec<Value> = client.get(nodes[2].url("/v1/admin/replicas")).send().unwrap().json().unwrap();
         list.len() == 2 && list.iter().all(|p| p["lag_entries"] == 0 && p["owed_entries"] == 0)
     });
+}
+
+/// A key made with `cairn keys create`: its token.
+fn create_key(etcd: &EtcdServer, name: &str, scopes: &str) -> String {
+    let out = Command::new(binary("cairn"))
+        .args(["keys", "create", "--etcd", &etcd.endpoint(), "--cluster", "c1", "--name", name, "--scope", scopes])
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cairn keys create: {}", String::from_utf8_lossy(&out.stderr));
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        made["token"].as_str().unwrap(),
+        format!("{}.{}", made["id"].as_str().unwrap(), made["secret"].as_str().unwrap())
+    );
+    made["token"].as_str().unwrap().to_owned()
+}
+
+fn with_token(token: &str) -> Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// Keys made with the CLI work on every node within their scopes, and a revoked one stops
+/// working everywhere within seconds; replica routes take only the node token.
+#[test]
+fn access_keys_work_cluster_wide_within_their_scopes_until_revoked() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let nodes = started_cluster(root.path(), &etcd, 3, 2);
+    let (reader, writer, deleter) = (
+        create_key(&etcd, "reader", "read"),
+        create_key(&etcd, "writer", "write"),
+        create_key(&etcd, "cleaner", "read,delete"),
+    );
+    let (reader_client, writer_client, deleter_client) =
+        (with_token(&reader), with_token(&writer), with_token(&deleter));
+    let status = |client: &Client, request: fn(&Client, String) -> reqwest::blocking::RequestBuilder, url: String| {
+        request(client, url).send().unwrap().status().as_u16()
+    };
+    let get = |c: &Client, u: String| c.get(u);
+    let post = |c: &Client, u: String| c.post(u).body("scoped");
+    let delete = |c: &Client, u: String| c.delete(u);
+
+    let id = put(&writer_client, &nodes[0], b"scoped").unwrap();
+    let blob = |n: &Node| n.url(&format!("/v1/blobs/{id}"));
+    for node in &nodes {
+        assert_eq!(status(&reader_client, get, blob(node)), 200, "{} reads with a read key", node.id);
+        assert_eq!(status(&writer_client, get, blob(node)), 403, "a write key cannot read");
+        assert_eq!(status(&reader_client, post, node.url("/v1/blobs")), 403, "a read key cannot write");
+        assert_eq!(status(&reader_client, delete, blob(node)), 403, "a read key cannot delete");
+        assert_eq!(status(&reader_client, get, node.url("/v1/admin/replicas")), 403, "admin routes need admin");
+        let ttl = writer_client.put(blob(node)).body("{\"ttl_seconds\": 1}").send().unwrap().status();
+        let ttl_url = node.url(&format!("/v1/blobs/{id}/ttl"));
+        let ttl_status = writer_client.put(ttl_url).body("{\"ttl_seconds\": 1}").send().unwrap().status();
+        assert_eq!((ttl.as_u16(), ttl_status.as_u16()), (403, 403), "a TTL change can end a blob: delete scope");
+        assert_eq!(status(&Client::new(), get, blob(node)), 401, "nobody without a key");
+    }
+    let r = writer_client.get(blob(&nodes[1])).send().unwrap().json::<Value>().unwrap();
+    assert_eq!(r["error"]["code"], "forbidden");
+    assert!(r["error"]["message"].as_str().unwrap().contains("no read scope"), "{r}");
+
+    // `keys list` shows the keys, never a secret.
+    let out = Command::new(binary("cairn"))
+        .args(["keys", "list", "--etcd", &etcd.endpoint(), "--cluster", "c1"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    for token in [&reader, &writer, &deleter] {
+        let (key_id, secret) = token.split_once('.').unwrap();
+        assert!(list.contains(key_id) && !list.contains(secret), "{list}");
+    }
+
+    // Revoked: every node refuses the key within seconds (each watches etcd).
+    let reader_id = reader.split_once('.').unwrap().0;
+    let out = Command::new(binary("cairn"))
+        .args(["keys", "revoke", "--etcd", &etcd.endpoint(), "--cluster", "c1", reader_id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked = Instant::now();
+    wait_until("the revoked key refused by every node", Duration::from_secs(5), || {
+        nodes.iter().all(|n| status(&reader_client, get, blob(n)) == 401)
+    });
+    eprintln!("revocation took effect on every node in {:?}", revoked.elapsed());
+    // Revoking it again says there is no such key.
+    let out = Command::new(binary("cairn"))
+        .args(["keys", "revoke", "--etcd", &etcd.endpoint(), "--cluster", "c1", reader_id])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no key"));
+    assert_eq!(status(&deleter_client, delete, blob(&nodes[2])), 204, "the delete key deletes");
+
+    // Replica routes: the node token alone, whatever else is presented.
+    let journal = |n: &Node| n.url("/replica/v1/partitions/0/journal?from=0&limit=1");
+    let admin = support::client();
+    for node in &nodes {
+        assert_eq!(status(&admin, get, journal(node)), 401, "an admin key is no datanode");
+        assert_eq!(status(&Client::new(), get, journal(node)), 401);
+        let forged = Client::new().get(journal(node)).header("x-cairn-node-token", "forged").send().unwrap();
+        assert_eq!(forged.status(), 401);
+        let peer = support::node_client(&etcd.endpoint(), "default", "c1");
+        assert_eq!(peer.get(journal(node)).send().unwrap().status(), 200);
+        // A delete through the replica API is the one that would wipe a blob on every replica.
+        let wipe = Client::new().delete(node.url(&format!("/replica/v1/blobs/{id}?if_present=false"))).send().unwrap();
+        assert_eq!(wipe.status(), 401);
+    }
 }

@@ -14,6 +14,7 @@ fn start_datanode(socket: &Path, addr: &str) -> KillOnDrop {
     let child = Command::new(binary("cairn-datanode"))
         .args(["--disk-agent", socket.to_str().unwrap(), "--listen", addr, "--partitions", "2"])
         .args(["--volume-size", "64MiB", "--segment-size", "16MiB", "--max-blob-size", "1MiB"])
+        .envs(cairn_testkit::keys::root_key_env())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -34,7 +35,7 @@ fn datanode_volumes_come_from_the_disk_agent() {
 
     let addr = format!("127.0.0.1:{}", free_port());
     let node = start_datanode(&socket, &addr);
-    let http = reqwest::blocking::Client::new();
+    let http = support::client();
     let put = http.post(format!("http://{addr}/v1/blobs")).body(vec![7u8; 300_000]).send().unwrap();
     assert_eq!(put.status(), 201);
     let id = put.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();
@@ -63,7 +64,7 @@ fn the_agent_never_deletes_a_volume_a_running_datanode_has_open() {
     let (_agent, socket) = disk_with_agent(&mut m, "n1", 256 << 20);
     let addr = format!("127.0.0.1:{}", free_port());
     let node = start_datanode(&socket, &addr);
-    let http = reqwest::blocking::Client::new();
+    let http = support::client();
     let put = http.post(format!("http://{addr}/v1/blobs")).body(vec![7u8; 1000]).send().unwrap();
     assert_eq!(put.status(), 201);
     let id = put.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();

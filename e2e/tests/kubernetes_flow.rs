@@ -183,7 +183,8 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
     assert!(out.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(1) == Some("Ready")), "{out}");
 
     // Writes through the Service (its ready endpoints), read back from every datanode.
-    let client = reqwest::Client::new();
+    support::install_test_key_async(&etcd.endpoint(), "store", "c1").await;
+    let client = support::async_client();
     let endpoints = nodes.endpoints("store", "c1").await;
     assert_eq!(endpoints.len(), 4, "{endpoints:?}");
     let mut blobs = Vec::new();

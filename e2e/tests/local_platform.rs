@@ -134,11 +134,12 @@ async fn check_all(client: &reqwest::Client, port: u16, blobs: &BTreeMap<String,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     let etcd = EtcdServer::start();
+    support::install_test_key_async(&etcd.endpoint(), "default", "c1").await;
     let mut disks = Machine::new();
     let (_agents, machines) = machines_with_agents(&mut disks, &["a", "b", "c", "a"]);
     let spec = spec(&etcd.endpoint());
     let new_platform = |machines: Vec<LocalMachine>| platform_for(&etcd, machines);
-    let client = reqwest::Client::new();
+    let client = support::async_client();
 
     // Create: three machines.
     let platform = new_platform(machines[..3].to_vec());
@@ -256,11 +257,12 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_that_cannot_plan_still_serves_what_exists() {
     let etcd = EtcdServer::start();
+    support::install_test_key_async(&etcd.endpoint(), "default", "c1").await;
     let mut disks = Machine::new();
     let (_agents, machines) = machines_with_agents(&mut disks, &["a", "b", "c"]);
     let spec = spec(&etcd.endpoint());
     let new_platform = |machines: Vec<LocalMachine>| platform_for(&etcd, machines);
-    let client = reqwest::Client::new();
+    let client = support::async_client();
     let platform = new_platform(machines.clone());
     converge_until_ready(&platform, &spec).await;
     let mut blobs = BTreeMap::new();
@@ -305,12 +307,13 @@ async fn a_pass_that_cannot_plan_still_serves_what_exists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_dropped_by_hand_keeps_its_volume() {
     let etcd = EtcdServer::start();
+    support::install_test_key_async(&etcd.endpoint(), "default", "c1").await;
     let mut disks = Machine::new();
     let (_agents, machines) = machines_with_agents(&mut disks, &["a", "b", "c", "d"]);
     let spec = spec(&etcd.endpoint());
     let platform = platform_for(&etcd, machines.clone());
     converge_until_ready(&platform, &spec).await;
-    let client = reqwest::Client::new();
+    let client = support::async_client();
     let mut blobs = BTreeMap::new();
     for seed in 0..20u64 {
         let data = payload(seed, 5_000);

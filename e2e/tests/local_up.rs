@@ -105,6 +105,14 @@ fn small_cluster(m: &cairn_testkit::machine::Machine) -> std::path::PathBuf {
 }
 
 /// `cairn ARGS` (or `kubectl-cairn ARGS` through a symlink): exit code and stdout.
+/// A client with the admin key `cairn local up` made (its token in DIR/admin-token).
+fn admin_client(dir: &std::path::Path) -> reqwest::blocking::Client {
+    let token = std::fs::read_to_string(dir.join("admin-token")).unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", token.trim()).parse().unwrap());
+    reqwest::blocking::Client::builder().default_headers(headers).build().unwrap()
+}
+
 fn cairn(program: &std::path::Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(program).args(args).stderr(Stdio::inherit()).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8(out.stdout).unwrap())
@@ -125,9 +133,19 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     assert_eq!(code, 0, "{progress}");
     assert!(progress.lines().last().unwrap().contains(" Ready: 3 datanodes, 6 partitions"), "{progress}");
     up.wait_for(": ready");
-    up.wait_for("Blob API");
+    let announcement = up.wait_for("Authorization: Bearer $CAIRN_TOKEN");
+    assert!(announcement.iter().any(|l| l.contains("export CAIRN_TOKEN=")), "{announcement:?}");
+    // The admin key's token is the owner's alone; without it the blob API lets no one in.
+    let token_file = dir.path().join("admin-token");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file).unwrap().permissions()) & 0o777,
+        0o600
+    );
+    let anonymous =
+        reqwest::blocking::Client::new().post(format!("http://127.0.0.1:{port}/v1/blobs")).body("x").send().unwrap();
+    assert_eq!(anonymous.status(), 401);
 
-    let client = reqwest::blocking::Client::new();
+    let client = admin_client(dir.path());
     let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body("kept across restarts").send().unwrap();
     assert_eq!(r.status(), 201);
     let id = r.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();
@@ -395,7 +413,7 @@ fn local_up_scales_in_by_draining_the_machine_left_out() {
     };
     let up = LocalUp::from_child(run(4, &[]).stdout(Stdio::piped()).spawn().unwrap());
     up.wait_for("cluster small: ready");
-    let client = reqwest::blocking::Client::new();
+    let client = admin_client(&dir);
     let mut blobs = Vec::new();
     for i in 0..12u8 {
         let r =
@@ -463,7 +481,7 @@ fn a_wiped_disk_is_refused_served_around_and_accepted_with_the_printed_command()
     };
     let up = LocalUp::from_child(run().spawn().unwrap());
     up.wait_for("cluster small: ready");
-    let client = reqwest::blocking::Client::new();
+    let client = admin_client(&dir);
     let mut blobs = Vec::new();
     for i in 0..6u8 {
         let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body(vec![i; 3000]).send().unwrap();

@@ -66,6 +66,10 @@ pub fn check_spec(spec: &StoreClusterSpec) -> Result<(u64, u64, Option<u64>), Sp
         volume_size_bytes: volume,
         segment_size_bytes: segment,
         max_blob_size_bytes: max_blob,
+        auth: match spec.auth {
+            cairn_resources::store_cluster::ClusterAuth::Keys => cairn_cluster::AuthMode::Keys,
+            cairn_resources::store_cluster::ClusterAuth::None => cairn_cluster::AuthMode::None,
+        },
     };
     config.validate().map_err(|reason| SpecError::Invalid { field: "spec", reason })?;
     Ok((volume, segment, max_blob))
@@ -178,6 +182,10 @@ pub fn desired(
         volume_size_bytes: volume,
         segment_size_bytes: segment,
         max_blob_size_bytes: max_blob,
+        auth: match spec.auth {
+            cairn_resources::store_cluster::ClusterAuth::Keys => cairn_cluster::AuthMode::Keys,
+            cairn_resources::store_cluster::ClusterAuth::None => cairn_cluster::AuthMode::None,
+        },
     };
     config.validate().map_err(|reason| SpecError::Invalid { field: "spec", reason })?;
     nodes.sort_by(|a, b| a.id.cmp(&b.id));

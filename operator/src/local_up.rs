@@ -16,6 +16,41 @@ use crate::status::{Note, Observation};
 
 /// The etcd namespace of a local cluster's keys.
 pub const NAMESPACE: &str = "local";
+/// The token of the admin key `cairn local up` makes, in its directory (mode 0600).
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// The local cluster's admin key: made on the first start (its token written to
+/// `DIR/admin-token`, readable by the owner only), put back into etcd from that file on a later
+/// start if etcd lost it. The file's path.
+async fn admin_key(dir: &Path, etcd_url: &str, cluster: &str) -> anyhow::Result<PathBuf> {
+    use cairn_cluster::access::{self, AccessKey, Scope};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd_url.to_owned()], NAMESPACE, cluster).await?;
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    let admin = || [Scope::Admin].into_iter().collect();
+    let key = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let (id, secret) =
+                access::parse_token(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            AccessKey::from_parts(id, secret, "local admin", admin())?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+            let (key, secret) = AccessKey::generate("local admin", admin(), now)?;
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            file.write_all(format!("{}\n", access::token(&key.id, &secret)).as_bytes())?;
+            file.sync_all()?;
+            key
+        }
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    if !store.load().await?.keys.contains_key(&key.id) {
+        store.create_key(&key).await?;
+    }
+    Ok(path)
+}
+
 /// What `cairn local up` keeps in its directory for `cairn status --local`.
 pub const STATE_FILE: &str = "cluster.json";
 /// Held (flock) by the `cairn local up` running in the directory.
@@ -425,6 +460,12 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
         LocalPlatform::new(&name, NAMESPACE, vec![etcd_url.clone()], sibling("cairn-datanode"), machines);
     platform.log_dir = Some(logs.clone());
 
+    let admin = match spec.auth {
+        cairn_resources::store_cluster::ClusterAuth::Keys => {
+            Some(admin_key(dir, &etcd_url, &name).await.map_err(|e| e.context("making the admin key"))?)
+        }
+        cairn_resources::store_cluster::ClusterAuth::None => None,
+    };
     let mut state = LocalState::start(dir, &name, &spec, platform.local_machines());
     state.save(dir)?;
     let mut announced = false;
@@ -489,10 +530,24 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
                 state.save(dir)?;
             }
             let (first, last) = (options.port, options.port + options.machines as u16 - 1);
+            let (auth, header) = match &admin {
+                Some(token) => (
+                    format!(
+                        "An admin key's token is in {token} (more keys: cairn keys create --etcd {etcd_url} \
+                         --namespace {NAMESPACE} --cluster {name} --name app --scope read,write):\n  \
+                         export CAIRN_TOKEN=$(cat {token})\n  ",
+                        token = token.display()
+                    ),
+                    "-H \"Authorization: Bearer $CAIRN_TOKEN\" ",
+                ),
+                None => {
+                    ("auth: None — anyone who can reach these ports may read, write and delete blobs.\n  ".into(), "")
+                }
+            };
             say(&format!(
                 "\nBlob API: http://127.0.0.1:{first} (every datanode serves it: ports {first}–{last}; blobs up to {largest})\n  \
-                 curl -s -X POST --data-binary @file http://127.0.0.1:{first}/v1/blobs\n  \
-                 curl -s http://127.0.0.1:{first}/v1/blobs/<id>\n  \
+                 {auth}curl -s {header}-X POST --data-binary @file http://127.0.0.1:{first}/v1/blobs\n  \
+                 curl -s {header}http://127.0.0.1:{first}/v1/blobs/<id>\n  \
                  cairn status --local {dir}     (also: cairn disks --local, cairn topology --local)\n\
                  Data and logs: {dir}. Ctrl-C stops everything; starting again reuses the data.\n",
                 dir = dir.display()

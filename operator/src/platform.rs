@@ -571,6 +571,8 @@ fn datanode_http() -> &'static reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     CLIENT.get_or_init(|| {
         reqwest::Client::builder()
+            // The node token goes to datanodes only, never on to wherever a redirect points.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(std::time::Duration::from_secs(2))
             .connect_timeout(std::time::Duration::from_secs(2))
             .build()
@@ -584,7 +586,7 @@ pub use cairn_cluster::admin::ReplicaProgress;
 async fn progress_of(snapshot: &Snapshot) -> BTreeMap<String, Option<Vec<ReplicaProgress>>> {
     let mut out = BTreeMap::new();
     for (node, live) in &snapshot.live {
-        out.insert(node.clone(), replica_progress(&live.address).await);
+        out.insert(node.clone(), replica_progress(snapshot, &live.address).await);
     }
     out
 }
@@ -615,18 +617,26 @@ pub const USAGE_PATH: &str = "/v1/admin/usage";
 
 /// A datanode admin route's JSON, read directly from the datanode at `address`; `None` when it
 /// does not answer (within 2 s) or answers with an error.
-pub async fn datanode_admin<T: serde::de::DeserializeOwned>(address: &str, path: &str) -> Option<T> {
-    let response = datanode_http().get(format!("http://{address}{path}")).send().await.ok()?;
+pub async fn datanode_admin<T: serde::de::DeserializeOwned>(
+    snapshot: &Snapshot,
+    address: &str,
+    path: &str,
+) -> Option<T> {
+    let mut request = datanode_http().get(format!("http://{address}{path}"));
+    if let Some(token) = &snapshot.node_token {
+        request = request.header(cairn_cluster::access::NODE_TOKEN_HEADER, token.expose());
+    }
+    let response = request.send().await.ok()?;
     response.error_for_status().ok()?.json::<T>().await.ok()
 }
 
 /// A datanode's replication progress, or `None` when it does not answer within 2 s.
-pub async fn replica_progress(address: &str) -> Option<Vec<ReplicaProgress>> {
-    datanode_admin(address, REPLICAS_PATH).await
+pub async fn replica_progress(snapshot: &Snapshot, address: &str) -> Option<Vec<ReplicaProgress>> {
+    datanode_admin(snapshot, address, REPLICAS_PATH).await
 }
 
 async fn replicas_of(snapshot: &Snapshot, node: &str) -> Option<Vec<ReplicaProgress>> {
-    replica_progress(&snapshot.live.get(node)?.address).await
+    replica_progress(snapshot, &snapshot.live.get(node)?.address).await
 }
 
 /// Whether the replicas of `partition` on `nodes` have pulled everything from every peer.
@@ -706,8 +716,8 @@ pub fn capacity<'a>(disks: impl IntoIterator<Item = &'a DiskReport>) -> Capacity
 
 /// What the replicas of a datanode hold (`GET /v1/admin/usage`), or `None` when it does not
 /// answer within 2 s.
-pub async fn replica_usage(address: &str) -> Option<Vec<ReplicaUsage>> {
-    datanode_admin(address, USAGE_PATH).await
+pub async fn replica_usage(snapshot: &Snapshot, address: &str) -> Option<Vec<ReplicaUsage>> {
+    datanode_admin(snapshot, address, USAGE_PATH).await
 }
 
 #[cfg(test)]

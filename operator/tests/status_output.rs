@@ -299,6 +299,7 @@ fn topology_as_the_datanodes_see_it() {
             volume_size_bytes: 64 * GIB,
             segment_size_bytes: GIB,
             max_blob_size_bytes: None,
+            auth: Default::default(),
         }),
         nodes: [node("n0", "a"), node("n1", "b"), node("n2", "c")].into_iter().map(|n| (n.id.clone(), n)).collect(),
         partitions: BTreeMap::from([

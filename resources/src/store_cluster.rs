@@ -68,6 +68,10 @@ pub struct StoreClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('1')) >= 0 && quantity(self).compareTo(quantity('4Gi')) <= 0").message("maxBlobSize must be a quantity from 1 to 4Gi"))]
     pub max_blob_size: Option<String>,
+    /// Who may call the blob API: `Keys` (default; access keys with scopes, see
+    /// docs/security.md) or `None` (anyone who can reach a datanode: a playground only).
+    #[serde(default)]
+    pub auth: ClusterAuth,
     #[serde(default = "default_replication")]
     #[schemars(range(min = 1, max = 7))]
     pub replication_factor: u32,
@@ -173,6 +177,13 @@ pub struct EtcdSpec {
     /// Secret with `ca.crt`, `tls.crt`, `tls.key` for a TLS etcd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum ClusterAuth {
+    #[default]
+    Keys,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

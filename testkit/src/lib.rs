@@ -26,6 +26,7 @@
 pub mod admission;
 pub mod discovery;
 pub mod etcd;
+pub mod keys;
 pub mod kubelet;
 pub mod machine;
 pub mod rbac;
@@ -504,10 +505,39 @@ impl MemoryApi {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
+        // As kube-apiserver: the client's headers go on, except hop-by-hop ones and the
+        // credentials the API server itself consumed (its authentication filter deletes
+        // `Authorization`; here the user header stands for it).
+        let mut passed = String::new();
+        for (name, value) in headers {
+            let consumed = [
+                "host",
+                "content-length",
+                "connection",
+                "keep-alive",
+                "proxy-authorization",
+                "proxy-connection",
+                "te",
+                "trailer",
+                "transfer-encoding",
+                "upgrade",
+                "authorization",
+                USER_HEADER,
+            ];
+            if consumed.iter().any(|c| name.as_str().eq_ignore_ascii_case(c)) {
+                continue;
+            }
+            if let Ok(value) = value.to_str() {
+                passed += &format!("{name}: {value}\r\n");
+            }
+        }
         let forwarded = async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut stream = tokio::net::TcpStream::connect(&address).await?;
-            let head = format!("{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n", body.len());
+            let head = format!(
+                "{method} {path} HTTP/1.0\r\nHost: {address}\r\n{passed}Content-Length: {}\r\n\r\n",
+                body.len()
+            );
             stream.write_all(head.as_bytes()).await?;
             stream.write_all(body).await?;
             let mut answer = Vec::new();

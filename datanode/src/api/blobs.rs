@@ -82,6 +82,7 @@ fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>
         ("X-Cairn-Meta-*" = Option<String>, Header, description = "User metadata, 4 KiB in total"),
     ),
     responses(
+        (status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody),
         (status = 201, description = "Stored durably", body = PutResponse, headers(("Location" = String))),
         (status = 400, description = "Invalid header or metadata", body = ErrorBody),
         (status = 413, description = "Blob too large", body = ErrorBody),
@@ -146,6 +147,7 @@ fn blob_headers(reader: &BlobReader) -> HeaderMap {
     params(("id" = String, Path, description = "Blob id"), GetParams,
         ("Range" = Option<String>, Header, description = "One byte range, e.g. bytes=0-1023")),
     responses(
+        (status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody),
         (status = 200, description = "The blob", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 206, description = "The requested range", body = Vec<u8>),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -273,7 +275,7 @@ pub(crate) async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> 
 /// Blob headers without the body.
 #[utoipa::path(head, path = "/v1/blobs/{id}", tag = "blobs",
     params(("id" = String, Path, description = "Blob id")),
-    responses((status = 200, description = "Headers of the blob"), (status = 400), (status = 404), (status = 410)))]
+    responses((status = 401), (status = 403), (status = 200, description = "Headers of the blob"), (status = 400), (status = 404), (status = 410)))]
 pub async fn head_blob(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -294,6 +296,7 @@ pub async fn head_blob(
 #[utoipa::path(delete, path = "/v1/blobs/{id}", tag = "blobs",
     params(("id" = String, Path, description = "Blob id")),
     responses(
+        (status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody),
         (status = 204, description = "Deleted (durably)"),
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such blob", body = ErrorBody),
@@ -308,7 +311,7 @@ pub async fn delete_blob(State(state): State<AppState>, Path(raw): Path<String>)
 /// Size, content type, times and metadata of a blob.
 #[utoipa::path(get, path = "/v1/blobs/{id}/info", tag = "blobs",
     params(("id" = String, Path, description = "Blob id")),
-    responses((status = 200, body = BlobInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
+    responses((status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody), (status = 200, body = BlobInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
 pub async fn blob_info(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -337,7 +340,7 @@ async fn local_info(state: &AppState, id: BlobId) -> Result<BlobInfo, ApiError> 
 #[utoipa::path(put, path = "/v1/blobs/{id}/ttl", tag = "blobs",
     params(("id" = String, Path, description = "Blob id")),
     request_body = TtlUpdate,
-    responses((status = 204, description = "Updated durably"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
+    responses((status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody), (status = 204, description = "Updated durably"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
 pub async fn update_ttl(
     State(state): State<AppState>,
     Path(raw): Path<String>,

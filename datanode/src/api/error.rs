@@ -61,6 +61,15 @@ pub enum ApiError {
     /// Too few replicas answered for a write quorum (or for any read).
     #[error("{0}")]
     NoQuorum(String),
+    /// No credentials, or credentials that are not valid.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials without the scope the route needs.
+    #[error("{0}")]
+    Forbidden(String),
+    /// This client address failed authentication too often: try again after that many seconds.
+    #[error("too many failed authentications from this address: try again in {0} s")]
+    TooManyAuthFailures(u64),
     #[error("{0}")]
     Internal(String),
 }
@@ -83,6 +92,8 @@ pub struct ErrorDetail {
 pub fn code_for_status(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 => "invalid_request",
+        401 => "unauthenticated",
+        403 => "forbidden",
         404 => "route_not_found",
         405 => "method_not_allowed",
         408 => "request_timeout",
@@ -91,6 +102,7 @@ pub fn code_for_status(status: StatusCode) -> &'static str {
         414 => "uri_too_long",
         415 => "unsupported_media_type",
         422 => "invalid_body",
+        429 => "too_many_requests",
         431 => "headers_too_large",
         503 => "unavailable",
         s if s >= 500 => "internal_error",
@@ -143,6 +155,9 @@ impl ApiError {
             ApiError::Integrity(_) => "integrity_error",
             ApiError::NoReplica(_) => "no_replica_here",
             ApiError::NoQuorum(_) => "no_quorum",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::TooManyAuthFailures(_) => "too_many_auth_failures",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -166,6 +181,9 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::NoReplica(_) => StatusCode::MISDIRECTED_REQUEST,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Integrity(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -216,10 +234,14 @@ impl IntoResponse for ApiError {
             ApiError::Busy(_) | ApiError::UploadBusy(_) => {
                 response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            ApiError::TooManyAuthFailures(seconds) => {
+                response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
             _ => {}
         }
         // Refused before its body was read: the connection cannot be reused (the rest of the body
         // would be read as the next request), so say so, and clients do not send on it again.
+        // (Authentication's refusals say so themselves when the request had a body.)
         if matches!(self, ApiError::PayloadTooLarge(_) | ApiError::RequestTimeout(_) | ApiError::UploadBusy(_)) {
             response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
         }

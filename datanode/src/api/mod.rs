@@ -1,5 +1,6 @@
 //! The datanode's HTTP API.
 
+pub mod auth;
 pub mod blobs;
 pub mod error;
 pub mod limits;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub uploads: Arc<upload::UploadBudget>,
     /// A standalone store, or a cluster that routes requests across replicas.
     pub front: Front,
+    /// Who may call which route ([`auth::authorize`]).
+    pub auth: Arc<auth::Auth>,
 }
 
 impl AppState {
@@ -75,9 +78,41 @@ impl AppState {
         error::ErrorDetail,
         Readiness,
         VolumeReadiness
-    ))
+    )),
+    modifiers(&SecuritySchemes),
+    security(("bearer" = []))
 )]
 pub struct ApiDoc;
+
+/// The schemes of docs/security.md: an access key's bearer token on the blob API, the node token
+/// (or an admin key) on admin routes; routes marked `security(())` are open.
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("<key id>.<secret>")
+                    .description(Some(
+                        "An access key's token (docs/security.md): 401 without it, 403 without the route's scope",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "node_token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                cairn_cluster::access::NODE_TOKEN_HEADER,
+                "The cluster's node token: datanodes, the operator and `cairn status`",
+            ))),
+        );
+    }
+}
 
 /// The node's routes: the public API, and in a cluster the replica API (`replica`).
 pub fn router(state: AppState, replica: Option<replica::ReplicaState>) -> Router {
@@ -99,6 +134,7 @@ pub fn router(state: AppState, replica: Option<replica::ReplicaState>) -> Router
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state.clone())
         .merge(replica_routes)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(middleware::from_fn_with_state(state, track))
 }
 
@@ -174,7 +210,7 @@ fn method_label(method: &axum::http::Method) -> String {
 }
 
 /// Replication progress of each local replica behind each peer (empty on a standalone node).
-#[utoipa::path(get, path = "/v1/admin/replicas", tag = "operations",
+#[utoipa::path(get, path = "/v1/admin/replicas", tag = "operations", security(("bearer" = []), ("node_token" = [])),
     responses((status = 200, description = "One entry per (partition, peer)", body = Vec<Object>)))]
 async fn admin_replicas(State(state): State<AppState>) -> Response {
     let list = state.front.cluster().map(|c| c.replication.list()).unwrap_or_default();
@@ -182,7 +218,7 @@ async fn admin_replicas(State(state): State<AppState>) -> Response {
 }
 
 /// What each local replica holds: blobs, stored and reclaimable bytes (`cairn status` adds them up).
-#[utoipa::path(get, path = "/v1/admin/usage", tag = "operations",
+#[utoipa::path(get, path = "/v1/admin/usage", tag = "operations", security(("bearer" = []), ("node_token" = [])),
     responses((status = 200, description = "One entry per local replica", body = Vec<Object>)))]
 async fn admin_usage(State(state): State<AppState>) -> Response {
     let volumes = state.store.volumes();
@@ -205,7 +241,7 @@ async fn admin_usage(State(state): State<AppState>) -> Response {
 }
 
 /// The process is up.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive", body = String)))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Alive", body = String)))]
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -230,7 +266,7 @@ struct VolumeReadiness {
 }
 
 /// Ready when every volume is open and none has failed (a full volume still serves reads).
-#[utoipa::path(get, path = "/readyz", tag = "operations",
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
     responses((status = 200, body = Readiness), (status = 503, description = "A volume failed", body = Readiness)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let volumes: Vec<VolumeReadiness> = state
@@ -254,7 +290,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics, text format.
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", body = String)))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", security((), ("bearer" = []), ("node_token" = [])), responses((status = 200, description = "Prometheus text format", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     state.store.update_gauges();
     let body = state.metrics.encode();
@@ -262,7 +298,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3.1 document")))]
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", security((), ("bearer" = []), ("node_token" = [])), responses((status = 200, description = "OpenAPI 3.1 document")))]
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::Layer;
+use tower::{Layer, ServiceExt};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 /// Limits of the HTTP server.
@@ -118,7 +118,12 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(WriteActivity::default());
         let io = TokioIo::new(JsonParseErrors::new(WriteTimeout::new(stream, activity.clone())));
-        let connection = builder.serve_connection(io, TowerToHyperService::new(service.clone()));
+        // Each request knows the address it came from (authentication limits failures by it).
+        let service = service.clone().map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            request
+        });
+        let connection = builder.serve_connection(io, TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         let write_limit = limits.body_timeout;
         connections.spawn(async move {

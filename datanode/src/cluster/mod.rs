@@ -94,6 +94,8 @@ pub struct Cluster {
     /// How far each peer has pulled each local replica's journal (from its journal requests).
     pub journal_acks: JournalAcks,
     volume_config: VolumeConfig,
+    /// The node token this node sends to its peers (and accepts, besides etcd's).
+    node_token: cairn_cluster::access::Secret,
     /// The partition new blobs go to, held for a few ms (see `WriteAffinity`).
     write_affinity: crate::store::WriteAffinity,
     /// Replica writes queued for each peer node (see `router::put_on_peer`).
@@ -125,9 +127,18 @@ impl Cluster {
                     let labels = crate::metrics::EtcdCallLabels { call };
                     metrics.etcd_request_seconds.get_or_create(&labels).observe(took.as_secs_f64());
                 }));
+        // Replica calls carry the cluster's node token (made by the first node if need be).
+        let node_token = etcd.ensure_node_token(&cairn_cluster::access::new_node_token()).await?;
         let initial = etcd.load().await?;
         let view = etcd.watch(initial, cancel.clone());
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut token = reqwest::header::HeaderValue::from_str(node_token.expose())?;
+        token.set_sensitive(true);
+        headers.insert(cairn_cluster::access::NODE_TOKEN_HEADER, token);
         let http = reqwest::Client::builder()
+            .default_headers(headers)
+            // The token goes to peers only: never on to wherever a redirect points.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(2))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
@@ -143,6 +154,7 @@ impl Cluster {
             volume_config,
             pullers: Mutex::default(),
             write_affinity: Default::default(),
+            node_token,
             peer_writes: Mutex::default(),
             replicas: watch::Sender::new(0),
             unopened: Mutex::default(),
@@ -223,6 +235,13 @@ impl Cluster {
                     }
                     let snapshot = view.borrow_and_update().clone();
                     cluster.reconcile(&snapshot).await;
+                    // The token record gone (deleted by hand, or by an older binary's topology
+                    // write): put this node's back, the one every running peer sends.
+                    if snapshot.node_token.is_none() {
+                        if let Err(e) = cluster.etcd.ensure_node_token(&cluster.node_token).await {
+                            tracing::warn!(error = %e, "the cluster's node token could not be put back");
+                        }
+                    }
                 }
             }
         });
@@ -231,6 +250,11 @@ impl Cluster {
 
     pub fn node_id(&self) -> &str {
         &self.options.node_id
+    }
+
+    /// The node token this node was started with (see docs/security.md).
+    pub fn node_token(&self) -> &cairn_cluster::access::Secret {
+        &self.node_token
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

@@ -611,6 +611,7 @@ mod tests {
             volume_size_bytes: 1 << 30,
             segment_size_bytes: 1 << 26,
             max_blob_size_bytes: None,
+            auth: Default::default(),
         }
     }
 

@@ -14,6 +14,17 @@ pub struct Datanode {
     child: Option<Child>,
 }
 
+/// A blocking client that authenticates with the test key (every node here has it as root key).
+pub fn client() -> reqwest::blocking::Client {
+    client_builder().build().unwrap()
+}
+
+pub fn client_builder() -> reqwest::blocking::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, cairn_testkit::keys::authorization().parse().unwrap());
+    reqwest::blocking::Client::builder().default_headers(headers)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -38,6 +49,7 @@ impl Datanode {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(&self.addr)
+            .envs(cairn_testkit::keys::root_key_env())
             .args(&self.extra)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -129,6 +141,7 @@ impl Drop for Datanode {
     }
 }
 
+#[allow(unused_imports)]
 pub use cairn_testkit::payload;
 
 /// PUTs blobs of `size` bytes until one is refused with `refused` (any other answer fails the

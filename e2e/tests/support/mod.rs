@@ -33,6 +33,65 @@ pub fn free_port_block(n: u16) -> u16 {
     }
 }
 
+fn auth_headers() -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, cairn_testkit::keys::authorization().parse().unwrap());
+    headers
+}
+
+/// A blocking client that authenticates with the test key ([`install_test_key`]).
+pub fn client() -> reqwest::blocking::Client {
+    client_builder().build().unwrap()
+}
+
+pub fn client_builder() -> reqwest::blocking::ClientBuilder {
+    reqwest::blocking::Client::builder().default_headers(auth_headers())
+}
+
+/// An async client that authenticates with the test key.
+pub fn async_client() -> reqwest::Client {
+    reqwest::Client::builder().default_headers(auth_headers()).build().unwrap()
+}
+
+/// Puts the test key (admin) into a cluster's etcd, as `cairn keys create` would a new one.
+pub async fn install_test_key_async(etcd: &str, namespace: &str, cluster: &str) {
+    install_test_key_tls(etcd, namespace, cluster, None).await
+}
+
+/// As [`install_test_key_async`], through TLS to etcd.
+pub async fn install_test_key_tls(
+    etcd: &str,
+    namespace: &str,
+    cluster: &str,
+    tls: Option<&cairn_cluster::etcd::EtcdTls>,
+) {
+    use cairn_cluster::access::{AccessKey, Scope};
+    use cairn_testkit::keys::{TEST_KEY_ID, TEST_KEY_SECRET};
+    let store =
+        cairn_cluster::etcd::ClusterStore::connect_tls(&[etcd.to_owned()], namespace, cluster, tls).await.unwrap();
+    let key =
+        AccessKey::from_parts(TEST_KEY_ID, TEST_KEY_SECRET, "test", [Scope::Admin].into_iter().collect()).unwrap();
+    store.create_key(&key).await.unwrap();
+}
+
+pub fn install_test_key(etcd: &str, namespace: &str, cluster: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(install_test_key_async(etcd, namespace, cluster));
+}
+
+/// A blocking client that calls replica routes as a datanode does: with the cluster's node token
+/// (from etcd; the first datanode made it).
+pub fn node_client(etcd: &str, namespace: &str, cluster: &str) -> reqwest::blocking::Client {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let token = runtime.block_on(async {
+        let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.to_owned()], namespace, cluster).await.unwrap();
+        store.load().await.unwrap().node_token.expect("a datanode has made the node token")
+    });
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(cairn_cluster::access::NODE_TOKEN_HEADER, token.expose().parse().unwrap());
+    reqwest::blocking::Client::builder().default_headers(headers).build().unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

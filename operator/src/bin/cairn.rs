@@ -128,6 +128,42 @@ enum Command {
         #[command(subcommand)]
         command: VolumesCommand,
     },
+    /// Access keys of a cluster's blob API (kept in etcd as hashes; docs/security.md).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a key; its secret is printed once, and only its hash is kept.
+    Create {
+        #[command(flatten)]
+        target: Target,
+        /// What the key is for (shown by `keys list`).
+        #[arg(long)]
+        name: String,
+        /// What it may do, comma-separated: read, write, delete, admin (everything).
+        #[arg(long, value_enum, value_delimiter = ',', required = true)]
+        scope: Vec<cairn_cluster::access::Scope>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// The cluster's keys (never their secrets).
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke a key: every datanode refuses it within seconds.
+    Revoke {
+        #[command(flatten)]
+        target: Target,
+        /// The key's id (CK…).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -282,8 +318,64 @@ async fn watch(selection: &Selection, timeout: Option<u64>) -> anyhow::Result<Ex
     }
 }
 
+/// `cairn keys …`.
+async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
+    use cairn_cluster::access::{self, AccessKey};
+    match command {
+        KeysCommand::Create { target, name, scope, output } => {
+            let store = target.store().await?;
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+            let (key, secret) = AccessKey::generate(&name, scope.into_iter().collect(), now_ms)?;
+            anyhow::ensure!(store.create_key(&key).await?, "key id {} is taken: try again", key.id);
+            let token = access::token(&key.id, &secret);
+            let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+            let value = serde_json::json!({
+                "id": key.id, "name": key.name, "scopes": scopes, "secret": secret.expose(), "token": token,
+            });
+            print(output, &value, || {
+                format!(
+                    "key {} ({}) made, scopes {}.\nIts secret is shown this once; send it as\n  Authorization: Bearer {token}\n",
+                    key.id,
+                    key.name,
+                    scopes.join(",")
+                )
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::List { target, output } => {
+            let snapshot = target.store().await?.load().await?;
+            let keys: Vec<&AccessKey> = snapshot.keys.values().collect();
+            let value: Vec<serde_json::Value> = keys
+                .iter()
+                .map(
+                    |k| serde_json::json!({"id": k.id, "name": k.name, "scopes": k.scopes, "created_ms": k.created_ms}),
+                )
+                .collect();
+            print(output, &value, || {
+                let mut rows = vec![vec!["ID".to_string(), "NAME".into(), "SCOPES".into()]];
+                for k in &keys {
+                    let scopes: Vec<&str> = k.scopes.iter().map(|s| s.as_str()).collect();
+                    rows.push(vec![k.id.clone(), k.name.clone(), scopes.join(",")]);
+                }
+                let mut out = String::new();
+                cairn_common::text::table(&mut out, &rows);
+                out
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Revoke { target, id } => {
+            access::check_id(&id)?;
+            let store = target.store().await?;
+            anyhow::ensure!(store.delete_key(&id).await?, "no key {id} in cluster {}", target.cluster);
+            println!("key {id} revoked");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Keys { command } => keys(command).await,
         Command::Status { name, select, watch: true, timeout, .. } => watch(&select.selection(name)?, timeout).await,
         Command::Status { name, select, output, watch: false, .. } => {
             let selection = select.selection(name)?;

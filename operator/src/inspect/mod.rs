@@ -162,6 +162,7 @@ impl Source {
     async fn datanode<T: serde::de::DeserializeOwned>(
         &self,
         sc: &StoreCluster,
+        snapshot: &cairn_cluster::etcd::Snapshot,
         node: &str,
         address: &str,
         path: &str,
@@ -169,14 +170,18 @@ impl Source {
         use std::sync::atomic::Ordering::Relaxed;
         let proxy_only = matches!(self, Source::Kubernetes { through_proxy, .. } if through_proxy.load(Relaxed));
         if !proxy_only {
-            if let Some(answer) = datanode_admin(address, path).await {
+            if let Some(answer) = datanode_admin(snapshot, address, path).await {
                 return Some(answer);
             }
         }
         let Source::Kubernetes { client, namespace, through_proxy, .. } = self else { return None };
         let pod = crate::kubernetes::pod_name(&sc.name_any(), node);
         let uri = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{}/proxy{path}", crate::kubernetes::API_PORT);
-        let request = http::Request::get(uri).body(Vec::new()).ok()?;
+        let mut request = http::Request::get(uri);
+        if let Some(token) = &snapshot.node_token {
+            request = request.header(cairn_cluster::access::NODE_TOKEN_HEADER, token.expose());
+        }
+        let request = request.body(Vec::new()).ok()?;
         let answer =
             tokio::time::timeout(std::time::Duration::from_secs(5), client.request::<T>(request)).await.ok()?.ok();
         // Direct failed and the proxy answered: the proxy is the way from here.
@@ -383,7 +388,7 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
             }
         }
         for (node, live) in &snapshot.live {
-            match source.datanode::<Vec<ReplicaProgress>>(sc, node, &live.address, REPLICAS_PATH).await {
+            match source.datanode::<Vec<ReplicaProgress>>(sc, snapshot, node, &live.address, REPLICAS_PATH).await {
                 Some(progress) => {
                     for r in progress.into_iter().filter(|r| !r.caught_up()) {
                         issues.push(PartitionIssue::Lagging {
@@ -414,7 +419,9 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
                     }
                 )),
             }
-            if let Some(list) = source.datanode::<Vec<ReplicaUsage>>(sc, node, &live.address, USAGE_PATH).await {
+            if let Some(list) =
+                source.datanode::<Vec<ReplicaUsage>>(sc, snapshot, node, &live.address, USAGE_PATH).await
+            {
                 usage.insert(node.clone(), list);
             }
         }

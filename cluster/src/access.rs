@@ -1,0 +1,311 @@
+//! Access keys: who may call the blob API, and for what (docs/security.md).
+//!
+//! A key is an id (public, like an AWS access key id) and a secret shown once, when the key is
+//! made. What is stored — in etcd for a cluster, in memory for a standalone node — is the key's
+//! scopes and the SHA-256 of its secret, never the secret itself. A client sends both as one
+//! bearer token, `Authorization: Bearer <id>.<secret>`; the `Bearer` scheme leaves the header
+//! free for other schemes (AWS Signature V4) beside it.
+//!
+//! Secrets are 40 random alphanumeric characters (≈ 238 bits): no password-hashing function is
+//! needed against guessing, one SHA-256 suffices, and comparisons are constant-time.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// The header carrying the cluster's node token between datanodes and from the operator (not
+/// `Authorization`: that stays the client's, and the Kubernetes API server's pod proxy passes
+/// this one on).
+pub const NODE_TOKEN_HEADER: &str = "x-cairn-node-token";
+
+/// The stored record's format (absent = 1; a newer one is refused, not misread).
+pub const KEY_FORMAT: u32 = 1;
+/// Key ids: `CK` and 18 characters of `A-Z0-9`.
+pub const ID_PREFIX: &str = "CK";
+const ID_LEN: usize = 20;
+const SECRET_LEN: usize = 40;
+const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+/// Names are for people (`cairn keys list`); bounded so a key record stays small.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// What a key may do. `admin` may do everything, including the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// GET and HEAD of blobs and their info.
+    Read,
+    /// PUT of new blobs and TTL updates.
+    Write,
+    /// DELETE of blobs.
+    Delete,
+    /// Everything, and the admin API (`/v1/admin/...`).
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Delete => "delete",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One access key as stored: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKey {
+    #[serde(default = "format_one")]
+    pub format: u32,
+    pub id: String,
+    /// For people: what the key is for.
+    pub name: String,
+    pub scopes: BTreeSet<Scope>,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    pub created_ms: u64,
+}
+
+fn format_one() -> u32 {
+    1
+}
+
+/// A secret, as the one who made the key gets it once; never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: String) -> Self {
+        Self(secret)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Whether `presented` is `expected`: SHA-256 digests compared in constant time (so neither
+/// the length nor the first difference shows in the time taken); an empty secret never matches.
+pub fn secret_matches(expected: &Secret, presented: &str) -> bool {
+    if expected.0.is_empty() || presented.is_empty() {
+        return false;
+    }
+    hash_secret(presented).as_bytes().ct_eq(hash_secret(&expected.0).as_bytes()).into()
+}
+
+/// Node tokens: 43 letters and digits, 256 random bits.
+pub const NODE_TOKEN_LEN: usize = 43;
+
+/// A new cluster node token.
+pub fn new_node_token() -> Secret {
+    let mut rng = rand::rng();
+    Secret((0..NODE_TOKEN_LEN).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect())
+}
+
+/// Whether `token` has a node token's shape (anything else stored in etcd is ignored).
+pub fn is_node_token(token: &str) -> bool {
+    token.len() == NODE_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// Why a key or a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    #[error("a key needs at least one scope (read, write, delete, admin)")]
+    NoScope,
+    #[error("a key's name must be 1 to {MAX_NAME_LEN} printable characters")]
+    BadName,
+    #[error("key format {0} is newer than this build understands")]
+    NewerFormat(u32),
+    #[error("not a Cairn key id: {0}")]
+    BadId(String),
+    #[error("malformed bearer token: expected <key id>.<secret>")]
+    BadToken,
+}
+
+impl AccessKey {
+    /// A new key and its secret (shown once: only its hash is kept).
+    pub fn generate(name: &str, scopes: BTreeSet<Scope>, created_ms: u64) -> Result<(AccessKey, Secret), AccessError> {
+        if scopes.is_empty() {
+            return Err(AccessError::NoScope);
+        }
+        if name.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+            return Err(AccessError::BadName);
+        }
+        let mut rng = rand::rng();
+        let id: String = ID_PREFIX
+            .chars()
+            .chain((ID_PREFIX.len()..ID_LEN).map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char))
+            .collect();
+        let secret: String = (0..SECRET_LEN).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect();
+        let key = AccessKey {
+            format: KEY_FORMAT,
+            id,
+            name: name.to_owned(),
+            scopes,
+            secret_sha256: hash_secret(&secret),
+            created_ms,
+        };
+        Ok((key, Secret(secret)))
+    }
+
+    /// A key whose id and secret are given (a standalone node's root key from its
+    /// environment); `secret` must look like a generated one.
+    pub fn from_parts(id: &str, secret: &str, name: &str, scopes: BTreeSet<Scope>) -> Result<AccessKey, AccessError> {
+        check_id(id)?;
+        if !is_secret(secret) {
+            return Err(AccessError::BadToken);
+        }
+        Ok(AccessKey {
+            format: KEY_FORMAT,
+            id: id.to_owned(),
+            name: name.to_owned(),
+            scopes,
+            secret_sha256: hash_secret(secret),
+            created_ms: 0,
+        })
+    }
+
+    /// A stored record, checked: a newer format or a foreign id is refused.
+    pub fn decode(bytes: &[u8]) -> Result<AccessKey, String> {
+        let key: AccessKey = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if key.format > KEY_FORMAT {
+            return Err(AccessError::NewerFormat(key.format).to_string());
+        }
+        check_id(&key.id).map_err(|e| e.to_string())?;
+        Ok(key)
+    }
+
+    /// Whether `secret` is this key's, in time independent of where they differ.
+    pub fn verify(&self, secret: &str) -> bool {
+        hash_secret(secret).as_bytes().ct_eq(self.secret_sha256.as_bytes()).into()
+    }
+
+    /// Whether the key may do what `scope` stands for.
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+    }
+}
+
+/// The bearer token of a key: `<id>.<secret>`.
+pub fn token(id: &str, secret: &Secret) -> String {
+    format!("{id}.{}", secret.0)
+}
+
+/// A bearer token split into key id and secret (both checked for shape only).
+pub fn parse_token(token: &str) -> Result<(&str, &str), AccessError> {
+    let (id, secret) = token.split_once('.').ok_or(AccessError::BadToken)?;
+    check_id(id).map_err(|_| AccessError::BadToken)?;
+    if !is_secret(secret) {
+        return Err(AccessError::BadToken);
+    }
+    Ok((id, secret))
+}
+
+/// A key id's shape: `CK` and 18 of `A-Z0-9`.
+pub fn check_id(id: &str) -> Result<(), AccessError> {
+    let ok = id.len() == ID_LEN && id.starts_with(ID_PREFIX) && id.bytes().all(|b| ID_ALPHABET.contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(AccessError::BadId(format!("{:?}", id.chars().take(32).collect::<String>())))
+    }
+}
+
+fn is_secret(secret: &str) -> bool {
+    secret.len() == SECRET_LEN && secret.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// SHA-256 of a secret, hex: what a key record keeps.
+pub fn hash_secret(secret: &str) -> String {
+    crate::replica::hex(&Sha256::digest(secret.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scopes(list: &[Scope]) -> BTreeSet<Scope> {
+        list.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_generated_key_verifies_its_own_secret_only() {
+        let (key, secret) = AccessKey::generate("app", scopes(&[Scope::Read]), 1).unwrap();
+        assert!(key.verify(secret.expose()));
+        let (_, other) = AccessKey::generate("app", scopes(&[Scope::Read]), 1).unwrap();
+        assert!(!key.verify(other.expose()));
+        assert!(!key.verify(""));
+        // The record holds no secret, and Debug prints none.
+        let stored = serde_json::to_string(&key).unwrap();
+        assert!(!stored.contains(secret.expose()));
+        assert!(!format!("{secret:?}").contains(secret.expose()));
+        let token = token(&key.id, &secret);
+        assert_eq!(parse_token(&token).unwrap(), (key.id.as_str(), secret.expose()));
+        assert_eq!(AccessKey::decode(stored.as_bytes()).unwrap(), key);
+    }
+
+    #[test]
+    fn scopes_allow_what_they_name_and_admin_everything() {
+        let (reader, _) = AccessKey::generate("r", scopes(&[Scope::Read]), 0).unwrap();
+        assert!(reader.allows(Scope::Read));
+        assert!(!reader.allows(Scope::Write) && !reader.allows(Scope::Delete) && !reader.allows(Scope::Admin));
+        let (admin, _) = AccessKey::generate("a", scopes(&[Scope::Admin]), 0).unwrap();
+        for scope in [Scope::Read, Scope::Write, Scope::Delete, Scope::Admin] {
+            assert!(admin.allows(scope));
+        }
+        assert_eq!(AccessKey::generate("x", BTreeSet::new(), 0).unwrap_err(), AccessError::NoScope);
+        assert_eq!(AccessKey::generate("", scopes(&[Scope::Read]), 0).unwrap_err(), AccessError::BadName);
+        assert_eq!(AccessKey::generate("a\nb", scopes(&[Scope::Read]), 0).unwrap_err(), AccessError::BadName);
+    }
+
+    #[test]
+    fn a_record_of_a_newer_format_is_refused() {
+        let (key, _) = AccessKey::generate("app", scopes(&[Scope::Read]), 1).unwrap();
+        let mut value = serde_json::to_value(&key).unwrap();
+        value["format"] = 2.into();
+        assert!(AccessKey::decode(value.to_string().as_bytes()).unwrap_err().contains("newer"));
+        value["format"] = 1.into();
+        value["id"] = "../../config".into();
+        assert!(AccessKey::decode(value.to_string().as_bytes()).is_err());
+    }
+
+    proptest! {
+        /// Whatever a client sends as a token, parsing never panics, and only the exact shape
+        /// `CK` + 18 of A-Z0-9, a dot, 40 alphanumerics is accepted.
+        #[test]
+        fn any_token_parses_or_is_refused(token in ".{0,80}") {
+            if let Ok((id, secret)) = parse_token(&token) {
+                prop_assert_eq!(format!("{id}.{secret}"), token.clone());
+                prop_assert!(check_id(id).is_ok());
+                prop_assert_eq!(secret.len(), SECRET_LEN);
+            }
+        }
+
+        #[test]
+        fn tokens_of_the_right_shape_parse(id in "CK[A-Z0-9]{18}", secret in "[A-Za-z0-9]{40}") {
+            let token = format!("{id}.{secret}");
+            prop_assert_eq!(parse_token(&token).unwrap(), (id.as_str(), secret.as_str()));
+            let longer = format!("{token}x");
+            prop_assert!(parse_token(&longer).is_err());
+            prop_assert!(parse_token(&token[1..]).is_err());
+        }
+    }
+}
