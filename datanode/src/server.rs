@@ -149,23 +149,25 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
     };
     let store = Arc::new(store);
     let (uploads, _) = options.http.budgets(options.volume.max_blob_bytes)?;
-    let keys = match (options.auth.mode, &options.auth.root_key, &options.volumes) {
-        (AuthMode::None, _, _) => {
-            tracing::warn!("--auth none: anyone who can reach this node may read, write and delete blobs");
-            Vec::new()
-        }
-        (AuthMode::Keys, Some(key), _) => vec![key.clone()],
-        (AuthMode::Keys, None, VolumeSource::DataDir(dir)) => {
+    // The root key serves the admin routes in either mode (with `--auth none` the blob routes
+    // are open, the admin routes are not).
+    let keys = match (&options.auth.root_key, &options.volumes) {
+        (Some(key), _) => vec![key.clone()],
+        (None, VolumeSource::DataDir(dir)) => {
             let (key, path, made) = crate::api::auth::root_key_in(dir)?;
             let verb = if made { "made" } else { "found" };
             tracing::info!(key = %key.id, file = %path.display(), "root key {verb}: send Authorization: Bearer <the file's token>");
             vec![key]
         }
-        (AuthMode::Keys, None, VolumeSource::DiskAgent { .. }) => anyhow::bail!(
+        (None, VolumeSource::DiskAgent { .. }) if options.auth.mode == AuthMode::None => Vec::new(),
+        (None, VolumeSource::DiskAgent { .. }) => anyhow::bail!(
             "a node on disk-agent volumes has no data directory for its root key: give --root-key-id and \
-             --root-key-secret (or --auth none for a playground)"
+             --root-key-secret or --root-key-file (or --auth none for a playground)"
         ),
     };
+    if options.auth.mode == AuthMode::None {
+        tracing::warn!("--auth none: anyone who can reach this node may read, write and delete blobs");
+    }
     let listener = bind(options.listen).await?;
     let state = AppState {
         front: Front::Standalone(store.clone()),

@@ -196,8 +196,9 @@ fn auth_none_lets_anyone_in_and_protected_metrics_need_a_key() {
     // Credentials that are wrong are still refused: `none` is no reason to accept a bad key.
     let r = Client::new().get(open.url(&format!("/v1/blobs/{id}"))).header("authorization", "Bearer nonsense").send();
     assert_eq!(r.unwrap().status(), StatusCode::UNAUTHORIZED);
-    // Nor does it open the admin routes.
+    // Nor does it open the admin routes: the root key does.
     assert_eq!(Client::new().get(open.url("/v1/admin/usage")).send().unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(support::client().get(open.url("/v1/admin/usage")).send().unwrap().status(), StatusCode::OK);
 
     let closed = Datanode::start(&dir.path().join("closed"), &["--protect-metrics", "--protect-openapi"]);
     for path in ["/metrics", "/openapi.json"] {

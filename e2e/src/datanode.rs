@@ -108,7 +108,7 @@ async fn get_latency(
     reference: &mut reference::SendfileReference,
     note: &str,
 ) -> anyhow::Result<Scenario> {
-    let id = put_once(&node.client, &node.addr, Bytes::from(vec![0x42u8; 5 << 20])).await?;
+    let id = put_once(&node.client, &node.addr, Bytes::from(vec![0x42u8; 5 << 20]), true).await?;
     let (mut cairn, mut raw, mut all) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..4 {
         let (addr, id) = (node.addr.clone(), id.clone());
@@ -149,14 +149,14 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 
     let node = NodeProcess::start(&work.path().join("node"), &[]).await?;
     let addrs = [node.addr.clone()];
-    let (ops, _) = put_throughput(&node.client, &addrs, 4096, 64, seconds).await?;
+    let (ops, _) = put_throughput(&node.client, &addrs, 4096, 64, seconds, true).await?;
     results.push(Scenario::new("put_4k_c64", ops, "ops/s").against(
         raw_4k,
         "ops/s",
         "raw 4 KiB pwrite+fdatasync, one writer, same filesystem",
     ));
 
-    let (ops, _) = put_throughput(&node.client, &addrs, 5 << 20, 4, seconds).await?;
+    let (ops, _) = put_throughput(&node.client, &addrs, 5 << 20, 4, seconds, true).await?;
     results.push(Scenario::new("put_5m", ops * 5.0 * 1048576.0 / 1e6, "MB/s").against(
         raw_seq,
         "MB/s",
@@ -188,8 +188,8 @@ async fn auth_cost(keyed: &NodeProcess, open_dir: &Path, seconds: Duration) -> a
     let open = NodeProcess::start(open_dir, &["--auth", "none"]).await?;
     let (mut with_keys, mut without) = (Vec::new(), Vec::new());
     for round in 0..3 {
-        let keyed_run = put_throughput(&keyed.client, std::slice::from_ref(&keyed.addr), 4096, 64, seconds);
-        let open_run = put_throughput(&open.client, std::slice::from_ref(&open.addr), 4096, 64, seconds);
+        let keyed_run = put_throughput(&keyed.client, std::slice::from_ref(&keyed.addr), 4096, 64, seconds, true);
+        let open_run = put_throughput(&open.client, std::slice::from_ref(&open.addr), 4096, 64, seconds, false);
         if round % 2 == 0 {
             with_keys.push(keyed_run.await?.0);
             without.push(open_run.await?.0);
@@ -207,8 +207,8 @@ async fn auth_cost(keyed: &NodeProcess, open_dir: &Path, seconds: Duration) -> a
         "with access keys (a bearer token on every request) against --auth none; 3 interleaved rounds (target ≥ 0.85)",
     );
     let blob = Bytes::from(vec![0x42u8; 5 << 20]);
-    let keyed_id = put_once(&keyed.client, &keyed.addr, blob.clone()).await?;
-    let open_id = put_once(&open.client, &open.addr, blob).await?;
+    let keyed_id = put_once(&keyed.client, &keyed.addr, blob.clone(), true).await?;
+    let open_id = put_once(&open.client, &open.addr, blob, false).await?;
     let (mut with_keys, mut without) = (Vec::new(), Vec::new());
     for _ in 0..4 {
         for (node, id, authorized, out) in
@@ -245,10 +245,13 @@ async fn wait_healthy(client: &HttpClient, addr: &str) -> anyhow::Result<()> {
     }
 }
 
-pub async fn put_once(client: &HttpClient, addr: &str, body: Bytes) -> anyhow::Result<String> {
-    let request = hyper::Request::post(format!("http://{addr}/v1/blobs"))
-        .header(hyper::header::AUTHORIZATION, cairn_testkit::keys::authorization())
-        .body(Full::new(body))?;
+/// One PUT; `authorized`: with the benchmark's key (a node with `--auth none` gets none).
+pub async fn put_once(client: &HttpClient, addr: &str, body: Bytes, authorized: bool) -> anyhow::Result<String> {
+    let mut request = hyper::Request::post(format!("http://{addr}/v1/blobs"));
+    if authorized {
+        request = request.header(hyper::header::AUTHORIZATION, cairn_testkit::keys::authorization());
+    }
+    let request = request.body(Full::new(body))?;
     let response = client.request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
@@ -295,13 +298,14 @@ fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize, authorized: 
 }
 
 /// PUTs of `size` bytes from `clients` concurrent connections for `duration`, spread over
-/// `addrs`: ops/s, and the ids stored.
+/// `addrs` (`authorized`: see [`put_once`]): ops/s, and the ids stored.
 pub async fn put_throughput(
     client: &HttpClient,
     addrs: &[String],
     size: usize,
     clients: usize,
     duration: Duration,
+    authorized: bool,
 ) -> anyhow::Result<(f64, Vec<String>)> {
     let body = Bytes::from(vec![0x17u8; size]);
     let started = Instant::now();
@@ -311,7 +315,7 @@ pub async fn put_throughput(
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             while started.elapsed() < duration {
-                ids.push(put_once(&client, &addr, body.clone()).await?);
+                ids.push(put_once(&client, &addr, body.clone(), authorized).await?);
             }
             anyhow::Ok(ids)
         }));
