@@ -134,6 +134,12 @@ struct Args {
     /// A file holding the root key's token, `<key id>.<secret>` (e.g. a mounted Secret).
     #[arg(long, env = "CAIRN_ROOT_KEY_FILE")]
     root_key_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first; a standalone node only).
+    #[arg(long, env = "CAIRN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "CAIRN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Ask for an admin key (or the node token) on /metrics.
     #[arg(long, env = "CAIRN_PROTECT_METRICS")]
     protect_metrics: bool,
@@ -252,6 +258,7 @@ fn run() -> anyhow::Result<()> {
             upload_buffer_bytes: args.upload_buffer.as_u64(),
             upload_wait: Duration::from_millis(args.upload_wait_ms),
             auth: AuthOptions { protect_metrics: args.protect_metrics, protect_openapi: args.protect_openapi },
+            tls: args.tls_cert.zip(args.tls_key),
         },
         auth: StandaloneAuth { mode: args.auth, root_key },
     };

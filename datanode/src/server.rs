@@ -50,6 +50,8 @@ pub struct HttpOptions {
     pub upload_wait: std::time::Duration,
     /// What is protected beyond the blob API.
     pub auth: AuthOptions,
+    /// Serve HTTPS with this certificate chain and key (PEM files): a standalone node only.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for HttpOptions {
@@ -59,6 +61,7 @@ impl Default for HttpOptions {
             upload_buffer_bytes: 512 << 20,
             upload_wait: std::time::Duration::from_secs(10),
             auth: AuthOptions::default(),
+            tls: None,
         }
     }
 }
@@ -168,6 +171,10 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
     if options.auth.mode == AuthMode::None {
         tracing::warn!("--auth none: anyone who can reach this node may read, write and delete blobs");
     }
+    let tls = match &options.http.tls {
+        Some((cert, key)) => Some(crate::api::serve::tls_acceptor(cert, key)?),
+        None => None,
+    };
     let listener = bind(options.listen).await?;
     let state = AppState {
         front: Front::Standalone(store.clone()),
@@ -177,7 +184,7 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         uploads,
         auth: Arc::new(Auth::standalone(options.auth.mode, keys, &options.http.auth)),
     };
-    serve_on(listener, state, None, &options.http.limits, shutdown).await
+    serve_on(listener, state, None, &options.http.limits, tls, shutdown).await
 }
 
 /// Serves a node of a cluster: binds first (peers may call as soon as it registers), then joins.
@@ -188,6 +195,11 @@ pub async fn run_cluster(
     http: HttpOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        http.tls.is_none(),
+        "--tls-cert/--tls-key are for a standalone node: datanodes of a cluster speak TLS to each other \
+         only with mutual TLS, which is not built yet (docs/security.md)"
+    );
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::empty(metrics.clone()));
     let (uploads, replica_uploads) = http.budgets(volume.max_blob_bytes)?;
@@ -202,7 +214,7 @@ pub async fn run_cluster(
         front: Front::Cluster(cluster),
         auth: Arc::new(Auth::cluster(&http.auth)),
     };
-    serve_on(listener, state, Some(replica), &http.limits, shutdown).await
+    serve_on(listener, state, Some(replica), &http.limits, None, shutdown).await
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -216,6 +228,7 @@ async fn serve_on(
     state: AppState,
     replica: Option<ReplicaState>,
     limits: &ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = state.store.clone();
@@ -233,8 +246,8 @@ async fn serve_on(
             }
         }
     });
-    tracing::info!(addr = %listener.local_addr()?, cluster = replica.is_some(), "cairn-datanode serving");
-    api::serve::serve(listener, api::router(state, replica), limits, shutdown).await?;
+    tracing::info!(addr = %listener.local_addr()?, cluster = replica.is_some(), tls = tls.is_some(), "cairn-datanode serving");
+    api::serve::serve(listener, api::router(state, replica), limits, tls, shutdown).await?;
     tokio::task::spawn_blocking(move || store.close()).await?;
     tracing::info!("cairn-datanode stopped");
     Ok(())

@@ -489,6 +489,9 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             // hostname and subdomain (the headless Service) give the Pod the DNS name it advertises.
             spec: Some(PodSpec {
                 affinity: Some(affinity),
+                // The container runtime's default seccomp profile (Pod Security "restricted"
+                // asks for it; docs/security.md says which level the namespace needs).
+                security_context: Some(runtime_default_seccomp()),
                 containers: vec![container],
                 volumes: Some(volumes),
                 restart_policy: Some("Always".into()),
@@ -795,10 +798,21 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
                 restart_policy: Some("Never".into()),
                 automount_service_account_token: Some(false),
                 tolerations: Some(purge_tolerations(sc)),
+                security_context: Some(runtime_default_seccomp()),
                 containers: vec![Container {
                     name: "purge".into(),
                     image: Some(sc.spec.image.clone()),
                     command: Some(command),
+                    // It only talks to the disk agent's socket: nothing more.
+                    security_context: Some(k8s_openapi::api::core::v1::SecurityContext {
+                        allow_privilege_escalation: Some(false),
+                        read_only_root_filesystem: Some(true),
+                        capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
+                            drop: Some(vec!["ALL".into()]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
                     volume_mounts: Some(vec![VolumeMount {
                         name: "agent".into(),
                         mount_path: "/run/cairn".into(),
@@ -821,6 +835,17 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let body = serde_json::to_value(&purge).expect("JSON");
         pods.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await?;
         Ok(false)
+    }
+}
+
+/// `seccompProfile: RuntimeDefault` for a Pod.
+fn runtime_default_seccomp() -> k8s_openapi::api::core::v1::PodSecurityContext {
+    k8s_openapi::api::core::v1::PodSecurityContext {
+        seccomp_profile: Some(k8s_openapi::api::core::v1::SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
     }
 }
 

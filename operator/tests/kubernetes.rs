@@ -134,6 +134,16 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         assert_eq!(spec.automount_service_account_token, Some(false));
         let container = &spec.containers[0];
         assert!(container.startup_probe.is_some() && container.resources.as_ref().unwrap().requests.is_some());
+        // Least privilege (docs/security.md): no new privileges, no capabilities, a read-only
+        // root filesystem, the runtime's seccomp profile.
+        let hardened = container.security_context.as_ref().unwrap();
+        assert_eq!(
+            (hardened.allow_privilege_escalation, hardened.read_only_root_filesystem),
+            (Some(false), Some(true))
+        );
+        assert_eq!(hardened.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_string()]));
+        let seccomp = spec.security_context.as_ref().unwrap().seccomp_profile.as_ref().unwrap();
+        assert_eq!(seccomp.type_, "RuntimeDefault");
         assert_eq!(spec.termination_grace_period_seconds, Some(60));
         assert_eq!(spec.priority_class_name.as_deref(), Some("cairn-datanode"), "spec.priorityClassName");
         // A node NotReady or unreachable does not evict it (the operator decides, later).
@@ -670,6 +680,10 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
         "runs on a node with NoExecute taints: {tolerations:?}"
     );
     assert_eq!(first.spec.as_ref().unwrap().restart_policy.as_deref(), Some("Never"));
+    let seccomp = first.spec.as_ref().unwrap().security_context.as_ref().unwrap().seccomp_profile.clone();
+    assert_eq!(seccomp.unwrap().type_, "RuntimeDefault");
+    let hardened = first.spec.as_ref().unwrap().containers[0].security_context.clone().unwrap();
+    assert_eq!(hardened.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
     let command = first.spec.unwrap().containers[0].command.clone().unwrap();
     assert!(command.windows(2).any(|w| w == ["--partition", "1"]), "{command:?}");
     // The set changed (p1 placed there again, p2 retired): the p1 Pod goes, even once succeeded.

@@ -21,6 +21,55 @@ use tokio_util::sync::CancellationToken;
 use tower::{Layer, ServiceExt};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
+/// One connection until it ends, its client stops reading, or shutdown closes it.
+async fn serve_connection<IO, S>(
+    builder: &hyper::server::conn::http1::Builder,
+    io: IO,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    activity: &WriteActivity,
+    write_limit: Duration,
+    peer: std::net::SocketAddr,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<hyper::Request<hyper::body::Incoming>, Response = axum::response::Response>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: std::error::Error + Send + Sync + 'static,
+{
+    let connection = watcher.watch(builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service)));
+    tokio::select! {
+        ended = connection => if let Err(e) = ended {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        },
+        // Dropping the connection closes it.
+        _ = activity.stalled(epoch(), write_limit) => {
+            tracing::debug!(%peer, "connection closed: the client stopped reading its response");
+        }
+    }
+}
+
+/// A TLS acceptor from PEM files: the certificate chain (leaf first) and its private key.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
+    anyhow::ensure!(!chain.is_empty(), "--tls-cert {}: no certificate in it", cert.display());
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Limits of the HTTP server.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
@@ -66,10 +115,13 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves `router` on `listener` until `shutdown`; then stops accepting, lets requests in flight
 /// finish for up to the drain timeout, and closes whatever is left.
+///
+/// With `tls`, every connection is TLS: the handshake has the header timeout to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: &ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let service = RequestBodyTimeoutLayer::new(limits.body_timeout).layer(router);
@@ -117,24 +169,28 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(WriteActivity::default());
-        let io = TokioIo::new(JsonParseErrors::new(WriteTimeout::new(stream, activity.clone())));
         // Each request knows the address it came from (authentication limits failures by it).
         let service = service.clone().map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             request
         });
-        let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-        let connection = graceful.watch(connection);
-        let write_limit = limits.body_timeout;
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let (write_limit, handshake_limit) = (limits.body_timeout, limits.header_timeout);
         connections.spawn(async move {
-            tokio::select! {
-                ended = connection => if let Err(e) = ended {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                },
-                // Dropping the connection closes it.
-                _ = activity.stalled(epoch(), write_limit) => {
-                    tracing::debug!(%peer, "connection closed: the client stopped reading its response");
+            let io = WriteTimeout::new(stream, activity.clone());
+            match tls {
+                None => {
+                    serve_connection(&builder, JsonParseErrors::new(io), service, watcher, &activity, write_limit, peer)
+                        .await
                 }
+                Some(acceptor) => match tokio::time::timeout(handshake_limit, acceptor.accept(io)).await {
+                    Ok(Ok(tls)) => {
+                        let io = JsonParseErrors::new(tls);
+                        serve_connection(&builder, io, service, watcher, &activity, write_limit, peer).await
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
             drop(permit);
         });

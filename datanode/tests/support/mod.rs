@@ -12,6 +12,8 @@ pub struct Datanode {
     pub data_dir: PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
+    /// Serves HTTPS: ready once its port takes connections.
+    tls: bool,
 }
 
 /// A blocking client that authenticates with the test key (every node here has it as root key).
@@ -31,11 +33,21 @@ pub fn free_port() -> u16 {
 
 impl Datanode {
     pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(data_dir, extra, false)
+    }
+
+    /// A node started with `--tls-cert`/`--tls-key` among `extra`.
+    pub fn start_tls(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(data_dir, extra, true)
+    }
+
+    fn start_with(data_dir: &Path, extra: &[&str], tls: bool) -> Self {
         let mut node = Self {
             addr: format!("127.0.0.1:{}", free_port()),
             data_dir: data_dir.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
+            tls,
         };
         node.spawn();
         node
@@ -63,7 +75,11 @@ impl Datanode {
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = reqwest::blocking::Client::new();
         loop {
-            if let Ok(r) = client.get(self.url("/healthz")).send() {
+            if self.tls {
+                if std::net::TcpStream::connect(&self.addr).is_ok() {
+                    return;
+                }
+            } else if let Ok(r) = client.get(self.url("/healthz")).send() {
                 if r.status().is_success() {
                     return;
                 }
