@@ -82,6 +82,27 @@ impl NodeProcess {
 }
 
 impl NodeProcess {
+    /// A standalone datanode serving HTTPS (`extra_args` has `--tls-cert` and `--tls-key`):
+    /// ready once its port takes connections.
+    pub async fn start_tls(dir: &Path, addr: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let child = Command::new(datanode_binary()?)
+            .args(["--data-dir", dir.to_str().expect("utf-8 path"), "--listen", addr])
+            .args(["--segment-size", "1GiB", "--volume-size", "64GiB"])
+            .envs(cairn_testkit::keys::root_key_env())
+            .args(extra_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the TLS datanode did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self { child, client, addr: addr.to_owned() })
+    }
+
     /// CPU time the process has used so far (user + system), from /proc.
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
@@ -166,6 +187,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let reference = "raw sendfile of a synced, warm 5 MiB file over loopback TCP; interleaved rounds";
     results.push(get_latency(&node, "get_5m_p50", &mut sendfile, reference).await?);
     results.extend(auth_cost(&node, &work.path().join("open-node"), seconds).await?);
+    results.extend(tls_cost(&node, work.path(), seconds).await?);
     drop(node);
     // The same GETs with every chunk read from the segment and verified again.
     let node = NodeProcess::start(&work.path().join("node-uncached"), &["--chunk-cache-size", "0"]).await?;
@@ -229,6 +251,188 @@ async fn auth_cost(keyed: &NodeProcess, open_dir: &Path, seconds: Duration) -> a
         "with access keys against --auth none; 4 interleaved rounds of 50 (target ≤ 1.15)",
     );
     Ok(vec![put, get])
+}
+
+/// What TLS costs: a node serving HTTPS (a self-signed certificate made here) against `plain`,
+/// both with access keys, driven by the same minimal HTTP/1.1 client over TLS or plain TCP, in
+/// interleaved rounds: 4 KiB PUTs ×64 and the p50 of 5 MiB GETs.
+async fn tls_cost(plain: &NodeProcess, work: &Path, seconds: Duration) -> anyhow::Result<Vec<Scenario>> {
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    let (cert, key) = (work.join("tls-cert.pem"), work.join("tls-key.pem"));
+    std::fs::write(&cert, made.cert.pem())?;
+    std::fs::write(&key, made.signing_key.serialize_pem())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let tls_addr = format!("127.0.0.1:{port}");
+    let _tls_node = NodeProcess::start_tls(
+        &work.join("tls-node"),
+        &tls_addr,
+        &["--tls-cert", cert.to_str().expect("utf-8"), "--tls-key", key.to_str().expect("utf-8")],
+    )
+    .await?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(made.cert.der().clone())?;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = raw_http::Tls(tokio_rustls::TlsConnector::from(Arc::new(config)));
+    let (mut with_tls, mut without) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let tls_run = raw_http::put_throughput(&tls_addr, Some(&tls), 4096, 64, seconds);
+        let plain_run = raw_http::put_throughput(&plain.addr, None, 4096, 64, seconds);
+        if round % 2 == 0 {
+            with_tls.push(tls_run.await?);
+            without.push(plain_run.await?);
+        } else {
+            without.push(plain_run.await?);
+            with_tls.push(tls_run.await?);
+        }
+    }
+    let put = Scenario::rounds(
+        "tls_put_4k_c64",
+        &with_tls,
+        "ops/s",
+        &without,
+        "ops/s",
+        "HTTPS (TLS 1.3, rustls) against plain HTTP, keys on both, one minimal client; 3 interleaved rounds (target ≥ 0.85)",
+    );
+    let blob = vec![0x42u8; 5 << 20];
+    let tls_id = raw_http::put(&tls_addr, Some(&tls), &blob).await?;
+    let plain_id = raw_http::put(&plain.addr, None, &blob).await?;
+    let (mut with_tls, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let mut samples = raw_http::get_latency(&tls_addr, Some(&tls), &tls_id, blob.len(), 50).await?;
+        with_tls.push(reference::percentiles(&mut samples).0);
+        let mut samples = raw_http::get_latency(&plain.addr, None, &plain_id, blob.len(), 50).await?;
+        without.push(reference::percentiles(&mut samples).0);
+    }
+    let get = Scenario::rounds(
+        "tls_get_5m_p50",
+        &with_tls,
+        "ms",
+        &without,
+        "ms",
+        "HTTPS against plain HTTP, keys on both; 4 interleaved rounds of 50 (target ≤ 1.15)",
+    );
+    Ok(vec![put, get])
+}
+
+/// A minimal HTTP/1.1 client over plain TCP or TLS (the same code either way, so that only the
+/// transport differs): requests out, exactly Content-Length bytes in.
+mod raw_http {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+    pub struct Tls(pub tokio_rustls::TlsConnector);
+
+    trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+    async fn connect(addr: &str, tls: Option<&Tls>) -> anyhow::Result<BufReader<Box<dyn Stream>>> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let stream: Box<dyn Stream> = match tls {
+            None => Box::new(tcp),
+            Some(Tls(connector)) => {
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+                Box::new(connector.connect(name, tcp).await?)
+            }
+        };
+        Ok(BufReader::with_capacity(64 * 1024, stream))
+    }
+
+    /// One request on `conn`: (status, body).
+    async fn exchange(
+        conn: &mut BufReader<Box<dyn Stream>>,
+        head: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        conn.get_mut().write_all(head.as_bytes()).await?;
+        conn.get_mut().write_all(body).await?;
+        conn.get_mut().flush().await?;
+        let mut line = String::new();
+        conn.read_line(&mut line).await?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            anyhow::ensure!(conn.read_line(&mut line).await? > 0, "connection closed");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse()?;
+            }
+        }
+        let mut out = vec![0u8; length];
+        conn.read_exact(&mut out).await?;
+        Ok((status, out))
+    }
+
+    fn put_head(addr: &str, len: usize) -> String {
+        format!(
+            "POST /v1/blobs HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\nContent-Length: {len}\r\n\r\n",
+            cairn_testkit::keys::authorization()
+        )
+    }
+
+    /// One PUT: the id.
+    pub async fn put(addr: &str, tls: Option<&Tls>, body: &[u8]) -> anyhow::Result<String> {
+        let mut conn = connect(addr, tls).await?;
+        let (status, answer) = exchange(&mut conn, &put_head(addr, body.len()), body).await?;
+        anyhow::ensure!(status == 201, "PUT answered {status}: {}", String::from_utf8_lossy(&answer));
+        let v: serde_json::Value = serde_json::from_slice(&answer)?;
+        Ok(v["id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// PUTs of `size` bytes from `clients` connections for `duration`: ops/s.
+    pub async fn put_throughput(
+        addr: &str,
+        tls: Option<&Tls>,
+        size: usize,
+        clients: usize,
+        duration: Duration,
+    ) -> anyhow::Result<f64> {
+        let body = vec![0x17u8; size];
+        let head = put_head(addr, size);
+        let started = Instant::now();
+        let runs = (0..clients).map(|_| async {
+            let mut conn = connect(addr, tls).await?;
+            let mut done = 0u64;
+            while started.elapsed() < duration {
+                let (status, _) = exchange(&mut conn, &head, &body).await?;
+                anyhow::ensure!(status == 201, "PUT answered {status}");
+                done += 1;
+            }
+            anyhow::Ok(done)
+        });
+        let done: u64 = futures::future::try_join_all(runs).await?.into_iter().sum();
+        Ok(done as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// `rounds` GETs of `id` on one connection: ms each.
+    pub async fn get_latency(
+        addr: &str,
+        tls: Option<&Tls>,
+        id: &str,
+        len: usize,
+        rounds: usize,
+    ) -> anyhow::Result<Vec<f64>> {
+        let mut conn = connect(addr, tls).await?;
+        let head = format!(
+            "GET /v1/blobs/{id} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\n\r\n",
+            cairn_testkit::keys::authorization()
+        );
+        let mut samples = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let started = Instant::now();
+            let (status, body) = exchange(&mut conn, &head, &[]).await?;
+            anyhow::ensure!(status == 200 && body.len() == len, "GET answered {status} with {} bytes", body.len());
+            samples.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(samples)
+    }
 }
 
 async fn wait_healthy(client: &HttpClient, addr: &str) -> anyhow::Result<()> {

@@ -60,13 +60,22 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
         .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
     anyhow::ensure!(!chain.is_empty(), "--tls-cert {}: no certificate in it", cert.display());
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    // AES-128-GCM first, and the server's order over the client's: on a blob store's large
+    // bodies it encrypts markedly faster than AES-256-GCM (clients usually offer that first).
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|suite| match suite.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 1,
+        _ => 2,
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
