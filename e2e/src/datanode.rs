@@ -61,12 +61,29 @@ impl NodeProcess {
 
     /// Starts a datanode listening on `addr`.
     pub async fn start_at(dir: &Path, addr: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
-        let addr = addr.to_owned();
+        let node = Self::spawn(dir, addr, extra_args)?;
+        wait_healthy(&node.client, &node.addr).await?;
+        Ok(node)
+    }
+
+    /// A standalone datanode serving HTTPS (`extra_args` has `--tls-cert` and `--tls-key`):
+    /// ready once its port takes connections.
+    pub async fn start_tls(dir: &Path, addr: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let node = Self::spawn(dir, addr, extra_args)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the TLS datanode did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(node)
+    }
+
+    fn spawn(dir: &Path, addr: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
         // A standalone node's root key is the benchmark's (a cluster's keys are in etcd).
         let root_key = cairn_testkit::keys::root_key_env();
         let root_key: &[(&str, &str)] = if extra_args.contains(&"--etcd") { &[] } else { &root_key };
         let child = Command::new(datanode_binary()?)
-            .args(["--data-dir", dir.to_str().expect("utf-8 path"), "--listen", &addr])
+            .args(["--data-dir", dir.to_str().expect("utf-8 path"), "--listen", addr])
             .args(["--segment-size", "1GiB", "--volume-size", "64GiB"])
             .envs(root_key.iter().copied())
             .args(extra_args)
@@ -75,34 +92,11 @@ impl NodeProcess {
             .stderr(Stdio::inherit())
             .spawn()?;
         let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http();
-        let node = Self { child, client, addr };
-        wait_healthy(&node.client, &node.addr).await?;
-        Ok(node)
+        Ok(Self { child, client, addr: addr.to_owned() })
     }
 }
 
 impl NodeProcess {
-    /// A standalone datanode serving HTTPS (`extra_args` has `--tls-cert` and `--tls-key`):
-    /// ready once its port takes connections.
-    pub async fn start_tls(dir: &Path, addr: &str, extra_args: &[&str]) -> anyhow::Result<Self> {
-        let child = Command::new(datanode_binary()?)
-            .args(["--data-dir", dir.to_str().expect("utf-8 path"), "--listen", addr])
-            .args(["--segment-size", "1GiB", "--volume-size", "64GiB"])
-            .envs(cairn_testkit::keys::root_key_env())
-            .args(extra_args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            anyhow::ensure!(Instant::now() < deadline, "the TLS datanode did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(Self { child, client, addr: addr.to_owned() })
-    }
-
     /// CPU time the process has used so far (user + system), from /proc.
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;

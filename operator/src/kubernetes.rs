@@ -968,9 +968,9 @@ mod tests {
             .filter(|(r, _, _)| r.kind == "Pod")
             .map(|(_, _, body)| body["metadata"]["annotations"][SPEC_HASH].as_str().unwrap())
             .collect();
-        assert_eq!(hashes, ["46f2b22ca4de11c5", "8083f3d52c5c8541"]);
+        assert_eq!(hashes, ["4ea87922b7ab1d44", "21dc61533a426570"]);
         let all: Vec<&Value> = objects.iter().map(|(_, _, body)| body).collect();
-        assert_eq!(spec_hash(&json!(all)), "3b0a7a074d798a5b");
+        assert_eq!(spec_hash(&json!(all)), "4d1453b70e4b6740");
     }
 
     #[test]
