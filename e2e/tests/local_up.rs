@@ -145,6 +145,25 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
         reqwest::blocking::Client::new().post(format!("http://127.0.0.1:{port}/v1/blobs")).body("x").send().unwrap();
     assert_eq!(anonymous.status(), 401);
 
+    // More keys for the local cluster by its directory alone.
+    let out = Command::new(binary("cairn"))
+        .args(["keys", "create", "--local", local, "--name", "reader", "--scope", "read", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reader =
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["token"].as_str().unwrap().to_owned();
+    let refused = reqwest::blocking::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/blobs"))
+        .header("authorization", format!("Bearer {reader}"))
+        .body("x")
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 403, "a read key cannot write");
+    let (code, listed) = cairn(&binary("cairn"), &["keys", "list", "--local", local]);
+    assert_eq!(code, 0, "{listed}");
+    assert!(listed.contains("local admin") && listed.contains("reader"), "{listed}");
+
     let client = admin_client(dir.path());
     let r = client.post(format!("http://127.0.0.1:{port}/v1/blobs")).body("kept across restarts").send().unwrap();
     assert_eq!(r.status(), 201);

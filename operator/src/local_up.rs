@@ -533,10 +533,11 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
             let (auth, header) = match &admin {
                 Some(token) => (
                     format!(
-                        "An admin key's token is in {token} (more keys: cairn keys create --etcd {etcd_url} \
-                         --namespace {NAMESPACE} --cluster {name} --name app --scope read,write):\n  \
+                        "An admin key's token is in {token} (more keys: cairn keys create --local {dir} \
+                         --name app --scope read,write):\n  \
                          export CAIRN_TOKEN=$(cat {token})\n  ",
-                        token = token.display()
+                        token = token.display(),
+                        dir = dir.display()
                     ),
                     "-H \"Authorization: Bearer $CAIRN_TOKEN\" ",
                 ),

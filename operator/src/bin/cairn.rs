@@ -135,12 +135,46 @@ enum Command {
     },
 }
 
+/// Whose keys: a cluster's etcd, or a `cairn local up` cluster.
+#[derive(clap::Args)]
+struct KeysTarget {
+    /// A `cairn local up` cluster (its directory, default .cairn-local) instead of --etcd and
+    /// --cluster.
+    #[arg(long, num_args = 0..=1, default_missing_value = ".cairn-local", value_name = "DIR", conflicts_with_all = ["etcd", "cluster"])]
+    local: Option<PathBuf>,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "CAIRN_ETCD", value_delimiter = ',', required_unless_present = "local")]
+    etcd: Vec<String>,
+    #[arg(long, env = "CAIRN_CLUSTER", required_unless_present = "local")]
+    cluster: Option<String>,
+    #[arg(long, env = "CAIRN_NAMESPACE", default_value = "default")]
+    namespace: String,
+    #[command(flatten)]
+    tls: cairn_cluster::etcd::EtcdTlsArgs,
+}
+
+impl KeysTarget {
+    /// The cluster's etcd store, and its name.
+    async fn store(&self) -> anyhow::Result<(ClusterStore, String)> {
+        if let Some(dir) = &self.local {
+            let state = cairn_operator::local_up::LocalState::load(dir)?;
+            let name = kube::ResourceExt::name_any(&state.cluster);
+            let endpoints = state.cluster.spec.etcd.endpoints.clone();
+            let store = ClusterStore::connect(&endpoints, cairn_operator::local_up::NAMESPACE, &name).await?;
+            return Ok((store, name));
+        }
+        let cluster = self.cluster.clone().expect("clap requires --cluster without --local");
+        let tls = self.tls.load()?;
+        Ok((ClusterStore::connect_tls(&self.etcd, &self.namespace, &cluster, tls.as_ref()).await?, cluster))
+    }
+}
+
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Make a key; its secret is printed once, and only its hash is kept.
     Create {
         #[command(flatten)]
-        target: Target,
+        target: KeysTarget,
         /// What the key is for (shown by `keys list`).
         #[arg(long)]
         name: String,
@@ -153,14 +187,14 @@ enum KeysCommand {
     /// The cluster's keys (never their secrets).
     List {
         #[command(flatten)]
-        target: Target,
+        target: KeysTarget,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// Revoke a key: every datanode refuses it within seconds.
     Revoke {
         #[command(flatten)]
-        target: Target,
+        target: KeysTarget,
         /// The key's id (CK…).
         id: String,
     },
@@ -323,7 +357,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
     use cairn_cluster::access::{self, AccessKey};
     match command {
         KeysCommand::Create { target, name, scope, output } => {
-            let store = target.store().await?;
+            let (store, _) = target.store().await?;
             let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
             let (key, secret) = AccessKey::generate(&name, scope.into_iter().collect(), now_ms)?;
             anyhow::ensure!(store.create_key(&key).await?, "key id {} is taken: try again", key.id);
@@ -343,7 +377,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::List { target, output } => {
-            let snapshot = target.store().await?.load().await?;
+            let snapshot = target.store().await?.0.load().await?;
             let keys: Vec<&AccessKey> = snapshot.keys.values().collect();
             let value: Vec<serde_json::Value> = keys
                 .iter()
@@ -365,8 +399,8 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
         }
         KeysCommand::Revoke { target, id } => {
             access::check_id(&id)?;
-            let store = target.store().await?;
-            anyhow::ensure!(store.delete_key(&id).await?, "no key {id} in cluster {}", target.cluster);
+            let (store, cluster) = target.store().await?;
+            anyhow::ensure!(store.delete_key(&id).await?, "no key {id} in cluster {cluster}");
             println!("key {id} revoked");
             Ok(ExitCode::SUCCESS)
         }
