@@ -203,6 +203,34 @@ impl AccessKey {
     }
 }
 
+/// An admin key whose token is kept in the file `path` (one line, readable by its owner only): the
+/// one the file holds, else a new one made there (a standalone node's root key, `cairn local up`'s
+/// admin key). The key, and whether it was just made.
+pub fn admin_key_file(path: &std::path::Path, name: &str) -> anyhow::Result<(AccessKey, bool)> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let admin = || [Scope::Admin].into_iter().collect();
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            if std::fs::metadata(path)?.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), "a key's token file is readable by others: chmod 600 it");
+            }
+            let (id, secret) = parse_token(text.trim())
+                .map_err(|e| anyhow::anyhow!("{}: {e} (delete it to have a new key made)", path.display()))?;
+            Ok((AccessKey::from_parts(id, secret, name, admin())?, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+            let (key, secret) = AccessKey::generate(name, admin(), now_ms)?;
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+            file.write_all(format!("{}\n", token(&key.id, &secret)).as_bytes())?;
+            file.sync_all()?;
+            Ok((key, true))
+        }
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
 /// The bearer token of a key: `<id>.<secret>`.
 pub fn token(id: &str, secret: &Secret) -> String {
     format!("{id}.{}", secret.0)

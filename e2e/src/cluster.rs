@@ -50,9 +50,9 @@ struct Figures {
 async fn measure(nodes: &[&NodeProcess], seconds: Duration) -> anyhow::Result<Figures> {
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let client = &nodes[0].client;
-    let (put_4k, small) = put_throughput(client, &addrs, 4096, 64, seconds, true).await?;
+    let (put_4k, small) = put_throughput(client, &addrs, 4096, 64, seconds).await?;
     let (get_4k, _) = get_throughput(client, &addrs, &small, 64, seconds).await?;
-    let (put_5m_ops, large) = put_throughput(client, &addrs, 5 << 20, 4, seconds, true).await?;
+    let (put_5m_ops, large) = put_throughput(client, &addrs, 5 << 20, 4, seconds).await?;
     let (_, get_5m_bytes) = get_throughput(client, &addrs, &large, 4, seconds).await?;
     Ok(Figures { put_4k, get_4k, put_5m: put_5m_ops * 5.0 * 1048576.0 / 1e6, get_5m: get_5m_bytes / 1e6 })
 }
@@ -127,7 +127,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let body = bytes::Bytes::from(vec![0x3cu8; 5 << 20]);
     for i in 0..blobs {
-        crate::datanode::put_once(&nodes[0].client, &addrs[i as usize % 2], body.clone(), true).await?;
+        crate::datanode::put_once(&nodes[0].client, &addrs[i as usize % 2], body.clone()).await?;
     }
     let started = Instant::now();
     let returned = start_member(work.path(), &etcd, "bench", 2, ports[2]).await?;

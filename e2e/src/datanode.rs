@@ -123,11 +123,11 @@ async fn get_latency(
     reference: &mut reference::SendfileReference,
     note: &str,
 ) -> anyhow::Result<Scenario> {
-    let id = put_once(&node.client, &node.addr, Bytes::from(vec![0x42u8; 5 << 20]), true).await?;
+    let id = put_once(&node.client, &node.addr, Bytes::from(vec![0x42u8; 5 << 20])).await?;
     let (mut cairn, mut raw, mut all) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..4 {
         let (addr, id) = (node.addr.clone(), id.clone());
-        let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 50, true)).await??;
+        let mut samples = tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 50)).await??;
         all.extend(samples.iter().copied());
         cairn.push(reference::percentiles(&mut samples).0);
         raw.push(reference::percentiles(&mut reference.samples(50)?).0);
@@ -164,14 +164,14 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 
     let node = NodeProcess::start(&work.path().join("node"), &[]).await?;
     let addrs = [node.addr.clone()];
-    let (ops, _) = put_throughput(&node.client, &addrs, 4096, 64, seconds, true).await?;
+    let (ops, _) = put_throughput(&node.client, &addrs, 4096, 64, seconds).await?;
     results.push(Scenario::new("put_4k_c64", ops, "ops/s").against(
         raw_4k,
         "ops/s",
         "raw 4 KiB pwrite+fdatasync, one writer, same filesystem",
     ));
 
-    let (ops, _) = put_throughput(&node.client, &addrs, 5 << 20, 4, seconds, true).await?;
+    let (ops, _) = put_throughput(&node.client, &addrs, 5 << 20, 4, seconds).await?;
     results.push(Scenario::new("put_5m", ops * 5.0 * 1048576.0 / 1e6, "MB/s").against(
         raw_seq,
         "MB/s",
@@ -199,57 +199,22 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 }
 
 /// What access keys cost: the node (keys on, every request with a bearer token) against one
-/// started with `--auth none`, in interleaved rounds: 4 KiB PUTs ×64 and the p50 of 5 MiB GETs.
+/// started with `--auth none` (requests without one).
 async fn auth_cost(keyed: &NodeProcess, open_dir: &Path, seconds: Duration) -> anyhow::Result<Vec<Scenario>> {
     let open = NodeProcess::start(open_dir, &["--auth", "none"]).await?;
-    let (mut with_keys, mut without) = (Vec::new(), Vec::new());
-    for round in 0..3 {
-        let keyed_run = put_throughput(&keyed.client, std::slice::from_ref(&keyed.addr), 4096, 64, seconds, true);
-        let open_run = put_throughput(&open.client, std::slice::from_ref(&open.addr), 4096, 64, seconds, false);
-        if round % 2 == 0 {
-            with_keys.push(keyed_run.await?.0);
-            without.push(open_run.await?.0);
-        } else {
-            without.push(open_run.await?.0);
-            with_keys.push(keyed_run.await?.0);
-        }
-    }
-    let put = Scenario::rounds(
-        "auth_put_4k_c64",
-        &with_keys,
-        "ops/s",
-        &without,
-        "ops/s",
-        "with access keys (a bearer token on every request) against --auth none; 3 interleaved rounds (target ≥ 0.85)",
-    );
-    let blob = Bytes::from(vec![0x42u8; 5 << 20]);
-    let keyed_id = put_once(&keyed.client, &keyed.addr, blob.clone(), true).await?;
-    let open_id = put_once(&open.client, &open.addr, blob, false).await?;
-    let (mut with_keys, mut without) = (Vec::new(), Vec::new());
-    for _ in 0..4 {
-        for (node, id, authorized, out) in
-            [(keyed, &keyed_id, true, &mut with_keys), (&open, &open_id, false, &mut without)]
-        {
-            let (addr, id) = (node.addr.clone(), id.clone());
-            let mut samples =
-                tokio::task::spawn_blocking(move || raw_get_latency(&addr, &id, 5 << 20, 50, authorized)).await??;
-            out.push(reference::percentiles(&mut samples).0);
-        }
-    }
-    let get = Scenario::rounds(
-        "auth_get_5m_p50",
-        &with_keys,
-        "ms",
-        &without,
-        "ms",
-        "with access keys against --auth none; 4 interleaved rounds of 50 (target ≤ 1.15)",
-    );
-    Ok(vec![put, get])
+    let with_keys = raw_http::Target { addr: &keyed.addr, tls: None, authorized: true };
+    let without = raw_http::Target { addr: &open.addr, tls: None, authorized: false };
+    compare(
+        [with_keys, without],
+        ["auth_put_4k_c64", "auth_get_5m_p50"],
+        "with access keys (a bearer token on every request) against --auth none",
+        seconds,
+    )
+    .await
 }
 
 /// What TLS costs: a node serving HTTPS (a self-signed certificate made here) against `plain`,
-/// both with access keys, driven by the same minimal HTTP/1.1 client over TLS or plain TCP, in
-/// interleaved rounds: 4 KiB PUTs ×64 and the p50 of 5 MiB GETs.
+/// both with access keys.
 async fn tls_cost(plain: &NodeProcess, work: &Path, seconds: Duration) -> anyhow::Result<Vec<Scenario>> {
     let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
     let (cert, key) = (work.join("tls-cert.pem"), work.join("tls-key.pem"));
@@ -270,43 +235,57 @@ async fn tls_cost(plain: &NodeProcess, work: &Path, seconds: Duration) -> anyhow
         .with_root_certificates(roots)
         .with_no_client_auth();
     let tls = raw_http::Tls(tokio_rustls::TlsConnector::from(Arc::new(config)));
-    let (mut with_tls, mut without) = (Vec::new(), Vec::new());
+    let https = raw_http::Target { addr: &tls_addr, tls: Some(&tls), authorized: true };
+    let http = raw_http::Target { addr: &plain.addr, tls: None, authorized: true };
+    compare(
+        [https, http],
+        ["tls_put_4k_c64", "tls_get_5m_p50"],
+        "HTTPS (TLS 1.3, rustls) against plain HTTP, keys on both",
+        seconds,
+    )
+    .await
+}
+
+/// `[measured, reference]` driven by the same minimal client, in interleaved rounds: 4 KiB PUTs
+/// from 64 connections (3 rounds; target ratio ≥ 0.85) and the p50 of 5 MiB GETs on one
+/// connection (4 rounds of 50; target ratio ≤ 1.15). Scenarios named `names`.
+async fn compare(
+    targets: [raw_http::Target<'_>; 2],
+    names: [&'static str; 2],
+    what: &str,
+    seconds: Duration,
+) -> anyhow::Result<Vec<Scenario>> {
+    let mut puts = [Vec::new(), Vec::new()];
     for round in 0..3 {
-        let tls_run = raw_http::put_throughput(&tls_addr, Some(&tls), 4096, 64, seconds);
-        let plain_run = raw_http::put_throughput(&plain.addr, None, 4096, 64, seconds);
-        if round % 2 == 0 {
-            with_tls.push(tls_run.await?);
-            without.push(plain_run.await?);
-        } else {
-            without.push(plain_run.await?);
-            with_tls.push(tls_run.await?);
+        // Alternating which goes first, so that both see the same machine.
+        for i in [round % 2, 1 - round % 2] {
+            puts[i].push(raw_http::put_throughput(&targets[i], 4096, 64, seconds).await?);
         }
     }
     let put = Scenario::rounds(
-        "tls_put_4k_c64",
-        &with_tls,
+        names[0],
+        &puts[0],
         "ops/s",
-        &without,
+        &puts[1],
         "ops/s",
-        "HTTPS (TLS 1.3, rustls) against plain HTTP, keys on both, one minimal client; 3 interleaved rounds (target ≥ 0.85)",
+        format!("{what}; one minimal client; 3 interleaved rounds (target ≥ 0.85)"),
     );
     let blob = vec![0x42u8; 5 << 20];
-    let tls_id = raw_http::put(&tls_addr, Some(&tls), &blob).await?;
-    let plain_id = raw_http::put(&plain.addr, None, &blob).await?;
-    let (mut with_tls, mut without) = (Vec::new(), Vec::new());
+    let ids = [raw_http::put(&targets[0], &blob).await?, raw_http::put(&targets[1], &blob).await?];
+    let mut gets = [Vec::new(), Vec::new()];
     for _ in 0..4 {
-        let mut samples = raw_http::get_latency(&tls_addr, Some(&tls), &tls_id, blob.len(), 50).await?;
-        with_tls.push(reference::percentiles(&mut samples).0);
-        let mut samples = raw_http::get_latency(&plain.addr, None, &plain_id, blob.len(), 50).await?;
-        without.push(reference::percentiles(&mut samples).0);
+        for i in 0..2 {
+            let mut samples = raw_http::get_latency(&targets[i], &ids[i], blob.len(), 50).await?;
+            gets[i].push(reference::percentiles(&mut samples).0);
+        }
     }
     let get = Scenario::rounds(
-        "tls_get_5m_p50",
-        &with_tls,
+        names[1],
+        &gets[0],
         "ms",
-        &without,
+        &gets[1],
         "ms",
-        "HTTPS against plain HTTP, keys on both; 4 interleaved rounds of 50 (target ≤ 1.15)",
+        format!("{what}; 4 interleaved rounds of 50 (target ≤ 1.15)"),
     );
     Ok(vec![put, get])
 }
@@ -320,13 +299,31 @@ mod raw_http {
 
     pub struct Tls(pub tokio_rustls::TlsConnector);
 
+    /// A node as the client reaches it: over TLS or not, with the benchmark's key or without.
+    pub struct Target<'a> {
+        pub addr: &'a str,
+        pub tls: Option<&'a Tls>,
+        pub authorized: bool,
+    }
+
+    impl Target<'_> {
+        /// The request head lines every request carries: host and, if authorized, the key.
+        fn host_and_key(&self) -> String {
+            let mut lines = format!("Host: {}\r\n", self.addr);
+            if self.authorized {
+                lines += &format!("Authorization: {}\r\n", cairn_testkit::keys::authorization());
+            }
+            lines
+        }
+    }
+
     trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
     impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-    async fn connect(addr: &str, tls: Option<&Tls>) -> anyhow::Result<BufReader<Box<dyn Stream>>> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
+    async fn connect(target: &Target<'_>) -> anyhow::Result<BufReader<Box<dyn Stream>>> {
+        let tcp = tokio::net::TcpStream::connect(target.addr).await?;
         tcp.set_nodelay(true)?;
-        let stream: Box<dyn Stream> = match tls {
+        let stream: Box<dyn Stream> = match target.tls {
             None => Box::new(tcp),
             Some(Tls(connector)) => {
                 let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
@@ -364,17 +361,14 @@ mod raw_http {
         Ok((status, out))
     }
 
-    fn put_head(addr: &str, len: usize) -> String {
-        format!(
-            "POST /v1/blobs HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\nContent-Length: {len}\r\n\r\n",
-            cairn_testkit::keys::authorization()
-        )
+    fn put_head(target: &Target<'_>, len: usize) -> String {
+        format!("POST /v1/blobs HTTP/1.1\r\n{}Content-Length: {len}\r\n\r\n", target.host_and_key())
     }
 
     /// One PUT: the id.
-    pub async fn put(addr: &str, tls: Option<&Tls>, body: &[u8]) -> anyhow::Result<String> {
-        let mut conn = connect(addr, tls).await?;
-        let (status, answer) = exchange(&mut conn, &put_head(addr, body.len()), body).await?;
+    pub async fn put(target: &Target<'_>, body: &[u8]) -> anyhow::Result<String> {
+        let mut conn = connect(target).await?;
+        let (status, answer) = exchange(&mut conn, &put_head(target, body.len()), body).await?;
         anyhow::ensure!(status == 201, "PUT answered {status}: {}", String::from_utf8_lossy(&answer));
         let v: serde_json::Value = serde_json::from_slice(&answer)?;
         Ok(v["id"].as_str().unwrap_or_default().to_owned())
@@ -382,17 +376,16 @@ mod raw_http {
 
     /// PUTs of `size` bytes from `clients` connections for `duration`: ops/s.
     pub async fn put_throughput(
-        addr: &str,
-        tls: Option<&Tls>,
+        target: &Target<'_>,
         size: usize,
         clients: usize,
         duration: Duration,
     ) -> anyhow::Result<f64> {
         let body = vec![0x17u8; size];
-        let head = put_head(addr, size);
+        let head = put_head(target, size);
         let started = Instant::now();
         let runs = (0..clients).map(|_| async {
-            let mut conn = connect(addr, tls).await?;
+            let mut conn = connect(target).await?;
             let mut done = 0u64;
             while started.elapsed() < duration {
                 let (status, _) = exchange(&mut conn, &head, &body).await?;
@@ -406,18 +399,9 @@ mod raw_http {
     }
 
     /// `rounds` GETs of `id` on one connection: ms each.
-    pub async fn get_latency(
-        addr: &str,
-        tls: Option<&Tls>,
-        id: &str,
-        len: usize,
-        rounds: usize,
-    ) -> anyhow::Result<Vec<f64>> {
-        let mut conn = connect(addr, tls).await?;
-        let head = format!(
-            "GET /v1/blobs/{id} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\n\r\n",
-            cairn_testkit::keys::authorization()
-        );
+    pub async fn get_latency(target: &Target<'_>, id: &str, len: usize, rounds: usize) -> anyhow::Result<Vec<f64>> {
+        let mut conn = connect(target).await?;
+        let head = format!("GET /v1/blobs/{id} HTTP/1.1\r\n{}\r\n", target.host_and_key());
         let mut samples = Vec::with_capacity(rounds);
         for _ in 0..rounds {
             let started = Instant::now();
@@ -443,13 +427,10 @@ async fn wait_healthy(client: &HttpClient, addr: &str) -> anyhow::Result<()> {
     }
 }
 
-/// One PUT; `authorized`: with the benchmark's key (a node with `--auth none` gets none).
-pub async fn put_once(client: &HttpClient, addr: &str, body: Bytes, authorized: bool) -> anyhow::Result<String> {
-    let mut request = hyper::Request::post(format!("http://{addr}/v1/blobs"));
-    if authorized {
-        request = request.header(hyper::header::AUTHORIZATION, cairn_testkit::keys::authorization());
-    }
-    let request = request.body(Full::new(body))?;
+pub async fn put_once(client: &HttpClient, addr: &str, body: Bytes) -> anyhow::Result<String> {
+    let request = hyper::Request::post(format!("http://{addr}/v1/blobs"))
+        .header(hyper::header::AUTHORIZATION, cairn_testkit::keys::authorization())
+        .body(Full::new(body))?;
     let response = client.request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
@@ -460,16 +441,16 @@ pub async fn put_once(client: &HttpClient, addr: &str, body: Bytes, authorized: 
 
 /// GETs over one keep-alive connection with the same minimal client as the sendfile reference
 /// (request out, exactly Content-Length bytes in), so that only the servers differ: ms each.
-/// `authorized`: with the benchmark's key (a node with `--auth none` takes none).
-fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize, authorized: bool) -> anyhow::Result<Vec<f64>> {
+fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize) -> anyhow::Result<Vec<f64>> {
     use std::io::{BufRead, BufReader, Read, Write};
     let stream = std::net::TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    let auth =
-        if authorized { format!("Authorization: {}\r\n", cairn_testkit::keys::authorization()) } else { String::new() };
-    let request = format!("GET /v1/blobs/{id} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\n");
+    let request = format!(
+        "GET /v1/blobs/{id} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\n\r\n",
+        cairn_testkit::keys::authorization()
+    );
     let mut body = vec![0u8; len];
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
@@ -496,14 +477,13 @@ fn raw_get_latency(addr: &str, id: &str, len: usize, rounds: usize, authorized: 
 }
 
 /// PUTs of `size` bytes from `clients` concurrent connections for `duration`, spread over
-/// `addrs` (`authorized`: see [`put_once`]): ops/s, and the ids stored.
+/// `addrs`: ops/s, and the ids stored.
 pub async fn put_throughput(
     client: &HttpClient,
     addrs: &[String],
     size: usize,
     clients: usize,
     duration: Duration,
-    authorized: bool,
 ) -> anyhow::Result<(f64, Vec<String>)> {
     let body = Bytes::from(vec![0x17u8; size]);
     let started = Instant::now();
@@ -513,7 +493,7 @@ pub async fn put_throughput(
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             while started.elapsed() < duration {
-                ids.push(put_once(&client, &addr, body.clone(), authorized).await?);
+                ids.push(put_once(&client, &addr, body.clone()).await?);
             }
             anyhow::Ok(ids)
         }));

@@ -23,28 +23,9 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// `DIR/admin-token`, readable by the owner only), put back into etcd from that file on a later
 /// start if etcd lost it. The file's path.
 async fn admin_key(dir: &Path, etcd_url: &str, cluster: &str) -> anyhow::Result<PathBuf> {
-    use cairn_cluster::access::{self, AccessKey, Scope};
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd_url.to_owned()], NAMESPACE, cluster).await?;
     let path = dir.join(ADMIN_TOKEN_FILE);
-    let admin = || [Scope::Admin].into_iter().collect();
-    let key = match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let (id, secret) =
-                access::parse_token(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            AccessKey::from_parts(id, secret, "local admin", admin())?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-            let (key, secret) = AccessKey::generate("local admin", admin(), now)?;
-            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-            file.write_all(format!("{}\n", access::token(&key.id, &secret)).as_bytes())?;
-            file.sync_all()?;
-            key
-        }
-        Err(e) => anyhow::bail!("{}: {e}", path.display()),
-    };
+    let (key, _) = cairn_cluster::access::admin_key_file(&path, "local admin")?;
     if !store.load().await?.keys.contains_key(&key.id) {
         store.create_key(&key).await?;
     }

@@ -335,30 +335,9 @@ pub const ROOT_TOKEN_FILE: &str = "root-token";
 /// The root key of a standalone node that was given none: the one in `DATA_DIR/root-token`,
 /// made there (mode 0600) on the first start. The path, and whether it was just made.
 pub fn root_key_in(data_dir: &std::path::Path) -> anyhow::Result<(AccessKey, std::path::PathBuf, bool)> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join(ROOT_TOKEN_FILE);
-    let scopes = [Scope::Admin].into_iter().collect();
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path)?.permissions().mode();
-            if mode & 0o077 != 0 {
-                tracing::warn!(file = %path.display(), "the root key's file is readable by others: chmod 600 it");
-            }
-            let (id, secret) = access::parse_token(text.trim())
-                .map_err(|e| anyhow::anyhow!("{}: {e} (delete it to have a new root key made)", path.display()))?;
-            Ok((AccessKey::from_parts(id, secret, "root", scopes)?, path, false))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let (key, secret) = AccessKey::generate("root", scopes, crate::engine::now_ms())?;
-            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-            file.write_all(format!("{}\n", access::token(&key.id, &secret)).as_bytes())?;
-            file.sync_all()?;
-            Ok((key, path, true))
-        }
-        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
-    }
+    let (key, made) = access::admin_key_file(&path, "root")?;
+    Ok((key, path, made))
 }
 
 #[cfg(test)]
