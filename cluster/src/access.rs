@@ -118,6 +118,19 @@ pub fn is_node_token(token: &str) -> bool {
     token.len() == NODE_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
+/// A token for `purpose` derived from `key` (from its secret's digest, so the secret is not
+/// needed): stable as long as the key is. A standalone node on a disk agent derives its
+/// disk-agent token from its root key this way.
+pub fn derived_token(key: &AccessKey, purpose: &str) -> Secret {
+    let digest = Sha256::new()
+        .chain_update(b"cairn derived token\0")
+        .chain_update(purpose.as_bytes())
+        .chain_update([0])
+        .chain_update(key.secret_sha256.as_bytes())
+        .finalize();
+    Secret(crate::replica::hex(&digest))
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(…)")

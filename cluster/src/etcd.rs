@@ -42,6 +42,10 @@ pub enum Written {
 
 /// The key of the cluster's node token, relative to the cluster's prefix.
 pub const NODE_TOKEN: &str = "node-token";
+/// The key of the token the cluster's datanodes present to disk agents (never rotated by Cairn:
+/// each agent binds it to the cluster's volumes on its machine).
+pub const DISK_AGENT_TOKEN: &str = "disk-agent-token";
+/// Both tokens are stored as a [`NodeToken`] record.
 const NODE_TOKEN_FORMAT: u32 = 1;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -283,7 +287,7 @@ impl ClusterStore {
             _ => tracing::debug!(key, "ignoring an unknown key"),
         }
         // Only the topology's keys guard topology writes (and make its revision).
-        if !rel.starts_with("live/") && !rel.starts_with("keys/") && rel != NODE_TOKEN {
+        if !rel.starts_with("live/") && !rel.starts_with("keys/") && rel != NODE_TOKEN && rel != DISK_AGENT_TOKEN {
             match value {
                 Some((_, revision)) => snapshot.versions.insert(key.to_owned(), revision),
                 None => snapshot.versions.remove(key),
@@ -340,7 +344,17 @@ impl ClusterStore {
     /// datanode makes it; a running one puts its own back if the record disappears). A record
     /// that does not decode is an error: the cluster's nodes would not agree on a token.
     pub async fn ensure_node_token(&self, proposed: &Secret) -> Result<Secret, StoreError> {
-        let path = format!("{}{NODE_TOKEN}", self.prefix);
+        self.ensure_token(NODE_TOKEN, proposed).await
+    }
+
+    /// The token of the cluster's datanodes at disk agents: `proposed`, stored if the cluster has
+    /// none yet, else the stored one.
+    pub async fn ensure_disk_agent_token(&self, proposed: &Secret) -> Result<Secret, StoreError> {
+        self.ensure_token(DISK_AGENT_TOKEN, proposed).await
+    }
+
+    async fn ensure_token(&self, key: &str, proposed: &Secret) -> Result<Secret, StoreError> {
+        let path = format!("{}{key}", self.prefix);
         let made = NodeToken { format: NODE_TOKEN_FORMAT, token: proposed.expose().to_owned() };
         let txn = Txn::new()
             .when([Compare::version(path.clone(), CompareOp::Equal, 0)])
@@ -357,7 +371,7 @@ impl ClusterStore {
         });
         stored.as_deref().and_then(NodeToken::decode).ok_or_else(|| StoreError::BadValue {
             key: path,
-            reason: "not a node token (43 letters and digits, format 1): delete it to have a new one made".into(),
+            reason: "not a token (43 letters and digits, format 1): delete it to have a new one made".into(),
         })
     }
 

@@ -236,18 +236,9 @@ impl RetiredReplica {
 }
 
 impl Topology {
-    /// The name of the volume that holds `partition` on `node`: `<cluster>-p<partition>-<node>`
-    /// (a DNS label; the node part shortened to a hash when the whole would pass 63 characters).
-    /// The node is part of the name so that machines sharing a disk agent (local mode) never clash.
+    /// The name of the volume that holds `partition` on `node` ([`cairn_common::agent_api::cluster_volume_name`]).
     pub fn volume_name(cluster: &str, partition: u32, node: &str) -> String {
-        let base = format!("{cluster}-p{partition}-");
-        let node: String =
-            node.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
-        if base.len() + node.len() <= 63 {
-            return format!("{base}{node}");
-        }
-        let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        format!("{base}{:08x}", hash as u32)
+        cairn_common::agent_api::cluster_volume_name(cluster, partition, node)
     }
 
     /// Whether `name` is the volume of one of `cluster`'s replicas on `node`: exactly
@@ -267,7 +258,8 @@ impl Topology {
 
     /// Whether `name` is a volume a standalone datanode made with this prefix: `<prefix>-p<digits>`.
     pub fn is_standalone_volume(prefix: &str, name: &str) -> bool {
-        Self::partition_of_volume(prefix, name).is_some_and(|p| name == format!("{prefix}-p{p}"))
+        Self::partition_of_volume(prefix, name)
+            .is_some_and(|p| name == cairn_common::agent_api::standalone_volume_name(prefix, p))
     }
 
     /// Partitions with a replica on `node`.

@@ -101,6 +101,11 @@ pub struct CreateVolumeRequest {
     #[serde(default = "default_segment_size")]
     pub segment_size_bytes: u64,
     pub partition: u32,
+    /// The node of a cluster's replica; absent for a standalone datanode's volume. With the
+    /// calling cluster, it fixes the only name the volume may have ([`cluster_volume_name`],
+    /// [`standalone_volume_name`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 pub fn default_segment_size() -> u64 {
@@ -150,6 +155,37 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// Where the disk agent serves datanodes (mounted into datanode Pods).
+pub const NODE_SOCKET: &str = "/run/cairn/disk-agent.sock";
+/// Where the disk agent serves the admin (mounted only into the operator's purge Pods).
+pub const ADMIN_SOCKET: &str = "/run/cairn-admin/disk-agent.sock";
+/// The directory of [`ADMIN_SOCKET`] (the agent makes it 0700).
+pub const ADMIN_SOCKET_DIR: &str = "/run/cairn-admin";
+
+/// The header by which a datanode names its cluster on the node socket, next to
+/// `Authorization: Bearer <the cluster's disk-agent token>`.
+pub const CLUSTER_HEADER: &str = "x-cairn-cluster";
+
+/// The name of the volume that holds `partition` on `node` for `cluster`:
+/// `<cluster>-p<partition>-<node>` (a DNS label; the node part shortened to a hash when the whole
+/// would pass 63 characters). The node is part of the name so that machines sharing a disk agent
+/// (local mode) never clash.
+pub fn cluster_volume_name(cluster: &str, partition: u32, node: &str) -> String {
+    let base = format!("{cluster}-p{partition}-");
+    let node: String =
+        node.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    if base.len() + node.len() <= 63 {
+        return format!("{base}{node}");
+    }
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{base}{:08x}", hash as u32)
+}
+
+/// The name of a standalone datanode's volume for `partition`: `<prefix>-p<partition>`.
+pub fn standalone_volume_name(prefix: &str, partition: u32) -> String {
+    format!("{prefix}-p{partition}")
+}
+
 /// Volume names: lower-case letters, digits and '-', 1 to 63 characters, starting and ending
 /// with a letter or digit (a DNS label, so that names can come from Kubernetes objects).
 pub fn validate_volume_name(name: &str) -> Result<(), String> {
@@ -168,6 +204,11 @@ pub fn validate_volume_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_admin_socket_is_in_its_directory() {
+        assert_eq!(std::path::Path::new(ADMIN_SOCKET).parent(), Some(std::path::Path::new(ADMIN_SOCKET_DIR)));
+    }
 
     #[test]
     fn volume_names() {

@@ -25,13 +25,42 @@ pub enum AgentClientError {
     Refused { status: u16, code: String, message: String },
 }
 
+/// A disk agent's two sockets: the datanodes' and the admin's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSockets {
+    pub node: PathBuf,
+    pub admin: PathBuf,
+}
+
+impl AgentSockets {
+    /// `DIR/disk-agent.sock` and `DIR/disk-agent-admin.sock` (a local cluster's, a test's).
+    pub fn in_dir(dir: &Path) -> Self {
+        Self { node: dir.join("disk-agent.sock"), admin: dir.join("disk-agent-admin.sock") }
+    }
+
+    /// The agent's command-line flags for them.
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        vec!["--socket".into(), self.node.clone().into(), "--admin-socket".into(), self.admin.clone().into()]
+    }
+}
+
+/// A client of one agent socket. On the admin socket it needs nothing more; on the node socket a
+/// datanode names its cluster and presents the cluster's disk-agent token ([`Self::as_cluster`]).
 pub struct AgentClient {
     socket: PathBuf,
+    /// (cluster, token): sent as `x-cairn-cluster` and `Authorization: Bearer`.
+    cluster: Option<(String, String)>,
 }
 
 impl AgentClient {
     pub fn new(socket: impl AsRef<Path>) -> Self {
-        Self { socket: socket.as_ref().to_owned() }
+        Self { socket: socket.as_ref().to_owned(), cluster: None }
+    }
+
+    /// Calls as a datanode of `cluster`, holding the cluster's disk-agent `token`.
+    pub fn as_cluster(mut self, cluster: &str, token: &str) -> Self {
+        self.cluster = Some((cluster.to_owned(), token.to_owned()));
+        self
     }
 
     pub async fn info(&self) -> Result<AgentInfo, AgentClientError> {
@@ -80,13 +109,17 @@ impl AgentClient {
             Some(b) => Bytes::from(serde_json::to_vec(b).expect("request serializes")),
             None => Bytes::new(),
         };
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "disk-agent")
-            .header("content-type", "application/json")
-            .body(Full::new(body))
-            .map_err(|e| AgentClientError::Transport(e.to_string()))?;
+            .header("content-type", "application/json");
+        if let Some((cluster, token)) = &self.cluster {
+            request = request
+                .header(crate::agent_api::CLUSTER_HEADER, cluster)
+                .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(body)).map_err(|e| AgentClientError::Transport(e.to_string()))?;
         let response = sender.send_request(request).await.map_err(|e| AgentClientError::Transport(e.to_string()))?;
         let status = response.status();
         let bytes =

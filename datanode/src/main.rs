@@ -64,6 +64,10 @@ struct Args {
     /// With --disk-agent: volumes are named <prefix>-p<partition>.
     #[arg(long, default_value = "datanode", requires = "disk_agent")]
     volume_prefix: String,
+    /// With --disk-agent on a standalone node: the token its volumes are bound to at the agent
+    /// (default: derived from the root key). A cluster's nodes take theirs from etcd.
+    #[arg(long, env = "CAIRN_DISK_AGENT_TOKEN", requires = "disk_agent", hide_env_values = true)]
+    disk_agent_token: Option<String>,
     /// Address of the blob API.
     #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7480")]
     listen: SocketAddr,
@@ -260,7 +264,11 @@ fn run() -> anyhow::Result<()> {
             auth: AuthOptions { protect_metrics: args.protect_metrics, protect_openapi: args.protect_openapi },
             tls: args.tls_cert.zip(args.tls_key),
         },
-        auth: StandaloneAuth { mode: args.auth, root_key },
+        auth: StandaloneAuth {
+            mode: args.auth,
+            root_key,
+            disk_agent_token: args.disk_agent_token.map(cairn_cluster::access::Secret::new),
+        },
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

@@ -37,6 +37,9 @@ pub struct StandaloneAuth {
     /// The root key (admin) given by flags or environment; without one, a node with a data
     /// directory makes its own (`DATA_DIR/root-token`).
     pub root_key: Option<AccessKey>,
+    /// The token a node on disk-agent volumes presents to the agent (`--disk-agent-token`);
+    /// without one, derived from the root key.
+    pub disk_agent_token: Option<cairn_cluster::access::Secret>,
 }
 
 /// The HTTP side of a node: connection limits and the memory for request bodies.
@@ -85,9 +88,10 @@ async fn volumes_from_agent(
     disk: Option<&str>,
     prefix: &str,
     layout: &StandaloneLayout,
+    token: &cairn_cluster::access::Secret,
 ) -> anyhow::Result<Vec<PathBuf>> {
     use cairn_common::agent_api::CreateVolumeRequest;
-    let agent = cairn_common::agent_client::AgentClient::new(socket);
+    let agent = cairn_common::agent_client::AgentClient::new(socket).as_cluster(prefix, token.expose());
     let disk = match disk {
         Some(disk) => disk.to_owned(),
         None => {
@@ -116,12 +120,13 @@ async fn volumes_from_agent(
     };
     let mut dirs = Vec::new();
     for partition in 0..partitions {
-        let name = format!("{prefix}-p{partition}");
+        let name = cairn_common::agent_api::standalone_volume_name(prefix, partition);
         let request = CreateVolumeRequest {
             disk: disk.clone(),
             capacity_bytes: layout.volume_size,
             segment_size_bytes: layout.segment_size,
             partition,
+            node: None,
         };
         let answer = agent.create_volume(&name, &request).await?;
         tracing::info!(volume = %name, disk = %disk, created = answer.created, "volume from the disk agent");
@@ -145,7 +150,15 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
             tokio::task::spawn_blocking(move || Store::open_standalone(&dir, &layout, &volume, metrics)).await??
         }
         VolumeSource::DiskAgent { socket, disk, prefix } => {
-            let dirs = volumes_from_agent(socket, disk.as_deref(), prefix, &options.layout).await?;
+            let token = match (&options.auth.disk_agent_token, &options.auth.root_key) {
+                (Some(token), _) => token.clone(),
+                (None, Some(root)) => cairn_cluster::access::derived_token(root, "disk-agent"),
+                (None, None) => anyhow::bail!(
+                    "a node on disk-agent volumes presents a token to the agent: give --disk-agent-token \
+                     (or a root key, which it is then derived from)"
+                ),
+            };
+            let dirs = volumes_from_agent(socket, disk.as_deref(), prefix, &options.layout, &token).await?;
             let (volume, metrics) = (options.volume.clone(), metrics.clone());
             tokio::task::spawn_blocking(move || Store::open_dirs(&dirs, &volume, metrics)).await??
         }

@@ -16,6 +16,7 @@ use crate::discovery::{discover, Disk};
 use crate::error::AgentError;
 use crate::identity::{self, cairn_dir, DiskIdentity, RecordedDisk, RecordedDisks};
 use crate::metrics::AgentMetrics;
+use crate::owners::{Caller, Owners};
 use crate::probe::SystemProbe;
 use crate::volumes;
 
@@ -34,7 +35,10 @@ pub struct Agent {
     options: AgentOptions,
     selector: CompiledSelector,
     probe: SystemProbe,
+    /// Held by everything that changes a disk.
     lock: Mutex<()>,
+    /// Changed only under `lock`; read alone (briefly) for what the node socket lists.
+    owners: Mutex<Owners>,
     last: RwLock<NodeReport>,
     changed: tokio::sync::Notify,
     pub metrics: AgentMetrics,
@@ -44,11 +48,13 @@ impl Agent {
     pub fn new(options: AgentOptions) -> anyhow::Result<Self> {
         let selector = options.config.selector.compile().map_err(anyhow::Error::msg)?;
         let probe = SystemProbe::new(&options.host_dev);
+        let owners = Owners::load(options.state_dir.as_deref())?;
         Ok(Self {
             options,
             selector,
             probe,
             lock: Mutex::new(()),
+            owners: Mutex::new(owners),
             last: RwLock::default(),
             changed: tokio::sync::Notify::new(),
             metrics: AgentMetrics::default(),
@@ -91,6 +97,17 @@ impl Agent {
         self.last.read().expect("report lock").clone()
     }
 
+    /// The report as a datanode on the node socket sees it: only its own cluster's volumes
+    /// (none without a credential).
+    pub fn report_for(&self, caller: Option<&Caller>) -> NodeReport {
+        let mut report = self.report();
+        let owners = self.owners.lock().expect("owners lock");
+        for disk in &mut report.disks {
+            disk.volumes.retain(|v| caller.is_some_and(|c| owners.owns(c, &v.name)));
+        }
+        report
+    }
+
     pub fn capacity(&self) -> Vec<DiskCapacity> {
         self.report()
             .disks
@@ -111,15 +128,31 @@ impl Agent {
     }
 
     /// CreateVolume: idempotent by name; never promises more than a disk's allocatable bytes.
-    pub fn create_volume(&self, name: &str, request: &CreateVolumeRequest) -> Result<CreateVolumeResponse, AgentError> {
+    /// `caller` is the datanode on the node socket (`None` on the admin socket): it may ask only
+    /// for its own cluster's volumes, and becomes the owner of what it makes.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        request: &CreateVolumeRequest,
+        caller: Option<&Caller>,
+    ) -> Result<CreateVolumeResponse, AgentError> {
         cairn_common::agent_api::validate_volume_name(name).map_err(AgentError::InvalidRequest)?;
         volumes::validate(request).map_err(AgentError::InvalidRequest)?;
         let _guard = self.lock.lock().expect("agent lock");
+        if let Some(caller) = caller {
+            self.owners.lock().expect("owners lock").authorize(caller, name, request)?;
+        }
         let (report, _) = self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
         if let Some(found) = self.find_volume(&report, name) {
             let existing = volumes::scan(&found.1, &found.0.disk).volumes.into_iter().find(|v| v.info.name == name);
             return match existing {
-                Some(v) if volumes::matches(&v, request) => Ok(CreateVolumeResponse { created: false, volume: v.info }),
+                Some(v) if volumes::matches(&v, request) => {
+                    // A volume made before owners were recorded is adopted by its first opener.
+                    if let Some(caller) = caller {
+                        self.owners.lock().expect("owners lock").record(caller, name)?;
+                    }
+                    Ok(CreateVolumeResponse { created: false, volume: v.info })
+                }
                 _ => Err(AgentError::VolumeExists(format!(
                     "volume {name} already exists on disk {} with partition {}, capacity {} and segment size {}",
                     found.0.disk, found.0.partition, found.0.capacity_bytes, found.0.segment_size_bytes
@@ -160,6 +193,9 @@ impl Agent {
         })?;
         self.metrics.volume_creates("created");
         tracing::info!(volume = name, disk = %disk.id, bytes = request.capacity_bytes, "volume created");
+        if let Some(caller) = caller {
+            self.owners.lock().expect("owners lock").record(caller, name)?;
+        }
         self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
         self.changed.notify_one();
         Ok(CreateVolumeResponse { created: true, volume: info })
@@ -171,6 +207,7 @@ impl Agent {
         let _guard = self.lock.lock().expect("agent lock");
         let (report, _) = self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
         let Some((info, _)) = self.find_volume(&report, name) else {
+            self.owners.lock().expect("owners lock").forget(name)?;
             return Ok(DeleteVolumeResponse { deleted: false });
         };
         // A datanode holds the volume's lock while it has it open (the lock goes with the
@@ -185,6 +222,7 @@ impl Agent {
             Err(e) => return Err(AgentError::Internal(format!("locking {}: {e}", info.path))),
         };
         volumes::delete(path).map_err(|e| AgentError::Internal(format!("deleting {}: {e}", info.path)))?;
+        self.owners.lock().expect("owners lock").forget(name)?;
         tracing::info!(volume = name, disk = %info.disk, "volume deleted");
         self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
         self.changed.notify_one();

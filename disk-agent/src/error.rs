@@ -21,6 +21,12 @@ pub enum AgentError {
     InsufficientCapacity(String),
     #[error("{0}")]
     FallocateUnsupported(String),
+    /// The node socket without a credential, or with a malformed one.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A credential that does not allow this (another cluster's volume, a delete).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("no route for {0}")]
     RouteNotFound(String),
     #[error("method not allowed")]
@@ -39,6 +45,8 @@ impl AgentError {
             Self::DiskConflict(_) => "disk_conflict",
             Self::InsufficientCapacity(_) => "insufficient_capacity",
             Self::FallocateUnsupported(_) => "fallocate_unsupported",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Forbidden(_) => "forbidden",
             Self::RouteNotFound(_) => "route_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal(_) => "internal",
@@ -52,6 +60,8 @@ impl AgentError {
             Self::VolumeExists(_) | Self::DiskConflict(_) | Self::VolumeInUse(_) => StatusCode::CONFLICT,
             Self::InsufficientCapacity(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::FallocateUnsupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

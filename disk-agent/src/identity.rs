@@ -76,22 +76,8 @@ pub struct RecordedDisk {
 
 impl RecordedDisks {
     pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
-        let path = state_dir.join(RECORD_FILE);
-        match std::fs::read(&path) {
-            Ok(text) => {
-                let record: Self =
-                    serde_json::from_slice(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                anyhow::ensure!(
-                    record.format == FORMAT,
-                    "{}: format {} is not supported",
-                    path.display(),
-                    record.format
-                );
-                Ok(record)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self { format: FORMAT, disks: BTreeMap::new() }),
-            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
-        }
+        let record = read_state_record(&state_dir.join(RECORD_FILE), |r: &Self| r.format, FORMAT)?;
+        Ok(record.unwrap_or(Self { format: FORMAT, disks: BTreeMap::new() }))
     }
 
     pub fn save(&self, state_dir: &Path) -> anyhow::Result<()> {
@@ -99,6 +85,25 @@ impl RecordedDisks {
         let body = serde_json::to_vec_pretty(self).expect("record serializes");
         write_atomic(&state_dir.join(RECORD_FILE), &body)?;
         Ok(())
+    }
+}
+
+/// Reads a versioned JSON record of the agent's state directory: `None` when there is none, an
+/// error when it does not parse or has a format this build does not know.
+pub fn read_state_record<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    format_of: impl Fn(&T) -> u32,
+    supported: u32,
+) -> anyhow::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(text) => {
+            let record: T = serde_json::from_slice(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let format = format_of(&record);
+            anyhow::ensure!(format == supported, "{}: format {format} is not supported", path.display());
+            Ok(Some(record))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
     }
 }
 

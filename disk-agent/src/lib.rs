@@ -7,8 +7,9 @@
 //! - [`discovery`]: pseudo filesystems out, duplicate mounts folded, selector applied.
 //! - [`identity`]: identity files on disks and the agent's record of them.
 //! - [`volumes`]: creating, listing and deleting volumes in the datanode's layout.
+//! - [`owners`]: which cluster owns each volume, and the token it is bound to.
 //! - [`agent`]: all of it together, behind one lock; the report.
-//! - [`api`], [`error`], [`metrics`]: the unix-socket node API.
+//! - [`api`], [`error`], [`metrics`]: the node API on two unix sockets (datanodes', admin's).
 //! - [`k8s`]: the `StoreNode` status.
 //!
 //! docs/disk-agent.md describes the behaviour and the API.
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod k8s;
 pub mod metrics;
 pub mod mountinfo;
+pub mod owners;
 pub mod probe;
 pub mod volumes;
 

@@ -56,12 +56,16 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Serve the node API on a unix socket.
+    /// Serve the node API on two unix sockets: datanodes' and the admin's.
     Serve {
         #[command(flatten)]
         common: Common,
-        #[arg(long, env = "CAIRN_AGENT_SOCKET", default_value = "/run/cairn/disk-agent.sock")]
+        /// The datanodes' socket: each sees and makes only its own cluster's volumes, never deletes.
+        #[arg(long, env = "CAIRN_AGENT_SOCKET", default_value = cairn_common::agent_api::NODE_SOCKET)]
         socket: PathBuf,
+        /// The admin socket (mode 0600): everything, deletes too. Keep it out of datanode Pods.
+        #[arg(long, env = "CAIRN_AGENT_ADMIN_SOCKET", default_value = cairn_common::agent_api::ADMIN_SOCKET)]
+        admin_socket: PathBuf,
         /// Publish a StoreNode: `auto` does when running in a pod.
         #[arg(long, value_enum, default_value_t = Kubernetes::Auto)]
         kubernetes: Kubernetes,
@@ -132,10 +136,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Serve { common, socket, kubernetes, interval_secs } => {
+        Command::Serve { common, socket, admin_socket, kubernetes, interval_secs } => {
             let agent = Arc::new(Agent::new(agent_options(common, true)?)?);
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(serve(agent, socket, kubernetes, Duration::from_secs(interval_secs.max(1))))
+            let sockets = Sockets { node: socket, admin: admin_socket };
+            runtime.block_on(serve(agent, sockets, kubernetes, Duration::from_secs(interval_secs.max(1))))
         }
         Command::Forget { state_dir, mount } => {
             let mut record = RecordedDisks::load(&state_dir)?;
@@ -158,7 +163,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(agent: Arc<Agent>, socket: PathBuf, kubernetes: Kubernetes, interval: Duration) -> anyhow::Result<()> {
+struct Sockets {
+    node: PathBuf,
+    admin: PathBuf,
+}
+
+async fn serve(agent: Arc<Agent>, sockets: Sockets, kubernetes: Kubernetes, interval: Duration) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let on_kubernetes = match kubernetes {
         Kubernetes::On => true,
@@ -218,7 +228,7 @@ async fn serve(agent: Arc<Agent>, socket: PathBuf, kubernetes: Kubernetes, inter
             shutdown.cancel();
         }
     });
-    let served = api::serve(agent, &socket, shutdown.clone()).await;
+    let served = api::serve(agent, &sockets.node, &sockets.admin, shutdown.clone()).await;
     shutdown.cancel();
     let _ = scanner.await;
     signals.abort();

@@ -20,7 +20,13 @@ fn disk_at<'a>(report: &'a NodeReport, mount: &Path) -> &'a DiskReport {
 }
 
 fn request(disk: &str, capacity: u64) -> CreateVolumeRequest {
-    CreateVolumeRequest { disk: disk.into(), capacity_bytes: capacity, segment_size_bytes: 16 * MIB, partition: 3 }
+    CreateVolumeRequest {
+        disk: disk.into(),
+        capacity_bytes: capacity,
+        segment_size_bytes: 16 * MIB,
+        partition: 3,
+        node: None,
+    }
 }
 
 fn refused_status(e: AgentClientError) -> (u16, String) {
@@ -183,7 +189,7 @@ fn create_volume_preallocates_and_is_idempotent_across_restarts() {
     assert_eq!(statvfs(&a).available, after.available);
 
     // Concurrent creates: each allocates once, the same name only once.
-    let socket = agent.socket.clone();
+    let socket = agent.admin_socket.clone();
     let results = rt.block_on(async {
         let mut tasks = Vec::new();
         for i in 0..6 {
@@ -206,11 +212,11 @@ fn create_volume_preallocates_and_is_idempotent_across_restarts() {
     assert!(after.available - statvfs(&a).available >= 3 * 32 * MIB);
 
     // Metrics per disk, and JSON errors for unknown routes and methods.
-    let metrics = raw_request(&agent.socket, "GET /metrics");
+    let metrics = raw_request(&agent.admin_socket, "GET /metrics");
     let line = format!("cairn_disk_allocated_bytes{{disk=\"{}\",mount=\"{}\"}} {}", disk.id, a.display(), 160 * MIB);
     assert!(metrics.contains(&line), "{line} not in\n{metrics}");
-    assert!(raw_request(&agent.socket, "GET /v2/nothing").contains("route_not_found"));
-    assert!(raw_request(&agent.socket, "POST /v1/report").contains("method_not_allowed"));
+    assert!(raw_request(&agent.admin_socket, "GET /v2/nothing").contains("route_not_found"));
+    assert!(raw_request(&agent.admin_socket, "POST /v1/report").contains("method_not_allowed"));
 
     // Delete: space back, idempotent.
     let before_delete = statvfs(&a).available;
@@ -389,4 +395,108 @@ fn directories_with_a_quota_are_disks_of_their_own() {
     let again = rt.block_on(agent.client().report()).unwrap();
     assert_eq!(disk_at(&again, &a).id, da.id, "identity kept across restarts");
     assert!(again.missing.is_empty(), "recorded directories are present, not missing: {:?}", again.missing);
+}
+
+/// The node socket (mounted into datanode Pods) lets a datanode see and make only its own
+/// cluster's volumes, bound to its cluster's token, and never delete; the admin socket (0600)
+/// does everything. Owners and bindings survive a kill -9 of the agent.
+#[test]
+fn a_datanode_reaches_only_its_own_clusters_volumes_and_deletes_none() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut m = Machine::new();
+    let ext4 = m.loop_fs("ext4", 512 * MIB, "mkfs.ext4", &["-q", "-m", "0"]);
+    let a = m.mount(&ext4, "a", &[]);
+    let mut agent = AgentProcess::start(&m, &m.agent_config("headroom: 0%\n"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let admin = agent.client();
+    let disk = disk_at(&rt.block_on(admin.report()).unwrap(), &a).id.clone();
+    let replica = |partition: u32, node: Option<&str>| CreateVolumeRequest {
+        partition,
+        node: node.map(str::to_owned),
+        ..request(&disk, 16 * MIB)
+    };
+    let refused = |r: Result<_, AgentClientError>| {
+        refused_status(r.map(|_: cairn_common::agent_api::CreateVolumeResponse| ()).unwrap_err())
+    };
+    let (alpha, beta) = (agent.node_client("alpha", "token-a"), agent.node_client("beta", "token-b"));
+    let forged = agent.node_client("alpha", "not-alphas-token");
+    let anonymous = cairn_common::agent_client::AgentClient::new(&agent.socket);
+
+    // No credential: nothing made, nothing listed (the disks' figures are still reported).
+    let (status, code) = refused(rt.block_on(anonymous.create_volume("alpha-p0-n1", &replica(0, Some("n1")))));
+    assert_eq!((status, code.as_str()), (401, "unauthenticated"));
+    assert!(rt.block_on(alpha.create_volume("alpha-p0-n1", &replica(0, Some("n1")))).unwrap().created);
+    assert!(rt.block_on(anonymous.list_volumes()).unwrap().is_empty());
+    let seen = rt.block_on(anonymous.report()).unwrap();
+    assert!(disk_at(&seen, &a).volumes.is_empty() && disk_at(&seen, &a).allocated_bytes == 16 * MIB);
+
+    // Another cluster's volume, a name that is not the caller's, another token under its name.
+    for (client, name, req, why) in [
+        (&beta, "alpha-p0-n1", replica(0, Some("n1")), "beta asks for alpha's name"),
+        (&beta, "beta-p0-n2", replica(0, Some("n1")), "a name of another node"),
+        (&beta, "beta-p1", replica(0, None), "a name of another partition"),
+        (&forged, "alpha-p0-n1", replica(0, Some("n1")), "alpha's volume, another token"),
+        (&forged, "alpha-p1-n1", replica(1, Some("n1")), "a new alpha volume, another token"),
+    ] {
+        let (status, code) = refused(rt.block_on(client.create_volume(name, &req)));
+        assert_eq!((status, code.as_str()), (403, "forbidden"), "{why}");
+    }
+    assert!(rt.block_on(beta.create_volume("beta-p0", &replica(0, None))).unwrap().created);
+    let names = |client: &cairn_common::agent_client::AgentClient| -> Vec<String> {
+        rt.block_on(client.list_volumes()).unwrap().into_iter().map(|v| v.name).collect()
+    };
+    assert_eq!(names(&alpha), ["alpha-p0-n1"]);
+    assert_eq!(names(&beta), ["beta-p0"]);
+    assert!(names(&forged).is_empty());
+    assert_eq!(disk_at(&rt.block_on(beta.report()).unwrap(), &a).volumes.len(), 1);
+
+    // Deleting is the admin socket's alone, even a cluster's own volume.
+    for client in [&alpha, &anonymous] {
+        let (status, code) = refused_status(rt.block_on(client.delete_volume("alpha-p0-n1")).unwrap_err());
+        assert_eq!((status, code.as_str()), (403, "forbidden"));
+    }
+    assert_eq!(names(&admin).len(), 2, "nothing deleted");
+
+    // The sockets' modes: anyone may connect to the node socket, only root to the admin socket.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&agent.socket), mode(&agent.admin_socket)), (0o666, 0o600));
+    std::fs::set_permissions(&m.base, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let as_nobody = |socket: &Path| {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+            .arg(socket)
+            .arg("http://agent/v1/volumes")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let node = as_nobody(&agent.socket);
+    assert_eq!(String::from_utf8_lossy(&node.stdout), "200", "a datanode need not be root");
+    let admin_try = as_nobody(&agent.admin_socket);
+    assert!(!admin_try.status.success(), "nobody connected to the admin socket");
+
+    // kill -9: owners and the binding are kept.
+    agent.kill9();
+    agent.restart();
+    assert!(!rt.block_on(alpha.create_volume("alpha-p0-n1", &replica(0, Some("n1")))).unwrap().created);
+    assert_eq!(refused(rt.block_on(forged.create_volume("alpha-p1-n1", &replica(1, Some("n1"))))).0, 403);
+
+    // A volume made before owners were recorded (here: by the admin) is adopted by its first
+    // opener, and is then bound to that opener's token.
+    rt.block_on(admin.create_volume("gamma-p0", &replica(0, None))).unwrap();
+    assert!(
+        !rt.block_on(agent.node_client("gamma", "g1").create_volume("gamma-p0", &replica(0, None))).unwrap().created
+    );
+    assert_eq!(
+        refused(rt.block_on(agent.node_client("gamma", "g2").create_volume("gamma-p0", &replica(0, None)))).0,
+        403
+    );
+
+    // The admin deletes; once alpha owns nothing here, its name may be bound to a new token
+    // (a cluster deleted and made again).
+    assert!(rt.block_on(admin.delete_volume("alpha-p0-n1")).unwrap().deleted);
+    assert!(rt.block_on(forged.create_volume("alpha-p1-n1", &replica(1, Some("n1")))).unwrap().created);
+    assert!(names(&alpha).is_empty());
 }

@@ -64,8 +64,9 @@ async fn status_follows_the_disks_and_is_written_only_on_change() {
 
     // A volume changes the figures: one write; Ready keeps its transition time.
     let disk = report.disks[0].id.clone();
-    let request = CreateVolumeRequest { disk, capacity_bytes: 16 << 20, segment_size_bytes: 16 << 20, partition: 0 };
-    agent.create_volume("v1", &request).unwrap();
+    let request =
+        CreateVolumeRequest { disk, capacity_bytes: 16 << 20, segment_size_bytes: 16 << 20, partition: 0, node: None };
+    agent.create_volume("v1", &request, None).unwrap();
     let (report, changed) = agent.refresh().unwrap();
     assert!(!changed, "create_volume already refreshed the report");
     assert!(publisher.publish(&report).await.unwrap());

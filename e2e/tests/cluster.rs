@@ -440,21 +440,21 @@ fn replicas_live_on_disk_agent_volumes_and_a_full_partition_turns_read_only() {
     let mut disks = Vec::new();
     for node in &nodes {
         // One machine per node: its own disk and disk agent.
-        let (agent, socket) = support::disk_with_agent(&mut machine, &node.id, 64 << 20);
+        let (agent, sockets) = support::disk_with_agent(&mut machine, &node.id, 64 << 20);
         agents.push(agent);
-        let report = rt.block_on(AgentClient::new(&socket).report()).unwrap();
-        disks.push((socket, report.disks[0].id.clone()));
+        let report = rt.block_on(AgentClient::new(&sockets.admin).report()).unwrap();
+        disks.push((sockets, report.disks[0].id.clone()));
     }
     // The topology names each node's real disk, as the operator does from StoreNodes.
     let placed: Vec<(&Node, String)> = nodes.iter().zip(&disks).map(|(n, (_, d))| (n, d.clone())).collect();
     apply_topology_with(&etcd, root.path(), &placed, 1, "4MiB", "1MiB");
-    for (node, (socket, _)) in nodes.iter_mut().zip(&disks) {
+    for (node, (sockets, _)) in nodes.iter_mut().zip(&disks) {
         node.max_blob = "256KiB"; // must fit the 1 MiB segments
-        node.start_with(&["--disk-agent", socket.to_str().unwrap()]);
+        node.start_with(&["--disk-agent", sockets.node.to_str().unwrap()]);
     }
     wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
-    for (socket, disk) in &disks {
-        let volumes = rt.block_on(AgentClient::new(socket).list_volumes()).unwrap();
+    for (sockets, disk) in &disks {
+        let volumes = rt.block_on(AgentClient::new(&sockets.admin).list_volumes()).unwrap();
         assert_eq!(volumes.len(), 1);
         assert!(volumes[0].name.starts_with("c1-p0-"), "{}", volumes[0].name);
         assert_eq!(volumes[0].disk.as_str(), disk.as_str());

@@ -30,18 +30,18 @@ fn start_datanode(socket: &Path, addr: &str) -> KillOnDrop {
 #[test]
 fn datanode_volumes_come_from_the_disk_agent() {
     let mut m = Machine::new();
-    let (_agent, socket) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let (_agent, sockets) = disk_with_agent(&mut m, "n1", 256 << 20);
     let mount = m.path("n1-disk");
 
     let addr = format!("127.0.0.1:{}", free_port());
-    let node = start_datanode(&socket, &addr);
+    let node = start_datanode(&sockets.node, &addr);
     let http = support::client();
     let put = http.post(format!("http://{addr}/v1/blobs")).body(vec![7u8; 300_000]).send().unwrap();
     assert_eq!(put.status(), 201);
     let id = put.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let agent = AgentClient::new(&socket);
+    let agent = AgentClient::new(&sockets.admin);
     let volumes = rt.block_on(agent.list_volumes()).unwrap();
     let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, vec!["datanode-p0", "datanode-p1"]);
@@ -51,7 +51,7 @@ fn datanode_volumes_come_from_the_disk_agent() {
 
     // A restart asks again and gets the same volumes: nothing allocated twice, the blob is there.
     drop(node);
-    let _node = start_datanode(&socket, &addr);
+    let _node = start_datanode(&sockets.node, &addr);
     assert_eq!(rt.block_on(agent.list_volumes()).unwrap(), volumes);
     let got = http.get(format!("http://{addr}/v1/blobs/{id}")).send().unwrap();
     assert_eq!(got.status(), 200);
@@ -61,17 +61,22 @@ fn datanode_volumes_come_from_the_disk_agent() {
 #[test]
 fn the_agent_never_deletes_a_volume_a_running_datanode_has_open() {
     let mut m = Machine::new();
-    let (_agent, socket) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let (_agent, sockets) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let socket = &sockets.admin;
     let addr = format!("127.0.0.1:{}", free_port());
-    let node = start_datanode(&socket, &addr);
+    let node = start_datanode(&sockets.node, &addr);
     let http = support::client();
     let put = http.post(format!("http://{addr}/v1/blobs")).body(vec![7u8; 1000]).send().unwrap();
     assert_eq!(put.status(), 201);
     let id = put.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let agent = AgentClient::new(&socket);
-    // The agent's API refuses...
+    let agent = AgentClient::new(socket);
+    // The datanodes' socket never deletes, not even a datanode's own volume...
+    let own = AgentClient::new(&sockets.node);
+    let err = rt.block_on(own.delete_volume("datanode-p0")).unwrap_err().to_string();
+    assert!(err.contains("forbidden") && err.contains("admin socket"), "{err}");
+    // ...and the admin socket refuses while a datanode has the volume open...
     let err = rt.block_on(agent.delete_volume("datanode-p0")).unwrap_err().to_string();
     assert!(err.contains("volume_in_use") || err.contains("in use"), "{err}");
     assert!(err.contains(&format!("pid {}", node.0.id())), "the message names the holder: {err}");
@@ -123,9 +128,10 @@ fn the_agent_never_deletes_a_volume_a_running_datanode_has_open() {
 #[test]
 fn the_purge_pod_command_deletes_exactly_the_replicas_it_names() {
     let mut m = Machine::new();
-    let (_agent, socket) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let (_agent, sockets) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let socket = &sockets.admin;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let agent = AgentClient::new(&socket);
+    let agent = AgentClient::new(socket);
     let disk = rt.block_on(agent.report()).unwrap().disks[0].id.clone();
     let names = ["c9-p1-n1", "c9-p2-n1", "c9-p3-n1", "c9-p1-n2", "c9-p1-p1-n1"];
     for name in names {
@@ -135,6 +141,7 @@ fn the_purge_pod_command_deletes_exactly_the_replicas_it_names() {
             capacity_bytes: 16 << 20,
             segment_size_bytes: 4 << 20,
             partition,
+            node: None,
         };
         rt.block_on(agent.create_volume(name, &request)).unwrap();
     }
@@ -152,9 +159,9 @@ fn the_purge_pod_command_deletes_exactly_the_replicas_it_names() {
 #[test]
 fn a_geometry_that_cannot_work_allocates_nothing() {
     let mut m = Machine::new();
-    let (_agent, socket) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let (_agent, sockets) = disk_with_agent(&mut m, "n1", 256 << 20);
     let out = Command::new(binary("cairn-datanode"))
-        .args(["--disk-agent", socket.to_str().unwrap(), "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--disk-agent", sockets.node.to_str().unwrap(), "--listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--volume-size", "128MiB", "--segment-size", "64MiB"]) // the default largest blob: 64 MiB
         .output()
         .unwrap();
@@ -162,5 +169,42 @@ fn a_geometry_that_cannot_work_allocates_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hold blobs of at most") && err.contains("--max-blob-size"), "{err}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    assert!(rt.block_on(AgentClient::new(&socket).list_volumes()).unwrap().is_empty(), "nothing allocated");
+    assert!(rt.block_on(AgentClient::new(&sockets.admin).list_volumes()).unwrap().is_empty(), "nothing allocated");
+}
+
+/// The agent binds a node's volumes to the token it presented (a standalone node's is derived
+/// from its root key): a node with another root key cannot open them, nor can a node without any
+/// token; the first node, restarted, can.
+#[test]
+fn a_node_with_another_token_cannot_open_the_volumes() {
+    let mut m = Machine::new();
+    let (_agent, sockets) = disk_with_agent(&mut m, "n1", 256 << 20);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let node = start_datanode(&sockets.node, &addr);
+    drop(node);
+    let run = |env: &[(&str, &str)], extra: &[&str]| {
+        let out = Command::new(binary("cairn-datanode"))
+            .args(["--disk-agent", sockets.node.to_str().unwrap(), "--listen", &addr, "--partitions", "2"])
+            .args(["--volume-size", "64MiB", "--segment-size", "16MiB", "--max-blob-size", "1MiB"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a node with another token started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let other_key = [
+        ("CAIRN_ROOT_KEY_ID", "CKOTHERROOTKEY000001"),
+        ("CAIRN_ROOT_KEY_SECRET", "0123456789abcdefghijABCDEFGHIJ0123456789"),
+    ];
+    let err = run(&other_key, &[]);
+    assert!(err.contains("forbidden") && err.contains("another token"), "{err}");
+    let err = run(&[], &["--disk-agent-token", "guessed"]);
+    assert!(err.contains("another token"), "{err}");
+    let err = run(&[], &["--auth", "none"]);
+    assert!(err.contains("--disk-agent-token"), "no token at all: {err}");
+    // The node with the key the volumes were made under opens them.
+    let _node = start_datanode(&sockets.node, &addr);
 }

@@ -93,13 +93,15 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         let dev = machine.loop_fs(&name, 160 << 20, "mkfs.ext4", &["-q", "-m", "0"]);
         let mount = machine.mount(&dev, &format!("{name}-disk"), &[]);
         let run = machine.path(&format!("{name}-run"));
+        let run_admin = machine.path(&format!("{name}-run-admin"));
         std::fs::create_dir_all(&run).unwrap();
+        std::fs::create_dir_all(&run_admin).unwrap();
         nodes
             .add_node(NodeSpec {
                 name: name.clone(),
                 zone: format!("zone-{i}"),
                 labels: BTreeMap::from([("cairn.dev/storage".into(), "true".into())]),
-                host_paths: vec![("/run/cairn".into(), run.clone())],
+                host_paths: vec![("/run/cairn".into(), run.clone()), ("/run/cairn-admin".into(), run_admin.clone())],
             })
             .await;
         let config = machine.path(&format!("{name}-agent.yaml"));
@@ -117,6 +119,8 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
             .arg(machine.path(&format!("{name}-state")))
             .arg("--socket")
             .arg(run.join("disk-agent.sock"))
+            .arg("--admin-socket")
+            .arg(run_admin.join("disk-agent.sock"))
             .env("KUBECONFIG", dir.join("agent.kubeconfig"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -31,13 +31,14 @@ fn machines_with_agents(disks: &mut Machine, zones: &[&str]) -> (Vec<KillOnDrop>
     let mut machines = Vec::new();
     for (i, zone) in zones.iter().enumerate() {
         let name = format!("m{i}");
-        let (agent, socket) = disk_with_agent(disks, &name, 160 << 20);
+        let (agent, sockets) = disk_with_agent(disks, &name, 160 << 20);
         agents.push(agent);
         machines.push(LocalMachine {
             name,
             selected: true,
             zone: zone.to_string(),
-            agent_socket: socket,
+            agent_socket: sockets.node,
+            agent_admin_socket: sockets.admin,
             port: free_port(),
             disk_path: None,
         });
@@ -69,7 +70,7 @@ async fn converge_until_ready(platform: &LocalPlatform, spec: &StoreClusterSpec)
 /// that moved away gave theirs back.
 async fn volumes_follow_the_topology(machines: &[LocalMachine], topology: &cairn_cluster::Topology) {
     for m in machines {
-        let agent = cairn_common::agent_client::AgentClient::new(&m.agent_socket);
+        let agent = cairn_common::agent_client::AgentClient::new(&m.agent_admin_socket);
         let mut held: Vec<u32> = agent.list_volumes().await.unwrap().iter().map(|v| v.partition).collect();
         held.sort();
         let placed: Vec<u32> = topology.partitions_of(&m.name).map(|p| p.id).collect();
@@ -213,7 +214,8 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     assert!(!topology.nodes.contains_key("m3"), "m3 left the topology");
     assert!(topology.partitions.values().all(|p| p.replicas.len() == 3 && p.replicas.iter().all(|r| r.node != "m3")));
     assert_eq!(platform.binaries().len(), 3, "m3's datanode stopped");
-    let left = cairn_common::agent_client::AgentClient::new(&machines[3].agent_socket).list_volumes().await.unwrap();
+    let left =
+        cairn_common::agent_client::AgentClient::new(&machines[3].agent_admin_socket).list_volumes().await.unwrap();
     assert!(left.is_empty(), "drained machine purged: {left:?}");
     volumes_follow_the_topology(&machines[..3], &topology).await;
     for m in &machines[..3] {
@@ -235,7 +237,8 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     let volumes_before: usize = {
         let mut n = 0;
         for m in &machines[..3] {
-            n += cairn_common::agent_client::AgentClient::new(&m.agent_socket).list_volumes().await.unwrap().len();
+            n +=
+                cairn_common::agent_client::AgentClient::new(&m.agent_admin_socket).list_volumes().await.unwrap().len();
         }
         n
     };
@@ -243,11 +246,12 @@ async fn create_scale_out_upgrade_and_delete_with_each_policy() {
     assert!(delete_cluster("c1", "default", &delete, &platform).await.unwrap());
     assert!(store.load().await.unwrap().topology.partitions.is_empty());
     for m in &machines[..3] {
-        let left = cairn_common::agent_client::AgentClient::new(&m.agent_socket).list_volumes().await.unwrap();
+        let left = cairn_common::agent_client::AgentClient::new(&m.agent_admin_socket).list_volumes().await.unwrap();
         assert!(left.is_empty(), "{}: {left:?}", m.name);
     }
     // The drained machine gave back the volumes of the replicas that moved away.
-    let kept = cairn_common::agent_client::AgentClient::new(&machines[3].agent_socket).list_volumes().await.unwrap();
+    let kept =
+        cairn_common::agent_client::AgentClient::new(&machines[3].agent_admin_socket).list_volumes().await.unwrap();
     assert!(kept.is_empty(), "{kept:?}");
 }
 
@@ -333,7 +337,7 @@ async fn a_replica_dropped_by_hand_keeps_its_volume() {
 
     let topology = store.load().await.unwrap().topology;
     let machine = machines.iter().find(|m| m.name == dropped).unwrap();
-    let held = cairn_common::agent_client::AgentClient::new(&machine.agent_socket).list_volumes().await.unwrap();
+    let held = cairn_common::agent_client::AgentClient::new(&machine.agent_admin_socket).list_volumes().await.unwrap();
     let volume = cairn_cluster::Topology::volume_name("c1", 0, &dropped);
     assert!(held.iter().any(|v| v.name == volume), "{volume} kept: {held:?}");
     if topology.partitions_of(&dropped).all(|p| p.id != 0) {

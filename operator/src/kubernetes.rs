@@ -380,7 +380,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             namespace: namespace.clone(),
             node_id: machine.name.clone(),
             zone: machine.zone.clone(),
-            disk_agent: "/run/cairn/disk-agent.sock".into(),
+            disk_agent: cairn_common::agent_api::NODE_SOCKET.into(),
             listen: format!("0.0.0.0:{API_PORT}"),
             advertise: Some(machine.address.clone()),
             etcd_tls: None,
@@ -759,7 +759,7 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         let namespace = sc.namespace().unwrap_or_default();
         let cluster = sc.name_any();
         let pods = pods_api(&self.client, &namespace);
-        let command = purge_command(&cluster, &machine.name, partitions, "/run/cairn/disk-agent.sock");
+        let command = purge_command(&cluster, &machine.name, partitions, cairn_common::agent_api::ADMIN_SOCKET);
         let name = purge_pod_name(&cluster, &machine.name, &command);
         let mine = format!("{},{PURGE_LABEL}={}", selector(&cluster), label_value(&machine.name));
         for pod in pods.list(&ListParams::default().labels(&mine)).await? {
@@ -813,17 +813,19 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
                         }),
                         ..Default::default()
                     }),
+                    // The agent's admin socket: only purge Pods have it (datanodes get the node
+                    // socket, which never deletes).
                     volume_mounts: Some(vec![VolumeMount {
-                        name: "agent".into(),
-                        mount_path: "/run/cairn".into(),
+                        name: "agent-admin".into(),
+                        mount_path: cairn_common::agent_api::ADMIN_SOCKET_DIR.into(),
                         ..VolumeMount::default()
                     }]),
                     ..Container::default()
                 }],
                 volumes: Some(vec![Volume {
-                    name: "agent".into(),
+                    name: "agent-admin".into(),
                     host_path: Some(HostPathVolumeSource {
-                        path: "/run/cairn".into(),
+                        path: cairn_common::agent_api::ADMIN_SOCKET_DIR.into(),
                         type_: Some("Directory".into()),
                     }),
                     ..Volume::default()

@@ -18,8 +18,11 @@ pub struct LocalMachine {
     /// False while the machine is being drained (its replicas move elsewhere first).
     pub selected: bool,
     pub zone: String,
-    /// The machine's disk agent.
+    /// The machine's disk agent: the socket its datanode is given.
     pub agent_socket: PathBuf,
+    /// The disk agent's admin socket: reports and purges (the operator's alone).
+    #[serde(default)]
+    pub agent_admin_socket: PathBuf,
     /// Port of its datanode on 127.0.0.1.
     pub port: u16,
     /// Use only the agent's disk at this path (several local machines sharing one disk agent,
@@ -206,7 +209,7 @@ impl LocalPlatform {
             .lock()
             .expect("machines lock")
             .iter()
-            .map(|m| (m.agent_socket.clone(), m.name.clone()))
+            .map(|m| (m.agent_admin_socket.clone(), m.name.clone()))
             .collect();
         let mut deleted = 0;
         for (socket, machine) in machines {
@@ -259,7 +262,7 @@ impl Platform for LocalPlatform {
         let machines = self.machines.lock().expect("machines lock").clone();
         let mut out = Vec::new();
         for m in machines {
-            let report = AgentClient::new(&m.agent_socket)
+            let report = AgentClient::new(&m.agent_admin_socket)
                 .report()
                 .await
                 .map_err(|e| PlatformError::DiskAgent { machine: m.name.clone(), message: e.to_string() })?;
@@ -390,7 +393,7 @@ impl Platform for LocalPlatform {
             .expect("machines lock")
             .iter()
             .find(|m| m.name == machine.name)
-            .map(|m| m.agent_socket.clone())
+            .map(|m| m.agent_admin_socket.clone())
             .ok_or_else(|| PlatformError::Invalid(format!("no machine {}", machine.name)))?;
         let disks: Vec<String> = machine.disks.iter().map(|d| d.id.clone()).collect();
         let (_, in_use) = self.purge_through(&socket, &machine.name, Some(&disks), partitions).await?;

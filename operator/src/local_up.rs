@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use cairn_common::agent_client::AgentSockets;
 use cairn_common::text::bytes;
 use cairn_resources::StoreCluster;
 
@@ -261,7 +262,7 @@ fn say(line: &str) {
 fn local_machines(
     dir: &Path,
     options: &LocalOptions,
-    socket: &Path,
+    sockets: &AgentSockets,
     spec: &cairn_resources::StoreClusterSpec,
 ) -> anyhow::Result<Vec<LocalMachine>> {
     let disk_dir = |i: usize| match options.disks.get(i) {
@@ -273,7 +274,8 @@ fn local_machines(
             name: format!("m{i}"),
             selected: true,
             zone: format!("zone-{i}"),
-            agent_socket: socket.to_owned(),
+            agent_socket: sockets.node.clone(),
+            agent_admin_socket: sockets.admin.clone(),
             port: options.port + i as u16,
             disk_path: Some(disk_dir(i)),
         })
@@ -287,7 +289,13 @@ fn local_machines(
         let index: Option<usize> = p.name.strip_prefix('m').and_then(|i| i.parse().ok());
         if let Some(i) = index.filter(|i| *i >= options.machines) {
             let port = options.port + i as u16;
-            machines.push(LocalMachine { selected: false, agent_socket: socket.to_owned(), port, ..p });
+            machines.push(LocalMachine {
+                selected: false,
+                agent_socket: sockets.node.clone(),
+                agent_admin_socket: sockets.admin.clone(),
+                port,
+                ..p
+            });
         }
     }
     for drained in &options.drain {
@@ -368,7 +376,8 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     let logs = dir.join("logs");
     let name = cluster.metadata.name.clone().unwrap_or_else(|| "local".into());
     // Bad --drain is refused before anything starts.
-    let machines = local_machines(dir, &options, &dir.join("disk-agent.sock"), &cluster.spec)?;
+    let sockets = AgentSockets::in_dir(dir);
+    let machines = local_machines(dir, &options, &sockets, &cluster.spec)?;
     check_room(&machines, &options.disk_size, volume)?;
 
     // Our etcd must be the one that answers: were its port taken (another etcd, another local
@@ -403,7 +412,6 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
         std::net::TcpStream::connect(("127.0.0.1", options.etcd_port)).is_ok()
     })?;
 
-    let socket = dir.join("disk-agent.sock");
     let mut config = String::from("selector:\n  fs_types: []\nheadroom: 0%\ndirectories:\n");
     for m in &machines {
         let path = m.disk_path.as_ref().expect("local machines have a directory disk");
@@ -411,7 +419,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     }
     std::fs::write(dir.join("disk-agent.yaml"), config)?;
     let mut agent = {
-        let (dir, logs, socket) = (dir.clone(), logs.clone(), socket.clone());
+        let (dir, logs, sockets) = (dir.clone(), logs.clone(), sockets.clone());
         Supervised::start("disk agent", logs.join("disk-agent.log"), move || {
             let mut command = Command::new(sibling("cairn-disk-agent"));
             command
@@ -423,14 +431,15 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
                 .arg(dir.join("disk-agent.yaml"))
                 .arg("--state-dir")
                 .arg(dir.join("disk-agent-state"))
-                .arg("--socket")
-                .arg(&socket)
+                .args(sockets.args())
                 .stdout(log_file(&logs, "disk-agent")?)
                 .stderr(log_file(&logs, "disk-agent")?);
             Ok(command)
         })?
     };
-    wait_for(&mut agent, &logs.join("disk-agent.log"), || std::os::unix::net::UnixStream::connect(&socket).is_ok())?;
+    wait_for(&mut agent, &logs.join("disk-agent.log"), || {
+        std::os::unix::net::UnixStream::connect(&sockets.admin).is_ok()
+    })?;
 
     for m in machines.iter().filter(|m| !m.selected) {
         say(&format!("cluster {name}: draining {}: its replicas move to the other machines, then it stops", m.name));

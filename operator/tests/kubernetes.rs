@@ -350,7 +350,8 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         reconcile(Arc::new(sc), ctx.clone()).await
     };
     let purge_pod = |node: &str| {
-        let command = cairn_operator::kubernetes::purge_command("c1", node, None, "/run/cairn/disk-agent.sock");
+        let command =
+            cairn_operator::kubernetes::purge_command("c1", node, None, cairn_common::agent_api::ADMIN_SOCKET);
         cairn_operator::kubernetes::purge_pod_name("c1", node, &command)
     };
     // First the datanodes stop; no purge while one is still Terminating (it may still write).
@@ -662,7 +663,7 @@ async fn purge_pods_are_made_for_one_set_of_volumes_and_run_once() {
     };
     let pods: Api<Pod> = Api::namespaced(kube.clone(), "store");
     let name_for = |partitions: &[u32]| {
-        purge_pod_name("c1", "n0", &purge_command("c1", "n0", Some(partitions), "/run/cairn/disk-agent.sock"))
+        purge_pod_name("c1", "n0", &purge_command("c1", "n0", Some(partitions), cairn_common::agent_api::ADMIN_SOCKET))
     };
     let phase = |name: String, phase: &str| {
         let pods = pods.clone();

@@ -54,8 +54,12 @@ pub struct NodeSpec {
 impl NodeSpec {
     fn host_path(&self, path: &str) -> PathBuf {
         for (prefix, dir) in &self.host_paths {
-            if let Some(rest) = path.strip_prefix(prefix.as_str()) {
-                return dir.join(rest.trim_start_matches('/'));
+            // By whole components: `/run/cairn` is not a prefix of `/run/cairn-admin`.
+            match path.strip_prefix(prefix.as_str()) {
+                Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                    return dir.join(rest.trim_start_matches('/'))
+                }
+                _ => {}
             }
         }
         PathBuf::from(path)
@@ -930,6 +934,18 @@ fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_paths_map_by_whole_components() {
+        let spec = NodeSpec {
+            host_paths: vec![("/run/cairn".into(), "/t/run".into()), ("/run/cairn-admin".into(), "/t/admin".into())],
+            ..NodeSpec::default()
+        };
+        assert_eq!(spec.host_path("/run/cairn"), PathBuf::from("/t/run"));
+        assert_eq!(spec.host_path("/run/cairn/disk-agent.sock"), PathBuf::from("/t/run/disk-agent.sock"));
+        assert_eq!(spec.host_path("/run/cairn-admin/disk-agent.sock"), PathBuf::from("/t/admin/disk-agent.sock"));
+        assert_eq!(spec.host_path("/var/lib/x"), PathBuf::from("/var/lib/x"));
+    }
 
     fn node(name: &str, taints: Value, unschedulable: bool) -> Value {
         json!({"metadata": {"name": name, "labels": {"zone": "a", "cores": "8"}},

@@ -96,6 +96,8 @@ pub struct Cluster {
     volume_config: VolumeConfig,
     /// The node token this node sends to its peers (and accepts, besides etcd's).
     node_token: cairn_cluster::access::Secret,
+    /// The cluster's token at the disk agent (etcd's `disk-agent-token`), on disk-agent volumes.
+    disk_agent_token: Option<cairn_cluster::access::Secret>,
     /// The partition new blobs go to, held for a few ms (see `WriteAffinity`).
     write_affinity: crate::store::WriteAffinity,
     /// Replica writes queued for each peer node (see `router::put_on_peer`).
@@ -129,6 +131,12 @@ impl Cluster {
                 }));
         // Replica calls carry the cluster's node token (made by the first node if need be).
         let node_token = etcd.ensure_node_token(&cairn_cluster::access::new_node_token()).await?;
+        let disk_agent_token = match &options.volumes {
+            VolumeSource::DiskAgent { .. } => {
+                Some(etcd.ensure_disk_agent_token(&cairn_cluster::access::new_node_token()).await?)
+            }
+            VolumeSource::DataDir(_) => None,
+        };
         let initial = etcd.load().await?;
         let view = etcd.watch(initial, cancel.clone());
         let mut headers = reqwest::header::HeaderMap::new();
@@ -155,6 +163,7 @@ impl Cluster {
             pullers: Mutex::default(),
             write_affinity: Default::default(),
             node_token,
+            disk_agent_token,
             peer_writes: Mutex::default(),
             replicas: watch::Sender::new(0),
             unopened: Mutex::default(),
@@ -392,12 +401,15 @@ impl Cluster {
         let disk = partition.replicas.iter().find(|r| r.node == me).map(|r| r.disk.clone()).unwrap_or_default();
         let dir: PathBuf = match &self.options.volumes {
             VolumeSource::DiskAgent { socket, .. } => {
-                let agent = cairn_common::agent_client::AgentClient::new(socket);
+                let token = self.disk_agent_token.as_ref().expect("made at start on disk-agent volumes");
+                let agent = cairn_common::agent_client::AgentClient::new(socket)
+                    .as_cluster(&self.options.cluster, token.expose());
                 let request = CreateVolumeRequest {
                     disk,
                     capacity_bytes: config.volume_size_bytes,
                     segment_size_bytes: config.segment_size_bytes,
                     partition: partition.id,
+                    node: Some(me.to_owned()),
                 };
                 PathBuf::from(agent.create_volume(&name, &request).await?.volume.path)
             }

@@ -12,13 +12,17 @@ pub use cairn_testkit::machine::{du, sh, statvfs, Machine};
 /// A `cairn-disk-agent serve` process; killed when dropped.
 pub struct AgentProcess {
     child: Child,
+    /// The datanodes' socket.
     pub socket: PathBuf,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
     args: Vec<String>,
 }
 
 impl AgentProcess {
     pub fn start(machine: &Machine, config: &Path) -> Self {
         let socket = machine.path("agent.sock");
+        let admin_socket = machine.path("agent-admin.sock");
         let args = vec![
             "serve".to_string(),
             "--mountinfo".into(),
@@ -31,17 +35,19 @@ impl AgentProcess {
             "test-node".into(),
             "--socket".into(),
             socket.display().to_string(),
+            "--admin-socket".into(),
+            admin_socket.display().to_string(),
             "--kubernetes".into(),
             "off".into(),
         ];
-        let mut agent = Self { child: spawn(&args), socket, args };
+        let mut agent = Self { child: spawn(&args), socket, admin_socket, args };
         agent.wait_ready();
         agent
     }
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+        while std::os::unix::net::UnixStream::connect(&self.admin_socket).is_err() {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("agent exited: {status}");
             }
@@ -60,8 +66,14 @@ impl AgentProcess {
         self.wait_ready();
     }
 
+    /// A client of the admin socket (everything allowed).
     pub fn client(&self) -> cairn_common::agent_client::AgentClient {
-        cairn_common::agent_client::AgentClient::new(&self.socket)
+        cairn_common::agent_client::AgentClient::new(&self.admin_socket)
+    }
+
+    /// A client of the node socket, as a datanode of `cluster` holding `token`.
+    pub fn node_client(&self, cluster: &str, token: &str) -> cairn_common::agent_client::AgentClient {
+        cairn_common::agent_client::AgentClient::new(&self.socket).as_cluster(cluster, token)
     }
 }
 

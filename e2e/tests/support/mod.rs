@@ -115,11 +115,15 @@ impl Drop for KillOnDrop {
 }
 
 /// A "machine": an ext4 loop device of `size` bytes mounted under the test's scratch dir, with a
-/// disk agent serving it. Returns the agent process and its socket.
-pub fn disk_with_agent(machine: &mut Machine, name: &str, size: u64) -> (KillOnDrop, PathBuf) {
+/// disk agent serving it. Returns the agent process and its sockets (datanodes', admin's).
+pub fn disk_with_agent(
+    machine: &mut Machine,
+    name: &str,
+    size: u64,
+) -> (KillOnDrop, cairn_common::agent_client::AgentSockets) {
     let dev = machine.loop_fs(name, size, "mkfs.ext4", &["-q", "-m", "0"]);
     machine.mount(&dev, &format!("{name}-disk"), &[]);
-    let socket = machine.path(&format!("{name}.sock"));
+    let sockets = cairn_common::agent_client::AgentSockets::in_dir(&machine.path(&format!("{name}-run")));
     let config = machine.path(&format!("{name}.yaml"));
     let text = format!(
         "selector:\n  mount_paths: ['{}/{name}-disk']\n  min_size: 1MiB\nheadroom: 0%\n",
@@ -133,14 +137,15 @@ pub fn disk_with_agent(machine: &mut Machine, name: &str, size: u64) -> (KillOnD
         .arg(&config)
         .arg("--state-dir")
         .arg(machine.path(&format!("{name}-state")))
-        .arg("--socket")
-        .arg(&socket)
+        .args(sockets.args())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let agent = KillOnDrop(child);
-    wait_until("disk agent", Duration::from_secs(20), || std::os::unix::net::UnixStream::connect(&socket).is_ok());
-    (agent, socket)
+    wait_until("disk agent", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&sockets.admin).is_ok()
+    });
+    (agent, sockets)
 }
 
 /// A file of the repository (`crds/`, `examples/…`).

@@ -235,9 +235,9 @@ enum LocalCommand {
 
 #[derive(Subcommand)]
 enum VolumesCommand {
-    /// The volumes on this machine, as its disk agent has them.
+    /// The volumes on this machine, as its disk agent has them (through its admin socket).
     List {
-        #[arg(long, env = "CAIRN_DISK_AGENT", default_value = "/run/cairn/disk-agent.sock")]
+        #[arg(long, env = "CAIRN_DISK_AGENT_ADMIN", default_value = cairn_common::agent_api::ADMIN_SOCKET)]
         disk_agent: PathBuf,
         /// Only this cluster's (with --node: its replicas on that node).
         #[arg(long)]
@@ -249,7 +249,8 @@ enum VolumesCommand {
     /// with deletionPolicy Delete. Names are matched exactly (`<cluster>-p<N>-<node>`); without
     /// --node, a standalone datanode's volumes (`<cluster>-p<N>`, `--volume-prefix`).
     Purge {
-        #[arg(long, env = "CAIRN_DISK_AGENT", default_value = "/run/cairn/disk-agent.sock")]
+        /// The disk agent's admin socket (its node socket refuses deletes).
+        #[arg(long, env = "CAIRN_DISK_AGENT_ADMIN", default_value = cairn_common::agent_api::ADMIN_SOCKET)]
         disk_agent: PathBuf,
         #[arg(long)]
         cluster: String,

@@ -252,7 +252,7 @@ impl Source {
     pub async fn disks(&self) -> Result<Vec<NodeDisks>> {
         match self {
             Source::Local { state, .. } => {
-                let socket = state.machines.first().map(|m| m.agent_socket.clone()).unwrap_or_default();
+                let socket = state.machines.first().map(|m| m.agent_admin_socket.clone()).unwrap_or_default();
                 let report = cairn_common::agent_client::AgentClient::new(&socket)
                     .report()
                     .await
@@ -459,7 +459,7 @@ pub async fn status(source: &Source, sc: &StoreCluster, selection: &Selection) -
             let mut place = "on that machine: ";
             if let Source::Local { state, .. } = source {
                 if let Some(local) = state.machines.iter().find(|l| l.name == m.name) {
-                    flags += &format!(" --disk-agent {}", local.agent_socket.display());
+                    flags += &format!(" --disk-agent {}", local.agent_admin_socket.display());
                     place = "";
                 }
             }
