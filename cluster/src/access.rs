@@ -32,36 +32,7 @@ const ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
 /// Names are for people (`cairn keys list`); bounded so a key record stays small.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// What a key may do. `admin` may do everything, including the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// GET and HEAD of blobs and their info.
-    Read,
-    /// PUT of new blobs and TTL updates.
-    Write,
-    /// DELETE of blobs.
-    Delete,
-    /// Everything, and the admin API (`/v1/admin/...`).
-    Admin,
-}
-
-impl Scope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Write => "write",
-            Scope::Delete => "delete",
-            Scope::Admin => "admin",
-        }
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use cairn_common::scope::Scope;
 
 /// One access key as stored: never its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +123,17 @@ pub enum AccessError {
     BadToken,
 }
 
+/// A new key id and its secret.
+pub fn new_credentials() -> (String, Secret) {
+    let mut rng = rand::rng();
+    let id: String = ID_PREFIX
+        .chars()
+        .chain((ID_PREFIX.len()..ID_LEN).map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char))
+        .collect();
+    let secret: String = (0..SECRET_LEN).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect();
+    (id, Secret(secret))
+}
+
 impl AccessKey {
     /// A new key and its secret (shown once: only its hash is kept).
     pub fn generate(name: &str, scopes: BTreeSet<Scope>, created_ms: u64) -> Result<(AccessKey, Secret), AccessError> {
@@ -161,12 +143,7 @@ impl AccessKey {
         if name.is_empty() || name.chars().count() > MAX_NAME_LEN || name.chars().any(char::is_control) {
             return Err(AccessError::BadName);
         }
-        let mut rng = rand::rng();
-        let id: String = ID_PREFIX
-            .chars()
-            .chain((ID_PREFIX.len()..ID_LEN).map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char))
-            .collect();
-        let secret: String = (0..SECRET_LEN).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect();
+        let (id, Secret(secret)) = new_credentials();
         let key = AccessKey {
             format: KEY_FORMAT,
             id,

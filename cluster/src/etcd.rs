@@ -333,6 +333,28 @@ impl ClusterStore {
         Ok(self.timed("write", client.txn(txn)).await?.succeeded())
     }
 
+    /// The key record `id`, if there is one that decodes.
+    pub async fn get_key(&self, id: &str) -> Result<Option<AccessKey>, StoreError> {
+        let path = format!("{}keys/{id}", self.prefix);
+        let mut client = self.client.clone();
+        let response = self.timed("read", client.get(path.clone(), None)).await?;
+        match response.kvs().first() {
+            None => Ok(None),
+            Some(kv) => {
+                AccessKey::decode(kv.value()).map(Some).map_err(|reason| StoreError::BadValue { key: path, reason })
+            }
+        }
+    }
+
+    /// Writes a key record as given (the operator's, for a StoreAccessKey whose scopes changed).
+    pub async fn put_key(&self, key: &AccessKey) -> Result<(), StoreError> {
+        let path = format!("{}keys/{}", self.prefix, key.id);
+        let value = serde_json::to_vec(key).expect("an access key serializes");
+        let mut client = self.client.clone();
+        self.timed("write", client.put(path, value, None)).await?;
+        Ok(())
+    }
+
     /// Revokes an access key: false if there was none with this id.
     pub async fn delete_key(&self, id: &str) -> Result<bool, StoreError> {
         let mut client = self.client.clone();

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod blob_id;
 pub mod disk_space;
 pub mod process_lock;
+pub mod scope;
 pub mod text;
 pub mod volume_layout;
 

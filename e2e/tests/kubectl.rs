@@ -70,6 +70,23 @@ async fn kubectl_applies_crds_and_storeclusters_and_prints_their_columns() {
     let out = kubectl.ok(&["get", "crds"]);
     assert!(out.contains("storenodes.cairn.dev"), "{out}");
 
+    // The example StoreAccessKey: its columns; a scope given twice is refused as a real API
+    // server refuses a duplicate in a list of type set.
+    let out = kubectl.ok(&["apply", "--server-side", "-f", &repo("examples/access-key.yaml")]);
+    assert!(out.contains("storeaccesskey.cairn.dev/uploader serverside-applied"), "{out}");
+    let out = kubectl.ok(&["get", "storeaccesskeys", "-n", "apps"]);
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "CLUSTER", "KEY", "SECRET", "READY", "AGE"], "{out}");
+    let key = std::fs::read_to_string(repo("examples/access-key.yaml")).unwrap();
+    let twice = dir.path().join("twice.yaml");
+    std::fs::write(&twice, key.replace("[read, write]", "[read, read]")).unwrap();
+    let (code, _, err) = kubectl.run(&["apply", "--server-side", "-f", twice.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("spec.scopes[1]: Duplicate value: \"read\""), "{err}");
+    let (code, _, err) = bob.run(&["apply", "--server-side", "-f", &repo("examples/access-key.yaml")]);
+    assert_ne!(code, 0, "bob may edit storage, not apps");
+    assert!(err.contains("cannot patch resource \"storeaccesskeys\""), "{err}");
+
     // The plugin, found by kubectl on PATH, reads the StoreCluster through the same kubeconfig.
     let (code, out, err) = alice.run(&["cairn", "status", "-n", "storage", "blobs"]);
     assert!(out.starts_with("StoreCluster storage/blobs"), "{code} {out}{err}");

@@ -8,8 +8,10 @@
 //! - [`leader`]: leader election on a Lease.
 //! - [`inspect`]: what `cairn status`, `cairn disks` and `cairn topology` read and print.
 //! - [`reconcile`]: the Kubernetes controller's reconcile function, status, finalizer.
+//! - [`access_keys`]: the StoreAccessKey controller (a key in etcd, its token in a Secret).
 //! - [`status`]: a StoreCluster's status and Events from one pass (both platforms).
 
+pub mod access_keys;
 pub mod desired;
 pub mod inspect;
 pub mod kubernetes;

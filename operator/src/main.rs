@@ -100,9 +100,14 @@ async fn run(lease_namespace: String, identity: String, metrics_addr: std::net::
                 _ = tokio::time::sleep(election.retry_every()) => {}
             }
         }
-        tracing::info!(%identity, "leading: reconciling StoreClusters");
+        tracing::info!(%identity, "leading: reconciling StoreClusters and StoreAccessKeys");
         context.metrics.leader.set(1);
-        let controller = run_controller(client.clone(), context.clone());
+        let controller = async {
+            tokio::join!(
+                run_controller(client.clone(), context.clone()),
+                cairn_operator::access_keys::run_key_controller(client.clone(), context.clone())
+            )
+        };
         tokio::select! {
             _ = controller => return Ok(()),
             _ = election.keep_leading() => tracing::warn!("lost the leader lease; stopping until it is ours again"),

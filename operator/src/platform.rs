@@ -112,8 +112,7 @@ pub async fn delete_cluster<P: Platform>(
     if !platform.delete_volumes().await.map_err(|e| e.to_string())? {
         return Ok(false);
     }
-    let tls = platform.etcd_tls().await.map_err(|e| e.to_string())?;
-    let store = etcd_of(platform, spec, namespace, name, tls.as_ref()).await?;
+    let store = cluster_store(platform, spec, namespace, name).await?;
     store.delete_all().await.map_err(|e| e.to_string())?;
     if let Some(clients) = platform.etcd_clients() {
         clients.forget(namespace, name);
@@ -183,6 +182,17 @@ impl EtcdClients {
     pub fn forget(&self, namespace: &str, name: &str) {
         self.0.lock().expect("etcd clients").remove(&format!("{namespace}/{name}"));
     }
+}
+
+/// The etcd client of a cluster, with the TLS its spec names.
+pub async fn cluster_store<P: Platform>(
+    platform: &P,
+    spec: &StoreClusterSpec,
+    namespace: &str,
+    name: &str,
+) -> Result<ClusterStore, String> {
+    let tls = platform.etcd_tls().await.map_err(|e| e.to_string())?;
+    etcd_of(platform, spec, namespace, name, tls.as_ref()).await
 }
 
 /// The etcd client of a cluster: the platform's kept one, or a new one.

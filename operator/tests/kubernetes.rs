@@ -70,6 +70,7 @@ fn strict_api() -> MemoryApi {
         .with_rbac(Rbac::from_manifests(&rendered_chart()))
         .with_crd(&StoreCluster::crd())
         .with_crd(&StoreNode::crd())
+        .with_crd(&cairn_resources::StoreAccessKey::crd())
 }
 
 /// The strict API with these machines (name, zone): their Nodes and StoreNodes; and an admin client.
@@ -410,8 +411,16 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         .map(|(_, verb, group, resource)| format!("{verb} {group}/{resource}"))
         .collect();
     let elsewhere = [
-        "get /secrets",                  // spec.etcd.tlsSecret, read only when set
-        "list cairn.dev/storeclusters",  // the controller's watches (run_controller), exercised by
+        "get /secrets", // spec.etcd.tlsSecret, read only when set
+        // StoreAccessKeys: store_access_keys_become_etcd_keys_with_their_token_in_a_secret.
+        "get cairn.dev/storeclusters",
+        "list cairn.dev/storeaccesskeys",
+        "watch cairn.dev/storeaccesskeys",
+        "patch cairn.dev/storeaccesskeys",
+        "patch cairn.dev/storeaccesskeys/status",
+        "create /secrets",
+        "patch /secrets",
+        "list cairn.dev/storeclusters", // the controller's watches (run_controller), exercised by
         "watch cairn.dev/storeclusters", // the_controller_follows_watches_and_recovers_from_410
         "list cairn.dev/storenodes",
         "watch cairn.dev/storenodes",
@@ -994,4 +1003,181 @@ async fn the_controller_reacts_to_storenodes_at_once() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     controller.abort();
+}
+
+fn access_key_yaml(namespace: &str, name: &str, scopes: &[&str], extra: serde_json::Value) -> serde_json::Value {
+    let mut spec = json!({"cluster": {"name": "c1", "namespace": "store"}, "scopes": scopes});
+    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "StoreAccessKey",
+           "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+}
+
+/// A StoreAccessKey becomes a key in its cluster's etcd, its token in a Secret it owns: the record
+/// holds the hash of exactly the Secret's secret; scopes follow the spec; a deleted Secret is a
+/// new key and the old one revoked; deleting the resource revokes the key. Keys from another
+/// namespace need the cluster's leave and are never admin keys; a Secret the key did not make is
+/// never overwritten. The operator runs as the chart's ServiceAccount (no list/watch of Secrets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
+    use cairn_operator::access_keys::{reconcile_key, SECRET_ENDPOINT, SECRET_KEY_ID, SECRET_KEY_SECRET, SECRET_TOKEN};
+    use cairn_resources::StoreAccessKey;
+    use k8s_openapi::api::core::v1::Secret;
+    let etcd = EtcdServer::start();
+    let memory = strict_api();
+    let kube = memory.client();
+    let mut cluster = cluster_yaml(&etcd.endpoint(), 3);
+    cluster["spec"]["accessKeyNamespaces"] = json!(["apps"]);
+    let clusters: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    clusters.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster)).await.unwrap();
+    let ctx = operator_context(&memory);
+    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "store", "c1").await.unwrap();
+    let keys = |ns: &str| Api::<StoreAccessKey>::namespaced(kube.clone(), ns);
+    let secrets = |ns: &str| Api::<Secret>::namespaced(kube.clone(), ns);
+    let apply = |ns: &str, name: &str, scopes: &[&str], extra: serde_json::Value| {
+        let (api, body) = (keys(ns), access_key_yaml(ns, name, scopes, extra));
+        let name = name.to_owned();
+        async move { api.patch(&name, &PatchParams::apply("user"), &Patch::Apply(body)).await }
+    };
+    let pass = |ns: &str, name: &str| {
+        let (api, ctx, name) = (keys(ns), ctx.clone(), name.to_owned());
+        async move { reconcile_key(Arc::new(api.get(&name).await.unwrap()), ctx).await.unwrap() }
+    };
+    let field = |s: &Secret, k: &str| String::from_utf8(s.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    let ready = |k: &StoreAccessKey| {
+        let c = k.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Ready").unwrap().clone();
+        (c.status, c.reason)
+    };
+
+    // The schema is the API server's: a scope twice, or one that does not exist, is refused.
+    for bad in [&["read", "read"][..], &["root"], &[]] {
+        let err = apply("apps", "bad", bad, json!({})).await.unwrap_err().to_string();
+        assert!(err.contains("is invalid"), "{bad:?}: {err}");
+    }
+
+    apply("apps", "uploader", &["read", "write"], json!({})).await.unwrap();
+    pass("apps", "uploader").await; // the finalizer
+    pass("apps", "uploader").await;
+    let secret = secrets("apps").get("uploader").await.unwrap();
+    let (id, secret_text) = (field(&secret, SECRET_KEY_ID), field(&secret, SECRET_KEY_SECRET));
+    assert_eq!(field(&secret, SECRET_TOKEN), format!("{id}.{secret_text}"));
+    assert_eq!(field(&secret, SECRET_ENDPOINT), "http://c1.store.svc:7480");
+    let key = keys("apps").get("uploader").await.unwrap();
+    assert_eq!(secret.owner_references()[0].uid, key.metadata.uid.clone().unwrap(), "goes with its key");
+    let record = store.get_key(&id).await.unwrap().expect("the key is in etcd");
+    assert!(record.verify(&secret_text), "etcd holds the hash of the Secret's secret");
+    assert!(!record.verify("x".repeat(40).as_str()));
+    let scopes = |r: &cairn_cluster::access::AccessKey| r.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>();
+    assert_eq!(scopes(&record), ["read", "write"]);
+    assert_eq!(record.name, "StoreAccessKey apps/uploader");
+    assert_eq!(ready(&key), ("True".into(), "KeyReady".into()));
+    assert_eq!(key.status.as_ref().unwrap().key_id.as_deref(), Some(id.as_str()));
+
+    // Converged: a pass writes nothing.
+    let before = ctx.writes.load(Ordering::Relaxed);
+    pass("apps", "uploader").await;
+    assert_eq!(ctx.writes.load(Ordering::Relaxed), before, "nothing written when nothing changed");
+
+    // Scopes follow the spec; the key and its secret stay.
+    apply("apps", "uploader", &["read"], json!({})).await.unwrap();
+    pass("apps", "uploader").await;
+    assert_eq!(scopes(&store.get_key(&id).await.unwrap().unwrap()), ["read"]);
+    assert_eq!(field(&secrets("apps").get("uploader").await.unwrap(), SECRET_KEY_ID), id);
+
+    // Rotation: the Secret deleted, a new key made and the old one revoked.
+    secrets("apps").delete("uploader", &DeleteParams::default()).await.unwrap();
+    pass("apps", "uploader").await;
+    let rotated = secrets("apps").get("uploader").await.unwrap();
+    let new_id = field(&rotated, SECRET_KEY_ID);
+    assert_ne!(new_id, id);
+    assert!(store.get_key(&id).await.unwrap().is_none(), "the old key is revoked");
+    assert!(store.get_key(&new_id).await.unwrap().unwrap().verify(&field(&rotated, SECRET_KEY_SECRET)));
+
+    // Refusals, as conditions; nothing made.
+    apply("apps", "root", &["admin"], json!({})).await.unwrap();
+    apply("web", "site", &["read"], json!({})).await.unwrap();
+    let user_secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "taken", "namespace": "apps"},
+                             "stringData": {"mine": "do not touch"}});
+    secrets("apps").patch("taken", &PatchParams::apply("user"), &Patch::Apply(user_secret)).await.unwrap();
+    apply("apps", "squatter", &["read"], json!({"secretName": "taken"})).await.unwrap();
+    for (ns, name, reason) in [
+        ("apps", "root", "AdminNotAllowed"),
+        ("web", "site", "NamespaceNotAllowed"),
+        ("apps", "squatter", "SecretConflict"),
+    ] {
+        pass(ns, name).await;
+        pass(ns, name).await;
+        assert_eq!(ready(&keys(ns).get(name).await.unwrap()), ("False".into(), reason.into()), "{ns}/{name}");
+    }
+    assert!(secrets("apps").get_opt("root").await.unwrap().is_none());
+    assert!(secrets("web").get_opt("site").await.unwrap().is_none());
+    let taken = secrets("apps").get("taken").await.unwrap();
+    assert_eq!(field(&taken, "mine"), "do not touch");
+    assert!(taken.data.as_ref().unwrap().get(SECRET_KEY_ID).is_none(), "a Secret it did not make is left alone");
+
+    // A Secret of the key's that no longer holds a key (edited by hand) gets a new one.
+    let broken = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "uploader", "namespace": "apps"},
+                        "data": {SECRET_KEY_SECRET: null}});
+    secrets("apps").patch("uploader", &PatchParams::default(), &Patch::Merge(broken)).await.unwrap();
+    pass("apps", "uploader").await;
+    let repaired = secrets("apps").get("uploader").await.unwrap();
+    let (repaired_id, repaired_secret) = (field(&repaired, SECRET_KEY_ID), field(&repaired, SECRET_KEY_SECRET));
+    assert!(store.get_key(&repaired_id).await.unwrap().unwrap().verify(&repaired_secret));
+    assert!(store.get_key(&new_id).await.unwrap().is_none(), "the key whose secret was lost is revoked");
+    let new_id = repaired_id;
+
+    // The controller itself, on watches: a key waiting for its cluster is made once the cluster
+    // appears (a StoreCluster event wakes the keys naming it), not at its next resync.
+    let controller =
+        tokio::spawn(cairn_operator::access_keys::run_key_controller(memory.client_as(&operator_user()), ctx.clone()));
+    let late = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "StoreAccessKey",
+                      "metadata": {"name": "late", "namespace": "store"},
+                      "spec": {"cluster": {"name": "c2"}, "scopes": ["admin"]}});
+    keys("store").patch("late", &PatchParams::apply("user"), &Patch::Apply(late)).await.unwrap();
+    let wait_for = |want: &'static str| {
+        let api = keys("store");
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            loop {
+                let key = api.get("late").await.unwrap();
+                let reason = key.status.as_ref().and_then(|s| s.conditions.first()).map(|c| c.reason.clone());
+                if reason.as_deref() == Some(want) {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "{reason:?}, waiting for {want}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for("ClusterNotFound").await;
+    let mut c2 = cluster_yaml(&etcd.endpoint(), 3);
+    c2["metadata"]["name"] = json!("c2");
+    clusters.patch("c2", &PatchParams::apply("user"), &Patch::Apply(c2)).await.unwrap();
+    wait_for("KeyReady").await;
+    let late_secret = secrets("store").get("late").await.unwrap();
+    let c2_store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "store", "c2").await.unwrap();
+    let late_key = c2_store.get_key(&field(&late_secret, SECRET_KEY_ID)).await.unwrap().unwrap();
+    assert!(late_key.verify(&field(&late_secret, SECRET_KEY_SECRET)) && scopes(&late_key) == ["admin"]);
+    controller.abort();
+
+    // Every grant the chart gives the operator for keys is used here (the other test accounts for
+    // the rest).
+    let used = memory.accessed(&operator_user());
+    for (verb, group, resource) in [
+        ("get", "cairn.dev", "storeclusters"),
+        ("list", "cairn.dev", "storeaccesskeys"),
+        ("watch", "cairn.dev", "storeaccesskeys"),
+        ("patch", "cairn.dev", "storeaccesskeys"),
+        ("patch", "cairn.dev", "storeaccesskeys/status"),
+        ("create", "", "secrets"),
+        ("patch", "", "secrets"),
+    ] {
+        assert!(used.contains(&(verb.into(), group.into(), resource.into())), "{verb} {group}/{resource} unused");
+    }
+
+    // Deleting the resource revokes the key; the Secret goes with it.
+    keys("apps").delete("uploader", &DeleteParams::default()).await.unwrap();
+    pass("apps", "uploader").await;
+    assert!(keys("apps").get_opt("uploader").await.unwrap().is_none(), "the finalizer is done");
+    assert!(store.get_key(&new_id).await.unwrap().is_none(), "revoked");
+    assert!(secrets("apps").get_opt("uploader").await.unwrap().is_none(), "garbage collected");
 }

@@ -1,11 +1,13 @@
-//! Cairn's Kubernetes resources, group `cairn.dev`, version `v1alpha1`.
+//! Cairn's Kubernetes resources (StoreCluster, StoreNode, StoreAccessKey), group `cairn.dev`, version `v1alpha1`.
 //!
 //! The CustomResourceDefinitions in crds/ are generated from these types by `crdgen`
 //! (`cargo run -p cairn-operator --bin cairn-operator -- crdgen crds`); a test fails when crds/ is stale.
 
+pub mod store_access_key;
 pub mod store_cluster;
 pub mod store_node;
 
+pub use store_access_key::{ClusterRef, StoreAccessKey, StoreAccessKeySpec, StoreAccessKeyStatus};
 pub use store_cluster::{DeletionPolicy, StoreCluster, StoreClusterSpec, StoreClusterStatus};
 pub use store_node::{StoreNode, StoreNodeSpec, StoreNodeStatus};
 
@@ -44,5 +46,6 @@ pub fn crds() -> Vec<(&'static str, String)> {
     vec![
         ("storeclusters.cairn.dev.yaml", yaml(StoreCluster::crd())),
         ("storenodes.cairn.dev.yaml", yaml(StoreNode::crd())),
+        ("storeaccesskeys.cairn.dev.yaml", yaml(StoreAccessKey::crd())),
     ]
 }

@@ -72,6 +72,10 @@ pub struct StoreClusterSpec {
     /// docs/security.md) or `None` (anyone who can reach a datanode: a playground only).
     #[serde(default)]
     pub auth: ClusterAuth,
+    /// Namespaces besides the cluster's own whose StoreAccessKeys may make keys to it (never
+    /// `admin` keys): where its applications run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_key_namespaces: Vec<String>,
     #[serde(default = "default_replication")]
     #[schemars(range(min = 1, max = 7))]
     pub replication_factor: u32,

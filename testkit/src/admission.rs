@@ -11,8 +11,25 @@
 //!   terminationMessagePath/Policy and imagePullPolicy (Always for `:latest` or no tag);
 //! - quantities in canonical form (`1024Mi` → `1Gi`);
 //! - `status.phase: Pending`.
+//!
+//! And for Secrets: `stringData` folded into `data` ([`admit_secret`]).
 
 use serde_json::{json, Value};
+
+/// A Secret as the API server stores it: `stringData` merged into `data` (base64; a key in both
+/// takes the `stringData` value) and never stored or returned itself.
+pub fn admit_secret(secret: &mut Value) {
+    use base64::Engine;
+    let Some(string_data) = secret.as_object_mut().and_then(|o| o.remove("stringData")) else { return };
+    let Some(string_data) = string_data.as_object().cloned() else { return };
+    if !secret["data"].is_object() {
+        secret["data"] = json!({});
+    }
+    for (key, value) in string_data {
+        let text = value.as_str().unwrap_or_default();
+        secret["data"][key] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+    }
+}
 
 /// Defaults `pod` as the API server does on create.
 pub fn admit_pod(pod: &mut Value) {
@@ -116,6 +133,16 @@ pub fn canonical_quantity(q: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn string_data_is_folded_into_data() {
+        let mut secret = json!({"data": {"a": "b2xk", "keep": "eA=="}, "stringData": {"a": "new", "b": ""}});
+        admit_secret(&mut secret);
+        assert_eq!(secret, json!({"data": {"a": "bmV3", "keep": "eA==", "b": ""}}));
+        let mut plain = json!({"data": {"k": "dg=="}});
+        admit_secret(&mut plain);
+        assert_eq!(plain, json!({"data": {"k": "dg=="}}));
+    }
 
     #[test]
     fn quantities_come_back_canonical() {

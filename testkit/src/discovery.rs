@@ -337,6 +337,176 @@ pub fn human_duration(seconds: i64) -> String {
     }
 }
 
+/// The OpenAPI value checks the API server runs on a custom resource before its CEL rules
+/// (k8s.io/apiextensions-apiserver validation): type, `nullable`, `enum`, `required`,
+/// min/max of items, length and value, `x-kubernetes-list-type: set` (no duplicates) and
+/// `map` (no two items with the same keys). Messages as the API server words them.
+pub fn validate_values(schema: &Value, object: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Value::Object(map) = object {
+        // apiVersion, kind and metadata are the API server's own business.
+        for (key, child) in map {
+            if let Some(child_schema) = schema["properties"].get(key) {
+                if !["apiVersion", "kind", "metadata"].contains(&key.as_str()) {
+                    check_value(child_schema, child, key, &mut errors);
+                }
+            }
+        }
+        required_fields(schema, map, "", &mut errors);
+    }
+    errors
+}
+
+fn required_fields(schema: &Value, map: &serde_json::Map<String, Value>, path: &str, errors: &mut Vec<String>) {
+    for field in schema["required"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        if !map.contains_key(field) {
+            let at = if path.is_empty() { field.to_owned() } else { format!("{path}.{field}") };
+            errors.push(format!("{at}: Required value"));
+        }
+    }
+}
+
+fn shown(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+fn check_value(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
+    if value.is_null() {
+        if schema["nullable"] != true {
+            errors.push(format!(
+                "{path}: Invalid value: \"null\": {path} in body must be of type {}: \"null\"",
+                schema["type"].as_str().unwrap_or("object")
+            ));
+        }
+        return;
+    }
+    if schema["x-kubernetes-int-or-string"] == true {
+        if !(value.is_string() || value.is_i64() || value.is_u64()) {
+            errors.push(format!(
+                "{path}: Invalid value: {}: {path} in body must be of type integer or string",
+                shown(value)
+            ));
+        }
+        return;
+    }
+    let kind = match value {
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+        Value::Null => unreachable!("handled above"),
+    };
+    if let Some(expected) = schema["type"].as_str() {
+        let fits = expected == kind || (expected == "number" && kind == "integer");
+        if !fits {
+            errors.push(format!(
+                "{path}: Invalid value: \"{kind}\": {path} in body must be of type {expected}: \"{kind}\""
+            ));
+            return;
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(value) {
+            let list: Vec<String> = allowed.iter().map(shown).collect();
+            errors.push(format!("{path}: Unsupported value: {}: supported values: {}", shown(value), list.join(", ")));
+        }
+    }
+    match value {
+        Value::String(s) => {
+            let length = s.chars().count() as u64;
+            if let Some(max) = schema["maxLength"].as_u64().filter(|max| length > *max) {
+                errors.push(format!("{path}: Too long: may not be more than {max} bytes"));
+            }
+            if let Some(min) = schema["minLength"].as_u64().filter(|min| length < *min) {
+                errors.push(format!(
+                    "{path}: Invalid value: {}: {path} in body should be at least {min} chars long",
+                    shown(value)
+                ));
+            }
+        }
+        Value::Number(n) => {
+            let x = n.as_f64().unwrap_or_default();
+            if let Some(min) = schema["minimum"].as_f64().filter(|min| x < *min) {
+                errors.push(format!(
+                    "{path}: Invalid value: {n}: {path} in body should be greater than or equal to {min}"
+                ));
+            }
+            if let Some(max) = schema["maximum"].as_f64().filter(|max| x > *max) {
+                errors
+                    .push(format!("{path}: Invalid value: {n}: {path} in body should be less than or equal to {max}"));
+            }
+        }
+        Value::Array(items) => {
+            if let Some(max) = schema["maxItems"].as_u64().filter(|max| items.len() as u64 > *max) {
+                errors.push(format!("{path}: Too many: {}: must have at most {max} items", items.len()));
+            }
+            if let Some(min) = schema["minItems"].as_u64().filter(|min| (items.len() as u64) < *min) {
+                errors.push(format!(
+                    "{path}: Invalid value: {}: {path} in body should have at least {min} items",
+                    items.len()
+                ));
+            }
+            match schema["x-kubernetes-list-type"].as_str() {
+                Some("set") => {
+                    for (i, item) in items.iter().enumerate() {
+                        if items[..i].contains(item) {
+                            errors.push(format!("{path}[{i}]: Duplicate value: {}", shown(item)));
+                        }
+                    }
+                }
+                Some("map") => {
+                    let keys: Vec<&str> = schema["x-kubernetes-list-map-keys"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let key_of = |item: &Value| keys.iter().map(|k| item[*k].clone()).collect::<Vec<_>>();
+                    for (i, item) in items.iter().enumerate() {
+                        if items[..i].iter().any(|earlier| key_of(earlier) == key_of(item)) {
+                            let shown_keys: Vec<String> =
+                                keys.iter().map(|k| format!("{k}: {}", shown(&item[*k]))).collect();
+                            errors.push(format!("{path}[{i}]: Duplicate value: map[{}]", shown_keys.join(" ")));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if let Some(item_schema) = schema.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    check_value(item_schema, item, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        Value::Object(map) => {
+            if schema["x-kubernetes-preserve-unknown-fields"] == true && schema.get("properties").is_none() {
+                return;
+            }
+            if let Some(properties) = schema["properties"].as_object() {
+                for (key, child) in map {
+                    if let Some(child_schema) = properties.get(key) {
+                        check_value(child_schema, child, &format!("{path}.{key}"), errors);
+                    }
+                }
+            } else if let Some(additional) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+                for (key, child) in map {
+                    check_value(additional, child, &format!("{path}[{key}]"), errors);
+                }
+            }
+            if let Some(max) = schema["maxProperties"].as_u64().filter(|max| map.len() as u64 > *max) {
+                errors.push(format!("{path}: Too many: {}: must have at most {max} items", map.len()));
+            }
+            required_fields(schema, map, path, errors);
+        }
+        _ => {}
+    }
+}
+
 /// Prunes what a structural schema does not declare, as the API server does for custom
 /// resources (`apiVersion`, `kind` and `metadata` are kept at the root); returns the paths of
 /// what was pruned, for `fieldValidation=Strict`, which refuses them instead.
@@ -391,6 +561,40 @@ fn prune_at(schema: &Value, value: &mut Value, path: &str, root: bool, pruned: &
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn values_are_checked_as_the_api_server_checks_them() {
+        let schema = serde_json::json!({"type": "object", "properties": {"spec": {"type": "object",
+            "required": ["name", "scopes"],
+            "properties": {
+                "name": {"type": "string", "maxLength": 5},
+                "scopes": {"type": "array", "minItems": 1, "maxItems": 2, "x-kubernetes-list-type": "set",
+                           "items": {"type": "string", "enum": ["read", "write"]}},
+                "count": {"type": "integer", "minimum": 1},
+                "size": {"x-kubernetes-int-or-string": true},
+                "note": {"type": "string", "nullable": true}}}}});
+        let check = |spec: serde_json::Value| super::validate_values(&schema, &serde_json::json!({"spec": spec}));
+        assert!(check(serde_json::json!({"name": "a", "scopes": ["read"], "size": "1Gi", "note": null})).is_empty());
+        assert_eq!(check(serde_json::json!({"scopes": ["read"]})), ["spec.name: Required value"]);
+        assert_eq!(
+            check(serde_json::json!({"name": "toolong", "scopes": ["read", "read", "x"], "count": 0, "size": true})),
+            [
+                "spec.count: Invalid value: 0: spec.count in body should be greater than or equal to 1",
+                "spec.name: Too long: may not be more than 5 bytes",
+                "spec.scopes: Too many: 3: must have at most 2 items",
+                "spec.scopes[1]: Duplicate value: \"read\"",
+                "spec.scopes[2]: Unsupported value: \"x\": supported values: \"read\", \"write\"",
+                "spec.size: Invalid value: true: spec.size in body must be of type integer or string",
+            ]
+        );
+        assert_eq!(
+            check(serde_json::json!({"name": 3, "scopes": []})),
+            [
+                "spec.name: Invalid value: \"integer\": spec.name in body must be of type string: \"integer\"",
+                "spec.scopes: Invalid value: 0: spec.scopes in body should have at least 1 items",
+            ]
+        );
+    }
+
     use super::*;
 
     #[test]

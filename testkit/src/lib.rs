@@ -975,6 +975,9 @@ impl MemoryApi {
                     if key.2 == "pods" {
                         admission::admit_pod(&mut object);
                     }
+                    if key.2 == "secrets" {
+                        admission::admit_secret(&mut object);
+                    }
                     *state.writes.entry(key.clone()).or_default() += 1;
                     state.record(&key, "ADDED", &object);
                     state.objects.insert(key, object.clone());
@@ -1123,6 +1126,9 @@ impl MemoryApi {
                 if created && key.2 == "pods" {
                     admission::admit_pod(&mut object);
                 }
+                if key.2 == "secrets" {
+                    admission::admit_secret(&mut object);
+                }
                 if let Err(message) = state.structural(&key.0, &key.2, &mut object, strict) {
                     return status(StatusCode::BAD_REQUEST, "BadRequest", &message);
                 }
@@ -1132,11 +1138,11 @@ impl MemoryApi {
                 if let Err(message) = validate(&key.0, &key.2, &object) {
                     return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
                 }
-                if target.sub != Subresource::Status {
-                    let old = (!created).then_some(&before);
-                    if let Err(message) = validate_custom(&state, &key.0, &key.2, &object, old) {
-                        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
-                    }
+                // A status write is checked against the schema too (its CEL rules are the
+                // spec's, which a status write does not change).
+                let old = (!created && target.sub != Subresource::Status).then_some(&before);
+                if let Err(message) = validate_custom(&state, &key.0, &key.2, &object, old) {
+                    return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
                 }
                 if object == before {
                     return ok(object);
@@ -1248,10 +1254,18 @@ fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), Str
     Ok(())
 }
 
-/// The CEL rules of a registered custom resource's schema on `object` (and `old`, for
-/// transition rules), as the API server runs them on create and update.
+/// A registered custom resource's schema on `object`: its OpenAPI value checks, then its CEL
+/// rules (with `old`, for transition rules), as the API server runs them on create and update.
 fn validate_custom(state: &State, gv: &str, plural: &str, object: &Value, old: Option<&Value>) -> Result<(), String> {
     let Some(schema) = state.schemas.get(&(gv.to_owned(), plural.to_owned())) else { return Ok(()) };
+    let errors = discovery::validate_values(schema, object);
+    if !errors.is_empty() {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let group = gv.split('/').next().unwrap_or_default();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let listed = if errors.len() == 1 { errors[0].clone() } else { format!("[{}]", errors.join(", ")) };
+        return Err(format!("{kind}.{group} {name:?} is invalid: {listed}"));
+    }
     kube::core::cel::Validator::new().validate(schema, object, old).map_err(|e| e.to_string())
 }
 

@@ -179,7 +179,7 @@ enum KeysCommand {
         #[arg(long)]
         name: String,
         /// What it may do, comma-separated: read, write, delete, admin (everything).
-        #[arg(long, value_enum, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required = true)]
         scope: Vec<cairn_cluster::access::Scope>,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -401,8 +401,16 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::Revoke { target, id } => {
             access::check_id(&id)?;
             let (store, cluster) = target.store().await?;
+            let managed =
+                store.get_key(&id).await?.and_then(|k| k.name.strip_prefix("StoreAccessKey ").map(str::to_owned));
             anyhow::ensure!(store.delete_key(&id).await?, "no key {id} in cluster {cluster}");
             println!("key {id} revoked");
+            if let Some(resource) = managed {
+                eprintln!(
+                    "note: the key comes from StoreAccessKey {resource}, whose operator puts it back within a \
+                     minute: delete that resource to revoke it for good (or delete its Secret for a new key)"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,0 +1,333 @@
+//! The StoreAccessKey controller: a key in the cluster's etcd, its token in a Secret beside the
+//! StoreAccessKey (docs/security.md, "On Kubernetes").
+//!
+//! The Secret is where the secret lives: it is written first, and the etcd record is made from
+//! it (its SHA-256), so a pass interrupted between the two finishes on the next. A missing Secret
+//! means a new key (and the old one revoked): deleting the Secret rotates the key. The operator
+//! never lists or watches Secrets (it has no such right); it reads the one Secret it names, on
+//! every change of the StoreAccessKey or its cluster and every minute.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_cluster::access::{self, AccessKey, Scope, Secret};
+use cairn_resources::{StoreAccessKey, StoreAccessKeyStatus, StoreCluster};
+use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::{Resource, ResourceExt};
+
+use crate::kubernetes::{KubernetesPlatform, API_PORT, FIELD_MANAGER};
+use crate::reconcile::{Context, Error};
+
+/// Kept on a StoreAccessKey until its key is revoked in etcd.
+pub const KEY_FINALIZER: &str = "cairn.dev/revoke-key";
+/// The Secret's keys.
+pub const SECRET_KEY_ID: &str = "CAIRN_KEY_ID";
+pub const SECRET_KEY_SECRET: &str = "CAIRN_KEY_SECRET";
+pub const SECRET_TOKEN: &str = "CAIRN_TOKEN";
+pub const SECRET_ENDPOINT: &str = "CAIRN_ENDPOINT";
+/// A deleted Secret (a rotation) is noticed within this, or at once on a change to the key.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// Why a key is not ready: the condition's reason and message.
+type NotReady = (&'static str, String);
+
+#[tracing::instrument(skip_all, fields(key = %key.name_any(), namespace = %key.namespace().unwrap_or_default()))]
+pub async fn reconcile_key(key: Arc<StoreAccessKey>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<StoreAccessKey> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+    finalizer(&api, KEY_FINALIZER, key, |event| async {
+        match event {
+            Finalizer::Apply(key) => apply(&key, &ctx).await,
+            Finalizer::Cleanup(key) => revoke(&key, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+/// The controller, while the operator leads: a pass on each change of a StoreAccessKey or of the
+/// StoreCluster it names, and every [`RESYNC`].
+pub async fn run_key_controller(client: kube::Client, ctx: Arc<Context>) {
+    use futures::StreamExt;
+    use kube::runtime::reflector::ObjectRef;
+    use kube::runtime::{watcher, Controller};
+    let controller = Controller::new(Api::<StoreAccessKey>::all(client.clone()), watcher::Config::default());
+    let keys = controller.store();
+    let naming = move |sc: StoreCluster| -> Vec<ObjectRef<StoreAccessKey>> {
+        let (name, namespace) = (sc.name_any(), sc.namespace().unwrap_or_default());
+        keys.state()
+            .iter()
+            .filter(|k| {
+                k.spec.cluster.name == name && k.spec.cluster_namespace(&k.namespace().unwrap_or_default()) == namespace
+            })
+            .map(|k| ObjectRef::from_obj(&**k))
+            .collect()
+    };
+    controller
+        .watches(Api::<StoreCluster>::all(client), watcher::Config::default(), naming)
+        .run(
+            reconcile_key,
+            |_, error, _| {
+                tracing::warn!(%error, "StoreAccessKey reconcile failed");
+                Action::requeue(Duration::from_secs(15))
+            },
+            ctx,
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "StoreAccessKey reconcile error");
+            }
+        })
+        .await
+}
+
+async fn apply(key: &StoreAccessKey, ctx: &Context) -> Result<Action, kube::Error> {
+    let old = key.status.clone().unwrap_or_default();
+    let outcome = ensure(key, ctx, old.key_id.as_deref()).await?;
+    let generation = key.metadata.generation;
+    let previous = &old.conditions;
+    let (ready, key_id) = match &outcome {
+        Ok(id) => {
+            let message = format!("key {id} is in the cluster's etcd, its token in the Secret");
+            (cairn_resources::condition(previous, "Ready", true, "KeyReady", message, generation), Some(id.clone()))
+        }
+        Err((reason, message)) => {
+            tracing::warn!(reason, %message, "access key not ready");
+            (
+                cairn_resources::condition(previous, "Ready", false, reason, message.clone(), generation),
+                old.key_id.clone(),
+            )
+        }
+    };
+    let new = StoreAccessKeyStatus {
+        conditions: vec![ready],
+        observed_generation: generation,
+        key_id,
+        secret_name: Some(secret_name(key)),
+    };
+    if new != old {
+        let api: Api<StoreAccessKey> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+        let patch = serde_json::json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "StoreAccessKey", "status": new});
+        api.patch_status(&key.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(Action::requeue(if outcome.is_ok() { RESYNC } else { Duration::from_secs(15) }))
+}
+
+fn secret_name(key: &StoreAccessKey) -> String {
+    key.spec.secret_name.clone().unwrap_or_else(|| key.name_any())
+}
+
+/// What `cairn keys list` shows for the key: the resource it comes from.
+pub fn record_name(namespace: &str, name: &str) -> String {
+    format!("StoreAccessKey {namespace}/{name}").chars().take(access::MAX_NAME_LEN).collect()
+}
+
+/// The StoreCluster the key names, if the key may open it.
+async fn cluster_of(key: &StoreAccessKey, ctx: &Context) -> Result<Result<StoreCluster, NotReady>, kube::Error> {
+    let own = key.namespace().unwrap_or_default();
+    let namespace = key.spec.cluster_namespace(&own);
+    let name = &key.spec.cluster.name;
+    let Some(sc) = Api::<StoreCluster>::namespaced(ctx.client.clone(), namespace).get_opt(name).await? else {
+        return Ok(Err(("ClusterNotFound", format!("no StoreCluster {namespace}/{name}"))));
+    };
+    if namespace != own {
+        if !sc.spec.access_key_namespaces.contains(&own) {
+            return Ok(Err((
+                "NamespaceNotAllowed",
+                format!("StoreCluster {namespace}/{name} does not list namespace {own} in spec.accessKeyNamespaces"),
+            )));
+        }
+        if key.spec.scopes.contains(&Scope::Admin) {
+            return Ok(Err((
+                "AdminNotAllowed",
+                format!("an admin key to StoreCluster {namespace}/{name} is made in namespace {namespace} only"),
+            )));
+        }
+    }
+    Ok(Ok(sc))
+}
+
+/// Makes the world match the key: Secret, then etcd record, then the previous key revoked.
+/// Kubernetes errors fail the pass; what the user must fix is a condition.
+async fn ensure(
+    key: &StoreAccessKey,
+    ctx: &Context,
+    previous_id: Option<&str>,
+) -> Result<Result<String, NotReady>, kube::Error> {
+    let sc = match cluster_of(key, ctx).await? {
+        Ok(sc) => sc,
+        Err(not_ready) => return Ok(Err(not_ready)),
+    };
+    let own = key.namespace().unwrap_or_default();
+    let scopes: BTreeSet<Scope> = key.spec.scopes.iter().copied().collect();
+    if scopes.is_empty() {
+        return Ok(Err(("InvalidSpec", "a key needs at least one scope".into())));
+    }
+    let (id, secret) = match credentials(key, ctx, &sc).await? {
+        Ok(credentials) => credentials,
+        Err(not_ready) => return Ok(Err(not_ready)),
+    };
+    let cluster_namespace = sc.namespace().unwrap_or_default();
+    let platform = KubernetesPlatform { client: ctx.client.clone(), cluster: &sc, caches: Some(&ctx.caches) };
+    let store = match crate::platform::cluster_store(&platform, &sc.spec, &cluster_namespace, &sc.name_any()).await {
+        Ok(store) => store,
+        Err(message) => return Ok(Err(("EtcdUnreachable", message))),
+    };
+    let etcd = |e: cairn_cluster::etcd::StoreError| Ok(Err(("EtcdUnreachable", e.to_string())));
+    let existing = match store.get_key(&id).await {
+        Ok(existing) => existing,
+        Err(e) => return etcd(e),
+    };
+    let name = record_name(&own, &key.name_any());
+    let mut desired = match AccessKey::from_parts(&id, secret.expose(), &name, scopes) {
+        Ok(desired) => desired,
+        Err(e) => return Ok(Err(("InvalidSpec", e.to_string()))),
+    };
+    desired.created_ms = existing.as_ref().map(|e| e.created_ms).unwrap_or_else(now_ms);
+    if existing.as_ref() != Some(&desired) {
+        if let Err(e) = store.put_key(&desired).await {
+            return etcd(e);
+        }
+        ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(key = %id, "access key written to etcd");
+    }
+    if let Some(old) = previous_id.filter(|old| *old != id) {
+        match store.delete_key(old).await {
+            Ok(true) => {
+                ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(key = %old, "previous access key revoked (its Secret was replaced)");
+            }
+            Ok(false) => {}
+            Err(e) => return etcd(e),
+        }
+    }
+    Ok(Ok(id))
+}
+
+/// The key's id and secret from its Secret; a new pair (Secret written) when there is none or
+/// it does not hold one. A Secret of that name this key did not make is left alone.
+async fn credentials(
+    key: &StoreAccessKey,
+    ctx: &Context,
+    sc: &StoreCluster,
+) -> Result<Result<(String, Secret), NotReady>, kube::Error> {
+    let own = key.namespace().unwrap_or_default();
+    let name = secret_name(key);
+    let secrets: Api<KubeSecret> = Api::namespaced(ctx.client.clone(), &own);
+    let uid = key.metadata.uid.clone().unwrap_or_default();
+    let found = secrets.get_opt(&name).await?;
+    if let Some(found) = &found {
+        if !found.owner_references().iter().any(|o| o.uid == uid) {
+            return Ok(Err((
+                "SecretConflict",
+                format!("Secret {own}/{name} exists and was not made for this key: name another in spec.secretName"),
+            )));
+        }
+        let field =
+            |k: &str| found.data.as_ref().and_then(|d| d.get(k)).and_then(|v| String::from_utf8(v.0.clone()).ok());
+        if let (Some(id), Some(secret)) = (field(SECRET_KEY_ID), field(SECRET_KEY_SECRET)) {
+            if access::parse_token(&format!("{id}.{secret}")).is_ok() {
+                return Ok(Ok((id, Secret::new(secret))));
+            }
+        }
+        tracing::warn!(secret = %name, "the key's Secret holds no key: a new key is made");
+    }
+    let (id, secret) = access::new_credentials();
+    let body = secret_object(key, sc, &name, &id, &secret);
+    match found {
+        None => {
+            secrets.create(&PostParams::default(), &body).await?;
+        }
+        Some(_) => {
+            secrets.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+        }
+    }
+    ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(key = %id, secret = %name, "access key made");
+    Ok(Ok((id, secret)))
+}
+
+/// The Secret an application mounts or takes its environment from; owned by the key, so it goes
+/// with it.
+fn secret_object(key: &StoreAccessKey, sc: &StoreCluster, name: &str, id: &str, secret: &Secret) -> KubeSecret {
+    let endpoint = format!("http://{}.{}.svc:{API_PORT}", sc.name_any(), sc.namespace().unwrap_or_default());
+    let data = BTreeMap::from([
+        (SECRET_KEY_ID.to_owned(), id.to_owned()),
+        (SECRET_KEY_SECRET.to_owned(), secret.expose().to_owned()),
+        (SECRET_TOKEN.to_owned(), access::token(id, secret)),
+        (SECRET_ENDPOINT.to_owned(), endpoint),
+    ]);
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "cairn".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned()),
+        ("app.kubernetes.io/component".to_owned(), "access-key".to_owned()),
+    ]);
+    KubeSecret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: key.namespace(),
+            labels: Some(labels),
+            owner_references: Some(vec![key
+                .controller_owner_ref(&())
+                .expect("a StoreAccessKey from the API has a uid")]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        string_data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// Deletion: the key (and a newer one its Secret may hold) revoked in etcd; the Secret goes with
+/// its owner. A cluster that is gone has nothing to revoke.
+async fn revoke(key: &StoreAccessKey, ctx: &Context) -> Result<Action, kube::Error> {
+    let sc = match cluster_of(key, ctx).await? {
+        Ok(sc) => sc,
+        Err((reason, message)) => {
+            tracing::info!(reason, %message, "nothing to revoke");
+            return Ok(Action::await_change());
+        }
+    };
+    let mut ids: BTreeSet<String> = key.status.as_ref().and_then(|s| s.key_id.clone()).into_iter().collect();
+    let secrets: Api<KubeSecret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+    if let Some(found) = secrets.get_opt(&secret_name(key)).await? {
+        let uid = key.metadata.uid.clone().unwrap_or_default();
+        let id =
+            found.data.as_ref().and_then(|d| d.get(SECRET_KEY_ID)).and_then(|v| String::from_utf8(v.0.clone()).ok());
+        if let Some(id) = id.filter(|_| found.owner_references().iter().any(|o| o.uid == uid)) {
+            ids.insert(id);
+        }
+    }
+    let namespace = sc.namespace().unwrap_or_default();
+    let platform = KubernetesPlatform { client: ctx.client.clone(), cluster: &sc, caches: Some(&ctx.caches) };
+    let store = crate::platform::cluster_store(&platform, &sc.spec, &namespace, &sc.name_any())
+        .await
+        .map_err(|e| kube::Error::Service(Box::from(e)))?;
+    for id in ids {
+        if store.delete_key(&id).await.map_err(|e| kube::Error::Service(Box::new(e)))? {
+            ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(key = %id, "access key revoked (its StoreAccessKey was deleted)");
+        }
+    }
+    Ok(Action::await_change())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_names_fit_a_key_record() {
+        assert_eq!(record_name("apps", "uploader"), "StoreAccessKey apps/uploader");
+        let long = record_name(&"n".repeat(63), &"k".repeat(253));
+        assert_eq!(long.chars().count(), access::MAX_NAME_LEN);
+    }
+}
