@@ -292,6 +292,20 @@ mod tests {
         assert_eq!(AccessKey::generate("x", BTreeSet::new(), 0).unwrap_err(), AccessError::NoScope);
         assert_eq!(AccessKey::generate("", scopes(&[Scope::Read]), 0).unwrap_err(), AccessError::BadName);
         assert_eq!(AccessKey::generate("a\nb", scopes(&[Scope::Read]), 0).unwrap_err(), AccessError::BadName);
+        // The bound counts characters, not bytes: 128 two-byte characters are a name, 129 are not.
+        for (name, ok) in [
+            ("x".repeat(MAX_NAME_LEN), true),
+            ("é".repeat(MAX_NAME_LEN), true),
+            ("é".repeat(MAX_NAME_LEN + 1), false),
+            ("x".repeat(MAX_NAME_LEN + 1), false),
+        ] {
+            assert_eq!(
+                AccessKey::generate(&name, scopes(&[Scope::Read]), 0).is_ok(),
+                ok,
+                "{} characters",
+                name.chars().count()
+            );
+        }
     }
 
     #[test]

@@ -259,3 +259,28 @@ fn every_documented_route_refuses_anonymous_callers() {
     }
     assert!(checked >= 12, "{checked} routes checked");
 }
+
+/// Guesses at one key's secret spread over many client addresses are limited by the key's own
+/// budget; other keys, and the key's holder, are not.
+#[test]
+fn guesses_at_one_key_from_many_addresses_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Datanode::start(&dir.path().join("n"), &[]);
+    let wrong = format!("Bearer {TEST_KEY_ID}.{}", "w".repeat(40));
+    // 127.0.0.0/8 is all loopback: each client its own address, each well within its budget.
+    let from = |i: u8| Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 10 + i])).build().unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..30u8 {
+        statuses
+            .push(from(i).get(node.url("/v1/admin/usage")).header("authorization", &wrong).send().unwrap().status());
+    }
+    let limited = statuses.iter().position(|s| *s == StatusCode::TOO_MANY_REQUESTS).expect("limited at some point");
+    assert!((15..=25).contains(&limited), "limited after {limited} guesses: {statuses:?}");
+    // Another key id from a fresh address: an ordinary 401 (an id's budget says nothing of
+    // whether it exists, and is its own).
+    let other = format!("Bearer CKOTHERKEY0000000000.{}", "w".repeat(40));
+    let r = from(100).get(node.url("/v1/admin/usage")).header("authorization", &other).send().unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // The key's holder passes.
+    assert_eq!(support::client().get(node.url("/v1/admin/usage")).send().unwrap().status(), StatusCode::OK);
+}

@@ -15,7 +15,9 @@
 //!   told to protect them.
 //!
 //! Valid credentials always pass. Failed authentications are counted per client address (an
-//! IPv6 /64 counts as one); past the budget, failures answer 429 instead of 401 until it refills.
+//! IPv6 /64 counts as one) and per key id presented (whether or not the key exists, so the
+//! answer tells nothing about which ids do); past either budget, failures answer 429 instead of
+//! 401 until it refills — guessing one key's secret from many addresses is as slow as from one.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -63,6 +65,7 @@ pub struct Auth {
     protect_metrics: bool,
     protect_openapi: bool,
     failures: DefaultKeyedRateLimiter<IpAddr>,
+    key_failures: DefaultKeyedRateLimiter<String>,
     failure_count: AtomicU64,
 }
 
@@ -95,6 +98,7 @@ impl Auth {
             protect_metrics: options.protect_metrics,
             protect_openapi: options.protect_openapi,
             failures: RateLimiter::keyed(quota),
+            key_failures: RateLimiter::keyed(quota),
             failure_count: AtomicU64::new(0),
         }
     }
@@ -118,15 +122,19 @@ impl Auth {
         }
     }
 
-    /// Counts a failed authentication from `ip`; past the budget, how long until it may fail
-    /// again.
-    fn failed(&self, ip: IpAddr) -> Option<Duration> {
+    /// Counts a failed authentication from `ip` (naming the key `key`, when the token named
+    /// one); past either budget, how long until it may fail again.
+    fn failed(&self, ip: IpAddr, key: Option<&str>) -> Option<Duration> {
         if self.failure_count.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             self.failures.retain_recent();
             self.failures.shrink_to_fit();
+            self.key_failures.retain_recent();
+            self.key_failures.shrink_to_fit();
         }
-        let not_until = self.failures.check_key(&address_key(ip)).err()?;
-        Some(not_until.wait_time_from(DefaultClock::default().now()))
+        let now = DefaultClock::default().now();
+        let by_address = self.failures.check_key(&address_key(ip)).err().map(|n| n.wait_time_from(now));
+        let by_key = key.and_then(|k| self.key_failures.check_key(&k.to_owned()).err()).map(|n| n.wait_time_from(now));
+        by_address.max(by_key)
     }
 }
 
@@ -202,7 +210,7 @@ pub async fn authorize(State(state): State<AppState>, request: Request, next: Ne
     let ip = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let count = |reason: &'static str| state.metrics.auth_failures.get_or_create(&AuthFailureLabels { reason }).inc();
     let limited = match (&refusal, ip) {
-        (Refusal::Invalid(_), Some(ip)) => state.auth.failed(ip),
+        (Refusal::Invalid(_, key), Some(ip)) => state.auth.failed(ip, key.as_deref()),
         _ => None,
     };
     let mut response = match limited {
@@ -230,8 +238,9 @@ pub async fn authorize(State(state): State<AppState>, request: Request, next: Ne
 enum Refusal {
     /// No credentials at all.
     Missing(String),
-    /// Credentials that are not valid (malformed, unknown key, wrong secret or token).
-    Invalid(String),
+    /// Credentials that are not valid (malformed, unknown key, wrong secret or token), and the
+    /// key id the token named, if it had the shape of one.
+    Invalid(String, Option<String>),
     /// A valid key without the scope.
     Forbidden(String, Scope),
 }
@@ -240,7 +249,7 @@ impl Refusal {
     fn reason(&self) -> &'static str {
         match self {
             Refusal::Missing(_) => "missing",
-            Refusal::Invalid(_) => "invalid",
+            Refusal::Invalid(..) => "invalid",
             Refusal::Forbidden(..) => "forbidden",
         }
     }
@@ -252,7 +261,7 @@ impl Refusal {
         }
         Some(match self {
             Refusal::Missing(_) => "Bearer realm=\"cairn\"".to_owned(),
-            Refusal::Invalid(_) => "Bearer realm=\"cairn\", error=\"invalid_token\"".to_owned(),
+            Refusal::Invalid(..) => "Bearer realm=\"cairn\", error=\"invalid_token\"".to_owned(),
             Refusal::Forbidden(_, scope) => {
                 format!("Bearer realm=\"cairn\", error=\"insufficient_scope\", scope=\"{scope}\"")
             }
@@ -261,7 +270,7 @@ impl Refusal {
 
     fn into_error(self) -> ApiError {
         match self {
-            Refusal::Missing(m) | Refusal::Invalid(m) => ApiError::Unauthenticated(m),
+            Refusal::Missing(m) | Refusal::Invalid(m, _) => ApiError::Unauthenticated(m),
             Refusal::Forbidden(m, _) => ApiError::Forbidden(m),
         }
     }
@@ -277,13 +286,13 @@ fn check(
         // Replica routes look at nothing else; an anonymous caller learns nothing from them.
         return match node {
             Some(token) if valid_node_token(credentials, token) => Ok(()),
-            Some(_) => Err(Refusal::Invalid("not a datanode of this cluster".into())),
+            Some(_) => Err(Refusal::Invalid("not a datanode of this cluster".into(), None)),
             None => Err(Refusal::Missing("not a datanode of this cluster".into())),
         };
     }
     if let Some(token) = node {
         return match (valid_node_token(credentials, token), need) {
-            (false, _) => Err(Refusal::Invalid("the node token is not this cluster's".into())),
+            (false, _) => Err(Refusal::Invalid("the node token is not this cluster's".into(), None)),
             (true, Need::AdminOrNode | Need::AnyKey | Need::Key(Scope::Read)) => Ok(()),
             (true, Need::Key(scope)) => {
                 Err(Refusal::Forbidden("the node token is for replica, admin and read routes only".into(), scope))
@@ -300,9 +309,9 @@ fn check(
     let (scheme, token) = authorization.trim().split_once(' ').unwrap_or((authorization, ""));
     if !scheme.eq_ignore_ascii_case("Bearer") {
         // The "scheme" may be a token sent without one: never quoted back.
-        return Err(Refusal::Invalid("unsupported authorization scheme: use Bearer <key id>.<secret>".into()));
+        return Err(Refusal::Invalid("unsupported authorization scheme: use Bearer <key id>.<secret>".into(), None));
     }
-    let (id, secret) = access::parse_token(token.trim()).map_err(|e| Refusal::Invalid(e.to_string()))?;
+    let (id, secret) = access::parse_token(token.trim()).map_err(|e| Refusal::Invalid(e.to_string(), None))?;
     // One answer, and one hash, for an unknown key and a wrong secret: key ids cannot be probed.
     let key = match credentials.keys.get(id) {
         Some(key) => Some(key).filter(|key| key.verify(secret)),
@@ -311,7 +320,7 @@ fn check(
             None
         }
     };
-    let key = key.ok_or_else(|| Refusal::Invalid("unknown key or wrong secret".into()))?;
+    let key = key.ok_or_else(|| Refusal::Invalid("unknown key or wrong secret".into(), Some(id.to_owned())))?;
     let scope = match need {
         Need::Key(scope) => scope,
         Need::AdminOrNode => Scope::Admin,
@@ -388,9 +397,20 @@ mod tests {
     fn a_failing_address_is_limited_and_others_are_not() {
         let auth = Auth::standalone(AuthMode::Keys, Vec::new(), &AuthOptions::default());
         let bad: IpAddr = "192.0.2.1".parse().unwrap();
-        let limited = (0..FAILURE_BURST + 5).filter(|_| auth.failed(bad).is_some()).count();
+        let limited = (0..FAILURE_BURST + 5).filter(|_| auth.failed(bad, None).is_some()).count();
         assert_eq!(limited, 5, "the burst is allowed, then each failure is limited");
-        assert!(auth.failed("192.0.2.2".parse().unwrap()).is_none());
+        assert!(auth.failed("192.0.2.2".parse().unwrap(), None).is_none());
+    }
+
+    #[test]
+    fn guesses_at_one_key_are_limited_across_addresses() {
+        let auth = Auth::standalone(AuthMode::Keys, Vec::new(), &AuthOptions::default());
+        let address = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xc000_0200 + i));
+        // One guess from each of many addresses: the key's budget runs out, no address's does.
+        let limited = (0..FAILURE_BURST + 5).filter(|i| auth.failed(address(*i), Some("CKAAAA")).is_some()).count();
+        assert_eq!(limited, 5);
+        assert!(auth.failed(address(100), Some("CKBBBB")).is_none(), "another key id is not limited");
+        assert!(auth.failed(address(101), None).is_none());
     }
 
     #[test]
