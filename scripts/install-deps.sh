@@ -27,3 +27,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy 2>/dev/null || true
+# The API fuzz tests (e2e/tests/api_fuzz.rs, cluster.rs) run schemathesis from a venv in .tools/.
+tools="$(cd "$(dirname "$0")/.." && pwd)/.tools"
+if [ ! -x "$tools/fuzz-venv/bin/st" ]; then
+  python3 -m venv "$tools/fuzz-venv"
+  "$tools/fuzz-venv/bin/pip" install --quiet schemathesis==4.32.5
+fi

@@ -117,6 +117,15 @@ mod tests {
             prop_assert_eq!(text.len(), BLOB_ID_CHARS);
             prop_assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
             prop_assert_eq!(text.parse::<BlobId>().unwrap(), id);
+            // What the OpenAPI document says of an id: `^A[Q-Za-f][A-Za-z0-9_-]{26}$` (version 1).
+            let b = text.as_bytes();
+            prop_assert!(b[0] == b'A' && (b[1].is_ascii_uppercase() && b[1] >= b'Q' || (b'a'..=b'f').contains(&b[1])));
+        }
+
+        #[test]
+        fn ids_outside_the_documented_pattern_are_refused(second in "[A-Pg-z0-9_-]", rest in "[A-Za-z0-9_-]{26}") {
+            let text = format!("A{second}{rest}");
+            prop_assert!(text.parse::<BlobId>().is_err());
         }
 
         #[test]

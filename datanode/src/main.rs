@@ -150,6 +150,10 @@ struct Args {
     /// Ask for an admin key (or the node token) on /openapi.json.
     #[arg(long, env = "CAIRN_PROTECT_OPENAPI")]
     protect_openapi: bool,
+    /// Failed authentications an address (or a key id) may make at once before 429s; then 2 a
+    /// second.
+    #[arg(long, default_value_t = cairn_datanode::api::auth::DEFAULT_FAILURE_BURST)]
+    auth_failure_burst: u32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -261,7 +265,11 @@ fn run() -> anyhow::Result<()> {
             },
             upload_buffer_bytes: args.upload_buffer.as_u64(),
             upload_wait: Duration::from_millis(args.upload_wait_ms),
-            auth: AuthOptions { protect_metrics: args.protect_metrics, protect_openapi: args.protect_openapi },
+            auth: AuthOptions {
+                protect_metrics: args.protect_metrics,
+                protect_openapi: args.protect_openapi,
+                failure_burst: args.auth_failure_burst.max(1),
+            },
             tls: args.tls_cert.zip(args.tls_key),
         },
         auth: StandaloneAuth {

@@ -1166,3 +1166,31 @@ fn access_keys_work_cluster_wide_within_their_scopes_until_revoked() {
         assert_eq!(wipe.status(), 401);
     }
 }
+
+/// schemathesis against a cluster node's OpenAPI document, which has the replica routes: the
+/// blob API with an access key, the replica routes with the node token; nothing undocumented, no
+/// 5xx, and every route refuses callers without (or with wrong) credentials (`ignored_auth`).
+#[test]
+fn schemathesis_finds_nothing_against_a_cluster_node() {
+    let etcd = EtcdServer::start();
+    let root = tempfile::tempdir().unwrap();
+    let burst = ["--auth-failure-burst".to_owned(), "1000000".to_owned()];
+    let nodes = started_cluster_with(root.path(), &etcd, 3, 2, |n| n.extra.extend(burst.clone()));
+    let doc: Value = support::client().get(nodes[0].url("/openapi.json")).send().unwrap().json().unwrap();
+    let replica_paths = doc["paths"].as_object().unwrap().keys().filter(|p| p.starts_with("/replica/")).count();
+    assert!(replica_paths >= 8, "a cluster node documents its replica routes: {replica_paths}");
+    let token = {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
+            store.load().await.unwrap().node_token.unwrap().expose().to_owned()
+        })
+    };
+    let base = nodes[0].url("");
+    let key = format!("Authorization: {}", cairn_testkit::keys::authorization());
+    let (ok, report) = support::schemathesis(&base, &[key], &["--exclude-path-regex", "^/replica/"], 40);
+    assert!(ok, "the public API: {report}");
+    let node = format!("{}: {token}", cairn_cluster::access::NODE_TOKEN_HEADER);
+    let (ok, report) = support::schemathesis(&base, &[node], &["--include-path-regex", "^/replica/"], 40);
+    assert!(ok, "the replica API: {report}");
+}

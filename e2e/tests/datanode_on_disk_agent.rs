@@ -4,27 +4,14 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use cairn_common::agent_client::AgentClient;
 use cairn_testkit::machine::Machine;
-use support::{binary, disk_with_agent, free_port, wait_until, KillOnDrop};
+use support::{binary, disk_with_agent, free_port, KillOnDrop};
 
 fn start_datanode(socket: &Path, addr: &str) -> KillOnDrop {
-    let child = Command::new(binary("cairn-datanode"))
-        .args(["--disk-agent", socket.to_str().unwrap(), "--listen", addr, "--partitions", "2"])
-        .args(["--volume-size", "64MiB", "--segment-size", "16MiB", "--max-blob-size", "1MiB"])
-        .envs(cairn_testkit::keys::root_key_env())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let url = format!("http://{addr}/readyz");
-    wait_until("datanode", Duration::from_secs(30), || {
-        reqwest::blocking::get(&url).map(|r| r.status().is_success()).unwrap_or(false)
-    });
-    KillOnDrop(child)
+    let flags = ["--disk-agent", socket.to_str().unwrap(), "--partitions", "2", "--volume-size", "64MiB"];
+    support::standalone_datanode(addr, &[&flags[..], &["--segment-size", "16MiB", "--max-blob-size", "1MiB"]].concat())
 }
 
 #[test]

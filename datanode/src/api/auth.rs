@@ -39,8 +39,9 @@ use super::error::ApiError;
 use super::AppState;
 use crate::metrics::AuthFailureLabels;
 
-/// Failed authentications a client address may make at once, then [`FAILURES_PER_SECOND`].
-const FAILURE_BURST: u32 = 20;
+/// Failed authentications a client address (or key id) may make at once, then
+/// [`FAILURES_PER_SECOND`] (`--auth-failure-burst`).
+pub const DEFAULT_FAILURE_BURST: u32 = 20;
 const FAILURES_PER_SECOND: u32 = 2;
 /// The failure counts of addresses that stopped failing are dropped every this many failures.
 const PRUNE_EVERY: u64 = 1024;
@@ -69,13 +70,21 @@ pub struct Auth {
     failure_count: AtomicU64,
 }
 
-/// What is protected beyond the blob API.
-#[derive(Debug, Clone, Default)]
+/// What is protected beyond the blob API, and how many failures are let through at once.
+#[derive(Debug, Clone)]
 pub struct AuthOptions {
     /// Ask for an admin key (or the node token) on `/metrics`.
     pub protect_metrics: bool,
     /// Ask for an admin key (or the node token) on `/openapi.json`.
     pub protect_openapi: bool,
+    /// Failed authentications an address or a key id may make at once.
+    pub failure_burst: u32,
+}
+
+impl Default for AuthOptions {
+    fn default() -> Self {
+        Self { protect_metrics: false, protect_openapi: false, failure_burst: DEFAULT_FAILURE_BURST }
+    }
 }
 
 impl Auth {
@@ -92,7 +101,7 @@ impl Auth {
 
     fn new(standalone: Option<(AuthMode, BTreeMap<String, AccessKey>)>, options: &AuthOptions) -> Self {
         let quota = Quota::per_second(NonZeroU32::new(FAILURES_PER_SECOND).expect("non-zero"))
-            .allow_burst(NonZeroU32::new(FAILURE_BURST).expect("non-zero"));
+            .allow_burst(NonZeroU32::new(options.failure_burst).unwrap_or(NonZeroU32::MIN));
         Self {
             standalone,
             protect_metrics: options.protect_metrics,
@@ -294,9 +303,10 @@ fn check(
         return match (valid_node_token(credentials, token), need) {
             (false, _) => Err(Refusal::Invalid("the node token is not this cluster's".into(), None)),
             (true, Need::AdminOrNode | Need::AnyKey | Need::Key(Scope::Read)) => Ok(()),
-            (true, Need::Key(scope)) => {
-                Err(Refusal::Forbidden("the node token is for replica, admin and read routes only".into(), scope))
-            }
+            // Not a credential for this route at all: unauthenticated, as without one.
+            (true, Need::Key(_)) => Err(Refusal::Missing(
+                "this route takes an access key: the node token is for replica, admin and read routes only".into(),
+            )),
             (true, Need::Nothing | Need::NodeToken) => Ok(()),
         };
     }
@@ -376,8 +386,11 @@ mod tests {
             assert_eq!(need(Method::GET, r), Need::Nothing, "{r}");
         }
         assert_eq!(auth.need(&Method::GET, None), Need::AnyKey);
-        let protected =
-            Auth::standalone(AuthMode::Keys, Vec::new(), &AuthOptions { protect_metrics: true, protect_openapi: true });
+        let protected = Auth::standalone(
+            AuthMode::Keys,
+            Vec::new(),
+            &AuthOptions { protect_metrics: true, protect_openapi: true, ..AuthOptions::default() },
+        );
         assert_eq!(protected.need(&Method::GET, Some("/metrics")), Need::AdminOrNode);
         assert_eq!(protected.need(&Method::GET, Some("/openapi.json")), Need::AdminOrNode);
     }
@@ -397,7 +410,7 @@ mod tests {
     fn a_failing_address_is_limited_and_others_are_not() {
         let auth = Auth::standalone(AuthMode::Keys, Vec::new(), &AuthOptions::default());
         let bad: IpAddr = "192.0.2.1".parse().unwrap();
-        let limited = (0..FAILURE_BURST + 5).filter(|_| auth.failed(bad, None).is_some()).count();
+        let limited = (0..DEFAULT_FAILURE_BURST + 5).filter(|_| auth.failed(bad, None).is_some()).count();
         assert_eq!(limited, 5, "the burst is allowed, then each failure is limited");
         assert!(auth.failed("192.0.2.2".parse().unwrap(), None).is_none());
     }
@@ -407,7 +420,8 @@ mod tests {
         let auth = Auth::standalone(AuthMode::Keys, Vec::new(), &AuthOptions::default());
         let address = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xc000_0200 + i));
         // One guess from each of many addresses: the key's budget runs out, no address's does.
-        let limited = (0..FAILURE_BURST + 5).filter(|i| auth.failed(address(*i), Some("CKAAAA")).is_some()).count();
+        let limited =
+            (0..DEFAULT_FAILURE_BURST + 5).filter(|i| auth.failed(address(*i), Some("CKAAAA")).is_some()).count();
         assert_eq!(limited, 5);
         assert!(auth.failed(address(100), Some("CKBBBB")).is_none(), "another key id is not limited");
         assert!(auth.failed(address(101), None).is_none());

@@ -48,14 +48,23 @@ pub struct TtlUpdate {
     /// New time to live from now, in seconds; `null` makes the blob permanent. Required: a body
     /// without it is refused rather than read as "permanent".
     #[serde(deserialize_with = "present_or_null")]
-    #[schema(required = true)]
+    #[schema(required = true, minimum = 1, maximum = 3153600000_u64)]
     pub ttl_seconds: Option<u64>,
 }
 
 /// Deserializes a field that must be present but may be `null` (serde would read a missing
 /// `Option` as `None`).
+/// A whole number of seconds, or `null`. JSON has one number type: `60.0` is the integer 60 (as
+/// JSON Schema's `integer` says), `60.5` is not.
 fn present_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    Option::<u64>::deserialize(d)
+    let Some(number) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    if let Some(n) = number.as_u64() {
+        return Ok(Some(n));
+    }
+    match number.as_f64() {
+        Some(x) if x >= 0.0 && x.fract() == 0.0 && x < u64::MAX as f64 => Ok(Some(x as u64)),
+        _ => Err(serde::de::Error::custom(format!("ttl_seconds must be a whole number of seconds, got {number}"))),
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -75,11 +84,13 @@ fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>
 }
 
 /// Store a new blob.
+///
+/// User metadata rides in `X-Cairn-Meta-<name>: <value>` headers (4 KiB in all), returned as they
+/// were given by GET and HEAD.
 #[utoipa::path(post, path = "/v1/blobs", tag = "blobs",
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "Blob bytes"),
+    request_body(content = Option<Vec<u8>>, content_type = "application/octet-stream", description = "Blob bytes (none: an empty blob)"),
     params(
-        ("X-Cairn-TTL" = Option<u64>, Header, description = "Time to live in seconds"),
-        ("X-Cairn-Meta-*" = Option<String>, Header, description = "User metadata, 4 KiB in total"),
+        ("X-Cairn-TTL" = Option<u64>, Header, nullable = false, description = "Time to live in seconds", minimum = 1, maximum = 3153600000.0),
     ),
     responses(
         (status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody),
@@ -144,8 +155,8 @@ fn blob_headers(reader: &BlobReader) -> HeaderMap {
 
 /// Read a blob, or one byte range of it.
 #[utoipa::path(get, path = "/v1/blobs/{id}", tag = "blobs",
-    params(("id" = String, Path, description = "Blob id"), GetParams,
-        ("Range" = Option<String>, Header, description = "One byte range, e.g. bytes=0-1023")),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$"), GetParams,
+        ("Range" = Option<String>, Header, nullable = false, description = "One byte range, e.g. bytes=0-1023 (a value that is not bytes=… is ignored, as RFC 9110 says)")),
     responses(
         (status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody),
         (status = 200, description = "The blob", content_type = "application/octet-stream", body = Vec<u8>),
@@ -274,7 +285,7 @@ pub(crate) async fn stream_payload(reader: BlobReader, start: u64, end: u64) -> 
 
 /// Blob headers without the body.
 #[utoipa::path(head, path = "/v1/blobs/{id}", tag = "blobs",
-    params(("id" = String, Path, description = "Blob id")),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
     responses((status = 401), (status = 403), (status = 200, description = "Headers of the blob"), (status = 400), (status = 404), (status = 410)))]
 pub async fn head_blob(
     State(state): State<AppState>,
@@ -294,7 +305,7 @@ pub async fn head_blob(
 
 /// Delete a blob; later reads answer 410. Deleting twice is fine.
 #[utoipa::path(delete, path = "/v1/blobs/{id}", tag = "blobs",
-    params(("id" = String, Path, description = "Blob id")),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
     responses(
         (status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody),
         (status = 204, description = "Deleted (durably)"),
@@ -310,7 +321,7 @@ pub async fn delete_blob(State(state): State<AppState>, Path(raw): Path<String>)
 
 /// Size, content type, times and metadata of a blob.
 #[utoipa::path(get, path = "/v1/blobs/{id}/info", tag = "blobs",
-    params(("id" = String, Path, description = "Blob id")),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
     responses((status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody), (status = 200, body = BlobInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
 pub async fn blob_info(
     State(state): State<AppState>,
@@ -338,7 +349,7 @@ async fn local_info(state: &AppState, id: BlobId) -> Result<BlobInfo, ApiError> 
 
 /// Change a blob's time to live.
 #[utoipa::path(put, path = "/v1/blobs/{id}/ttl", tag = "blobs",
-    params(("id" = String, Path, description = "Blob id")),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
     request_body = TtlUpdate,
     responses((status = 401, description = "No valid access key", body = ErrorBody), (status = 403, description = "The key lacks the scope", body = ErrorBody), (status = 204, description = "Updated durably"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 410, body = ErrorBody)))]
 pub async fn update_ttl(
@@ -364,4 +375,28 @@ pub async fn update_ttl(
     };
     state.front.update_ttl(id, expiry_ms).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TtlUpdate;
+
+    #[test]
+    fn a_ttl_is_a_whole_number_of_seconds_however_json_writes_it() {
+        let ttl =
+            |body: &str| serde_json::from_str::<TtlUpdate>(body).map(|t| t.ttl_seconds).map_err(|e| e.to_string());
+        assert_eq!(ttl(r#"{"ttl_seconds": 60}"#), Ok(Some(60)));
+        assert_eq!(ttl(r#"{"ttl_seconds": 60.0}"#), Ok(Some(60)));
+        assert_eq!(ttl(r#"{"ttl_seconds": 6e1}"#), Ok(Some(60)));
+        assert_eq!(ttl(r#"{"ttl_seconds": null}"#), Ok(None));
+        for bad in [
+            r#"{"ttl_seconds": 60.5}"#,
+            r#"{"ttl_seconds": -1}"#,
+            r#"{"ttl_seconds": "60"}"#,
+            r#"{}"#,
+            r#"{"ttl_seconds": 1e30}"#,
+        ] {
+            assert!(ttl(bad).is_err(), "{bad}");
+        }
+    }
 }

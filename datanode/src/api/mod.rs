@@ -68,7 +68,17 @@ impl AppState {
         healthz,
         readyz,
         metrics,
-        openapi_json
+        openapi_json,
+        replica::put_batch,
+        replica::put_replica,
+        replica::get_replica,
+        replica::meta_replica,
+        replica::delete_replica,
+        replica::ttl_replica,
+        replica::journal_batch,
+        replica::journal_page,
+        replica::digest,
+        replica::bucket
     ),
     components(schemas(
         blobs::PutResponse,
@@ -111,6 +121,30 @@ impl utoipa::Modify for SecuritySchemes {
                 "The cluster's node token: datanodes, the operator and `cairn status`",
             ))),
         );
+        // Every route that takes credentials may answer 429 (too many failed authentications
+        // from the caller's address or for the key it names, docs/security.md), and 401.
+        use utoipa::openapi::{Content, Ref, ResponseBuilder};
+        let refusal = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content("application/json", Content::new(Some(Ref::from_schema_name("ErrorBody"))))
+                .build()
+        };
+        let open = utoipa::openapi::security::SecurityRequirement::default();
+        for item in openapi.paths.paths.values_mut() {
+            let operations =
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.head, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                if operation.security.as_ref().is_some_and(|s| s.contains(&open)) {
+                    continue;
+                }
+                let responses = &mut operation.responses.responses;
+                responses.entry("401".into()).or_insert_with(|| refusal("No valid credentials").into());
+                responses.entry("429".into()).or_insert_with(|| {
+                    refusal("Too many failed authentications from this address or for this key (Retry-After)").into()
+                });
+            }
+        }
     }
 }
 
@@ -290,15 +324,19 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics, text format.
-#[utoipa::path(get, path = "/metrics", tag = "operations", security((), ("bearer" = []), ("node_token" = [])), responses((status = 200, description = "Prometheus text format", body = String)))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", security((), ("bearer" = []), ("node_token" = [])), responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     state.store.update_gauges();
     let body = state.metrics.encode();
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }
 
-/// This document.
+/// This document: the routes this node serves (the replica routes on a node of a cluster only).
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", security((), ("bearer" = []), ("node_token" = [])), responses((status = 200, description = "OpenAPI 3.1 document")))]
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
+    let mut doc = ApiDoc::openapi();
+    if matches!(state.front, Front::Standalone(_)) {
+        doc.paths.paths.retain(|path, _| !path.starts_with("/replica/"));
+    }
+    Json(doc)
 }

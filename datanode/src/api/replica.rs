@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::blobs::{parse_id, stream_payload};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::upload::{read_small, UploadBudget};
 use crate::cluster::Cluster;
 use crate::engine::record::RecordKind;
@@ -79,6 +79,10 @@ async fn blocking<T: Send + 'static>(
 
 /// Stores a blob in this node's replica, with the id, times and metadata its router chose (a
 /// [`BlobFrame`]).
+#[utoipa::path(put, path = "/replica/v1/blobs/{id}", tag = "replica", security(("node_token" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A BlobFrame (application/x-cairn-blob-frame; the type is not checked): the blob's times and metadata, then its bytes"),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
+    responses((status = 204, description = "Stored in this replica"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn put_replica(
     State(state): State<ReplicaState>,
     Path(raw): Path<String>,
@@ -126,6 +130,9 @@ async fn store_blob(
 
 /// Several replica writes at once ([`BlobBatch`]): written concurrently, so that they share
 /// group commits; one outcome each, as a single write would have answered.
+#[utoipa::path(post, path = "/replica/v1/blobs", tag = "replica", security(("node_token" = [])),
+    request_body(content = Option<Vec<u8>>, content_type = "application/octet-stream", description = "A BlobBatch: several BlobFrames (none: nothing to do)"),
+    responses((status = 200, description = "One outcome per blob (BatchAnswer)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn put_batch(
     State(state): State<ReplicaState>,
     headers: HeaderMap,
@@ -176,6 +183,9 @@ async fn open_local(state: &ReplicaState, id: BlobId) -> Result<crate::engine::B
 
 /// This replica's blob as a [`BlobFrame`], for a replica that lacks it: 404 `blob_not_found`
 /// when this replica never had it, 410 when it is deleted or expired here.
+#[utoipa::path(get, path = "/replica/v1/blobs/{id}", tag = "replica", security(("node_token" = [])),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
+    responses((status = 200, description = "The blob as a BlobFrame", content_type = "application/x-cairn-blob-frame"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn get_replica(State(state): State<ReplicaState>, Path(raw): Path<String>) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
     let reader = open_local(&state, id).await?;
@@ -195,6 +205,9 @@ async fn get_replica(State(state): State<ReplicaState>, Path(raw): Path<String>)
 }
 
 /// This replica's metadata of a blob (its expiry, for a TTL update to copy).
+#[utoipa::path(get, path = "/replica/v1/blobs/{id}/meta", tag = "replica", security(("node_token" = [])),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
+    responses((status = 200, description = "The blob's metadata here (ReplicaBlob)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn meta_replica(
     State(state): State<ReplicaState>,
     Path(raw): Path<String>,
@@ -210,6 +223,9 @@ pub struct DeleteParams {
     pub if_present: bool,
 }
 
+#[utoipa::path(delete, path = "/replica/v1/blobs/{id}", tag = "replica", security(("node_token" = [])),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$"), ("if_present" = Option<bool>, Query, description = "Only if this replica has the blob")),
+    responses((status = 200, description = "The tombstone (TombstoneAnswer)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn delete_replica(
     State(state): State<ReplicaState>,
     Path(raw): Path<String>,
@@ -222,6 +238,10 @@ async fn delete_replica(
     Ok(Json(TombstoneAnswer { existed }))
 }
 
+#[utoipa::path(put, path = "/replica/v1/blobs/{id}/ttl", tag = "replica", security(("node_token" = [])),
+    request_body(content = Object, content_type = "application/json", description = "A TtlBody"),
+    params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
+    responses((status = 204, description = "Updated in this replica"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn ttl_replica(
     State(state): State<ReplicaState>,
     Path(raw): Path<String>,
@@ -269,6 +289,9 @@ fn page_of(partition: u32, volume: &Volume, from: u64, limit: usize) -> Result<J
 /// The journals of several partitions, each from the caller's cursor on; when none has an entry
 /// yet, waits (up to the request's `wait_ms`, at most 30 s) until one has. One request per pair
 /// of nodes stands in for one poll per partition: an idle cluster costs nothing.
+#[utoipa::path(post, path = "/replica/v1/journal", tag = "replica", security(("node_token" = [])),
+    request_body(content = Object, content_type = "application/json", description = "A JournalRequest: the caller's cursor per partition; waits up to wait_ms for an entry"),
+    responses((status = 200, description = "The journals' pages (JournalBatch)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn journal_batch(State(state): State<ReplicaState>, body: Body) -> Result<Json<JournalBatch>, ApiError> {
     let body = read_small(body, 4 << 20).await?;
     let request: JournalRequest = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
@@ -345,6 +368,9 @@ fn default_limit() -> usize {
 }
 
 /// One partition's journal page at once (the single-partition form, for tools and older peers).
+#[utoipa::path(get, path = "/replica/v1/partitions/{partition}/journal", tag = "replica", security(("node_token" = [])),
+    params(("partition" = u32, Path, description = "Partition"), ("from" = Option<u64>, Query, description = "First sequence number"), ("limit" = Option<u32>, Query, description = "At most this many entries")),
+    responses((status = 200, description = "A page of the journal (JournalPage)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn journal_page(
     State(state): State<ReplicaState>,
     Path(partition): Path<u32>,
@@ -356,6 +382,9 @@ async fn journal_page(
 }
 
 /// The digest of each id bucket of this replica (anti-entropy).
+#[utoipa::path(get, path = "/replica/v1/partitions/{partition}/digest", tag = "replica", security(("node_token" = [])),
+    params(("partition" = u32, Path, description = "Partition")),
+    responses((status = 200, description = "The digest of each id bucket (DigestAnswer)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn digest(State(state): State<ReplicaState>, Path(partition): Path<u32>) -> Result<Json<DigestAnswer>, ApiError> {
     let volume = local_volume(&state, partition)?;
     let buckets = blocking(move || volume.digest()).await?;
@@ -364,6 +393,9 @@ async fn digest(State(state): State<ReplicaState>, Path(partition): Path<u32>) -
 }
 
 /// What this replica holds in one id bucket (anti-entropy).
+#[utoipa::path(get, path = "/replica/v1/partitions/{partition}/buckets/{bucket}", tag = "replica", security(("node_token" = [])),
+    params(("partition" = u32, Path, description = "Partition"), ("bucket" = u8, Path, description = "Id bucket")),
+    responses((status = 200, description = "The bucket's entries (BucketEntries)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn bucket(
     State(state): State<ReplicaState>,
     Path((partition, bucket)): Path<(u32, u8)>,

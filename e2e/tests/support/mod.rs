@@ -218,3 +218,64 @@ impl Kubectl {
         out
     }
 }
+
+/// The checks schemathesis (PyPI; `scripts/install-deps.sh` installs it in `.tools/fuzz-venv`) runs against a node's
+/// `/openapi.json`: all of them, with the statuses Cairn answers to schema-valid requests that
+/// cannot succeed (a blob deleted meanwhile: 410; a range past the end: 416), and no
+/// negative-data check on `GET /v1/blobs/{id}`, whose `Range` header is ignored when it is not
+/// `bytes=…` (RFC 9110 §14.2) rather than refused.
+const SCHEMATHESIS_CONFIG: &str = r#"
+[checks]
+enabled = true
+
+[checks.positive_data_acceptance]
+expected-statuses = ["2xx", "3xx", 401, 403, 404, 409, 410, 416, 429, "5xx"]
+
+[[operations]]
+include-path = "/v1/blobs/{id}"
+include-method = "GET"
+checks.negative_data_rejection.enabled = false
+
+# The replica routes' bodies are binary frames and JSON the document does not detail: whether a
+# body is "schema-valid" cannot be judged from it.
+[[operations]]
+include-path-regex = "^/replica/"
+checks.positive_data_acceptance.enabled = false
+checks.negative_data_rejection.enabled = false
+"#;
+
+/// Runs schemathesis against `base` (its `/openapi.json`) with these headers and more `st run`
+/// arguments (say, which paths): whether it found nothing, and its report.
+pub fn schemathesis(base: &str, headers: &[String], args: &[&str], examples: u32) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("schemathesis.toml"), SCHEMATHESIS_CONFIG).unwrap();
+    // scripts/install-deps.sh puts it in a venv under .tools/; else whatever `st` is on PATH.
+    let venv = std::path::Path::new(&repo(".tools/fuzz-venv/bin/st")).to_owned();
+    let mut command = Command::new(if venv.exists() { venv.as_os_str().to_owned() } else { "st".into() });
+    command.current_dir(dir.path()).args(["run", &format!("{base}/openapi.json"), "--workers", "1"]);
+    command.args(["--max-examples", &examples.to_string(), "--no-color"]).args(args);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let out = command.output().expect("schemathesis (`st`) runs: scripts/install-deps.sh installs it");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A standalone datanode (the test key its root key) with these flags, listening at `addr`, once
+/// it is ready.
+pub fn standalone_datanode(addr: &str, args: &[&str]) -> KillOnDrop {
+    let child = Command::new(binary("cairn-datanode"))
+        .args(["--listen", addr])
+        .args(args)
+        .envs(cairn_testkit::keys::root_key_env())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{addr}/readyz");
+    wait_until("datanode", Duration::from_secs(30), || {
+        reqwest::blocking::get(&url).is_ok_and(|r| r.status().is_success())
+    });
+    KillOnDrop(child)
+}
