@@ -129,12 +129,15 @@ impl Agent {
 
     /// CreateVolume: idempotent by name; never promises more than a disk's allocatable bytes.
     /// `caller` is the datanode on the node socket (`None` on the admin socket): it may ask only
-    /// for its own cluster's volumes, and becomes the owner of what it makes.
+    /// for its own cluster's volumes, and becomes the owner of what it makes. `files_owner`
+    /// (uid, gid): a datanode that is not root; the volume's files are made its own, whether
+    /// just made or made before (a datanode upgraded to run as non-root).
     pub fn create_volume(
         &self,
         name: &str,
         request: &CreateVolumeRequest,
         caller: Option<&Caller>,
+        files_owner: Option<(u32, u32)>,
     ) -> Result<CreateVolumeResponse, AgentError> {
         cairn_common::agent_api::validate_volume_name(name).map_err(AgentError::InvalidRequest)?;
         volumes::validate(request).map_err(AgentError::InvalidRequest)?;
@@ -151,6 +154,7 @@ impl Agent {
                     if let Some(caller) = caller {
                         self.owners.lock().expect("owners lock").record(caller, name)?;
                     }
+                    hand_over(&v.info.path, files_owner)?;
                     Ok(CreateVolumeResponse { created: false, volume: v.info })
                 }
                 _ => Err(AgentError::VolumeExists(format!(
@@ -196,6 +200,7 @@ impl Agent {
         if let Some(caller) = caller {
             self.owners.lock().expect("owners lock").record(caller, name)?;
         }
+        hand_over(&info.path, files_owner)?;
         self.refresh_locked().map_err(|e| AgentError::Internal(format!("{e:#}")))?;
         self.changed.notify_one();
         Ok(CreateVolumeResponse { created: true, volume: info })
@@ -453,4 +458,11 @@ impl Agent {
             volumes: found.volumes.into_iter().map(|v| v.info).collect(),
         }
     }
+}
+
+/// Makes every file of the volume at `path` (and the directory) belong to `owner`, when given.
+fn hand_over(path: &str, owner: Option<(u32, u32)>) -> Result<(), AgentError> {
+    let Some((uid, gid)) = owner else { return Ok(()) };
+    volumes::chown_tree(std::path::Path::new(path), uid, gid)
+        .map_err(|e| AgentError::Internal(format!("handing volume {path} to uid {uid}: {e}")))
 }

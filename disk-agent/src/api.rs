@@ -22,6 +22,26 @@ use crate::agent::Agent;
 use crate::error::AgentError;
 use crate::owners::Caller;
 
+/// Who is at the other end of a node-socket connection (the kernel's SO_PEERCRED): the uid and
+/// gid a datanode's volumes are handed to, so that it need not run as root.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCredentials {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>>
+    for PeerCredentials
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        // Unreadable credentials hand nothing over: as root's.
+        match stream.io().peer_cred() {
+            Ok(cred) => Self { uid: cred.uid(), gid: cred.gid() },
+            Err(_) => Self { uid: 0, gid: 0 },
+        }
+    }
+}
+
 /// Which socket a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Socket {
@@ -61,9 +81,9 @@ pub async fn serve(
     // The admin socket: the owner only, in a directory the agent makes for the owner only.
     let admin = bind(admin_socket, Some(0o700), 0o600)?;
     tracing::info!(node = %node_socket.display(), admin = %admin_socket.display(), "node API listening");
-    let node = axum::serve(node, router(agent.clone(), Socket::Node))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let admin = axum::serve(admin, router(agent, Socket::Admin)).with_graceful_shutdown(shutdown.cancelled_owned());
+    let service = |socket| router(agent.clone(), socket).into_make_service_with_connect_info::<PeerCredentials>();
+    let node = axum::serve(node, service(Socket::Node)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let admin = axum::serve(admin, service(Socket::Admin)).with_graceful_shutdown(shutdown.cancelled_owned());
     let served =
         tokio::try_join!(std::future::IntoFuture::into_future(node), std::future::IntoFuture::into_future(admin));
     let _ = std::fs::remove_file(node_socket);
@@ -138,6 +158,7 @@ async fn list_volumes(
 async fn create_volume(
     State(agent): State<Arc<Agent>>,
     Extension(socket): Extension<Socket>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<PeerCredentials>,
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
     body: axum::body::Bytes,
@@ -156,7 +177,9 @@ async fn create_volume(
             "expected {{\"disk\", \"capacity_bytes\", \"partition\", \"segment_size_bytes\"?, \"node\"?}}: {e}"
         ))
     })?;
-    let response = blocking(move || agent.create_volume(&name, &request, caller.as_ref())).await?;
+    // A datanode that is not root gets its volume's files (root's, as the agent made them).
+    let owner = (socket == Socket::Node && peer.uid != 0).then_some((peer.uid, peer.gid));
+    let response = blocking(move || agent.create_volume(&name, &request, caller.as_ref(), owner)).await?;
     let status = if response.created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(response)).into_response())
 }

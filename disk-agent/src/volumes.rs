@@ -146,3 +146,19 @@ pub fn remove_leftover(path: &Path) -> std::io::Result<()> {
     tracing::warn!(path = %path.display(), "removing a volume directory left by an interrupted create or delete");
     std::fs::remove_dir_all(path)
 }
+
+/// Gives `dir` and everything under it (symlinks themselves, never what they point to) to
+/// `uid`:`gid`; what already belongs to them is left alone.
+pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.uid() != uid || meta.gid() != gid {
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}

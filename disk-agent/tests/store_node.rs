@@ -66,7 +66,7 @@ async fn status_follows_the_disks_and_is_written_only_on_change() {
     let disk = report.disks[0].id.clone();
     let request =
         CreateVolumeRequest { disk, capacity_bytes: 16 << 20, segment_size_bytes: 16 << 20, partition: 0, node: None };
-    agent.create_volume("v1", &request, None).unwrap();
+    agent.create_volume("v1", &request, None, None).unwrap();
     let (report, changed) = agent.refresh().unwrap();
     assert!(!changed, "create_volume already refreshed the report");
     assert!(publisher.publish(&report).await.unwrap());

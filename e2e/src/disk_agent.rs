@@ -100,7 +100,7 @@ fn create_volume(mut machine: Machine) -> anyhow::Result<Scenario> {
     let request =
         CreateVolumeRequest { disk, capacity_bytes: GIB, segment_size_bytes: 64 << 20, partition: 0, node: None };
     let started = Instant::now();
-    let created = agent.create_volume("bench", &request, None)?;
+    let created = agent.create_volume("bench", &request, None, None)?;
     let create_ms = started.elapsed().as_secs_f64() * 1e3;
     anyhow::ensure!(created.created, "the volume existed already");
     let allocated = allocated_bytes(Path::new(&created.volume.path));

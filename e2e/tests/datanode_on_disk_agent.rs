@@ -195,3 +195,60 @@ fn a_node_with_another_token_cannot_open_the_volumes() {
     // The node with the key the volumes were made under opens them.
     let _node = start_datanode(&sockets.node, &addr);
 }
+
+/// A datanode need not be root: the agent hands a volume's files to the uid and gid of the
+/// process that asks for it on the node socket (its peer credentials) — volumes it makes, and
+/// volumes made before for a datanode that ran as root (an upgrade), which keep their blobs.
+#[test]
+fn a_datanode_that_is_not_root_gets_its_volumes_files() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const NOBODY: u32 = 65532;
+    let mut m = Machine::new();
+    let (_agent, sockets) = disk_with_agent(&mut m, "n1", 256 << 20);
+    // The test's directory may be crossed by anyone (as /run and the disks' mounts are).
+    std::fs::set_permissions(&m.base, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let flags = ["--disk-agent", sockets.node.to_str().unwrap(), "--partitions", "2", "--volume-size", "64MiB"];
+    let flags = [&flags[..], &["--segment-size", "16MiB", "--max-blob-size", "1MiB"]].concat();
+    let http = support::client();
+    let put = |data: &[u8]| -> String {
+        let r = http.post(format!("http://{addr}/v1/blobs")).body(data.to_vec()).send().unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned()
+    };
+    let get = |id: &str| http.get(format!("http://{addr}/v1/blobs/{id}")).send().unwrap().bytes().unwrap().to_vec();
+
+    // First as root: the volumes are root's.
+    let root = support::standalone_datanode(&addr, &flags);
+    let before = put(b"written while the datanode was root");
+    drop(root);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let volumes = rt.block_on(AgentClient::new(&sockets.admin).list_volumes()).unwrap();
+    assert!(volumes.iter().all(|v| std::fs::metadata(&v.path).unwrap().uid() == 0));
+
+    // Then as an unprivileged user: handed over, every file; old blobs read, new ones written.
+    let node = support::standalone_datanode_as(Some(NOBODY), &addr, &flags);
+    assert_eq!(get(&before), b"written while the datanode was root");
+    let after = put(b"written as 65532");
+    for v in &volumes {
+        for path in walk(std::path::Path::new(&v.path)) {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (NOBODY, NOBODY), "{}", path.display());
+        }
+    }
+    // kill -9 and again: still its own.
+    drop(node);
+    let _node = support::standalone_datanode_as(Some(NOBODY), &addr, &flags);
+    assert_eq!(get(&after), b"written as 65532");
+    assert_eq!(get(&before), b"written while the datanode was root");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    if dir.is_dir() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            out.extend(walk(&entry.unwrap().path()));
+        }
+    }
+    out
+}

@@ -72,6 +72,9 @@ async fn datanodes(api: &MemoryApi) -> BTreeMap<String, (String, bool, String)> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes() {
     let mut machine = Machine::new();
+    // Datanode Pods run as 65532 (the kubelet here honours runAsUser): the machines' directories
+    // may be crossed by anyone, as a host's /run and disk mounts are.
+    std::fs::set_permissions(&machine.base, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     let network = Arc::new(PodNetwork::create());
     let gateway = network.gateway();
     let etcd = cairn_testkit::etcd::EtcdServer::start_on(&gateway);
@@ -199,6 +202,15 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
         blobs.push((id, body));
     }
+    // Every datanode process runs as the Pod says: 65532, not root.
+    let ours = binary("cairn-datanode").display().to_string();
+    let out = std::process::Command::new("ps").args(["-C", "cairn-datanode", "-o", "uid=,args="]).output().unwrap();
+    let uids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&ours))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    assert!(uids.len() >= 4 && uids.iter().all(|u| u == "65532"), "datanode uids: {uids:?}");
     let read_all = |endpoints: Vec<String>| {
         let (client, blobs) = (client.clone(), blobs.clone());
         async move {

@@ -22,6 +22,8 @@ use crate::platform::{Applied, PlatformError};
 
 pub const FIELD_MANAGER: &str = "cairn-operator";
 pub const API_PORT: u16 = 7480;
+/// The uid and gid datanodes run as (the image's user; not root).
+pub const DATANODE_UID: i64 = 65532;
 
 /// Label selecting a cluster's objects.
 pub fn labels(cluster: &str) -> BTreeMap<String, String> {
@@ -436,8 +438,11 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
                 ..Probe::default()
             }),
             volume_mounts: Some(mounts),
-            // Root, to write the volumes the disk agent (root) made; nothing more.
+            // Not root: the disk agent hands each volume's files to the uid that asks for it.
             security_context: Some(SecurityContext {
+                run_as_user: Some(DATANODE_UID),
+                run_as_group: Some(DATANODE_UID),
+                run_as_non_root: Some(true),
                 allow_privilege_escalation: Some(false),
                 read_only_root_filesystem: Some(true),
                 capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
@@ -803,8 +808,10 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
                     name: "purge".into(),
                     image: Some(sc.spec.image.clone()),
                     command: Some(command),
-                    // It only talks to the disk agent's socket: nothing more.
+                    // It only talks to the disk agent's admin socket, which is root's (mode 0600):
+                    // root, and nothing more.
                     security_context: Some(k8s_openapi::api::core::v1::SecurityContext {
+                        run_as_user: Some(0),
                         allow_privilege_escalation: Some(false),
                         read_only_root_filesystem: Some(true),
                         capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
@@ -970,9 +977,9 @@ mod tests {
             .filter(|(r, _, _)| r.kind == "Pod")
             .map(|(_, _, body)| body["metadata"]["annotations"][SPEC_HASH].as_str().unwrap())
             .collect();
-        assert_eq!(hashes, ["4ea87922b7ab1d44", "21dc61533a426570"]);
+        assert_eq!(hashes, ["03188487dd1c999c", "a36b35fcfb0c8af8"]);
         let all: Vec<&Value> = objects.iter().map(|(_, _, body)| body).collect();
-        assert_eq!(spec_hash(&json!(all)), "4d1453b70e4b6740");
+        assert_eq!(spec_hash(&json!(all)), "57e4bfc60d907cc8");
     }
 
     #[test]

@@ -903,7 +903,27 @@ fn spawn(
             script += &format!("mkdir -p '{target}'; mount --bind '{}' '{target}'; ", source.display());
         }
     }
-    script += "exec \"$0\" \"$@\"";
+    // The container's user, as the kubelet sets it: the container's securityContext over the
+    // Pod's; runAsNonRoot with no user or user 0 is refused (the images here declare no user).
+    let security = |key: &str| {
+        let own = &container["securityContext"][key];
+        if own.is_null() {
+            pod["spec"]["securityContext"][key].clone()
+        } else {
+            own.clone()
+        }
+    };
+    let uid = security("runAsUser").as_u64();
+    if security("runAsNonRoot") == true && uid.unwrap_or(0) == 0 {
+        return Err("CreateContainerConfigError: container has runAsNonRoot and image will run as root".into());
+    }
+    match uid.filter(|u| *u != 0) {
+        Some(uid) => {
+            let gid = security("runAsGroup").as_u64().unwrap_or(0);
+            script += &format!("exec setpriv --reuid={uid} --regid={gid} --clear-groups \"$0\" \"$@\"");
+        }
+        None => script += "exec \"$0\" \"$@\"",
+    }
     let log_path = logs.join(format!(
         "{}_{}.log",
         pod["metadata"]["namespace"].as_str().unwrap_or_default(),

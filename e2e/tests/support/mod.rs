@@ -264,7 +264,17 @@ pub fn schemathesis(base: &str, headers: &[String], args: &[&str], examples: u32
 /// A standalone datanode (the test key its root key) with these flags, listening at `addr`, once
 /// it is ready.
 pub fn standalone_datanode(addr: &str, args: &[&str]) -> KillOnDrop {
-    let child = Command::new(binary("cairn-datanode"))
+    standalone_datanode_as(None, addr, args)
+}
+
+/// As [`standalone_datanode`], run as this uid and gid (not root) when given.
+pub fn standalone_datanode_as(uid: Option<u32>, addr: &str, args: &[&str]) -> KillOnDrop {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(binary("cairn-datanode"));
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    let child = command
         .args(["--listen", addr])
         .args(args)
         .envs(cairn_testkit::keys::root_key_env())
