@@ -24,6 +24,9 @@ pub struct DatanodeCommand {
     pub listen: String,
     /// Address other nodes reach this one at, when it is not `listen`.
     pub advertise: Option<String>,
+    /// Address the replica routes listen on apart from the blob API (peers reach it at
+    /// `advertise`'s host).
+    pub peer_listen: Option<String>,
     pub etcd_tls: Option<EtcdTlsFiles>,
     /// More flags, as given (a platform's own settings, e.g. for tests).
     pub extra: Vec<String>,
@@ -45,6 +48,9 @@ impl DatanodeCommand {
         .collect();
         if let Some(advertise) = &self.advertise {
             args.extend(["--advertise".to_owned(), advertise.clone()]);
+        }
+        if let Some(peer) = &self.peer_listen {
+            args.extend(["--peer-listen".to_owned(), peer.clone()]);
         }
         if let Some(tls) = &self.etcd_tls {
             for (flag, file) in [("--etcd-ca", &tls.ca), ("--etcd-cert", &tls.cert), ("--etcd-key", &tls.key)] {
@@ -71,6 +77,7 @@ mod tests {
             disk_agent: "/run/a.sock".into(),
             listen: "0.0.0.0:7480".into(),
             advertise: None,
+            peer_listen: Some("0.0.0.0:7481".into()),
             etcd_tls: None,
             extra: vec!["--peer-timeout-ms".into(), "500".into()],
         };

@@ -190,6 +190,10 @@ pub struct ReplicaSpec {
 pub struct LiveNode {
     pub node: String,
     pub address: String,
+    /// Where its peers reach its replica routes, when they are on a port of their own
+    /// (`--peer-listen`); otherwise at `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_address: Option<String>,
     #[serde(default)]
     pub zone: String,
     pub started_ms: u64,

@@ -39,6 +39,13 @@ struct Args {
     /// host:port other nodes reach this one at (default: the listen address).
     #[arg(long, env = "CAIRN_ADVERTISE")]
     advertise: Option<String>,
+    /// Serve the replica routes (and peers' reads) on this address only, apart from the blob API
+    /// on --listen, so that a firewall or NetworkPolicy can keep them to the cluster's datanodes.
+    #[arg(long, env = "CAIRN_PEER_LISTEN", requires = "etcd")]
+    peer_listen: Option<SocketAddr>,
+    /// host:port peers reach --peer-listen at (default: --advertise's host and --peer-listen's port).
+    #[arg(long, env = "CAIRN_PEER_ADVERTISE", requires = "peer_listen")]
+    peer_advertise: Option<String>,
     #[command(flatten)]
     etcd_tls: cairn_cluster::etcd::EtcdTlsArgs,
     /// Seconds between two anti-entropy passes of a replica against each peer (comparing id
@@ -219,6 +226,14 @@ fn run() -> anyhow::Result<()> {
             cluster: args.cluster.expect("clap requires --cluster with --etcd"),
             node_id: args.node_id.expect("clap requires --node-id with --etcd"),
             zone: args.zone,
+            peer_advertise: args.peer_listen.map(|peer| {
+                args.peer_advertise.clone().unwrap_or_else(|| {
+                    let advertise = args.advertise.clone().unwrap_or_else(|| args.listen.to_string());
+                    let host = advertise.rsplit_once(':').map_or(advertise.as_str(), |(host, _)| host).to_owned();
+                    format!("{host}:{}", peer.port())
+                })
+            }),
+            peer_listen: args.peer_listen,
             advertise: args.advertise.unwrap_or_else(|| args.listen.to_string()),
             volumes: volume_source.clone(),
             peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),

@@ -196,8 +196,9 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         max_blob_bytes: options.volume.max_blob_bytes,
         uploads,
         auth: Arc::new(Auth::standalone(options.auth.mode, keys, &options.http.auth)),
+        serves_replica_routes: false,
     };
-    serve_on(listener, state, None, &options.http.limits, tls, shutdown).await
+    serve_on(vec![(listener, None)], state, &options.http.limits, tls, shutdown).await
 }
 
 /// Serves a node of a cluster: binds first (peers may call as soon as it registers), then joins.
@@ -217,6 +218,10 @@ pub async fn run_cluster(
     let store = Arc::new(Store::empty(metrics.clone()));
     let (uploads, replica_uploads) = http.budgets(volume.max_blob_bytes)?;
     let listener = bind(listen).await?;
+    let peer_listener = match options.peer_listen {
+        Some(peer) => Some(bind(peer).await?),
+        None => None,
+    };
     let cluster = Cluster::start(options, volume.clone(), store.clone(), shutdown.child_token()).await?;
     let replica = ReplicaState { cluster: cluster.clone(), uploads: replica_uploads, shutdown: shutdown.clone() };
     let state = AppState {
@@ -226,20 +231,25 @@ pub async fn run_cluster(
         uploads,
         front: Front::Cluster(cluster),
         auth: Arc::new(Auth::cluster(&http.auth)),
+        serves_replica_routes: false,
     };
-    serve_on(listener, state, Some(replica), &http.limits, None, shutdown).await
+    let listeners = match peer_listener {
+        // The blob API without the replica routes; the peer port with everything.
+        Some(peer) => vec![(listener, None), (peer, Some(replica))],
+        None => vec![(listener, Some(replica))],
+    };
+    serve_on(listeners, state, &http.limits, None, shutdown).await
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))
 }
 
-/// Serves until `shutdown`, then drains requests (up to the drain timeout) and checkpoints every
-/// volume.
+/// Serves each listener (with the replica routes where given) until `shutdown`, then drains
+/// requests (up to the drain timeout) and checkpoints every volume.
 async fn serve_on(
-    listener: tokio::net::TcpListener,
+    listeners: Vec<(tokio::net::TcpListener, Option<ReplicaState>)>,
     state: AppState,
-    replica: Option<ReplicaState>,
     limits: &ServerLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
@@ -259,8 +269,14 @@ async fn serve_on(
             }
         }
     });
-    tracing::info!(addr = %listener.local_addr()?, cluster = replica.is_some(), tls = tls.is_some(), "cairn-datanode serving");
-    api::serve::serve(listener, api::router(state, replica), limits, tls, shutdown).await?;
+    let mut served = Vec::new();
+    for (listener, replica) in listeners {
+        let routes = if replica.is_some() { "all" } else { "public" };
+        tracing::info!(addr = %listener.local_addr()?, routes, tls = tls.is_some(), "cairn-datanode serving");
+        let router = api::router(state.clone(), replica);
+        served.push(api::serve::serve(listener, router, limits, tls.clone(), shutdown.clone()));
+    }
+    futures::future::try_join_all(served).await?;
     tokio::task::spawn_blocking(move || store.close()).await?;
     tracing::info!("cairn-datanode stopped");
     Ok(())

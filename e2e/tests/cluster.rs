@@ -1194,3 +1194,49 @@ fn schemathesis_finds_nothing_against_a_cluster_node() {
     let (ok, report) = support::schemathesis(&base, &[node], &["--include-path-regex", "^/replica/"], 40);
     assert!(ok, "the replica API: {report}");
 }
+
+/// `--peer-listen`: the replica routes live on a port of their own (for a NetworkPolicy to keep
+/// to the cluster's datanodes); the blob port has none of them and does not document them; the
+/// nodes register their peer address and replicate, route and read each other through it.
+#[test]
+fn replica_routes_on_a_peer_port_of_their_own() {
+    let etcd = EtcdServer::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut peer_ports = Vec::new();
+    let nodes = started_cluster_with(root.path(), &etcd, 3, 2, |n| {
+        let port = free_port();
+        peer_ports.push(port);
+        n.extra.extend(["--peer-listen".to_owned(), format!("127.0.0.1:{port}")]);
+    });
+    let node_client = support::node_client(&etcd.endpoint(), "default", "c1");
+    let peer = |i: usize, path: &str| format!("http://127.0.0.1:{}{path}", peer_ports[i]);
+    for (i, node) in nodes.iter().enumerate() {
+        let r = node_client.get(node.url("/replica/v1/partitions/0/digest")).send().unwrap();
+        assert_eq!(r.status(), 404, "{}: the blob port has no replica routes", node.id);
+        let r = node_client.get(peer(i, "/replica/v1/partitions/0/digest")).send().unwrap();
+        assert!(r.status() == 200 || r.status() == 421, "{}: {}", node.id, r.status());
+        let documented = |url: String| -> usize {
+            let doc: Value = support::client().get(url).send().unwrap().json().unwrap();
+            doc["paths"].as_object().unwrap().keys().filter(|p| p.starts_with("/replica/")).count()
+        };
+        assert_eq!(documented(node.url("/openapi.json")), 0);
+        assert!(documented(peer(i, "/openapi.json")) >= 8);
+        // Without the node token the peer port's replica routes refuse, as anywhere.
+        let r = Client::new().get(peer(i, "/replica/v1/partitions/0/digest")).send().unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let live = show(&etcd)["live"].clone();
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(live[&node.id]["peer_address"], format!("127.0.0.1:{}", peer_ports[i]), "{live}");
+    }
+    // Writes through any node reach every replica (router → peers, pullers), by the peer ports.
+    let client = support::client();
+    let mut blobs = BTreeMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for j in 0..5 {
+            let data = cairn_testkit::payload((i * 10 + j) as u64, 3000 + j * 1000);
+            blobs.insert(put(&client, node, &data).unwrap(), data);
+        }
+    }
+    assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
+}

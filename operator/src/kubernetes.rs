@@ -22,6 +22,8 @@ use crate::platform::{Applied, PlatformError};
 
 pub const FIELD_MANAGER: &str = "cairn-operator";
 pub const API_PORT: u16 = 7480;
+/// The datanodes' replica port (`--peer-listen`): for the cluster's datanodes only.
+pub const PEER_PORT: u16 = 7481;
 /// The uid and gid datanodes run as (the image's user; not root).
 pub const DATANODE_UID: i64 = 65532;
 
@@ -260,6 +262,55 @@ pub fn label_value(text: &str) -> String {
     }
 }
 
+/// The datanodes' NetworkPolicy: the blob port from `spec.networkPolicy.blobClients` (anyone
+/// when none are named) and the operator; the replica port from the cluster's datanodes only.
+fn network_policy(
+    sc: &StoreCluster,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> k8s_openapi::api::networking::v1::NetworkPolicy {
+    use k8s_openapi::api::networking::v1::{
+        NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let cluster = sc.name_any();
+    let port = |port: u16| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port as i32)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    };
+    let selector =
+        |labels: BTreeMap<String, String>| LabelSelector { match_labels: Some(labels), ..Default::default() };
+    let clients = sc.spec.network_policy.as_ref().map(|n| n.blob_clients.clone()).unwrap_or_default();
+    let blob_from = if clients.is_empty() {
+        None
+    } else {
+        // The operator's Pods, wherever it runs (the chart labels them so).
+        let operator = NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector::default()),
+            pod_selector: Some(selector(BTreeMap::from([
+                ("app.kubernetes.io/part-of".to_string(), "cairn".to_string()),
+                ("app.kubernetes.io/component".to_string(), "operator".to_string()),
+            ]))),
+            ..NetworkPolicyPeer::default()
+        };
+        Some([clients, vec![operator]].concat())
+    };
+    let datanodes = NetworkPolicyPeer { pod_selector: Some(selector(datanode_labels(&cluster))), ..Default::default() };
+    NetworkPolicy {
+        metadata,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(selector(datanode_labels(&cluster))),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule { ports: Some(vec![port(API_PORT)]), from: blob_from },
+                NetworkPolicyIngressRule { ports: Some(vec![port(PEER_PORT)]), from: Some(vec![datanodes]) },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
 /// Annotation of a datanode Pod: the machine it is for, whole (its label may be shortened).
 pub const NODE_ANNOTATION: &str = "cairn.dev/node";
 
@@ -318,17 +369,24 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         }),
         ..Service::default()
     }));
+    let peer_port = ServicePort {
+        name: Some("peer".into()),
+        port: PEER_PORT as i32,
+        target_port: Some(IntOrString::Int(PEER_PORT as i32)),
+        ..ServicePort::default()
+    };
     out.push(erased(&Service {
         metadata: meta(&format!("{cluster}-nodes"), &none),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
             selector: Some(datanode_labels(&cluster)),
-            ports: Some(ports),
+            ports: Some([ports, vec![peer_port]].concat()),
             ..ServiceSpec::default()
         }),
         ..Service::default()
     }));
+    out.push(erased(&network_policy(sc, meta(&cluster, &none))));
     out.push(erased(&PodDisruptionBudget {
         metadata: meta(&cluster, &none),
         // An integer minAvailable: a maxUnavailable on Pods whose owner has no /scale blocks
@@ -385,6 +443,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             disk_agent: cairn_common::agent_api::NODE_SOCKET.into(),
             listen: format!("0.0.0.0:{API_PORT}"),
             advertise: Some(machine.address.clone()),
+            peer_listen: Some(format!("0.0.0.0:{PEER_PORT}")),
             etcd_tls: None,
             extra: Vec::new(),
         };
@@ -416,11 +475,14 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             name: "datanode".into(),
             image: Some(sc.spec.image.clone()),
             args: Some(args),
-            ports: Some(vec![ContainerPort {
-                name: Some("api".into()),
-                container_port: api_port,
-                ..ContainerPort::default()
-            }]),
+            ports: Some(vec![
+                ContainerPort { name: Some("api".into()), container_port: api_port, ..ContainerPort::default() },
+                ContainerPort {
+                    name: Some("peer".into()),
+                    container_port: PEER_PORT as i32,
+                    ..ContainerPort::default()
+                },
+            ]),
             readiness_probe: Some(Probe { http_get: http_get("/readyz"), ..Probe::default() }),
             // Opening large volumes (recovery replays their log tails) may take minutes: liveness
             // only counts once the process has answered once.
@@ -948,6 +1010,33 @@ mod tests {
     /// them restarts every datanode of every cluster on an operator upgrade) and every object.
     /// A change here must be meant; then update the figures.
     #[test]
+    fn the_replica_port_is_for_datanodes_and_the_blob_port_for_the_named_clients() {
+        let sc = |policy: Value| -> StoreCluster {
+            serde_json::from_value(json!({
+                "apiVersion": "cairn.dev/v1alpha1", "kind": "StoreCluster",
+                "metadata": {"name": "c1", "namespace": "store", "uid": "u1"},
+                "spec": {"image": "cairn:1", "volumeSize": "16Gi", "segmentSize": "1Gi",
+                         "etcd": {"endpoints": ["http://etcd:2379"]}, "networkPolicy": policy}}))
+            .unwrap()
+        };
+        let rules = |sc: &StoreCluster| -> Value {
+            serde_json::to_value(network_policy(sc, Default::default()).spec.unwrap()).unwrap()
+        };
+        let open = rules(&sc(json!({})));
+        assert_eq!(open["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "datanode");
+        assert_eq!(open["policyTypes"], json!(["Ingress"]));
+        assert_eq!(open["ingress"][0], json!({"ports": [{"port": 7480, "protocol": "TCP"}]}), "anyone");
+        let peers = &open["ingress"][1];
+        assert_eq!(peers["ports"], json!([{"port": 7481, "protocol": "TCP"}]));
+        assert_eq!(peers["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"], "c1");
+        assert!(peers["from"][0].get("namespaceSelector").is_none(), "the cluster's own namespace only");
+        let named = rules(&sc(json!({"blobClients": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]})));
+        let from = named["ingress"][0]["from"].as_array().unwrap();
+        assert_eq!(from[0]["namespaceSelector"]["matchLabels"]["team"], "apps");
+        assert_eq!(from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "operator", "{from:?}");
+    }
+
+    #[test]
     fn the_applied_objects_are_stable() {
         let sc: StoreCluster = serde_json::from_value(json!({
             "apiVersion": "cairn.dev/v1alpha1", "kind": "StoreCluster",
@@ -977,9 +1066,9 @@ mod tests {
             .filter(|(r, _, _)| r.kind == "Pod")
             .map(|(_, _, body)| body["metadata"]["annotations"][SPEC_HASH].as_str().unwrap())
             .collect();
-        assert_eq!(hashes, ["03188487dd1c999c", "a36b35fcfb0c8af8"]);
+        assert_eq!(hashes, ["363f4e3a27df8559", "bd1866db3cee88e3"]);
         let all: Vec<&Value> = objects.iter().map(|(_, _, body)| body).collect();
-        assert_eq!(spec_hash(&json!(all)), "57e4bfc60d907cc8");
+        assert_eq!(spec_hash(&json!(all)), "4b70ddcb85a0ee8f");
     }
 
     #[test]

@@ -148,6 +148,8 @@ impl LocalPlatform {
             disk_agent: m.agent_socket.display().to_string(),
             listen: format!("127.0.0.1:{}", m.port),
             advertise: None,
+            // On one machine there is nothing for a second port to keep apart.
+            peer_listen: None,
             etcd_tls: None,
             extra: self.extra_args.clone(),
         }

@@ -860,6 +860,7 @@ mod tests {
             let live = cairn_cluster::LiveNode {
                 node: node.into(),
                 address: String::new(),
+                peer_address: None,
                 zone: String::new(),
                 started_ms: 0,
                 free_bytes: Default::default(),

@@ -252,6 +252,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         let live = cairn_cluster::LiveNode {
             node: node.into(),
             address: progress_addr.clone(),
+            peer_address: None,
             zone: String::new(),
             started_ms: 0,
             free_bytes: Default::default(),

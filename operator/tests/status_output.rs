@@ -312,6 +312,7 @@ fn topology_as_the_datanodes_see_it() {
     let live = |id: &str, address: &str| LiveNode {
         node: id.into(),
         address: address.into(),
+        peer_address: None,
         zone: String::new(),
         started_ms: 0,
         free_bytes: BTreeMap::new(),

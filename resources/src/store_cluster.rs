@@ -72,6 +72,10 @@ pub struct StoreClusterSpec {
     /// docs/security.md) or `None` (anyone who can reach a datanode: a playground only).
     #[serde(default)]
     pub auth: ClusterAuth,
+    /// The datanodes' NetworkPolicy (the operator makes one per cluster): who may reach the blob
+    /// API. The replica port is for the cluster's datanodes only, whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
     /// Namespaces besides the cluster's own whose StoreAccessKeys may make keys to it (never
     /// `admin` keys): where its applications run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -171,6 +175,16 @@ pub struct DiskSelectorSpec {
     /// Smallest disk to use, e.g. 100Gi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_size: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Who may reach the blob API (port 7480), as NetworkPolicy peers (pod and namespace
+    /// selectors, IP blocks). Empty (the default): anyone. The operator's own Pods are always
+    /// let in (it reads the datanodes' admin routes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blob_clients: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

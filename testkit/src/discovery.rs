@@ -60,6 +60,7 @@ pub fn builtin() -> Vec<Resource> {
         r("apps/v1", "statefulsets", "StatefulSet", true, &["sts"], &["status", "scale"]),
         r("apps/v1", "replicasets", "ReplicaSet", true, &["rs"], &["status", "scale"]),
         r("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget", true, &["pdb"], &["status"]),
+        r("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy", true, &["netpol"], &[]),
         r("coordination.k8s.io/v1", "leases", "Lease", true, &[], &[]),
         r("events.k8s.io/v1", "events", "Event", true, &["ev"], &[]),
         r("scheduling.k8s.io/v1", "priorityclasses", "PriorityClass", false, &["pc"], &[]),

@@ -195,6 +195,9 @@ rules:
   - apiGroups: [policy]
     resources: [poddisruptionbudgets]
     verbs: [get, list, watch]
+  - apiGroups: [networking.k8s.io]
+    resources: [networkpolicies]
+    verbs: [get, list, watch]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
@@ -222,6 +225,9 @@ rules:
     verbs: [create, delete, deletecollection, patch, update]
   - apiGroups: [policy]
     resources: [poddisruptionbudgets]
+    verbs: [create, delete, deletecollection, patch, update]
+  - apiGroups: [networking.k8s.io]
+    resources: [networkpolicies]
     verbs: [create, delete, deletecollection, patch, update]
 ---
 apiVersion: rbac.authorization.k8s.io/v1

@@ -41,6 +41,8 @@ pub struct AppState {
     pub front: Front,
     /// Who may call which route ([`auth::authorize`]).
     pub auth: Arc<auth::Auth>,
+    /// Whether this listener serves the replica routes (set by [`router`]).
+    pub serves_replica_routes: bool,
 }
 
 impl AppState {
@@ -149,7 +151,8 @@ impl utoipa::Modify for SecuritySchemes {
 }
 
 /// The node's routes: the public API, and in a cluster the replica API (`replica`).
-pub fn router(state: AppState, replica: Option<replica::ReplicaState>) -> Router {
+pub fn router(mut state: AppState, replica: Option<replica::ReplicaState>) -> Router {
+    state.serves_replica_routes = replica.is_some();
     let replica_routes = replica.map(replica::routes).unwrap_or_default();
     Router::new()
         .route("/v1/blobs", post(blobs::put_blob))
@@ -335,7 +338,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", security((), ("bearer" = []), ("node_token" = [])), responses((status = 200, description = "OpenAPI 3.1 document")))]
 async fn openapi_json(State(state): State<AppState>) -> Json<utoipa::openapi::OpenApi> {
     let mut doc = ApiDoc::openapi();
-    if matches!(state.front, Front::Standalone(_)) {
+    if !state.serves_replica_routes {
         doc.paths.paths.retain(|path, _| !path.starts_with("/replica/"));
     }
     Json(doc)

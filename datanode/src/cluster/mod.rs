@@ -70,6 +70,10 @@ pub struct ClusterOptions {
     pub zone: String,
     /// host:port other datanodes and clients use to reach this node.
     pub advertise: String,
+    /// Where the replica routes are served apart from the blob API (`--peer-listen`), and the
+    /// host:port peers reach it at.
+    pub peer_listen: Option<std::net::SocketAddr>,
+    pub peer_advertise: Option<String>,
     pub volumes: VolumeSource,
     /// Timeout of one request to another datanode.
     pub peer_timeout: Duration,
@@ -172,6 +176,7 @@ impl Cluster {
         let live = LiveNode {
             node: cluster.options.node_id.clone(),
             address: cluster.options.advertise.clone(),
+            peer_address: cluster.options.peer_advertise.clone(),
             zone: cluster.options.zone.clone(),
             started_ms: now_ms(),
             free_bytes: BTreeMap::new(),
@@ -286,6 +291,12 @@ impl Cluster {
             .get(node)
             .map(|l| l.address.clone())
             .or_else(|| snapshot.topology.nodes.get(node).map(|n| n.address.clone()))
+    }
+
+    /// Where a node's peers call it (replica routes, and reads of its own replica): its peer
+    /// port when it registered one, else [`Cluster::address_of`].
+    pub fn peer_address_of(snapshot: &Snapshot, node: &str) -> Option<String> {
+        snapshot.live.get(node).and_then(|l| l.peer_address.clone()).or_else(|| Self::address_of(snapshot, node))
     }
 
     /// Opens the volumes of the replicas assigned here, closes those no longer assigned (their

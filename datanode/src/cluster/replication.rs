@@ -190,19 +190,19 @@ pub async fn pull_peer(cluster: Arc<Cluster>, peer: String, cancel: Cancellation
         replicas.borrow_and_update();
         sync_partitions(&cluster, &peer, &mut parts).await;
         let snapshot = cluster.snapshot();
-        let address = match (parts.is_empty(), snapshot.live.contains_key(&peer), Cluster::address_of(&snapshot, &peer))
-        {
-            (false, true, Some(address)) => Some(address),
-            (false, live, _) => {
-                let why = if live { format!("no address for {peer}") } else { format!("peer {peer} is not live") };
-                for part in parts.values_mut() {
-                    part.status.last_error = Some(why.clone());
-                    part.publish(&cluster.replication, &cancel);
+        let address =
+            match (parts.is_empty(), snapshot.live.contains_key(&peer), Cluster::peer_address_of(&snapshot, &peer)) {
+                (false, true, Some(address)) => Some(address),
+                (false, live, _) => {
+                    let why = if live { format!("no address for {peer}") } else { format!("peer {peer} is not live") };
+                    for part in parts.values_mut() {
+                        part.status.last_error = Some(why.clone());
+                        part.publish(&cluster.replication, &cancel);
+                    }
+                    None
                 }
-                None
-            }
-            (true, ..) => None,
-        };
+                (true, ..) => None,
+            };
         let Some(address) = address else {
             // Nothing to pull now: until the topology or this node's replicas change.
             tokio::select! {

@@ -238,7 +238,7 @@ impl Cluster {
         if !snapshot.live.contains_key(node) {
             return Outcome::Failed(format!("{node} is not live"));
         }
-        let Some(address) = Cluster::address_of(&snapshot, node) else {
+        let Some(address) = Cluster::peer_address_of(&snapshot, node) else {
             return Outcome::Failed(format!("no address for {node}"));
         };
         let request = match &op {
@@ -334,7 +334,7 @@ impl Cluster {
 
     async fn send_batch(&self, node: &str, batch: Vec<QueuedPut>) {
         let snapshot = self.snapshot();
-        let address = match (snapshot.live.contains_key(node), Cluster::address_of(&snapshot, node)) {
+        let address = match (snapshot.live.contains_key(node), Cluster::peer_address_of(&snapshot, node)) {
             (true, Some(address)) => address,
             (live, _) => {
                 let why = if live { format!("no address for {node}") } else { format!("{node} is not live") };
@@ -457,7 +457,7 @@ impl Cluster {
         let mut not_found = 0;
         let mut failures = Vec::new();
         for peer in peers {
-            let Some(address) = Cluster::address_of(&snapshot, peer) else { continue };
+            let Some(address) = Cluster::peer_address_of(&snapshot, peer) else { continue };
             let mut request = with_request_id(
                 self.http.request(method.clone(), format!("http://{address}/v1/blobs/{id}{suffix}?local=true")),
             );
@@ -593,6 +593,7 @@ mod tests {
             let node = LiveNode {
                 node: n.to_string(),
                 address: String::new(),
+                peer_address: None,
                 zone: String::new(),
                 started_ms: 0,
                 free_bytes: free.iter().copied().collect(),
