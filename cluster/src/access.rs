@@ -22,8 +22,11 @@ use subtle::ConstantTimeEq;
 /// this one on).
 pub const NODE_TOKEN_HEADER: &str = "x-cairn-node-token";
 
-/// The stored record's format (absent = 1; a newer one is refused, not misread).
-pub const KEY_FORMAT: u32 = 1;
+/// The stored record's format (absent = 1; a newer one is refused, not misread). A key limited to
+/// some partitions is written as format 2, so that a datanode that does not know the limit
+/// refuses the key instead of granting it everywhere; other keys stay format 1.
+pub const KEY_FORMAT: u32 = 2;
+const KEY_FORMAT_UNLIMITED: u32 = 1;
 /// Key ids: `CK` and 18 characters of `A-Z0-9`.
 pub const ID_PREFIX: &str = "CK";
 const ID_LEN: usize = 20;
@@ -46,6 +49,10 @@ pub struct AccessKey {
     /// SHA-256 of the secret, hex.
     pub secret_sha256: String,
     pub created_ms: u64,
+    /// The partitions whose blobs the key may touch (and where its new blobs go); `None`: all.
+    /// Admin routes ignore it: an admin key limited to partitions is still an admin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<BTreeSet<u32>>,
 }
 
 fn format_one() -> u32 {
@@ -113,6 +120,8 @@ impl fmt::Debug for Secret {
 pub enum AccessError {
     #[error("a key needs at least one scope (read, write, delete, admin)")]
     NoScope,
+    #[error("a key limited to partitions needs at least one")]
+    NoPartition,
     #[error("a key's name must be 1 to {MAX_NAME_LEN} printable characters")]
     BadName,
     #[error("key format {0} is newer than this build understands")]
@@ -145,12 +154,13 @@ impl AccessKey {
         }
         let (id, Secret(secret)) = new_credentials();
         let key = AccessKey {
-            format: KEY_FORMAT,
+            format: KEY_FORMAT_UNLIMITED,
             id,
             name: name.to_owned(),
             scopes,
             secret_sha256: hash_secret(&secret),
             created_ms,
+            partitions: None,
         };
         Ok((key, Secret(secret)))
     }
@@ -163,13 +173,29 @@ impl AccessKey {
             return Err(AccessError::BadToken);
         }
         Ok(AccessKey {
-            format: KEY_FORMAT,
+            format: KEY_FORMAT_UNLIMITED,
             id: id.to_owned(),
             name: name.to_owned(),
             scopes,
             secret_sha256: hash_secret(secret),
             created_ms: 0,
+            partitions: None,
         })
+    }
+
+    /// The key limited to `partitions` (`None`: all), with the record format that says so.
+    pub fn limited_to(mut self, partitions: Option<BTreeSet<u32>>) -> Result<AccessKey, AccessError> {
+        if partitions.as_ref().is_some_and(BTreeSet::is_empty) {
+            return Err(AccessError::NoPartition);
+        }
+        self.format = if partitions.is_some() { KEY_FORMAT } else { KEY_FORMAT_UNLIMITED };
+        self.partitions = partitions;
+        Ok(self)
+    }
+
+    /// Whether the key may touch blobs of `partition`.
+    pub fn reaches(&self, partition: u32) -> bool {
+        self.partitions.as_ref().is_none_or(|p| p.contains(&partition))
     }
 
     /// A stored record, checked: a newer format or a foreign id is refused.
@@ -309,10 +335,24 @@ mod tests {
     }
 
     #[test]
+    fn a_key_limited_to_partitions_is_a_record_older_builds_refuse() {
+        let (key, _) = AccessKey::generate("t", scopes(&[Scope::Read]), 0).unwrap();
+        assert_eq!(key.format, 1);
+        assert!(key.reaches(7));
+        let limited = key.clone().limited_to(Some([1, 2].into())).unwrap();
+        assert_eq!(limited.format, 2, "a build that knows no reach refuses format 2");
+        assert!(limited.reaches(2) && !limited.reaches(3));
+        let text = serde_json::to_vec(&limited).unwrap();
+        assert_eq!(AccessKey::decode(&text).unwrap(), limited);
+        assert_eq!(key.clone().limited_to(Some(BTreeSet::new())).unwrap_err(), AccessError::NoPartition);
+        assert!(!String::from_utf8(serde_json::to_vec(&key).unwrap()).unwrap().contains("partitions"));
+    }
+
+    #[test]
     fn a_record_of_a_newer_format_is_refused() {
         let (key, _) = AccessKey::generate("app", scopes(&[Scope::Read]), 1).unwrap();
         let mut value = serde_json::to_value(&key).unwrap();
-        value["format"] = 2.into();
+        value["format"] = (KEY_FORMAT + 1).into();
         assert!(AccessKey::decode(value.to_string().as_bytes()).unwrap_err().contains("newer"));
         value["format"] = 1.into();
         value["id"] = "../../config".into();

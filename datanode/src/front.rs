@@ -41,20 +41,26 @@ impl Front {
         self.cluster().and_then(|c| c.config()).map(|c| c.max_blob_bytes()).unwrap_or(standalone)
     }
 
-    /// Stores a new blob durably (at write quorum in a cluster); its id.
+    /// Stores a new blob durably (at write quorum in a cluster), in one of the `reach` partitions
+    /// when given (a key limited to them); its id.
     pub async fn put(
         &self,
         meta: BlobMeta,
         payload: Bytes,
         created_ms: u64,
         expiry_ms: Option<u64>,
+        reach: Option<&std::collections::BTreeSet<u32>>,
     ) -> Result<BlobId, FrontError> {
         let store = match self {
-            Front::Cluster(cluster) => return Ok(cluster.put(meta, payload, created_ms, expiry_ms).await?),
+            Front::Cluster(cluster) => return Ok(cluster.put(meta, payload, created_ms, expiry_ms, reach).await?),
             Front::Standalone(store) => store,
         };
-        // A volume without room for this blob (or stalled) does not stop the others taking it.
-        let mut tried = Vec::new();
+        // A volume without room for this blob (or stalled) does not stop the others taking it;
+        // the partitions out of reach are as if tried.
+        let mut tried: Vec<u32> = match reach {
+            Some(reach) => store.volumes().iter().map(|v| v.partition()).filter(|p| !reach.contains(p)).collect(),
+            None => Vec::new(),
+        };
         let mut last_refusal = None;
         loop {
             let volume = match (store.pick_for_put(&tried), last_refusal) {

@@ -1061,8 +1061,13 @@ fn a_replica_away_while_its_partition_filled_takes_everything_it_missed() {
 
 /// A key made with `cairn keys create`: its token.
 fn create_key(etcd: &EtcdServer, name: &str, scopes: &str) -> String {
+    create_key_with(etcd, name, scopes, &[])
+}
+
+fn create_key_with(etcd: &EtcdServer, name: &str, scopes: &str, more: &[&str]) -> String {
     let out = Command::new(binary("cairn"))
         .args(["keys", "create", "--etcd", &etcd.endpoint(), "--cluster", "c1", "--name", name, "--scope", scopes])
+        .args(more)
         .args(["-o", "json"])
         .output()
         .unwrap();
@@ -1239,4 +1244,53 @@ fn replica_routes_on_a_peer_port_of_their_own() {
         }
     }
     assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
+}
+
+/// A key limited to some partitions: its new blobs go there, and it reaches no blob elsewhere
+/// (403 on read, delete and TTL); `cairn keys list` says its reach.
+#[test]
+fn a_key_limited_to_partitions_reaches_only_them() {
+    let etcd = EtcdServer::start();
+    let root = tempfile::tempdir().unwrap();
+    let nodes = started_cluster(root.path(), &etcd, 3, 4);
+    let admin = support::client();
+    let mut elsewhere = Vec::new();
+    for i in 0..40 {
+        let id = put(&admin, &nodes[i % 3], &cairn_testkit::payload(i as u64, 100)).unwrap();
+        if !id.parse::<cairn_common::BlobId>().unwrap().partition().is_multiple_of(2) {
+            elsewhere.push(id);
+        }
+    }
+    assert!(!elsewhere.is_empty(), "blobs were spread over the partitions");
+    let token = create_key_with(&etcd, "tenant", "read,write,delete", &["--partition", "0,2"]);
+    let tenant = with_token(&token);
+    let mut mine = Vec::new();
+    for i in 0..20 {
+        let id = put(&tenant, &nodes[i % 3], b"tenant's").unwrap();
+        let partition = id.parse::<cairn_common::BlobId>().unwrap().partition();
+        assert!(partition == 0 || partition == 2, "a new blob of the key went to partition {partition}");
+        mine.push(id);
+    }
+    for id in &mine {
+        assert_eq!(tenant.get(nodes[1].url(&format!("/v1/blobs/{id}"))).send().unwrap().status(), 200);
+    }
+    let other = &elsewhere[0];
+    for (method, path, body) in [
+        (reqwest::Method::GET, format!("/v1/blobs/{other}"), ""),
+        (reqwest::Method::HEAD, format!("/v1/blobs/{other}"), ""),
+        (reqwest::Method::GET, format!("/v1/blobs/{other}/info"), ""),
+        (reqwest::Method::DELETE, format!("/v1/blobs/{other}"), ""),
+        (reqwest::Method::PUT, format!("/v1/blobs/{other}/ttl"), "{\"ttl_seconds\": 60}"),
+    ] {
+        let r = tenant.request(method.clone(), nodes[0].url(&path)).body(body).send().unwrap();
+        assert_eq!(r.status(), 403, "{method} {path}");
+    }
+    assert_eq!(admin.get(nodes[0].url(&format!("/v1/blobs/{other}"))).send().unwrap().status(), 200, "untouched");
+    assert_eq!(tenant.delete(nodes[2].url(&format!("/v1/blobs/{}", mine[0]))).send().unwrap().status(), 204);
+    let out = Command::new(binary("cairn"))
+        .args(["keys", "list", "--etcd", &etcd.endpoint(), "--cluster", "c1"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("REACH") && list.contains("partitions 0,2") && list.contains("every partition"), "{list}");
 }

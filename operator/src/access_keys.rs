@@ -183,7 +183,9 @@ async fn ensure(
         Err(e) => return etcd(e),
     };
     let name = record_name(&own, &key.name_any());
-    let mut desired = match AccessKey::from_parts(&id, secret.expose(), &name, scopes) {
+    let reach = key.spec.partitions.as_ref().map(|p| p.iter().copied().collect());
+    let mut desired = match AccessKey::from_parts(&id, secret.expose(), &name, scopes).and_then(|k| k.limited_to(reach))
+    {
         Ok(desired) => desired,
         Err(e) => return Ok(Err(("InvalidSpec", e.to_string()))),
     };

@@ -1084,6 +1084,16 @@ async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
     apply("apps", "uploader", &["read"], json!({})).await.unwrap();
     pass("apps", "uploader").await;
     assert_eq!(scopes(&store.get_key(&id).await.unwrap().unwrap()), ["read"]);
+    // A reach limited to partitions is written as a format-2 record (an older datanode refuses
+    // it rather than granting it everywhere).
+    apply("apps", "uploader", &["read"], json!({"partitions": [3, 1]})).await.unwrap();
+    pass("apps", "uploader").await;
+    let limited = store.get_key(&id).await.unwrap().unwrap();
+    assert_eq!((limited.format, limited.partitions.clone()), (2, Some([1, 3].into())));
+    apply("apps", "uploader", &["read"], json!({})).await.unwrap();
+    pass("apps", "uploader").await;
+    let unlimited = store.get_key(&id).await.unwrap().unwrap();
+    assert_eq!((unlimited.format, unlimited.partitions), (1, None));
     assert_eq!(field(&secrets("apps").get("uploader").await.unwrap(), SECRET_KEY_ID), id);
 
     // Rotation: the Secret deleted, a new key made and the old one revoked.

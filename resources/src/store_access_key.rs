@@ -34,6 +34,11 @@ pub struct StoreAccessKeySpec {
     /// What the key may do: read, write, delete, admin (everything).
     #[schemars(length(min = 1, max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub scopes: Vec<Scope>,
+    /// Limit the key to the blobs of these partitions (its new blobs go there); default: every
+    /// partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096), extend("x-kubernetes-list-type" = "set"))]
+    pub partitions: Option<Vec<u32>>,
     /// The Secret the operator writes (keys CAIRN_KEY_ID, CAIRN_KEY_SECRET, CAIRN_TOKEN,
     /// CAIRN_ENDPOINT); default: the StoreAccessKey's name. It must not exist already unless
     /// this key made it.

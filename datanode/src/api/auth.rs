@@ -19,7 +19,7 @@
 //! answer tells nothing about which ids do); past either budget, failures answer 429 instead of
 //! 401 until it refills — guessing one key's secret from many addresses is as slow as from one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,7 +198,7 @@ fn credentials<'a>(state: &'a AppState) -> Credentials<'a> {
 }
 
 /// The middleware: lets the request through, or answers 401, 403 or 429.
-pub async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn authorize(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let need = state.auth.need(request.method(), route.as_deref());
     if need == Need::Nothing {
@@ -208,9 +208,15 @@ pub async fn authorize(State(state): State<AppState>, request: Request, next: Ne
         // A header that is not text is no credential (never an empty one).
         let text = |name| request.headers().get(name).map(|v: &HeaderValue| v.to_str().unwrap_or("\u{0}"));
         check(&credentials(&state), need, text(NODE_TOKEN_HEADER), text(header::AUTHORIZATION.as_str()))
+            .and_then(|limit| within(limit, need, route.as_deref(), request.uri().path()))
     };
     let refusal = match verdict {
-        Ok(()) => return next.run(request).await,
+        Ok(limit) => {
+            if let Some(limit) = limit {
+                request.extensions_mut().insert(PartitionLimit(Arc::new(limit)));
+            }
+            return next.run(request).await;
+        }
         Err(refusal) => refusal,
     };
     // A refusal leaves the body unread: the connection cannot carry another request.
@@ -290,11 +296,11 @@ fn check(
     need: Need,
     node: Option<&str>,
     authorization: Option<&str>,
-) -> Result<(), Refusal> {
+) -> Result<Option<BTreeSet<u32>>, Refusal> {
     if need == Need::NodeToken {
         // Replica routes look at nothing else; an anonymous caller learns nothing from them.
         return match node {
-            Some(token) if valid_node_token(credentials, token) => Ok(()),
+            Some(token) if valid_node_token(credentials, token) => Ok(None),
             Some(_) => Err(Refusal::Invalid("not a datanode of this cluster".into(), None)),
             None => Err(Refusal::Missing("not a datanode of this cluster".into())),
         };
@@ -302,17 +308,17 @@ fn check(
     if let Some(token) = node {
         return match (valid_node_token(credentials, token), need) {
             (false, _) => Err(Refusal::Invalid("the node token is not this cluster's".into(), None)),
-            (true, Need::AdminOrNode | Need::AnyKey | Need::Key(Scope::Read)) => Ok(()),
+            (true, Need::AdminOrNode | Need::AnyKey | Need::Key(Scope::Read)) => Ok(None),
             // Not a credential for this route at all: unauthenticated, as without one.
             (true, Need::Key(_)) => Err(Refusal::Missing(
                 "this route takes an access key: the node token is for replica, admin and read routes only".into(),
             )),
-            (true, Need::Nothing | Need::NodeToken) => Ok(()),
+            (true, Need::Nothing | Need::NodeToken) => Ok(None),
         };
     }
     let Some(authorization) = authorization else {
         return match need {
-            Need::Key(_) | Need::AnyKey if credentials.mode == AuthMode::None => Ok(()),
+            Need::Key(_) | Need::AnyKey if credentials.mode == AuthMode::None => Ok(None),
             _ => Err(Refusal::Missing("this route needs credentials: Authorization: Bearer <key id>.<secret>".into())),
         };
     };
@@ -334,12 +340,39 @@ fn check(
     let scope = match need {
         Need::Key(scope) => scope,
         Need::AdminOrNode => Scope::Admin,
-        Need::AnyKey | Need::Nothing | Need::NodeToken => return Ok(()),
+        Need::AnyKey | Need::Nothing | Need::NodeToken => return Ok(None),
     };
     if key.allows(scope) {
-        Ok(())
+        // The blob routes honour a key's partitions; the admin routes are an admin's anyway.
+        Ok(if matches!(need, Need::Key(_)) { key.partitions.clone() } else { None })
     } else {
         Err(Refusal::Forbidden(format!("key {} has no {scope} scope", key.id), scope))
+    }
+}
+
+/// The partitions a key limited to some may put new blobs in (an extension of its requests).
+#[derive(Debug, Clone)]
+pub struct PartitionLimit(pub Arc<BTreeSet<u32>>);
+
+/// A key limited to some partitions, on a route naming a blob: the blob must be in one of them
+/// (an id that does not parse is left to the handler's 400).
+fn within(
+    limit: Option<BTreeSet<u32>>,
+    need: Need,
+    route: Option<&str>,
+    path: &str,
+) -> Result<Option<BTreeSet<u32>>, Refusal> {
+    let (Some(partitions), Need::Key(scope)) = (&limit, need) else { return Ok(limit) };
+    if !route.is_some_and(|r| r.starts_with("/v1/blobs/{id}")) {
+        return Ok(limit);
+    }
+    let id = path.strip_prefix("/v1/blobs/").and_then(|rest| rest.split('/').next()).unwrap_or_default();
+    match id.parse::<cairn_common::BlobId>() {
+        Ok(id) if !partitions.contains(&id.partition()) => Err(Refusal::Forbidden(
+            format!("the key reaches partitions {partitions:?} only; this blob is in partition {}", id.partition()),
+            scope,
+        )),
+        _ => Ok(limit),
     }
 }
 

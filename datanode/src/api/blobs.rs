@@ -101,13 +101,19 @@ fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>
         (status = 503, description = "Volume failed, or busy (Retry-After)", body = ErrorBody),
         (status = 507, description = "No room", body = ErrorBody),
     ))]
-pub async fn put_blob(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn put_blob(
+    State(state): State<AppState>,
+    limit: Option<axum::Extension<super::auth::PartitionLimit>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let (meta, ttl) = parse_put_headers(&headers)?;
     let payload = state.uploads.read(&headers, body, state.max_blob_bytes()).await?;
     let created_ms = now_ms();
     let expiry_ms = ttl.map(|t| created_ms + t * 1000);
     let size = payload.len() as u64;
-    let blob_id = state.front.put(meta, payload, created_ms, expiry_ms).await?;
+    let reach = limit.as_ref().map(|l| l.0 .0.as_ref());
+    let blob_id = state.front.put(meta, payload, created_ms, expiry_ms, reach).await?;
     state.metrics.bytes.get_or_create(&DirectionLabels { direction: "in" }).inc_by(size);
     let body = PutResponse {
         id: blob_id.to_string(),

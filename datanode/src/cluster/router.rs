@@ -77,11 +77,16 @@ impl Cluster {
         payload: Bytes,
         created_ms: u64,
         expiry_ms: Option<u64>,
+        reach: Option<&std::collections::BTreeSet<u32>>,
     ) -> Result<BlobId, RouteError> {
         let snapshot = self.snapshot();
         let config =
             snapshot.topology.config.clone().ok_or_else(|| RouteError::NoQuorum("no cluster config".into()))?;
-        let mut excluded = Vec::new();
+        // A key limited to some partitions puts its blobs there only.
+        let mut excluded: Vec<u32> = match reach {
+            Some(reach) => snapshot.topology.partitions.keys().filter(|p| !reach.contains(p)).copied().collect(),
+            None => Vec::new(),
+        };
         let mut last_error = None;
         for _ in 0..3 {
             let Some(partition) = pick_partition(&snapshot, &config, self.node_id(), &excluded, &self.write_affinity)
@@ -97,6 +102,11 @@ impl Cluster {
                     last_error = Some(e);
                 }
             }
+        }
+        if let (None, Some(reach)) = (&last_error, reach) {
+            return Err(RouteError::NoQuorum(format!(
+                "none of the key's partitions {reach:?} is writable with a quorum of live replicas"
+            )));
         }
         Err(last_error.unwrap_or_else(|| {
             // Say why, in the terms that help: no room is not a lack of quorum.

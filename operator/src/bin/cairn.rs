@@ -181,6 +181,10 @@ enum KeysCommand {
         /// What it may do, comma-separated: read, write, delete, admin (everything).
         #[arg(long, value_delimiter = ',', required = true)]
         scope: Vec<cairn_cluster::access::Scope>,
+        /// Limit the key to the blobs of these partitions (comma-separated, or repeated); its new
+        /// blobs go there. Default: every partition.
+        #[arg(long = "partition", value_name = "N", value_delimiter = ',')]
+        partitions: Vec<u32>,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -357,22 +361,26 @@ async fn watch(selection: &Selection, timeout: Option<u64>) -> anyhow::Result<Ex
 async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
     use cairn_cluster::access::{self, AccessKey};
     match command {
-        KeysCommand::Create { target, name, scope, output } => {
+        KeysCommand::Create { target, name, scope, partitions, output } => {
             let (store, _) = target.store().await?;
             let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
             let (key, secret) = AccessKey::generate(&name, scope.into_iter().collect(), now_ms)?;
+            let reach = (!partitions.is_empty()).then(|| partitions.into_iter().collect());
+            let key = key.limited_to(reach)?;
             anyhow::ensure!(store.create_key(&key).await?, "key id {} is taken: try again", key.id);
             let token = access::token(&key.id, &secret);
             let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
             let value = serde_json::json!({
-                "id": key.id, "name": key.name, "scopes": scopes, "secret": secret.expose(), "token": token,
+                "id": key.id, "name": key.name, "scopes": scopes, "partitions": key.partitions,
+                "secret": secret.expose(), "token": token,
             });
             print(output, &value, || {
                 format!(
-                    "key {} ({}) made, scopes {}.\nIts secret is shown this once; send it as\n  Authorization: Bearer {token}\n",
+                    "key {} ({}) made, scopes {}, {}.\nIts secret is shown this once; send it as\n  Authorization: Bearer {token}\n",
                     key.id,
                     key.name,
-                    scopes.join(",")
+                    scopes.join(","),
+                    reach_text(&key)
                 )
             })?;
             Ok(ExitCode::SUCCESS)
@@ -382,15 +390,16 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             let keys: Vec<&AccessKey> = snapshot.keys.values().collect();
             let value: Vec<serde_json::Value> = keys
                 .iter()
-                .map(
-                    |k| serde_json::json!({"id": k.id, "name": k.name, "scopes": k.scopes, "created_ms": k.created_ms}),
-                )
+                .map(|k| {
+                    serde_json::json!({"id": k.id, "name": k.name, "scopes": k.scopes, "partitions": k.partitions,
+                                       "created_ms": k.created_ms})
+                })
                 .collect();
             print(output, &value, || {
-                let mut rows = vec![vec!["ID".to_string(), "NAME".into(), "SCOPES".into()]];
+                let mut rows = vec![vec!["ID".to_string(), "NAME".into(), "SCOPES".into(), "REACH".into()]];
                 for k in &keys {
                     let scopes: Vec<&str> = k.scopes.iter().map(|s| s.as_str()).collect();
-                    rows.push(vec![k.id.clone(), k.name.clone(), scopes.join(",")]);
+                    rows.push(vec![k.id.clone(), k.name.clone(), scopes.join(","), reach_text(k)]);
                 }
                 let mut out = String::new();
                 cairn_common::text::table(&mut out, &rows);
@@ -413,6 +422,14 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// "every partition", or "partitions 1,2".
+fn reach_text(key: &cairn_cluster::access::AccessKey) -> String {
+    match &key.partitions {
+        None => "every partition".into(),
+        Some(p) => format!("partitions {}", p.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
     }
 }
 
