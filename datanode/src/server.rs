@@ -185,7 +185,12 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         tracing::warn!("--auth none: anyone who can reach this node may read, write and delete blobs");
     }
     let tls = match &options.http.tls {
-        Some((cert, key)) => Some(crate::api::serve::tls_acceptor(cert, key)?),
+        Some((cert, key)) => {
+            let (acceptor, files) = crate::api::serve::tls_acceptor(cert, key)?;
+            // A rotated certificate (new files in place) is served within seconds, no restart.
+            tokio::spawn(files.watch(std::time::Duration::from_secs(2), shutdown.clone()));
+            Some(acceptor)
+        }
         None => None,
     };
     let listener = bind(options.listen).await?;

@@ -51,15 +51,82 @@ async fn serve_connection<IO, S>(
     }
 }
 
-/// A TLS acceptor from PEM files: the certificate chain (leaf first) and its private key.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect())
-        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
-    anyhow::ensure!(!chain.is_empty(), "--tls-cert {}: no certificate in it", cert.display());
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+/// The certificate a TLS listener presents, read again from its files when they change
+/// ([`CertificateFiles::watch`]): a rotated certificate is served to new connections within
+/// seconds, while connections already open go on with theirs.
+#[derive(Debug)]
+pub struct CertificateFiles {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    current: std::sync::RwLock<(Vec<u8>, Arc<rustls::sign::CertifiedKey>)>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl CertificateFiles {
+    /// The files' contents (what a change is noticed by) and the certificate they make.
+    fn load(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> anyhow::Result<(Vec<u8>, Arc<rustls::sign::CertifiedKey>)> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let cert_pem = std::fs::read(cert).map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
+        let key_pem = std::fs::read(key).map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
+        anyhow::ensure!(!chain.is_empty(), "--tls-cert {}: no certificate in it", cert.display());
+        let private =
+            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+        let signing = provider
+            .key_provider
+            .load_private_key(private)
+            .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+        let certified = rustls::sign::CertifiedKey::new(chain, signing);
+        certified.keys_match().map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?;
+        Ok(([cert_pem, key_pem].concat(), Arc::new(certified)))
+    }
+
+    /// Reads the files again every `every` until `shutdown`; a pair that does not load (say,
+    /// half written) is logged and the previous certificate kept.
+    pub async fn watch(self: Arc<Self>, every: std::time::Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let (cert, key, provider) = (self.cert.clone(), self.key.clone(), self.provider.clone());
+            let loaded = tokio::task::spawn_blocking(move || Self::load(&cert, &key, &provider)).await;
+            match loaded {
+                Ok(Ok((bytes, certified))) => {
+                    let mut current = self.current.write().expect("certificate lock");
+                    if current.0 != bytes {
+                        *current = (bytes, certified);
+                        tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "TLS certificate files changed and do not load; serving the previous one")
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the TLS certificate failed"),
+            }
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertificateFiles {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().expect("certificate lock").1.clone())
+    }
+}
+
+/// A TLS acceptor presenting the certificate in `cert` and `key` (PEM), and those files, to
+/// [`CertificateFiles::watch`].
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<(tokio_rustls::TlsAcceptor, Arc<CertificateFiles>)> {
     // AES-128-GCM first, and the server's order over the client's: on a blob store's large
     // bodies it encrypts markedly faster than AES-256-GCM (clients usually offer that first).
     let mut provider = rustls::crypto::ring::default_provider();
@@ -69,14 +136,21 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
         | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 1,
         _ => 2,
     });
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+    let provider = Arc::new(provider);
+    let current = CertificateFiles::load(cert, key, &provider)?;
+    let files = Arc::new(CertificateFiles {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        current: std::sync::RwLock::new(current),
+        provider: provider.clone(),
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key: {e}"))?;
+        .with_cert_resolver(files.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.ignore_client_order = true;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), files))
 }
 
 /// Limits of the HTTP server.
