@@ -8,11 +8,13 @@
 //! - [`admin`]: what the datanode's admin API answers the operator and `cairn`.
 //! - [`datanode_command`]: the datanode's command line, built one way by every platform.
 //! - [`replica`]: what datanodes send each other (the replica API's wire types, versioned).
+//! - [`peer_tls`]: the cluster CA and the node certificates of mutual TLS between datanodes.
 
 pub mod access;
 pub mod admin;
 pub mod datanode_command;
 pub mod etcd;
+pub mod peer_tls;
 pub mod planner;
 pub mod replica;
 pub mod topology;

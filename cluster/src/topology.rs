@@ -194,6 +194,9 @@ pub struct LiveNode {
     /// (`--peer-listen`); otherwise at `address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_address: Option<String>,
+    /// Whether the peer port speaks mutual TLS (`https://`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub peer_tls: bool,
     #[serde(default)]
     pub zone: String,
     pub started_ms: u64,

@@ -59,6 +59,7 @@ async fn topology_registration_and_watch_survive_an_etcd_restart() {
         node: "n0".into(),
         address: "127.0.0.1:7000".into(),
         peer_address: None,
+        peer_tls: false,
         zone: "z0".into(),
         started_ms: 1,
         free_bytes: Default::default(),

@@ -9,7 +9,8 @@
 //! - [`api`]: HTTP: the public blob API, the replica API between datanodes, errors → statuses.
 //! - [`server`]: runs a node.
 //!
-//! [`metrics`] and [`request`] (the id that follows a request across nodes) are beside them all.
+//! [`metrics`], [`request`] (the id that follows a request across nodes) and [`tls`] (certificate
+//! files, reloaded) are beside them all.
 
 pub mod api;
 pub mod cluster;
@@ -19,3 +20,4 @@ pub mod metrics;
 pub mod request;
 pub mod server;
 pub mod store;
+pub mod tls;

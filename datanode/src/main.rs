@@ -46,6 +46,15 @@ struct Args {
     /// host:port peers reach --peer-listen at (default: --advertise's host and --peer-listen's port).
     #[arg(long, env = "CAIRN_PEER_ADVERTISE", requires = "peer_listen")]
     peer_advertise: Option<String>,
+    /// Mutual TLS on the peer port and in calls to peers: the cluster CA's certificate (PEM).
+    #[arg(long, env = "CAIRN_PEER_TLS_CA", requires_all = ["peer_listen", "peer_tls_cert", "peer_tls_key"])]
+    peer_tls_ca: Option<PathBuf>,
+    /// This node's certificate from the cluster CA (PEM; reloaded when the file changes).
+    #[arg(long, env = "CAIRN_PEER_TLS_CERT", requires = "peer_tls_ca")]
+    peer_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "CAIRN_PEER_TLS_KEY", requires = "peer_tls_ca")]
+    peer_tls_key: Option<PathBuf>,
     #[command(flatten)]
     etcd_tls: cairn_cluster::etcd::EtcdTlsArgs,
     /// Seconds between two anti-entropy passes of a replica against each peer (comparing id
@@ -234,6 +243,10 @@ fn run() -> anyhow::Result<()> {
                 })
             }),
             peer_listen: args.peer_listen,
+            peer_tls: match (args.peer_tls_ca, args.peer_tls_cert, args.peer_tls_key) {
+                (Some(ca), Some(cert), Some(key)) => Some(cairn_datanode::cluster::PeerTlsFiles { ca, cert, key }),
+                _ => None,
+            },
             advertise: args.advertise.unwrap_or_else(|| args.listen.to_string()),
             volumes: volume_source.clone(),
             peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),

@@ -186,7 +186,7 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
     }
     let tls = match &options.http.tls {
         Some((cert, key)) => {
-            let (acceptor, files) = crate::api::serve::tls_acceptor(cert, key)?;
+            let (acceptor, files) = crate::tls::tls_acceptor(cert, key)?;
             // A rotated certificate (new files in place) is served within seconds, no restart.
             tokio::spawn(files.watch(std::time::Duration::from_secs(2), shutdown.clone()));
             Some(acceptor)
@@ -203,7 +203,7 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         auth: Arc::new(Auth::standalone(options.auth.mode, keys, &options.http.auth)),
         serves_replica_routes: false,
     };
-    serve_on(vec![(listener, None)], state, &options.http.limits, tls, shutdown).await
+    serve_on(vec![(listener, None, tls)], state, &options.http.limits, shutdown).await
 }
 
 /// Serves a node of a cluster: binds first (peers may call as soon as it registers), then joins.
@@ -227,7 +227,17 @@ pub async fn run_cluster(
         Some(peer) => Some(bind(peer).await?),
         None => None,
     };
-    let cluster = Cluster::start(options, volume.clone(), store.clone(), shutdown.child_token()).await?;
+    let peer_tls = match &options.peer_tls {
+        Some(files) => {
+            let tls = crate::tls::peer_tls(&files.ca, &files.cert, &files.key)?;
+            // A renewed node certificate is taken within seconds, for serving and for calling.
+            tokio::spawn(tls.files.clone().watch(std::time::Duration::from_secs(2), shutdown.clone()));
+            Some(tls)
+        }
+        None => None,
+    };
+    let client_tls = peer_tls.as_ref().map(|t| t.client.clone());
+    let cluster = Cluster::start(options, volume.clone(), store.clone(), client_tls, shutdown.child_token()).await?;
     let replica = ReplicaState { cluster: cluster.clone(), uploads: replica_uploads, shutdown: shutdown.clone() };
     let state = AppState {
         store,
@@ -240,10 +250,10 @@ pub async fn run_cluster(
     };
     let listeners = match peer_listener {
         // The blob API without the replica routes; the peer port with everything.
-        Some(peer) => vec![(listener, None), (peer, Some(replica))],
-        None => vec![(listener, Some(replica))],
+        Some(peer) => vec![(listener, None, None), (peer, Some(replica), peer_tls.map(|t| t.acceptor))],
+        None => vec![(listener, Some(replica), None)],
     };
-    serve_on(listeners, state, &http.limits, None, shutdown).await
+    serve_on(listeners, state, &http.limits, shutdown).await
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -253,10 +263,9 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 /// Serves each listener (with the replica routes where given) until `shutdown`, then drains
 /// requests (up to the drain timeout) and checkpoints every volume.
 async fn serve_on(
-    listeners: Vec<(tokio::net::TcpListener, Option<ReplicaState>)>,
+    listeners: Vec<(tokio::net::TcpListener, Option<ReplicaState>, Option<tokio_rustls::TlsAcceptor>)>,
     state: AppState,
     limits: &ServerLimits,
-    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = state.store.clone();
@@ -275,11 +284,11 @@ async fn serve_on(
         }
     });
     let mut served = Vec::new();
-    for (listener, replica) in listeners {
+    for (listener, replica, tls) in listeners {
         let routes = if replica.is_some() { "all" } else { "public" };
         tracing::info!(addr = %listener.local_addr()?, routes, tls = tls.is_some(), "cairn-datanode serving");
         let router = api::router(state.clone(), replica);
-        served.push(api::serve::serve(listener, router, limits, tls.clone(), shutdown.clone()));
+        served.push(api::serve::serve(listener, router, limits, tls, shutdown.clone()));
     }
     futures::future::try_join_all(served).await?;
     tokio::task::spawn_blocking(move || store.close()).await?;

@@ -861,6 +861,7 @@ mod tests {
                 node: node.into(),
                 address: String::new(),
                 peer_address: None,
+                peer_tls: false,
                 zone: String::new(),
                 started_ms: 0,
                 free_bytes: Default::default(),

@@ -253,6 +253,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
             node: node.into(),
             address: progress_addr.clone(),
             peer_address: None,
+            peer_tls: false,
             zone: String::new(),
             started_ms: 0,
             free_bytes: Default::default(),

@@ -313,6 +313,7 @@ fn topology_as_the_datanodes_see_it() {
         node: id.into(),
         address: address.into(),
         peer_address: None,
+        peer_tls: false,
         zone: String::new(),
         started_ms: 0,
         free_bytes: BTreeMap::new(),

@@ -61,6 +61,14 @@ impl JournalAcks {
     }
 }
 
+/// The files of a node's mutual TLS with its peers.
+#[derive(Debug, Clone)]
+pub struct PeerTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub etcd: Vec<String>,
@@ -74,6 +82,9 @@ pub struct ClusterOptions {
     /// host:port peers reach it at.
     pub peer_listen: Option<std::net::SocketAddr>,
     pub peer_advertise: Option<String>,
+    /// Mutual TLS on the peer port and in calls to peers: the cluster CA, this node's
+    /// certificate and key (PEM files; the certificate is reloaded when its files change).
+    pub peer_tls: Option<PeerTlsFiles>,
     pub volumes: VolumeSource,
     /// Timeout of one request to another datanode.
     pub peer_timeout: Duration,
@@ -123,6 +134,7 @@ impl Cluster {
         options: ClusterOptions,
         volume_config: VolumeConfig,
         store: Arc<Store>,
+        peer_tls: Option<rustls::ClientConfig>,
         cancel: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let metrics = store.metrics().clone();
@@ -147,7 +159,12 @@ impl Cluster {
         let mut token = reqwest::header::HeaderValue::from_str(node_token.expose())?;
         token.set_sensitive(true);
         headers.insert(cairn_cluster::access::NODE_TOKEN_HEADER, token);
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        if let Some(tls) = peer_tls {
+            // Peers are called over mutual TLS: this node's certificate, the cluster CA only.
+            http = http.use_preconfigured_tls(tls);
+        }
+        let http = http
             .default_headers(headers)
             // The token goes to peers only: never on to wherever a redirect points.
             .redirect(reqwest::redirect::Policy::none())
@@ -177,6 +194,7 @@ impl Cluster {
             node: cluster.options.node_id.clone(),
             address: cluster.options.advertise.clone(),
             peer_address: cluster.options.peer_advertise.clone(),
+            peer_tls: cluster.options.peer_tls.is_some(),
             zone: cluster.options.zone.clone(),
             started_ms: now_ms(),
             free_bytes: BTreeMap::new(),
@@ -293,10 +311,16 @@ impl Cluster {
             .or_else(|| snapshot.topology.nodes.get(node).map(|n| n.address.clone()))
     }
 
-    /// Where a node's peers call it (replica routes, and reads of its own replica): its peer
-    /// port when it registered one, else [`Cluster::address_of`].
-    pub fn peer_address_of(snapshot: &Snapshot, node: &str) -> Option<String> {
-        snapshot.live.get(node).and_then(|l| l.peer_address.clone()).or_else(|| Self::address_of(snapshot, node))
+    /// The base URL a node's peers call it at (replica routes, and reads of its own replica):
+    /// its peer port when it registered one (`https://` with mutual TLS), else
+    /// `http://` [`Cluster::address_of`].
+    pub fn peer_base_of(snapshot: &Snapshot, node: &str) -> Option<String> {
+        let live = snapshot.live.get(node);
+        match live.and_then(|l| l.peer_address.as_ref().map(|a| (a, l.peer_tls))) {
+            Some((address, true)) => Some(format!("https://{address}")),
+            Some((address, false)) => Some(format!("http://{address}")),
+            None => Self::address_of(snapshot, node).map(|a| format!("http://{a}")),
+        }
     }
 
     /// Opens the volumes of the replicas assigned here, closes those no longer assigned (their

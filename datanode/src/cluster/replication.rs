@@ -191,7 +191,7 @@ pub async fn pull_peer(cluster: Arc<Cluster>, peer: String, cancel: Cancellation
         sync_partitions(&cluster, &peer, &mut parts).await;
         let snapshot = cluster.snapshot();
         let address =
-            match (parts.is_empty(), snapshot.live.contains_key(&peer), Cluster::peer_address_of(&snapshot, &peer)) {
+            match (parts.is_empty(), snapshot.live.contains_key(&peer), Cluster::peer_base_of(&snapshot, &peer)) {
                 (false, true, Some(address)) => Some(address),
                 (false, live, _) => {
                     let why = if live { format!("no address for {peer}") } else { format!("peer {peer} is not live") };
@@ -353,7 +353,7 @@ struct Link<'a> {
 
 impl Link<'_> {
     fn url(&self, path: &str) -> String {
-        format!("http://{}/replica/v1/{path}", self.address)
+        format!("{}/replica/v1/{path}", self.address)
     }
 
     /// Sends a request, timing it by `call`; a transport error is the peer's.

@@ -248,7 +248,7 @@ impl Cluster {
         if !snapshot.live.contains_key(node) {
             return Outcome::Failed(format!("{node} is not live"));
         }
-        let Some(address) = Cluster::peer_address_of(&snapshot, node) else {
+        let Some(address) = Cluster::peer_base_of(&snapshot, node) else {
             return Outcome::Failed(format!("no address for {node}"));
         };
         let request = match &op {
@@ -263,12 +263,11 @@ impl Cluster {
                 return self.put_on_peer(node, *id, blob, payload.clone()).await;
             }
             ReplicaOp::Delete { id, if_present } => {
-                self.http.delete(format!("http://{address}/replica/v1/blobs/{id}?if_present={if_present}"))
+                self.http.delete(format!("{address}/replica/v1/blobs/{id}?if_present={if_present}"))
             }
-            ReplicaOp::Ttl { id, expiry_ms } => self
-                .http
-                .put(format!("http://{address}/replica/v1/blobs/{id}/ttl"))
-                .json(&TtlBody { expires_ms: *expiry_ms }),
+            ReplicaOp::Ttl { id, expiry_ms } => {
+                self.http.put(format!("{address}/replica/v1/blobs/{id}/ttl")).json(&TtlBody { expires_ms: *expiry_ms })
+            }
         };
         let timeout = self.options.peer_timeout;
         let response = match with_request_id(request).timeout(timeout).send().await {
@@ -344,7 +343,7 @@ impl Cluster {
 
     async fn send_batch(&self, node: &str, batch: Vec<QueuedPut>) {
         let snapshot = self.snapshot();
-        let address = match (snapshot.live.contains_key(node), Cluster::peer_address_of(&snapshot, node)) {
+        let address = match (snapshot.live.contains_key(node), Cluster::peer_base_of(&snapshot, node)) {
             (true, Some(address)) => address,
             (live, _) => {
                 let why = if live { format!("no address for {node}") } else { format!("{node} is not live") };
@@ -361,7 +360,7 @@ impl Cluster {
             // Alone: the single write, as before batching.
             let head = BlobFrame::head(&put.blob);
             let parts: [Result<Bytes, std::io::Error>; 2] = [Ok(head.clone()), Ok(put.payload.clone())];
-            let mut request = self.http.put(format!("http://{address}/replica/v1/blobs/{}", put.id));
+            let mut request = self.http.put(format!("{address}/replica/v1/blobs/{}", put.id));
             if let Some(id) = &put.request_id {
                 request = request.header(crate::request::HEADER, id.as_str());
             }
@@ -388,7 +387,7 @@ impl Cluster {
                 }
             }
             let ids: Vec<&str> = batch.iter().filter_map(|p| p.request_id.as_deref()).collect();
-            let mut request = self.http.post(format!("http://{address}/replica/v1/blobs"));
+            let mut request = self.http.post(format!("{address}/replica/v1/blobs"));
             if !ids.is_empty() {
                 request = request.header(crate::request::HEADER, ids.join(","));
             }
@@ -467,9 +466,9 @@ impl Cluster {
         let mut not_found = 0;
         let mut failures = Vec::new();
         for peer in peers {
-            let Some(address) = Cluster::peer_address_of(&snapshot, peer) else { continue };
+            let Some(address) = Cluster::peer_base_of(&snapshot, peer) else { continue };
             let mut request = with_request_id(
-                self.http.request(method.clone(), format!("http://{address}/v1/blobs/{id}{suffix}?local=true")),
+                self.http.request(method.clone(), format!("{address}/v1/blobs/{id}{suffix}?local=true")),
             );
             if let Some(range) = range {
                 request = request.header("range", range);
@@ -604,6 +603,7 @@ mod tests {
                 node: n.to_string(),
                 address: String::new(),
                 peer_address: None,
+                peer_tls: false,
                 zone: String::new(),
                 started_ms: 0,
                 free_bytes: free.iter().copied().collect(),
