@@ -2,9 +2,9 @@
 //! build a datanode's arguments with [`DatanodeCommand::to_args`], so a flag is spelled in one
 //! place (the datanode's own parser is `datanode/src/main.rs`).
 
-/// Files of the client certificate for etcd, as the datanode sees them.
+/// A CA certificate, a certificate and its key, as files the datanode sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdTlsFiles {
+pub struct TlsFiles {
     pub ca: String,
     pub cert: String,
     pub key: String,
@@ -27,7 +27,10 @@ pub struct DatanodeCommand {
     /// Address the replica routes listen on apart from the blob API (peers reach it at
     /// `advertise`'s host).
     pub peer_listen: Option<String>,
-    pub etcd_tls: Option<EtcdTlsFiles>,
+    /// The client certificate for etcd.
+    pub etcd_tls: Option<TlsFiles>,
+    /// Mutual TLS on the peer port (the cluster CA, the node's certificate and key).
+    pub peer_tls: Option<TlsFiles>,
     /// More flags, as given (a platform's own settings, e.g. for tests).
     pub extra: Vec<String>,
 }
@@ -57,6 +60,13 @@ impl DatanodeCommand {
                 args.extend([flag.to_owned(), file.clone()]);
             }
         }
+        if let Some(tls) = &self.peer_tls {
+            for (flag, file) in
+                [("--peer-tls-ca", &tls.ca), ("--peer-tls-cert", &tls.cert), ("--peer-tls-key", &tls.key)]
+            {
+                args.extend([flag.to_owned(), file.clone()]);
+            }
+        }
         args.extend(self.extra.iter().cloned());
         args
     }
@@ -79,6 +89,7 @@ mod tests {
             advertise: None,
             peer_listen: Some("0.0.0.0:7481".into()),
             etcd_tls: None,
+            peer_tls: Some(TlsFiles { ca: "/t/ca.crt".into(), cert: "/t/m1.crt".into(), key: "/t/m1.key".into() }),
             extra: vec!["--peer-timeout-ms".into(), "500".into()],
         };
         let args = command.to_args();
@@ -89,7 +100,7 @@ mod tests {
         assert_eq!(pairs.last(), Some(&("--peer-timeout-ms", "500")), "extra flags last");
         assert!(!args.contains(&"--advertise".to_string()));
         command.advertise = Some("10.0.0.1:7480".into());
-        command.etcd_tls = Some(EtcdTlsFiles { ca: "ca".into(), cert: "crt".into(), key: "key".into() });
+        command.etcd_tls = Some(TlsFiles { ca: "ca".into(), cert: "crt".into(), key: "key".into() });
         let args = command.to_args();
         for flag in ["--advertise", "--etcd-ca", "--etcd-cert", "--etcd-key"] {
             assert_eq!(args.iter().filter(|a| *a == flag).count(), 1, "{flag} once");

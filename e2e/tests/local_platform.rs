@@ -40,6 +40,7 @@ fn machines_with_agents(disks: &mut Machine, zones: &[&str]) -> (Vec<KillOnDrop>
             agent_socket: sockets.node,
             agent_admin_socket: sockets.admin,
             port: free_port(),
+            peer_port: None,
             disk_path: None,
         });
     }

@@ -170,6 +170,27 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     let id = r.json::<serde_json::Value>().unwrap()["id"].as_str().unwrap().to_owned();
     let read = |p: u16| client.get(format!("http://127.0.0.1:{p}/v1/blobs/{id}")).send().unwrap().text().unwrap();
     assert_eq!(read(port + 2), "kept across restarts", "every datanode serves every blob");
+    // The datanodes speak mutual TLS on their peer ports (100 above), with certificates from the
+    // cluster CA `local up` made: a caller without a certificate is refused in the handshake.
+    let ca = dir.path().join("tls/ca.crt");
+    assert!(ca.exists() && dir.path().join("tls/m0.crt").exists());
+    let curl = |extra: &[&str]| {
+        let url = format!("https://127.0.0.1:{}/replica/v1/partitions/0/digest", port + 100);
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--cacert", ca.to_str().unwrap()])
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap();
+        out.status.code()
+    };
+    assert_ne!(curl(&[]), Some(0), "no client certificate: refused");
+    let (cert, key) = (dir.path().join("tls/m1.crt"), dir.path().join("tls/m1.key"));
+    assert_eq!(
+        curl(&["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()]),
+        Some(0),
+        "a peer's certificate is let in"
+    );
 
     // The plugin reads the local cluster: status, disks, topology; installed as kubectl-cairn.
     let plugin = dir.path().join("kubectl-cairn");

@@ -445,6 +445,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             advertise: Some(machine.address.clone()),
             peer_listen: Some(format!("0.0.0.0:{PEER_PORT}")),
             etcd_tls: None,
+            peer_tls: None,
             extra: Vec::new(),
         };
         if let Some(secret) = &sc.spec.etcd.tls_secret {
@@ -460,7 +461,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
                 ..Volume::default()
             });
             let file = |name: &str| format!("/etc/cairn/etcd-tls/{name}");
-            command.etcd_tls = Some(cairn_cluster::datanode_command::EtcdTlsFiles {
+            command.etcd_tls = Some(cairn_cluster::datanode_command::TlsFiles {
                 ca: file("ca.crt"),
                 cert: file("tls.crt"),
                 key: file("tls.key"),

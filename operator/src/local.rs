@@ -25,6 +25,10 @@ pub struct LocalMachine {
     pub agent_admin_socket: PathBuf,
     /// Port of its datanode on 127.0.0.1.
     pub port: u16,
+    /// Port of its datanode's replica routes (mutual TLS when the platform has certificates);
+    /// none: the replica routes are on `port`.
+    #[serde(default)]
+    pub peer_port: Option<u16>,
     /// Use only the agent's disk at this path (several local machines sharing one disk agent,
     /// each with its own directory disk); `None` uses every disk the agent reports.
     pub disk_path: Option<PathBuf>,
@@ -82,6 +86,9 @@ pub struct LocalPlatform {
     pub extra_args: Vec<String>,
     /// Datanode output goes to `<log_dir>/<machine>.log` (else it is discarded).
     pub log_dir: Option<PathBuf>,
+    /// Where the cluster CA (`ca.crt`) and each machine's certificate (`<machine>.crt`, `.key`)
+    /// are: the datanodes speak mutual TLS on their peer ports.
+    pub peer_tls_dir: Option<PathBuf>,
     machines: Mutex<Vec<LocalMachine>>,
     binary: Mutex<PathBuf>,
     running: Mutex<BTreeMap<String, Running>>,
@@ -104,6 +111,7 @@ impl LocalPlatform {
             etcd,
             extra_args: Vec::new(),
             log_dir: None,
+            peer_tls_dir: None,
             machines: Mutex::new(machines),
             binary: Mutex::new(binary),
             running: Mutex::default(),
@@ -148,9 +156,16 @@ impl LocalPlatform {
             disk_agent: m.agent_socket.display().to_string(),
             listen: format!("127.0.0.1:{}", m.port),
             advertise: None,
-            // On one machine there is nothing for a second port to keep apart.
-            peer_listen: None,
+            peer_listen: m.peer_port.map(|p| format!("127.0.0.1:{p}")),
             etcd_tls: None,
+            peer_tls: self.peer_tls_dir.as_ref().filter(|_| m.peer_port.is_some()).map(|dir| {
+                let file = |name: String| dir.join(name).display().to_string();
+                cairn_cluster::datanode_command::TlsFiles {
+                    ca: file("ca.crt".into()),
+                    cert: file(format!("{}.crt", m.name)),
+                    key: file(format!("{}.key", m.name)),
+                }
+            }),
             extra: self.extra_args.clone(),
         }
         .to_args()

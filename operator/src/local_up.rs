@@ -20,6 +20,57 @@ pub const NAMESPACE: &str = "local";
 /// The token of the admin key `cairn local up` makes, in its directory (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
+/// Machine `i`'s peer port: the replica routes, over mutual TLS, 100 above its blob port.
+fn peer_port(options: &LocalOptions, i: usize) -> u16 {
+    options.port + PEER_PORT_OFFSET + i as u16
+}
+
+const PEER_PORT_OFFSET: u16 = 100;
+
+/// The local cluster's CA (`DIR/tls/ca.crt`, its key beside it, readable by the owner only),
+/// made on the first start, and a fresh certificate from it for every machine at every start
+/// (`DIR/tls/m<i>.crt`, `.key`): the datanodes' mutual TLS. The directory.
+fn peer_certificates(dir: &Path, cluster: &str, machines: &[LocalMachine]) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls)?;
+    std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o700))?;
+    let (cert, key) = (tls.join("ca.crt"), tls.join("ca.key"));
+    let ca = match (std::fs::read_to_string(&cert), std::fs::read_to_string(&key)) {
+        (Ok(cert_pem), Ok(key_pem)) => cairn_cluster::peer_tls::PeerCa::from_pem(&cert_pem, &key_pem)
+            .map_err(|e| e.context(format!("{}: delete the tls directory to have a new CA made", tls.display())))?,
+        _ => {
+            let ca = cairn_cluster::peer_tls::PeerCa::generate(cluster)?;
+            write_private(&key, ca.key_pem())?;
+            std::fs::write(&cert, ca.cert_pem())?;
+            ca
+        }
+    };
+    for m in machines {
+        let made = ca.issue(&m.name, &["127.0.0.1".into(), "localhost".into()], 90)?;
+        // The key first, then the certificate: a datanode reading them in between skips the
+        // mismatched pair and keeps its previous one until both are there.
+        write_private(&tls.join(format!("{}.key", m.name)), &made.key_pem)?;
+        let staged = tls.join(format!("{}.crt.new", m.name));
+        std::fs::write(&staged, &made.cert_pem)?;
+        std::fs::rename(&staged, tls.join(format!("{}.crt", m.name)))?;
+    }
+    Ok(tls)
+}
+
+/// Writes `text` to `path` readable by its owner only (through a new file renamed into place).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let staged = path.with_extension("new");
+    let _ = std::fs::remove_file(&staged);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staged)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&staged, path)?;
+    Ok(())
+}
+
 /// The local cluster's admin key: made on the first start (its token written to
 /// `DIR/admin-token`, readable by the owner only), put back into etcd from that file on a later
 /// start if etcd lost it. The file's path.
@@ -277,6 +328,7 @@ fn local_machines(
             agent_socket: sockets.node.clone(),
             agent_admin_socket: sockets.admin.clone(),
             port: options.port + i as u16,
+            peer_port: Some(peer_port(options, i)),
             disk_path: Some(disk_dir(i)),
         })
         .collect();
@@ -294,6 +346,7 @@ fn local_machines(
                 agent_socket: sockets.node.clone(),
                 agent_admin_socket: sockets.admin.clone(),
                 port,
+                peer_port: Some(peer_port(options, i)),
                 ..p
             });
         }
@@ -449,6 +502,7 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
     let mut platform =
         LocalPlatform::new(&name, NAMESPACE, vec![etcd_url.clone()], sibling("cairn-datanode"), machines);
     platform.log_dir = Some(logs.clone());
+    platform.peer_tls_dir = Some(peer_certificates(dir, &name, &platform.local_machines())?);
 
     let admin = match spec.auth {
         cairn_resources::store_cluster::ClusterAuth::Keys => {

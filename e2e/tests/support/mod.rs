@@ -26,7 +26,10 @@ pub fn free_port_block(n: u16) -> u16 {
         let base = start + NEXT.fetch_add(u32::from(n), std::sync::atomic::Ordering::SeqCst);
         assert!(base + u32::from(n) < 32_768, "no free block of {n} ports");
         let base = base as u16;
-        let all_free = (base..base + n).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        // And the block 100 above: `cairn local up` puts its datanodes' peer ports there.
+        let all_free = (base..base + n)
+            .chain(base + 100..base + 100 + n)
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
         if all_free {
             return base;
         }
