@@ -1398,16 +1398,23 @@ fn peers_speak_mutual_tls_and_rotate_their_certificates_without_downtime() {
     for node in &nodes {
         write_cert(&node.id, &ca);
     }
+    let renewed = std::time::Instant::now();
     wait_until("every node serving its renewed certificate", Duration::from_secs(20), || {
         (0..3).all(|i| {
             let now = serial(peer_ports[i], "n1");
             now.starts_with("serial=") && now != before[i]
         })
     });
+    let taken = renewed.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (blobs, failed) = writer.join().unwrap();
     assert!(failed.is_empty(), "writes failed during the rotation: {failed:?}");
     assert!(blobs.len() > 20, "{} writes", blobs.len());
+    eprintln!(
+        "rotation: every node served its new certificate {:.1} s after the files changed; {} writes, none failed",
+        taken.as_secs_f64(),
+        blobs.len()
+    );
     assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(30));
 }
