@@ -147,18 +147,62 @@ pub fn remove_leftover(path: &Path) -> std::io::Result<()> {
     std::fs::remove_dir_all(path)
 }
 
-/// Gives `dir` and everything under it (symlinks themselves, never what they point to) to
-/// `uid`:`gid`; what already belongs to them is left alone.
+/// Gives `dir` and everything under it to `uid`:`gid`; what already belongs to them is left
+/// alone. The walk goes by directory descriptors opened with `O_NOFOLLOW` and changes entries
+/// with `AT_SYMLINK_NOFOLLOW`: the files' new owner cannot swap a directory for a symlink mid-walk
+/// and have the agent (root) give away what lies outside the volume.
 pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if meta.uid() != uid || meta.gid() != gid {
-        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    use rustix::fs::{Mode, OFlags, CWD};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(CWD, dir, flags, Mode::empty())?;
+    chown_dir(fd, uid, gid)
+}
+
+fn chown_dir(fd: rustix::fd::OwnedFd, uid: u32, gid: u32) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Uid};
+    let (owner, group) = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+    let stat = rustix::fs::fstat(&fd)?;
+    if stat.st_uid != uid || stat.st_gid != gid {
+        rustix::fs::fchown(&fd, owner, group)?;
     }
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(dir)? {
-            chown_tree(&entry?.path(), uid, gid)?;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    for entry in rustix::fs::Dir::read_from(&fd)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let at = rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(at.st_mode) == FileType::Directory {
+            chown_dir(rustix::fs::openat(&fd, name, flags, Mode::empty())?, uid, gid)?;
+        } else if at.st_uid != uid || at.st_gid != gid {
+            rustix::fs::chownat(&fd, name, owner, group, AtFlags::SYMLINK_NOFOLLOW)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    /// Symlinks inside a volume are changed themselves, never what they point to (tests run as
+    /// root, as the agent does).
+    #[test]
+    fn handing_a_volume_over_never_follows_its_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (volume, outside) = (dir.path().join("v"), dir.path().join("outside"));
+        std::fs::create_dir_all(volume.join("segments")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(volume.join("segments/1.seg"), b"x").unwrap();
+        std::fs::write(outside.join("secret"), b"root's").unwrap();
+        std::os::unix::fs::symlink(&outside, volume.join("link-dir")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), volume.join("segments/link-file")).unwrap();
+        super::chown_tree(&volume, 65532, 65532).unwrap();
+        for inside in [&volume, &volume.join("segments"), &volume.join("segments/1.seg"), &volume.join("link-dir")] {
+            assert_eq!(std::fs::symlink_metadata(inside).unwrap().uid(), 65532, "{}", inside.display());
+        }
+        assert_eq!(std::fs::metadata(&outside).unwrap().uid(), 0, "a symlinked directory's target is not given away");
+        assert_eq!(std::fs::metadata(outside.join("secret")).unwrap().uid(), 0, "nor a symlinked file's");
+    }
 }

@@ -40,8 +40,9 @@ pub async fn reconcile_key(key: Arc<StoreAccessKey>, ctx: Arc<Context>) -> Resul
     let api: Api<StoreAccessKey> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     finalizer(&api, KEY_FINALIZER, key, |event| async {
         match event {
-            Finalizer::Apply(key) => apply(&key, &ctx).await,
-            Finalizer::Cleanup(key) => revoke(&key, &ctx).await,
+            // Boxed: a pass's future is large, too large for a test thread's stack in a debug build.
+            Finalizer::Apply(key) => Box::pin(apply(&key, &ctx)).await,
+            Finalizer::Cleanup(key) => Box::pin(revoke(&key, &ctx)).await,
         }
     })
     .await
@@ -126,29 +127,74 @@ pub fn record_name(namespace: &str, name: &str) -> String {
     format!("StoreAccessKey {namespace}/{name}").chars().take(access::MAX_NAME_LEN).collect()
 }
 
-/// The StoreCluster the key names, if the key may open it.
-async fn cluster_of(key: &StoreAccessKey, ctx: &Context) -> Result<Result<StoreCluster, NotReady>, kube::Error> {
+/// The StoreCluster the key names (`Err` when there is none), and why the key may not open it,
+/// if it may not.
+async fn cluster_of(
+    key: &StoreAccessKey,
+    ctx: &Context,
+) -> Result<Result<(StoreCluster, Option<NotReady>), NotReady>, kube::Error> {
     let own = key.namespace().unwrap_or_default();
     let namespace = key.spec.cluster_namespace(&own);
     let name = &key.spec.cluster.name;
     let Some(sc) = Api::<StoreCluster>::namespaced(ctx.client.clone(), namespace).get_opt(name).await? else {
         return Ok(Err(("ClusterNotFound", format!("no StoreCluster {namespace}/{name}"))));
     };
-    if namespace != own {
-        if !sc.spec.access_key_namespaces.contains(&own) {
-            return Ok(Err((
-                "NamespaceNotAllowed",
-                format!("StoreCluster {namespace}/{name} does not list namespace {own} in spec.accessKeyNamespaces"),
-            )));
-        }
-        if key.spec.scopes.contains(&Scope::Admin) {
-            return Ok(Err((
-                "AdminNotAllowed",
-                format!("an admin key to StoreCluster {namespace}/{name} is made in namespace {namespace} only"),
-            )));
+    let refusal = if namespace == own {
+        None
+    } else if !sc.spec.access_key_namespaces.contains(&own) {
+        Some((
+            "NamespaceNotAllowed",
+            format!("StoreCluster {namespace}/{name} does not list namespace {own} in spec.accessKeyNamespaces"),
+        ))
+    } else if key.spec.scopes.contains(&Scope::Admin) {
+        Some((
+            "AdminNotAllowed",
+            format!("an admin key to StoreCluster {namespace}/{name} is made in namespace {namespace} only"),
+        ))
+    } else {
+        None
+    };
+    Ok(Ok((sc, refusal)))
+}
+
+/// The ids this key may have made: its status's and its own Secret's.
+async fn own_ids(key: &StoreAccessKey, ctx: &Context) -> Result<BTreeSet<String>, kube::Error> {
+    let mut ids: BTreeSet<String> = key.status.as_ref().and_then(|s| s.key_id.clone()).into_iter().collect();
+    let secrets: Api<KubeSecret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+    if let Some(found) = secrets.get_opt(&secret_name(key)).await? {
+        let uid = key.metadata.uid.clone().unwrap_or_default();
+        let id =
+            found.data.as_ref().and_then(|d| d.get(SECRET_KEY_ID)).and_then(|v| String::from_utf8(v.0.clone()).ok());
+        if let Some(id) = id.filter(|_| found.owner_references().iter().any(|o| o.uid == uid)) {
+            ids.insert(id);
         }
     }
-    Ok(Ok(sc))
+    Ok(ids)
+}
+
+/// Revokes those of `ids` whose etcd record is this key's (its name says so): an id written into
+/// the Secret by hand never takes another key down with it.
+async fn revoke_own(
+    key: &StoreAccessKey,
+    store: &cairn_cluster::etcd::ClusterStore,
+    ids: &BTreeSet<String>,
+    ctx: &Context,
+) -> Result<(), cairn_cluster::etcd::StoreError> {
+    let name = record_name(&key.namespace().unwrap_or_default(), &key.name_any());
+    for id in ids {
+        if store.get_key(id).await?.is_some_and(|k| k.name == name) && store.delete_key(id).await? {
+            ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(key = %id, "access key revoked");
+        }
+    }
+    Ok(())
+}
+
+/// The etcd client of a StoreCluster.
+async fn store_of(sc: &StoreCluster, ctx: &Context) -> Result<cairn_cluster::etcd::ClusterStore, String> {
+    let namespace = sc.namespace().unwrap_or_default();
+    let platform = KubernetesPlatform { client: ctx.client.clone(), cluster: sc, caches: Some(&ctx.caches) };
+    crate::platform::cluster_store(&platform, &sc.spec, &namespace, &sc.name_any()).await
 }
 
 /// Makes the world match the key: Secret, then etcd record, then the previous key revoked.
@@ -159,7 +205,19 @@ async fn ensure(
     previous_id: Option<&str>,
 ) -> Result<Result<String, NotReady>, kube::Error> {
     let sc = match cluster_of(key, ctx).await? {
-        Ok(sc) => sc,
+        Ok((sc, None)) => sc,
+        Ok((sc, Some(refusal))) => {
+            // No longer allowed (the cluster dropped the namespace, an admin scope was added):
+            // the key it had goes, not only the condition.
+            let store = match store_of(&sc, ctx).await {
+                Ok(store) => store,
+                Err(message) => return Ok(Err(("EtcdUnreachable", message))),
+            };
+            if let Err(e) = revoke_own(key, &store, &own_ids(key, ctx).await?, ctx).await {
+                return Ok(Err(("EtcdUnreachable", e.to_string())));
+            }
+            return Ok(Err(refusal));
+        }
         Err(not_ready) => return Ok(Err(not_ready)),
     };
     let own = key.namespace().unwrap_or_default();
@@ -171,9 +229,7 @@ async fn ensure(
         Ok(credentials) => credentials,
         Err(not_ready) => return Ok(Err(not_ready)),
     };
-    let cluster_namespace = sc.namespace().unwrap_or_default();
-    let platform = KubernetesPlatform { client: ctx.client.clone(), cluster: &sc, caches: Some(&ctx.caches) };
-    let store = match crate::platform::cluster_store(&platform, &sc.spec, &cluster_namespace, &sc.name_any()).await {
+    let store = match store_of(&sc, ctx).await {
         Ok(store) => store,
         Err(message) => return Ok(Err(("EtcdUnreachable", message))),
     };
@@ -183,6 +239,12 @@ async fn ensure(
         Err(e) => return etcd(e),
     };
     let name = record_name(&own, &key.name_any());
+    if let Some(other) = existing.as_ref().filter(|e| e.name != name) {
+        return Ok(Err((
+            "KeyConflict",
+            format!("key {id} in etcd is {:?}'s, not this key's: delete the Secret to have a new key made", other.name),
+        )));
+    }
     let reach = key.spec.partitions.as_ref().map(|p| p.iter().copied().collect());
     let mut desired = match AccessKey::from_parts(&id, secret.expose(), &name, scopes).and_then(|k| k.limited_to(reach))
     {
@@ -198,13 +260,9 @@ async fn ensure(
         tracing::info!(key = %id, "access key written to etcd");
     }
     if let Some(old) = previous_id.filter(|old| *old != id) {
-        match store.delete_key(old).await {
-            Ok(true) => {
-                ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(key = %old, "previous access key revoked (its Secret was replaced)");
-            }
-            Ok(false) => {}
-            Err(e) => return etcd(e),
+        // The Secret was replaced: the key it held goes (if it is this key's).
+        if let Err(e) = revoke_own(key, &store, &[old.to_owned()].into(), ctx).await {
+            return etcd(e);
         }
     }
     Ok(Ok(id))
@@ -284,37 +342,18 @@ fn secret_object(key: &StoreAccessKey, sc: &StoreCluster, name: &str, id: &str, 
     }
 }
 
-/// Deletion: the key (and a newer one its Secret may hold) revoked in etcd; the Secret goes with
-/// its owner. A cluster that is gone has nothing to revoke.
+/// Deletion: the key (and a newer one its Secret may hold) revoked in etcd, whether or not it is
+/// still allowed; the Secret goes with its owner. A cluster that is gone has nothing to revoke.
 async fn revoke(key: &StoreAccessKey, ctx: &Context) -> Result<Action, kube::Error> {
     let sc = match cluster_of(key, ctx).await? {
-        Ok(sc) => sc,
+        Ok((sc, _)) => sc,
         Err((reason, message)) => {
             tracing::info!(reason, %message, "nothing to revoke");
             return Ok(Action::await_change());
         }
     };
-    let mut ids: BTreeSet<String> = key.status.as_ref().and_then(|s| s.key_id.clone()).into_iter().collect();
-    let secrets: Api<KubeSecret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
-    if let Some(found) = secrets.get_opt(&secret_name(key)).await? {
-        let uid = key.metadata.uid.clone().unwrap_or_default();
-        let id =
-            found.data.as_ref().and_then(|d| d.get(SECRET_KEY_ID)).and_then(|v| String::from_utf8(v.0.clone()).ok());
-        if let Some(id) = id.filter(|_| found.owner_references().iter().any(|o| o.uid == uid)) {
-            ids.insert(id);
-        }
-    }
-    let namespace = sc.namespace().unwrap_or_default();
-    let platform = KubernetesPlatform { client: ctx.client.clone(), cluster: &sc, caches: Some(&ctx.caches) };
-    let store = crate::platform::cluster_store(&platform, &sc.spec, &namespace, &sc.name_any())
-        .await
-        .map_err(|e| kube::Error::Service(Box::from(e)))?;
-    for id in ids {
-        if store.delete_key(&id).await.map_err(|e| kube::Error::Service(Box::new(e)))? {
-            ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(key = %id, "access key revoked (its StoreAccessKey was deleted)");
-        }
-    }
+    let store = store_of(&sc, ctx).await.map_err(|e| kube::Error::Service(Box::from(e)))?;
+    revoke_own(key, &store, &own_ids(key, ctx).await?, ctx).await.map_err(|e| kube::Error::Service(Box::new(e)))?;
     Ok(Action::await_change())
 }
 

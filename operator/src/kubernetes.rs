@@ -285,9 +285,13 @@ fn network_policy(
     let blob_from = if clients.is_empty() {
         None
     } else {
-        // The operator's Pods, wherever it runs (the chart labels them so).
+        // The operator's Pods (the chart labels them so), in its own namespace: pinned by the
+        // label the API server sets on every namespace, which no one can put on another.
+        let operator_namespace = std::env::var("POD_NAMESPACE")
+            .ok()
+            .map(|ns| selector(BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns)])));
         let operator = NetworkPolicyPeer {
-            namespace_selector: Some(LabelSelector::default()),
+            namespace_selector: Some(operator_namespace.unwrap_or_default()),
             pod_selector: Some(selector(BTreeMap::from([
                 ("app.kubernetes.io/part-of".to_string(), "cairn".to_string()),
                 ("app.kubernetes.io/component".to_string(), "operator".to_string()),

@@ -1023,6 +1023,7 @@ fn access_key_yaml(namespace: &str, name: &str, scopes: &[&str], extra: serde_js
 /// never overwritten. The operator runs as the chart's ServiceAccount (no list/watch of Secrets).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
+    use cairn_cluster::access::Scope;
     use cairn_operator::access_keys::{reconcile_key, SECRET_ENDPOINT, SECRET_KEY_ID, SECRET_KEY_SECRET, SECRET_TOKEN};
     use cairn_resources::StoreAccessKey;
     use k8s_openapi::api::core::v1::Secret;
@@ -1188,10 +1189,39 @@ async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
         assert!(used.contains(&(verb.into(), group.into(), resource.into())), "{verb} {group}/{resource} unused");
     }
 
+    // An id written into the key's Secret by hand (another key's) takes nothing over.
+    let (victim, _) = cairn_cluster::access::AccessKey::generate("victim", [Scope::Read].into(), 1).unwrap();
+    store.put_key(&victim).await.unwrap();
+    let hijack = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "uploader", "namespace": "apps"},
+                        "stringData": {SECRET_KEY_ID: victim.id.clone()}});
+    secrets("apps").patch("uploader", &PatchParams::default(), &Patch::Merge(hijack)).await.unwrap();
+    pass("apps", "uploader").await;
+    assert_eq!(ready(&keys("apps").get("uploader").await.unwrap()), ("False".into(), "KeyConflict".into()));
+    assert_eq!(store.get_key(&victim.id).await.unwrap().as_ref(), Some(&victim), "untouched");
+    let restore = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "uploader", "namespace": "apps"},
+                         "stringData": {SECRET_KEY_ID: new_id.clone()}});
+    secrets("apps").patch("uploader", &PatchParams::default(), &Patch::Merge(restore)).await.unwrap();
+    pass("apps", "uploader").await;
+    assert_eq!(ready(&keys("apps").get("uploader").await.unwrap()).0, "True");
+
     // Deleting the resource revokes the key; the Secret goes with it.
     keys("apps").delete("uploader", &DeleteParams::default()).await.unwrap();
     pass("apps", "uploader").await;
     assert!(keys("apps").get_opt("uploader").await.unwrap().is_none(), "the finalizer is done");
     assert!(store.get_key(&new_id).await.unwrap().is_none(), "revoked");
     assert!(secrets("apps").get_opt("uploader").await.unwrap().is_none(), "garbage collected");
+    assert!(store.get_key(&victim.id).await.unwrap().is_some(), "revoking revokes only the key's own");
+
+    // A cluster that no longer lets a namespace in: that namespace's keys are revoked at once.
+    apply("apps", "tenant", &["read"], json!({})).await.unwrap();
+    pass("apps", "tenant").await;
+    pass("apps", "tenant").await;
+    let tenant_id = field(&secrets("apps").get("tenant").await.unwrap(), SECRET_KEY_ID);
+    assert!(store.get_key(&tenant_id).await.unwrap().is_some());
+    let mut closed = cluster_yaml(&etcd.endpoint(), 3);
+    closed["spec"]["accessKeyNamespaces"] = json!([]);
+    clusters.patch("c1", &PatchParams::apply("user"), &Patch::Apply(closed)).await.unwrap();
+    pass("apps", "tenant").await;
+    assert_eq!(ready(&keys("apps").get("tenant").await.unwrap()), ("False".into(), "NamespaceNotAllowed".into()));
+    assert!(store.get_key(&tenant_id).await.unwrap().is_none(), "revoked, not only reported");
 }

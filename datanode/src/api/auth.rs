@@ -354,8 +354,8 @@ fn check(
 #[derive(Debug, Clone)]
 pub struct PartitionLimit(pub Arc<BTreeSet<u32>>);
 
-/// A key limited to some partitions, on a route naming a blob: the blob must be in one of them
-/// (an id that does not parse is left to the handler's 400).
+/// A key limited to some partitions, on a route naming a blob: the blob (its id percent-decoded,
+/// as the handler reads it) must be in one of them; what is no id at all is refused too.
 fn within(
     limit: Option<BTreeSet<u32>>,
     need: Need,
@@ -366,13 +366,17 @@ fn within(
     if !route.is_some_and(|r| r.starts_with("/v1/blobs/{id}")) {
         return Ok(limit);
     }
-    let id = path.strip_prefix("/v1/blobs/").and_then(|rest| rest.split('/').next()).unwrap_or_default();
-    match id.parse::<cairn_common::BlobId>() {
-        Ok(id) if !partitions.contains(&id.partition()) => Err(Refusal::Forbidden(
+    // The id as the handler will see it: percent-decoded (`%41Q…` is `AQ…`).
+    let raw = path.strip_prefix("/v1/blobs/").and_then(|rest| rest.split('/').next()).unwrap_or_default();
+    let id = percent_encoding::percent_decode_str(raw).decode_utf8().ok();
+    match id.as_deref().map(str::parse::<cairn_common::BlobId>) {
+        Some(Ok(id)) if partitions.contains(&id.partition()) => Ok(limit),
+        Some(Ok(id)) => Err(Refusal::Forbidden(
             format!("the key reaches partitions {partitions:?} only; this blob is in partition {}", id.partition()),
             scope,
         )),
-        _ => Ok(limit),
+        // Not an id at all: refused here too, so that no spelling of one slips past.
+        _ => Err(Refusal::Forbidden("the key reaches some partitions only, and this is no blob id".into(), scope)),
     }
 }
 

@@ -314,12 +314,15 @@ impl Cluster {
     /// The base URL a node's peers call it at (replica routes, and reads of its own replica):
     /// its peer port when it registered one (`https://` with mutual TLS), else
     /// `http://` [`Cluster::address_of`].
-    pub fn peer_base_of(snapshot: &Snapshot, node: &str) -> Option<String> {
+    /// A node with mutual TLS calls only peers that speak it: never one over plain HTTP, where
+    /// its node token would travel in clear.
+    pub fn peer_base_of(&self, snapshot: &Snapshot, node: &str) -> Option<String> {
         let live = snapshot.live.get(node);
-        match live.and_then(|l| l.peer_address.as_ref().map(|a| (a, l.peer_tls))) {
-            Some((address, true)) => Some(format!("https://{address}")),
-            Some((address, false)) => Some(format!("http://{address}")),
-            None => Self::address_of(snapshot, node).map(|a| format!("http://{a}")),
+        match (live.and_then(|l| l.peer_address.as_ref().map(|a| (a, l.peer_tls))), self.options.peer_tls.is_some()) {
+            (Some((address, true)), _) => Some(format!("https://{address}")),
+            (_, true) => None,
+            (Some((address, false)), false) => Some(format!("http://{address}")),
+            (None, false) => Self::address_of(snapshot, node).map(|a| format!("http://{a}")),
         }
     }
 

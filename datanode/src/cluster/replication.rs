@@ -191,7 +191,7 @@ pub async fn pull_peer(cluster: Arc<Cluster>, peer: String, cancel: Cancellation
         sync_partitions(&cluster, &peer, &mut parts).await;
         let snapshot = cluster.snapshot();
         let address =
-            match (parts.is_empty(), snapshot.live.contains_key(&peer), Cluster::peer_base_of(&snapshot, &peer)) {
+            match (parts.is_empty(), snapshot.live.contains_key(&peer), cluster.peer_base_of(&snapshot, &peer)) {
                 (false, true, Some(address)) => Some(address),
                 (false, live, _) => {
                     let why = if live { format!("no address for {peer}") } else { format!("peer {peer} is not live") };

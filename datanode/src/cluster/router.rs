@@ -248,7 +248,7 @@ impl Cluster {
         if !snapshot.live.contains_key(node) {
             return Outcome::Failed(format!("{node} is not live"));
         }
-        let Some(address) = Cluster::peer_base_of(&snapshot, node) else {
+        let Some(address) = self.peer_base_of(&snapshot, node) else {
             return Outcome::Failed(format!("no address for {node}"));
         };
         let request = match &op {
@@ -343,7 +343,7 @@ impl Cluster {
 
     async fn send_batch(&self, node: &str, batch: Vec<QueuedPut>) {
         let snapshot = self.snapshot();
-        let address = match (snapshot.live.contains_key(node), Cluster::peer_base_of(&snapshot, node)) {
+        let address = match (snapshot.live.contains_key(node), self.peer_base_of(&snapshot, node)) {
             (true, Some(address)) => address,
             (live, _) => {
                 let why = if live { format!("no address for {node}") } else { format!("{node} is not live") };
@@ -466,7 +466,7 @@ impl Cluster {
         let mut not_found = 0;
         let mut failures = Vec::new();
         for peer in peers {
-            let Some(address) = Cluster::peer_base_of(&snapshot, peer) else { continue };
+            let Some(address) = self.peer_base_of(&snapshot, peer) else { continue };
             let mut request = with_request_id(
                 self.http.request(method.clone(), format!("{address}/v1/blobs/{id}{suffix}?local=true")),
             );
