@@ -105,13 +105,24 @@ pub fn tls_acceptor(
 ) -> anyhow::Result<(tokio_rustls::TlsAcceptor, Arc<CertificateFiles>)> {
     let provider = Arc::new(provider());
     let files = Arc::new(CertificateFiles::new(cert, key, provider.clone())?);
+    let acceptor = acceptor(provider, Arc::new(rustls::server::NoClientAuth), files.clone())?;
+    Ok((acceptor, files))
+}
+
+/// A server presenting `files`' certificate, asking clients for what `clients` verifies: HTTP/1.1,
+/// the server's cipher order.
+fn acceptor(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    files: Arc<CertificateFiles>,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(files.clone());
+        .with_client_cert_verifier(clients)
+        .with_cert_resolver(files);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.ignore_client_order = true;
-    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), files))
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 impl rustls::client::ResolvesClientCert for CertificateFiles {
@@ -155,15 +166,10 @@ pub fn peer_tls(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::P
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(files.clone());
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
-    server.ignore_client_order = true;
+    let server = acceptor(provider.clone(), verifier, files.clone())?;
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_cert_resolver(files.clone());
-    Ok(PeerTls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)), client, files })
+    Ok(PeerTls { acceptor: server, client, files })
 }

@@ -123,10 +123,6 @@ impl Agent {
             .collect()
     }
 
-    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
-        self.report().disks.into_iter().flat_map(|d| d.volumes).collect()
-    }
-
     /// CreateVolume: idempotent by name; never promises more than a disk's allocatable bytes.
     /// `caller` is the datanode on the node socket (`None` on the admin socket): it may ask only
     /// for its own cluster's volumes, and becomes the owner of what it makes. `files_owner`

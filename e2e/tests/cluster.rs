@@ -1184,13 +1184,7 @@ fn schemathesis_finds_nothing_against_a_cluster_node() {
     let doc: Value = support::client().get(nodes[0].url("/openapi.json")).send().unwrap().json().unwrap();
     let replica_paths = doc["paths"].as_object().unwrap().keys().filter(|p| p.starts_with("/replica/")).count();
     assert!(replica_paths >= 8, "a cluster node documents its replica routes: {replica_paths}");
-    let token = {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
-            store.load().await.unwrap().node_token.unwrap().expose().to_owned()
-        })
-    };
+    let token = support::node_token(&etcd.endpoint(), "default", "c1");
     let base = nodes[0].url("");
     let key = format!("Authorization: {}", cairn_testkit::keys::authorization());
     let (ok, report) = support::schemathesis(&base, &[key], &["--exclude-path-regex", "^/replica/"], 40);
@@ -1335,13 +1329,7 @@ fn peers_speak_mutual_tls_and_rotate_their_certificates_without_downtime() {
     assert_eq!(live["n0"]["peer_tls"], true, "{live}");
 
     // Who gets in: only a caller with a certificate from the cluster CA (and the node token).
-    let token = {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", "c1").await.unwrap();
-            store.load().await.unwrap().node_token.unwrap().expose().to_owned()
-        })
-    };
+    let token = support::node_token(&etcd.endpoint(), "default", "c1");
     let other_ca = PeerCa::generate("c1").unwrap();
     let stranger = other_ca.issue("n9", &["127.0.0.1".into()], 30).unwrap();
     std::fs::write(tls.join("stranger.crt"), &stranger.cert_pem).unwrap();

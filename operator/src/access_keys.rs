@@ -157,17 +157,25 @@ async fn cluster_of(
     Ok(Ok((sc, refusal)))
 }
 
+/// Whether the Secret is this key's (it owns it).
+fn made_by(secret: &KubeSecret, key: &StoreAccessKey) -> bool {
+    let uid = key.metadata.uid.as_deref().unwrap_or_default();
+    secret.owner_references().iter().any(|o| o.uid == uid)
+}
+
+/// One of the Secret's values, as text.
+fn field(secret: &KubeSecret, name: &str) -> Option<String> {
+    secret.data.as_ref()?.get(name).and_then(|v| String::from_utf8(v.0.clone()).ok())
+}
+
 /// The ids this key may have made: its status's and its own Secret's.
 async fn own_ids(key: &StoreAccessKey, ctx: &Context) -> Result<BTreeSet<String>, kube::Error> {
     let mut ids: BTreeSet<String> = key.status.as_ref().and_then(|s| s.key_id.clone()).into_iter().collect();
     let secrets: Api<KubeSecret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
-    if let Some(found) = secrets.get_opt(&secret_name(key)).await? {
-        let uid = key.metadata.uid.clone().unwrap_or_default();
-        let id =
-            found.data.as_ref().and_then(|d| d.get(SECRET_KEY_ID)).and_then(|v| String::from_utf8(v.0.clone()).ok());
-        if let Some(id) = id.filter(|_| found.owner_references().iter().any(|o| o.uid == uid)) {
-            ids.insert(id);
-        }
+    if let Some(id) =
+        secrets.get_opt(&secret_name(key)).await?.filter(|s| made_by(s, key)).and_then(|s| field(&s, SECRET_KEY_ID))
+    {
+        ids.insert(id);
     }
     Ok(ids)
 }
@@ -278,18 +286,15 @@ async fn credentials(
     let own = key.namespace().unwrap_or_default();
     let name = secret_name(key);
     let secrets: Api<KubeSecret> = Api::namespaced(ctx.client.clone(), &own);
-    let uid = key.metadata.uid.clone().unwrap_or_default();
     let found = secrets.get_opt(&name).await?;
     if let Some(found) = &found {
-        if !found.owner_references().iter().any(|o| o.uid == uid) {
+        if !made_by(found, key) {
             return Ok(Err((
                 "SecretConflict",
                 format!("Secret {own}/{name} exists and was not made for this key: name another in spec.secretName"),
             )));
         }
-        let field =
-            |k: &str| found.data.as_ref().and_then(|d| d.get(k)).and_then(|v| String::from_utf8(v.0.clone()).ok());
-        if let (Some(id), Some(secret)) = (field(SECRET_KEY_ID), field(SECRET_KEY_SECRET)) {
+        if let (Some(id), Some(secret)) = (field(found, SECRET_KEY_ID), field(found, SECRET_KEY_SECRET)) {
             if access::parse_token(&format!("{id}.{secret}")).is_ok() {
                 return Ok(Ok((id, Secret::new(secret))));
             }

@@ -82,16 +82,20 @@ pub fn install_test_key(etcd: &str, namespace: &str, cluster: &str) {
     runtime.block_on(install_test_key_async(etcd, namespace, cluster));
 }
 
+/// The cluster's node token, from etcd (the first datanode made it).
+pub fn node_token(etcd: &str, namespace: &str, cluster: &str) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.to_owned()], namespace, cluster).await.unwrap();
+        store.load().await.unwrap().node_token.expect("a datanode has made the node token").expose().to_owned()
+    })
+}
+
 /// A blocking client that calls replica routes as a datanode does: with the cluster's node token
 /// (from etcd; the first datanode made it).
 pub fn node_client(etcd: &str, namespace: &str, cluster: &str) -> reqwest::blocking::Client {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let token = runtime.block_on(async {
-        let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.to_owned()], namespace, cluster).await.unwrap();
-        store.load().await.unwrap().node_token.expect("a datanode has made the node token")
-    });
     let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(cairn_cluster::access::NODE_TOKEN_HEADER, token.expose().parse().unwrap());
+    headers.insert(cairn_cluster::access::NODE_TOKEN_HEADER, node_token(etcd, namespace, cluster).parse().unwrap());
     reqwest::blocking::Client::builder().default_headers(headers).build().unwrap()
 }
 
