@@ -58,6 +58,17 @@ impl PeerCa {
     /// A certificate for `node`, valid for `days`, for these host names and IP addresses: a
     /// server's (its peer port) and a client's (its calls to peers) at once.
     pub fn issue(&self, node: &str, hosts: &[String], days: i64) -> anyhow::Result<NodeCertificate> {
+        self.issue_between(node, hosts, time_in_days(0) - time::Duration::minutes(5), time_in_days(days))
+    }
+
+    /// A certificate for `node` valid from `not_before` to `not_after` (see [`issue`](Self::issue)).
+    pub fn issue_between(
+        &self,
+        node: &str,
+        hosts: &[String],
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> anyhow::Result<NodeCertificate> {
         let ca_key = KeyPair::from_pem(&self.key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &ca_key)?;
         let mut params = CertificateParams::new(hosts.to_vec())?;
@@ -66,12 +77,68 @@ impl PeerCa {
         params.distinguished_name = name;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = time_in_days(0) - time::Duration::minutes(5);
-        params.not_after = time_in_days(days);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(NodeCertificate { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+}
+
+/// Why a node's certificate must be issued anew, or `None` while it may be kept: it is missing
+/// or unreadable, another CA issued it, it names other hosts than `hosts`, or less than a third
+/// of its validity is left at `now` (renewed well before it expires, as cert-manager does).
+pub fn renewal_reason(
+    ca: &PeerCa,
+    ca_pem_given: Option<&str>,
+    cert_pem: Option<&str>,
+    hosts: &[String],
+    now: time::OffsetDateTime,
+) -> Option<String> {
+    let Some(cert_pem) = cert_pem else { return Some("no certificate yet".into()) };
+    if ca_pem_given != Some(ca.cert_pem()) {
+        return Some("its CA certificate is not the cluster's".into());
+    }
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else {
+        return Some("its certificate is not PEM".into());
+    };
+    let Ok(cert) = pem.parse_x509() else { return Some("its certificate does not parse".into()) };
+    let Ok((_, ca_pem)) = x509_parser::pem::parse_x509_pem(ca.cert_pem().as_bytes()) else {
+        return Some("the CA certificate is not PEM".into());
+    };
+    let Ok(ca_cert) = ca_pem.parse_x509() else { return Some("the CA certificate does not parse".into()) };
+    if cert.verify_signature(Some(ca_cert.public_key())).is_err() {
+        return Some("the cluster's CA did not sign it".into());
+    }
+    let mut named: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).expect("4 bytes")).to_string(),
+                    16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).expect("16 bytes")).to_string(),
+                    _ => String::new(),
+                },
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut wanted = hosts.to_vec();
+    named.sort();
+    wanted.sort();
+    if named != wanted {
+        return Some(format!("it names {named:?}, not {wanted:?}"));
+    }
+    let (from, until) = (cert.validity().not_before.to_datetime(), cert.validity().not_after.to_datetime());
+    let renew_at = until - (until - from) / 3;
+    if now >= renew_at {
+        return Some(format!("it expires at {until} (renewed from {renew_at})"));
+    }
+    None
 }
 
 fn time_in_days(days: i64) -> time::OffsetDateTime {
@@ -96,5 +163,30 @@ mod tests {
         let usage = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(usage.server_auth && usage.client_auth);
         assert!(PeerCa::from_pem("not a certificate", ca.key_pem()).is_err());
+    }
+
+    #[test]
+    fn certificates_are_renewed_in_the_last_third_of_their_life_or_when_anything_changed() {
+        let ca = PeerCa::generate("c1").unwrap();
+        let hosts = vec!["c1-n1.c1-nodes.store.svc".to_string(), "10.0.0.1".to_string()];
+        let node = ca.issue("n1", &hosts, 90).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let reason = |ca_pem: Option<&str>, cert: Option<&str>, hosts: &[String], at| {
+            renewal_reason(&ca, ca_pem, cert, hosts, at)
+        };
+        let cert = Some(node.cert_pem.as_str());
+        assert_eq!(reason(Some(ca.cert_pem()), cert, &hosts, now), None);
+        assert_eq!(reason(Some(ca.cert_pem()), cert, &hosts, now + time::Duration::days(59)), None);
+        let late = reason(Some(ca.cert_pem()), cert, &hosts, now + time::Duration::days(61)).unwrap();
+        assert!(late.contains("expires"), "{late}");
+        assert!(reason(Some(ca.cert_pem()), None, &hosts, now).unwrap().contains("no certificate"));
+        assert!(reason(None, cert, &hosts, now).unwrap().contains("CA certificate"));
+        assert!(reason(Some(ca.cert_pem()), Some("junk"), &hosts, now).unwrap().contains("PEM"));
+        let moved = vec!["c1-n1.c1-nodes.other.svc".to_string(), "10.0.0.1".to_string()];
+        assert!(reason(Some(ca.cert_pem()), cert, &moved, now).unwrap().contains("names"));
+        // Another CA's certificate, even presented with this CA's certificate beside it.
+        let stranger = PeerCa::generate("c1").unwrap().issue("n1", &hosts, 90).unwrap();
+        let signed = reason(Some(ca.cert_pem()), Some(&stranger.cert_pem), &hosts, now).unwrap();
+        assert!(signed.contains("did not sign"), "{signed}");
     }
 }

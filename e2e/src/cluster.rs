@@ -81,7 +81,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     // round measures both, in alternating order, so that both see the same machine.
     let single = NodeProcess::start(&work.path().join("single"), &["--partitions", "6"]).await?;
     let etcd = tokio::task::spawn_blocking(EtcdServer::start).await?;
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let ports: Vec<u16> = (0..3).map(|_| cairn_testkit::ports::free_port()).collect();
     let mut nodes = start_cluster(work.path(), &etcd, "bench", &ports, 6, "16GiB", "256MiB").await?;
     wait_caught_up(&nodes[0], Duration::from_secs(60)).await?;
     let (mut singles, mut clusters) = (Vec::new(), Vec::new());
@@ -164,7 +164,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 /// Three datanodes of a cluster of `partitions` partitions, every replica open and caught up,
 /// with no traffic at all: the CPU the busiest of them uses, in % of one core.
 async fn idle_cpu(root: &Path, etcd: &EtcdServer, partitions: u32, watch: Duration) -> anyhow::Result<Scenario> {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let ports: Vec<u16> = (0..3).map(|_| cairn_testkit::ports::free_port()).collect();
     let nodes = start_cluster(&root.join("idle"), etcd, "idle", &ports, partitions, "64MiB", "2MiB").await?;
     for node in &nodes {
         wait_caught_up(node, Duration::from_secs(600)).await?;
@@ -213,10 +213,6 @@ async fn start_cluster(
         nodes.push(start_member(root, etcd, cluster, i, *port).await?);
     }
     Ok(nodes)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 async fn start_member(

@@ -55,7 +55,7 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub async fn start(dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = cairn_testkit::ports::free_port();
         Self::start_at(dir, &format!("127.0.0.1:{port}"), extra_args).await
     }
 
@@ -220,7 +220,7 @@ async fn tls_cost(plain: &NodeProcess, work: &Path, seconds: Duration) -> anyhow
     let (cert, key) = (work.join("tls-cert.pem"), work.join("tls-key.pem"));
     std::fs::write(&cert, made.cert.pem())?;
     std::fs::write(&key, made.signing_key.serialize_pem())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = cairn_testkit::ports::free_port();
     let tls_addr = format!("127.0.0.1:{port}");
     let _tls_node = NodeProcess::start_tls(
         &work.join("tls-node"),

@@ -224,6 +224,7 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         }
     };
     read_all(endpoints).await;
+    peer_certificates_renew_in_place(&api, &dir, &kubectl, &pods["m0"].2, &nodes.endpoints("store", "c1").await).await;
 
     // A node-pressure eviction: the Pod fails (Evicted), the operator replaces it, it serves.
     let (evicted_uid, _, _) = pods["m1"].clone();
@@ -312,4 +313,115 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
     let (code, _, err) = status();
     assert_ne!(code, 0);
     assert!(err.contains("no StoreCluster \"c1\" in namespace \"store\""), "{err}");
+}
+
+/// Mutual TLS between the datanodes from certificates the operator issued (a Secret per datanode,
+/// mounted into its Pod): the peer port refuses a caller without one; a certificate in the last
+/// third of its life is issued anew by the operator, the kubelet updates the mounted Secret, and
+/// the datanode serves the new certificate without a restart while writes flow, none failing.
+async fn peer_certificates_renew_in_place(
+    api: &MemoryApi,
+    dir: &std::path::Path,
+    kubectl: &Kubectl,
+    ip: &str,
+    endpoints: &[String],
+) {
+    use base64::Engine;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams};
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "store");
+    let field = |s: &Secret, k: &str| String::from_utf8(s.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    let ca_secret = secrets.get("c1-peer-ca").await.unwrap();
+    let ca =
+        cairn_cluster::peer_tls::PeerCa::from_pem(&field(&ca_secret, "ca.crt"), &field(&ca_secret, "ca.key")).unwrap();
+    let client_cert = ca.issue("test-client", &[], 1).unwrap();
+    let tls = dir.join("client-tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    std::fs::write(tls.join("client.crt"), &client_cert.cert_pem).unwrap();
+    std::fs::write(tls.join("client.key"), &client_cert.key_pem).unwrap();
+    let sh = |cmd: String| {
+        let out = Command::new("sh").arg("-c").arg(cmd).stdin(Stdio::null()).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let pem_serial = |pem: &str| {
+        let path = tls.join("serial.pem");
+        std::fs::write(&path, pem).unwrap();
+        sh(format!("openssl x509 -noout -serial -in {}", path.display()))
+    };
+    let served = || {
+        sh(format!(
+            "openssl s_client -connect {ip}:7481 -cert {0}/client.crt -key {0}/client.key </dev/null 2>/dev/null | openssl x509 -noout -serial",
+            tls.display()
+        ))
+    };
+    let digest = format!("https://{ip}:7481/replica/v1/partitions/0/digest");
+    let refused = sh(format!("curl -sk -o /dev/null -w '%{{http_code}}' --max-time 5 {digest}"));
+    assert_eq!(refused, "000", "the peer port answered a caller without a certificate");
+    let secret = secrets.get("c1-m0-peer-tls").await.unwrap();
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(served(), pem_serial(&field(&secret, "tls.crt")), "m0 serves the certificate of its Secret");
+    let pods: Api<Pod> = Api::namespaced(api.client(), "store");
+    let m0_pod = pods.get("c1-m0").await.unwrap();
+
+    // Writes through every datanode while the certificate changes twice under m0.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (stop, endpoints, client) = (stop.clone(), endpoints.to_vec(), support::async_client());
+        async move {
+            let (mut written, mut failed) = (Vec::new(), Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = cairn_testkit::payload(1_000 + i, 3000);
+                let url = format!("http://{}/v1/blobs", endpoints[i as usize % endpoints.len()]);
+                match client.post(url).body(body.clone()).send().await {
+                    Ok(r) if r.status() == 201 => written
+                        .push((r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned(), body)),
+                    Ok(r) => failed.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                i += 1;
+            }
+            (written, failed)
+        }
+    });
+    // A certificate with five days of its 25 left, as if the operator had issued it 20 days ago.
+    let hosts = ["c1-m0.c1-nodes.store.svc".to_string(), "c1-m0.c1-nodes.store.svc.cluster.local".to_string()];
+    let now = time::OffsetDateTime::now_utc();
+    let old = ca.issue_between("m0", &hosts, now - time::Duration::days(20), now + time::Duration::days(5)).unwrap();
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+    let patch = serde_json::json!({"data": {"tls.crt": b64(&old.cert_pem), "tls.key": b64(&old.key_pem)}});
+    secrets.patch("c1-m0-peer-tls", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    let (first, old_serial) = (served(), pem_serial(&old.cert_pem));
+    let started = Instant::now();
+    // The operator's next pass (it runs every minute; a change to the StoreCluster wakes it now)
+    // issues a new one; the aging one may or may not have been served meanwhile.
+    kubectl.ok(&["annotate", "storecluster", "c1", "-n", "store", "--overwrite", "test.cairn.dev/nudge=1"]);
+    let renewed = eventually("the operator's new certificate served by m0", Duration::from_secs(90), || async {
+        let secret = secrets.get("c1-m0-peer-tls").await.unwrap();
+        let issued = pem_serial(&field(&secret, "tls.crt"));
+        let now = served();
+        seen(issued != old_serial && issued != first && now == issued, issued.clone(), (now, &issued))
+    })
+    .await;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (written, failed) = writer.await.unwrap();
+    println!(
+        "peer certificate renewed in place ({renewed}) {took:?} after the aging one was planted; {} writes, {} failed",
+        written.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "writes failed during the renewal: {failed:?}");
+    let after = pods.get("c1-m0").await.unwrap();
+    let restarts = |p: &Pod| p.status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].restart_count;
+    assert_eq!(after.metadata.uid, m0_pod.metadata.uid, "m0's Pod was replaced");
+    assert_eq!(restarts(&after), restarts(&m0_pod), "m0's datanode restarted");
+    assert!(written.len() > 10, "too few writes to prove anything: {}", written.len());
+    let client = support::async_client();
+    for (id, body) in &written {
+        let r = client.get(format!("http://{}/v1/blobs/{id}", endpoints[0])).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        assert_eq!(&r.bytes().await.unwrap()[..], &body[..], "{id}");
+    }
 }

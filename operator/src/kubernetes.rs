@@ -452,6 +452,28 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             peer_tls: None,
             extra: Vec::new(),
         };
+        // Its own peer certificate (crate::peer_certs), readable by the datanode's group only.
+        mounts.push(VolumeMount {
+            name: "peer-tls".into(),
+            mount_path: crate::peer_certs::MOUNT_PATH.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "peer-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(crate::peer_certs::node_secret_name(&cluster, &machine.name)),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        let peer_file = |name: &str| format!("{}/{name}", crate::peer_certs::MOUNT_PATH);
+        command.peer_tls = Some(cairn_cluster::datanode_command::TlsFiles {
+            ca: peer_file("ca.crt"),
+            cert: peer_file("tls.crt"),
+            key: peer_file("tls.key"),
+        });
         if let Some(secret) = &sc.spec.etcd.tls_secret {
             mounts.push(VolumeMount {
                 name: "etcd-tls".into(),
@@ -563,7 +585,11 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
                 affinity: Some(affinity),
                 // The container runtime's default seccomp profile (Pod Security "restricted"
                 // asks for it; docs/security.md says which level the namespace needs).
-                security_context: Some(runtime_default_seccomp()),
+                // fsGroup: the Secret volumes' files are the datanode's group's to read.
+                security_context: Some(k8s_openapi::api::core::v1::PodSecurityContext {
+                    fs_group: Some(DATANODE_UID),
+                    ..runtime_default_seccomp()
+                }),
                 containers: vec![container],
                 volumes: Some(volumes),
                 restart_policy: Some("Always".into()),
@@ -745,7 +771,12 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
 
     async fn apply(&self, chosen: &[Machine], settled: bool) -> Result<Applied, PlatformError> {
         let namespace = self.cluster.namespace().unwrap_or_default();
-        Ok(apply(&self.client, &namespace, &self.cluster.name_any(), &objects(self.cluster, chosen), settled).await?)
+        // Certificates first: a datanode Pod waits for its Secret (ContainerCreating).
+        let issued = crate::peer_certs::ensure(&self.client, self.cluster, chosen).await?;
+        let mut applied =
+            apply(&self.client, &namespace, &self.cluster.name_any(), &objects(self.cluster, chosen), settled).await?;
+        applied.changes.splice(0..0, issued);
+        Ok(applied)
     }
 
     async fn stop(&self) -> Result<(), PlatformError> {
@@ -1071,9 +1102,9 @@ mod tests {
             .filter(|(r, _, _)| r.kind == "Pod")
             .map(|(_, _, body)| body["metadata"]["annotations"][SPEC_HASH].as_str().unwrap())
             .collect();
-        assert_eq!(hashes, ["363f4e3a27df8559", "bd1866db3cee88e3"]);
+        assert_eq!(hashes, ["1add659e4a19c5cb", "ccf970c3e9eb3c15"]);
         let all: Vec<&Value> = objects.iter().map(|(_, _, body)| body).collect();
-        assert_eq!(spec_hash(&json!(all)), "4b70ddcb85a0ee8f");
+        assert_eq!(spec_hash(&json!(all)), "5af0376a63873dfd");
     }
 
     #[test]

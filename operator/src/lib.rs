@@ -18,6 +18,7 @@ pub mod kubernetes;
 pub mod leader;
 pub mod local;
 pub mod local_up;
+pub mod peer_certs;
 pub mod platform;
 pub mod reconcile;
 pub mod status;

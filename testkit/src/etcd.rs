@@ -1,6 +1,6 @@
 //! A real etcd (Debian's etcd-server) on free loopback ports with a temporary data directory.
 
-use std::net::TcpListener;
+use crate::ports::free_port;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,10 +21,6 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl EtcdServer {

@@ -10,8 +10,10 @@
 //!   `metadata.name`, `matchExpressions` on labels) and `nodeSelector` allow, unless the node is
 //!   cordoned or has a `NoSchedule` taint the Pod does not tolerate (the Pod stays Pending,
 //!   `PodScheduled` False `Unschedulable`);
-//! - starts it (Pending → Running), waits for `type: Directory` hostPaths to exist
-//!   (`ContainerCreating` until then), probes `readinessProbe.httpGet` (Ready), restarts an exited
+//! - starts it (Pending → Running), waits for `type: Directory` hostPaths and Secrets of
+//!   `secret` volumes to exist (`ContainerCreating` until then), mounts Secret volumes read-only
+//!   and keeps them following their Secrets as the kubelet's atomic writer does
+//!   ([`crate::secret_volume`]), probes `readinessProbe.httpGet` (Ready), restarts an exited
 //!   container under `restartPolicy: Always` (restartCount), and ends it Succeeded/Failed otherwise;
 //! - on deletion, sends SIGTERM, SIGKILL after the grace period, and then removes the Pod;
 //! - on request: a node-pressure eviction (Failed, reason Evicted), a node whose kubelet is
@@ -203,6 +205,8 @@ struct Shared {
     hosts: String,
     /// Longest grace period honoured (a test need not wait 60 s).
     max_grace: Duration,
+    /// Where Pods' Secret volumes are projected: `<dir>/<pod uid>/<volume>`.
+    volumes: PathBuf,
     stop: bool,
 }
 
@@ -221,7 +225,9 @@ impl Nodes {
     pub fn start(api: &MemoryApi, network: Arc<PodNetwork>, images: BTreeMap<String, Image>, logs: &Path) -> Self {
         std::fs::create_dir_all(logs).unwrap();
         api.hold_pod_deletions();
-        let shared = Arc::new(Mutex::new(Shared { max_grace: Duration::from_secs(10), ..Shared::default() }));
+        let volumes = logs.join("..pod-volumes");
+        std::fs::create_dir_all(&volumes).unwrap();
+        let shared = Arc::new(Mutex::new(Shared { max_grace: Duration::from_secs(10), volumes, ..Shared::default() }));
         // A thread of its own: the kubelet runs commands (`ip`) and probes that block, which
         // must not hold up the test's runtime (where the API may be served).
         let task = {
@@ -511,6 +517,7 @@ async fn tick(
     let nodes = list_all::<Node>(client).await?;
     let pods = list_all::<Pod>(client).await?;
     let services = list_all::<Service>(client).await?;
+    let secrets = crate::secret_volume::decode(&list_all::<k8s_openapi::api::core::v1::Secret>(client).await?);
     let namespaced = |ns: &str| Api::<Pod>::namespaced(client.clone(), ns);
     let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
 
@@ -526,6 +533,12 @@ async fn tick(
                 let _ = child.wait();
             }
             PodNetwork::remove(&running.netns);
+        }
+        // And their Secret volumes.
+        for entry in std::fs::read_dir(&s.volumes).into_iter().flatten().flatten() {
+            if !present.contains(entry.file_name().to_string_lossy().as_ref()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
 
@@ -645,11 +658,19 @@ async fn tick(
             continue;
         } else {
             let mut s = lock(shared);
+            let volumes_root = s.volumes.clone();
+            if s.running.contains_key(&uid) {
+                // The periodic sync: a running Pod's Secret volumes follow their Secrets (one
+                // deleted or broken meanwhile leaves the files as they were).
+                if let Err(e) = project_secret_volumes(pod, &secrets, &volumes_root.join(&uid)) {
+                    eprintln!("kubelet: {ns}/{name}: {e}");
+                }
+            }
             let restart_policy = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always").to_owned();
             match s.running.get_mut(&uid) {
                 None => {
                     drop(s);
-                    status_patch = Some(start(pod, &node, shared, network, images, logs));
+                    status_patch = Some(start(pod, &node, shared, network, images, logs, &secrets));
                 }
                 Some(running) => {
                     let exited = running.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -683,7 +704,7 @@ async fn tick(
                     } else if running.child.is_none() {
                         if running.restart_at.is_some_and(|t| Instant::now() >= t) {
                             running.restart_at = None;
-                            match spawn(pod, &node, &running.netns, &running.ip, images, logs) {
+                            match spawn(pod, &node, &running.netns, &running.ip, images, logs, &volumes_root) {
                                 Ok(child) => running.child = Some(child),
                                 Err(e) => eprintln!("kubelet: restarting {ns}/{name}: {e}"),
                             }
@@ -815,6 +836,7 @@ fn start(
     network: &PodNetwork,
     images: &BTreeMap<String, Image>,
     logs: &Path,
+    secrets: &crate::secret_volume::Secrets,
 ) -> Value {
     let container = &pod["spec"]["containers"][0];
     // `type: Directory` hostPaths must exist: until then the Pod waits, as a kubelet makes it.
@@ -829,6 +851,14 @@ fn start(
         }
     }
     let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+    let volumes_root = lock(shared).volumes.clone();
+    if let Err(message) = project_secret_volumes(pod, secrets, &volumes_root.join(&uid)) {
+        let mut waiting = container_status(container, pod, 0, false);
+        waiting["started"] = json!(false);
+        waiting["state"] = json!({"waiting": {"reason": "ContainerCreating"}});
+        return json!({"status": {"phase": "Pending", "message": message,
+            "conditions": [condition("PodScheduled", true)], "containerStatuses": [waiting]}});
+    }
     let netns = format!("{}p{}", network.bridge, &uid[uid.len().saturating_sub(6)..]);
     let address = match network.add(&netns) {
         Ok(address) => address,
@@ -836,7 +866,7 @@ fn start(
     };
     let hosts = lock(shared).hosts.clone();
     write_hosts(&netns, &hosts);
-    let child = match spawn(pod, node, &netns, &address, images, logs) {
+    let child = match spawn(pod, node, &netns, &address, images, logs, &volumes_root) {
         Ok(child) => child,
         Err(e) => {
             PodNetwork::remove(&netns);
@@ -863,6 +893,29 @@ fn start(
         "containerStatuses": [container_status(container, pod, 0, false)]}})
 }
 
+/// Projects the Pod's Secret volumes into `dir/<volume>` ([`crate::secret_volume`]); the
+/// kubelet's `MountVolume.SetUp failed` message for the first that cannot be.
+fn project_secret_volumes(pod: &Value, secrets: &crate::secret_volume::Secrets, dir: &Path) -> Result<(), String> {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let fs_group = pod["spec"]["securityContext"]["fsGroup"].as_u64().map(|g| g as u32);
+    for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+        let source = &volume["secret"];
+        if !source.is_object() {
+            continue;
+        }
+        let name = volume["name"].as_str().unwrap_or_default();
+        let failed = |e: String| format!("MountVolume.SetUp failed for volume \"{name}\" : {e}");
+        match crate::secret_volume::files(namespace, source, secrets).map_err(failed)? {
+            Some(files) => {
+                crate::secret_volume::project(&dir.join(name), &files, fs_group).map_err(|e| failed(e.to_string()))?;
+            }
+            // An optional volume of a missing Secret: an empty directory.
+            None => std::fs::create_dir_all(dir.join(name)).map_err(|e| failed(e.to_string()))?,
+        }
+    }
+    Ok(())
+}
+
 /// The container's process, in the Pod's network namespace: a fresh `/run`, its hostPath
 /// volumes bind-mounted at their mount paths, its environment, its image's binary.
 fn spawn(
@@ -872,6 +925,7 @@ fn spawn(
     address: &str,
     images: &BTreeMap<String, Image>,
     logs: &Path,
+    volumes_root: &Path,
 ) -> Result<Child, String> {
     let container = &pod["spec"]["containers"][0];
     let image_name = container["image"].as_str().unwrap_or_default();
@@ -896,9 +950,22 @@ fn spawn(
         .collect();
     for mount in container["volumeMounts"].as_array().into_iter().flatten() {
         let Some(volume) = volumes.get(mount["name"].as_str().unwrap_or_default()) else { continue };
+        let target = mount["mountPath"].as_str().unwrap_or_default();
+        if volume["secret"].is_object() {
+            // Read-only, as the kubelet mounts every Secret volume.
+            let source = volumes_root
+                .join(pod["metadata"]["uid"].as_str().unwrap_or_default())
+                .join(volume["name"].as_str().unwrap_or_default());
+            if source.is_dir() {
+                script += &format!(
+                    "mkdir -p '{target}'; mount --bind '{}' '{target}'; mount -o remount,bind,ro '{target}'; ",
+                    source.display()
+                );
+            }
+            continue;
+        }
         let Some(path) = volume["hostPath"]["path"].as_str() else { continue };
         let source = node.host_path(path);
-        let target = mount["mountPath"].as_str().unwrap_or_default();
         if source != Path::new(target) {
             script += &format!("mkdir -p '{target}'; mount --bind '{}' '{target}'; ", source.display());
         }

@@ -2,6 +2,7 @@
 //!
 //! - [`etcd`]: a real etcd server on free loopback ports.
 //! - [`machine`]: loop devices, filesystems and mounts that clean up after themselves.
+//! - [`ports`]: loopback ports for child processes, reserved so no one takes them first.
 //!
 //! [`MemoryApi`]: an in-memory Kubernetes API server behind a real `kube::Client`, for tests
 //! of the Kubernetes side (no API server can be installed where Cairn's tests run). It keeps
@@ -12,7 +13,7 @@
 //! selectors, the
 //! defaults and admission a real API server applies to a Pod it creates ([`admission`]), the
 //! CEL rules of installed CRDs on create and update ([`MemoryApi::with_crd`]), name and label
-//! rules (422), graceful Pod deletion on demand, DNS names as CoreDNS makes them, watches of
+//! rules (422), Secret data keys and the keys typed Secrets need (422), graceful Pod deletion on demand, DNS names as CoreDNS makes them, watches of
 //! collections (with 410 Gone after [`MemoryApi::compact_events`]), garbage collection of
 //! objects whose owner is gone,
 //! and namespaced as well as cluster-scoped resources (the scope is the request's). With
@@ -29,7 +30,9 @@ pub mod etcd;
 pub mod keys;
 pub mod kubelet;
 pub mod machine;
+pub mod ports;
 pub mod rbac;
+pub mod secret_volume;
 pub mod selector;
 pub mod ssa;
 
@@ -1229,6 +1232,32 @@ fn validate(group_version: &str, plural: &str, object: &Value) -> Result<(), Str
     if plural == "services" && !(is_dns_label(name) && name.starts_with(|c: char| c.is_ascii_lowercase())) {
         return Err(format!("metadata.name: Invalid value: \"{name}\": a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character"));
     }
+    if plural == "secrets" {
+        // Secret data keys, and what the typed Secrets must hold (the API server's validation).
+        for key in object["data"].as_object().into_iter().flatten().map(|(k, _)| k) {
+            let ok = !key.is_empty()
+                && key.len() <= 253
+                && key != "."
+                && key != ".."
+                && !key.starts_with("..")
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !ok {
+                return Err(format!("data[{key}]: Invalid value: \"{key}\": a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
+            }
+        }
+        let required: &[&str] = match object["type"].as_str() {
+            Some("kubernetes.io/tls") => &["tls.crt", "tls.key"],
+            Some("kubernetes.io/basic-auth") => &[],
+            Some("kubernetes.io/ssh-auth") => &["ssh-privatekey"],
+            Some("kubernetes.io/dockerconfigjson") => &[".dockerconfigjson"],
+            _ => &[],
+        };
+        for key in required {
+            if object["data"][key].is_null() {
+                return Err(format!("data[{key}]: Required value"));
+            }
+        }
+    }
     if plural == "pods" {
         for field in ["hostname", "subdomain"] {
             if let Some(value) = object["spec"][field].as_str() {
@@ -1510,6 +1539,27 @@ mod tests {
             assert_eq!(with_status.status.unwrap().phase.as_deref(), Some("Active"));
             assert_eq!(with_status.metadata.generation, Some(1), "status writes keep the generation");
             assert_eq!(api.status_writes("namespaces", "", "x"), 1);
+        });
+    }
+
+    #[test]
+    fn typed_secrets_must_hold_their_keys_and_keys_must_be_valid() {
+        let rt = tokio_runtime();
+        rt.block_on(async {
+            let api = MemoryApi::new();
+            let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(api.client(), "ns1");
+            let apply = PatchParams::apply("test");
+            let secret = |kind: &str, data: Value| {
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "type": kind, "data": data})
+            };
+            let half = secret("kubernetes.io/tls", json!({"tls.crt": "eA=="}));
+            let err = secrets.patch("s", &apply, &Patch::Apply(half)).await.unwrap_err().to_string();
+            assert!(err.contains("data[tls.key]: Required value"), "{err}");
+            let bad_key = secret("Opaque", json!({"a/b": "eA=="}));
+            let err = secrets.patch("s", &apply, &Patch::Apply(bad_key)).await.unwrap_err().to_string();
+            assert!(err.contains("config key"), "{err}");
+            let whole = secret("kubernetes.io/tls", json!({"tls.crt": "eA==", "tls.key": "eA==", "ca.crt": "eA=="}));
+            secrets.patch("s", &apply, &Patch::Apply(whole)).await.unwrap();
         });
     }
 

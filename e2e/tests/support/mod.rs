@@ -16,24 +16,10 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// `n` consecutive free ports (for `cairn local up`, whose datanodes take consecutive ports),
-/// below the kernel's ephemeral range so that no `free_port()` of a concurrent test lands in the
-/// block; blocks handed out by this process never overlap.
+/// `n` consecutive free ports (for `cairn local up`, whose datanodes take consecutive ports), and
+/// the block 100 above them (their peer ports).
 pub fn free_port_block(n: u16) -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let start = 20_000 + (std::process::id() % 500) * 20;
-    loop {
-        let base = start + NEXT.fetch_add(u32::from(n), std::sync::atomic::Ordering::SeqCst);
-        assert!(base + u32::from(n) < 32_768, "no free block of {n} ports");
-        let base = base as u16;
-        // And the block 100 above: `cairn local up` puts its datanodes' peer ports there.
-        let all_free = (base..base + n)
-            .chain(base + 100..base + 100 + n)
-            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
-        if all_free {
-            return base;
-        }
-    }
+    cairn_testkit::ports::free_port_block(n, &[100])
 }
 
 fn auth_headers() -> reqwest::header::HeaderMap {
@@ -100,7 +86,7 @@ pub fn node_client(etcd: &str, namespace: &str, cluster: &str) -> reqwest::block
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    cairn_testkit::ports::free_port()
 }
 
 pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {

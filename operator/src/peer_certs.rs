@@ -1,0 +1,171 @@
+//! The datanodes' mutual TLS on Kubernetes (docs/security.md): the operator is each cluster's CA.
+//!
+//! - Secret `<cluster>-peer-ca` holds the CA (`ca.crt`, `ca.key`; valid ten years), made once
+//!   and read by the operator only.
+//! - Secret `<pod>-peer-tls` per datanode holds its certificate (`tls.crt`, `tls.key`, `ca.crt`;
+//!   valid 90 days, for the DNS names its peers dial), mounted into that datanode's Pod only.
+//!   It is issued anew in the last third of its life, or at once when its names or its CA are
+//!   not the cluster's.
+//!
+//! The kubelet updates a mounted Secret in place and a datanode rereads its certificate every 2 s
+//! (datanode/src/tls.rs): a renewal restarts nothing. Both Secrets are owned by the StoreCluster
+//! and go with it; the operator reads and writes them by name (it never lists Secrets).
+
+use std::collections::BTreeMap;
+
+use cairn_cluster::peer_tls::{renewal_reason, PeerCa};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+
+use crate::desired::Machine;
+use crate::kubernetes::{dns_label, labels, pod_name, FIELD_MANAGER};
+use crate::platform::PlatformError;
+use cairn_resources::StoreCluster;
+
+/// How long a datanode's certificate is valid; it is renewed with a third of that left.
+pub const NODE_CERTIFICATE_DAYS: i64 = 90;
+/// Where a datanode Pod has its Secret mounted.
+pub const MOUNT_PATH: &str = "/etc/cairn/peer-tls";
+
+pub fn ca_secret_name(cluster: &str) -> String {
+    dns_label(&format!("{cluster}-peer-ca"))
+}
+
+pub fn node_secret_name(cluster: &str, machine: &str) -> String {
+    dns_label(&format!("{}-peer-tls", pod_name(cluster, machine)))
+}
+
+/// The names a datanode's certificate is for: the host its peers dial (the address it
+/// advertises, `<pod>.<cluster>-nodes.<namespace>.svc`) and its fully qualified form.
+pub fn node_hosts(machine: &Machine) -> Vec<String> {
+    let host = machine.address.rsplit_once(':').map_or(machine.address.as_str(), |(h, _)| h);
+    vec![host.to_owned(), format!("{host}.cluster.local")]
+}
+
+/// Makes the CA if there is none, and a certificate for every machine in `machines` that has
+/// none or must have a new one. What was written, said for an Event.
+pub async fn ensure(
+    client: &kube::Client,
+    sc: &StoreCluster,
+    machines: &[Machine],
+) -> Result<Vec<String>, PlatformError> {
+    let namespace = sc.namespace().unwrap_or_default();
+    let cluster = sc.name_any();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let mut changes = Vec::new();
+    let ca_name = ca_secret_name(&cluster);
+    let ca = match secrets.get_opt(&ca_name).await? {
+        Some(found) => {
+            owned(sc, &found)?;
+            let (cert, key) = (field(&found, "ca.crt"), field(&found, "ca.key"));
+            let (Some(cert), Some(key)) = (cert, key) else {
+                return Err(PlatformError::Invalid(format!(
+                    "Secret {namespace}/{ca_name} holds no ca.crt and ca.key: delete it to have a new CA made \
+                     (every datanode's certificate is then issued anew)"
+                )));
+            };
+            PeerCa::from_pem(&cert, &key).map_err(|e| {
+                PlatformError::Invalid(format!("Secret {namespace}/{ca_name}: {e}: delete it to have a new CA made"))
+            })?
+        }
+        None => {
+            let ca = PeerCa::generate(&cluster).map_err(|e| PlatformError::Invalid(format!("making the CA: {e}")))?;
+            let data = [("ca.crt", ca.cert_pem()), ("ca.key", ca.key_pem())];
+            secrets.create(&PostParams::default(), &secret(sc, &ca_name, "Opaque", "peer-ca", &data)).await?;
+            changes.push(format!("made the cluster's peer CA (Secret {ca_name})"));
+            ca
+        }
+    };
+    let now = time::OffsetDateTime::now_utc();
+    for machine in machines {
+        let name = node_secret_name(&cluster, &machine.name);
+        let hosts = node_hosts(machine);
+        let found = secrets.get_opt(&name).await?;
+        if let Some(found) = &found {
+            owned(sc, found)?;
+        }
+        let have = |key: &str| found.as_ref().and_then(|s| field(s, key));
+        let (ca_pem, cert_pem) = (have("ca.crt"), have("tls.crt"));
+        let reason = match have("tls.key") {
+            None => Some("no key yet".to_owned()),
+            Some(_) => renewal_reason(&ca, ca_pem.as_deref(), cert_pem.as_deref(), &hosts, now),
+        };
+        let Some(reason) = reason else { continue };
+        let issued = ca
+            .issue(&machine.name, &hosts, NODE_CERTIFICATE_DAYS)
+            .map_err(|e| PlatformError::Invalid(format!("issuing {}'s certificate: {e}", machine.name)))?;
+        let data = [("tls.crt", issued.cert_pem.as_str()), ("tls.key", &issued.key_pem), ("ca.crt", ca.cert_pem())];
+        let body = secret(sc, &name, "kubernetes.io/tls", "peer-tls", &data);
+        match found {
+            None => drop(secrets.create(&PostParams::default(), &body).await?),
+            Some(_) => {
+                drop(secrets.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?)
+            }
+        }
+        changes.push(format!("issued {}'s peer certificate ({reason})", machine.name));
+    }
+    Ok(changes)
+}
+
+/// A Secret of the cluster's, owned by it (so it goes with it).
+fn secret(sc: &StoreCluster, name: &str, kind: &str, component: &str, data: &[(&str, &str)]) -> Secret {
+    let mut labels = labels(&sc.name_any());
+    labels.insert("app.kubernetes.io/component".into(), component.into());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: sc.namespace(),
+            labels: Some(labels),
+            owner_references: Some(vec![sc.controller_owner_ref(&()).expect("a StoreCluster from the API has a uid")]),
+            ..ObjectMeta::default()
+        },
+        type_: Some(kind.into()),
+        data: Some(
+            data.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect::<BTreeMap<_, _>>(),
+        ),
+        ..Secret::default()
+    }
+}
+
+/// A Secret under one of the cluster's names that it does not own is someone else's: never used,
+/// changed or replaced.
+fn owned(sc: &StoreCluster, secret: &Secret) -> Result<(), PlatformError> {
+    let uid = sc.uid().unwrap_or_default();
+    if secret.owner_references().iter().any(|o| o.uid == uid) {
+        return Ok(());
+    }
+    Err(PlatformError::Invalid(format!(
+        "Secret {}/{} exists and is not this StoreCluster's: the operator neither uses nor replaces it",
+        secret.namespace().unwrap_or_default(),
+        secret.name_any()
+    )))
+}
+
+fn field(secret: &Secret, key: &str) -> Option<String> {
+    secret.data.as_ref()?.get(key).and_then(|v| String::from_utf8(v.0.clone()).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_labels_and_hosts_are_what_peers_dial() {
+        let long = "m".repeat(70);
+        assert!(node_secret_name("c1", &long).len() <= 63);
+        assert_ne!(node_secret_name("c1", &long), node_secret_name("c1", &format!("{long}x")));
+        assert_eq!(ca_secret_name("c1"), "c1-peer-ca");
+        let machine = Machine {
+            name: "m1".into(),
+            zone: "z".into(),
+            disks: Vec::new(),
+            address: "c1-m1.c1-nodes.store.svc:7480".into(),
+            selected: true,
+            down: None,
+        };
+        assert_eq!(node_hosts(&machine), ["c1-m1.c1-nodes.store.svc", "c1-m1.c1-nodes.store.svc.cluster.local"]);
+    }
+}
