@@ -31,6 +31,8 @@ pub struct DatanodeCommand {
     pub etcd_tls: Option<TlsFiles>,
     /// Mutual TLS on the peer port (the cluster CA, the node's certificate and key).
     pub peer_tls: Option<TlsFiles>,
+    /// HTTPS on the blob API: the certificate (chain) and key files.
+    pub tls: Option<(String, String)>,
     /// More flags, as given (a platform's own settings, e.g. for tests).
     pub extra: Vec<String>,
 }
@@ -67,6 +69,9 @@ impl DatanodeCommand {
                 args.extend([flag.to_owned(), file.clone()]);
             }
         }
+        if let Some((cert, key)) = &self.tls {
+            args.extend(["--tls-cert".to_owned(), cert.clone(), "--tls-key".to_owned(), key.clone()]);
+        }
         args.extend(self.extra.iter().cloned());
         args
     }
@@ -90,6 +95,7 @@ mod tests {
             peer_listen: Some("0.0.0.0:7481".into()),
             etcd_tls: None,
             peer_tls: Some(TlsFiles { ca: "/t/ca.crt".into(), cert: "/t/m1.crt".into(), key: "/t/m1.key".into() }),
+            tls: None,
             extra: vec!["--peer-timeout-ms".into(), "500".into()],
         };
         let args = command.to_args();
@@ -101,8 +107,11 @@ mod tests {
         assert!(!args.contains(&"--advertise".to_string()));
         command.advertise = Some("10.0.0.1:7480".into());
         command.etcd_tls = Some(TlsFiles { ca: "ca".into(), cert: "crt".into(), key: "key".into() });
+        command.tls = Some(("/tls/tls.crt".into(), "/tls/tls.key".into()));
         let args = command.to_args();
-        for flag in ["--advertise", "--etcd-ca", "--etcd-cert", "--etcd-key"] {
+        let pairs: Vec<(&str, &str)> = args.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
+        assert!(pairs.contains(&("--tls-cert", "/tls/tls.crt")) && pairs.contains(&("--tls-key", "/tls/tls.key")));
+        for flag in ["--advertise", "--etcd-ca", "--etcd-cert", "--etcd-key", "--tls-cert", "--tls-key"] {
             assert_eq!(args.iter().filter(|a| *a == flag).count(), 1, "{flag} once");
         }
     }

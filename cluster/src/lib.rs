@@ -12,6 +12,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod blob_tls;
 pub mod datanode_command;
 pub mod etcd;
 pub mod peer_tls;
@@ -20,6 +21,6 @@ pub mod replica;
 pub mod topology;
 
 pub use topology::{
-    AuthMode, ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec, RetiredReplica,
-    Topology,
+    AuthMode, BlobTls, ClusterConfig, DiskSpec, LiveNode, NodeSpec, PartitionSpec, PartitionState, ReplicaSpec,
+    RetiredReplica, Topology,
 };

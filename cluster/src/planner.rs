@@ -135,6 +135,7 @@ mod tests {
 
     fn config(rf: u32, partitions: u32) -> ClusterConfig {
         ClusterConfig {
+            blob_tls: None,
             replication_factor: rf,
             write_quorum: rf.div_ceil(2).max(1),
             partitions,
@@ -458,6 +459,7 @@ mod rebalance_tests {
     #[test]
     fn a_new_machine_takes_over_its_share_without_breaking_rules() {
         let config = ClusterConfig {
+            blob_tls: None,
             replication_factor: 3,
             write_quorum: 2,
             partitions: 12,

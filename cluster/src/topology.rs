@@ -24,6 +24,19 @@ pub struct ClusterConfig {
     /// playground only). Replica routes always need the cluster's node token.
     #[serde(default, skip_serializing_if = "AuthMode::is_keys")]
     pub auth: AuthMode,
+    /// The blob API speaks HTTPS: who vouches for the datanodes' certificates, and the name they
+    /// carry, for the operator's and `cairn status`'s calls to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_tls: Option<BlobTls>,
+}
+
+/// How a cluster's blob API certificates are verified: against `ca_pem` (one or more PEM
+/// certificates), for the name `server_name` (every datanode's certificate carries it: the
+/// cluster's Service), whatever address a datanode is reached at.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlobTls {
+    pub ca_pem: String,
+    pub server_name: String,
 }
 
 /// Who may call a cluster's (or a standalone node's) blob API.
@@ -197,6 +210,9 @@ pub struct LiveNode {
     /// Whether the peer port speaks mutual TLS (`https://`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub peer_tls: bool,
+    /// Whether the blob API at `address` speaks HTTPS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     #[serde(default)]
     pub zone: String,
     pub started_ms: u64,
@@ -327,6 +343,7 @@ impl TopologyFile {
     pub fn parse(text: &str) -> Result<(ClusterConfig, Vec<NodeSpec>), String> {
         let file: Self = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
         let config = ClusterConfig {
+            blob_tls: None,
             replication_factor: file.replication_factor,
             write_quorum: file.write_quorum,
             partitions: file.partitions,

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 fn config(partitions: u32) -> ClusterConfig {
     ClusterConfig {
+        blob_tls: None,
         replication_factor: 3,
         write_quorum: 2,
         partitions,
@@ -56,6 +57,7 @@ async fn topology_registration_and_watch_survive_an_etcd_restart() {
     let cancel = CancellationToken::new();
     let mut rx = store.watch(loaded.clone(), cancel.clone());
     let live = LiveNode {
+        tls: false,
         node: "n0".into(),
         address: "127.0.0.1:7000".into(),
         peer_address: None,

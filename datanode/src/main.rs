@@ -154,7 +154,8 @@ struct Args {
     /// A file holding the root key's token, `<key id>.<secret>` (e.g. a mounted Secret).
     #[arg(long, env = "CAIRN_ROOT_KEY_FILE")]
     root_key_file: Option<PathBuf>,
-    /// Serve HTTPS with this certificate chain (PEM, leaf first; a standalone node only).
+    /// Serve the blob API over HTTPS with this certificate chain (PEM, leaf first; reread every
+    /// 2 s). In a cluster it needs --peer-listen.
     #[arg(long, env = "CAIRN_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
@@ -230,6 +231,7 @@ fn run() -> anyhow::Result<()> {
         None
     } else {
         Some(ClusterOptions {
+            blob_tls: false, // set by run_cluster from --tls-cert
             etcd: args.etcd,
             namespace: args.namespace,
             cluster: args.cluster.expect("clap requires --cluster with --etcd"),

@@ -184,15 +184,7 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
     if options.auth.mode == AuthMode::None {
         tracing::warn!("--auth none: anyone who can reach this node may read, write and delete blobs");
     }
-    let tls = match &options.http.tls {
-        Some((cert, key)) => {
-            let (acceptor, files) = crate::tls::tls_acceptor(cert, key)?;
-            // A rotated certificate (new files in place) is served within seconds, no restart.
-            tokio::spawn(files.watch(std::time::Duration::from_secs(2), shutdown.clone()));
-            Some(acceptor)
-        }
-        None => None,
-    };
+    let tls = https(&options.http, &shutdown)?;
     let listener = bind(options.listen).await?;
     let state = AppState {
         front: Front::Standalone(store.clone()),
@@ -214,11 +206,15 @@ pub async fn run_cluster(
     http: HttpOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Peers never call the blob port when they have one of their own (they are its clients
+    // without a certificate to check it by): HTTPS on the blob port needs --peer-listen.
     anyhow::ensure!(
-        http.tls.is_none(),
-        "--tls-cert/--tls-key are for a standalone node: datanodes of a cluster speak TLS to each other \
-         only with mutual TLS, which is not built yet (docs/security.md)"
+        http.tls.is_none() || options.peer_listen.is_some(),
+        "--tls-cert/--tls-key in a cluster need --peer-listen: the datanodes call each other on the peer port"
     );
+    let mut options = options;
+    options.blob_tls = http.tls.is_some();
+    let tls = https(&http, &shutdown)?;
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(Store::empty(metrics.clone()));
     let (uploads, replica_uploads) = http.budgets(volume.max_blob_bytes)?;
@@ -250,10 +246,19 @@ pub async fn run_cluster(
     };
     let listeners = match peer_listener {
         // The blob API without the replica routes; the peer port with everything.
-        Some(peer) => vec![(listener, None, None), (peer, Some(replica), peer_tls.map(|t| t.acceptor))],
+        Some(peer) => vec![(listener, None, tls), (peer, Some(replica), peer_tls.map(|t| t.acceptor))],
         None => vec![(listener, Some(replica), None)],
     };
     serve_on(listeners, state, &http.limits, shutdown).await
+}
+
+/// The blob API's TLS (`--tls-cert`, `--tls-key`), if asked for: a rotated certificate (new
+/// files in place) is served within seconds, no restart.
+fn https(http: &HttpOptions, shutdown: &CancellationToken) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    let Some((cert, key)) = &http.tls else { return Ok(None) };
+    let (acceptor, files) = crate::tls::tls_acceptor(cert, key)?;
+    tokio::spawn(files.watch(std::time::Duration::from_secs(2), shutdown.clone()));
+    Ok(Some(acceptor))
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

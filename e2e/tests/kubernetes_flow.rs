@@ -153,7 +153,7 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
             "apiVersion: cairn.dev/v1alpha1\nkind: StoreCluster\nmetadata: {{name: c1, namespace: store}}\n\
              spec:\n  image: {IMAGE}\n  nodeSelector: {{cairn.dev/storage: \"true\"}}\n  volumeSize: 32Mi\n  segmentSize: 8Mi\n\
              \x20 replicationFactor: 3\n  writeQuorum: 2\n  partitionsPerDisk: 1\n  deletionPolicy: Delete\n  confirmDelete: c1\n\
-             \x20 etcd: {{endpoints: [\"{}\"]}}\n",
+             \x20 etcd: {{endpoints: [\"{}\"]}}\n  tls: {{}}\n",
             etcd.endpoint()
         ),
     )
@@ -191,13 +191,24 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
 
     // Writes through the Service (its ready endpoints), read back from every datanode.
     support::install_test_key_async(&etcd.endpoint(), "store", "c1").await;
-    let client = support::async_client();
+    // The blob API speaks HTTPS with certificates from the cluster's CA, for the Service's name.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(api.client(), "store");
+    let ca_secret = secrets.get("c1-peer-ca").await.unwrap();
+    let ca_pem = String::from_utf8(ca_secret.data.unwrap()["ca.crt"].0.clone()).unwrap();
+    let client = support::async_tls_client(&ca_pem, "c1.store.svc");
     let endpoints = nodes.endpoints("store", "c1").await;
+    let plain = support::async_client().get(format!("http://{}/v1/blobs", endpoints[0])).send().await;
+    assert!(plain.map_or(true, |r| r.status().is_client_error()), "the blob port answered plain HTTP");
+    let stranger = cairn_cluster::peer_tls::PeerCa::generate("c1").unwrap();
+    let untrusting = support::async_tls_client(stranger.cert_pem(), "c1.store.svc");
+    assert!(untrusting.get(format!("https://{}/readyz", endpoints[0])).send().await.is_err(), "another CA accepted");
+    let misnamed = support::async_tls_client(&ca_pem, "c2.store.svc");
+    assert!(misnamed.get(format!("https://{}/readyz", endpoints[0])).send().await.is_err(), "another name accepted");
     assert_eq!(endpoints.len(), 4, "{endpoints:?}");
     let mut blobs = Vec::new();
     for (i, endpoint) in endpoints.iter().enumerate() {
         let body = cairn_testkit::payload(i as u64, 10_000 + i);
-        let r = client.post(format!("http://{endpoint}/v1/blobs")).body(body.clone()).send().await.unwrap();
+        let r = client.post(format!("https://{endpoint}/v1/blobs")).body(body.clone()).send().await.unwrap();
         assert_eq!(r.status(), 201, "{endpoint}");
         let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
         blobs.push((id, body));
@@ -216,7 +227,7 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         async move {
             for endpoint in &endpoints {
                 for (id, body) in &blobs {
-                    let r = client.get(format!("http://{endpoint}/v1/blobs/{id}")).send().await.unwrap();
+                    let r = client.get(format!("https://{endpoint}/v1/blobs/{id}")).send().await.unwrap();
                     assert_eq!(r.status(), 200, "{endpoint} {id}");
                     assert_eq!(&r.bytes().await.unwrap()[..], &body[..], "{endpoint} {id}");
                 }
@@ -224,7 +235,8 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         }
     };
     read_all(endpoints).await;
-    peer_certificates_renew_in_place(&api, &dir, &kubectl, &pods["m0"].2, &nodes.endpoints("store", "c1").await).await;
+    let endpoints = nodes.endpoints("store", "c1").await;
+    peer_certificates_renew_in_place(&api, &dir, &kubectl, &pods["m0"].2, &endpoints, &client).await;
 
     // A node-pressure eviction: the Pod fails (Evicted), the operator replaces it, it serves.
     let (evicted_uid, _, _) = pods["m1"].clone();
@@ -325,6 +337,7 @@ async fn peer_certificates_renew_in_place(
     kubectl: &Kubectl,
     ip: &str,
     endpoints: &[String],
+    client: &reqwest::Client,
 ) {
     use base64::Engine;
     use k8s_openapi::api::core::v1::Secret;
@@ -366,13 +379,13 @@ async fn peer_certificates_renew_in_place(
     // Writes through every datanode while the certificate changes twice under m0.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = tokio::spawn({
-        let (stop, endpoints, client) = (stop.clone(), endpoints.to_vec(), support::async_client());
+        let (stop, endpoints, client) = (stop.clone(), endpoints.to_vec(), client.clone());
         async move {
             let (mut written, mut failed) = (Vec::new(), Vec::new());
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let body = cairn_testkit::payload(1_000 + i, 3000);
-                let url = format!("http://{}/v1/blobs", endpoints[i as usize % endpoints.len()]);
+                let url = format!("https://{}/v1/blobs", endpoints[i as usize % endpoints.len()]);
                 match client.post(url).body(body.clone()).send().await {
                     Ok(r) if r.status() == 201 => written
                         .push((r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned(), body)),
@@ -404,6 +417,13 @@ async fn peer_certificates_renew_in_place(
     })
     .await;
     let took = started.elapsed();
+    // The blob port serves the same certificate (the operator issued it for the Service too).
+    eventually("the blob port serving the renewed certificate too", Duration::from_secs(10), || async {
+        let now =
+            sh(format!("openssl s_client -connect {ip}:7480 </dev/null 2>/dev/null | openssl x509 -noout -serial"));
+        seen(now == renewed, (), now)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (written, failed) = writer.await.unwrap();
@@ -418,9 +438,8 @@ async fn peer_certificates_renew_in_place(
     assert_eq!(after.metadata.uid, m0_pod.metadata.uid, "m0's Pod was replaced");
     assert_eq!(restarts(&after), restarts(&m0_pod), "m0's datanode restarted");
     assert!(written.len() > 10, "too few writes to prove anything: {}", written.len());
-    let client = support::async_client();
     for (id, body) in &written {
-        let r = client.get(format!("http://{}/v1/blobs/{id}", endpoints[0])).send().await.unwrap();
+        let r = client.get(format!("https://{}/v1/blobs/{id}", endpoints[0])).send().await.unwrap();
         assert_eq!(r.status(), 200, "{id}");
         assert_eq!(&r.bytes().await.unwrap()[..], &body[..], "{id}");
     }

@@ -29,6 +29,8 @@ pub const SECRET_KEY_ID: &str = "CAIRN_KEY_ID";
 pub const SECRET_KEY_SECRET: &str = "CAIRN_KEY_SECRET";
 pub const SECRET_TOKEN: &str = "CAIRN_TOKEN";
 pub const SECRET_ENDPOINT: &str = "CAIRN_ENDPOINT";
+/// The CA that vouches for the endpoint's certificate (PEM), when the cluster serves HTTPS.
+pub const SECRET_CA: &str = "CAIRN_CA_CERT";
 /// A deleted Secret (a rotation) is noticed within this, or at once on a change to the key.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -287,6 +289,18 @@ async fn credentials(
     let name = secret_name(key);
     let secrets: Api<KubeSecret> = Api::namespaced(ctx.client.clone(), &own);
     let found = secrets.get_opt(&name).await?;
+    // Where the application connects, and the CA to trust when the cluster serves HTTPS.
+    let endpoint = match crate::peer_certs::blob_tls(&ctx.client, sc).await {
+        Ok(tls) => Endpoint {
+            url: format!(
+                "{}://{}:{API_PORT}",
+                if tls.is_some() { "https" } else { "http" },
+                crate::peer_certs::service_host(sc)
+            ),
+            ca_pem: tls.map(|t| t.ca_pem),
+        },
+        Err(e) => return Ok(Err(("TlsUnavailable", e.to_string()))),
+    };
     if let Some(found) = &found {
         if !made_by(found, key) {
             return Ok(Err((
@@ -296,13 +310,29 @@ async fn credentials(
         }
         if let (Some(id), Some(secret)) = (field(found, SECRET_KEY_ID), field(found, SECRET_KEY_SECRET)) {
             if access::parse_token(&format!("{id}.{secret}")).is_ok() {
-                return Ok(Ok((id, Secret::new(secret))));
+                let secret = Secret::new(secret);
+                // The cluster turned HTTPS on or off, or its CA changed: the same key, told anew.
+                if field(found, SECRET_ENDPOINT).as_deref() != Some(&endpoint.url)
+                    || field(found, SECRET_CA) != endpoint.ca_pem
+                {
+                    // A merge patch of `data`: a CA no longer wanted goes (null), which an apply of
+                    // `stringData` could not say.
+                    use base64::Engine;
+                    let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
+                    let patch = serde_json::json!({"data": {
+                        SECRET_ENDPOINT: b64(&endpoint.url),
+                        SECRET_CA: endpoint.ca_pem.as_deref().map(b64),
+                    }});
+                    secrets.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                    ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                return Ok(Ok((id, secret)));
             }
         }
         tracing::warn!(secret = %name, "the key's Secret holds no key: a new key is made");
     }
     let (id, secret) = access::new_credentials();
-    let body = secret_object(key, sc, &name, &id, &secret);
+    let body = secret_object(key, &name, &id, &secret, &endpoint);
     match found {
         None => {
             secrets.create(&PostParams::default(), &body).await?;
@@ -316,16 +346,24 @@ async fn credentials(
     Ok(Ok((id, secret)))
 }
 
+/// Where an application reaches the cluster: the Service's URL, and the CA to trust for HTTPS.
+struct Endpoint {
+    url: String,
+    ca_pem: Option<String>,
+}
+
 /// The Secret an application mounts or takes its environment from; owned by the key, so it goes
 /// with it.
-fn secret_object(key: &StoreAccessKey, sc: &StoreCluster, name: &str, id: &str, secret: &Secret) -> KubeSecret {
-    let endpoint = format!("http://{}.{}.svc:{API_PORT}", sc.name_any(), sc.namespace().unwrap_or_default());
-    let data = BTreeMap::from([
+fn secret_object(key: &StoreAccessKey, name: &str, id: &str, secret: &Secret, endpoint: &Endpoint) -> KubeSecret {
+    let mut data = BTreeMap::from([
         (SECRET_KEY_ID.to_owned(), id.to_owned()),
         (SECRET_KEY_SECRET.to_owned(), secret.expose().to_owned()),
         (SECRET_TOKEN.to_owned(), access::token(id, secret)),
-        (SECRET_ENDPOINT.to_owned(), endpoint),
+        (SECRET_ENDPOINT.to_owned(), endpoint.url.clone()),
     ]);
+    if let Some(ca) = &endpoint.ca_pem {
+        data.insert(SECRET_CA.to_owned(), ca.clone());
+    }
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "cairn".to_owned()),
         ("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned()),

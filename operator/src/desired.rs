@@ -60,6 +60,7 @@ pub fn check_spec(spec: &StoreClusterSpec) -> Result<(u64, u64, Option<u64>), Sp
     let segment = parse_size("segmentSize", &spec.segment_size)?;
     let max_blob = spec.max_blob_size.as_deref().map(|s| parse_size("maxBlobSize", s)).transpose()?;
     let config = ClusterConfig {
+        blob_tls: None,
         replication_factor: spec.replication_factor,
         write_quorum: spec.write_quorum,
         partitions: 1,
@@ -176,6 +177,7 @@ pub fn desired(
     let wanted = spec.partitions_per_disk.saturating_mul(disk_count as u32).saturating_add(read_only).min(by_space);
     let existing = current.partitions.keys().max().map(|m| m + 1).unwrap_or(0);
     let config = ClusterConfig {
+        blob_tls: None,
         replication_factor: spec.replication_factor,
         write_quorum: spec.write_quorum,
         partitions: wanted.max(existing).clamp(1, cairn_cluster::topology::MAX_PARTITIONS),

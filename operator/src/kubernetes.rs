@@ -26,6 +26,8 @@ pub const API_PORT: u16 = 7480;
 pub const PEER_PORT: u16 = 7481;
 /// The uid and gid datanodes run as (the image's user; not root).
 pub const DATANODE_UID: i64 = 65532;
+/// Where a datanode Pod has the Secret of `spec.tls.secretName` mounted.
+const BLOB_TLS_PATH: &str = "/etc/cairn/tls";
 
 /// Label selecting a cluster's objects.
 pub fn labels(cluster: &str) -> BTreeMap<String, String> {
@@ -402,8 +404,15 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         }),
         ..PodDisruptionBudget::default()
     }));
+    // The kubelet probes HTTPS without checking the certificate, as Kubernetes documents.
+    let scheme = sc.spec.tls.as_ref().map(|_| "HTTPS".to_string());
     let http_get = |path: &str| {
-        Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(api_port), ..HTTPGetAction::default() })
+        Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(api_port),
+            scheme: scheme.clone(),
+            ..HTTPGetAction::default()
+        })
     };
     for machine in machines {
         let name = pod_name(&cluster, &machine.name);
@@ -439,6 +448,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             volumes.push(host_path(format!("disk{i}"), &path));
         }
         let mut command = cairn_cluster::datanode_command::DatanodeCommand {
+            tls: None,
             etcd: sc.spec.etcd.endpoints.clone(),
             cluster: cluster.clone(),
             namespace: namespace.clone(),
@@ -474,6 +484,30 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             cert: peer_file("tls.crt"),
             key: peer_file("tls.key"),
         });
+        // HTTPS on the blob API: the Secret the spec names, or the node's own certificate (it
+        // names the Service too when the operator issues it).
+        match sc.spec.tls.as_ref().map(|t| t.secret_name.as_ref()) {
+            None => {}
+            Some(None) => command.tls = Some((peer_file("tls.crt"), peer_file("tls.key"))),
+            Some(Some(secret)) => {
+                mounts.push(VolumeMount {
+                    name: "blob-tls".into(),
+                    mount_path: BLOB_TLS_PATH.into(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
+                volumes.push(Volume {
+                    name: "blob-tls".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(secret.clone()),
+                        default_mode: Some(0o440),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                });
+                command.tls = Some((format!("{BLOB_TLS_PATH}/tls.crt"), format!("{BLOB_TLS_PATH}/tls.key")));
+            }
+        }
         if let Some(secret) = &sc.spec.etcd.tls_secret {
             mounts.push(VolumeMount {
                 name: "etcd-tls".into(),
@@ -792,6 +826,10 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         Ok(())
     }
 
+    async fn blob_tls(&self) -> Result<Option<cairn_cluster::BlobTls>, PlatformError> {
+        crate::peer_certs::blob_tls(&self.client, self.cluster).await
+    }
+
     /// The Secret named by `spec.etcd.tlsSecret`: `ca.crt`, and `tls.crt` + `tls.key` if present.
     async fn etcd_tls(&self) -> Result<Option<cairn_cluster::etcd::EtcdTls>, PlatformError> {
         let Some(secret_name) = &self.cluster.spec.etcd.tls_secret else { return Ok(None) };
@@ -1040,6 +1078,52 @@ mod tests {
         assert_ne!(eks, other, "two node names that clean up alike stay apart");
         assert_eq!(label_value("n0"), "n0");
         assert!(label_value(&"n".repeat(100)).len() <= 63);
+    }
+
+    /// `spec.tls`: HTTPS on the blob port from the node's own certificate, or from the Secret the
+    /// spec names (mounted read-only for the datanode's group); the probes speak HTTPS.
+    #[test]
+    fn the_blob_port_speaks_https_with_the_certificate_the_spec_asks_for() {
+        let pod_of = |tls: Value| -> Value {
+            let sc: StoreCluster = serde_json::from_value(json!({
+                "apiVersion": "cairn.dev/v1alpha1", "kind": "StoreCluster",
+                "metadata": {"name": "c1", "namespace": "store", "uid": "u1"},
+                "spec": {"image": "cairn:1", "volumeSize": "1Gi", "segmentSize": "64Mi", "replicationFactor": 1,
+                         "writeQuorum": 1, "etcd": {"endpoints": ["http://etcd:2379"]}, "tls": tls}}))
+            .unwrap();
+            let machine = Machine {
+                name: "m1".into(),
+                zone: "a".into(),
+                disks: Vec::new(),
+                address: "c1-m1.c1-nodes.store.svc:7480".into(),
+                selected: true,
+                down: None,
+            };
+            objects(&sc, &[machine]).into_iter().find(|(r, _, _)| r.kind == "Pod").unwrap().2
+        };
+        let flag = |pod: &Value, name: &str| -> Option<String> {
+            let args = pod["spec"]["containers"][0]["args"].as_array().unwrap();
+            args.iter().position(|a| a == name).map(|i| args[i + 1].as_str().unwrap().to_owned())
+        };
+        let plain = pod_of(Value::Null);
+        assert_eq!(flag(&plain, "--tls-cert"), None);
+        assert!(plain["spec"]["containers"][0]["readinessProbe"]["httpGet"]["scheme"].is_null());
+        assert_eq!(flag(&plain, "--peer-tls-cert").as_deref(), Some("/etc/cairn/peer-tls/tls.crt"));
+        let issued = pod_of(json!({}));
+        assert_eq!(flag(&issued, "--tls-cert").as_deref(), Some("/etc/cairn/peer-tls/tls.crt"));
+        assert_eq!(flag(&issued, "--tls-key").as_deref(), Some("/etc/cairn/peer-tls/tls.key"));
+        for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+            assert_eq!(issued["spec"]["containers"][0][probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+        }
+        let own = pod_of(json!({"secretName": "blob-cert"}));
+        assert_eq!(flag(&own, "--tls-cert").as_deref(), Some("/etc/cairn/tls/tls.crt"));
+        let volume = own["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "blob-tls").unwrap();
+        assert_eq!(volume["secret"], json!({"secretName": "blob-cert", "defaultMode": 0o440}));
+        let mount = own["spec"]["containers"][0]["volumeMounts"].as_array().unwrap();
+        assert!(mount
+            .iter()
+            .any(|m| m["name"] == "blob-tls" && m["readOnly"] == true && m["mountPath"] == "/etc/cairn/tls"));
+        assert_eq!(own["spec"]["securityContext"]["fsGroup"], 65532);
     }
 
     /// What the operator applies, byte for byte: the datanode Pods' spec hashes (a change to

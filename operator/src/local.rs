@@ -148,6 +148,7 @@ impl LocalPlatform {
 
     fn args(&self, m: &LocalMachine) -> Vec<String> {
         cairn_cluster::datanode_command::DatanodeCommand {
+            tls: None,
             etcd: self.etcd.clone(),
             cluster: self.cluster.clone(),
             namespace: self.namespace.clone(),

@@ -40,9 +40,17 @@ pub fn node_secret_name(cluster: &str, machine: &str) -> String {
 
 /// The names a datanode's certificate is for: the host its peers dial (the address it
 /// advertises, `<pod>.<cluster>-nodes.<namespace>.svc`) and its fully qualified form.
-pub fn node_hosts(machine: &Machine) -> Vec<String> {
+/// When the operator issues the blob API's certificates (`spec.tls` without a Secret), the
+/// same certificate serves it: it names the Service too, and `spec.tls.extraNames`.
+pub fn node_hosts(sc: &StoreCluster, machine: &Machine) -> Vec<String> {
     let host = machine.address.rsplit_once(':').map_or(machine.address.as_str(), |(h, _)| h);
-    vec![host.to_owned(), format!("{host}.cluster.local")]
+    let mut hosts = vec![host.to_owned(), format!("{host}.cluster.local")];
+    if let Some(tls) = sc.spec.tls.as_ref().filter(|t| t.secret_name.is_none()) {
+        let service = service_host(sc);
+        hosts.extend([format!("{service}.cluster.local"), service]);
+        hosts.extend(tls.extra_names.iter().cloned());
+    }
+    hosts
 }
 
 /// Makes the CA if there is none, and a certificate for every machine in `machines` that has
@@ -55,34 +63,12 @@ pub async fn ensure(
     let namespace = sc.namespace().unwrap_or_default();
     let cluster = sc.name_any();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let mut changes = Vec::new();
-    let ca_name = ca_secret_name(&cluster);
-    let ca = match secrets.get_opt(&ca_name).await? {
-        Some(found) => {
-            owned(sc, &found)?;
-            let (cert, key) = (field(&found, "ca.crt"), field(&found, "ca.key"));
-            let (Some(cert), Some(key)) = (cert, key) else {
-                return Err(PlatformError::Invalid(format!(
-                    "Secret {namespace}/{ca_name} holds no ca.crt and ca.key: delete it to have a new CA made \
-                     (every datanode's certificate is then issued anew)"
-                )));
-            };
-            PeerCa::from_pem(&cert, &key).map_err(|e| {
-                PlatformError::Invalid(format!("Secret {namespace}/{ca_name}: {e}: delete it to have a new CA made"))
-            })?
-        }
-        None => {
-            let ca = PeerCa::generate(&cluster).map_err(|e| PlatformError::Invalid(format!("making the CA: {e}")))?;
-            let data = [("ca.crt", ca.cert_pem()), ("ca.key", ca.key_pem())];
-            secrets.create(&PostParams::default(), &secret(sc, &ca_name, "Opaque", "peer-ca", &data)).await?;
-            changes.push(format!("made the cluster's peer CA (Secret {ca_name})"));
-            ca
-        }
-    };
+    let (ca, made) = cluster_ca(client, sc).await?;
+    let mut changes: Vec<String> = made.into_iter().collect();
     let now = time::OffsetDateTime::now_utc();
     for machine in machines {
         let name = node_secret_name(&cluster, &machine.name);
-        let hosts = node_hosts(machine);
+        let hosts = node_hosts(sc, machine);
         let found = secrets.get_opt(&name).await?;
         if let Some(found) = &found {
             owned(sc, found)?;
@@ -108,6 +94,69 @@ pub async fn ensure(
         changes.push(format!("issued {}'s peer certificate ({reason})", machine.name));
     }
     Ok(changes)
+}
+
+/// The cluster's CA, made (and said so) when there is none.
+pub async fn cluster_ca(client: &kube::Client, sc: &StoreCluster) -> Result<(PeerCa, Option<String>), PlatformError> {
+    let namespace = sc.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let ca_name = ca_secret_name(&sc.name_any());
+    match secrets.get_opt(&ca_name).await? {
+        Some(found) => {
+            owned(sc, &found)?;
+            let (Some(cert), Some(key)) = (field(&found, "ca.crt"), field(&found, "ca.key")) else {
+                return Err(PlatformError::Invalid(format!(
+                    "Secret {namespace}/{ca_name} holds no ca.crt and ca.key: delete it to have a new CA made \
+                     (every datanode's certificate is then issued anew)"
+                )));
+            };
+            let ca = PeerCa::from_pem(&cert, &key).map_err(|e| {
+                PlatformError::Invalid(format!("Secret {namespace}/{ca_name}: {e}: delete it to have a new CA made"))
+            })?;
+            Ok((ca, None))
+        }
+        None => {
+            let ca =
+                PeerCa::generate(&sc.name_any()).map_err(|e| PlatformError::Invalid(format!("making the CA: {e}")))?;
+            let data = [("ca.crt", ca.cert_pem()), ("ca.key", ca.key_pem())];
+            secrets.create(&PostParams::default(), &secret(sc, &ca_name, "Opaque", "peer-ca", &data)).await?;
+            Ok((ca, Some(format!("made the cluster's CA (Secret {ca_name})"))))
+        }
+    }
+}
+
+/// How the blob API's certificates are checked (`spec.tls`): against the CA in the Secret the
+/// spec names (its `ca.crt`, else the chain in `tls.crt`), or the cluster's own CA; for the name
+/// `<cluster>.<namespace>.svc`, which the certificates must carry.
+pub async fn blob_tls(
+    client: &kube::Client,
+    sc: &StoreCluster,
+) -> Result<Option<cairn_cluster::BlobTls>, PlatformError> {
+    let Some(tls) = &sc.spec.tls else { return Ok(None) };
+    let namespace = sc.namespace().unwrap_or_default();
+    let ca_pem = match &tls.secret_name {
+        Some(name) => {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+            let found = secrets
+                .get_opt(name)
+                .await?
+                .ok_or_else(|| PlatformError::Invalid(format!("TLS Secret {namespace}/{name} not found")))?;
+            if field(&found, "tls.key").is_none() {
+                return Err(PlatformError::Invalid(format!("TLS Secret {namespace}/{name} has no tls.key")));
+            }
+            field(&found, "ca.crt")
+                .filter(|c| !c.trim().is_empty())
+                .or_else(|| field(&found, "tls.crt"))
+                .ok_or_else(|| PlatformError::Invalid(format!("TLS Secret {namespace}/{name} has no tls.crt")))?
+        }
+        None => cluster_ca(client, sc).await?.0.cert_pem().to_owned(),
+    };
+    Ok(Some(cairn_cluster::BlobTls { ca_pem, server_name: service_host(sc) }))
+}
+
+/// The cluster's Service, as clients in the cluster name it.
+pub fn service_host(sc: &StoreCluster) -> String {
+    format!("{}.{}.svc", sc.name_any(), sc.namespace().unwrap_or_default())
 }
 
 /// A Secret of the cluster's, owned by it (so it goes with it).
@@ -166,6 +215,20 @@ mod tests {
             selected: true,
             down: None,
         };
-        assert_eq!(node_hosts(&machine), ["c1-m1.c1-nodes.store.svc", "c1-m1.c1-nodes.store.svc.cluster.local"]);
+        let sc = |tls: serde_json::Value| -> StoreCluster {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cairn.dev/v1alpha1", "kind": "StoreCluster",
+                "metadata": {"name": "c1", "namespace": "store", "uid": "u1"},
+                "spec": {"image": "cairn:1", "volumeSize": "1Gi", "segmentSize": "64Mi", "replicationFactor": 3,
+                         "writeQuorum": 2, "etcd": {"endpoints": ["http://etcd:2379"]}, "tls": tls}}))
+            .unwrap()
+        };
+        let own = ["c1-m1.c1-nodes.store.svc", "c1-m1.c1-nodes.store.svc.cluster.local"];
+        assert_eq!(node_hosts(&sc(serde_json::Value::Null), &machine), own);
+        // A Secret of the user's serves the blob API: the node's certificate stays its own.
+        assert_eq!(node_hosts(&sc(serde_json::json!({"secretName": "mine"})), &machine), own);
+        // The operator's certificate serves the blob API too: the Service and the extra names.
+        let issued = node_hosts(&sc(serde_json::json!({"extraNames": ["blobs.example.com"]})), &machine);
+        assert_eq!(issued[2..], ["c1.store.svc.cluster.local", "c1.store.svc", "blobs.example.com"]);
     }
 }

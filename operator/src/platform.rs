@@ -68,6 +68,11 @@ pub trait Platform {
     ) -> impl Future<Output = Result<bool, PlatformError>> + Send;
     /// TLS material for etcd, when the spec names it.
     fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, PlatformError>> + Send;
+    /// How the cluster's blob API certificates are checked, when it speaks HTTPS (recorded in
+    /// the cluster's config for whoever calls its datanodes).
+    fn blob_tls(&self) -> impl Future<Output = Result<Option<cairn_cluster::BlobTls>, PlatformError>> + Send {
+        async { Ok(None) }
+    }
 
     /// The etcd clients this platform keeps from pass to pass; none: each pass connects.
     fn etcd_clients(&self) -> Option<&EtcdClients> {
@@ -235,6 +240,10 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Ok(tls) => tls,
         Err(e) => return Outcome::degraded("EtcdTlsUnavailable", e.to_string()),
     };
+    let blob_tls = match platform.blob_tls().await {
+        Ok(tls) => tls,
+        Err(e) => return Outcome::degraded("BlobTlsUnavailable", e.to_string()),
+    };
     let store = match etcd_of(platform, spec, namespace, name, tls.as_ref()).await {
         Ok(store) => store,
         Err(message) => return Outcome::degraded("EtcdUnreachable", message),
@@ -252,7 +261,10 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     // condition with its reason, never a stop: the pass goes on and serves everything that exists.
     let mut problem: Option<(&'static str, String)> = None;
     let plan = match desired(name, spec, &machines, &snapshot.topology) {
-        Ok(plan) => Some(plan),
+        Ok(mut plan) => {
+            plan.config.blob_tls = blob_tls;
+            Some(plan)
+        }
         Err(e) => {
             let reason = match e {
                 SpecError::Invalid { .. } => "InvalidSpec",
@@ -575,19 +587,36 @@ async fn move_step(
     }
 }
 
-/// The HTTP client for datanodes' admin API, one for the process (its connections are reused
-/// from pass to pass); a datanode that does not answer within 2 s is taken as not answering.
-fn datanode_http() -> &'static reqwest::Client {
-    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            // The node token goes to datanodes only, never on to wherever a redirect points.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(std::time::Duration::from_secs(2))
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .build()
-            .expect("an HTTP client")
-    })
+/// The HTTP client for datanodes' admin API: one per process for plain HTTP, one per blob CA for
+/// HTTPS (their connections are reused from pass to pass); a datanode that does not answer
+/// within 2 s is taken as not answering.
+fn datanode_http(tls: Option<&cairn_cluster::BlobTls>) -> Option<reqwest::Client> {
+    type Clients = std::sync::Mutex<BTreeMap<Option<cairn_cluster::BlobTls>, reqwest::Client>>;
+    static CLIENTS: std::sync::OnceLock<Clients> = std::sync::OnceLock::new();
+    let mut clients = CLIENTS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(client) = clients.get(&tls.cloned()) {
+        return Some(client.clone());
+    }
+    let mut builder = reqwest::Client::builder()
+        // The node token goes to datanodes only, never on to wherever a redirect points.
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(2))
+        .connect_timeout(std::time::Duration::from_secs(2));
+    if let Some(tls) = tls {
+        match cairn_cluster::blob_tls::client_config(tls) {
+            Ok(config) => builder = builder.use_preconfigured_tls(config),
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster's blob CA is unusable: its datanodes cannot be asked");
+                return None;
+            }
+        }
+    }
+    let client = builder.build().ok()?;
+    if clients.len() > 64 {
+        clients.clear();
+    }
+    clients.insert(tls.cloned(), client.clone());
+    Some(client)
 }
 
 pub use cairn_cluster::admin::ReplicaProgress;
@@ -632,7 +661,15 @@ pub async fn datanode_admin<T: serde::de::DeserializeOwned>(
     address: &str,
     path: &str,
 ) -> Option<T> {
-    let mut request = datanode_http().get(format!("http://{address}{path}"));
+    // HTTPS where the datanode registered it, checked against the cluster's blob CA.
+    let tls = snapshot.live.values().any(|l| l.address == address && l.tls);
+    let blob_tls = snapshot.topology.config.as_ref().and_then(|c| c.blob_tls.as_ref());
+    let url = match (tls, blob_tls) {
+        (false, _) => format!("http://{address}{path}"),
+        (true, Some(_)) => format!("https://{address}{path}"),
+        (true, None) => return None,
+    };
+    let mut request = datanode_http(blob_tls.filter(|_| tls))?.get(url);
     if let Some(token) = &snapshot.node_token {
         request = request.header(cairn_cluster::access::NODE_TOKEN_HEADER, token.expose());
     }
@@ -858,6 +895,7 @@ mod tests {
         assert_eq!(unopened_replicas(&snapshot), None);
         for (node, partitions) in [("m0", vec![1u32, 2]), ("m1", vec![]), ("m2", vec![3, 4, 5])] {
             let live = cairn_cluster::LiveNode {
+                tls: false,
                 node: node.into(),
                 address: String::new(),
                 peer_address: None,

@@ -250,6 +250,7 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     let mut registrations = Vec::new();
     for node in ["n0", "n1", "n2"] {
         let live = cairn_cluster::LiveNode {
+            tls: false,
             node: node.into(),
             address: progress_addr.clone(),
             peer_address: None,
@@ -1024,7 +1025,9 @@ fn access_key_yaml(namespace: &str, name: &str, scopes: &[&str], extra: serde_js
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
     use cairn_cluster::access::Scope;
-    use cairn_operator::access_keys::{reconcile_key, SECRET_ENDPOINT, SECRET_KEY_ID, SECRET_KEY_SECRET, SECRET_TOKEN};
+    use cairn_operator::access_keys::{
+        reconcile_key, SECRET_CA, SECRET_ENDPOINT, SECRET_KEY_ID, SECRET_KEY_SECRET, SECRET_TOKEN,
+    };
     use cairn_resources::StoreAccessKey;
     use k8s_openapi::api::core::v1::Secret;
     let etcd = EtcdServer::start();
@@ -1097,6 +1100,32 @@ async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
     let unlimited = store.get_key(&id).await.unwrap().unwrap();
     assert_eq!((unlimited.format, unlimited.partitions), (1, None));
     assert_eq!(field(&secrets("apps").get("uploader").await.unwrap(), SECRET_KEY_ID), id);
+
+    // The cluster turns HTTPS on: the same key, its Secret told the https endpoint and the CA to
+    // trust (the cluster's own, made by the pass); turned off again, the CA goes from the Secret.
+    let mut with_tls = cluster_yaml(&etcd.endpoint(), 3);
+    with_tls["spec"]["accessKeyNamespaces"] = json!(["apps"]);
+    with_tls["spec"]["tls"] = json!({});
+    clusters.patch("c1", &PatchParams::apply("user"), &Patch::Apply(with_tls)).await.unwrap();
+    pass("apps", "uploader").await;
+    let told = secrets("apps").get("uploader").await.unwrap();
+    assert_eq!(field(&told, SECRET_ENDPOINT), "https://c1.store.svc:7480");
+    let ca = secrets("store").get("c1-peer-ca").await.unwrap();
+    assert_eq!(field(&told, SECRET_CA), field(&ca, "ca.crt"));
+    assert_eq!(field(&told, SECRET_KEY_ID), id, "the same key");
+    let before = ctx.writes.load(Ordering::Relaxed);
+    pass("apps", "uploader").await;
+    assert_eq!(ctx.writes.load(Ordering::Relaxed), before, "told once");
+    let mut without = cluster_yaml(&etcd.endpoint(), 3);
+    without["spec"]["accessKeyNamespaces"] = json!(["apps"]);
+    clusters.patch("c1", &PatchParams::apply("user"), &Patch::Apply(without)).await.unwrap();
+    pass("apps", "uploader").await;
+    let untold = secrets("apps").get("uploader").await.unwrap();
+    assert_eq!(field(&untold, SECRET_ENDPOINT), "http://c1.store.svc:7480");
+    assert!(!untold.data.as_ref().unwrap().contains_key(SECRET_CA), "the CA is gone with HTTPS");
+    let before = ctx.writes.load(Ordering::Relaxed);
+    pass("apps", "uploader").await;
+    assert_eq!(ctx.writes.load(Ordering::Relaxed), before, "told once");
 
     // Rotation: the Secret deleted, a new key made and the old one revoked.
     secrets("apps").delete("uploader", &DeleteParams::default()).await.unwrap();

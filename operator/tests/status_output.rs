@@ -293,6 +293,7 @@ fn topology_as_the_datanodes_see_it() {
         |nodes: &[&str]| nodes.iter().map(|n| ReplicaSpec { node: (*n).into(), disk: format!("{n}-d1") }).collect();
     let topology = Topology {
         config: Some(ClusterConfig {
+            blob_tls: None,
             replication_factor: 3,
             write_quorum: 2,
             partitions: 3,
@@ -310,6 +311,7 @@ fn topology_as_the_datanodes_see_it() {
         ..Topology::default()
     };
     let live = |id: &str, address: &str| LiveNode {
+        tls: false,
         node: id.into(),
         address: address.into(),
         peer_address: None,

@@ -76,6 +76,11 @@ pub struct StoreClusterSpec {
     /// API. The replica port is for the cluster's datanodes only, whatever this says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+    /// HTTPS on the blob API (port 7480). Present: every datanode serves it, with a certificate
+    /// the operator issues from the cluster's CA (for the Service `<name>.<namespace>.svc`, the
+    /// datanode's own name and `extraNames`), or the one in `secretName`. Absent: plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BlobTlsSpec>,
     /// Namespaces besides the cluster's own whose StoreAccessKeys may make keys to it (never
     /// `admin` keys): where its applications run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -185,6 +190,21 @@ pub struct NetworkPolicySpec {
     /// let in (it reads the datanodes' admin routes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blob_clients: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlobTlsSpec {
+    /// A `kubernetes.io/tls` Secret in the cluster's namespace (cert-manager's, or your own):
+    /// `tls.crt` (chain, naming `<name>.<namespace>.svc`), `tls.key`, and `ca.crt` when the chain's
+    /// root is not in `tls.crt`. Every datanode serves it; a renewed Secret is served within
+    /// about a minute, without restarts. Unset: the operator issues the certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// More DNS names for the certificates the operator issues (an Ingress host, say).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub extra_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -493,17 +493,29 @@ fn fits(pod: &Value, node: &Value) -> Result<(), String> {
 }
 
 /// HTTP GET `path` on `ip:port`: whether it answers 2xx/3xx within half a second.
-fn probe(ip: &str, port: u64, path: &str) -> bool {
+/// An HTTP GET probe: 2xx or 3xx passes. `https`: over TLS without checking the certificate,
+/// as the kubelet probes (Kubernetes documents that HTTPS probes skip verification).
+fn probe(ip: &str, port: u64, path: &str, https: bool) -> bool {
     let Ok(address) = format!("{ip}:{port}").parse::<std::net::SocketAddr>() else { return false };
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500)) else {
+    let Ok(stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes()).is_err() {
-        return false;
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n");
+    fn answered(mut stream: impl Read + Write, request: &str) -> bool {
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).is_ok() && matches!(head[9], b'2' | b'3')
     }
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).is_ok() && matches!(head[9], b'2' | b'3')
+    if !https {
+        return answered(stream, &request);
+    }
+    let Ok(name) = rustls::pki_types::ServerName::try_from(ip.to_owned()) else { return false };
+    let Ok(connection) = rustls::ClientConnection::new(crate::unchecked_tls_client(), name) else { return false };
+    answered(rustls::StreamOwned::new(connection, stream), &request)
 }
 
 /// One round of the scheduler and the kubelets.
@@ -731,8 +743,10 @@ async fn tick(
                                     .and_then(|p| p["containerPort"].as_u64()),
                                 _ => None,
                             };
-                            let passed = port
-                                .is_some_and(|port| probe(&running.ip, port, probe_of["path"].as_str().unwrap_or("/")));
+                            let passed = port.is_some_and(|port| {
+                                let path = probe_of["path"].as_str().unwrap_or("/");
+                                probe(&running.ip, port, path, probe_of["scheme"] == "HTTPS")
+                            });
                             running.probe_failures = if passed { 0 } else { running.probe_failures + 1 };
                             passed
                                 || (running.ready

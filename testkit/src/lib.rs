@@ -428,8 +428,9 @@ impl MemoryApi {
 
     /// A request's answer: a watch streams its events; anything else is answered whole.
     async fn answer(&self, method: Method, uri: http::Uri, headers: &http::HeaderMap, body: &Bytes) -> Response<Body> {
-        if let Some((target, port, path)) = parse_pod_proxy(uri.path()) {
-            return self.proxy(method, target, port, path, uri.query(), headers, body).await.map(|b| b.boxed_unsync());
+        if let Some((target, https, port, path)) = parse_pod_proxy(uri.path()) {
+            let to = (target, https, port);
+            return self.proxy(method, to, path, uri.query(), headers, body).await.map(|b| b.boxed_unsync());
         }
         if method == Method::GET {
             let path = uri.path();
@@ -465,13 +466,12 @@ impl MemoryApi {
     }
 
     /// The API server's proxy to a Pod: authorized as the `pods/proxy` subresource (`get` for a
-    /// GET), forwarded over HTTP to the Pod's IP and port; 503 while the Pod has no IP.
-    #[allow(clippy::too_many_arguments)]
+    /// GET), forwarded over HTTP to the Pod's IP and port (HTTPS for `https:<pod>:<port>`,
+    /// without checking the Pod's certificate, as kube-apiserver does); 503 while the Pod has no IP.
     async fn proxy(
         &self,
         method: Method,
-        target: Target,
-        port: Option<u16>,
+        (target, https, port): (Target, bool, Option<u16>),
         path: String,
         query: Option<&str>,
         headers: &http::HeaderMap,
@@ -535,17 +535,37 @@ impl MemoryApi {
             }
         }
         let forwarded = async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut stream = tokio::net::TcpStream::connect(&address).await?;
-            let head = format!(
+            use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+            async fn exchange(
+                mut stream: impl AsyncRead + AsyncWrite + Unpin,
+                request: &[u8],
+            ) -> std::io::Result<Vec<u8>> {
+                stream.write_all(request).await?;
+                let mut answer = Vec::new();
+                // A TLS peer may close without close_notify after HTTP/1.0: what came is the answer.
+                match stream.read_to_end(&mut answer).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {}
+                    other => {
+                        other?;
+                    }
+                }
+                Ok(answer)
+            }
+            let stream = tokio::net::TcpStream::connect(&address).await?;
+            let mut request = format!(
                 "{method} {path} HTTP/1.0\r\nHost: {address}\r\n{passed}Content-Length: {}\r\n\r\n",
                 body.len()
-            );
-            stream.write_all(head.as_bytes()).await?;
-            stream.write_all(body).await?;
-            let mut answer = Vec::new();
-            stream.read_to_end(&mut answer).await?;
-            Ok::<_, std::io::Error>(answer)
+            )
+            .into_bytes();
+            request.extend_from_slice(body);
+            if https {
+                let ip = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h).to_owned();
+                let name = rustls::pki_types::ServerName::try_from(ip).map_err(std::io::Error::other)?;
+                let tls = tokio_rustls::TlsConnector::from(unchecked_tls_client()).connect(name, stream).await?;
+                exchange(tls, &request).await
+            } else {
+                exchange(stream, &request).await
+            }
         };
         let answer = match tokio::time::timeout(std::time::Duration::from_secs(10), forwarded).await {
             Ok(Ok(answer)) => answer,
@@ -1432,15 +1452,70 @@ fn timestamp(t: k8s_openapi::jiff::Timestamp) -> String {
 
 /// `/api/v1/namespaces/{ns}/pods/{name}[:port]/proxy[/{path}]`: the Pod, its port if given, and
 /// the path to forward.
-fn parse_pod_proxy(path: &str) -> Option<(Target, Option<u16>, String)> {
+/// A TLS client that does not check the server's certificate: kube-apiserver's proxy to a Pod
+/// and the kubelet's HTTPS probes do not either.
+pub(crate) fn unchecked_tls_client() -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct Unchecked(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for Unchecked {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(Unchecked(provider)))
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
+}
+
+/// `pods/[scheme:]name[:port]/proxy/...`: the target, whether HTTPS, the port and the path.
+fn parse_pod_proxy(path: &str) -> Option<(Target, bool, Option<u16>, String)> {
     let parts: Vec<&str> = path.trim_start_matches('/').splitn(8, '/').collect();
     let ["api", "v1", "namespaces", ns, "pods", pod, "proxy", ref rest @ ..] = parts[..] else { return None };
+    let (https, pod) = match pod.split_once(':') {
+        Some(("https", rest)) => (true, rest),
+        Some(("http", rest)) => (false, rest),
+        _ => (false, pod),
+    };
     let (name, port) = match pod.split_once(':') {
         Some((name, port)) => (name, Some(port.parse().ok()?)),
         None => (pod, None),
     };
     let key = ("v1".to_owned(), ns.to_owned(), "pods".to_owned(), name.to_owned());
-    Some((Target { key, sub: Subresource::Proxy }, port, format!("/{}", rest.first().copied().unwrap_or_default())))
+    let path = format!("/{}", rest.first().copied().unwrap_or_default());
+    Some((Target { key, sub: Subresource::Proxy }, https, port, path))
 }
 
 /// `/api/v1/...` or `/apis/{group}/{version}/...`, then `[namespaces/{ns}/]{plural}[/{name}[/status]]`.

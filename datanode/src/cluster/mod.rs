@@ -85,6 +85,8 @@ pub struct ClusterOptions {
     /// Mutual TLS on the peer port and in calls to peers: the cluster CA, this node's
     /// certificate and key (PEM files; the certificate is reloaded when its files change).
     pub peer_tls: Option<PeerTlsFiles>,
+    /// Whether the blob API speaks HTTPS (`--tls-cert`; registered in `live/<node>.tls`).
+    pub blob_tls: bool,
     pub volumes: VolumeSource,
     /// Timeout of one request to another datanode.
     pub peer_timeout: Duration,
@@ -191,6 +193,7 @@ impl Cluster {
             cancel: cancel.clone(),
         });
         let live = LiveNode {
+            tls: cluster.options.blob_tls,
             node: cluster.options.node_id.clone(),
             address: cluster.options.advertise.clone(),
             peer_address: cluster.options.peer_advertise.clone(),

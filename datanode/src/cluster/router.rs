@@ -600,6 +600,7 @@ mod tests {
         snapshot.topology = Topology { partitions, ..Topology::default() };
         for n in live {
             let node = LiveNode {
+                tls: false,
                 node: n.to_string(),
                 address: String::new(),
                 peer_address: None,
@@ -616,6 +617,7 @@ mod tests {
 
     fn config() -> ClusterConfig {
         ClusterConfig {
+            blob_tls: None,
             replication_factor: 3,
             write_quorum: 2,
             partitions: 2,

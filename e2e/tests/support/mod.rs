@@ -28,6 +28,18 @@ fn auth_headers() -> reqwest::header::HeaderMap {
     headers
 }
 
+/// An async client that authenticates with the test key and reaches a cluster's blob API over
+/// HTTPS, trusting `ca_pem` for the name `server_name` whatever address it dials (as the operator
+/// does: `cairn_cluster::blob_tls`).
+pub fn async_tls_client(ca_pem: &str, server_name: &str) -> reqwest::Client {
+    let tls = cairn_cluster::BlobTls { ca_pem: ca_pem.to_owned(), server_name: server_name.to_owned() };
+    reqwest::Client::builder()
+        .default_headers(auth_headers())
+        .use_preconfigured_tls(cairn_cluster::blob_tls::client_config(&tls).unwrap())
+        .build()
+        .unwrap()
+}
+
 /// A blocking client that authenticates with the test key ([`install_test_key`]).
 pub fn client() -> reqwest::blocking::Client {
     client_builder().build().unwrap()

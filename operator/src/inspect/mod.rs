@@ -176,7 +176,10 @@ impl Source {
         }
         let Source::Kubernetes { client, namespace, through_proxy, .. } = self else { return None };
         let pod = crate::kubernetes::pod_name(&sc.name_any(), node);
-        let uri = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{}/proxy{path}", crate::kubernetes::API_PORT);
+        // `https:` where the datanode serves HTTPS (the API server does not check its certificate).
+        let scheme = if snapshot.live.get(node).is_some_and(|l| l.tls) { "https:" } else { "" };
+        let port = crate::kubernetes::API_PORT;
+        let uri = format!("/api/v1/namespaces/{namespace}/pods/{scheme}{pod}:{port}/proxy{path}");
         let mut request = http::Request::get(uri);
         if let Some(token) = &snapshot.node_token {
             request = request.header(cairn_cluster::access::NODE_TOKEN_HEADER, token.expose());
