@@ -58,7 +58,8 @@ impl PeerCa {
     /// A certificate for `node`, valid for `days`, for these host names and IP addresses: a
     /// server's (its peer port) and a client's (its calls to peers) at once.
     pub fn issue(&self, node: &str, hosts: &[String], days: i64) -> anyhow::Result<NodeCertificate> {
-        self.issue_between(node, hosts, time_in_days(0) - time::Duration::minutes(5), time_in_days(days))
+        // Valid from an hour ago: a peer whose clock is behind still accepts a fresh renewal.
+        self.issue_between(node, hosts, time_in_days(0) - time::Duration::hours(1), time_in_days(days))
     }
 
     /// A certificate for `node` valid from `not_before` to `not_after` (see [`issue`](Self::issue)).
@@ -110,24 +111,9 @@ pub fn renewal_reason(
     if cert.verify_signature(Some(ca_cert.public_key())).is_err() {
         return Some("the cluster's CA did not sign it".into());
     }
-    let mut named: Vec<String> = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .map(|n| match n {
-                x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
-                x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
-                    4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).expect("4 bytes")).to_string(),
-                    16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).expect("16 bytes")).to_string(),
-                    _ => String::new(),
-                },
-                other => other.to_string(),
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    let mut wanted = hosts.to_vec();
+    let mut named = names_of(&cert);
+    // As the certificate says them: IP addresses in canonical form, DNS names in lower case.
+    let mut wanted: Vec<String> = hosts.iter().map(|h| canonical_host(h)).collect();
     named.sort();
     wanted.sort();
     if named != wanted {
@@ -139,6 +125,49 @@ pub fn renewal_reason(
         return Some(format!("it expires at {until} (renewed from {renew_at})"));
     }
     None
+}
+
+/// Whether `key_pem` is the private key of the first certificate in `cert_pem`.
+pub fn key_matches(cert_pem: &str, key_pem: &str) -> bool {
+    let Ok(key) = KeyPair::from_pem(key_pem) else { return false };
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else { return false };
+    let Ok(cert) = pem.parse_x509() else { return false };
+    cert.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+}
+
+/// The DNS names and IP addresses (canonical) in the first certificate of `pem`.
+pub fn certificate_names(pem: &str) -> anyhow::Result<Vec<String>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| anyhow::anyhow!("not PEM: {e}"))?;
+    let cert = pem.parse_x509().map_err(|e| anyhow::anyhow!("not a certificate: {e}"))?;
+    Ok(names_of(&cert))
+}
+
+fn names_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => d.to_ascii_lowercase(),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).expect("4 bytes")).to_string(),
+                    16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).expect("16 bytes")).to_string(),
+                    _ => String::new(),
+                },
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A host as a certificate carries it: an IP address in canonical form, a DNS name in lower case.
+fn canonical_host(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => host.to_ascii_lowercase(),
+    }
 }
 
 fn time_in_days(days: i64) -> time::OffsetDateTime {
@@ -185,6 +214,14 @@ mod tests {
         let moved = vec!["c1-n1.c1-nodes.other.svc".to_string(), "10.0.0.1".to_string()];
         assert!(reason(Some(ca.cert_pem()), cert, &moved, now).unwrap().contains("names"));
         // Another CA's certificate, even presented with this CA's certificate beside it.
+        // Hosts as a user may write them: the certificate's canonical forms are the same names.
+        let spelled = vec!["C1-N1.c1-nodes.store.svc".to_string(), "10.0.0.1".to_string()];
+        assert_eq!(reason(Some(ca.cert_pem()), cert, &spelled, now), None);
+        let v6 = ca.issue("n1", &["fd00::1".into()], 90).unwrap();
+        assert_eq!(reason(Some(ca.cert_pem()), Some(&v6.cert_pem), &["FD00:0:0::0001".to_string()], now), None);
+        assert!(key_matches(&node.cert_pem, &node.key_pem));
+        assert!(!key_matches(&node.cert_pem, &v6.key_pem), "another certificate's key");
+        assert!(!key_matches(&node.cert_pem, "junk"));
         let stranger = PeerCa::generate("c1").unwrap().issue("n1", &hosts, 90).unwrap();
         let signed = reason(Some(ca.cert_pem()), Some(&stranger.cert_pem), &hosts, now).unwrap();
         assert!(signed.contains("did not sign"), "{signed}");

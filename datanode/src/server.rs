@@ -226,8 +226,9 @@ pub async fn run_cluster(
     let peer_tls = match &options.peer_tls {
         Some(files) => {
             let tls = crate::tls::peer_tls(&files.ca, &files.cert, &files.key)?;
-            // A renewed node certificate is taken within seconds, for serving and for calling.
+            // A renewed node certificate (or CA) is taken within seconds, for serving and for calling.
             tokio::spawn(tls.files.clone().watch(std::time::Duration::from_secs(2), shutdown.clone()));
+            tokio::spawn(tls.trust.clone().watch(std::time::Duration::from_secs(2), shutdown.clone()));
             Some(tls)
         }
         None => None,

@@ -140,36 +140,195 @@ impl rustls::client::ResolvesClientCert for CertificateFiles {
 }
 
 /// A peer port's TLS: the acceptor (a client certificate from the cluster CA required), the
-/// client configuration for calling peers (the same certificate; the CA as the only root), and
-/// the node's certificate files to watch.
+/// client configuration for calling peers (the same certificate; the cluster CA as the only
+/// root), the node's certificate files and the CA file to watch.
 pub struct PeerTls {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub client: rustls::ClientConfig,
     pub files: Arc<CertificateFiles>,
+    pub trust: Arc<PeerTrust>,
 }
 
-/// [`PeerTls`] from PEM files: the cluster CA's certificate, the node's certificate and key.
-pub fn peer_tls(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<PeerTls> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca_cert in
-        CertificateDer::pem_file_iter(ca).map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?
-    {
-        let ca_cert = ca_cert.map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
-        roots.add(ca_cert).map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
+/// What a node trusts on its peer port, both ways: the CA certificates in the `--peer-tls-ca`
+/// file, read again when it changes ([`PeerTrust::watch`]). A new CA reaches every node through
+/// its files (a Secret's update on Kubernetes) without a restart; a bundle of the old and the
+/// new CA lets nodes that already present new certificates and nodes that do not yet talk.
+#[derive(Debug)]
+pub struct PeerTrust {
+    ca: std::path::PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: std::sync::RwLock<Verifiers>,
+}
+
+#[derive(Debug)]
+struct Verifiers {
+    pem: Vec<u8>,
+    clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    servers: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl PeerTrust {
+    fn new(ca: &std::path::Path, provider: Arc<rustls::crypto::CryptoProvider>) -> anyhow::Result<Self> {
+        let current = Self::load(ca, &provider)?;
+        Ok(Self { ca: ca.to_owned(), provider, current: std::sync::RwLock::new(current) })
     }
-    anyhow::ensure!(!roots.is_empty(), "--peer-tls-ca {}: no certificate in it", ca.display());
-    let roots = Arc::new(roots);
+
+    fn load(ca: &std::path::Path, provider: &Arc<rustls::crypto::CryptoProvider>) -> anyhow::Result<Verifiers> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
+            roots.add(cert).map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
+        }
+        anyhow::ensure!(!roots.is_empty(), "--peer-tls-ca {}: no certificate in it", ca.display());
+        let roots = Arc::new(roots);
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
+        let servers = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
+        Ok(Verifiers { pem, clients, servers })
+    }
+
+    fn now(&self) -> std::sync::RwLockReadGuard<'_, Verifiers> {
+        self.current.read().expect("trust lock")
+    }
+
+    // Handshake signatures are checked the same way both ways, whatever the CA.
+    fn signature_12(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn signature_13(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+
+    /// Reads the CA file again every `every` until `shutdown`; one that does not load is logged
+    /// and the previous trust kept.
+    pub async fn watch(self: Arc<Self>, every: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let (ca, provider) = (self.ca.clone(), self.provider.clone());
+            match tokio::task::spawn_blocking(move || Self::load(&ca, &provider)).await {
+                Ok(Ok(loaded)) => {
+                    let mut current = self.current.write().expect("trust lock");
+                    if current.pem != loaded.pem {
+                        *current = loaded;
+                        tracing::info!(ca = %self.ca.display(), "peer CA reloaded");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "the peer CA file changed and does not load; trusting the previous one")
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the peer CA failed"),
+            }
+        }
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for PeerTrust {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // No hints (they are optional): the node has one certificate to present anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.now().clients.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.signature_12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.signature_13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes()
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerTrust {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.now().servers.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.signature_12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.signature_13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes()
+    }
+}
+
+/// [`PeerTls`] from PEM files: the cluster CA's certificate(s), the node's certificate and key.
+pub fn peer_tls(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<PeerTls> {
     let provider = Arc::new(provider());
+    let trust = Arc::new(PeerTrust::new(ca, provider.clone())?);
     let files = Arc::new(CertificateFiles::new(cert, key, provider.clone())?);
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| anyhow::anyhow!("--peer-tls-ca {}: {e}", ca.display()))?;
-    let server = acceptor(provider.clone(), verifier, files.clone())?;
+    let server = acceptor(provider.clone(), trust.clone(), files.clone())?;
     let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(trust.clone())
         .with_client_cert_resolver(files.clone());
-    Ok(PeerTls { acceptor: server, client, files })
+    Ok(PeerTls { acceptor: server, client, files, trust })
 }

@@ -147,14 +147,18 @@ pub fn remove_leftover(path: &Path) -> std::io::Result<()> {
     std::fs::remove_dir_all(path)
 }
 
-/// Gives `dir` and everything under it to `uid`:`gid`; what already belongs to them is left
-/// alone. The walk goes by directory descriptors opened with `O_NOFOLLOW` and changes entries
-/// with `AT_SYMLINK_NOFOLLOW`: the files' new owner cannot swap a directory for a symlink mid-walk
-/// and have the agent (root) give away what lies outside the volume.
+/// Gives `dir` and everything under it to `uid`:`gid`, and closes `dir` to everyone else (0700:
+/// another cluster's datanode, under another uid, cannot enter it); what already belongs to them
+/// is left alone. The walk goes by directory descriptors opened with `O_NOFOLLOW` and changes
+/// entries with `AT_SYMLINK_NOFOLLOW`: the files' new owner cannot swap a directory for a symlink
+/// mid-walk and have the agent (root) give away what lies outside the volume.
 pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     use rustix::fs::{Mode, OFlags, CWD};
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = rustix::fs::openat(CWD, dir, flags, Mode::empty())?;
+    if rustix::fs::fstat(&fd)?.st_mode & 0o7777 != 0o700 {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))?;
+    }
     chown_dir(fd, uid, gid)
 }
 
@@ -204,5 +208,7 @@ mod tests {
         }
         assert_eq!(std::fs::metadata(&outside).unwrap().uid(), 0, "a symlinked directory's target is not given away");
         assert_eq!(std::fs::metadata(outside.join("secret")).unwrap().uid(), 0, "nor a symlinked file's");
+        assert_eq!(std::fs::metadata(&volume).unwrap().mode() & 0o777, 0o700, "closed to other uids");
+        assert_eq!(std::fs::metadata(&outside).unwrap().mode() & 0o777, 0o755, "nothing outside changes mode");
     }
 }

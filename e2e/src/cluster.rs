@@ -82,7 +82,8 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let single = NodeProcess::start(&work.path().join("single"), &["--partitions", "6"]).await?;
     let etcd = tokio::task::spawn_blocking(EtcdServer::start).await?;
     let ports: Vec<u16> = (0..3).map(|_| cairn_testkit::ports::free_port()).collect();
-    let mut nodes = start_cluster(work.path(), &etcd, "bench", &ports, 6, "16GiB", "256MiB").await?;
+    let mut nodes =
+        start_cluster(work.path(), &etcd, "bench", &ports, (6, "16GiB", "256MiB"), &|_| Ok(Vec::new())).await?;
     wait_caught_up(&nodes[0], Duration::from_secs(60)).await?;
     let (mut singles, mut clusters) = (Vec::new(), Vec::new());
     for round in 0..options.rounds.max(1) {
@@ -130,7 +131,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
         crate::datanode::put_once(&nodes[0].client, &addrs[i as usize % 2], body.clone()).await?;
     }
     let started = Instant::now();
-    let returned = start_member(work.path(), &etcd, "bench", 2, ports[2]).await?;
+    let returned = start_member(work.path(), &etcd, "bench", 2, ports[2], &[]).await?;
     wait_caught_up(&returned, Duration::from_secs(600)).await?;
     let secs = started.elapsed().as_secs_f64();
     // The disk again, right after: the reference before and after the catch-up, as two rounds.
@@ -152,6 +153,8 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     drop(returned);
     drop(nodes);
 
+    results.extend(peer_tls_cost(work.path(), &etcd, seconds, options.rounds.max(1)).await?);
+
     if options.idle_partitions > 0 {
         results.push(
             idle_cpu(work.path(), &etcd, options.idle_partitions, Duration::from_secs(options.idle_seconds)).await?,
@@ -165,7 +168,9 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 /// with no traffic at all: the CPU the busiest of them uses, in % of one core.
 async fn idle_cpu(root: &Path, etcd: &EtcdServer, partitions: u32, watch: Duration) -> anyhow::Result<Scenario> {
     let ports: Vec<u16> = (0..3).map(|_| cairn_testkit::ports::free_port()).collect();
-    let nodes = start_cluster(&root.join("idle"), etcd, "idle", &ports, partitions, "64MiB", "2MiB").await?;
+    let nodes =
+        start_cluster(&root.join("idle"), etcd, "idle", &ports, (partitions, "64MiB", "2MiB"), &|_| Ok(Vec::new()))
+            .await?;
     for node in &nodes {
         wait_caught_up(node, Duration::from_secs(600)).await?;
     }
@@ -190,15 +195,15 @@ async fn idle_cpu(root: &Path, etcd: &EtcdServer, partitions: u32, watch: Durati
     ))
 }
 
-/// Applies a 3-node topology of `partitions` partitions under `cluster` and starts its nodes.
+/// Applies a 3-node topology of `partitions` partitions under `cluster` and starts its nodes
+/// (node `i` with the flags `extra(i)`).
 async fn start_cluster(
     root: &Path,
     etcd: &EtcdServer,
     cluster: &str,
     ports: &[u16],
-    partitions: u32,
-    volume_size: &str,
-    segment_size: &str,
+    (partitions, volume_size, segment_size): (u32, &str, &str),
+    extra: &dyn Fn(usize) -> anyhow::Result<Vec<String>>,
 ) -> anyhow::Result<Vec<NodeProcess>> {
     let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "default", cluster).await?;
     let yaml = topology_yaml(ports, partitions, volume_size, segment_size);
@@ -210,9 +215,72 @@ async fn start_cluster(
     store.create_key(&key).await?;
     let mut nodes = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        nodes.push(start_member(root, etcd, cluster, i, *port).await?);
+        nodes.push(start_member(root, etcd, cluster, i, *port, &extra(i)?).await?);
     }
     Ok(nodes)
+}
+
+/// What mutual TLS between the datanodes costs: two 3-node clusters with the replica routes on
+/// peer ports of their own, one over mutual TLS (certificates from a cluster CA, as the operator
+/// issues them), one over plain HTTP; measured in interleaved rounds by the same client.
+async fn peer_tls_cost(
+    root: &Path,
+    etcd: &EtcdServer,
+    seconds: Duration,
+    rounds: usize,
+) -> anyhow::Result<Vec<Scenario>> {
+    let ca = cairn_cluster::peer_tls::PeerCa::generate("bench-mtls")?;
+    let tls_dir = root.join("peer-tls");
+    std::fs::create_dir_all(&tls_dir)?;
+    std::fs::write(tls_dir.join("ca.crt"), ca.cert_pem())?;
+    let mut clusters = Vec::new();
+    for (cluster, tls) in [("bench-peer-http", false), ("bench-peer-mtls", true)] {
+        let ports: Vec<u16> = (0..3).map(|_| cairn_testkit::ports::free_port()).collect();
+        let flags = |i: usize| -> anyhow::Result<Vec<String>> {
+            let mut extra =
+                vec!["--peer-listen".to_owned(), format!("127.0.0.1:{}", cairn_testkit::ports::free_port())];
+            if tls {
+                let issued = ca.issue(&format!("n{i}"), &["127.0.0.1".into()], 1)?;
+                let (cert, key) = (tls_dir.join(format!("n{i}.crt")), tls_dir.join(format!("n{i}.key")));
+                std::fs::write(&cert, &issued.cert_pem)?;
+                std::fs::write(&key, &issued.key_pem)?;
+                for (flag, path) in
+                    [("--peer-tls-ca", tls_dir.join("ca.crt")), ("--peer-tls-cert", cert), ("--peer-tls-key", key)]
+                {
+                    extra.extend([flag.to_owned(), path.display().to_string()]);
+                }
+            }
+            Ok(extra)
+        };
+        let nodes = start_cluster(&root.join(cluster), etcd, cluster, &ports, (6, "4GiB", "256MiB"), &flags).await?;
+        wait_caught_up(&nodes[0], Duration::from_secs(60)).await?;
+        clusters.push(nodes);
+    }
+    let (mut plain, mut mtls) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let members = |i: usize| clusters[i].iter().collect::<Vec<&NodeProcess>>();
+        if round % 2 == 0 {
+            plain.push(measure(&members(0), seconds).await?);
+            mtls.push(measure(&members(1), seconds).await?);
+        } else {
+            mtls.push(measure(&members(1), seconds).await?);
+            plain.push(measure(&members(0), seconds).await?);
+        }
+    }
+    let note = format!(
+        "3 nodes, replication 3, quorum 2, replica routes on peer ports: mutual TLS (TLS 1.3, rustls) against plain HTTP; \
+         {rounds} interleaved rounds of {} s (target ≥ 0.85 for PUTs)",
+        seconds.as_secs()
+    );
+    let pick = |figures: &[Figures], f: Figure| figures.iter().map(f).collect::<Vec<f64>>();
+    let pairs: [(&'static str, Figure, &'static str); 2] =
+        [("peer_mtls_put_4k", |f| f.put_4k, "ops/s"), ("peer_mtls_put_5m", |f| f.put_5m, "MB/s")];
+    Ok(pairs
+        .into_iter()
+        .map(|(name, figure, unit)| {
+            Scenario::rounds(name, &pick(&mtls, figure), unit, &pick(&plain, figure), unit, note.clone())
+        })
+        .collect())
 }
 
 async fn start_member(
@@ -221,14 +289,12 @@ async fn start_member(
     cluster: &str,
     i: usize,
     port: u16,
+    extra: &[String],
 ) -> anyhow::Result<NodeProcess> {
     let (id, endpoint, listen) = (format!("n{i}"), etcd.endpoint(), format!("127.0.0.1:{port}"));
-    NodeProcess::start_at(
-        &root.join(&id),
-        &listen,
-        &["--etcd", &endpoint, "--cluster", cluster, "--node-id", &id, "--max-blob-size", "8MiB"],
-    )
-    .await
+    let mut args = vec!["--etcd", &endpoint, "--cluster", cluster, "--node-id", &id, "--max-blob-size", "8MiB"];
+    args.extend(extra.iter().map(String::as_str));
+    NodeProcess::start_at(&root.join(&id), &listen, &args).await
 }
 
 /// Until this node's replicas have nothing left to pull from any peer.

@@ -237,13 +237,66 @@ async fn tls_cost(plain: &NodeProcess, work: &Path, seconds: Duration) -> anyhow
     let tls = raw_http::Tls(tokio_rustls::TlsConnector::from(Arc::new(config)));
     let https = raw_http::Target { addr: &tls_addr, tls: Some(&tls), authorized: true };
     let http = raw_http::Target { addr: &plain.addr, tls: None, authorized: true };
-    compare(
+    let mut out = compare(
         [https, http],
         ["tls_put_4k_c64", "tls_get_5m_p50"],
         "HTTPS (TLS 1.3, rustls) against plain HTTP, keys on both",
         seconds,
     )
-    .await
+    .await?;
+    // The physical floor of that GET: what the record cipher alone takes for 5 MiB on this CPU,
+    // against the plain GET's p50.
+    let plain_get = out.iter().find(|s| s.scenario == "tls_get_5m_p50").and_then(|s| s.reference).unwrap_or(f64::NAN);
+    let (seal, open) = aes_128_gcm_5m()?;
+    out.push(Scenario::new("tls_cipher_5m_seal", seal, "ms").against(
+        plain_get,
+        "ms",
+        "AES-128-GCM (ring, as rustls) sealing 5 MiB in 16 KiB TLS records, median of 30, against the plain GET p50: \
+         what the server must add before the last byte leaves",
+    ));
+    out.push(Scenario::new("tls_cipher_5m_open", open, "ms").against(
+        plain_get,
+        "ms",
+        "the same records opened (the client's share, on the same two cores)",
+    ));
+    Ok(out)
+}
+
+/// Milliseconds to seal and to open 5 MiB as TLS records (16 KiB each, AES-128-GCM, ring's
+/// implementation, which rustls uses): the medians of 30 runs each.
+fn aes_128_gcm_5m() -> anyhow::Result<(f64, f64)> {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).map_err(|_| anyhow::anyhow!("AES key"))?);
+    const RECORD: usize = 16 * 1024;
+    // 320 records of plaintext, each with room for its tag, sealed and opened in place.
+    let mut records: Vec<Vec<u8>> = (0..(5 << 20) / RECORD)
+        .map(|_| {
+            let mut r = Vec::with_capacity(RECORD + AES_128_GCM.tag_len());
+            r.resize(RECORD, 0x42);
+            r
+        })
+        .collect();
+    let nonce = |i: usize| {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&(i as u64).to_be_bytes());
+        Nonce::assume_unique_for_key(n)
+    };
+    let (mut seals, mut opens) = (Vec::new(), Vec::new());
+    for _ in 0..30 {
+        let started = std::time::Instant::now();
+        for (i, record) in records.iter_mut().enumerate() {
+            key.seal_in_place_append_tag(nonce(i), Aad::empty(), record).map_err(|_| anyhow::anyhow!("seal"))?;
+        }
+        seals.push(started.elapsed().as_secs_f64() * 1e3);
+        let started = std::time::Instant::now();
+        for (i, record) in records.iter_mut().enumerate() {
+            key.open_in_place(nonce(i), Aad::empty(), record).map_err(|_| anyhow::anyhow!("open"))?;
+            record.truncate(RECORD);
+        }
+        opens.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    anyhow::ensure!(records.iter().flatten().all(|b| *b == 0x42), "the records did not open to what was sealed");
+    Ok((crate::median(&seals), crate::median(&opens)))
 }
 
 /// `[measured, reference]` driven by the same minimal client, in interleaved rounds: 4 KiB PUTs

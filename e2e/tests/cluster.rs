@@ -1398,13 +1398,45 @@ fn peers_speak_mutual_tls_and_rotate_their_certificates_without_downtime() {
         })
     });
     let taken = renewed.elapsed();
+
+    // A new CA, still while writes go on: the CA file becomes a bundle of the old and the new
+    // (each node rereads it), then every node gets a certificate from the new CA, then the old
+    // CA leaves the bundle — a certificate from it is refused from then on. No restart.
+    let old_client = ca.issue("old-client", &["127.0.0.1".into()], 30).unwrap();
+    std::fs::write(tls.join("old.crt"), &old_client.cert_pem).unwrap();
+    std::fs::write(tls.join("old.key"), &old_client.key_pem).unwrap();
+    let new_ca = PeerCa::generate("c1").unwrap();
+    let set_trust = |pems: &[&str]| {
+        std::fs::write(tls.join("ca.crt.new"), pems.concat()).unwrap();
+        std::fs::rename(tls.join("ca.crt.new"), tls.join("ca.crt")).unwrap();
+    };
+    set_trust(&[ca.cert_pem(), new_ca.cert_pem()]);
+    std::thread::sleep(Duration::from_secs(3));
+    let before_new_ca: Vec<String> = (0..3).map(|i| serial(peer_ports[i], "n1")).collect();
+    for node in &nodes {
+        write_cert(&node.id, &new_ca);
+    }
+    wait_until("every node serving a certificate of the new CA", Duration::from_secs(20), || {
+        (0..3).all(|i| {
+            let now = serial(peer_ports[i], "n1");
+            now.starts_with("serial=") && now != before_new_ca[i]
+        })
+    });
+    set_trust(&[new_ca.cert_pem()]);
+    wait_until("the old CA no longer trusted", Duration::from_secs(10), || {
+        let (code, _) = curl(&[with("old.crt", "old.key"), vec![digest.clone()]].concat());
+        code != 0
+    });
+    let (code, body) =
+        curl(&[with("n1.crt", "n1.key"), vec![digest.clone(), "-w".into(), "%{http_code}".into()]].concat());
+    assert!(code == 0 && (body.ends_with("200") || body.ends_with("421")), "the new CA's peer gets in: {code} {body}");
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (blobs, failed) = writer.join().unwrap();
-    assert!(failed.is_empty(), "writes failed during the rotation: {failed:?}");
+    assert!(failed.is_empty(), "writes failed during the rotations: {failed:?}");
     assert!(blobs.len() > 20, "{} writes", blobs.len());
     eprintln!(
-        "rotation: every node served its new certificate {:.1} s after the files changed; {} writes, none failed",
+        "rotation: every node served its new certificate {:.1} s after the files changed; then a new CA; {} writes, none failed",
         taken.as_secs_f64(),
         blobs.len()
     );

@@ -72,7 +72,7 @@ async fn datanodes(api: &MemoryApi) -> BTreeMap<String, (String, bool, String)> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes() {
     let mut machine = Machine::new();
-    // Datanode Pods run as 65532 (the kubelet here honours runAsUser): the machines' directories
+    // Datanode Pods run as their cluster's uid (the kubelet here honours runAsUser): the machines' directories
     // may be crossed by anyone, as a host's /run and disk mounts are.
     std::fs::set_permissions(&machine.base, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     let network = Arc::new(PodNetwork::create());
@@ -213,7 +213,8 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         let id = r.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
         blobs.push((id, body));
     }
-    // Every datanode process runs as the Pod says: 65532, not root.
+    // Every datanode process runs as the Pod says: the cluster's own uid, not root; its volumes
+    // are that uid's, closed to others.
     let ours = binary("cairn-datanode").display().to_string();
     let out = std::process::Command::new("ps").args(["-C", "cairn-datanode", "-o", "uid=,args="]).output().unwrap();
     let uids: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -221,7 +222,21 @@ async fn kubectl_to_serving_to_eviction_drain_and_deletion_with_real_processes()
         .filter(|l| l.contains(&ours))
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .collect();
-    assert!(uids.len() >= 4 && uids.iter().all(|u| u == "65532"), "datanode uids: {uids:?}");
+    let uid = cairn_operator::kubernetes::datanode_uid("store", "c1").to_string();
+    assert!(uids.len() >= 4 && uids.iter().all(|u| *u == uid), "datanode uids: {uids:?}, not {uid}");
+    for i in 0..4 {
+        let volumes = machine.path(&format!("m{i}-disk")).join("cairn").join("volumes");
+        for volume in std::fs::read_dir(&volumes).unwrap().flatten() {
+            let meta = volume.metadata().unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(
+                (meta.uid().to_string(), meta.mode() & 0o777),
+                (uid.clone(), 0o700),
+                "{}",
+                volume.path().display()
+            );
+        }
+    }
     let read_all = |endpoints: Vec<String>| {
         let (client, blobs) = (client.clone(), blobs.clone());
         async move {

@@ -290,7 +290,7 @@ async fn credentials(
     let secrets: Api<KubeSecret> = Api::namespaced(ctx.client.clone(), &own);
     let found = secrets.get_opt(&name).await?;
     // Where the application connects, and the CA to trust when the cluster serves HTTPS.
-    let endpoint = match crate::peer_certs::blob_tls(&ctx.client, sc).await {
+    let endpoint = match crate::peer_certs::blob_tls(&ctx.client, sc, None).await {
         Ok(tls) => Endpoint {
             url: format!(
                 "{}://{}:{API_PORT}",

@@ -24,8 +24,16 @@ pub const FIELD_MANAGER: &str = "cairn-operator";
 pub const API_PORT: u16 = 7480;
 /// The datanodes' replica port (`--peer-listen`): for the cluster's datanodes only.
 pub const PEER_PORT: u16 = 7481;
-/// The uid and gid datanodes run as (the image's user; not root).
-pub const DATANODE_UID: i64 = 65532;
+/// The uid and gid a cluster's datanodes run as: one of their own per cluster (from a hash of its
+/// namespace and name, in 100000..2^31), so that on a machine shared by clusters one cluster's
+/// datanode cannot open another's volume files (the disk agent hands each volume to its caller's
+/// uid, mode 0700). Not root, and not the image's default user (65532).
+pub fn datanode_uid(namespace: &str, cluster: &str) -> i64 {
+    let hash = format!("{namespace}/{cluster}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    100_000 + (hash % (i32::MAX as u64 - 100_000)) as i64
+}
 /// Where a datanode Pod has the Secret of `spec.tls.secretName` mounted.
 const BLOB_TLS_PATH: &str = "/etc/cairn/tls";
 
@@ -352,6 +360,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         }
     };
     let none = BTreeMap::new();
+    let uid = datanode_uid(&namespace, &cluster);
     let mut out = Vec::new();
     let config = json!({"etcd": sc.spec.etcd.endpoints, "cluster": cluster, "namespace": namespace});
     out.push(erased(&ConfigMap {
@@ -563,8 +572,8 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             volume_mounts: Some(mounts),
             // Not root: the disk agent hands each volume's files to the uid that asks for it.
             security_context: Some(SecurityContext {
-                run_as_user: Some(DATANODE_UID),
-                run_as_group: Some(DATANODE_UID),
+                run_as_user: Some(uid),
+                run_as_group: Some(uid),
                 run_as_non_root: Some(true),
                 allow_privilege_escalation: Some(false),
                 read_only_root_filesystem: Some(true),
@@ -621,7 +630,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
                 // asks for it; docs/security.md says which level the namespace needs).
                 // fsGroup: the Secret volumes' files are the datanode's group's to read.
                 security_context: Some(k8s_openapi::api::core::v1::PodSecurityContext {
-                    fs_group: Some(DATANODE_UID),
+                    fs_group: Some(uid),
                     ..runtime_default_seccomp()
                 }),
                 containers: vec![container],
@@ -826,8 +835,8 @@ impl crate::platform::Platform for KubernetesPlatform<'_> {
         Ok(())
     }
 
-    async fn blob_tls(&self) -> Result<Option<cairn_cluster::BlobTls>, PlatformError> {
-        crate::peer_certs::blob_tls(&self.client, self.cluster).await
+    async fn blob_tls(&self, machines: &[Machine]) -> Result<Option<cairn_cluster::BlobTls>, PlatformError> {
+        crate::peer_certs::blob_tls(&self.client, self.cluster, Some(machines)).await
     }
 
     /// The Secret named by `spec.etcd.tlsSecret`: `ca.crt`, and `tls.crt` + `tls.key` if present.
@@ -1123,7 +1132,15 @@ mod tests {
         assert!(mount
             .iter()
             .any(|m| m["name"] == "blob-tls" && m["readOnly"] == true && m["mountPath"] == "/etc/cairn/tls"));
-        assert_eq!(own["spec"]["securityContext"]["fsGroup"], 65532);
+        let uid = datanode_uid("store", "c1");
+        assert_eq!(own["spec"]["securityContext"]["fsGroup"], uid);
+        assert_eq!(own["spec"]["containers"][0]["securityContext"]["runAsUser"], uid);
+        assert_ne!(uid, datanode_uid("store", "c2"), "clusters run as uids of their own");
+        assert_ne!(uid, datanode_uid("store2", "c1"));
+        for (ns, name) in [("a", "b"), ("", ""), ("x".repeat(63).as_str(), "y".repeat(63).as_str())] {
+            let uid = datanode_uid(ns, name);
+            assert!((100_000..i64::from(i32::MAX)).contains(&uid), "{uid}");
+        }
     }
 
     /// What the operator applies, byte for byte: the datanode Pods' spec hashes (a change to
@@ -1186,9 +1203,9 @@ mod tests {
             .filter(|(r, _, _)| r.kind == "Pod")
             .map(|(_, _, body)| body["metadata"]["annotations"][SPEC_HASH].as_str().unwrap())
             .collect();
-        assert_eq!(hashes, ["1add659e4a19c5cb", "ccf970c3e9eb3c15"]);
+        assert_eq!(hashes, ["97f9e7c1c2c44c6d", "f7048797fe715ef3"]);
         let all: Vec<&Value> = objects.iter().map(|(_, _, body)| body).collect();
-        assert_eq!(spec_hash(&json!(all)), "5af0376a63873dfd");
+        assert_eq!(spec_hash(&json!(all)), "e146a2adc43f09e1");
     }
 
     #[test]

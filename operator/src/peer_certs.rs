@@ -63,7 +63,7 @@ pub async fn ensure(
     let namespace = sc.namespace().unwrap_or_default();
     let cluster = sc.name_any();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let (ca, made) = cluster_ca(client, sc).await?;
+    let (ca, made) = cluster_ca(client, sc, Some(machines)).await?;
     let mut changes: Vec<String> = made.into_iter().collect();
     let now = time::OffsetDateTime::now_utc();
     for machine in machines {
@@ -75,9 +75,12 @@ pub async fn ensure(
         }
         let have = |key: &str| found.as_ref().and_then(|s| field(s, key));
         let (ca_pem, cert_pem) = (have("ca.crt"), have("tls.crt"));
-        let reason = match have("tls.key") {
-            None => Some("no key yet".to_owned()),
-            Some(_) => renewal_reason(&ca, ca_pem.as_deref(), cert_pem.as_deref(), &hosts, now),
+        let reason = match (have("tls.key"), &cert_pem) {
+            (None, _) => Some("no key yet".to_owned()),
+            (Some(key), Some(cert)) if !cairn_cluster::peer_tls::key_matches(cert, &key) => {
+                Some("its key is not its certificate's".to_owned())
+            }
+            (Some(_), _) => renewal_reason(&ca, ca_pem.as_deref(), cert_pem.as_deref(), &hosts, now),
         };
         let Some(reason) = reason else { continue };
         let issued = ca
@@ -96,8 +99,15 @@ pub async fn ensure(
     Ok(changes)
 }
 
-/// The cluster's CA, made (and said so) when there is none.
-pub async fn cluster_ca(client: &kube::Client, sc: &StoreCluster) -> Result<(PeerCa, Option<String>), PlatformError> {
+/// The cluster's CA, made (and said so) when there is none and `machines` are given — unless a
+/// datanode certificate of one of them exists: then the CA was lost (deleted by hand), and a new
+/// one made silently would have peers refuse each other; the pass fails saying what to do.
+/// `None`: only read (a StoreAccessKey's pass).
+pub async fn cluster_ca(
+    client: &kube::Client,
+    sc: &StoreCluster,
+    machines: Option<&[Machine]>,
+) -> Result<(PeerCa, Option<String>), PlatformError> {
     let namespace = sc.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let ca_name = ca_secret_name(&sc.name_any());
@@ -116,6 +126,21 @@ pub async fn cluster_ca(client: &kube::Client, sc: &StoreCluster) -> Result<(Pee
             Ok((ca, None))
         }
         None => {
+            let Some(machines) = machines else {
+                return Err(PlatformError::NotReady(format!(
+                    "Secret {namespace}/{ca_name}: the cluster's CA is not made yet"
+                )));
+            };
+            for machine in machines {
+                let node = node_secret_name(&sc.name_any(), &machine.name);
+                if secrets.get_opt(&node).await?.is_some_and(|s| owned(sc, &s).is_ok()) {
+                    return Err(PlatformError::Invalid(format!(
+                        "Secret {namespace}/{ca_name} (the cluster's CA) is gone while datanode certificates from it \
+                         remain ({node}): restore it from a backup, or delete the peer-tls Secrets too to start a new \
+                         CA (docs/security.md, \"Replacing the CA\")"
+                    )));
+                }
+            }
             let ca =
                 PeerCa::generate(&sc.name_any()).map_err(|e| PlatformError::Invalid(format!("making the CA: {e}")))?;
             let data = [("ca.crt", ca.cert_pem()), ("ca.key", ca.key_pem())];
@@ -131,6 +156,7 @@ pub async fn cluster_ca(client: &kube::Client, sc: &StoreCluster) -> Result<(Pee
 pub async fn blob_tls(
     client: &kube::Client,
     sc: &StoreCluster,
+    machines: Option<&[Machine]>,
 ) -> Result<Option<cairn_cluster::BlobTls>, PlatformError> {
     let Some(tls) = &sc.spec.tls else { return Ok(None) };
     let namespace = sc.namespace().unwrap_or_default();
@@ -144,12 +170,22 @@ pub async fn blob_tls(
             if field(&found, "tls.key").is_none() {
                 return Err(PlatformError::Invalid(format!("TLS Secret {namespace}/{name} has no tls.key")));
             }
-            field(&found, "ca.crt")
-                .filter(|c| !c.trim().is_empty())
-                .or_else(|| field(&found, "tls.crt"))
-                .ok_or_else(|| PlatformError::Invalid(format!("TLS Secret {namespace}/{name} has no tls.crt")))?
+            let cert = field(&found, "tls.crt")
+                .ok_or_else(|| PlatformError::Invalid(format!("TLS Secret {namespace}/{name} has no tls.crt")))?;
+            // The name every caller checks: said here, not as datanodes that "do not answer".
+            let names = cairn_cluster::peer_tls::certificate_names(&cert)
+                .map_err(|e| PlatformError::Invalid(format!("TLS Secret {namespace}/{name}: tls.crt: {e}")))?;
+            let service = service_host(sc);
+            if !names.iter().any(|n| {
+                n.eq_ignore_ascii_case(&service) || n.eq_ignore_ascii_case(&format!("{service}.cluster.local"))
+            }) {
+                return Err(PlatformError::Invalid(format!(
+                    "TLS Secret {namespace}/{name}: its certificate names {names:?}, not {service}, which clients and the operator check"
+                )));
+            }
+            field(&found, "ca.crt").filter(|c| !c.trim().is_empty()).unwrap_or(cert)
         }
-        None => cluster_ca(client, sc).await?.0.cert_pem().to_owned(),
+        None => cluster_ca(client, sc, machines).await?.0.cert_pem().to_owned(),
     };
     Ok(Some(cairn_cluster::BlobTls { ca_pem, server_name: service_host(sc) }))
 }

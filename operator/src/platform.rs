@@ -70,7 +70,11 @@ pub trait Platform {
     fn etcd_tls(&self) -> impl Future<Output = Result<Option<EtcdTls>, PlatformError>> + Send;
     /// How the cluster's blob API certificates are checked, when it speaks HTTPS (recorded in
     /// the cluster's config for whoever calls its datanodes).
-    fn blob_tls(&self) -> impl Future<Output = Result<Option<cairn_cluster::BlobTls>, PlatformError>> + Send {
+    /// `machines`: the cluster's, for a CA made on this pass (see `peer_certs::cluster_ca`).
+    fn blob_tls(
+        &self,
+        _machines: &[Machine],
+    ) -> impl Future<Output = Result<Option<cairn_cluster::BlobTls>, PlatformError>> + Send {
         async { Ok(None) }
     }
 
@@ -240,7 +244,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         Ok(tls) => tls,
         Err(e) => return Outcome::degraded("EtcdTlsUnavailable", e.to_string()),
     };
-    let blob_tls = match platform.blob_tls().await {
+    let blob_tls = match platform.blob_tls(&machines).await {
         Ok(tls) => tls,
         Err(e) => return Outcome::degraded("BlobTlsUnavailable", e.to_string()),
     };

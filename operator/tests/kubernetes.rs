@@ -109,6 +109,44 @@ async fn reconcile_once(api: &Api<StoreCluster>, ctx: &Arc<Context>) {
     reconcile(Arc::new(sc), ctx.clone()).await.unwrap();
 }
 
+/// `operator.secretNamespaces`: the operator's Secrets only there, by a Role in each; without
+/// it, everywhere by its ClusterRole. Nothing else it may do changes.
+#[test]
+fn secret_namespaces_narrow_the_operators_secrets_to_roles() {
+    use cairn_testkit::rbac::{rendered_chart_with, Access};
+    let access = |namespace: &str, verb: &str, resource: &str| Access {
+        user: operator_user(),
+        verb: verb.into(),
+        group: String::new(),
+        resource: resource.into(),
+        namespace: namespace.into(),
+    };
+    let everywhere = Rbac::from_manifests(&rendered_chart());
+    let narrowed = Rbac::from_manifests(&rendered_chart_with(&["--set", "operator.secretNamespaces={store,apps}"]));
+    for verb in ["get", "create", "patch"] {
+        for ns in ["store", "apps", "elsewhere"] {
+            assert!(everywhere.allows(&access(ns, verb, "secrets")), "{verb} secrets in {ns} by default");
+        }
+        assert!(narrowed.allows(&access("store", verb, "secrets")), "{verb} in store");
+        assert!(narrowed.allows(&access("apps", verb, "secrets")), "{verb} in apps");
+        assert!(!narrowed.allows(&access("elsewhere", verb, "secrets")), "{verb} secrets outside the list");
+    }
+    for verb in ["list", "watch", "delete"] {
+        assert!(
+            !narrowed.allows(&access("store", verb, "secrets"))
+                && !everywhere.allows(&access("store", verb, "secrets"))
+        );
+    }
+    let others = |rbac: &Rbac| -> std::collections::BTreeSet<_> {
+        rbac.granted(&operator_user())
+            .into_iter()
+            .filter(|(_, _, _, r)| r != "secrets")
+            .map(|(_, v, g, r)| (v, g, r))
+            .collect()
+    };
+    assert_eq!(others(&everywhere), others(&narrowed));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_cleans_up() {
     let etcd = EtcdServer::start();
@@ -414,15 +452,13 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
         .map(|(_, verb, group, resource)| format!("{verb} {group}/{resource}"))
         .collect();
     let elsewhere = [
-        "get /secrets", // spec.etcd.tlsSecret, read only when set
         // StoreAccessKeys: store_access_keys_become_etcd_keys_with_their_token_in_a_secret.
         "get cairn.dev/storeclusters",
         "list cairn.dev/storeaccesskeys",
         "watch cairn.dev/storeaccesskeys",
         "patch cairn.dev/storeaccesskeys",
         "patch cairn.dev/storeaccesskeys/status",
-        "create /secrets",
-        "patch /secrets",
+        "patch /secrets",               // a peer certificate renewed, a key's Secret told a new endpoint
         "list cairn.dev/storeclusters", // the controller's watches (run_controller), exercised by
         "watch cairn.dev/storeclusters", // the_controller_follows_watches_and_recovers_from_410
         "list cairn.dev/storenodes",
@@ -793,6 +829,60 @@ async fn objects_of_someone_else_are_never_adopted() {
     assert!(services.get_opt("c1-nodes").await.unwrap().is_some());
 }
 
+/// The peer CA and certificates: made once, owned by the cluster; a CA Secret lost while node
+/// certificates from it remain is never silently replaced (peers would refuse each other);
+/// deleting the node Secrets too starts a new CA. A Secret of that name someone else made is
+/// never used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_peer_ca_is_not_replaced_behind_the_datanodes_backs() {
+    use k8s_openapi::api::core::v1::Secret;
+    let etcd = EtcdServer::start();
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
+    let api: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    api.patch("c1", &PatchParams::apply("user"), &Patch::Apply(cluster_yaml(&etcd.endpoint(), 3))).await.unwrap();
+    let ctx = operator_context(&memory);
+    reconcile_once(&api, &ctx).await; // the finalizer
+    reconcile_once(&api, &ctx).await;
+    let secrets: Api<Secret> = Api::namespaced(kube.clone(), "store");
+    let ca = secrets.get("c1-peer-ca").await.unwrap();
+    let nodes = ["c1-n0-peer-tls", "c1-n1-peer-tls", "c1-n2-peer-tls"];
+    for name in nodes {
+        let node = secrets.get(name).await.unwrap();
+        assert_eq!(node.data.as_ref().unwrap()["ca.crt"], ca.data.as_ref().unwrap()["ca.crt"], "{name}");
+    }
+    let degraded = |status: cairn_resources::StoreClusterStatus| {
+        status.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True").map(|c| c.message.clone())
+    };
+    secrets.delete("c1-peer-ca", &DeleteParams::default()).await.unwrap();
+    reconcile_once(&api, &ctx).await;
+    let message = degraded(api.get("c1").await.unwrap().status.unwrap()).expect("Degraded");
+    assert!(message.contains("is gone while datanode certificates from it remain"), "{message}");
+    assert!(secrets.get_opt("c1-peer-ca").await.unwrap().is_none(), "no new CA behind the datanodes' backs");
+    // Deliberately: the node Secrets go too, and a new CA issues them all anew.
+    for name in nodes {
+        secrets.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    reconcile_once(&api, &ctx).await;
+    let new_ca = secrets.get("c1-peer-ca").await.unwrap();
+    assert_ne!(new_ca.data.as_ref().unwrap()["ca.crt"], ca.data.as_ref().unwrap()["ca.crt"]);
+    assert!(secrets.get_opt("c1-n0-peer-tls").await.unwrap().is_some());
+    // Someone else's Secret under the CA's name: never used or replaced.
+    let api2: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    let mut other = cluster_yaml(&etcd.endpoint(), 3);
+    other["metadata"]["name"] = json!("c2");
+    let theirs =
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "c2-peer-ca"}, "data": {"x": "eA=="}});
+    secrets.patch("c2-peer-ca", &PatchParams::apply("someone"), &Patch::Apply(theirs)).await.unwrap();
+    api2.patch("c2", &PatchParams::apply("user"), &Patch::Apply(other)).await.unwrap();
+    for _ in 0..2 {
+        let sc = api2.get("c2").await.unwrap();
+        reconcile(Arc::new(sc), ctx.clone()).await.unwrap();
+    }
+    let message = degraded(api2.get("c2").await.unwrap().status.unwrap()).expect("Degraded");
+    assert!(message.contains("is not this StoreCluster's"), "{message}");
+    assert_eq!(secrets.get("c2-peer-ca").await.unwrap().data.unwrap().keys().collect::<Vec<_>>(), ["x"]);
+}
+
 /// A cordon (`kubectl drain` for maintenance) keeps the machine and its data; the
 /// `cairn.dev/decommission=true` label drains it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1107,6 +1197,13 @@ async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
     with_tls["spec"]["accessKeyNamespaces"] = json!(["apps"]);
     with_tls["spec"]["tls"] = json!({});
     clusters.patch("c1", &PatchParams::apply("user"), &Patch::Apply(with_tls)).await.unwrap();
+    // The key's pass only reads the CA: until the cluster's pass has made it, the key waits.
+    pass("apps", "uploader").await;
+    assert_eq!(ready(&keys("apps").get("uploader").await.unwrap()), ("False".into(), "TlsUnavailable".into()));
+    assert_eq!(field(&secrets("apps").get("uploader").await.unwrap(), SECRET_ENDPOINT), "http://c1.store.svc:7480");
+    for _ in 0..2 {
+        let _ = reconcile(Arc::new(clusters.get("c1").await.unwrap()), ctx.clone()).await;
+    }
     pass("apps", "uploader").await;
     let told = secrets("apps").get("uploader").await.unwrap();
     assert_eq!(field(&told, SECRET_ENDPOINT), "https://c1.store.svc:7480");

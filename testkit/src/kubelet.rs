@@ -12,7 +12,7 @@
 //!   `PodScheduled` False `Unschedulable`);
 //! - starts it (Pending → Running), waits for `type: Directory` hostPaths and Secrets of
 //!   `secret` volumes to exist (`ContainerCreating` until then), mounts Secret volumes read-only
-//!   and keeps them following their Secrets as the kubelet's atomic writer does
+//!   and keeps them following their Secrets (every few seconds, never at once) as the kubelet's atomic writer does
 //!   ([`crate::secret_volume`]), probes `readinessProbe.httpGet` (Ready), restarts an exited
 //!   container under `restartPolicy: Always` (restartCount), and ends it Succeeded/Failed otherwise;
 //! - on deletion, sends SIGTERM, SIGKILL after the grace period, and then removes the Pod;
@@ -190,7 +190,14 @@ struct Running {
     /// Consecutive readiness probe failures, and when the next probe is due.
     probe_failures: u32,
     next_probe: Instant,
+    /// When its Secret volumes are next brought up to date.
+    next_secret_sync: Instant,
 }
+
+/// How often a running Pod's Secret volumes follow their Secrets. The kubelet's is its sync
+/// period, a minute, plus its Secret cache's TTL; shorter here for tests' sake, but never at once,
+/// so that nothing may count on a Secret's change being seen immediately.
+const SECRET_SYNC: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Shared {
@@ -671,9 +678,10 @@ async fn tick(
         } else {
             let mut s = lock(shared);
             let volumes_root = s.volumes.clone();
-            if s.running.contains_key(&uid) {
+            if let Some(running) = s.running.get_mut(&uid).filter(|r| r.next_secret_sync <= Instant::now()) {
                 // The periodic sync: a running Pod's Secret volumes follow their Secrets (one
                 // deleted or broken meanwhile leaves the files as they were).
+                running.next_secret_sync = Instant::now() + SECRET_SYNC;
                 if let Err(e) = project_secret_volumes(pod, &secrets, &volumes_root.join(&uid)) {
                     eprintln!("kubelet: {ns}/{name}: {e}");
                 }
@@ -899,6 +907,7 @@ fn start(
             restart_at: None,
             probe_failures: 0,
             next_probe: Instant::now(),
+            next_secret_sync: Instant::now() + SECRET_SYNC,
         },
     );
     json!({"status": {"phase": "Running", "podIP": address, "podIPs": [{"ip": address}], "hostIP": network.gateway(),

@@ -1000,6 +1000,9 @@ impl MemoryApi {
                     }
                     if key.2 == "secrets" {
                         admission::admit_secret(&mut object);
+                        if object["type"].is_null() {
+                            object["type"] = json!("Opaque");
+                        }
                     }
                     *state.writes.entry(key.clone()).or_default() += 1;
                     state.record(&key, "ADDED", &object);
@@ -1151,6 +1154,28 @@ impl MemoryApi {
                 }
                 if key.2 == "secrets" {
                     admission::admit_secret(&mut object);
+                    // A Secret's type defaults to Opaque and never changes; an immutable one's
+                    // data neither.
+                    if object["type"].is_null() {
+                        object["type"] = json!("Opaque");
+                    }
+                    if !created && object["type"] != before["type"] {
+                        return status(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Invalid",
+                            "type: Invalid value: field is immutable",
+                        );
+                    }
+                    if !created
+                        && before["immutable"] == true
+                        && (object["data"] != before["data"] || object["immutable"] != true)
+                    {
+                        return status(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Invalid",
+                            "data: Forbidden: field is immutable when `immutable` is set",
+                        );
+                    }
                 }
                 if let Err(message) = state.structural(&key.0, &key.2, &mut object, strict) {
                     return status(StatusCode::BAD_REQUEST, "BadRequest", &message);
@@ -1635,6 +1660,12 @@ mod tests {
             assert!(err.contains("config key"), "{err}");
             let whole = secret("kubernetes.io/tls", json!({"tls.crt": "eA==", "tls.key": "eA==", "ca.crt": "eA=="}));
             secrets.patch("s", &apply, &Patch::Apply(whole)).await.unwrap();
+            let retyped = secret("Opaque", json!({"tls.crt": "eA==", "tls.key": "eA=="}));
+            let err = secrets.patch("s", &apply, &Patch::Apply(retyped)).await.unwrap_err().to_string();
+            assert!(err.contains("immutable"), "{err}");
+            let untyped = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "u"}, "data": {"a": "eA=="}});
+            let made = secrets.patch("u", &apply, &Patch::Apply(untyped)).await.unwrap();
+            assert_eq!(made.type_.as_deref(), Some("Opaque"));
         });
     }
 

@@ -16,8 +16,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 const FIRST: u32 = 20_000;
-/// One past the last port handed out: the kernel's default ephemeral range starts here.
+/// One past the last port handed out: the kernel's default ephemeral range starts here (and
+/// [`free_port_block`] checks that this machine's does not start lower).
 const END: u32 = 32_768;
+
+/// Where this machine's ephemeral range starts (`net.ipv4.ip_local_port_range`).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(END)
+}
 
 /// Locks held by this process, one per reserved port.
 static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
@@ -34,6 +43,10 @@ pub fn free_port_block(n: u16, also: &[u16]) -> u16 {
     let n = u32::from(n);
     let span = n + u32::from(also.iter().copied().max().unwrap_or(0));
     assert!(span < END - FIRST, "a block of {span} ports does not fit");
+    assert!(
+        ephemeral_start() >= END,
+        "net.ipv4.ip_local_port_range starts below {END}: the ports handed out here could be taken by any connection"
+    );
     // Processes start at different places so that they rarely contend for the same locks.
     let _ = NEXT.compare_exchange(
         u32::MAX,

@@ -252,10 +252,16 @@ rules:
 /// The chart's manifests as `helm template cairn charts/cairn --namespace cairn-system` renders
 /// them (helm is the one `scripts/test-chart.sh` installs into `.tools/`).
 pub fn rendered_chart() -> String {
+    rendered_chart_with(&[])
+}
+
+/// The chart rendered with more `helm template` arguments (`--set key=value`).
+pub fn rendered_chart_with(args: &[&str]) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let helm = root.join(".tools/bin/helm");
     let out = std::process::Command::new(&helm)
         .args(["template", "cairn", "charts/cairn", "--namespace", "cairn-system"])
+        .args(args)
         .current_dir(&root)
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}; run scripts/test-chart.sh once (it installs helm)", helm.display()));
