@@ -21,6 +21,8 @@ python3 -c "import ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 command -v openssl >/dev/null || need+=(openssl)
 # The Argo CD health check (Lua) is run by a real Lua 5.1, the dialect Argo CD's interpreter speaks.
 command -v lua5.1 >/dev/null || need+=(lua5.1)
+# The S3 front is tested with real clients: rclone from Debian (boto3 and the AWS CLI below).
+command -v rclone >/dev/null || need+=(rclone)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
@@ -32,4 +34,9 @@ tools="$(cd "$(dirname "$0")/.." && pwd)/.tools"
 if [ ! -x "$tools/fuzz-venv/bin/st" ]; then
   python3 -m venv "$tools/fuzz-venv"
   "$tools/fuzz-venv/bin/pip" install --quiet schemathesis==4.32.5
+fi
+# The S3 tests (e2e/tests/s3.rs) drive boto3 and the AWS CLI, unmodified, from a venv in .tools/.
+if [ ! -x "$tools/s3-venv/bin/aws" ] || [ ! -x "$tools/s3-venv/bin/python" ]; then
+  python3 -m venv "$tools/s3-venv"
+  "$tools/s3-venv/bin/pip" install --quiet boto3==1.44.5 botocore==1.44.8 awscli==1.46.3
 fi

@@ -221,8 +221,8 @@ impl AccessKey {
 
 /// An admin key whose token is kept in the file `path` (one line, readable by its owner only): the
 /// one the file holds, else a new one made there (a standalone node's root key, `cairn local up`'s
-/// admin key). The key, and whether it was just made.
-pub fn admin_key_file(path: &std::path::Path, name: &str) -> anyhow::Result<(AccessKey, bool)> {
+/// admin key). The key, its secret (an S3 client signs with it), and whether it was just made.
+pub fn admin_key_file(path: &std::path::Path, name: &str) -> anyhow::Result<(AccessKey, Secret, bool)> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let admin = || [Scope::Admin].into_iter().collect();
@@ -233,7 +233,7 @@ pub fn admin_key_file(path: &std::path::Path, name: &str) -> anyhow::Result<(Acc
             }
             let (id, secret) = parse_token(text.trim())
                 .map_err(|e| anyhow::anyhow!("{}: {e} (delete it to have a new key made)", path.display()))?;
-            Ok((AccessKey::from_parts(id, secret, name, admin())?, false))
+            Ok((AccessKey::from_parts(id, secret, name, admin())?, Secret::new(secret.to_string()), false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
@@ -241,7 +241,7 @@ pub fn admin_key_file(path: &std::path::Path, name: &str) -> anyhow::Result<(Acc
             let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
             file.write_all(format!("{}\n", token(&key.id, &secret)).as_bytes())?;
             file.sync_all()?;
-            Ok((key, true))
+            Ok((key, secret, true))
         }
         Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
     }

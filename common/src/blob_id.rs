@@ -1,8 +1,13 @@
 //! Blob identifiers.
 //!
-//! A blob id is 21 bytes — a format version, the partition id (u32, big endian) and 128 random
-//! bits — written as 28 characters of unpadded URL-safe base64. The parser is strict: one
-//! canonical spelling per id, so ids can be compared as strings.
+//! A blob id is 21 bytes — a format version, the partition id (u32, big endian) and 128 bits —
+//! written as 28 characters of unpadded URL-safe base64. The parser is strict: one canonical
+//! spelling per id, so ids can be compared as strings.
+//!
+//! Version 1 is a blob's id (128 random bits). Version 2 is a *name record*'s id: its 128 bits
+//! are a digest of the name and version it records (an object name of the S3 front), so every
+//! replica gives the same record the same id. Name ids are the storage's own: the blob API
+//! refuses them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,8 +15,10 @@ use std::str::FromStr;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
-/// The only blob id format so far.
+/// The format of a blob's id.
 pub const BLOB_ID_VERSION: u8 = 1;
+/// The format of a name record's id.
+pub const NAME_ID_VERSION: u8 = 2;
 /// Encoded length in bytes.
 pub const BLOB_ID_BYTES: usize = 21;
 /// Length of the textual form.
@@ -21,6 +28,7 @@ pub const BLOB_ID_CHARS: usize = 28;
 pub struct BlobId {
     partition: u32,
     random: u128,
+    name: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,7 +43,17 @@ pub enum BlobIdError {
 
 impl BlobId {
     pub fn new(partition: u32, random: u128) -> Self {
-        Self { partition, random }
+        Self { partition, random, name: false }
+    }
+
+    /// The id of a name record in `partition`, `digest` naming the record.
+    pub fn name(partition: u32, digest: u128) -> Self {
+        Self { partition, random: digest, name: true }
+    }
+
+    /// Whether this is a name record's id rather than a blob's.
+    pub fn is_name(&self) -> bool {
+        self.name
     }
 
     /// A fresh id in `partition`, with 128 bits from the OS-seeded thread RNG.
@@ -49,19 +67,21 @@ impl BlobId {
 
     pub fn to_bytes(&self) -> [u8; BLOB_ID_BYTES] {
         let mut out = [0u8; BLOB_ID_BYTES];
-        out[0] = BLOB_ID_VERSION;
+        out[0] = if self.name { NAME_ID_VERSION } else { BLOB_ID_VERSION };
         out[1..5].copy_from_slice(&self.partition.to_be_bytes());
         out[5..].copy_from_slice(&self.random.to_be_bytes());
         out
     }
 
     pub fn from_bytes(bytes: &[u8; BLOB_ID_BYTES]) -> Result<Self, BlobIdError> {
-        if bytes[0] != BLOB_ID_VERSION {
-            return Err(BlobIdError::Version(bytes[0]));
-        }
+        let name = match bytes[0] {
+            BLOB_ID_VERSION => false,
+            NAME_ID_VERSION => true,
+            other => return Err(BlobIdError::Version(other)),
+        };
         let partition = u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes"));
         let random = u128::from_be_bytes(bytes[5..].try_into().expect("16 bytes"));
-        Ok(Self { partition, random })
+        Ok(Self { partition, random, name })
     }
 }
 
@@ -123,9 +143,21 @@ mod tests {
         }
 
         #[test]
-        fn ids_outside_the_documented_pattern_are_refused(second in "[A-Pg-z0-9_-]", rest in "[A-Za-z0-9_-]{26}") {
+        fn ids_outside_the_documented_pattern_are_refused_or_name_ids(second in "[A-Pg-z0-9_-]", rest in "[A-Za-z0-9_-]{26}") {
             let text = format!("A{second}{rest}");
-            prop_assert!(text.parse::<BlobId>().is_err());
+            if let Ok(id) = text.parse::<BlobId>() {
+                prop_assert!(id.is_name(), "{} is a blob id outside the pattern", text);
+            }
+        }
+
+        #[test]
+        fn name_ids_round_trip_apart_from_blob_ids(partition: u32, digest: u128) {
+            let name = BlobId::name(partition, digest);
+            let parsed: BlobId = name.to_string().parse().unwrap();
+            prop_assert!(parsed.is_name());
+            prop_assert_eq!(parsed, name);
+            prop_assert_ne!(name, BlobId::new(partition, digest));
+            prop_assert_eq!(BlobId::from_bytes(&name.to_bytes()).unwrap(), name);
         }
 
         #[test]
@@ -145,9 +177,9 @@ mod tests {
         bad_char.replace_range(3..4, "+");
         assert_eq!(bad_char.parse::<BlobId>(), Err(BlobIdError::Alphabet));
         let mut bytes = BlobId::new(7, 42).to_bytes();
-        bytes[0] = 2;
-        let v2 = URL_SAFE_NO_PAD.encode(bytes);
-        assert_eq!(v2.parse::<BlobId>(), Err(BlobIdError::Version(2)));
+        bytes[0] = 3;
+        let v3 = URL_SAFE_NO_PAD.encode(bytes);
+        assert_eq!(v3.parse::<BlobId>(), Err(BlobIdError::Version(3)));
         // 21 bytes encode to 28 characters with no spare bits, so no non-canonical form exists;
         // padding is still refused by length.
         assert!(format!("{}=", &good[..27]).parse::<BlobId>().is_err());

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use cairn_cluster::access::{AccessKey, Scope};
+use cairn_cluster::access::{AccessKey, Scope, Secret};
 use cairn_cluster::AuthMode;
 use cairn_common::volume_layout::Preallocation;
 use cairn_datanode::api::auth::AuthOptions;
@@ -11,7 +11,7 @@ use cairn_datanode::api::serve::ServerLimits;
 use cairn_datanode::cluster::ClusterOptions;
 use cairn_datanode::engine::{ChunkCache, VolumeConfig};
 use cairn_datanode::server::{
-    run_cluster, run_standalone, HttpOptions, StandaloneAuth, StandaloneOptions, VolumeSource,
+    run_cluster, run_standalone, HttpOptions, S3Settings, StandaloneAuth, StandaloneOptions, VolumeSource,
 };
 use cairn_datanode::store::StandaloneLayout;
 use clap::Parser;
@@ -171,6 +171,22 @@ struct Args {
     /// second.
     #[arg(long, default_value_t = cairn_datanode::api::auth::DEFAULT_FAILURE_BURST)]
     auth_failure_burst: u32,
+    /// Serve the S3-compatible API on this address too (a standalone node; docs/s3.md). It
+    /// speaks HTTPS when the blob API does.
+    #[arg(long, env = "CAIRN_S3_LISTEN")]
+    s3_listen: Option<SocketAddr>,
+    /// The region S3 clients sign for.
+    #[arg(long, env = "CAIRN_S3_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// Virtual-host-style addressing: `<bucket>.<domain>` names a bucket (path-style always works).
+    #[arg(long, env = "CAIRN_S3_DOMAIN")]
+    s3_domain: Option<String>,
+    /// Bytes of an S3 object per stored blob (at most --max-blob-size).
+    #[arg(long, default_value = "8MiB")]
+    s3_piece_size: ByteSize,
+    /// The largest object one PutObject takes.
+    #[arg(long, default_value = "5GiB")]
+    s3_max_object_size: ByteSize,
 }
 
 fn main() -> std::process::ExitCode {
@@ -260,18 +276,44 @@ fn run() -> anyhow::Result<()> {
     };
     let admin = || [Scope::Admin].into_iter().collect();
     let root_key = match (args.root_key_id, args.root_key_secret, &args.root_key_file) {
-        (Some(id), Some(secret), _) => Some(AccessKey::from_parts(&id, &secret, "root", admin()).map_err(|e| {
-            anyhow::anyhow!(
-                "--root-key-id/--root-key-secret: {e} (an id is CK and 18 of A-Z0-9, a secret 40 letters and digits)"
-            )
-        })?),
+        (Some(id), Some(secret), _) => Some((
+            AccessKey::from_parts(&id, &secret, "root", admin()).map_err(|e| {
+                anyhow::anyhow!(
+                    "--root-key-id/--root-key-secret: {e} (an id is CK and 18 of A-Z0-9, a secret 40 letters and digits)"
+                )
+            })?,
+            Secret::new(secret),
+        )),
         (_, _, Some(file)) => {
             let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let (id, secret) = cairn_cluster::access::parse_token(text.trim())
                 .map_err(|e| anyhow::anyhow!("--root-key-file {}: {e}", file.display()))?;
-            Some(AccessKey::from_parts(id, secret, "root", admin())?)
+            Some((AccessKey::from_parts(id, secret, "root", admin())?, Secret::new(secret.to_string())))
         }
         _ => None,
+    };
+    let s3 = match args.s3_listen {
+        Some(_) if cluster.is_some() => {
+            anyhow::bail!(
+                "--s3-listen is for a standalone node so far: a cluster's S3 front is not built yet (docs/s3.md)"
+            )
+        }
+        Some(listen) => {
+            let piece_bytes = args.s3_piece_size.as_u64();
+            anyhow::ensure!(
+                (1..=args.max_blob_size.as_u64()).contains(&piece_bytes),
+                "--s3-piece-size must be between 1 byte and --max-blob-size ({})",
+                args.max_blob_size
+            );
+            Some(S3Settings {
+                listen,
+                region: args.s3_region,
+                domain: args.s3_domain,
+                piece_bytes,
+                max_object_bytes: args.s3_max_object_size.as_u64(),
+            })
+        }
+        None => None,
     };
     if cluster.is_some() && (root_key.is_some() || args.auth != AuthMode::Keys) {
         // A cluster's keys and mode are in etcd (`cairn keys`, the config's `auth`).
@@ -307,6 +349,7 @@ fn run() -> anyhow::Result<()> {
             root_key,
             disk_agent_token: args.disk_agent_token.map(cairn_cluster::access::Secret::new),
         },
+        s3,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

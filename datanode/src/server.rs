@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use cairn_cluster::access::AccessKey;
+use cairn_cluster::access::{AccessKey, Secret};
 use cairn_cluster::AuthMode;
 
 use crate::api::auth::{Auth, AuthOptions};
@@ -28,15 +28,27 @@ pub struct StandaloneOptions {
     pub volume: VolumeConfig,
     pub http: HttpOptions,
     pub auth: StandaloneAuth,
+    /// Serve the S3-compatible API too.
+    pub s3: Option<S3Settings>,
+}
+
+/// Where and how a standalone node serves S3 (its keys are the node's).
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub listen: SocketAddr,
+    pub region: String,
+    pub domain: Option<String>,
+    pub piece_bytes: u64,
+    pub max_object_bytes: u64,
 }
 
 /// Who may call a standalone node (a cluster's keys and mode are in etcd).
 #[derive(Debug, Clone, Default)]
 pub struct StandaloneAuth {
     pub mode: AuthMode,
-    /// The root key (admin) given by flags or environment; without one, a node with a data
-    /// directory makes its own (`DATA_DIR/root-token`).
-    pub root_key: Option<AccessKey>,
+    /// The root key (admin) given by flags or environment, and its secret (S3 clients sign
+    /// with it); without one, a node with a data directory makes its own (`DATA_DIR/root-token`).
+    pub root_key: Option<(AccessKey, Secret)>,
     /// The token a node on disk-agent volumes presents to the agent (`--disk-agent-token`);
     /// without one, derived from the root key.
     pub disk_agent_token: Option<cairn_cluster::access::Secret>,
@@ -152,7 +164,7 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         VolumeSource::DiskAgent { socket, disk, prefix } => {
             let token = match (&options.auth.disk_agent_token, &options.auth.root_key) {
                 (Some(token), _) => token.clone(),
-                (None, Some(root)) => cairn_cluster::access::derived_token(root, "disk-agent"),
+                (None, Some((root, _))) => cairn_cluster::access::derived_token(root, "disk-agent"),
                 (None, None) => anyhow::bail!(
                     "a node on disk-agent volumes presents a token to the agent: give --disk-agent-token \
                      (or a root key, which it is then derived from)"
@@ -167,13 +179,13 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
     let (uploads, _) = options.http.budgets(options.volume.max_blob_bytes)?;
     // The root key serves the admin routes in either mode (with `--auth none` the blob routes
     // are open, the admin routes are not).
-    let keys = match (&options.auth.root_key, &options.volumes) {
+    let keys: Vec<(AccessKey, Secret)> = match (&options.auth.root_key, &options.volumes) {
         (Some(key), _) => vec![key.clone()],
         (None, VolumeSource::DataDir(dir)) => {
-            let (key, path, made) = crate::api::auth::root_key_in(dir)?;
+            let (key, secret, path, made) = crate::api::auth::root_key_in(dir)?;
             let verb = if made { "made" } else { "found" };
             tracing::info!(key = %key.id, file = %path.display(), "root key {verb}: send Authorization: Bearer <the file's token>");
-            vec![key]
+            vec![(key, secret)]
         }
         (None, VolumeSource::DiskAgent { .. }) if options.auth.mode == AuthMode::None => Vec::new(),
         (None, VolumeSource::DiskAgent { .. }) => anyhow::bail!(
@@ -186,16 +198,41 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
     }
     let tls = https(&options.http, &shutdown)?;
     let listener = bind(options.listen).await?;
+    let front = Front::Standalone(store.clone());
+    let mut listeners = Vec::new();
+    if let Some(s3) = &options.s3 {
+        let s3_options = crate::api::s3::S3Options {
+            region: s3.region.clone(),
+            domain: s3.domain.clone(),
+            auth: options.auth.mode,
+            keys: keys
+                .iter()
+                .map(|(key, secret)| {
+                    (key.id.clone(), crate::api::s3::S3Key { secret: secret.clone(), scopes: key.scopes.clone() })
+                })
+                .collect(),
+            piece_bytes: s3.piece_bytes,
+            max_object_bytes: s3.max_object_bytes,
+        };
+        let s3_listener = bind(s3.listen).await?;
+        tracing::info!(addr = %s3_listener.local_addr()?, region = %s3.region, "S3 API serving");
+        listeners.push((s3_listener, crate::api::s3::router(front.clone(), s3_options), tls.clone()));
+    }
     let state = AppState {
-        front: Front::Standalone(store.clone()),
+        front,
         store,
         metrics,
         max_blob_bytes: options.volume.max_blob_bytes,
         uploads,
-        auth: Arc::new(Auth::standalone(options.auth.mode, keys, &options.http.auth)),
+        auth: Arc::new(Auth::standalone(
+            options.auth.mode,
+            keys.into_iter().map(|(k, _)| k).collect(),
+            &options.http.auth,
+        )),
         serves_replica_routes: false,
     };
-    serve_on(vec![(listener, None, tls)], state, &options.http.limits, shutdown).await
+    listeners.insert(0, (listener, api::router(state.clone(), None), tls));
+    serve_on(listeners, state.store, &options.http.limits, shutdown).await
 }
 
 /// Serves a node of a cluster: binds first (peers may call as soon as it registers), then joins.
@@ -247,10 +284,13 @@ pub async fn run_cluster(
     };
     let listeners = match peer_listener {
         // The blob API without the replica routes; the peer port with everything.
-        Some(peer) => vec![(listener, None, tls), (peer, Some(replica), peer_tls.map(|t| t.acceptor))],
-        None => vec![(listener, Some(replica), None)],
+        Some(peer) => vec![
+            (listener, api::router(state.clone(), None), tls),
+            (peer, api::router(state.clone(), Some(replica)), peer_tls.map(|t| t.acceptor)),
+        ],
+        None => vec![(listener, api::router(state.clone(), Some(replica)), None)],
     };
-    serve_on(listeners, state, &http.limits, shutdown).await
+    serve_on(listeners, state.store, &http.limits, shutdown).await
 }
 
 /// The blob API's TLS (`--tls-cert`, `--tls-key`), if asked for: a rotated certificate (new
@@ -266,15 +306,14 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))
 }
 
-/// Serves each listener (with the replica routes where given) until `shutdown`, then drains
-/// requests (up to the drain timeout) and checkpoints every volume.
+/// Serves each listener its routes until `shutdown`, then drains requests (up to the drain
+/// timeout) and checkpoints every volume.
 async fn serve_on(
-    listeners: Vec<(tokio::net::TcpListener, Option<ReplicaState>, Option<tokio_rustls::TlsAcceptor>)>,
-    state: AppState,
+    listeners: Vec<(tokio::net::TcpListener, axum::Router, Option<tokio_rustls::TlsAcceptor>)>,
+    store: Arc<Store>,
     limits: &ServerLimits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = state.store.clone();
     // Volumes that failed for a full disk are reopened once room is back.
     tokio::spawn({
         let (store, shutdown) = (store.clone(), shutdown.clone());
@@ -290,10 +329,8 @@ async fn serve_on(
         }
     });
     let mut served = Vec::new();
-    for (listener, replica, tls) in listeners {
-        let routes = if replica.is_some() { "all" } else { "public" };
-        tracing::info!(addr = %listener.local_addr()?, routes, tls = tls.is_some(), "cairn-datanode serving");
-        let router = api::router(state.clone(), replica);
+    for (listener, router, tls) in listeners {
+        tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "cairn-datanode serving");
         served.push(api::serve::serve(listener, router, limits, tls, shutdown.clone()));
     }
     futures::future::try_join_all(served).await?;

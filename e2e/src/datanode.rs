@@ -183,6 +183,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     results.extend(auth_cost(&node, &work.path().join("open-node"), seconds).await?);
     results.extend(tls_cost(&node, work.path(), seconds).await?);
     drop(node);
+    results.extend(s3_cost(&work.path().join("s3-node"), seconds).await?);
     // The same GETs with every chunk read from the segment and verified again.
     let node = NodeProcess::start(&work.path().join("node-uncached"), &["--chunk-cache-size", "0"]).await?;
     results.push(get_latency(&node, "get_5m_p50_uncached", &mut sendfile, reference).await?);
@@ -202,8 +203,8 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 /// started with `--auth none` (requests without one).
 async fn auth_cost(keyed: &NodeProcess, open_dir: &Path, seconds: Duration) -> anyhow::Result<Vec<Scenario>> {
     let open = NodeProcess::start(open_dir, &["--auth", "none"]).await?;
-    let with_keys = raw_http::Target { addr: &keyed.addr, tls: None, authorized: true };
-    let without = raw_http::Target { addr: &open.addr, tls: None, authorized: false };
+    let with_keys = raw_http::Target { addr: &keyed.addr, tls: None, authorized: true, api: raw_http::Api::Blob };
+    let without = raw_http::Target { addr: &open.addr, tls: None, authorized: false, api: raw_http::Api::Blob };
     compare(
         [with_keys, without],
         ["auth_put_4k_c64", "auth_get_5m_p50"],
@@ -211,6 +212,38 @@ async fn auth_cost(keyed: &NodeProcess, open_dir: &Path, seconds: Duration) -> a
         seconds,
     )
     .await
+}
+
+/// What the S3 front costs: PUTs and GETs through S3 (SigV4, `UNSIGNED-PAYLOAD` as SDKs send over
+/// HTTPS) against the same through the blob API, on one node serving both.
+async fn s3_cost(dir: &Path, seconds: Duration) -> anyhow::Result<Vec<Scenario>> {
+    let s3_addr = format!("127.0.0.1:{}", cairn_testkit::ports::free_port());
+    let node = NodeProcess::start(dir, &["--s3-listen", &s3_addr, "--s3-piece-size", "64MiB"]).await?;
+    let s3 = raw_http::Target { addr: &s3_addr, tls: None, authorized: true, api: raw_http::Api::S3 };
+    let blob = raw_http::Target { addr: &node.addr, tls: None, authorized: true, api: raw_http::Api::Blob };
+    raw_http::create_bucket(&s3).await?;
+    let what =
+        "through S3 (SigV4, UNSIGNED-PAYLOAD, an MD5 ETag per object) against the blob API, one node serving both";
+    let mut out = compare([s3, blob], ["s3_put_4k_c64", "s3_get_5m_p50"], what, seconds).await?;
+    let s3 = raw_http::Target { addr: &s3_addr, tls: None, authorized: true, api: raw_http::Api::S3 };
+    let blob = raw_http::Target { addr: &node.addr, tls: None, authorized: true, api: raw_http::Api::Blob };
+    let targets = [s3, blob];
+    let mut puts = [Vec::new(), Vec::new()];
+    for round in 0..3 {
+        for i in [round % 2, 1 - round % 2] {
+            let ops = raw_http::put_throughput(&targets[i], 5 << 20, 4, seconds).await?;
+            puts[i].push(ops * 5.0 * 1048576.0 / 1e6);
+        }
+    }
+    out.push(Scenario::rounds(
+        "s3_put_5m",
+        &puts[0],
+        "MB/s",
+        &puts[1],
+        "MB/s",
+        format!("{what}; 4 clients; 3 interleaved rounds (target ≥ 0.80)"),
+    ));
+    Ok(out)
 }
 
 /// What TLS costs: a node serving HTTPS (a self-signed certificate made here) against `plain`,
@@ -235,8 +268,8 @@ async fn tls_cost(plain: &NodeProcess, work: &Path, seconds: Duration) -> anyhow
         .with_root_certificates(roots)
         .with_no_client_auth();
     let tls = raw_http::Tls(tokio_rustls::TlsConnector::from(Arc::new(config)));
-    let https = raw_http::Target { addr: &tls_addr, tls: Some(&tls), authorized: true };
-    let http = raw_http::Target { addr: &plain.addr, tls: None, authorized: true };
+    let https = raw_http::Target { addr: &tls_addr, tls: Some(&tls), authorized: true, api: raw_http::Api::Blob };
+    let http = raw_http::Target { addr: &plain.addr, tls: None, authorized: true, api: raw_http::Api::Blob };
     let mut out = compare(
         [https, http],
         ["tls_put_4k_c64", "tls_get_5m_p50"],
@@ -352,22 +385,81 @@ mod raw_http {
 
     pub struct Tls(pub tokio_rustls::TlsConnector);
 
+    /// Which API a target speaks: the blob API, or S3 (objects in the bucket [`BUCKET`]).
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum Api {
+        Blob,
+        S3,
+    }
+
+    pub const BUCKET: &str = "bench";
+
     /// A node as the client reaches it: over TLS or not, with the benchmark's key or without.
     pub struct Target<'a> {
         pub addr: &'a str,
         pub tls: Option<&'a Tls>,
         pub authorized: bool,
+        pub api: Api,
     }
 
     impl Target<'_> {
-        /// The request head lines every request carries: host and, if authorized, the key.
-        fn host_and_key(&self) -> String {
-            let mut lines = format!("Host: {}\r\n", self.addr);
-            if self.authorized {
-                lines += &format!("Authorization: {}\r\n", cairn_testkit::keys::authorization());
+        /// The head of a request for `path`: host and, if authorized, the key's bearer token
+        /// (blob API) or a SigV4 signature of the request (S3, signed now).
+        fn head(&self, method: &str, path: &str, content_length: Option<usize>) -> String {
+            let mut lines = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+            if let Some(len) = content_length {
+                lines += &format!("Content-Length: {len}\r\n");
             }
-            lines
+            match (self.authorized, self.api) {
+                (false, _) => {}
+                (true, Api::Blob) => lines += &format!("Authorization: {}\r\n", cairn_testkit::keys::authorization()),
+                (true, Api::S3) => {
+                    use axum::http::{HeaderMap, HeaderValue, Method};
+                    let mut headers = HeaderMap::new();
+                    let date = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+                    headers.insert("host", HeaderValue::from_str(self.addr).expect("ascii"));
+                    headers.insert("x-amz-date", HeaderValue::from_str(&date).expect("ascii"));
+                    headers.insert("x-amz-content-sha256", HeaderValue::from_static("UNSIGNED-PAYLOAD"));
+                    let method = Method::from_bytes(method.as_bytes()).expect("a method");
+                    let parts = cairn_datanode::api::s3::sigv4::RequestParts {
+                        method: &method,
+                        raw_path: path,
+                        query: &[],
+                        headers: &headers,
+                    };
+                    let (id, secret) = (cairn_testkit::keys::TEST_KEY_ID, cairn_testkit::keys::TEST_KEY_SECRET);
+                    let auth = cairn_datanode::api::s3::sigv4::authorization(id, secret, "us-east-1", &parts)
+                        .expect("signable");
+                    lines += &format!(
+                        "X-Amz-Date: {date}\r\nX-Amz-Content-Sha256: UNSIGNED-PAYLOAD\r\nAuthorization: {auth}\r\n"
+                    );
+                }
+            }
+            lines + "\r\n"
         }
+
+        /// The head of a PUT of a new object (`n` makes its S3 key).
+        fn put_head(&self, len: usize, n: &str) -> String {
+            match self.api {
+                Api::Blob => self.head("POST", "/v1/blobs", Some(len)),
+                Api::S3 => self.head("PUT", &format!("/{BUCKET}/o-{n}"), Some(len)),
+            }
+        }
+
+        fn put_status(&self) -> u16 {
+            match self.api {
+                Api::Blob => 201,
+                Api::S3 => 200,
+            }
+        }
+    }
+
+    /// Creates the S3 target's bucket.
+    pub async fn create_bucket(target: &Target<'_>) -> anyhow::Result<()> {
+        let mut conn = connect(target).await?;
+        let (status, answer) = exchange(&mut conn, &target.head("PUT", &format!("/{BUCKET}"), Some(0)), &[]).await?;
+        anyhow::ensure!(status == 200, "CreateBucket answered {status}: {}", String::from_utf8_lossy(&answer));
+        Ok(())
     }
 
     trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -414,17 +506,18 @@ mod raw_http {
         Ok((status, out))
     }
 
-    fn put_head(target: &Target<'_>, len: usize) -> String {
-        format!("POST /v1/blobs HTTP/1.1\r\n{}Content-Length: {len}\r\n\r\n", target.host_and_key())
-    }
-
-    /// One PUT: the id.
+    /// One PUT: the path to GET it from.
     pub async fn put(target: &Target<'_>, body: &[u8]) -> anyhow::Result<String> {
         let mut conn = connect(target).await?;
-        let (status, answer) = exchange(&mut conn, &put_head(target, body.len()), body).await?;
-        anyhow::ensure!(status == 201, "PUT answered {status}: {}", String::from_utf8_lossy(&answer));
-        let v: serde_json::Value = serde_json::from_slice(&answer)?;
-        Ok(v["id"].as_str().unwrap_or_default().to_owned())
+        let (status, answer) = exchange(&mut conn, &target.put_head(body.len(), "get"), body).await?;
+        anyhow::ensure!(status == target.put_status(), "PUT answered {status}: {}", String::from_utf8_lossy(&answer));
+        Ok(match target.api {
+            Api::Blob => {
+                let v: serde_json::Value = serde_json::from_slice(&answer)?;
+                format!("/v1/blobs/{}", v["id"].as_str().unwrap_or_default())
+            }
+            Api::S3 => format!("/{BUCKET}/o-get"),
+        })
     }
 
     /// PUTs of `size` bytes from `clients` connections for `duration`: ops/s.
@@ -435,29 +528,32 @@ mod raw_http {
         duration: Duration,
     ) -> anyhow::Result<f64> {
         let body = vec![0x17u8; size];
-        let head = put_head(target, size);
         let started = Instant::now();
-        let runs = (0..clients).map(|_| async {
-            let mut conn = connect(target).await?;
-            let mut done = 0u64;
-            while started.elapsed() < duration {
-                let (status, _) = exchange(&mut conn, &head, &body).await?;
-                anyhow::ensure!(status == 201, "PUT answered {status}");
-                done += 1;
+        let runs = (0..clients).map(|client| {
+            let body = &body;
+            async move {
+                let mut conn = connect(target).await?;
+                let mut done = 0u64;
+                while started.elapsed() < duration {
+                    let head = target.put_head(size, &format!("{client}-{done}"));
+                    let (status, _) = exchange(&mut conn, &head, body).await?;
+                    anyhow::ensure!(status == target.put_status(), "PUT answered {status}");
+                    done += 1;
+                }
+                anyhow::Ok(done)
             }
-            anyhow::Ok(done)
         });
         let done: u64 = futures::future::try_join_all(runs).await?.into_iter().sum();
         Ok(done as f64 / started.elapsed().as_secs_f64())
     }
 
-    /// `rounds` GETs of `id` on one connection: ms each.
-    pub async fn get_latency(target: &Target<'_>, id: &str, len: usize, rounds: usize) -> anyhow::Result<Vec<f64>> {
+    /// `rounds` GETs of `path` on one connection: ms each (a request signed anew each time).
+    pub async fn get_latency(target: &Target<'_>, path: &str, len: usize, rounds: usize) -> anyhow::Result<Vec<f64>> {
         let mut conn = connect(target).await?;
-        let head = format!("GET /v1/blobs/{id} HTTP/1.1\r\n{}\r\n", target.host_and_key());
         let mut samples = Vec::with_capacity(rounds);
         for _ in 0..rounds {
             let started = Instant::now();
+            let head = target.head("GET", path, None);
             let (status, body) = exchange(&mut conn, &head, &[]).await?;
             anyhow::ensure!(status == 200 && body.len() == len, "GET answered {status} with {} bytes", body.len());
             samples.push(started.elapsed().as_secs_f64() * 1e3);

@@ -77,7 +77,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 async fn admin_key(dir: &Path, etcd_url: &str, cluster: &str) -> anyhow::Result<PathBuf> {
     let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd_url.to_owned()], NAMESPACE, cluster).await?;
     let path = dir.join(ADMIN_TOKEN_FILE);
-    let (key, _) = cairn_cluster::access::admin_key_file(&path, "local admin")?;
+    let (key, _, _) = cairn_cluster::access::admin_key_file(&path, "local admin")?;
     if !store.load().await?.keys.contains_key(&key.id) {
         store.create_key(&key).await?;
     }

@@ -389,11 +389,12 @@ fn valid_node_token(credentials: &Credentials<'_>, presented: &str) -> bool {
 pub const ROOT_TOKEN_FILE: &str = "root-token";
 
 /// The root key of a standalone node that was given none: the one in `DATA_DIR/root-token`,
-/// made there (mode 0600) on the first start. The path, and whether it was just made.
-pub fn root_key_in(data_dir: &std::path::Path) -> anyhow::Result<(AccessKey, std::path::PathBuf, bool)> {
+/// made there (mode 0600) on the first start. The key, its secret, the path, and whether it was
+/// just made.
+pub fn root_key_in(data_dir: &std::path::Path) -> anyhow::Result<(AccessKey, Secret, std::path::PathBuf, bool)> {
     let path = data_dir.join(ROOT_TOKEN_FILE);
-    let (key, made) = access::admin_key_file(&path, "root")?;
-    Ok((key, path, made))
+    let (key, secret, made) = access::admin_key_file(&path, "root")?;
+    Ok((key, secret, path, made))
 }
 
 #[cfg(test)]

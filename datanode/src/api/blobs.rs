@@ -74,8 +74,19 @@ pub struct GetParams {
     pub local: bool,
 }
 
+/// Any id the storage holds: a blob's or a name record's (the replica routes copy both).
 pub(crate) fn parse_id(raw: &str) -> Result<BlobId, ApiError> {
     raw.parse().map_err(|e| ApiError::InvalidBlobId(format!("{}: {e}", super::error::excerpt(raw))))
+}
+
+/// A blob's id, as the blob API takes it: a name record's id is the storage's own (the S3 front's
+/// object names), never read or changed through the blob API.
+pub(crate) fn parse_blob_id(raw: &str) -> Result<BlobId, ApiError> {
+    let id = parse_id(raw)?;
+    if id.is_name() {
+        return Err(ApiError::InvalidBlobId(format!("{}: not a blob id", super::error::excerpt(raw))));
+    }
+    Ok(id)
 }
 
 fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>, ApiError> {
@@ -179,7 +190,7 @@ pub async fn get_blob(
     Query(params): Query<GetParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&raw)?;
+    let id = parse_blob_id(&raw)?;
     routed(&state, id, params.local, Method::GET, "", &headers, serve_get(&state, id, &headers)).await
 }
 
@@ -299,7 +310,7 @@ pub async fn head_blob(
     Query(params): Query<GetParams>,
     request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&raw)?;
+    let id = parse_blob_id(&raw)?;
     let local = async {
         let reader = open(&state, id).await?;
         let mut headers = blob_headers(&reader);
@@ -320,7 +331,7 @@ pub async fn head_blob(
         (status = 507, description = "No room even for the tombstone", body = ErrorBody),
     ))]
 pub async fn delete_blob(State(state): State<AppState>, Path(raw): Path<String>) -> Result<StatusCode, ApiError> {
-    let id = parse_id(&raw)?;
+    let id = parse_blob_id(&raw)?;
     state.front.delete(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -335,7 +346,7 @@ pub async fn blob_info(
     Query(params): Query<GetParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&raw)?;
+    let id = parse_blob_id(&raw)?;
     let local = async { local_info(&state, id).await.map(|info| Json(info).into_response()) };
     routed(&state, id, params.local, Method::GET, "/info", &headers, local).await
 }
@@ -363,7 +374,7 @@ pub async fn update_ttl(
     Path(raw): Path<String>,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let id = parse_id(&raw)?;
+    let id = parse_blob_id(&raw)?;
     let body = super::upload::read_small(body, 64 * 1024).await?;
     const EXPECTED: &str =
         "the body must be {\"ttl_seconds\": N} (whole seconds from now) or {\"ttl_seconds\": null} (never expires)";

@@ -274,6 +274,7 @@ impl From<FrontError> for ApiError {
         match e {
             FrontError::Volume(e) => e.into(),
             FrontError::Route(e) => e.into(),
+            FrontError::Unsupported(m) => ApiError::Unavailable(m.into()),
         }
     }
 }

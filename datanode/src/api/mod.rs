@@ -5,6 +5,7 @@ pub mod blobs;
 pub mod error;
 pub mod limits;
 pub mod replica;
+pub mod s3;
 pub mod serve;
 pub mod upload;
 

@@ -31,6 +31,20 @@ pub const DAMAGED: TableDefinition<[u8; BLOB_ID_BYTES], &[u8]> = TableDefinition
 /// token past them, so an entry is always either still ahead of the token or owed.
 pub const OWED: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("owed");
 
+/// Name records (`engine::names`) by (space, name, version) → [`NameEntry`](super::names::NameEntry):
+/// every version this replica holds or held, a deleted one kept as dead.
+pub const NAMES: TableDefinition<(&str, &str, u128), &[u8]> = TableDefinition::new("names");
+/// A name record's id → [`NameKey`], so that deleting the record finds its entry in [`NAMES`].
+pub const NAME_IDS: TableDefinition<[u8; BLOB_ID_BYTES], &[u8]> = TableDefinition::new("name_ids");
+
+/// Where a name record is in [`NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameKey {
+    pub space: String,
+    pub name: String,
+    pub version: u128,
+}
+
 /// A peer's journal entry not applied yet: retried with back-off until it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwedEntry {
@@ -68,19 +82,11 @@ pub fn add_live_blobs(meta: &mut redb::Table<'_, &'static str, &'static [u8]>, d
 const VALUE_FORMAT: u8 = 1;
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![VALUE_FORMAT];
-    out.extend(postcard::to_stdvec(value).expect("index values serialize"));
-    out
+    super::versioned::encode(VALUE_FORMAT, value)
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, VolumeError> {
-    match bytes.split_first() {
-        Some((&VALUE_FORMAT, rest)) => {
-            postcard::from_bytes(rest).map_err(|e| VolumeError::Corrupt(format!("index value: {e}")))
-        }
-        Some((v, _)) => Err(VolumeError::Corrupt(format!("index value format {v} is not supported"))),
-        None => Err(VolumeError::Corrupt("empty index value".into())),
-    }
+    super::versioned::decode(VALUE_FORMAT, bytes).map_err(|e| VolumeError::Corrupt(format!("index value: {e}")))
 }
 
 /// Where a record lives.

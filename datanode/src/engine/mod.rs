@@ -1,7 +1,9 @@
 //! The storage engine: one [`Volume`] per partition replica.
 //!
 //! - [`record`]: the log record format.
-//! - [`index`]: the redb tables (index, journal, segments, log tail).
+//! - [`index`]: the redb tables (index, journal, segments, log tail, names).
+//! - [`names`]: name records (blobs that record a name's version) and their index.
+//! - [`versioned`]: the encoding of every stored value (a format byte, then postcard).
 //! - [`segments`]: open segment files and positioned I/O.
 //! - [`volume`]: open/recovery, the group-commit writer, reads.
 //! - [`chunk_cache`]: verified chunks of large blobs kept in memory for repeated reads.
@@ -12,8 +14,10 @@
 
 pub mod chunk_cache;
 pub mod index;
+pub mod names;
 pub mod record;
 pub mod segments;
+pub mod versioned;
 pub mod volume;
 
 pub use volume::compaction;

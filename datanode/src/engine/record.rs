@@ -237,17 +237,11 @@ impl BlobMeta {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![META_FORMAT];
-        out.extend(postcard::to_stdvec(self).expect("metadata serializes"));
-        out
+        super::versioned::encode(META_FORMAT, self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        match bytes.split_first() {
-            Some((&META_FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| RecordError::Meta(e.to_string())),
-            Some((v, _)) => Err(RecordError::Meta(format!("metadata format {v} is not supported"))),
-            None => Err(RecordError::Meta("empty".into())),
-        }
+        super::versioned::decode(META_FORMAT, bytes).map_err(RecordError::Meta)
     }
 }
 

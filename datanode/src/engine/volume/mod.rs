@@ -27,9 +27,10 @@ use tokio::sync::oneshot;
 
 use super::chunk_cache::VolumeChunks;
 use super::index::{
-    self, BlobState, DamagedRecord, IndexEntry, JournalEntry, Location, LogTail, OwedEntry, SegmentInfo, BLOBS,
-    DAMAGED, JOURNAL, LOG_TAIL, META, SEGMENTS,
+    self, BlobState, DamagedRecord, IndexEntry, JournalEntry, Location, LogTail, NameKey, OwedEntry, SegmentInfo,
+    BLOBS, DAMAGED, JOURNAL, LOG_TAIL, META, SEGMENTS,
 };
+use super::names::{CurrentName, NameEntry, NameRecord};
 use super::record::{
     self, BlobMeta, EncodedRecord, RecordError, RecordHeader, RecordKind, CHUNK_LEN, HEADER_LEN, SEAL_LEN,
 };
@@ -523,6 +524,82 @@ impl Volume {
         let txn = self.shared.db.begin_read()?;
         let blobs = txn.open_table(BLOBS)?;
         index::get(&blobs, blob_id.to_bytes())?.ok_or(VolumeError::NotFound)
+    }
+
+    /// Every version of `name` in `space` this replica holds or held, oldest first (blocking).
+    pub fn name_versions(&self, space: &str, name: &str) -> Result<Vec<(u128, NameEntry)>, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let names = match txn.open_table(index::NAMES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in names.range((space, name, 0u128)..=(space, name, u128::MAX))? {
+            let (key, value) = row?;
+            out.push((key.value().2, index::decode(value.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The current names of `space` that start with `prefix`, from `from` on (`from` itself left
+    /// out when `after`), in byte order: at most `limit` (blocking).
+    pub fn current_names(
+        &self,
+        space: &str,
+        from: &str,
+        after: bool,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<CurrentName>, VolumeError> {
+        let txn = self.shared.db.begin_read()?;
+        let names = match txn.open_table(index::NAMES) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let start = if from < prefix { prefix } else { from };
+        let mut out = Vec::new();
+        // Rows come name by name, each name's versions oldest first: its last row is current.
+        let mut newest: Option<(String, u128, NameEntry)> = None;
+        let emit = |row: Option<(String, u128, NameEntry)>, out: &mut Vec<CurrentName>| {
+            if let Some((name, version, entry)) = row {
+                if entry.live && !(after && name == from) {
+                    out.push(CurrentName { name, version, id: entry.blob_id(), summary: entry.summary });
+                }
+            }
+        };
+        for row in names.range((space, start, 0u128)..)? {
+            let (key, value) = row?;
+            let (row_space, name, version) = key.value();
+            if row_space != space || !name.starts_with(prefix) {
+                break;
+            }
+            let entry: NameEntry = index::decode(value.value())?;
+            match &mut newest {
+                Some((current, v, e)) if current == name => {
+                    *v = version;
+                    *e = entry;
+                }
+                _ => {
+                    emit(newest.take(), &mut out);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                    newest = Some((name.to_string(), version, entry));
+                }
+            }
+        }
+        emit(newest, &mut out);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The name record a name id holds (blocking: it reads the record).
+    pub fn name_record(&self, id: BlobId) -> Result<NameRecord, VolumeError> {
+        let reader = self.open_blob(id)?;
+        let payload = reader.read_range(0, reader.len())?;
+        NameRecord::decode_for(id, &payload)
     }
 
     /// Which of `ids` the index holds (live, deleted or expired), in one read transaction

@@ -129,7 +129,8 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
                         offset = SEGMENT_HEADER_LEN;
                         continue;
                     }
-                    apply_record(&mut tables, &header, location, crc, &mut next_seq)?;
+                    let payload = &bytes[header.payload_offset() as usize..header.chunk_table_offset() as usize];
+                    apply_record(&mut tables, &header, payload, location, crc, &mut next_seq)?;
                     last_record_of.insert(header.blob_id, replayed_bytes);
                     offset += location.len;
                     replayed_bytes += location.len;
@@ -144,7 +145,7 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
         layout::zero_range(&file, &path, offset, marker.segment_size - offset)?;
         file.sync_data()?;
         tables.segments.get(segment)?.end = offset;
-        let Tables { blobs, journal, damaged, segments: stats, live_blobs } = tables;
+        let Tables { blobs, journal, damaged, segments: stats, live_blobs, .. } = tables;
         stats.flush()?;
         if index::get::<_, u64>(&meta, index::LIVE_BLOBS)?.is_some() {
             index::add_live_blobs(&mut meta, live_blobs)?;

@@ -65,7 +65,13 @@ pub(super) struct Tables<'t, 'a> {
     pub(super) segments: SegmentStats<'t, 'a>,
     /// Change of the live blob count ([`index::LIVE_BLOBS`]) in this transaction.
     pub(super) live_blobs: i64,
+    txn: &'t WriteTransaction,
+    /// [`index::NAMES`] and [`index::NAME_IDS`], opened when a name record comes.
+    names: Option<NameTables<'t>>,
 }
+
+type NameTables<'t> =
+    (Table<'t, (&'static str, &'static str, u128), &'static [u8]>, Table<'t, [u8; 21], &'static [u8]>);
 
 impl<'t, 'a> Tables<'t, 'a> {
     /// The tables of a write transaction; `segments` is opened by the caller, who keeps it.
@@ -79,15 +85,60 @@ impl<'t, 'a> Tables<'t, 'a> {
             damaged: txn.open_table(DAMAGED)?,
             segments: SegmentStats::new(segments),
             live_blobs: 0,
+            txn,
+            names: None,
         })
+    }
+
+    fn names(&mut self) -> Result<&mut NameTables<'t>, VolumeError> {
+        if self.names.is_none() {
+            self.names = Some((self.txn.open_table(index::NAMES)?, self.txn.open_table(index::NAME_IDS)?));
+        }
+        Ok(self.names.as_mut().expect("just opened"))
     }
 }
 
-/// Applies one record to the index, journal and segment stats. The writer and recovery both
-/// use this, so replaying a record gives exactly the state the writer produced.
+/// Keeps the name index in step with a name record's put or delete (`engine::names`).
+fn apply_to_names(tables: &mut Tables<'_, '_>, header: &RecordHeader, payload: &[u8]) -> Result<(), VolumeError> {
+    let id = header.blob_id;
+    let (names, ids) = tables.names()?;
+    match header.kind {
+        RecordKind::Put => {
+            // Checked before it was written (plan_op); a record that does not decode now (a bug
+            // of an older release) stays a blob without a name rather than failing the volume.
+            let record = match NameRecord::decode_for(id, payload) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!(%id, error = %e, "a name record does not decode; it is not in the name index");
+                    return Ok(());
+                }
+            };
+            let entry = NameEntry { id: id.to_bytes(), live: true, summary: record.summary };
+            names.insert(
+                (record.space.as_str(), record.name.as_str(), record.version),
+                index::encode(&entry).as_slice(),
+            )?;
+            let key = NameKey { space: record.space, name: record.name, version: record.version };
+            ids.insert(id.to_bytes(), index::encode(&key).as_slice())?;
+        }
+        RecordKind::Delete => {
+            let Some(key) = index::get::<_, NameKey>(&*ids, id.to_bytes())? else { return Ok(()) };
+            let entry = NameEntry { id: id.to_bytes(), live: false, summary: Vec::new() };
+            names.insert((key.space.as_str(), key.name.as_str(), key.version), index::encode(&entry).as_slice())?;
+            ids.remove(id.to_bytes())?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Applies one record to the index, journal and segment stats (and the name index, for a name
+/// record: `payload` is the record's). The writer and recovery both use this, so replaying a
+/// record gives exactly the state the writer produced.
 pub(super) fn apply_record(
     tables: &mut Tables<'_, '_>,
     header: &RecordHeader,
+    payload: &[u8],
     location: Location,
     crc: u32,
     next_seq: &mut u64,
@@ -150,6 +201,9 @@ pub(super) fn apply_record(
         // Nothing to do: a seal, or a record the current state already supersedes.
         _ => return Ok(()),
     };
+    if header.blob_id.is_name() {
+        apply_to_names(tables, header, payload)?;
+    }
     tables.segments.get(location.segment)?.live_bytes += location.len;
     tables.journal.insert(seq, index::encode(&journal_entry(header, location)).as_slice())?;
     tables.blobs.insert(key, index::encode(&entry).as_slice())?;
@@ -172,6 +226,9 @@ pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -
     let now = now_ms();
     let (blob_id, kind, at_ms, expiry_ms) = match op {
         WriteOp::Put { record, .. } => {
+            if record.header.blob_id.is_name() {
+                NameRecord::decode_for(record.header.blob_id, &record.payload)?;
+            }
             return match index::get::<_, IndexEntry>(blobs, record.header.blob_id.to_bytes())? {
                 None => Ok(Planned::Record(record)),
                 Some(e) if e.state == BlobState::Live && e.crc == record.trailer_crc() => Ok(Planned::Nothing),
@@ -410,6 +467,7 @@ impl Writer {
                         apply_record(
                             &mut tables,
                             &record.header,
+                            &record.payload,
                             location,
                             record.trailer_crc(),
                             &mut self.log.next_seq,

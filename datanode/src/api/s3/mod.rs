@@ -1,0 +1,288 @@
+//! The S3-compatible API (docs/s3.md): AWS Signature V4 with Cairn's access keys, buckets, and
+//! objects stored as blobs named by name records (`engine::names`).
+//!
+//! - [`sigv4`], [`chunked`], [`checksum`]: what a request proves and carries.
+//! - [`model`]: what is stored for a bucket and an object.
+//! - [`buckets`], [`objects`]: the operations.
+//! - [`error`]: S3's error codes, the one place they become HTTP; [`xml`]: S3's documents.
+//!
+//! Every request passes [`handle`]: addressing (path-style, or virtual-host-style under the
+//! configured domain), authentication, the key's scope, then the operation.
+
+pub mod buckets;
+pub mod checksum;
+pub mod chunked;
+pub mod error;
+pub mod model;
+pub mod objects;
+pub mod sigv4;
+pub mod xml;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use cairn_cluster::access::{Scope, Secret};
+use cairn_cluster::AuthMode;
+use percent_encoding::percent_decode_str;
+
+use crate::front::{Front, FrontError};
+use error::S3Error;
+
+/// A key the S3 front can check signatures of: its secret and what it may do.
+#[derive(Clone)]
+pub struct S3Key {
+    pub secret: Secret,
+    pub scopes: std::collections::BTreeSet<Scope>,
+}
+
+impl S3Key {
+    fn allows(&self, scope: Scope) -> bool {
+        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+    }
+}
+
+/// The S3 front's settings.
+#[derive(Clone)]
+pub struct S3Options {
+    /// The region requests are signed for (and `GetBucketLocation` answers).
+    pub region: String,
+    /// Virtual-host-style addressing: a request to `<bucket>.<domain>` names the bucket.
+    pub domain: Option<String>,
+    /// `AuthMode::None`: unsigned requests are served (a playground).
+    pub auth: AuthMode,
+    /// Keys by id. (A standalone node's root key; a cluster's keys come with the cluster front.)
+    pub keys: BTreeMap<String, S3Key>,
+    /// Bytes of an object stored per blob (and held in memory per upload at once).
+    pub piece_bytes: u64,
+    /// The largest object a single PutObject takes (S3's limit is 5 GiB).
+    pub max_object_bytes: u64,
+}
+
+pub struct S3State {
+    pub front: Front,
+    pub options: S3Options,
+    /// Bucket creation and deletion exclude writes of objects (a bucket is deleted only empty,
+    /// and no object is written into a bucket being deleted).
+    pub buckets_lock: tokio::sync::RwLock<()>,
+}
+
+pub fn router(front: Front, options: S3Options) -> Router {
+    let state = Arc::new(S3State { front, options, buckets_lock: tokio::sync::RwLock::new(()) });
+    Router::new().fallback(handle).with_state(state)
+}
+
+/// What a request addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Service,
+    Bucket(String),
+    Object { bucket: String, key: String },
+}
+
+/// A request as the operations see it: authenticated, addressed, its query decoded.
+pub struct S3Request {
+    pub method: Method,
+    pub target: Target,
+    pub query: Vec<(String, String)>,
+    pub headers: HeaderMap,
+    pub body: Body,
+    /// The checked signature (`None`: anonymous, on a node without auth).
+    pub signature: Option<sigv4::Verified>,
+}
+
+impl S3Request {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn has_param(&self, name: &str) -> bool {
+        self.query.iter().any(|(k, _)| k == name)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+async fn handle(State(state): State<Arc<S3State>>, request: Request) -> Response {
+    let is_head = request.method() == Method::HEAD;
+    let mut response = match serve(&state, request).await {
+        Ok(response) => response,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::error!(code = e.code, error = %e.message, "S3 request failed");
+            }
+            e.into_response()
+        }
+    };
+    if is_head {
+        // A HEAD answer has headers only, errors included (S3 sends no body).
+        *response.body_mut() = Body::empty();
+    }
+    let headers = response.headers_mut();
+    headers.insert("x-amz-request-id", HeaderValue::from_str(&request_id()).expect("hex"));
+    headers.insert(header::SERVER, HeaderValue::from_static("Cairn"));
+    response
+}
+
+fn request_id() -> String {
+    format!("{:016X}", rand::random::<u64>())
+}
+
+async fn serve(state: &S3State, request: Request) -> Result<Response, S3Error> {
+    let (parts, body) = request.into_parts();
+    let query = sigv4::parse_query(parts.uri.query())?;
+    let raw_path = parts.uri.path();
+    let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let target = target_of(raw_path, host, state.options.domain.as_deref())?;
+    let signature = authenticate(state, &parts.method, raw_path, &query, &parts.headers)?;
+    let request = S3Request { method: parts.method, target, query, headers: parts.headers, body, signature };
+    if let Some(verified) = &request.signature {
+        let scope = scope_of(&request);
+        let key = &state.options.keys[&verified.key_id];
+        if !key.allows(scope) {
+            return Err(S3Error::access_denied("access denied: the key lacks the scope this operation needs"));
+        }
+    }
+    match &request.target {
+        Target::Service => buckets::service(state, request).await,
+        Target::Bucket(_) => buckets::bucket(state, request).await,
+        Target::Object { .. } => objects::object(state, request).await,
+    }
+}
+
+/// The scope an operation needs: reads read, writes write, deletes delete; creating and
+/// deleting buckets is the admin's.
+fn scope_of(request: &S3Request) -> Scope {
+    match (&request.target, &request.method) {
+        (_, m) if m == Method::GET || m == Method::HEAD => Scope::Read,
+        (Target::Bucket(_), m) if m == Method::PUT || m == Method::DELETE => Scope::Admin,
+        (Target::Bucket(_), m) if m == Method::POST && request.has_param("delete") => Scope::Delete,
+        (_, m) if m == Method::DELETE => Scope::Delete,
+        (Target::Object { .. }, _) => Scope::Write,
+        _ => Scope::Admin,
+    }
+}
+
+fn authenticate(
+    state: &S3State,
+    method: &Method,
+    raw_path: &str,
+    query: &[(String, String)],
+    headers: &HeaderMap,
+) -> Result<Option<sigv4::Verified>, S3Error> {
+    let Some(presented) = sigv4::presented(headers, query)? else {
+        return match state.options.auth {
+            AuthMode::None => Ok(None),
+            AuthMode::Keys => {
+                Err(S3Error::access_denied("access denied: sign the request (AWS Signature V4) with an access key"))
+            }
+        };
+    };
+    let key = state.options.keys.get(&presented.key_id).ok_or_else(|| {
+        S3Error::invalid_access_key_id("the AWS access key id you provided does not exist in our records")
+    })?;
+    let parts = sigv4::RequestParts { method, raw_path, query, headers };
+    sigv4::verify(&presented, key.secret.expose(), &state.options.region, &parts, chrono::Utc::now()).map(Some)
+}
+
+/// Path-style `/<bucket>/<key>`, or virtual-host-style `<bucket>.<domain>` with the key the
+/// whole path. The key is percent-decoded once.
+fn target_of(raw_path: &str, host: Option<&str>, domain: Option<&str>) -> Result<Target, S3Error> {
+    let decode = |s: &str| {
+        percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| S3Error::invalid_argument("the request path is not UTF-8 once decoded"))
+    };
+    let path = raw_path.strip_prefix('/').unwrap_or(raw_path);
+    let host = host.map(|h| {
+        h.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(h, |(name, _)| name)
+    });
+    if let (Some(host), Some(domain)) = (host, domain) {
+        if let Some(bucket) = host.strip_suffix(domain).and_then(|b| b.strip_suffix('.')).filter(|b| !b.is_empty()) {
+            let bucket = bucket.to_ascii_lowercase();
+            return Ok(if path.is_empty() {
+                Target::Bucket(bucket)
+            } else {
+                Target::Object { bucket, key: decode(path)? }
+            });
+        }
+    }
+    match path.split_once('/') {
+        None if path.is_empty() => Ok(Target::Service),
+        None => Ok(Target::Bucket(decode(path)?)),
+        Some((bucket, "")) => Ok(Target::Bucket(decode(bucket)?)),
+        Some((bucket, key)) => Ok(Target::Object { bucket: decode(bucket)?, key: decode(key)? }),
+    }
+}
+
+impl From<FrontError> for S3Error {
+    fn from(e: FrontError) -> Self {
+        use crate::cluster::router::RouteError;
+        use crate::engine::VolumeError;
+        match e {
+            FrontError::Volume(VolumeError::Full | VolumeError::NoRoom { .. })
+            | FrontError::Volume(VolumeError::Paused { no_space: true, .. })
+            | FrontError::Route(RouteError::NoRoom(_)) => S3Error {
+                status: StatusCode::INSUFFICIENT_STORAGE,
+                code: "InsufficientStorage",
+                message: "no room is left to store this object".into(),
+                resource: None,
+            },
+            FrontError::Volume(e @ VolumeError::TooLarge { .. }) => S3Error::entity_too_large(e.to_string()),
+            FrontError::Volume(VolumeError::Paused { reason, .. }) => S3Error::slow_down(reason),
+            FrontError::Volume(e @ (VolumeError::Failed(_) | VolumeError::Closed)) => {
+                S3Error::service_unavailable(e.to_string())
+            }
+            FrontError::Route(e @ RouteError::NoQuorum(_)) => S3Error::service_unavailable(e.to_string()),
+            FrontError::Unsupported(m) => S3Error::not_implemented(m),
+            other => S3Error::internal(other.to_string()),
+        }
+    }
+}
+
+/// An XML document as a 200 response.
+pub fn xml_response<T: serde::Serialize>(value: &T) -> Response {
+    let mut response = (StatusCode::OK, xml::document(value)).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/xml"));
+    response
+}
+
+/// Reads a small body (an XML request) whole, signed payload checked.
+pub async fn small_body(request: S3Request) -> Result<bytes::Bytes, S3Error> {
+    let mut pieces = objects::BodyReader::new(&request, xml::MAX_REQUEST_BYTES as u64)?;
+    let mut out = bytes::BytesMut::new();
+    let mut body = request.body.into_data_stream();
+    while let Some(data) = pieces.next(&mut body).await? {
+        out.extend_from_slice(&data);
+    }
+    pieces.finish()?;
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_style_and_virtual_host_style_name_the_same_things() {
+        let t = |path, host| target_of(path, host, Some("s3.example.com")).unwrap();
+        assert_eq!(t("/", None), Target::Service);
+        assert_eq!(t("/b", None), Target::Bucket("b".into()));
+        assert_eq!(t("/b/", None), Target::Bucket("b".into()));
+        assert_eq!(t("/b/a/b%20c/", None), Target::Object { bucket: "b".into(), key: "a/b c/".into() });
+        assert_eq!(t("/b//x", None), Target::Object { bucket: "b".into(), key: "/x".into() });
+        assert_eq!(t("/", Some("b.s3.example.com:9000")), Target::Bucket("b".into()));
+        assert_eq!(t("/k%2Fey", Some("b.s3.example.com")), Target::Object { bucket: "b".into(), key: "k/ey".into() });
+        // The domain itself, or another host: path-style.
+        assert_eq!(t("/b/k", Some("s3.example.com")), Target::Object { bucket: "b".into(), key: "k".into() });
+        assert_eq!(t("/b/k", Some("127.0.0.1:9000")), Target::Object { bucket: "b".into(), key: "k".into() });
+        assert!(target_of("/b/%FF", None, None).is_err());
+    }
+}

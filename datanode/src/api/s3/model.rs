@@ -1,0 +1,191 @@
+//! What the S3 front stores: an object is a name record (space = its bucket, name = its key)
+//! whose body is an [`ObjectRecord`] listing the blobs that hold its bytes; a bucket is a name
+//! record in the bucket space ([`BUCKET_SPACE`]) whose body is a [`BucketRecord`]. Both
+//! encodings are versioned (a format byte, then postcard).
+
+use cairn_common::blob_id::{BlobId, BLOB_ID_BYTES};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::checksum::Checksum;
+use super::error::S3Error;
+use crate::engine::versioned;
+
+const FORMAT: u8 = 1;
+
+/// The space of bucket records: no bucket name is empty, so no bucket's objects share it.
+pub const BUCKET_SPACE: &str = "";
+/// S3's limit on a key, bytes of UTF-8.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// S3's limit on user metadata (`x-amz-meta-*` names and values), bytes.
+pub const MAX_USER_META_BYTES: usize = 2048;
+
+/// One blob holding a run of an object's bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    pub id: [u8; BLOB_ID_BYTES],
+    pub len: u64,
+}
+
+impl Piece {
+    pub fn blob_id(&self) -> Result<BlobId, S3Error> {
+        BlobId::from_bytes(&self.id).map_err(|e| S3Error::internal(format!("an object's piece id is invalid: {e}")))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    pub size: u64,
+    /// Without quotes: hex MD5 of the bytes for an object put whole.
+    pub etag: String,
+    pub content_type: String,
+    /// `x-amz-meta-*` pairs, names lower-cased, without the prefix.
+    pub user_meta: Vec<(String, String)>,
+    /// Content-Encoding, Content-Disposition, Cache-Control, Content-Language, Expires: given at
+    /// upload, returned on reads.
+    pub headers: Vec<(String, String)>,
+    pub checksum: Option<Checksum>,
+    /// The bytes, in order.
+    pub pieces: Vec<Piece>,
+}
+
+/// What a listing shows of an object, kept in the name index beside its name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectSummary {
+    pub size: u64,
+    pub etag: String,
+}
+
+impl ObjectRecord {
+    pub fn summary(&self) -> ObjectSummary {
+        ObjectSummary { size: self.size, etag: self.etag.clone() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRecord {
+    pub created_ms: u64,
+    /// The partitions the bucket's object names are spread over, fixed at its creation (a
+    /// key's is `partitions[hash(key) % len]`), so that a node given more partitions later
+    /// still finds every name.
+    pub partitions: Vec<u32>,
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    versioned::encode(FORMAT, value)
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, S3Error> {
+    versioned::decode(FORMAT, bytes).map_err(|e| S3Error::internal(format!("an S3 record does not decode: {e}")))
+}
+
+/// The partition of `key` among a bucket's.
+pub fn partition_of(partitions: &[u32], key: &str) -> u32 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    partitions[(n % partitions.len() as u64) as usize]
+}
+
+/// S3's rules for a bucket name (general purpose buckets): 3–63 characters of `a-z0-9.-`,
+/// beginning and ending with a letter or digit, no `..`, not shaped like an IP address, none of
+/// the reserved prefixes and suffixes.
+pub fn check_bucket_name(name: &str) -> Result<(), S3Error> {
+    let invalid = |why: &str| {
+        Err(S3Error {
+            resource: Some(name.chars().take(80).collect()),
+            ..S3Error::invalid_bucket_name(format!("the specified bucket is not valid: {why}"))
+        })
+    };
+    if !(3..=63).contains(&name.len()) {
+        return invalid("a bucket name has 3 to 63 characters");
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-') {
+        return invalid("a bucket name has only lower-case letters, digits, dots and hyphens");
+    }
+    let edge_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !edge_ok(name.as_bytes()[0]) || !edge_ok(name.as_bytes()[name.len() - 1]) {
+        return invalid("a bucket name begins and ends with a letter or digit");
+    }
+    if name.contains("..") || name.contains(".-") || name.contains("-.") {
+        return invalid("a bucket name has no two adjacent periods, nor a period beside a hyphen");
+    }
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return invalid("a bucket name is not an IP address");
+    }
+    if ["xn--", "sthree-", "amzn-s3-demo-"].iter().any(|p| name.starts_with(p))
+        || ["-s3alias", "--ol-s3", "--x-s3", "--table-s3", ".mrap"].iter().any(|s| name.ends_with(s))
+    {
+        return invalid("a bucket name does not use a reserved prefix or suffix");
+    }
+    Ok(())
+}
+
+/// A key S3 accepts: 1 to 1,024 bytes of UTF-8.
+pub fn check_key(key: &str) -> Result<(), S3Error> {
+    if key.is_empty() {
+        return Err(S3Error::invalid_argument("an object key cannot be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(S3Error::key_too_long(format!("your key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len())));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names_follow_s3s_rules() {
+        for good in ["abc", "my-bucket.data", "a1b2c3", "x".repeat(63).as_str(), "192.168.5.4x"] {
+            assert!(check_bucket_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "ab",
+            &"x".repeat(64),
+            "My-Bucket",
+            "-abc",
+            "abc-",
+            "a..b",
+            "a.-b",
+            "192.168.5.4",
+            "xn--abc",
+            "abc-s3alias",
+            "a_b",
+            "ab c",
+        ] {
+            assert_eq!(check_bucket_name(bad).unwrap_err().code, "InvalidBucketName", "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_are_1_to_1024_bytes() {
+        assert!(check_key(&"k".repeat(1024)).is_ok());
+        assert_eq!(check_key(&"k".repeat(1025)).unwrap_err().code, "KeyTooLongError");
+        // 1,024 bytes, not characters: 342 three-byte characters are 1,026 bytes.
+        assert!(check_key(&"€".repeat(341)).is_ok());
+        assert!(check_key(&"€".repeat(342)).is_err());
+        assert!(check_key("").is_err());
+    }
+
+    #[test]
+    fn records_are_versioned() {
+        let bucket = BucketRecord { created_ms: 5, partitions: vec![0, 1] };
+        let bytes = encode(&bucket);
+        assert_eq!(bytes[0], FORMAT);
+        assert_eq!(decode::<BucketRecord>(&bytes).unwrap(), bucket);
+        let mut future = bytes;
+        future[0] = 2;
+        assert!(decode::<BucketRecord>(&future).is_err());
+    }
+
+    #[test]
+    fn keys_spread_over_every_partition() {
+        let partitions = [3, 5, 9];
+        let hit: std::collections::BTreeSet<u32> =
+            (0..300).map(|i| partition_of(&partitions, &format!("key-{i}"))).collect();
+        assert_eq!(hit.into_iter().collect::<Vec<_>>(), partitions);
+        assert_eq!(partition_of(&partitions, "same"), partition_of(&partitions, "same"));
+    }
+}

@@ -1,0 +1,916 @@
+//! Object operations: PutObject, GetObject, HeadObject, DeleteObject, CopyObject, and what they
+//! share — reading a body in any payload mode, finding a key's current version, superseding.
+//!
+//! An object is written in two steps: its bytes as blobs (pieces of at most `piece_bytes`),
+//! then its name record. The name record is the commit point: until it is durable the object
+//! does not exist, and a failed upload deletes the pieces it stored. Then every older live
+//! version of the key is deleted (record and pieces), so whichever writer finishes last
+//! removes what the newest version superseded.
+
+use std::collections::VecDeque;
+
+use axum::body::{Body, BodyDataStream};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use cairn_common::BlobId;
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::checksum::{self, Algorithm, BodyDigests, Checksum};
+use super::chunked::ChunkedDecoder;
+use super::error::S3Error;
+use super::model::{self, BucketRecord, ObjectRecord, ObjectSummary, Piece};
+use super::sigv4::Payload;
+use super::{buckets, xml, xml_response, S3Request, S3State, Target};
+use crate::engine::names::{self, NameRecord};
+use crate::engine::{now_ms, BlobMeta};
+
+/// Stored headers a client gives at upload and gets back on reads.
+const STORED_HEADERS: [&str; 5] =
+    ["cache-control", "content-disposition", "content-encoding", "content-language", "expires"];
+/// `response-*` query parameters of a GET that override a header of the answer.
+const RESPONSE_OVERRIDES: [(&str, &str); 6] = [
+    ("response-content-type", "content-type"),
+    ("response-content-language", "content-language"),
+    ("response-expires", "expires"),
+    ("response-cache-control", "cache-control"),
+    ("response-content-disposition", "content-disposition"),
+    ("response-content-encoding", "content-encoding"),
+];
+
+pub async fn object(state: &S3State, request: S3Request) -> Result<Response, S3Error> {
+    let Target::Object { bucket, key } = request.target.clone() else { unreachable!("an object request") };
+    model::check_key(&key)?;
+    for unsupported in [
+        "uploads",
+        "uploadId",
+        "partNumber",
+        "acl",
+        "tagging",
+        "retention",
+        "legal-hold",
+        "torrent",
+        "restore",
+        "select",
+        "attributes",
+    ] {
+        // partNumber=1 of an object put whole is the whole object (GET/HEAD).
+        if unsupported == "partNumber" && request.param("partNumber") == Some("1") && !request.has_param("uploadId") {
+            continue;
+        }
+        if request.has_param(unsupported) {
+            return Err(S3Error::not_implemented(format!(
+                "the ?{unsupported} subresource is not supported (docs/s3.md)"
+            )));
+        }
+    }
+    match request.method {
+        Method::PUT if request.headers.contains_key("x-amz-copy-source") => {
+            copy_object(state, request, &bucket, &key).await
+        }
+        Method::PUT => put_object(state, request, &bucket, &key).await,
+        Method::GET | Method::HEAD => get_object(state, request, &bucket, &key).await,
+        Method::DELETE => {
+            let record = buckets::find(state, &bucket).await?;
+            delete_key(state, &record, &bucket, &key).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        _ => Err(S3Error::method_not_allowed("the specified method is not allowed against this resource")),
+    }
+}
+
+/// A key's current version: its name record's id, version and object.
+pub struct Current {
+    pub id: BlobId,
+    pub version: u128,
+    pub object: ObjectRecord,
+}
+
+impl Current {
+    fn last_modified_ms(&self) -> u64 {
+        names::version_ms(self.version)
+    }
+}
+
+/// The current version of `key`, if it has one.
+pub async fn current(
+    state: &S3State,
+    bucket: &BucketRecord,
+    space: &str,
+    key: &str,
+) -> Result<Option<Current>, S3Error> {
+    let partition = model::partition_of(&bucket.partitions, key);
+    let versions = state.front.name_versions(partition, space, key).await?;
+    let Some((version, entry)) = versions.last() else { return Ok(None) };
+    if !entry.live {
+        return Ok(None);
+    }
+    let record = match state.front.name_record(entry.blob_id()).await {
+        Ok(record) => record,
+        // Deleted between the two reads: a delete won.
+        Err(crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Some(Current { id: entry.blob_id(), version: *version, object: model::decode(&record.body)? }))
+}
+
+/// Deletes every live version of `key` (records, then their pieces).
+pub async fn delete_key(state: &S3State, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
+    let partition = model::partition_of(&bucket.partitions, key);
+    let versions = state.front.name_versions(partition, space, key).await?;
+    for (_, entry) in versions.iter().filter(|(_, e)| e.live) {
+        delete_version(state, entry.blob_id()).await?;
+    }
+    Ok(())
+}
+
+/// Deletes every live version of `key` older than its newest live one.
+async fn supersede(state: &S3State, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
+    let partition = model::partition_of(&bucket.partitions, key);
+    let versions = state.front.name_versions(partition, space, key).await?;
+    let live: Vec<_> = versions.iter().filter(|(_, e)| e.live).collect();
+    if let Some((_, older)) = live.split_last() {
+        for (_, entry) in older.iter() {
+            delete_version(state, entry.blob_id()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes one version: its record first (the object is gone at once), then its pieces.
+async fn delete_version(state: &S3State, id: BlobId) -> Result<(), S3Error> {
+    let record = match state.front.name_record(id).await {
+        Ok(record) => Some(record),
+        Err(crate::front::FrontError::Volume(
+            crate::engine::VolumeError::Deleted | crate::engine::VolumeError::NotFound,
+        )) => None,
+        Err(e) => return Err(e.into()),
+    };
+    state.front.delete(id).await?;
+    if let Some(record) = record {
+        if let Ok(object) = model::decode::<ObjectRecord>(&record.body) {
+            delete_pieces(state, &object.pieces).await;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes blobs no name record will point at (best effort: a piece left behind is space, not
+/// data, and compaction never reclaims what is still referenced).
+async fn delete_pieces(state: &S3State, pieces: &[Piece]) {
+    for piece in pieces {
+        let Ok(id) = piece.blob_id() else { continue };
+        if let Err(e) = state.front.delete(id).await {
+            tracing::warn!(%id, error = %e, "a piece of a superseded or failed object was not deleted");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading a request body
+
+/// A request body decoded from its payload mode, with the digests and checks S3 makes.
+pub struct BodyReader {
+    chunked: Option<ChunkedDecoder>,
+    ready: VecDeque<Bytes>,
+    ended: bool,
+    digests: BodyDigests,
+    expected_sha256: Option<[u8; 32]>,
+    /// The length announced (Content-Length, or x-amz-decoded-content-length of a chunked body).
+    announced: Option<u64>,
+    max: u64,
+    content_md5: Option<[u8; 16]>,
+    /// A checksum value the headers carry.
+    header_checksum: Option<Checksum>,
+    /// The checksum a trailer carries (x-amz-trailer).
+    trailer_algorithm: Option<Algorithm>,
+}
+
+/// What a body was, once read and checked.
+pub struct ReadBody {
+    pub md5: [u8; 16],
+    pub checksum: Option<Checksum>,
+    pub len: u64,
+}
+
+impl BodyReader {
+    pub fn new(request: &S3Request, max: u64) -> Result<Self, S3Error> {
+        let payload = request.signature.as_ref().map(|s| s.payload.clone()).unwrap_or_else(|| {
+            // Anonymous (a node without auth): the payload mode the headers name, unsigned.
+            match request.header("x-amz-content-sha256") {
+                Some(sigv4_unsigned_trailer) if sigv4_unsigned_trailer == super::sigv4::STREAMING_UNSIGNED_TRAILER => {
+                    Payload::StreamingUnsignedTrailer
+                }
+                _ => Payload::Unsigned,
+            }
+        });
+        let content_length = request
+            .header("content-length")
+            .map(|v| v.parse::<u64>())
+            .transpose()
+            .map_err(|_| S3Error::invalid_argument("Content-Length is not a number"))?;
+        let chunked = match &payload {
+            Payload::StreamingSigned { trailer } => {
+                Some(ChunkedDecoder::new(request.signature.as_ref().map(|s| s.chunk_signer()), *trailer))
+            }
+            Payload::StreamingUnsignedTrailer => Some(ChunkedDecoder::new(None, true)),
+            _ => None,
+        };
+        let announced = if chunked.is_some() {
+            Some(
+                request
+                    .header("x-amz-decoded-content-length")
+                    .ok_or_else(|| {
+                        S3Error::missing_content_length("an aws-chunked body needs x-amz-decoded-content-length")
+                    })?
+                    .parse::<u64>()
+                    .map_err(|_| S3Error::invalid_argument("x-amz-decoded-content-length is not a number"))?,
+            )
+        } else {
+            content_length
+        };
+        // S3 needs the length up front: no Content-Length with a chunked transfer is a 411; with
+        // neither, HTTP says there is no body.
+        let announced = match announced {
+            Some(n) => Some(n),
+            None if request.headers.contains_key(header::TRANSFER_ENCODING) => {
+                return Err(S3Error::missing_content_length("you must provide the Content-Length HTTP header"))
+            }
+            None => Some(0),
+        };
+        if let Some(n) = announced {
+            if n > max {
+                return Err(S3Error::entity_too_large(format!(
+                    "your proposed upload of {n} bytes exceeds the maximum allowed size of {max} bytes"
+                )));
+            }
+        }
+        let content_md5 = request.header("content-md5").map(checksum::parse_content_md5).transpose()?;
+        let mut header_checksum = None;
+        for algorithm in Algorithm::ALL {
+            if let Some(value) = request.header(algorithm.header()) {
+                if header_checksum.is_some() {
+                    return Err(S3Error::invalid_request(
+                        "expecting a single x-amz-checksum- header; multiple checksum types are not allowed",
+                    ));
+                }
+                header_checksum = Some(Checksum::parse(algorithm, value)?);
+            }
+        }
+        let trailer_algorithm = match request.header("x-amz-trailer") {
+            None => None,
+            Some(name) if chunked.is_some() => Some(Algorithm::from_header(name.trim()).ok_or_else(|| {
+                S3Error::invalid_request(format!(
+                    "the trailer {:?} is not a checksum this server knows",
+                    name.chars().take(60).collect::<String>()
+                ))
+            })?),
+            Some(_) => return Err(S3Error::invalid_request("x-amz-trailer needs an aws-chunked body")),
+        };
+        let named = request
+            .header("x-amz-sdk-checksum-algorithm")
+            .or_else(|| request.header("x-amz-checksum-algorithm"))
+            .map(Algorithm::from_name)
+            .transpose()?;
+        let algorithm = header_checksum.as_ref().map(|c| c.algorithm).or(trailer_algorithm).or(named);
+        if let (Some(named), Some(algorithm)) = (named, algorithm) {
+            if named != algorithm {
+                return Err(S3Error::invalid_request("the checksum algorithm named does not match the checksum given"));
+            }
+        }
+        let expected_sha256 = match payload {
+            Payload::Sha256(digest) => Some(digest),
+            _ => None,
+        };
+        Ok(Self {
+            chunked,
+            ready: VecDeque::new(),
+            ended: false,
+            digests: BodyDigests::new(expected_sha256.is_some(), algorithm),
+            expected_sha256,
+            announced,
+            max,
+            content_md5,
+            header_checksum,
+            trailer_algorithm,
+        })
+    }
+
+    /// The next decoded bytes of the body, or `None` at its end.
+    pub async fn next(&mut self, body: &mut BodyDataStream) -> Result<Option<Bytes>, S3Error> {
+        loop {
+            if let Some(data) = self.ready.pop_front() {
+                self.digests.update(&data);
+                if self.digests.len > self.max || self.announced.is_some_and(|n| self.digests.len > n) {
+                    return Err(match self.announced {
+                        Some(n) if n <= self.max => {
+                            S3Error::invalid_request("the body is longer than its announced length")
+                        }
+                        _ => S3Error::entity_too_large(format!(
+                            "the object exceeds the maximum allowed size of {} bytes",
+                            self.max
+                        )),
+                    });
+                }
+                return Ok(Some(data));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match body.next().await {
+                Some(Ok(data)) => match &mut self.chunked {
+                    Some(decoder) => {
+                        let mut out = Vec::new();
+                        decoder.push(data, &mut out)?;
+                        self.ready.extend(out.into_iter().filter(|b| !b.is_empty()));
+                    }
+                    None => self.ready.push_back(data),
+                },
+                Some(Err(e)) => return Err(S3Error::body_cut(format!("the request body could not be read: {e}"))),
+                None => self.ended = true,
+            }
+        }
+    }
+
+    /// Checks what only the whole body tells: its length, SHA-256, MD5 and checksum.
+    pub fn finish(self) -> Result<ReadBody, S3Error> {
+        let trailers = match self.chunked {
+            Some(decoder) => decoder.finish()?.0,
+            None => Vec::new(),
+        };
+        let digests = self.digests.finish();
+        if let Some(n) = self.announced {
+            if digests.len != n {
+                return Err(S3Error::body_cut(format!(
+                    "you did not provide the number of bytes specified ({} of {n})",
+                    digests.len
+                )));
+            }
+        }
+        if let (Some(expected), Some(actual)) = (self.expected_sha256, digests.sha256) {
+            if expected != actual {
+                return Err(S3Error::content_sha256_mismatch(
+                    "the provided x-amz-content-sha256 header does not match what was computed",
+                ));
+            }
+        }
+        if let Some(expected) = self.content_md5 {
+            if expected != digests.md5 {
+                return Err(S3Error::bad_digest("the Content-MD5 you specified did not match what we received"));
+            }
+        }
+        let claimed = match (self.header_checksum, self.trailer_algorithm) {
+            (Some(c), _) => Some(c),
+            (None, Some(algorithm)) => {
+                let value =
+                    trailers.iter().find(|(n, _)| n == algorithm.header()).map(|(_, v)| v.as_str()).ok_or_else(
+                        || {
+                            S3Error::invalid_request(format!(
+                                "the trailer {} announced by x-amz-trailer is missing",
+                                algorithm.header()
+                            ))
+                        },
+                    )?;
+                Some(Checksum::parse(algorithm, value)?)
+            }
+            (None, None) => None,
+        };
+        if let (Some(claimed), Some(computed)) = (&claimed, &digests.checksum) {
+            if claimed != computed {
+                return Err(S3Error::bad_digest(format!(
+                    "the {} you specified did not match the calculated checksum",
+                    claimed.algorithm.header()
+                )));
+            }
+        }
+        Ok(ReadBody { md5: digests.md5, checksum: digests.checksum, len: digests.len })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PutObject, CopyObject
+
+/// What a new object's request says of it besides its bytes.
+struct NewObjectMeta {
+    content_type: String,
+    user_meta: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+}
+
+/// Content type, user metadata and stored headers of a new object, from its request.
+fn object_meta(headers: &HeaderMap) -> Result<NewObjectMeta, S3Error> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().map(str::to_string))
+        .transpose()
+        .map_err(|_| S3Error::invalid_argument("Content-Type is not visible ASCII"))?
+        .unwrap_or_else(|| "binary/octet-stream".to_string());
+    let mut user = Vec::new();
+    let mut total = 0;
+    for (name, value) in headers {
+        if let Some(key) = name.as_str().strip_prefix("x-amz-meta-") {
+            let value = value.to_str().map_err(|_| {
+                S3Error::invalid_argument(format!("the value of x-amz-meta-{key} is not visible ASCII"))
+            })?;
+            total += key.len() + value.len();
+            user.push((key.to_string(), value.to_string()));
+        }
+    }
+    if total > model::MAX_USER_META_BYTES {
+        return Err(S3Error::metadata_too_large(format!(
+            "your metadata headers are {total} bytes; the limit is {} bytes",
+            model::MAX_USER_META_BYTES
+        )));
+    }
+    user.sort();
+    let stored = STORED_HEADERS
+        .iter()
+        .filter_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()).map(|v| (name.to_string(), v.to_string())))
+        .collect();
+    Ok(NewObjectMeta { content_type, user_meta: user, headers: stored })
+}
+
+/// A conditional write's terms, checked again once its record is durable.
+#[derive(Debug, Clone, Copy)]
+struct WriteCondition {
+    /// `If-None-Match: *`: no other object may be current.
+    none_match: bool,
+    /// `If-Match`: the version it matched must still be current.
+    matched: Option<u128>,
+}
+
+/// PutObject's conditional writes: `If-None-Match: *` (only if the key has no object) and
+/// `If-Match: <etag>` (only over that version).
+fn check_write_conditions(headers: &HeaderMap, current: Option<&Current>) -> Result<WriteCondition, S3Error> {
+    let mut condition = WriteCondition { none_match: false, matched: None };
+    let failed = || S3Error::precondition_failed("at least one of the pre-conditions you specified did not hold");
+    if let Some(value) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        if value.trim() != "*" {
+            return Err(S3Error::not_implemented("If-None-Match on a write takes only *"));
+        }
+        if current.is_some() {
+            return Err(failed());
+        }
+        condition.none_match = true;
+    }
+    if let Some(value) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+        match current {
+            None => return Err(S3Error::no_such_key("the key has no object for If-Match to compare")),
+            Some(c) if !etag_matches(value, &c.object.etag) => return Err(failed()),
+            Some(c) => condition.matched = Some(c.version),
+        }
+    }
+    Ok(condition)
+}
+
+async fn put_object(
+    state: &S3State,
+    mut request: S3Request,
+    bucket_name: &str,
+    key: &str,
+) -> Result<Response, S3Error> {
+    let _bucket_guard = state.buckets_lock.read().await;
+    let bucket = buckets::find(state, bucket_name).await?;
+    let NewObjectMeta { content_type, user_meta, headers } = object_meta(&request.headers)?;
+    let conditional =
+        request.headers.contains_key(header::IF_NONE_MATCH) || request.headers.contains_key(header::IF_MATCH);
+    let condition = match conditional {
+        true => {
+            Some(check_write_conditions(&request.headers, current(state, &bucket, bucket_name, key).await?.as_ref())?)
+        }
+        false => None,
+    };
+    let mut reader = BodyReader::new(&request, state.options.max_object_bytes)?;
+    let body = std::mem::replace(&mut request.body, Body::empty());
+    let pieces = store_pieces(state, &mut reader, body.into_data_stream()).await?;
+    let read = match reader.finish() {
+        Ok(read) => read,
+        Err(e) => {
+            delete_pieces(state, &pieces).await;
+            return Err(e);
+        }
+    };
+    debug_assert_eq!(read.len, pieces.iter().map(|p| p.len).sum::<u64>());
+    let object = ObjectRecord {
+        size: read.len,
+        etag: hex::encode(read.md5),
+        content_type,
+        user_meta,
+        headers,
+        checksum: read.checksum,
+        pieces,
+    };
+    commit(state, &bucket, bucket_name, key, &object, condition).await?;
+    let mut response = StatusCode::OK.into_response();
+    let h = response.headers_mut();
+    h.insert(header::ETAG, quoted(&object.etag));
+    if let Some(c) = &object.checksum {
+        h.insert(HeaderName::from_static(c.algorithm.header()), HeaderValue::from_str(&c.text()).expect("base64"));
+    }
+    Ok(response)
+}
+
+/// Reads a body into pieces (blobs of at most `piece_bytes`); on any failure deletes what it stored.
+async fn store_pieces(
+    state: &S3State,
+    reader: &mut BodyReader,
+    mut body: BodyDataStream,
+) -> Result<Vec<Piece>, S3Error> {
+    let mut pieces = Vec::new();
+    let outcome = async {
+        let mut buffer = BytesMut::new();
+        loop {
+            let next = reader.next(&mut body).await?;
+            let done = next.is_none();
+            if let Some(data) = next {
+                buffer.extend_from_slice(&data);
+            }
+            while buffer.len() as u64 >= state.options.piece_bytes || (done && !buffer.is_empty()) {
+                let take = (state.options.piece_bytes as usize).min(buffer.len());
+                let payload = buffer.split_to(take).freeze();
+                pieces.push(store_piece(state, payload).await?);
+            }
+            if done {
+                return Ok::<_, S3Error>(());
+            }
+        }
+    }
+    .await;
+    match outcome {
+        Ok(()) => Ok(pieces),
+        Err(e) => {
+            delete_pieces(state, &pieces).await;
+            Err(e)
+        }
+    }
+}
+
+async fn store_piece(state: &S3State, payload: Bytes) -> Result<Piece, S3Error> {
+    let len = payload.len() as u64;
+    let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
+    let id = state.front.put(meta, payload, now_ms(), None, None).await?;
+    Ok(Piece { id: id.to_bytes(), len })
+}
+
+/// Makes `object` the key's current version: writes its name record, then deletes what it
+/// superseded. A conditional write's terms are checked again once its record is durable,
+/// against every version that came meanwhile: if another writer's version is current beside
+/// it, this one is withdrawn (412, or 409 `ConditionalRequestConflict` when the other came
+/// concurrently) — of concurrent conditional writers at most one succeeds.
+async fn commit(
+    state: &S3State,
+    bucket: &BucketRecord,
+    space: &str,
+    key: &str,
+    object: &ObjectRecord,
+    condition: Option<WriteCondition>,
+) -> Result<u128, S3Error> {
+    let partition = model::partition_of(&bucket.partitions, key);
+    let version = names::new_version();
+    let summary = model::encode(&object.summary());
+    let record = NameRecord::new(space.to_string(), key.to_string(), version, summary, model::encode(object))
+        .map_err(|e| S3Error::internal(e.to_string()))?;
+    let written = state.front.put_name(partition, &record, now_ms()).await;
+    let id = match written {
+        Ok(id) => id,
+        Err(e) => {
+            delete_pieces(state, &object.pieces).await;
+            return Err(e.into());
+        }
+    };
+    if let Some(condition) = condition {
+        let versions = state.front.name_versions(partition, space, key).await?;
+        let live = |v: u128| versions.iter().any(|(version, e)| *version == v && e.live);
+        let others: Vec<u128> = versions
+            .iter()
+            .filter(|(v, e)| e.live && *v != version && Some(*v) != condition.matched)
+            .map(|(v, _)| *v)
+            .collect();
+        let matched_gone = condition.matched.is_some_and(|m| !live(m));
+        if matched_gone || !others.is_empty() {
+            delete_version(state, id).await?;
+            if matched_gone || others.iter().any(|v| *v < version) {
+                return Err(S3Error::precondition_failed(
+                    "at least one of the pre-conditions you specified did not hold",
+                ));
+            }
+            return Err(S3Error {
+                status: StatusCode::CONFLICT,
+                code: "ConditionalRequestConflict",
+                message: "a conflicting conditional operation is in progress against this resource; try again".into(),
+                resource: None,
+            });
+        }
+    }
+    supersede(state, bucket, space, key).await?;
+    Ok(version)
+}
+
+#[derive(Serialize)]
+#[serde(rename = "CopyObjectResult")]
+struct CopyObjectResult {
+    #[serde(rename = "@xmlns")]
+    xmlns: &'static str,
+    #[serde(rename = "LastModified")]
+    last_modified: String,
+    #[serde(rename = "ETag")]
+    etag: String,
+}
+
+async fn copy_object(state: &S3State, request: S3Request, bucket_name: &str, key: &str) -> Result<Response, S3Error> {
+    let source = request.header("x-amz-copy-source").unwrap_or_default();
+    let source = percent_encoding::percent_decode_str(source)
+        .decode_utf8()
+        .map_err(|_| S3Error::invalid_argument("x-amz-copy-source is not UTF-8 once decoded"))?
+        .into_owned();
+    let source = source.split_once("?versionId=").map_or(source.as_str(), |(s, _)| s).to_string();
+    let (source_bucket, source_key) = source
+        .trim_start_matches('/')
+        .split_once('/')
+        .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+        .ok_or_else(|| S3Error::invalid_argument("copy source must be <bucket>/<key>"))?;
+    model::check_key(source_key)?;
+    let _bucket_guard = state.buckets_lock.read().await;
+    let from_bucket = buckets::find(state, source_bucket).await?;
+    let bucket = buckets::find(state, bucket_name).await?;
+    let source_object = current(state, &from_bucket, source_bucket, source_key)
+        .await?
+        .ok_or_else(|| S3Error::no_such_key(source_key))?;
+    check_read_conditions(&request.headers, &source_object, "x-amz-copy-source-")?;
+    let replace = match request.header("x-amz-metadata-directive").unwrap_or("COPY") {
+        "COPY" => false,
+        "REPLACE" => true,
+        _ => return Err(S3Error::invalid_argument("x-amz-metadata-directive is COPY or REPLACE")),
+    };
+    if !replace && source_bucket == bucket_name && source_key == key {
+        return Err(S3Error::invalid_request(
+            "this copy request is illegal because it is trying to copy an object to itself without changing the object's metadata",
+        ));
+    }
+    let mut object = source_object.object.clone();
+    if replace {
+        let meta = object_meta(&request.headers)?;
+        object.content_type = meta.content_type;
+        object.user_meta = meta.user_meta;
+        object.headers = meta.headers;
+    }
+    // The bytes are copied: every version owns its pieces, so deleting one never touches another's.
+    let mut pieces = Vec::with_capacity(object.pieces.len());
+    for piece in &source_object.object.pieces {
+        let copied = async {
+            let reader = state.front.open(piece.blob_id()?).await?;
+            let data = tokio::task::spawn_blocking(move || reader.read_range(0, reader.len()))
+                .await
+                .map_err(|e| S3Error::internal(e.to_string()))?
+                .map_err(|e| S3Error::from(crate::front::FrontError::Volume(e)))?;
+            store_piece(state, Bytes::from(data)).await
+        }
+        .await;
+        match copied {
+            Ok(p) => pieces.push(p),
+            Err(e) => {
+                delete_pieces(state, &pieces).await;
+                return Err(e);
+            }
+        }
+    }
+    object.pieces = pieces;
+    let version = commit(state, &bucket, bucket_name, key, &object, None).await?;
+    Ok(xml_response(&CopyObjectResult {
+        xmlns: xml::NAMESPACE,
+        last_modified: xml::timestamp(names::version_ms(version)),
+        etag: format!("\"{}\"", object.etag),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GetObject, HeadObject
+
+/// Whether an `If-Match` / `If-None-Match` list names `etag` (`*` names any).
+fn etag_matches(list: &str, etag: &str) -> bool {
+    list.split(',').map(|t| t.trim().trim_start_matches("W/").trim_matches('"')).any(|t| t == "*" || t == etag)
+}
+
+fn http_date_secs(value: Option<&HeaderValue>) -> Option<u64> {
+    let text = value?.to_str().ok()?;
+    let time = httpdate::parse_http_date(text).ok()?;
+    Some(time.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs())
+}
+
+/// RFC 7232's evaluation order, as S3 applies it (`prefix`: `""` for a GET, `x-amz-copy-source-`
+/// for a copy's source, where 304 becomes 412).
+fn check_read_conditions(headers: &HeaderMap, current: &Current, prefix: &str) -> Result<Option<StatusCode>, S3Error> {
+    let get = |name: &str| headers.get(format!("{prefix}{name}").as_str());
+    let modified_secs = current.last_modified_ms() / 1000;
+    let failed = || S3Error::precondition_failed("at least one of the pre-conditions you specified did not hold");
+    let if_match = get("if-match").and_then(|v| v.to_str().ok());
+    let if_none_match = get("if-none-match").and_then(|v| v.to_str().ok());
+    if let Some(list) = if_match {
+        if !etag_matches(list, &current.object.etag) {
+            return Err(failed());
+        }
+    } else if let Some(since) = http_date_secs(get("if-unmodified-since")) {
+        if modified_secs > since {
+            return Err(failed());
+        }
+    }
+    let not_modified = if let Some(list) = if_none_match {
+        etag_matches(list, &current.object.etag)
+    } else if let Some(since) = http_date_secs(get("if-modified-since")) {
+        // S3 reads If-Modified-Since when If-Match, if given, held.
+        modified_secs <= since
+    } else {
+        false
+    };
+    if not_modified {
+        if prefix.is_empty() {
+            return Ok(Some(StatusCode::NOT_MODIFIED));
+        }
+        return Err(failed());
+    }
+    Ok(None)
+}
+
+/// A single `bytes=` range over `len` bytes: `[start, end)`, `None` for the whole object.
+/// S3 serves one range; a list of ranges is served whole, as S3 does.
+fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, S3Error> {
+    let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else { return Ok(None) };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let unsatisfiable = || S3Error {
+        resource: Some(format!("bytes */{len}")),
+        ..S3Error::invalid_range("the requested range is not satisfiable")
+    };
+    let (first, last) = spec.split_once('-').ok_or_else(unsatisfiable)?;
+    let number = |s: &str| s.trim().parse::<u64>().map_err(|_| unsatisfiable());
+    let (start, end) = match (first.trim().is_empty(), last.trim().is_empty()) {
+        (true, true) => return Err(unsatisfiable()),
+        (true, false) => {
+            let suffix = number(last)?;
+            if suffix == 0 {
+                return Err(unsatisfiable());
+            }
+            (len.saturating_sub(suffix), len)
+        }
+        (false, true) => (number(first)?, len),
+        (false, false) => {
+            let (a, b) = (number(first)?, number(last)?);
+            if b < a {
+                // Not a valid range: ignored (RFC 9110), the whole object.
+                return Ok(None);
+            }
+            (a, (b + 1).min(len))
+        }
+    };
+    if start >= len {
+        return Err(unsatisfiable());
+    }
+    Ok(Some((start, end)))
+}
+
+async fn get_object(state: &S3State, request: S3Request, bucket_name: &str, key: &str) -> Result<Response, S3Error> {
+    let bucket = buckets::find(state, bucket_name).await?;
+    let current = current(state, &bucket, bucket_name, key).await?.ok_or_else(|| S3Error::no_such_key(key))?;
+    let object = &current.object;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ETAG, quoted(&object.etag));
+    headers.insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_str(&xml::http_date(current.last_modified_ms())).expect("ascii"),
+    );
+    if let Some(status) = check_read_conditions(&request.headers, &current, "")? {
+        return Ok((status, headers).into_response());
+    }
+    let len = object.size;
+    let range = match parse_range(request.header("range"), len) {
+        Ok(range) => range,
+        Err(e) => {
+            let mut response = e.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"));
+            return Ok(response);
+        }
+    };
+    let (start, end) = range.unwrap_or((0, len));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    let set = |h: &mut HeaderMap, name: &str, value: &str| {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            h.insert(n, v);
+        }
+    };
+    set(&mut headers, "content-type", &object.content_type);
+    for (name, value) in &object.headers {
+        set(&mut headers, name, value);
+    }
+    for (name, value) in &object.user_meta {
+        set(&mut headers, &format!("x-amz-meta-{name}"), value);
+    }
+    if request.method == Method::GET {
+        for (param, name) in RESPONSE_OVERRIDES {
+            if let Some(value) = request.param(param) {
+                set(&mut headers, name, value);
+            }
+        }
+    }
+    if let (Some(c), None, Some("ENABLED")) = (&object.checksum, range, request.header("x-amz-checksum-mode")) {
+        set(&mut headers, c.algorithm.header(), &c.text());
+        headers.insert("x-amz-checksum-type", HeaderValue::from_static("FULL_OBJECT"));
+    }
+    let status = match range {
+        Some(_) => {
+            set(&mut headers, "content-range", &format!("bytes {start}-{}/{len}", end.saturating_sub(1)));
+            StatusCode::PARTIAL_CONTENT
+        }
+        None => StatusCode::OK,
+    };
+    if request.method == Method::HEAD {
+        return Ok((status, headers).into_response());
+    }
+    let body = object_body(state, &object.pieces, start, end).await?;
+    Ok((status, headers, body).into_response())
+}
+
+/// The bytes `[start, end)` of an object, streamed piece by piece. The first piece is opened
+/// before the answer starts (a missing piece is a 500, not a cut body); a later one that
+/// cannot be read aborts the connection — never wrong bytes.
+async fn object_body(state: &S3State, pieces: &[Piece], start: u64, end: u64) -> Result<Body, S3Error> {
+    let mut spans = Vec::new();
+    let mut at = 0u64;
+    for piece in pieces {
+        let (from, to) = (start.max(at), end.min(at + piece.len));
+        if from < to {
+            spans.push((piece.blob_id()?, from - at, to - at));
+        }
+        at += piece.len;
+    }
+    let mut bodies = Vec::with_capacity(spans.len());
+    let front = state.front.clone();
+    let mut spans = spans.into_iter();
+    if let Some((id, from, to)) = spans.next() {
+        let reader = front.open(id).await?;
+        let body =
+            crate::api::blobs::stream_payload(reader, from, to).await.map_err(|e| S3Error::internal(e.to_string()))?;
+        bodies.push(body);
+    }
+    let first = futures::stream::iter(bodies).flat_map(|b| b.into_data_stream());
+    let rest = futures::stream::iter(spans)
+        .then(move |(id, from, to)| {
+            let front = front.clone();
+            async move {
+                let reader = front.open(id).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+                crate::api::blobs::stream_payload(reader, from, to)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            }
+        })
+        .flat_map(|body| match body {
+            Ok(body) => body.into_data_stream().map(|r| r.map_err(std::io::Error::other)).boxed(),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        });
+    let first = first.map(|r| r.map_err(std::io::Error::other));
+    Ok(Body::from_stream(first.chain(rest)))
+}
+
+pub fn quoted(etag: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{etag}\"")).expect("an etag is hex")
+}
+
+/// What a listing shows of a current name.
+pub fn summary_of(bytes: &[u8]) -> Result<ObjectSummary, S3Error> {
+    model::decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc_9110_as_s3_serves_them() {
+        let r = |v: &str, len| parse_range(Some(v), len);
+        assert_eq!(r("bytes=0-9", 100).unwrap(), Some((0, 10)));
+        assert_eq!(r("bytes=90-200", 100).unwrap(), Some((90, 100)));
+        assert_eq!(r("bytes=-10", 100).unwrap(), Some((90, 100)));
+        assert_eq!(r("bytes=-200", 100).unwrap(), Some((0, 100)));
+        assert_eq!(r("bytes=10-", 100).unwrap(), Some((10, 100)));
+        assert_eq!(r("bytes=99-99", 100).unwrap(), Some((99, 100)));
+        assert_eq!(r("bytes=100-", 100).unwrap_err().code, "InvalidRange");
+        assert_eq!(r("bytes=0-0", 0).unwrap_err().code, "InvalidRange");
+        assert_eq!(r("bytes=-0", 100).unwrap_err().code, "InvalidRange");
+        assert_eq!(r("bytes=5-2", 100).unwrap(), None);
+        assert_eq!(r("bytes=0-1,5-6", 100).unwrap(), None);
+        assert_eq!(parse_range(Some("items=0-1"), 100).unwrap(), None);
+    }
+
+    #[test]
+    fn etag_lists_match_as_http_says() {
+        assert!(etag_matches("\"abc\"", "abc"));
+        assert!(etag_matches("\"x\", \"abc\"", "abc"));
+        assert!(etag_matches("*", "abc"));
+        assert!(etag_matches("W/\"abc\"", "abc"));
+        assert!(!etag_matches("\"abd\"", "abc"));
+    }
+}

@@ -1,0 +1,164 @@
+//! Name records: a blob whose id is a name id (`BlobId::is_name`) and whose payload says which
+//! name, in which space, it records, at which version (the S3 front's object names: space =
+//! bucket, name = key). Everything else about them is a blob's — they are written, replicated,
+//! repaired and compacted as blobs are — and the volume keeps an index of them by name
+//! ([`index::NAMES`](super::index::NAMES)), moved in the same transaction as the blob index.
+//!
+//! A name's current record is its newest version; a deleted record leaves its version in the
+//! index as dead, so that an older version that reaches a replica late does not come back.
+//!
+//! Payload (format 1): a format byte, then postcard of [`NameRecord`].
+
+use cairn_common::BlobId;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::VolumeError;
+
+const NAME_RECORD_FORMAT: u8 = 1;
+/// The longest name (S3's key limit is 1,024 bytes) and space (a bucket name is at most 63).
+pub const MAX_NAME_BYTES: usize = 1024;
+pub const MAX_SPACE_BYTES: usize = 255;
+/// The most bytes of a record's summary, which the name index keeps beside it.
+pub const MAX_SUMMARY_BYTES: usize = 256;
+/// The content type a name record is stored with.
+pub const NAME_RECORD_CONTENT_TYPE: &str = "application/vnd.cairn.name-record";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRecord {
+    pub space: String,
+    pub name: String,
+    /// Newer is greater; writers make it from the time and a random tie-breaker, so that
+    /// concurrent writers of one name are ordered alike on every replica.
+    pub version: u128,
+    /// A few bytes the name index keeps (a listing reads them without reading the record).
+    pub summary: Vec<u8>,
+    /// What the name stands for: the front's, opaque here.
+    pub body: Vec<u8>,
+}
+
+impl NameRecord {
+    /// A record within the limits, or why not.
+    pub fn new(
+        space: String,
+        name: String,
+        version: u128,
+        summary: Vec<u8>,
+        body: Vec<u8>,
+    ) -> Result<Self, VolumeError> {
+        if space.len() > MAX_SPACE_BYTES || name.len() > MAX_NAME_BYTES || summary.len() > MAX_SUMMARY_BYTES {
+            return Err(VolumeError::Integrity(format!(
+                "a name record's space is at most {MAX_SPACE_BYTES} bytes, its name {MAX_NAME_BYTES}, its summary {MAX_SUMMARY_BYTES}"
+            )));
+        }
+        Ok(Self { space, name, version, summary, body })
+    }
+
+    /// The id of this record in `partition`: a digest of space, name and version, the same on
+    /// every replica and for every writer.
+    pub fn id(&self, partition: u32) -> BlobId {
+        name_id(partition, &self.space, &self.name, self.version)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        super::versioned::encode(NAME_RECORD_FORMAT, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, VolumeError> {
+        let record: NameRecord = super::versioned::decode(NAME_RECORD_FORMAT, bytes)
+            .map_err(|e| VolumeError::Integrity(format!("name record: {e}")))?;
+        Self::new(record.space, record.name, record.version, record.summary, record.body)
+    }
+
+    /// Decodes the record a name id's put carries, and checks that the id is its id.
+    pub fn decode_for(id: BlobId, payload: &[u8]) -> Result<Self, VolumeError> {
+        let record = Self::decode(payload)?;
+        if record.id(id.partition()) != id {
+            return Err(VolumeError::Integrity(format!("name record {id} does not record the name its id names")));
+        }
+        Ok(record)
+    }
+}
+
+pub fn name_id(partition: u32, space: &str, name: &str, version: u128) -> BlobId {
+    let mut sha = Sha256::new();
+    for part in [space.as_bytes(), name.as_bytes()] {
+        sha.update((part.len() as u64).to_be_bytes());
+        sha.update(part);
+    }
+    sha.update(version.to_be_bytes());
+    let digest = sha.finalize();
+    BlobId::name(partition, u128::from_be_bytes(digest[..16].try_into().expect("16 bytes")))
+}
+
+/// A new version for a record written now: milliseconds since the epoch, then 64 random bits.
+pub fn new_version() -> u128 {
+    (u128::from(super::now_ms()) << 64) | u128::from(rand::random::<u64>())
+}
+
+/// The milliseconds since the epoch a version was made at.
+pub fn version_ms(version: u128) -> u64 {
+    (version >> 64) as u64
+}
+
+/// One version of a name in the index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameEntry {
+    pub id: [u8; cairn_common::blob_id::BLOB_ID_BYTES],
+    /// False once the record was deleted: the version stays as a marker (without its summary).
+    pub live: bool,
+    pub summary: Vec<u8>,
+}
+
+impl NameEntry {
+    pub fn blob_id(&self) -> BlobId {
+        BlobId::from_bytes(&self.id).expect("the name index holds valid ids")
+    }
+}
+
+/// A name's current version (its newest, if that one is live).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentName {
+    pub name: String,
+    pub version: u128,
+    pub id: BlobId,
+    pub summary: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn records_round_trip_and_ids_bind_them(space in "[a-z0-9.-]{0,63}", name in "\\PC{0,100}", version: u128, body in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let record = NameRecord::new(space, name, version, body.iter().take(10).copied().collect(), body).unwrap();
+            let id = record.id(9);
+            prop_assert!(id.is_name());
+            prop_assert_eq!(NameRecord::decode_for(id, &record.encode()).unwrap(), record.clone());
+            // Another version or name is another id, and the record is not its record; the same
+            // record in another partition is another id too (a record does not say where it is).
+            let other = name_id(9, &record.space, &record.name, version.wrapping_add(1));
+            prop_assert!(NameRecord::decode_for(other, &record.encode()).is_err());
+            prop_assert_ne!(record.id(10), id);
+        }
+
+        #[test]
+        fn hostile_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = NameRecord::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn space_and_name_are_not_confused_at_their_boundary() {
+        assert_ne!(name_id(0, "ab", "c", 1), name_id(0, "a", "bc", 1));
+    }
+
+    #[test]
+    fn versions_order_by_time_first() {
+        let v = new_version();
+        assert!(version_ms(v) >= 1_700_000_000_000);
+        assert!((u128::from(version_ms(v) + 1) << 64) > v);
+    }
+}

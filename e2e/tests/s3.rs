@@ -1,0 +1,238 @@
+//! The S3 front of a standalone datanode against real, unmodified clients: boto3's suite
+//! (e2e/s3/boto3_suite.py), the AWS CLI and rclone as users run them, and kill -9 in the middle
+//! of uploads (every acknowledged object reads back whole after the restart).
+//!
+//! boto3 and the AWS CLI come from PyPI into `.tools/s3-venv`, rclone from Debian
+//! (`scripts/install-deps.sh` installs both).
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use cairn_testkit::keys::{TEST_KEY_ID, TEST_KEY_SECRET};
+use support::{free_port, repo, KillOnDrop};
+
+/// Bytes of an object per blob: small, so that the suite crosses piece boundaries cheaply.
+const PIECE_BYTES: u64 = 256 << 10;
+
+fn venv_bin(tool: &str) -> PathBuf {
+    let path = PathBuf::from(repo(&format!(".tools/s3-venv/bin/{tool}")));
+    assert!(path.exists(), "{} missing: run scripts/install-deps.sh", path.display());
+    path
+}
+
+struct S3Node {
+    node: Option<KillOnDrop>,
+    blob_addr: String,
+    s3_addr: String,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Node {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("node");
+        let mut node = S3Node {
+            node: None,
+            blob_addr: format!("127.0.0.1:{}", free_port()),
+            s3_addr: format!("127.0.0.1:{}", free_port()),
+            data,
+            _dir: dir,
+        };
+        node.run();
+        node
+    }
+
+    /// Starts (or restarts) the node on its data directory.
+    fn run(&mut self) {
+        let piece = format!("{PIECE_BYTES}B");
+        let flags = [
+            "--data-dir",
+            self.data.to_str().unwrap(),
+            "--partitions",
+            "3",
+            "--volume-size",
+            "512MiB",
+            "--segment-size",
+            "64MiB",
+            "--max-blob-size",
+            "1MiB",
+            "--s3-listen",
+            &self.s3_addr,
+            "--s3-piece-size",
+            &piece,
+            "--s3-max-object-size",
+            "64MiB",
+        ];
+        self.node = Some(support::standalone_datanode(&self.blob_addr, &flags));
+    }
+
+    fn kill_9(&mut self) {
+        let mut node = self.node.take().expect("running");
+        unsafe { libc::kill(node.0.id() as i32, libc::SIGKILL) };
+        let _ = node.0.wait();
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.s3_addr)
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("S3_ENDPOINT", self.endpoint()),
+            ("S3_KEY_ID", TEST_KEY_ID.into()),
+            ("S3_SECRET", TEST_KEY_SECRET.into()),
+            ("S3_PIECE_BYTES", PIECE_BYTES.to_string()),
+            ("AWS_ACCESS_KEY_ID", TEST_KEY_ID.into()),
+            ("AWS_SECRET_ACCESS_KEY", TEST_KEY_SECRET.into()),
+            ("AWS_DEFAULT_REGION", "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("AWS_CONFIG_FILE", "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+        ]
+    }
+}
+
+fn python(node: &S3Node, script: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(venv_bin("python"));
+    command.arg(repo(&format!("e2e/s3/{script}"))).args(args).envs(node.env());
+    command
+}
+
+#[test]
+fn boto3_finds_cairn_behaving_as_s3() {
+    let node = S3Node::start();
+    let status = python(&node, "boto3_suite.py", &[]).status().unwrap();
+    assert!(status.success(), "the boto3 suite failed (its output above names the check)");
+    // Name records are the S3 front's: the blob API refuses their ids, whoever asks.
+    let name_id = cairn_common::BlobId::name(0, 42);
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let answer = reqwest::blocking::Client::new()
+            .request(method.clone(), format!("http://{}/v1/blobs/{name_id}", node.blob_addr))
+            .header("Authorization", cairn_testkit::keys::authorization())
+            .send()
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{method} of a name id through the blob API");
+    }
+}
+
+fn run(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn write_file(path: &Path, len: usize, seed: u8) -> Vec<u8> {
+    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    std::fs::File::create(path).unwrap().write_all(&data).unwrap();
+    data
+}
+
+#[test]
+fn the_aws_cli_and_rclone_work_unchanged() {
+    let node = S3Node::start();
+    let dir = tempfile::tempdir().unwrap();
+    let aws = || {
+        let mut c = Command::new(venv_bin("aws"));
+        c.envs(node.env()).args(["--endpoint-url", &node.endpoint()]);
+        c
+    };
+    // The AWS CLI: mb, cp both ways (5 MiB, under its 8 MiB multipart threshold), ls, rm, rb.
+    let local = dir.path().join("five");
+    let data = write_file(&local, 5 << 20, 3);
+    run(aws().args(["s3", "mb", "s3://cli-bucket"]));
+    run(aws().args(["s3", "cp", local.to_str().unwrap(), "s3://cli-bucket/some/five.bin"]));
+    let listed = run(aws().args(["s3", "ls", "s3://cli-bucket/some/"]));
+    assert!(listed.contains(&format!("{} five.bin", 5 << 20)), "{listed}");
+    let back = dir.path().join("back");
+    run(aws().args(["s3", "cp", "s3://cli-bucket/some/five.bin", back.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    let head = run(aws().args(["s3api", "head-object", "--bucket", "cli-bucket", "--key", "some/five.bin"]));
+    let md5 = format!("{:x}", md5_of(&data));
+    assert!(head.contains(&md5), "ETag is the MD5: {head}");
+    run(aws().args(["s3", "rm", "s3://cli-bucket/some/five.bin"]));
+    run(aws().args(["s3", "rb", "s3://cli-bucket"]));
+    let buckets = run(aws().args(["s3", "ls"]));
+    assert!(!buckets.contains("cli-bucket"), "{buckets}");
+
+    // rclone (Debian's): copy a tree up, check it byte for byte (MD5 against the ETags), list,
+    // sync a change, purge.
+    let tree = dir.path().join("tree");
+    for (i, name) in ["a.txt", "sub/b.bin", "sub/deeper/c.bin", "empty"].iter().enumerate() {
+        let path = tree.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        write_file(&path, [10, 300_000, 1 << 20, 0][i], i as u8);
+    }
+    let rclone = || {
+        let mut c = Command::new("rclone");
+        // rclone 1.60's AWS SDK cannot take a CA bundle with its own transport (and needs none
+        // over plain HTTP): a machine-wide AWS_CA_BUNDLE would stop it before any request.
+        c.env_remove("AWS_CA_BUNDLE")
+            .env("RCLONE_CONFIG", "/dev/null")
+            .env("RCLONE_CONFIG_CAIRN_TYPE", "s3")
+            .env("RCLONE_CONFIG_CAIRN_PROVIDER", "Other")
+            .env("RCLONE_CONFIG_CAIRN_ENDPOINT", node.endpoint())
+            .env("RCLONE_CONFIG_CAIRN_ACCESS_KEY_ID", TEST_KEY_ID)
+            .env("RCLONE_CONFIG_CAIRN_SECRET_ACCESS_KEY", TEST_KEY_SECRET)
+            .env("RCLONE_CONFIG_CAIRN_REGION", "us-east-1")
+            .env("RCLONE_CONFIG_CAIRN_FORCE_PATH_STYLE", "true");
+        c
+    };
+    let tree_arg = tree.to_str().unwrap();
+    run(rclone().args(["mkdir", "cairn:rc-bucket"]));
+    run(rclone().args(["copy", tree_arg, "cairn:rc-bucket/t"]));
+    run(rclone().args(["check", tree_arg, "cairn:rc-bucket/t"]));
+    let files = run(rclone().args(["lsf", "-R", "cairn:rc-bucket/t"]));
+    for name in ["a.txt", "sub/b.bin", "sub/deeper/c.bin", "empty"] {
+        assert!(files.lines().any(|l| l == name), "{name} not in {files}");
+    }
+    write_file(&tree.join("a.txt"), 20, 9);
+    std::fs::remove_file(tree.join("sub/b.bin")).unwrap();
+    run(rclone().args(["sync", tree_arg, "cairn:rc-bucket/t"]));
+    run(rclone().args(["check", tree_arg, "cairn:rc-bucket/t"]));
+    run(rclone().args(["purge", "cairn:rc-bucket"]));
+    let buckets = run(rclone().args(["lsd", "cairn:"]));
+    assert!(!buckets.contains("rc-bucket"), "{buckets}");
+}
+
+fn md5_of(data: &[u8]) -> u128 {
+    use md5::Digest;
+    u128::from_be_bytes(md5::Md5::digest(data).into())
+}
+
+#[test]
+fn every_acknowledged_object_survives_kill_9_during_uploads() {
+    let mut node = S3Node::start();
+    let mut writer = python(&node, "crash_writer.py", &["write"]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = BufReader::new(writer.stdout.take().unwrap());
+    // "begin <op>" before a request, "acked <op>" once answered: the verifier allows an
+    // operation in flight at the kill to have happened or not, and nothing else.
+    let mut log = Vec::new();
+    let mut acked = 0;
+    for line in lines.lines() {
+        let line = line.unwrap();
+        acked += usize::from(line.starts_with("acked "));
+        log.push(line);
+        // Enough acknowledged operations (overwrites and deletes among them), uploads in
+        // flight: the node dies now.
+        if acked == 150 {
+            node.kill_9();
+            break;
+        }
+    }
+    let _ = writer.kill();
+    let _ = writer.wait();
+    node.run();
+    let mut verifier = python(&node, "crash_writer.py", &["verify"]).stdin(Stdio::piped()).spawn().unwrap();
+    verifier.stdin.take().unwrap().write_all(log.join("\n").as_bytes()).unwrap();
+    let status = verifier.wait().unwrap();
+    assert!(status.success(), "an acknowledged object did not survive kill -9 (the verifier says which)");
+}
