@@ -184,6 +184,10 @@ struct Args {
     /// Bytes of an S3 object per stored blob (at most --max-blob-size).
     #[arg(long, default_value = "8MiB")]
     s3_piece_size: ByteSize,
+    /// Objects up to this size are kept inside their name record (one write instead of two);
+    /// at most --s3-piece-size.
+    #[arg(long, default_value = "64KiB")]
+    s3_inline_size: ByteSize,
     /// The largest object one PutObject takes.
     #[arg(long, default_value = "5GiB")]
     s3_max_object_size: ByteSize,
@@ -305,7 +309,16 @@ fn run() -> anyhow::Result<()> {
                 "--s3-piece-size must be between 1 byte and --max-blob-size ({})",
                 args.max_blob_size
             );
+            // A name record holds the inline bytes beside the key and metadata (a few KiB).
+            anyhow::ensure!(
+                args.s3_inline_size.as_u64() <= piece_bytes
+                    && args.s3_inline_size.as_u64() + (64 << 10) <= args.max_blob_size.as_u64(),
+                "--s3-inline-size must be at most --s3-piece-size ({}) and 64 KiB less than --max-blob-size ({})",
+                args.s3_piece_size,
+                args.max_blob_size
+            );
             Some(S3Settings {
+                inline_bytes: args.s3_inline_size.as_u64(),
                 listen,
                 region: args.s3_region,
                 domain: args.s3_domain,

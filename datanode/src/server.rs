@@ -39,6 +39,7 @@ pub struct S3Settings {
     pub region: String,
     pub domain: Option<String>,
     pub piece_bytes: u64,
+    pub inline_bytes: u64,
     pub max_object_bytes: u64,
 }
 
@@ -212,11 +213,12 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
                 })
                 .collect(),
             piece_bytes: s3.piece_bytes,
+            inline_bytes: s3.inline_bytes,
             max_object_bytes: s3.max_object_bytes,
         };
         let s3_listener = bind(s3.listen).await?;
         tracing::info!(addr = %s3_listener.local_addr()?, region = %s3.region, "S3 API serving");
-        listeners.push((s3_listener, crate::api::s3::router(front.clone(), s3_options), tls.clone()));
+        listeners.push((s3_listener, crate::api::s3::router(front.clone(), s3_options, uploads.clone()), tls.clone()));
     }
     let state = AppState {
         front,

@@ -95,6 +95,7 @@ def sizes():
             check(f"range {a}-{b} of {size} B", part["Body"].read() == data[a : b + 1] and part["ContentRange"] == f"bytes {a}-{b}/{size}")
         if size:
             check(f"suffix range of {size} B", body_of("suite", key, Range="bytes=-7") == data[-7:])
+            check(f"an open-ended huge range of {size} B is the whole object", body_of("suite", key, Range="bytes=0-18446744073709551615") == data)
             check(f"a range past {size} B is InvalidRange", error_of(lambda: s3.get_object(Bucket="suite", Key=key, Range=f"bytes={size}-"))[0] == "InvalidRange")
 
 
@@ -162,6 +163,7 @@ def deletes_and_copies():
     check("CopyObject REPLACE takes the new metadata", head["Metadata"] == {"b": "2"} and head["ContentType"] == "text/x-new")
     s3.delete_object(Bucket="suite", Key="src")
     check("a copy outlives its source", body_of("suite", "dst") == b"copy me" * 1000)
+    check("a version id other than null is InvalidArgument", error_of(lambda: s3.get_object(Bucket="suite", Key="dst", VersionId="123"))[0] == "InvalidArgument")
     check("copying a missing key is NoSuchKey", error_of(lambda: s3.copy_object(Bucket="suite", Key="x", CopySource={"Bucket": "suite", "Key": "missing"}))[0] == "NoSuchKey")
 
 
@@ -204,7 +206,14 @@ def listings():
     for page in s3.get_paginator("list_objects").paginate(Bucket="listing", Prefix="dir3", PaginationConfig={"PageSize": 333}):
         v1 += [o["Key"] for o in page.get("Contents", [])]
     check("ListObjects (v1) pages with markers", v1 == [k for k in expected if k.startswith("dir3")], f"{len(v1)} listed")
-    check("MaxKeys=0 lists nothing", s3.list_objects_v2(Bucket="listing", MaxKeys=0).get("KeyCount") == 0)
+    zero = s3.list_objects_v2(Bucket="listing", MaxKeys=0)
+    check("MaxKeys=0 lists nothing, not truncated", zero.get("KeyCount") == 0 and not zero["IsTruncated"])
+    v1_prefixes = []
+    for page in s3.get_paginator("list_objects").paginate(Bucket="listing", Delimiter="/", PaginationConfig={"PageSize": 1}):
+        v1_prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+    check("ListObjects (v1) pages past common prefixes one by one", v1_prefixes == [f"dir{i:02d}/" for i in range(100)], v1_prefixes[:4])
+    past = s3.list_objects_v2(Bucket="listing", Delimiter="/", StartAfter="dir05/", MaxKeys=2)
+    check("StartAfter a common prefix skips its keys", [p["Prefix"] for p in past["CommonPrefixes"]] == ["dir06/", "dir07/"])
     check("a non-empty bucket is not deleted", error_of(lambda: s3.delete_bucket(Bucket="listing"))[0] == "BucketNotEmpty")
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket="listing"):
         objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
@@ -235,6 +244,14 @@ def presigned():
     put_url = signer.generate_presigned_url("put_object", Params={"Bucket": "suite", "Key": "uploaded"}, ExpiresIn=300)
     urllib.request.urlopen(urllib.request.Request(put_url, data=b"via presigned put", method="PUT"))
     check("a presigned PUT stores", body_of("suite", "uploaded") == b"via presigned put")
+    # Headers the signature does not cover cannot turn the URL into something else (a copy).
+    hijack = urllib.request.Request(put_url, data=b"", method="PUT", headers={"x-amz-copy-source": "suite/shared"})
+    try:
+        urllib.request.urlopen(hijack)
+        check("an unsigned x-amz-copy-source on a presigned PUT is refused", False)
+    except urllib.error.HTTPError as e:
+        check("an unsigned x-amz-copy-source on a presigned PUT is refused", e.code == 403, e.code)
+    check("and the key keeps its bytes", body_of("suite", "uploaded") == b"via presigned put")
 
 
 def credentials():
@@ -262,6 +279,17 @@ def overwrites():
     check("and one listing entry, with that version's ETag", len(listed) == 1 and listed[0]["ETag"] == f'"{hashlib.md5(got).hexdigest()}"')
 
 
+def read_during_overwrite():
+    old = os.urandom(4 * PIECE + 5)
+    s3.put_object(Bucket="suite", Key="moving", Body=old)
+    body = s3.get_object(Bucket="suite", Key="moving")["Body"]
+    head = body.read(1024)
+    s3.put_object(Bucket="suite", Key="moving", Body=b"new")
+    rest = body.read()
+    check("a read answering while its object is overwritten returns the old bytes whole", head + rest == old, len(head + rest))
+    check("and the next read the new ones", body_of("suite", "moving") == b"new")
+
+
 def transfers():
     # upload_file / download_fileobj as applications use them (multipart disabled: not built yet).
     data = os.urandom(5 << 20)
@@ -273,7 +301,7 @@ def transfers():
 
 
 def main():
-    for step in [buckets, sizes, metadata_and_checksums, conditionals, deletes_and_copies, odd_keys, listings, presigned, credentials, overwrites, transfers]:
+    for step in [buckets, sizes, metadata_and_checksums, conditionals, deletes_and_copies, odd_keys, listings, presigned, credentials, overwrites, read_during_overwrite, transfers]:
         print(f"-- {step.__name__}", flush=True)
         step()
     print("ALL PASSED", flush=True)

@@ -32,6 +32,9 @@ pub struct Options {
     /// Blobs in the volume-open scenario.
     #[arg(long, default_value_t = 1_000_000)]
     open_blobs: u64,
+    /// Only these groups of scenarios (comma-separated): base, auth, tls, s3, uncached, open.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -153,6 +156,7 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     let work = tempfile::tempdir_in(&base)?;
     let seconds = Duration::from_secs(options.seconds);
     let mut results = Vec::new();
+    let want = |group: &str| options.only.is_empty() || options.only.iter().any(|g| g == group);
 
     let dir = work.path().to_owned();
     let raw_4k =
@@ -164,31 +168,41 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
 
     let node = NodeProcess::start(&work.path().join("node"), &[]).await?;
     let addrs = [node.addr.clone()];
-    let (ops, _) = put_throughput(&node.client, &addrs, 4096, 64, seconds).await?;
-    results.push(Scenario::new("put_4k_c64", ops, "ops/s").against(
-        raw_4k,
-        "ops/s",
-        "raw 4 KiB pwrite+fdatasync, one writer, same filesystem",
-    ));
-
-    let (ops, _) = put_throughput(&node.client, &addrs, 5 << 20, 4, seconds).await?;
-    results.push(Scenario::new("put_5m", ops * 5.0 * 1048576.0 / 1e6, "MB/s").against(
-        raw_seq,
-        "MB/s",
-        "raw sequential 5 MiB writes + fdatasync; Cairn with 4 concurrent clients",
-    ));
-
     let reference = "raw sendfile of a synced, warm 5 MiB file over loopback TCP; interleaved rounds";
-    results.push(get_latency(&node, "get_5m_p50", &mut sendfile, reference).await?);
-    results.extend(auth_cost(&node, &work.path().join("open-node"), seconds).await?);
-    results.extend(tls_cost(&node, work.path(), seconds).await?);
+    if want("base") {
+        let (ops, _) = put_throughput(&node.client, &addrs, 4096, 64, seconds).await?;
+        results.push(Scenario::new("put_4k_c64", ops, "ops/s").against(
+            raw_4k,
+            "ops/s",
+            "raw 4 KiB pwrite+fdatasync, one writer, same filesystem",
+        ));
+        let (ops, _) = put_throughput(&node.client, &addrs, 5 << 20, 4, seconds).await?;
+        results.push(Scenario::new("put_5m", ops * 5.0 * 1048576.0 / 1e6, "MB/s").against(
+            raw_seq,
+            "MB/s",
+            "raw sequential 5 MiB writes + fdatasync; Cairn with 4 concurrent clients",
+        ));
+        results.push(get_latency(&node, "get_5m_p50", &mut sendfile, reference).await?);
+    }
+    if want("auth") {
+        results.extend(auth_cost(&node, &work.path().join("open-node"), seconds).await?);
+    }
+    if want("tls") {
+        results.extend(tls_cost(&node, work.path(), seconds).await?);
+    }
     drop(node);
-    results.extend(s3_cost(&work.path().join("s3-node"), seconds).await?);
-    // The same GETs with every chunk read from the segment and verified again.
-    let node = NodeProcess::start(&work.path().join("node-uncached"), &["--chunk-cache-size", "0"]).await?;
-    results.push(get_latency(&node, "get_5m_p50_uncached", &mut sendfile, reference).await?);
+    if want("s3") {
+        results.extend(s3_cost(&work.path().join("s3-node"), seconds).await?);
+    }
+    if want("uncached") {
+        // The same GETs with every chunk read from the segment and verified again.
+        let node = NodeProcess::start(&work.path().join("node-uncached"), &["--chunk-cache-size", "0"]).await?;
+        results.push(get_latency(&node, "get_5m_p50_uncached", &mut sendfile, reference).await?);
+    }
     drop(sendfile);
-    drop(node);
+    if !want("open") {
+        return Ok(results);
+    }
 
     let dir = work.path().join("open");
     let blobs = options.open_blobs;
@@ -210,6 +224,7 @@ async fn auth_cost(keyed: &NodeProcess, open_dir: &Path, seconds: Duration) -> a
         ["auth_put_4k_c64", "auth_get_5m_p50"],
         "with access keys (a bearer token on every request) against --auth none",
         seconds,
+        SECURITY_TARGETS,
     )
     .await
 }
@@ -224,7 +239,7 @@ async fn s3_cost(dir: &Path, seconds: Duration) -> anyhow::Result<Vec<Scenario>>
     raw_http::create_bucket(&s3).await?;
     let what =
         "through S3 (SigV4, UNSIGNED-PAYLOAD, an MD5 ETag per object) against the blob API, one node serving both";
-    let mut out = compare([s3, blob], ["s3_put_4k_c64", "s3_get_5m_p50"], what, seconds).await?;
+    let mut out = compare([s3, blob], ["s3_put_4k_c64", "s3_get_5m_p50"], what, seconds, S3_TARGETS).await?;
     let s3 = raw_http::Target { addr: &s3_addr, tls: None, authorized: true, api: raw_http::Api::S3 };
     let blob = raw_http::Target { addr: &node.addr, tls: None, authorized: true, api: raw_http::Api::Blob };
     let targets = [s3, blob];
@@ -241,7 +256,7 @@ async fn s3_cost(dir: &Path, seconds: Duration) -> anyhow::Result<Vec<Scenario>>
         "MB/s",
         &puts[1],
         "MB/s",
-        format!("{what}; 4 clients; 3 interleaved rounds (target ≥ 0.80)"),
+        format!("{what}; 4 clients; 3 interleaved rounds (target ≥ {:.2})", S3_TARGETS.0),
     ));
     Ok(out)
 }
@@ -275,6 +290,7 @@ async fn tls_cost(plain: &NodeProcess, work: &Path, seconds: Duration) -> anyhow
         ["tls_put_4k_c64", "tls_get_5m_p50"],
         "HTTPS (TLS 1.3, rustls) against plain HTTP, keys on both",
         seconds,
+        SECURITY_TARGETS,
     )
     .await?;
     // The physical floor of that GET: what the record cipher alone takes for 5 MiB on this CPU,
@@ -332,14 +348,20 @@ fn aes_128_gcm_5m() -> anyhow::Result<(f64, f64)> {
     Ok((crate::median(&seals), crate::median(&opens)))
 }
 
+/// The cost issue 14 allows auth and TLS (15 %): PUT ratio ≥ 0.85, GET ratio ≤ 1.15.
+const SECURITY_TARGETS: (f64, f64) = (0.85, 1.15);
+/// The cost issue 15 allows S3 (20 % over the blob API): PUT ratio ≥ 1/1.2, GET ratio ≤ 1.20.
+const S3_TARGETS: (f64, f64) = (0.83, 1.20);
+
 /// `[measured, reference]` driven by the same minimal client, in interleaved rounds: 4 KiB PUTs
-/// from 64 connections (3 rounds; target ratio ≥ 0.85) and the p50 of 5 MiB GETs on one
-/// connection (4 rounds of 50; target ratio ≤ 1.15). Scenarios named `names`.
+/// from 64 connections (3 rounds) and the p50 of 5 MiB GETs on one connection (4 rounds of 50),
+/// against `targets` (least PUT ratio, most GET ratio). Scenarios named `names`.
 async fn compare(
     targets: [raw_http::Target<'_>; 2],
     names: [&'static str; 2],
     what: &str,
     seconds: Duration,
+    (put_target, get_target): (f64, f64),
 ) -> anyhow::Result<Vec<Scenario>> {
     let mut puts = [Vec::new(), Vec::new()];
     for round in 0..3 {
@@ -354,7 +376,7 @@ async fn compare(
         "ops/s",
         &puts[1],
         "ops/s",
-        format!("{what}; one minimal client; 3 interleaved rounds (target ≥ 0.85)"),
+        format!("{what}; one minimal client; 3 interleaved rounds (target ≥ {put_target:.2})"),
     );
     let blob = vec![0x42u8; 5 << 20];
     let ids = [raw_http::put(&targets[0], &blob).await?, raw_http::put(&targets[1], &blob).await?];
@@ -371,7 +393,7 @@ async fn compare(
         "ms",
         &gets[1],
         "ms",
-        format!("{what}; 4 interleaved rounds of 50 (target ≤ 1.15)"),
+        format!("{what}; 4 interleaved rounds of 50 (target ≤ {get_target:.2})"),
     );
     Ok(vec![put, get])
 }

@@ -58,6 +58,12 @@ impl UploadBudget {
         }
     }
 
+    /// Room for `bytes` of a body another front holds (the S3 front's pieces), given back when
+    /// the permit drops; `None` when none came within the wait.
+    pub async fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        self.take(bytes.clamp(1, self.total_bytes)).await.ok()
+    }
+
     /// Reads a request body of at most `max` bytes into one buffer counted against the budget.
     /// A body that says its length takes its room up front; one that does not, step by step.
     pub async fn read(&self, headers: &HeaderMap, body: Body, max: u64) -> Result<Bytes, ApiError> {

@@ -4,8 +4,9 @@
 //! repaired and compacted as blobs are — and the volume keeps an index of them by name
 //! ([`index::NAMES`](super::index::NAMES)), moved in the same transaction as the blob index.
 //!
-//! A name's current record is its newest version; a deleted record leaves its version in the
-//! index as dead, so that an older version that reaches a replica late does not come back.
+//! A name's current record is its newest version the volume holds; deleting a record takes it
+//! out of the index (a front that must order deletes against late older writes — a cluster's
+//! replication — writes a newer record that says so, rather than relying on what is absent).
 //!
 //! Payload (format 1): a format byte, then postcard of [`NameRecord`].
 
@@ -91,9 +92,15 @@ pub fn name_id(partition: u32, space: &str, name: &str, version: u128) -> BlobId
     BlobId::name(partition, u128::from_be_bytes(digest[..16].try_into().expect("16 bytes")))
 }
 
-/// A new version for a record written now: milliseconds since the epoch, then 64 random bits.
+/// A new version for a record written now: milliseconds since the epoch, then 64 random bits;
+/// above every version this process made before, so that of two writes of a name the later one
+/// is the newer even within a millisecond or across a step back of the clock.
 pub fn new_version() -> u128 {
-    (u128::from(super::now_ms()) << 64) | u128::from(rand::random::<u64>())
+    static LAST: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
+    let fresh = (u128::from(super::now_ms()) << 64) | u128::from(rand::random::<u64>());
+    let mut last = LAST.lock().expect("version clock");
+    *last = fresh.max(*last + 1);
+    *last
 }
 
 /// The milliseconds since the epoch a version was made at.
@@ -101,12 +108,10 @@ pub fn version_ms(version: u128) -> u64 {
     (version >> 64) as u64
 }
 
-/// One version of a name in the index.
+/// One version of a name in the index (a record the volume holds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NameEntry {
     pub id: [u8; cairn_common::blob_id::BLOB_ID_BYTES],
-    /// False once the record was deleted: the version stays as a marker (without its summary).
-    pub live: bool,
     pub summary: Vec<u8>,
 }
 
@@ -153,6 +158,12 @@ mod tests {
     #[test]
     fn space_and_name_are_not_confused_at_their_boundary() {
         assert_ne!(name_id(0, "ab", "c", 1), name_id(0, "a", "bc", 1));
+    }
+
+    #[test]
+    fn versions_made_one_after_another_increase() {
+        let versions: Vec<u128> = (0..10_000).map(|_| new_version()).collect();
+        assert!(versions.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

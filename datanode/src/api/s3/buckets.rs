@@ -4,6 +4,8 @@
 //! A bucket is a name record in [`model::BUCKET_SPACE`] on the front's first partition; a
 //! listing merges the sorted name ranges of the bucket's partitions.
 
+use std::sync::Arc;
+
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -26,7 +28,7 @@ const OWNER_ID: &str = "cairn";
 const URL_KEY: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
 
 /// The partition bucket records live in: the front's first, fixed for the node's life.
-async fn bucket_partition(state: &S3State) -> Result<u32, S3Error> {
+async fn bucket_partition(state: &Arc<S3State>) -> Result<u32, S3Error> {
     state
         .front
         .name_partitions()?
@@ -36,20 +38,25 @@ async fn bucket_partition(state: &S3State) -> Result<u32, S3Error> {
 }
 
 /// The bucket named `name`, or NoSuchBucket.
-pub async fn find(state: &S3State, name: &str) -> Result<BucketRecord, S3Error> {
-    lookup(state, name).await?.map(|(_, record)| record).ok_or_else(|| S3Error::no_such_bucket(name))
+pub async fn find(state: &Arc<S3State>, name: &str) -> Result<BucketRecord, S3Error> {
+    if let Some(record) = state.buckets.lock().expect("bucket cache").get(name) {
+        return Ok(record.clone());
+    }
+    let record = lookup(state, name).await?.map(|(_, record)| record).ok_or_else(|| S3Error::no_such_bucket(name))?;
+    state.buckets.lock().expect("bucket cache").insert(name.to_string(), record.clone());
+    Ok(record)
 }
 
-async fn lookup(state: &S3State, name: &str) -> Result<Option<(u128, BucketRecord)>, S3Error> {
+async fn lookup(state: &Arc<S3State>, name: &str) -> Result<Option<(u128, BucketRecord)>, S3Error> {
     let partition = bucket_partition(state).await?;
     let versions = state.front.name_versions(partition, BUCKET_SPACE, name).await?;
-    let Some((version, entry)) = versions.last().filter(|(_, e)| e.live) else { return Ok(None) };
+    let Some((version, entry)) = versions.last() else { return Ok(None) };
     let record = state.front.name_record(entry.blob_id()).await?;
     Ok(Some((*version, model::decode(&record.body)?)))
 }
 
 /// `GET /`: ListBuckets.
-pub async fn service(state: &S3State, request: S3Request) -> Result<Response, S3Error> {
+pub async fn service(state: &Arc<S3State>, request: S3Request) -> Result<Response, S3Error> {
     if request.method != Method::GET {
         return Err(S3Error::method_not_allowed("the specified method is not allowed against this resource"));
     }
@@ -75,7 +82,7 @@ pub async fn service(state: &S3State, request: S3Request) -> Result<Response, S3
 }
 
 /// Requests to a bucket.
-pub async fn bucket(state: &S3State, request: S3Request) -> Result<Response, S3Error> {
+pub async fn bucket(state: &Arc<S3State>, request: S3Request) -> Result<Response, S3Error> {
     let Target::Bucket(name) = request.target.clone() else { unreachable!("a bucket request") };
     for unsupported in [
         "acl",
@@ -148,7 +155,7 @@ struct CreateBucketConfiguration {
     location_constraint: Option<String>,
 }
 
-async fn create_bucket(state: &S3State, request: S3Request, name: &str) -> Result<Response, S3Error> {
+async fn create_bucket(state: &Arc<S3State>, request: S3Request, name: &str) -> Result<Response, S3Error> {
     model::check_bucket_name(name)?;
     let region = state.options.region.clone();
     let body = small_body(request).await?;
@@ -165,20 +172,28 @@ async fn create_bucket(state: &S3State, request: S3Request, name: &str) -> Resul
             }
         }
     }
-    let _guard = state.buckets_lock.write().await;
     let created = |status| {
         let mut response = StatusCode::from_u16(status).expect("status").into_response();
         response.headers_mut().insert(header::LOCATION, header_value(&format!("/{name}")));
         response
     };
-    if lookup(state, name).await?.is_some() {
-        // S3's us-east-1 answers 200 to its owner creating a bucket again; other regions 409.
-        if region == "us-east-1" {
-            return Ok(created(200));
+    // An existing bucket is answered without the lock (which waits for commits in flight).
+    let exists = |found: bool| -> Result<Option<Response>, S3Error> {
+        match (found, region == "us-east-1") {
+            (false, _) => Ok(None),
+            // S3's us-east-1 answers 200 to its owner creating a bucket again; other regions 409.
+            (true, true) => Ok(Some(created(200))),
+            (true, false) => Err(S3Error::bucket_already_owned_by_you(
+                "the bucket you tried to create already exists, and you own it",
+            )),
         }
-        return Err(S3Error::bucket_already_owned_by_you(
-            "the bucket you tried to create already exists, and you own it",
-        ));
+    };
+    if let Some(response) = exists(find(state, name).await.is_ok())? {
+        return Ok(response);
+    }
+    let _guard = state.buckets_lock.write().await;
+    if let Some(response) = exists(lookup(state, name).await?.is_some())? {
+        return Ok(response);
     }
     let partitions = state.front.name_partitions()?;
     let record = BucketRecord { created_ms: now_ms(), partitions };
@@ -187,10 +202,11 @@ async fn create_bucket(state: &S3State, request: S3Request, name: &str) -> Resul
         NameRecord::new(BUCKET_SPACE.into(), name.into(), names::new_version(), Vec::new(), model::encode(&record))
             .map_err(|e| S3Error::internal(e.to_string()))?;
     state.front.put_name(partition, &name_record, now_ms()).await?;
+    state.buckets.lock().expect("bucket cache").insert(name.to_string(), record);
     Ok(created(200))
 }
 
-async fn delete_bucket(state: &S3State, name: &str) -> Result<Response, S3Error> {
+async fn delete_bucket(state: &Arc<S3State>, name: &str) -> Result<Response, S3Error> {
     let _guard = state.buckets_lock.write().await;
     let (_, record) = lookup(state, name).await?.ok_or_else(|| S3Error::no_such_bucket(name))?;
     let any = state.front.current_names(&record.partitions, name, "", false, "", 1).await?;
@@ -198,7 +214,8 @@ async fn delete_bucket(state: &S3State, name: &str) -> Result<Response, S3Error>
         return Err(S3Error::bucket_not_empty("the bucket you tried to delete is not empty"));
     }
     let partition = bucket_partition(state).await?;
-    for (_, entry) in state.front.name_versions(partition, BUCKET_SPACE, name).await?.iter().filter(|(_, e)| e.live) {
+    state.buckets.lock().expect("bucket cache").remove(name);
+    for (_, entry) in state.front.name_versions(partition, BUCKET_SPACE, name).await?.iter() {
         state.front.delete(entry.blob_id()).await?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -273,7 +290,7 @@ struct Listing {
 
 /// The first `max_keys` keys and common prefixes of `space` under `prefix` from `resume` on.
 async fn list(
-    state: &S3State,
+    state: &Arc<S3State>,
     bucket: &BucketRecord,
     space: &str,
     prefix: &str,
@@ -282,6 +299,10 @@ async fn list(
     max_keys: usize,
 ) -> Result<Listing, S3Error> {
     let mut listing = Listing { contents: Vec::new(), prefixes: Vec::new(), truncated: false, next: None };
+    if max_keys == 0 {
+        // S3 answers an empty page, not truncated.
+        return Ok(listing);
+    }
     let mut last: Option<Resume> = None;
     let (mut from, mut after) = resume.map(|r| r.from()).unwrap_or_default();
     loop {
@@ -393,7 +414,7 @@ struct ListBucketResult {
     common_prefixes: Vec<PrefixXml>,
 }
 
-async fn list_objects(state: &S3State, request: S3Request, name: &str, v2: bool) -> Result<Response, S3Error> {
+async fn list_objects(state: &Arc<S3State>, request: S3Request, name: &str, v2: bool) -> Result<Response, S3Error> {
     let bucket = find(state, name).await?;
     let prefix = request.param("prefix").unwrap_or("").to_string();
     let delimiter = request.param("delimiter").filter(|d| !d.is_empty()).map(str::to_string);
@@ -415,14 +436,22 @@ async fn list_objects(state: &S3State, request: S3Request, name: &str, v2: bool)
     let token = request.param("continuation-token").map(str::to_string);
     let start_after = request.param("start-after").map(str::to_string);
     let marker = request.param("marker").map(str::to_string);
+    // A marker or start-after that is itself a common prefix (a v1 NextMarker is one) resumes
+    // past every key under it, as S3 does.
+    let after = |key: &str| match delimiter.as_deref().filter(|d| key.ends_with(*d) && key.starts_with(&prefix)) {
+        Some(d) if key[prefix.len()..].find(d) == Some(key.len() - prefix.len() - d.len()) => {
+            Resume::PastPrefix(key.to_string())
+        }
+        _ => Resume::After(key.to_string()),
+    };
     let resume = if v2 {
         match (&token, &start_after) {
             (Some(t), _) => Some(Resume::from_token(t)?),
-            (None, Some(s)) => Some(Resume::After(s.clone())),
+            (None, Some(s)) => Some(after(s)),
             (None, None) => None,
         }
     } else {
-        marker.clone().filter(|m| !m.is_empty()).map(Resume::After)
+        marker.as_deref().filter(|m| !m.is_empty()).map(after)
     };
     let listing = list(state, &bucket, name, &prefix, delimiter.as_deref(), resume, max_keys).await?;
     let with_owner = !v2 || request.param("fetch-owner") == Some("true");
@@ -506,7 +535,7 @@ struct DeleteResult {
     errors: Vec<DeleteErrorXml>,
 }
 
-async fn delete_objects(state: &S3State, request: S3Request, name: &str) -> Result<Response, S3Error> {
+async fn delete_objects(state: &Arc<S3State>, request: S3Request, name: &str) -> Result<Response, S3Error> {
     let bucket = find(state, name).await?;
     let body = small_body(request).await?;
     let asked: DeleteRequest = xml::parse(&body)?;

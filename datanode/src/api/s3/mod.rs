@@ -59,6 +59,8 @@ pub struct S3Options {
     pub keys: BTreeMap<String, S3Key>,
     /// Bytes of an object stored per blob (and held in memory per upload at once).
     pub piece_bytes: u64,
+    /// Objects up to this size are kept inside their name record: one write, one read.
+    pub inline_bytes: u64,
     /// The largest object a single PutObject takes (S3's limit is 5 GiB).
     pub max_object_bytes: u64,
 }
@@ -69,10 +71,21 @@ pub struct S3State {
     /// Bucket creation and deletion exclude writes of objects (a bucket is deleted only empty,
     /// and no object is written into a bucket being deleted).
     pub buckets_lock: tokio::sync::RwLock<()>,
+    /// Buckets as last read or written. A standalone node is the only writer of its bucket
+    /// records, and changes them under `buckets_lock`, so the cache is never stale.
+    pub buckets: std::sync::Mutex<std::collections::HashMap<String, model::BucketRecord>>,
+    /// The node's memory for request bodies, shared with the blob API (`--upload-buffer`).
+    pub uploads: Arc<crate::api::upload::UploadBudget>,
 }
 
-pub fn router(front: Front, options: S3Options) -> Router {
-    let state = Arc::new(S3State { front, options, buckets_lock: tokio::sync::RwLock::new(()) });
+pub fn router(front: Front, options: S3Options, uploads: Arc<crate::api::upload::UploadBudget>) -> Router {
+    let state = Arc::new(S3State {
+        front,
+        options,
+        buckets_lock: tokio::sync::RwLock::new(()),
+        buckets: Default::default(),
+        uploads,
+    });
     Router::new().fallback(handle).with_state(state)
 }
 
@@ -134,7 +147,7 @@ fn request_id() -> String {
     format!("{:016X}", rand::random::<u64>())
 }
 
-async fn serve(state: &S3State, request: Request) -> Result<Response, S3Error> {
+async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Error> {
     let (parts, body) = request.into_parts();
     let query = sigv4::parse_query(parts.uri.query())?;
     let raw_path = parts.uri.path();
@@ -142,12 +155,20 @@ async fn serve(state: &S3State, request: Request) -> Result<Response, S3Error> {
     let target = target_of(raw_path, host, state.options.domain.as_deref())?;
     let signature = authenticate(state, &parts.method, raw_path, &query, &parts.headers)?;
     let request = S3Request { method: parts.method, target, query, headers: parts.headers, body, signature };
-    if let Some(verified) = &request.signature {
-        let scope = scope_of(&request);
-        let key = &state.options.keys[&verified.key_id];
-        if !key.allows(scope) {
-            return Err(S3Error::access_denied("access denied: the key lacks the scope this operation needs"));
+    let scope = scope_of(&request);
+    match &request.signature {
+        Some(verified) => {
+            let key = &state.options.keys[&verified.key_id];
+            if !key.allows(scope) {
+                return Err(S3Error::access_denied("access denied: the key lacks the scope this operation needs"));
+            }
         }
+        // Without auth, anyone may read and write objects; creating and deleting buckets stays
+        // an admin key's, as the blob API's admin routes do.
+        None if scope == Scope::Admin => {
+            return Err(S3Error::access_denied("access denied: creating and deleting buckets needs an admin key"))
+        }
+        None => {}
     }
     match &request.target {
         Target::Service => buckets::service(state, request).await,

@@ -45,8 +45,10 @@ pub struct ObjectRecord {
     /// upload, returned on reads.
     pub headers: Vec<(String, String)>,
     pub checksum: Option<Checksum>,
-    /// The bytes, in order.
+    /// The bytes, in order: in blobs of their own...
     pub pieces: Vec<Piece>,
+    /// ...or, for a small object, here (`pieces` then empty).
+    pub inline: Vec<u8>,
 }
 
 /// What a listing shows of an object, kept in the name index beside its name.

@@ -2,12 +2,13 @@
 //! share — reading a body in any payload mode, finding a key's current version, superseding.
 //!
 //! An object is written in two steps: its bytes as blobs (pieces of at most `piece_bytes`),
-//! then its name record. The name record is the commit point: until it is durable the object
+//! then its name record (a small object's bytes go inside the record: one step). The name record is the commit point: until it is durable the object
 //! does not exist, and a failed upload deletes the pieces it stored. Then every older live
 //! version of the key is deleted (record and pieces), so whichever writer finishes last
 //! removes what the newest version superseded.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use axum::body::{Body, BodyDataStream};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -39,9 +40,15 @@ const RESPONSE_OVERRIDES: [(&str, &str); 6] = [
     ("response-content-encoding", "content-encoding"),
 ];
 
-pub async fn object(state: &S3State, request: S3Request) -> Result<Response, S3Error> {
+pub async fn object(state: &Arc<S3State>, request: S3Request) -> Result<Response, S3Error> {
     let Target::Object { bucket, key } = request.target.clone() else { unreachable!("an object request") };
     model::check_key(&key)?;
+    if let Some(version) = request.param("versionId").filter(|v| *v != "null") {
+        return Err(S3Error::invalid_argument(format!(
+            "invalid version id {:?}: versioning is not supported, only the null version exists",
+            version.chars().take(60).collect::<String>()
+        )));
+    }
     for unsupported in [
         "uploads",
         "uploadId",
@@ -95,7 +102,7 @@ impl Current {
 
 /// The current version of `key`, if it has one.
 pub async fn current(
-    state: &S3State,
+    state: &Arc<S3State>,
     bucket: &BucketRecord,
     space: &str,
     key: &str,
@@ -103,9 +110,6 @@ pub async fn current(
     let partition = model::partition_of(&bucket.partitions, key);
     let versions = state.front.name_versions(partition, space, key).await?;
     let Some((version, entry)) = versions.last() else { return Ok(None) };
-    if !entry.live {
-        return Ok(None);
-    }
     let record = match state.front.name_record(entry.blob_id()).await {
         Ok(record) => record,
         // Deleted between the two reads: a delete won.
@@ -116,21 +120,20 @@ pub async fn current(
 }
 
 /// Deletes every live version of `key` (records, then their pieces).
-pub async fn delete_key(state: &S3State, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
+pub async fn delete_key(state: &Arc<S3State>, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
     let partition = model::partition_of(&bucket.partitions, key);
     let versions = state.front.name_versions(partition, space, key).await?;
-    for (_, entry) in versions.iter().filter(|(_, e)| e.live) {
+    for (_, entry) in &versions {
         delete_version(state, entry.blob_id()).await?;
     }
     Ok(())
 }
 
 /// Deletes every live version of `key` older than its newest live one.
-async fn supersede(state: &S3State, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
+async fn supersede(state: &Arc<S3State>, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
     let partition = model::partition_of(&bucket.partitions, key);
     let versions = state.front.name_versions(partition, space, key).await?;
-    let live: Vec<_> = versions.iter().filter(|(_, e)| e.live).collect();
-    if let Some((_, older)) = live.split_last() {
+    if let Some((_, older)) = versions.split_last() {
         for (_, entry) in older.iter() {
             delete_version(state, entry.blob_id()).await?;
         }
@@ -139,7 +142,7 @@ async fn supersede(state: &S3State, bucket: &BucketRecord, space: &str, key: &st
 }
 
 /// Deletes one version: its record first (the object is gone at once), then its pieces.
-async fn delete_version(state: &S3State, id: BlobId) -> Result<(), S3Error> {
+async fn delete_version(state: &Arc<S3State>, id: BlobId) -> Result<(), S3Error> {
     let record = match state.front.name_record(id).await {
         Ok(record) => Some(record),
         Err(crate::front::FrontError::Volume(
@@ -158,7 +161,7 @@ async fn delete_version(state: &S3State, id: BlobId) -> Result<(), S3Error> {
 
 /// Deletes blobs no name record will point at (best effort: a piece left behind is space, not
 /// data, and compaction never reclaims what is still referenced).
-async fn delete_pieces(state: &S3State, pieces: &[Piece]) {
+async fn delete_pieces(state: &Arc<S3State>, pieces: &[Piece]) {
     for piece in pieces {
         let Ok(id) = piece.blob_id() else { continue };
         if let Err(e) = state.front.delete(id).await {
@@ -196,15 +199,23 @@ pub struct ReadBody {
 
 impl BodyReader {
     pub fn new(request: &S3Request, max: u64) -> Result<Self, S3Error> {
-        let payload = request.signature.as_ref().map(|s| s.payload.clone()).unwrap_or_else(|| {
-            // Anonymous (a node without auth): the payload mode the headers name, unsigned.
-            match request.header("x-amz-content-sha256") {
-                Some(sigv4_unsigned_trailer) if sigv4_unsigned_trailer == super::sigv4::STREAMING_UNSIGNED_TRAILER => {
-                    Payload::StreamingUnsignedTrailer
+        let payload = match &request.signature {
+            Some(signature) => signature.payload.clone(),
+            // Anonymous (a node without auth): the payload mode the headers name, which must be
+            // one that needs no signature (a signed stream's chunks cannot be checked).
+            None => match request.header("x-amz-content-sha256") {
+                Some(super::sigv4::STREAMING_UNSIGNED_TRAILER) => Payload::StreamingUnsignedTrailer,
+                Some(super::sigv4::STREAMING_SIGNED | super::sigv4::STREAMING_SIGNED_TRAILER) => {
+                    return Err(S3Error::invalid_request("a signed aws-chunked body needs a signed request"))
+                }
+                _ if request.header("content-encoding").is_some_and(|e| e.contains("aws-chunked")) => {
+                    return Err(S3Error::invalid_request(
+                        "an aws-chunked body needs x-amz-content-sha256 naming its streaming mode",
+                    ))
                 }
                 _ => Payload::Unsigned,
-            }
-        });
+            },
+        };
         let content_length = request
             .header("content-length")
             .map(|v| v.parse::<u64>())
@@ -273,6 +284,13 @@ impl BodyReader {
             .or_else(|| request.header("x-amz-checksum-algorithm"))
             .map(Algorithm::from_name)
             .transpose()?;
+        if let (Some(given), Some(trailer)) = (&header_checksum, trailer_algorithm) {
+            if given.algorithm != trailer {
+                return Err(S3Error::invalid_request(
+                    "a checksum header and a checksum trailer name different algorithms",
+                ));
+            }
+        }
         let algorithm = header_checksum.as_ref().map(|c| c.algorithm).or(trailer_algorithm).or(named);
         if let (Some(named), Some(algorithm)) = (named, algorithm) {
             if named != algorithm {
@@ -295,6 +313,11 @@ impl BodyReader {
             header_checksum,
             trailer_algorithm,
         })
+    }
+
+    /// Bytes the body announced and has not delivered yet.
+    pub fn remaining(&self) -> u64 {
+        self.announced.unwrap_or(self.max).saturating_sub(self.digests.len)
     }
 
     /// The next decoded bytes of the body, or `None` at its end.
@@ -427,6 +450,18 @@ fn object_meta(headers: &HeaderMap) -> Result<NewObjectMeta, S3Error> {
     let stored = STORED_HEADERS
         .iter()
         .filter_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()).map(|v| (name.to_string(), v.to_string())))
+        .filter_map(|(name, value)| match name.as_str() {
+            // aws-chunked names the upload's framing, not the object's encoding: S3 drops it.
+            "content-encoding" => {
+                let kept: Vec<&str> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.eq_ignore_ascii_case("aws-chunked") && !t.is_empty())
+                    .collect();
+                (!kept.is_empty()).then(|| (name, kept.join(",")))
+            }
+            _ => Some((name, value)),
+        })
         .collect();
     Ok(NewObjectMeta { content_type, user_meta: user, headers: stored })
 }
@@ -438,6 +473,21 @@ struct WriteCondition {
     none_match: bool,
     /// `If-Match`: the version it matched must still be current.
     matched: Option<u128>,
+}
+
+/// A write's conditions checked against the key's current version, if it has any.
+async fn write_condition(
+    state: &Arc<S3State>,
+    headers: &HeaderMap,
+    bucket: &BucketRecord,
+    bucket_name: &str,
+    key: &str,
+) -> Result<Option<WriteCondition>, S3Error> {
+    if !headers.contains_key(header::IF_NONE_MATCH) && !headers.contains_key(header::IF_MATCH) {
+        return Ok(None);
+    }
+    let current = current(state, bucket, bucket_name, key).await?;
+    check_write_conditions(headers, current.as_ref()).map(Some)
 }
 
 /// PutObject's conditional writes: `If-None-Match: *` (only if the key has no object) and
@@ -465,25 +515,17 @@ fn check_write_conditions(headers: &HeaderMap, current: Option<&Current>) -> Res
 }
 
 async fn put_object(
-    state: &S3State,
+    state: &Arc<S3State>,
     mut request: S3Request,
     bucket_name: &str,
     key: &str,
 ) -> Result<Response, S3Error> {
-    let _bucket_guard = state.buckets_lock.read().await;
     let bucket = buckets::find(state, bucket_name).await?;
     let NewObjectMeta { content_type, user_meta, headers } = object_meta(&request.headers)?;
-    let conditional =
-        request.headers.contains_key(header::IF_NONE_MATCH) || request.headers.contains_key(header::IF_MATCH);
-    let condition = match conditional {
-        true => {
-            Some(check_write_conditions(&request.headers, current(state, &bucket, bucket_name, key).await?.as_ref())?)
-        }
-        false => None,
-    };
+    let condition = write_condition(state, &request.headers, &bucket, bucket_name, key).await?;
     let mut reader = BodyReader::new(&request, state.options.max_object_bytes)?;
     let body = std::mem::replace(&mut request.body, Body::empty());
-    let pieces = store_pieces(state, &mut reader, body.into_data_stream()).await?;
+    let (pieces, inline) = store_body(state, &mut reader, body.into_data_stream()).await?;
     let read = match reader.finish() {
         Ok(read) => read,
         Err(e) => {
@@ -491,7 +533,7 @@ async fn put_object(
             return Err(e);
         }
     };
-    debug_assert_eq!(read.len, pieces.iter().map(|p| p.len).sum::<u64>());
+    debug_assert_eq!(read.len, pieces.iter().map(|p| p.len).sum::<u64>() + inline.len() as u64);
     let object = ObjectRecord {
         size: read.len,
         etag: hex::encode(read.md5),
@@ -500,8 +542,9 @@ async fn put_object(
         headers,
         checksum: read.checksum,
         pieces,
+        inline: inline.to_vec(),
     };
-    commit(state, &bucket, bucket_name, key, &object, condition).await?;
+    commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
     let mut response = StatusCode::OK.into_response();
     let h = response.headers_mut();
     h.insert(header::ETAG, quoted(&object.etag));
@@ -511,34 +554,47 @@ async fn put_object(
     Ok(response)
 }
 
-/// Reads a body into pieces (blobs of at most `piece_bytes`); on any failure deletes what it stored.
-async fn store_pieces(
-    state: &S3State,
+/// Reads a body: into pieces (blobs of at most `piece_bytes`), or, when the whole body is at
+/// most `inline_bytes`, kept to go inside the name record. On any failure deletes what it stored.
+async fn store_body(
+    state: &Arc<S3State>,
     reader: &mut BodyReader,
     mut body: BodyDataStream,
-) -> Result<Vec<Piece>, S3Error> {
+) -> Result<(Vec<Piece>, Bytes), S3Error> {
     let mut pieces = Vec::new();
     let outcome = async {
         let mut buffer = BytesMut::new();
+        // The memory a piece takes while it is gathered counts against the node's upload budget.
+        let mut room = None;
         loop {
+            if room.is_none() {
+                let want = state.options.piece_bytes.min(reader.remaining()).max(1);
+                room = Some(state.uploads.reserve(want).await.ok_or_else(|| {
+                    S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
+                })?);
+            }
             let next = reader.next(&mut body).await?;
             let done = next.is_none();
             if let Some(data) = next {
                 buffer.extend_from_slice(&data);
             }
+            if done && pieces.is_empty() && buffer.len() as u64 <= state.options.inline_bytes {
+                return Ok::<_, S3Error>(buffer.freeze());
+            }
             while buffer.len() as u64 >= state.options.piece_bytes || (done && !buffer.is_empty()) {
                 let take = (state.options.piece_bytes as usize).min(buffer.len());
                 let payload = buffer.split_to(take).freeze();
                 pieces.push(store_piece(state, payload).await?);
+                room = None;
             }
             if done {
-                return Ok::<_, S3Error>(());
+                return Ok(Bytes::new());
             }
         }
     }
     .await;
     match outcome {
-        Ok(()) => Ok(pieces),
+        Ok(inline) => Ok((pieces, inline)),
         Err(e) => {
             delete_pieces(state, &pieces).await;
             Err(e)
@@ -546,11 +602,37 @@ async fn store_pieces(
     }
 }
 
-async fn store_piece(state: &S3State, payload: Bytes) -> Result<Piece, S3Error> {
+async fn store_piece(state: &Arc<S3State>, payload: Bytes) -> Result<Piece, S3Error> {
     let len = payload.len() as u64;
     let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
     let id = state.front.put(meta, payload, now_ms(), None, None).await?;
     Ok(Piece { id: id.to_bytes(), len })
+}
+
+/// [`commit`] in a task of its own, so that it and the cleanup after it run to their end even if
+/// the client goes away, with the bucket held (it is not deleted meanwhile; if it was deleted
+/// during the upload, the pieces go and the answer is NoSuchBucket).
+async fn commit_in_bucket(
+    state: &Arc<S3State>,
+    bucket_name: &str,
+    key: &str,
+    object: ObjectRecord,
+    condition: Option<WriteCondition>,
+) -> Result<u128, S3Error> {
+    let (state, bucket_name, key) = (state.clone(), bucket_name.to_string(), key.to_string());
+    tokio::spawn(async move {
+        let _bucket_guard = state.buckets_lock.read().await;
+        let bucket = match buckets::find(&state, &bucket_name).await {
+            Ok(bucket) => bucket,
+            Err(e) => {
+                delete_pieces(&state, &object.pieces).await;
+                return Err(e);
+            }
+        };
+        commit(&state, &bucket, &bucket_name, &key, &object, condition).await
+    })
+    .await
+    .map_err(|e| S3Error::internal(format!("the commit task failed: {e}")))?
 }
 
 /// Makes `object` the key's current version: writes its name record, then deletes what it
@@ -559,7 +641,7 @@ async fn store_piece(state: &S3State, payload: Bytes) -> Result<Piece, S3Error> 
 /// it, this one is withdrawn (412, or 409 `ConditionalRequestConflict` when the other came
 /// concurrently) — of concurrent conditional writers at most one succeeds.
 async fn commit(
-    state: &S3State,
+    state: &Arc<S3State>,
     bucket: &BucketRecord,
     space: &str,
     key: &str,
@@ -581,12 +663,9 @@ async fn commit(
     };
     if let Some(condition) = condition {
         let versions = state.front.name_versions(partition, space, key).await?;
-        let live = |v: u128| versions.iter().any(|(version, e)| *version == v && e.live);
-        let others: Vec<u128> = versions
-            .iter()
-            .filter(|(v, e)| e.live && *v != version && Some(*v) != condition.matched)
-            .map(|(v, _)| *v)
-            .collect();
+        let live = |v: u128| versions.iter().any(|(version, _)| *version == v);
+        let others: Vec<u128> =
+            versions.iter().filter(|(v, _)| *v != version && Some(*v) != condition.matched).map(|(v, _)| *v).collect();
         let matched_gone = condition.matched.is_some_and(|m| !live(m));
         if matched_gone || !others.is_empty() {
             delete_version(state, id).await?;
@@ -618,7 +697,12 @@ struct CopyObjectResult {
     etag: String,
 }
 
-async fn copy_object(state: &S3State, request: S3Request, bucket_name: &str, key: &str) -> Result<Response, S3Error> {
+async fn copy_object(
+    state: &Arc<S3State>,
+    request: S3Request,
+    bucket_name: &str,
+    key: &str,
+) -> Result<Response, S3Error> {
     let source = request.header("x-amz-copy-source").unwrap_or_default();
     let source = percent_encoding::percent_decode_str(source)
         .decode_utf8()
@@ -631,9 +715,10 @@ async fn copy_object(state: &S3State, request: S3Request, bucket_name: &str, key
         .filter(|(b, k)| !b.is_empty() && !k.is_empty())
         .ok_or_else(|| S3Error::invalid_argument("copy source must be <bucket>/<key>"))?;
     model::check_key(source_key)?;
-    let _bucket_guard = state.buckets_lock.read().await;
     let from_bucket = buckets::find(state, source_bucket).await?;
     let bucket = buckets::find(state, bucket_name).await?;
+    // The destination's own conditions (If-None-Match: *, If-Match), as for PutObject.
+    let condition = write_condition(state, &request.headers, &bucket, bucket_name, key).await?;
     let source_object = current(state, &from_bucket, source_bucket, source_key)
         .await?
         .ok_or_else(|| S3Error::no_such_key(source_key))?;
@@ -676,7 +761,7 @@ async fn copy_object(state: &S3State, request: S3Request, bucket_name: &str, key
         }
     }
     object.pieces = pieces;
-    let version = commit(state, &bucket, bucket_name, key, &object, None).await?;
+    let version = commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
     Ok(xml_response(&CopyObjectResult {
         xmlns: xml::NAMESPACE,
         last_modified: xml::timestamp(names::version_ms(version)),
@@ -743,10 +828,15 @@ fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, S3Er
         resource: Some(format!("bytes */{len}")),
         ..S3Error::invalid_range("the requested range is not satisfiable")
     };
-    let (first, last) = spec.split_once('-').ok_or_else(unsatisfiable)?;
-    let number = |s: &str| s.trim().parse::<u64>().map_err(|_| unsatisfiable());
+    // A range that does not parse is ignored (RFC 9110 §14.2): the whole object.
+    let Some((first, last)) = spec.split_once('-') else { return Ok(None) };
+    let parse = |s: &str| s.trim().parse::<u64>().ok();
+    let number = |s: &str| parse(s).ok_or_else(unsatisfiable);
+    if (!first.trim().is_empty() && parse(first).is_none()) || (!last.trim().is_empty() && parse(last).is_none()) {
+        return Ok(None);
+    }
     let (start, end) = match (first.trim().is_empty(), last.trim().is_empty()) {
-        (true, true) => return Err(unsatisfiable()),
+        (true, true) => return Ok(None),
         (true, false) => {
             let suffix = number(last)?;
             if suffix == 0 {
@@ -761,7 +851,7 @@ fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, S3Er
                 // Not a valid range: ignored (RFC 9110), the whole object.
                 return Ok(None);
             }
-            (a, (b + 1).min(len))
+            (a, b.saturating_add(1).min(len))
         }
     };
     if start >= len {
@@ -770,7 +860,12 @@ fn parse_range(value: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, S3Er
     Ok(Some((start, end)))
 }
 
-async fn get_object(state: &S3State, request: S3Request, bucket_name: &str, key: &str) -> Result<Response, S3Error> {
+async fn get_object(
+    state: &Arc<S3State>,
+    request: S3Request,
+    bucket_name: &str,
+    key: &str,
+) -> Result<Response, S3Error> {
     let bucket = buckets::find(state, bucket_name).await?;
     let current = current(state, &bucket, bucket_name, key).await?.ok_or_else(|| S3Error::no_such_key(key))?;
     let object = &current.object;
@@ -830,49 +925,50 @@ async fn get_object(state: &S3State, request: S3Request, bucket_name: &str, key:
     if request.method == Method::HEAD {
         return Ok((status, headers).into_response());
     }
-    let body = object_body(state, &object.pieces, start, end).await?;
+    let body = if object.pieces.is_empty() {
+        Body::from(Bytes::copy_from_slice(object.inline.get(start as usize..end as usize).unwrap_or_default()))
+    } else {
+        object_body(state, &object.pieces, start, end).await?
+    };
     Ok((status, headers, body).into_response())
 }
 
-/// The bytes `[start, end)` of an object, streamed piece by piece. The first piece is opened
-/// before the answer starts (a missing piece is a 500, not a cut body); a later one that
-/// cannot be read aborts the connection — never wrong bytes.
-async fn object_body(state: &S3State, pieces: &[Piece], start: u64, end: u64) -> Result<Body, S3Error> {
-    let mut spans = Vec::new();
+/// The bytes `[start, end)` of an object, streamed piece by piece. Every piece is opened before
+/// the answer starts: a lost piece is a 500, not a cut body, and an overwrite or delete that
+/// comes meanwhile (which deletes the old pieces) does not cut a read already answering — an
+/// open piece stays readable. A piece that fails its checksum while streaming aborts the
+/// connection: never wrong bytes.
+async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u64) -> Result<Body, S3Error> {
+    let mut opened = Vec::new();
     let mut at = 0u64;
     for piece in pieces {
         let (from, to) = (start.max(at), end.min(at + piece.len));
         if from < to {
-            spans.push((piece.blob_id()?, from - at, to - at));
+            opened.push((state.front.open(piece.blob_id()?).await?, from - at, to - at));
         }
         at += piece.len;
     }
-    let mut bodies = Vec::with_capacity(spans.len());
-    let front = state.front.clone();
-    let mut spans = spans.into_iter();
-    if let Some((id, from, to)) = spans.next() {
-        let reader = front.open(id).await?;
-        let body =
-            crate::api::blobs::stream_payload(reader, from, to).await.map_err(|e| S3Error::internal(e.to_string()))?;
-        bodies.push(body);
-    }
-    let first = futures::stream::iter(bodies).flat_map(|b| b.into_data_stream());
-    let rest = futures::stream::iter(spans)
-        .then(move |(id, from, to)| {
-            let front = front.clone();
-            async move {
-                let reader = front.open(id).await.map_err(|e| std::io::Error::other(e.to_string()))?;
-                crate::api::blobs::stream_payload(reader, from, to)
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            }
+    // The first piece's first chunk is read (and verified) before the answer starts, as the
+    // blob API does: a checksum error there is a 500.
+    let mut opened = opened.into_iter();
+    let first = match opened.next() {
+        Some((reader, from, to)) => Some(
+            crate::api::blobs::stream_payload(reader, from, to).await.map_err(|e| S3Error::internal(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let first =
+        futures::stream::iter(first).flat_map(|body| body.into_data_stream().map(|r| r.map_err(std::io::Error::other)));
+    let rest = futures::stream::iter(opened)
+        .then(|(reader, from, to)| async move {
+            crate::api::blobs::stream_payload(reader, from, to).await.map_err(|e| std::io::Error::other(e.to_string()))
         })
         .flat_map(|body| match body {
             Ok(body) => body.into_data_stream().map(|r| r.map_err(std::io::Error::other)).boxed(),
             Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
         });
-    let first = first.map(|r| r.map_err(std::io::Error::other));
-    Ok(Body::from_stream(first.chain(rest)))
+    let stream = first.chain(rest);
+    Ok(Body::from_stream(stream))
 }
 
 pub fn quoted(etag: &str) -> HeaderValue {
@@ -903,6 +999,21 @@ mod tests {
         assert_eq!(r("bytes=5-2", 100).unwrap(), None);
         assert_eq!(r("bytes=0-1,5-6", 100).unwrap(), None);
         assert_eq!(parse_range(Some("items=0-1"), 100).unwrap(), None);
+        // The largest numbers do not overflow; what does not parse is ignored.
+        assert_eq!(r("bytes=0-18446744073709551615", 100).unwrap(), Some((0, 100)));
+        assert_eq!(r("bytes=18446744073709551615-", 100).unwrap_err().code, "InvalidRange");
+        assert_eq!(r("bytes=abc", 100).unwrap(), None);
+        assert_eq!(r("bytes=1-x", 100).unwrap(), None);
+        assert_eq!(r("bytes=-", 100).unwrap(), None);
+    }
+
+    #[test]
+    fn aws_chunked_is_not_stored_as_the_objects_encoding() {
+        let mut h = HeaderMap::new();
+        h.insert("content-encoding", HeaderValue::from_static("gzip, aws-chunked"));
+        assert_eq!(object_meta(&h).unwrap().headers, vec![("content-encoding".to_string(), "gzip".to_string())]);
+        h.insert("content-encoding", HeaderValue::from_static("aws-chunked"));
+        assert!(object_meta(&h).unwrap().headers.is_empty());
     }
 
     #[test]

@@ -362,6 +362,19 @@ pub fn verify(
     if !constant_eq(&expected, &presented.signature) {
         return Err(S3Error::signature_does_not_match());
     }
+    // An x-amz-* header the signature does not cover could change what the request does (a
+    // copy source, a condition, metadata) under someone else's signature: refused, as S3 does.
+    // A presigned URL's payload is unsigned whatever x-amz-content-sha256 says.
+    let unsigned = request.headers.keys().map(|k| k.as_str()).find(|name| {
+        name.starts_with("x-amz-")
+            && !presented.signed_headers.iter().any(|s| s == name)
+            && !(presented.presigned_for.is_some() && *name == "x-amz-content-sha256")
+    });
+    if let Some(name) = unsigned {
+        return Err(S3Error::access_denied(format!(
+            "there were headers present in the request which were not signed: {name}"
+        )));
+    }
     Ok(Verified {
         key_id: presented.key_id.clone(),
         payload: presented.payload.clone(),
@@ -610,10 +623,12 @@ mod tests {
         let mut other_range = good.clone();
         other_range.insert("range", HeaderValue::from_static("bytes=0-10"));
         assert!(check(Method::GET, "/test.txt", "", &other_range, "20130524T000500Z").is_err());
-        // An unsigned header may change.
+        // An unsigned header may change, unless it is an x-amz-* one.
         let mut extra = good.clone();
         extra.insert("user-agent", HeaderValue::from_static("anything"));
         assert!(check(Method::GET, "/test.txt", "", &extra, "20130524T000500Z").is_ok());
+        extra.insert("x-amz-copy-source", HeaderValue::from_static("bucket/secret"));
+        assert_eq!(check(Method::GET, "/test.txt", "", &extra, "20130524T000500Z").unwrap_err().code, "AccessDenied");
         // The clock: 15 minutes either way.
         assert_eq!(
             check(Method::GET, "/test.txt", "", &good, "20130524T001600Z").unwrap_err().code,
@@ -670,6 +685,10 @@ mod tests {
         let h = headers(&[("host", "examplebucket.s3.amazonaws.com")]);
         let verified = check(Method::GET, "/test.txt", query, &h, "20130524T120000Z").unwrap();
         assert_eq!(verified.payload, Payload::Unsigned);
+        // A presigned URL carries no x-amz-* header its signature does not name.
+        let mut copy = h.clone();
+        copy.insert("x-amz-copy-source", HeaderValue::from_static("bucket/secret"));
+        assert_eq!(check(Method::GET, "/test.txt", query, &copy, "20130524T120000Z").unwrap_err().code, "AccessDenied");
         assert_eq!(check(Method::GET, "/test.txt", query, &h, "20130525T000001Z").unwrap_err().code, "AccessDenied");
         let tampered = query.replace("86400", "86401");
         assert!(check(Method::GET, "/test.txt", &tampered, &h, "20130524T120000Z").is_err());

@@ -526,7 +526,7 @@ impl Volume {
         index::get(&blobs, blob_id.to_bytes())?.ok_or(VolumeError::NotFound)
     }
 
-    /// Every version of `name` in `space` this replica holds or held, oldest first (blocking).
+    /// Every version of `name` in `space` this replica holds, oldest first (blocking).
     pub fn name_versions(&self, space: &str, name: &str) -> Result<Vec<(u128, NameEntry)>, VolumeError> {
         let txn = self.shared.db.begin_read()?;
         let names = match txn.open_table(index::NAMES) {
@@ -564,7 +564,7 @@ impl Volume {
         let mut newest: Option<(String, u128, NameEntry)> = None;
         let emit = |row: Option<(String, u128, NameEntry)>, out: &mut Vec<CurrentName>| {
             if let Some((name, version, entry)) = row {
-                if entry.live && !(after && name == from) {
+                if !(after && name == from) {
                     out.push(CurrentName { name, version, id: entry.blob_id(), summary: entry.summary });
                 }
             }

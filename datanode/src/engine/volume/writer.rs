@@ -113,7 +113,7 @@ fn apply_to_names(tables: &mut Tables<'_, '_>, header: &RecordHeader, payload: &
                     return Ok(());
                 }
             };
-            let entry = NameEntry { id: id.to_bytes(), live: true, summary: record.summary };
+            let entry = NameEntry { id: id.to_bytes(), summary: record.summary };
             names.insert(
                 (record.space.as_str(), record.name.as_str(), record.version),
                 index::encode(&entry).as_slice(),
@@ -123,8 +123,7 @@ fn apply_to_names(tables: &mut Tables<'_, '_>, header: &RecordHeader, payload: &
         }
         RecordKind::Delete => {
             let Some(key) = index::get::<_, NameKey>(&*ids, id.to_bytes())? else { return Ok(()) };
-            let entry = NameEntry { id: id.to_bytes(), live: false, summary: Vec::new() };
-            names.insert((key.space.as_str(), key.name.as_str(), key.version), index::encode(&entry).as_slice())?;
+            names.remove((key.space.as_str(), key.name.as_str(), key.version))?;
             ids.remove(id.to_bytes())?;
         }
         _ => {}
