@@ -33,8 +33,10 @@ pub struct NameRecord {
     /// concurrent writers of one name are ordered alike on every replica.
     pub version: u128,
     /// A few bytes the name index keeps (a listing reads them without reading the record).
+    #[serde(with = "serde_bytes")]
     pub summary: Vec<u8>,
     /// What the name stands for: the front's, opaque here.
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
@@ -112,6 +114,7 @@ pub fn version_ms(version: u128) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NameEntry {
     pub id: [u8; cairn_common::blob_id::BLOB_ID_BYTES],
+    #[serde(with = "serde_bytes")]
     pub summary: Vec<u8>,
 }
 

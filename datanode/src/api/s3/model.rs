@@ -48,6 +48,7 @@ pub struct ObjectRecord {
     /// The bytes, in order: in blobs of their own...
     pub pieces: Vec<Piece>,
     /// ...or, for a small object, here (`pieces` then empty).
+    #[serde(with = "serde_bytes")]
     pub inline: Vec<u8>,
 }
 
