@@ -37,13 +37,22 @@ async fn bucket_partition(state: &Arc<S3State>) -> Result<u32, S3Error> {
         .ok_or_else(|| S3Error::service_unavailable("this node has no partition"))
 }
 
-/// The bucket named `name`, or NoSuchBucket.
+/// The bucket named `name`, or NoSuchBucket. A record read while the bucket was being created
+/// or deleted is answered but not cached (the generation moved), so the cache never holds a
+/// bucket that is gone.
 pub async fn find(state: &Arc<S3State>, name: &str) -> Result<BucketRecord, S3Error> {
-    if let Some(record) = state.buckets.lock().expect("bucket cache").get(name) {
-        return Ok(record.clone());
-    }
+    let generation = {
+        let cache = state.buckets.lock().expect("bucket cache");
+        if let Some(record) = cache.records.get(name) {
+            return Ok(record.clone());
+        }
+        cache.generation
+    };
     let record = lookup(state, name).await?.map(|(_, record)| record).ok_or_else(|| S3Error::no_such_bucket(name))?;
-    state.buckets.lock().expect("bucket cache").insert(name.to_string(), record.clone());
+    let mut cache = state.buckets.lock().expect("bucket cache");
+    if cache.generation == generation {
+        cache.records.insert(name.to_string(), record.clone());
+    }
     Ok(record)
 }
 
@@ -202,7 +211,7 @@ async fn create_bucket(state: &Arc<S3State>, request: S3Request, name: &str) -> 
         NameRecord::new(BUCKET_SPACE.into(), name.into(), names::new_version(), Vec::new(), model::encode(&record))
             .map_err(|e| S3Error::internal(e.to_string()))?;
     state.front.put_name(partition, &name_record, now_ms()).await?;
-    state.buckets.lock().expect("bucket cache").insert(name.to_string(), record);
+    state.buckets.lock().expect("bucket cache").changed(name);
     Ok(created(200))
 }
 
@@ -214,10 +223,17 @@ async fn delete_bucket(state: &Arc<S3State>, name: &str) -> Result<Response, S3E
         return Err(S3Error::bucket_not_empty("the bucket you tried to delete is not empty"));
     }
     let partition = bucket_partition(state).await?;
-    state.buckets.lock().expect("bucket cache").remove(name);
-    for (_, entry) in state.front.name_versions(partition, BUCKET_SPACE, name).await?.iter() {
-        state.front.delete(entry.blob_id()).await?;
+    // Before the records go and after: a lookup in between caches nothing that outlives this.
+    state.buckets.lock().expect("bucket cache").changed(name);
+    let result = async {
+        for (_, entry) in state.front.name_versions(partition, BUCKET_SPACE, name).await?.iter() {
+            state.front.delete(entry.blob_id()).await?;
+        }
+        Ok::<_, S3Error>(())
     }
+    .await;
+    state.buckets.lock().expect("bucket cache").changed(name);
+    result?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -72,8 +72,8 @@ pub struct S3State {
     /// and no object is written into a bucket being deleted).
     pub buckets_lock: tokio::sync::RwLock<()>,
     /// Buckets as last read or written. A standalone node is the only writer of its bucket
-    /// records, and changes them under `buckets_lock`, so the cache is never stale.
-    pub buckets: std::sync::Mutex<std::collections::HashMap<String, model::BucketRecord>>,
+    /// records, and changes them under `buckets_lock` (see [`buckets::find`]).
+    pub buckets: std::sync::Mutex<BucketCache>,
     /// The node's memory for request bodies, shared with the blob API (`--upload-buffer`).
     pub uploads: Arc<crate::api::upload::UploadBudget>,
 }
@@ -87,6 +87,22 @@ pub fn router(front: Front, options: S3Options, uploads: Arc<crate::api::upload:
         uploads,
     });
     Router::new().fallback(handle).with_state(state)
+}
+
+/// Bucket records as last read or written, and a generation that every creation and deletion
+/// moves: a lookup that raced one of them does not put what it read into the cache.
+#[derive(Default)]
+pub struct BucketCache {
+    pub records: std::collections::HashMap<String, model::BucketRecord>,
+    pub generation: u64,
+}
+
+impl BucketCache {
+    /// Forgets `name` and moves the generation (a creation or deletion of it).
+    pub fn changed(&mut self, name: &str) {
+        self.records.remove(name);
+        self.generation += 1;
+    }
 }
 
 /// What a request addresses.
