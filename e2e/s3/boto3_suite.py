@@ -164,6 +164,11 @@ def deletes_and_copies():
     s3.delete_object(Bucket="suite", Key="src")
     check("a copy outlives its source", body_of("suite", "dst") == b"copy me" * 1000)
     check("a version id other than null is InvalidArgument", error_of(lambda: s3.get_object(Bucket="suite", Key="dst", VersionId="123"))[0] == "InvalidArgument")
+    s3.put_object(Bucket="suite", Key="q?versionId=1", Body=b"QQQ")
+    s3.put_object(Bucket="suite", Key="q", Body=b"plain-q")
+    s3.copy_object(Bucket="suite", Key="qcopy", CopySource={"Bucket": "suite", "Key": "q?versionId=1"})
+    check("a copy source whose key holds ?versionId= is that key", body_of("suite", "qcopy") == b"QQQ")
+    check("a copy source's version id other than null is InvalidArgument", error_of(lambda: s3.copy_object(Bucket="suite", Key="qcopy", CopySource={"Bucket": "suite", "Key": "q", "VersionId": "bogus"}))[0] == "InvalidArgument")
     check("copying a missing key is NoSuchKey", error_of(lambda: s3.copy_object(Bucket="suite", Key="x", CopySource={"Bucket": "suite", "Key": "missing"}))[0] == "NoSuchKey")
 
 

@@ -98,11 +98,19 @@ pub fn name_id(partition: u32, space: &str, name: &str, version: u128) -> BlobId
 /// above every version this process made before, so that of two writes of a name the later one
 /// is the newer even within a millisecond or across a step back of the clock.
 pub fn new_version() -> u128 {
-    static LAST: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
     let fresh = (u128::from(super::now_ms()) << 64) | u128::from(rand::random::<u64>());
-    let mut last = LAST.lock().expect("version clock");
+    let mut last = LAST_VERSION.lock().expect("version clock");
     *last = fresh.max(*last + 1);
     *last
+}
+
+static LAST_VERSION: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
+
+/// Tells the version clock of a version seen in the store (made before a restart by a clock that
+/// was ahead): every version made afterwards is above it.
+pub fn observe_version(seen: u128) {
+    let mut last = LAST_VERSION.lock().expect("version clock");
+    *last = (*last).max(seen);
 }
 
 /// The milliseconds since the epoch a version was made at.
@@ -167,6 +175,10 @@ mod tests {
     fn versions_made_one_after_another_increase() {
         let versions: Vec<u128> = (0..10_000).map(|_| new_version()).collect();
         assert!(versions.windows(2).all(|w| w[0] < w[1]));
+        // A version from a clock ahead of this one (an hour): the next is above it.
+        let ahead = (u128::from(super::super::now_ms() + 3_600_000) << 64) | 5;
+        observe_version(ahead);
+        assert!(new_version() > ahead);
     }
 
     #[test]

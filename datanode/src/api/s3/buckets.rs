@@ -60,7 +60,12 @@ async fn lookup(state: &Arc<S3State>, name: &str) -> Result<Option<(u128, Bucket
     let partition = bucket_partition(state).await?;
     let versions = state.front.name_versions(partition, BUCKET_SPACE, name).await?;
     let Some((version, entry)) = versions.last() else { return Ok(None) };
-    let record = state.front.name_record(entry.blob_id()).await?;
+    let record = match state.front.name_record(entry.blob_id()).await {
+        Ok(record) => record,
+        // Deleted between the two reads: the bucket is being deleted.
+        Err(crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     Ok(Some((*version, model::decode(&record.body)?)))
 }
 

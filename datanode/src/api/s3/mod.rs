@@ -143,7 +143,7 @@ async fn handle(State(state): State<Arc<S3State>>, request: Request) -> Response
     let mut response = match serve(&state, request).await {
         Ok(response) => response,
         Err(e) => {
-            if e.status.is_server_error() {
+            if e.status.is_server_error() && e.status != StatusCode::NOT_IMPLEMENTED {
                 tracing::error!(code = e.code, error = %e.message, "S3 request failed");
             }
             e.into_response()

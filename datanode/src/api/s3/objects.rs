@@ -129,18 +129,6 @@ pub async fn delete_key(state: &Arc<S3State>, bucket: &BucketRecord, space: &str
     Ok(())
 }
 
-/// Deletes every live version of `key` older than its newest live one.
-async fn supersede(state: &Arc<S3State>, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
-    let partition = model::partition_of(&bucket.partitions, key);
-    let versions = state.front.name_versions(partition, space, key).await?;
-    if let Some((_, older)) = versions.split_last() {
-        for (_, entry) in older.iter() {
-            delete_version(state, entry.blob_id()).await?;
-        }
-    }
-    Ok(())
-}
-
 /// Deletes one version: its record first (the object is gone at once), then its pieces.
 async fn delete_version(state: &Arc<S3State>, id: BlobId) -> Result<(), S3Error> {
     let record = match state.front.name_record(id).await {
@@ -649,20 +637,34 @@ async fn commit(
     condition: Option<WriteCondition>,
 ) -> Result<u128, S3Error> {
     let partition = model::partition_of(&bucket.partitions, key);
-    let version = names::new_version();
     let summary = model::encode(&object.summary());
-    let record = NameRecord::new(space.to_string(), key.to_string(), version, summary, model::encode(object))
-        .map_err(|e| S3Error::internal(e.to_string()))?;
-    let written = state.front.put_name(partition, &record, now_ms()).await;
-    let id = match written {
-        Ok(id) => id,
-        Err(e) => {
-            delete_pieces(state, &object.pieces).await;
-            return Err(e.into());
+    let body = model::encode(object);
+    let mut attempts = 0;
+    let (version, id, versions) = loop {
+        attempts += 1;
+        let version = names::new_version();
+        let record = NameRecord::new(space.to_string(), key.to_string(), version, summary.clone(), body.clone())
+            .map_err(|e| S3Error::internal(e.to_string()))?;
+        let id = match state.front.put_name(partition, &record, now_ms()).await {
+            Ok(id) => id,
+            Err(e) => {
+                delete_pieces(state, &object.pieces).await;
+                return Err(e.into());
+            }
+        };
+        let versions = state.front.name_versions(partition, space, key).await?;
+        // A version newer than this one, made "in the future" by this clock: the clock stepped
+        // back (across a restart). This record would be superseded at once: withdraw it (its
+        // pieces stay) and write again above that version.
+        match versions.last() {
+            Some(&(newest, _)) if newest > version && names::version_ms(newest) > now_ms() && attempts < 3 => {
+                names::observe_version(newest);
+                state.front.delete(id).await?;
+            }
+            _ => break (version, id, versions),
         }
     };
     if let Some(condition) = condition {
-        let versions = state.front.name_versions(partition, space, key).await?;
         let live = |v: u128| versions.iter().any(|(version, _)| *version == v);
         let others: Vec<u128> =
             versions.iter().filter(|(v, _)| *v != version && Some(*v) != condition.matched).map(|(v, _)| *v).collect();
@@ -682,7 +684,15 @@ async fn commit(
             });
         }
     }
-    supersede(state, bucket, space, key).await?;
+    // Committed: whatever happens to the cleanup, the write succeeded (what it could not delete
+    // stays unreferenced, as after a crash).
+    if let Some((_, older)) = versions.split_last() {
+        for (_, entry) in older {
+            if let Err(e) = delete_version(state, entry.blob_id()).await {
+                tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced");
+            }
+        }
+    }
     Ok(version)
 }
 
@@ -703,12 +713,23 @@ async fn copy_object(
     bucket_name: &str,
     key: &str,
 ) -> Result<Response, S3Error> {
-    let source = request.header("x-amz-copy-source").unwrap_or_default();
-    let source = percent_encoding::percent_decode_str(source)
+    // `<bucket>/<key>[?versionId=…]`, the key percent-encoded: the query is split off before
+    // decoding, so a key that holds `?` (sent as %3F) stays whole.
+    let raw = request.header("x-amz-copy-source").unwrap_or_default();
+    let (raw_source, query) = raw.split_once('?').map_or((raw, None), |(s, q)| (s, Some(q)));
+    for (name, value) in super::sigv4::parse_query(query)? {
+        match name.as_str() {
+            "versionId" if value == "null" => {}
+            "versionId" => return Err(S3Error::invalid_argument(
+                "invalid version id in x-amz-copy-source: versioning is not supported, only the null version exists",
+            )),
+            _ => return Err(S3Error::invalid_argument("x-amz-copy-source takes only a versionId after the key")),
+        }
+    }
+    let source = percent_encoding::percent_decode_str(raw_source)
         .decode_utf8()
         .map_err(|_| S3Error::invalid_argument("x-amz-copy-source is not UTF-8 once decoded"))?
         .into_owned();
-    let source = source.split_once("?versionId=").map_or(source.as_str(), |(s, _)| s).to_string();
     let (source_bucket, source_key) = source
         .trim_start_matches('/')
         .split_once('/')
@@ -744,6 +765,10 @@ async fn copy_object(
     let mut pieces = Vec::with_capacity(object.pieces.len());
     for piece in &source_object.object.pieces {
         let copied = async {
+            // The piece is held in memory while copied: counted as an upload's would be.
+            let _room = state.uploads.reserve(piece.len).await.ok_or_else(|| {
+                S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
+            })?;
             let reader = state.front.open(piece.blob_id()?).await?;
             let data = tokio::task::spawn_blocking(move || reader.read_range(0, reader.len()))
                 .await
@@ -866,6 +891,32 @@ async fn get_object(
     bucket_name: &str,
     key: &str,
 ) -> Result<Response, S3Error> {
+    // A version overwritten or deleted between reading its record and opening its pieces is
+    // gone: read the key again (its new version, or NoSuchKey).
+    for _ in 0..3 {
+        // A request without its (empty) body, owned by each try.
+        let attempt = S3Request {
+            method: request.method.clone(),
+            target: request.target.clone(),
+            query: request.query.clone(),
+            headers: request.headers.clone(),
+            body: Body::empty(),
+            signature: request.signature.clone(),
+        };
+        if let Some(response) = get_object_once(state, attempt, bucket_name, key).await? {
+            return Ok(response);
+        }
+    }
+    Err(S3Error::service_unavailable("the object changed under every read; try again"))
+}
+
+/// GetObject / HeadObject of the key's current version; `None` if a piece was deleted meanwhile.
+async fn get_object_once(
+    state: &Arc<S3State>,
+    request: S3Request,
+    bucket_name: &str,
+    key: &str,
+) -> Result<Option<Response>, S3Error> {
     let bucket = buckets::find(state, bucket_name).await?;
     let current = current(state, &bucket, bucket_name, key).await?.ok_or_else(|| S3Error::no_such_key(key))?;
     let object = &current.object;
@@ -876,7 +927,7 @@ async fn get_object(
         HeaderValue::from_str(&xml::http_date(current.last_modified_ms())).expect("ascii"),
     );
     if let Some(status) = check_read_conditions(&request.headers, &current, "")? {
-        return Ok((status, headers).into_response());
+        return Ok(Some((status, headers).into_response()));
     }
     let len = object.size;
     let range = match parse_range(request.header("range"), len) {
@@ -886,7 +937,7 @@ async fn get_object(
             response
                 .headers_mut()
                 .insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"));
-            return Ok(response);
+            return Ok(Some(response));
         }
     };
     let (start, end) = range.unwrap_or((0, len));
@@ -923,14 +974,17 @@ async fn get_object(
         None => StatusCode::OK,
     };
     if request.method == Method::HEAD {
-        return Ok((status, headers).into_response());
+        return Ok(Some((status, headers).into_response()));
     }
     let body = if object.pieces.is_empty() {
         Body::from(Bytes::copy_from_slice(object.inline.get(start as usize..end as usize).unwrap_or_default()))
     } else {
-        object_body(state, &object.pieces, start, end).await?
+        match object_body(state, &object.pieces, start, end).await? {
+            Some(body) => body,
+            None => return Ok(None),
+        }
     };
-    Ok((status, headers, body).into_response())
+    Ok(Some((status, headers, body).into_response()))
 }
 
 /// The bytes `[start, end)` of an object, streamed piece by piece. Every piece is opened before
@@ -938,13 +992,18 @@ async fn get_object(
 /// comes meanwhile (which deletes the old pieces) does not cut a read already answering — an
 /// open piece stays readable. A piece that fails its checksum while streaming aborts the
 /// connection: never wrong bytes.
-async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u64) -> Result<Body, S3Error> {
+/// `None` if a piece was deleted before it could be opened (the version was superseded).
+async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u64) -> Result<Option<Body>, S3Error> {
     let mut opened = Vec::new();
     let mut at = 0u64;
     for piece in pieces {
         let (from, to) = (start.max(at), end.min(at + piece.len));
         if from < to {
-            opened.push((state.front.open(piece.blob_id()?).await?, from - at, to - at));
+            match state.front.open(piece.blob_id()?).await {
+                Ok(reader) => opened.push((reader, from - at, to - at)),
+                Err(crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
         }
         at += piece.len;
     }
@@ -968,7 +1027,7 @@ async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u6
             Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
         });
     let stream = first.chain(rest);
-    Ok(Body::from_stream(stream))
+    Ok(Some(Body::from_stream(stream)))
 }
 
 pub fn quoted(etag: &str) -> HeaderValue {
