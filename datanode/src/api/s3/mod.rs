@@ -140,6 +140,10 @@ impl S3Request {
 
 async fn handle(State(state): State<Arc<S3State>>, request: Request) -> Response {
     let is_head = request.method() == Method::HEAD;
+    // A request refused before its body was read leaves the body on the connection, where it
+    // would be read as the start of the next request: such a connection is closed.
+    let has_body = request.headers().contains_key(header::TRANSFER_ENCODING)
+        || request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0");
     let mut response = match serve(&state, request).await {
         Ok(response) => response,
         Err(e) => {
@@ -152,6 +156,9 @@ async fn handle(State(state): State<Arc<S3State>>, request: Request) -> Response
     if is_head {
         // A HEAD answer has headers only, errors included (S3 sends no body).
         *response.body_mut() = Body::empty();
+    }
+    if has_body && !response.status().is_success() {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let headers = response.headers_mut();
     headers.insert("x-amz-request-id", HeaderValue::from_str(&request_id()).expect("hex"));
