@@ -58,15 +58,10 @@ pub async fn find(state: &Arc<S3State>, name: &str) -> Result<BucketRecord, S3Er
 
 async fn lookup(state: &Arc<S3State>, name: &str) -> Result<Option<(u128, BucketRecord)>, S3Error> {
     let partition = bucket_partition(state).await?;
-    let versions = state.front.name_versions(partition, BUCKET_SPACE, name).await?;
-    let Some((version, entry)) = versions.last() else { return Ok(None) };
-    let record = match state.front.name_record(entry.blob_id()).await {
-        Ok(record) => record,
-        // Deleted between the two reads: the bucket is being deleted.
-        Err(crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted)) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let Some((_, version, record)) = objects::current_record(state, partition, BUCKET_SPACE, name).await? else {
+        return Ok(None);
     };
-    Ok(Some((*version, model::decode(&record.body)?)))
+    Ok(Some((version, model::decode(&record.body)?)))
 }
 
 /// `GET /`: ListBuckets.

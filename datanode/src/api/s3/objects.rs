@@ -108,15 +108,25 @@ pub async fn current(
     key: &str,
 ) -> Result<Option<Current>, S3Error> {
     let partition = model::partition_of(&bucket.partitions, key);
-    let versions = state.front.name_versions(partition, space, key).await?;
+    let Some((id, version, record)) = current_record(state, partition, space, key).await? else { return Ok(None) };
+    Ok(Some(Current { id, version, object: model::decode(&record.body)? }))
+}
+
+/// The newest name record of `name` in `partition`: its id, version and record. A record deleted
+/// between the index read and the record read is as if absent (a delete won).
+pub async fn current_record(
+    state: &Arc<S3State>,
+    partition: u32,
+    space: &str,
+    name: &str,
+) -> Result<Option<(BlobId, u128, NameRecord)>, S3Error> {
+    let versions = state.front.name_versions(partition, space, name).await?;
     let Some((version, entry)) = versions.last() else { return Ok(None) };
-    let record = match state.front.name_record(entry.blob_id()).await {
-        Ok(record) => record,
-        // Deleted between the two reads: a delete won.
-        Err(crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Some(Current { id: entry.blob_id(), version: *version, object: model::decode(&record.body)? }))
+    match state.front.name_record(entry.blob_id()).await {
+        Ok(record) => Ok(Some((entry.blob_id(), *version, record))),
+        Err(crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Deletes every live version of `key` (records, then their pieces).
