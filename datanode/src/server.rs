@@ -215,6 +215,7 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
             piece_bytes: s3.piece_bytes,
             inline_bytes: s3.inline_bytes,
             max_object_bytes: s3.max_object_bytes,
+            max_blob_bytes: options.volume.max_blob_bytes,
         };
         let s3_listener = bind(s3.listen).await?;
         tracing::info!(addr = %s3_listener.local_addr()?, region = %s3.region, "S3 API serving");

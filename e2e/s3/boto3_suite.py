@@ -295,8 +295,126 @@ def read_during_overwrite():
     check("and the next read the new ones", body_of("suite", "moving") == b"new")
 
 
+def multipart_etag(parts):
+    """S3's ETag of a multipart object: the MD5 of its parts' MD5s, a dash, their number."""
+    joined = b"".join(hashlib.md5(p).digest() for p in parts)
+    return f'"{hashlib.md5(joined).hexdigest()}-{len(parts)}"'
+
+
+def multipart():
+    MIB = 1 << 20
+    rng = random.Random(11)
+    # boto3's managed transfer, as applications use it: 5 MiB parts, the last one short.
+    data = rng.randbytes(17 * MIB + 3)
+    config = TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB, max_concurrency=4)
+    s3.upload_fileobj(io.BytesIO(data), "suite", "mpu/managed", Config=config, ExtraArgs={"ContentType": "video/x-test", "Metadata": {"m": "1"}})
+    head = s3.head_object(Bucket="suite", Key="mpu/managed")
+    chunks = [data[i : i + 5 * MIB] for i in range(0, len(data), 5 * MIB)]
+    check("a multipart object's ETag is S3's (MD5 of the parts' MD5s, -N)", head["ETag"] == multipart_etag(chunks), head["ETag"])
+    check("a multipart object keeps the upload's content type and metadata", head["ContentType"] == "video/x-test" and head["Metadata"] == {"m": "1"} and head["ContentLength"] == len(data))
+    check("a multipart object reads back whole", body_of("suite", "mpu/managed") == data)
+    for a, b in [(5 * MIB - 2, 5 * MIB + 1), (0, 17 * MIB + 2), (10 * MIB - 1, 15 * MIB), (17 * MIB, 17 * MIB + 2)]:
+        check(f"range {a}-{b} of a multipart object, across its parts", body_of("suite", "mpu/managed", Range=f"bytes={a}-{b}") == data[a : b + 1])
+    out = io.BytesIO()
+    s3.download_fileobj("suite", "mpu/managed", out, Config=config)
+    check("download_fileobj (ranged, concurrent) of a multipart object", out.getvalue() == data)
+    listed = s3.list_objects_v2(Bucket="suite", Prefix="mpu/managed")["Contents"][0]
+    check("the listing shows a multipart object's size and ETag", listed["Size"] == len(data) and listed["ETag"] == head["ETag"])
+    check("?partNumber of a multipart object is refused, not answered whole", error_of(lambda: s3.get_object(Bucket="suite", Key="mpu/managed", PartNumber=1))[0] == "NotImplemented")
+
+    # The calls one by one: parts out of order, a part uploaded again, ListParts, ListMultipartUploads.
+    p1, p1b, p2, p3 = (rng.randbytes(n) for n in (5 * MIB, 5 * MIB + 9, 6 * MIB, 77))
+    up = s3.create_multipart_upload(Bucket="suite", Key="mpu/manual", ContentType="text/x-mpu")["UploadId"]
+    e2 = s3.upload_part(Bucket="suite", Key="mpu/manual", UploadId=up, PartNumber=2, Body=p2)["ETag"]
+    s3.upload_part(Bucket="suite", Key="mpu/manual", UploadId=up, PartNumber=1, Body=p1)
+    e1 = s3.upload_part(Bucket="suite", Key="mpu/manual", UploadId=up, PartNumber=1, Body=p1b)["ETag"]
+    e3 = s3.upload_part(Bucket="suite", Key="mpu/manual", UploadId=up, PartNumber=3, Body=p3)["ETag"]
+    check("a part's ETag is its MD5", e1 == f'"{hashlib.md5(p1b).hexdigest()}"' and e3 == f'"{hashlib.md5(p3).hexdigest()}"')
+    parts = s3.list_parts(Bucket="suite", Key="mpu/manual", UploadId=up)["Parts"]
+    check("ListParts lists each part once, the last upload of it", [(p["PartNumber"], p["Size"], p["ETag"]) for p in parts] == [(1, len(p1b), e1), (2, len(p2), e2), (3, len(p3), e3)], parts)
+    page = s3.list_parts(Bucket="suite", Key="mpu/manual", UploadId=up, MaxParts=2)
+    rest = s3.list_parts(Bucket="suite", Key="mpu/manual", UploadId=up, PartNumberMarker=page["NextPartNumberMarker"])
+    check("ListParts pages", page["IsTruncated"] and [p["PartNumber"] for p in page["Parts"]] == [1, 2] and [p["PartNumber"] for p in rest["Parts"]] == [3] and not rest["IsTruncated"])
+    uploads = s3.list_multipart_uploads(Bucket="suite").get("Uploads", [])
+    check("ListMultipartUploads shows the upload in progress", [(u["Key"], u["UploadId"]) for u in uploads] == [("mpu/manual", up)], uploads)
+    check("the object does not exist before completion", error_of(lambda: s3.head_object(Bucket="suite", Key="mpu/manual"))[1] == 404)
+    complete = lambda ps: s3.complete_multipart_upload(Bucket="suite", Key="mpu/manual", UploadId=up, MultipartUpload={"Parts": ps})
+    check("a wrong part ETag is InvalidPart", error_of(lambda: complete([{"PartNumber": 1, "ETag": e2}, {"PartNumber": 2, "ETag": e2}]))[0] == "InvalidPart")
+    check("a part never uploaded is InvalidPart", error_of(lambda: complete([{"PartNumber": 1, "ETag": e1}, {"PartNumber": 4, "ETag": e3}]))[0] == "InvalidPart")
+    check("parts out of order are InvalidPartOrder", error_of(lambda: complete([{"PartNumber": 2, "ETag": e2}, {"PartNumber": 1, "ETag": e1}]))[0] == "InvalidPartOrder")
+    check("a short part that is not the last is EntityTooSmall", error_of(lambda: complete([{"PartNumber": 3, "ETag": e3}, {"PartNumber": 4, "ETag": e3}]))[0] == "EntityTooSmall")
+    # Parts 1 and 3 only: part 2 is left out, its bytes dropped.
+    done = complete([{"PartNumber": 1, "ETag": e1}, {"PartNumber": 3, "ETag": e3}])
+    check("CompleteMultipartUpload answers the object's ETag", done["ETag"] == multipart_etag([p1b, p3]), done["ETag"])
+    check("the completed object is the listed parts in order", body_of("suite", "mpu/manual") == p1b + p3)
+    check("it keeps the upload's content type", s3.head_object(Bucket="suite", Key="mpu/manual")["ContentType"] == "text/x-mpu")
+    check("a completed upload is gone (ListParts)", error_of(lambda: s3.list_parts(Bucket="suite", Key="mpu/manual", UploadId=up))[0] == "NoSuchUpload")
+    check("and cannot be completed again", error_of(lambda: complete([{"PartNumber": 1, "ETag": e1}]))[0] == "NoSuchUpload")
+    check("no upload is left in progress", not s3.list_multipart_uploads(Bucket="suite").get("Uploads"))
+
+    # Abort: the parts go and the key is untouched.
+    up = s3.create_multipart_upload(Bucket="suite", Key="mpu/aborted")["UploadId"]
+    s3.upload_part(Bucket="suite", Key="mpu/aborted", UploadId=up, PartNumber=1, Body=p1)
+    s3.abort_multipart_upload(Bucket="suite", Key="mpu/aborted", UploadId=up)
+    check("an aborted upload is gone", error_of(lambda: s3.list_parts(Bucket="suite", Key="mpu/aborted", UploadId=up))[0] == "NoSuchUpload")
+    check("a part for an aborted upload is NoSuchUpload", error_of(lambda: s3.upload_part(Bucket="suite", Key="mpu/aborted", UploadId=up, PartNumber=2, Body=b"x"))[0] == "NoSuchUpload")
+    check("an aborted upload made no object", error_of(lambda: s3.head_object(Bucket="suite", Key="mpu/aborted"))[1] == 404)
+    check("an upload id of another key is NoSuchUpload", error_of(lambda: s3.list_parts(Bucket="suite", Key="mpu/other", UploadId=up))[0] == "NoSuchUpload")
+    check("a made-up upload id is NoSuchUpload", error_of(lambda: s3.abort_multipart_upload(Bucket="suite", Key="mpu/x", UploadId="../../etc"))[0] == "NoSuchUpload")
+    up = s3.create_multipart_upload(Bucket="suite", Key="mpu/numbers")["UploadId"]
+    for n in (0, 10001):
+        check(f"part number {n} is InvalidArgument", error_of(lambda: s3.upload_part(Bucket="suite", Key="mpu/numbers", UploadId=up, PartNumber=n, Body=b"x"))[0] == "InvalidArgument")
+
+    # UploadPartCopy: parts copied from ranges of other objects (a multipart one among them).
+    copied = s3.upload_part_copy(Bucket="suite", Key="mpu/numbers", UploadId=up, PartNumber=1, CopySource={"Bucket": "suite", "Key": "mpu/managed"}, CopySourceRange=f"bytes={MIB}-{7 * MIB - 1}")
+    check("UploadPartCopy answers the copied range's MD5", copied["CopyPartResult"]["ETag"] == f'"{hashlib.md5(data[MIB : 7 * MIB]).hexdigest()}"')
+    small = s3.upload_part_copy(Bucket="suite", Key="mpu/numbers", UploadId=up, PartNumber=2, CopySource={"Bucket": "suite", "Key": "meta"})
+    check("a copy range past the source is InvalidRange", error_of(lambda: s3.upload_part_copy(Bucket="suite", Key="mpu/numbers", UploadId=up, PartNumber=3, CopySource={"Bucket": "suite", "Key": "meta"}, CopySourceRange="bytes=0-999999"))[0] == "InvalidRange")
+    s3.complete_multipart_upload(Bucket="suite", Key="mpu/numbers", UploadId=up, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": copied["CopyPartResult"]["ETag"]}, {"PartNumber": 2, "ETag": small["CopyPartResult"]["ETag"]}]})
+    check("an object of copied parts reads back", body_of("suite", "mpu/numbers") == data[MIB : 7 * MIB] + b"hello, metadata")
+
+    # Flexible checksums on parts (CRC32, as SDKs send them), listed back at completion.
+    up = s3.create_multipart_upload(Bucket="suite", Key="mpu/crc", ChecksumAlgorithm="CRC32")["UploadId"]
+    done_parts = []
+    for n, body in enumerate([p1, p3], start=1):
+        r = s3.upload_part(Bucket="suite", Key="mpu/crc", UploadId=up, PartNumber=n, Body=body, ChecksumAlgorithm="CRC32")
+        want = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+        check(f"part {n}'s CRC32 is verified and answered", r.get("ChecksumCRC32") == want, r.get("ChecksumCRC32"))
+        done_parts.append({"PartNumber": n, "ETag": r["ETag"], "ChecksumCRC32": r["ChecksumCRC32"]})
+    wrong = [dict(done_parts[0], ChecksumCRC32=base64.b64encode(b"\0\0\0\0").decode()), done_parts[1]]
+    check("a part listed with another checksum is InvalidPart", error_of(lambda: s3.complete_multipart_upload(Bucket="suite", Key="mpu/crc", UploadId=up, MultipartUpload={"Parts": wrong}))[0] == "InvalidPart")
+    s3.complete_multipart_upload(Bucket="suite", Key="mpu/crc", UploadId=up, MultipartUpload={"Parts": done_parts})
+    check("a multipart object with part checksums reads back", body_of("suite", "mpu/crc") == p1 + p3)
+
+    # Overwriting and copying a multipart object; its pieces go with it.
+    s3.copy_object(Bucket="suite", Key="mpu/copy", CopySource={"Bucket": "suite", "Key": "mpu/managed"})
+    check("a copy of a multipart object is put whole (its ETag the MD5)", s3.head_object(Bucket="suite", Key="mpu/copy")["ETag"] == f'"{hashlib.md5(data).hexdigest()}"')
+    s3.put_object(Bucket="suite", Key="mpu/managed", Body=b"small now")
+    check("a multipart object overwritten reads the new bytes", body_of("suite", "mpu/managed") == b"small now")
+    check("its copy is untouched", body_of("suite", "mpu/copy") == data)
+
+    # ListMultipartUploads pages by key and upload id; DeleteBucket aborts what is left.
+    s3.create_bucket(Bucket="mpu-list")
+    made = sorted((k, s3.create_multipart_upload(Bucket="mpu-list", Key=k)["UploadId"]) for k in ["b", "a/1", "a/2", "b", "c"])
+    seen, marker = [], {}
+    while True:
+        page = s3.list_multipart_uploads(Bucket="mpu-list", MaxUploads=2, **marker)
+        seen += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+        if not page["IsTruncated"]:
+            break
+        marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+    check("ListMultipartUploads pages through every upload, by key", [k for k, _ in seen] == [k for k, _ in made] and sorted(seen) == made, seen)
+    grouped = s3.list_multipart_uploads(Bucket="mpu-list", Delimiter="/")
+    check("ListMultipartUploads groups by delimiter", [p["Prefix"] for p in grouped.get("CommonPrefixes", [])] == ["a/"] and [u["Key"] for u in grouped["Uploads"]] == ["b", "b", "c"], grouped)
+    s3.upload_part(Bucket="mpu-list", Key="c", UploadId=dict(made)["c"], PartNumber=1, Body=b"left behind")
+    s3.delete_bucket(Bucket="mpu-list")
+    s3.create_bucket(Bucket="mpu-list")
+    check("deleting a bucket aborted its uploads", not s3.list_multipart_uploads(Bucket="mpu-list").get("Uploads"))
+    s3.delete_bucket(Bucket="mpu-list")
+
+
 def transfers():
-    # upload_file / download_fileobj as applications use them (multipart disabled: not built yet).
+    # upload_fileobj / download_fileobj as applications use them, whole (multipart: above).
     data = os.urandom(5 << 20)
     config = TransferConfig(multipart_threshold=1 << 40)
     s3.upload_fileobj(io.BytesIO(data), "suite", "five-mib", Config=config)
@@ -306,7 +424,7 @@ def transfers():
 
 
 def main():
-    for step in [buckets, sizes, metadata_and_checksums, conditionals, deletes_and_copies, odd_keys, listings, presigned, credentials, overwrites, read_during_overwrite, transfers]:
+    for step in [buckets, sizes, metadata_and_checksums, conditionals, deletes_and_copies, odd_keys, listings, presigned, credentials, overwrites, read_during_overwrite, multipart, transfers]:
         print(f"-- {step.__name__}", flush=True)
         step()
     print("ALL PASSED", flush=True)

@@ -668,8 +668,18 @@ fn a_blob_damaged_in_the_log_tail_is_repaired_from_a_peer() {
         assert!(flipped, "the blob's record was found on n2's disk");
     }
     nodes[2].start();
+    // Until n2 has replayed its log, its replica is not open and says so (503), never 404.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let local = loop {
+        assert!(Instant::now() < deadline, "n2 never opened its replica");
+        let local = client.get(nodes[2].url(&format!("/v1/blobs/{victim}?local=true"))).send().unwrap();
+        if local.status() != 503 {
+            break local;
+        }
+        assert!(local.text().unwrap().contains("not open yet"));
+        std::thread::sleep(Duration::from_millis(20));
+    };
     // Never wrong bytes: the damaged replica says so, the router serves the blob from a peer...
-    let local = client.get(nodes[2].url(&format!("/v1/blobs/{victim}?local=true"))).send().unwrap();
     if local.status() != 200 {
         // (200 only if replication already repaired it.)
         assert_eq!(local.status(), 500);

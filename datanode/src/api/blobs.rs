@@ -90,8 +90,23 @@ pub(crate) fn parse_blob_id(raw: &str) -> Result<BlobId, ApiError> {
 }
 
 fn volume_for(state: &AppState, id: BlobId) -> Result<Arc<crate::engine::Volume>, ApiError> {
+    if let Some(volume) = state.store.volume(id.partition()) {
+        return Ok(volume);
+    }
+    // A replica assigned here but not open yet (a node that has just started replays its log
+    // first) cannot say the blob is absent: 404 there would be a false answer that a reader
+    // (or a peer reading through `?local=true`) takes for "never written".
+    if let Some(cluster) = state.front.cluster() {
+        let partition = id.partition();
+        if cluster.snapshot().topology.partitions_of(cluster.node_id()).any(|p| p.id == partition) {
+            let why = cluster.unopened().remove(&partition).unwrap_or_else(|| "opening".into());
+            return Err(ApiError::Unavailable(format!(
+                "partition {partition}'s replica on this node is not open yet ({why})"
+            )));
+        }
+    }
     // A standalone node holds every replica it knows; an unknown partition has no blob here.
-    state.store.volume(id.partition()).ok_or(ApiError::BlobNotFound)
+    Err(ApiError::BlobNotFound)
 }
 
 /// Store a new blob.
@@ -183,6 +198,7 @@ fn blob_headers(reader: &BlobReader) -> HeaderMap {
         (status = 410, description = "Deleted or expired", body = ErrorBody),
         (status = 416, description = "Range not satisfiable", body = ErrorBody),
         (status = 500, description = "Stored bytes failed their checksum", body = ErrorBody),
+        (status = 503, description = "No replica could answer, or (with local=true) this node's replica is not open yet", body = ErrorBody),
     ))]
 pub async fn get_blob(
     State(state): State<AppState>,

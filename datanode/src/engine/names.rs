@@ -17,8 +17,9 @@ use sha2::{Digest, Sha256};
 use super::VolumeError;
 
 const NAME_RECORD_FORMAT: u8 = 1;
-/// The longest name (S3's key limit is 1,024 bytes) and space (a bucket name is at most 63).
-pub const MAX_NAME_BYTES: usize = 1024;
+/// The longest name (S3's key limit is 1,024 bytes, and a multipart upload's name is a key and
+/// an upload id) and space (a bucket name is at most 63).
+pub const MAX_NAME_BYTES: usize = 1024 + 64;
 pub const MAX_SPACE_BYTES: usize = 255;
 /// The most bytes of a record's summary, which the name index keeps beside it.
 pub const MAX_SUMMARY_BYTES: usize = 256;

@@ -22,7 +22,7 @@ use crate::engine::now_ms;
 
 /// S3's most keys per listing page, and most keys per DeleteObjects.
 const MAX_KEYS: usize = 1000;
-const OWNER_ID: &str = "cairn";
+pub const OWNER_ID: &str = "cairn";
 
 /// How `encoding-type=url` encodes a key: everything but the unreserved characters and `/`.
 const URL_KEY: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
@@ -105,7 +105,6 @@ pub async fn bucket(state: &Arc<S3State>, request: S3Request) -> Result<Response
         "replication",
         "encryption",
         "object-lock",
-        "uploads",
         "versions",
         "accelerate",
         "requestPayment",
@@ -144,6 +143,7 @@ pub async fn bucket(state: &Arc<S3State>, request: S3Request) -> Result<Response
             find(state, &name).await?;
             Ok(xml_response(&VersioningConfiguration { xmlns: xml::NAMESPACE }))
         }
+        Method::GET if request.has_param("uploads") => super::multipart::list_uploads(state, request, &name).await,
         Method::GET if request.param("list-type") == Some("2") => list_objects(state, request, &name, true).await,
         Method::GET if request.has_param("list-type") => {
             Err(S3Error::invalid_argument("list-type is 2 (ListObjectsV2), or absent (ListObjects)"))
@@ -222,6 +222,8 @@ async fn delete_bucket(state: &Arc<S3State>, name: &str) -> Result<Response, S3E
     if !any.is_empty() {
         return Err(S3Error::bucket_not_empty("the bucket you tried to delete is not empty"));
     }
+    // As S3 does: uploads in progress do not keep a bucket; they are aborted with it.
+    super::multipart::abort_all(state, &record, name).await?;
     let partition = bucket_partition(state).await?;
     // Before the records go and after: a lookup in between caches nothing that outlives this.
     state.buckets.lock().expect("bucket cache").changed(name);
@@ -284,7 +286,7 @@ impl Resume {
 }
 
 /// The least string greater than every string that starts with `prefix` (`None`: none is).
-fn successor(prefix: &str) -> Option<String> {
+pub fn successor(prefix: &str) -> Option<String> {
     let mut chars: Vec<char> = prefix.chars().collect();
     while let Some(last) = chars.pop() {
         let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
@@ -294,6 +296,11 @@ fn successor(prefix: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// A key as `encoding-type=url` writes it.
+pub fn url_encode(key: &str) -> String {
+    utf8_percent_encode(key, URL_KEY).to_string()
 }
 
 struct Listing {
@@ -448,7 +455,7 @@ async fn list_objects(state: &Arc<S3State>, request: S3Request, name: &str, v2: 
             .ok_or_else(|| S3Error::invalid_argument("max-keys must be a non-negative integer"))?
             .min(MAX_KEYS as i64) as usize,
     };
-    let encode = |s: &str| if url { utf8_percent_encode(s, URL_KEY).to_string() } else { s.to_string() };
+    let encode = |s: &str| if url { url_encode(s) } else { s.to_string() };
     let token = request.param("continuation-token").map(str::to_string);
     let start_after = request.param("start-after").map(str::to_string);
     let marker = request.param("marker").map(str::to_string);

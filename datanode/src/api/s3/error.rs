@@ -49,6 +49,8 @@ s3_errors! {
     invalid_argument => BAD_REQUEST, "InvalidArgument";
     invalid_bucket_name => BAD_REQUEST, "InvalidBucketName";
     invalid_digest => BAD_REQUEST, "InvalidDigest";
+    invalid_part => BAD_REQUEST, "InvalidPart";
+    invalid_part_order => BAD_REQUEST, "InvalidPartOrder";
     invalid_range => RANGE_NOT_SATISFIABLE, "InvalidRange";
     invalid_request => BAD_REQUEST, "InvalidRequest";
     key_too_long => BAD_REQUEST, "KeyTooLongError";
@@ -58,6 +60,7 @@ s3_errors! {
     missing_content_length => LENGTH_REQUIRED, "MissingContentLength";
     no_such_bucket_ => NOT_FOUND, "NoSuchBucket";
     no_such_key_ => NOT_FOUND, "NoSuchKey";
+    no_such_upload_ => NOT_FOUND, "NoSuchUpload";
     not_implemented => NOT_IMPLEMENTED, "NotImplemented";
     precondition_failed => PRECONDITION_FAILED, "PreconditionFailed";
     service_unavailable => SERVICE_UNAVAILABLE, "ServiceUnavailable";
@@ -92,6 +95,15 @@ impl S3Error {
 
     pub fn no_such_key(key: &str) -> Self {
         Self { resource: Some(key.to_string()), ..Self::no_such_key_("the specified key does not exist") }
+    }
+
+    pub fn no_such_upload(upload_id: &str) -> Self {
+        Self {
+            resource: Some(upload_id.chars().take(80).collect()),
+            ..Self::no_such_upload_(
+                "the specified multipart upload does not exist: its id may be wrong, or it was completed or aborted",
+            )
+        }
     }
 
     /// A body too short for what its headers announced (or cut off).

@@ -14,6 +14,7 @@ pub mod checksum;
 pub mod chunked;
 pub mod error;
 pub mod model;
+pub mod multipart;
 pub mod objects;
 pub mod sigv4;
 pub mod xml;
@@ -61,8 +62,10 @@ pub struct S3Options {
     pub piece_bytes: u64,
     /// Objects up to this size are kept inside their name record: one write, one read.
     pub inline_bytes: u64,
-    /// The largest object a single PutObject takes (S3's limit is 5 GiB).
+    /// The largest object a single PutObject takes (S3's limit is 5 GiB), and the largest part.
     pub max_object_bytes: u64,
+    /// The largest blob: a multipart object's record, which lists its pieces, fits in one.
+    pub max_blob_bytes: u64,
 }
 
 pub struct S3State {
@@ -76,6 +79,8 @@ pub struct S3State {
     pub buckets: std::sync::Mutex<BucketCache>,
     /// The node's memory for request bodies, shared with the blob API (`--upload-buffer`).
     pub uploads: Arc<crate::api::upload::UploadBudget>,
+    /// Multipart uploads' locks, by upload id ([`multipart`]).
+    pub upload_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 pub fn router(front: Front, options: S3Options, uploads: Arc<crate::api::upload::UploadBudget>) -> Router {
@@ -85,6 +90,7 @@ pub fn router(front: Front, options: S3Options, uploads: Arc<crate::api::upload:
         buckets_lock: tokio::sync::RwLock::new(()),
         buckets: Default::default(),
         uploads,
+        upload_locks: (0..multipart::UPLOAD_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
     });
     Router::new().fallback(handle).with_state(state)
 }
@@ -207,6 +213,8 @@ fn scope_of(request: &S3Request) -> Scope {
         (_, m) if m == Method::GET || m == Method::HEAD => Scope::Read,
         (Target::Bucket(_), m) if m == Method::PUT || m == Method::DELETE => Scope::Admin,
         (Target::Bucket(_), m) if m == Method::POST && request.has_param("delete") => Scope::Delete,
+        // Aborting an upload deletes no object: the writer's, as uploading is.
+        (Target::Object { .. }, m) if m == Method::DELETE && request.has_param("uploadId") => Scope::Write,
         (_, m) if m == Method::DELETE => Scope::Delete,
         (Target::Object { .. }, _) => Scope::Write,
         _ => Scope::Admin,

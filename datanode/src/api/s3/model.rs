@@ -74,6 +74,66 @@ pub struct BucketRecord {
     pub partitions: Vec<u32>,
 }
 
+/// A multipart upload in progress: a name record in [`uploads_space`] named
+/// [`upload_name`]`(key, upload id)`, in the partition of its key. Its parts are name records
+/// in [`parts_space`] named [`part_name`], in the same partition, each an [`ObjectRecord`]
+/// (never inline) whose pieces the completed object takes over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub content_type: String,
+    pub user_meta: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    /// The checksum algorithm named at creation (each part's checksum is verified).
+    pub checksum: Option<super::checksum::Algorithm>,
+}
+
+/// S3's most parts per upload, and their numbers' range.
+pub const MAX_PARTS: u32 = 10_000;
+/// S3's least size of a part that is not the last.
+pub const MIN_PART_BYTES: u64 = 5 << 20;
+
+/// The space of a bucket's multipart uploads. No bucket name holds `+`, so no bucket's objects
+/// share it.
+pub fn uploads_space(bucket: &str) -> String {
+    format!("+uploads/{bucket}")
+}
+
+/// The space of the parts of a bucket's multipart uploads.
+pub fn parts_space(bucket: &str) -> String {
+    format!("+parts/{bucket}")
+}
+
+/// An upload's name: its key, a NUL (which sorts below every other character, so uploads list
+/// in key order), its id.
+pub fn upload_name(key: &str, upload_id: &str) -> String {
+    format!("{key}\0{upload_id}")
+}
+
+/// The key and upload id an upload's name holds.
+pub fn split_upload_name(name: &str) -> Option<(&str, &str)> {
+    name.rsplit_once('\0')
+}
+
+/// The name of a part of an upload; all of an upload's parts share the prefix
+/// [`parts_prefix`] and list in part-number order.
+pub fn part_name(upload_id: &str, part_number: u32) -> String {
+    format!("{upload_id}/{part_number:05}")
+}
+
+pub fn parts_prefix(upload_id: &str) -> String {
+    format!("{upload_id}/")
+}
+
+/// A new upload id: 128 random bits as hex.
+pub fn new_upload_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Whether `text` is shaped like an upload id this server gives (any other is NoSuchUpload).
+pub fn is_upload_id(text: &str) -> bool {
+    text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     versioned::encode(FORMAT, value)
 }

@@ -49,21 +49,15 @@ pub async fn object(state: &Arc<S3State>, request: S3Request) -> Result<Response
             version.chars().take(60).collect::<String>()
         )));
     }
-    for unsupported in [
-        "uploads",
-        "uploadId",
-        "partNumber",
-        "acl",
-        "tagging",
-        "retention",
-        "legal-hold",
-        "torrent",
-        "restore",
-        "select",
-        "attributes",
-    ] {
-        // partNumber=1 of an object put whole is the whole object (GET/HEAD).
-        if unsupported == "partNumber" && request.param("partNumber") == Some("1") && !request.has_param("uploadId") {
+    if request.has_param("uploads") || request.has_param("uploadId") {
+        return super::multipart::object(state, request, &bucket, &key).await;
+    }
+    for unsupported in
+        ["partNumber", "acl", "tagging", "retention", "legal-hold", "torrent", "restore", "select", "attributes"]
+    {
+        // partNumber=1 of an object put whole is the whole object (GET/HEAD; a multipart
+        // object's parts are refused there).
+        if unsupported == "partNumber" && request.param("partNumber") == Some("1") {
             continue;
         }
         if request.has_param(unsupported) {
@@ -134,13 +128,15 @@ pub async fn delete_key(state: &Arc<S3State>, bucket: &BucketRecord, space: &str
     let partition = model::partition_of(&bucket.partitions, key);
     let versions = state.front.name_versions(partition, space, key).await?;
     for (_, entry) in &versions {
-        delete_version(state, entry.blob_id()).await?;
+        delete_version(state, entry.blob_id(), &[]).await?;
     }
     Ok(())
 }
 
-/// Deletes one version: its record first (the object is gone at once), then its pieces.
-async fn delete_version(state: &Arc<S3State>, id: BlobId) -> Result<(), S3Error> {
+/// Deletes one version: its record first (the object is gone at once), then its pieces, but
+/// none of `keep` (pieces another record still points at: a multipart object's, which its
+/// upload's part records shared until they went).
+pub async fn delete_version(state: &Arc<S3State>, id: BlobId, keep: &[Piece]) -> Result<(), S3Error> {
     let record = match state.front.name_record(id).await {
         Ok(record) => Some(record),
         Err(crate::front::FrontError::Volume(
@@ -151,7 +147,8 @@ async fn delete_version(state: &Arc<S3State>, id: BlobId) -> Result<(), S3Error>
     state.front.delete(id).await?;
     if let Some(record) = record {
         if let Ok(object) = model::decode::<ObjectRecord>(&record.body) {
-            delete_pieces(state, &object.pieces).await;
+            let owned: Vec<Piece> = object.pieces.into_iter().filter(|p| !keep.iter().any(|k| k.id == p.id)).collect();
+            delete_pieces(state, &owned).await;
         }
     }
     Ok(())
@@ -159,7 +156,7 @@ async fn delete_version(state: &Arc<S3State>, id: BlobId) -> Result<(), S3Error>
 
 /// Deletes blobs no name record will point at (best effort: a piece left behind is space, not
 /// data, and compaction never reclaims what is still referenced).
-async fn delete_pieces(state: &Arc<S3State>, pieces: &[Piece]) {
+pub async fn delete_pieces(state: &Arc<S3State>, pieces: &[Piece]) {
     for piece in pieces {
         let Ok(id) = piece.blob_id() else { continue };
         if let Err(e) = state.front.delete(id).await {
@@ -413,14 +410,14 @@ impl BodyReader {
 // PutObject, CopyObject
 
 /// What a new object's request says of it besides its bytes.
-struct NewObjectMeta {
-    content_type: String,
-    user_meta: Vec<(String, String)>,
-    headers: Vec<(String, String)>,
+pub struct NewObjectMeta {
+    pub content_type: String,
+    pub user_meta: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
 }
 
 /// Content type, user metadata and stored headers of a new object, from its request.
-fn object_meta(headers: &HeaderMap) -> Result<NewObjectMeta, S3Error> {
+pub fn object_meta(headers: &HeaderMap) -> Result<NewObjectMeta, S3Error> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().map(str::to_string))
@@ -466,7 +463,7 @@ fn object_meta(headers: &HeaderMap) -> Result<NewObjectMeta, S3Error> {
 
 /// A conditional write's terms, checked again once its record is durable.
 #[derive(Debug, Clone, Copy)]
-struct WriteCondition {
+pub struct WriteCondition {
     /// `If-None-Match: *`: no other object may be current.
     none_match: bool,
     /// `If-Match`: the version it matched must still be current.
@@ -474,7 +471,7 @@ struct WriteCondition {
 }
 
 /// A write's conditions checked against the key's current version, if it has any.
-async fn write_condition(
+pub async fn write_condition(
     state: &Arc<S3State>,
     headers: &HeaderMap,
     bucket: &BucketRecord,
@@ -523,7 +520,8 @@ async fn put_object(
     let condition = write_condition(state, &request.headers, &bucket, bucket_name, key).await?;
     let mut reader = BodyReader::new(&request, state.options.max_object_bytes)?;
     let body = std::mem::replace(&mut request.body, Body::empty());
-    let (pieces, inline) = store_body(state, &mut reader, body.into_data_stream()).await?;
+    let inline_max = state.options.inline_bytes;
+    let (pieces, inline) = store_body(state, &mut reader, body.into_data_stream(), inline_max).await?;
     let read = match reader.finish() {
         Ok(read) => read,
         Err(e) => {
@@ -553,11 +551,13 @@ async fn put_object(
 }
 
 /// Reads a body: into pieces (blobs of at most `piece_bytes`), or, when the whole body is at
-/// most `inline_bytes`, kept to go inside the name record. On any failure deletes what it stored.
-async fn store_body(
+/// most `inline_max` bytes, kept to go inside the name record. On any failure deletes what it
+/// stored.
+pub async fn store_body(
     state: &Arc<S3State>,
     reader: &mut BodyReader,
     mut body: BodyDataStream,
+    inline_max: u64,
 ) -> Result<(Vec<Piece>, Bytes), S3Error> {
     let mut pieces = Vec::new();
     let outcome = async {
@@ -576,7 +576,7 @@ async fn store_body(
             if let Some(data) = next {
                 buffer.extend_from_slice(&data);
             }
-            if done && pieces.is_empty() && buffer.len() as u64 <= state.options.inline_bytes {
+            if done && pieces.is_empty() && buffer.len() as u64 <= inline_max {
                 return Ok::<_, S3Error>(buffer.freeze());
             }
             while buffer.len() as u64 >= state.options.piece_bytes || (done && !buffer.is_empty()) {
@@ -600,7 +600,7 @@ async fn store_body(
     }
 }
 
-async fn store_piece(state: &Arc<S3State>, payload: Bytes) -> Result<Piece, S3Error> {
+pub async fn store_piece(state: &Arc<S3State>, payload: Bytes) -> Result<Piece, S3Error> {
     let len = payload.len() as u64;
     let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
     let id = state.front.put(meta, payload, now_ms(), None, None).await?;
@@ -627,26 +627,41 @@ async fn commit_in_bucket(
                 return Err(e);
             }
         };
-        commit(&state, &bucket, &bucket_name, &key, &object, condition).await
+        let partition = model::partition_of(&bucket.partitions, &key);
+        commit(&state, partition, &bucket_name, &key, &object, condition, Pieces::Owned).await
     })
     .await
     .map_err(|e| S3Error::internal(format!("the commit task failed: {e}")))?
 }
 
-/// Makes `object` the key's current version: writes its name record, then deletes what it
-/// superseded. A conditional write's terms are checked again once its record is durable,
-/// against every version that came meanwhile: if another writer's version is current beside
-/// it, this one is withdrawn (412, or 409 `ConditionalRequestConflict` when the other came
-/// concurrently) — of concurrent conditional writers at most one succeeds.
-async fn commit(
+/// Whose a committed record's pieces are until it is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pieces {
+    /// The write's own: a write that fails or is withdrawn deletes them.
+    Owned,
+    /// A multipart upload's parts': kept whatever happens (the upload still points at them).
+    Borrowed,
+}
+
+/// Makes `object` the current version of `key` in `space` (on `partition`): writes its name
+/// record, then deletes what it superseded (never a piece the new version points at). A
+/// conditional write's terms are checked again once its record is durable, against every
+/// version that came meanwhile: if another writer's version is current beside it, this one is
+/// withdrawn (412, or 409 `ConditionalRequestConflict` when the other came concurrently) — of
+/// concurrent conditional writers at most one succeeds.
+pub async fn commit(
     state: &Arc<S3State>,
-    bucket: &BucketRecord,
+    partition: u32,
     space: &str,
     key: &str,
     object: &ObjectRecord,
     condition: Option<WriteCondition>,
+    pieces: Pieces,
 ) -> Result<u128, S3Error> {
-    let partition = model::partition_of(&bucket.partitions, key);
+    let borrowed: &[Piece] = match pieces {
+        Pieces::Owned => &[],
+        Pieces::Borrowed => &object.pieces,
+    };
     let summary = model::encode(&object.summary());
     let body = model::encode(object);
     let mut attempts = 0;
@@ -658,7 +673,9 @@ async fn commit(
         let id = match state.front.put_name(partition, &record, now_ms()).await {
             Ok(id) => id,
             Err(e) => {
-                delete_pieces(state, &object.pieces).await;
+                if pieces == Pieces::Owned {
+                    delete_pieces(state, &object.pieces).await;
+                }
                 return Err(e.into());
             }
         };
@@ -680,7 +697,7 @@ async fn commit(
             versions.iter().filter(|(v, _)| *v != version && Some(*v) != condition.matched).map(|(v, _)| *v).collect();
         let matched_gone = condition.matched.is_some_and(|m| !live(m));
         if matched_gone || !others.is_empty() {
-            delete_version(state, id).await?;
+            delete_version(state, id, borrowed).await?;
             if matched_gone || others.iter().any(|v| *v < version) {
                 return Err(S3Error::precondition_failed(
                     "at least one of the pre-conditions you specified did not hold",
@@ -698,7 +715,9 @@ async fn commit(
     // stays unreferenced, as after a crash).
     if let Some((_, older)) = versions.split_last() {
         for (_, entry) in older {
-            if let Err(e) = delete_version(state, entry.blob_id()).await {
+            // A version that shares pieces with this one (a multipart upload completed again
+            // after a crash cut its cleanup) keeps them.
+            if let Err(e) = delete_version(state, entry.blob_id(), &object.pieces).await {
                 tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced");
             }
         }
@@ -717,15 +736,11 @@ struct CopyObjectResult {
     etag: String,
 }
 
-async fn copy_object(
-    state: &Arc<S3State>,
-    request: S3Request,
-    bucket_name: &str,
-    key: &str,
-) -> Result<Response, S3Error> {
+/// The object `x-amz-copy-source` names: `<bucket>/<key>[?versionId=null]`.
+pub fn copy_source(headers: &HeaderMap) -> Result<(String, String), S3Error> {
     // `<bucket>/<key>[?versionId=…]`, the key percent-encoded: the query is split off before
     // decoding, so a key that holds `?` (sent as %3F) stays whole.
-    let raw = request.header("x-amz-copy-source").unwrap_or_default();
+    let raw = headers.get("x-amz-copy-source").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let (raw_source, query) = raw.split_once('?').map_or((raw, None), |(s, q)| (s, Some(q)));
     for (name, value) in super::sigv4::parse_query(query)? {
         match name.as_str() {
@@ -746,6 +761,22 @@ async fn copy_object(
         .filter(|(b, k)| !b.is_empty() && !k.is_empty())
         .ok_or_else(|| S3Error::invalid_argument("copy source must be <bucket>/<key>"))?;
     model::check_key(source_key)?;
+    Ok((source_bucket.to_string(), source_key.to_string()))
+}
+
+/// A copy's `x-amz-copy-source-if-*` conditions against its source.
+pub fn check_copy_source_conditions(headers: &HeaderMap, source: &Current) -> Result<(), S3Error> {
+    check_read_conditions(headers, source, "x-amz-copy-source-").map(|_| ())
+}
+
+async fn copy_object(
+    state: &Arc<S3State>,
+    request: S3Request,
+    bucket_name: &str,
+    key: &str,
+) -> Result<Response, S3Error> {
+    let (source_bucket, source_key) = copy_source(&request.headers)?;
+    let (source_bucket, source_key) = (source_bucket.as_str(), source_key.as_str());
     let from_bucket = buckets::find(state, source_bucket).await?;
     let bucket = buckets::find(state, bucket_name).await?;
     // The destination's own conditions (If-None-Match: *, If-Match), as for PutObject.
@@ -753,7 +784,7 @@ async fn copy_object(
     let source_object = current(state, &from_bucket, source_bucket, source_key)
         .await?
         .ok_or_else(|| S3Error::no_such_key(source_key))?;
-    check_read_conditions(&request.headers, &source_object, "x-amz-copy-source-")?;
+    check_copy_source_conditions(&request.headers, &source_object)?;
     let replace = match request.header("x-amz-metadata-directive").unwrap_or("COPY") {
         "COPY" => false,
         "REPLACE" => true,
@@ -772,28 +803,10 @@ async fn copy_object(
         object.headers = meta.headers;
     }
     // The bytes are copied: every version owns its pieces, so deleting one never touches another's.
-    let mut pieces = Vec::with_capacity(object.pieces.len());
-    for piece in &source_object.object.pieces {
-        let copied = async {
-            // The piece is held in memory while copied: counted as an upload's would be.
-            let _room = state.uploads.reserve(piece.len).await.ok_or_else(|| {
-                S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
-            })?;
-            let reader = state.front.open(piece.blob_id()?).await?;
-            let data = tokio::task::spawn_blocking(move || reader.read_range(0, reader.len()))
-                .await
-                .map_err(|e| S3Error::internal(e.to_string()))?
-                .map_err(|e| S3Error::from(crate::front::FrontError::Volume(e)))?;
-            store_piece(state, Bytes::from(data)).await
-        }
-        .await;
-        match copied {
-            Ok(p) => pieces.push(p),
-            Err(e) => {
-                delete_pieces(state, &pieces).await;
-                return Err(e);
-            }
-        }
+    let (pieces, md5) = copy_range(state, &source_object.object.pieces, 0, source_object.object.size).await?;
+    if !pieces.is_empty() {
+        // A copy is one object put whole: its ETag is its MD5 (a multipart source's was not).
+        object.etag = hex::encode(md5);
     }
     object.pieces = pieces;
     let version = commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
@@ -802,6 +815,50 @@ async fn copy_object(
         last_modified: xml::timestamp(names::version_ms(version)),
         etag: format!("\"{}\"", object.etag),
     }))
+}
+
+/// Copies the bytes `[start, end)` of an object stored in `pieces` into new pieces (none of
+/// them longer than a source piece); their MD5. On failure deletes what it stored.
+pub async fn copy_range(
+    state: &Arc<S3State>,
+    pieces: &[Piece],
+    start: u64,
+    end: u64,
+) -> Result<(Vec<Piece>, [u8; 16]), S3Error> {
+    use md5::{Digest, Md5};
+    let mut copied = Vec::new();
+    let mut md5 = Md5::new();
+    let mut at = 0u64;
+    for piece in pieces {
+        let (from, to) = (start.max(at), end.min(at + piece.len));
+        at += piece.len;
+        if from >= to {
+            continue;
+        }
+        let (from, to) = (from - (at - piece.len), to - (at - piece.len));
+        let one = async {
+            // The bytes are held in memory while copied: counted as an upload's would be.
+            let _room = state.uploads.reserve(to - from).await.ok_or_else(|| {
+                S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
+            })?;
+            let reader = state.front.open(piece.blob_id()?).await?;
+            let data = tokio::task::spawn_blocking(move || reader.read_range(from, to))
+                .await
+                .map_err(|e| S3Error::internal(e.to_string()))?
+                .map_err(|e| S3Error::from(crate::front::FrontError::Volume(e)))?;
+            md5.update(&data);
+            store_piece(state, Bytes::from(data)).await
+        }
+        .await;
+        match one {
+            Ok(p) => copied.push(p),
+            Err(e) => {
+                delete_pieces(state, &copied).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok((copied, md5.finalize().into()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -930,6 +987,11 @@ async fn get_object_once(
     let bucket = buckets::find(state, bucket_name).await?;
     let current = current(state, &bucket, bucket_name, key).await?.ok_or_else(|| S3Error::no_such_key(key))?;
     let object = &current.object;
+    if request.has_param("partNumber") && object.etag.contains('-') {
+        return Err(S3Error::not_implemented(
+            "reading one part of a multipart object (?partNumber) is not supported: read its byte range",
+        ));
+    }
     let mut headers = HeaderMap::new();
     headers.insert(header::ETAG, quoted(&object.etag));
     headers.insert(
