@@ -158,6 +158,19 @@ fn the_aws_cli_and_rclone_work_unchanged() {
     let head = run(aws().args(["s3api", "head-object", "--bucket", "cli-bucket", "--key", "some/five.bin"]));
     let md5 = format!("{:x}", md5_of(&data));
     assert!(head.contains(&md5), "ETag is the MD5: {head}");
+    // 20 MiB: over the CLI's 8 MiB threshold, a multipart upload of three parts; a ranged,
+    // concurrent download.
+    let big = dir.path().join("twenty");
+    let big_data = write_file(&big, 20 << 20, 5);
+    run(aws().args(["s3", "cp", big.to_str().unwrap(), "s3://cli-bucket/big.bin"]));
+    let head = run(aws().args(["s3api", "head-object", "--bucket", "cli-bucket", "--key", "big.bin"]));
+    assert!(head.contains("-3\\\""), "a multipart ETag of three parts: {head}");
+    let big_back = dir.path().join("twenty-back");
+    run(aws().args(["s3", "cp", "s3://cli-bucket/big.bin", big_back.to_str().unwrap()]));
+    assert!(std::fs::read(&big_back).unwrap() == big_data, "the multipart object read back differs");
+    let uploads = run(aws().args(["s3api", "list-multipart-uploads", "--bucket", "cli-bucket"]));
+    assert!(!uploads.contains("UploadId"), "no upload left in progress: {uploads}");
+    run(aws().args(["s3", "rm", "s3://cli-bucket/big.bin"]));
     run(aws().args(["s3", "rm", "s3://cli-bucket/some/five.bin"]));
     run(aws().args(["s3", "rb", "s3://cli-bucket"]));
     let buckets = run(aws().args(["s3", "ls"]));
@@ -166,10 +179,11 @@ fn the_aws_cli_and_rclone_work_unchanged() {
     // rclone (Debian's): copy a tree up, check it byte for byte (MD5 against the ETags), list,
     // sync a change, purge.
     let tree = dir.path().join("tree");
-    for (i, name) in ["a.txt", "sub/b.bin", "sub/deeper/c.bin", "empty"].iter().enumerate() {
+    // big.bin is over the 5 MiB upload cutoff set below: rclone uploads it in 5 MiB parts.
+    for (i, name) in ["a.txt", "sub/b.bin", "sub/deeper/c.bin", "empty", "big.bin"].iter().enumerate() {
         let path = tree.join(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        write_file(&path, [10, 300_000, 1 << 20, 0][i], i as u8);
+        write_file(&path, [10, 300_000, 1 << 20, 0, (12 << 20) + 5][i], i as u8);
     }
     let rclone = || {
         let mut c = Command::new("rclone");
@@ -183,7 +197,9 @@ fn the_aws_cli_and_rclone_work_unchanged() {
             .env("RCLONE_CONFIG_CAIRN_ACCESS_KEY_ID", TEST_KEY_ID)
             .env("RCLONE_CONFIG_CAIRN_SECRET_ACCESS_KEY", TEST_KEY_SECRET)
             .env("RCLONE_CONFIG_CAIRN_REGION", "us-east-1")
-            .env("RCLONE_CONFIG_CAIRN_FORCE_PATH_STYLE", "true");
+            .env("RCLONE_CONFIG_CAIRN_FORCE_PATH_STYLE", "true")
+            .env("RCLONE_CONFIG_CAIRN_UPLOAD_CUTOFF", "5M")
+            .env("RCLONE_CONFIG_CAIRN_CHUNK_SIZE", "5M");
         c
     };
     let tree_arg = tree.to_str().unwrap();
@@ -191,7 +207,7 @@ fn the_aws_cli_and_rclone_work_unchanged() {
     run(rclone().args(["copy", tree_arg, "cairn:rc-bucket/t"]));
     run(rclone().args(["check", tree_arg, "cairn:rc-bucket/t"]));
     let files = run(rclone().args(["lsf", "-R", "cairn:rc-bucket/t"]));
-    for name in ["a.txt", "sub/b.bin", "sub/deeper/c.bin", "empty"] {
+    for name in ["a.txt", "sub/b.bin", "sub/deeper/c.bin", "empty", "big.bin"] {
         assert!(files.lines().any(|l| l == name), "{name} not in {files}");
     }
     write_file(&tree.join("a.txt"), 20, 9);
@@ -212,24 +228,44 @@ fn md5_of(data: &[u8]) -> u128 {
 fn every_acknowledged_object_survives_kill_9_during_uploads() {
     let mut node = S3Node::start();
     let mut writer = python(&node, "crash_writer.py", &["write"]).stdout(Stdio::piped()).spawn().unwrap();
-    let lines = BufReader::new(writer.stdout.take().unwrap());
+    let mut lines = BufReader::new(writer.stdout.take().unwrap()).lines();
     // "begin <op>" before a request, "acked <op>" once answered: the verifier allows an
     // operation in flight at the kill to have happened or not, and nothing else.
     let mut log = Vec::new();
-    let mut acked = 0;
-    for line in lines.lines() {
+    let (mut acked, mut multipart_acked) = (0, 0);
+    // Each writer thread's operation in flight; a multipart put's ETag ends in -N.
+    let mut in_flight = std::collections::BTreeMap::new();
+    let is_multipart =
+        |op: &str| op.starts_with("put ") && op.rsplit(' ').next().is_some_and(|etag| etag.contains('-'));
+    for line in lines.by_ref() {
         let line = line.unwrap();
-        acked += usize::from(line.starts_with("acked "));
+        let mut words = line.splitn(3, ' ');
+        let (kind, thread, op) = (words.next().unwrap(), words.next().unwrap(), words.next().unwrap_or(""));
+        match kind {
+            "begin" => {
+                in_flight.insert(thread.to_string(), op.to_string());
+            }
+            _ => {
+                in_flight.remove(thread);
+                acked += 1;
+                multipart_acked += usize::from(is_multipart(op));
+            }
+        }
+        let multipart_in_flight = in_flight.values().any(|op| is_multipart(op));
         log.push(line);
-        // Enough acknowledged operations (overwrites and deletes among them), uploads in
-        // flight: the node dies now.
-        if acked == 150 {
+        // Enough acknowledged operations (overwrites, deletes and multipart uploads among
+        // them), and a multipart upload in flight: the node dies in the middle of its parts.
+        if (acked >= 150 && multipart_acked >= 2 && multipart_in_flight) || acked == 600 {
+            std::thread::sleep(std::time::Duration::from_millis(25));
             node.kill_9();
             break;
         }
     }
     let _ = writer.kill();
     let _ = writer.wait();
+    // What the writer printed that was not read yet: operations it began (and even had
+    // answered) before the kill.
+    log.extend(lines.map_while(Result::ok));
     node.run();
     let mut verifier = python(&node, "crash_writer.py", &["verify"]).stdin(Stdio::piped()).spawn().unwrap();
     verifier.stdin.take().unwrap().write_all(log.join("\n").as_bytes()).unwrap();
