@@ -221,6 +221,10 @@ fn return_large_blocks_to_the_system() {
 }
 
 fn run() -> anyhow::Result<()> {
+    // Tests built with the `failpoints` feature set faults by the FAILPOINTS environment
+    // variable (datanode/tests/failpoints.rs); no build users run has it.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     return_large_blocks_to_the_system();
     // Colours only on a terminal: log files stay plain text.
     tracing_subscriber::fmt()

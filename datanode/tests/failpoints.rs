@@ -12,6 +12,7 @@ mod support;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_common::volume_layout::{self as layout, VolumeMarker};
@@ -137,4 +138,60 @@ async fn a_segment_that_cannot_be_created_pauses_or_fails_and_loses_nothing_ackn
         assert_eq!(read_all(&volume, *id).unwrap(), data.as_ref());
     }
     scenario.teardown();
+}
+
+/// A node that dies right after a multipart completion committed its object, before the upload's
+/// records went: after the restart the object reads whole; the upload still lists, takes no
+/// part, and a retried completion answers the same object (then the upload is gone). If the
+/// object was deleted in between, the retry is NoSuchUpload — never a 200 for bytes that are
+/// gone — and aborting finishes the upload without touching any object.
+#[test]
+fn a_crash_between_a_completions_commit_and_its_cleanup_loses_nothing() {
+    use axum::http::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let s3_addr = format!("127.0.0.1:{}", support::free_port());
+    let flags = ["--partitions", "2", "--volume-size", "1GiB", "--segment-size", "64MiB", "--max-blob-size", "8MiB"];
+    let flags: Vec<&str> = flags.into_iter().chain(["--s3-listen", &s3_addr, "--s3-piece-size", "256KiB"]).collect();
+    let crash = [("FAILPOINTS", "s3-complete-committed=return")];
+    let mut node = support::Datanode::start_env(&dir.path().join("node"), &flags, &crash);
+    let s3 = support::s3::S3::new(&s3_addr, "crash");
+    s3.ok(s3.request(Method::PUT, "/crash", &[]));
+    let part_one = vec![1u8; 5 << 20];
+    let mut whole = part_one.clone();
+    whole.extend_from_slice(b"two");
+    for (key, delete_between) in [("kept", false), ("deleted", true)] {
+        let id = s3.create_upload(key);
+        let etags = vec![s3.upload_part(key, &id, 1, &part_one), s3.upload_part(key, &id, 2, b"two")];
+        // The node aborts inside the completion: no answer.
+        assert!(s3.request(Method::POST, &format!("/crash/{key}"), &[("uploadId", &id)]).body(format!(
+            "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{}</ETag></Part><Part><PartNumber>2</PartNumber><ETag>{}</ETag></Part></CompleteMultipartUpload>",
+            etags[0], etags[1]
+        )).send().is_err());
+        node.wait_exit(Duration::from_secs(20));
+        if key == "deleted" {
+            node.env.clear();
+        }
+        node.start_again();
+        assert!(s3.get(key, None) == whole, "{key}: the committed object reads whole after the crash");
+        assert!(s3.uploads().contains(&id), "{key}: the upload still lists");
+        let part = s3.try_upload_part(key, &id, 1, b"overwrite part one");
+        assert_eq!(part.status(), 404, "{key}: a completing upload takes no part");
+        assert!(s3.get(key, None) == whole, "{key}: and its object is untouched");
+        if delete_between {
+            s3.ok(s3.request(Method::DELETE, &format!("/crash/{key}"), &[]));
+            assert_eq!(s3.complete(key, &id, &etags).status(), 404, "a retry after the object was deleted");
+            let abort = s3.request(Method::DELETE, &format!("/crash/{key}"), &[("uploadId", &id)]).send().unwrap();
+            assert_eq!(abort.status(), 404, "the upload is over either way");
+        } else {
+            let retry = s3.complete(key, &id, &etags);
+            assert_eq!(retry.status(), 200, "a retried completion answers the object it committed");
+            assert!(s3.get(key, None) == whole);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while s3.uploads().contains(&id) {
+            assert!(std::time::Instant::now() < deadline, "{key}: the upload is forgotten");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(s3.get("kept", None) == whole, "the first object survived the second crash and all the cleanup");
 }

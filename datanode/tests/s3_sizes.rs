@@ -8,11 +8,10 @@
 
 mod support;
 
-use axum::http::{HeaderMap, HeaderValue, Method};
-use cairn_datanode::api::s3::sigv4::{authorization, RequestParts};
+use axum::http::Method;
 use cairn_datanode::engine::record::CHUNK_LEN;
-use cairn_testkit::keys::{TEST_KEY_ID, TEST_KEY_SECRET};
 use proptest::prelude::*;
+use support::s3::S3;
 use support::Datanode;
 
 const INLINE: u64 = 1000;
@@ -21,75 +20,6 @@ const PIECE: u64 = 2 * CHUNK_LEN + 3;
 /// Above the largest part drawn below (a part is at most the largest object).
 const MAX_OBJECT: u64 = 5 * PIECE + 17;
 const MIN_PART: u64 = 5 << 20;
-
-struct S3 {
-    addr: String,
-    http: reqwest::blocking::Client,
-}
-
-impl S3 {
-    /// A request signed with the test key (SigV4, unsigned payload), `query` in the URL and the
-    /// signature alike.
-    fn request(&self, method: Method, path: &str, query: &[(&str, &str)]) -> reqwest::blocking::RequestBuilder {
-        let date = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-        let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_str(&self.addr).unwrap());
-        headers.insert("x-amz-date", HeaderValue::from_str(&date).unwrap());
-        headers.insert("x-amz-content-sha256", HeaderValue::from_static("UNSIGNED-PAYLOAD"));
-        let pairs: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let parts = RequestParts { method: &method, raw_path: path, query: &pairs, headers: &headers };
-        let auth = authorization(TEST_KEY_ID, TEST_KEY_SECRET, "us-east-1", &parts).unwrap();
-        let url = if query.is_empty() {
-            format!("http://{}{path}", self.addr)
-        } else {
-            let q: Vec<String> =
-                query.iter().map(|(k, v)| if v.is_empty() { k.to_string() } else { format!("{k}={v}") }).collect();
-            format!("http://{}{path}?{}", self.addr, q.join("&"))
-        };
-        let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
-        self.http
-            .request(method, url)
-            .header("x-amz-date", date)
-            .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
-            .header("authorization", auth)
-    }
-
-    fn ok(&self, builder: reqwest::blocking::RequestBuilder) -> reqwest::blocking::Response {
-        let response = builder.send().unwrap();
-        let status = response.status();
-        assert!(status.is_success(), "{status}: {}", response.text().unwrap_or_default());
-        response
-    }
-
-    fn put(&self, key: &str, data: &[u8]) {
-        self.ok(self.request(Method::PUT, &format!("/sizes/{key}"), &[]).body(data.to_vec()));
-    }
-
-    /// A multipart upload of `parts`, in order.
-    fn put_multipart(&self, key: &str, parts: &[&[u8]]) {
-        let path = format!("/sizes/{key}");
-        let created = self.ok(self.request(Method::POST, &path, &[("uploads", "")])).text().unwrap();
-        let id = created.split("<UploadId>").nth(1).and_then(|s| s.split("</UploadId>").next()).unwrap().to_string();
-        let mut listed = String::from("<CompleteMultipartUpload>");
-        for (i, part) in parts.iter().enumerate() {
-            let n = (i + 1).to_string();
-            let answer =
-                self.ok(self.request(Method::PUT, &path, &[("partNumber", &n), ("uploadId", &id)]).body(part.to_vec()));
-            let etag = answer.headers()["etag"].to_str().unwrap().to_string();
-            listed += &format!("<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>");
-        }
-        listed += "</CompleteMultipartUpload>";
-        self.ok(self.request(Method::POST, &path, &[("uploadId", &id)]).body(listed));
-    }
-
-    fn get(&self, key: &str, range: Option<(u64, u64)>) -> Vec<u8> {
-        let mut request = self.request(Method::GET, &format!("/sizes/{key}"), &[]);
-        if let Some((a, b)) = range {
-            request = request.header("range", format!("bytes={a}-{b}"));
-        }
-        self.ok(request).bytes().unwrap().to_vec()
-    }
-}
 
 fn start(dir: &std::path::Path) -> (Datanode, S3) {
     let s3_addr = format!("127.0.0.1:{}", support::free_port());
@@ -117,7 +47,7 @@ fn start(dir: &std::path::Path) -> (Datanode, S3) {
             &max,
         ],
     );
-    (node, S3 { addr: s3_addr, http: reqwest::blocking::Client::new() })
+    (node, S3::new(&s3_addr, "sizes"))
 }
 
 fn boundary_sizes() -> Vec<u64> {

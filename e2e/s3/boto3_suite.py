@@ -383,6 +383,8 @@ def multipart():
         done_parts.append({"PartNumber": n, "ETag": r["ETag"], "ChecksumCRC32": r["ChecksumCRC32"]})
     wrong = [dict(done_parts[0], ChecksumCRC32=base64.b64encode(b"\0\0\0\0").decode()), done_parts[1]]
     check("a part listed with another checksum is InvalidPart", error_of(lambda: s3.complete_multipart_upload(Bucket="suite", Key="mpu/crc", UploadId=up, MultipartUpload={"Parts": wrong}))[0] == "InvalidPart")
+    bare = client(request_checksum_calculation="when_required")
+    check("a part without the upload's checksum is InvalidRequest", error_of(lambda: bare.upload_part(Bucket="suite", Key="mpu/crc", UploadId=up, PartNumber=3, Body=b"no crc"))[0] == "InvalidRequest")
     s3.complete_multipart_upload(Bucket="suite", Key="mpu/crc", UploadId=up, MultipartUpload={"Parts": done_parts})
     check("a multipart object with part checksums reads back", body_of("suite", "mpu/crc") == p1 + p3)
 
@@ -404,6 +406,12 @@ def multipart():
             break
         marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
     check("ListMultipartUploads pages through every upload, by key", [k for k, _ in seen] == [k for k, _ in made] and sorted(seen) == made, seen)
+    entries = []
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket="mpu-list", Delimiter="/", PaginationConfig={"PageSize": 1}):
+        entries += [u["Key"] for u in page.get("Uploads", [])] + [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+    check("ListMultipartUploads pages past a common prefix, one entry a page", sorted(entries) == ["a/", "b", "b", "c"], entries)
+    empty = s3.list_multipart_uploads(Bucket="mpu-list", MaxUploads=0)
+    check("max-uploads=0 is an empty page, not truncated", not empty["IsTruncated"] and not empty.get("Uploads"))
     grouped = s3.list_multipart_uploads(Bucket="mpu-list", Delimiter="/")
     check("ListMultipartUploads groups by delimiter", [p["Prefix"] for p in grouped.get("CommonPrefixes", [])] == ["a/"] and [u["Key"] for u in grouped["Uploads"]] == ["b", "b", "c"], grouped)
     s3.upload_part(Bucket="mpu-list", Key="c", UploadId=dict(made)["c"], PartNumber=1, Body=b"left behind")

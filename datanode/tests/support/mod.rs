@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,6 +12,8 @@ pub struct Datanode {
     pub addr: String,
     pub data_dir: PathBuf,
     extra: Vec<String>,
+    /// Environment of the process beyond the root key (e.g. FAILPOINTS), at every (re)start.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     /// Serves HTTPS: ready once its port takes connections.
     tls: bool,
@@ -32,19 +36,25 @@ pub fn free_port() -> u16 {
 
 impl Datanode {
     pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
-        Self::start_with(data_dir, extra, false)
+        Self::start_with(data_dir, extra, false, &[])
+    }
+
+    /// A node started with more environment (kept for restarts: clear `env` to drop it).
+    pub fn start_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with(data_dir, extra, false, env)
     }
 
     /// A node started with `--tls-cert`/`--tls-key` among `extra`.
     pub fn start_tls(data_dir: &Path, extra: &[&str]) -> Self {
-        Self::start_with(data_dir, extra, true)
+        Self::start_with(data_dir, extra, true, &[])
     }
 
-    fn start_with(data_dir: &Path, extra: &[&str], tls: bool) -> Self {
+    fn start_with(data_dir: &Path, extra: &[&str], tls: bool, env: &[(&str, &str)]) -> Self {
         let mut node = Self {
             addr: format!("127.0.0.1:{}", free_port()),
             data_dir: data_dir.to_owned(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             child: None,
             tls,
         };
@@ -61,6 +71,7 @@ impl Datanode {
             .arg("--listen")
             .arg(&self.addr)
             .envs(cairn_testkit::keys::root_key_env())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args(&self.extra)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -142,6 +153,19 @@ impl Datanode {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Waits for a process that ends by itself (a failpoint's abort); its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < limit, "the datanode did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn start_again(&mut self) {

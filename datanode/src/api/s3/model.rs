@@ -83,8 +83,18 @@ pub struct UploadRecord {
     pub content_type: String,
     pub user_meta: Vec<(String, String)>,
     pub headers: Vec<(String, String)>,
-    /// The checksum algorithm named at creation (each part's checksum is verified).
+    /// The checksum algorithm named at creation: every part uploaded carries its checksum.
     pub checksum: Option<super::checksum::Algorithm>,
+    /// Set before a completion commits its object: from then on the upload takes no change,
+    /// and its parts' pieces may be the object's.
+    pub completing: Option<Completion>,
+}
+
+/// What a completion commits: the object's ETag (a retried completion that finds this object
+/// current answers it again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub etag: String,
 }
 
 /// S3's most parts per upload, and their numbers' range.
@@ -124,9 +134,11 @@ pub fn parts_prefix(upload_id: &str) -> String {
     format!("{upload_id}/")
 }
 
-/// A new upload id: 128 random bits as hex.
+/// A new upload id: 32 hex digits, the time in milliseconds then 80 random bits, so that one
+/// key's uploads list by age as S3 lists them.
 pub fn new_upload_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    let random = rand::random::<u128>() & ((1u128 << 80) - 1);
+    format!("{:012x}{random:020x}", crate::engine::now_ms() & ((1u64 << 48) - 1))
 }
 
 /// Whether `text` is shaped like an upload id this server gives (any other is NoSuchUpload).
@@ -184,10 +196,17 @@ pub fn check_bucket_name(name: &str) -> Result<(), S3Error> {
     Ok(())
 }
 
-/// A key S3 accepts: 1 to 1,024 bytes of UTF-8.
+/// A key S3 accepts: 1 to 1,024 bytes of UTF-8, without the control characters XML 1.0
+/// cannot carry (every listing and multipart answer holding such a key would break its
+/// client's parser; NUL also separates a key from an upload id in upload names).
 pub fn check_key(key: &str) -> Result<(), S3Error> {
     if key.is_empty() {
         return Err(S3Error::invalid_argument("an object key cannot be empty"));
+    }
+    if key.chars().any(|c| c < ' ' && !matches!(c, '\t' | '\n' | '\r')) {
+        return Err(S3Error::invalid_argument(
+            "an object key cannot hold control characters other than tab, line feed and carriage return (XML 1.0 cannot carry them)",
+        ));
     }
     if key.len() > MAX_KEY_BYTES {
         return Err(S3Error::key_too_long(format!("your key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len())));
@@ -230,6 +249,10 @@ mod tests {
         assert!(check_key(&"€".repeat(341)).is_ok());
         assert!(check_key(&"€".repeat(342)).is_err());
         assert!(check_key("").is_err());
+        assert!(check_key("a\tb\nc\r").is_ok());
+        for bad in ["a\0b", "\u{1}", "x\u{1f}"] {
+            assert_eq!(check_key(bad).unwrap_err().code, "InvalidArgument", "{bad:?}");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 
 use super::error::S3Error;
-use super::model::{self, BucketRecord, ObjectRecord, Piece, UploadRecord, MAX_PARTS, MIN_PART_BYTES};
+use super::model::{self, BucketRecord, Completion, ObjectRecord, Piece, UploadRecord, MAX_PARTS, MIN_PART_BYTES};
 use super::objects::{self, BodyReader, Pieces};
 use super::{buckets, small_body, xml, xml_response, S3Request, S3State};
 use crate::engine::names::{self, NameRecord};
@@ -44,6 +44,22 @@ fn upload_lock<'a>(state: &'a S3State, upload_id: &str) -> &'a tokio::sync::Mute
 struct Upload {
     partition: u32,
     record: UploadRecord,
+}
+
+/// The upload `upload_id` of `key`, still open to parts and listings (not completing), or
+/// NoSuchUpload.
+async fn find_open_upload(
+    state: &Arc<S3State>,
+    bucket: &BucketRecord,
+    bucket_name: &str,
+    key: &str,
+    upload_id: &str,
+) -> Result<Upload, S3Error> {
+    let upload = find_upload(state, bucket, bucket_name, key, upload_id).await?;
+    if upload.record.completing.is_some() {
+        return Err(S3Error::no_such_upload(upload_id));
+    }
+    Ok(upload)
 }
 
 /// The upload `upload_id` of `key`, or NoSuchUpload.
@@ -104,8 +120,13 @@ struct InitiateMultipartUploadResult {
 async fn create(state: &Arc<S3State>, request: S3Request, bucket_name: &str, key: &str) -> Result<Response, S3Error> {
     let meta = objects::object_meta(&request.headers)?;
     let checksum = request.header("x-amz-checksum-algorithm").map(super::checksum::Algorithm::from_name).transpose()?;
-    let record =
-        UploadRecord { content_type: meta.content_type, user_meta: meta.user_meta, headers: meta.headers, checksum };
+    let record = UploadRecord {
+        content_type: meta.content_type,
+        user_meta: meta.user_meta,
+        headers: meta.headers,
+        checksum,
+        completing: None,
+    };
     let upload_id = model::new_upload_id();
     let (state2, bucket_name2, key2, id2) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.clone());
@@ -113,16 +134,7 @@ async fn create(state: &Arc<S3State>, request: S3Request, bucket_name: &str, key
         let _bucket_guard = state2.buckets_lock.read().await;
         let bucket = buckets::find(&state2, &bucket_name2).await?;
         let partition = model::partition_of(&bucket.partitions, &key2);
-        let name = NameRecord::new(
-            model::uploads_space(&bucket_name2),
-            model::upload_name(&key2, &id2),
-            names::new_version(),
-            Vec::new(),
-            model::encode(&record),
-        )
-        .map_err(|e| S3Error::internal(e.to_string()))?;
-        state2.front.put_name(partition, &name, now_ms()).await?;
-        Ok::<_, S3Error>(())
+        write_upload(&state2, partition, &bucket_name2, &key2, &id2, &record).await
     })
     .await
     .map_err(|e| S3Error::internal(format!("the upload task failed: {e}")))??;
@@ -142,9 +154,18 @@ async fn create(state: &Arc<S3State>, request: S3Request, bucket_name: &str, key
 // UploadPart, UploadPartCopy
 
 fn part_number(request: &S3Request) -> Result<u32, S3Error> {
-    request.param("partNumber").and_then(|n| n.parse::<u32>().ok()).filter(|n| (1..=MAX_PARTS).contains(n)).ok_or_else(
-        || S3Error::invalid_argument(format!("part number must be an integer between 1 and {MAX_PARTS}, inclusive")),
-    )
+    parse_part_number(request.param("partNumber").unwrap_or_default())
+}
+
+/// A part number: digits only, 1 to 10,000.
+fn parse_part_number(text: &str) -> Result<u32, S3Error> {
+    Some(text)
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<u32>().ok())
+        .filter(|n| (1..=MAX_PARTS).contains(n))
+        .ok_or_else(|| {
+            S3Error::invalid_argument(format!("part number must be an integer between 1 and {MAX_PARTS}, inclusive"))
+        })
 }
 
 #[derive(Serialize)]
@@ -167,7 +188,7 @@ async fn upload_part(
 ) -> Result<Response, S3Error> {
     let number = part_number(&request)?;
     let bucket = buckets::find(state, bucket_name).await?;
-    find_upload(state, &bucket, bucket_name, key, upload_id).await?;
+    let upload = find_open_upload(state, &bucket, bucket_name, key, upload_id).await?;
     let copy = request.headers.contains_key("x-amz-copy-source");
     let part = if copy {
         copy_part(state, &request.headers).await?
@@ -183,6 +204,17 @@ async fn upload_part(
                 return Err(e);
             }
         };
+        // An upload created with a checksum algorithm takes parts that carry that checksum.
+        if let Some(algorithm) = upload.record.checksum {
+            if read.checksum.as_ref().map(|c| c.algorithm) != Some(algorithm) {
+                objects::delete_pieces(state, &pieces).await;
+                return Err(S3Error::invalid_request(format!(
+                    "the upload was created with checksum algorithm {}: each part carries its {}",
+                    algorithm.name(),
+                    algorithm.header()
+                )));
+            }
+        }
         ObjectRecord {
             size: read.len,
             etag: hex::encode(read.md5),
@@ -229,7 +261,7 @@ async fn commit_part(
         let _upload_guard = upload_lock(&state, &upload_id).lock().await;
         let upload = async {
             let bucket = buckets::find(&state, &bucket_name).await?;
-            find_upload(&state, &bucket, &bucket_name, &key, &upload_id).await
+            find_open_upload(&state, &bucket, &bucket_name, &key, &upload_id).await
         }
         .await;
         let upload = match upload {
@@ -241,7 +273,7 @@ async fn commit_part(
         };
         let space = model::parts_space(&bucket_name);
         let name = model::part_name(&upload_id, number);
-        objects::commit(&state, upload.partition, &space, &name, &part, None, Pieces::Owned).await
+        Ok(objects::commit(&state, upload.partition, &space, &name, &part, None, Pieces::Owned).await?)
     })
     .await
     .map_err(|e| S3Error::internal(format!("the part's commit task failed: {e}")))?
@@ -391,21 +423,40 @@ async fn complete(
     if asked.parts.len() > MAX_PARTS as usize {
         return Err(S3Error::malformed_xml(format!("an upload has at most {MAX_PARTS} parts")));
     }
+    if let Some(part) = asked.parts.iter().find(|p| !(1..=MAX_PARTS).contains(&p.number)) {
+        return Err(S3Error::invalid_argument(format!(
+            "part number {} is not an integer between 1 and {MAX_PARTS}, inclusive",
+            part.number
+        )));
+    }
     if asked.parts.windows(2).any(|w| w[0].number >= w[1].number) {
         return Err(S3Error::invalid_part_order(
             "the list of parts was not in ascending order: parts must be ordered by part number",
         ));
     }
-    let location =
-        format!("/{bucket_name}/{}", percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC));
+    let location = format!("/{bucket_name}/{}", percent_encoding::utf8_percent_encode(key, PATH));
     let result_names = (bucket_name.to_string(), key.to_string());
     let (state, bucket_name, key, upload_id) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
     let etag = tokio::spawn(async move {
         let _bucket_guard = state.buckets_lock.read().await;
-        let _upload_guard = upload_lock(&state, &upload_id).lock().await;
+        let upload_guard = upload_lock(&state, &upload_id).lock().await;
         let bucket = buckets::find(&state, &bucket_name).await?;
         let upload = find_upload(&state, &bucket, &bucket_name, &key, &upload_id).await?;
+        if let Some(completion) = &upload.record.completing {
+            // A completion was here before (its answer lost, or cut by a crash): its object is
+            // current, and this is a retry that gets the same answer; or it never committed,
+            // or its object is gone since, and the upload is over.
+            let current = objects::current(&state, &bucket, &bucket_name, &key).await?;
+            let committed = current.as_ref().is_some_and(|c| c.object.etag == completion.etag);
+            let keep = current.map(|c| c.object.pieces).unwrap_or_default();
+            drop(upload_guard);
+            forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep);
+            return match committed {
+                true => Ok(completion.etag.clone()),
+                false => Err(S3Error::no_such_upload(&upload_id)),
+            };
+        }
         let object = assemble(&state, &bucket_name, &upload_id, &upload, &asked.parts).await?;
         // The record lists every piece: it must fit in a blob.
         let record_bytes = model::encode(&object).len() as u64 + 4096;
@@ -416,11 +467,27 @@ async fn complete(
                 object.pieces.len()
             )));
         }
-        objects::commit(&state, upload.partition, &bucket_name, &key, &object, condition, Pieces::Borrowed).await?;
-        // Committed: the upload's records go; pieces of parts the object did not take go too.
-        if let Err(e) = forget_upload(&state, &bucket_name, &key, &upload_id, upload.partition, &object.pieces).await {
-            tracing::warn!(upload_id, error = %e, "a completed upload's records were not all deleted; they stay, unreferenced");
+        // From here the parts' pieces may become the object's: the upload says so, durably,
+        // before the object's record is written, and takes no change after.
+        let open = upload.record.clone();
+        let marked = UploadRecord { completing: Some(Completion { etag: object.etag.clone() }), ..open.clone() };
+        write_upload(&state, upload.partition, &bucket_name, &key, &upload_id, &marked).await?;
+        let committed =
+            objects::commit(&state, upload.partition, &bucket_name, &key, &object, condition, Pieces::Borrowed).await;
+        if let Err(e) = committed {
+            // Refused or failed before its record could be live (a precondition, no room): the
+            // upload is open again, for another try. Otherwise it stays marked.
+            if !e.record_may_live {
+                write_upload(&state, upload.partition, &bucket_name, &key, &upload_id, &open).await?;
+            }
+            return Err(e.error);
         }
+        // A crash here (a test's failpoint) leaves the object committed and the upload marked.
+        fail::fail_point!("s3-complete-committed", |_| -> Result<String, S3Error> { std::process::abort() });
+        // Committed. The upload's records go after the answer, the pieces of parts the object
+        // did not take with them.
+        drop(upload_guard);
+        forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, object.pieces.clone());
         Ok::<_, S3Error>(object.etag)
     })
     .await
@@ -432,6 +499,44 @@ async fn complete(
         key: result_names.1,
         etag: format!("\"{etag}\""),
     }))
+}
+
+/// A key in a path: every byte but the unreserved ones and `/` percent-encoded.
+const PATH: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
+
+/// Writes a new version of an upload's record.
+async fn write_upload(
+    state: &Arc<S3State>,
+    partition: u32,
+    bucket_name: &str,
+    key: &str,
+    upload_id: &str,
+    record: &UploadRecord,
+) -> Result<(), S3Error> {
+    let name = NameRecord::new(
+        model::uploads_space(bucket_name),
+        model::upload_name(key, upload_id),
+        names::new_version(),
+        Vec::new(),
+        model::encode(record),
+    )
+    .map_err(|e| S3Error::internal(e.to_string()))?;
+    state.front.put_name(partition, &name, now_ms()).await?;
+    Ok(())
+}
+
+/// [`forget_upload`] in a task of its own, under the upload's lock: a completion answers once
+/// its object is committed, however many parts there are to delete after.
+fn forget_later(state: &Arc<S3State>, bucket_name: &str, key: &str, upload_id: &str, partition: u32, keep: Vec<Piece>) {
+    let (state, bucket_name, key, upload_id) =
+        (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
+    tokio::spawn(async move {
+        let _upload_guard = upload_lock(&state, &upload_id).lock().await;
+        if let Err(e) = forget_upload(&state, &bucket_name, &key, &upload_id, partition, &keep).await {
+            tracing::warn!(upload_id, error = %e, "a completed upload's records were not all deleted; it still lists, and aborting it finishes the work");
+        }
+    });
 }
 
 /// The object the listed parts make, each checked against what was uploaded.
@@ -495,8 +600,8 @@ async fn assemble(
     })
 }
 
-/// Deletes an upload's record, then every version of every part it has, with their pieces but
-/// none of `keep`.
+/// Deletes every version of every part of an upload, with their pieces but none of `keep`,
+/// then the upload's record: a crash between leaves the upload listed, to be aborted again.
 async fn forget_upload(
     state: &Arc<S3State>,
     bucket_name: &str,
@@ -505,16 +610,12 @@ async fn forget_upload(
     partition: u32,
     keep: &[Piece],
 ) -> Result<(), S3Error> {
-    let uploads = model::uploads_space(bucket_name);
-    for (_, entry) in state.front.name_versions(partition, &uploads, &model::upload_name(key, upload_id)).await? {
-        state.front.delete(entry.blob_id()).await?;
-    }
     let parts = model::parts_space(bucket_name);
     let prefix = model::parts_prefix(upload_id);
     loop {
         let page = state.front.current_names(&[partition], &parts, "", false, &prefix, 1000).await?;
         if page.is_empty() {
-            return Ok(());
+            break;
         }
         for name in page {
             for (_, entry) in state.front.name_versions(partition, &parts, &name.name).await? {
@@ -522,6 +623,14 @@ async fn forget_upload(
             }
         }
     }
+    let uploads = model::uploads_space(bucket_name);
+    for (_, entry) in state.front.name_versions(partition, &uploads, &model::upload_name(key, upload_id)).await? {
+        match state.front.delete(entry.blob_id()).await {
+            Ok(()) | Err(crate::front::FrontError::Volume(crate::engine::VolumeError::NotFound)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,7 +644,12 @@ async fn abort(state: &Arc<S3State>, bucket_name: &str, key: &str, upload_id: &s
         let _upload_guard = upload_lock(&state, &upload_id).lock().await;
         let bucket = buckets::find(&state, &bucket_name).await?;
         let upload = find_upload(&state, &bucket, &bucket_name, &key, &upload_id).await?;
-        abort_upload(&state, &bucket, &bucket_name, &key, &upload_id, upload.partition).await
+        abort_upload(&state, &bucket, &bucket_name, &key, &upload_id, upload.partition).await?;
+        // A completed upload whose cleanup a crash cut: finished now, but it was not aborted.
+        match upload.record.completing {
+            Some(_) => Err(S3Error::no_such_upload(&upload_id)),
+            None => Ok(()),
+        }
     })
     .await
     .map_err(|e| S3Error::internal(format!("the abort task failed: {e}")))??;
@@ -654,7 +768,7 @@ async fn list_parts(
     upload_id: &str,
 ) -> Result<Response, S3Error> {
     let bucket = buckets::find(state, bucket_name).await?;
-    let upload = find_upload(state, &bucket, bucket_name, key, upload_id).await?;
+    let upload = find_open_upload(state, &bucket, bucket_name, key, upload_id).await?;
     let max_parts = max_param(&request, "max-parts")?;
     let marker = match request.param("part-number-marker") {
         None => 0,
@@ -668,7 +782,11 @@ async fn list_parts(
         n => (model::part_name(upload_id, n.min(MAX_PARTS)), true),
     };
     let space = model::parts_space(bucket_name);
-    let page = state.front.current_names(&[upload.partition], &space, &from, after, &prefix, max_parts + 1).await?;
+    let page = match max_parts {
+        // An empty page, not truncated (as S3): a client following the marker would loop.
+        0 => Vec::new(),
+        n => state.front.current_names(&[upload.partition], &space, &from, after, &prefix, n + 1).await?,
+    };
     let is_truncated = page.len() > max_parts;
     let mut parts = Vec::new();
     for name in page.into_iter().take(max_parts) {
@@ -771,9 +889,20 @@ pub async fn list_uploads(state: &Arc<S3State>, request: S3Request, bucket_name:
     let upload_id_marker = request.param("upload-id-marker").unwrap_or("").to_string();
     // Names are `key NUL id`: after (key-marker, upload-id-marker), or past every upload of
     // key-marker (`key-marker \x01` sorts after `key-marker NUL *` and before every longer key).
+    // A key-marker that is a common prefix of this listing (the previous page ended on it)
+    // resumes past every key under it.
+    let marker_is_prefix = delimiter.as_deref().is_some_and(|d| {
+        key_marker.len() > prefix.len() && key_marker.starts_with(prefix.as_str()) && key_marker.ends_with(d)
+    });
     let (mut from, mut after) = match (key_marker.is_empty(), upload_id_marker.is_empty()) {
         (true, _) => (String::new(), false),
+        (false, _) if marker_is_prefix => match super::buckets::successor(&key_marker) {
+            Some(next) => (next, false),
+            None => (char::MAX.to_string().repeat(2), true),
+        },
         (false, false) => (model::upload_name(&key_marker, &upload_id_marker), true),
+        // No key holds a control character (`model::check_key`): `key-marker \x01` sorts after
+        // every upload of key-marker and before every longer key.
         (false, true) => (format!("{key_marker}\u{1}"), false),
     };
     let space = model::uploads_space(bucket_name);
@@ -782,6 +911,10 @@ pub async fn list_uploads(state: &Arc<S3State>, request: S3Request, bucket_name:
     let mut last: Option<(String, String)> = None;
     let mut is_truncated = false;
     'pages: loop {
+        if max_uploads == 0 {
+            // An empty page, not truncated (as S3): a client following the markers would loop.
+            break;
+        }
         let want = max_uploads + 1;
         let page = state.front.current_names(&bucket.partitions, &space, &from, after, &prefix, want).await?;
         let full = page.len() == want;
@@ -822,7 +955,7 @@ pub async fn list_uploads(state: &Arc<S3State>, request: S3Request, bucket_name:
             from = name.name.clone();
             after = true;
         }
-        if max_uploads == 0 || (!skipped && !full) {
+        if !skipped && !full {
             break;
         }
     }

@@ -144,10 +144,15 @@ pub async fn delete_version(state: &Arc<S3State>, id: BlobId, keep: &[Piece]) ->
         )) => None,
         Err(e) => return Err(e.into()),
     };
-    state.front.delete(id).await?;
+    match state.front.delete(id).await {
+        // Deleted meanwhile (two cleanups of one version): gone either way.
+        Ok(()) | Err(crate::front::FrontError::Volume(crate::engine::VolumeError::NotFound)) => {}
+        Err(e) => return Err(e.into()),
+    }
     if let Some(record) = record {
         if let Ok(object) = model::decode::<ObjectRecord>(&record.body) {
-            let owned: Vec<Piece> = object.pieces.into_iter().filter(|p| !keep.iter().any(|k| k.id == p.id)).collect();
+            let keep: std::collections::HashSet<&[u8]> = keep.iter().map(|p| &p.id[..]).collect();
+            let owned: Vec<Piece> = object.pieces.into_iter().filter(|p| !keep.contains(&p.id[..])).collect();
             delete_pieces(state, &owned).await;
         }
     }
@@ -628,10 +633,24 @@ async fn commit_in_bucket(
             }
         };
         let partition = model::partition_of(&bucket.partitions, &key);
-        commit(&state, partition, &bucket_name, &key, &object, condition, Pieces::Owned).await
+        Ok(commit(&state, partition, &bucket_name, &key, &object, condition, Pieces::Owned).await?)
     })
     .await
     .map_err(|e| S3Error::internal(format!("the commit task failed: {e}")))?
+}
+
+/// A commit that failed, and whether its record may be live all the same (it became durable and
+/// was not withdrawn: a later step failed).
+#[derive(Debug)]
+pub struct CommitError {
+    pub error: S3Error,
+    pub record_may_live: bool,
+}
+
+impl From<CommitError> for S3Error {
+    fn from(e: CommitError) -> Self {
+        e.error
+    }
 }
 
 /// Whose a committed record's pieces are until it is durable.
@@ -657,7 +676,9 @@ pub async fn commit(
     object: &ObjectRecord,
     condition: Option<WriteCondition>,
     pieces: Pieces,
-) -> Result<u128, S3Error> {
+) -> Result<u128, CommitError> {
+    let before = |error: S3Error| CommitError { error, record_may_live: false };
+    let after = |error: S3Error| CommitError { error, record_may_live: true };
     let borrowed: &[Piece] = match pieces {
         Pieces::Owned => &[],
         Pieces::Borrowed => &object.pieces,
@@ -669,24 +690,24 @@ pub async fn commit(
         attempts += 1;
         let version = names::new_version();
         let record = NameRecord::new(space.to_string(), key.to_string(), version, summary.clone(), body.clone())
-            .map_err(|e| S3Error::internal(e.to_string()))?;
+            .map_err(|e| before(S3Error::internal(e.to_string())))?;
         let id = match state.front.put_name(partition, &record, now_ms()).await {
             Ok(id) => id,
             Err(e) => {
                 if pieces == Pieces::Owned {
                     delete_pieces(state, &object.pieces).await;
                 }
-                return Err(e.into());
+                return Err(before(e.into()));
             }
         };
-        let versions = state.front.name_versions(partition, space, key).await?;
+        let versions = state.front.name_versions(partition, space, key).await.map_err(|e| after(e.into()))?;
         // A version newer than this one, made "in the future" by this clock: the clock stepped
         // back (across a restart). This record would be superseded at once: withdraw it (its
         // pieces stay) and write again above that version.
         match versions.last() {
             Some(&(newest, _)) if newest > version && names::version_ms(newest) > now_ms() && attempts < 3 => {
                 names::observe_version(newest);
-                state.front.delete(id).await?;
+                state.front.delete(id).await.map_err(|e| after(e.into()))?;
             }
             _ => break (version, id, versions),
         }
@@ -697,29 +718,45 @@ pub async fn commit(
             versions.iter().filter(|(v, _)| *v != version && Some(*v) != condition.matched).map(|(v, _)| *v).collect();
         let matched_gone = condition.matched.is_some_and(|m| !live(m));
         if matched_gone || !others.is_empty() {
-            delete_version(state, id, borrowed).await?;
+            delete_version(state, id, borrowed).await.map_err(after)?;
             if matched_gone || others.iter().any(|v| *v < version) {
-                return Err(S3Error::precondition_failed(
+                return Err(before(S3Error::precondition_failed(
                     "at least one of the pre-conditions you specified did not hold",
-                ));
+                )));
             }
-            return Err(S3Error {
+            return Err(before(S3Error {
                 status: StatusCode::CONFLICT,
                 code: "ConditionalRequestConflict",
                 message: "a conflicting conditional operation is in progress against this resource; try again".into(),
                 resource: None,
-            });
+            }));
         }
     }
     // Committed: whatever happens to the cleanup, the write succeeded (what it could not delete
     // stays unreferenced, as after a crash).
-    if let Some((_, older)) = versions.split_last() {
-        for (_, entry) in older {
-            // A version that shares pieces with this one (a multipart upload completed again
-            // after a crash cut its cleanup) keeps them.
-            if let Err(e) = delete_version(state, entry.blob_id(), &object.pieces).await {
-                tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced");
+    if let Some(((newest, newest_entry), older)) = versions.split_last() {
+        // The pieces of the version that stays current are never deleted with an older one
+        // that shares them (a multipart upload completed twice). When another writer's version
+        // is newer, this writer deletes its own record and pieces with the rest.
+        let keep = if *newest == version {
+            Some(object.pieces.clone())
+        } else {
+            match state.front.name_record(newest_entry.blob_id()).await {
+                Ok(record) => model::decode::<ObjectRecord>(&record.body).ok().map(|o| o.pieces),
+                // Superseded or deleted meanwhile: its writer's cleanup, or the delete, takes
+                // over.
+                Err(_) => None,
             }
+        };
+        match keep {
+            Some(keep) => {
+                for (_, entry) in older {
+                    if let Err(e) = delete_version(state, entry.blob_id(), &keep).await {
+                        tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced");
+                    }
+                }
+            }
+            None => tracing::debug!(key, "the newest version changed during cleanup; left to its writer"),
         }
     }
     Ok(version)
@@ -841,7 +878,12 @@ pub async fn copy_range(
             let _room = state.uploads.reserve(to - from).await.ok_or_else(|| {
                 S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
             })?;
-            let reader = state.front.open(piece.blob_id()?).await?;
+            let reader = state.front.open(piece.blob_id()?).await.map_err(|e| match e {
+                crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted) => S3Error::service_unavailable(
+                    "the copy's source was overwritten or deleted during the copy; try again",
+                ),
+                e => e.into(),
+            })?;
             let data = tokio::task::spawn_blocking(move || reader.read_range(from, to))
                 .await
                 .map_err(|e| S3Error::internal(e.to_string()))?
