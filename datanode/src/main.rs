@@ -89,13 +89,13 @@ struct Args {
     listen: SocketAddr,
     /// Partitions (one volume each) of a new standalone node (default 1); fixed once created:
     /// a restart opens what the node has, and a different number is refused.
-    #[arg(long)]
+    #[arg(long, env = "CAIRN_PARTITIONS")]
     partitions: Option<u32>,
     /// Capacity of each new volume.
-    #[arg(long, default_value = "16GiB")]
+    #[arg(long, env = "CAIRN_VOLUME_SIZE", default_value = "16GiB")]
     volume_size: ByteSize,
     /// Size of each preallocated log segment of a new volume.
-    #[arg(long, default_value = "1GiB")]
+    #[arg(long, env = "CAIRN_SEGMENT_SIZE", default_value = "1GiB")]
     segment_size: ByteSize,
     /// Largest blob accepted.
     #[arg(long, default_value = "64MiB")]

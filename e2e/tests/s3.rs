@@ -272,3 +272,82 @@ fn every_acknowledged_object_survives_kill_9_during_uploads() {
     let status = verifier.wait().unwrap();
     assert!(status.success(), "an acknowledged object did not survive kill -9 (the verifier says which)");
 }
+
+/// The `s3` stage of docker/Dockerfile — the throwaway S3 server a CI pipeline runs — as the
+/// container would run it: the binary with no arguments, that stage's environment and a key, as
+/// the image's user (65532). (Only the data directory and ports differ, to run beside other
+/// tests.) It answers S3 at once, and the AWS CLI round-trips an object through it.
+#[test]
+fn the_ci_image_starts_an_s3_server_from_its_environment_alone() {
+    let dockerfile = std::fs::read_to_string(repo("docker/Dockerfile")).unwrap();
+    let stage: String = dockerfile
+        .split("\nFROM ")
+        .find(|s| s.starts_with("datanode AS s3"))
+        .expect("an s3 stage built FROM the datanode stage")
+        .replace("\\\n", " ");
+    let mut env: Vec<(String, String)> = stage
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace().map(|kv| kv.split_once('=').expect("ENV K=V")).collect::<Vec<_>>())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let get = |env: &[(String, String)], k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let s3_listen = get(&env, "CAIRN_S3_LISTEN").expect("the stage sets CAIRN_S3_LISTEN");
+    let port = s3_listen.rsplit(':').next().unwrap();
+    assert!(stage.contains(&format!("EXPOSE {port}")), "the stage exposes its S3 port");
+    let datanode_stage = dockerfile.split("\nFROM ").find(|s| s.starts_with("runtime AS datanode")).unwrap();
+    assert!(datanode_stage.contains("USER 65532:65532"));
+    // Beside other tests: own directory and ports.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let s3_addr = format!("127.0.0.1:{}", free_port());
+    for (k, v) in [
+        ("CAIRN_DATA_DIR", dir.path().join("cairn").to_str().unwrap().to_string()),
+        ("CAIRN_S3_LISTEN", s3_addr.clone()),
+        ("CAIRN_LISTEN", format!("127.0.0.1:{}", free_port())),
+    ] {
+        assert!(get(&env, k).is_some(), "the stage sets {k}");
+        env.retain(|(n, _)| n != k);
+        env.push((k.to_string(), v));
+    }
+    use std::os::unix::process::CommandExt;
+    let started = std::time::Instant::now();
+    let child = Command::new(support::binary("cairn-datanode"))
+        .uid(65532)
+        .gid(65532)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(cairn_testkit::keys::root_key_env())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _node = KillOnDrop(child);
+    // Any S3 answer (an unsigned request is AccessDenied): the server is up.
+    support::wait_until("the S3 port answers", std::time::Duration::from_secs(30), || {
+        reqwest::blocking::get(format!("http://{s3_addr}/")).is_ok_and(|r| r.status() == 403)
+    });
+    println!("the CI image's S3 server answered {:?} after exec (debug build)", started.elapsed());
+    let node = S3Node {
+        node: None,
+        blob_addr: String::new(),
+        s3_addr,
+        data: dir.path().to_owned(),
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let aws = || {
+        let mut c = Command::new(venv_bin("aws"));
+        c.envs(node.env()).args(["--endpoint-url", &node.endpoint()]);
+        c
+    };
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("artifact");
+    let data = write_file(&file, 300_000, 7);
+    run(aws().args(["s3", "mb", "s3://ci-artifacts"]));
+    run(aws().args(["s3", "cp", file.to_str().unwrap(), "s3://ci-artifacts/build/artifact"]));
+    let back = work.path().join("back");
+    run(aws().args(["s3", "cp", "s3://ci-artifacts/build/artifact", back.to_str().unwrap()]));
+    assert!(std::fs::read(&back).unwrap() == data);
+}
