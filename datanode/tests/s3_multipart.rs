@@ -112,3 +112,81 @@ fn a_completed_upload_takes_no_part_and_a_retried_completion_answers_the_same_ob
     want.extend_from_slice(b"tail");
     assert!(s3.get("obj", None) == want, "the object is whole after all of that");
 }
+
+/// Conditional writers racing unconditional ones on a new key: whatever the interleaving, the
+/// key ends holding the bytes of a write that was answered 200 (none is lost because another
+/// was withdrawn), and a withdrawn conditional completion leaves its upload whole, to complete
+/// again.
+#[test]
+fn conditional_and_unconditional_writers_racing_lose_no_acknowledged_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, s3) = start(&dir.path().join("node"));
+    for trial in 0..40 {
+        let key = format!("cond-{trial}");
+        let path = format!("/race/{key}");
+        let (plain, conditional) = (vec![1u8; 3000], vec![2u8; 5000]);
+        let id = s3.create_upload(&key);
+        let etag = s3.upload_part(&key, &id, 1, &vec![3u8; 7000]);
+        let mut answers = Vec::new();
+        std::thread::scope(|scope| {
+            let a = scope.spawn(|| s3.request(Method::PUT, &path, &[]).body(plain.clone()).send().unwrap().status());
+            let b = scope.spawn(|| {
+                s3.request(Method::PUT, &path, &[])
+                    .header("if-none-match", "*")
+                    .body(conditional.clone())
+                    .send()
+                    .unwrap()
+                    .status()
+            });
+            let c = scope.spawn(|| {
+                let body = format!("<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>");
+                s3.request(Method::POST, &path, &[("uploadId", &id)]).header("if-none-match", "*").body(body).send().unwrap().status()
+            });
+            answers = vec![a.join().unwrap(), b.join().unwrap(), c.join().unwrap()];
+        });
+        assert_eq!(answers[0], 200, "an unconditional PUT succeeds");
+        let acknowledged: Vec<Vec<u8>> = [plain.clone(), conditional.clone(), vec![3u8; 7000]]
+            .into_iter()
+            .zip(&answers)
+            .filter(|(_, status)| status.as_u16() == 200)
+            .map(|(body, _)| body)
+            .collect();
+        let held = s3.get(&key, None);
+        assert!(
+            acknowledged.contains(&held),
+            "trial {trial}: answers {answers:?}, the key holds {} bytes of {}",
+            held.len(),
+            held.first().copied().unwrap_or(0)
+        );
+        if answers[2] != 200 {
+            // Withdrawn: the upload is open and whole.
+            s3.ok(s3.request(Method::DELETE, &path, &[]));
+            let again = s3.complete(&key, &id, std::slice::from_ref(&etag));
+            assert_eq!(again.status(), 200, "trial {trial}: the withdrawn upload completes");
+            assert!(s3.get(&key, None) == vec![3u8; 7000], "trial {trial}: and reads whole");
+        }
+    }
+}
+
+/// A client that goes away in the middle of a long CopyObject leaves no piece behind.
+#[test]
+fn a_copy_cut_short_by_its_client_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, s3) = start(&dir.path().join("node"));
+    s3.put("source", &vec![9u8; 40 << 20]);
+    let baseline = live_blobs(&node);
+    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_millis(100)).build().unwrap();
+    let copy = s3.signed(Method::PUT, "/race/copy", &[], &[("x-amz-copy-source", "/race/source")]).build().unwrap();
+    let cut = impatient.execute(copy);
+    assert!(cut.is_err(), "the copy outlasts the client's 100 ms: {:?}", cut.map(|r| r.status()));
+    // Whether the node noticed before the copy ended or not, once the copy (if it committed) is
+    // deleted, nothing of it stays.
+    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the cut copy settles", || {
+        let before = live_blobs(&node);
+        std::thread::sleep(Duration::from_millis(300));
+        before == live_blobs(&node)
+    });
+    s3.ok(s3.request(Method::DELETE, "/race/copy", &[]));
+    wait_for("no piece of the cut copy is left", || live_blobs(&node) == baseline);
+}

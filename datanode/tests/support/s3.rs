@@ -20,11 +20,28 @@ impl S3 {
     /// A request signed with the test key (SigV4, unsigned payload), `query` in the URL and the
     /// signature alike.
     pub fn request(&self, method: Method, path: &str, query: &[(&str, &str)]) -> reqwest::blocking::RequestBuilder {
+        self.signed(method, path, query, &[])
+    }
+
+    /// A request with these headers too, signed (S3 wants every `x-amz-*` header signed).
+    pub fn signed(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        extra: &[(&str, &str)],
+    ) -> reqwest::blocking::RequestBuilder {
         let date = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_str(&self.addr).unwrap());
         headers.insert("x-amz-date", HeaderValue::from_str(&date).unwrap());
         headers.insert("x-amz-content-sha256", HeaderValue::from_static("UNSIGNED-PAYLOAD"));
+        for (name, value) in extra {
+            headers.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
         let pairs: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let parts = RequestParts { method: &method, raw_path: path, query: &pairs, headers: &headers };
         let auth = authorization(TEST_KEY_ID, TEST_KEY_SECRET, "us-east-1", &parts).unwrap();
@@ -36,11 +53,16 @@ impl S3 {
             format!("http://{}{path}?{}", self.addr, q.join("&"))
         };
         let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
-        self.http
+        let mut request = self
+            .http
             .request(method, url)
             .header("x-amz-date", date)
             .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
-            .header("authorization", auth)
+            .header("authorization", auth);
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        request
     }
 
     pub fn ok(&self, builder: reqwest::blocking::RequestBuilder) -> reqwest::blocking::Response {

@@ -79,8 +79,44 @@ pub struct S3State {
     pub buckets: std::sync::Mutex<BucketCache>,
     /// The node's memory for request bodies, shared with the blob API (`--upload-buffer`).
     pub uploads: Arc<crate::api::upload::UploadBudget>,
-    /// Multipart uploads' locks, by upload id ([`multipart`]).
-    pub upload_locks: Vec<tokio::sync::Mutex<()>>,
+    /// One lock per name being committed or deleted (`objects::commit`).
+    pub name_locks: NamedLocks,
+    /// One lock per multipart upload being changed ([`multipart`]).
+    pub upload_locks: NamedLocks,
+}
+
+/// Locks by name, made when first asked for and gone when no one holds or waits for them.
+#[derive(Default)]
+pub struct NamedLocks {
+    locks: std::sync::Mutex<NamedLocksInner>,
+}
+
+#[derive(Default)]
+struct NamedLocksInner {
+    map: std::collections::HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>,
+    /// Size at which unused entries are swept (double the live ones at the last sweep).
+    sweep_at: usize,
+}
+
+impl NamedLocks {
+    pub async fn lock(&self, name: String) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut inner = self.locks.lock().expect("named locks");
+            if inner.map.len() >= inner.sweep_at.max(1024) {
+                inner.map.retain(|_, lock| lock.strong_count() > 0);
+                inner.sweep_at = inner.map.len() * 2;
+            }
+            match inner.map.get(&name).and_then(std::sync::Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    inner.map.insert(name, Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
 }
 
 pub fn router(front: Front, options: S3Options, uploads: Arc<crate::api::upload::UploadBudget>) -> Router {
@@ -90,7 +126,8 @@ pub fn router(front: Front, options: S3Options, uploads: Arc<crate::api::upload:
         buckets_lock: tokio::sync::RwLock::new(()),
         buckets: Default::default(),
         uploads,
-        upload_locks: (0..multipart::UPLOAD_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+        name_locks: NamedLocks::default(),
+        upload_locks: NamedLocks::default(),
     });
     Router::new().fallback(handle).with_state(state)
 }
@@ -321,6 +358,25 @@ pub async fn small_body(request: S3Request) -> Result<bytes::Bytes, S3Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_named_lock_excludes_its_holders_only_and_is_forgotten_when_unused() {
+        let locks = NamedLocks::default();
+        let a = locks.lock("a".into()).await;
+        // Another name: not blocked.
+        let b = locks.lock("b".into()).await;
+        // The same name waits for its holder.
+        let again = tokio::time::timeout(std::time::Duration::from_millis(50), locks.lock("a".into())).await;
+        assert!(again.is_err(), "a second holder of one name");
+        drop(a);
+        let a = locks.lock("a".into()).await;
+        drop((a, b));
+        // Unused entries are swept once the map grows.
+        for i in 0..3000 {
+            drop(locks.lock(format!("n{i}")).await);
+        }
+        assert!(locks.locks.lock().unwrap().map.len() < 2100, "unused locks are swept");
+    }
 
     #[test]
     fn path_style_and_virtual_host_style_name_the_same_things() {

@@ -85,16 +85,21 @@ pub struct UploadRecord {
     pub headers: Vec<(String, String)>,
     /// The checksum algorithm named at creation: every part uploaded carries its checksum.
     pub checksum: Option<super::checksum::Algorithm>,
+    /// When it was created (ListMultipartUploads' `Initiated`; also the record's summary).
+    pub initiated_ms: u64,
     /// Set before a completion commits its object: from then on the upload takes no change,
     /// and its parts' pieces may be the object's.
     pub completing: Option<Completion>,
 }
 
-/// What a completion commits: the object's ETag (a retried completion that finds this object
-/// current answers it again).
+/// What a completion commits (a retried completion that finds this object current answers its
+/// ETag again).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Completion {
     pub etag: String,
+    /// A digest of the pieces, in order, the object is given: a retried completion answers
+    /// again only if the key's current object holds exactly these.
+    pub pieces: String,
 }
 
 /// S3's most parts per upload, and their numbers' range.

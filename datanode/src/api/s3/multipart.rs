@@ -31,15 +31,6 @@ use super::{buckets, small_body, xml, xml_response, S3Request, S3State};
 use crate::engine::names::{self, NameRecord};
 use crate::engine::now_ms;
 
-/// How many locks the uploads' ids are spread over.
-pub const UPLOAD_LOCKS: usize = 64;
-
-/// The lock of one upload id.
-fn upload_lock<'a>(state: &'a S3State, upload_id: &str) -> &'a tokio::sync::Mutex<()> {
-    let index = upload_id.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % UPLOAD_LOCKS;
-    &state.upload_locks[index]
-}
-
 /// An upload found by key and id.
 struct Upload {
     partition: u32,
@@ -125,6 +116,7 @@ async fn create(state: &Arc<S3State>, request: S3Request, bucket_name: &str, key
         user_meta: meta.user_meta,
         headers: meta.headers,
         checksum,
+        initiated_ms: now_ms(),
         completing: None,
     };
     let upload_id = model::new_upload_id();
@@ -191,7 +183,7 @@ async fn upload_part(
     let upload = find_open_upload(state, &bucket, bucket_name, key, upload_id).await?;
     let copy = request.headers.contains_key("x-amz-copy-source");
     let part = if copy {
-        copy_part(state, &request.headers).await?
+        copy_part(state, &request.headers, upload.record.checksum).await?
     } else {
         let mut reader = BodyReader::new(&request, state.options.max_object_bytes)?;
         let body = std::mem::replace(&mut request.body, Body::empty());
@@ -257,8 +249,9 @@ async fn commit_part(
     let (state, bucket_name, key, upload_id) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
     tokio::spawn(async move {
+        // The upload's lock first, then the bucket (see `complete`).
+        let _upload_guard = state.upload_locks.lock(upload_id.clone()).await;
         let _bucket_guard = state.buckets_lock.read().await;
-        let _upload_guard = upload_lock(&state, &upload_id).lock().await;
         let upload = async {
             let bucket = buckets::find(&state, &bucket_name).await?;
             find_open_upload(&state, &bucket, &bucket_name, &key, &upload_id).await
@@ -281,7 +274,11 @@ async fn commit_part(
 
 /// UploadPartCopy: the part's bytes are a range of another object (`x-amz-copy-source`,
 /// `x-amz-copy-source-range`), copied into pieces of the part's own.
-async fn copy_part(state: &Arc<S3State>, headers: &HeaderMap) -> Result<ObjectRecord, S3Error> {
+async fn copy_part(
+    state: &Arc<S3State>,
+    headers: &HeaderMap,
+    algorithm: Option<super::checksum::Algorithm>,
+) -> Result<ObjectRecord, S3Error> {
     let (source_bucket, source_key) = objects::copy_source(headers)?;
     let from_bucket = buckets::find(state, &source_bucket).await?;
     let source = objects::current(state, &from_bucket, &source_bucket, &source_key)
@@ -318,22 +315,24 @@ async fn copy_part(state: &Arc<S3State>, headers: &HeaderMap) -> Result<ObjectRe
             state.options.max_object_bytes
         )));
     }
-    let (pieces, md5) = if source.object.pieces.is_empty() {
+    // The part's checksum is computed as it is copied when the upload names an algorithm.
+    let (pieces, digests) = if source.object.pieces.is_empty() {
         // An inline source: its bytes are in its record.
         let data = bytes::Bytes::copy_from_slice(&source.object.inline[start as usize..end as usize]);
-        let md5: [u8; 16] = Md5::digest(&data).into();
+        let mut digests = super::checksum::BodyDigests::new(false, algorithm);
+        digests.update(&data);
         let pieces = if data.is_empty() { Vec::new() } else { vec![objects::store_piece(state, data).await?] };
-        (pieces, md5)
+        (pieces, digests.finish())
     } else {
-        objects::copy_range(state, &source.object.pieces, start, end).await?
+        objects::copy_range(state, &source.object.pieces, start, end, algorithm).await?
     };
     Ok(ObjectRecord {
         size: end - start,
-        etag: hex::encode(md5),
+        etag: hex::encode(digests.md5),
         content_type: String::new(),
         user_meta: Vec::new(),
         headers: Vec::new(),
-        checksum: None,
+        checksum: digests.checksum,
         pieces,
         inline: Vec::new(),
     })
@@ -413,8 +412,8 @@ async fn complete(
     key: &str,
     upload_id: &str,
 ) -> Result<Response, S3Error> {
-    let bucket = buckets::find(state, bucket_name).await?;
-    let condition = objects::write_condition(state, &request.headers, &bucket, bucket_name, key).await?;
+    buckets::find(state, bucket_name).await?;
+    let headers = request.headers.clone();
     let body = small_body(request).await?;
     let asked: CompleteRequest = xml::parse(&body)?;
     if asked.parts.is_empty() {
@@ -439,24 +438,30 @@ async fn complete(
     let (state, bucket_name, key, upload_id) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
     let etag = tokio::spawn(async move {
-        let _bucket_guard = state.buckets_lock.read().await;
-        let upload_guard = upload_lock(&state, &upload_id).lock().await;
+        // The upload's lock, then the bucket: nothing waits for an upload's lock while it holds
+        // the bucket (a bucket being created or deleted would stall every writer behind it).
+        let upload_guard = state.upload_locks.lock(upload_id.clone()).await;
+        let bucket_guard = state.buckets_lock.read().await;
         let bucket = buckets::find(&state, &bucket_name).await?;
         let upload = find_upload(&state, &bucket, &bucket_name, &key, &upload_id).await?;
         if let Some(completion) = &upload.record.completing {
-            // A completion was here before (its answer lost, or cut by a crash): its object is
-            // current, and this is a retry that gets the same answer; or it never committed,
-            // or its object is gone since, and the upload is over.
+            // A completion was here before (its answer lost, or cut by a crash): if the key's
+            // current object is the one it committed (the same pieces), this is a retry that
+            // gets the same answer; else it never committed, or its object is gone since, and
+            // the upload is over.
             let current = objects::current(&state, &bucket, &bucket_name, &key).await?;
-            let committed = current.as_ref().is_some_and(|c| c.object.etag == completion.etag);
+            let committed = current.as_ref().is_some_and(|c| pieces_digest(&c.object.pieces) == completion.pieces);
             let keep = current.map(|c| c.object.pieces).unwrap_or_default();
-            drop(upload_guard);
+            drop((bucket_guard, upload_guard));
             forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep);
             return match committed {
                 true => Ok(completion.etag.clone()),
                 false => Err(S3Error::no_such_upload(&upload_id)),
             };
         }
+        // The destination's conditions, as for PutObject (checked here, so that a retried
+        // completion answers above before they are).
+        let condition = objects::write_condition(&state, &headers, &bucket, &bucket_name, &key).await?;
         let object = assemble(&state, &bucket_name, &upload_id, &upload, &asked.parts).await?;
         // The record lists every piece: it must fit in a blob.
         let record_bytes = model::encode(&object).len() as u64 + 4096;
@@ -470,7 +475,8 @@ async fn complete(
         // From here the parts' pieces may become the object's: the upload says so, durably,
         // before the object's record is written, and takes no change after.
         let open = upload.record.clone();
-        let marked = UploadRecord { completing: Some(Completion { etag: object.etag.clone() }), ..open.clone() };
+        let completion = Completion { etag: object.etag.clone(), pieces: pieces_digest(&object.pieces) };
+        let marked = UploadRecord { completing: Some(completion), ..open.clone() };
         write_upload(&state, upload.partition, &bucket_name, &key, &upload_id, &marked).await?;
         let committed =
             objects::commit(&state, upload.partition, &bucket_name, &key, &object, condition, Pieces::Borrowed).await;
@@ -486,7 +492,7 @@ async fn complete(
         fail::fail_point!("s3-complete-committed", |_| -> Result<String, S3Error> { std::process::abort() });
         // Committed. The upload's records go after the answer, the pieces of parts the object
         // did not take with them.
-        drop(upload_guard);
+        drop((bucket_guard, upload_guard));
         forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, object.pieces.clone());
         Ok::<_, S3Error>(object.etag)
     })
@@ -505,7 +511,19 @@ async fn complete(
 const PATH: &percent_encoding::AsciiSet =
     &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
 
-/// Writes a new version of an upload's record.
+/// A digest of the pieces a completion gives its object, in order: the same only for that
+/// object (piece ids are never reused).
+fn pieces_digest(pieces: &[Piece]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for piece in pieces {
+        digest.update(piece.id);
+    }
+    hex::encode(digest.finalize())
+}
+
+/// Writes a new version of an upload's record (above every version it has, whatever the
+/// clock), then deletes the older ones.
 async fn write_upload(
     state: &Arc<S3State>,
     partition: u32,
@@ -514,15 +532,21 @@ async fn write_upload(
     upload_id: &str,
     record: &UploadRecord,
 ) -> Result<(), S3Error> {
-    let name = NameRecord::new(
-        model::uploads_space(bucket_name),
-        model::upload_name(key, upload_id),
-        names::new_version(),
-        Vec::new(),
-        model::encode(record),
-    )
-    .map_err(|e| S3Error::internal(e.to_string()))?;
-    state.front.put_name(partition, &name, now_ms()).await?;
+    let space = model::uploads_space(bucket_name);
+    let name = model::upload_name(key, upload_id);
+    let older = state.front.name_versions(partition, &space, &name).await?;
+    if let Some((newest, _)) = older.last() {
+        names::observe_version(*newest);
+    }
+    let summary = model::encode(&record.initiated_ms);
+    let record = NameRecord::new(space, name, names::new_version(), summary, model::encode(record))
+        .map_err(|e| S3Error::internal(e.to_string()))?;
+    state.front.put_name(partition, &record, now_ms()).await?;
+    for (_, entry) in older {
+        if let Err(e) = state.front.delete(entry.blob_id()).await {
+            tracing::warn!(upload_id, error = %e, "an upload record's older version was not deleted");
+        }
+    }
     Ok(())
 }
 
@@ -532,7 +556,7 @@ fn forget_later(state: &Arc<S3State>, bucket_name: &str, key: &str, upload_id: &
     let (state, bucket_name, key, upload_id) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
     tokio::spawn(async move {
-        let _upload_guard = upload_lock(&state, &upload_id).lock().await;
+        let _upload_guard = state.upload_locks.lock(upload_id.clone()).await;
         if let Err(e) = forget_upload(&state, &bucket_name, &key, &upload_id, partition, &keep).await {
             tracing::warn!(upload_id, error = %e, "a completed upload's records were not all deleted; it still lists, and aborting it finishes the work");
         }
@@ -640,16 +664,14 @@ async fn abort(state: &Arc<S3State>, bucket_name: &str, key: &str, upload_id: &s
     let (state, bucket_name, key, upload_id) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
     tokio::spawn(async move {
+        // The upload's lock first, then the bucket (see `complete`).
+        let _upload_guard = state.upload_locks.lock(upload_id.clone()).await;
         let _bucket_guard = state.buckets_lock.read().await;
-        let _upload_guard = upload_lock(&state, &upload_id).lock().await;
         let bucket = buckets::find(&state, &bucket_name).await?;
         let upload = find_upload(&state, &bucket, &bucket_name, &key, &upload_id).await?;
-        abort_upload(&state, &bucket, &bucket_name, &key, &upload_id, upload.partition).await?;
-        // A completed upload whose cleanup a crash cut: finished now, but it was not aborted.
-        match upload.record.completing {
-            Some(_) => Err(S3Error::no_such_upload(&upload_id)),
-            None => Ok(()),
-        }
+        // A completing upload (its cleanup still running, or cut by a crash) is finished the
+        // same way: every piece the key's current object holds is kept.
+        abort_upload(&state, &bucket, &bucket_name, &key, &upload_id, upload.partition).await
     })
     .await
     .map_err(|e| S3Error::internal(format!("the abort task failed: {e}")))??;
@@ -950,7 +972,9 @@ pub async fn list_uploads(state: &Arc<S3State>, request: S3Request, bucket_name:
                 initiator: INITIATOR,
                 owner: INITIATOR,
                 storage_class: "STANDARD",
-                initiated: xml::timestamp(names::version_ms(name.version)),
+                initiated: xml::timestamp(
+                    model::decode::<u64>(&name.summary).unwrap_or_else(|_| names::version_ms(name.version)),
+                ),
             });
             from = name.name.clone();
             after = true;

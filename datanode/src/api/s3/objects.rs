@@ -123,20 +123,37 @@ pub async fn current_record(
     }
 }
 
-/// Deletes every live version of `key` (records, then their pieces).
+/// Deletes every live version of `key` (records, then their pieces), under the name's lock.
 pub async fn delete_key(state: &Arc<S3State>, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
     let partition = model::partition_of(&bucket.partitions, key);
-    let versions = state.front.name_versions(partition, space, key).await?;
-    for (_, entry) in &versions {
-        delete_version(state, entry.blob_id(), &[]).await?;
+    let mut garbage = Vec::new();
+    {
+        let _name = state.name_locks.lock(name_lock(space, key)).await;
+        for (_, entry) in state.front.name_versions(partition, space, key).await? {
+            garbage.extend(delete_record(state, entry.blob_id()).await?);
+        }
     }
+    delete_pieces(state, &garbage).await;
     Ok(())
+}
+
+/// The lock of one name in one space: every commit and delete of it holds it.
+fn name_lock(space: &str, name: &str) -> String {
+    format!("{space}\0{name}")
 }
 
 /// Deletes one version: its record first (the object is gone at once), then its pieces, but
 /// none of `keep` (pieces another record still points at: a multipart object's, which its
 /// upload's part records shared until they went).
 pub async fn delete_version(state: &Arc<S3State>, id: BlobId, keep: &[Piece]) -> Result<(), S3Error> {
+    let pieces = delete_record(state, id).await?;
+    delete_pieces(state, &without(pieces, keep)).await;
+    Ok(())
+}
+
+/// Deletes a name record of an object or a part; the pieces it pointed at (to be deleted next,
+/// once nothing else can point at them).
+pub async fn delete_record(state: &Arc<S3State>, id: BlobId) -> Result<Vec<Piece>, S3Error> {
     let record = match state.front.name_record(id).await {
         Ok(record) => Some(record),
         Err(crate::front::FrontError::Volume(
@@ -149,14 +166,53 @@ pub async fn delete_version(state: &Arc<S3State>, id: BlobId, keep: &[Piece]) ->
         Ok(()) | Err(crate::front::FrontError::Volume(crate::engine::VolumeError::NotFound)) => {}
         Err(e) => return Err(e.into()),
     }
-    if let Some(record) = record {
-        if let Ok(object) = model::decode::<ObjectRecord>(&record.body) {
-            let keep: std::collections::HashSet<&[u8]> = keep.iter().map(|p| &p.id[..]).collect();
-            let owned: Vec<Piece> = object.pieces.into_iter().filter(|p| !keep.contains(&p.id[..])).collect();
-            delete_pieces(state, &owned).await;
+    Ok(record.and_then(|r| model::decode::<ObjectRecord>(&r.body).ok()).map(|o| o.pieces).unwrap_or_default())
+}
+
+/// `pieces` but none of `keep`.
+pub fn without(pieces: Vec<Piece>, keep: &[Piece]) -> Vec<Piece> {
+    let keep: std::collections::HashSet<&[u8]> = keep.iter().map(|p| &p.id[..]).collect();
+    pieces.into_iter().filter(|p| !keep.contains(&p.id[..])).collect()
+}
+
+/// Pieces stored for a write that has not committed: deleted (in a task of their own) if the
+/// write is dropped before it hands them on — a client that goes away mid-upload or mid-copy
+/// leaves nothing behind.
+pub struct StoredPieces {
+    state: Arc<S3State>,
+    pieces: Vec<Piece>,
+}
+
+impl StoredPieces {
+    pub fn new(state: &Arc<S3State>) -> Self {
+        Self { state: state.clone(), pieces: Vec::new() }
+    }
+
+    pub fn push(&mut self, piece: Piece) {
+        self.pieces.push(piece);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    /// The pieces, now the caller's to commit or delete.
+    pub fn take(mut self) -> Vec<Piece> {
+        std::mem::take(&mut self.pieces)
+    }
+}
+
+impl Drop for StoredPieces {
+    fn drop(&mut self) {
+        let pieces = std::mem::take(&mut self.pieces);
+        if pieces.is_empty() {
+            return;
+        }
+        let state = self.state.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { delete_pieces(&state, &pieces).await });
         }
     }
-    Ok(())
 }
 
 /// Deletes blobs no name record will point at (best effort: a piece left behind is space, not
@@ -564,7 +620,7 @@ pub async fn store_body(
     mut body: BodyDataStream,
     inline_max: u64,
 ) -> Result<(Vec<Piece>, Bytes), S3Error> {
-    let mut pieces = Vec::new();
+    let mut pieces = StoredPieces::new(state);
     let outcome = async {
         let mut buffer = BytesMut::new();
         // The memory a piece takes while it is gathered counts against the node's upload budget.
@@ -596,20 +652,25 @@ pub async fn store_body(
         }
     }
     .await;
-    match outcome {
-        Ok(inline) => Ok((pieces, inline)),
-        Err(e) => {
-            delete_pieces(state, &pieces).await;
-            Err(e)
-        }
-    }
+    // On an error the guard deletes what was stored.
+    outcome.map(|inline| (pieces.take(), inline))
 }
 
+/// Stores one piece, in a task of its own: a writer that goes away while its piece is being
+/// stored does not leave it behind (the task deletes what no one took).
 pub async fn store_piece(state: &Arc<S3State>, payload: Bytes) -> Result<Piece, S3Error> {
-    let len = payload.len() as u64;
-    let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
-    let id = state.front.put(meta, payload, now_ms(), None, None).await?;
-    Ok(Piece { id: id.to_bytes(), len })
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let state = state.clone();
+    tokio::spawn(async move {
+        let len = payload.len() as u64;
+        let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
+        let stored = state.front.put(meta, payload, now_ms(), None, None).await;
+        let result = stored.map(|id| Piece { id: id.to_bytes(), len }).map_err(S3Error::from);
+        if let Err(Ok(piece)) = reply.send(result) {
+            delete_pieces(&state, &[piece]).await;
+        }
+    });
+    answer.await.map_err(|_| S3Error::internal("the task storing a piece failed"))?
 }
 
 /// [`commit`] in a task of its own, so that it and the cleanup after it run to their end even if
@@ -663,11 +724,11 @@ pub enum Pieces {
 }
 
 /// Makes `object` the current version of `key` in `space` (on `partition`): writes its name
-/// record, then deletes what it superseded (never a piece the new version points at). A
-/// conditional write's terms are checked again once its record is durable, against every
-/// version that came meanwhile: if another writer's version is current beside it, this one is
-/// withdrawn (412, or 409 `ConditionalRequestConflict` when the other came concurrently) — of
-/// concurrent conditional writers at most one succeeds.
+/// record, then deletes what it superseded (never a piece the version that stays current points
+/// at). A standalone node is the only writer of its names, and every commit and delete of a
+/// name holds the name's lock: each sees the versions the one before it left. A conditional
+/// write's terms are checked again once its record is durable, against the versions there: if
+/// another is current beside it, this one is withdrawn (412).
 pub async fn commit(
     state: &Arc<S3State>,
     partition: u32,
@@ -685,6 +746,7 @@ pub async fn commit(
     };
     let summary = model::encode(&object.summary());
     let body = model::encode(object);
+    let name_guard = state.name_locks.lock(name_lock(space, key)).await;
     let mut attempts = 0;
     let (version, id, versions) = loop {
         attempts += 1;
@@ -694,6 +756,7 @@ pub async fn commit(
         let id = match state.front.put_name(partition, &record, now_ms()).await {
             Ok(id) => id,
             Err(e) => {
+                drop(name_guard);
                 if pieces == Pieces::Owned {
                     delete_pieces(state, &object.pieces).await;
                 }
@@ -713,52 +776,55 @@ pub async fn commit(
         }
     };
     if let Some(condition) = condition {
+        // What was there when the condition was checked before the body: nothing (If-None-Match)
+        // or the matched version (If-Match). Older versions a cleanup has not reached yet (a
+        // crash cut it) do not count.
         let live = |v: u128| versions.iter().any(|(version, _)| *version == v);
-        let others: Vec<u128> =
-            versions.iter().filter(|(v, _)| *v != version && Some(*v) != condition.matched).map(|(v, _)| *v).collect();
+        let others = versions
+            .iter()
+            .map(|(v, _)| *v)
+            .filter(|v| *v != version && Some(*v) != condition.matched && condition.matched.is_none_or(|m| *v > m));
         let matched_gone = condition.matched.is_some_and(|m| !live(m));
-        if matched_gone || !others.is_empty() {
-            delete_version(state, id, borrowed).await.map_err(after)?;
-            if matched_gone || others.iter().any(|v| *v < version) {
-                return Err(before(S3Error::precondition_failed(
-                    "at least one of the pre-conditions you specified did not hold",
-                )));
-            }
-            return Err(before(S3Error {
-                status: StatusCode::CONFLICT,
-                code: "ConditionalRequestConflict",
-                message: "a conflicting conditional operation is in progress against this resource; try again".into(),
-                resource: None,
-            }));
+        if matched_gone || others.count() > 0 {
+            let garbage = delete_record(state, id).await.map_err(after)?;
+            drop(name_guard);
+            delete_pieces(state, &without(garbage, borrowed)).await;
+            return Err(before(S3Error::precondition_failed(
+                "at least one of the pre-conditions you specified did not hold",
+            )));
         }
     }
     // Committed: whatever happens to the cleanup, the write succeeded (what it could not delete
-    // stays unreferenced, as after a crash).
+    // stays unreferenced, as after a crash). The superseded records go under the lock, their
+    // pieces after it.
+    let mut garbage = Vec::new();
     if let Some(((newest, newest_entry), older)) = versions.split_last() {
-        // The pieces of the version that stays current are never deleted with an older one
-        // that shares them (a multipart upload completed twice). When another writer's version
-        // is newer, this writer deletes its own record and pieces with the rest.
+        // The pieces of the version that stays current are never deleted with an older one that
+        // shares them (a multipart upload completed twice).
         let keep = if *newest == version {
             Some(object.pieces.clone())
         } else {
             match state.front.name_record(newest_entry.blob_id()).await {
                 Ok(record) => model::decode::<ObjectRecord>(&record.body).ok().map(|o| o.pieces),
-                // Superseded or deleted meanwhile: its writer's cleanup, or the delete, takes
-                // over.
                 Err(_) => None,
             }
         };
         match keep {
             Some(keep) => {
                 for (_, entry) in older {
-                    if let Err(e) = delete_version(state, entry.blob_id(), &keep).await {
-                        tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced");
+                    match delete_record(state, entry.blob_id()).await {
+                        Ok(pieces) => garbage.extend(without(pieces, &keep)),
+                        Err(e) => {
+                            tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced")
+                        }
                     }
                 }
             }
-            None => tracing::debug!(key, "the newest version changed during cleanup; left to its writer"),
+            None => tracing::warn!(key, "the newest version could not be read; superseded versions stay"),
         }
     }
+    drop(name_guard);
+    delete_pieces(state, &garbage).await;
     Ok(version)
 }
 
@@ -840,10 +906,10 @@ async fn copy_object(
         object.headers = meta.headers;
     }
     // The bytes are copied: every version owns its pieces, so deleting one never touches another's.
-    let (pieces, md5) = copy_range(state, &source_object.object.pieces, 0, source_object.object.size).await?;
-    if !pieces.is_empty() {
+    let (pieces, digests) = copy_range(state, &source_object.object.pieces, 0, source_object.object.size, None).await?;
+    if object.inline.is_empty() {
         // A copy is one object put whole: its ETag is its MD5 (a multipart source's was not).
-        object.etag = hex::encode(md5);
+        object.etag = hex::encode(digests.md5);
     }
     object.pieces = pieces;
     let version = commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
@@ -855,16 +921,17 @@ async fn copy_object(
 }
 
 /// Copies the bytes `[start, end)` of an object stored in `pieces` into new pieces (none of
-/// them longer than a source piece); their MD5. On failure deletes what it stored.
+/// them longer than a source piece); their MD5 and, when asked, their checksum. On failure (or
+/// if dropped) deletes what it stored.
 pub async fn copy_range(
     state: &Arc<S3State>,
     pieces: &[Piece],
     start: u64,
     end: u64,
-) -> Result<(Vec<Piece>, [u8; 16]), S3Error> {
-    use md5::{Digest, Md5};
-    let mut copied = Vec::new();
-    let mut md5 = Md5::new();
+    algorithm: Option<Algorithm>,
+) -> Result<(Vec<Piece>, checksum::FinishedDigests), S3Error> {
+    let mut copied = StoredPieces::new(state);
+    let mut digests = BodyDigests::new(false, algorithm);
     let mut at = 0u64;
     for piece in pieces {
         let (from, to) = (start.max(at), end.min(at + piece.len));
@@ -873,34 +940,24 @@ pub async fn copy_range(
             continue;
         }
         let (from, to) = (from - (at - piece.len), to - (at - piece.len));
-        let one = async {
-            // The bytes are held in memory while copied: counted as an upload's would be.
-            let _room = state.uploads.reserve(to - from).await.ok_or_else(|| {
-                S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
-            })?;
-            let reader = state.front.open(piece.blob_id()?).await.map_err(|e| match e {
-                crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted) => S3Error::service_unavailable(
-                    "the copy's source was overwritten or deleted during the copy; try again",
-                ),
-                e => e.into(),
-            })?;
-            let data = tokio::task::spawn_blocking(move || reader.read_range(from, to))
-                .await
-                .map_err(|e| S3Error::internal(e.to_string()))?
-                .map_err(|e| S3Error::from(crate::front::FrontError::Volume(e)))?;
-            md5.update(&data);
-            store_piece(state, Bytes::from(data)).await
-        }
-        .await;
-        match one {
-            Ok(p) => copied.push(p),
-            Err(e) => {
-                delete_pieces(state, &copied).await;
-                return Err(e);
+        // The bytes are held in memory while copied: counted as an upload's would be.
+        let _room = state.uploads.reserve(to - from).await.ok_or_else(|| {
+            S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
+        })?;
+        let reader = state.front.open(piece.blob_id()?).await.map_err(|e| match e {
+            crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted) => {
+                S3Error::service_unavailable("the copy's source was overwritten or deleted during the copy; try again")
             }
-        }
+            e => e.into(),
+        })?;
+        let data = tokio::task::spawn_blocking(move || reader.read_range(from, to))
+            .await
+            .map_err(|e| S3Error::internal(e.to_string()))?
+            .map_err(|e| S3Error::from(crate::front::FrontError::Volume(e)))?;
+        digests.update(&data);
+        copied.push(store_piece(state, Bytes::from(data)).await?);
     }
-    Ok((copied, md5.finalize().into()))
+    Ok((copied.take(), digests.finish()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1001,7 +1058,9 @@ async fn get_object(
     key: &str,
 ) -> Result<Response, S3Error> {
     // A version overwritten or deleted between reading its record and opening its pieces is
-    // gone: read the key again (its new version, or NoSuchKey).
+    // gone: read the key again (its new version, or NoSuchKey). The same version twice with a
+    // piece gone is an object that lost bytes: a 500, not a retry.
+    let mut last_version = None;
     for _ in 0..3 {
         // A request without its (empty) body, owned by each try.
         let attempt = S3Request {
@@ -1012,20 +1071,27 @@ async fn get_object(
             body: Body::empty(),
             signature: request.signature.clone(),
         };
-        if let Some(response) = get_object_once(state, attempt, bucket_name, key).await? {
-            return Ok(response);
+        match get_object_once(state, attempt, bucket_name, key).await? {
+            Ok(response) => return Ok(response),
+            Err(version) if last_version == Some(version) => {
+                return Err(S3Error::internal(format!(
+                    "a piece of the current version of {key:?} is missing: the object cannot be read"
+                )))
+            }
+            Err(version) => last_version = Some(version),
         }
     }
     Err(S3Error::service_unavailable("the object changed under every read; try again"))
 }
 
-/// GetObject / HeadObject of the key's current version; `None` if a piece was deleted meanwhile.
+/// GetObject / HeadObject of the key's current version; `Err(version)` if a piece of that
+/// version was deleted (it was superseded meanwhile, or lost).
 async fn get_object_once(
     state: &Arc<S3State>,
     request: S3Request,
     bucket_name: &str,
     key: &str,
-) -> Result<Option<Response>, S3Error> {
+) -> Result<Result<Response, u128>, S3Error> {
     let bucket = buckets::find(state, bucket_name).await?;
     let current = current(state, &bucket, bucket_name, key).await?.ok_or_else(|| S3Error::no_such_key(key))?;
     let object = &current.object;
@@ -1041,7 +1107,7 @@ async fn get_object_once(
         HeaderValue::from_str(&xml::http_date(current.last_modified_ms())).expect("ascii"),
     );
     if let Some(status) = check_read_conditions(&request.headers, &current, "")? {
-        return Ok(Some((status, headers).into_response()));
+        return Ok(Ok((status, headers).into_response()));
     }
     let len = object.size;
     let range = match parse_range(request.header("range"), len) {
@@ -1051,7 +1117,7 @@ async fn get_object_once(
             response
                 .headers_mut()
                 .insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii"));
-            return Ok(Some(response));
+            return Ok(Ok(response));
         }
     };
     let (start, end) = range.unwrap_or((0, len));
@@ -1088,17 +1154,17 @@ async fn get_object_once(
         None => StatusCode::OK,
     };
     if request.method == Method::HEAD {
-        return Ok(Some((status, headers).into_response()));
+        return Ok(Ok((status, headers).into_response()));
     }
     let body = if object.pieces.is_empty() {
         Body::from(Bytes::copy_from_slice(object.inline.get(start as usize..end as usize).unwrap_or_default()))
     } else {
         match object_body(state, &object.pieces, start, end).await? {
             Some(body) => body,
-            None => return Ok(None),
+            None => return Ok(Err(current.version)),
         }
     };
-    Ok(Some((status, headers, body).into_response()))
+    Ok(Ok((status, headers, body).into_response()))
 }
 
 /// The bytes `[start, end)` of an object, streamed piece by piece. Every piece is opened before
