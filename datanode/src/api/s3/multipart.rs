@@ -160,17 +160,6 @@ fn parse_part_number(text: &str) -> Result<u32, S3Error> {
         })
 }
 
-#[derive(Serialize)]
-#[serde(rename = "CopyPartResult")]
-struct CopyPartResult {
-    #[serde(rename = "@xmlns")]
-    xmlns: &'static str,
-    #[serde(rename = "LastModified")]
-    last_modified: String,
-    #[serde(rename = "ETag")]
-    etag: String,
-}
-
 async fn upload_part(
     state: &Arc<S3State>,
     mut request: S3Request,
@@ -220,11 +209,7 @@ async fn upload_part(
     };
     let version = commit_part(state, bucket_name, key, upload_id, number, part.clone()).await?;
     if copy {
-        return Ok(xml_response(&CopyPartResult {
-            xmlns: xml::NAMESPACE,
-            last_modified: xml::timestamp(names::version_ms(version)),
-            etag: format!("\"{}\"", part.etag),
-        }));
+        return Ok(objects::copy_result("CopyPartResult", version, &part.etag));
     }
     let mut response = StatusCode::OK.into_response();
     let h = response.headers_mut();

@@ -23,7 +23,7 @@ use super::chunked::ChunkedDecoder;
 use super::error::S3Error;
 use super::model::{self, BucketRecord, ObjectRecord, ObjectSummary, Piece};
 use super::sigv4::Payload;
-use super::{buckets, xml, xml_response, S3Request, S3State, Target};
+use super::{buckets, xml, S3Request, S3State, Target};
 use crate::engine::names::{self, NameRecord};
 use crate::engine::{now_ms, BlobMeta};
 
@@ -828,15 +828,27 @@ pub async fn commit(
     Ok(version)
 }
 
+/// What CopyObject (`CopyObjectResult`) and UploadPartCopy (`CopyPartResult`) answer.
 #[derive(Serialize)]
-#[serde(rename = "CopyObjectResult")]
-struct CopyObjectResult {
+struct CopyResult {
     #[serde(rename = "@xmlns")]
     xmlns: &'static str,
     #[serde(rename = "LastModified")]
     last_modified: String,
     #[serde(rename = "ETag")]
     etag: String,
+}
+
+/// A copy's answer: `root` names the document, `version` gives its time.
+pub fn copy_result(root: &str, version: u128, etag: &str) -> Response {
+    let result = CopyResult {
+        xmlns: xml::NAMESPACE,
+        last_modified: xml::timestamp(names::version_ms(version)),
+        etag: format!("\"{etag}\""),
+    };
+    let mut response = (StatusCode::OK, xml::document_as(root, &result)).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/xml"));
+    response
 }
 
 /// The object `x-amz-copy-source` names: `<bucket>/<key>[?versionId=null]`.
@@ -913,11 +925,7 @@ async fn copy_object(
     }
     object.pieces = pieces;
     let version = commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
-    Ok(xml_response(&CopyObjectResult {
-        xmlns: xml::NAMESPACE,
-        last_modified: xml::timestamp(names::version_ms(version)),
-        etag: format!("\"{}\"", object.etag),
-    }))
+    Ok(copy_result("CopyObjectResult", version, &object.etag))
 }
 
 /// Copies the bytes `[start, end)` of an object stored in `pieces` into new pieces (none of

@@ -17,6 +17,14 @@ pub fn document<T: Serialize>(value: &T) -> String {
     out
 }
 
+/// `value` as a document whose root element is `root` (one type for documents that differ only
+/// in their root's name).
+pub fn document_as<T: Serialize>(root: &str, value: &T) -> String {
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
+    quick_xml::se::to_writer_with_root(&mut out, root, value).expect("S3 documents serialize");
+    out
+}
+
 /// A request body read as `T`, or S3's MalformedXML.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, S3Error> {
     let text = std::str::from_utf8(body).map_err(|_| S3Error::malformed_xml("the XML body is not UTF-8"))?;
