@@ -320,7 +320,13 @@ def multipart():
     check("download_fileobj (ranged, concurrent) of a multipart object", out.getvalue() == data)
     listed = s3.list_objects_v2(Bucket="suite", Prefix="mpu/managed")["Contents"][0]
     check("the listing shows a multipart object's size and ETag", listed["Size"] == len(data) and listed["ETag"] == head["ETag"])
-    check("?partNumber of a multipart object is refused, not answered whole", error_of(lambda: s3.get_object(Bucket="suite", Key="mpu/managed", PartNumber=1))[0] == "NotImplemented")
+    for n, chunk in enumerate(chunks, start=1):
+        got = s3.get_object(Bucket="suite", Key="mpu/managed", PartNumber=n)
+        check(f"GET ?partNumber={n} is that part, with the parts count", got["Body"].read() == chunk and got["PartsCount"] == len(chunks) and got["ContentLength"] == len(chunk), (got.get("PartsCount"), got.get("ContentRange")))
+    head = s3.head_object(Bucket="suite", Key="mpu/managed", PartNumber=4)
+    check("HEAD ?partNumber says the part's length", head["ContentLength"] == len(chunks[3]) and head["PartsCount"] == 4, head["ContentLength"])
+    check("a part number past the last is InvalidPartNumber", error_of(lambda: s3.get_object(Bucket="suite", Key="mpu/managed", PartNumber=5)) == ("InvalidPartNumber", 416))
+    check("part 1 of an object put whole is all of it", body_of("suite", "meta", PartNumber=1) == b"hello, metadata")
 
     # The calls one by one: parts out of order, a part uploaded again, ListParts, ListMultipartUploads.
     p1, p1b, p2, p3 = (rng.randbytes(n) for n in (5 * MIB, 5 * MIB + 9, 6 * MIB, 77))

@@ -51,6 +51,7 @@ s3_errors! {
     invalid_digest => BAD_REQUEST, "InvalidDigest";
     invalid_part => BAD_REQUEST, "InvalidPart";
     invalid_part_order => BAD_REQUEST, "InvalidPartOrder";
+    invalid_part_number => RANGE_NOT_SATISFIABLE, "InvalidPartNumber";
     invalid_range => RANGE_NOT_SATISFIABLE, "InvalidRange";
     invalid_request => BAD_REQUEST, "InvalidRequest";
     key_too_long => BAD_REQUEST, "KeyTooLongError";

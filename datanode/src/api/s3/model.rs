@@ -33,6 +33,8 @@ impl Piece {
     }
 }
 
+/// An object's record: format 2 ([`ObjectRecord::encode`]; format 1, before multipart uploads,
+/// had no `parts` and still decodes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRecord {
     pub size: u64,
@@ -50,6 +52,50 @@ pub struct ObjectRecord {
     /// ...or, for a small object, here (`pieces` then empty).
     #[serde(with = "serde_bytes")]
     pub inline: Vec<u8>,
+    /// A multipart object's parts' sizes, in order (`?partNumber` reads one); empty for an object
+    /// put whole.
+    pub parts: Vec<u64>,
+}
+
+/// An object's record as format 1 wrote it.
+#[derive(Deserialize)]
+struct ObjectRecordV1 {
+    size: u64,
+    etag: String,
+    content_type: String,
+    user_meta: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    checksum: Option<Checksum>,
+    pieces: Vec<Piece>,
+    #[serde(with = "serde_bytes")]
+    inline: Vec<u8>,
+}
+
+const OBJECT_FORMAT: u8 = 2;
+
+impl ObjectRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        versioned::encode(OBJECT_FORMAT, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, S3Error> {
+        let old = |v: ObjectRecordV1| ObjectRecord {
+            size: v.size,
+            etag: v.etag,
+            content_type: v.content_type,
+            user_meta: v.user_meta,
+            headers: v.headers,
+            checksum: v.checksum,
+            pieces: v.pieces,
+            inline: v.inline,
+            parts: Vec::new(),
+        };
+        match bytes.first() {
+            Some(&FORMAT) => versioned::decode::<ObjectRecordV1>(FORMAT, bytes).map(old),
+            _ => versioned::decode(OBJECT_FORMAT, bytes),
+        }
+        .map_err(|e| S3Error::internal(format!("an object's record does not decode: {e}")))
+    }
 }
 
 /// What a listing shows of an object, kept in the name index beside its name.
@@ -258,6 +304,41 @@ mod tests {
         for bad in ["a\0b", "\u{1}", "x\u{1f}"] {
             assert_eq!(check_key(bad).unwrap_err().code, "InvalidArgument", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn objects_written_before_multipart_still_read() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            size: u64,
+            etag: &'a str,
+            content_type: &'a str,
+            user_meta: Vec<(String, String)>,
+            headers: Vec<(String, String)>,
+            checksum: Option<Checksum>,
+            pieces: Vec<Piece>,
+            #[serde(with = "serde_bytes")]
+            inline: Vec<u8>,
+        }
+        let piece = Piece { id: [7; BLOB_ID_BYTES], len: 9 };
+        let v1 = V1 {
+            size: 9,
+            etag: "abc",
+            content_type: "text/plain",
+            user_meta: vec![("a".into(), "1".into())],
+            headers: vec![],
+            checksum: None,
+            pieces: vec![piece.clone()],
+            inline: vec![],
+        };
+        let read = ObjectRecord::decode(&versioned::encode(1, &v1)).unwrap();
+        assert_eq!((read.size, read.etag.as_str(), read.pieces, read.parts), (9, "abc", vec![piece], vec![]));
+        let now = ObjectRecord { parts: vec![5, 4], ..read };
+        let bytes = now.encode();
+        assert_eq!(bytes[0], 2);
+        assert_eq!(ObjectRecord::decode(&bytes).unwrap(), now);
+        // Read as another record's format, it is refused, not misread.
+        assert!(decode::<BucketRecord>(&bytes).is_err());
     }
 
     #[test]

@@ -150,7 +150,7 @@ fn part_number(request: &S3Request) -> Result<u32, S3Error> {
 }
 
 /// A part number: digits only, 1 to 10,000.
-fn parse_part_number(text: &str) -> Result<u32, S3Error> {
+pub fn parse_part_number(text: &str) -> Result<u32, S3Error> {
     Some(text)
         .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|t| t.parse::<u32>().ok())
@@ -205,6 +205,7 @@ async fn upload_part(
             checksum: read.checksum,
             pieces,
             inline: Vec::new(),
+            parts: Vec::new(),
         }
     };
     let version = commit_part(state, bucket_name, key, upload_id, number, part.clone()).await?;
@@ -320,6 +321,7 @@ async fn copy_part(
         checksum: digests.checksum,
         pieces,
         inline: Vec::new(),
+        parts: Vec::new(),
     })
 }
 
@@ -449,7 +451,7 @@ async fn complete(
         let condition = objects::write_condition(&state, &headers, &bucket, &bucket_name, &key).await?;
         let object = assemble(&state, &bucket_name, &upload_id, &upload, &asked.parts).await?;
         // The record lists every piece: it must fit in a blob.
-        let record_bytes = model::encode(&object).len() as u64 + 4096;
+        let record_bytes = object.encode().len() as u64 + 4096;
         let max_blob = state.front.max_blob_bytes(state.options.max_blob_bytes);
         if record_bytes > max_blob {
             return Err(S3Error::entity_too_large(format!(
@@ -559,6 +561,7 @@ async fn assemble(
     let space = model::parts_space(bucket_name);
     let mut pieces: Vec<Piece> = Vec::new();
     let mut md5s = Vec::with_capacity(asked.len());
+    let mut sizes = Vec::with_capacity(asked.len());
     let mut size = 0u64;
     for (i, given) in asked.iter().enumerate() {
         let invalid = |why: &str| {
@@ -571,7 +574,7 @@ async fn assemble(
         let (_, _, record) = objects::current_record(state, upload.partition, &space, &name)
             .await?
             .ok_or_else(|| invalid("was not uploaded"))?;
-        let part: ObjectRecord = model::decode(&record.body)?;
+        let part = ObjectRecord::decode(&record.body)?;
         let etag = given.etag.trim().trim_matches('"');
         if etag != part.etag {
             return Err(invalid("has another entity tag"));
@@ -593,6 +596,7 @@ async fn assemble(
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| S3Error::internal("a part's entity tag is not an MD5"))?;
         md5s.push(md5);
+        sizes.push(part.size);
         size += part.size;
         pieces.extend(part.pieces);
     }
@@ -606,6 +610,7 @@ async fn assemble(
         checksum: None,
         pieces,
         inline: Vec::new(),
+        parts: sizes,
     })
 }
 

@@ -52,14 +52,10 @@ pub async fn object(state: &Arc<S3State>, request: S3Request) -> Result<Response
     if request.has_param("uploads") || request.has_param("uploadId") {
         return super::multipart::object(state, request, &bucket, &key).await;
     }
-    for unsupported in
-        ["partNumber", "acl", "tagging", "retention", "legal-hold", "torrent", "restore", "select", "attributes"]
-    {
-        // partNumber=1 of an object put whole is the whole object (GET/HEAD; a multipart
-        // object's parts are refused there).
-        if unsupported == "partNumber" && request.param("partNumber") == Some("1") {
-            continue;
-        }
+    if request.has_param("partNumber") && request.method != Method::GET && request.method != Method::HEAD {
+        return Err(S3Error::invalid_request("?partNumber without ?uploadId reads a part: GET or HEAD only"));
+    }
+    for unsupported in ["acl", "tagging", "retention", "legal-hold", "torrent", "restore", "select", "attributes"] {
         if request.has_param(unsupported) {
             return Err(S3Error::not_implemented(format!(
                 "the ?{unsupported} subresource is not supported (docs/s3.md)"
@@ -103,7 +99,7 @@ pub async fn current(
 ) -> Result<Option<Current>, S3Error> {
     let partition = model::partition_of(&bucket.partitions, key);
     let Some((id, version, record)) = current_record(state, partition, space, key).await? else { return Ok(None) };
-    Ok(Some(Current { id, version, object: model::decode(&record.body)? }))
+    Ok(Some(Current { id, version, object: ObjectRecord::decode(&record.body)? }))
 }
 
 /// The newest name record of `name` in `partition`: its id, version and record. A record deleted
@@ -166,7 +162,7 @@ pub async fn delete_record(state: &Arc<S3State>, id: BlobId) -> Result<Vec<Piece
         Ok(()) | Err(crate::front::FrontError::Volume(crate::engine::VolumeError::NotFound)) => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(record.and_then(|r| model::decode::<ObjectRecord>(&r.body).ok()).map(|o| o.pieces).unwrap_or_default())
+    Ok(record.and_then(|r| ObjectRecord::decode(&r.body).ok()).map(|o| o.pieces).unwrap_or_default())
 }
 
 /// `pieces` but none of `keep`.
@@ -600,6 +596,7 @@ async fn put_object(
         checksum: read.checksum,
         pieces,
         inline: inline.to_vec(),
+        parts: Vec::new(),
     };
     commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
     let mut response = StatusCode::OK.into_response();
@@ -745,7 +742,7 @@ pub async fn commit(
         Pieces::Borrowed => &object.pieces,
     };
     let summary = model::encode(&object.summary());
-    let body = model::encode(object);
+    let body = object.encode();
     let name_guard = state.name_locks.lock(name_lock(space, key)).await;
     let mut attempts = 0;
     let (version, id, versions) = loop {
@@ -805,7 +802,7 @@ pub async fn commit(
             Some(object.pieces.clone())
         } else {
             match state.front.name_record(newest_entry.blob_id()).await {
-                Ok(record) => model::decode::<ObjectRecord>(&record.body).ok().map(|o| o.pieces),
+                Ok(record) => ObjectRecord::decode(&record.body).ok().map(|o| o.pieces),
                 Err(_) => None,
             }
         };
@@ -923,6 +920,7 @@ async fn copy_object(
         // A copy is one object put whole: its ETag is its MD5 (a multipart source's was not).
         object.etag = hex::encode(digests.md5);
     }
+    object.parts = Vec::new();
     object.pieces = pieces;
     let version = commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
     Ok(copy_result("CopyObjectResult", version, &object.etag))
@@ -1103,12 +1101,29 @@ async fn get_object_once(
     let bucket = buckets::find(state, bucket_name).await?;
     let current = current(state, &bucket, bucket_name, key).await?.ok_or_else(|| S3Error::no_such_key(key))?;
     let object = &current.object;
-    if request.has_param("partNumber") && object.etag.contains('-') {
-        return Err(S3Error::not_implemented(
-            "reading one part of a multipart object (?partNumber) is not supported: read its byte range",
-        ));
-    }
+    // `?partNumber=N`: the bytes of part N of a multipart object (part 1 of an object put whole
+    // is all of it), as S3 serves them.
+    let part = match request.param("partNumber") {
+        None => None,
+        Some(text) => {
+            let n = super::multipart::parse_part_number(text)?;
+            if request.headers.contains_key(header::RANGE) {
+                return Err(S3Error::invalid_request("a request takes a Range header or ?partNumber, not both"));
+            }
+            let count = object.parts.len().max(1);
+            if n as usize > count {
+                return Err(S3Error::invalid_part_number(format!(
+                    "the object has {count} part(s); part {n} is not satisfiable"
+                )));
+            }
+            let start: u64 = object.parts.iter().take(n as usize - 1).sum();
+            Some((start, start + object.parts.get(n as usize - 1).copied().unwrap_or(object.size)))
+        }
+    };
     let mut headers = HeaderMap::new();
+    if part.is_some() && !object.parts.is_empty() {
+        headers.insert("x-amz-mp-parts-count", HeaderValue::from(object.parts.len()));
+    }
     headers.insert(header::ETAG, quoted(&object.etag));
     headers.insert(
         header::LAST_MODIFIED,
@@ -1118,7 +1133,14 @@ async fn get_object_once(
         return Ok(Ok((status, headers).into_response()));
     }
     let len = object.size;
-    let range = match parse_range(request.header("range"), len) {
+    let range = match part {
+        // A part of a multipart object is a range of it (206); part 1 of an object put whole is
+        // all of it (200).
+        Some(bounds) if !object.parts.is_empty() => Ok(Some(bounds)),
+        Some(_) => Ok(None),
+        None => parse_range(request.header("range"), len),
+    };
+    let range = match range {
         Ok(range) => range,
         Err(e) => {
             let mut response = e.into_response();
