@@ -332,7 +332,10 @@ mod tests {
             inline: vec![],
         };
         let read = ObjectRecord::decode(&versioned::encode(1, &v1)).unwrap();
-        assert_eq!((read.size, read.etag.as_str(), read.pieces, read.parts), (9, "abc", vec![piece], vec![]));
+        assert_eq!(
+            (read.size, read.etag.as_str(), read.pieces.clone(), read.parts.clone()),
+            (9, "abc", vec![piece], vec![])
+        );
         let now = ObjectRecord { parts: vec![5, 4], ..read };
         let bytes = now.encode();
         assert_eq!(bytes[0], 2);
