@@ -143,9 +143,9 @@ async fn a_segment_that_cannot_be_created_pauses_or_fails_and_loses_nothing_ackn
 /// A node that dies right after a multipart completion committed its object, before the upload's
 /// records went: after the restart the object reads whole; the upload still lists, takes no
 /// part, and a retried completion answers the same object (then the upload is gone). If the
-/// object was deleted in between, the retry is NoSuchUpload — never a 200 for bytes that are
-/// gone — and aborting (204, or NoSuchUpload once the retry's cleanup finished) touches no
-/// object.
+/// object was deleted in between, the retry still answers the completion that happened and
+/// brings nothing back; aborting (204, or NoSuchUpload once the retry's cleanup finished)
+/// touches no object.
 #[test]
 fn a_crash_between_a_completions_commit_and_its_cleanup_loses_nothing() {
     use axum::http::Method;
@@ -180,7 +180,10 @@ fn a_crash_between_a_completions_commit_and_its_cleanup_loses_nothing() {
         assert!(s3.get(key, None) == whole, "{key}: and its object is untouched");
         if delete_between {
             s3.ok(s3.request(Method::DELETE, &format!("/crash/{key}"), &[]));
-            assert_eq!(s3.complete(key, &id, &etags).status(), 404, "a retry after the object was deleted");
+            // The completion did happen: its retry says so, and brings nothing back.
+            assert_eq!(s3.complete(key, &id, &etags).status(), 200, "a retry after the object was deleted");
+            let gone = s3.request(Method::GET, &format!("/crash/{key}"), &[]).send().unwrap();
+            assert_eq!(gone.status(), 404, "the deleted object stays deleted");
             let abort = s3.request(Method::DELETE, &format!("/crash/{key}"), &[("uploadId", &id)]).send().unwrap();
             assert!(
                 abort.status() == 204 || abort.status() == 404,

@@ -190,3 +190,26 @@ fn a_copy_cut_short_by_its_client_leaves_nothing() {
     s3.ok(s3.request(Method::DELETE, "/race/copy", &[]));
     wait_for("no piece of the cut copy is left", || live_blobs(&node) == baseline);
 }
+
+/// `?partNumber` reads one part of a multipart object, an empty one included (206 without a
+/// Content-Range: it names no byte).
+#[test]
+fn part_numbers_read_parts_and_an_empty_part_names_no_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, s3) = start(&dir.path().join("node"));
+    let id = s3.create_upload("parts");
+    let first = vec![4u8; PART];
+    let etags = vec![s3.upload_part("parts", &id, 1, &first), s3.upload_part("parts", &id, 2, b"")];
+    assert_eq!(s3.complete("parts", &id, &etags).status(), 200);
+    let one = s3.ok(s3.request(Method::GET, "/race/parts", &[("partNumber", "1")]));
+    assert_eq!(one.status(), 206);
+    assert_eq!(one.headers()["content-range"], format!("bytes 0-{}/{PART}", PART - 1).as_str());
+    assert_eq!(one.headers()["x-amz-mp-parts-count"], "2");
+    assert!(one.bytes().unwrap().as_ref() == first.as_slice());
+    let two = s3.ok(s3.request(Method::GET, "/race/parts", &[("partNumber", "2")]));
+    assert_eq!(two.status(), 206);
+    assert!(two.headers().get("content-range").is_none(), "an empty part names no byte");
+    assert!(two.bytes().unwrap().is_empty());
+    let three = s3.request(Method::GET, "/race/parts", &[("partNumber", "3")]).send().unwrap();
+    assert_eq!(three.status(), 416);
+}

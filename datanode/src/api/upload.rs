@@ -21,6 +21,9 @@ const UNIT: u64 = 1024;
 /// A body of unknown length takes room this much at a time.
 const STEP: u64 = 1 << 20;
 
+/// Room reserved in the upload budget, given back when dropped.
+pub type Room = OwnedSemaphorePermit;
+
 pub struct UploadBudget {
     permits: Arc<Semaphore>,
     total_bytes: u64,
@@ -60,7 +63,7 @@ impl UploadBudget {
 
     /// Room for `bytes` of a body another front holds (the S3 front's pieces), given back when
     /// the permit drops; `None` when none came within the wait.
-    pub async fn reserve(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+    pub async fn reserve(&self, bytes: u64) -> Option<Room> {
         self.take(bytes.clamp(1, self.total_bytes)).await.ok()
     }
 

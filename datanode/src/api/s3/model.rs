@@ -143,9 +143,9 @@ pub struct UploadRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Completion {
     pub etag: String,
-    /// A digest of the pieces, in order, the object is given: a retried completion answers
-    /// again only if the key's current object holds exactly these.
-    pub pieces: String,
+    /// The version of the object's record, chosen before the marker is written: a retried
+    /// completion looks that record up by its id to learn whether it was written.
+    pub version: u128,
 }
 
 /// S3's most parts per upload, and their numbers' range.

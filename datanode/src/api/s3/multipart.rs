@@ -29,7 +29,8 @@ use super::model::{self, BucketRecord, Completion, ObjectRecord, Piece, UploadRe
 use super::objects::{self, BodyReader, Pieces};
 use super::{buckets, small_body, xml, xml_response, S3Request, S3State};
 use crate::engine::names::{self, NameRecord};
-use crate::engine::now_ms;
+use crate::engine::{now_ms, VolumeError};
+use crate::front::FrontError;
 
 /// An upload found by key and id.
 struct Upload {
@@ -178,17 +179,13 @@ async fn upload_part(
         let body = std::mem::replace(&mut request.body, Body::empty());
         // Never inline: the completed object's bytes are its parts' pieces.
         let (pieces, _) = objects::store_body(state, &mut reader, body.into_data_stream(), 0).await?;
-        let read = match reader.finish() {
-            Ok(read) => read,
-            Err(e) => {
-                objects::delete_pieces(state, &pieces).await;
-                return Err(e);
-            }
-        };
+        // Until the part's commit takes them, the pieces go if anything fails or the request is
+        // dropped.
+        let pieces = objects::StoredPieces::holding(state, pieces);
+        let read = reader.finish()?;
         // An upload created with a checksum algorithm takes parts that carry that checksum.
         if let Some(algorithm) = upload.record.checksum {
             if read.checksum.as_ref().map(|c| c.algorithm) != Some(algorithm) {
-                objects::delete_pieces(state, &pieces).await;
                 return Err(S3Error::invalid_request(format!(
                     "the upload was created with checksum algorithm {}: each part carries its {}",
                     algorithm.name(),
@@ -203,7 +200,7 @@ async fn upload_part(
             user_meta: Vec::new(),
             headers: Vec::new(),
             checksum: read.checksum,
-            pieces,
+            pieces: pieces.take(),
             inline: Vec::new(),
             parts: Vec::new(),
         }
@@ -307,7 +304,7 @@ async fn copy_part(
         let data = bytes::Bytes::copy_from_slice(&source.object.inline[start as usize..end as usize]);
         let mut digests = super::checksum::BodyDigests::new(false, algorithm);
         digests.update(&data);
-        let pieces = if data.is_empty() { Vec::new() } else { vec![objects::store_piece(state, data).await?] };
+        let pieces = if data.is_empty() { Vec::new() } else { vec![objects::store_piece(state, data, None).await?] };
         (pieces, digests.finish())
     } else {
         objects::copy_range(state, &source.object.pieces, start, end, algorithm).await?
@@ -425,31 +422,50 @@ async fn complete(
     let (state, bucket_name, key, upload_id) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
     let etag = tokio::spawn(async move {
-        // The upload's lock, then the bucket: nothing waits for an upload's lock while it holds
-        // the bucket (a bucket being created or deleted would stall every writer behind it).
+        // The upload's lock, then the bucket, then the key's name: nothing waits for an
+        // upload's lock while it holds the bucket (a bucket being created or deleted would stall
+        // every writer behind it), and no other writer of the key comes between the marker and
+        // the object's record.
         let upload_guard = state.upload_locks.lock(upload_id.clone()).await;
         let bucket_guard = state.buckets_lock.read().await;
         let bucket = buckets::find(&state, &bucket_name).await?;
         let upload = find_upload(&state, &bucket, &bucket_name, &key, &upload_id).await?;
+        let name_guard = objects::lock_name(&state, &bucket_name, &key).await;
         if let Some(completion) = &upload.record.completing {
-            // A completion was here before (its answer lost, or cut by a crash): if the key's
-            // current object is the one it committed (the same pieces), this is a retry that
-            // gets the same answer; else it never committed, or its object is gone since, and
-            // the upload is over.
-            let current = objects::current(&state, &bucket, &bucket_name, &key).await?;
-            let committed = current.as_ref().is_some_and(|c| pieces_digest(&c.object.pieces) == completion.pieces);
-            let keep = current.map(|c| c.object.pieces).unwrap_or_default();
-            drop((bucket_guard, upload_guard));
-            forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep);
-            return match committed {
-                true => Ok(completion.etag.clone()),
-                false => Err(S3Error::no_such_upload(&upload_id)),
+            // A completion was here before: its answer lost, or cut by a crash. Its object's
+            // record id is known (the version was chosen before the marker was written): if it
+            // was written — whether current still or superseded since — the upload completed
+            // and this retry gets the same answer; if never, this completion goes on afresh.
+            let id = names::name_id(upload.partition, &bucket_name, &key, completion.version);
+            let committed = match state.front.name_record(id).await {
+                Ok(_) | Err(FrontError::Volume(VolumeError::Deleted)) => true,
+                Err(FrontError::Volume(VolumeError::NotFound)) => false,
+                Err(e) => return Err(e.into()),
             };
+            if committed {
+                let keep = objects::current(&state, &bucket, &bucket_name, &key).await?.map(|c| c.object.pieces);
+                drop((name_guard, bucket_guard, upload_guard));
+                forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep.unwrap_or_default());
+                return Ok(completion.etag.clone());
+            }
         }
         // The destination's conditions, as for PutObject (checked here, so that a retried
-        // completion answers above before they are).
+        // completion answers above before they are; the commit checks them again).
         let condition = objects::write_condition(&state, &headers, &bucket, &bucket_name, &key).await?;
         let object = assemble(&state, &bucket_name, &upload_id, &upload, &asked.parts).await?;
+        if upload.record.completing.is_some() {
+            // Marked and never committed (as far as the index still remembers: a tombstone
+            // compaction purged looks the same): the parts must all be there still.
+            for piece in &object.pieces {
+                if let Err(e) = state.front.open(piece.blob_id()?).await {
+                    tracing::warn!(upload_id, error = %e, "a marked upload lost a piece; it is over");
+                    let keep = objects::current(&state, &bucket, &bucket_name, &key).await?.map(|c| c.object.pieces);
+                    drop((name_guard, bucket_guard, upload_guard));
+                    forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep.unwrap_or_default());
+                    return Err(S3Error::no_such_upload(&upload_id));
+                }
+            }
+        }
         // The record lists every piece: it must fit in a blob.
         let record_bytes = object.encode().len() as u64 + 4096;
         let max_blob = state.front.max_blob_bytes(state.options.max_blob_bytes);
@@ -459,27 +475,39 @@ async fn complete(
                 object.pieces.len()
             )));
         }
-        // From here the parts' pieces may become the object's: the upload says so, durably,
-        // before the object's record is written, and takes no change after.
-        let open = upload.record.clone();
-        let completion = Completion { etag: object.etag.clone(), pieces: pieces_digest(&object.pieces) };
-        let marked = UploadRecord { completing: Some(completion), ..open.clone() };
+        // From here the parts' pieces may become the object's: the upload says so, durably, with
+        // the version the object's record will have (above every version of the key: the name
+        // is locked), before that record is written; and it takes no part after.
+        if let Some((newest, _)) = state.front.name_versions(upload.partition, &bucket_name, &key).await?.last() {
+            names::observe_version(*newest);
+        }
+        let version = names::new_version();
+        let open = UploadRecord { completing: None, ..upload.record.clone() };
+        let marked = UploadRecord { completing: Some(Completion { etag: object.etag.clone(), version }), ..open.clone() };
         write_upload(&state, upload.partition, &bucket_name, &key, &upload_id, &marked).await?;
         let committed =
-            objects::commit(&state, upload.partition, &bucket_name, &key, &object, condition, Pieces::Borrowed).await;
-        if let Err(e) = committed {
-            // Refused or failed before its record could be live (a precondition, no room): the
-            // upload is open again, for another try. Otherwise it stays marked.
-            if !e.record_may_live {
-                write_upload(&state, upload.partition, &bucket_name, &key, &upload_id, &open).await?;
+            objects::commit_locked(&state, upload.partition, &bucket_name, &key, &object, condition, Some(version)).await;
+        drop(name_guard);
+        let garbage = match committed {
+            Ok((_, garbage)) => garbage,
+            Err(e) => {
+                // Refused before its record was written (a precondition, no room): the upload is
+                // open again, for another try. (If its record may be live, or reopening fails,
+                // it stays marked: a retry finds out which, by the record's id.)
+                if !e.record_may_live {
+                    if let Err(reopen) = write_upload(&state, upload.partition, &bucket_name, &key, &upload_id, &open).await {
+                        tracing::warn!(upload_id, error = %reopen, "a refused completion's upload stays marked; completing it again goes on");
+                    }
+                }
+                return Err(e.error);
             }
-            return Err(e.error);
-        }
+        };
         // A crash here (a test's failpoint) leaves the object committed and the upload marked.
         fail::fail_point!("s3-complete-committed", |_| -> Result<String, S3Error> { std::process::abort() });
         // Committed. The upload's records go after the answer, the pieces of parts the object
         // did not take with them.
         drop((bucket_guard, upload_guard));
+        objects::delete_pieces(&state, &garbage).await;
         forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, object.pieces.clone());
         Ok::<_, S3Error>(object.etag)
     })
@@ -497,17 +525,6 @@ async fn complete(
 /// A key in a path: every byte but the unreserved ones and `/` percent-encoded.
 const PATH: &percent_encoding::AsciiSet =
     &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
-
-/// A digest of the pieces a completion gives its object, in order: the same only for that
-/// object (piece ids are never reused).
-fn pieces_digest(pieces: &[Piece]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut digest = Sha256::new();
-    for piece in pieces {
-        digest.update(piece.id);
-    }
-    hex::encode(digest.finalize())
-}
 
 /// Writes a new version of an upload's record (above every version it has, whatever the
 /// clock), then deletes the older ones.
@@ -678,9 +695,10 @@ async fn abort_upload(
     upload_id: &str,
     partition: u32,
 ) -> Result<(), S3Error> {
-    let keep = match objects::current(state, bucket, bucket_name, key).await? {
-        Some(current) => current.object.pieces,
-        None => Vec::new(),
+    // Under the key's lock: its current object, not a write in progress.
+    let keep = {
+        let _name = objects::lock_name(state, bucket_name, key).await;
+        objects::current(state, bucket, bucket_name, key).await?.map(|c| c.object.pieces).unwrap_or_default()
     };
     forget_upload(state, bucket_name, key, upload_id, partition, &keep).await
 }

@@ -124,7 +124,7 @@ pub async fn delete_key(state: &Arc<S3State>, bucket: &BucketRecord, space: &str
     let partition = model::partition_of(&bucket.partitions, key);
     let mut garbage = Vec::new();
     {
-        let _name = state.name_locks.lock(name_lock(space, key)).await;
+        let _name = lock_name(state, space, key).await;
         for (_, entry) in state.front.name_versions(partition, space, key).await? {
             garbage.extend(delete_record(state, entry.blob_id()).await?);
         }
@@ -181,7 +181,11 @@ pub struct StoredPieces {
 
 impl StoredPieces {
     pub fn new(state: &Arc<S3State>) -> Self {
-        Self { state: state.clone(), pieces: Vec::new() }
+        Self::holding(state, Vec::new())
+    }
+
+    pub fn holding(state: &Arc<S3State>, pieces: Vec<Piece>) -> Self {
+        Self { state: state.clone(), pieces }
     }
 
     pub fn push(&mut self, piece: Piece) {
@@ -579,13 +583,10 @@ async fn put_object(
     let body = std::mem::replace(&mut request.body, Body::empty());
     let inline_max = state.options.inline_bytes;
     let (pieces, inline) = store_body(state, &mut reader, body.into_data_stream(), inline_max).await?;
-    let read = match reader.finish() {
-        Ok(read) => read,
-        Err(e) => {
-            delete_pieces(state, &pieces).await;
-            return Err(e);
-        }
-    };
+    // Until the commit takes them, the pieces go if anything fails or the request is dropped.
+    let pieces = StoredPieces::holding(state, pieces);
+    let read = reader.finish()?;
+    let pieces = pieces.take();
     debug_assert_eq!(read.len, pieces.iter().map(|p| p.len).sum::<u64>() + inline.len() as u64);
     let object = ObjectRecord {
         size: read.len,
@@ -640,8 +641,9 @@ pub async fn store_body(
             while buffer.len() as u64 >= state.options.piece_bytes || (done && !buffer.is_empty()) {
                 let take = (state.options.piece_bytes as usize).min(buffer.len());
                 let payload = buffer.split_to(take).freeze();
-                pieces.push(store_piece(state, payload).await?);
-                room = None;
+                // The room goes with the piece: held until it is stored, even if this request is
+                // dropped meanwhile.
+                pieces.push(store_piece(state, payload, room.take()).await?);
             }
             if done {
                 return Ok(Bytes::new());
@@ -655,10 +657,15 @@ pub async fn store_body(
 
 /// Stores one piece, in a task of its own: a writer that goes away while its piece is being
 /// stored does not leave it behind (the task deletes what no one took).
-pub async fn store_piece(state: &Arc<S3State>, payload: Bytes) -> Result<Piece, S3Error> {
+pub async fn store_piece(
+    state: &Arc<S3State>,
+    payload: Bytes,
+    room: Option<crate::api::upload::Room>,
+) -> Result<Piece, S3Error> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let state = state.clone();
     tokio::spawn(async move {
+        let _room = room;
         let len = payload.len() as u64;
         let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
         let stored = state.front.put(meta, payload, now_ms(), None, None).await;
@@ -720,12 +727,8 @@ pub enum Pieces {
     Borrowed,
 }
 
-/// Makes `object` the current version of `key` in `space` (on `partition`): writes its name
-/// record, then deletes what it superseded (never a piece the version that stays current points
-/// at). A standalone node is the only writer of its names, and every commit and delete of a
-/// name holds the name's lock: each sees the versions the one before it left. A conditional
-/// write's terms are checked again once its record is durable, against the versions there: if
-/// another is current beside it, this one is withdrawn (412).
+/// Makes `object` the current version of `key` in `space` (on `partition`): [`commit_locked`]
+/// under the name's lock, then the superseded pieces are deleted.
 pub async fn commit(
     state: &Arc<S3State>,
     partition: u32,
@@ -735,94 +738,84 @@ pub async fn commit(
     condition: Option<WriteCondition>,
     pieces: Pieces,
 ) -> Result<u128, CommitError> {
-    let before = |error: S3Error| CommitError { error, record_may_live: false };
-    let after = |error: S3Error| CommitError { error, record_may_live: true };
-    let borrowed: &[Piece] = match pieces {
-        Pieces::Owned => &[],
-        Pieces::Borrowed => &object.pieces,
-    };
-    let summary = model::encode(&object.summary());
-    let body = object.encode();
-    let name_guard = state.name_locks.lock(name_lock(space, key)).await;
-    let mut attempts = 0;
-    let (version, id, versions) = loop {
-        attempts += 1;
-        let version = names::new_version();
-        let record = NameRecord::new(space.to_string(), key.to_string(), version, summary.clone(), body.clone())
-            .map_err(|e| before(S3Error::internal(e.to_string())))?;
-        let id = match state.front.put_name(partition, &record, now_ms()).await {
-            Ok(id) => id,
-            Err(e) => {
-                drop(name_guard);
-                if pieces == Pieces::Owned {
-                    delete_pieces(state, &object.pieces).await;
-                }
-                return Err(before(e.into()));
-            }
-        };
-        let versions = state.front.name_versions(partition, space, key).await.map_err(|e| after(e.into()))?;
-        // A version newer than this one, made "in the future" by this clock: the clock stepped
-        // back (across a restart). This record would be superseded at once: withdraw it (its
-        // pieces stay) and write again above that version.
-        match versions.last() {
-            Some(&(newest, _)) if newest > version && names::version_ms(newest) > now_ms() && attempts < 3 => {
-                names::observe_version(newest);
-                state.front.delete(id).await.map_err(|e| after(e.into()))?;
-            }
-            _ => break (version, id, versions),
-        }
-    };
-    if let Some(condition) = condition {
-        // What was there when the condition was checked before the body: nothing (If-None-Match)
-        // or the matched version (If-Match). Older versions a cleanup has not reached yet (a
-        // crash cut it) do not count.
-        let live = |v: u128| versions.iter().any(|(version, _)| *version == v);
-        let others = versions
-            .iter()
-            .map(|(v, _)| *v)
-            .filter(|v| *v != version && Some(*v) != condition.matched && condition.matched.is_none_or(|m| *v > m));
-        let matched_gone = condition.matched.is_some_and(|m| !live(m));
-        if matched_gone || others.count() > 0 {
-            let garbage = delete_record(state, id).await.map_err(after)?;
-            drop(name_guard);
-            delete_pieces(state, &without(garbage, borrowed)).await;
-            return Err(before(S3Error::precondition_failed(
-                "at least one of the pre-conditions you specified did not hold",
-            )));
-        }
-    }
-    // Committed: whatever happens to the cleanup, the write succeeded (what it could not delete
-    // stays unreferenced, as after a crash). The superseded records go under the lock, their
-    // pieces after it.
-    let mut garbage = Vec::new();
-    if let Some(((newest, newest_entry), older)) = versions.split_last() {
-        // The pieces of the version that stays current are never deleted with an older one that
-        // shares them (a multipart upload completed twice).
-        let keep = if *newest == version {
-            Some(object.pieces.clone())
-        } else {
-            match state.front.name_record(newest_entry.blob_id()).await {
-                Ok(record) => ObjectRecord::decode(&record.body).ok().map(|o| o.pieces),
-                Err(_) => None,
-            }
-        };
-        match keep {
-            Some(keep) => {
-                for (_, entry) in older {
-                    match delete_record(state, entry.blob_id()).await {
-                        Ok(pieces) => garbage.extend(without(pieces, &keep)),
-                        Err(e) => {
-                            tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced")
-                        }
-                    }
-                }
-            }
-            None => tracing::warn!(key, "the newest version could not be read; superseded versions stay"),
-        }
-    }
+    let name_guard = lock_name(state, space, key).await;
+    let committed = commit_locked(state, partition, space, key, object, condition, None).await;
     drop(name_guard);
-    delete_pieces(state, &garbage).await;
-    Ok(version)
+    match committed {
+        Ok((version, garbage)) => {
+            delete_pieces(state, &garbage).await;
+            Ok(version)
+        }
+        Err(e) => {
+            if pieces == Pieces::Owned && !e.record_may_live {
+                delete_pieces(state, &object.pieces).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The lock of one name: every commit and delete of it holds it, so each sees what the one
+/// before it left (a standalone node is the only writer of its names).
+pub async fn lock_name(state: &Arc<S3State>, space: &str, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    state.name_locks.lock(name_lock(space, name)).await
+}
+
+/// With the name's lock held: checks a write's condition against the versions there, writes
+/// the record at a version above all of them (`version`, when the caller chose it so under the
+/// same lock), then deletes the superseded records. The pieces they held, but none the new
+/// version holds, are returned: the caller deletes them once the lock is released. Nothing is
+/// written that could be withdrawn later, so no reader ever sees a version that does not stay.
+pub async fn commit_locked(
+    state: &Arc<S3State>,
+    partition: u32,
+    space: &str,
+    key: &str,
+    object: &ObjectRecord,
+    condition: Option<WriteCondition>,
+    version: Option<u128>,
+) -> Result<(u128, Vec<Piece>), CommitError> {
+    let before = |error: S3Error| CommitError { error, record_may_live: false };
+    let versions = state.front.name_versions(partition, space, key).await.map_err(|e| before(e.into()))?;
+    if let Some(condition) = condition {
+        let failed =
+            || before(S3Error::precondition_failed("at least one of the pre-conditions you specified did not hold"));
+        let newest = versions.last().map(|(v, _)| *v);
+        if condition.none_match && newest.is_some() {
+            return Err(failed());
+        }
+        if condition.matched.is_some() && condition.matched != newest {
+            return Err(failed());
+        }
+    }
+    // Above every version there, whatever the clock did (it may have stepped back across a
+    // restart).
+    if let Some((newest, _)) = versions.last() {
+        names::observe_version(*newest);
+    }
+    let version =
+        version.filter(|v| versions.last().is_none_or(|(newest, _)| v > newest)).unwrap_or_else(names::new_version);
+    let record =
+        NameRecord::new(space.to_string(), key.to_string(), version, model::encode(&object.summary()), object.encode())
+            .map_err(|e| before(S3Error::internal(e.to_string())))?;
+    // A put that failed may still have reached the disk (a volume that failed after writing):
+    // its record may be live after a restart.
+    state
+        .front
+        .put_name(partition, &record, now_ms())
+        .await
+        .map_err(|e| CommitError { error: e.into(), record_may_live: true })?;
+    // Committed: whatever happens to the cleanup, the write succeeded (what it could not delete
+    // stays unreferenced, as after a crash). A version that shares pieces with this one (a
+    // multipart upload completed again) keeps them.
+    let mut garbage = Vec::new();
+    for (_, entry) in versions {
+        match delete_record(state, entry.blob_id()).await {
+            Ok(pieces) => garbage.extend(without(pieces, &object.pieces)),
+            Err(e) => tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced"),
+        }
+    }
+    Ok((version, garbage))
 }
 
 /// What CopyObject (`CopyObjectResult`) and UploadPartCopy (`CopyPartResult`) answer.
@@ -947,7 +940,7 @@ pub async fn copy_range(
         }
         let (from, to) = (from - (at - piece.len), to - (at - piece.len));
         // The bytes are held in memory while copied: counted as an upload's would be.
-        let _room = state.uploads.reserve(to - from).await.ok_or_else(|| {
+        let room = state.uploads.reserve(to - from).await.ok_or_else(|| {
             S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
         })?;
         let reader = state.front.open(piece.blob_id()?).await.map_err(|e| match e {
@@ -961,7 +954,7 @@ pub async fn copy_range(
             .map_err(|e| S3Error::internal(e.to_string()))?
             .map_err(|e| S3Error::from(crate::front::FrontError::Volume(e)))?;
         digests.update(&data);
-        copied.push(store_piece(state, Bytes::from(data)).await?);
+        copied.push(store_piece(state, Bytes::from(data), Some(room)).await?);
     }
     Ok((copied.take(), digests.finish()))
 }
@@ -1107,6 +1100,11 @@ async fn get_object_once(
         None => None,
         Some(text) => {
             let n = super::multipart::parse_part_number(text)?;
+            if object.parts.is_empty() && object.etag.contains('-') {
+                return Err(S3Error::not_implemented(
+                    "this multipart object was stored before parts were recorded: read its byte range",
+                ));
+            }
             if request.headers.contains_key(header::RANGE) {
                 return Err(S3Error::invalid_request("a request takes a Range header or ?partNumber, not both"));
             }
@@ -1135,7 +1133,7 @@ async fn get_object_once(
     let len = object.size;
     let range = match part {
         // A part of a multipart object is a range of it (206); part 1 of an object put whole is
-        // all of it (200).
+        // all of it (200); an empty part has no range to name (206, no Content-Range).
         Some(bounds) if !object.parts.is_empty() => Ok(Some(bounds)),
         Some(_) => Ok(None),
         None => parse_range(request.header("range"), len),
@@ -1177,8 +1175,10 @@ async fn get_object_once(
         headers.insert("x-amz-checksum-type", HeaderValue::from_static("FULL_OBJECT"));
     }
     let status = match range {
+        // (An empty part: no byte to name in a Content-Range.)
+        Some(_) if start == end => StatusCode::PARTIAL_CONTENT,
         Some(_) => {
-            set(&mut headers, "content-range", &format!("bytes {start}-{}/{len}", end.saturating_sub(1)));
+            set(&mut headers, "content-range", &format!("bytes {start}-{}/{len}", end - 1));
             StatusCode::PARTIAL_CONTENT
         }
         None => StatusCode::OK,
