@@ -8,13 +8,13 @@
 //! deletes the upload's records but not the pieces the object took over. Aborting deletes the
 //! upload's records and pieces.
 //!
-//! Completing, aborting and the commit of a part exclude one another for one upload (a lock per
-//! upload id, striped), so that no part's pieces are deleted while an object takes them over;
-//! and all of them run under the bucket lock for reading, so that deleting a bucket (which
-//! aborts its uploads) waits for them. After a crash between a completion's commit and its
-//! cleanup, the upload still lists; aborting it then keeps every piece the key's current
-//! object points at, and completing it again writes a version that shares the pieces, which
-//! superseding the first never deletes.
+//! Completing, aborting and the commit of a part exclude one another for one upload (the upload's
+//! own lock), so that no part's pieces are deleted while an object takes them over; and all of
+//! them run under the bucket lock for reading, so that deleting a bucket (which aborts its
+//! uploads) waits for them. A completion first marks its upload *completing*, naming the version
+//! its object's record will have: a completing upload takes no part, and a completion retried
+//! (its answer lost, or its cleanup cut by a crash) finds out by that record's id whether it
+//! happened. Aborting keeps every piece the key's current object points at.
 
 use std::sync::Arc;
 
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::S3Error;
 use super::model::{self, BucketRecord, Completion, ObjectRecord, Piece, UploadRecord, MAX_PARTS, MIN_PART_BYTES};
-use super::objects::{self, BodyReader, Pieces};
+use super::objects::{self, BodyReader};
 use super::{buckets, small_body, xml, xml_response, S3Request, S3State};
 use crate::engine::names::{self, NameRecord};
 use crate::engine::{now_ms, VolumeError};
@@ -249,7 +249,7 @@ async fn commit_part(
         };
         let space = model::parts_space(&bucket_name);
         let name = model::part_name(&upload_id, number);
-        Ok(objects::commit(&state, upload.partition, &space, &name, &part, None, Pieces::Owned).await?)
+        Ok(objects::commit(&state, upload.partition, &space, &name, &part, None).await?)
     })
     .await
     .map_err(|e| S3Error::internal(format!("the part's commit task failed: {e}")))?
@@ -443,9 +443,10 @@ async fn complete(
                 Err(e) => return Err(e.into()),
             };
             if committed {
-                let keep = objects::current(&state, &bucket, &bucket_name, &key).await?.map(|c| c.object.pieces);
-                drop((name_guard, bucket_guard, upload_guard));
-                forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep.unwrap_or_default());
+                drop(name_guard);
+                let keep = objects::current_pieces(&state, &bucket, &bucket_name, &key).await?;
+                drop((bucket_guard, upload_guard));
+                forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep);
                 return Ok(completion.etag.clone());
             }
         }
@@ -459,9 +460,10 @@ async fn complete(
             for piece in &object.pieces {
                 if let Err(e) = state.front.open(piece.blob_id()?).await {
                     tracing::warn!(upload_id, error = %e, "a marked upload lost a piece; it is over");
-                    let keep = objects::current(&state, &bucket, &bucket_name, &key).await?.map(|c| c.object.pieces);
-                    drop((name_guard, bucket_guard, upload_guard));
-                    forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep.unwrap_or_default());
+                    drop(name_guard);
+                    let keep = objects::current_pieces(&state, &bucket, &bucket_name, &key).await?;
+                    drop((bucket_guard, upload_guard));
+                    forget_later(&state, &bucket_name, &key, &upload_id, upload.partition, keep);
                     return Err(S3Error::no_such_upload(&upload_id));
                 }
             }
@@ -656,10 +658,7 @@ async fn forget_upload(
     }
     let uploads = model::uploads_space(bucket_name);
     for (_, entry) in state.front.name_versions(partition, &uploads, &model::upload_name(key, upload_id)).await? {
-        match state.front.delete(entry.blob_id()).await {
-            Ok(()) | Err(crate::front::FrontError::Volume(crate::engine::VolumeError::NotFound)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        objects::delete_if_there(state, entry.blob_id()).await?;
     }
     Ok(())
 }
@@ -695,11 +694,7 @@ async fn abort_upload(
     upload_id: &str,
     partition: u32,
 ) -> Result<(), S3Error> {
-    // Under the key's lock: its current object, not a write in progress.
-    let keep = {
-        let _name = objects::lock_name(state, bucket_name, key).await;
-        objects::current(state, bucket, bucket_name, key).await?.map(|c| c.object.pieces).unwrap_or_default()
-    };
+    let keep = objects::current_pieces(state, bucket, bucket_name, key).await?;
     forget_upload(state, bucket_name, key, upload_id, partition, &keep).await
 }
 

@@ -157,12 +157,28 @@ pub async fn delete_record(state: &Arc<S3State>, id: BlobId) -> Result<Vec<Piece
         )) => None,
         Err(e) => return Err(e.into()),
     };
-    match state.front.delete(id).await {
-        // Deleted meanwhile (two cleanups of one version): gone either way.
-        Ok(()) | Err(crate::front::FrontError::Volume(crate::engine::VolumeError::NotFound)) => {}
-        Err(e) => return Err(e.into()),
-    }
+    delete_if_there(state, id).await?;
     Ok(record.and_then(|r| ObjectRecord::decode(&r.body).ok()).map(|o| o.pieces).unwrap_or_default())
+}
+
+/// Deletes a blob; one that is gone already (two cleanups of one record) is as good.
+pub async fn delete_if_there(state: &Arc<S3State>, id: BlobId) -> Result<(), S3Error> {
+    match state.front.delete(id).await {
+        Ok(()) | Err(crate::front::FrontError::Volume(crate::engine::VolumeError::NotFound)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The pieces of the key's current object (none if it has none), read under the key's lock:
+/// what a cleanup of parts that may share them must keep.
+pub async fn current_pieces(
+    state: &Arc<S3State>,
+    bucket: &BucketRecord,
+    space: &str,
+    key: &str,
+) -> Result<Vec<Piece>, S3Error> {
+    let _name = lock_name(state, space, key).await;
+    Ok(current(state, bucket, space, key).await?.map(|c| c.object.pieces).unwrap_or_default())
 }
 
 /// `pieces` but none of `keep`.
@@ -698,14 +714,14 @@ async fn commit_in_bucket(
             }
         };
         let partition = model::partition_of(&bucket.partitions, &key);
-        Ok(commit(&state, partition, &bucket_name, &key, &object, condition, Pieces::Owned).await?)
+        Ok(commit(&state, partition, &bucket_name, &key, &object, condition).await?)
     })
     .await
     .map_err(|e| S3Error::internal(format!("the commit task failed: {e}")))?
 }
 
-/// A commit that failed, and whether its record may be live all the same (it became durable and
-/// was not withdrawn: a later step failed).
+/// A commit that failed, and whether its record may be live all the same (its put failed, yet
+/// may have reached the disk).
 #[derive(Debug)]
 pub struct CommitError {
     pub error: S3Error,
@@ -718,17 +734,9 @@ impl From<CommitError> for S3Error {
     }
 }
 
-/// Whose a committed record's pieces are until it is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pieces {
-    /// The write's own: a write that fails or is withdrawn deletes them.
-    Owned,
-    /// A multipart upload's parts': kept whatever happens (the upload still points at them).
-    Borrowed,
-}
-
 /// Makes `object` the current version of `key` in `space` (on `partition`): [`commit_locked`]
-/// under the name's lock, then the superseded pieces are deleted.
+/// under the name's lock, then the superseded pieces are deleted. The object's pieces are the
+/// write's own: a commit that fails with no record that may live deletes them.
 pub async fn commit(
     state: &Arc<S3State>,
     partition: u32,
@@ -736,7 +744,6 @@ pub async fn commit(
     key: &str,
     object: &ObjectRecord,
     condition: Option<WriteCondition>,
-    pieces: Pieces,
 ) -> Result<u128, CommitError> {
     let name_guard = lock_name(state, space, key).await;
     let committed = commit_locked(state, partition, space, key, object, condition, None).await;
@@ -747,7 +754,7 @@ pub async fn commit(
             Ok(version)
         }
         Err(e) => {
-            if pieces == Pieces::Owned && !e.record_may_live {
+            if !e.record_may_live {
                 delete_pieces(state, &object.pieces).await;
             }
             Err(e)
