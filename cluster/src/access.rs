@@ -109,6 +109,14 @@ pub fn derived_token(key: &AccessKey, purpose: &str) -> Secret {
     Secret(crate::replica::hex(&digest))
 }
 
+/// The secret S3 clients sign with (AWS Signature V4) for a cluster's key: derived from what
+/// etcd stores of the key, since SigV4 needs the secret itself on the server, and etcd keeps only
+/// a digest of the key's secret. Whoever holds the key's token computes it too (`cairn keys
+/// s3-secret`); whoever can read etcd could, as they could take the node token (docs/security.md).
+pub fn s3_secret(key: &AccessKey) -> Secret {
+    derived_token(key, "s3")
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(…)")

@@ -297,6 +297,71 @@ pub struct BucketEntry {
     pub deleted: bool,
 }
 
+// ----- names (the S3 front on a cluster) -----
+
+/// `POST /replica/v1/partitions/{p}/names/versions`: a replica's versions of one name, and
+/// which of the ids in `ask` it holds as deleted (the second round of a quorum read, for
+/// versions the replicas asked first disagreed on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameVersionsQuery {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub space: String,
+    pub name: String,
+    #[serde(default)]
+    pub ask: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameVersionsAnswer {
+    #[serde(default = "v1")]
+    pub version: u32,
+    /// Oldest first.
+    pub versions: Vec<WireName>,
+    /// The ids of `ask` this replica holds deleted (or expired).
+    #[serde(default)]
+    pub deleted: Vec<String>,
+}
+
+/// `POST /replica/v1/partitions/{p}/names/current`: a page of a replica's current names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentNamesQuery {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub space: String,
+    pub from: String,
+    pub after: bool,
+    pub prefix: String,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentNamesAnswer {
+    #[serde(default = "v1")]
+    pub version: u32,
+    /// In byte order of their names.
+    pub names: Vec<WireName>,
+}
+
+/// One version of a name a replica holds: the version as a decimal (a u128), its record's id,
+/// and its summary in [`hex`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireName {
+    #[serde(default)]
+    pub name: String,
+    pub version: String,
+    pub id: String,
+    pub summary: String,
+}
+
+/// Bytes from [`hex`].
+pub fn unhex(text: &str) -> Result<Vec<u8>, WireError> {
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(WireError::Frame(format!("not hex: {:?}", text.chars().take(40).collect::<String>())));
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|e| WireError::Frame(e.to_string()))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

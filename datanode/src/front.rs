@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use cairn_common::BlobId;
 
 use crate::cluster::router::RouteError;
@@ -30,9 +31,6 @@ pub enum FrontError {
     #[error("{0}")]
     Unsupported(&'static str),
 }
-
-/// Name records are a standalone node's for now: a cluster's S3 front is not built yet.
-const NAMES_ON_A_CLUSTER: &str = "name records (the S3 front) are served by a standalone node only, so far";
 
 impl Front {
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
@@ -105,30 +103,31 @@ impl Front {
     }
 }
 
-/// Name records (`engine::names`): written in a given partition, read by name.
+/// Name records (`engine::names`): written in a given partition, read by name. A cluster
+/// writes and reads them at quorum (`cluster::names`).
 impl Front {
-    fn standalone(&self) -> Result<&Arc<Store>, FrontError> {
-        match self {
-            Front::Standalone(store) => Ok(store),
-            Front::Cluster(_) => Err(FrontError::Unsupported(NAMES_ON_A_CLUSTER)),
-        }
-    }
-
     /// The partitions new names may be placed in (all this front has, in order).
     pub fn name_partitions(&self) -> Result<Vec<u32>, FrontError> {
-        let mut partitions: Vec<u32> = self.standalone()?.volumes().iter().map(|v| v.partition()).collect();
+        let mut partitions: Vec<u32> = match self {
+            Front::Standalone(store) => store.volumes().iter().map(|v| v.partition()).collect(),
+            Front::Cluster(cluster) => cluster.snapshot().topology.partitions.keys().copied().collect(),
+        };
         partitions.sort_unstable();
         Ok(partitions)
     }
 
     /// Stores `record` durably in `partition`; its id.
     pub async fn put_name(&self, partition: u32, record: &NameRecord, created_ms: u64) -> Result<BlobId, FrontError> {
-        let store = self.standalone()?;
-        let volume = standalone_volume(store, BlobId::new(partition, 0))?;
         let blob_id = record.id(partition);
-        let meta = BlobMeta::new(NAME_RECORD_CONTENT_TYPE.into(), Vec::new()).expect("a valid content type");
-        let request = PutRequest { blob_id, meta, payload: Bytes::from(record.encode()), created_ms, expiry_ms: None };
-        volume.put(request).await?;
+        let payload = Bytes::from(record.encode());
+        match self {
+            Front::Cluster(cluster) => cluster.put_name(blob_id, payload, created_ms).await?,
+            Front::Standalone(store) => {
+                let volume = standalone_volume(store, blob_id)?;
+                let meta = BlobMeta::new(NAME_RECORD_CONTENT_TYPE.into(), Vec::new()).expect("a valid content type");
+                volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms: None }).await?;
+            }
+        }
         Ok(blob_id)
     }
 
@@ -139,7 +138,11 @@ impl Front {
         space: &str,
         name: &str,
     ) -> Result<Vec<(u128, NameEntry)>, FrontError> {
-        let volume = standalone_volume(self.standalone()?, BlobId::new(partition, 0))?;
+        let store = match self {
+            Front::Cluster(cluster) => return Ok(cluster.name_versions(partition, space, name).await?),
+            Front::Standalone(store) => store,
+        };
+        let volume = standalone_volume(store, BlobId::new(partition, 0))?;
         let (space, name) = (space.to_string(), name.to_string());
         Ok(blocking(move || volume.name_versions(&space, &name)).await?)
     }
@@ -155,33 +158,159 @@ impl Front {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<CurrentName>, FrontError> {
-        let store = self.standalone()?;
-        let volumes: Vec<Arc<Volume>> =
-            partitions.iter().map(|p| standalone_volume(store, BlobId::new(*p, 0))).collect::<Result<_, _>>()?;
-        let (space, from, prefix) = (space.to_string(), from.to_string(), prefix.to_string());
         // Each partition's first `limit`, merged: the first `limit` of them all.
-        Ok(blocking(move || {
-            let mut all = Vec::new();
-            for volume in volumes {
-                all.extend(volume.current_names(&space, &from, after, &prefix, limit)?);
+        let mut all = match self {
+            Front::Cluster(cluster) => {
+                let asks: Vec<_> = partitions
+                    .iter()
+                    .map(|&partition| {
+                        let (cluster, space, from, prefix) =
+                            (cluster.clone(), space.to_string(), from.to_string(), prefix.to_string());
+                        async move { cluster.current_names(partition, &space, &from, after, &prefix, limit).await }
+                    })
+                    .collect();
+                let pages: Vec<Result<Vec<CurrentName>, RouteError>> =
+                    futures::stream::iter(asks).buffer_unordered(PARTITIONS_LISTED_AT_ONCE).collect().await;
+                let mut all = Vec::new();
+                for page in pages {
+                    all.extend(page?);
+                }
+                all
             }
-            all.sort_by(|a, b| a.name.cmp(&b.name));
-            all.truncate(limit);
-            Ok(all)
-        })
-        .await?)
+            Front::Standalone(store) => {
+                let volumes: Vec<Arc<Volume>> = partitions
+                    .iter()
+                    .map(|p| standalone_volume(store, BlobId::new(*p, 0)))
+                    .collect::<Result<_, _>>()?;
+                let (space, from, prefix) = (space.to_string(), from.to_string(), prefix.to_string());
+                blocking(move || {
+                    let mut all = Vec::new();
+                    for volume in volumes {
+                        all.extend(volume.current_names(&space, &from, after, &prefix, limit)?);
+                    }
+                    Ok(all)
+                })
+                .await?
+            }
+        };
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all.truncate(limit);
+        Ok(all)
     }
 
     /// The record a name id holds.
     pub async fn name_record(&self, id: BlobId) -> Result<NameRecord, FrontError> {
-        let volume = standalone_volume(self.standalone()?, id)?;
-        Ok(blocking(move || volume.name_record(id)).await?)
+        match self {
+            Front::Cluster(cluster) => Ok(NameRecord::decode_for(id, &cluster.read_payload(id).await?)?),
+            Front::Standalone(store) => {
+                let volume = standalone_volume(store, id)?;
+                Ok(blocking(move || volume.name_record(id)).await?)
+            }
+        }
     }
 
-    /// A reader of a blob's payload.
-    pub async fn open(&self, id: BlobId) -> Result<BlobReader, FrontError> {
-        let volume = standalone_volume(self.standalone()?, id)?;
-        Ok(blocking(move || volume.open_blob(id)).await?)
+    /// A reader of a blob's payload: the local replica's when it has the blob, else (in a
+    /// cluster) one that reads from a peer replica.
+    pub async fn open(&self, id: BlobId) -> Result<PieceReader, FrontError> {
+        let cluster = match self {
+            Front::Standalone(store) => {
+                let volume = standalone_volume(store, id)?;
+                return Ok(PieceReader::Local(blocking(move || volume.open_blob(id)).await?));
+            }
+            Front::Cluster(cluster) => cluster,
+        };
+        if let Some(volume) = cluster.store.volume(id.partition()) {
+            match blocking(move || volume.open_blob(id)).await {
+                Ok(reader) => return Ok(PieceReader::Local(reader)),
+                Err(e @ (VolumeError::Deleted | VolumeError::Expired)) => return Err(e.into()),
+                Err(e) => tracing::debug!(%id, error = %e, "local replica cannot answer; asking the others"),
+            }
+        }
+        let response = cluster.read_from_peers(id, reqwest::Method::HEAD, "", None).await?;
+        match response.status().as_u16() {
+            200 => {}
+            410 => return Err(RouteError::Deleted.into()),
+            status => return Err(RouteError::NoQuorum(format!("a replica answered {status} to a HEAD of {id}")).into()),
+        }
+        let len = response
+            .headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .ok_or_else(|| RouteError::NoQuorum(format!("a replica answered a HEAD of {id} without a length")))?;
+        Ok(PieceReader::Remote { cluster: cluster.clone(), id, len })
+    }
+}
+
+/// How many partitions a cluster's listing asks at once.
+const PARTITIONS_LISTED_AT_ONCE: usize = 16;
+
+/// An opened blob: here, or on a peer replica.
+pub enum PieceReader {
+    Local(BlobReader),
+    Remote { cluster: Arc<Cluster>, id: BlobId, len: u64 },
+}
+
+impl PieceReader {
+    pub fn len(&self) -> u64 {
+        match self {
+            PieceReader::Local(reader) => reader.len(),
+            PieceReader::Remote { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes `[from, to)` as a body. A local reader reads and verifies its first chunk
+    /// before answering (a checksum error there is an error here, not a cut body).
+    pub async fn stream(self, from: u64, to: u64) -> Result<axum::body::Body, FrontError> {
+        match self {
+            PieceReader::Local(reader) => crate::api::blobs::stream_payload(reader, from, to)
+                .await
+                .map_err(|e| FrontError::Volume(VolumeError::Failed(e.to_string()))),
+            PieceReader::Remote { cluster, id, .. } => {
+                let range = format!("bytes={from}-{}", to.saturating_sub(1));
+                let response = cluster.read_from_peers(id, reqwest::Method::GET, "", Some(range.as_bytes())).await?;
+                match response.status().as_u16() {
+                    200 | 206 => Ok(axum::body::Body::from_stream(response.bytes_stream())),
+                    410 => Err(RouteError::Deleted.into()),
+                    status => Err(RouteError::NoQuorum(format!("a replica answered {status} to a read of {id}")).into()),
+                }
+            }
+        }
+    }
+
+    /// The bytes `[from, to)` in memory.
+    pub async fn read(self, from: u64, to: u64) -> Result<Bytes, FrontError> {
+        match self {
+            PieceReader::Local(reader) => Ok(Bytes::from(blocking(move || reader.read_range(from, to)).await?)),
+            remote => {
+                let body = remote.stream(from, to).await?;
+                let bytes = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .map_err(|e| RouteError::NoQuorum(format!("reading a peer's replica: {e}")))?;
+                if bytes.len() as u64 != to - from {
+                    return Err(RouteError::NoQuorum("a peer's replica answered a short read".into()).into());
+                }
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+impl FrontError {
+    /// The blob (or record) was deleted, here or at the replica that answered.
+    pub fn is_deleted(&self) -> bool {
+        matches!(
+            self,
+            FrontError::Volume(VolumeError::Deleted | VolumeError::Expired) | FrontError::Route(RouteError::Deleted)
+        )
+    }
+
+    /// No replica knows the blob.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, FrontError::Volume(VolumeError::NotFound) | FrontError::Route(RouteError::NotFound))
     }
 }
 

@@ -301,11 +301,6 @@ fn run() -> anyhow::Result<()> {
         _ => None,
     };
     let s3 = match args.s3_listen {
-        Some(_) if cluster.is_some() => {
-            anyhow::bail!(
-                "--s3-listen is for a standalone node so far: a cluster's S3 front is not built yet (docs/s3.md)"
-            )
-        }
         Some(listen) => {
             let piece_bytes = args.s3_piece_size.as_u64();
             anyhow::ensure!(
@@ -384,7 +379,7 @@ fn run() -> anyhow::Result<()> {
         });
         match cluster {
             None => run_standalone(options, shutdown).await,
-            Some(cluster) => run_cluster(cluster, options.listen, options.volume, options.http, shutdown).await,
+            Some(cluster) => run_cluster(cluster, options.listen, options.volume, options.http, options.s3, shutdown).await,
         }
     })
 }

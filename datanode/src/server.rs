@@ -43,6 +43,34 @@ pub struct S3Settings {
     pub max_object_bytes: u64,
 }
 
+impl S3Settings {
+    /// The S3 front's options: `auth` and `keys` are a standalone node's (a cluster's are its
+    /// etcd's).
+    fn options(
+        &self,
+        auth: AuthMode,
+        keys: std::collections::BTreeMap<String, crate::api::s3::S3Key>,
+        max_blob_bytes: u64,
+    ) -> crate::api::s3::S3Options {
+        crate::api::s3::S3Options {
+            region: self.region.clone(),
+            domain: self.domain.clone(),
+            auth,
+            keys,
+            piece_bytes: self.piece_bytes,
+            inline_bytes: self.inline_bytes,
+            max_object_bytes: self.max_object_bytes,
+            max_blob_bytes,
+        }
+    }
+}
+
+async fn bind_s3(s3: &S3Settings) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = bind(s3.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, region = %s3.region, "S3 API serving");
+    Ok(listener)
+}
+
 /// Who may call a standalone node (a cluster's keys and mode are in etcd).
 #[derive(Debug, Clone, Default)]
 pub struct StandaloneAuth {
@@ -202,24 +230,15 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
     let front = Front::Standalone(store.clone());
     let mut listeners = Vec::new();
     if let Some(s3) = &options.s3 {
-        let s3_options = crate::api::s3::S3Options {
-            region: s3.region.clone(),
-            domain: s3.domain.clone(),
-            auth: options.auth.mode,
-            keys: keys
-                .iter()
-                .map(|(key, secret)| {
-                    (key.id.clone(), crate::api::s3::S3Key { secret: secret.clone(), scopes: key.scopes.clone() })
-                })
-                .collect(),
-            piece_bytes: s3.piece_bytes,
-            inline_bytes: s3.inline_bytes,
-            max_object_bytes: s3.max_object_bytes,
-            max_blob_bytes: options.volume.max_blob_bytes,
-        };
-        let s3_listener = bind(s3.listen).await?;
-        tracing::info!(addr = %s3_listener.local_addr()?, region = %s3.region, "S3 API serving");
-        listeners.push((s3_listener, crate::api::s3::router(front.clone(), s3_options, uploads.clone()), tls.clone()));
+        let keys = keys
+            .iter()
+            .map(|(key, secret)| {
+                (key.id.clone(), crate::api::s3::S3Key { secret: secret.clone(), scopes: key.scopes.clone() })
+            })
+            .collect();
+        let s3_options = s3.options(options.auth.mode, keys, options.volume.max_blob_bytes);
+        let s3_state = crate::api::s3::S3State::new(front.clone(), s3_options, uploads.clone());
+        listeners.push((bind_s3(s3).await?, crate::api::s3::router(s3_state), tls.clone()));
     }
     let state = AppState {
         front,
@@ -244,6 +263,7 @@ pub async fn run_cluster(
     listen: SocketAddr,
     volume: VolumeConfig,
     http: HttpOptions,
+    s3: Option<S3Settings>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Peers never call the blob port when they have one of their own (they are its clients
@@ -275,24 +295,42 @@ pub async fn run_cluster(
     };
     let client_tls = peer_tls.as_ref().map(|t| t.client.clone());
     let cluster = Cluster::start(options, volume.clone(), store.clone(), client_tls, shutdown.child_token()).await?;
-    let replica = ReplicaState { cluster: cluster.clone(), uploads: replica_uploads, shutdown: shutdown.clone() };
+    let front = Front::Cluster(cluster.clone());
+    // Every node serves S3; writes pass on to their name's coordinator (`api::s3::forward`).
+    let s3 = match &s3 {
+        Some(settings) => {
+            let options = settings.options(AuthMode::Keys, Default::default(), volume.max_blob_bytes);
+            let state = crate::api::s3::S3State::new(front.clone(), options, uploads.clone());
+            Some((bind_s3(settings).await?, state))
+        }
+        None => None,
+    };
+    let replica = ReplicaState {
+        cluster,
+        uploads: replica_uploads,
+        shutdown: shutdown.clone(),
+        s3: s3.as_ref().map(|(_, state)| state.clone()),
+    };
     let state = AppState {
         store,
         metrics,
         max_blob_bytes: volume.max_blob_bytes,
         uploads,
-        front: Front::Cluster(cluster),
+        front,
         auth: Arc::new(Auth::cluster(&http.auth)),
         serves_replica_routes: false,
     };
-    let listeners = match peer_listener {
+    let mut listeners = match peer_listener {
         // The blob API without the replica routes; the peer port with everything.
         Some(peer) => vec![
-            (listener, api::router(state.clone(), None), tls),
+            (listener, api::router(state.clone(), None), tls.clone()),
             (peer, api::router(state.clone(), Some(replica)), peer_tls.map(|t| t.acceptor)),
         ],
-        None => vec![(listener, api::router(state.clone(), Some(replica)), None)],
+        None => vec![(listener, api::router(state.clone(), Some(replica)), tls.clone())],
     };
+    if let Some((listener, s3_state)) = s3 {
+        listeners.push((listener, crate::api::s3::router(s3_state), tls));
+    }
     serve_on(listeners, state.store, &http.limits, shutdown).await
 }
 

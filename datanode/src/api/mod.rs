@@ -81,6 +81,8 @@ impl AppState {
         replica::journal_batch,
         replica::journal_page,
         replica::digest,
+        replica::name_versions,
+        replica::current_names,
         replica::bucket
     ),
     components(schemas(
@@ -195,7 +197,12 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
         .into_response()
     } else {
         let served = crate::request::scope(id.clone(), next.run(request)).instrument(span.clone()).await;
-        json_errors(served).await
+        // S3 requests another node passed on answer S3's XML errors, as S3 clients expect.
+        if route == s3::forward::PREFIX {
+            served
+        } else {
+            json_errors(served).await
+        }
     };
     span.in_scope(|| {
         tracing::debug!(status = response.status().as_u16(), seconds = started.elapsed().as_secs_f64(), "served")

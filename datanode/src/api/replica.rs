@@ -9,13 +9,14 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{any, get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
 use cairn_cluster::replica::{
-    check_version, hex, BatchAnswer, BatchOutcome, BlobBatch, BlobFrame, BucketEntries, BucketEntry, DigestAnswer,
-    EntryKind, JournalBatch, JournalItem, JournalPage, JournalRequest, ReplicaBlob, TombstoneAnswer, TtlBody,
-    WireError, DIGEST_BUCKETS, WIRE_VERSION,
+    check_version, hex, BatchAnswer, BatchOutcome, BlobBatch, BlobFrame, BucketEntries, BucketEntry,
+    CurrentNamesAnswer, CurrentNamesQuery, DigestAnswer, EntryKind, JournalBatch, JournalItem, JournalPage,
+    JournalRequest, NameVersionsAnswer, NameVersionsQuery, ReplicaBlob, TombstoneAnswer, TtlBody, WireError,
+    DIGEST_BUCKETS, WIRE_VERSION,
 };
 use cairn_common::BlobId;
 use serde::Deserialize;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::blobs::{parse_id, stream_payload};
 use super::error::{ApiError, ErrorBody};
 use super::upload::{read_small, UploadBudget};
+use crate::cluster::names::{current_answer, versions_answer, MAX_PAGE};
 use crate::cluster::Cluster;
 use crate::engine::record::RecordKind;
 use crate::engine::{BlobMeta, PutRequest, Volume, VolumeError};
@@ -45,9 +47,17 @@ pub struct ReplicaState {
     pub uploads: Arc<UploadBudget>,
     /// Cancelled at shutdown: waiting journal requests answer at once.
     pub shutdown: CancellationToken,
+    /// The S3 front, when this node serves S3: it coordinates the writes other nodes pass on.
+    pub s3: Option<Arc<super::s3::S3State>>,
 }
 
 pub fn routes(state: ReplicaState) -> Router {
+    let s3_forwarded = match state.s3.clone() {
+        Some(s3) => Router::new()
+            .route(super::s3::forward::PREFIX, any(super::s3::handle_forwarded))
+            .with_state(s3),
+        None => Router::new(),
+    };
     Router::new()
         .route("/replica/v1/blobs", post(put_batch))
         .route("/replica/v1/blobs/{id}", put(put_replica).get(get_replica).delete(delete_replica))
@@ -57,7 +67,10 @@ pub fn routes(state: ReplicaState) -> Router {
         .route("/replica/v1/partitions/{partition}/journal", get(journal_page))
         .route("/replica/v1/partitions/{partition}/digest", get(digest))
         .route("/replica/v1/partitions/{partition}/buckets/{bucket}", get(bucket))
+        .route("/replica/v1/partitions/{partition}/names/versions", post(name_versions))
+        .route("/replica/v1/partitions/{partition}/names/current", post(current_names))
         .with_state(state)
+        .merge(s3_forwarded)
 }
 
 impl From<WireError> for ApiError {
@@ -404,4 +417,44 @@ async fn bucket(
     let held = blocking(move || volume.bucket(bucket)).await?;
     let entries = held.into_iter().map(|h| BucketEntry { id: h.id.to_string(), deleted: h.deleted }).collect();
     Ok(Json(BucketEntries { version: WIRE_VERSION, entries }))
+}
+
+/// This replica's versions of one name, and which of the ids asked about it holds deleted (a
+/// quorum read of a name, `cluster::names`).
+#[utoipa::path(post, path = "/replica/v1/partitions/{partition}/names/versions", tag = "replica", security(("node_token" = [])),
+    params(("partition" = u32, Path, description = "Partition")),
+    request_body(content = String, content_type = "application/json", description = "NameVersionsQuery"),
+    responses((status = 200, description = "The name's versions here (NameVersionsAnswer)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
+async fn name_versions(
+    State(state): State<ReplicaState>,
+    Path(partition): Path<u32>,
+    Json(query): Json<NameVersionsQuery>,
+) -> Result<Json<NameVersionsAnswer>, ApiError> {
+    check_version(query.version)?;
+    if query.ask.len() > MAX_PAGE {
+        return Err(ApiError::InvalidBody(format!("at most {MAX_PAGE} ids may be asked about")));
+    }
+    for raw in &query.ask {
+        let id = parse_id(raw)?;
+        if id.partition() != partition {
+            return Err(ApiError::InvalidBody(format!("{id} is not in partition {partition}")));
+        }
+    }
+    let volume = local_volume(&state, partition)?;
+    Ok(Json(blocking(move || versions_answer(&volume, query)).await?))
+}
+
+/// A page of this replica's current names of a space (a quorum listing, `cluster::names`).
+#[utoipa::path(post, path = "/replica/v1/partitions/{partition}/names/current", tag = "replica", security(("node_token" = [])),
+    params(("partition" = u32, Path, description = "Partition")),
+    request_body(content = String, content_type = "application/json", description = "CurrentNamesQuery"),
+    responses((status = 200, description = "The page (CurrentNamesAnswer)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
+async fn current_names(
+    State(state): State<ReplicaState>,
+    Path(partition): Path<u32>,
+    Json(query): Json<CurrentNamesQuery>,
+) -> Result<Json<CurrentNamesAnswer>, ApiError> {
+    check_version(query.version)?;
+    let volume = local_volume(&state, partition)?;
+    Ok(Json(blocking(move || current_answer(&volume, query)).await?))
 }

@@ -11,6 +11,7 @@
 //! What datanodes ask each other is served by `api::replica`; its wire types are
 //! `cairn_cluster::replica`.
 
+pub mod names;
 pub mod replication;
 pub mod router;
 

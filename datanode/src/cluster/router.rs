@@ -124,6 +124,20 @@ impl Cluster {
         }))
     }
 
+    /// Stores a blob whose id its caller chose (a name record's) at write quorum in the id's
+    /// partition, whatever the partition's state: a full replica refuses it by itself.
+    pub async fn put_at(
+        self: &Arc<Self>,
+        id: BlobId,
+        meta: BlobMeta,
+        payload: Bytes,
+        created_ms: u64,
+    ) -> Result<(), RouteError> {
+        let (partition, config) = self.partition_of(id)?;
+        let op = ReplicaOp::Put { id, meta, payload, created_ms, expiry_ms: None };
+        self.write_quorum(&partition, &config, op).await.map(|_| ())
+    }
+
     /// Deletes at write quorum. First only where a replica has the blob: a quorum of answers
     /// meets every quorum that stored it, so when none of them has it, it never existed, and no
     /// tombstone is written (random ids cannot grow the index). When one has it, then a
@@ -507,7 +521,7 @@ pub(crate) struct QueuedPut {
 }
 
 /// A replica call made for the request being served carries its id.
-fn with_request_id(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+pub(crate) fn with_request_id(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
     match crate::request::current() {
         Some(id) => request.header(crate::request::HEADER, id),
         None => request,

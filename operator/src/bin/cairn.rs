@@ -202,6 +202,12 @@ enum KeysCommand {
         /// The key's id (CK…).
         id: String,
     },
+    /// The S3 access key id and secret access key of a cluster's key, computed here from its
+    /// token (`CK….<secret>`, from the argument or standard input): nothing is sent anywhere.
+    S3Secret {
+        /// The key's token; read from standard input when left out (keeps it off the command line).
+        token: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -370,13 +376,24 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(store.create_key(&key).await?, "key id {} is taken: try again", key.id);
             let token = access::token(&key.id, &secret);
             let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+            // A key limited to partitions cannot use S3 (an object's partition is its name's).
+            let s3_secret = key.partitions.is_none().then(|| access::s3_secret(&key));
             let value = serde_json::json!({
                 "id": key.id, "name": key.name, "scopes": scopes, "partitions": key.partitions,
                 "secret": secret.expose(), "token": token,
+                "s3_secret_access_key": s3_secret.as_ref().map(|s| s.expose()),
             });
             print(output, &value, || {
+                let s3 = match &s3_secret {
+                    Some(s3) => format!(
+                        "For S3 (docs/s3.md): access key id {}, secret access key {}\n",
+                        key.id,
+                        s3.expose()
+                    ),
+                    None => "It cannot sign S3 requests: it is limited to some partitions.\n".into(),
+                };
                 format!(
-                    "key {} ({}) made, scopes {}, {}.\nIts secret is shown this once; send it as\n  Authorization: Bearer {token}\n",
+                    "key {} ({}) made, scopes {}, {}.\nIts secret is shown this once; send it as\n  Authorization: Bearer {token}\n{s3}",
                     key.id,
                     key.name,
                     scopes.join(","),
@@ -405,6 +422,16 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                 cairn_common::text::table(&mut out, &rows);
                 out
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::S3Secret { token } => {
+            let token = match token {
+                Some(token) => token,
+                None => std::io::read_to_string(std::io::stdin())?,
+            };
+            let (id, secret) = access::parse_token(token.trim())?;
+            let key = AccessKey::from_parts(id, secret, "s3", Default::default())?;
+            println!("access key id:     {id}\nsecret access key: {}", access::s3_secret(&key).expose());
             Ok(ExitCode::SUCCESS)
         }
         KeysCommand::Revoke { target, id } => {

@@ -28,7 +28,7 @@ pub const OWNER_ID: &str = "cairn";
 const URL_KEY: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
 
 /// The partition bucket records live in: the front's first, fixed for the node's life.
-async fn bucket_partition(state: &Arc<S3State>) -> Result<u32, S3Error> {
+pub async fn bucket_partition(state: &Arc<S3State>) -> Result<u32, S3Error> {
     state
         .front
         .name_partitions()?
@@ -39,22 +39,30 @@ async fn bucket_partition(state: &Arc<S3State>) -> Result<u32, S3Error> {
 
 /// The bucket named `name`, or NoSuchBucket. A record read while the bucket was being created
 /// or deleted is answered but not cached (the generation moved), so the cache never holds a
-/// bucket that is gone.
+/// bucket that is gone. On a cluster, other nodes create and delete buckets too: a cached record
+/// is taken for [`CLUSTER_BUCKET_TTL`] only.
 pub async fn find(state: &Arc<S3State>, name: &str) -> Result<BucketRecord, S3Error> {
+    let ttl = if state.front.cluster().is_some() { CLUSTER_BUCKET_TTL } else { std::time::Duration::MAX };
     let generation = {
         let cache = state.buckets.lock().expect("bucket cache");
-        if let Some(record) = cache.records.get(name) {
-            return Ok(record.clone());
+        if let Some((record, at)) = cache.records.get(name) {
+            if at.elapsed() < ttl {
+                return Ok(record.clone());
+            }
         }
         cache.generation
     };
     let record = lookup(state, name).await?.map(|(_, record)| record).ok_or_else(|| S3Error::no_such_bucket(name))?;
     let mut cache = state.buckets.lock().expect("bucket cache");
     if cache.generation == generation {
-        cache.records.insert(name.to_string(), record.clone());
+        cache.records.insert(name.to_string(), (record.clone(), std::time::Instant::now()));
     }
     Ok(record)
 }
+
+/// How long a cluster node takes a bucket it read as still there: a bucket deleted through
+/// another node may take new objects here for that long (docs/s3.md).
+pub const CLUSTER_BUCKET_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn lookup(state: &Arc<S3State>, name: &str) -> Result<Option<(u128, BucketRecord)>, S3Error> {
     let partition = bucket_partition(state).await?;

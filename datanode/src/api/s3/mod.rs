@@ -13,6 +13,7 @@ pub mod buckets;
 pub mod checksum;
 pub mod chunked;
 pub mod error;
+pub mod forward;
 pub mod model;
 pub mod multipart;
 pub mod objects;
@@ -54,9 +55,11 @@ pub struct S3Options {
     pub region: String,
     /// Virtual-host-style addressing: a request to `<bucket>.<domain>` names the bucket.
     pub domain: Option<String>,
-    /// `AuthMode::None`: unsigned requests are served (a playground).
+    /// `AuthMode::None`: unsigned requests are served (a playground). A cluster's mode is its
+    /// config's.
     pub auth: AuthMode,
-    /// Keys by id. (A standalone node's root key; a cluster's keys come with the cluster front.)
+    /// A standalone node's keys by id (its root key); a cluster's are its etcd's (see
+    /// [`S3State::key`]).
     pub keys: BTreeMap<String, S3Key>,
     /// Bytes of an object stored per blob (and held in memory per upload at once).
     pub piece_bytes: u64,
@@ -119,24 +122,73 @@ impl NamedLocks {
     }
 }
 
-pub fn router(front: Front, options: S3Options, uploads: Arc<crate::api::upload::UploadBudget>) -> Router {
-    let state = Arc::new(S3State {
-        front,
-        options,
-        buckets_lock: tokio::sync::RwLock::new(()),
-        buckets: Default::default(),
-        uploads,
-        name_locks: NamedLocks::default(),
-        upload_locks: NamedLocks::default(),
-    });
+impl S3State {
+    pub fn new(front: Front, options: S3Options, uploads: Arc<crate::api::upload::UploadBudget>) -> Arc<Self> {
+        Arc::new(S3State {
+            front,
+            options,
+            buckets_lock: tokio::sync::RwLock::new(()),
+            buckets: Default::default(),
+            uploads,
+            name_locks: NamedLocks::default(),
+            upload_locks: NamedLocks::default(),
+        })
+    }
+
+    /// The key with this id: a standalone node's own, or one of the cluster's, whose S3 secret
+    /// is derived from it (`access::s3_secret`). A key limited to some partitions has none: an
+    /// object's partition is its key's hash, not the key holder's choice.
+    pub fn key(&self, id: &str) -> Option<S3Key> {
+        match self.front.cluster() {
+            None => self.options.keys.get(id).cloned(),
+            Some(cluster) => {
+                let snapshot = cluster.snapshot();
+                let key = snapshot.keys.get(id).filter(|k| k.partitions.is_none())?;
+                Some(S3Key { secret: cairn_cluster::access::s3_secret(key), scopes: key.scopes.clone() })
+            }
+        }
+    }
+
+    /// Whether requests must be signed: a standalone node's setting, or the cluster's.
+    pub fn auth_mode(&self) -> AuthMode {
+        match self.front.cluster() {
+            None => self.options.auth,
+            Some(cluster) => cluster.config().map(|c| c.auth).unwrap_or_default(),
+        }
+    }
+}
+
+/// The S3 API's routes (its own port).
+pub fn router(state: Arc<S3State>) -> Router {
     Router::new().fallback(handle).with_state(state)
+}
+
+/// A request another node of the cluster passed on to this one, the coordinator of the key
+/// it writes (`forward`): served as if it had come here, never passed on again.
+pub async fn handle_forwarded(State(state): State<Arc<S3State>>, mut request: Request) -> Response {
+    let uri = request.headers_mut().remove(forward::URI_HEADER);
+    match uri.as_ref().and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+        Some(uri) => *request.uri_mut() = uri,
+        None => return S3Error::invalid_argument("a forwarded request's path is missing or malformed").into_response(),
+    }
+    let headers = request.headers_mut();
+    match headers.remove(forward::HOST_HEADER) {
+        Some(host) => {
+            headers.insert(header::HOST, host);
+        }
+        None => {
+            headers.remove(header::HOST);
+        }
+    }
+    request.extensions_mut().insert(forward::Forwarded);
+    handle(State(state), request).await
 }
 
 /// Bucket records as last read or written, and a generation that every creation and deletion
 /// moves: a lookup that raced one of them does not put what it read into the cache.
 #[derive(Default)]
 pub struct BucketCache {
-    pub records: std::collections::HashMap<String, model::BucketRecord>,
+    pub records: std::collections::HashMap<String, (model::BucketRecord, std::time::Instant)>,
     pub generation: u64,
 }
 
@@ -214,18 +266,18 @@ fn request_id() -> String {
 }
 
 async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Error> {
+    let forwarded = request.extensions().get::<forward::Forwarded>().is_some();
     let (parts, body) = request.into_parts();
     let query = sigv4::parse_query(parts.uri.query())?;
     let raw_path = parts.uri.path();
     let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let target = target_of(raw_path, host, state.options.domain.as_deref())?;
     let signature = authenticate(state, &parts.method, raw_path, &query, &parts.headers)?;
-    let request = S3Request { method: parts.method, target, query, headers: parts.headers, body, signature };
-    let scope = scope_of(&request);
-    match &request.signature {
+    let scope = scope_of(&target, &parts.method, &query);
+    match &signature {
         Some(verified) => {
-            let key = &state.options.keys[&verified.key_id];
-            if !key.allows(scope) {
+            let allowed = state.key(&verified.key_id).is_some_and(|key| key.allows(scope));
+            if !allowed {
                 return Err(S3Error::access_denied("access denied: the key lacks the scope this operation needs"));
             }
         }
@@ -236,6 +288,18 @@ async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Err
         }
         None => {}
     }
+    // On a cluster, a write is served by the coordinator of the name it writes.
+    if !forwarded {
+        if let Some(coordinator) = forward::coordinator_of(state, &target, &parts.method).await? {
+            let answer = forward::forward(state, &coordinator, parts, body).await;
+            if let Target::Bucket(name) = &target {
+                // What this node cached of the bucket is not what the coordinator made of it.
+                state.buckets.lock().expect("bucket cache").changed(name);
+            }
+            return answer;
+        }
+    }
+    let request = S3Request { method: parts.method, target, query, headers: parts.headers, body, signature };
     match &request.target {
         Target::Service => buckets::service(state, request).await,
         Target::Bucket(_) => buckets::bucket(state, request).await,
@@ -245,13 +309,14 @@ async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Err
 
 /// The scope an operation needs: reads read, writes write, deletes delete; creating and
 /// deleting buckets is the admin's.
-fn scope_of(request: &S3Request) -> Scope {
-    match (&request.target, &request.method) {
+fn scope_of(target: &Target, method: &Method, query: &[(String, String)]) -> Scope {
+    let has_param = |name: &str| query.iter().any(|(k, _)| k == name);
+    match (target, method) {
         (_, m) if m == Method::GET || m == Method::HEAD => Scope::Read,
         (Target::Bucket(_), m) if m == Method::PUT || m == Method::DELETE => Scope::Admin,
-        (Target::Bucket(_), m) if m == Method::POST && request.has_param("delete") => Scope::Delete,
+        (Target::Bucket(_), m) if m == Method::POST && has_param("delete") => Scope::Delete,
         // Aborting an upload deletes no object: the writer's, as uploading is.
-        (Target::Object { .. }, m) if m == Method::DELETE && request.has_param("uploadId") => Scope::Write,
+        (Target::Object { .. }, m) if m == Method::DELETE && has_param("uploadId") => Scope::Write,
         (_, m) if m == Method::DELETE => Scope::Delete,
         (Target::Object { .. }, _) => Scope::Write,
         _ => Scope::Admin,
@@ -266,14 +331,14 @@ fn authenticate(
     headers: &HeaderMap,
 ) -> Result<Option<sigv4::Verified>, S3Error> {
     let Some(presented) = sigv4::presented(headers, query)? else {
-        return match state.options.auth {
+        return match state.auth_mode() {
             AuthMode::None => Ok(None),
             AuthMode::Keys => {
                 Err(S3Error::access_denied("access denied: sign the request (AWS Signature V4) with an access key"))
             }
         };
     };
-    let key = state.options.keys.get(&presented.key_id).ok_or_else(|| {
+    let key = state.key(&presented.key_id).ok_or_else(|| {
         S3Error::invalid_access_key_id("the AWS access key id you provided does not exist in our records")
     })?;
     let parts = sigv4::RequestParts { method, raw_path, query, headers };

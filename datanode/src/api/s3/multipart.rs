@@ -29,8 +29,7 @@ use super::model::{self, BucketRecord, Completion, ObjectRecord, Piece, UploadRe
 use super::objects::{self, BodyReader};
 use super::{buckets, small_body, xml, xml_response, S3Request, S3State};
 use crate::engine::names::{self, NameRecord};
-use crate::engine::{now_ms, VolumeError};
-use crate::front::FrontError;
+use crate::engine::now_ms;
 
 /// An upload found by key and id.
 struct Upload {
@@ -438,8 +437,9 @@ async fn complete(
             // and this retry gets the same answer; if never, this completion goes on afresh.
             let id = names::name_id(upload.partition, &bucket_name, &key, completion.version);
             let committed = match state.front.name_record(id).await {
-                Ok(_) | Err(FrontError::Volume(VolumeError::Deleted)) => true,
-                Err(FrontError::Volume(VolumeError::NotFound)) => false,
+                Ok(_) => true,
+                Err(e) if e.is_deleted() => true,
+                Err(e) if e.is_not_found() => false,
                 Err(e) => return Err(e.into()),
             };
             if committed {

@@ -102,21 +102,25 @@ pub async fn current(
     Ok(Some(Current { id, version, object: ObjectRecord::decode(&record.body)? }))
 }
 
-/// The newest name record of `name` in `partition`: its id, version and record. A record deleted
-/// between the index read and the record read is as if absent (a delete won).
+/// The newest name record of `name` in `partition`: its id, version and record. A record
+/// deleted between the index read and the record read was superseded or deleted meanwhile:
+/// the versions are read again (a few times; then the name is as if absent).
 pub async fn current_record(
     state: &Arc<S3State>,
     partition: u32,
     space: &str,
     name: &str,
 ) -> Result<Option<(BlobId, u128, NameRecord)>, S3Error> {
-    let versions = state.front.name_versions(partition, space, name).await?;
-    let Some((version, entry)) = versions.last() else { return Ok(None) };
-    match state.front.name_record(entry.blob_id()).await {
-        Ok(record) => Ok(Some((entry.blob_id(), *version, record))),
-        Err(crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted)) => Ok(None),
-        Err(e) => Err(e.into()),
+    for _ in 0..3 {
+        let versions = state.front.name_versions(partition, space, name).await?;
+        let Some((version, entry)) = versions.last() else { return Ok(None) };
+        match state.front.name_record(entry.blob_id()).await {
+            Ok(record) => return Ok(Some((entry.blob_id(), *version, record))),
+            Err(e) if e.is_deleted() => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(None)
 }
 
 /// Deletes every live version of `key` (records, then their pieces), under the name's lock.
@@ -152,9 +156,7 @@ pub async fn delete_version(state: &Arc<S3State>, id: BlobId, keep: &[Piece]) ->
 pub async fn delete_record(state: &Arc<S3State>, id: BlobId) -> Result<Vec<Piece>, S3Error> {
     let record = match state.front.name_record(id).await {
         Ok(record) => Some(record),
-        Err(crate::front::FrontError::Volume(
-            crate::engine::VolumeError::Deleted | crate::engine::VolumeError::NotFound,
-        )) => None,
+        Err(e) if e.is_deleted() || e.is_not_found() => None,
         Err(e) => return Err(e.into()),
     };
     delete_if_there(state, id).await?;
@@ -164,7 +166,8 @@ pub async fn delete_record(state: &Arc<S3State>, id: BlobId) -> Result<Vec<Piece
 /// Deletes a blob; one that is gone already (two cleanups of one record) is as good.
 pub async fn delete_if_there(state: &Arc<S3State>, id: BlobId) -> Result<(), S3Error> {
     match state.front.delete(id).await {
-        Ok(()) | Err(crate::front::FrontError::Volume(crate::engine::VolumeError::NotFound)) => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) if e.is_not_found() || e.is_deleted() => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -950,18 +953,16 @@ pub async fn copy_range(
         let room = state.uploads.reserve(to - from).await.ok_or_else(|| {
             S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
         })?;
-        let reader = state.front.open(piece.blob_id()?).await.map_err(|e| match e {
-            crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted) => {
+        let reader = state.front.open(piece.blob_id()?).await.map_err(|e| {
+            if e.is_deleted() {
                 S3Error::service_unavailable("the copy's source was overwritten or deleted during the copy; try again")
+            } else {
+                e.into()
             }
-            e => e.into(),
         })?;
-        let data = tokio::task::spawn_blocking(move || reader.read_range(from, to))
-            .await
-            .map_err(|e| S3Error::internal(e.to_string()))?
-            .map_err(|e| S3Error::from(crate::front::FrontError::Volume(e)))?;
+        let data = reader.read(from, to).await?;
         digests.update(&data);
-        copied.push(store_piece(state, Bytes::from(data), Some(room)).await?);
+        copied.push(store_piece(state, data, Some(room)).await?);
     }
     Ok((copied.take(), digests.finish()))
 }
@@ -1218,7 +1219,7 @@ async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u6
         if from < to {
             match state.front.open(piece.blob_id()?).await {
                 Ok(reader) => opened.push((reader, from - at, to - at)),
-                Err(crate::front::FrontError::Volume(crate::engine::VolumeError::Deleted)) => return Ok(None),
+                Err(e) if e.is_deleted() => return Ok(None),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -1229,7 +1230,7 @@ async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u6
     let mut opened = opened.into_iter();
     let first = match opened.next() {
         Some((reader, from, to)) => Some(
-            crate::api::blobs::stream_payload(reader, from, to).await.map_err(|e| S3Error::internal(e.to_string()))?,
+            reader.stream(from, to).await.map_err(|e| S3Error::internal(e.to_string()))?,
         ),
         None => None,
     };
@@ -1237,7 +1238,7 @@ async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u6
         futures::stream::iter(first).flat_map(|body| body.into_data_stream().map(|r| r.map_err(std::io::Error::other)));
     let rest = futures::stream::iter(opened)
         .then(|(reader, from, to)| async move {
-            crate::api::blobs::stream_payload(reader, from, to).await.map_err(|e| std::io::Error::other(e.to_string()))
+            reader.stream(from, to).await.map_err(|e| std::io::Error::other(e.to_string()))
         })
         .flat_map(|body| match body {
             Ok(body) => body.into_data_stream().map(|r| r.map_err(std::io::Error::other)).boxed(),

@@ -1,0 +1,92 @@
+//! On a cluster, every node serves S3, and a write is served by the *coordinator* of the name it
+//! writes: the first live replica (in the topology's order) of the name's partition. The node a
+//! client reached passes the request on, as it came (signature, body streamed), to the
+//! coordinator's replica routes (`/replica/v1/s3/...`, node token or mutual TLS), which serves it
+//! with its own name locks — so that conditional writes, multipart completions and aborts of one
+//! key are decided in one place, as on a standalone node. Reads are served where they land (at
+//! read quorum). A coordinator that stops is replaced when its lease ends (docs/s3.md).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, request::Parts, Method, StatusCode};
+use axum::response::Response;
+
+use super::error::S3Error;
+use super::{buckets, model, S3State, Target};
+
+/// Where a forwarded request arrives on the coordinator (a replica route).
+pub const PREFIX: &str = "/replica/v1/s3";
+/// The `Host` the client sent (it is signed, and may name the bucket).
+pub const HOST_HEADER: &str = "x-cairn-s3-host";
+/// The path and query the client sent, byte for byte (they are signed): in a header, since a URL
+/// library would normalize them (`a/../b`, escapes) on the way.
+pub const URI_HEADER: &str = "x-cairn-s3-uri";
+
+/// Marks a request this node is the coordinator for (it came forwarded): never passed on again.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded;
+
+/// Headers of one connection, not of the request: never passed on.
+const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::HOST,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// The node that must serve this request, when it is another: a write of an object (or of a
+/// bucket) on a cluster. `None`: serve it here.
+pub async fn coordinator_of(state: &Arc<S3State>, target: &Target, method: &Method) -> Result<Option<String>, S3Error> {
+    let Some(cluster) = state.front.cluster() else { return Ok(None) };
+    let partition = match target {
+        _ if method == Method::GET || method == Method::HEAD => return Ok(None),
+        Target::Object { bucket, key } => model::partition_of(&buckets::find(state, bucket).await?.partitions, key),
+        Target::Bucket(_) if method == Method::PUT || method == Method::DELETE => buckets::bucket_partition(state).await?,
+        _ => return Ok(None),
+    };
+    let snapshot = cluster.snapshot();
+    let Some(spec) = snapshot.topology.partitions.get(&partition) else { return Ok(None) };
+    let coordinator = spec.replicas.iter().map(|r| r.node.as_str()).find(|node| snapshot.live.contains_key(*node));
+    Ok(coordinator.filter(|node| *node != cluster.node_id()).map(str::to_string))
+}
+
+/// Passes the request on to `node` and its answer back, both streamed.
+pub async fn forward(state: &Arc<S3State>, node: &str, parts: Parts, body: Body) -> Result<Response, S3Error> {
+    let cluster = state.front.cluster().expect("only a cluster forwards");
+    let unreachable = |why: String| {
+        S3Error::service_unavailable(format!("{node}, which coordinates writes of this name, cannot be reached: {why}"))
+    };
+    let base = cluster.peer_base_of(&cluster.snapshot(), node).ok_or_else(|| unreachable("no address".into()))?;
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request =
+        crate::cluster::router::with_request_id(cluster.http.request(parts.method.clone(), format!("{base}{PREFIX}")))
+            .header(URI_HEADER, path_and_query);
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(name) {
+            request = request.header(name, value);
+        }
+    }
+    if let Some(host) = parts.headers.get(header::HOST) {
+        request = request.header(HOST_HEADER, host);
+    }
+    let response = request
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
+        .send()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut builder = Response::builder().status(status);
+    for (name, value) in response.headers() {
+        if !HOP_BY_HOP.contains(name) && name != header::CONTENT_LENGTH {
+            builder = builder.header(name, value);
+        }
+    }
+    if let Some(length) = response.content_length() {
+        builder = builder.header(header::CONTENT_LENGTH, length);
+    }
+    builder.body(Body::from_stream(response.bytes_stream())).map_err(|e| S3Error::internal(e.to_string()))
+}
