@@ -78,6 +78,11 @@ pub async fn forward(state: &Arc<S3State>, node: &str, parts: Parts, body: Body)
         .send()
         .await
         .map_err(|e| unreachable(e.to_string()))?;
+    // Every answer of an S3 front says so (`Server: Cairn`); any other came from a node that
+    // does not serve S3 (a cluster serves S3 on every node or on none).
+    if response.headers().get(header::SERVER).is_none_or(|v| v != "Cairn") {
+        return Err(unreachable(format!("it answered {} without serving S3 (--s3-listen)", response.status())));
+    }
     let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut builder = Response::builder().status(status);
     for (name, value) in response.headers() {

@@ -1,0 +1,158 @@
+"""S3 on a cluster, driven by boto3 through every node at once: what one node acknowledges, every
+node reads at once; racing conditional writes through different nodes are decided once; a
+multipart upload may be spread over nodes; listings agree everywhere. With `after-kill`, the
+same checks run on the nodes still up after one was killed, and every object the first run
+wrote must still read back whole.
+
+Environment: S3_ENDPOINTS (comma-separated, the live nodes), S3_KEY_ID, S3_SECRET, S3_READER_ID
+and S3_READER_SECRET (a read-only key). Argument: `first` or `after-kill`.
+Exits non-zero on the first failed check, naming it.
+"""
+
+import concurrent.futures
+import hashlib
+import os
+import sys
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+ENDPOINTS = os.environ["S3_ENDPOINTS"].split(",")
+PHASE = sys.argv[1]
+BUCKET = "spread"
+
+
+def client(endpoint, key_id=os.environ["S3_KEY_ID"], secret=os.environ["S3_SECRET"], attempts=10):
+    # Retries as the SDKs' standard mode does: a write whose coordinator was just killed is
+    # refused (503) until the cluster sees it gone.
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": attempts, "mode": "standard"}),
+    )
+
+
+nodes = [client(e) for e in ENDPOINTS]
+
+
+def check(name, ok, detail=""):
+    if not ok:
+        print(f"FAILED: {name} {detail}", flush=True)
+        sys.exit(1)
+    print(f"ok: {name}", flush=True)
+
+
+def code_of(fn):
+    try:
+        fn()
+        return "OK"
+    except ClientError as e:
+        return e.response["Error"]["Code"]
+
+
+def body(node, key):
+    return node.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def data_for(key):
+    return hashlib.sha256(key.encode()).digest() * 40
+
+
+def read_after_write(tag):
+    for i, writer in enumerate(nodes):
+        for n in range(10):
+            key = f"{tag}/w{i}-{n}"
+            writer.put_object(Bucket=BUCKET, Key=key, Body=data_for(key))
+            for j, reader in enumerate(nodes):
+                check(f"{key} written through node {i} reads through node {j}", body(reader, key) == data_for(key))
+    # An overwrite through one node and a delete through another: seen at once everywhere.
+    key = f"{tag}/w0-0"
+    nodes[-1].put_object(Bucket=BUCKET, Key=key, Body=b"newer")
+    check("an overwrite is seen through every node", all(body(n, key) == b"newer" for n in nodes))
+    nodes[0].put_object(Bucket=BUCKET, Key=key, Body=data_for(key))
+    nodes[0].delete_object(Bucket=BUCKET, Key=f"{tag}/gone")
+    nodes[0].put_object(Bucket=BUCKET, Key=f"{tag}/gone", Body=b"x")
+    nodes[-1].delete_object(Bucket=BUCKET, Key=f"{tag}/gone")
+    check("a delete is seen through every node", all(code_of(lambda n=n: body(n, f"{tag}/gone")) == "NoSuchKey" for n in nodes))
+
+
+def racing_conditional_writes(tag):
+    # Two writers through two nodes, both "only if absent": one wins, the other gets 412, and
+    # what is stored is the winner's.
+    for round in range(20):
+        key = f"{tag}/race-{round}"
+        a, b = nodes[round % len(nodes)], nodes[(round + 1) % len(nodes)]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(
+                lambda pair: code_of(lambda: pair[0].put_object(Bucket=BUCKET, Key=key, Body=pair[1], IfNoneMatch="*")),
+                [(a, b"from-a"), (b, b"from-b")],
+            ))
+        check(f"{key}: exactly one conditional write wins", sorted(outcomes) == ["OK", "PreconditionFailed"], outcomes)
+        winner = b"from-a" if outcomes[0] == "OK" else b"from-b"
+        check(f"{key}: the winner's bytes are stored", all(body(n, key) == winner for n in nodes))
+
+
+def spread_multipart(tag):
+    key = f"{tag}/multipart"
+    upload = nodes[0].create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+    parts, expected = [], b""
+    for number in range(1, 4):
+        data = bytes([number]) * (5 << 20 if number < 3 else 1000)
+        uploader = nodes[number % len(nodes)]
+        etag = uploader.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=number, Body=data)["ETag"]
+        parts.append({"PartNumber": number, "ETag": etag})
+        expected += data
+    listed = nodes[-1].list_parts(Bucket=BUCKET, Key=key, UploadId=upload)["Parts"]
+    check("parts uploaded through different nodes all list", [p["PartNumber"] for p in listed] == [1, 2, 3])
+    nodes[-1].complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload, MultipartUpload={"Parts": parts})
+    check("the completed object reads through every node", all(body(n, key) == expected for n in nodes))
+    # An abort through another node, after the completion, takes nothing from the object.
+    check("aborting a completed upload is NoSuchUpload or done", code_of(lambda: nodes[0].abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload)) in ("OK", "NoSuchUpload"))
+    check("the object survives the abort", body(nodes[1 % len(nodes)], key) == expected)
+
+
+def listings_agree(tag):
+    listings = []
+    for node in nodes:
+        keys = []
+        for page in node.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{tag}/", PaginationConfig={"PageSize": 7}):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        listings.append(keys)
+    check("every node lists the same keys, in byte order", all(l == listings[0] for l in listings) and listings[0] == sorted(listings[0], key=lambda k: k.encode()), listings)
+    check("the listing holds what was written", f"{tag}/w0-0" in listings[0] and f"{tag}/gone" not in listings[0])
+
+
+def scopes():
+    reader = client(ENDPOINTS[-1], os.environ["S3_READER_ID"], os.environ["S3_READER_SECRET"], attempts=1)
+    check("a read-only key reads", reader.get_object(Bucket=BUCKET, Key="first/w0-1")["Body"].read() == data_for("first/w0-1"))
+    check("a read-only key cannot write, whichever node coordinates the key", all(
+        code_of(lambda k=k: reader.put_object(Bucket=BUCKET, Key=f"denied-{k}", Body=b"x")) == "AccessDenied" for k in range(12)))
+    bad = client(ENDPOINTS[-1], os.environ["S3_KEY_ID"], "not-the-secret", attempts=1)
+    check("a wrong secret is SignatureDoesNotMatch", code_of(lambda: bad.put_object(Bucket=BUCKET, Key="x", Body=b"x")) == "SignatureDoesNotMatch")
+
+
+def main():
+    if PHASE == "first":
+        nodes[0].create_bucket(Bucket=BUCKET)
+        check("a bucket made through one node is there through all", all(code_of(lambda n=n: n.head_bucket(Bucket=BUCKET)) == "OK" for n in nodes))
+        tag = "first"
+    else:
+        for n in range(10):
+            for i in range(3):
+                key = f"first/w{i}-{n}"
+                check(f"{key} survived the kill", all(body(node, key) == data_for(key) for node in nodes))
+        tag = "after"
+    read_after_write(tag)
+    racing_conditional_writes(tag)
+    spread_multipart(tag)
+    listings_agree(tag)
+    if PHASE == "first":
+        scopes()
+    print("ALL PASSED", flush=True)
+
+
+main()
