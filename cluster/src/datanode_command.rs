@@ -33,6 +33,8 @@ pub struct DatanodeCommand {
     pub peer_tls: Option<TlsFiles>,
     /// HTTPS on the blob API: the certificate (chain) and key files.
     pub tls: Option<(String, String)>,
+    /// Address the S3 API listens on (docs/s3.md: every node of a cluster, or none).
+    pub s3_listen: Option<String>,
     /// More flags, as given (a platform's own settings, e.g. for tests).
     pub extra: Vec<String>,
 }
@@ -72,6 +74,9 @@ impl DatanodeCommand {
         if let Some((cert, key)) = &self.tls {
             args.extend(["--tls-cert".to_owned(), cert.clone(), "--tls-key".to_owned(), key.clone()]);
         }
+        if let Some(s3) = &self.s3_listen {
+            args.extend(["--s3-listen".to_owned(), s3.clone()]);
+        }
         args.extend(self.extra.iter().cloned());
         args
     }
@@ -96,6 +101,7 @@ mod tests {
             etcd_tls: None,
             peer_tls: Some(TlsFiles { ca: "/t/ca.crt".into(), cert: "/t/m1.crt".into(), key: "/t/m1.key".into() }),
             tls: None,
+            s3_listen: None,
             extra: vec!["--peer-timeout-ms".into(), "500".into()],
         };
         let args = command.to_args();
@@ -108,10 +114,13 @@ mod tests {
         command.advertise = Some("10.0.0.1:7480".into());
         command.etcd_tls = Some(TlsFiles { ca: "ca".into(), cert: "crt".into(), key: "key".into() });
         command.tls = Some(("/tls/tls.crt".into(), "/tls/tls.key".into()));
+        command.s3_listen = Some("0.0.0.0:9000".into());
         let args = command.to_args();
         let pairs: Vec<(&str, &str)> = args.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
         assert!(pairs.contains(&("--tls-cert", "/tls/tls.crt")) && pairs.contains(&("--tls-key", "/tls/tls.key")));
-        for flag in ["--advertise", "--etcd-ca", "--etcd-cert", "--etcd-key", "--tls-cert", "--tls-key"] {
+        assert!(pairs.contains(&("--s3-listen", "0.0.0.0:9000")));
+        for flag in ["--advertise", "--etcd-ca", "--etcd-cert", "--etcd-key", "--tls-cert", "--tls-key", "--s3-listen"]
+        {
             assert_eq!(args.iter().filter(|a| *a == flag).count(), 1, "{flag} once");
         }
     }

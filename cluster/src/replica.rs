@@ -354,12 +354,20 @@ pub struct WireName {
     pub summary: String,
 }
 
+/// `POST /replica/v1/s3-delete-key`: one key of an S3 DeleteObjects, passed on to the key's
+/// coordinator (authorized where the request arrived).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3DeleteKey {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub bucket: String,
+    pub key: String,
+}
+
 /// Bytes from [`hex`].
 pub fn unhex(text: &str) -> Result<Vec<u8>, WireError> {
-    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(WireError::Frame(format!("not hex: {:?}", text.chars().take(40).collect::<String>())));
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|e| WireError::Frame(e.to_string()))).collect()
+    hex::decode(text)
+        .map_err(|e| WireError::Frame(format!("not hex ({e}): {:?}", text.chars().take(40).collect::<String>())))
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use cairn_common::BlobId;
+use futures::StreamExt;
 
 use crate::cluster::router::RouteError;
 use crate::cluster::Cluster;
@@ -215,13 +215,13 @@ impl Front {
         let cluster = match self {
             Front::Standalone(store) => {
                 let volume = standalone_volume(store, id)?;
-                return Ok(PieceReader::Local(blocking(move || volume.open_blob(id)).await?));
+                return Ok(PieceReader::Local(Box::new(blocking(move || volume.open_blob(id)).await?)));
             }
             Front::Cluster(cluster) => cluster,
         };
         if let Some(volume) = cluster.store.volume(id.partition()) {
             match blocking(move || volume.open_blob(id)).await {
-                Ok(reader) => return Ok(PieceReader::Local(reader)),
+                Ok(reader) => return Ok(PieceReader::Local(Box::new(reader))),
                 Err(e @ (VolumeError::Deleted | VolumeError::Expired)) => return Err(e.into()),
                 Err(e) => tracing::debug!(%id, error = %e, "local replica cannot answer; asking the others"),
             }
@@ -246,7 +246,7 @@ const PARTITIONS_LISTED_AT_ONCE: usize = 16;
 
 /// An opened blob: here, or on a peer replica.
 pub enum PieceReader {
-    Local(BlobReader),
+    Local(Box<BlobReader>),
     Remote { cluster: Arc<Cluster>, id: BlobId, len: u64 },
 }
 
@@ -262,22 +262,20 @@ impl PieceReader {
         self.len() == 0
     }
 
-    /// The bytes `[from, to)` as a body. A local reader reads and verifies its first chunk
-    /// before answering (a checksum error there is an error here, not a cut body).
-    pub async fn stream(self, from: u64, to: u64) -> Result<axum::body::Body, FrontError> {
-        match self {
-            PieceReader::Local(reader) => crate::api::blobs::stream_payload(reader, from, to)
-                .await
-                .map_err(|e| FrontError::Volume(VolumeError::Failed(e.to_string()))),
-            PieceReader::Remote { cluster, id, .. } => {
-                let range = format!("bytes={from}-{}", to.saturating_sub(1));
-                let response = cluster.read_from_peers(id, reqwest::Method::GET, "", Some(range.as_bytes())).await?;
-                match response.status().as_u16() {
-                    200 | 206 => Ok(axum::body::Body::from_stream(response.bytes_stream())),
-                    410 => Err(RouteError::Deleted.into()),
-                    status => Err(RouteError::NoQuorum(format!("a replica answered {status} to a read of {id}")).into()),
-                }
-            }
+    /// A peer replica's bytes `[from, to)`, streamed (a local reader is the API's to stream:
+    /// the blob routes' streaming, which checks chunks as they go).
+    pub async fn stream_remote(
+        cluster: &Cluster,
+        id: BlobId,
+        from: u64,
+        to: u64,
+    ) -> Result<reqwest::Response, FrontError> {
+        let range = format!("bytes={from}-{}", to.saturating_sub(1));
+        let response = cluster.read_from_peers(id, reqwest::Method::GET, "", Some(range.as_bytes())).await?;
+        match response.status().as_u16() {
+            200 | 206 => Ok(response),
+            410 => Err(RouteError::Deleted.into()),
+            status => Err(RouteError::NoQuorum(format!("a replica answered {status} to a read of {id}")).into()),
         }
     }
 
@@ -285,9 +283,10 @@ impl PieceReader {
     pub async fn read(self, from: u64, to: u64) -> Result<Bytes, FrontError> {
         match self {
             PieceReader::Local(reader) => Ok(Bytes::from(blocking(move || reader.read_range(from, to)).await?)),
-            remote => {
-                let body = remote.stream(from, to).await?;
-                let bytes = axum::body::to_bytes(body, usize::MAX)
+            PieceReader::Remote { cluster, id, .. } => {
+                let bytes = Self::stream_remote(&cluster, id, from, to)
+                    .await?
+                    .bytes()
                     .await
                     .map_err(|e| RouteError::NoQuorum(format!("reading a peer's replica: {e}")))?;
                 if bytes.len() as u64 != to - from {

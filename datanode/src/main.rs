@@ -379,7 +379,9 @@ fn run() -> anyhow::Result<()> {
         });
         match cluster {
             None => run_standalone(options, shutdown).await,
-            Some(cluster) => run_cluster(cluster, options.listen, options.volume, options.http, options.s3, shutdown).await,
+            Some(cluster) => {
+                run_cluster(cluster, options.listen, options.volume, options.http, options.s3, shutdown).await
+            }
         }
     })
 }

@@ -101,7 +101,7 @@ async fn put_get_delete_ttl_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_are_all_durable_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let volume = Arc::new(open(dir.path(), 64));
+    let volume = Arc::new(open(dir.path(), 256));
     let mut tasks = Vec::new();
     for seed in 0..400u64 {
         let volume = volume.clone();
@@ -928,4 +928,49 @@ async fn name_records_index_their_names_through_deletes_and_crash_replay() {
     drop(volume);
     let volume = open(dir.path(), 16);
     assert_eq!(state(&volume), before);
+}
+
+/// A replica's answer to a quorum read of a name (`cluster::names::versions_answer`) never takes
+/// a version that is being written for a deleted one: a reader asks, again and again, about the
+/// ids of versions a writer is putting meanwhile; none is ever reported deleted (none is). A
+/// version that lands between the answer's two index reads must read as held-and-live or not
+/// held, or the quorum read drops an acknowledged write (two conditional writes then both win).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_written_during_a_name_query_is_never_reported_deleted() {
+    use cairn_cluster::replica::{NameVersionsQuery, WIRE_VERSION};
+    use cairn_datanode::cluster::names::versions_answer;
+    use cairn_datanode::engine::names::NameRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let volume = Arc::new(open(dir.path(), 256));
+    const VERSIONS: u128 = 1000;
+    let ids: Vec<BlobId> = (1..=VERSIONS)
+        .map(|v| NameRecord::new("b".into(), "k".into(), v, Vec::new(), Vec::new()).unwrap().id(volume.partition()))
+        .collect();
+    let reader = {
+        let (volume, ids) = (volume.clone(), ids.clone());
+        std::thread::spawn(move || {
+            let mut asked = 0;
+            loop {
+                let held = volume.name_versions("b", "k").unwrap().len();
+                if held as u128 == VERSIONS {
+                    return asked;
+                }
+                // The next few versions, about to be written.
+                let ask = ids[held..(held + 4).min(ids.len())].iter().map(|id| id.to_string()).collect();
+                let query = NameVersionsQuery { version: WIRE_VERSION, space: "b".into(), name: "k".into(), ask };
+                let answer = versions_answer(&volume, query).unwrap();
+                assert!(answer.deleted.is_empty(), "reported deleted while being written: {:?}", answer.deleted);
+                asked += 1;
+            }
+        })
+    };
+    for version in 1..=VERSIONS {
+        let record = NameRecord::new("b".into(), "k".into(), version, Vec::new(), Vec::new()).unwrap();
+        let meta = BlobMeta::new("application/vnd.cairn.name-record".into(), Vec::new()).unwrap();
+        let blob_id = record.id(volume.partition());
+        let payload = Bytes::from(record.encode());
+        volume.put(PutRequest { blob_id, meta, payload, created_ms: now_ms(), expiry_ms: None }).await.unwrap();
+    }
+    let asked = reader.join().unwrap();
+    assert!(asked > 100, "the reader asked {asked} times only");
 }

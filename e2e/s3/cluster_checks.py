@@ -5,7 +5,7 @@ same checks run on the nodes still up after one was killed, and every object the
 wrote must still read back whole.
 
 Environment: S3_ENDPOINTS (comma-separated, the live nodes), S3_KEY_ID, S3_SECRET, S3_READER_ID
-and S3_READER_SECRET (a read-only key). Argument: `first` or `after-kill`.
+and S3_READER_SECRET (a read-only key), S3_FIRST_NODES (how many nodes the first run wrote through). Argument: `first` or `after-kill`.
 Exits non-zero on the first failed check, naming it.
 """
 
@@ -78,6 +78,13 @@ def read_after_write(tag):
     nodes[0].put_object(Bucket=BUCKET, Key=f"{tag}/gone", Body=b"x")
     nodes[-1].delete_object(Bucket=BUCKET, Key=f"{tag}/gone")
     check("a delete is seen through every node", all(code_of(lambda n=n: body(n, f"{tag}/gone")) == "NoSuchKey" for n in nodes))
+    # DeleteObjects through one node deletes each key at its own coordinator.
+    batch = [f"{tag}/batch-{k}" for k in range(12)]
+    for key in batch:
+        nodes[k % len(nodes) if (k := batch.index(key)) else 0].put_object(Bucket=BUCKET, Key=key, Body=b"b")
+    answer = nodes[-1].delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": k} for k in batch]})
+    check("DeleteObjects through one node deletes keys of every coordinator", not answer.get("Errors") and len(answer["Deleted"]) == len(batch), answer)
+    check("and every node sees them gone", all(code_of(lambda n=n, k=k: body(n, k)) == "NoSuchKey" for n in nodes for k in batch))
 
 
 def racing_conditional_writes(tag):
@@ -142,7 +149,7 @@ def main():
         tag = "first"
     else:
         for n in range(10):
-            for i in range(3):
+            for i in range(int(os.environ["S3_FIRST_NODES"])):
                 key = f"first/w{i}-{n}"
                 check(f"{key} survived the kill", all(body(node, key) == data_for(key) for node in nodes))
         tag = "after"

@@ -41,6 +41,7 @@ fn machines_with_agents(disks: &mut Machine, zones: &[&str]) -> (Vec<KillOnDrop>
             agent_admin_socket: sockets.admin,
             port: free_port(),
             peer_port: None,
+            s3_port: None,
             disk_path: None,
         });
     }

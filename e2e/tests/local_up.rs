@@ -135,6 +135,32 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     up.wait_for(": ready");
     let announcement = up.wait_for("Authorization: Bearer $CAIRN_TOKEN");
     assert!(announcement.iter().any(|l| l.contains("export CAIRN_TOKEN=")), "{announcement:?}");
+    // Every datanode serves S3 too (200 above its blob port), the announcement giving the admin
+    // key's S3 credentials: the AWS CLI, unmodified, makes a bucket through one node and reads
+    // the object back through another.
+    let s3 = up.wait_for("AWS_SECRET_ACCESS_KEY=");
+    let exports = s3.last().unwrap().trim().strip_prefix("export ").expect("an export line").to_owned();
+    let env: Vec<(String, String)> = exports
+        .split_whitespace()
+        .map(|pair| pair.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).expect("NAME=value"))
+        .collect();
+    let aws = |s3_port: u16, args: &[&str]| {
+        let out = Command::new(support::repo(".tools/s3-venv/bin/aws"))
+            .args(["--endpoint-url", &format!("http://127.0.0.1:{s3_port}")])
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "aws {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let object = dir.path().join("object.txt");
+    std::fs::write(&object, "through S3").unwrap();
+    aws(port + 200, &["s3", "mb", "s3://demo"]);
+    aws(port + 201, &["s3", "cp", object.to_str().unwrap(), "s3://demo/object.txt"]);
+    assert_eq!(aws(port + 202, &["s3", "cp", "s3://demo/object.txt", "-"]), "through S3");
     // The admin key's token is the owner's alone; without it the blob API lets no one in.
     let token_file = dir.path().join("admin-token");
     assert_eq!(

@@ -469,6 +469,9 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             peer_listen: Some(format!("0.0.0.0:{PEER_PORT}")),
             etcd_tls: None,
             peer_tls: None,
+            // S3 on Kubernetes needs a port and a Service of its own in the StoreCluster's spec:
+            // not built yet (docs/s3.md).
+            s3_listen: None,
             extra: Vec::new(),
         };
         // Its own peer certificate (crate::peer_certs), readable by the datanode's group only.

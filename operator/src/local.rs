@@ -29,6 +29,9 @@ pub struct LocalMachine {
     /// none: the replica routes are on `port`.
     #[serde(default)]
     pub peer_port: Option<u16>,
+    /// Port of its datanode's S3 API on 127.0.0.1; none: no S3.
+    #[serde(default)]
+    pub s3_port: Option<u16>,
     /// Use only the agent's disk at this path (several local machines sharing one disk agent,
     /// each with its own directory disk); `None` uses every disk the agent reports.
     pub disk_path: Option<PathBuf>,
@@ -149,6 +152,7 @@ impl LocalPlatform {
     fn args(&self, m: &LocalMachine) -> Vec<String> {
         cairn_cluster::datanode_command::DatanodeCommand {
             tls: None,
+            s3_listen: m.s3_port.map(|p| format!("127.0.0.1:{p}")),
             etcd: self.etcd.clone(),
             cluster: self.cluster.clone(),
             namespace: self.namespace.clone(),

@@ -27,6 +27,21 @@ fn peer_port(options: &LocalOptions, i: usize) -> u16 {
 
 const PEER_PORT_OFFSET: u16 = 100;
 
+/// The S3 access key id and secret access key of the key whose token is in `file`.
+fn s3_credentials(file: &Path) -> anyhow::Result<(String, String)> {
+    let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let (id, secret) = cairn_cluster::access::parse_token(text.trim())?;
+    let key = cairn_cluster::access::AccessKey::from_parts(id, secret, "local admin", Default::default())?;
+    Ok((id.to_string(), cairn_cluster::access::s3_secret(&key).expose().to_string()))
+}
+
+/// Machine `i`'s S3 port, 200 above its blob port.
+fn s3_port(options: &LocalOptions, i: usize) -> u16 {
+    options.port + S3_PORT_OFFSET + i as u16
+}
+
+const S3_PORT_OFFSET: u16 = 200;
+
 /// The local cluster's CA (`DIR/tls/ca.crt`, its key beside it, readable by the owner only),
 /// made on the first start, and a fresh certificate from it for every machine at every start
 /// (`DIR/tls/m<i>.crt`, `.key`): the datanodes' mutual TLS. The directory.
@@ -329,6 +344,7 @@ fn local_machines(
             agent_admin_socket: sockets.admin.clone(),
             port: options.port + i as u16,
             peer_port: Some(peer_port(options, i)),
+            s3_port: Some(s3_port(options, i)),
             disk_path: Some(disk_dir(i)),
         })
         .collect();
@@ -347,6 +363,7 @@ fn local_machines(
                 agent_admin_socket: sockets.admin.clone(),
                 port,
                 peer_port: Some(peer_port(options, i)),
+                s3_port: Some(s3_port(options, i)),
                 ..p
             });
         }
@@ -589,11 +606,25 @@ pub async fn up(cluster: StoreCluster, options: LocalOptions) -> anyhow::Result<
                     ("auth: None — anyone who can reach these ports may read, write and delete blobs.\n  ".into(), "")
                 }
             };
+            let (s3_first, s3_last) = (s3_port(&options, 0), s3_port(&options, options.machines - 1));
+            let s3 = match &admin {
+                Some(token) => {
+                    let (id, secret) = s3_credentials(token)?;
+                    format!(
+                        "export AWS_ACCESS_KEY_ID={id} AWS_SECRET_ACCESS_KEY={secret} AWS_DEFAULT_REGION=us-east-1\n  \
+                         aws --endpoint-url http://127.0.0.1:{s3_first} s3 mb s3://demo\n  \
+                         aws --endpoint-url http://127.0.0.1:{s3_first} s3 cp file s3://demo/file"
+                    )
+                }
+                None => "auth: None — objects need no signature; buckets need an admin key (none was made)".into(),
+            };
             say(&format!(
                 "\nBlob API: http://127.0.0.1:{first} (every datanode serves it: ports {first}–{last}; blobs up to {largest})\n  \
                  {auth}curl -s {header}-X POST --data-binary @file http://127.0.0.1:{first}/v1/blobs\n  \
                  curl -s {header}http://127.0.0.1:{first}/v1/blobs/<id>\n  \
                  cairn status --local {dir}     (also: cairn disks --local, cairn topology --local)\n\
+                 S3: http://127.0.0.1:{s3_first} (every datanode serves it: ports {s3_first}–{s3_last}; docs/s3.md), as the admin key:\n  \
+                 {s3}\n\
                  Data and logs: {dir}. Ctrl-C stops everything; starting again reuses the data.\n",
                 dir = dir.display()
             ));

@@ -38,7 +38,7 @@ pub fn free_port() -> u16 {
 }
 
 /// `n` consecutive free ports, each also free at every offset in `also` (`cairn local up` puts
-/// its datanodes' peer ports 100 above their blob ports); returns the first.
+/// its datanodes' peer ports 100 and S3 ports 200 above their blob ports); returns the first.
 pub fn free_port_block(n: u16, also: &[u16]) -> u16 {
     let n = u32::from(n);
     let span = n + u32::from(also.iter().copied().max().unwrap_or(0));

@@ -55,6 +55,7 @@ pub fn routes(state: ReplicaState) -> Router {
     let s3_forwarded = match state.s3.clone() {
         Some(s3) => Router::new()
             .route(super::s3::forward::PREFIX, any(super::s3::handle_forwarded))
+            .route(super::s3::forward::DELETE_KEY_ROUTE, post(super::s3::forward::handle_delete_key))
             .with_state(s3),
         None => Router::new(),
     };

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_cluster::replica::{
-    check_version, hex, unhex, CurrentNamesAnswer, CurrentNamesQuery, NameVersionsAnswer, NameVersionsQuery,
-    WireName, WIRE_VERSION,
+    check_version, hex, unhex, CurrentNamesAnswer, CurrentNamesQuery, NameVersionsAnswer, NameVersionsQuery, WireName,
+    WIRE_VERSION,
 };
 use cairn_cluster::topology::PartitionSpec;
 use cairn_common::BlobId;
@@ -85,6 +85,9 @@ impl Cluster {
         limit: usize,
     ) -> Result<Vec<CurrentName>, RouteError> {
         let spec = self.partition_spec(partition)?;
+        // A replica's page holds at most MAX_PAGE names: a larger limit would take a full page
+        // for the end.
+        let limit = limit.clamp(1, MAX_PAGE);
         let (mut from, mut after) = (from.to_string(), after);
         let mut out = Vec::new();
         loop {
@@ -247,47 +250,20 @@ impl Cluster {
         response.json::<A>().await.map_err(|e| failed(e.to_string()))
     }
 
-    /// A blob's whole payload from the first peer replica that has it.
+    /// A blob's whole payload (any id, name records too) from the first peer replica that has it.
     async fn fetch_from_peers(self: &Arc<Self>, id: BlobId) -> Result<Bytes, RouteError> {
-        let snapshot = self.snapshot();
-        let spec = self.partition_spec(id.partition())?;
-        let mut peers: Vec<&str> =
-            spec.replicas.iter().map(|r| r.node.as_str()).filter(|n| *n != self.node_id()).collect();
-        peers.sort_by_key(|n| !snapshot.live.contains_key(*n));
-        let (mut not_found, mut failures) = (0, Vec::new());
-        for peer in peers {
-            let Some(address) = self.peer_base_of(&snapshot, peer) else { continue };
-            let request = super::router::with_request_id(self.http.get(format!("{address}/replica/v1/blobs/{id}")));
-            let response = match request.timeout(self.options.peer_timeout).send().await {
-                Ok(response) => response,
-                Err(e) => {
-                    failures.push(format!("{peer}: {e}"));
-                    continue;
-                }
-            };
-            match response.status().as_u16() {
-                200 => {}
-                410 => return Err(RouteError::Deleted),
-                404 => {
-                    not_found += 1;
-                    continue;
-                }
-                status => {
-                    failures.push(format!("{peer} answered {status}"));
-                    continue;
-                }
-            }
-            match response.bytes().await.map_err(|e| e.to_string()).and_then(|body| {
-                cairn_cluster::replica::BlobFrame::split(body).map_err(|e| e.to_string())
-            }) {
-                Ok((_, payload)) => return Ok(payload),
-                Err(e) => failures.push(format!("{peer}: {e}")),
-            }
+        let response =
+            self.first_peer_answer(id, |address| self.http.get(format!("{address}/replica/v1/blobs/{id}"))).await?;
+        match response.status().as_u16() {
+            200 => {}
+            410 => return Err(RouteError::Deleted),
+            status => return Err(RouteError::NoQuorum(format!("a replica answered {status} to a read of {id}"))),
         }
-        if not_found > 0 || failures.is_empty() {
-            return Err(RouteError::NotFound);
-        }
-        Err(RouteError::NoQuorum(format!("no replica of {id} could answer: {}", failures.join("; "))))
+        let body =
+            response.bytes().await.map_err(|e| RouteError::NoQuorum(format!("reading {id} from a peer: {e}")))?;
+        let (_, payload) = cairn_cluster::replica::BlobFrame::split(body)
+            .map_err(|e| RouteError::NoQuorum(format!("reading {id} from a peer: {e}")))?;
+        Ok(payload)
     }
 }
 
@@ -298,9 +274,12 @@ pub fn versions_answer(volume: &Volume, query: NameVersionsQuery) -> Result<Name
         .iter()
         .map(|raw| raw.parse::<BlobId>().map_err(|e| VolumeError::Integrity(format!("{raw}: {e}"))))
         .collect::<Result<_, _>>()?;
+    // What the index holds first, its live versions second: a version written between the two
+    // reads is then held-and-live or not held — never taken for deleted (the other order would
+    // report a write landing in between as a delete, and a quorum read would drop it).
+    let held = volume.held(&ask)?;
     let versions = volume.name_versions(&query.space, &query.name)?;
     let live: HashSet<BlobId> = versions.iter().map(|(_, e)| e.blob_id()).collect();
-    let held = volume.held(&ask)?;
     let deleted = ask.iter().filter(|id| held.contains(id) && !live.contains(id)).map(|id| id.to_string()).collect();
     let versions = versions
         .into_iter()
@@ -320,7 +299,12 @@ pub fn current_answer(volume: &Volume, query: CurrentNamesQuery) -> Result<Curre
     let names = volume.current_names(&query.space, &query.from, query.after, &query.prefix, limit)?;
     let names = names
         .into_iter()
-        .map(|n| WireName { name: n.name, version: n.version.to_string(), id: n.id.to_string(), summary: hex(&n.summary) })
+        .map(|n| WireName {
+            name: n.name,
+            version: n.version.to_string(),
+            id: n.id.to_string(),
+            summary: hex(&n.summary),
+        })
         .collect();
     Ok(CurrentNamesAnswer { version: WIRE_VERSION, names })
 }

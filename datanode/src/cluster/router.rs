@@ -472,6 +472,24 @@ impl Cluster {
         suffix: &str,
         range: Option<&[u8]>,
     ) -> Result<reqwest::Response, RouteError> {
+        self.first_peer_answer(id, |address| {
+            let request = self.http.request(method.clone(), format!("{address}/v1/blobs/{id}{suffix}?local=true"));
+            match range {
+                Some(range) => request.header("range", range),
+                None => request,
+            }
+        })
+        .await
+    }
+
+    /// Asks the other replicas of `id`'s partition, live ones first, each within the peer
+    /// timeout, with the request `make` builds for a peer's base URL: the first answer that
+    /// settles the read (2xx, 416, or 410 gone). 404 from all that answered: not found.
+    pub(crate) async fn first_peer_answer(
+        &self,
+        id: BlobId,
+        make: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RouteError> {
         let snapshot = self.snapshot();
         let partition = snapshot.topology.partitions.get(&id.partition()).ok_or(RouteError::NotFound)?;
         let mut peers: Vec<&str> =
@@ -481,19 +499,20 @@ impl Cluster {
         let mut failures = Vec::new();
         for peer in peers {
             let Some(address) = self.peer_base_of(&snapshot, peer) else { continue };
-            let mut request = with_request_id(
-                self.http.request(method.clone(), format!("{address}/v1/blobs/{id}{suffix}?local=true")),
-            );
-            if let Some(range) = range {
-                request = request.header("range", range);
-            }
-            let response = match request.timeout(self.options.peer_timeout).send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    failures.push(format!("{peer}: {e}"));
-                    continue;
-                }
-            };
+            // The peer has the timeout to answer, not to send the whole body: a body streams on
+            // to a client at the client's pace.
+            let response =
+                match tokio::time::timeout(self.options.peer_timeout, with_request_id(make(&address)).send()).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        failures.push(format!("{peer}: {e}"));
+                        continue;
+                    }
+                    Err(_) => {
+                        failures.push(format!("{peer}: no answer within {:?}", self.options.peer_timeout));
+                        continue;
+                    }
+                };
             match response.status().as_u16() {
                 200 | 206 | 416 | 410 => return Ok(response),
                 404 => not_found += 1,

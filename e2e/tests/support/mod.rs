@@ -17,9 +17,9 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// `n` consecutive free ports (for `cairn local up`, whose datanodes take consecutive ports), and
-/// the block 100 above them (their peer ports).
+/// the blocks 100 and 200 above them (their peer and S3 ports).
 pub fn free_port_block(n: u16) -> u16 {
-    cairn_testkit::ports::free_port_block(n, &[100])
+    cairn_testkit::ports::free_port_block(n, &[100, 200])
 }
 
 fn auth_headers() -> reqwest::header::HeaderMap {

@@ -385,11 +385,9 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             });
             print(output, &value, || {
                 let s3 = match &s3_secret {
-                    Some(s3) => format!(
-                        "For S3 (docs/s3.md): access key id {}, secret access key {}\n",
-                        key.id,
-                        s3.expose()
-                    ),
+                    Some(s3) => {
+                        format!("For S3 (docs/s3.md): access key id {}, secret access key {}\n", key.id, s3.expose())
+                    }
                     None => "It cannot sign S3 requests: it is limited to some partitions.\n".into(),
                 };
                 format!(

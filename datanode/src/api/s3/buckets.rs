@@ -230,14 +230,27 @@ async fn delete_bucket(state: &Arc<S3State>, name: &str) -> Result<Response, S3E
     if !any.is_empty() {
         return Err(S3Error::bucket_not_empty("the bucket you tried to delete is not empty"));
     }
-    // As S3 does: uploads in progress do not keep a bucket; they are aborted with it.
-    super::multipart::abort_all(state, &record, name).await?;
+    // As S3 does: uploads in progress do not keep a bucket; they are aborted with it. Not on a
+    // cluster: each upload's completion is decided at its key's coordinator, under locks this
+    // node does not hold, so an abort from here could take the pieces of an object completing
+    // there at the same time. The client aborts them first (each at its coordinator).
+    if state.front.cluster().is_some() {
+        let uploads =
+            state.front.current_names(&record.partitions, &model::uploads_space(name), "", false, "", 1).await?;
+        if !uploads.is_empty() {
+            return Err(S3Error::bucket_not_empty(
+                "the bucket has multipart uploads in progress: abort them first (on a cluster, DeleteBucket does not)",
+            ));
+        }
+    } else {
+        super::multipart::abort_all(state, &record, name).await?;
+    }
     let partition = bucket_partition(state).await?;
     // Before the records go and after: a lookup in between caches nothing that outlives this.
     state.buckets.lock().expect("bucket cache").changed(name);
     let result = async {
         for (_, entry) in state.front.name_versions(partition, BUCKET_SPACE, name).await?.iter() {
-            state.front.delete(entry.blob_id()).await?;
+            objects::delete_if_there(state, entry.blob_id()).await?;
         }
         Ok::<_, S3Error>(())
     }
@@ -576,7 +589,7 @@ async fn delete_objects(state: &Arc<S3State>, request: S3Request, name: &str) ->
     let mut result = DeleteResult { xmlns: xml::NAMESPACE, deleted: Vec::new(), errors: Vec::new() };
     for object in asked.objects {
         let outcome = match model::check_key(&object.key) {
-            Ok(()) => objects::delete_key(state, &bucket, name, &object.key).await,
+            Ok(()) => super::forward::delete_key(state, &bucket, name, &object.key).await,
             Err(e) => Err(e),
         };
         match outcome {

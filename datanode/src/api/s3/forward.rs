@@ -45,13 +45,81 @@ pub async fn coordinator_of(state: &Arc<S3State>, target: &Target, method: &Meth
     let partition = match target {
         _ if method == Method::GET || method == Method::HEAD => return Ok(None),
         Target::Object { bucket, key } => model::partition_of(&buckets::find(state, bucket).await?.partitions, key),
-        Target::Bucket(_) if method == Method::PUT || method == Method::DELETE => buckets::bucket_partition(state).await?,
+        Target::Bucket(_) if method == Method::PUT || method == Method::DELETE => {
+            buckets::bucket_partition(state).await?
+        }
         _ => return Ok(None),
     };
+    Ok(coordinator_of_partition(cluster, partition))
+}
+
+/// The coordinator of `partition`'s names when it is another node than this one.
+fn coordinator_of_partition(cluster: &crate::cluster::Cluster, partition: u32) -> Option<String> {
     let snapshot = cluster.snapshot();
-    let Some(spec) = snapshot.topology.partitions.get(&partition) else { return Ok(None) };
+    let spec = snapshot.topology.partitions.get(&partition)?;
     let coordinator = spec.replicas.iter().map(|r| r.node.as_str()).find(|node| snapshot.live.contains_key(*node));
-    Ok(coordinator.filter(|node| *node != cluster.node_id()).map(str::to_string))
+    coordinator.filter(|node| *node != cluster.node_id()).map(str::to_string)
+}
+
+/// Where a key of DeleteObjects is deleted on its coordinator (a replica route).
+pub const DELETE_KEY_ROUTE: &str = "/replica/v1/s3-delete-key";
+
+/// One key of a DeleteObjects (already authorized where it arrived), deleted at the key's
+/// coordinator, under the key's lock there — as a DeleteObject would be.
+pub async fn delete_key(
+    state: &Arc<S3State>,
+    bucket: &model::BucketRecord,
+    bucket_name: &str,
+    key: &str,
+) -> Result<(), S3Error> {
+    let coordinator = state
+        .front
+        .cluster()
+        .and_then(|cluster| coordinator_of_partition(cluster, model::partition_of(&bucket.partitions, key)));
+    let Some(node) = coordinator else {
+        return super::objects::delete_key(state, bucket, bucket_name, key).await;
+    };
+    let cluster = state.front.cluster().expect("a coordinator is a cluster's");
+    let unreachable = |why: String| {
+        S3Error::service_unavailable(format!("{node}, which coordinates writes of this key, cannot be reached: {why}"))
+    };
+    let base = cluster.peer_base_of(&cluster.snapshot(), &node).ok_or_else(|| unreachable("no address".into()))?;
+    let body = cairn_cluster::replica::S3DeleteKey {
+        version: cairn_cluster::replica::WIRE_VERSION,
+        bucket: bucket_name.to_string(),
+        key: key.to_string(),
+    };
+    let response = crate::cluster::router::with_request_id(cluster.http.post(format!("{base}{DELETE_KEY_ROUTE}")))
+        .json(&body)
+        .timeout(cluster.options.peer_timeout * 10)
+        .send()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    match response.status() {
+        status if status.is_success() => Ok(()),
+        status => {
+            let text = response.text().await.unwrap_or_default();
+            Err(unreachable(format!("it answered {status}: {}", text.chars().take(300).collect::<String>())))
+        }
+    }
+}
+
+/// The coordinator's side of [`delete_key`].
+pub async fn handle_delete_key(
+    axum::extract::State(state): axum::extract::State<Arc<S3State>>,
+    axum::Json(asked): axum::Json<cairn_cluster::replica::S3DeleteKey>,
+) -> Response {
+    use axum::response::IntoResponse;
+    let deleted = async {
+        cairn_cluster::replica::check_version(asked.version).map_err(|e| S3Error::invalid_argument(e.to_string()))?;
+        let bucket = buckets::find(&state, &asked.bucket).await?;
+        super::objects::delete_key(&state, &bucket, &asked.bucket, &asked.key).await
+    }
+    .await;
+    match deleted {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Passes the request on to `node` and its answer back, both streamed.
@@ -66,7 +134,9 @@ pub async fn forward(state: &Arc<S3State>, node: &str, parts: Parts, body: Body)
         crate::cluster::router::with_request_id(cluster.http.request(parts.method.clone(), format!("{base}{PREFIX}")))
             .header(URI_HEADER, path_and_query);
     for (name, value) in &parts.headers {
-        if !HOP_BY_HOP.contains(name) {
+        // A client's own `x-cairn-*` (the node token's header among them) and request id would
+        // stand before ours, or replace them: never passed on.
+        if !HOP_BY_HOP.contains(name) && !name.as_str().starts_with("x-cairn-") && name != crate::request::HEADER {
             request = request.header(name, value);
         }
     }

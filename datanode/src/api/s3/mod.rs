@@ -291,6 +291,7 @@ async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Err
     // On a cluster, a write is served by the coordinator of the name it writes.
     if !forwarded {
         if let Some(coordinator) = forward::coordinator_of(state, &target, &parts.method).await? {
+            tracing::debug!(%coordinator, path = raw_path, "an S3 write passed on to its coordinator");
             let answer = forward::forward(state, &coordinator, parts, body).await;
             if let Target::Bucket(name) = &target {
                 // What this node cached of the bucket is not what the coordinator made of it.
@@ -298,6 +299,9 @@ async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Err
             }
             return answer;
         }
+    }
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        tracing::debug!(path = raw_path, forwarded, "an S3 write served here");
     }
     let request = S3Request { method: parts.method, target, query, headers: parts.headers, body, signature };
     match &request.target {

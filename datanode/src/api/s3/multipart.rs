@@ -709,7 +709,7 @@ pub async fn abort_all(state: &Arc<S3State>, bucket: &BucketRecord, bucket_name:
         }
         for name in page {
             let Some((key, upload_id)) = model::split_upload_name(&name.name) else {
-                state.front.delete(name.id).await?;
+                objects::delete_if_there(state, name.id).await?;
                 continue;
             };
             let partition = model::partition_of(&bucket.partitions, key);

@@ -26,6 +26,7 @@ use super::sigv4::Payload;
 use super::{buckets, xml, S3Request, S3State, Target};
 use crate::engine::names::{self, NameRecord};
 use crate::engine::{now_ms, BlobMeta};
+use crate::front::PieceReader;
 
 /// Stored headers a client gives at upload and gets back on reads.
 const STORED_HEADERS: [&str; 5] =
@@ -1229,16 +1230,16 @@ async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u6
     // blob API does: a checksum error there is a 500.
     let mut opened = opened.into_iter();
     let first = match opened.next() {
-        Some((reader, from, to)) => Some(
-            reader.stream(from, to).await.map_err(|e| S3Error::internal(e.to_string()))?,
-        ),
+        Some((reader, from, to)) => {
+            Some(stream_piece(reader, from, to).await.map_err(|e| S3Error::internal(e.to_string()))?)
+        }
         None => None,
     };
     let first =
         futures::stream::iter(first).flat_map(|body| body.into_data_stream().map(|r| r.map_err(std::io::Error::other)));
     let rest = futures::stream::iter(opened)
         .then(|(reader, from, to)| async move {
-            reader.stream(from, to).await.map_err(|e| std::io::Error::other(e.to_string()))
+            stream_piece(reader, from, to).await.map_err(|e| std::io::Error::other(e.to_string()))
         })
         .flat_map(|body| match body {
             Ok(body) => body.into_data_stream().map(|r| r.map_err(std::io::Error::other)).boxed(),
@@ -1246,6 +1247,20 @@ async fn object_body(state: &Arc<S3State>, pieces: &[Piece], start: u64, end: u6
         });
     let stream = first.chain(rest);
     Ok(Some(Body::from_stream(stream)))
+}
+
+/// A piece's bytes `[from, to)` as a body: a local one read and verified as the blob API reads
+/// (its first chunk before the answer starts), a peer's streamed as it comes.
+async fn stream_piece(reader: PieceReader, from: u64, to: u64) -> Result<Body, S3Error> {
+    match reader {
+        PieceReader::Local(reader) => {
+            crate::api::blobs::stream_payload(*reader, from, to).await.map_err(|e| S3Error::internal(e.to_string()))
+        }
+        PieceReader::Remote { cluster, id, .. } => {
+            let response = PieceReader::stream_remote(&cluster, id, from, to).await?;
+            Ok(Body::from_stream(response.bytes_stream()))
+        }
+    }
 }
 
 pub fn quoted(etag: &str) -> HeaderValue {
