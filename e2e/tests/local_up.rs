@@ -137,7 +137,8 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     assert!(announcement.iter().any(|l| l.contains("export CAIRN_TOKEN=")), "{announcement:?}");
     // Every datanode serves S3 too (200 above its blob port), the announcement giving the admin
     // key's S3 credentials: the AWS CLI, unmodified, makes a bucket through one node and reads
-    // the object back through another.
+    // the object back through another (after the restart below, so that the capacity checks
+    // count the blob API's blobs alone).
     let s3 = up.wait_for("AWS_SECRET_ACCESS_KEY=");
     let exports = s3.last().unwrap().trim().strip_prefix("export ").expect("an export line").to_owned();
     let env: Vec<(String, String)> = exports
@@ -156,11 +157,7 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
         assert!(out.status.success(), "aws {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
-    let object = dir.path().join("object.txt");
-    std::fs::write(&object, "through S3").unwrap();
-    aws(port + 200, &["s3", "mb", "s3://demo"]);
-    aws(port + 201, &["s3", "cp", object.to_str().unwrap(), "s3://demo/object.txt"]);
-    assert_eq!(aws(port + 202, &["s3", "cp", "s3://demo/object.txt", "-"]), "through S3");
+
     // The admin key's token is the owner's alone; without it the blob API lets no one in.
     let token_file = dir.path().join("admin-token");
     assert_eq!(
@@ -281,13 +278,19 @@ fn local_up_serves_stops_on_ctrl_c_and_restarts_over_its_data() {
     let stopped = Command::new(binary("cairn")).args(["status", "--local", local]).output().unwrap();
     assert_eq!(stopped.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("is not running"), "{stopped:?}");
-    for p in [port, port + 1, port + 2, etcd_port] {
+    for p in [port, port + 1, port + 2, port + 200, port + 201, port + 202, etcd_port] {
         assert!(std::net::TcpStream::connect(("127.0.0.1", p)).is_err(), "port {p} still open after Ctrl-C");
     }
 
     let up = LocalUp::start(dir.path(), port, etcd_port);
     up.wait_for(": ready");
     assert_eq!(read(port + 1), "kept across restarts");
+    // S3 through the restarted cluster, with the credentials the first start printed.
+    let object = dir.path().join("object.txt");
+    std::fs::write(&object, "through S3").unwrap();
+    aws(port + 200, &["s3", "mb", "s3://demo"]);
+    aws(port + 201, &["s3", "cp", object.to_str().unwrap(), "s3://demo/object.txt"]);
+    assert_eq!(aws(port + 202, &["s3", "cp", "s3://demo/object.txt", "-"]), "through S3");
 
     // A second `cairn local up` on the same directory is refused, and the first one serves on.
     let second = Command::new(binary("cairn"))
