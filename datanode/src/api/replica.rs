@@ -80,6 +80,12 @@ impl From<WireError> for ApiError {
     }
 }
 
+/// A small JSON body (at most 4 MiB), whatever its content type says: anything else is 400.
+async fn json_body<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let body = read_small(body, 4 << 20).await?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))
+}
+
 fn local_volume(state: &ReplicaState, partition: u32) -> Result<Arc<Volume>, ApiError> {
     state.cluster.store.volume(partition).ok_or(ApiError::NoReplica(partition))
 }
@@ -307,8 +313,7 @@ fn page_of(partition: u32, volume: &Volume, from: u64, limit: usize) -> Result<J
     request_body(content = Object, content_type = "application/json", description = "A JournalRequest: the caller's cursor per partition; waits up to wait_ms for an entry"),
     responses((status = 200, description = "The journals' pages (JournalBatch)", content_type = "application/json"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn journal_batch(State(state): State<ReplicaState>, body: Body) -> Result<Json<JournalBatch>, ApiError> {
-    let body = read_small(body, 4 << 20).await?;
-    let request: JournalRequest = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    let request: JournalRequest = json_body(body).await?;
     check_version(request.version)?;
     // What the asking replica has applied: the journal below every replica's cursor can go.
     state.cluster.journal_acks.note(&request.node, &request.cursors);
@@ -429,8 +434,9 @@ async fn bucket(
 async fn name_versions(
     State(state): State<ReplicaState>,
     Path(partition): Path<u32>,
-    Json(query): Json<NameVersionsQuery>,
+    body: Body,
 ) -> Result<Json<NameVersionsAnswer>, ApiError> {
+    let query: NameVersionsQuery = json_body(body).await?;
     check_version(query.version)?;
     if query.ask.len() > MAX_PAGE {
         return Err(ApiError::InvalidBody(format!("at most {MAX_PAGE} ids may be asked about")));
@@ -453,8 +459,9 @@ async fn name_versions(
 async fn current_names(
     State(state): State<ReplicaState>,
     Path(partition): Path<u32>,
-    Json(query): Json<CurrentNamesQuery>,
+    body: Body,
 ) -> Result<Json<CurrentNamesAnswer>, ApiError> {
+    let query: CurrentNamesQuery = json_body(body).await?;
     check_version(query.version)?;
     let volume = local_volume(&state, partition)?;
     Ok(Json(blocking(move || current_answer(&volume, query)).await?))

@@ -107,10 +107,13 @@ pub async fn delete_key(
 /// The coordinator's side of [`delete_key`].
 pub async fn handle_delete_key(
     axum::extract::State(state): axum::extract::State<Arc<S3State>>,
-    axum::Json(asked): axum::Json<cairn_cluster::replica::S3DeleteKey>,
+    body: Body,
 ) -> Response {
     use axum::response::IntoResponse;
     let deleted = async {
+        let body = axum::body::to_bytes(body, 64 << 10).await.map_err(|e| S3Error::invalid_argument(e.to_string()))?;
+        let asked: cairn_cluster::replica::S3DeleteKey =
+            serde_json::from_slice(&body).map_err(|e| S3Error::invalid_argument(e.to_string()))?;
         cairn_cluster::replica::check_version(asked.version).map_err(|e| S3Error::invalid_argument(e.to_string()))?;
         let bucket = buckets::find(&state, &asked.bucket).await?;
         super::objects::delete_key(&state, &bucket, &asked.bucket, &asked.key).await
