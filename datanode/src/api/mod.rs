@@ -187,23 +187,26 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     let header_bytes: usize = request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     let id = crate::request::id_from(request.headers().get(crate::request::HEADER).and_then(|v| v.to_str().ok()));
     let span = tracing::info_span!("request", id = %id, method = %method, route = %route);
-    let mut response = if request.headers().len() > serve::MAX_HEADERS || header_bytes > serve::MAX_HEADER_BYTES {
-        ApiError::HeadersTooLarge(format!(
-            "{} headers of {header_bytes} bytes; at most {} headers of {} bytes in all",
-            request.headers().len(),
-            serve::MAX_HEADERS,
-            serve::MAX_HEADER_BYTES
-        ))
-        .into_response()
-    } else {
-        let served = crate::request::scope(id.clone(), next.run(request)).instrument(span.clone()).await;
-        // S3 requests another node passed on answer S3's XML errors, as S3 clients expect.
-        if route == s3::forward::PREFIX {
-            served
+    // An S3 request another node passed on was checked by the S3 port's own limits.
+    let forwarded_s3 = route == s3::forward::PREFIX;
+    let mut response =
+        if !forwarded_s3 && (request.headers().len() > serve::MAX_HEADERS || header_bytes > serve::MAX_HEADER_BYTES) {
+            ApiError::HeadersTooLarge(format!(
+                "{} headers of {header_bytes} bytes; at most {} headers of {} bytes in all",
+                request.headers().len(),
+                serve::MAX_HEADERS,
+                serve::MAX_HEADER_BYTES
+            ))
+            .into_response()
         } else {
-            json_errors(served).await
-        }
-    };
+            let served = crate::request::scope(id.clone(), next.run(request)).instrument(span.clone()).await;
+            // S3 requests another node passed on answer S3's XML errors, as S3 clients expect.
+            if forwarded_s3 {
+                served
+            } else {
+                json_errors(served).await
+            }
+        };
     span.in_scope(|| {
         tracing::debug!(status = response.status().as_u16(), seconds = started.elapsed().as_secs_f64(), "served")
     });

@@ -149,6 +149,12 @@ impl S3State {
         }
     }
 
+    /// Bytes of an object per stored blob: `--s3-piece-size`, but no more than the largest blob
+    /// the front takes now (a cluster's config may allow less than this node's flag).
+    pub fn piece_bytes(&self) -> u64 {
+        self.options.piece_bytes.min(self.front.max_blob_bytes(self.options.max_blob_bytes)).max(1)
+    }
+
     /// Whether requests must be signed: a standalone node's setting, or the cluster's.
     pub fn auth_mode(&self) -> AuthMode {
         match self.front.cluster() {

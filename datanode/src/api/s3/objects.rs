@@ -639,13 +639,14 @@ pub async fn store_body(
     inline_max: u64,
 ) -> Result<(Vec<Piece>, Bytes), S3Error> {
     let mut pieces = StoredPieces::new(state);
+    let piece_bytes = state.piece_bytes();
     let outcome = async {
         let mut buffer = BytesMut::new();
         // The memory a piece takes while it is gathered counts against the node's upload budget.
         let mut room = None;
         loop {
             if room.is_none() {
-                let want = state.options.piece_bytes.min(reader.remaining()).max(1);
+                let want = piece_bytes.min(reader.remaining()).max(1);
                 room = Some(state.uploads.reserve(want).await.ok_or_else(|| {
                     S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
                 })?);
@@ -658,8 +659,8 @@ pub async fn store_body(
             if done && pieces.is_empty() && buffer.len() as u64 <= inline_max {
                 return Ok::<_, S3Error>(buffer.freeze());
             }
-            while buffer.len() as u64 >= state.options.piece_bytes || (done && !buffer.is_empty()) {
-                let take = (state.options.piece_bytes as usize).min(buffer.len());
+            while buffer.len() as u64 >= piece_bytes || (done && !buffer.is_empty()) {
+                let take = (piece_bytes as usize).min(buffer.len());
                 let payload = buffer.split_to(take).freeze();
                 // The room goes with the piece: held until it is stored, even if this request is
                 // dropped meanwhile.
