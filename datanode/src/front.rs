@@ -9,7 +9,7 @@ use futures::StreamExt;
 
 use crate::cluster::router::RouteError;
 use crate::cluster::Cluster;
-use crate::engine::names::{CurrentName, NameEntry, NameRecord, NAME_RECORD_CONTENT_TYPE};
+use crate::engine::names::{CurrentName, NameEntry, NameRecord};
 use crate::engine::{BlobMeta, BlobReader, PutRequest, Volume, VolumeError};
 use crate::store::Store;
 
@@ -124,7 +124,7 @@ impl Front {
             Front::Cluster(cluster) => cluster.put_name(blob_id, payload, created_ms).await?,
             Front::Standalone(store) => {
                 let volume = standalone_volume(store, blob_id)?;
-                let meta = BlobMeta::new(NAME_RECORD_CONTENT_TYPE.into(), Vec::new()).expect("a valid content type");
+                let meta = NameRecord::blob_meta();
                 volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms: None }).await?;
             }
         }

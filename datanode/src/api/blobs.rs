@@ -237,12 +237,23 @@ async fn routed(
     Ok(relay(cluster.read_from_peers(id, method, suffix, range).await?))
 }
 
+/// Headers of one connection, not of the message: never passed on by a node that relays.
+pub(crate) const HOP_BY_HOP: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::HOST,
+    header::PROXY_AUTHORIZATION,
+];
+
 /// A peer's answer passed on as it is, the body streamed.
-fn relay(response: reqwest::Response) -> Response {
+pub(crate) fn relay(response: reqwest::Response) -> Response {
     let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut builder = Response::builder().status(status);
     for (name, value) in response.headers() {
-        if name != "transfer-encoding" && name != "connection" {
+        if !HOP_BY_HOP.contains(name) {
             builder = builder.header(name, value);
         }
     }

@@ -26,8 +26,8 @@ use serde::Serialize;
 
 use super::router::RouteError;
 use super::Cluster;
-use crate::engine::names::{CurrentName, NameEntry, NAME_RECORD_CONTENT_TYPE};
-use crate::engine::{BlobMeta, Volume, VolumeError};
+use crate::engine::names::{CurrentName, NameEntry, NameRecord};
+use crate::engine::{Volume, VolumeError};
 
 /// A replica's versions of one name, by version.
 type Versions = BTreeMap<u128, NameEntry>;
@@ -35,8 +35,7 @@ type Versions = BTreeMap<u128, NameEntry>;
 impl Cluster {
     /// Stores a name record (its id fixed by what it records) at write quorum.
     pub async fn put_name(self: &Arc<Self>, id: BlobId, payload: Bytes, created_ms: u64) -> Result<(), RouteError> {
-        let meta = BlobMeta::new(NAME_RECORD_CONTENT_TYPE.into(), Vec::new()).expect("a valid content type");
-        self.put_at(id, meta, payload, created_ms).await
+        self.put_at(id, NameRecord::blob_meta(), payload, created_ms).await
     }
 
     /// Every version of a name in `partition`, oldest first, as a read quorum of its replicas
@@ -54,7 +53,7 @@ impl Cluster {
             name: name.to_string(),
             ask,
         };
-        let answers = self.read_quorum(&spec, "names/versions", query(Vec::new())).await?;
+        let answers = self.read_quorum(&spec, query(Vec::new())).await?;
         let answers: Vec<(String, Versions)> = answers
             .into_iter()
             .map(|(node, answer)| versions_of(answer).map(|v| (node, v)))
@@ -63,7 +62,7 @@ impl Cluster {
         for (node, lacking) in disputed(answers.iter().map(|(_, v)| v)) {
             let node = &answers[node].0;
             let ask = lacking.iter().map(|id| id.to_string()).collect();
-            let answer: NameVersionsAnswer = self.ask_replica(node, partition, "names/versions", &query(ask)).await?;
+            let answer = self.ask_replica(node, partition, query(ask)).await?;
             check_version(answer.version).map_err(|e| RouteError::NoQuorum(format!("{node}: {e}")))?;
             for id in answer.deleted {
                 deleted.insert(parse_id(&id)?);
@@ -100,7 +99,7 @@ impl Cluster {
                 limit: limit.min(u32::MAX as usize) as u32,
             };
             let pages: Vec<Vec<CurrentName>> = self
-                .read_quorum(&spec, "names/current", query)
+                .read_quorum(&spec, query)
                 .await?
                 .into_iter()
                 .map(|(_, answer)| page_of(answer))
@@ -147,23 +146,21 @@ impl Cluster {
     }
 
     /// Asks every replica of `spec` at once and answers with the first `N - W + 1` answers.
-    async fn read_quorum<Q: Serialize, A: DeserializeOwned + Send + 'static>(
+    async fn read_quorum<Q: NameQuery>(
         self: &Arc<Self>,
         spec: &PartitionSpec,
-        route: &'static str,
         query: Q,
-    ) -> Result<Vec<(String, A)>, RouteError> {
+    ) -> Result<Vec<(String, Q::Answer)>, RouteError> {
         let config = self.config().ok_or_else(|| RouteError::NoQuorum("no cluster config".into()))?;
         let total = spec.replicas.len();
         let quorum = (total + 1).saturating_sub(config.write_quorum as usize).clamp(1, total.max(1));
-        let body = serde_json::to_vec(&query).map_err(|e| RouteError::NoQuorum(e.to_string()))?;
         let mut asks: FuturesUnordered<_> = spec
             .replicas
             .iter()
             .map(|replica| {
-                let (cluster, node, body) = (self.clone(), replica.node.clone(), body.clone());
+                let (cluster, node, query) = (self.clone(), replica.node.clone(), query.clone());
                 async move {
-                    let answer = cluster.ask_replica_raw::<A>(&node, spec.id, route, body).await;
+                    let answer = cluster.ask_replica(&node, spec.id, query).await;
                     (node, answer)
                 }
             })
@@ -187,48 +184,24 @@ impl Cluster {
         )))
     }
 
-    async fn ask_replica<Q: Serialize, A: DeserializeOwned + Send + 'static>(
+    /// One replica's answer to a name query: a peer's through its route, this node's own in
+    /// process.
+    async fn ask_replica<Q: NameQuery>(
         self: &Arc<Self>,
         node: &str,
         partition: u32,
-        route: &'static str,
-        query: &Q,
-    ) -> Result<A, RouteError> {
-        let body = serde_json::to_vec(query).map_err(|e| RouteError::NoQuorum(e.to_string()))?;
-        self.ask_replica_raw(node, partition, route, body).await
-    }
-
-    /// One replica's answer to a name query: this node's own answered in process.
-    async fn ask_replica_raw<A: DeserializeOwned + Send + 'static>(
-        self: &Arc<Self>,
-        node: &str,
-        partition: u32,
-        route: &'static str,
-        body: Vec<u8>,
-    ) -> Result<A, RouteError> {
+        query: Q,
+    ) -> Result<Q::Answer, RouteError> {
         let failed = |e: String| RouteError::NoQuorum(format!("{node}: {e}"));
         if node == self.node_id() {
             let volume = self
                 .store
                 .volume(partition)
                 .ok_or_else(|| failed(format!("partition {partition}'s replica is not open here")))?;
-            let answer = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-                let answer = match route {
-                    "names/versions" => {
-                        let query: NameVersionsQuery = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-                        serde_json::to_vec(&versions_answer(&volume, query).map_err(|e| e.to_string())?)
-                    }
-                    _ => {
-                        let query: CurrentNamesQuery = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-                        serde_json::to_vec(&current_answer(&volume, query).map_err(|e| e.to_string())?)
-                    }
-                };
-                answer.map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .map_err(failed)?;
-            return serde_json::from_slice(&answer).map_err(|e| failed(e.to_string()));
+            return tokio::task::spawn_blocking(move || query.answer(&volume))
+                .await
+                .map_err(|e| failed(e.to_string()))?
+                .map_err(|e| failed(e.to_string()));
         }
         let snapshot = self.snapshot();
         if !snapshot.live.contains_key(node) {
@@ -236,10 +209,9 @@ impl Cluster {
         }
         let address = self.peer_base_of(&snapshot, node).ok_or_else(|| failed("no address".into()))?;
         let response = super::router::with_request_id(
-            self.http.post(format!("{address}/replica/v1/partitions/{partition}/{route}")),
+            self.http.post(format!("{address}/replica/v1/partitions/{partition}/{}", Q::ROUTE)),
         )
-        .header("content-type", "application/json")
-        .body(body)
+        .json(&query)
         .timeout(self.options.peer_timeout)
         .send()
         .await
@@ -247,7 +219,7 @@ impl Cluster {
         if !response.status().is_success() {
             return Err(failed(format!("answered {}", response.status())));
         }
-        response.json::<A>().await.map_err(|e| failed(e.to_string()))
+        response.json::<Q::Answer>().await.map_err(|e| failed(e.to_string()))
     }
 
     /// A blob's whole payload (any id, name records too) from the first peer replica that has it.
@@ -264,6 +236,31 @@ impl Cluster {
         let (_, payload) = cairn_cluster::replica::BlobFrame::split(body)
             .map_err(|e| RouteError::NoQuorum(format!("reading {id} from a peer: {e}")))?;
         Ok(payload)
+    }
+}
+
+/// A query of one replica's names: a peer answers it at `/replica/v1/partitions/{p}/ROUTE`
+/// (api/replica.rs), this node in process.
+pub trait NameQuery: Serialize + Clone + Send + 'static {
+    type Answer: DeserializeOwned + Send + 'static;
+    const ROUTE: &'static str;
+    /// This replica's answer (blocking: it reads the index).
+    fn answer(self, volume: &Volume) -> Result<Self::Answer, VolumeError>;
+}
+
+impl NameQuery for NameVersionsQuery {
+    type Answer = NameVersionsAnswer;
+    const ROUTE: &'static str = "names/versions";
+    fn answer(self, volume: &Volume) -> Result<NameVersionsAnswer, VolumeError> {
+        versions_answer(volume, self)
+    }
+}
+
+impl NameQuery for CurrentNamesQuery {
+    type Answer = CurrentNamesAnswer;
+    const ROUTE: &'static str = "names/current";
+    fn answer(self, volume: &Volume) -> Result<CurrentNamesAnswer, VolumeError> {
+        current_answer(volume, self)
     }
 }
 

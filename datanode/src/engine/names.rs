@@ -68,6 +68,11 @@ impl NameRecord {
         super::versioned::encode(NAME_RECORD_FORMAT, self)
     }
 
+    /// The blob metadata every name record is stored with.
+    pub fn blob_meta() -> super::BlobMeta {
+        super::BlobMeta::new(NAME_RECORD_CONTENT_TYPE.into(), Vec::new()).expect("a valid content type")
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<Self, VolumeError> {
         let record: NameRecord = super::versioned::decode(NAME_RECORD_FORMAT, bytes)
             .map_err(|e| VolumeError::Integrity(format!("name record: {e}")))?;

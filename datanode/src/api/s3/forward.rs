@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{header, request::Parts, Method, StatusCode};
+
+use crate::api::blobs::HOP_BY_HOP;
 use axum::response::Response;
 
 use super::error::S3Error;
@@ -26,17 +28,6 @@ pub const URI_HEADER: &str = "x-cairn-s3-uri";
 /// Marks a request this node is the coordinator for (it came forwarded): never passed on again.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded;
-
-/// Headers of one connection, not of the request: never passed on.
-const HOP_BY_HOP: [header::HeaderName; 7] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::HOST,
-    header::PROXY_AUTHORIZATION,
-];
 
 /// The node that must serve this request, when it is another: a write of an object (or of a
 /// bucket) on a cluster. `None`: serve it here.
@@ -61,6 +52,16 @@ fn coordinator_of_partition(cluster: &crate::cluster::Cluster, partition: u32) -
     coordinator.filter(|node| *node != cluster.node_id()).map(str::to_string)
 }
 
+/// The answer when `node`, a coordinator, cannot take what is passed on to it.
+fn unreachable(node: &str, why: String) -> S3Error {
+    S3Error::service_unavailable(format!("{node}, which coordinates writes of this name, cannot be reached: {why}"))
+}
+
+/// The base URL of `node`'s replica routes.
+fn peer_base(cluster: &crate::cluster::Cluster, node: &str) -> Result<String, S3Error> {
+    cluster.peer_base_of(&cluster.snapshot(), node).ok_or_else(|| unreachable(node, "no address".into()))
+}
+
 /// Where a key of DeleteObjects is deleted on its coordinator (a replica route).
 pub const DELETE_KEY_ROUTE: &str = "/replica/v1/s3-delete-key";
 
@@ -80,10 +81,8 @@ pub async fn delete_key(
         return super::objects::delete_key(state, bucket, bucket_name, key).await;
     };
     let cluster = state.front.cluster().expect("a coordinator is a cluster's");
-    let unreachable = |why: String| {
-        S3Error::service_unavailable(format!("{node}, which coordinates writes of this key, cannot be reached: {why}"))
-    };
-    let base = cluster.peer_base_of(&cluster.snapshot(), &node).ok_or_else(|| unreachable("no address".into()))?;
+    let unreachable = |why: String| unreachable(&node, why);
+    let base = peer_base(cluster, &node)?;
     let body = cairn_cluster::replica::S3DeleteKey {
         version: cairn_cluster::replica::WIRE_VERSION,
         bucket: bucket_name.to_string(),
@@ -128,10 +127,8 @@ pub async fn handle_delete_key(
 /// Passes the request on to `node` and its answer back, both streamed.
 pub async fn forward(state: &Arc<S3State>, node: &str, parts: Parts, body: Body) -> Result<Response, S3Error> {
     let cluster = state.front.cluster().expect("only a cluster forwards");
-    let unreachable = |why: String| {
-        S3Error::service_unavailable(format!("{node}, which coordinates writes of this name, cannot be reached: {why}"))
-    };
-    let base = cluster.peer_base_of(&cluster.snapshot(), node).ok_or_else(|| unreachable("no address".into()))?;
+    let unreachable = |why: String| unreachable(node, why);
+    let base = peer_base(cluster, node)?;
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request =
         crate::cluster::router::with_request_id(cluster.http.request(parts.method.clone(), format!("{base}{PREFIX}")))
@@ -156,15 +153,5 @@ pub async fn forward(state: &Arc<S3State>, node: &str, parts: Parts, body: Body)
     if response.headers().get(header::SERVER).is_none_or(|v| v != "Cairn") {
         return Err(unreachable(format!("it answered {} without serving S3 (--s3-listen)", response.status())));
     }
-    let status = StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut builder = Response::builder().status(status);
-    for (name, value) in response.headers() {
-        if !HOP_BY_HOP.contains(name) && name != header::CONTENT_LENGTH {
-            builder = builder.header(name, value);
-        }
-    }
-    if let Some(length) = response.content_length() {
-        builder = builder.header(header::CONTENT_LENGTH, length);
-    }
-    builder.body(Body::from_stream(response.bytes_stream())).map_err(|e| S3Error::internal(e.to_string()))
+    Ok(crate::api::blobs::relay(response))
 }

@@ -278,15 +278,13 @@ async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Err
     let raw_path = parts.uri.path();
     let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let target = target_of(raw_path, host, state.options.domain.as_deref())?;
-    let signature = authenticate(state, &parts.method, raw_path, &query, &parts.headers)?;
+    let signed = authenticate(state, &parts.method, raw_path, &query, &parts.headers)?;
     let scope = scope_of(&target, &parts.method, &query);
-    match &signature {
-        Some(verified) => {
-            let allowed = state.key(&verified.key_id).is_some_and(|key| key.allows(scope));
-            if !allowed {
-                return Err(S3Error::access_denied("access denied: the key lacks the scope this operation needs"));
-            }
+    match &signed {
+        Some((_, key)) if !key.allows(scope) => {
+            return Err(S3Error::access_denied("access denied: the key lacks the scope this operation needs"))
         }
+        Some(_) => {}
         // Without auth, anyone may read and write objects; creating and deleting buckets stays
         // an admin key's, as the blob API's admin routes do.
         None if scope == Scope::Admin => {
@@ -309,6 +307,7 @@ async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Err
     if parts.method != Method::GET && parts.method != Method::HEAD {
         tracing::debug!(path = raw_path, forwarded, "an S3 write served here");
     }
+    let signature = signed.map(|(verified, _)| verified);
     let request = S3Request { method: parts.method, target, query, headers: parts.headers, body, signature };
     match &request.target {
         Target::Service => buckets::service(state, request).await,
@@ -333,13 +332,14 @@ fn scope_of(target: &Target, method: &Method, query: &[(String, String)]) -> Sco
     }
 }
 
+/// The request's signature checked, and the key that made it (`None`: unsigned, where allowed).
 fn authenticate(
     state: &S3State,
     method: &Method,
     raw_path: &str,
     query: &[(String, String)],
     headers: &HeaderMap,
-) -> Result<Option<sigv4::Verified>, S3Error> {
+) -> Result<Option<(sigv4::Verified, S3Key)>, S3Error> {
     let Some(presented) = sigv4::presented(headers, query)? else {
         return match state.auth_mode() {
             AuthMode::None => Ok(None),
@@ -352,7 +352,8 @@ fn authenticate(
         S3Error::invalid_access_key_id("the AWS access key id you provided does not exist in our records")
     })?;
     let parts = sigv4::RequestParts { method, raw_path, query, headers };
-    sigv4::verify(&presented, key.secret.expose(), &state.options.region, &parts, chrono::Utc::now()).map(Some)
+    let verified = sigv4::verify(&presented, key.secret.expose(), &state.options.region, &parts, chrono::Utc::now())?;
+    Ok(Some((verified, key)))
 }
 
 /// Path-style `/<bucket>/<key>`, or virtual-host-style `<bucket>.<domain>` with the key the
