@@ -9,7 +9,7 @@
 //! Secrets are 40 random alphanumeric characters (≈ 238 bits): no password-hashing function is
 //! needed against guessing, one SHA-256 suffices, and comparisons are constant-time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use rand::Rng;
@@ -23,10 +23,15 @@ use subtle::ConstantTimeEq;
 pub const NODE_TOKEN_HEADER: &str = "x-cairn-node-token";
 
 /// The stored record's format (absent = 1; a newer one is refused, not misread). A key limited to
-/// some partitions is written as format 2, so that a datanode that does not know the limit
-/// refuses the key instead of granting it everywhere; other keys stay format 1.
-pub const KEY_FORMAT: u32 = 2;
+/// some partitions is written as format 2, one limited to some S3 buckets as format 3, so that a
+/// datanode that does not know the limit refuses the key instead of granting it everywhere; other
+/// keys stay format 1.
+pub const KEY_FORMAT: u32 = KEY_FORMAT_BUCKETS;
 const KEY_FORMAT_UNLIMITED: u32 = 1;
+const KEY_FORMAT_PARTITIONS: u32 = 2;
+const KEY_FORMAT_BUCKETS: u32 = 3;
+/// The most buckets one key is granted (a key record stays small: every datanode holds them all).
+pub const MAX_BUCKET_GRANTS: usize = 1000;
 /// Key ids: `CK` and 18 characters of `A-Z0-9`.
 pub const ID_PREFIX: &str = "CK";
 const ID_LEN: usize = 20;
@@ -53,7 +58,15 @@ pub struct AccessKey {
     /// Admin routes ignore it: an admin key limited to partitions is still an admin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<BTreeSet<u32>>,
+    /// The S3 buckets the key may use, and what it may do in each (read, write, delete: within
+    /// its `scopes`); `None`: every bucket. A key limited to buckets is an S3 key only: the blob
+    /// API, whose blobs are in no bucket, refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<BucketGrants>,
 }
+
+/// Buckets by name, and the scopes a key has in each.
+pub type BucketGrants = BTreeMap<String, BTreeSet<Scope>>;
 
 fn format_one() -> u32 {
     1
@@ -138,6 +151,18 @@ pub enum AccessError {
     BadId(String),
     #[error("malformed bearer token: expected <key id>.<secret>")]
     BadToken,
+    #[error("a key limited to buckets needs at least one")]
+    NoBucket,
+    #[error("a key is granted at most {MAX_BUCKET_GRANTS} buckets")]
+    TooManyBuckets,
+    #[error("bucket {0:?}: {1}")]
+    BadBucket(String, &'static str),
+    #[error("bucket {0:?}: {1}")]
+    BadGrant(String, String),
+    #[error("a key limited to buckets cannot be an admin (an admin may do everything, everywhere)")]
+    AdminInBuckets,
+    #[error("a key is limited to partitions (blob API) or to buckets (S3), not both")]
+    PartitionsAndBuckets,
 }
 
 /// A new key id and its secret.
@@ -169,6 +194,7 @@ impl AccessKey {
             secret_sha256: hash_secret(&secret),
             created_ms,
             partitions: None,
+            buckets: None,
         };
         Ok((key, Secret(secret)))
     }
@@ -188,6 +214,7 @@ impl AccessKey {
             secret_sha256: hash_secret(secret),
             created_ms: 0,
             partitions: None,
+            buckets: None,
         })
     }
 
@@ -196,9 +223,71 @@ impl AccessKey {
         if partitions.as_ref().is_some_and(BTreeSet::is_empty) {
             return Err(AccessError::NoPartition);
         }
-        self.format = if partitions.is_some() { KEY_FORMAT } else { KEY_FORMAT_UNLIMITED };
+        if partitions.is_some() && self.buckets.is_some() {
+            return Err(AccessError::PartitionsAndBuckets);
+        }
         self.partitions = partitions;
+        self.settle_format();
         Ok(self)
+    }
+
+    /// The key limited to the buckets of `grants` (`None`: every bucket), each with the scopes
+    /// it grants there: read, write or delete, among the key's own.
+    pub fn limited_to_buckets(mut self, grants: Option<BucketGrants>) -> Result<AccessKey, AccessError> {
+        if let Some(grants) = &grants {
+            if grants.is_empty() {
+                return Err(AccessError::NoBucket);
+            }
+            if grants.len() > MAX_BUCKET_GRANTS {
+                return Err(AccessError::TooManyBuckets);
+            }
+            if self.partitions.is_some() {
+                return Err(AccessError::PartitionsAndBuckets);
+            }
+            if self.scopes.contains(&Scope::Admin) {
+                return Err(AccessError::AdminInBuckets);
+            }
+            for (bucket, scopes) in grants {
+                if let Some(why) = cairn_common::bucket_name::problem(bucket) {
+                    return Err(AccessError::BadBucket(bucket.chars().take(80).collect(), why));
+                }
+                if scopes.is_empty() {
+                    return Err(AccessError::BadGrant(bucket.clone(), "a bucket is granted at least one scope".into()));
+                }
+                if let Some(scope) = scopes.iter().find(|s| !self.scopes.contains(s)) {
+                    return Err(AccessError::BadGrant(
+                        bucket.clone(),
+                        format!("{scope} is not among the key's scopes ({})", scope_list(&self.scopes)),
+                    ));
+                }
+            }
+        }
+        self.buckets = grants;
+        self.settle_format();
+        Ok(self)
+    }
+
+    /// The oldest format that carries what the key holds (older builds refuse the limits they
+    /// do not know).
+    fn settle_format(&mut self) {
+        self.format = match (&self.partitions, &self.buckets) {
+            (_, Some(_)) => KEY_FORMAT_BUCKETS,
+            (Some(_), None) => KEY_FORMAT_PARTITIONS,
+            (None, None) => KEY_FORMAT_UNLIMITED,
+        };
+    }
+
+    /// Whether the key may do `scope` in S3 bucket `bucket` (its grant there, if it has grants).
+    pub fn allows_in_bucket(&self, bucket: &str, scope: Scope) -> bool {
+        match &self.buckets {
+            None => self.allows(scope),
+            Some(grants) => grants.get(bucket).is_some_and(|scopes| scopes.contains(&scope)),
+        }
+    }
+
+    /// Whether the key sees bucket `bucket` at all (ListBuckets lists only those).
+    pub fn sees_bucket(&self, bucket: &str) -> bool {
+        self.buckets.as_ref().is_none_or(|grants| grants.contains_key(bucket))
     }
 
     /// Whether the key may touch blobs of `partition`.
@@ -224,6 +313,23 @@ impl AccessKey {
     /// Whether the key may do what `scope` stands for.
     pub fn allows(&self, scope: Scope) -> bool {
         self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+    }
+}
+
+/// Scopes as `read,write`.
+pub fn scope_list(scopes: &BTreeSet<Scope>) -> String {
+    scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+}
+
+/// A grant as a person writes it (`cairn keys create --bucket`): `NAME` (the key's scopes) or
+/// `NAME=read,write`.
+pub fn parse_grant(text: &str, key_scopes: &BTreeSet<Scope>) -> Result<(String, BTreeSet<Scope>), String> {
+    match text.split_once('=') {
+        None => Ok((text.to_owned(), key_scopes.clone())),
+        Some((bucket, scopes)) => {
+            let scopes = scopes.split(',').map(|s| s.trim().parse::<Scope>()).collect::<Result<BTreeSet<_>, _>>()?;
+            Ok((bucket.to_owned(), scopes))
+        }
     }
 }
 
@@ -354,6 +460,56 @@ mod tests {
         assert_eq!(AccessKey::decode(&text).unwrap(), limited);
         assert_eq!(key.clone().limited_to(Some(BTreeSet::new())).unwrap_err(), AccessError::NoPartition);
         assert!(!String::from_utf8(serde_json::to_vec(&key).unwrap()).unwrap().contains("partitions"));
+    }
+
+    #[test]
+    fn a_key_limited_to_buckets_grants_each_its_own_scopes() {
+        let (key, _) = AccessKey::generate("t", scopes(&[Scope::Read, Scope::Write]), 0).unwrap();
+        assert!(key.allows_in_bucket("any", Scope::Write) && key.sees_bucket("any"));
+        let grants: BucketGrants = [
+            ("photos".to_owned(), scopes(&[Scope::Read, Scope::Write])),
+            ("shared".to_owned(), scopes(&[Scope::Read])),
+        ]
+        .into();
+        let limited = key.clone().limited_to_buckets(Some(grants.clone())).unwrap();
+        assert_eq!(limited.format, 3, "a build that knows no bucket grants refuses format 3");
+        assert!(limited.allows_in_bucket("photos", Scope::Write) && limited.allows_in_bucket("shared", Scope::Read));
+        assert!(!limited.allows_in_bucket("shared", Scope::Write));
+        assert!(!limited.allows_in_bucket("other", Scope::Read) && !limited.sees_bucket("other"));
+        assert!(limited.sees_bucket("shared"));
+        let text = serde_json::to_vec(&limited).unwrap();
+        assert_eq!(AccessKey::decode(&text).unwrap(), limited);
+        // Back to every bucket: format 1 again.
+        assert_eq!(limited.clone().limited_to_buckets(None).unwrap().format, 1);
+
+        let refused = |k: &AccessKey, grants: BucketGrants| k.clone().limited_to_buckets(Some(grants)).unwrap_err();
+        assert_eq!(refused(&key, BucketGrants::new()), AccessError::NoBucket);
+        let one = |bucket: &str, list: &[Scope]| -> BucketGrants { [(bucket.to_owned(), scopes(list))].into() };
+        assert!(matches!(refused(&key, one("Bad_Name", &[Scope::Read])), AccessError::BadBucket(..)));
+        assert!(matches!(refused(&key, one("photos", &[])), AccessError::BadGrant(..)));
+        let beyond = refused(&key, one("photos", &[Scope::Delete]));
+        assert!(beyond.to_string().contains("delete is not among the key's scopes (read,write)"), "{beyond}");
+        let (admin, _) = AccessKey::generate("a", scopes(&[Scope::Admin]), 0).unwrap();
+        assert_eq!(refused(&admin, one("photos", &[Scope::Admin])), AccessError::AdminInBuckets);
+        let tenant = key.clone().limited_to(Some([1].into())).unwrap();
+        assert_eq!(refused(&tenant, one("photos", &[Scope::Read])), AccessError::PartitionsAndBuckets);
+        assert_eq!(limited.clone().limited_to(Some([1].into())).unwrap_err(), AccessError::PartitionsAndBuckets);
+        let many: BucketGrants =
+            (0..=MAX_BUCKET_GRANTS).map(|i| (format!("bucket-{i}"), scopes(&[Scope::Read]))).collect();
+        assert_eq!(refused(&key, many), AccessError::TooManyBuckets);
+    }
+
+    #[test]
+    fn grants_parse_as_people_write_them() {
+        let own = scopes(&[Scope::Read, Scope::Write]);
+        assert_eq!(parse_grant("photos", &own).unwrap(), ("photos".to_owned(), own.clone()));
+        assert_eq!(parse_grant("logs=read", &own).unwrap(), ("logs".to_owned(), scopes(&[Scope::Read])));
+        assert_eq!(
+            parse_grant("logs=read, write", &own).unwrap(),
+            ("logs".to_owned(), scopes(&[Scope::Read, Scope::Write]))
+        );
+        assert!(parse_grant("logs=", &own).unwrap_err().contains("unknown scope"));
+        assert!(parse_grant("logs=owner", &own).unwrap_err().contains("unknown scope"));
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub struct DatanodeCommand {
     pub tls: Option<(String, String)>,
     /// Address the S3 API listens on (docs/s3.md: every node of a cluster, or none).
     pub s3_listen: Option<String>,
+    /// The region S3 clients sign for (the same on every node; default the datanode's).
+    pub s3_region: Option<String>,
+    /// The domain of virtual-host-style S3 addressing (`<bucket>.<domain>`).
+    pub s3_domain: Option<String>,
     /// More flags, as given (a platform's own settings, e.g. for tests).
     pub extra: Vec<String>,
 }
@@ -74,8 +78,12 @@ impl DatanodeCommand {
         if let Some((cert, key)) = &self.tls {
             args.extend(["--tls-cert".to_owned(), cert.clone(), "--tls-key".to_owned(), key.clone()]);
         }
-        if let Some(s3) = &self.s3_listen {
-            args.extend(["--s3-listen".to_owned(), s3.clone()]);
+        for (flag, value) in
+            [("--s3-listen", &self.s3_listen), ("--s3-region", &self.s3_region), ("--s3-domain", &self.s3_domain)]
+        {
+            if let Some(value) = value {
+                args.extend([flag.to_owned(), value.clone()]);
+            }
         }
         args.extend(self.extra.iter().cloned());
         args
@@ -102,6 +110,8 @@ mod tests {
             peer_tls: Some(TlsFiles { ca: "/t/ca.crt".into(), cert: "/t/m1.crt".into(), key: "/t/m1.key".into() }),
             tls: None,
             s3_listen: None,
+            s3_region: None,
+            s3_domain: None,
             extra: vec!["--peer-timeout-ms".into(), "500".into()],
         };
         let args = command.to_args();
@@ -115,12 +125,24 @@ mod tests {
         command.etcd_tls = Some(TlsFiles { ca: "ca".into(), cert: "crt".into(), key: "key".into() });
         command.tls = Some(("/tls/tls.crt".into(), "/tls/tls.key".into()));
         command.s3_listen = Some("0.0.0.0:9000".into());
+        command.s3_region = Some("eu-west-3".into());
+        command.s3_domain = Some("s3.example.com".into());
         let args = command.to_args();
         let pairs: Vec<(&str, &str)> = args.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
         assert!(pairs.contains(&("--tls-cert", "/tls/tls.crt")) && pairs.contains(&("--tls-key", "/tls/tls.key")));
         assert!(pairs.contains(&("--s3-listen", "0.0.0.0:9000")));
-        for flag in ["--advertise", "--etcd-ca", "--etcd-cert", "--etcd-key", "--tls-cert", "--tls-key", "--s3-listen"]
-        {
+        assert!(pairs.contains(&("--s3-region", "eu-west-3")) && pairs.contains(&("--s3-domain", "s3.example.com")));
+        for flag in [
+            "--advertise",
+            "--etcd-ca",
+            "--etcd-cert",
+            "--etcd-key",
+            "--tls-cert",
+            "--tls-key",
+            "--s3-listen",
+            "--s3-region",
+            "--s3-domain",
+        ] {
             assert_eq!(args.iter().filter(|a| *a == flag).count(), 1, "{flag} once");
         }
     }

@@ -5,6 +5,7 @@ pub mod agent_api;
 pub mod agent_client;
 pub mod backoff;
 pub mod blob_id;
+pub mod bucket_name;
 pub mod disk_space;
 pub mod process_lock;
 pub mod scope;

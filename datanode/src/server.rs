@@ -233,7 +233,7 @@ pub async fn run_standalone(options: StandaloneOptions, shutdown: CancellationTo
         let keys = keys
             .iter()
             .map(|(key, secret)| {
-                (key.id.clone(), crate::api::s3::S3Key { secret: secret.clone(), scopes: key.scopes.clone() })
+                (key.id.clone(), crate::api::s3::S3Key { secret: secret.clone(), key: Arc::new(key.clone()) })
             })
             .collect();
         let s3_options = s3.options(options.auth.mode, keys, options.volume.max_blob_bytes);

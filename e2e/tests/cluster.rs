@@ -1507,6 +1507,35 @@ fn s3_is_served_by_every_node_and_outlives_a_kill() {
     // A key limited to partitions gets no S3 secret.
     let limited = create_key_made(&etcd, "limited", "read", &["--partition", "0"]);
     assert!(limited["s3_secret_access_key"].is_null());
+    // A key limited to buckets: its own scopes in one, read only in another (cluster_checks.py).
+    let granted = create_key_made(&etcd, "granted", "read,write", &["--bucket", "spread", "--bucket", "shared=read"]);
+    assert_eq!(granted["buckets"], serde_json::json!({"shared": ["read"], "spread": ["read", "write"]}));
+    let (granted_id, granted_secret) = s3_pair(&granted);
+    // The blob API refuses it: its blobs are in no bucket.
+    let blob = with_token(granted["token"].as_str().unwrap())
+        .post(nodes[0].url("/v1/blobs"))
+        .body("no bucket")
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap();
+    assert_eq!(blob["error"]["code"], "forbidden", "{blob}");
+    assert!(blob["error"]["message"].as_str().unwrap().contains("limited to S3 buckets"), "{blob}");
+    // Grants a key cannot have are refused before etcd is touched, saying why.
+    for (scopes, grant, why) in [
+        ("admin", "spread", "cannot be an admin"),
+        ("read", "spread=write", "write is not among the key's scopes (read)"),
+        ("read", "Bad_Bucket", "a bucket name has only lower-case letters"),
+        ("read", "spread=owner", "unknown scope \"owner\""),
+    ] {
+        let out = Command::new(binary("cairn"))
+            .args(["keys", "create", "--etcd", "http://127.0.0.1:9", "--cluster", "c1", "--name", "bad"])
+            .args(["--scope", scopes, "--bucket", grant])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(why), "--scope {scopes} --bucket {grant}: {stderr}");
+    }
 
     let python = support::repo(".tools/s3-venv/bin/python");
     assert!(Path::new(&python).exists(), "{python} missing: run scripts/install-deps.sh");
@@ -1519,6 +1548,8 @@ fn s3_is_served_by_every_node_and_outlives_a_kill() {
             ("S3_SECRET", admin_secret.clone()),
             ("S3_READER_ID", reader_id.clone()),
             ("S3_READER_SECRET", reader_secret.clone()),
+            ("S3_GRANTED_ID", granted_id.clone()),
+            ("S3_GRANTED_SECRET", granted_secret.clone()),
             ("S3_PIECE_BYTES", (256 << 10).to_string()),
             ("S3_FIRST_NODES", s3_addrs.len().to_string()),
             ("S3_CLUSTER", "1".into()),

@@ -19,7 +19,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::{Resource, ResourceExt};
 
-use crate::kubernetes::{KubernetesPlatform, API_PORT, FIELD_MANAGER};
+use crate::kubernetes::{KubernetesPlatform, API_PORT, FIELD_MANAGER, S3_PORT};
 use crate::reconcile::{Context, Error};
 
 /// Kept on a StoreAccessKey until its key is revoked in etcd.
@@ -31,6 +31,12 @@ pub const SECRET_TOKEN: &str = "CAIRN_TOKEN";
 pub const SECRET_ENDPOINT: &str = "CAIRN_ENDPOINT";
 /// The CA that vouches for the endpoint's certificate (PEM), when the cluster serves HTTPS.
 pub const SECRET_CA: &str = "CAIRN_CA_CERT";
+/// For S3 clients, when the cluster serves S3 (the names the AWS SDKs and CLI read from their
+/// environment): the key id and its S3 secret, the endpoint and the region.
+pub const SECRET_AWS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
+pub const SECRET_AWS_SECRET: &str = "AWS_SECRET_ACCESS_KEY";
+pub const SECRET_AWS_ENDPOINT: &str = "AWS_ENDPOINT_URL_S3";
+pub const SECRET_AWS_REGION: &str = "AWS_REGION";
 /// A deleted Secret (a rotation) is noticed within this, or at once on a change to the key.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -256,8 +262,18 @@ async fn ensure(
         )));
     }
     let reach = key.spec.partitions.as_ref().map(|p| p.iter().copied().collect());
-    let mut desired = match AccessKey::from_parts(&id, secret.expose(), &name, scopes).and_then(|k| k.limited_to(reach))
-    {
+    let grants = key.spec.buckets.as_ref().map(|buckets| {
+        buckets
+            .iter()
+            .map(|b| {
+                (b.name.clone(), b.scopes.as_ref().map_or_else(|| scopes.clone(), |s| s.iter().copied().collect()))
+            })
+            .collect()
+    });
+    let desired = AccessKey::from_parts(&id, secret.expose(), &name, scopes)
+        .and_then(|k| k.limited_to(reach))
+        .and_then(|k| k.limited_to_buckets(grants));
+    let mut desired = match desired {
         Ok(desired) => desired,
         Err(e) => return Ok(Err(("InvalidSpec", e.to_string()))),
     };
@@ -291,14 +307,19 @@ async fn credentials(
     let found = secrets.get_opt(&name).await?;
     // Where the application connects, and the CA to trust when the cluster serves HTTPS.
     let endpoint = match crate::peer_certs::blob_tls(&ctx.client, sc, None).await {
-        Ok(tls) => Endpoint {
-            url: format!(
-                "{}://{}:{API_PORT}",
-                if tls.is_some() { "https" } else { "http" },
-                crate::peer_certs::service_host(sc)
-            ),
-            ca_pem: tls.map(|t| t.ca_pem),
-        },
+        Ok(tls) => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let host = crate::peer_certs::service_host(sc);
+            Endpoint {
+                url: format!("{scheme}://{host}:{API_PORT}"),
+                ca_pem: tls.map(|t| t.ca_pem),
+                // A key limited to partitions cannot sign S3 requests (docs/security.md).
+                s3: sc.spec.s3.as_ref().filter(|_| key.spec.partitions.is_none()).map(|s3| S3Endpoint {
+                    url: format!("{scheme}://{host}:{S3_PORT}"),
+                    region: s3.region.clone().unwrap_or_else(|| DEFAULT_S3_REGION.to_owned()),
+                }),
+            }
+        }
         Err(e) => return Ok(Err(("TlsUnavailable", e.to_string()))),
     };
     if let Some(found) = &found {
@@ -311,18 +332,17 @@ async fn credentials(
         if let (Some(id), Some(secret)) = (field(found, SECRET_KEY_ID), field(found, SECRET_KEY_SECRET)) {
             if access::parse_token(&format!("{id}.{secret}")).is_ok() {
                 let secret = Secret::new(secret);
-                // The cluster turned HTTPS on or off, or its CA changed: the same key, told anew.
-                if field(found, SECRET_ENDPOINT).as_deref() != Some(&endpoint.url)
-                    || field(found, SECRET_CA) != endpoint.ca_pem
-                {
-                    // A merge patch of `data`: a CA no longer wanted goes (null), which an apply of
-                    // `stringData` could not say.
+                // The cluster turned HTTPS or S3 on or off, or its CA changed: the same key, told
+                // anew.
+                let told = endpoint.fields(&id, &secret);
+                if told.iter().any(|(k, v)| field(found, k) != *v) {
+                    // A merge patch of `data`: a field no longer wanted goes (null), which an
+                    // apply of `stringData` could not say.
                     use base64::Engine;
-                    let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
-                    let patch = serde_json::json!({"data": {
-                        SECRET_ENDPOINT: b64(&endpoint.url),
-                        SECRET_CA: endpoint.ca_pem.as_deref().map(b64),
-                    }});
+                    let b64 = |v: &String| base64::engine::general_purpose::STANDARD.encode(v);
+                    let data: serde_json::Map<String, serde_json::Value> =
+                        told.iter().map(|(k, v)| (k.to_string(), v.as_ref().map(b64).into())).collect();
+                    let patch = serde_json::json!({ "data": data });
                     secrets.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
                     ctx.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -346,10 +366,38 @@ async fn credentials(
     Ok(Ok((id, secret)))
 }
 
-/// Where an application reaches the cluster: the Service's URL, and the CA to trust for HTTPS.
+/// Where an application reaches the cluster: the Service's URL, the CA to trust for HTTPS, and
+/// S3's endpoint when the cluster serves S3 (and the key may sign for it).
 struct Endpoint {
     url: String,
     ca_pem: Option<String>,
+    s3: Option<S3Endpoint>,
+}
+
+struct S3Endpoint {
+    url: String,
+    region: String,
+}
+
+/// The datanode's own default (`--s3-region`).
+const DEFAULT_S3_REGION: &str = "us-east-1";
+
+impl Endpoint {
+    /// The Secret's fields that follow the cluster rather than the key (`None`: absent), for key
+    /// `id` with `secret`.
+    fn fields(&self, id: &str, secret: &Secret) -> BTreeMap<&'static str, Option<String>> {
+        let s3 = self.s3.as_ref();
+        // The S3 secret is derived from the key's (`access::s3_secret`), as every datanode derives it.
+        let s3_secret = s3.and_then(|_| AccessKey::from_parts(id, secret.expose(), "s3", BTreeSet::new()).ok());
+        BTreeMap::from([
+            (SECRET_ENDPOINT, Some(self.url.clone())),
+            (SECRET_CA, self.ca_pem.clone()),
+            (SECRET_AWS_KEY_ID, s3.map(|_| id.to_owned())),
+            (SECRET_AWS_SECRET, s3_secret.map(|k| access::s3_secret(&k).expose().to_owned())),
+            (SECRET_AWS_ENDPOINT, s3.map(|s3| s3.url.clone())),
+            (SECRET_AWS_REGION, s3.map(|s3| s3.region.clone())),
+        ])
+    }
 }
 
 /// The Secret an application mounts or takes its environment from; owned by the key, so it goes
@@ -359,11 +407,8 @@ fn secret_object(key: &StoreAccessKey, name: &str, id: &str, secret: &Secret, en
         (SECRET_KEY_ID.to_owned(), id.to_owned()),
         (SECRET_KEY_SECRET.to_owned(), secret.expose().to_owned()),
         (SECRET_TOKEN.to_owned(), access::token(id, secret)),
-        (SECRET_ENDPOINT.to_owned(), endpoint.url.clone()),
     ]);
-    if let Some(ca) = &endpoint.ca_pem {
-        data.insert(SECRET_CA.to_owned(), ca.clone());
-    }
+    data.extend(endpoint.fields(id, secret).into_iter().filter_map(|(k, v)| Some((k.to_owned(), v?))));
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "cairn".to_owned()),
         ("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned()),

@@ -24,6 +24,8 @@ pub const FIELD_MANAGER: &str = "cairn-operator";
 pub const API_PORT: u16 = 7480;
 /// The datanodes' replica port (`--peer-listen`): for the cluster's datanodes only.
 pub const PEER_PORT: u16 = 7481;
+/// The datanodes' S3 port, when the StoreCluster has `spec.s3` (`--s3-listen`).
+pub const S3_PORT: u16 = 7680;
 /// The uid and gid a cluster's datanodes run as: one of their own per cluster (from a hash of its
 /// namespace and name, in 100000..2^31), so that on a machine shared by clusters one cluster's
 /// datanode cannot open another's volume files (the disk agent hands each volume to its caller's
@@ -317,12 +319,21 @@ fn network_policy(
             pod_selector: Some(selector(datanode_labels(&cluster))),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![
-                NetworkPolicyIngressRule { ports: Some(vec![port(API_PORT)]), from: blob_from },
+                // S3 is for the blob API's clients.
+                NetworkPolicyIngressRule {
+                    ports: Some(ports_of(sc).filter(|(name, _)| *name != "peer").map(|(_, p)| port(p)).collect()),
+                    from: blob_from,
+                },
                 NetworkPolicyIngressRule { ports: Some(vec![port(PEER_PORT)]), from: Some(vec![datanodes]) },
             ]),
             ..NetworkPolicySpec::default()
         }),
     }
+}
+
+/// A datanode's ports by name: the blob API, the replica port, and S3 when the spec asks for it.
+fn ports_of(sc: &StoreCluster) -> impl Iterator<Item = (&'static str, u16)> {
+    [("api", API_PORT), ("peer", PEER_PORT)].into_iter().chain(sc.spec.s3.as_ref().map(|_| ("s3", S3_PORT)))
 }
 
 /// Annotation of a datanode Pod: the machine it is for, whole (its label may be shortened).
@@ -369,12 +380,16 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         ..ConfigMap::default()
     }));
     let api_port = API_PORT as i32;
-    let ports = vec![ServicePort {
-        name: Some("api".into()),
-        port: api_port,
-        target_port: Some(IntOrString::Int(api_port)),
+    let service_port = |name: &str, port: u16| ServicePort {
+        name: Some(name.into()),
+        port: port as i32,
+        target_port: Some(IntOrString::Int(port as i32)),
         ..ServicePort::default()
-    }];
+    };
+    let mut ports = vec![service_port("api", API_PORT)];
+    if sc.spec.s3.is_some() {
+        ports.push(service_port("s3", S3_PORT));
+    }
     out.push(erased(&Service {
         metadata: meta(&cluster, &none),
         spec: Some(ServiceSpec {
@@ -384,12 +399,7 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
         }),
         ..Service::default()
     }));
-    let peer_port = ServicePort {
-        name: Some("peer".into()),
-        port: PEER_PORT as i32,
-        target_port: Some(IntOrString::Int(PEER_PORT as i32)),
-        ..ServicePort::default()
-    };
+    let peer_port = service_port("peer", PEER_PORT);
     out.push(erased(&Service {
         metadata: meta(&format!("{cluster}-nodes"), &none),
         spec: Some(ServiceSpec {
@@ -469,9 +479,9 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             peer_listen: Some(format!("0.0.0.0:{PEER_PORT}")),
             etcd_tls: None,
             peer_tls: None,
-            // S3 on Kubernetes needs a port and a Service of its own in the StoreCluster's spec:
-            // not built yet (docs/s3.md).
-            s3_listen: None,
+            s3_listen: sc.spec.s3.as_ref().map(|_| format!("0.0.0.0:{S3_PORT}")),
+            s3_region: sc.spec.s3.as_ref().and_then(|s3| s3.region.clone()),
+            s3_domain: sc.spec.s3.as_ref().and_then(|s3| s3.domain.clone()),
             extra: Vec::new(),
         };
         // Its own peer certificate (crate::peer_certs), readable by the datanode's group only.
@@ -548,14 +558,15 @@ pub fn objects(sc: &StoreCluster, machines: &[Machine]) -> Vec<(ApiResource, Str
             name: "datanode".into(),
             image: Some(sc.spec.image.clone()),
             args: Some(args),
-            ports: Some(vec![
-                ContainerPort { name: Some("api".into()), container_port: api_port, ..ContainerPort::default() },
-                ContainerPort {
-                    name: Some("peer".into()),
-                    container_port: PEER_PORT as i32,
-                    ..ContainerPort::default()
-                },
-            ]),
+            ports: Some(
+                ports_of(sc)
+                    .map(|(name, port)| ContainerPort {
+                        name: Some(name.into()),
+                        container_port: port as i32,
+                        ..ContainerPort::default()
+                    })
+                    .collect(),
+            ),
             readiness_probe: Some(Probe { http_get: http_get("/readyz"), ..Probe::default() }),
             // Opening large volumes (recovery replays their log tails) may take minutes: liveness
             // only counts once the process has answered once.

@@ -153,6 +153,9 @@ impl LocalPlatform {
         cairn_cluster::datanode_command::DatanodeCommand {
             tls: None,
             s3_listen: m.s3_port.map(|p| format!("127.0.0.1:{p}")),
+            // Local mode signs for the datanode's default region, us-east-1.
+            s3_region: None,
+            s3_domain: None,
             etcd: self.etcd.clone(),
             cluster: self.cluster.clone(),
             namespace: self.namespace.clone(),

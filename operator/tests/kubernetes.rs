@@ -1351,3 +1351,165 @@ async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
     assert_eq!(ready(&keys("apps").get("tenant").await.unwrap()), ("False".into(), "NamespaceNotAllowed".into()));
     assert!(store.get_key(&tenant_id).await.unwrap().is_none(), "revoked, not only reported");
 }
+
+/// `spec.s3`: every datanode serves S3 on 7680 (its region and domain from the spec), the
+/// Services and the NetworkPolicy's client rule carry the port, and StoreAccessKeys' Secrets tell
+/// S3 clients what the AWS SDKs read (a key limited to partitions gets none: it cannot sign S3).
+/// A key's `spec.buckets` becomes its grants in etcd; grants a key cannot have are `InvalidSpec`,
+/// and names S3 would refuse are refused by the API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_is_served_on_kubernetes_and_keys_are_told_how_to_reach_it() {
+    use cairn_cluster::access::Scope;
+    use cairn_operator::access_keys::{
+        reconcile_key, SECRET_AWS_ENDPOINT, SECRET_AWS_KEY_ID, SECRET_AWS_REGION, SECRET_AWS_SECRET, SECRET_KEY_ID,
+        SECRET_KEY_SECRET,
+    };
+    use cairn_resources::StoreAccessKey;
+    use k8s_openapi::api::core::v1::{Secret, Service};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let etcd = EtcdServer::start();
+    let (memory, kube) = strict_api_with([("n0", "a"), ("n1", "b"), ("n2", "c")]).await;
+    let clusters: Api<StoreCluster> = Api::namespaced(kube.clone(), "store");
+    let with_s3 = |s3: Option<serde_json::Value>| {
+        let mut cluster = cluster_yaml(&etcd.endpoint(), 3);
+        if let Some(s3) = s3 {
+            cluster["spec"]["s3"] = s3;
+        }
+        cluster
+    };
+    // The API server holds the spec to the CRD's rules.
+    for bad in [json!({"region": "EU West"}), json!({"domain": "-s3.example.com"})] {
+        let err = clusters
+            .patch("c1", &PatchParams::apply("user"), &Patch::Apply(with_s3(Some(bad.clone()))))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is invalid"), "{bad}: {err}");
+    }
+    let s3 = json!({"region": "eu-west-3", "domain": "s3.example.com"});
+    clusters.patch("c1", &PatchParams::apply("user"), &Patch::Apply(with_s3(Some(s3)))).await.unwrap();
+    let ctx = operator_context(&memory);
+    reconcile_once(&clusters, &ctx).await;
+    reconcile_once(&clusters, &ctx).await;
+
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "store");
+    let pairs = |args: &[String]| args.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect::<Vec<_>>();
+    for node in ["n0", "n1", "n2"] {
+        let container = pods.get(&format!("c1-{node}")).await.unwrap().spec.unwrap().containers[0].clone();
+        let args = pairs(&container.args.unwrap());
+        for (flag, value) in
+            [("--s3-listen", "0.0.0.0:7680"), ("--s3-region", "eu-west-3"), ("--s3-domain", "s3.example.com")]
+        {
+            assert!(args.contains(&(flag.into(), value.into())), "{flag} {value}: {args:?}");
+        }
+        let ports: Vec<_> =
+            container.ports.unwrap().iter().map(|p| (p.name.clone().unwrap(), p.container_port)).collect();
+        assert!(ports.contains(&("s3".into(), 7680)), "{ports:?}");
+    }
+    let services: Api<Service> = Api::namespaced(kube.clone(), "store");
+    for name in ["c1", "c1-nodes"] {
+        let ports = services.get(name).await.unwrap().spec.unwrap().ports.unwrap();
+        assert!(ports.iter().any(|p| p.name.as_deref() == Some("s3") && p.port == 7680), "{name}: {ports:?}");
+    }
+    let policy = Api::<NetworkPolicy>::namespaced(kube.clone(), "store").get("c1").await.unwrap();
+    let rules = policy.spec.unwrap().ingress.unwrap();
+    let ports_of = |i: usize| -> Vec<String> {
+        rules[i].ports.clone().unwrap().iter().map(|p| format!("{:?}", p.port.clone().unwrap())).collect()
+    };
+    assert_eq!(ports_of(0), ["Int(7480)", "Int(7680)"], "S3 is for the blob API's clients");
+    assert_eq!(ports_of(1), ["Int(7481)"], "the peer port stays the datanodes'");
+
+    // Keys: a read-write key limited to two buckets, and one limited to partitions.
+    let keys = Api::<StoreAccessKey>::namespaced(kube.clone(), "store");
+    let secrets = Api::<Secret>::namespaced(kube.clone(), "store");
+    let apply = |name: &str, scopes: &[&str], extra: serde_json::Value| {
+        let (api, body, name) = (keys.clone(), access_key_yaml("store", name, scopes, extra), name.to_owned());
+        async move { api.patch(&name, &PatchParams::apply("user"), &Patch::Apply(body)).await }
+    };
+    let pass = |name: &str| {
+        let (api, ctx, name) = (keys.clone(), ctx.clone(), name.to_owned());
+        async move {
+            let key = api.get(&name).await.unwrap();
+            reconcile_key(Arc::new(key), ctx.clone()).await.unwrap();
+            let key = api.get(&name).await.unwrap();
+            reconcile_key(Arc::new(key), ctx).await.unwrap();
+            let key = api.get(&name).await.unwrap();
+            let c = key.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+            (c.reason, c.message)
+        }
+    };
+    let field = |s: &Secret, k: &str| s.data.as_ref().unwrap().get(k).map(|v| String::from_utf8(v.0.clone()).unwrap());
+    // Names S3 would refuse, and a bucket twice, are the API server's to refuse.
+    for bad in [
+        json!({"buckets": [{"name": "Photos"}]}),
+        json!({"buckets": [{"name": "ab"}]}),
+        json!({"buckets": [{"name": "photos"}, {"name": "photos", "scopes": ["read"]}]}),
+        json!({"buckets": []}),
+    ] {
+        let err = apply("bad", &["read"], bad.clone()).await.unwrap_err().to_string();
+        assert!(err.contains("is invalid") || err.contains("Duplicate"), "{bad}: {err}");
+    }
+    let grants = json!({"buckets": [{"name": "photos"}, {"name": "shared", "scopes": ["read"]}]});
+    apply("web", &["read", "write"], grants).await.unwrap();
+    assert_eq!(pass("web").await.0, "KeyReady");
+    let secret = secrets.get("web").await.unwrap();
+    let id = field(&secret, SECRET_KEY_ID).unwrap();
+    let store = cairn_cluster::etcd::ClusterStore::connect(&[etcd.endpoint()], "store", "c1").await.unwrap();
+    let record = store.get_key(&id).await.unwrap().unwrap();
+    assert_eq!(record.format, 3);
+    assert_eq!(
+        record.buckets,
+        Some([("photos".into(), [Scope::Read, Scope::Write].into()), ("shared".into(), [Scope::Read].into())].into())
+    );
+    // What the AWS SDKs read: the id, the S3 secret every datanode derives from the record, the
+    // Service's S3 endpoint and the region.
+    assert_eq!(field(&secret, SECRET_AWS_KEY_ID), Some(id.clone()));
+    let expected = cairn_cluster::access::s3_secret(&record).expose().to_owned();
+    assert_eq!(field(&secret, SECRET_AWS_SECRET), Some(expected));
+    assert_eq!(field(&secret, SECRET_AWS_ENDPOINT).as_deref(), Some("http://c1.store.svc:7680"));
+    assert_eq!(field(&secret, SECRET_AWS_REGION).as_deref(), Some("eu-west-3"));
+    assert!(record.verify(&field(&secret, SECRET_KEY_SECRET).unwrap()));
+
+    apply("tenant", &["read"], json!({"partitions": [0]})).await.unwrap();
+    assert_eq!(pass("tenant").await.0, "KeyReady");
+    let tenant = secrets.get("tenant").await.unwrap();
+    for aws in [SECRET_AWS_KEY_ID, SECRET_AWS_SECRET, SECRET_AWS_ENDPOINT, SECRET_AWS_REGION] {
+        assert_eq!(field(&tenant, aws), None, "{aws}: a key limited to partitions cannot sign S3");
+    }
+    // Grants a key cannot have: a condition saying why, the key unchanged in etcd.
+    for (name, scopes, extra, why) in [
+        (
+            "web",
+            &["read", "write"][..],
+            json!({"buckets": [{"name": "photos", "scopes": ["delete"]}]}),
+            "delete is not among",
+        ),
+        ("root", &["admin"], json!({"buckets": [{"name": "photos"}]}), "cannot be an admin"),
+        ("both", &["read"], json!({"buckets": [{"name": "photos"}], "partitions": [1]}), "not both"),
+    ] {
+        apply(name, scopes, extra).await.unwrap();
+        let (reason, message) = pass(name).await;
+        assert_eq!(reason, "InvalidSpec", "{name}: {message}");
+        assert!(message.contains(why), "{name}: {message}");
+    }
+    assert_eq!(store.get_key(&id).await.unwrap().unwrap(), record, "a refused spec changes nothing");
+
+    // S3 turned off: the datanodes stop serving it and the Secrets forget it; the key stays.
+    clusters.patch("c1", &PatchParams::apply("user"), &Patch::Apply(with_s3(None))).await.unwrap();
+    reconcile_once(&clusters, &ctx).await;
+    // Datanode Pods are replaced one at a time, each once its peers caught up: what they become.
+    let sc = clusters.get("c1").await.unwrap();
+    let desired = cairn_operator::kubernetes::objects(&sc, &machines_now(&kube, &sc).await);
+    let pod = desired.iter().find(|(_, name, _)| name == "c1-n0").unwrap();
+    let args = pod.2["spec"]["containers"][0]["args"].as_array().unwrap();
+    assert!(!args.iter().any(|a| a.as_str().unwrap().starts_with("--s3")), "{args:?}");
+    let ports = services.get("c1").await.unwrap().spec.unwrap().ports.unwrap();
+    assert!(ports.iter().all(|p| p.name.as_deref() != Some("s3")), "{ports:?}");
+    apply("web", &["read", "write"], json!({"buckets": [{"name": "photos"}]})).await.unwrap();
+    assert_eq!(pass("web").await.0, "KeyReady");
+    let untold = secrets.get("web").await.unwrap();
+    assert_eq!(field(&untold, SECRET_KEY_ID), Some(id));
+    for aws in [SECRET_AWS_KEY_ID, SECRET_AWS_SECRET, SECRET_AWS_ENDPOINT, SECRET_AWS_REGION] {
+        assert_eq!(field(&untold, aws), None, "{aws} gone with S3");
+    }
+}

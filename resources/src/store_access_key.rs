@@ -39,6 +39,15 @@ pub struct StoreAccessKeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096), extend("x-kubernetes-list-type" = "set"))]
     pub partitions: Option<Vec<u32>>,
+    /// Limit the key to these S3 buckets, each with its own scopes (default: the key's). Such a
+    /// key is for S3 only (the blob API refuses it), cannot be an admin, and excludes
+    /// `partitions`; default: every bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 1000),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
+    pub buckets: Option<Vec<BucketGrant>>,
     /// The Secret the operator writes (keys CAIRN_KEY_ID, CAIRN_KEY_SECRET, CAIRN_TOKEN,
     /// CAIRN_ENDPOINT); default: the StoreAccessKey's name. It must not exist already unless
     /// this key made it.
@@ -46,6 +55,19 @@ pub struct StoreAccessKeySpec {
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("secretName must be a DNS subdomain name"))]
     pub secret_name: Option<String>,
+}
+
+/// One bucket a key may use, and what it may do there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BucketGrant {
+    /// The bucket's name (S3's rules: 3–63 of a-z, 0-9, '.', '-').
+    #[schemars(length(min = 3, max = 63), regex(pattern = r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$"))]
+    pub name: String,
+    /// read, write, delete (among the key's `scopes`); default: the key's scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 3), extend("x-kubernetes-list-type" = "set"))]
+    pub scopes: Option<Vec<Scope>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -64,7 +86,7 @@ pub struct ClusterRef {
 pub struct StoreAccessKeyStatus {
     /// Ready: the key is in the cluster's etcd and its token in the Secret; False with the
     /// reason (ClusterNotFound, NamespaceNotAllowed, AdminNotAllowed, SecretConflict,
-    /// EtcdUnreachable) otherwise.
+    /// EtcdUnreachable, InvalidSpec) otherwise.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -81,6 +81,11 @@ pub struct StoreClusterSpec {
     /// datanode's own name and `extraNames`), or the one in `secretName`. Absent: plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<BlobTlsSpec>,
+    /// The S3-compatible API (docs/s3.md). Present: every datanode serves it on port 7680 (HTTPS
+    /// when `tls` is set), the cluster's Services carry it as port `s3`, and StoreAccessKeys'
+    /// Secrets get AWS_ENDPOINT_URL_S3. Absent: no S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Spec>,
     /// Namespaces besides the cluster's own whose StoreAccessKeys may make keys to it (never
     /// `admin` keys): where its applications run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -190,6 +195,20 @@ pub struct NetworkPolicySpec {
     /// let in (it reads the datanodes' admin routes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blob_clients: Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Spec {
+    /// The region clients sign requests for (and GetBucketLocation answers); default us-east-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^[a-z0-9][a-z0-9-]*$"))]
+    pub region: Option<String>,
+    /// Virtual-host-style addressing: a request to `<bucket>.<domain>` names the bucket (route
+    /// `*.<domain>` to the Service; path-style always works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub domain: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

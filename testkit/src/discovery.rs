@@ -429,6 +429,18 @@ fn check_value(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Strin
                     shown(value)
                 ));
             }
+            // The API server's `pattern` is an ECMA-262 regular expression, unanchored.
+            if let Some(pattern) = schema["pattern"].as_str() {
+                let matches = regex::Regex::new(pattern)
+                    .unwrap_or_else(|e| panic!("{path}: the CRD's pattern {pattern:?} does not compile: {e}"))
+                    .is_match(s);
+                if !matches {
+                    errors.push(format!(
+                        "{path}: Invalid value: {}: {path} in body should match '{pattern}'",
+                        shown(value)
+                    ));
+                }
+            }
         }
         Value::Number(n) => {
             let x = n.as_f64().unwrap_or_default();
@@ -572,10 +584,16 @@ mod tests {
                            "items": {"type": "string", "enum": ["read", "write"]}},
                 "count": {"type": "integer", "minimum": 1},
                 "size": {"x-kubernetes-int-or-string": true},
-                "note": {"type": "string", "nullable": true}}}}});
+                "note": {"type": "string", "nullable": true},
+                "host": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"}}}}});
         let check = |spec: serde_json::Value| super::validate_values(&schema, &serde_json::json!({"spec": spec}));
         assert!(check(serde_json::json!({"name": "a", "scopes": ["read"], "size": "1Gi", "note": null})).is_empty());
         assert_eq!(check(serde_json::json!({"scopes": ["read"]})), ["spec.name: Required value"]);
+        assert!(check(serde_json::json!({"name": "a", "scopes": ["read"], "host": "s3.example.com"})).is_empty());
+        assert_eq!(
+            check(serde_json::json!({"name": "a", "scopes": ["read"], "host": "-s3"})),
+            ["spec.host: Invalid value: \"-s3\": spec.host in body should match '^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$'"]
+        );
         assert_eq!(
             check(serde_json::json!({"name": "toolong", "scopes": ["read", "read", "x"], "count": 0, "size": true})),
             [

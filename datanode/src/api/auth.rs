@@ -342,6 +342,13 @@ fn check(
         Need::AdminOrNode => Scope::Admin,
         Need::AnyKey | Need::Nothing | Need::NodeToken => return Ok(None),
     };
+    if key.buckets.is_some() && matches!(need, Need::Key(_)) {
+        // Blobs are in no bucket: a key limited to buckets is an S3 key only.
+        return Err(Refusal::Forbidden(
+            format!("key {} is limited to S3 buckets: the blob API is not open to it", key.id),
+            scope,
+        ));
+    }
     if key.allows(scope) {
         // The blob routes honour a key's partitions; the admin routes are an admin's anyway.
         Ok(if matches!(need, Need::Key(_)) { key.partitions.clone() } else { None })
@@ -463,6 +470,24 @@ mod tests {
         assert_eq!(limited, 5);
         assert!(auth.failed(address(100), Some("CKBBBB")).is_none(), "another key id is not limited");
         assert!(auth.failed(address(101), None).is_none());
+    }
+
+    #[test]
+    fn a_key_limited_to_buckets_opens_no_blob_route() {
+        let reader = [Scope::Read, Scope::Write].into_iter().collect();
+        let (key, secret) = AccessKey::generate("s3", reader, 0).unwrap();
+        let key = key.limited_to_buckets(Some([("photos".to_owned(), [Scope::Read].into())].into())).unwrap();
+        let bearer = format!("Bearer {}", access::token(&key.id, &secret));
+        let keys = BTreeMap::from([(key.id.clone(), key)]);
+        let credentials = Credentials { mode: AuthMode::Keys, keys: KeysRef::Standalone(&keys), node_tokens: vec![] };
+        for scope in [Scope::Read, Scope::Write] {
+            match check(&credentials, Need::Key(scope), None, Some(&bearer)) {
+                Err(Refusal::Forbidden(message, _)) => assert!(message.contains("limited to S3 buckets"), "{message}"),
+                other => panic!("{scope}: {:?}", other.map_err(|r| r.reason())),
+            }
+        }
+        // Routes any valid key may call (a 404 of an unknown route) still know it.
+        assert!(check(&credentials, Need::AnyKey, None, Some(&bearer)).is_ok());
     }
 
     #[test]

@@ -185,6 +185,11 @@ enum KeysCommand {
         /// blobs go there. Default: every partition.
         #[arg(long = "partition", value_name = "N", value_delimiter = ',')]
         partitions: Vec<u32>,
+        /// Limit the key to this S3 bucket (repeat for more): `NAME` grants it the key's scopes
+        /// there, `NAME=read` or `NAME=read,write` only those. Such a key is for S3 only (the
+        /// blob API refuses it) and cannot be an admin. Default: every bucket.
+        #[arg(long = "bucket", value_name = "NAME[=SCOPES]")]
+        buckets: Vec<String>,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -367,12 +372,20 @@ async fn watch(selection: &Selection, timeout: Option<u64>) -> anyhow::Result<Ex
 async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
     use cairn_cluster::access::{self, AccessKey};
     match command {
-        KeysCommand::Create { target, name, scope, partitions, output } => {
-            let (store, _) = target.store().await?;
+        KeysCommand::Create { target, name, scope, partitions, buckets, output } => {
+            let scopes = scope.into_iter().collect();
+            let mut grants = access::BucketGrants::new();
+            for text in &buckets {
+                let (bucket, granted) =
+                    access::parse_grant(text, &scopes).map_err(|e| anyhow::anyhow!("--bucket {text}: {e}"))?;
+                anyhow::ensure!(grants.insert(bucket.clone(), granted).is_none(), "--bucket {bucket} is given twice");
+            }
             let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-            let (key, secret) = AccessKey::generate(&name, scope.into_iter().collect(), now_ms)?;
+            let (key, secret) = AccessKey::generate(&name, scopes, now_ms)?;
             let reach = (!partitions.is_empty()).then(|| partitions.into_iter().collect());
-            let key = key.limited_to(reach)?;
+            let key = key.limited_to(reach)?.limited_to_buckets((!grants.is_empty()).then_some(grants))?;
+            // Checked before etcd is reached: a refused key needs no cluster.
+            let (store, _) = target.store().await?;
             anyhow::ensure!(store.create_key(&key).await?, "key id {} is taken: try again", key.id);
             let token = access::token(&key.id, &secret);
             let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
@@ -380,7 +393,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             let s3_secret = key.partitions.is_none().then(|| access::s3_secret(&key));
             let value = serde_json::json!({
                 "id": key.id, "name": key.name, "scopes": scopes, "partitions": key.partitions,
-                "secret": secret.expose(), "token": token,
+                "buckets": key.buckets, "secret": secret.expose(), "token": token,
                 "s3_secret_access_key": s3_secret.as_ref().map(|s| s.expose()),
             });
             print(output, &value, || {
@@ -390,8 +403,14 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                     }
                     None => "It cannot sign S3 requests: it is limited to some partitions.\n".into(),
                 };
+                let bearer = match key.buckets {
+                    None => format!("Its secret is shown this once; send it as\n  Authorization: Bearer {token}\n"),
+                    Some(_) => format!(
+                        "Its token (for `cairn keys s3-secret`; the blob API refuses it) is shown this once: {token}\n"
+                    ),
+                };
                 format!(
-                    "key {} ({}) made, scopes {}, {}.\nIts secret is shown this once; send it as\n  Authorization: Bearer {token}\n{s3}",
+                    "key {} ({}) made, scopes {}, {}.\n{bearer}{s3}",
                     key.id,
                     key.name,
                     scopes.join(","),
@@ -407,7 +426,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|k| {
                     serde_json::json!({"id": k.id, "name": k.name, "scopes": k.scopes, "partitions": k.partitions,
-                                       "created_ms": k.created_ms})
+                                       "buckets": k.buckets, "created_ms": k.created_ms})
                 })
                 .collect();
             print(output, &value, || {
@@ -450,11 +469,16 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// "every partition", or "partitions 1,2".
+/// "every partition", "partitions 1,2", or "buckets logs=read photos=read,write".
 fn reach_text(key: &cairn_cluster::access::AccessKey) -> String {
-    match &key.partitions {
-        None => "every partition".into(),
-        Some(p) => format!("partitions {}", p.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+    use cairn_cluster::access::scope_list;
+    match (&key.partitions, &key.buckets) {
+        (_, Some(grants)) => {
+            let list: Vec<String> = grants.iter().map(|(b, scopes)| format!("{b}={}", scope_list(scopes))).collect();
+            format!("buckets {}", list.join(" "))
+        }
+        (None, None) => "every partition".into(),
+        (Some(p), None) => format!("partitions {}", p.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
     }
 }
 

@@ -85,6 +85,9 @@ pub async fn service(state: &Arc<S3State>, request: S3Request) -> Result<Respons
         let full = page.len() == MAX_KEYS;
         for name in page {
             from = name.name.clone();
+            if !request.access.sees_bucket(&name.name) {
+                continue;
+            }
             buckets.push(BucketXml { name: name.name, creation_date: xml::timestamp(names::version_ms(name.version)) });
         }
         if !full {

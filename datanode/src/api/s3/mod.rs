@@ -28,7 +28,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use cairn_cluster::access::{Scope, Secret};
+use cairn_cluster::access::{AccessKey, Scope, Secret};
 use cairn_cluster::AuthMode;
 use percent_encoding::percent_decode_str;
 
@@ -39,12 +39,47 @@ use error::S3Error;
 #[derive(Clone)]
 pub struct S3Key {
     pub secret: Secret,
-    pub scopes: std::collections::BTreeSet<Scope>,
+    pub key: Arc<AccessKey>,
 }
 
-impl S3Key {
-    fn allows(&self, scope: Scope) -> bool {
-        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+/// Who signed a request, and so what it may do: the one place S3 requests are authorized.
+#[derive(Clone)]
+pub enum Access {
+    /// Unsigned, on a node without auth: objects are anyone's; buckets stay the admin's.
+    Anyone,
+    Key(Arc<AccessKey>),
+}
+
+impl Access {
+    /// Whether the request may do `scope` in `bucket` (`None`: the service, i.e. ListBuckets).
+    pub fn check(&self, bucket: Option<&str>, scope: Scope) -> Result<(), S3Error> {
+        let allowed = match (self, bucket) {
+            (Access::Anyone, _) => scope != Scope::Admin,
+            // A key limited to buckets lists those it has (`sees_bucket`).
+            (Access::Key(key), None) => key.buckets.is_some() || key.allows(scope),
+            (Access::Key(key), Some(bucket)) => key.allows_in_bucket(bucket, scope),
+        };
+        match (allowed, bucket) {
+            (true, _) => Ok(()),
+            (false, _) if scope == Scope::Admin => {
+                Err(S3Error::access_denied("access denied: creating and deleting buckets needs an admin key"))
+            }
+            (false, Some(bucket)) => Err(S3Error {
+                resource: Some(bucket.to_owned()),
+                ..S3Error::access_denied(format!("access denied: the key has no {scope} permission in bucket {bucket}"))
+            }),
+            (false, None) => Err(S3Error::access_denied(format!(
+                "access denied: the key lacks the {scope} scope this operation needs"
+            ))),
+        }
+    }
+
+    /// Whether ListBuckets shows `bucket`.
+    pub fn sees_bucket(&self, bucket: &str) -> bool {
+        match self {
+            Access::Anyone => true,
+            Access::Key(key) => key.sees_bucket(bucket),
+        }
     }
 }
 
@@ -144,7 +179,7 @@ impl S3State {
             Some(cluster) => {
                 let snapshot = cluster.snapshot();
                 let key = snapshot.keys.get(id).filter(|k| k.partitions.is_none())?;
-                Some(S3Key { secret: cairn_cluster::access::s3_secret(key), scopes: key.scopes.clone() })
+                Some(S3Key { secret: cairn_cluster::access::s3_secret(key), key: Arc::new(key.clone()) })
             }
         }
     }
@@ -214,6 +249,16 @@ pub enum Target {
     Object { bucket: String, key: String },
 }
 
+impl Target {
+    /// The bucket addressed (`None`: the service).
+    pub fn bucket(&self) -> Option<&str> {
+        match self {
+            Target::Service => None,
+            Target::Bucket(bucket) | Target::Object { bucket, .. } => Some(bucket),
+        }
+    }
+}
+
 /// A request as the operations see it: authenticated, addressed, its query decoded.
 pub struct S3Request {
     pub method: Method,
@@ -223,6 +268,8 @@ pub struct S3Request {
     pub body: Body,
     /// The checked signature (`None`: anonymous, on a node without auth).
     pub signature: Option<sigv4::Verified>,
+    /// What the signer may do (checked once for the target before the operation is served).
+    pub access: Access,
 }
 
 impl S3Request {
@@ -279,18 +326,17 @@ async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Err
     let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let target = target_of(raw_path, host, state.options.domain.as_deref())?;
     let signed = authenticate(state, &parts.method, raw_path, &query, &parts.headers)?;
-    let scope = scope_of(&target, &parts.method, &query);
-    match &signed {
-        Some((_, key)) if !key.allows(scope) => {
-            return Err(S3Error::access_denied("access denied: the key lacks the scope this operation needs"))
+    let access = match &signed {
+        Some((_, key)) => Access::Key(key.key.clone()),
+        None => Access::Anyone,
+    };
+    access.check(target.bucket(), scope_of(&target, &parts.method, &query))?;
+    // A copy (CopyObject, UploadPartCopy) reads its source: the source's bucket must allow it.
+    if parts.method == Method::PUT && parts.headers.contains_key("x-amz-copy-source") {
+        if let Target::Object { .. } = target {
+            let (source_bucket, _) = objects::copy_source(&parts.headers)?;
+            access.check(Some(&source_bucket), Scope::Read)?;
         }
-        Some(_) => {}
-        // Without auth, anyone may read and write objects; creating and deleting buckets stays
-        // an admin key's, as the blob API's admin routes do.
-        None if scope == Scope::Admin => {
-            return Err(S3Error::access_denied("access denied: creating and deleting buckets needs an admin key"))
-        }
-        None => {}
     }
     // On a cluster, a write is served by the coordinator of the name it writes.
     if !forwarded {
@@ -308,7 +354,7 @@ async fn serve(state: &Arc<S3State>, request: Request) -> Result<Response, S3Err
         tracing::debug!(path = raw_path, forwarded, "an S3 write served here");
     }
     let signature = signed.map(|(verified, _)| verified);
-    let request = S3Request { method: parts.method, target, query, headers: parts.headers, body, signature };
+    let request = S3Request { method: parts.method, target, query, headers: parts.headers, body, signature, access };
     match &request.target {
         Target::Service => buckets::service(state, request).await,
         Target::Bucket(_) => buckets::bucket(state, request).await,

@@ -1079,6 +1079,7 @@ async fn get_object(
             headers: request.headers.clone(),
             body: Body::empty(),
             signature: request.signature.clone(),
+            access: request.access.clone(),
         };
         match get_object_once(state, attempt, bucket_name, key).await? {
             Ok(response) => return Ok(response),
