@@ -277,17 +277,31 @@ impl AccessKey {
         };
     }
 
-    /// Whether the key may do `scope` in S3 bucket `bucket` (its grant there, if it has grants).
+    /// Whether the key may do `scope` in S3 bucket `bucket` (its grant there, if it has grants;
+    /// a grant never goes beyond the key's scopes, nor to admin, whatever a record says).
     pub fn allows_in_bucket(&self, bucket: &str, scope: Scope) -> bool {
         match &self.buckets {
             None => self.allows(scope),
-            Some(grants) => grants.get(bucket).is_some_and(|scopes| scopes.contains(&scope)),
+            Some(grants) => {
+                scope != Scope::Admin
+                    && self.scopes.contains(&scope)
+                    && grants.get(bucket).is_some_and(|scopes| scopes.contains(&scope))
+            }
         }
     }
 
-    /// Whether the key sees bucket `bucket` at all (ListBuckets lists only those).
+    /// Whether ListBuckets shows `bucket` to the key: every bucket to a key with `read`, only
+    /// those it may read to a key limited to buckets.
     pub fn sees_bucket(&self, bucket: &str) -> bool {
-        self.buckets.as_ref().is_none_or(|grants| grants.contains_key(bucket))
+        self.buckets.is_none() || self.allows_in_bucket(bucket, Scope::Read)
+    }
+
+    /// Whether the key may list buckets at all (it sees some of them, or all).
+    pub fn lists_buckets(&self) -> bool {
+        match &self.buckets {
+            None => self.allows(Scope::Read),
+            Some(grants) => grants.keys().any(|bucket| self.allows_in_bucket(bucket, Scope::Read)),
+        }
     }
 
     /// Whether the key may touch blobs of `partition`.
@@ -476,7 +490,14 @@ mod tests {
         assert!(limited.allows_in_bucket("photos", Scope::Write) && limited.allows_in_bucket("shared", Scope::Read));
         assert!(!limited.allows_in_bucket("shared", Scope::Write));
         assert!(!limited.allows_in_bucket("other", Scope::Read) && !limited.sees_bucket("other"));
-        assert!(limited.sees_bucket("shared"));
+        assert!(limited.sees_bucket("shared") && limited.lists_buckets());
+        let writer = AccessKey::generate("w", scopes(&[Scope::Write]), 0).unwrap().0;
+        let writer = writer.limited_to_buckets(Some([("drop".to_owned(), scopes(&[Scope::Write]))].into())).unwrap();
+        assert!(!writer.lists_buckets() && !writer.sees_bucket("drop"), "listing buckets is reading");
+        // A record granting more than the key's scopes (written by hand) grants no more.
+        let mut forged = limited.clone();
+        forged.buckets.as_mut().unwrap().insert("photos".into(), scopes(&[Scope::Delete, Scope::Admin]));
+        assert!(!forged.allows_in_bucket("photos", Scope::Delete) && !forged.allows_in_bucket("photos", Scope::Admin));
         let text = serde_json::to_vec(&limited).unwrap();
         assert_eq!(AccessKey::decode(&text).unwrap(), limited);
         // Back to every bucket: format 1 again.

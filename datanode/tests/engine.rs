@@ -974,3 +974,43 @@ async fn a_version_written_during_a_name_query_is_never_reported_deleted() {
     let asked = reader.join().unwrap();
     assert!(asked > 100, "the reader asked {asked} times only");
 }
+
+/// A name whose newest version is a delete marker has no current record, in listings too, and
+/// a version older than the marker that arrives late (replicated from a replica that was down)
+/// stays below it; a newer version is current again.
+#[tokio::test]
+async fn a_delete_marker_hides_its_name_and_every_older_version() {
+    use cairn_datanode::engine::names::NameRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let volume = Arc::new(open(dir.path(), 256));
+    let put = |record: NameRecord| {
+        let volume = volume.clone();
+        async move {
+            let meta = NameRecord::blob_meta();
+            let (blob_id, payload) = (record.id(volume.partition()), Bytes::from(record.encode()));
+            volume.put(PutRequest { blob_id, meta, payload, created_ms: now_ms(), expiry_ms: None }).await.unwrap();
+        }
+    };
+    let object =
+        |name: &str, version: u128| NameRecord::new("b".into(), name.into(), version, vec![1], vec![1]).unwrap();
+    let marker = |name: &str, version: u128| NameRecord::delete_marker("b".into(), name.into(), version).unwrap();
+    let listed =
+        || volume.current_names("b", "", false, "", 10).unwrap().into_iter().map(|n| n.name).collect::<Vec<_>>();
+    put(object("a", 5)).await;
+    put(object("k", 5)).await;
+    put(object("z", 5)).await;
+    put(marker("k", 7)).await;
+    assert_eq!(listed(), ["a", "z"]);
+    // A page of one after "a" skips the marker's name and still fills.
+    let page = volume.current_names("b", "a", true, "", 1).unwrap();
+    assert_eq!(page.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["z"]);
+    let versions = volume.name_versions("b", "k").unwrap();
+    assert!(versions.last().unwrap().1.is_delete_marker() && !versions[0].1.is_delete_marker());
+    // An older write arriving late stays buried.
+    put(object("k", 6)).await;
+    assert_eq!(listed(), ["a", "z"]);
+    // A newer one is the name's current record again.
+    put(object("k", 8)).await;
+    assert_eq!(listed(), ["a", "k", "z"]);
+    assert!(!volume.name_versions("b", "k").unwrap().last().unwrap().1.is_delete_marker());
+}

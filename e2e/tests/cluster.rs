@@ -226,6 +226,23 @@ fn started_cluster_with(
     nodes
 }
 
+/// [`started_cluster_with`], every node serving S3 too: the nodes and their S3 addresses.
+fn started_s3_cluster(
+    root: &Path,
+    etcd: &EtcdServer,
+    count: usize,
+    partitions: u32,
+    mut setup: impl FnMut(&mut Node),
+) -> (Vec<Node>, Vec<String>) {
+    let s3_addrs: Vec<String> = (0..count).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut next = s3_addrs.iter();
+    let nodes = started_cluster_with(root, etcd, count, partitions, |node| {
+        node.extra = vec!["--s3-listen".into(), next.next().unwrap().clone()];
+        setup(node);
+    });
+    (nodes, s3_addrs)
+}
+
 /// Stores a blob in `node`'s own replica only, through the replica API, as a router's write to
 /// one replica would (a write that missed its quorum elsewhere).
 fn put_on_replica(node: &Node, id: cairn_common::BlobId, data: &[u8]) {
@@ -1476,16 +1493,11 @@ fn s3_is_served_by_every_node_and_outlives_a_kill() {
     let root = tempfile::tempdir().unwrap();
     // Four nodes, three replicas: each node lacks a quarter of the partitions, so its reads of
     // those go to its peers (names at quorum, pieces from a peer replica).
-    let s3_addrs: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-    let mut next = s3_addrs.iter();
     let logs = root.path().to_owned();
-    let mut nodes = started_cluster_with(root.path(), &etcd, 4, 6, |node| {
+    let (mut nodes, s3_addrs) = started_s3_cluster(root.path(), &etcd, 4, 6, |node| {
         node.max_blob = "1MiB";
         node.log = Some(logs.join(format!("{}.log", node.id)));
-        node.extra =
-            ["--s3-listen", next.next().unwrap(), "--s3-piece-size", "256KiB", "--s3-max-object-size", "64MiB"]
-                .map(String::from)
-                .to_vec();
+        node.extra.extend(["--s3-piece-size", "256KiB", "--s3-max-object-size", "64MiB"].map(String::from));
     });
     let admin = create_key_made(&etcd, "s3-admin", "admin", &[]);
     let reader = create_key_made(&etcd, "s3-reader", "read", &[]);
@@ -1570,4 +1582,74 @@ fn s3_is_served_by_every_node_and_outlives_a_kill() {
     run("cluster_checks.py", &["first"], &s3_addrs.iter().collect::<Vec<_>>());
     nodes[0].kill9();
     run("cluster_checks.py", &["after-kill"], &s3_addrs[1..].iter().collect::<Vec<_>>());
+}
+
+/// A write that failed (its record stored on one replica only, which then went down) never
+/// becomes current over an acknowledged delete of its key when its replica comes back and the
+/// others take the record from it: the delete wrote a delete marker above every older version.
+#[test]
+fn a_deleted_object_stays_deleted_when_a_failed_older_write_comes_back() {
+    use cairn_datanode::api::s3::model::{self, ObjectRecord};
+    use cairn_datanode::engine::names::{self, NameRecord};
+    let etcd = EtcdServer::start();
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, s3_addrs) = started_s3_cluster(root.path(), &etcd, 3, 2, |node| {
+        node.extra.extend(["--s3-piece-size", "1MiB"].map(String::from));
+    });
+    let admin = create_key_made(&etcd, "s3-admin", "admin", &[]);
+    let python = support::repo(".tools/s3-venv/bin/python");
+    let run = |phase: &str, through: &[usize]| {
+        let endpoints: Vec<String> = through.iter().map(|i| format!("http://{}", s3_addrs[*i])).collect();
+        let status = Command::new(&python)
+            .arg(support::repo("e2e/s3/resurface.py"))
+            .arg(phase)
+            .env("S3_ENDPOINTS", endpoints.join(","))
+            .env("S3_KEY_ID", admin["id"].as_str().unwrap())
+            .env("S3_SECRET", admin["s3_secret_access_key"].as_str().unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success(), "resurface.py {phase} failed (its output above names the check)");
+    };
+    run("setup", &[0]);
+
+    // The failed write: a version of `k` newer than "first", on n0's replica only — n1 and n2
+    // are stopped, so they cannot take it from n0's journal before n0 is killed.
+    let object = ObjectRecord {
+        size: 10,
+        etag: cairn_cluster::replica::hex(&<md5::Md5 as md5::Digest>::digest(b"resurfaced")),
+        content_type: "text/plain".into(),
+        user_meta: vec![],
+        headers: vec![],
+        checksum: None,
+        pieces: vec![],
+        inline: b"resurfaced".to_vec(),
+        parts: vec![],
+    };
+    let record = NameRecord::new(
+        "bkt".into(),
+        "k".into(),
+        names::new_version(),
+        model::encode(&object.summary()),
+        object.encode(),
+    )
+    .unwrap();
+    let id = record.id(model::partition_of(&[0, 1], "k"));
+    nodes[1].signal("-STOP");
+    nodes[2].signal("-STOP");
+    put_on_replica(&nodes[0], id, &record.encode());
+    nodes[0].kill9();
+    nodes[1].signal("-CONT");
+    nodes[2].signal("-CONT");
+
+    // Overwritten and deleted through the others (acknowledged), while n0 is down.
+    run("overwrite-delete", &[1]);
+    // n0 back: n1 and n2 take the failed write from its journal.
+    nodes[0].start();
+    let client = support::node_client(&etcd.endpoint(), "default", "c1");
+    wait_until("the failed write replicated from n0", Duration::from_secs(60), || {
+        nodes[1..]
+            .iter()
+            .all(|n| client.get(n.url(&format!("/replica/v1/blobs/{id}"))).send().is_ok_and(|r| r.status() == 200))
+    });
+    run("check", &[0, 1, 2]);
 }

@@ -37,6 +37,8 @@ pub const SECRET_AWS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
 pub const SECRET_AWS_SECRET: &str = "AWS_SECRET_ACCESS_KEY";
 pub const SECRET_AWS_ENDPOINT: &str = "AWS_ENDPOINT_URL_S3";
 pub const SECRET_AWS_REGION: &str = "AWS_REGION";
+/// The region again, by the name botocore (boto3, the AWS CLI) reads.
+pub const SECRET_AWS_DEFAULT_REGION: &str = "AWS_DEFAULT_REGION";
 /// A deleted Secret (a rotation) is noticed within this, or at once on a change to the key.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -222,24 +224,25 @@ async fn ensure(
 ) -> Result<Result<String, NotReady>, kube::Error> {
     let sc = match cluster_of(key, ctx).await? {
         Ok((sc, None)) => sc,
-        Ok((sc, Some(refusal))) => {
-            // No longer allowed (the cluster dropped the namespace, an admin scope was added):
-            // the key it had goes, not only the condition.
-            let store = match store_of(&sc, ctx).await {
-                Ok(store) => store,
-                Err(message) => return Ok(Err(("EtcdUnreachable", message))),
-            };
-            if let Err(e) = revoke_own(key, &store, &own_ids(key, ctx).await?, ctx).await {
-                return Ok(Err(("EtcdUnreachable", e.to_string())));
-            }
-            return Ok(Err(refusal));
-        }
+        Ok((sc, Some(refusal))) => return refuse(key, &sc, ctx, refusal).await,
         Err(not_ready) => return Ok(Err(not_ready)),
     };
     let own = key.namespace().unwrap_or_default();
     let scopes: BTreeSet<Scope> = key.spec.scopes.iter().copied().collect();
-    if scopes.is_empty() {
-        return Ok(Err(("InvalidSpec", "a key needs at least one scope".into())));
+    let reach: Option<BTreeSet<u32>> = key.spec.partitions.as_ref().map(|p| p.iter().copied().collect());
+    let grants: Option<access::BucketGrants> = key.spec.buckets.as_ref().map(|buckets| {
+        buckets
+            .iter()
+            .map(|b| {
+                (b.name.clone(), b.scopes.as_ref().map_or_else(|| scopes.clone(), |s| s.iter().copied().collect()))
+            })
+            .collect()
+    });
+    // A spec the key cannot have is refused before anything is made; the key it had goes (a
+    // spec meant to narrow it must not leave it wider).
+    let limited = |key: AccessKey| key.limited_to(reach.clone()).and_then(|k| k.limited_to_buckets(grants.clone()));
+    if let Err(e) = AccessKey::generate("check", scopes.clone(), 0).and_then(|(k, _)| limited(k)) {
+        return refuse(key, &sc, ctx, ("InvalidSpec", e.to_string())).await;
     }
     let (id, secret) = match credentials(key, ctx, &sc).await? {
         Ok(credentials) => credentials,
@@ -261,19 +264,7 @@ async fn ensure(
             format!("key {id} in etcd is {:?}'s, not this key's: delete the Secret to have a new key made", other.name),
         )));
     }
-    let reach = key.spec.partitions.as_ref().map(|p| p.iter().copied().collect());
-    let grants = key.spec.buckets.as_ref().map(|buckets| {
-        buckets
-            .iter()
-            .map(|b| {
-                (b.name.clone(), b.scopes.as_ref().map_or_else(|| scopes.clone(), |s| s.iter().copied().collect()))
-            })
-            .collect()
-    });
-    let desired = AccessKey::from_parts(&id, secret.expose(), &name, scopes)
-        .and_then(|k| k.limited_to(reach))
-        .and_then(|k| k.limited_to_buckets(grants));
-    let mut desired = match desired {
+    let mut desired = match AccessKey::from_parts(&id, secret.expose(), &name, scopes).and_then(limited) {
         Ok(desired) => desired,
         Err(e) => return Ok(Err(("InvalidSpec", e.to_string()))),
     };
@@ -292,6 +283,24 @@ async fn ensure(
         }
     }
     Ok(Ok(id))
+}
+
+/// A key that may not be (no longer allowed, or a spec it cannot have): the keys it made are
+/// revoked, not only the condition set.
+async fn refuse(
+    key: &StoreAccessKey,
+    sc: &StoreCluster,
+    ctx: &Context,
+    refusal: NotReady,
+) -> Result<Result<String, NotReady>, kube::Error> {
+    let store = match store_of(sc, ctx).await {
+        Ok(store) => store,
+        Err(message) => return Ok(Err(("EtcdUnreachable", message))),
+    };
+    if let Err(e) = revoke_own(key, &store, &own_ids(key, ctx).await?, ctx).await {
+        return Ok(Err(("EtcdUnreachable", e.to_string())));
+    }
+    Ok(Err(refusal))
 }
 
 /// The key's id and secret from its Secret; a new pair (Secret written) when there is none or
@@ -396,6 +405,7 @@ impl Endpoint {
             (SECRET_AWS_SECRET, s3_secret.map(|k| access::s3_secret(&k).expose().to_owned())),
             (SECRET_AWS_ENDPOINT, s3.map(|s3| s3.url.clone())),
             (SECRET_AWS_REGION, s3.map(|s3| s3.region.clone())),
+            (SECRET_AWS_DEFAULT_REGION, s3.map(|s3| s3.region.clone())),
         ])
     }
 }

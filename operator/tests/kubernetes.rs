@@ -1361,8 +1361,8 @@ async fn store_access_keys_become_etcd_keys_with_their_token_in_a_secret() {
 async fn s3_is_served_on_kubernetes_and_keys_are_told_how_to_reach_it() {
     use cairn_cluster::access::Scope;
     use cairn_operator::access_keys::{
-        reconcile_key, SECRET_AWS_ENDPOINT, SECRET_AWS_KEY_ID, SECRET_AWS_REGION, SECRET_AWS_SECRET, SECRET_KEY_ID,
-        SECRET_KEY_SECRET,
+        reconcile_key, SECRET_AWS_DEFAULT_REGION, SECRET_AWS_ENDPOINT, SECRET_AWS_KEY_ID, SECRET_AWS_REGION,
+        SECRET_AWS_SECRET, SECRET_KEY_ID, SECRET_KEY_SECRET,
     };
     use cairn_resources::StoreAccessKey;
     use k8s_openapi::api::core::v1::{Secret, Service};
@@ -1468,31 +1468,43 @@ async fn s3_is_served_on_kubernetes_and_keys_are_told_how_to_reach_it() {
     assert_eq!(field(&secret, SECRET_AWS_SECRET), Some(expected));
     assert_eq!(field(&secret, SECRET_AWS_ENDPOINT).as_deref(), Some("http://c1.store.svc:7680"));
     assert_eq!(field(&secret, SECRET_AWS_REGION).as_deref(), Some("eu-west-3"));
+    assert_eq!(field(&secret, SECRET_AWS_DEFAULT_REGION).as_deref(), Some("eu-west-3"), "what boto3 reads");
     assert!(record.verify(&field(&secret, SECRET_KEY_SECRET).unwrap()));
 
     apply("tenant", &["read"], json!({"partitions": [0]})).await.unwrap();
     assert_eq!(pass("tenant").await.0, "KeyReady");
     let tenant = secrets.get("tenant").await.unwrap();
-    for aws in [SECRET_AWS_KEY_ID, SECRET_AWS_SECRET, SECRET_AWS_ENDPOINT, SECRET_AWS_REGION] {
+    for aws in [SECRET_AWS_KEY_ID, SECRET_AWS_SECRET, SECRET_AWS_ENDPOINT, SECRET_AWS_REGION, SECRET_AWS_DEFAULT_REGION]
+    {
         assert_eq!(field(&tenant, aws), None, "{aws}: a key limited to partitions cannot sign S3");
     }
-    // Grants a key cannot have: a condition saying why, the key unchanged in etcd.
-    for (name, scopes, extra, why) in [
-        (
-            "web",
-            &["read", "write"][..],
-            json!({"buckets": [{"name": "photos", "scopes": ["delete"]}]}),
-            "delete is not among",
-        ),
-        ("root", &["admin"], json!({"buckets": [{"name": "photos"}]}), "cannot be an admin"),
-        ("both", &["read"], json!({"buckets": [{"name": "photos"}], "partitions": [1]}), "not both"),
+    // Grants a key cannot have are the API server's to refuse (the CRD's rules)...
+    for (scopes, extra, why) in [
+        (&["read", "write"][..], json!({"buckets": [{"name": "photos", "scopes": ["delete"]}]}), "among the key's"),
+        (&["admin"], json!({"buckets": [{"name": "photos"}]}), "cannot be an admin"),
+        (&["read"], json!({"buckets": [{"name": "photos"}], "partitions": [1]}), "not both"),
+        (&["read"], json!({"buckets": [{"name": "a..b"}]}), "two adjacent periods"),
     ] {
-        apply(name, scopes, extra).await.unwrap();
-        let (reason, message) = pass(name).await;
-        assert_eq!(reason, "InvalidSpec", "{name}: {message}");
-        assert!(message.contains(why), "{name}: {message}");
+        let err = apply("web", scopes, extra.clone()).await.unwrap_err().to_string();
+        assert!(err.contains(why), "{extra}: {err}");
     }
     assert_eq!(store.get_key(&id).await.unwrap().unwrap(), record, "a refused spec changes nothing");
+    // ...and what only S3's rules know is the operator's: the key is revoked (a spec meant to
+    // narrow it must not leave it wider), and comes back once the spec is one it can have.
+    apply("web", &["read", "write"], json!({"buckets": [{"name": "192.168.5.4"}]})).await.unwrap();
+    let (reason, message) = pass("web").await;
+    assert_eq!(reason, "InvalidSpec", "{message}");
+    assert!(message.contains("not an IP address"), "{message}");
+    assert!(store.get_key(&id).await.unwrap().is_none(), "revoked, not left as it was");
+    apply("web", &["read", "write"], json!({"buckets": [{"name": "photos"}, {"name": "shared", "scopes": ["read"]}]}))
+        .await
+        .unwrap();
+    assert_eq!(pass("web").await.0, "KeyReady");
+    let back = store.get_key(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (back.buckets.clone(), back.verify(&field(&secret, SECRET_KEY_SECRET).unwrap())),
+        (record.buckets.clone(), true)
+    );
 
     // S3 turned off: the datanodes stop serving it and the Secrets forget it; the key stays.
     clusters.patch("c1", &PatchParams::apply("user"), &Patch::Apply(with_s3(None))).await.unwrap();
@@ -1509,7 +1521,8 @@ async fn s3_is_served_on_kubernetes_and_keys_are_told_how_to_reach_it() {
     assert_eq!(pass("web").await.0, "KeyReady");
     let untold = secrets.get("web").await.unwrap();
     assert_eq!(field(&untold, SECRET_KEY_ID), Some(id));
-    for aws in [SECRET_AWS_KEY_ID, SECRET_AWS_SECRET, SECRET_AWS_ENDPOINT, SECRET_AWS_REGION] {
+    for aws in [SECRET_AWS_KEY_ID, SECRET_AWS_SECRET, SECRET_AWS_ENDPOINT, SECRET_AWS_REGION, SECRET_AWS_DEFAULT_REGION]
+    {
         assert_eq!(field(&untold, aws), None, "{aws} gone with S3");
     }
 }

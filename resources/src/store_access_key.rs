@@ -26,6 +26,11 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(
+    validation = Rule::new("!has(self.buckets) || !has(self.partitions)").message("a key is limited to partitions (blob API) or to buckets (S3), not both"),
+    validation = Rule::new("!has(self.buckets) || !('admin' in self.scopes)").message("a key limited to buckets cannot be an admin"),
+    validation = Rule::new("!has(self.buckets) || self.buckets.all(b, !has(b.scopes) || b.scopes.all(s, s in self.scopes))").message("a bucket is granted only scopes among the key's")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct StoreAccessKeySpec {
     /// The StoreCluster the key opens. One in another namespace must list this namespace in its
@@ -58,11 +63,12 @@ pub struct StoreAccessKeySpec {
 }
 
 /// One bucket a key may use, and what it may do there.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BucketGrant {
     /// The bucket's name (S3's rules: 3–63 of a-z, 0-9, '.', '-').
     #[schemars(length(min = 3, max = 63), regex(pattern = r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$"))]
+    #[x_kube(validation = Rule::new("!self.contains('..') && !self.contains('.-') && !self.contains('-.')").message("a bucket name has no two adjacent periods, nor a period beside a hyphen"))]
     pub name: String,
     /// read, write, delete (among the key's `scopes`); default: the key's scopes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

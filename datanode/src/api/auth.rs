@@ -342,7 +342,7 @@ fn check(
         Need::AdminOrNode => Scope::Admin,
         Need::AnyKey | Need::Nothing | Need::NodeToken => return Ok(None),
     };
-    if key.buckets.is_some() && matches!(need, Need::Key(_)) {
+    if key.buckets.is_some() {
         // Blobs are in no bucket: a key limited to buckets is an S3 key only.
         return Err(Refusal::Forbidden(
             format!("key {} is limited to S3 buckets: the blob API is not open to it", key.id),

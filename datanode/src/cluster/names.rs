@@ -108,7 +108,8 @@ impl Cluster {
             out.extend(merged.agreed);
             for name in merged.disputed {
                 let versions = self.name_versions(partition, space, &name).await?;
-                if let Some((version, entry)) = versions.into_iter().last() {
+                // A name whose newest version is a delete marker is not current.
+                if let Some((version, entry)) = versions.into_iter().last().filter(|(_, e)| !e.is_delete_marker()) {
                     out.push(CurrentName { name, version, id: entry.blob_id(), summary: entry.summary });
                 }
             }

@@ -5,8 +5,10 @@
 //! ([`index::NAMES`](super::index::NAMES)), moved in the same transaction as the blob index.
 //!
 //! A name's current record is its newest version the volume holds; deleting a record takes it
-//! out of the index (a front that must order deletes against late older writes — a cluster's
-//! replication — writes a newer record that says so, rather than relying on what is absent).
+//! out of the index. A front that must order deletes against late older writes (a cluster's: a
+//! version only a replica that was down holds comes back with it) writes a newer record that says
+//! so, a **delete marker** ([`NameRecord::delete_marker`]), rather than relying on what is absent:
+//! a name whose newest version is a marker has no current record.
 //!
 //! Payload (format 1): a format byte, then postcard of [`NameRecord`].
 
@@ -23,6 +25,9 @@ pub const MAX_NAME_BYTES: usize = 1024 + 64;
 pub const MAX_SPACE_BYTES: usize = 255;
 /// The most bytes of a record's summary, which the name index keeps beside it.
 pub const MAX_SUMMARY_BYTES: usize = 256;
+/// The summary of a delete marker. A front's own summaries never begin with 0xFF (they begin
+/// with their format byte, or are empty).
+pub const DELETE_MARKER: &[u8] = b"\xffdeleted";
 /// The content type a name record is stored with.
 pub const NAME_RECORD_CONTENT_TYPE: &str = "application/vnd.cairn.name-record";
 
@@ -56,6 +61,11 @@ impl NameRecord {
             )));
         }
         Ok(Self { space, name, version, summary, body })
+    }
+
+    /// A delete marker: `name` is deleted at `version`, whatever older versions turn up later.
+    pub fn delete_marker(space: String, name: String, version: u128) -> Result<Self, VolumeError> {
+        Self::new(space, name, version, DELETE_MARKER.to_vec(), Vec::new())
     }
 
     /// The id of this record in `partition`: a digest of space, name and version, the same on
@@ -136,9 +146,14 @@ impl NameEntry {
     pub fn blob_id(&self) -> BlobId {
         BlobId::from_bytes(&self.id).expect("the name index holds valid ids")
     }
+
+    /// Whether this version is a delete marker (the name has no current record at it).
+    pub fn is_delete_marker(&self) -> bool {
+        self.summary == DELETE_MARKER
+    }
 }
 
-/// A name's current version (its newest, if that one is live).
+/// A name's current version (its newest, if that one is live and not a delete marker).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CurrentName {
     pub name: String,

@@ -55,8 +55,9 @@ impl Access {
     pub fn check(&self, bucket: Option<&str>, scope: Scope) -> Result<(), S3Error> {
         let allowed = match (self, bucket) {
             (Access::Anyone, _) => scope != Scope::Admin,
-            // A key limited to buckets lists those it has (`sees_bucket`).
-            (Access::Key(key), None) => key.buckets.is_some() || key.allows(scope),
+            // The service is ListBuckets: a key limited to buckets lists those it may read.
+            (Access::Key(key), None) if key.buckets.is_some() => scope == Scope::Read && key.lists_buckets(),
+            (Access::Key(key), None) => key.allows(scope),
             (Access::Key(key), Some(bucket)) => key.allows_in_bucket(bucket, scope),
         };
         match (allowed, bucket) {

@@ -114,7 +114,8 @@ pub async fn current_record(
 ) -> Result<Option<(BlobId, u128, NameRecord)>, S3Error> {
     for _ in 0..3 {
         let versions = state.front.name_versions(partition, space, name).await?;
-        let Some((version, entry)) = versions.last() else { return Ok(None) };
+        // A name whose newest version is a delete marker is deleted.
+        let Some((version, entry)) = versions.last().filter(|(_, e)| !e.is_delete_marker()) else { return Ok(None) };
         match state.front.name_record(entry.blob_id()).await {
             Ok(record) => return Ok(Some((entry.blob_id(), *version, record))),
             Err(e) if e.is_deleted() => continue,
@@ -124,13 +125,27 @@ pub async fn current_record(
     Ok(None)
 }
 
-/// Deletes every live version of `key` (records, then their pieces), under the name's lock.
+/// Deletes every live version of `key` (records, then their pieces), under the name's lock. On a
+/// cluster a delete marker above them goes first: a version only a replica that was down holds
+/// (a write that failed there) may come back with it, and must not become current.
 pub async fn delete_key(state: &Arc<S3State>, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
     let partition = model::partition_of(&bucket.partitions, key);
     let mut garbage = Vec::new();
     {
         let _name = lock_name(state, space, key).await;
-        for (_, entry) in state.front.name_versions(partition, space, key).await? {
+        let mut versions = state.front.name_versions(partition, space, key).await?;
+        if let Some((newest, entry)) = versions.last() {
+            if state.front.cluster().is_some() && !entry.is_delete_marker() {
+                names::observe_version(*newest);
+                let marker = NameRecord::delete_marker(space.to_string(), key.to_string(), names::new_version())
+                    .map_err(|e| S3Error::internal(e.to_string()))?;
+                state.front.put_name(partition, &marker, now_ms()).await?;
+            } else if entry.is_delete_marker() {
+                // Deleted already: the marker stays, above whatever is below it.
+                versions.pop();
+            }
+        }
+        for (_, entry) in versions {
             garbage.extend(delete_record(state, entry.blob_id()).await?);
         }
     }
@@ -792,7 +807,8 @@ pub async fn commit_locked(
     if let Some(condition) = condition {
         let failed =
             || before(S3Error::precondition_failed("at least one of the pre-conditions you specified did not hold"));
-        let newest = versions.last().map(|(v, _)| *v);
+        // A delete marker is no object: If-None-Match: * writes over it, If-Match matches nothing.
+        let newest = versions.last().filter(|(_, e)| !e.is_delete_marker()).map(|(v, _)| *v);
         if condition.none_match && newest.is_some() {
             return Err(failed());
         }

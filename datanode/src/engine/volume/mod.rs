@@ -564,7 +564,8 @@ impl Volume {
         let mut newest: Option<(String, u128, NameEntry)> = None;
         let emit = |row: Option<(String, u128, NameEntry)>, out: &mut Vec<CurrentName>| {
             if let Some((name, version, entry)) = row {
-                if !(after && name == from) {
+                let skipped = (after && name == from) || entry.is_delete_marker();
+                if !skipped {
                     out.push(CurrentName { name, version, id: entry.blob_id(), summary: entry.summary });
                 }
             }
