@@ -307,6 +307,16 @@ impl FrontError {
         )
     }
 
+    /// No room is left for the write (a full volume or partition).
+    pub fn is_no_room(&self) -> bool {
+        matches!(
+            self,
+            FrontError::Volume(VolumeError::Full | VolumeError::NoRoom { .. })
+                | FrontError::Volume(VolumeError::Paused { no_space: true, .. })
+                | FrontError::Route(RouteError::NoRoom(_))
+        )
+    }
+
     /// No replica knows the blob.
     pub fn is_not_found(&self) -> bool {
         matches!(self, FrontError::Volume(VolumeError::NotFound) | FrontError::Route(RouteError::NotFound))

@@ -379,7 +379,9 @@ fn merge_pages(pages: &[Vec<CurrentName>], limit: usize) -> MergedPages {
     let complete_to = pages.iter().filter(|p| p.len() >= limit).filter_map(|p| p.last()).map(|n| n.name.clone()).min();
     let mut by_name: BTreeMap<&str, Vec<&CurrentName>> = BTreeMap::new();
     for page in pages {
-        for name in page {
+        // A replica of an older build lists a name whose newest version is a delete marker: as
+        // this build's replicas do, it is left out (a replica holding a newer version disputes it).
+        for name in page.iter().filter(|n| n.summary != crate::engine::names::DELETE_MARKER) {
             if complete_to.as_ref().is_none_or(|last| name.name <= *last) {
                 by_name.entry(&name.name).or_default().push(name);
             }
@@ -491,6 +493,24 @@ mod tests {
         assert_eq!(merged.complete_to, None);
         assert_eq!(merged.agreed.len(), 3);
         assert!(merged.disputed.is_empty());
+    }
+
+    #[test]
+    fn a_name_older_replicas_list_at_a_delete_marker_is_not_listed() {
+        let marker = |name: &str, version: u128| CurrentName {
+            summary: crate::engine::names::DELETE_MARKER.to_vec(),
+            ..current(name, version)
+        };
+        // Two replicas of an older build, both listing "k" at its marker: left out, and the full
+        // pages still end where they did (a marker counts toward what a page covered).
+        let old = vec![current("a", 1), marker("k", 2), current("z", 1)];
+        let merged = merge_pages(&[old.clone(), old], 3);
+        assert_eq!(merged.complete_to.as_deref(), Some("z"));
+        assert_eq!(merged.agreed, vec![current("a", 1), current("z", 1)]);
+        assert!(merged.disputed.is_empty());
+        // One replica holds a newer version than the other's marker: disputed, asked about again.
+        let merged = merge_pages(&[vec![marker("k", 2)], vec![current("k", 3)]], 10);
+        assert_eq!(merged.disputed, vec!["k".to_string()]);
     }
 
     #[test]

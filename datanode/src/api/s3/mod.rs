@@ -439,9 +439,7 @@ impl From<FrontError> for S3Error {
         use crate::cluster::router::RouteError;
         use crate::engine::VolumeError;
         match e {
-            FrontError::Volume(VolumeError::Full | VolumeError::NoRoom { .. })
-            | FrontError::Volume(VolumeError::Paused { no_space: true, .. })
-            | FrontError::Route(RouteError::NoRoom(_)) => S3Error {
+            e if e.is_no_room() => S3Error {
                 status: StatusCode::INSUFFICIENT_STORAGE,
                 code: "InsufficientStorage",
                 message: "no room is left to store this object".into(),

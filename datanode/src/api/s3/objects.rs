@@ -125,24 +125,28 @@ pub async fn current_record(
     Ok(None)
 }
 
-/// Deletes every live version of `key` (records, then their pieces), under the name's lock. On a
-/// cluster a delete marker above them goes first: a version only a replica that was down holds
-/// (a write that failed there) may come back with it, and must not become current.
+/// Deletes every version of `key` (records, then their pieces), under the name's lock. On a
+/// cluster a fresh delete marker above them goes first (also above an older marker: a failed
+/// write newer than that one may be out there): a version only a replica that was down holds
+/// may come back with it, and must not become current.
 pub async fn delete_key(state: &Arc<S3State>, bucket: &BucketRecord, space: &str, key: &str) -> Result<(), S3Error> {
     let partition = model::partition_of(&bucket.partitions, key);
     let mut garbage = Vec::new();
     {
         let _name = lock_name(state, space, key).await;
-        let mut versions = state.front.name_versions(partition, space, key).await?;
-        if let Some((newest, entry)) = versions.last() {
-            if state.front.cluster().is_some() && !entry.is_delete_marker() {
-                names::observe_version(*newest);
-                let marker = NameRecord::delete_marker(space.to_string(), key.to_string(), names::new_version())
-                    .map_err(|e| S3Error::internal(e.to_string()))?;
-                state.front.put_name(partition, &marker, now_ms()).await?;
-            } else if entry.is_delete_marker() {
-                // Deleted already: the marker stays, above whatever is below it.
-                versions.pop();
+        let versions = state.front.name_versions(partition, space, key).await?;
+        if let (Some(_), Some((newest, _))) = (state.front.cluster(), versions.last()) {
+            names::observe_version(*newest);
+            let marker = NameRecord::delete_marker(space.to_string(), key.to_string(), names::new_version())
+                .map_err(|e| S3Error::internal(e.to_string()))?;
+            match state.front.put_name(partition, &marker, now_ms()).await {
+                Ok(_) => {}
+                // A full partition takes no new record, but must still free space: the delete
+                // goes on without its marker (docs/s3.md).
+                Err(e) if e.is_no_room() => {
+                    tracing::warn!(key, error = %e, "no room for a delete marker: deleting without one");
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         for (_, entry) in versions {
