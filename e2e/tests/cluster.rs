@@ -1598,18 +1598,9 @@ fn a_deleted_object_stays_deleted_when_a_failed_older_write_comes_back() {
         node.extra.extend(["--s3-piece-size", "1MiB"].map(String::from));
     });
     let admin = create_key_made(&etcd, "s3-admin", "admin", &[]);
-    let python = support::repo(".tools/s3-venv/bin/python");
     let run = |phase: &str, through: &[usize]| {
-        let endpoints: Vec<String> = through.iter().map(|i| format!("http://{}", s3_addrs[*i])).collect();
-        let status = Command::new(&python)
-            .arg(support::repo("e2e/s3/resurface.py"))
-            .arg(phase)
-            .env("S3_ENDPOINTS", endpoints.join(","))
-            .env("S3_KEY_ID", admin["id"].as_str().unwrap())
-            .env("S3_SECRET", admin["s3_secret_access_key"].as_str().unwrap())
-            .status()
-            .unwrap();
-        assert!(status.success(), "resurface.py {phase} failed (its output above names the check)");
+        let endpoints: Vec<&String> = through.iter().map(|i| &s3_addrs[*i]).collect();
+        resurface_phase(phase, &endpoints, &admin);
     };
     run("setup", &[0]);
 
@@ -1680,14 +1671,19 @@ fn an_s3_delete_in_a_full_partition_goes_through() {
     }
     wait_replicating(&nodes.iter().collect::<Vec<_>>(), 1);
     let admin = create_key_made(&etcd, "s3-admin", "admin", &[]);
+    resurface_phase("full", &s3_addrs.iter().collect::<Vec<_>>(), &admin);
+}
+
+/// Runs a phase of e2e/s3/resurface.py through these S3 addresses, signed by the key `made`.
+fn resurface_phase(phase: &str, s3_addrs: &[&String], made: &Value) {
     let endpoints: Vec<String> = s3_addrs.iter().map(|a| format!("http://{a}")).collect();
     let status = Command::new(support::repo(".tools/s3-venv/bin/python"))
         .arg(support::repo("e2e/s3/resurface.py"))
-        .arg("full")
+        .arg(phase)
         .env("S3_ENDPOINTS", endpoints.join(","))
-        .env("S3_KEY_ID", admin["id"].as_str().unwrap())
-        .env("S3_SECRET", admin["s3_secret_access_key"].as_str().unwrap())
+        .env("S3_KEY_ID", made["id"].as_str().unwrap())
+        .env("S3_SECRET", made["s3_secret_access_key"].as_str().unwrap())
         .status()
         .unwrap();
-    assert!(status.success(), "resurface.py full failed (its output above names the check)");
+    assert!(status.success(), "resurface.py {phase} failed (its output above names the check)");
 }
