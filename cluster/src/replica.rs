@@ -157,6 +157,10 @@ pub struct ReplicaBlob {
     pub user: Vec<(String, String)>,
     pub created_ms: u64,
     pub expires_ms: Option<u64>,
+    /// When `expires_ms` was set (the stamp replicas compare to agree on one expiry); absent
+    /// from older nodes and from puts, where it is `created_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_set_ms: Option<u64>,
 }
 
 /// The body of `PUT /replica/v1/blobs/{id}` and of `GET /replica/v1/blobs/{id}`: the length of
@@ -266,6 +270,10 @@ pub struct TombstoneAnswer {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct TtlBody {
     pub expires_ms: Option<u64>,
+    /// When the node that took the client's request stamped the change (older nodes send none:
+    /// the replica's own clock stamps it then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 // ----- anti-entropy -----
@@ -398,8 +406,14 @@ mod tests {
         assert_eq!(batch.version, 1);
         assert_eq!(check_version(batch.version), Ok(()));
         assert_eq!(check_version(2), Err(WireError::Version(2)));
-        let blob =
-            ReplicaBlob { version: 2, content_type: "a/b".into(), user: vec![], created_ms: 1, expires_ms: None };
+        let blob = ReplicaBlob {
+            version: 2,
+            content_type: "a/b".into(),
+            user: vec![],
+            created_ms: 1,
+            expires_ms: None,
+            expiry_set_ms: None,
+        };
         let mut body = BlobFrame::head(&blob).to_vec();
         body.extend_from_slice(b"payload");
         assert_eq!(BlobFrame::split(body.into()).unwrap_err(), WireError::Version(2));
@@ -413,6 +427,7 @@ mod tests {
                 user,
                 created_ms,
                 expires_ms,
+                expiry_set_ms: None,
             })
     }
 

@@ -116,19 +116,26 @@ impl Front {
         Ok(partitions)
     }
 
-    /// Stores `record` durably in `partition`; its id.
-    pub async fn put_name(&self, partition: u32, record: &NameRecord, created_ms: u64) -> Result<BlobId, FrontError> {
+    /// Stores `record` durably in `partition`. Answers the versions of its name the store held
+    /// just before, oldest first, when it can tell them in the same step — a standalone volume's
+    /// writer reads them in the transaction of the put — and `None` on a cluster, where they are
+    /// a quorum read of their own ([`Front::name_versions`]).
+    pub async fn put_name(
+        &self,
+        partition: u32,
+        record: &NameRecord,
+        created_ms: u64,
+    ) -> Result<Option<Vec<(u128, NameEntry)>>, FrontError> {
         let blob_id = record.id(partition);
-        let payload = Bytes::from(record.encode());
         match self {
-            Front::Cluster(cluster) => cluster.put_name(blob_id, payload, created_ms).await?,
+            Front::Cluster(cluster) => {
+                cluster.put_name(blob_id, Bytes::from(record.encode()), created_ms).await?;
+                Ok(None)
+            }
             Front::Standalone(store) => {
-                let volume = standalone_volume(store, blob_id)?;
-                let meta = NameRecord::blob_meta();
-                volume.put(PutRequest { blob_id, meta, payload, created_ms, expiry_ms: None }).await?;
+                Ok(Some(standalone_volume(store, blob_id)?.put_name(blob_id, record, created_ms).await?))
             }
         }
-        Ok(blob_id)
     }
 
     /// Every version of a name in `partition`, oldest first.

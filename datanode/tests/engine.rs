@@ -78,11 +78,13 @@ async fn put_get_delete_ttl_round_trip() {
     assert!(volume.entry(id).unwrap().expiry_ms.is_some());
     volume.update_ttl(id, None).await.unwrap();
     assert_eq!(volume.entry(id).unwrap().expiry_ms, None);
-    // Setting what is already set writes nothing (replicas copy each other's expiry: a record
-    // each time would be a journal entry pulled back and forth for ever).
+    // A client setting what is already set is still its latest word: a record, with a later
+    // stamp (so that it wins over an older expiry another replica may hold).
     let written = volume.stats().unwrap().written_bytes;
+    let stamp = volume.entry(id).unwrap().expiry_set_ms;
     volume.update_ttl(id, None).await.unwrap();
-    assert_eq!(volume.stats().unwrap().written_bytes, written);
+    assert!(volume.stats().unwrap().written_bytes > written);
+    assert!(volume.entry(id).unwrap().expiry_set_ms > stamp);
 
     volume.delete(id).await.unwrap();
     volume.delete(id).await.unwrap(); // idempotent
@@ -94,8 +96,48 @@ async fn put_get_delete_ttl_round_trip() {
 
     // The journal holds put, two TTL updates and the delete, in order.
     let kinds: Vec<RecordKind> = volume.journal(0, 100).unwrap().into_iter().map(|(_, e)| e.kind).collect();
-    assert_eq!(kinds, [RecordKind::Put, RecordKind::TtlUpdate, RecordKind::TtlUpdate, RecordKind::Delete]);
-    assert_eq!(volume.journal(2, 100).unwrap().len(), 2);
+    let ttl = RecordKind::TtlUpdate;
+    assert_eq!(kinds, [RecordKind::Put, ttl, ttl, ttl, RecordKind::Delete]);
+    assert_eq!(volume.journal(2, 100).unwrap().len(), 3);
+}
+
+/// Replicas agree on a blob's expiry by its stamp: another replica's expiry replaces this one's
+/// only if its stamp is later (or, stamps equal, the expiry is later), so that two replicas never
+/// copy each other's back and forth; a client's change always replaces it, with a stamp just
+/// above; and the stamps survive a crash (the records replay to the same state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_with_the_latest_stamp_wins_and_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 4);
+    let (id, _) = put(&volume, 1, 100).await.unwrap();
+    let t = volume.entry(id).unwrap().created_ms;
+    assert_eq!(volume.entry(id).unwrap().expiry_set_ms, t, "a put sets the expiry at its own time");
+    let (x, y, z) = (t + 3_600_000, t + 1_800_000, t + 7_200_000);
+    volume.set_ttl(id, Some(x), t + 100).await.unwrap();
+    let state = |volume: &Volume| {
+        let e = volume.entry(id).unwrap();
+        (e.expiry_ms, e.expiry_set_ms)
+    };
+    assert_eq!(state(&volume), (Some(x), t + 100));
+    assert!(!volume.merge_ttl(id, None, t + 50).await.unwrap(), "an older stamp loses");
+    assert!(!volume.merge_ttl(id, Some(y), t + 100).await.unwrap(), "same stamp, earlier expiry: loses");
+    assert!(!volume.merge_ttl(id, Some(x), t + 100).await.unwrap(), "the same state: nothing to do");
+    assert_eq!(state(&volume), (Some(x), t + 100));
+    let written = volume.stats().unwrap().written_bytes;
+    assert!(!volume.merge_ttl(id, Some(z), t + 99).await.unwrap());
+    assert_eq!(volume.stats().unwrap().written_bytes, written, "a losing expiry writes nothing");
+    assert!(volume.merge_ttl(id, None, t + 100).await.unwrap(), "same stamp, never expiring: wins");
+    assert_eq!(state(&volume), (None, t + 100));
+    assert!(volume.merge_ttl(id, Some(z), t + 200).await.unwrap(), "a later stamp wins");
+    assert_eq!(state(&volume), (Some(z), t + 200));
+    // A client's change stamped by a clock behind this replica's still wins here.
+    volume.set_ttl(id, Some(y), t + 150).await.unwrap();
+    assert_eq!(state(&volume), (Some(y), t + 201));
+    volume.abandon(); // no final checkpoint: the TTL records replay
+    drop(volume);
+    let volume = open(dir.path(), 4);
+    assert_eq!(state(&volume), (Some(y), t + 201));
+    assert!(!volume.merge_ttl(id, Some(z), t + 200).await.unwrap(), "the replayed stamp still decides");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -928,6 +970,68 @@ async fn name_records_index_their_names_through_deletes_and_crash_replay() {
     drop(volume);
     let volume = open(dir.path(), 16);
     assert_eq!(state(&volume), before);
+}
+
+/// A volume written before name records' rows lived in their `blobs` entries (index values of
+/// format 1, a `name_ids` table): opening it moves the rows over, and deleting such a record
+/// afterwards still takes its name out of the name index.
+#[tokio::test]
+async fn a_volume_with_the_legacy_name_id_table_is_migrated_when_opened() {
+    use cairn_datanode::engine::index::{self, IndexEntry, NameKey, BLOBS, LEGACY_NAME_IDS};
+    use cairn_datanode::engine::names::NameRecord;
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 16);
+    let mut ids = Vec::new();
+    for (name, version) in [("k", 1), ("k", 2), ("j", 1)] {
+        let record = NameRecord::new("b".into(), name.into(), version, Vec::new(), vec![1; 10]).unwrap();
+        let id = record.id(volume.partition());
+        volume.put_name(id, &record, now_ms()).await.unwrap();
+        ids.push(id);
+    }
+    let plain = put(&volume, 1, 100).await.unwrap().0;
+    volume.close();
+    drop(volume);
+
+    // Rewrite the index as the release before wrote it.
+    let db = redb::Database::open(dir.path().join(layout::INDEX_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut blobs = txn.open_table(BLOBS).unwrap();
+        let mut legacy = txn.open_table(LEGACY_NAME_IDS).unwrap();
+        let rows: Vec<([u8; 21], IndexEntry)> = blobs
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap())
+            .map(|(k, v)| (k.value(), index::decode_entry(v.value()).unwrap()))
+            .collect();
+        assert_eq!(rows.iter().filter(|(_, e)| e.name.is_some()).count(), 3);
+        for (key, e) in rows {
+            if let Some(name) = &e.name {
+                legacy.insert(key, index::encode(name).as_slice()).unwrap();
+            }
+            blobs.insert(key, index::encode_entry_v1(&e).as_slice()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    drop(db);
+
+    let volume = open(dir.path(), 16);
+    assert_eq!(volume.entry(ids[1]).unwrap().name, Some(NameKey { space: "b".into(), name: "k".into(), version: 2 }));
+    assert_eq!(volume.entry(plain).unwrap().name, None);
+    volume.delete(ids[1]).await.unwrap();
+    volume.delete(ids[2]).await.unwrap();
+    let versions = |name| volume.name_versions("b", name).unwrap().into_iter().map(|(v, _)| v).collect::<Vec<_>>();
+    assert_eq!(versions("k"), vec![1]);
+    assert_eq!(versions("j"), Vec::<u128>::new());
+    volume.close();
+    drop(volume);
+    let db = redb::Database::open(dir.path().join(layout::INDEX_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(matches!(txn.open_table(LEGACY_NAME_IDS), Err(redb::TableError::TableDoesNotExist(_))));
+    // Every entry is written in the current format once rewritten; the rest still read.
+    assert_eq!(txn.open_table(BLOBS).unwrap().len().unwrap(), 4);
 }
 
 /// A replica's answer to a quorum read of a name (`cluster::names::versions_answer`) never takes

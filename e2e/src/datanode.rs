@@ -542,6 +542,10 @@ mod raw_http {
         })
     }
 
+    /// Tells one run of [`put_throughput`] from another: each run PUTs new S3 keys (a blob PUT
+    /// always makes a new blob; an overwrite is a different operation, with its own cost).
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
     /// PUTs of `size` bytes from `clients` connections for `duration`: ops/s.
     pub async fn put_throughput(
         target: &Target<'_>,
@@ -550,6 +554,7 @@ mod raw_http {
         duration: Duration,
     ) -> anyhow::Result<f64> {
         let body = vec![0x17u8; size];
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
         let runs = (0..clients).map(|client| {
             let body = &body;
@@ -557,7 +562,7 @@ mod raw_http {
                 let mut conn = connect(target).await?;
                 let mut done = 0u64;
                 while started.elapsed() < duration {
-                    let head = target.put_head(size, &format!("{client}-{done}"));
+                    let head = target.put_head(size, &format!("{run}-{client}-{done}"));
                     let (status, _) = exchange(&mut conn, &head, body).await?;
                     anyhow::ensure!(status == target.put_status(), "PUT answered {status}");
                     done += 1;

@@ -10,7 +10,7 @@ mod support;
 use cairn_testkit::etcd::EtcdServer;
 use cairn_testkit::payload;
 use reqwest::blocking::Client;
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::{binary, free_port, wait_until};
 
 struct Node {
@@ -253,6 +253,7 @@ fn put_on_replica(node: &Node, id: cairn_common::BlobId, data: &[u8]) {
         user: vec![],
         created_ms: 1,
         expires_ms: None,
+        expiry_set_ms: None,
     })
     .to_vec();
     frame.extend_from_slice(data);
@@ -853,8 +854,9 @@ fn a_replica_that_cannot_be_opened_is_reported_and_retried() {
 }
 
 /// A TTL change (and one that changes nothing) replicates once and the replicas settle: every
-/// replica ends with the same expiry, nothing lags, and the journals stop growing. (Each replica
-/// copied its peers' expiry as a new entry, which the peers pulled back, for ever.)
+/// replica ends with the same expiry, nothing lags, and the journals stop growing. (Replicas
+/// copied each other's current expiry as new entries, which the peers pulled back; now the
+/// expiry with the latest stamp wins, so a copy never goes back.)
 #[test]
 fn ttl_changes_replicate_once_and_settle() {
     let etcd = EtcdServer::start();
@@ -867,6 +869,7 @@ fn ttl_changes_replicate_once_and_settle() {
         let r = client.put(node.url(&format!("/v1/blobs/{id}/ttl"))).body(body.to_owned()).send().unwrap();
         assert_eq!(r.status(), 204, "{}", r.text().unwrap());
     };
+    let before = journal_tails(&refs, 0);
     ttl(&nodes[0], r#"{"ttl_seconds": 86400}"#);
     ttl(&nodes[1], r#"{"ttl_seconds": null}"#);
     ttl(&nodes[2], r#"{"ttl_seconds": null}"#); // already so
@@ -875,21 +878,56 @@ fn ttl_changes_replicate_once_and_settle() {
             client.get(node.url(&format!("/v1/blobs/{id}/info?local=true"))).send().unwrap().json().unwrap();
         info["expires_ms"].clone()
     };
-    wait_until("the replicas to agree and catch up", Duration::from_secs(20), || {
-        let agree = refs.iter().all(|n| expiry(n) == expiry(&nodes[0]));
-        let caught_up = refs.iter().all(|n| {
-            let list: Vec<Value> = client.get(n.url("/v1/admin/replicas")).send().unwrap().json().unwrap();
-            list.iter().all(|p| p["lag_entries"] == 0)
+    // Every replica holds the same expiry, nothing lags, and the journals then stay as they are.
+    // (Equal expiries are not yet the end: a replica may still take a peer's later stamp of the
+    // same expiry, one more entry. So the journals must also stand still between two looks.)
+    let settle = |when: &str| -> Vec<u64> {
+        let mut last_tails = None;
+        wait_until(&format!("the replicas to agree and catch up {when}"), Duration::from_secs(30), || {
+            let tails = journal_tails(&refs, 0);
+            let agree = refs.iter().all(|n| expiry(n) == expiry(&nodes[0]));
+            let caught_up = refs.iter().all(|n| {
+                let list: Vec<Value> = client.get(n.url("/v1/admin/replicas")).send().unwrap().json().unwrap();
+                list.iter().all(|p| p["lag_entries"] == 0)
+            });
+            let still = last_tails.as_ref() == Some(&tails);
+            last_tails = Some(tails);
+            agree && caught_up && still
         });
-        agree && caught_up
-    });
-    let settled = journal_tails(&refs, 0);
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(journal_tails(&refs, 0), settled, "the journals keep growing");
-    // Replicas copy each other's current expiry as they pull (no update time decides between
-    // two TTL writes yet: see docs/cluster.md), so a few entries more than the three writes
-    // can appear while they race; what matters is that they stop.
-    assert!(settled.iter().all(|t| *t <= 12), "put and a few TTL entries, not a loop: {settled:?}");
+        let settled = journal_tails(&refs, 0);
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(journal_tails(&refs, 0), settled, "the journals keep growing {when}");
+        assert!(refs.iter().all(|n| expiry(n) == expiry(&nodes[0])), "the replicas agree {when}");
+        settled
+    };
+    let settled = settle("after three changes");
+    // Each replica took the three changes as their coordinators stamped them; a copy from a peer
+    // adds an entry only where a replica had missed the latest.
+    assert_eq!(expiry(&nodes[0]), Value::Null, "the last change wins");
+    // At most: the put, if a replica copied it late, the three changes and a copy of each.
+    let grown: Vec<u64> = settled.iter().zip(&before).map(|(s, b)| s - b).collect();
+    assert!(grown.iter().all(|g| *g <= 7), "not a loop: {before:?} → {settled:?}");
+
+    // Changes racing through two nodes at once, round after round: whichever wins, every
+    // replica ends with the same one and the journals stop.
+    for round in 0..10u64 {
+        std::thread::scope(|s| {
+            s.spawn(|| ttl(&nodes[1], &format!(r#"{{"ttl_seconds": {}}}"#, 3600 + round)));
+            s.spawn(|| ttl(&nodes[2], &format!(r#"{{"ttl_seconds": {}}}"#, 7200 + round)));
+        });
+    }
+    settle("after the races");
+
+    // A stamp far ahead of a replica's clock is refused: it would win over every later change.
+    let replica_client = support::node_client(&nodes[0].etcd, "default", "c1");
+    let ahead = cairn_datanode::engine::now_ms() + 2 * 3_600_000;
+    let r = replica_client
+        .put(nodes[1].url(&format!("/replica/v1/blobs/{id}/ttl")))
+        .json(&json!({"expires_ms": null, "at_ms": ahead}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().unwrap().contains("clocks disagree"));
 }
 
 /// Anti-entropy: whatever makes a replica lose what its journal token says it has (here its
@@ -978,11 +1016,19 @@ fn a_replica_behind_the_retained_journal_bootstraps_from_the_index() {
     nodes[2].kill9();
     let client = support::client();
     let mut blobs = BTreeMap::new();
+    let mut with_ttl = String::new();
     for seed in 0..100u64 {
         let data = payload(seed, 1000 + seed as usize);
-        blobs.insert(put(&client, &nodes[(seed % 2) as usize], &data).unwrap(), data);
+        let id = put(&client, &nodes[(seed % 2) as usize], &data).unwrap();
+        if seed == 10 {
+            // A TTL change whose journal entry will be truncated before n2 returns.
+            let r = client.put(nodes[0].url(&format!("/v1/blobs/{id}/ttl"))).body(r#"{"ttl_seconds": 86400}"#).send();
+            assert_eq!(r.unwrap().status(), 204);
+            with_ttl = id.clone();
+        }
+        blobs.insert(id, data);
     }
-    let deleted: Vec<String> = blobs.keys().take(5).cloned().collect();
+    let deleted: Vec<String> = blobs.keys().filter(|id| **id != with_ttl).take(5).cloned().collect();
     for id in &deleted {
         assert_eq!(client.delete(nodes[0].url(&format!("/v1/blobs/{id}"))).send().unwrap().status(), 204);
         blobs.remove(id);
@@ -1003,6 +1049,15 @@ fn a_replica_behind_the_retained_journal_bootstraps_from_the_index() {
     assert_converged(&[&nodes[2]], &blobs, Duration::from_secs(60));
     let local = |id: &str| client.get(nodes[2].url(&format!("/v1/blobs/{id}?local=true"))).send().unwrap().status();
     wait_until("the deletes on n2", Duration::from_secs(30), || deleted.iter().all(|id| local(id) == 410));
+    // The copied blob has its expiry as set, with the stamp it was set at (not the put's time,
+    // which would lose to any older change later).
+    let meta = |node: &Node| -> Value {
+        let url = node.url(&format!("/replica/v1/blobs/{with_ttl}/meta"));
+        let m: Value = replica_client.get(url).send().unwrap().json().unwrap();
+        json!([m["expires_ms"], m["expiry_set_ms"]])
+    };
+    assert!(meta(&nodes[0])[0].is_u64(), "{}", meta(&nodes[0]));
+    assert_eq!(meta(&nodes[2]), meta(&nodes[0]));
     // ...and goes on with the journal: a new write reaches it by replication alone.
     let data = payload(5150, 2000);
     let id = put(&client, &nodes[0], &data).unwrap();

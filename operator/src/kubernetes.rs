@@ -725,6 +725,13 @@ pub async fn apply(
     let pods = pods_api(client, namespace);
     let current_pods = pods.list(&ListParams::default().labels(&selector(cluster))).await?;
     let all_ready = current_pods.iter().filter(|p| p.labels().get(PURGE_LABEL).is_none()).all(pod_ready);
+    // The datanode Pods this pass wants that are missing or not Ready (counted before any is
+    // created, so that the pass creating them already says so).
+    let unready = objects
+        .iter()
+        .filter(|(r, _, _)| r.kind == "Pod")
+        .filter(|(_, name, _)| !current_pods.iter().any(|p| p.name_any() == *name && pod_ready(p)))
+        .count() as u32;
     let all_present = objects
         .iter()
         .filter(|(r, _, _)| r.kind == "Pod")
@@ -783,7 +790,7 @@ pub async fn apply(
             changes.push(format!("deleted Pod {name} (no datanode wanted there)"));
         }
     }
-    Ok(Applied { changes, outdated, failing: Vec::new(), foreign })
+    Ok(Applied { changes, outdated, failing: Vec::new(), foreign, unready })
 }
 
 /// What the operator keeps for its life: Nodes and StoreNodes as watches keep them, and one

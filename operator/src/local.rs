@@ -399,7 +399,8 @@ impl Platform for LocalPlatform {
                 Some(false) => format!("replaced datanode {} (new flags)", machine.name),
             });
         }
-        Ok(Applied { changes, outdated: outdated_left, failing: self.failing(), foreign: Vec::new() })
+        // A local datanode serves once it registers live, which `settled` already waits for.
+        Ok(Applied { changes, outdated: outdated_left, failing: self.failing(), foreign: Vec::new(), unready: 0 })
     }
 
     async fn stop(&self) -> Result<(), PlatformError> {

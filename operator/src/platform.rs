@@ -94,6 +94,9 @@ pub struct Applied {
     pub outdated: u32,
     /// Datanodes that keep exiting (restarted after a growing pause), one line each with why.
     pub failing: Vec<String>,
+    /// Datanodes running but not yet Ready where clients reach them (on Kubernetes, datanode Pods
+    /// whose Ready condition is not True: their Services route nothing to them yet).
+    pub unready: u32,
     /// Objects the cluster needs whose names are taken by objects it does not own: never adopted,
     /// changed or deleted; one line each.
     pub foreign: Vec<String>,
@@ -325,6 +328,9 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
     if applied.outdated > 0 {
         progress.push(format!("rolling update: {} of {} datanodes still to replace", applied.outdated, chosen.len()));
     }
+    if applied.unready > 0 {
+        progress.push(format!("{} datanode Pod(s) not Ready yet", applied.unready));
+    }
     // A machine that is away cannot run a purge: its volumes wait for it to come back.
     for machine in chosen.iter().chain(others.iter()) {
         if let Some(why) = &machine.down {
@@ -397,7 +403,7 @@ pub async fn converge<P: Platform>(name: &str, namespace: &str, spec: &StoreClus
         .or_else(|| stalled.map(|message| ("ReplicationStalled", message)))
         .or_else(|| cluster_full(&status.partitions));
     // Ready: settled (as observed above, from the same snapshot) and nothing left to change.
-    let ready = settled && changes.is_empty() && degraded.is_none();
+    let ready = settled && changes.is_empty() && degraded.is_none() && applied.unready == 0;
     Outcome { status, ready, changes, degraded, progress }
 }
 

@@ -193,6 +193,7 @@ fn replica_blob(reader: &crate::engine::BlobReader) -> ReplicaBlob {
         user: reader.meta.user.clone(),
         created_ms: reader.entry.created_ms,
         expires_ms: reader.entry.expiry_ms,
+        expiry_set_ms: Some(reader.entry.expiry_set_ms),
     }
 }
 
@@ -258,6 +259,9 @@ async fn delete_replica(
     Ok(Json(TombstoneAnswer { existed }))
 }
 
+/// How far ahead of a replica's clock a TTL change's stamp may be.
+const MAX_STAMP_AHEAD_MS: u64 = 3_600_000;
+
 #[utoipa::path(put, path = "/replica/v1/blobs/{id}/ttl", tag = "replica", security(("node_token" = [])),
     request_body(content = Object, content_type = "application/json", description = "A TtlBody"),
     params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
@@ -270,7 +274,15 @@ async fn ttl_replica(
     let blob_id = parse_id(&raw)?;
     let body = read_small(body, 64 * 1024).await?;
     let body: TtlBody = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
-    local_volume(&state, blob_id.partition())?.update_ttl(blob_id, body.expires_ms).await?;
+    let now = crate::engine::now_ms();
+    let at_ms = body.at_ms.unwrap_or(now);
+    // A stamp far ahead would win over every later change until clocks caught up with it.
+    if at_ms > now.saturating_add(MAX_STAMP_AHEAD_MS) {
+        return Err(ApiError::InvalidBody(format!(
+            "at_ms {at_ms} is more than an hour ahead of this node's clock ({now}): the nodes' clocks disagree"
+        )));
+    }
+    local_volume(&state, blob_id.partition())?.set_ttl(blob_id, body.expires_ms, at_ms).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

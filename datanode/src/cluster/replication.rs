@@ -539,10 +539,11 @@ impl Link<'_> {
                     status => return Err(peer_status(self.peer, status)),
                 }
                 let blob: ReplicaBlob = response.json().await.map_err(|e| ApplyError::Entry(e.to_string()))?;
-                match volume.update_ttl(id, blob.expires_ms).await {
-                    Ok(()) | Err(VolumeError::Deleted | VolumeError::Expired | VolumeError::NotFound) => Ok(()),
-                    Err(e) => Err(entry(e)),
-                }
+                // The peer's expiry wins only if it is the later one (both sides compare alike),
+                // so two replicas never copy each other's back and forth. A peer of an older
+                // release sends no stamp: its change is taken as made now, as it was before.
+                let set_ms = blob.expiry_set_ms.unwrap_or_else(crate::engine::now_ms);
+                take_peer_expiry(volume, id, blob.expires_ms, set_ms).await
             }
             // A segment boundary on the peer: nothing to copy.
             EntryKind::Seal => Ok(()),
@@ -564,9 +565,17 @@ impl Link<'_> {
                 let request =
                     PutRequest { blob_id: id, meta, payload, created_ms: blob.created_ms, expiry_ms: blob.expires_ms };
                 match volume.put_replicated(request).await {
-                    Ok(()) | Err(VolumeError::Conflict) => Ok(Fetched::Stored),
-                    Err(e) => Err(ApplyError::Entry(e.to_string())),
+                    Ok(()) | Err(VolumeError::Conflict) => {}
+                    Err(e) => return Err(ApplyError::Entry(e.to_string())),
                 }
+                // The put carries the peer's current expiry; its stamp comes too, or this replica
+                // would hold that expiry as set at the put's time, below where the peer has it,
+                // and lose to an older change (the TTL entries after the put are skipped while
+                // the put is missing).
+                if let Some(set_ms) = blob.expiry_set_ms.filter(|s| *s > blob.created_ms) {
+                    take_peer_expiry(volume, id, blob.expires_ms, set_ms).await?;
+                }
+                Ok(Fetched::Stored)
             }
             // Deleted or expired there: keep a tombstone so the put can never land later.
             410 => volume.tombstone(id).await.map(|_| Fetched::Gone).map_err(|e| ApplyError::Entry(e.to_string())),
@@ -798,6 +807,15 @@ fn peer_status(peer: &str, status: u16) -> ApplyError {
 /// the replicas of a partition do not retry in step.
 fn retry_delay(attempts: u32) -> Duration {
     backoff::delay(attempts, Duration::from_secs(1), Duration::from_secs(300))
+}
+
+/// Takes a peer's expiry, set at `set_ms`, if it is the later one ([`Volume::merge_ttl`]); a blob
+/// deleted, expired or gone here meanwhile needs none.
+async fn take_peer_expiry(volume: &Volume, id: BlobId, expiry_ms: Option<u64>, set_ms: u64) -> Result<(), ApplyError> {
+    match volume.merge_ttl(id, expiry_ms, set_ms).await {
+        Ok(_) | Err(VolumeError::Deleted | VolumeError::Expired | VolumeError::NotFound) => Ok(()),
+        Err(e) => Err(ApplyError::Entry(e.to_string())),
+    }
 }
 
 #[cfg(test)]

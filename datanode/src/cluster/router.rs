@@ -48,9 +48,11 @@ enum ReplicaOp {
         id: BlobId,
         if_present: bool,
     },
+    /// `at_ms`: this node's stamp of the change, the same on every replica.
     Ttl {
         id: BlobId,
         expiry_ms: Option<u64>,
+        at_ms: u64,
     },
 }
 
@@ -164,7 +166,8 @@ impl Cluster {
     /// Changes the expiry at write quorum.
     pub async fn update_ttl(self: &Arc<Self>, id: BlobId, expiry_ms: Option<u64>) -> Result<(), RouteError> {
         let (partition, config) = self.partition_of(id)?;
-        self.write_quorum(&partition, &config, ReplicaOp::Ttl { id, expiry_ms }).await.map(|_| ())
+        let at_ms = crate::engine::now_ms();
+        self.write_quorum(&partition, &config, ReplicaOp::Ttl { id, expiry_ms, at_ms }).await.map(|_| ())
     }
 
     fn partition_of(&self, id: BlobId) -> Result<(PartitionSpec, ClusterConfig), RouteError> {
@@ -273,15 +276,17 @@ impl Cluster {
                     user: meta.user.clone(),
                     created_ms: *created_ms,
                     expires_ms: *expiry_ms,
+                    expiry_set_ms: None,
                 };
                 return self.put_on_peer(node, *id, blob, payload.clone()).await;
             }
             ReplicaOp::Delete { id, if_present } => {
                 self.http.delete(format!("{address}/replica/v1/blobs/{id}?if_present={if_present}"))
             }
-            ReplicaOp::Ttl { id, expiry_ms } => {
-                self.http.put(format!("{address}/replica/v1/blobs/{id}/ttl")).json(&TtlBody { expires_ms: *expiry_ms })
-            }
+            ReplicaOp::Ttl { id, expiry_ms, at_ms } => self
+                .http
+                .put(format!("{address}/replica/v1/blobs/{id}/ttl"))
+                .json(&TtlBody { expires_ms: *expiry_ms, at_ms: Some(*at_ms) }),
         };
         let timeout = self.options.peer_timeout;
         let response = match with_request_id(request).timeout(timeout).send().await {
@@ -447,7 +452,7 @@ impl Cluster {
             }
             ReplicaOp::Delete { id, if_present: true } => volume.delete_if_present(id).await,
             ReplicaOp::Delete { id, if_present: false } => volume.tombstone(id).await,
-            ReplicaOp::Ttl { id, expiry_ms } => volume.update_ttl(id, expiry_ms).await.map(|_| true),
+            ReplicaOp::Ttl { id, expiry_ms, at_ms } => volume.set_ttl(id, expiry_ms, at_ms).await.map(|_| true),
         };
         match result {
             Ok(existed) => Outcome::Done { existed },

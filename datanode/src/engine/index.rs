@@ -34,8 +34,24 @@ pub const OWED: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("owed
 /// Name records (`engine::names`) by (space, name, version) → [`NameEntry`](super::names::NameEntry):
 /// every version this replica holds or held, a deleted one kept as dead.
 pub const NAMES: TableDefinition<(&str, &str, u128), &[u8]> = TableDefinition::new("names");
-/// A name record's id → [`NameKey`], so that deleting the record finds its entry in [`NAMES`].
-pub const NAME_IDS: TableDefinition<[u8; BLOB_ID_BYTES], &[u8]> = TableDefinition::new("name_ids");
+/// Before [`ENTRY_FORMAT`] 2: a name record's id → [`NameKey`]. Opening a volume moves its rows
+/// into the [`IndexEntry::name`] of their `blobs` entries and drops it (a random-key insert per
+/// name record was the dearest part of an S3 PUT in the writer).
+pub const LEGACY_NAME_IDS: TableDefinition<[u8; BLOB_ID_BYTES], &[u8]> = TableDefinition::new("name_ids");
+
+/// Every version of `name` in `space` that `names` holds, oldest first.
+pub fn name_versions(
+    names: &impl ReadableTable<(&'static str, &'static str, u128), &'static [u8]>,
+    space: &str,
+    name: &str,
+) -> Result<Vec<(u128, super::names::NameEntry)>, VolumeError> {
+    let mut out = Vec::new();
+    for row in names.range((space, name, 0u128)..=(space, name, u128::MAX))? {
+        let (key, value) = row?;
+        out.push((key.value().2, decode(value.value())?));
+    }
+    Ok(out)
+}
 
 /// Where a name record is in [`NAMES`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +136,94 @@ pub struct IndexEntry {
     pub crc: u32,
     /// Journal sequence of the record `location` points at.
     pub seq: u64,
+    /// A live name record's row in [`NAMES`], so that deleting the record finds it.
+    pub name: Option<NameKey>,
+    /// When `expiry_ms` was set: the put's `created_ms`, then each TTL change's stamp. Replicas
+    /// keep the expiry with the highest ([`ttl_order`]) stamp, so that they agree on one.
+    pub expiry_set_ms: u64,
+}
+
+/// The order of two expiries set on replicas of one blob: the later stamp wins, and between
+/// equal stamps the later expiry (never expiring above all), so that every replica picks alike.
+pub fn ttl_order(set_ms: u64, expiry_ms: Option<u64>) -> (u64, u64) {
+    (set_ms, expiry_ms.unwrap_or(u64::MAX))
+}
+
+/// An [`IndexEntry`] as format 1 stored it (before [`IndexEntry::name`]).
+#[derive(Serialize, Deserialize)]
+struct IndexEntryV1 {
+    state: BlobState,
+    location: Option<Location>,
+    payload_len: u64,
+    meta_len: u32,
+    created_ms: u64,
+    expiry_ms: Option<u64>,
+    deleted_ms: Option<u64>,
+    crc: u32,
+    seq: u64,
+}
+
+impl IndexEntryV1 {
+    fn of(entry: &IndexEntry) -> Self {
+        let IndexEntry { state, location, payload_len, meta_len, created_ms, expiry_ms, deleted_ms, crc, seq, .. } =
+            entry.clone();
+        IndexEntryV1 { state, location, payload_len, meta_len, created_ms, expiry_ms, deleted_ms, crc, seq }
+    }
+
+    /// The entry with the fields format 2 added: format 1 kept no stamp of the expiry, so the
+    /// put's time stands for it, below any change made since; its name row, if any, is still in
+    /// [`LEGACY_NAME_IDS`] (moved over when the volume opens).
+    fn upgrade(self) -> IndexEntry {
+        let IndexEntryV1 { state, location, payload_len, meta_len, created_ms, expiry_ms, deleted_ms, crc, seq } = self;
+        IndexEntry {
+            state,
+            location,
+            payload_len,
+            meta_len,
+            created_ms,
+            expiry_ms,
+            deleted_ms,
+            crc,
+            seq,
+            name: None,
+            expiry_set_ms: created_ms,
+        }
+    }
+}
+
+/// The format of [`BLOBS`] values (format 1 added neither [`IndexEntry::name`] nor
+/// [`IndexEntry::expiry_set_ms`]); [`decode_entry`] reads format 1 too.
+const ENTRY_FORMAT: u8 = 2;
+
+pub fn encode_entry(entry: &IndexEntry) -> Vec<u8> {
+    super::versioned::encode(ENTRY_FORMAT, entry)
+}
+
+/// `entry` as format 1 wrote it (without its name): for tests of volumes that old.
+#[doc(hidden)]
+pub fn encode_entry_v1(entry: &IndexEntry) -> Vec<u8> {
+    super::versioned::encode(VALUE_FORMAT, &IndexEntryV1::of(entry))
+}
+
+pub fn decode_entry(bytes: &[u8]) -> Result<IndexEntry, VolumeError> {
+    let corrupt = |e: String| VolumeError::Corrupt(format!("blob index value: {e}"));
+    match bytes.first() {
+        Some(&VALUE_FORMAT) => {
+            super::versioned::decode::<IndexEntryV1>(VALUE_FORMAT, bytes).map(IndexEntryV1::upgrade).map_err(corrupt)
+        }
+        _ => super::versioned::decode(ENTRY_FORMAT, bytes).map_err(corrupt),
+    }
+}
+
+/// The [`BLOBS`] entry of `key`, if there is one.
+pub fn get_entry(
+    table: &impl ReadableTable<[u8; BLOB_ID_BYTES], &'static [u8]>,
+    key: [u8; BLOB_ID_BYTES],
+) -> Result<Option<IndexEntry>, VolumeError> {
+    match table.get(key)? {
+        Some(guard) => Ok(Some(decode_entry(guard.value())?)),
+        None => Ok(None),
+    }
 }
 
 impl IndexEntry {
@@ -202,7 +306,7 @@ mod tests {
         /// an error or a value, never a panic.
         #[test]
         fn hostile_index_values_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode::<IndexEntry>(&bytes);
+            let _ = decode_entry(&bytes);
             let _ = decode::<JournalEntry>(&bytes);
             let _ = decode::<SegmentInfo>(&bytes);
             let _ = decode::<DamagedRecord>(&bytes);
@@ -220,5 +324,68 @@ mod tests {
         future[0] = 2;
         assert!(matches!(decode::<LogTail>(&future), Err(VolumeError::Corrupt(_))));
         assert!(decode::<LogTail>(&[]).is_err());
+    }
+
+    /// Every format of `blobs` values still reads, and formats without a stamp take the put's
+    /// time for it.
+    #[test]
+    fn blob_entries_of_every_format_read() {
+        let entry = IndexEntry {
+            state: BlobState::Live,
+            location: Some(Location { segment: 1, offset: 64, len: 300 }),
+            payload_len: 200,
+            meta_len: 20,
+            created_ms: 1_000,
+            expiry_ms: Some(9_000),
+            deleted_ms: None,
+            crc: 7,
+            seq: 3,
+            name: Some(NameKey { space: "space".into(), name: "name".into(), version: 5 }),
+            expiry_set_ms: 4_000,
+        };
+        let v2 = encode_entry(&entry);
+        assert_eq!(v2[0], 2);
+        assert_eq!(decode_entry(&v2).unwrap(), entry);
+        // Format 1 as the release that wrote it declared it.
+        #[derive(Serialize)]
+        struct WrittenAsV1 {
+            state: BlobState,
+            location: Option<Location>,
+            payload_len: u64,
+            meta_len: u32,
+            created_ms: u64,
+            expiry_ms: Option<u64>,
+            deleted_ms: Option<u64>,
+            crc: u32,
+            seq: u64,
+        }
+        let e = entry.clone();
+        let v1 = super::super::versioned::encode(
+            VALUE_FORMAT,
+            &WrittenAsV1 {
+                state: e.state,
+                location: e.location,
+                payload_len: e.payload_len,
+                meta_len: e.meta_len,
+                created_ms: e.created_ms,
+                expiry_ms: e.expiry_ms,
+                deleted_ms: e.deleted_ms,
+                crc: e.crc,
+                seq: e.seq,
+            },
+        );
+        let upgraded = IndexEntry { expiry_set_ms: 1_000, name: None, ..entry.clone() };
+        assert_eq!(decode_entry(&v1).unwrap(), upgraded);
+        assert_eq!(encode_entry_v1(&entry), v1, "the test helper writes what format 1 wrote");
+        let mut future = v2.clone();
+        future[0] = 3;
+        assert!(decode_entry(&future).is_err());
+    }
+
+    #[test]
+    fn the_later_stamp_wins_then_the_later_expiry() {
+        assert!(ttl_order(2, Some(1)) > ttl_order(1, None));
+        assert!(ttl_order(2, None) > ttl_order(2, Some(u64::MAX - 1)));
+        assert!(ttl_order(2, Some(5)) > ttl_order(2, Some(4)));
     }
 }

@@ -55,11 +55,7 @@ impl NameRecord {
         summary: Vec<u8>,
         body: Vec<u8>,
     ) -> Result<Self, VolumeError> {
-        if space.len() > MAX_SPACE_BYTES || name.len() > MAX_NAME_BYTES || summary.len() > MAX_SUMMARY_BYTES {
-            return Err(VolumeError::Integrity(format!(
-                "a name record's space is at most {MAX_SPACE_BYTES} bytes, its name {MAX_NAME_BYTES}, its summary {MAX_SUMMARY_BYTES}"
-            )));
-        }
+        within_limits(&space, &name, &summary)?;
         Ok(Self { space, name, version, summary, body })
     }
 
@@ -84,19 +80,64 @@ impl NameRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, VolumeError> {
-        let record: NameRecord = super::versioned::decode(NAME_RECORD_FORMAT, bytes)
-            .map_err(|e| VolumeError::Integrity(format!("name record: {e}")))?;
-        Self::new(record.space, record.name, record.version, record.summary, record.body)
+        NameRecordRef::decode(bytes).map(|r| r.to_owned())
     }
 
     /// Decodes the record a name id's put carries, and checks that the id is its id.
     pub fn decode_for(id: BlobId, payload: &[u8]) -> Result<Self, VolumeError> {
+        NameRecordRef::decode_for(id, payload).map(|r| r.to_owned())
+    }
+}
+
+/// A [`NameRecord`] read in place from its payload: what the volume's writer checks and indexes
+/// without copying the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct NameRecordRef<'a> {
+    pub space: &'a str,
+    pub name: &'a str,
+    pub version: u128,
+    #[serde(with = "serde_bytes")]
+    pub summary: &'a [u8],
+    #[serde(with = "serde_bytes")]
+    pub body: &'a [u8],
+}
+
+impl<'a> NameRecordRef<'a> {
+    /// The record `bytes` hold, within the limits, or why not.
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, VolumeError> {
+        let record: NameRecordRef<'a> = super::versioned::decode(NAME_RECORD_FORMAT, bytes)
+            .map_err(|e| VolumeError::Integrity(format!("name record: {e}")))?;
+        within_limits(record.space, record.name, record.summary)?;
+        Ok(record)
+    }
+
+    /// Decodes the record a name id's put carries, and checks that the id is its id.
+    pub fn decode_for(id: BlobId, payload: &'a [u8]) -> Result<Self, VolumeError> {
         let record = Self::decode(payload)?;
-        if record.id(id.partition()) != id {
+        if name_id(id.partition(), record.space, record.name, record.version) != id {
             return Err(VolumeError::Integrity(format!("name record {id} does not record the name its id names")));
         }
         Ok(record)
     }
+
+    pub fn to_owned(self) -> NameRecord {
+        NameRecord {
+            space: self.space.to_owned(),
+            name: self.name.to_owned(),
+            version: self.version,
+            summary: self.summary.to_vec(),
+            body: self.body.to_vec(),
+        }
+    }
+}
+
+fn within_limits(space: &str, name: &str, summary: &[u8]) -> Result<(), VolumeError> {
+    if space.len() > MAX_SPACE_BYTES || name.len() > MAX_NAME_BYTES || summary.len() > MAX_SUMMARY_BYTES {
+        return Err(VolumeError::Integrity(format!(
+            "a name record's space is at most {MAX_SPACE_BYTES} bytes, its name {MAX_NAME_BYTES}, its summary {MAX_SUMMARY_BYTES}"
+        )));
+    }
+    Ok(())
 }
 
 pub fn name_id(partition: u32, space: &str, name: &str, version: u128) -> BlobId {
@@ -174,6 +215,11 @@ mod tests {
             let id = record.id(9);
             prop_assert!(id.is_name());
             prop_assert_eq!(NameRecord::decode_for(id, &record.encode()).unwrap(), record.clone());
+            // Read in place, the record is the same, field by field.
+            let encoded = record.encode();
+            let view = NameRecordRef::decode_for(id, &encoded).unwrap();
+            prop_assert_eq!((view.space, view.name, view.version), (record.space.as_str(), record.name.as_str(), version));
+            prop_assert_eq!((view.summary, view.body), (record.summary.as_slice(), record.body.as_slice()));
             // Another version or name is another id, and the record is not its record; the same
             // record in another partition is another id too (a record does not say where it is).
             let other = name_id(9, &record.space, &record.name, version.wrapping_add(1));

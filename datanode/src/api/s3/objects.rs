@@ -635,14 +635,16 @@ async fn put_object(
         headers,
         checksum: read.checksum,
         pieces,
-        inline: inline.to_vec(),
+        inline: Vec::from(inline),
         parts: Vec::new(),
     };
-    commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
+    // What the answer needs, taken before the record (and its inline bytes) goes to the commit.
+    let (etag, checksum) = (object.etag.clone(), object.checksum.clone());
+    commit_in_bucket(state, bucket_name, key, object, condition).await?;
     let mut response = StatusCode::OK.into_response();
     let h = response.headers_mut();
-    h.insert(header::ETAG, quoted(&object.etag));
-    if let Some(c) = &object.checksum {
+    h.insert(header::ETAG, quoted(&etag));
+    if let Some(c) = &checksum {
         h.insert(HeaderName::from_static(c.algorithm.header()), HeaderValue::from_str(&c.text()).expect("base64"));
     }
     Ok(response)
@@ -669,6 +671,9 @@ pub async fn store_body(
                 room = Some(state.uploads.reserve(want).await.ok_or_else(|| {
                     S3Error::slow_down("the node is receiving as many uploads as its memory allows; try again shortly")
                 })?);
+                // The piece's whole room at once (the budget holds it anyway): growing the buffer
+                // step by step copied a 5 MiB body about twice over.
+                buffer.reserve((want as usize).saturating_sub(buffer.len()));
             }
             let next = reader.next(&mut body).await?;
             let done = next.is_none();
@@ -797,6 +802,10 @@ pub async fn lock_name(state: &Arc<S3State>, space: &str, name: &str) -> tokio::
 /// same lock), then deletes the superseded records. The pieces they held, but none the new
 /// version holds, are returned: the caller deletes them once the lock is released. Nothing is
 /// written that could be withdrawn later, so no reader ever sees a version that does not stay.
+///
+/// The versions there are read before the write when a condition must be checked first or the
+/// store cannot tell them with the write (a cluster's quorum read); otherwise the write answers
+/// them, read in the volume writer's transaction (one step, no read of its own).
 pub async fn commit_locked(
     state: &Arc<S3State>,
     partition: u32,
@@ -807,8 +816,12 @@ pub async fn commit_locked(
     version: Option<u128>,
 ) -> Result<(u128, Vec<Piece>), CommitError> {
     let before = |error: S3Error| CommitError { error, record_may_live: false };
-    let versions = state.front.name_versions(partition, space, key).await.map_err(|e| before(e.into()))?;
-    if let Some(condition) = condition {
+    let read_first = condition.is_some() || state.front.cluster().is_some();
+    let known = match read_first {
+        true => Some(state.front.name_versions(partition, space, key).await.map_err(|e| before(e.into()))?),
+        false => None,
+    };
+    if let (Some(condition), Some(versions)) = (condition, &known) {
         let failed =
             || before(S3Error::precondition_failed("at least one of the pre-conditions you specified did not hold"));
         // A delete marker is no object: If-None-Match: * writes over it, If-Match matches nothing.
@@ -822,32 +835,54 @@ pub async fn commit_locked(
     }
     // Above every version there, whatever the clock did (it may have stepped back across a
     // restart).
-    if let Some((newest, _)) = versions.last() {
-        names::observe_version(*newest);
+    let newest_known = known.as_ref().and_then(|v| v.last()).map(|(v, _)| *v);
+    if let Some(newest) = newest_known {
+        names::observe_version(newest);
     }
-    let version =
-        version.filter(|v| versions.last().is_none_or(|(newest, _)| v > newest)).unwrap_or_else(names::new_version);
-    let record =
+    let mut version =
+        version.filter(|v| newest_known.is_none_or(|newest| *v > newest)).unwrap_or_else(names::new_version);
+    let mut record =
         NameRecord::new(space.to_string(), key.to_string(), version, model::encode(&object.summary()), object.encode())
             .map_err(|e| before(S3Error::internal(e.to_string())))?;
-    // A put that failed may still have reached the disk (a volume that failed after writing):
-    // its record may be live after a restart.
-    state
-        .front
-        .put_name(partition, &record, now_ms())
-        .await
-        .map_err(|e| CommitError { error: e.into(), record_may_live: true })?;
-    // Committed: whatever happens to the cleanup, the write succeeded (what it could not delete
-    // stays unreferenced, as after a crash). A version that shares pieces with this one (a
-    // multipart upload completed again) keeps them.
-    let mut garbage = Vec::new();
-    for (_, entry) in versions {
-        match delete_record(state, entry.blob_id()).await {
-            Ok(pieces) => garbage.extend(without(pieces, &object.pieces)),
-            Err(e) => tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced"),
+    loop {
+        // A put that failed may still have reached the disk (a volume that failed after
+        // writing): its record may be live after a restart.
+        let answered = state
+            .front
+            .put_name(partition, &record, now_ms())
+            .await
+            .map_err(|e| CommitError { error: e.into(), record_may_live: true })?;
+        let others: Vec<(u128, names::NameEntry)> =
+            known.clone().or(answered).unwrap_or_default().into_iter().filter(|(v, _)| *v != version).collect();
+        // Not read first, a version above this one (made before a restart by a clock that was
+        // ahead) shows only now: this record would never be current. It is withdrawn (it was
+        // never acknowledged, and is older than what readers see) and written again above.
+        if let Some(newest) = others.iter().map(|(v, _)| *v).filter(|newest| *newest > version).max() {
+            names::observe_version(newest);
+            state
+                .front
+                .delete(record.id(partition))
+                .await
+                .map_err(|e| CommitError { error: e.into(), record_may_live: true })?;
+            version = names::new_version();
+            record = NameRecord::new(record.space, record.name, version, record.summary, record.body)
+                .map_err(|e| before(S3Error::internal(e.to_string())))?;
+            continue;
         }
+        // Committed: whatever happens to the cleanup, the write succeeded (what it could not
+        // delete stays unreferenced, as after a crash). A version that shares pieces with this
+        // one (a multipart upload completed again) keeps them.
+        let mut garbage = Vec::new();
+        for (_, entry) in others {
+            match delete_record(state, entry.blob_id()).await {
+                Ok(pieces) => garbage.extend(without(pieces, &object.pieces)),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "deleting a superseded version failed; it stays, unreferenced")
+                }
+            }
+        }
+        return Ok((version, garbage));
     }
-    Ok((version, garbage))
 }
 
 /// What CopyObject (`CopyObjectResult`) and UploadPartCopy (`CopyPartResult`) answer.
@@ -947,8 +982,9 @@ async fn copy_object(
     }
     object.parts = Vec::new();
     object.pieces = pieces;
-    let version = commit_in_bucket(state, bucket_name, key, object.clone(), condition).await?;
-    Ok(copy_result("CopyObjectResult", version, &object.etag))
+    let etag = object.etag.clone();
+    let version = commit_in_bucket(state, bucket_name, key, object, condition).await?;
+    Ok(copy_result("CopyObjectResult", version, &etag))
 }
 
 /// Copies the bytes `[start, end)` of an object stored in `pieces` into new pieces (none of

@@ -329,7 +329,7 @@ pub fn verify(
             short(&scope.region)
         )));
     }
-    if scope.date != presented.when.format("%Y%m%d").to_string() {
+    if !is_date_of(&scope.date, presented.when) {
         return Err(S3Error::authorization_header_malformed(&format!(
             "the credential date '{}' is not the date of the request",
             short(&scope.date)
@@ -351,13 +351,13 @@ pub fn verify(
         }
     }
     let canonical = canonical_request(presented, request)?;
+    let scope_text = scope.text();
     let string_to_sign = format!(
-        "{ALGORITHM}\n{}\n{}\n{}",
+        "{ALGORITHM}\n{}\n{scope_text}\n{}",
         presented.amz_date,
-        scope.text(),
         hex::encode(Sha256::digest(canonical.as_bytes()))
     );
-    let signing_key = signing_key(secret, &scope.date, &scope.region, &scope.service);
+    let signing_key = remembered_signing_key(secret, scope);
     let expected = hmac(&signing_key, string_to_sign.as_bytes());
     if !constant_eq(&expected, &presented.signature) {
         return Err(S3Error::signature_does_not_match());
@@ -380,7 +380,7 @@ pub fn verify(
         payload: presented.payload.clone(),
         signing_key,
         amz_date: presented.amz_date.clone(),
-        scope: scope.text(),
+        scope: scope_text,
         seed_signature: presented.signature,
     })
 }
@@ -412,18 +412,18 @@ fn canonical(
     out.push_str(&query.join("&"));
     out.push('\n');
     for name in signed_headers {
-        let values: Vec<String> = request
-            .headers
-            .get_all(name.as_str())
-            .iter()
-            .map(|v| collapse_spaces(&String::from_utf8_lossy(v.as_bytes())))
-            .collect();
-        if values.is_empty() {
+        let values = request.headers.get_all(name.as_str());
+        if values.iter().next().is_none() {
             return Err(S3Error::access_denied(format!("the signed header {name} is not in the request")));
         }
         out.push_str(name);
         out.push(':');
-        out.push_str(&values.join(","));
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_collapsed(&mut out, &String::from_utf8_lossy(value.as_bytes()));
+        }
         out.push('\n');
     }
     out.push('\n');
@@ -481,9 +481,41 @@ fn encode_component(text: &str) -> String {
     utf8_percent_encode(text, COMPONENT).to_string()
 }
 
-/// A header value trimmed, runs of spaces made one (SigV4's canonical header value).
-fn collapse_spaces(value: &str) -> String {
-    value.split_whitespace().collect::<Vec<_>>().join(" ")
+/// A header value trimmed, runs of spaces made one (SigV4's canonical header value), onto `out`.
+fn push_collapsed(out: &mut String, value: &str) {
+    for (i, word) in value.split_whitespace().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+}
+
+/// Whether `date` is `when`'s day as a credential scope writes it (`YYYYMMDD`).
+fn is_date_of(date: &str, when: DateTime<Utc>) -> bool {
+    use chrono::Datelike;
+    let day = when.date_naive();
+    let expected = day.year() as i64 * 10_000 + day.month() as i64 * 100 + day.day() as i64;
+    date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) && date.parse::<i64>() == Ok(expected)
+}
+
+/// [`signing_key`], remembered for the last scope and secret each thread saw: a key signs every
+/// request of a day with the same one, and deriving it takes four HMACs. The secret is kept as
+/// its digest only.
+fn remembered_signing_key(secret: &str, scope: &CredentialScope) -> [u8; 32] {
+    type Remembered = Option<([u8; 32], CredentialScope, [u8; 32])>;
+    thread_local! {
+        static LAST: std::cell::RefCell<Remembered> = const { std::cell::RefCell::new(None) };
+    }
+    let secret_digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    LAST.with_borrow_mut(|last| match last {
+        Some((digest, remembered, key)) if *digest == secret_digest && remembered == scope => *key,
+        _ => {
+            let key = signing_key(secret, &scope.date, &scope.region, &scope.service);
+            *last = Some((secret_digest, scope.clone(), key));
+            key
+        }
+    })
 }
 
 pub fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> [u8; 32] {
@@ -764,6 +796,21 @@ mod tests {
             )),
             "SignatureDoesNotMatch"
         );
+    }
+
+    #[test]
+    fn a_credential_date_is_the_requests_day_in_eight_digits() {
+        let when = at("20130524T000000Z");
+        assert!(is_date_of("20130524", when));
+        for other in ["20130525", "2013524", "+2013052", "2013-05-24", "201305240", "", "２0130524"] {
+            assert!(!is_date_of(other, when), "{other}");
+        }
+        // The remembered signing key is the derived one, for each scope and secret in turn.
+        let scope =
+            |date: &str| CredentialScope { date: date.into(), region: "us-east-1".into(), service: "s3".into() };
+        for (secret, date) in [("a", "20130524"), ("a", "20130524"), ("b", "20130524"), ("b", "20130525")] {
+            assert_eq!(remembered_signing_key(secret, &scope(date)), signing_key(secret, date, "us-east-1", "s3"));
+        }
     }
 
     #[test]

@@ -23,8 +23,7 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use super::{begin_write, read_verified_record, Shared, VolumeHealth};
 use crate::engine::index::{
-    self, BlobState, CompactionState, IndexEntry, JournalEntry, Location, SegmentInfo, BLOBS, COMPACTION, JOURNAL,
-    META, SEGMENTS,
+    self, BlobState, CompactionState, JournalEntry, Location, SegmentInfo, BLOBS, COMPACTION, JOURNAL, META, SEGMENTS,
 };
 use crate::engine::record::SEAL_LEN;
 use crate::engine::segments::write_all_vectored_at;
@@ -89,7 +88,7 @@ pub(crate) fn plan(shared: &Shared) -> Result<Option<CompactionPlan>, VolumeErro
     let blobs = txn.open_table(BLOBS)?;
     for item in blobs.iter()? {
         let (k, v) = item?;
-        let entry: IndexEntry = index::decode(v.value())?;
+        let entry = index::decode_entry(v.value())?;
         let Some(location) = entry.location else { continue };
         if let Some((_, keep, expired)) = sealed.get_mut(&location.segment) {
             let id = BlobId::from_bytes(&k.value()).map_err(|e| VolumeError::Corrupt(e.to_string()))?;
@@ -195,7 +194,7 @@ impl CompactionJob {
             let mut live = 0u64;
             for (id, old, new) in &self.copied {
                 let key = id.to_bytes();
-                let Some(mut entry) = index::get::<_, IndexEntry>(&blobs, key)? else {
+                let Some(mut entry) = index::get_entry(&blobs, key)? else {
                     continue;
                 };
                 // Deleted or changed since the plan: the copy is garbage in the target.
@@ -203,7 +202,7 @@ impl CompactionJob {
                     continue;
                 }
                 entry.location = Some(*new);
-                blobs.insert(key, index::encode(&entry).as_slice())?;
+                blobs.insert(key, index::encode_entry(&entry).as_slice())?;
                 if let Some(mut j) = index::get::<_, JournalEntry>(&journal, entry.seq)? {
                     if j.location == *old {
                         j.location = *new;
@@ -215,7 +214,7 @@ impl CompactionJob {
             let mut expired = 0i64;
             for (id, old) in &self.plan.expired {
                 let key = id.to_bytes();
-                let Some(mut entry) = index::get::<_, IndexEntry>(&blobs, key)? else {
+                let Some(mut entry) = index::get_entry(&blobs, key)? else {
                     continue;
                 };
                 // Expired when planned, so not copied: it is reclaimed whatever the clock says
@@ -224,7 +223,7 @@ impl CompactionJob {
                 if entry.location == Some(*old) && entry.state == BlobState::Live {
                     entry.state = BlobState::Expired;
                     entry.location = None;
-                    blobs.insert(key, index::encode(&entry).as_slice())?;
+                    blobs.insert(key, index::encode_entry(&entry).as_slice())?;
                     expired += 1;
                 }
             }

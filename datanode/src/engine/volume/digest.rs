@@ -59,7 +59,7 @@ impl Volume {
         for item in blobs.iter()? {
             let (key, value) = item?;
             let key = key.value();
-            let entry: IndexEntry = index::decode(value.value())?;
+            let entry = index::decode_entry(value.value())?;
             if let Some(deleted) = held(&entry, now) {
                 let hasher = &mut hashers[key[BUCKET_BYTE] as usize];
                 hasher.update(key);
@@ -88,7 +88,7 @@ impl Volume {
         for item in blobs.range(start..=end)? {
             let (key, value) = item?;
             let key = key.value();
-            let entry: IndexEntry = index::decode(value.value())?;
+            let entry = index::decode_entry(value.value())?;
             if let (Some(deleted), Ok(id)) = (held(&entry, now), BlobId::from_bytes(&key)) {
                 out.push(HeldBlob { id, deleted });
             }

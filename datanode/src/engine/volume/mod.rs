@@ -30,7 +30,7 @@ use super::index::{
     self, BlobState, DamagedRecord, IndexEntry, JournalEntry, Location, LogTail, NameKey, OwedEntry, SegmentInfo,
     BLOBS, DAMAGED, JOURNAL, LOG_TAIL, META, SEGMENTS,
 };
-use super::names::{CurrentName, NameEntry, NameRecord};
+use super::names::{CurrentName, NameEntry, NameRecord, NameRecordRef};
 use super::record::{
     self, BlobMeta, EncodedRecord, RecordError, RecordHeader, RecordKind, CHUNK_LEN, HEADER_LEN, SEAL_LEN,
 };
@@ -95,39 +95,46 @@ pub struct PutRequest {
     pub expiry_ms: Option<u64>,
 }
 
+/// Whether a [`WriteOp::TtlUpdate`] is a change made now or a state copied from elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TtlRule {
+    /// A change a client asked for: it replaces whatever expiry this replica has.
+    Set,
+    /// An expiry as another replica (or an earlier record) has it: it replaces this replica's
+    /// only if it sorts above ([`index::ttl_order`]).
+    IfNewer,
+}
+
 enum WriteOp {
     /// `replicated`: copied from a peer replica, so it may use the room kept for peers.
-    Put {
-        record: EncodedRecord,
-        replicated: bool,
-    },
+    /// `versions_of`: a name record's (space, name), whose versions the write answers
+    /// ([`Written::versions_before`]).
+    Put { record: EncodedRecord, replicated: bool, versions_of: Option<Box<(String, String)>> },
     /// `tombstone_unknown`: also record the deletion of a blob this volume never had (a
     /// replica learning of a delete before the put), so that the put never lands later.
-    Delete {
-        blob_id: BlobId,
-        at_ms: u64,
-        tombstone_unknown: bool,
-    },
-    TtlUpdate {
-        blob_id: BlobId,
-        expiry_ms: Option<u64>,
-        at_ms: u64,
-    },
+    Delete { blob_id: BlobId, at_ms: u64, tombstone_unknown: bool },
+    /// A new expiry stamped `at_ms` (see [`index::ttl_order`]).
+    TtlUpdate { blob_id: BlobId, expiry_ms: Option<u64>, at_ms: u64, rule: TtlRule },
     /// Drops the journal entries below `below` (at most a bounded number per commit).
-    TruncateJournal {
-        below: u64,
-    },
+    TruncateJournal { below: u64 },
     /// Replication from `peer` moves on to `next_seq`, owing `owed`: written by the writer, so
     /// in the group commit of the entries queued before it (never ahead of them).
-    Progress {
-        peer: String,
-        next_seq: u64,
-        owed: Vec<(u64, OwedEntry)>,
-    },
+    Progress { peer: String, next_seq: u64, owed: Vec<(u64, OwedEntry)> },
+}
+
+/// What the writer answers for a write that went through.
+#[derive(Debug, Default)]
+struct Written {
+    /// For a put with `versions_of`: every version of that name the volume held just before the
+    /// put was applied, oldest first — read in the writer's transaction, so no other write of the
+    /// name comes between.
+    versions_before: Vec<(u128, NameEntry)>,
+    /// Whether the operation wrote a record (rather than finding it had nothing to do).
+    recorded: bool,
 }
 
 enum WriterMsg {
-    Write(WriteOp, oneshot::Sender<Result<(), VolumeError>>),
+    Write(WriteOp, oneshot::Sender<Result<Written, VolumeError>>),
     /// Commit durably now (used by tests and before compaction).
     Checkpoint(oneshot::Sender<Result<(), VolumeError>>),
     /// Stop without a final checkpoint, as a crash would (tests only).
@@ -321,12 +328,17 @@ impl Volume {
                 RecordKind::Delete => {
                     WriteOp::Delete { blob_id: h.blob_id, at_ms: h.created_ms, tombstone_unknown: true }
                 }
-                _ => WriteOp::TtlUpdate { blob_id: h.blob_id, expiry_ms: h.expiry_ms, at_ms: h.created_ms },
+                _ => WriteOp::TtlUpdate {
+                    blob_id: h.blob_id,
+                    expiry_ms: h.expiry_ms,
+                    at_ms: h.created_ms,
+                    rule: TtlRule::IfNewer,
+                },
             };
             let (reply, done) = oneshot::channel();
             let _ = tx.send(WriterMsg::Write(op, reply));
             match futures::executor::block_on(done) {
-                Ok(Ok(()) | Err(VolumeError::Deleted | VolumeError::Expired | VolumeError::NotFound)) => {}
+                Ok(Ok(_) | Err(VolumeError::Deleted | VolumeError::Expired | VolumeError::NotFound)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(VolumeError::Closed),
             }
@@ -357,10 +369,10 @@ impl Volume {
         self.shared.config.max_blob_bytes
     }
 
-    fn submit(
+    fn submit<T>(
         &self,
-        msg_for: impl FnOnce(oneshot::Sender<Result<(), VolumeError>>) -> WriterMsg,
-    ) -> oneshot::Receiver<Result<(), VolumeError>> {
+        msg_for: impl FnOnce(oneshot::Sender<Result<T, VolumeError>>) -> WriterMsg,
+    ) -> oneshot::Receiver<Result<T, VolumeError>> {
         let (tx, rx) = oneshot::channel();
         let guard = self.writer.lock().expect("writer lock");
         if let Some((sender, _)) = guard.as_ref() {
@@ -370,7 +382,7 @@ impl Volume {
         rx
     }
 
-    async fn write(&self, op: WriteOp) -> Result<(), VolumeError> {
+    async fn write(&self, op: WriteOp) -> Result<Written, VolumeError> {
         self.submit(|reply| WriterMsg::Write(op, reply)).await.unwrap_or(Err(VolumeError::Closed))
     }
 
@@ -391,16 +403,41 @@ impl Volume {
 
     /// Stores a new blob; returns once its record and index entry are durable.
     pub async fn put(&self, req: PutRequest) -> Result<(), VolumeError> {
-        self.store(req, false).await
+        self.store(req, false, None).await.map(drop)
+    }
+
+    /// Stores the name record `record` (as blob `blob_id`), and answers every version of its
+    /// name this volume held just before it, oldest first (the record itself among them when
+    /// it was stored already).
+    pub async fn put_name(
+        &self,
+        blob_id: BlobId,
+        record: &NameRecord,
+        created_ms: u64,
+    ) -> Result<Vec<(u128, NameEntry)>, VolumeError> {
+        let req = PutRequest {
+            blob_id,
+            meta: NameRecord::blob_meta(),
+            payload: Bytes::from(record.encode()),
+            created_ms,
+            expiry_ms: None,
+        };
+        let versions_of = Some(Box::new((record.space.clone(), record.name.clone())));
+        Ok(self.store(req, false, versions_of).await?.versions_before)
     }
 
     /// Stores a blob copied from a peer replica (replication, repair, anti-entropy): it may use
     /// the room kept for peers ([`VolumeConfig::peer_reserve_bytes`]) that new blobs may not.
     pub async fn put_replicated(&self, req: PutRequest) -> Result<(), VolumeError> {
-        self.store(req, true).await
+        self.store(req, true, None).await.map(drop)
     }
 
-    async fn store(&self, req: PutRequest, replicated: bool) -> Result<(), VolumeError> {
+    async fn store(
+        &self,
+        req: PutRequest,
+        replicated: bool,
+        versions_of: Option<Box<(String, String)>>,
+    ) -> Result<Written, VolumeError> {
         self.check_writable_for_put(req.payload.len() as u64, replicated)?;
         let req = PutRequest { expiry_ms: record::normalize_expiry(req.expiry_ms), ..req };
         // The CRC pass over a large payload runs off the async runtime: a 64 MiB blob takes
@@ -412,12 +449,12 @@ impl Volume {
         } else {
             encode_put(&req)
         };
-        self.write(WriteOp::Put { record, replicated }).await
+        self.write(WriteOp::Put { record, replicated, versions_of }).await
     }
 
     /// Deletes a blob (idempotent); returns once the tombstone is durable.
     pub async fn delete(&self, blob_id: BlobId) -> Result<(), VolumeError> {
-        self.write(WriteOp::Delete { blob_id, at_ms: now_ms(), tombstone_unknown: false }).await
+        self.write(WriteOp::Delete { blob_id, at_ms: now_ms(), tombstone_unknown: false }).await.map(drop)
     }
 
     /// Deletes a blob whether or not this replica has it yet; durable on return. Returns whether
@@ -450,7 +487,7 @@ impl Volume {
         next_seq: u64,
         owed: Vec<(u64, OwedEntry)>,
     ) -> Result<(), VolumeError> {
-        self.write(WriteOp::Progress { peer: peer.to_owned(), next_seq, owed }).await
+        self.write(WriteOp::Progress { peer: peer.to_owned(), next_seq, owed }).await.map(drop)
     }
 
     /// Every entry owed to this replica, as (peer, sequence, entry).
@@ -500,7 +537,7 @@ impl Volume {
     /// [`Volume::journal_head`] reaches it). Entries are only needed by peers that have not
     /// pulled them; a peer that asks for one dropped learns it must bootstrap.
     pub async fn truncate_journal(&self, below: u64) -> Result<(), VolumeError> {
-        self.write(WriteOp::TruncateJournal { below }).await
+        self.write(WriteOp::TruncateJournal { below }).await.map(drop)
     }
 
     /// Wakes when the journal grows (see [`Shared::journal_tail`]).
@@ -508,10 +545,26 @@ impl Volume {
         self.shared.journal_tail.subscribe()
     }
 
-    /// Sets a new expiry (`None`: never expires).
+    /// Sets a new expiry (`None`: never expires), as a client asked for it now.
     pub async fn update_ttl(&self, blob_id: BlobId, expiry_ms: Option<u64>) -> Result<(), VolumeError> {
+        self.set_ttl(blob_id, expiry_ms, now_ms()).await
+    }
+
+    /// Sets a new expiry a client asked for, stamped `at_ms` by the node that took the request.
+    /// It replaces the replica's expiry even if that one's stamp is later (another clock); the
+    /// record then takes a stamp just above it.
+    pub async fn set_ttl(&self, blob_id: BlobId, expiry_ms: Option<u64>, at_ms: u64) -> Result<(), VolumeError> {
         let expiry_ms = record::normalize_expiry(expiry_ms);
-        self.write(WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms: now_ms() }).await
+        self.write(WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms, rule: TtlRule::Set }).await.map(drop)
+    }
+
+    /// Takes another replica's expiry, set at `set_ms`, if it sorts above this replica's
+    /// ([`index::ttl_order`]). Whether it did.
+    pub async fn merge_ttl(&self, blob_id: BlobId, expiry_ms: Option<u64>, set_ms: u64) -> Result<bool, VolumeError> {
+        let expiry_ms = record::normalize_expiry(expiry_ms);
+        let written =
+            self.write(WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms: set_ms, rule: TtlRule::IfNewer }).await?;
+        Ok(written.recorded)
     }
 
     /// Makes everything written so far durable in the index (normally done periodically).
@@ -523,7 +576,7 @@ impl Volume {
     pub fn entry(&self, blob_id: BlobId) -> Result<IndexEntry, VolumeError> {
         let txn = self.shared.db.begin_read()?;
         let blobs = txn.open_table(BLOBS)?;
-        index::get(&blobs, blob_id.to_bytes())?.ok_or(VolumeError::NotFound)
+        index::get_entry(&blobs, blob_id.to_bytes())?.ok_or(VolumeError::NotFound)
     }
 
     /// Every version of `name` in `space` this replica holds, oldest first (blocking).
@@ -534,12 +587,7 @@ impl Volume {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),
         };
-        let mut out = Vec::new();
-        for row in names.range((space, name, 0u128)..=(space, name, u128::MAX))? {
-            let (key, value) = row?;
-            out.push((key.value().2, index::decode(value.value())?));
-        }
-        Ok(out)
+        index::name_versions(&names, space, name)
     }
 
     /// The current names of `space` that start with `prefix`, from `from` on (`from` itself left

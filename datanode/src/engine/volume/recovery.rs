@@ -3,6 +3,7 @@
 
 use super::writer::{apply_record, SegmentStats, Tables};
 use super::*;
+use redb::TableHandle;
 
 /// Brings the index up to date with the log; returns the writer's position, and the damaged
 /// deletes and TTL updates (header intact) to write again once the writer runs.
@@ -11,6 +12,7 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
     let dir = &shared.dir;
     let marker = &shared.marker;
     let txn = begin_write(&shared.db, true)?;
+    migrate_legacy_name_ids(&txn)?;
     let position = {
         let mut meta = txn.open_table(META)?;
         let mut segments_table = txn.open_table(SEGMENTS)?;
@@ -81,7 +83,7 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
                             next_seq += 1;
                             tracing::error!(volume = %dir.display(), segment, offset, %reason, blob = %h.blob_id,
                                 "damaged blob in the log tail; it waits for another replica to send it again");
-                            if index::get::<_, IndexEntry>(&tables.blobs, h.blob_id.to_bytes())?.is_none() {
+                            if index::get_entry(&tables.blobs, h.blob_id.to_bytes())?.is_none() {
                                 let record = DamagedRecord {
                                     segment,
                                     offset,
@@ -154,7 +156,7 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
             let mut count = 0u64;
             for item in blobs.iter()? {
                 let (_, value) = item?;
-                count += u64::from(index::decode::<IndexEntry>(value.value())?.state == BlobState::Live);
+                count += u64::from(index::decode_entry(value.value())?.state == BlobState::Live);
             }
             meta.insert(index::LIVE_BLOBS, index::encode(&count).as_slice())?;
         }
@@ -209,6 +211,32 @@ pub(super) fn recover(shared: &Shared) -> Result<(LogPosition, Vec<RecordHeader>
         shared.set_health(VolumeHealth::Full);
     }
     Ok((position, rewrite))
+}
+
+/// A volume written before [`IndexEntry::name`] keeps its name records' rows in
+/// [`index::LEGACY_NAME_IDS`]: they move into the records' `blobs` entries, and the table goes,
+/// in the transaction recovery commits (before replay, which may delete such a record).
+fn migrate_legacy_name_ids(txn: &redb::WriteTransaction) -> Result<(), VolumeError> {
+    // (`open_table` of a write transaction would create it.)
+    if !txn.list_tables()?.any(|table| table.name() == index::LEGACY_NAME_IDS.name()) {
+        return Ok(());
+    }
+    let legacy = txn.open_table(index::LEGACY_NAME_IDS)?;
+    let mut blobs = txn.open_table(BLOBS)?;
+    let mut moved = 0u64;
+    for row in legacy.iter()? {
+        let (id, key) = row?;
+        let key: index::NameKey = index::decode(key.value())?;
+        if let Some(mut entry) = index::get_entry(&blobs, id.value())? {
+            entry.name = Some(key);
+            blobs.insert(id.value(), index::encode_entry(&entry).as_slice())?;
+            moved += 1;
+        }
+    }
+    drop((legacy, blobs));
+    txn.delete_table(index::LEGACY_NAME_IDS)?;
+    tracing::info!(moved, "name records' rows moved into their blob index entries");
+    Ok(())
 }
 
 /// Where the log went on when its seal record in `segment` is unreadable: the lowest-numbered

@@ -66,12 +66,11 @@ pub(super) struct Tables<'t, 'a> {
     /// Change of the live blob count ([`index::LIVE_BLOBS`]) in this transaction.
     pub(super) live_blobs: i64,
     txn: &'t WriteTransaction,
-    /// [`index::NAMES`] and [`index::NAME_IDS`], opened when a name record comes.
-    names: Option<NameTables<'t>>,
+    /// [`index::NAMES`], opened when a name record comes.
+    names: Option<NamesTable<'t>>,
 }
 
-type NameTables<'t> =
-    (Table<'t, (&'static str, &'static str, u128), &'static [u8]>, Table<'t, [u8; 21], &'static [u8]>);
+type NamesTable<'t> = Table<'t, (&'static str, &'static str, u128), &'static [u8]>;
 
 impl<'t, 'a> Tables<'t, 'a> {
     /// The tables of a write transaction; `segments` is opened by the caller, who keeps it.
@@ -90,45 +89,53 @@ impl<'t, 'a> Tables<'t, 'a> {
         })
     }
 
-    fn names(&mut self) -> Result<&mut NameTables<'t>, VolumeError> {
+    fn names(&mut self) -> Result<&mut NamesTable<'t>, VolumeError> {
         if self.names.is_none() {
-            self.names = Some((self.txn.open_table(index::NAMES)?, self.txn.open_table(index::NAME_IDS)?));
+            self.names = Some(self.txn.open_table(index::NAMES)?);
         }
         Ok(self.names.as_mut().expect("just opened"))
     }
+
+    /// Every version of `name` in `space`, oldest first, as this transaction sees them.
+    fn name_versions(&mut self, space: &str, name: &str) -> Result<Vec<(u128, NameEntry)>, VolumeError> {
+        index::name_versions(&*self.names()?, space, name)
+    }
 }
 
-/// Keeps the name index in step with a name record's put or delete (`engine::names`).
-fn apply_to_names(tables: &mut Tables<'_, '_>, header: &RecordHeader, payload: &[u8]) -> Result<(), VolumeError> {
+/// Keeps the name index in step with a name record's put or delete (`engine::names`): a put
+/// inserts the record's row and answers where it is (kept in the record's `blobs` entry); a
+/// delete removes the row at `row`, where the put said it was.
+fn apply_to_names(
+    tables: &mut Tables<'_, '_>,
+    header: &RecordHeader,
+    payload: &[u8],
+    row: Option<&NameKey>,
+) -> Result<Option<NameKey>, VolumeError> {
     let id = header.blob_id;
-    let (names, ids) = tables.names()?;
+    let names = tables.names()?;
     match header.kind {
         RecordKind::Put => {
             // Checked before it was written (plan_op); a record that does not decode now (a bug
             // of an older release) stays a blob without a name rather than failing the volume.
-            let record = match NameRecord::decode_for(id, payload) {
+            let record = match NameRecordRef::decode_for(id, payload) {
                 Ok(record) => record,
                 Err(e) => {
                     tracing::error!(%id, error = %e, "a name record does not decode; it is not in the name index");
-                    return Ok(());
+                    return Ok(None);
                 }
             };
-            let entry = NameEntry { id: id.to_bytes(), summary: record.summary };
-            names.insert(
-                (record.space.as_str(), record.name.as_str(), record.version),
-                index::encode(&entry).as_slice(),
-            )?;
-            let key = NameKey { space: record.space, name: record.name, version: record.version };
-            ids.insert(id.to_bytes(), index::encode(&key).as_slice())?;
+            let entry = NameEntry { id: id.to_bytes(), summary: record.summary.to_vec() };
+            names.insert((record.space, record.name, record.version), index::encode(&entry).as_slice())?;
+            Ok(Some(NameKey { space: record.space.to_owned(), name: record.name.to_owned(), version: record.version }))
         }
         RecordKind::Delete => {
-            let Some(key) = index::get::<_, NameKey>(&*ids, id.to_bytes())? else { return Ok(()) };
-            names.remove((key.space.as_str(), key.name.as_str(), key.version))?;
-            ids.remove(id.to_bytes())?;
+            if let Some(key) = row {
+                names.remove((key.space.as_str(), key.name.as_str(), key.version))?;
+            }
+            Ok(None)
         }
-        _ => {}
+        _ => Ok(row.cloned()),
     }
-    Ok(())
 }
 
 /// Applies one record to the index, journal and segment stats (and the name index, for a name
@@ -143,13 +150,14 @@ pub(super) fn apply_record(
     next_seq: &mut u64,
 ) -> Result<(), VolumeError> {
     let key = header.blob_id.to_bytes();
-    let existing: Option<IndexEntry> = index::get(&tables.blobs, key)?;
+    let existing = index::get_entry(&tables.blobs, key)?;
+    let row = existing.as_ref().and_then(|e| e.name.clone());
     let seq = *next_seq;
     if matches!(header.kind, RecordKind::Put | RecordKind::Delete) && !tables.damaged.is_empty()? {
         // The blob came again (repair) or was deleted: nothing is owed any more.
         tables.damaged.remove(key)?;
     }
-    let entry = match (header.kind, existing) {
+    let mut entry = match (header.kind, existing) {
         (RecordKind::Put, None) => {
             tables.live_blobs += 1;
             IndexEntry {
@@ -162,6 +170,8 @@ pub(super) fn apply_record(
                 deleted_ms: None,
                 crc,
                 seq,
+                name: None,
+                expiry_set_ms: header.created_ms,
             }
         }
         (RecordKind::Delete, None) => IndexEntry {
@@ -174,6 +184,8 @@ pub(super) fn apply_record(
             deleted_ms: Some(header.created_ms),
             crc,
             seq,
+            name: None,
+            expiry_set_ms: header.created_ms,
         },
         (RecordKind::Delete, Some(mut entry)) if entry.state != BlobState::Deleted => {
             if let (BlobState::Live, Some(old)) = (entry.state, entry.location) {
@@ -192,20 +204,21 @@ pub(super) fn apply_record(
         (RecordKind::TtlUpdate, Some(mut entry)) if entry.state == BlobState::Live => {
             // The entry keeps pointing at the put record; this record is garbage once applied.
             entry.expiry_ms = header.expiry_ms;
+            entry.expiry_set_ms = header.created_ms;
             tables.journal.insert(seq, index::encode(&journal_entry(header, location)).as_slice())?;
             *next_seq += 1;
-            tables.blobs.insert(key, index::encode(&entry).as_slice())?;
+            tables.blobs.insert(key, index::encode_entry(&entry).as_slice())?;
             return Ok(());
         }
         // Nothing to do: a seal, or a record the current state already supersedes.
         _ => return Ok(()),
     };
     if header.blob_id.is_name() {
-        apply_to_names(tables, header, payload)?;
+        entry.name = apply_to_names(tables, header, payload, row.as_ref())?;
     }
     tables.segments.get(location.segment)?.live_bytes += location.len;
     tables.journal.insert(seq, index::encode(&journal_entry(header, location)).as_slice())?;
-    tables.blobs.insert(key, index::encode(&entry).as_slice())?;
+    tables.blobs.insert(key, index::encode_entry(&entry).as_slice())?;
     *next_seq += 1;
     Ok(())
 }
@@ -226,9 +239,9 @@ pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -
     let (blob_id, kind, at_ms, expiry_ms) = match op {
         WriteOp::Put { record, .. } => {
             if record.header.blob_id.is_name() {
-                NameRecord::decode_for(record.header.blob_id, &record.payload)?;
+                NameRecordRef::decode_for(record.header.blob_id, &record.payload)?;
             }
-            return match index::get::<_, IndexEntry>(blobs, record.header.blob_id.to_bytes())? {
+            return match index::get_entry(blobs, record.header.blob_id.to_bytes())? {
                 None => Ok(Planned::Record(record)),
                 Some(e) if e.state == BlobState::Live && e.crc == record.trailer_crc() => Ok(Planned::Nothing),
                 // A put never resurrects a deleted blob.
@@ -236,27 +249,30 @@ pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -
                 Some(_) => Err(VolumeError::Conflict),
             };
         }
-        WriteOp::Delete { blob_id, at_ms, tombstone_unknown } => {
-            match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
-                None if tombstone_unknown => (blob_id, RecordKind::Delete, at_ms, None),
-                None => return Err(VolumeError::NotFound),
-                Some(e) if e.state != BlobState::Live => return Ok(Planned::Nothing),
-                Some(_) => (blob_id, RecordKind::Delete, at_ms, None),
-            }
-        }
+        WriteOp::Delete { blob_id, at_ms, tombstone_unknown } => match index::get_entry(blobs, blob_id.to_bytes())? {
+            None if tombstone_unknown => (blob_id, RecordKind::Delete, at_ms, None),
+            None => return Err(VolumeError::NotFound),
+            Some(e) if e.state != BlobState::Live => return Ok(Planned::Nothing),
+            Some(_) => (blob_id, RecordKind::Delete, at_ms, None),
+        },
         // Handled by the writer before planning: no record.
         WriteOp::Progress { .. } | WriteOp::TruncateJournal { .. } => return Ok(Planned::Nothing),
-        WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms } => {
-            match index::get::<_, IndexEntry>(blobs, blob_id.to_bytes())? {
-                None => return Err(VolumeError::NotFound),
-                Some(e) if e.state == BlobState::Deleted => return Err(VolumeError::Deleted),
-                Some(e) if e.is_expired(now) => return Err(VolumeError::Expired),
-                // Already so: no record, so that replicas copying each other's expiry settle
-                // (each update is a journal entry the peers pull and apply in turn).
-                Some(e) if e.expiry_ms == expiry_ms => return Ok(Planned::Nothing),
-                Some(_) => (blob_id, RecordKind::TtlUpdate, at_ms, expiry_ms),
+        WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms, rule } => match index::get_entry(blobs, blob_id.to_bytes())? {
+            None => return Err(VolumeError::NotFound),
+            Some(e) if e.state == BlobState::Deleted => return Err(VolumeError::Deleted),
+            Some(e) if e.is_expired(now) => return Err(VolumeError::Expired),
+            // A change made now wins here, whatever the clock that stamped it says; its record
+            // carries the stamp that makes it win, which the peers compare theirs with.
+            Some(e) if rule == TtlRule::Set => {
+                (blob_id, RecordKind::TtlUpdate, at_ms.max(e.expiry_set_ms.saturating_add(1)), expiry_ms)
             }
-        }
+            // A peer's expiry replaces this one only if it sorts above it, so that every replica
+            // ends with the highest and none copies back and forth.
+            Some(e) if index::ttl_order(at_ms, expiry_ms) <= index::ttl_order(e.expiry_set_ms, e.expiry_ms) => {
+                return Ok(Planned::Nothing)
+            }
+            Some(_) => (blob_id, RecordKind::TtlUpdate, at_ms, expiry_ms),
+        },
     };
     let header = RecordHeader { kind, blob_id, created_ms: at_ms, expiry_ms, meta_len: 0, payload_len: 0 };
     Ok(Planned::Record(EncodedRecord::new(header, &[], Bytes::new(), &[])))
@@ -352,7 +368,7 @@ impl Writer {
     /// I/O error fails the volume and every request of the batch.
     fn commit_batch(
         &mut self,
-        batch: Vec<(WriteOp, oneshot::Sender<Result<(), VolumeError>>)>,
+        batch: Vec<(WriteOp, oneshot::Sender<Result<Written, VolumeError>>)>,
         durable: bool,
     ) -> Result<(), VolumeError> {
         if let VolumeHealth::Failed(reason) = self.shared.health() {
@@ -400,17 +416,17 @@ impl Writer {
     #[allow(clippy::type_complexity)]
     fn stage_and_commit(
         &mut self,
-        batch: Vec<(WriteOp, oneshot::Sender<Result<(), VolumeError>>)>,
+        batch: Vec<(WriteOp, oneshot::Sender<Result<Written, VolumeError>>)>,
         durable: bool,
     ) -> Result<
-        (Vec<(oneshot::Sender<Result<(), VolumeError>>, Result<(), VolumeError>)>, u64),
-        (Vec<oneshot::Sender<Result<(), VolumeError>>>, VolumeError),
+        (Vec<(oneshot::Sender<Result<Written, VolumeError>>, Result<Written, VolumeError>)>, u64),
+        (Vec<oneshot::Sender<Result<Written, VolumeError>>>, VolumeError),
     > {
         let shared = self.shared.clone();
         // Every request's reply is kept apart from its op, so that a failure anywhere in the
         // batch answers each of them (a dropped reply would read as "closed", not "failed").
         let (ops, senders): (Vec<WriteOp>, Vec<_>) = batch.into_iter().unzip();
-        let mut results: Vec<Result<(), VolumeError>> = Vec::with_capacity(ops.len());
+        let mut results: Vec<Result<Written, VolumeError>> = Vec::with_capacity(ops.len());
         let txn = match begin_write(&shared.db, durable) {
             Ok(txn) => txn,
             Err(e) => return Err((senders, shared.fail_index("index transaction", e))),
@@ -432,12 +448,12 @@ impl Writer {
                     for (seq, entry) in owed {
                         table.insert((peer.as_str(), *seq), index::encode(entry).as_slice())?;
                     }
-                    results.push(Ok(()));
+                    results.push(Ok(Written::default()));
                     continue;
                 }
                 if let WriteOp::TruncateJournal { below } = &op {
                     truncate_journal(&txn, &mut tables.journal, (*below).min(self.log.next_seq))?;
-                    results.push(Ok(()));
+                    results.push(Ok(Written::default()));
                     continue;
                 }
                 let is_put = matches!(op, WriteOp::Put { .. });
@@ -450,6 +466,11 @@ impl Writer {
                     results.push(Err(VolumeError::Paused { reason: reason.clone(), no_space: *no_space }));
                     continue;
                 }
+                let versions_before = match &op {
+                    WriteOp::Put { versions_of: Some(of), .. } => tables.name_versions(&of.0, &of.1)?,
+                    _ => Vec::new(),
+                };
+                let mut done = Written { versions_before, recorded: false };
                 let planned = match plan_op(&tables.blobs, op) {
                     Ok(p) => p,
                     Err(e) => {
@@ -458,7 +479,7 @@ impl Writer {
                     }
                 };
                 let Planned::Record(record) = planned else {
-                    results.push(Ok(()));
+                    results.push(Ok(done));
                     continue;
                 };
                 match self.place(&mut tables, &mut writes, record.record_len(), record.header.kind, peer_reserve) {
@@ -474,7 +495,8 @@ impl Writer {
                         push_write(&mut writes, &self.log.file, location.offset, &record);
                         written += location.len;
                         put_stored |= is_put;
-                        results.push(Ok(()));
+                        done.recorded = true;
+                        results.push(Ok(done));
                     }
                     Err(VolumeError::Full) => {
                         if is_put {
