@@ -330,6 +330,24 @@ async fn reconcile_creates_owned_objects_writes_nothing_when_converged_and_clean
     }
     let all = pods.list(&Default::default()).await.unwrap().items;
     assert_eq!(images(all), ["cairn:2", "cairn:2", "cairn:2"]);
+    // Ready needs every datanode Pod Ready too (the Services route to no other): registered in
+    // etcd is not enough, a Pod's readiness probe may still be failing.
+    let ready_condition = || async {
+        reconcile_once(&api, &ctx).await;
+        let status = api.get("c1").await.unwrap().status.unwrap();
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap().clone();
+        let progressing = status.conditions.iter().find(|c| c.type_ == "Progressing").unwrap().clone();
+        (ready.status, progressing.message)
+    };
+    assert_eq!(ready_condition().await.0, "True", "registered, caught up and every Pod Ready");
+    let unready =
+        json!({"apiVersion": "v1", "kind": "Pod", "status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+    pods.patch_status("c1-n1", &PatchParams::apply("kubelet"), &Patch::Apply(unready)).await.unwrap();
+    let (ready, progress) = ready_condition().await;
+    assert_eq!(ready, "False", "one Pod not Ready");
+    assert!(progress.contains("1 datanode Pod(s) not Ready yet"), "{progress}");
+    mark_ready("c1-n1".to_string()).await;
+    assert_eq!(ready_condition().await.0, "True");
 
     // Converged under traffic: datanodes rewrite their registrations as blobs arrive (etcd's
     // revision moves), and the operator still writes nothing.
