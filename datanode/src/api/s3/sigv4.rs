@@ -352,11 +352,13 @@ pub fn verify(
     }
     let canonical = canonical_request(presented, request)?;
     let scope_text = scope.text();
-    let string_to_sign = format!(
-        "{ALGORITHM}\n{}\n{scope_text}\n{}",
-        presented.amz_date,
-        hex::encode(Sha256::digest(canonical.as_bytes()))
-    );
+    let mut string_to_sign = String::with_capacity(ALGORITHM.len() + presented.amz_date.len() + scope_text.len() + 67);
+    for part in [ALGORITHM, "\n", &presented.amz_date, "\n", &scope_text, "\n"] {
+        string_to_sign.push_str(part);
+    }
+    let mut digest_hex = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(canonical.as_bytes()), &mut digest_hex).expect("64 hex digits");
+    string_to_sign.push_str(std::str::from_utf8(&digest_hex).expect("hex is ASCII"));
     let signing_key = remembered_signing_key(secret, scope);
     let expected = hmac(&signing_key, string_to_sign.as_bytes());
     if !constant_eq(&expected, &presented.signature) {
@@ -399,7 +401,7 @@ fn canonical(
     let mut out = String::with_capacity(512);
     out.push_str(request.method.as_str());
     out.push('\n');
-    out.push_str(&canonical_path(request.raw_path));
+    push_canonical_path(&mut out, request.raw_path);
     out.push('\n');
     let mut pairs: Vec<(String, String)> = request
         .query
@@ -464,17 +466,27 @@ pub fn authorization(key_id: &str, secret: &str, region: &str, request: &Request
 }
 
 /// The path, each segment decoded then encoded as AWS encodes it (S3 encodes once; `/` kept).
+#[cfg(test)]
 fn canonical_path(raw: &str) -> String {
+    let mut out = String::new();
+    push_canonical_path(&mut out, raw);
+    out
+}
+
+/// [`canonical_path`] onto `out` (a segment without `%` decodes to itself: no copy).
+fn push_canonical_path(out: &mut String, raw: &str) {
+    use std::fmt::Write;
     if raw.is_empty() {
-        return "/".into();
+        out.push('/');
+        return;
     }
-    raw.split('/')
-        .map(|segment| {
-            let decoded: Vec<u8> = percent_decode_str(segment).collect();
-            percent_encoding::percent_encode(&decoded, COMPONENT).to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("/")
+    for (i, segment) in raw.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        let decoded: std::borrow::Cow<[u8]> = percent_decode_str(segment).into();
+        write!(out, "{}", percent_encoding::percent_encode(&decoded, COMPONENT)).expect("a String takes any text");
+    }
 }
 
 fn encode_component(text: &str) -> String {
