@@ -276,6 +276,14 @@ pub struct TtlBody {
     pub at_ms: Option<u64>,
 }
 
+/// The answer to a [`TtlBody`] that changed nothing (200; a change that took is 204): the
+/// replica's expiry sorts above it, set at `kept_stamp`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TtlAnswer {
+    pub version: u32,
+    pub kept_stamp: u64,
+}
+
 // ----- anti-entropy -----
 
 /// Buckets of a partition's ids in a digest: the first byte of an id's random part.

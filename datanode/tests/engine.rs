@@ -13,7 +13,7 @@ use cairn_common::volume_layout::{self as layout, VolumeMarker, SEGMENT_HEADER_L
 use cairn_common::BlobId;
 use cairn_datanode::engine::record::{RecordHeader, RecordKind, HEADER_LEN};
 use cairn_datanode::engine::{
-    now_ms, BlobMeta, BlobState, ChunkCache, CompactionConfig, PutRequest, Volume, VolumeConfig, VolumeError,
+    now_ms, BlobMeta, BlobState, ChunkCache, CompactionConfig, PutRequest, TtlMerge, Volume, VolumeConfig, VolumeError,
     VolumeHealth,
 };
 use cairn_datanode::metrics::EngineMetrics;
@@ -119,16 +119,17 @@ async fn the_expiry_with_the_latest_stamp_wins_and_survives_a_crash() {
         (e.expiry_ms, e.expiry_set_ms)
     };
     assert_eq!(state(&volume), (Some(x), t + 100));
-    assert!(!volume.merge_ttl(id, None, t + 50).await.unwrap(), "an older stamp loses");
-    assert!(!volume.merge_ttl(id, Some(y), t + 100).await.unwrap(), "same stamp, earlier expiry: loses");
-    assert!(!volume.merge_ttl(id, Some(x), t + 100).await.unwrap(), "the same state: nothing to do");
+    let kept = |stamp| TtlMerge::Kept { stamp };
+    assert_eq!(volume.merge_ttl(id, None, t + 50).await.unwrap(), kept(t + 100), "an older stamp loses");
+    assert_eq!(volume.merge_ttl(id, Some(y), t + 100).await.unwrap(), kept(t + 100), "same stamp, earlier expiry");
+    assert_eq!(volume.merge_ttl(id, Some(x), t + 100).await.unwrap(), TtlMerge::AlreadySo, "the same state");
     assert_eq!(state(&volume), (Some(x), t + 100));
     let written = volume.stats().unwrap().written_bytes;
-    assert!(!volume.merge_ttl(id, Some(z), t + 99).await.unwrap());
+    assert_eq!(volume.merge_ttl(id, Some(z), t + 99).await.unwrap(), kept(t + 100));
     assert_eq!(volume.stats().unwrap().written_bytes, written, "a losing expiry writes nothing");
-    assert!(volume.merge_ttl(id, None, t + 100).await.unwrap(), "same stamp, never expiring: wins");
+    assert_eq!(volume.merge_ttl(id, None, t + 100).await.unwrap(), TtlMerge::Taken, "same stamp, never expiring: wins");
     assert_eq!(state(&volume), (None, t + 100));
-    assert!(volume.merge_ttl(id, Some(z), t + 200).await.unwrap(), "a later stamp wins");
+    assert_eq!(volume.merge_ttl(id, Some(z), t + 200).await.unwrap(), TtlMerge::Taken, "a later stamp wins");
     assert_eq!(state(&volume), (Some(z), t + 200));
     // A client's change stamped by a clock behind this replica's still wins here.
     volume.set_ttl(id, Some(y), t + 150).await.unwrap();
@@ -137,7 +138,7 @@ async fn the_expiry_with_the_latest_stamp_wins_and_survives_a_crash() {
     drop(volume);
     let volume = open(dir.path(), 4);
     assert_eq!(state(&volume), (Some(y), t + 201));
-    assert!(!volume.merge_ttl(id, Some(z), t + 200).await.unwrap(), "the replayed stamp still decides");
+    assert_eq!(volume.merge_ttl(id, Some(z), t + 200).await.unwrap(), kept(t + 201), "the replayed stamp decides");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -928,6 +928,38 @@ fn ttl_changes_replicate_once_and_settle() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().unwrap().contains("clocks disagree"));
+
+    // A change still on its way from an earlier request (an older stamp) reaches one replica
+    // after a later change was acknowledged: it is kept out, the replica answers its own stamp.
+    let now = cairn_datanode::engine::now_ms();
+    let current = expiry(&nodes[0]);
+    let ttl_url = |node: &Node| node.url(&format!("/replica/v1/blobs/{id}/ttl"));
+    let late = replica_client
+        .put(ttl_url(&nodes[1]))
+        .json(&json!({"expires_ms": now + 5 * 86_400_000, "at_ms": now - 60_000}))
+        .send()
+        .unwrap();
+    assert_eq!(late.status(), 200, "kept, not taken");
+    let answer: Value = late.json().unwrap();
+    assert!(answer["kept_stamp"].as_u64().unwrap() > now - 60_000, "{answer}");
+    settle("after a late change");
+    assert!(refs.iter().all(|n| expiry(n) == current), "the acknowledged change stays everywhere");
+
+    // Every replica holds an expiry set through a node whose clock was half an hour ahead: a
+    // change made now through a node with the right clock still wins (stamped again above).
+    let ahead_expiry = now + 10 * 86_400_000;
+    for node in &nodes {
+        let r = replica_client
+            .put(ttl_url(node))
+            .json(&json!({"expires_ms": ahead_expiry, "at_ms": now + 1_800_000}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    ttl(&nodes[2], r#"{"ttl_seconds": 3600}"#);
+    settle("after a change over a stamp from a clock ahead");
+    let won = expiry(&nodes[0]).as_u64().unwrap();
+    assert!(won < now + 2 * 3_600_000, "the change made now won: {won} (ahead: {ahead_expiry})");
 }
 
 /// Anti-entropy: whatever makes a replica lose what its journal token says it has (here its

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use cairn_cluster::replica::{
     check_version, hex, BatchAnswer, BatchOutcome, BlobBatch, BlobFrame, BucketEntries, BucketEntry,
     CurrentNamesAnswer, CurrentNamesQuery, DigestAnswer, EntryKind, JournalBatch, JournalItem, JournalPage,
-    JournalRequest, NameVersionsAnswer, NameVersionsQuery, ReplicaBlob, TombstoneAnswer, TtlBody, WireError,
+    JournalRequest, NameVersionsAnswer, NameVersionsQuery, ReplicaBlob, TombstoneAnswer, TtlAnswer, TtlBody, WireError,
     DIGEST_BUCKETS, WIRE_VERSION,
 };
 use cairn_common::BlobId;
@@ -28,7 +28,7 @@ use super::upload::{read_small, UploadBudget};
 use crate::cluster::names::{current_answer, versions_answer, MAX_PAGE};
 use crate::cluster::Cluster;
 use crate::engine::record::RecordKind;
-use crate::engine::{BlobMeta, PutRequest, Volume, VolumeError};
+use crate::engine::{BlobMeta, PutRequest, TtlMerge, Volume, VolumeError};
 
 /// The content type of a [`BlobFrame`] body.
 pub const FRAME_CONTENT_TYPE: &str = "application/x-cairn-blob-frame";
@@ -265,25 +265,35 @@ const MAX_STAMP_AHEAD_MS: u64 = 3_600_000;
 #[utoipa::path(put, path = "/replica/v1/blobs/{id}/ttl", tag = "replica", security(("node_token" = [])),
     request_body(content = Object, content_type = "application/json", description = "A TtlBody"),
     params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
-    responses((status = 204, description = "Updated in this replica"), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
+    responses((status = 204, description = "Updated in this replica, or it already had that expiry with that stamp"), (status = 200, description = "Kept: this replica's expiry sorts above the change (a TtlAnswer with its stamp)", body = Object), (status = 401, description = "Without the cluster's node token (a standalone node has none, and no replica routes)", body = ErrorBody), (status = 404, description = "No such blob here, or a standalone node", body = ErrorBody), (status = 400, description = "Malformed id, parameter or body", body = ErrorBody), (status = 421, description = "No replica of that partition on this node", body = ErrorBody), (status = 410, description = "Deleted or expired here", body = ErrorBody)))]
 async fn ttl_replica(
     State(state): State<ReplicaState>,
     Path(raw): Path<String>,
     body: Body,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let blob_id = parse_id(&raw)?;
     let body = read_small(body, 64 * 1024).await?;
     let body: TtlBody = serde_json::from_slice(&body).map_err(|e| ApiError::InvalidBody(e.to_string()))?;
+    let volume = local_volume(&state, blob_id.partition())?;
     let now = crate::engine::now_ms();
-    let at_ms = body.at_ms.unwrap_or(now);
+    let Some(at_ms) = body.at_ms else {
+        // An older coordinator: its change is made now, stamped by this node's clock.
+        volume.set_ttl(blob_id, body.expires_ms, now).await?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
     // A stamp far ahead would win over every later change until clocks caught up with it.
     if at_ms > now.saturating_add(MAX_STAMP_AHEAD_MS) {
         return Err(ApiError::InvalidBody(format!(
             "at_ms {at_ms} is more than an hour ahead of this node's clock ({now}): the nodes' clocks disagree"
         )));
     }
-    local_volume(&state, blob_id.partition())?.set_ttl(blob_id, body.expires_ms, at_ms).await?;
-    Ok(StatusCode::NO_CONTENT)
+    // The change replaces the expiry here only if it is the later one: a change still on its way
+    // from an earlier request never overrides one acknowledged after it. A coordinator told the
+    // stamp here tries again above it (its clock was behind).
+    match volume.merge_ttl(blob_id, body.expires_ms, at_ms).await? {
+        TtlMerge::Taken | TtlMerge::AlreadySo => Ok(StatusCode::NO_CONTENT.into_response()),
+        TtlMerge::Kept { stamp } => Ok(Json(TtlAnswer { version: WIRE_VERSION, kept_stamp: stamp }).into_response()),
+    }
 }
 
 /// A page of `volume`'s journal from `from` on (blocking: a redb read).

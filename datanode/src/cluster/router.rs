@@ -11,10 +11,12 @@ use cairn_common::BlobId;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use cairn_cluster::replica::{BatchAnswer, BlobBatch, BlobFrame, ReplicaBlob, TombstoneAnswer, TtlBody, WIRE_VERSION};
+use cairn_cluster::replica::{
+    check_version, BatchAnswer, BlobBatch, BlobFrame, ReplicaBlob, TombstoneAnswer, TtlAnswer, TtlBody, WIRE_VERSION,
+};
 
 use super::Cluster;
-use crate::engine::{BlobMeta, PutRequest, VolumeError};
+use crate::engine::{BlobMeta, PutRequest, TtlMerge, VolumeError};
 use crate::store::WriteAffinity;
 
 /// Why the cluster could not do what was asked: the API layer maps each to a status.
@@ -68,6 +70,10 @@ pub(crate) enum Outcome {
     Full,
     /// This blob does not fit (or the replica's disk is short for now); smaller ones may.
     NoRoom(String),
+    /// A TTL change whose stamp sorts below the replica's expiry, set at `stamp`: not taken.
+    Kept {
+        stamp: u64,
+    },
     Failed(String),
 }
 
@@ -163,11 +169,27 @@ impl Cluster {
         }
     }
 
-    /// Changes the expiry at write quorum.
+    /// Changes the expiry at write quorum, stamped by this node's clock. A replica takes the
+    /// change only if its stamp is the later one, so that a change still on its way to a slow
+    /// replica never overrides one acknowledged after it. A replica that keeps a later stamp
+    /// (set through a node whose clock is ahead) makes this node try again just above it: the
+    /// change the client makes now wins.
     pub async fn update_ttl(self: &Arc<Self>, id: BlobId, expiry_ms: Option<u64>) -> Result<(), RouteError> {
         let (partition, config) = self.partition_of(id)?;
-        let at_ms = crate::engine::now_ms();
-        self.write_quorum(&partition, &config, ReplicaOp::Ttl { id, expiry_ms, at_ms }).await.map(|_| ())
+        let mut at_ms = crate::engine::now_ms();
+        for _ in 0..TTL_ATTEMPTS {
+            let op = ReplicaOp::Ttl { id, expiry_ms, at_ms };
+            let (successes, outcomes) = self.write_replicas(&partition, &config, op).await;
+            let kept =
+                outcomes.iter().filter_map(|o| if let Outcome::Kept { stamp } = o { Some(*stamp) } else { None });
+            match kept.max() {
+                Some(stamp) if successes < config.write_quorum as usize => at_ms = at_ms.max(stamp.saturating_add(1)),
+                _ => return quorum_result(&partition, &config, successes, outcomes).map(drop),
+            }
+        }
+        Err(RouteError::NoQuorum(format!(
+            "the expiry of {id} kept changing through other nodes while this change was written; try again"
+        )))
     }
 
     fn partition_of(&self, id: BlobId) -> Result<(PartitionSpec, ClusterConfig), RouteError> {
@@ -186,6 +208,18 @@ impl Cluster {
         config: &ClusterConfig,
         op: ReplicaOp,
     ) -> Result<Vec<Outcome>, RouteError> {
+        let (successes, outcomes) = self.write_replicas(partition, config, op).await;
+        quorum_result(partition, config, successes, outcomes)
+    }
+
+    /// [`Cluster::write_quorum`]'s writes: the successes and the outcomes seen until a quorum
+    /// succeeded or could no longer.
+    async fn write_replicas(
+        self: &Arc<Self>,
+        partition: &PartitionSpec,
+        config: &ClusterConfig,
+        op: ReplicaOp,
+    ) -> (usize, Vec<Outcome>) {
         let quorum = config.write_quorum as usize;
         // Polled here rather than spawned: a PUT costs no task (and no wake-up) per replica.
         let mut writes: FuturesUnordered<_> = partition
@@ -222,34 +256,7 @@ impl Cluster {
                 }
             }));
         }
-        if successes >= quorum {
-            return Ok(outcomes);
-        }
-        // Not enough: say why, in the most useful terms.
-        if outcomes.iter().any(|o| matches!(o, Outcome::Gone)) {
-            return Err(RouteError::Deleted);
-        }
-        if outcomes.iter().filter(|o| matches!(o, Outcome::NotFound)).count() + successes >= quorum {
-            return Err(RouteError::NotFound);
-        }
-        if outcomes.iter().any(|o| matches!(o, Outcome::Full)) {
-            return Err(RouteError::NoRoom(format!("partition {} is full", partition.id)));
-        }
-        if let Some(Outcome::NoRoom(reason)) = outcomes.iter().find(|o| matches!(o, Outcome::NoRoom(_))) {
-            return Err(RouteError::NoRoom(format!("partition {}: {reason}", partition.id)));
-        }
-        let reasons: Vec<String> = outcomes
-            .iter()
-            .filter_map(|o| match o {
-                Outcome::Failed(reason) => Some(reason.clone()),
-                _ => None,
-            })
-            .collect();
-        Err(RouteError::NoQuorum(format!(
-            "{successes} of {total} replicas of partition {} acknowledged, {quorum} needed: {}",
-            partition.id,
-            reasons.join("; ")
-        )))
+        (successes, outcomes)
     }
 
     fn spawn_mark_read_only(self: &Arc<Self>, partition: u32) {
@@ -295,6 +302,14 @@ impl Cluster {
         };
         let status = response.status().as_u16();
         match (status, op) {
+            // 204: taken; 200: kept, the replica's expiry being the later one.
+            (200, ReplicaOp::Ttl { .. }) => match response.json::<TtlAnswer>().await {
+                Ok(answer) => match check_version(answer.version) {
+                    Ok(()) => Outcome::Kept { stamp: answer.kept_stamp },
+                    Err(e) => Outcome::Failed(format!("{node}: {e}")),
+                },
+                Err(e) => Outcome::Failed(format!("{node}: {e}")),
+            },
             (200..=299, ReplicaOp::Delete { .. }) => match response.json::<TombstoneAnswer>().await {
                 Ok(answer) => Outcome::Done { existed: answer.existed },
                 Err(e) => Outcome::Failed(format!("{node}: {e}")),
@@ -452,7 +467,11 @@ impl Cluster {
             }
             ReplicaOp::Delete { id, if_present: true } => volume.delete_if_present(id).await,
             ReplicaOp::Delete { id, if_present: false } => volume.tombstone(id).await,
-            ReplicaOp::Ttl { id, expiry_ms, at_ms } => volume.set_ttl(id, expiry_ms, at_ms).await.map(|_| true),
+            ReplicaOp::Ttl { id, expiry_ms, at_ms } => match volume.merge_ttl(id, expiry_ms, at_ms).await {
+                Ok(TtlMerge::Kept { stamp }) => return Outcome::Kept { stamp },
+                Ok(TtlMerge::Taken | TtlMerge::AlreadySo) => Ok(true),
+                Err(e) => Err(e),
+            },
         };
         match result {
             Ok(existed) => Outcome::Done { existed },
@@ -556,12 +575,53 @@ pub(crate) fn with_request_id(request: reqwest::RequestBuilder) -> reqwest::Requ
 /// together (cairn-bench cluster, put_4k: 8 in flight 0.20–0.22 of a single node, 2 in flight
 /// 0.22–0.24, 1 in flight 0.20–0.22).
 const BATCHES_IN_FLIGHT: usize = 2;
+/// Tries of one TTL change, each stamped above what the replicas that kept theirs said.
+const TTL_ATTEMPTS: usize = 4;
 /// Writes in one batch, at most; and the payload bytes after which a batch takes no more.
 const BATCH_BLOBS: usize = 128;
 const BATCH_BYTES: usize = 1 << 20;
 
 /// What a replica's answer to a write means for the quorum: one mapping for single and batched
 /// writes.
+/// A write's answer from its replicas' outcomes: the outcomes when a quorum succeeded, else why
+/// not, in the most useful terms.
+fn quorum_result(
+    partition: &PartitionSpec,
+    config: &ClusterConfig,
+    successes: usize,
+    outcomes: Vec<Outcome>,
+) -> Result<Vec<Outcome>, RouteError> {
+    let (quorum, total) = (config.write_quorum as usize, partition.replicas.len());
+    if successes >= quorum {
+        return Ok(outcomes);
+    }
+    // Not enough: say why, in the most useful terms.
+    if outcomes.iter().any(|o| matches!(o, Outcome::Gone)) {
+        return Err(RouteError::Deleted);
+    }
+    if outcomes.iter().filter(|o| matches!(o, Outcome::NotFound)).count() + successes >= quorum {
+        return Err(RouteError::NotFound);
+    }
+    if outcomes.iter().any(|o| matches!(o, Outcome::Full)) {
+        return Err(RouteError::NoRoom(format!("partition {} is full", partition.id)));
+    }
+    if let Some(Outcome::NoRoom(reason)) = outcomes.iter().find(|o| matches!(o, Outcome::NoRoom(_))) {
+        return Err(RouteError::NoRoom(format!("partition {}: {reason}", partition.id)));
+    }
+    let reasons: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Failed(reason) => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    Err(RouteError::NoQuorum(format!(
+        "{successes} of {total} replicas of partition {} acknowledged, {quorum} needed: {}",
+        partition.id,
+        reasons.join("; ")
+    )))
+}
+
 fn outcome_of(node: &str, status: u16, code: Option<&str>, message: Option<&str>) -> Outcome {
     match status {
         200..=299 => Outcome::Done { existed: true },

@@ -25,8 +25,8 @@ use super::model::{self, BucketRecord, ObjectRecord, ObjectSummary, Piece};
 use super::sigv4::Payload;
 use super::{buckets, xml, S3Request, S3State, Target};
 use crate::engine::names::{self, NameRecord};
-use crate::engine::{now_ms, BlobMeta};
-use crate::front::PieceReader;
+use crate::engine::{now_ms, BlobMeta, VolumeError};
+use crate::front::{FrontError, PieceReader};
 
 /// Stored headers a client gives at upload and gets back on reads.
 const STORED_HEADERS: [&str; 5] =
@@ -846,12 +846,12 @@ pub async fn commit_locked(
             .map_err(|e| before(S3Error::internal(e.to_string())))?;
     loop {
         // A put that failed may still have reached the disk (a volume that failed after
-        // writing): its record may be live after a restart.
+        // writing): its record may be live after a restart, unless the volume refused it first.
         let answered = state
             .front
             .put_name(partition, &record, now_ms())
             .await
-            .map_err(|e| CommitError { error: e.into(), record_may_live: true })?;
+            .map_err(|e| CommitError { record_may_live: !refused_before_writing(&e), error: e.into() })?;
         let others: Vec<(u128, names::NameEntry)> =
             known.clone().or(answered).unwrap_or_default().into_iter().filter(|(v, _)| *v != version).collect();
         // Not read first, a version above this one (made before a restart by a clock that was
@@ -883,6 +883,22 @@ pub async fn commit_locked(
         }
         return Ok((version, garbage));
     }
+}
+
+/// Whether a volume refused a put before writing anything (no room, paused, a record that does
+/// not fit or conflicts), so that no record of it can be live after a restart.
+fn refused_before_writing(error: &FrontError) -> bool {
+    matches!(
+        error,
+        FrontError::Volume(
+            VolumeError::Full
+                | VolumeError::NoRoom { .. }
+                | VolumeError::Paused { .. }
+                | VolumeError::TooLarge { .. }
+                | VolumeError::Conflict
+                | VolumeError::Integrity(_)
+        )
+    )
 }
 
 /// What CopyObject (`CopyObjectResult`) and UploadPartCopy (`CopyPartResult`) answer.

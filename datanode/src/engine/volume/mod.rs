@@ -131,6 +131,19 @@ struct Written {
     versions_before: Vec<(u128, NameEntry)>,
     /// Whether the operation wrote a record (rather than finding it had nothing to do).
     recorded: bool,
+    /// For a stamped TTL update that sorted below the expiry there: that expiry's stamp.
+    above: Option<u64>,
+}
+
+/// What a stamped expiry ([`Volume::merge_ttl`]) did to a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtlMerge {
+    /// It sorted above the replica's expiry and replaced it.
+    Taken,
+    /// The replica had that very expiry, with that stamp.
+    AlreadySo,
+    /// The replica's expiry sorts above it (set at `stamp`): kept.
+    Kept { stamp: u64 },
 }
 
 enum WriterMsg {
@@ -550,21 +563,31 @@ impl Volume {
         self.set_ttl(blob_id, expiry_ms, now_ms()).await
     }
 
-    /// Sets a new expiry a client asked for, stamped `at_ms` by the node that took the request.
-    /// It replaces the replica's expiry even if that one's stamp is later (another clock); the
-    /// record then takes a stamp just above it.
+    /// Sets a new expiry a client asked for, stamped `at_ms`, on the only copy there is (a
+    /// standalone node's, or a change from an older node that sends no stamp). It replaces the
+    /// expiry even if that one's stamp is later (another clock); the record then takes a stamp
+    /// just above it. A cluster's coordinator uses [`Volume::merge_ttl`] instead.
     pub async fn set_ttl(&self, blob_id: BlobId, expiry_ms: Option<u64>, at_ms: u64) -> Result<(), VolumeError> {
         let expiry_ms = record::normalize_expiry(expiry_ms);
         self.write(WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms, rule: TtlRule::Set }).await.map(drop)
     }
 
-    /// Takes another replica's expiry, set at `set_ms`, if it sorts above this replica's
-    /// ([`index::ttl_order`]). Whether it did.
-    pub async fn merge_ttl(&self, blob_id: BlobId, expiry_ms: Option<u64>, set_ms: u64) -> Result<bool, VolumeError> {
+    /// Takes an expiry set at `set_ms` — another replica's, or a change a cluster's coordinator
+    /// stamped — if it sorts above this replica's ([`index::ttl_order`]).
+    pub async fn merge_ttl(
+        &self,
+        blob_id: BlobId,
+        expiry_ms: Option<u64>,
+        set_ms: u64,
+    ) -> Result<TtlMerge, VolumeError> {
         let expiry_ms = record::normalize_expiry(expiry_ms);
         let written =
             self.write(WriteOp::TtlUpdate { blob_id, expiry_ms, at_ms: set_ms, rule: TtlRule::IfNewer }).await?;
-        Ok(written.recorded)
+        Ok(match (written.recorded, written.above) {
+            (true, _) => TtlMerge::Taken,
+            (false, Some(stamp)) => TtlMerge::Kept { stamp },
+            (false, None) => TtlMerge::AlreadySo,
+        })
     }
 
     /// Makes everything written so far durable in the index (normally done periodically).

@@ -232,6 +232,11 @@ pub(super) enum Planned {
     Record(EncodedRecord),
     /// Already in the requested state (idempotent retry).
     Nothing,
+    /// A peer's or a coordinator's expiry that sorts below the one here, set at `stamp`:
+    /// nothing is written.
+    Below {
+        stamp: u64,
+    },
 }
 
 pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -> Result<Planned, VolumeError> {
@@ -266,10 +271,12 @@ pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -
             Some(e) if rule == TtlRule::Set => {
                 (blob_id, RecordKind::TtlUpdate, at_ms.max(e.expiry_set_ms.saturating_add(1)), expiry_ms)
             }
-            // A peer's expiry replaces this one only if it sorts above it, so that every replica
-            // ends with the highest and none copies back and forth.
-            Some(e) if index::ttl_order(at_ms, expiry_ms) <= index::ttl_order(e.expiry_set_ms, e.expiry_ms) => {
-                return Ok(Planned::Nothing)
+            // A stamped expiry (a peer's, or a coordinator's change) replaces this one only if it
+            // sorts above it, so that every replica ends with the highest and none copies back
+            // and forth.
+            Some(e) if (at_ms, expiry_ms) == (e.expiry_set_ms, e.expiry_ms) => return Ok(Planned::Nothing),
+            Some(e) if index::ttl_order(at_ms, expiry_ms) < index::ttl_order(e.expiry_set_ms, e.expiry_ms) => {
+                return Ok(Planned::Below { stamp: e.expiry_set_ms })
             }
             Some(_) => (blob_id, RecordKind::TtlUpdate, at_ms, expiry_ms),
         },
@@ -470,7 +477,7 @@ impl Writer {
                     WriteOp::Put { versions_of: Some(of), .. } => tables.name_versions(&of.0, &of.1)?,
                     _ => Vec::new(),
                 };
-                let mut done = Written { versions_before, recorded: false };
+                let mut done = Written { versions_before, ..Written::default() };
                 let planned = match plan_op(&tables.blobs, op) {
                     Ok(p) => p,
                     Err(e) => {
@@ -478,9 +485,17 @@ impl Writer {
                         continue;
                     }
                 };
-                let Planned::Record(record) = planned else {
-                    results.push(Ok(done));
-                    continue;
+                let record = match planned {
+                    Planned::Record(record) => record,
+                    Planned::Nothing => {
+                        results.push(Ok(done));
+                        continue;
+                    }
+                    Planned::Below { stamp } => {
+                        done.above = Some(stamp);
+                        results.push(Ok(done));
+                        continue;
+                    }
                 };
                 match self.place(&mut tables, &mut writes, record.record_len(), record.header.kind, peer_reserve) {
                     Ok(location) => {
