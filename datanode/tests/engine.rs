@@ -141,6 +141,44 @@ async fn the_expiry_with_the_latest_stamp_wins_and_survives_a_crash() {
     assert_eq!(volume.merge_ttl(id, Some(z), t + 200).await.unwrap(), kept(t + 201), "the replayed stamp decides");
 }
 
+/// An expiry changed by the release before the stamp existed (its entry reads as set at the
+/// put's time) that a replica missed: a peer's expiry at that same stamp is taken, once, just
+/// above it, whichever is later; from then on the stamps decide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_changed_before_stamps_existed_is_taken_from_a_peer() {
+    use cairn_datanode::engine::index::{self, BLOBS};
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 4);
+    let (id, _) = put(&volume, 1, 100).await.unwrap();
+    let t = volume.entry(id).unwrap().created_ms;
+    let (shortened, original) = (t + 60_000, t + 7_200_000);
+    volume.set_ttl(id, Some(original), t + 1).await.unwrap();
+    volume.close();
+    drop(volume);
+    // As the release before wrote it: the expiry, no stamp.
+    let db = redb::Database::open(dir.path().join(layout::INDEX_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut blobs = txn.open_table(BLOBS).unwrap();
+        let entry = index::get_entry(&blobs, id.to_bytes()).unwrap().unwrap();
+        blobs.insert(id.to_bytes(), index::encode_entry_v1(&entry).as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+    drop(db);
+    let volume = open(dir.path(), 4);
+    let state = |volume: &Volume| {
+        let e = volume.entry(id).unwrap();
+        (e.expiry_ms, e.expiry_set_ms)
+    };
+    assert_eq!(state(&volume), (Some(original), t), "format 1: set at the put's time");
+    // A peer that took the shortening the older release made: its expiry, at the put's time.
+    assert_eq!(volume.merge_ttl(id, Some(shortened), t).await.unwrap(), TtlMerge::Taken, "an earlier expiry too");
+    assert_eq!(state(&volume), (Some(shortened), t + 1));
+    // Now stamped: the rule of stamps again (a peer still at the put's time loses).
+    assert_eq!(volume.merge_ttl(id, Some(original), t).await.unwrap(), TtlMerge::Kept { stamp: t + 1 });
+    assert_eq!(volume.merge_ttl(id, Some(shortened), t + 1).await.unwrap(), TtlMerge::AlreadySo);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_are_all_durable_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -962,6 +962,54 @@ fn ttl_changes_replicate_once_and_settle() {
     assert!(won < now + 2 * 3_600_000, "the change made now won: {won} (ahead: {ahead_expiry})");
 }
 
+/// A replica whose expiry was stamped by a clock hours ahead (here written into its volume while
+/// it is stopped): its peers do not take that expiry — it would beat every later change until
+/// the clocks met — but owe the entry, saying why, and keep their own.
+#[test]
+fn an_expiry_stamped_by_a_clock_far_ahead_is_owed_not_taken() {
+    let etcd = EtcdServer::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = started_cluster(root.path(), &etcd, 3, 1);
+    let client = support::client();
+    let id = put(&client, &nodes[0], b"a blob one clock disagrees about").unwrap();
+    let local = |node: &Node| client.get(node.url(&format!("/v1/blobs/{id}/info?local=true"))).send().unwrap();
+    wait_until("the blob on every replica", Duration::from_secs(30), || nodes.iter().all(|n| local(n).status() == 200));
+
+    nodes[2].signal("-TERM");
+    nodes[2].child.take().unwrap().wait().unwrap();
+    let index = walk(&nodes[2].dir)
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == cairn_common::volume_layout::INDEX_FILE))
+        .expect("n2's index");
+    let volume_dir = index.parent().unwrap();
+    let now = cairn_datanode::engine::now_ms();
+    {
+        use cairn_datanode::engine::{Volume, VolumeConfig};
+        let marker = cairn_common::volume_layout::VolumeMarker::read(volume_dir).unwrap();
+        let config = VolumeConfig { max_blob_bytes: 4 << 20, ..VolumeConfig::default() };
+        let metrics = std::sync::Arc::new(cairn_datanode::metrics::EngineMetrics::default());
+        let volume = Volume::create_or_open(volume_dir, &marker, config, metrics).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let blob: cairn_common::BlobId = id.parse().unwrap();
+        runtime.block_on(volume.set_ttl(blob, Some(now + 86_400_000), now + 3 * 3_600_000)).unwrap();
+        volume.close();
+    }
+    nodes[2].start();
+
+    wait_until("n0 owing n2's entry, with the reason", Duration::from_secs(60), || {
+        let list: Vec<Value> = client.get(nodes[0].url("/v1/admin/replicas")).send().unwrap().json().unwrap();
+        list.iter().any(|p| {
+            p["peer"] == "n2"
+                && p["owed_entries"].as_u64() >= Some(1)
+                && p["owed_error"].as_str().is_some_and(|e| e.contains("clocks disagree"))
+        })
+    });
+    for node in &nodes[..2] {
+        let info: Value = local(node).json().unwrap();
+        assert_eq!(info["expires_ms"], Value::Null, "{} kept its own expiry", node.id);
+    }
+}
+
 /// Anti-entropy: whatever makes a replica lose what its journal token says it has (here its
 /// index loses two records by hand, offline: a live blob and a tombstone), replicas converge
 /// again by comparing id digests, without any new write to replicate.

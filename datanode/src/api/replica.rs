@@ -259,9 +259,6 @@ async fn delete_replica(
     Ok(Json(TombstoneAnswer { existed }))
 }
 
-/// How far ahead of a replica's clock a TTL change's stamp may be.
-const MAX_STAMP_AHEAD_MS: u64 = 3_600_000;
-
 #[utoipa::path(put, path = "/replica/v1/blobs/{id}/ttl", tag = "replica", security(("node_token" = [])),
     request_body(content = Object, content_type = "application/json", description = "A TtlBody"),
     params(("id" = String, Path, description = "Blob id: 28 characters of URL-safe base64", pattern = r"^A[Q-Za-f][A-Za-z0-9_-]{26}$")),
@@ -282,7 +279,7 @@ async fn ttl_replica(
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     // A stamp far ahead would win over every later change until clocks caught up with it.
-    if at_ms > now.saturating_add(MAX_STAMP_AHEAD_MS) {
+    if crate::cluster::stamp_too_far_ahead(at_ms, now) {
         return Err(ApiError::InvalidBody(format!(
             "at_ms {at_ms} is more than an hour ahead of this node's clock ({now}): the nodes' clocks disagree"
         )));

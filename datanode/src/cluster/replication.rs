@@ -812,6 +812,13 @@ fn retry_delay(attempts: u32) -> Duration {
 /// Takes a peer's expiry, set at `set_ms`, if it is the later one ([`Volume::merge_ttl`]); a blob
 /// deleted, expired or gone here meanwhile needs none.
 async fn take_peer_expiry(volume: &Volume, id: BlobId, expiry_ms: Option<u64>, set_ms: u64) -> Result<(), ApplyError> {
+    // Owed (and reported) until this node's clock is near: the peer's clock may be the wrong one.
+    let now = crate::engine::now_ms();
+    if super::stamp_too_far_ahead(set_ms, now) {
+        return Err(ApplyError::Entry(format!(
+            "the peer's expiry of {id} is stamped {set_ms}, more than an hour ahead of this node's clock ({now}): the nodes' clocks disagree"
+        )));
+    }
     match volume.merge_ttl(id, expiry_ms, set_ms).await {
         Ok(_) | Err(VolumeError::Deleted | VolumeError::Expired | VolumeError::NotFound) => Ok(()),
         Err(e) => Err(ApplyError::Entry(e.to_string())),

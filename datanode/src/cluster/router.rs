@@ -183,7 +183,15 @@ impl Cluster {
             let kept =
                 outcomes.iter().filter_map(|o| if let Outcome::Kept { stamp } = o { Some(*stamp) } else { None });
             match kept.max() {
-                Some(stamp) if successes < config.write_quorum as usize => at_ms = at_ms.max(stamp.saturating_add(1)),
+                Some(stamp) if successes < config.write_quorum as usize => {
+                    // Above a stamp the other replicas would refuse: the clocks must be fixed first.
+                    if super::stamp_too_far_ahead(stamp, crate::engine::now_ms()) {
+                        return Err(RouteError::NoQuorum(format!(
+                            "a replica of {id} holds an expiry stamped {stamp}, more than an hour ahead of this node's clock: the nodes' clocks disagree"
+                        )));
+                    }
+                    at_ms = at_ms.max(stamp.saturating_add(1));
+                }
                 _ => return quorum_result(&partition, &config, successes, outcomes).map(drop),
             }
         }

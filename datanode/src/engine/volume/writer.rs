@@ -275,6 +275,15 @@ pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -
             // sorts above it, so that every replica ends with the highest and none copies back
             // and forth.
             Some(e) if (at_ms, expiry_ms) == (e.expiry_set_ms, e.expiry_ms) => return Ok(Planned::Nothing),
+            // Entries from before the stamp existed read as set at the put's time, and every
+            // change since is stamped above it: two expiries that differ at that very stamp
+            // differ by a change the older release made and one replica missed. The one sent
+            // here is taken (its replica announced a change, as the older release copied it),
+            // just above that stamp, so that the stamps decide from then on and two such
+            // replicas never trade theirs.
+            Some(e) if at_ms == e.created_ms && e.expiry_set_ms == e.created_ms => {
+                (blob_id, RecordKind::TtlUpdate, e.created_ms.saturating_add(1), expiry_ms)
+            }
             Some(e) if index::ttl_order(at_ms, expiry_ms) < index::ttl_order(e.expiry_set_ms, e.expiry_ms) => {
                 return Ok(Planned::Below { stamp: e.expiry_set_ms })
             }
