@@ -101,6 +101,12 @@ async fn put_get_delete_ttl_round_trip() {
     assert_eq!(volume.journal(2, 100).unwrap().len(), 3);
 }
 
+/// A blob's expiry in `volume`, and the stamp it was set at.
+fn expiry_and_stamp(volume: &Volume, id: BlobId) -> (Option<u64>, u64) {
+    let entry = volume.entry(id).unwrap();
+    (entry.expiry_ms, entry.expiry_set_ms)
+}
+
 /// Replicas agree on a blob's expiry by its stamp: another replica's expiry replaces this one's
 /// only if its stamp is later (or, stamps equal, the expiry is later), so that two replicas never
 /// copy each other's back and forth; a client's change always replaces it, with a stamp just
@@ -114,10 +120,7 @@ async fn the_expiry_with_the_latest_stamp_wins_and_survives_a_crash() {
     assert_eq!(volume.entry(id).unwrap().expiry_set_ms, t, "a put sets the expiry at its own time");
     let (x, y, z) = (t + 3_600_000, t + 1_800_000, t + 7_200_000);
     volume.set_ttl(id, Some(x), t + 100).await.unwrap();
-    let state = |volume: &Volume| {
-        let e = volume.entry(id).unwrap();
-        (e.expiry_ms, e.expiry_set_ms)
-    };
+    let state = |volume: &Volume| expiry_and_stamp(volume, id);
     assert_eq!(state(&volume), (Some(x), t + 100));
     let kept = |stamp| TtlMerge::Kept { stamp };
     assert_eq!(volume.merge_ttl(id, None, t + 50).await.unwrap(), kept(t + 100), "an older stamp loses");
@@ -166,10 +169,7 @@ async fn an_expiry_changed_before_stamps_existed_is_taken_from_a_peer() {
     txn.commit().unwrap();
     drop(db);
     let volume = open(dir.path(), 4);
-    let state = |volume: &Volume| {
-        let e = volume.entry(id).unwrap();
-        (e.expiry_ms, e.expiry_set_ms)
-    };
+    let state = |volume: &Volume| expiry_and_stamp(volume, id);
     assert_eq!(state(&volume), (Some(original), t), "format 1: set at the put's time");
     // A peer that took the shortening the older release made: its expiry, at the put's time.
     assert_eq!(volume.merge_ttl(id, Some(shortened), t).await.unwrap(), TtlMerge::Taken, "an earlier expiry too");

@@ -12,16 +12,6 @@
 //! `cairn_cluster::replica`.
 
 pub mod names;
-
-/// How far ahead of a node's clock a TTL stamp from another node may be: a stamp far ahead
-/// would win over every later change until the clocks caught up with it. Checked where a
-/// change enters a replica and where replication takes a peer's expiry.
-pub const MAX_TTL_STAMP_AHEAD_MS: u64 = 3_600_000;
-
-/// Whether `stamp` is more than [`MAX_TTL_STAMP_AHEAD_MS`] ahead of `now`.
-pub fn stamp_too_far_ahead(stamp: u64, now: u64) -> bool {
-    stamp > now.saturating_add(MAX_TTL_STAMP_AHEAD_MS)
-}
 pub mod replication;
 pub mod router;
 
@@ -39,6 +29,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{now_ms, Volume, VolumeConfig};
 use crate::store::{Store, VolumeSource};
+
+/// How far ahead of a node's clock a TTL stamp from another node may be: a stamp far ahead
+/// would win over every later change until the clocks caught up with it. Checked where a
+/// change enters a replica and where replication takes a peer's expiry.
+pub const MAX_TTL_STAMP_AHEAD_MS: u64 = 3_600_000;
+
+/// Whether `stamp` is more than [`MAX_TTL_STAMP_AHEAD_MS`] ahead of `now`.
+pub fn stamp_too_far_ahead(stamp: u64, now: u64) -> bool {
+    stamp > now.saturating_add(MAX_TTL_STAMP_AHEAD_MS)
+}
 
 /// Journal entries kept below the lowest cursor of a partition's peers.
 const ACK_MARGIN: u64 = 10_000;

@@ -589,8 +589,6 @@ const TTL_ATTEMPTS: usize = 4;
 const BATCH_BLOBS: usize = 128;
 const BATCH_BYTES: usize = 1 << 20;
 
-/// What a replica's answer to a write means for the quorum: one mapping for single and batched
-/// writes.
 /// A write's answer from its replicas' outcomes: the outcomes when a quorum succeeded, else why
 /// not, in the most useful terms.
 fn quorum_result(
@@ -630,6 +628,8 @@ fn quorum_result(
     )))
 }
 
+/// What a replica's answer to a write means for the quorum: one mapping for single and batched
+/// writes.
 fn outcome_of(node: &str, status: u16, code: Option<&str>, message: Option<&str>) -> Outcome {
     match status {
         200..=299 => Outcome::Done { existed: true },

@@ -80,12 +80,12 @@ impl NameRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, VolumeError> {
-        NameRecordRef::decode(bytes).map(|r| r.to_owned())
+        NameRecordRef::decode(bytes).map(NameRecordRef::to_record)
     }
 
     /// Decodes the record a name id's put carries, and checks that the id is its id.
     pub fn decode_for(id: BlobId, payload: &[u8]) -> Result<Self, VolumeError> {
-        NameRecordRef::decode_for(id, payload).map(|r| r.to_owned())
+        NameRecordRef::decode_for(id, payload).map(NameRecordRef::to_record)
     }
 }
 
@@ -120,7 +120,8 @@ impl<'a> NameRecordRef<'a> {
         Ok(record)
     }
 
-    pub fn to_owned(self) -> NameRecord {
+    /// The record with its own copies of the fields.
+    pub fn to_record(self) -> NameRecord {
         NameRecord {
             space: self.space.to_owned(),
             name: self.name.to_owned(),

@@ -817,7 +817,7 @@ pub async fn commit_locked(
 ) -> Result<(u128, Vec<Piece>), CommitError> {
     let before = |error: S3Error| CommitError { error, record_may_live: false };
     let read_first = condition.is_some() || state.front.cluster().is_some();
-    let known = match read_first {
+    let mut known = match read_first {
         true => Some(state.front.name_versions(partition, space, key).await.map_err(|e| before(e.into()))?),
         false => None,
     };
@@ -853,7 +853,7 @@ pub async fn commit_locked(
             .await
             .map_err(|e| CommitError { record_may_live: !refused_before_writing(&e), error: e.into() })?;
         let others: Vec<(u128, names::NameEntry)> =
-            known.clone().or(answered).unwrap_or_default().into_iter().filter(|(v, _)| *v != version).collect();
+            known.take().or(answered).unwrap_or_default().into_iter().filter(|(v, _)| *v != version).collect();
         // Not read first, a version above this one (made before a restart by a clock that was
         // ahead) shows only now: this record would never be current. It is withdrawn (it was
         // never acknowledged, and is older than what readers see) and written again above.

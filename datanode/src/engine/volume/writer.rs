@@ -109,7 +109,7 @@ fn apply_to_names(
     tables: &mut Tables<'_, '_>,
     header: &RecordHeader,
     payload: &[u8],
-    row: Option<&NameKey>,
+    row: Option<NameKey>,
 ) -> Result<Option<NameKey>, VolumeError> {
     let id = header.blob_id;
     let names = tables.names()?;
@@ -134,7 +134,7 @@ fn apply_to_names(
             }
             Ok(None)
         }
-        _ => Ok(row.cloned()),
+        _ => Ok(row),
     }
 }
 
@@ -151,7 +151,6 @@ pub(super) fn apply_record(
 ) -> Result<(), VolumeError> {
     let key = header.blob_id.to_bytes();
     let existing = index::get_entry(&tables.blobs, key)?;
-    let row = existing.as_ref().and_then(|e| e.name.clone());
     let seq = *next_seq;
     if matches!(header.kind, RecordKind::Put | RecordKind::Delete) && !tables.damaged.is_empty()? {
         // The blob came again (repair) or was deleted: nothing is owed any more.
@@ -214,7 +213,9 @@ pub(super) fn apply_record(
         _ => return Ok(()),
     };
     if header.blob_id.is_name() {
-        entry.name = apply_to_names(tables, header, payload, row.as_ref())?;
+        // The entry's row is the one its put inserted (a delete's entry is the put's, changed).
+        let row = entry.name.take();
+        entry.name = apply_to_names(tables, header, payload, row)?;
     }
     tables.segments.get(location.segment)?.live_bytes += location.len;
     tables.journal.insert(seq, index::encode(&journal_entry(header, location)).as_slice())?;
