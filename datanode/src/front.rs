@@ -138,6 +138,28 @@ impl Front {
         }
     }
 
+    /// Stores `record` in `partition` together with `payload` as blob `piece_id` (a piece the
+    /// record holds, on the same partition): a standalone volume writes both in one group commit
+    /// ([`Volume::put_name_with_piece`]). A cluster writes a piece and a record to replicas of
+    /// their own, so there the caller stores the piece first (this answers Unsupported).
+    pub async fn put_name_with_piece(
+        &self,
+        partition: u32,
+        record: &NameRecord,
+        created_ms: u64,
+        piece_id: BlobId,
+        payload: Bytes,
+    ) -> Result<Vec<(u128, NameEntry)>, FrontError> {
+        let store = match self {
+            Front::Cluster(_) => return Err(FrontError::Unsupported("a piece written with its name record")),
+            Front::Standalone(store) => store,
+        };
+        let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
+        let piece = PutRequest { blob_id: piece_id, meta, payload, created_ms, expiry_ms: None };
+        let volume = standalone_volume(store, record.id(partition))?;
+        Ok(volume.put_name_with_piece(piece, record.id(partition), record, created_ms).await?)
+    }
+
     /// Every version of a name in `partition`, oldest first.
     pub async fn name_versions(
         &self,

@@ -1011,6 +1011,56 @@ async fn name_records_index_their_names_through_deletes_and_crash_replay() {
     assert_eq!(state(&volume), before);
 }
 
+/// A piece and the name record that holds it, written in one writer step
+/// (`Volume::put_name_with_piece`): both are there, through a crash replay; a piece the volume
+/// has no room for leaves no record either, though the record alone would fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_and_its_name_record_are_written_together_or_not_at_all() {
+    use cairn_datanode::engine::names::NameRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 3);
+    let record = |name: &str| NameRecord::new("b".into(), name.into(), 1, b"s".to_vec(), vec![7; 50]).unwrap();
+    let partition = volume.partition();
+    let piece = |seed: u64, len: usize| {
+        let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).unwrap();
+        let blob_id = BlobId::generate(partition);
+        PutRequest { blob_id, meta, payload: payload(seed, len), created_ms: now_ms(), expiry_ms: None }
+    };
+    let checkpoint = durable_index(dir.path());
+    let first = piece(1, 20_000);
+    let (first_id, first_data) = (first.blob_id, first.payload.clone());
+    let named = record("k1");
+    let before = volume.put_name_with_piece(first, named.id(volume.partition()), &named, now_ms()).await.unwrap();
+    assert!(before.is_empty(), "no version of k1 before: {before:?}");
+    assert_eq!(read_all(&volume, first_id).unwrap(), first_data);
+    assert_eq!(volume.name_record(named.id(volume.partition())).unwrap(), named);
+    // A crash before any checkpoint: replay brings back both.
+    crash_to(dir.path(), volume, &checkpoint);
+    let volume = open(dir.path(), 3);
+    assert_eq!(read_all(&volume, first_id).unwrap(), first_data);
+    assert_eq!(volume.name_versions("b", "k1").unwrap().len(), 1);
+
+    // Filled until a 20 KB piece no longer fits (smaller blobs still do).
+    let mut seed = 2;
+    loop {
+        match put(&volume, seed, 20_000).await {
+            Ok(_) => seed += 1,
+            Err(VolumeError::NoRoom { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let refused = piece(seed, 20_000);
+    let refused_id = refused.blob_id;
+    let named = record("k2");
+    let err = volume.put_name_with_piece(refused, named.id(volume.partition()), &named, now_ms()).await.unwrap_err();
+    assert!(matches!(err, VolumeError::NoRoom { .. }), "{err:?}");
+    assert!(matches!(volume.entry(refused_id), Err(VolumeError::NotFound)));
+    assert!(volume.name_versions("b", "k2").unwrap().is_empty(), "a record without its piece was written");
+    // The record alone fits: it was refused for its piece, not for want of room.
+    volume.put_name(named.id(volume.partition()), &named, now_ms()).await.unwrap();
+    assert_eq!(volume.name_versions("b", "k2").unwrap().len(), 1);
+}
+
 /// A volume written before name records' rows lived in their `blobs` entries (index values of
 /// format 1, a `name_ids` table): opening it moves the rows over, and deleting such a record
 /// afterwards still takes its name out of the name index.

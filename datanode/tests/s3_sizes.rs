@@ -131,3 +131,55 @@ fn every_object_size_reads_back_put_whole_or_in_parts() {
         assert!(back == *data, "{key} after a restart: {} bytes back of {}", back.len(), data.len());
     }
 }
+
+/// An object's last piece goes with its name record, to the key's partition; when that volume
+/// has no room for the piece (though it has for the record), the piece goes to a volume that has,
+/// and the object reads back whole, before and after a restart.
+#[test]
+fn a_last_piece_the_keys_volume_has_no_room_for_goes_to_another() {
+    use cairn_datanode::api::s3::model::partition_of;
+    let dir = tempfile::tempdir().unwrap();
+    let s3_addr = format!("127.0.0.1:{}", support::free_port());
+    let mut node = Datanode::start(
+        &dir.path().join("node"),
+        &[
+            "--partitions",
+            "2",
+            "--volume-size",
+            "16MiB",
+            "--segment-size",
+            "2MiB",
+            "--max-blob-size",
+            "1MiB",
+            "--s3-listen",
+            &s3_addr,
+            "--s3-piece-size",
+            "512KiB",
+            "--s3-inline-size",
+            "64KiB",
+        ],
+    );
+    let s3 = S3::new(&s3_addr, "full");
+    s3.ok(s3.request(Method::PUT, "/full", &[]));
+    let keys_of_partition_0 = (0..).map(|i| format!("k{i}")).filter(|k| partition_of(&[0, 1], k) == 0);
+    let mut keys = keys_of_partition_0.into_iter();
+    // Objects inline in their records (60 KiB each) fill partition 0 until one is refused.
+    let mut stored = 0;
+    let refused = loop {
+        let key = keys.next().unwrap();
+        let response = s3.request(Method::PUT, &format!("/full/{key}"), &[]).body(vec![3u8; 60 << 10]).send().unwrap();
+        if !response.status().is_success() {
+            break response.status();
+        }
+        stored += 1;
+        assert!(stored < 1000, "partition 0 never filled");
+    };
+    assert!(refused.is_server_error(), "{refused}");
+    // 300 KB (one piece, not inline) under a key of the full partition.
+    let key = keys.next().unwrap();
+    let data = support::payload(7, 300_000);
+    s3.put(&key, &data);
+    assert!(s3.get(&key, None) == data);
+    node.restart();
+    assert!(s3.get(&key, None) == data, "after a restart");
+}

@@ -171,13 +171,14 @@ async fn upload_part(
     let bucket = buckets::find(state, bucket_name).await?;
     let upload = find_open_upload(state, &bucket, bucket_name, key, upload_id).await?;
     let copy = request.headers.contains_key("x-amz-copy-source");
-    let part = if copy {
-        copy_part(state, &request.headers, upload.record.checksum).await?
+    let (part, last) = if copy {
+        (copy_part(state, &request.headers, upload.record.checksum).await?, None)
     } else {
         let mut reader = BodyReader::new(&request, state.options.max_object_bytes)?;
         let body = std::mem::replace(&mut request.body, Body::empty());
         // Never inline: the completed object's bytes are its parts' pieces.
-        let (pieces, _) = objects::store_body(state, &mut reader, body.into_data_stream(), 0).await?;
+        let objects::StoredBody { pieces, last, .. } =
+            objects::store_body(state, &mut reader, body.into_data_stream(), 0).await?;
         // Until the part's commit takes them, the pieces go if anything fails or the request is
         // dropped.
         let pieces = objects::StoredPieces::holding(state, pieces);
@@ -192,7 +193,7 @@ async fn upload_part(
                 )));
             }
         }
-        ObjectRecord {
+        let part = ObjectRecord {
             size: read.len,
             etag: hex::encode(read.md5),
             content_type: String::new(),
@@ -202,9 +203,10 @@ async fn upload_part(
             pieces: pieces.take(),
             inline: Vec::new(),
             parts: Vec::new(),
-        }
+        };
+        (part, last)
     };
-    let version = commit_part(state, bucket_name, key, upload_id, number, part.clone()).await?;
+    let version = commit_part(state, bucket_name, key, upload_id, number, part.clone(), last).await?;
     if copy {
         return Ok(objects::copy_result("CopyPartResult", version, &part.etag));
     }
@@ -227,6 +229,7 @@ async fn commit_part(
     upload_id: &str,
     number: u32,
     part: ObjectRecord,
+    last: Option<objects::LastPiece>,
 ) -> Result<u128, S3Error> {
     let (state, bucket_name, key, upload_id) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
@@ -248,7 +251,7 @@ async fn commit_part(
         };
         let space = model::parts_space(&bucket_name);
         let name = model::part_name(&upload_id, number);
-        Ok(objects::commit(&state, upload.partition, &space, &name, &part, None).await?)
+        Ok(objects::commit(&state, upload.partition, &space, &name, part, last, None).await?)
     })
     .await
     .map_err(|e| S3Error::internal(format!("the part's commit task failed: {e}")))?
@@ -488,7 +491,8 @@ async fn complete(
         let marked = UploadRecord { completing: Some(Completion { etag: object.etag.clone(), version }), ..open.clone() };
         write_upload(&state, upload.partition, &bucket_name, &key, &upload_id, &marked).await?;
         let committed =
-            objects::commit_locked(&state, upload.partition, &bucket_name, &key, &object, condition, Some(version)).await;
+            objects::commit_locked(&state, upload.partition, &bucket_name, &key, &object, condition, Some(version), None)
+                .await;
         drop(name_guard);
         let garbage = match committed {
             Ok((_, garbage)) => garbage,

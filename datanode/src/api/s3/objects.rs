@@ -621,12 +621,16 @@ async fn put_object(
     let mut reader = BodyReader::new(&request, state.options.max_object_bytes)?;
     let body = std::mem::replace(&mut request.body, Body::empty());
     let inline_max = state.options.inline_bytes;
-    let (pieces, inline) = store_body(state, &mut reader, body.into_data_stream(), inline_max).await?;
+    let StoredBody { pieces, inline, last } =
+        store_body(state, &mut reader, body.into_data_stream(), inline_max).await?;
     // Until the commit takes them, the pieces go if anything fails or the request is dropped.
     let pieces = StoredPieces::holding(state, pieces);
     let read = reader.finish()?;
     let pieces = pieces.take();
-    debug_assert_eq!(read.len, pieces.iter().map(|p| p.len).sum::<u64>() + inline.len() as u64);
+    debug_assert_eq!(
+        read.len,
+        pieces.iter().map(|p| p.len).sum::<u64>() + inline.len() as u64 + last.as_ref().map_or(0, LastPiece::size)
+    );
     let object = ObjectRecord {
         size: read.len,
         etag: hex::encode(read.md5),
@@ -640,7 +644,7 @@ async fn put_object(
     };
     // What the answer needs, taken before the record (and its inline bytes) goes to the commit.
     let (etag, checksum) = (object.etag.clone(), object.checksum.clone());
-    commit_in_bucket(state, bucket_name, key, object, condition).await?;
+    commit_in_bucket(state, bucket_name, key, object, last, condition).await?;
     let mut response = StatusCode::OK.into_response();
     let h = response.headers_mut();
     h.insert(header::ETAG, quoted(&etag));
@@ -650,15 +654,51 @@ async fn put_object(
     Ok(response)
 }
 
-/// Reads a body: into pieces (blobs of at most `piece_bytes`), or, when the whole body is at
-/// most `inline_max` bytes, kept to go inside the name record. On any failure deletes what it
-/// stored.
+/// A body as [`store_body`] leaves it.
+pub struct StoredBody {
+    /// The pieces stored, the caller's to commit or delete.
+    pub pieces: Vec<Piece>,
+    /// The whole body, when it is small enough to go inside the name record.
+    pub inline: Bytes,
+    /// The last piece, read but not stored: the commit stores it with the record.
+    pub last: Option<LastPiece>,
+}
+
+/// The last piece of a body, read but not stored yet: [`commit`] writes it with the name record
+/// that holds it, in one step where the store can (one group commit, rather than the piece's and
+/// then the record's in turn), or else just before the record.
+pub struct LastPiece {
+    payload: Bytes,
+    /// Its room in the node's upload budget, held until it is stored.
+    room: Option<crate::api::upload::Room>,
+}
+
+impl LastPiece {
+    pub fn size(&self) -> u64 {
+        self.payload.len() as u64
+    }
+
+    /// Stores it as a piece of its own (anywhere there is room).
+    async fn store(self, state: &Arc<S3State>) -> Result<Piece, S3Error> {
+        store_piece(state, self.payload, self.room).await
+    }
+}
+
+impl std::fmt::Debug for LastPiece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LastPiece").field("len", &self.payload.len()).finish()
+    }
+}
+
+/// Reads a body: into pieces (blobs of at most `piece_bytes`), the last one left for the commit
+/// to store, or, when the whole body is at most `inline_max` bytes, kept to go inside the name
+/// record. On any failure deletes what it stored.
 pub async fn store_body(
     state: &Arc<S3State>,
     reader: &mut BodyReader,
     mut body: BodyDataStream,
     inline_max: u64,
-) -> Result<(Vec<Piece>, Bytes), S3Error> {
+) -> Result<StoredBody, S3Error> {
     let mut pieces = StoredPieces::new(state);
     let piece_bytes = state.piece_bytes();
     let outcome = async {
@@ -681,23 +721,26 @@ pub async fn store_body(
                 buffer.extend_from_slice(&data);
             }
             if done && pieces.is_empty() && buffer.len() as u64 <= inline_max {
-                return Ok::<_, S3Error>(buffer.freeze());
+                return Ok::<_, S3Error>((buffer.freeze(), None));
             }
             while buffer.len() as u64 >= piece_bytes || (done && !buffer.is_empty()) {
                 let take = (piece_bytes as usize).min(buffer.len());
                 let payload = buffer.split_to(take).freeze();
                 // The room goes with the piece: held until it is stored, even if this request is
                 // dropped meanwhile.
+                if done && buffer.is_empty() {
+                    return Ok((Bytes::new(), Some(LastPiece { payload, room: room.take() })));
+                }
                 pieces.push(store_piece(state, payload, room.take()).await?);
             }
             if done {
-                return Ok(Bytes::new());
+                return Ok((Bytes::new(), None));
             }
         }
     }
     .await;
     // On an error the guard deletes what was stored.
-    outcome.map(|inline| (pieces.take(), inline))
+    outcome.map(|(inline, last)| StoredBody { pieces: pieces.take(), inline, last })
 }
 
 /// Stores one piece, in a task of its own: a writer that goes away while its piece is being
@@ -730,6 +773,7 @@ async fn commit_in_bucket(
     bucket_name: &str,
     key: &str,
     object: ObjectRecord,
+    last: Option<LastPiece>,
     condition: Option<WriteCondition>,
 ) -> Result<u128, S3Error> {
     let (state, bucket_name, key) = (state.clone(), bucket_name.to_string(), key.to_string());
@@ -743,7 +787,7 @@ async fn commit_in_bucket(
             }
         };
         let partition = model::partition_of(&bucket.partitions, &key);
-        Ok(commit(&state, partition, &bucket_name, &key, &object, condition).await?)
+        Ok(commit(&state, partition, &bucket_name, &key, object, last, condition).await?)
     })
     .await
     .map_err(|e| S3Error::internal(format!("the commit task failed: {e}")))?
@@ -755,6 +799,15 @@ async fn commit_in_bucket(
 pub struct CommitError {
     pub error: S3Error,
     pub record_may_live: bool,
+    /// The last piece, handed back unstored: the name's volume refused it (and so the record)
+    /// before writing either.
+    pub refused_piece: Option<LastPiece>,
+}
+
+impl CommitError {
+    fn new(error: S3Error, record_may_live: bool) -> Self {
+        Self { error, record_may_live, refused_piece: None }
+    }
 }
 
 impl From<CommitError> for S3Error {
@@ -763,19 +816,47 @@ impl From<CommitError> for S3Error {
     }
 }
 
-/// Makes `object` the current version of `key` in `space` (on `partition`): [`commit_locked`]
-/// under the name's lock, then the superseded pieces are deleted. The object's pieces are the
-/// write's own: a commit that fails with no record that may live deletes them.
+/// Makes `object` the current version of `key` in `space` (on `partition`), with `last` its
+/// last piece: [`commit_locked`] under the name's lock, then the superseded pieces are deleted.
+/// The object's pieces are the write's own: a commit that fails with no record that may live
+/// deletes them.
+///
+/// A standalone node writes the last piece with the record, in the record's partition, in one
+/// group commit; if that volume has no room for it, it goes where there is, before the record. A
+/// cluster stores it first (a piece's replicas and a record's are chosen apart).
 pub async fn commit(
     state: &Arc<S3State>,
     partition: u32,
     space: &str,
     key: &str,
-    object: &ObjectRecord,
+    mut object: ObjectRecord,
+    last: Option<LastPiece>,
     condition: Option<WriteCondition>,
 ) -> Result<u128, CommitError> {
     let name_guard = lock_name(state, space, key).await;
-    let committed = commit_locked(state, partition, space, key, object, condition, None).await;
+    let committed = async {
+        let with = match last {
+            Some(last) if state.front.cluster().is_none() => {
+                let id = BlobId::generate(partition);
+                object.pieces.push(Piece { id: id.to_bytes(), len: last.size() });
+                Some((id, last))
+            }
+            Some(last) => {
+                object.pieces.push(last.store(state).await.map_err(|e| CommitError::new(e, false))?);
+                None
+            }
+            None => None,
+        };
+        match commit_locked(state, partition, space, key, &object, condition, None, with).await {
+            Err(CommitError { refused_piece: Some(last), .. }) => {
+                object.pieces.pop();
+                object.pieces.push(last.store(state).await.map_err(|e| CommitError::new(e, false))?);
+                commit_locked(state, partition, space, key, &object, condition, None, None).await
+            }
+            committed => committed,
+        }
+    }
+    .await;
     drop(name_guard);
     match committed {
         Ok((version, garbage)) => {
@@ -806,6 +887,11 @@ pub async fn lock_name(state: &Arc<S3State>, space: &str, name: &str) -> tokio::
 /// The versions there are read before the write when a condition must be checked first or the
 /// store cannot tell them with the write (a cluster's quorum read); otherwise the write answers
 /// them, read in the volume writer's transaction (one step, no read of its own).
+///
+/// `with`: the last piece of `object` (its id, on `partition`, among the object's pieces) and its
+/// bytes, written with the record ([`Front::put_name_with_piece`](crate::front::Front)). If the
+/// volume refuses it, nothing is written and the error hands it back.
+#[allow(clippy::too_many_arguments)]
 pub async fn commit_locked(
     state: &Arc<S3State>,
     partition: u32,
@@ -814,8 +900,9 @@ pub async fn commit_locked(
     object: &ObjectRecord,
     condition: Option<WriteCondition>,
     version: Option<u128>,
+    mut with: Option<(BlobId, LastPiece)>,
 ) -> Result<(u128, Vec<Piece>), CommitError> {
-    let before = |error: S3Error| CommitError { error, record_may_live: false };
+    let before = |error: S3Error| CommitError::new(error, false);
     let read_first = condition.is_some() || state.front.cluster().is_some();
     let mut known = match read_first {
         true => Some(state.front.name_versions(partition, space, key).await.map_err(|e| before(e.into()))?),
@@ -847,11 +934,23 @@ pub async fn commit_locked(
     loop {
         // A put that failed may still have reached the disk (a volume that failed after
         // writing): its record may be live after a restart, unless the volume refused it first.
-        let answered = state
-            .front
-            .put_name(partition, &record, now_ms())
-            .await
-            .map_err(|e| CommitError { record_may_live: !refused_before_writing(&e), error: e.into() })?;
+        let put = match with.take() {
+            Some((piece_id, last)) => {
+                let put = state.front.put_name_with_piece(partition, &record, now_ms(), piece_id, last.payload.clone());
+                match put.await {
+                    // Neither written: the piece goes back to be stored elsewhere.
+                    Err(e) if refused_before_writing(&e) => {
+                        return Err(CommitError { refused_piece: Some(last), ..CommitError::new(e.into(), false) })
+                    }
+                    put => put.map(Some),
+                }
+            }
+            None => state.front.put_name(partition, &record, now_ms()).await,
+        };
+        let answered = put.map_err(|e| {
+            let may_live = !refused_before_writing(&e);
+            CommitError::new(e.into(), may_live)
+        })?;
         let others: Vec<(u128, names::NameEntry)> =
             known.take().or(answered).unwrap_or_default().into_iter().filter(|(v, _)| *v != version).collect();
         // Not read first, a version above this one (made before a restart by a clock that was
@@ -859,11 +958,7 @@ pub async fn commit_locked(
         // never acknowledged, and is older than what readers see) and written again above.
         if let Some(newest) = others.iter().map(|(v, _)| *v).filter(|newest| *newest > version).max() {
             names::observe_version(newest);
-            state
-                .front
-                .delete(record.id(partition))
-                .await
-                .map_err(|e| CommitError { error: e.into(), record_may_live: true })?;
+            state.front.delete(record.id(partition)).await.map_err(|e| CommitError::new(e.into(), true))?;
             version = names::new_version();
             record = NameRecord::new(record.space, record.name, version, record.summary, record.body)
                 .map_err(|e| before(S3Error::internal(e.to_string())))?;
@@ -999,7 +1094,7 @@ async fn copy_object(
     object.parts = Vec::new();
     object.pieces = pieces;
     let etag = object.etag.clone();
-    let version = commit_in_bucket(state, bucket_name, key, object, condition).await?;
+    let version = commit_in_bucket(state, bucket_name, key, object, None, condition).await?;
     Ok(copy_result("CopyObjectResult", version, &etag))
 }
 

@@ -107,9 +107,8 @@ enum TtlRule {
 
 enum WriteOp {
     /// `replicated`: copied from a peer replica, so it may use the room kept for peers.
-    /// `versions_of`: a name record's (space, name), whose versions the write answers
-    /// ([`Written::versions_before`]).
-    Put { record: EncodedRecord, replicated: bool, versions_of: Option<Box<(String, String)>> },
+    /// `name`: what a name record's put carries besides the record.
+    Put { record: EncodedRecord, replicated: bool, name: Option<Box<NamePut>> },
     /// `tombstone_unknown`: also record the deletion of a blob this volume never had (a
     /// replica learning of a delete before the put), so that the put never lands later.
     Delete { blob_id: BlobId, at_ms: u64, tombstone_unknown: bool },
@@ -122,10 +121,26 @@ enum WriteOp {
     Progress { peer: String, next_seq: u64, owed: Vec<(u64, OwedEntry)> },
 }
 
+/// A name record's put, besides the record.
+struct NamePut {
+    /// Its (space, name), whose versions the write answers ([`Written::versions_before`]).
+    space: String,
+    name: String,
+    /// A blob that must be live here for the record to be written (the piece it holds, queued
+    /// just before it).
+    needs: Option<BlobId>,
+}
+
+impl NamePut {
+    fn of(record: &NameRecord, needs: Option<BlobId>) -> Option<Box<Self>> {
+        Some(Box::new(NamePut { space: record.space.clone(), name: record.name.clone(), needs }))
+    }
+}
+
 /// What the writer answers for a write that went through.
 #[derive(Debug, Default)]
 struct Written {
-    /// For a put with `versions_of`: every version of that name the volume held just before the
+    /// For a name record's put: every version of that name the volume held just before the
     /// put was applied, oldest first — read in the writer's transaction, so no other write of the
     /// name comes between.
     versions_before: Vec<(u128, NameEntry)>,
@@ -428,15 +443,40 @@ impl Volume {
         record: &NameRecord,
         created_ms: u64,
     ) -> Result<Vec<(u128, NameEntry)>, VolumeError> {
-        let req = PutRequest {
-            blob_id,
-            meta: NameRecord::blob_meta(),
-            payload: Bytes::from(record.encode()),
-            created_ms,
-            expiry_ms: None,
+        Ok(self.store(name_put(blob_id, record, created_ms), false, NamePut::of(record, None)).await?.versions_before)
+    }
+
+    /// Stores `piece` and the name record `record` (as blob `name_id`) that holds it in one
+    /// writer step: queued together, so that both go in one group commit (one fdatasync, not
+    /// two in turn), the record after the piece, and the record only if the piece was stored.
+    /// Answers as [`Volume::put_name`]; a piece refused answers its refusal (nothing written).
+    pub async fn put_name_with_piece(
+        &self,
+        piece: PutRequest,
+        name_id: BlobId,
+        record: &NameRecord,
+        created_ms: u64,
+    ) -> Result<Vec<(u128, NameEntry)>, VolumeError> {
+        let piece_id = piece.blob_id;
+        let piece = self.encoded_put(piece, false).await?;
+        let name = self.encoded_put(name_put(name_id, record, created_ms), false).await?;
+        let (piece_written, name_written) = {
+            // Both under one hold of the queue: nothing comes between them.
+            let guard = self.writer.lock().expect("writer lock");
+            let send = |op| {
+                let (tx, rx) = oneshot::channel();
+                if let Some((sender, _)) = guard.as_ref() {
+                    let _ = sender.send(WriterMsg::Write(op, tx));
+                }
+                rx
+            };
+            let piece_written = send(WriteOp::Put { record: piece, replicated: false, name: None });
+            let name_written =
+                send(WriteOp::Put { record: name, replicated: false, name: NamePut::of(record, Some(piece_id)) });
+            (piece_written, name_written)
         };
-        let versions_of = Some(Box::new((record.space.clone(), record.name.clone())));
-        Ok(self.store(req, false, versions_of).await?.versions_before)
+        piece_written.await.unwrap_or(Err(VolumeError::Closed))?;
+        Ok(name_written.await.unwrap_or(Err(VolumeError::Closed))?.versions_before)
     }
 
     /// Stores a blob copied from a peer replica (replication, repair, anti-entropy): it may use
@@ -449,20 +489,23 @@ impl Volume {
         &self,
         req: PutRequest,
         replicated: bool,
-        versions_of: Option<Box<(String, String)>>,
+        name: Option<Box<NamePut>>,
     ) -> Result<Written, VolumeError> {
+        let record = self.encoded_put(req, replicated).await?;
+        self.write(WriteOp::Put { record, replicated, name }).await
+    }
+
+    /// A put checked against the volume's state and encoded as its record.
+    async fn encoded_put(&self, req: PutRequest, replicated: bool) -> Result<EncodedRecord, VolumeError> {
         self.check_writable_for_put(req.payload.len() as u64, replicated)?;
         let req = PutRequest { expiry_ms: record::normalize_expiry(req.expiry_ms), ..req };
         // The CRC pass over a large payload runs off the async runtime: a 64 MiB blob takes
         // milliseconds, and every other request on that thread would wait.
-        let record = if req.payload.len() > INLINE_CRC_BYTES {
-            tokio::task::spawn_blocking(move || encode_put(&req))
-                .await
-                .map_err(|e| VolumeError::Failed(e.to_string()))?
+        if req.payload.len() > INLINE_CRC_BYTES {
+            tokio::task::spawn_blocking(move || encode_put(&req)).await.map_err(|e| VolumeError::Failed(e.to_string()))
         } else {
-            encode_put(&req)
-        };
-        self.write(WriteOp::Put { record, replicated, versions_of }).await
+            Ok(encode_put(&req))
+        }
     }
 
     /// Deletes a blob (idempotent); returns once the tombstone is durable.
@@ -935,6 +978,17 @@ const SMALL_PUT_RECORD: u64 = HEADER_LEN + 64 + 4096 + 4 + 4;
 /// Refuses a maximum blob size whose records would not fit in one segment.
 fn check_geometry(marker: &VolumeMarker, config: &VolumeConfig) -> Result<(), VolumeError> {
     Ok(layout::check_geometry(marker.capacity_bytes, marker.segment_size, config.max_blob_bytes)?)
+}
+
+/// The put of a name record, as blob `blob_id`.
+fn name_put(blob_id: BlobId, record: &NameRecord, created_ms: u64) -> PutRequest {
+    PutRequest {
+        blob_id,
+        meta: NameRecord::blob_meta(),
+        payload: Bytes::from(record.encode()),
+        created_ms,
+        expiry_ms: None,
+    }
 }
 
 fn encode_put(req: &PutRequest) -> EncodedRecord {

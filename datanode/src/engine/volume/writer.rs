@@ -243,7 +243,13 @@ pub(super) enum Planned {
 pub(super) fn plan_op(blobs: &Table<'_, [u8; 21], &'static [u8]>, op: WriteOp) -> Result<Planned, VolumeError> {
     let now = now_ms();
     let (blob_id, kind, at_ms, expiry_ms) = match op {
-        WriteOp::Put { record, .. } => {
+        WriteOp::Put { record, name, .. } => {
+            // What it needs is not there (refused just before it): neither is written.
+            if let Some(needed) = name.and_then(|n| n.needs) {
+                if !index::get_entry(blobs, needed.to_bytes())?.is_some_and(|e| e.state == BlobState::Live) {
+                    return Err(VolumeError::NotFound);
+                }
+            }
             if record.header.blob_id.is_name() {
                 NameRecordRef::decode_for(record.header.blob_id, &record.payload)?;
             }
@@ -484,7 +490,7 @@ impl Writer {
                     continue;
                 }
                 let versions_before = match &op {
-                    WriteOp::Put { versions_of: Some(of), .. } => tables.name_versions(&of.0, &of.1)?,
+                    WriteOp::Put { name: Some(of), .. } => tables.name_versions(&of.space, &of.name)?,
                     _ => Vec::new(),
                 };
                 let mut done = Written { versions_before, ..Written::default() };
