@@ -10,7 +10,7 @@ use futures::StreamExt;
 use crate::cluster::router::RouteError;
 use crate::cluster::Cluster;
 use crate::engine::names::{CurrentName, NameEntry, NameRecord};
-use crate::engine::{BlobMeta, BlobReader, PutRequest, Volume, VolumeError};
+use crate::engine::{BlobMeta, BlobReader, PairError, PutRequest, Volume, VolumeError};
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -141,7 +141,8 @@ impl Front {
     /// Stores `record` in `partition` together with `payload` as blob `piece_id` (a piece the
     /// record holds, on the same partition): a standalone volume writes both in one group commit
     /// ([`Volume::put_name_with_piece`]). A cluster writes a piece and a record to replicas of
-    /// their own, so there the caller stores the piece first (this answers Unsupported).
+    /// their own, so there the caller stores the piece first (this answers the piece
+    /// Unsupported, nothing written).
     pub async fn put_name_with_piece(
         &self,
         partition: u32,
@@ -149,15 +150,20 @@ impl Front {
         created_ms: u64,
         piece_id: BlobId,
         payload: Bytes,
-    ) -> Result<Vec<(u128, NameEntry)>, FrontError> {
+    ) -> Result<Vec<(u128, NameEntry)>, PairError<FrontError>> {
         let store = match self {
-            Front::Cluster(_) => return Err(FrontError::Unsupported("a piece written with its name record")),
+            Front::Cluster(_) => {
+                return Err(PairError::Piece(FrontError::Unsupported("a piece written with its name record")))
+            }
             Front::Standalone(store) => store,
         };
         let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
         let piece = PutRequest { blob_id: piece_id, meta, payload, created_ms, expiry_ms: None };
-        let volume = standalone_volume(store, record.id(partition))?;
-        Ok(volume.put_name_with_piece(piece, record.id(partition), record, created_ms).await?)
+        let volume = standalone_volume(store, record.id(partition)).map_err(PairError::Piece)?;
+        volume.put_name_with_piece(piece, record.id(partition), record, created_ms).await.map_err(|e| match e {
+            PairError::Piece(e) => PairError::Piece(e.into()),
+            PairError::Record(e) => PairError::Record(e.into()),
+        })
     }
 
     /// Every version of a name in `partition`, oldest first.

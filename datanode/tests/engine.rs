@@ -1053,12 +1053,51 @@ async fn a_piece_and_its_name_record_are_written_together_or_not_at_all() {
     let refused_id = refused.blob_id;
     let named = record("k2");
     let err = volume.put_name_with_piece(refused, named.id(volume.partition()), &named, now_ms()).await.unwrap_err();
-    assert!(matches!(err, VolumeError::NoRoom { .. }), "{err:?}");
+    assert!(matches!(err, cairn_datanode::engine::PairError::Piece(VolumeError::NoRoom { .. })), "{err:?}");
     assert!(matches!(volume.entry(refused_id), Err(VolumeError::NotFound)));
     assert!(volume.name_versions("b", "k2").unwrap().is_empty(), "a record without its piece was written");
     // The record alone fits: it was refused for its piece, not for want of room.
     volume.put_name(named.id(volume.partition()), &named, now_ms()).await.unwrap();
     assert_eq!(volume.name_versions("b", "k2").unwrap().len(), 1);
+}
+
+/// A piece that fits with a record behind it that does not (the piece takes the last room): the
+/// pair answers the record's refusal as the record's (`PairError::Record`), never as the
+/// piece's, which would tell the caller that nothing was written and leave the piece behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_whose_record_is_refused_after_its_piece_says_so() {
+    use cairn_datanode::engine::names::NameRecord;
+    use cairn_datanode::engine::PairError;
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path(), 3);
+    let mut seed = 2;
+    while put(&volume, seed, 20_000).await.is_ok() {
+        seed += 1;
+    }
+    // Pieces ever smaller, until the volume is full: some piece takes the room its record needed.
+    let mut record_refused = 0;
+    for (i, size) in (8..20_000usize).rev().step_by(8).enumerate() {
+        let named = NameRecord::new("b".into(), format!("k{i}"), 1, b"s".to_vec(), vec![7; 200]).unwrap();
+        let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).unwrap();
+        let piece_id = BlobId::generate(volume.partition());
+        let piece =
+            PutRequest { blob_id: piece_id, meta, payload: payload(seed, size), created_ms: now_ms(), expiry_ms: None };
+        let answer = volume.put_name_with_piece(piece, named.id(volume.partition()), &named, now_ms()).await;
+        let piece_live = volume.entry(piece_id).is_ok_and(|e| e.state == BlobState::Live);
+        match answer {
+            Ok(_) => assert!(piece_live),
+            Err(PairError::Piece(e)) => assert!(!piece_live, "piece refused ({e:?}) yet stored, size {size}"),
+            Err(PairError::Record(_)) => {
+                assert!(piece_live);
+                assert!(volume.name_versions("b", &format!("k{i}")).unwrap().is_empty());
+                record_refused += 1;
+            }
+        }
+        if volume.health() == VolumeHealth::Full {
+            break;
+        }
+    }
+    assert!(record_refused > 0, "no piece ever took its record's room: the case was not reached");
 }
 
 /// A volume written before name records' rows lived in their `blobs` entries (index values of

@@ -100,6 +100,41 @@ async fn a_failed_index_commit_fails_the_volume_and_loses_nothing_acknowledged()
 
 /// Segment creation: no room is passing (new blobs wait, the volume stays writable for what fits
 /// and recovers by itself); an I/O error fails the volume. Acknowledged writes survive both.
+/// A name record written with its piece (`Volume::put_name_with_piece`) is written only once the
+/// piece is durable: the piece's fdatasync fails, and the record's bytes never reached the file
+/// (a power loss could otherwise keep the record and tear the piece, and replay would bring back a
+/// record without its piece).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_record_is_written_only_once_its_piece_is_durable() {
+    use cairn_datanode::engine::names::NameRecord;
+    use cairn_datanode::engine::PairError;
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open(dir.path());
+    let kept = put(&volume, 1, 4000).await.unwrap();
+    const NAME: &str = "written-only-after-its-piece";
+    let record = NameRecord::new("b".into(), NAME.into(), 1, Vec::new(), vec![5; 40]).unwrap();
+    let meta = BlobMeta { content_type: "application/octet-stream".into(), user: vec![] };
+    let piece_id = BlobId::generate(volume.partition());
+    let payload = Bytes::from(support::payload(2, 9000));
+    let piece = PutRequest { blob_id: piece_id, meta, payload, created_ms: now_ms(), expiry_ms: None };
+    fail::cfg("segment-fdatasync", "return").unwrap();
+    let failed = volume.put_name_with_piece(piece, record.id(volume.partition()), &record, now_ms()).await;
+    fail::remove("segment-fdatasync");
+    assert!(matches!(failed, Err(PairError::Piece(VolumeError::Failed(_)))), "{failed:?}");
+    let in_segments = std::fs::read_dir(layout::segments_dir(dir.path()))
+        .unwrap()
+        .map(|f| std::fs::read(f.unwrap().path()).unwrap())
+        .any(|bytes| bytes.windows(NAME.len()).any(|w| w == NAME.as_bytes()));
+    assert!(!in_segments, "the record was written before its piece was durable");
+    volume.abandon();
+    drop(volume);
+    let volume = open(dir.path());
+    assert!(volume.name_versions("b", NAME).unwrap().is_empty());
+    assert_eq!(read_all(&volume, kept.0).unwrap(), kept.1.as_ref());
+    scenario.teardown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_that_cannot_be_created_pauses_or_fails_and_loses_nothing_acknowledged() {
     let scenario = fail::FailScenario::setup();

@@ -30,7 +30,7 @@ pub use chunk_cache::ChunkCache;
 pub use compaction::CompactionConfig;
 pub use index::{BlobState, IndexEntry, JournalEntry, Location, OwedEntry};
 pub use record::BlobMeta;
-pub use volume::{BlobReader, HeldBlob, PutRequest, TtlMerge, Volume, VolumeHealth, VolumeStats};
+pub use volume::{BlobReader, HeldBlob, PairError, PutRequest, TtlMerge, Volume, VolumeHealth, VolumeStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {

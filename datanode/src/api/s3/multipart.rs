@@ -171,8 +171,8 @@ async fn upload_part(
     let bucket = buckets::find(state, bucket_name).await?;
     let upload = find_open_upload(state, &bucket, bucket_name, key, upload_id).await?;
     let copy = request.headers.contains_key("x-amz-copy-source");
-    let (part, last) = if copy {
-        (copy_part(state, &request.headers, upload.record.checksum).await?, None)
+    let part = if copy {
+        copy_part(state, &request.headers, upload.record.checksum).await?
     } else {
         let mut reader = BodyReader::new(&request, state.options.max_object_bytes)?;
         let body = std::mem::replace(&mut request.body, Body::empty());
@@ -181,8 +181,13 @@ async fn upload_part(
             objects::store_body(state, &mut reader, body.into_data_stream(), 0).await?;
         // Until the part's commit takes them, the pieces go if anything fails or the request is
         // dropped.
-        let pieces = objects::StoredPieces::holding(state, pieces);
+        let mut pieces = objects::StoredPieces::holding(state, pieces);
         let read = reader.finish()?;
+        // Stored now, where there is most room, not with the part's record: every part's record
+        // lives in the upload's partition, and an upload's bytes would all go to one volume.
+        if let Some(last) = last {
+            pieces.push(last.store(state).await?);
+        }
         // An upload created with a checksum algorithm takes parts that carry that checksum.
         if let Some(algorithm) = upload.record.checksum {
             if read.checksum.as_ref().map(|c| c.algorithm) != Some(algorithm) {
@@ -193,7 +198,7 @@ async fn upload_part(
                 )));
             }
         }
-        let part = ObjectRecord {
+        ObjectRecord {
             size: read.len,
             etag: hex::encode(read.md5),
             content_type: String::new(),
@@ -203,10 +208,9 @@ async fn upload_part(
             pieces: pieces.take(),
             inline: Vec::new(),
             parts: Vec::new(),
-        };
-        (part, last)
+        }
     };
-    let version = commit_part(state, bucket_name, key, upload_id, number, part.clone(), last).await?;
+    let version = commit_part(state, bucket_name, key, upload_id, number, part.clone()).await?;
     if copy {
         return Ok(objects::copy_result("CopyPartResult", version, &part.etag));
     }
@@ -229,7 +233,6 @@ async fn commit_part(
     upload_id: &str,
     number: u32,
     part: ObjectRecord,
-    last: Option<objects::LastPiece>,
 ) -> Result<u128, S3Error> {
     let (state, bucket_name, key, upload_id) =
         (state.clone(), bucket_name.to_string(), key.to_string(), upload_id.to_string());
@@ -251,7 +254,7 @@ async fn commit_part(
         };
         let space = model::parts_space(&bucket_name);
         let name = model::part_name(&upload_id, number);
-        Ok(objects::commit(&state, upload.partition, &space, &name, part, last, None).await?)
+        Ok(objects::commit(&state, upload.partition, &space, &name, part, None, None).await?)
     })
     .await
     .map_err(|e| S3Error::internal(format!("the part's commit task failed: {e}")))?

@@ -25,7 +25,7 @@ use super::model::{self, BucketRecord, ObjectRecord, ObjectSummary, Piece};
 use super::sigv4::Payload;
 use super::{buckets, xml, S3Request, S3State, Target};
 use crate::engine::names::{self, NameRecord};
-use crate::engine::{now_ms, BlobMeta, VolumeError};
+use crate::engine::{now_ms, BlobMeta, PairError, VolumeError};
 use crate::front::{FrontError, PieceReader};
 
 /// Stored headers a client gives at upload and gets back on reads.
@@ -259,8 +259,11 @@ impl Drop for StoredPieces {
 pub async fn delete_pieces(state: &Arc<S3State>, pieces: &[Piece]) {
     for piece in pieces {
         let Ok(id) = piece.blob_id() else { continue };
-        if let Err(e) = state.front.delete(id).await {
-            tracing::warn!(%id, error = %e, "a piece of a superseded or failed object was not deleted");
+        match state.front.delete(id).await {
+            // Gone already, or never written (a commit refused before its last piece was).
+            Err(e) if e.is_not_found() => {}
+            Err(e) => tracing::warn!(%id, error = %e, "a piece of a superseded or failed object was not deleted"),
+            Ok(()) => {}
         }
     }
 }
@@ -408,6 +411,11 @@ impl BodyReader {
             header_checksum,
             trailer_algorithm,
         })
+    }
+
+    /// Whether every byte the body announced has come (what follows can only be its end).
+    pub fn all_read(&self) -> bool {
+        self.announced.is_some_and(|n| self.digests.len >= n)
     }
 
     /// Bytes the body announced and has not delivered yet.
@@ -627,10 +635,6 @@ async fn put_object(
     let pieces = StoredPieces::holding(state, pieces);
     let read = reader.finish()?;
     let pieces = pieces.take();
-    debug_assert_eq!(
-        read.len,
-        pieces.iter().map(|p| p.len).sum::<u64>() + inline.len() as u64 + last.as_ref().map_or(0, LastPiece::size)
-    );
     let object = ObjectRecord {
         size: read.len,
         etag: hex::encode(read.md5),
@@ -679,7 +683,7 @@ impl LastPiece {
     }
 
     /// Stores it as a piece of its own (anywhere there is room).
-    async fn store(self, state: &Arc<S3State>) -> Result<Piece, S3Error> {
+    pub async fn store(self, state: &Arc<S3State>) -> Result<Piece, S3Error> {
         store_piece(state, self.payload, self.room).await
     }
 }
@@ -723,7 +727,8 @@ pub async fn store_body(
             if done && pieces.is_empty() && buffer.len() as u64 <= inline_max {
                 return Ok::<_, S3Error>((buffer.freeze(), None));
             }
-            while buffer.len() as u64 >= piece_bytes || (done && !buffer.is_empty()) {
+            // A full piece that ends the announced body waits for the end, to be the last one.
+            while (buffer.len() as u64 >= piece_bytes && !reader.all_read()) || (done && !buffer.is_empty()) {
                 let take = (piece_bytes as usize).min(buffer.len());
                 let payload = buffer.split_to(take).freeze();
                 // The room goes with the piece: held until it is stored, even if this request is
@@ -799,14 +804,14 @@ async fn commit_in_bucket(
 pub struct CommitError {
     pub error: S3Error,
     pub record_may_live: bool,
-    /// The last piece, handed back unstored: the name's volume refused it (and so the record)
-    /// before writing either.
-    pub refused_piece: Option<LastPiece>,
+    /// The last piece written with the record was refused (no room for it there): neither was
+    /// written, and the piece may go elsewhere.
+    pub piece_refused: bool,
 }
 
 impl CommitError {
     fn new(error: S3Error, record_may_live: bool) -> Self {
-        Self { error, record_may_live, refused_piece: None }
+        Self { error, record_may_live, piece_refused: false }
     }
 }
 
@@ -830,27 +835,26 @@ pub async fn commit(
     space: &str,
     key: &str,
     mut object: ObjectRecord,
-    last: Option<LastPiece>,
+    mut last: Option<LastPiece>,
     condition: Option<WriteCondition>,
 ) -> Result<u128, CommitError> {
+    if state.front.cluster().is_some() {
+        if let Some(piece) = last.take() {
+            object.pieces.push(piece.store(state).await.map_err(|e| CommitError::new(e, false))?);
+        }
+    }
     let name_guard = lock_name(state, space, key).await;
     let committed = async {
-        let with = match last {
-            Some(last) if state.front.cluster().is_none() => {
-                let id = BlobId::generate(partition);
-                object.pieces.push(Piece { id: id.to_bytes(), len: last.size() });
-                Some((id, last))
-            }
-            Some(last) => {
-                object.pieces.push(last.store(state).await.map_err(|e| CommitError::new(e, false))?);
-                None
-            }
-            None => None,
-        };
+        let with = last.as_ref().map(|piece| {
+            let id = BlobId::generate(partition);
+            object.pieces.push(Piece { id: id.to_bytes(), len: piece.size() });
+            (id, piece.payload.clone())
+        });
         match commit_locked(state, partition, space, key, &object, condition, None, with).await {
-            Err(CommitError { refused_piece: Some(last), .. }) => {
+            Err(CommitError { piece_refused: true, .. }) => {
+                let piece = last.take().expect("a piece was refused");
                 object.pieces.pop();
-                object.pieces.push(last.store(state).await.map_err(|e| CommitError::new(e, false))?);
+                object.pieces.push(piece.store(state).await.map_err(|e| CommitError::new(e, false))?);
                 commit_locked(state, partition, space, key, &object, condition, None, None).await
             }
             committed => committed,
@@ -858,6 +862,8 @@ pub async fn commit(
     }
     .await;
     drop(name_guard);
+    // Its room in the upload budget is given back once it is stored (or not).
+    drop(last);
     match committed {
         Ok((version, garbage)) => {
             delete_pieces(state, &garbage).await;
@@ -890,7 +896,7 @@ pub async fn lock_name(state: &Arc<S3State>, space: &str, name: &str) -> tokio::
 ///
 /// `with`: the last piece of `object` (its id, on `partition`, among the object's pieces) and its
 /// bytes, written with the record ([`Front::put_name_with_piece`](crate::front::Front)). If the
-/// volume refuses it, nothing is written and the error hands it back.
+/// volume refuses the piece, nothing is written and the error says so (`piece_refused`).
 #[allow(clippy::too_many_arguments)]
 pub async fn commit_locked(
     state: &Arc<S3State>,
@@ -900,9 +906,17 @@ pub async fn commit_locked(
     object: &ObjectRecord,
     condition: Option<WriteCondition>,
     version: Option<u128>,
-    mut with: Option<(BlobId, LastPiece)>,
+    mut with: Option<(BlobId, Bytes)>,
 ) -> Result<(u128, Vec<Piece>), CommitError> {
     let before = |error: S3Error| CommitError::new(error, false);
+    // Never a record that could not read back whole: its bytes are its pieces' and its own.
+    let held = object.pieces.iter().map(|p| p.len).sum::<u64>() + object.inline.len() as u64;
+    if held != object.size {
+        return Err(before(S3Error::internal(format!(
+            "an object of {} bytes was about to be committed with {held} bytes stored",
+            object.size
+        ))));
+    }
     let read_first = condition.is_some() || state.front.cluster().is_some();
     let mut known = match read_first {
         true => Some(state.front.name_versions(partition, space, key).await.map_err(|e| before(e.into()))?),
@@ -935,14 +949,16 @@ pub async fn commit_locked(
         // A put that failed may still have reached the disk (a volume that failed after
         // writing): its record may be live after a restart, unless the volume refused it first.
         let put = match with.take() {
-            Some((piece_id, last)) => {
-                let put = state.front.put_name_with_piece(partition, &record, now_ms(), piece_id, last.payload.clone());
-                match put.await {
-                    // Neither written: the piece goes back to be stored elsewhere.
-                    Err(e) if refused_before_writing(&e) => {
-                        return Err(CommitError { refused_piece: Some(last), ..CommitError::new(e.into(), false) })
+            Some((piece_id, payload)) => {
+                match state.front.put_name_with_piece(partition, &record, now_ms(), piece_id, payload).await {
+                    Ok(versions) => Ok(Some(versions)),
+                    // Neither written: the piece may go elsewhere.
+                    Err(PairError::Piece(e)) if refused_before_writing(&e) => {
+                        return Err(CommitError { piece_refused: true, ..CommitError::new(e.into(), false) })
                     }
-                    put => put.map(Some),
+                    // The piece may be stored: it is among the object's pieces, which go with a
+                    // record that cannot live.
+                    Err(PairError::Piece(e) | PairError::Record(e)) => Err(e),
                 }
             }
             None => state.front.put_name(partition, &record, now_ms()).await,

@@ -161,8 +161,22 @@ pub enum TtlMerge {
     Kept { stamp: u64 },
 }
 
+/// Which put of [`Volume::put_name_with_piece`] failed (`E`: the error of the layer that
+/// answers).
+#[derive(Debug)]
+pub enum PairError<E> {
+    /// The piece's: the record was not written either (nor the piece, if it was refused).
+    Piece(E),
+    /// The record's, the piece stored: whoever deletes the record's pieces deletes it.
+    Record(E),
+}
+
+type Reply = oneshot::Sender<Result<Written, VolumeError>>;
+
 enum WriterMsg {
-    Write(WriteOp, oneshot::Sender<Result<Written, VolumeError>>),
+    Write(WriteOp, Reply),
+    /// Writes that go in one group commit, never split between two.
+    Together(Vec<(WriteOp, Reply)>),
     /// Commit durably now (used by tests and before compaction).
     Checkpoint(oneshot::Sender<Result<(), VolumeError>>),
     /// Stop without a final checkpoint, as a crash would (tests only).
@@ -447,36 +461,33 @@ impl Volume {
     }
 
     /// Stores `piece` and the name record `record` (as blob `name_id`) that holds it in one
-    /// writer step: queued together, so that both go in one group commit (one fdatasync, not
-    /// two in turn), the record after the piece, and the record only if the piece was stored.
-    /// Answers as [`Volume::put_name`]; a piece refused answers its refusal (nothing written).
+    /// writer step: one group commit (one writer round trip, not the piece's and then the
+    /// record's in turn), the record after the piece and only if the piece was stored, and
+    /// written only once the piece is durable (see `Writer::stage_and_commit`). Answers as
+    /// [`Volume::put_name`], or which of the two failed.
     pub async fn put_name_with_piece(
         &self,
         piece: PutRequest,
         name_id: BlobId,
         record: &NameRecord,
         created_ms: u64,
-    ) -> Result<Vec<(u128, NameEntry)>, VolumeError> {
+    ) -> Result<Vec<(u128, NameEntry)>, PairError<VolumeError>> {
         let piece_id = piece.blob_id;
-        let piece = self.encoded_put(piece, false).await?;
-        let name = self.encoded_put(name_put(name_id, record, created_ms), false).await?;
-        let (piece_written, name_written) = {
-            // Both under one hold of the queue: nothing comes between them.
-            let guard = self.writer.lock().expect("writer lock");
-            let send = |op| {
-                let (tx, rx) = oneshot::channel();
-                if let Some((sender, _)) = guard.as_ref() {
-                    let _ = sender.send(WriterMsg::Write(op, tx));
-                }
-                rx
-            };
-            let piece_written = send(WriteOp::Put { record: piece, replicated: false, name: None });
-            let name_written =
-                send(WriteOp::Put { record: name, replicated: false, name: NamePut::of(record, Some(piece_id)) });
-            (piece_written, name_written)
-        };
-        piece_written.await.unwrap_or(Err(VolumeError::Closed))?;
-        Ok(name_written.await.unwrap_or(Err(VolumeError::Closed))?.versions_before)
+        let piece = self.encoded_put(piece, false).await.map_err(PairError::Piece)?;
+        let name = self.encoded_put(name_put(name_id, record, created_ms), false).await.map_err(PairError::Piece)?;
+        let (piece_tx, piece_written) = oneshot::channel();
+        let (name_tx, name_written) = oneshot::channel();
+        let both = vec![
+            (WriteOp::Put { record: piece, replicated: false, name: None }, piece_tx),
+            (WriteOp::Put { record: name, replicated: false, name: NamePut::of(record, Some(piece_id)) }, name_tx),
+        ];
+        if let Some((sender, _)) = self.writer.lock().expect("writer lock").as_ref() {
+            // A send error drops the replies, and the receivers report Closed.
+            let _ = sender.send(WriterMsg::Together(both));
+        }
+        piece_written.await.unwrap_or(Err(VolumeError::Closed)).map_err(PairError::Piece)?;
+        let name_written = name_written.await.unwrap_or(Err(VolumeError::Closed)).map_err(PairError::Record)?;
+        Ok(name_written.versions_before)
     }
 
     /// Stores a blob copied from a peer replica (replication, repair, anti-entropy): it may use

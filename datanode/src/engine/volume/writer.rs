@@ -359,13 +359,18 @@ impl Writer {
             let mut bytes = 0u64;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
+                let op_len = |op: &WriteOp| match op {
+                    WriteOp::Put { record, .. } => record.record_len(),
+                    _ => HEADER_LEN,
+                };
                 match msg {
                     WriterMsg::Write(op, reply) => {
-                        bytes += match &op {
-                            WriteOp::Put { record, .. } => record.record_len(),
-                            _ => HEADER_LEN,
-                        };
+                        bytes += op_len(&op);
                         batch.push((op, reply));
+                    }
+                    WriterMsg::Together(ops) => {
+                        bytes += ops.iter().map(|(op, _)| op_len(op)).sum::<u64>();
+                        batch.extend(ops);
                     }
                     WriterMsg::Checkpoint(reply) => checkpoints.push(reply),
                     WriterMsg::Abandon => return,
@@ -454,7 +459,12 @@ impl Writer {
             Ok(txn) => txn,
             Err(e) => return Err((senders, shared.fail_index("index transaction", e))),
         };
-        let mut writes: Vec<PendingWrite> = Vec::new();
+        // Records in log order, in two phases: a record that needs another (a name record and
+        // the piece it holds) and every one after it wait until those before are durable, so
+        // that no power loss tearing this batch can leave it without what it needs (recovery
+        // replays an intact record after a torn one).
+        let mut writes: [Vec<PendingWrite>; 2] = [Vec::new(), Vec::new()];
+        let mut phase = 0;
         let mut usage = UsageDelta::default();
         let mut written = 0u64;
         let mut put_stored = false;
@@ -489,6 +499,9 @@ impl Writer {
                     results.push(Err(VolumeError::Paused { reason: reason.clone(), no_space: *no_space }));
                     continue;
                 }
+                if matches!(&op, WriteOp::Put { name: Some(n), .. } if n.needs.is_some()) {
+                    phase = 1;
+                }
                 let versions_before = match &op {
                     WriteOp::Put { name: Some(of), .. } => tables.name_versions(&of.space, &of.name)?,
                     _ => Vec::new(),
@@ -513,7 +526,8 @@ impl Writer {
                         continue;
                     }
                 };
-                match self.place(&mut tables, &mut writes, record.record_len(), record.header.kind, peer_reserve) {
+                match self.place(&mut tables, &mut writes[phase], record.record_len(), record.header.kind, peer_reserve)
+                {
                     Ok(location) => {
                         apply_record(
                             &mut tables,
@@ -523,7 +537,7 @@ impl Writer {
                             record.trailer_crc(),
                             &mut self.log.next_seq,
                         )?;
-                        push_write(&mut writes, &self.log.file, location.offset, &record);
+                        push_write(&mut writes[phase], &self.log.file, location.offset, &record);
                         written += location.len;
                         put_stored |= is_put;
                         done.recorded = true;
@@ -565,27 +579,15 @@ impl Writer {
             };
             return fail_all(senders, e);
         }
-        // Durability order: records (fdatasync) before the index that points at them.
+        // Durability order: records (fdatasync) before the index that points at them, and the
+        // second phase's records after the first's.
         let sync_started = Instant::now();
-        for w in &writes {
-            let slices: Vec<&[u8]> = w.parts.iter().map(|p| p.as_ref()).collect();
-            if let Err(e) = write_all_vectored_at(&w.file, w.offset, &slices) {
-                return fail_all(senders, shared.fail("segment write", e));
+        for writes in writes.iter().filter(|w| !w.is_empty()) {
+            if let Err((what, e)) = write_and_sync(writes) {
+                return fail_all(senders, shared.fail(what, e));
             }
         }
-        let mut synced: Vec<*const File> = Vec::new();
-        for w in &writes {
-            let ptr = Arc::as_ptr(&w.file);
-            if synced.contains(&ptr) {
-                continue;
-            }
-            synced.push(ptr);
-            // An fsync error is never retried: the page cache state is unknown afterwards.
-            if let Err(e) = crate::engine::segments::sync_segment(&w.file) {
-                return fail_all(senders, shared.fail("fdatasync", e));
-            }
-        }
-        if !writes.is_empty() {
+        if !writes[0].is_empty() || !writes[1].is_empty() {
             shared.metrics.fsync_seconds.observe(sync_started.elapsed().as_secs_f64());
         }
         let injected = injected_commit_failure();
@@ -675,6 +677,24 @@ impl Writer {
         self.log.offset += len;
         Ok(location)
     }
+}
+
+/// Writes `writes` and makes them durable (one fdatasync per file). An fsync error is never
+/// retried: the page cache state is unknown afterwards.
+fn write_and_sync(writes: &[PendingWrite]) -> Result<(), (&'static str, std::io::Error)> {
+    for w in writes {
+        let slices: Vec<&[u8]> = w.parts.iter().map(|p| p.as_ref()).collect();
+        write_all_vectored_at(&w.file, w.offset, &slices).map_err(|e| ("segment write", e))?;
+    }
+    let mut synced: Vec<*const File> = Vec::new();
+    for w in writes {
+        let ptr = Arc::as_ptr(&w.file);
+        if !synced.contains(&ptr) {
+            synced.push(ptr);
+            crate::engine::segments::sync_segment(&w.file).map_err(|e| ("fdatasync", e))?;
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn push_write(writes: &mut Vec<PendingWrite>, file: &Arc<File>, offset: u64, record: &EncodedRecord) {
