@@ -138,18 +138,16 @@ impl Front {
         }
     }
 
-    /// Stores `record` in `partition` together with `payload` as blob `piece_id` (a piece the
-    /// record holds, on the same partition): a standalone volume writes both in one group commit
-    /// ([`Volume::put_name_with_piece`]). A cluster writes a piece and a record to replicas of
-    /// their own, so there the caller stores the piece first (this answers the piece
-    /// Unsupported, nothing written).
+    /// Stores `record` in `partition` together with `piece` (a piece the record holds, on the
+    /// same partition; the record is stamped with the piece's time): a standalone volume writes
+    /// both in one group commit ([`Volume::put_name_with_piece`]). A cluster writes a piece and a
+    /// record to replicas of their own, so there the caller stores the piece first (this answers
+    /// the piece Unsupported, nothing written).
     pub async fn put_name_with_piece(
         &self,
         partition: u32,
         record: &NameRecord,
-        created_ms: u64,
-        piece_id: BlobId,
-        payload: Bytes,
+        piece: PutRequest,
     ) -> Result<Vec<(u128, NameEntry)>, PairError<FrontError>> {
         let store = match self {
             Front::Cluster(_) => {
@@ -157,13 +155,9 @@ impl Front {
             }
             Front::Standalone(store) => store,
         };
-        let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
-        let piece = PutRequest { blob_id: piece_id, meta, payload, created_ms, expiry_ms: None };
         let volume = standalone_volume(store, record.id(partition)).map_err(PairError::Piece)?;
-        volume.put_name_with_piece(piece, record.id(partition), record, created_ms).await.map_err(|e| match e {
-            PairError::Piece(e) => PairError::Piece(e.into()),
-            PairError::Record(e) => PairError::Record(e.into()),
-        })
+        let created_ms = piece.created_ms;
+        volume.put_name_with_piece(piece, record.id(partition), record, created_ms).await.map_err(|e| e.map(Into::into))
     }
 
     /// Every version of a name in `partition`, oldest first.

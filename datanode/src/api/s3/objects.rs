@@ -25,7 +25,7 @@ use super::model::{self, BucketRecord, ObjectRecord, ObjectSummary, Piece};
 use super::sigv4::Payload;
 use super::{buckets, xml, S3Request, S3State, Target};
 use crate::engine::names::{self, NameRecord};
-use crate::engine::{now_ms, BlobMeta, PairError, VolumeError};
+use crate::engine::{now_ms, BlobMeta, PairError, PutRequest, VolumeError};
 use crate::front::{FrontError, PieceReader};
 
 /// Stored headers a client gives at upload and gets back on reads.
@@ -748,6 +748,11 @@ pub async fn store_body(
     outcome.map(|(inline, last)| StoredBody { pieces: pieces.take(), inline, last })
 }
 
+/// What a piece is stored with: bytes of no type of their own (the object's are in its record).
+fn piece_meta() -> BlobMeta {
+    BlobMeta::new(crate::engine::record::DEFAULT_CONTENT_TYPE.into(), Vec::new()).expect("valid metadata")
+}
+
 /// Stores one piece, in a task of its own: a writer that goes away while its piece is being
 /// stored does not leave it behind (the task deletes what no one took).
 pub async fn store_piece(
@@ -760,8 +765,7 @@ pub async fn store_piece(
     tokio::spawn(async move {
         let _room = room;
         let len = payload.len() as u64;
-        let meta = BlobMeta::new("application/octet-stream".into(), Vec::new()).expect("valid metadata");
-        let stored = state.front.put(meta, payload, now_ms(), None, None).await;
+        let stored = state.front.put(piece_meta(), payload, now_ms(), None, None).await;
         let result = stored.map(|id| Piece { id: id.to_bytes(), len }).map_err(S3Error::from);
         if let Err(Ok(piece)) = reply.send(result) {
             delete_pieces(&state, &[piece]).await;
@@ -949,8 +953,9 @@ pub async fn commit_locked(
         // A put that failed may still have reached the disk (a volume that failed after
         // writing): its record may be live after a restart, unless the volume refused it first.
         let put = match with.take() {
-            Some((piece_id, payload)) => {
-                match state.front.put_name_with_piece(partition, &record, now_ms(), piece_id, payload).await {
+            Some((blob_id, payload)) => {
+                let piece = PutRequest { blob_id, meta: piece_meta(), payload, created_ms: now_ms(), expiry_ms: None };
+                match state.front.put_name_with_piece(partition, &record, piece).await {
                     Ok(versions) => Ok(Some(versions)),
                     // Neither written: the piece may go elsewhere.
                     Err(PairError::Piece(e)) if refused_before_writing(&e) => {

@@ -171,6 +171,16 @@ pub enum PairError<E> {
     Record(E),
 }
 
+impl<E> PairError<E> {
+    /// The same failure, its error turned into another layer's.
+    pub fn map<F>(self, f: impl FnOnce(E) -> F) -> PairError<F> {
+        match self {
+            PairError::Piece(e) => PairError::Piece(f(e)),
+            PairError::Record(e) => PairError::Record(f(e)),
+        }
+    }
+}
+
 type Reply = oneshot::Sender<Result<Written, VolumeError>>;
 
 enum WriterMsg {
