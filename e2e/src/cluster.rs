@@ -97,6 +97,8 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
         }
     }
     drop(single);
+    // What each part wrote goes once it is measured: the whole run would need ~50 GB otherwise.
+    std::fs::remove_dir_all(work.path().join("single"))?;
 
     let mut results = Vec::new();
     let note = format!(
@@ -152,6 +154,9 @@ pub async fn run(options: Options) -> anyhow::Result<Vec<Scenario>> {
     ));
     drop(returned);
     drop(nodes);
+    for i in 0..3 {
+        std::fs::remove_dir_all(work.path().join(format!("n{i}")))?;
+    }
 
     results.extend(peer_tls_cost(work.path(), &etcd, seconds, options.rounds.max(1)).await?);
 

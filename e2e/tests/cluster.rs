@@ -1171,6 +1171,53 @@ fn a_request_id_follows_a_write_into_every_replicas_log() {
     wait_until("the id in every replica's log", Duration::from_secs(10), || nodes.iter().all(logged));
 }
 
+/// A replica that has caught up with its peers asks them for their journals in pages, not once
+/// per write: the router writes every replica itself, so a puller following each commit would
+/// spend a request, a page and a progress write per write, for almost nothing to copy (it cost a
+/// third of a cluster's small-PUT rate). A write that reached only one replica still arrives.
+#[test]
+fn a_caught_up_replica_pulls_its_peers_journals_in_pages_not_per_write() {
+    let root = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start();
+    let nodes = started_cluster(root.path(), &etcd, 3, 1);
+    let client = support::client();
+    let journal_calls = |node: &Node| -> u64 {
+        let metrics = client.get(node.url("/metrics")).send().unwrap().text().unwrap();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("cairn_peer_request_duration_seconds_count{") && l.contains("call=\"journal\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let before = journal_calls(&nodes[1]);
+    let started = Instant::now();
+    let mut blobs = BTreeMap::new();
+    let mut seed = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        seed += 1;
+        let data = payload(seed, 100 + (seed as usize * 37) % 4000);
+        blobs.insert(put(&client, &nodes[(seed % 3) as usize], &data).expect("put at quorum"), data);
+    }
+    let calls = journal_calls(&nodes[1]) - before;
+    // n1 follows two peers, each at most once per pause (the answer and its page take time too),
+    // plus the request in flight when the window opened.
+    let pause = 100; // replication::FOLLOW_PAUSE, ms
+    let bound = 2 * (started.elapsed().as_millis() as u64 / pause + 2);
+    assert!(blobs.len() as u64 > 3 * bound, "{} writes: too few to tell pages from writes", blobs.len());
+    assert!(
+        calls <= bound,
+        "{calls} journal requests for {} writes in {:?} (at most {bound})",
+        blobs.len(),
+        started.elapsed()
+    );
+    // Written on one replica alone (as when the router's write to the others failed): pulled.
+    let id = cairn_common::BlobId::generate(0);
+    let lone = payload(4242, 3000);
+    put_on_replica(&nodes[2], id, &lone);
+    blobs.insert(id.to_string(), lone);
+    assert_converged(&nodes.iter().collect::<Vec<_>>(), &blobs, Duration::from_secs(20));
+}
+
 /// A partition that fills up while one replica is away must not leave that replica short of room
 /// for what it missed: new blobs stop (the partition turns read-only) while each replica still
 /// has room kept for its peers, and the returning replica takes every acknowledged blob — here

@@ -36,6 +36,10 @@ const PAGE: usize = 500;
 const IDLE_WAIT: Duration = Duration::from_secs(10);
 /// Entries of one page applied at once (their writes share group commits).
 const APPLY_CONCURRENCY: usize = 8;
+/// How long a puller that has caught up with its peer waits before asking again. The router
+/// writes every replica itself, so a caught-up puller finds almost nothing to copy: asking after
+/// every commit would spend a request, a page and a progress write on each of them.
+const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
 /// How often a replica asks its peer for the blobs recovery found damaged here.
 const REPAIR_EVERY: Duration = Duration::from_secs(30);
 
@@ -244,6 +248,14 @@ pub async fn pull_peer(cluster: Arc<Cluster>, peer: String, cancel: Cancellation
                     if let Some(part) = parts.get_mut(&page.partition) {
                         link.apply_page(part, page).await;
                         part.publish(&cluster.replication, &cancel);
+                    }
+                }
+                // Behind: the next page at once. Caught up: what comes next arrives in pages.
+                if !parts.values().any(|p| p.more) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = replicas.changed() => {}
+                        _ = tokio::time::sleep(FOLLOW_PAUSE) => {}
                     }
                 }
             }
