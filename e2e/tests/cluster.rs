@@ -203,6 +203,22 @@ fn journal_tails(nodes: &[&Node], partition: u32) -> Vec<u64> {
         .collect()
 }
 
+/// Until `node`'s replicas of `partition` have pulled every peer's journal to its tail as it is
+/// now (a caught-up puller asks again only after a pause, so the last writes may still be on
+/// their way).
+fn wait_pulled_to_tails(nodes: &[&Node], node: &Node, partition: u32) {
+    let tails: BTreeMap<String, u64> =
+        nodes.iter().map(|n| n.id.clone()).zip(journal_tails(nodes, partition)).collect();
+    let client = support::client();
+    wait_until(&format!("{} to pull its peers' journals to their tails", node.id), Duration::from_secs(30), || {
+        let Ok(r) = client.get(node.url("/v1/admin/replicas")).send() else { return false };
+        let Ok(list) = r.json::<Vec<Value>>() else { return false };
+        let pulls: Vec<&Value> = list.iter().filter(|p| p["partition"] == partition).collect();
+        pulls.len() == nodes.len() - 1
+            && pulls.iter().all(|p| p["token"].as_u64() >= p["peer"].as_str().and_then(|peer| tails.get(peer)).copied())
+    });
+}
+
 /// `count` nodes started on a topology of `partitions`, every replica open and replicating.
 fn started_cluster(root: &Path, etcd: &EtcdServer, count: usize, partitions: u32) -> Vec<Node> {
     started_cluster_with(root, etcd, count, partitions, |_| {})
@@ -1036,6 +1052,8 @@ fn a_record_lost_from_one_replicas_index_comes_back_by_anti_entropy() {
         nodes.iter().all(|n| local(n, &deleted).status() == 410)
     });
 
+    // Its journal tokens past every entry: after the restart, pulling brings nothing back.
+    wait_pulled_to_tails(&nodes.iter().collect::<Vec<_>>(), &nodes[2], 0);
     // n2 stops cleanly (its index checkpointed: nothing is replayed at restart), and its index
     // loses the lost blob's record and the tombstone.
     nodes[2].signal("-TERM");

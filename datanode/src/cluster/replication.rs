@@ -446,24 +446,33 @@ impl Link<'_> {
         }
         let volume = &part.volume;
         // Most puts of a page are here already (the router wrote every replica): one look at the
-        // index for the whole page, off the async runtime, skips them.
+        // index for the whole page, off the async runtime, skips them; only the rest are applied.
+        let puts: Vec<(usize, BlobId)> = (page.entries.iter().enumerate())
+            .filter(|(_, e)| e.kind == EntryKind::Put)
+            .filter_map(|(i, e)| Some((i, e.id.parse().ok()?)))
+            .collect();
         let held = {
-            let ids: Vec<BlobId> = page.entries.iter().filter_map(|e| e.id.parse().ok()).collect();
+            let ids: Vec<BlobId> = puts.iter().map(|(_, id)| *id).collect();
             let volume = volume.clone();
             tokio::task::spawn_blocking(move || volume.held(&ids)).await.ok().and_then(Result::ok).unwrap_or_default()
         };
-        let work: Vec<(String, EntryKind)> = page.entries.iter().map(|e| (e.id.clone(), e.kind)).collect();
-        let held = &held;
-        let results: Vec<Result<(), ApplyError>> = futures::stream::iter(work)
-            .map(|(id, kind)| async move {
-                match (kind, id.parse::<BlobId>()) {
-                    (EntryKind::Put, Ok(blob)) if held.contains(&blob) => Ok(()),
-                    _ => self.apply_entry(volume, &id, kind).await,
-                }
-            })
+        let mut skip = vec![false; page.entries.len()];
+        for (i, id) in &puts {
+            skip[*i] = held.contains(id);
+        }
+        let work: Vec<(usize, String, EntryKind)> = (page.entries.iter().enumerate())
+            .filter(|(i, _)| !skip[*i])
+            .map(|(i, e)| (i, e.id.clone(), e.kind))
+            .collect();
+        let mut results: Vec<Result<(), ApplyError>> = page.entries.iter().map(|_| Ok(())).collect();
+        let applied: Vec<(usize, Result<(), ApplyError>)> = futures::stream::iter(work)
+            .map(|(i, id, kind)| async move { (i, self.apply_entry(volume, &id, kind).await) })
             .buffered(APPLY_CONCURRENCY)
             .collect()
             .await;
+        for (i, result) in applied {
+            results[i] = result;
+        }
         let mut next = token;
         let mut newly_owed = Vec::new();
         let mut stopped = None;
