@@ -219,6 +219,15 @@ fn wait_pulled_to_tails(nodes: &[&Node], node: &Node, partition: u32) {
     });
 }
 
+/// The sum of a metric's series (Prometheus text) whose labels contain `label`.
+fn metric_sum(metrics: &str, metric: &str, label: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.strip_prefix(metric).is_some_and(|rest| rest.starts_with('{')) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// `count` nodes started on a topology of `partitions`, every replica open and replicating.
 fn started_cluster(root: &Path, etcd: &EtcdServer, count: usize, partitions: u32) -> Vec<Node> {
     started_cluster_with(root, etcd, count, partitions, |_| {})
@@ -1081,11 +1090,7 @@ fn a_record_lost_from_one_replicas_index_comes_back_by_anti_entropy() {
     assert!(local(&nodes[2], &lost).bytes().unwrap().as_ref() == lost_data.as_slice());
     wait_until("the lost tombstone back on n2", Duration::from_secs(60), || local(&nodes[2], &deleted).status() == 410);
     let metrics = client.get(nodes[2].url("/metrics")).send().unwrap().text().unwrap();
-    let repaired: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("cairn_anti_entropy_repaired_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let repaired = metric_sum(&metrics, "cairn_anti_entropy_repaired_total", "");
     assert!(repaired >= 2.0, "anti-entropy copied both: {metrics}");
     // The calls it made to its peers (the pass that copied them, to whichever peer it was) and to
     // etcd are timed, by kind.
@@ -1201,11 +1206,7 @@ fn a_caught_up_replica_pulls_its_peers_journals_in_pages_not_per_write() {
     let client = support::client();
     let journal_calls = |node: &Node| -> u64 {
         let metrics = client.get(node.url("/metrics")).send().unwrap().text().unwrap();
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("cairn_peer_request_duration_seconds_count{") && l.contains("call=\"journal\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        metric_sum(&metrics, "cairn_peer_request_duration_seconds_count", "call=\"journal\"") as u64
     };
     let before = journal_calls(&nodes[1]);
     let started = Instant::now();
@@ -1219,8 +1220,8 @@ fn a_caught_up_replica_pulls_its_peers_journals_in_pages_not_per_write() {
     let calls = journal_calls(&nodes[1]) - before;
     // n1 follows two peers, each at most once per pause (the answer and its page take time too),
     // plus the request in flight when the window opened.
-    let pause = 100; // replication::FOLLOW_PAUSE, ms
-    let bound = 2 * (started.elapsed().as_millis() as u64 / pause + 2);
+    let pause = cairn_datanode::cluster::replication::FOLLOW_PAUSE.as_millis();
+    let bound = 2 * (started.elapsed().as_millis() / pause + 2) as u64;
     assert!(blobs.len() as u64 > 3 * bound, "{} writes: too few to tell pages from writes", blobs.len());
     assert!(
         calls <= bound,

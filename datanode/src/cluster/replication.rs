@@ -39,7 +39,7 @@ const APPLY_CONCURRENCY: usize = 8;
 /// How long a puller that has caught up with its peer waits before asking again. The router
 /// writes every replica itself, so a caught-up puller finds almost nothing to copy: asking after
 /// every commit would spend a request, a page and a progress write on each of them.
-const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
+pub const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
 /// How often a replica asks its peer for the blobs recovery found damaged here.
 const REPAIR_EVERY: Duration = Duration::from_secs(30);
 
@@ -447,22 +447,16 @@ impl Link<'_> {
         let volume = &part.volume;
         // Most puts of a page are here already (the router wrote every replica): one look at the
         // index for the whole page, off the async runtime, skips them; only the rest are applied.
-        let puts: Vec<(usize, BlobId)> = (page.entries.iter().enumerate())
-            .filter(|(_, e)| e.kind == EntryKind::Put)
-            .filter_map(|(i, e)| Some((i, e.id.parse().ok()?)))
-            .collect();
+        let puts: Vec<Option<BlobId>> =
+            (page.entries.iter()).map(|e| if e.kind == EntryKind::Put { e.id.parse().ok() } else { None }).collect();
         let held = {
-            let ids: Vec<BlobId> = puts.iter().map(|(_, id)| *id).collect();
+            let ids: Vec<BlobId> = puts.iter().flatten().copied().collect();
             let volume = volume.clone();
             tokio::task::spawn_blocking(move || volume.held(&ids)).await.ok().and_then(Result::ok).unwrap_or_default()
         };
-        let mut skip = vec![false; page.entries.len()];
-        for (i, id) in &puts {
-            skip[*i] = held.contains(id);
-        }
-        let work: Vec<(usize, String, EntryKind)> = (page.entries.iter().enumerate())
-            .filter(|(i, _)| !skip[*i])
-            .map(|(i, e)| (i, e.id.clone(), e.kind))
+        let work: Vec<(usize, String, EntryKind)> = (page.entries.iter().zip(&puts).enumerate())
+            .filter(|(_, (_, put))| !put.is_some_and(|id| held.contains(&id)))
+            .map(|(i, (e, _))| (i, e.id.clone(), e.kind))
             .collect();
         let mut results: Vec<Result<(), ApplyError>> = page.entries.iter().map(|_| Ok(())).collect();
         let applied: Vec<(usize, Result<(), ApplyError>)> = futures::stream::iter(work)
